@@ -1,0 +1,116 @@
+//! Types shared by the eBPF programs and user space: the ring-buffer record,
+//! the USDT argument specs, and the counter indices. All `#[repr(C)]` with
+//! explicit padding so both sides agree byte for byte.
+#![no_std]
+
+/// Bytes kept of a Python function name (NUL-padded). Longer names are truncated.
+pub const NAME_LEN: usize = 64;
+/// Bytes kept of a Python file name (NUL-padded). Longer paths are truncated.
+pub const FILE_LEN: usize = 192;
+/// Arguments of `python:function__entry` / `function__return` we read:
+/// 0 = filename, 1 = funcname, 2 = lineno.
+pub const USDT_ARGS: usize = 3;
+/// Maximum number of distinct probe sites (spec ids) one daemon can attach.
+pub const MAX_SPECS: u32 = 256;
+/// Maximum number of traced names in the kernel's name map.
+pub const MAX_NAMES: u32 = 4096;
+
+/// Which probe produced an event.
+pub mod kind {
+    pub const ENTRY: u8 = 1;
+    pub const RETURN: u8 = 2;
+}
+
+/// One matched probe hit, as written by the kernel into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
+    pub ts_ns: u64,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread id (kernel tid, the same as Python's `threading.get_native_id()`).
+    pub tid: u32,
+    /// Line number argument of the probe.
+    pub lineno: i32,
+    /// [`kind::ENTRY`] or [`kind::RETURN`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Function name, NUL-padded.
+    pub name: [u8; NAME_LEN],
+    /// File name, NUL-padded.
+    pub file: [u8; FILE_LEN],
+}
+
+/// How one USDT argument is located (libbpf's design): a constant, a
+/// register, memory at register + offset, or memory at base + index*scale + offset.
+pub mod arg_kind {
+    pub const NONE: u32 = 0;
+    pub const CONST: u32 = 1;
+    pub const REG: u32 = 2;
+    pub const REG_DEREF: u32 = 3;
+    pub const SIB_DEREF: u32 = 4;
+}
+
+/// Location of one USDT argument, computed by user space from the note's
+/// argument string and read by the eBPF program at each hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UsdtArg {
+    /// Constant value (CONST) or displacement added to the address (DEREF kinds).
+    pub val_off: u64,
+    /// One of [`arg_kind`].
+    pub kind: u32,
+    /// Byte offset of the (base) register in `struct pt_regs`.
+    pub reg_off: u16,
+    /// Byte offset of the index register in `struct pt_regs` (SIB_DEREF).
+    pub idx_reg_off: u16,
+    /// log2 of the index scale (SIB_DEREF): 0, 1, 2 or 3.
+    pub scale_shift: u8,
+    /// Size of the argument in bytes: 1, 2, 4 or 8.
+    pub size: u8,
+    /// 1 if the argument is signed (negative size in the note).
+    pub signed: u8,
+    /// 64 - 8 * size: shift left then right to truncate and sign-extend.
+    pub bitshift: u8,
+    pub _pad: [u8; 4],
+}
+
+/// The argument locations of one probe site, stored in the spec map under the
+/// spec id that is passed to the program as its BPF attach cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UsdtSpec {
+    pub args: [UsdtArg; USDT_ARGS],
+}
+
+/// Indices into the per-CPU counter array.
+pub mod counter {
+    /// `function__entry` hits seen (every Python call in a traced process).
+    pub const ENTRY_SEEN: u32 = 0;
+    /// `function__return` hits seen.
+    pub const RETURN_SEEN: u32 = 1;
+    /// Entry hits whose name matched a traced name.
+    pub const ENTRY_MATCHED: u32 = 2;
+    /// Return hits whose name matched a traced name.
+    pub const RETURN_MATCHED: u32 = 3;
+    /// Matched hits for which no ring-buffer space could be reserved.
+    pub const LOST: u32 = 4;
+    /// Hits whose spec or arguments could not be read.
+    pub const READ_ERRORS: u32 = 5;
+    /// Number of counters.
+    pub const COUNT: u32 = 6;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain old data, #[repr(C)], no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::CallEvent {}
+    unsafe impl aya::Pod for super::UsdtArg {}
+    unsafe impl aya::Pod for super::UsdtSpec {}
+}
+
+// Layout checks: the kernel and user space must agree, with no implicit padding.
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 24 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
+const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS);

@@ -1,0 +1,272 @@
+//! Loads pftrace's eBPF object (built by build.rs, embedded in the binary) and
+//! owns its maps: the traced-name set, the per-site argument specs, the
+//! per-CPU counters and the ring buffer of matched calls.
+
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::UProbe,
+};
+use pftrace_common::{MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter};
+use serde::Serialize;
+
+use super::attach::{AttachError, UprobeLink, UprobePmu, UprobeRequest, attach_uprobe};
+
+/// The eBPF object compiled from pftrace-ebpf.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
+
+/// Errors of the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object has no {0}; was it built from this source tree?")]
+    Missing(&'static str),
+    #[error(
+        "function name {name:?} is {len} bytes; at most {max} bytes can be matched in the kernel"
+    )]
+    NameTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("function name must not be empty")]
+    EmptyName,
+    #[error("too many traced names: at most {MAX_NAMES}")]
+    TooManyNames,
+    #[error("too many distinct probe sites: at most {MAX_SPECS}")]
+    TooManySpecs,
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+}
+
+/// Which CPython probe a program serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Entry,
+    Return,
+}
+
+impl ProbeKind {
+    fn program(self) -> &'static str {
+        match self {
+            ProbeKind::Entry => "pftrace_entry",
+            ProbeKind::Return => "pftrace_return",
+        }
+    }
+}
+
+/// Totals of the kernel's per-CPU counters.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    pub entry_seen: u64,
+    pub return_seen: u64,
+    pub entry_matched: u64,
+    pub return_matched: u64,
+    /// Matched hits dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Hits whose arguments could not be read from the traced process.
+    pub read_errors: u64,
+}
+
+/// The loaded eBPF programs and maps.
+pub struct KernelProbes {
+    ebpf: Ebpf,
+    pmu: UprobePmu,
+    specs: HashMap<UsdtSpec, u32>,
+}
+
+impl KernelProbes {
+    /// Loads and verifies the programs; `ring_bytes` sizes the ring buffer
+    /// (a power of two, multiple of the page size).
+    pub fn load(ring_bytes: u32) -> Result<Self, BpfError> {
+        let pmu = UprobePmu::discover()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(BPF_OBJECT)?;
+        for kind in [ProbeKind::Entry, ProbeKind::Return] {
+            let name = kind.program();
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing(name))?
+                .try_into()
+                .map_err(|source| BpfError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            pmu,
+            specs: HashMap::new(),
+        })
+    }
+
+    /// Adds a function name to the kernel's filter.
+    pub fn add_name(&mut self, name: &str) -> Result<(), BpfError> {
+        let key = name_key(name)?;
+        let mut names = self.names_map()?;
+        names.insert(key, 1, 0).map_err(|source| match source {
+            aya::maps::MapError::SyscallError(ref e)
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                BpfError::TooManyNames
+            }
+            source => BpfError::Map {
+                name: "NAMES",
+                source,
+            },
+        })
+    }
+
+    /// Removes a function name from the kernel's filter (no error if absent).
+    pub fn remove_name(&mut self, name: &str) -> Result<(), BpfError> {
+        let key = name_key(name)?;
+        let mut names = self.names_map()?;
+        match names.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map {
+                name: "NAMES",
+                source,
+            }),
+        }
+    }
+
+    fn names_map(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; NAME_LEN], u32>, BpfError> {
+        let map = self
+            .ebpf
+            .map_mut("NAMES")
+            .ok_or(BpfError::Missing("map NAMES"))?;
+        BpfHashMap::try_from(map).map_err(|source| BpfError::Map {
+            name: "NAMES",
+            source,
+        })
+    }
+
+    /// Attaches the entry or return program at one probe site of `binary`,
+    /// scoped to `pid` (or host-wide when `None`).
+    pub fn attach(
+        &mut self,
+        kind: ProbeKind,
+        binary: &Path,
+        offset: u64,
+        semaphore_offset: u64,
+        spec: UsdtSpec,
+        pid: Option<u32>,
+    ) -> Result<UprobeLink, BpfError> {
+        let cookie = self.spec_id(spec)?;
+        let name = kind.program();
+        let prog: &UProbe = self
+            .ebpf
+            .program(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| BpfError::Program { name, source })?;
+        let req = UprobeRequest {
+            binary,
+            offset,
+            semaphore_offset,
+            pid,
+            cookie: cookie.into(),
+        };
+        Ok(attach_uprobe(&self.pmu, fd.as_fd(), &req)?)
+    }
+
+    /// The spec id of `spec`, storing it in the kernel's spec map on first use.
+    fn spec_id(&mut self, spec: UsdtSpec) -> Result<u32, BpfError> {
+        if let Some(&id) = self.specs.get(&spec) {
+            return Ok(id);
+        }
+        let id = self.specs.len() as u32;
+        if id >= MAX_SPECS {
+            return Err(BpfError::TooManySpecs);
+        }
+        let map = self
+            .ebpf
+            .map_mut("SPECS")
+            .ok_or(BpfError::Missing("map SPECS"))?;
+        let mut specs: Array<&mut MapData, UsdtSpec> =
+            Array::try_from(map).map_err(|source| BpfError::Map {
+                name: "SPECS",
+                source,
+            })?;
+        specs.set(id, spec, 0).map_err(|source| BpfError::Map {
+            name: "SPECS",
+            source,
+        })?;
+        self.specs.insert(spec, id);
+        Ok(id)
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters, BpfError> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or(BpfError::Missing("map COUNTERS"))?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| BpfError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+        let total = |index: u32| -> Result<u64, BpfError> {
+            let values = counters.get(&index, 0).map_err(|source| BpfError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+            Ok(values.iter().sum())
+        };
+        Ok(Counters {
+            entry_seen: total(counter::ENTRY_SEEN)?,
+            return_seen: total(counter::RETURN_SEEN)?,
+            entry_matched: total(counter::ENTRY_MATCHED)?,
+            return_matched: total(counter::RETURN_MATCHED)?,
+            lost: total(counter::LOST)?,
+            read_errors: total(counter::READ_ERRORS)?,
+        })
+    }
+
+    /// Takes the ring buffer of matched calls (once).
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(BpfError::Missing("map EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| BpfError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+}
+
+/// The kernel map key for a name: its bytes, NUL-padded to NAME_LEN. The
+/// kernel reads at most NAME_LEN - 1 bytes of a name, so longer ones are refused.
+pub fn name_key(name: &str) -> Result<[u8; NAME_LEN], BpfError> {
+    if name.is_empty() {
+        return Err(BpfError::EmptyName);
+    }
+    if name.len() >= NAME_LEN {
+        return Err(BpfError::NameTooLong {
+            name: name.into(),
+            len: name.len(),
+            max: NAME_LEN - 1,
+        });
+    }
+    let mut key = [0u8; NAME_LEN];
+    key[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(key)
+}

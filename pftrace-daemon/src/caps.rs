@@ -1,0 +1,57 @@
+//! Checks, before touching the kernel, that this process may load BPF
+//! programs and open uprobes, so the user gets a message naming what is missing.
+
+use std::fs;
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Missing privileges, with what to do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error(
+        "pftraced needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs and attach uprobes; run it with sudo"
+    )]
+    NotRoot,
+    #[error(
+        "pftraced is missing {0}; run it as root with the full capability set (e.g. plain `sudo`, not a restricted container)"
+    )]
+    MissingCapability(String),
+    #[error("cannot read this process's capabilities from /proc/self/status: {0}")]
+    Unreadable(std::io::Error),
+}
+
+/// Effective capability set of this process, from /proc/self/status.
+fn effective_caps() -> Result<u64, PrivilegeError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(PrivilegeError::Unreadable)?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("0");
+    Ok(u64::from_str_radix(hex, 16).unwrap_or(0))
+}
+
+/// Ok when the process can load BPF and open uprobe perf events: CAP_BPF and
+/// CAP_PERFMON, or CAP_SYS_ADMIN, which implies both.
+pub fn check() -> Result<(), PrivilegeError> {
+    let caps = effective_caps()?;
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && !has(CAP_BPF) && !has(CAP_PERFMON) {
+        return Err(PrivilegeError::NotRoot);
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    Err(PrivilegeError::MissingCapability(format!(
+        "{} (or CAP_SYS_ADMIN)",
+        missing.join(" and ")
+    )))
+}

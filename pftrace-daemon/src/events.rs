@@ -1,0 +1,136 @@
+//! Decoding the kernel's raw CallEvent records into owned events, with
+//! function and file names interned (each distinct name is one allocation)
+//! and read as untrusted bytes: bounded, invalid UTF-8 replaced.
+
+use std::{collections::HashMap, sync::Arc};
+
+use pftrace_common::{CallEvent, kind};
+
+/// Entry or return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Entry,
+    Return,
+}
+
+/// One matched probe hit.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub kind: EventKind,
+    pub name: Arc<str>,
+    pub file: Arc<str>,
+    pub line: i32,
+}
+
+/// Errors decoding a ring-buffer record.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("ring-buffer record of {got} bytes, expected {want}")]
+    Size { got: usize, want: usize },
+    #[error("ring-buffer record with unknown kind {0}")]
+    Kind(u8),
+}
+
+/// Turns raw records into events, interning the strings.
+#[derive(Default)]
+pub struct Decoder {
+    strings: HashMap<Box<[u8]>, Arc<str>>,
+}
+
+impl Decoder {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let want = size_of::<CallEvent>();
+        if bytes.len() < want {
+            return Err(DecodeError::Size {
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: length checked; CallEvent is plain old data; read_unaligned
+        // makes no alignment assumption about the ring buffer.
+        let raw: CallEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = match raw.kind {
+            kind::ENTRY => EventKind::Entry,
+            kind::RETURN => EventKind::Return,
+            other => return Err(DecodeError::Kind(other)),
+        };
+        Ok(Event {
+            ts_ns: raw.ts_ns,
+            pid: raw.pid,
+            tid: raw.tid,
+            kind,
+            name: self.intern(&raw.name),
+            file: self.intern(&raw.file),
+            line: raw.lineno,
+        })
+    }
+
+    /// The string up to the first NUL, shared with earlier identical strings.
+    pub fn intern(&mut self, padded: &[u8]) -> Arc<str> {
+        let end = padded.iter().position(|&b| b == 0).unwrap_or(padded.len());
+        let bytes = &padded[..end];
+        if let Some(s) = self.strings.get(bytes) {
+            return s.clone();
+        }
+        let s: Arc<str> = Arc::from(String::from_utf8_lossy(bytes).as_ref());
+        self.strings.insert(bytes.into(), s.clone());
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pftrace_common::{FILE_LEN, NAME_LEN};
+
+    fn raw(kind: u8, name: &[u8]) -> Vec<u8> {
+        let mut ev = CallEvent {
+            ts_ns: 42,
+            pid: 7,
+            tid: 8,
+            lineno: 3,
+            kind,
+            _pad: [0; 3],
+            name: [0; NAME_LEN],
+            file: [0; FILE_LEN],
+        };
+        ev.name[..name.len()].copy_from_slice(name);
+        ev.file[..4].copy_from_slice(b"a.py");
+        // SAFETY: CallEvent is plain old data.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&ev as *const CallEvent).cast::<u8>(),
+                size_of::<CallEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_and_interns() {
+        let mut d = Decoder::default();
+        let a = d.decode(&raw(kind::ENTRY, b"foo")).unwrap();
+        let b = d.decode(&raw(kind::RETURN, b"foo")).unwrap();
+        assert_eq!((a.kind, b.kind), (EventKind::Entry, EventKind::Return));
+        assert_eq!(
+            (&*a.name, &*a.file, a.line, a.pid, a.tid),
+            ("foo", "a.py", 3, 7, 8)
+        );
+        assert!(Arc::ptr_eq(&a.name, &b.name));
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records_and_replaces_bad_utf8() {
+        let mut d = Decoder::default();
+        assert!(matches!(
+            d.decode(&[0u8; 10]),
+            Err(DecodeError::Size { .. })
+        ));
+        assert!(matches!(d.decode(&raw(9, b"x")), Err(DecodeError::Kind(9))));
+        let e = d.decode(&raw(kind::ENTRY, b"f\xffo")).unwrap();
+        assert_eq!(&*e.name, "f\u{fffd}o");
+    }
+}

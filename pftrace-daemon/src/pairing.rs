@@ -1,0 +1,268 @@
+//! Pairs entry and return events per thread with a stack, so recursion,
+//! exceptions and generator resumes give balanced, correctly nested calls.
+//! A return with no open entry (the tracer attached mid-call) is counted,
+//! never paired with the wrong entry.
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde::Serialize;
+
+use crate::events::{Event, EventKind};
+
+/// How a call record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEnd {
+    /// Its return was seen.
+    Returned,
+    /// Still open when tracing stopped or the thread's process exited;
+    /// `end_ns` is that moment.
+    Incomplete,
+}
+
+/// One traced call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub pid: u32,
+    pub tid: u32,
+    pub name: Arc<str>,
+    pub file: Arc<str>,
+    /// Line number reported by the entry probe.
+    pub line: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Number of traced calls open below this one on the same thread.
+    pub depth: u32,
+    pub end: CallEnd,
+}
+
+impl Call {
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    name: Arc<str>,
+    file: Arc<str>,
+    line: i32,
+    start_ns: u64,
+}
+
+/// A return seen with no matching open entry on its thread.
+#[derive(Debug, Clone)]
+pub struct UnmatchedReturn {
+    pub pid: u32,
+    pub tid: u32,
+    pub name: Arc<str>,
+    pub file: Arc<str>,
+    pub ts_ns: u64,
+}
+
+/// Per-thread stacks of open calls.
+#[derive(Debug, Default)]
+pub struct Pairer {
+    stacks: HashMap<(u32, u32), Vec<Open>>,
+    unmatched: Vec<UnmatchedReturn>,
+    /// Returns that matched an entry below the top of the stack: the entries
+    /// above it never returned (a record was lost), and were closed as incomplete.
+    pub skipped_entries: u64,
+}
+
+impl Pairer {
+    /// Feeds one event; completed calls are pushed to `out`.
+    pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) {
+        let stack = self.stacks.entry((ev.pid, ev.tid)).or_default();
+        match ev.kind {
+            EventKind::Entry => stack.push(Open {
+                name: ev.name,
+                file: ev.file,
+                line: ev.line,
+                start_ns: ev.ts_ns,
+            }),
+            EventKind::Return => {
+                let found = stack.iter().rposition(|o| {
+                    Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file)
+                });
+                let Some(at) = found else {
+                    self.unmatched.push(UnmatchedReturn {
+                        pid: ev.pid,
+                        tid: ev.tid,
+                        name: ev.name,
+                        file: ev.file,
+                        ts_ns: ev.ts_ns,
+                    });
+                    return;
+                };
+                // Entries above the match never returned: close them first.
+                while stack.len() > at + 1 {
+                    self.skipped_entries += 1;
+                    let open = stack.pop().expect("len checked");
+                    let depth = stack.len() as u32;
+                    out.push(close(
+                        ev.pid,
+                        ev.tid,
+                        open,
+                        depth,
+                        ev.ts_ns,
+                        CallEnd::Incomplete,
+                    ));
+                }
+                let open = stack.pop().expect("found above");
+                let depth = stack.len() as u32;
+                out.push(close(
+                    ev.pid,
+                    ev.tid,
+                    open,
+                    depth,
+                    ev.ts_ns,
+                    CallEnd::Returned,
+                ));
+                if stack.is_empty() {
+                    self.stacks.remove(&(ev.pid, ev.tid));
+                }
+            }
+        }
+    }
+
+    /// Closes every open call of process `pid` (or of all processes) at `end_ns`
+    /// as incomplete.
+    pub fn close_open(&mut self, pid: Option<u32>, end_ns: u64, out: &mut Vec<Call>) {
+        let keys: Vec<(u32, u32)> = self
+            .stacks
+            .keys()
+            .filter(|(p, _)| pid.is_none_or(|want| *p == want))
+            .copied()
+            .collect();
+        for key in keys {
+            let mut stack = self.stacks.remove(&key).unwrap_or_default();
+            while let Some(open) = stack.pop() {
+                let depth = stack.len() as u32;
+                out.push(close(
+                    key.0,
+                    key.1,
+                    open,
+                    depth,
+                    end_ns.max(0),
+                    CallEnd::Incomplete,
+                ));
+            }
+        }
+    }
+
+    /// Number of calls currently open.
+    pub fn open_calls(&self) -> usize {
+        self.stacks.values().map(Vec::len).sum()
+    }
+
+    /// Returns seen without a matching entry.
+    pub fn unmatched_returns(&self) -> &[UnmatchedReturn] {
+        &self.unmatched
+    }
+}
+
+fn close(pid: u32, tid: u32, open: Open, depth: u32, end_ns: u64, end: CallEnd) -> Call {
+    Call {
+        pid,
+        tid,
+        name: open.name,
+        file: open.file,
+        line: open.line,
+        start_ns: open.start_ns,
+        end_ns: end_ns.max(open.start_ns),
+        depth,
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Decoder;
+
+    struct Feed {
+        d: Decoder,
+        p: Pairer,
+        out: Vec<Call>,
+    }
+
+    impl Feed {
+        fn new() -> Self {
+            Self {
+                d: Decoder::default(),
+                p: Pairer::default(),
+                out: vec![],
+            }
+        }
+        fn ev(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64) {
+            let ev = Event {
+                ts_ns: ts,
+                pid: 1,
+                tid,
+                kind,
+                name: self.d.intern(name.as_bytes()),
+                file: self.d.intern(b"t.py"),
+                line: 1,
+            };
+            self.p.push(ev, &mut self.out);
+        }
+    }
+
+    #[test]
+    fn recursion_nests() {
+        let mut f = Feed::new();
+        for i in 0..3 {
+            f.ev(1, EventKind::Entry, "r", i);
+        }
+        for i in 0..3 {
+            f.ev(1, EventKind::Return, "r", 10 + i);
+        }
+        let spans: Vec<_> = f
+            .out
+            .iter()
+            .map(|c| (c.start_ns, c.end_ns, c.depth))
+            .collect();
+        assert_eq!(spans, vec![(2, 10, 2), (1, 11, 1), (0, 12, 0)]);
+        assert_eq!(f.p.open_calls(), 0);
+    }
+
+    #[test]
+    fn threads_are_separate_and_unmatched_returns_counted() {
+        let mut f = Feed::new();
+        f.ev(1, EventKind::Entry, "a", 1);
+        f.ev(2, EventKind::Return, "a", 2); // other thread: no entry there
+        f.ev(1, EventKind::Return, "a", 3);
+        assert_eq!(f.out.len(), 1);
+        assert_eq!(f.out[0].tid, 1);
+        assert_eq!(f.p.unmatched_returns().len(), 1);
+    }
+
+    #[test]
+    fn lost_return_closes_inner_as_incomplete() {
+        let mut f = Feed::new();
+        f.ev(1, EventKind::Entry, "outer", 1);
+        f.ev(1, EventKind::Entry, "inner", 2);
+        f.ev(1, EventKind::Return, "outer", 5); // inner's return was lost
+        assert_eq!(f.out.len(), 2);
+        assert_eq!(
+            (&*f.out[0].name, f.out[0].end),
+            ("inner", CallEnd::Incomplete)
+        );
+        assert_eq!(
+            (&*f.out[1].name, f.out[1].end),
+            ("outer", CallEnd::Returned)
+        );
+        assert_eq!(f.p.skipped_entries, 1);
+    }
+
+    #[test]
+    fn close_open_marks_incomplete() {
+        let mut f = Feed::new();
+        f.ev(1, EventKind::Entry, "a", 1);
+        let mut out = vec![];
+        f.p.close_open(Some(1), 9, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].end, out[0].end_ns), (CallEnd::Incomplete, 9));
+    }
+}

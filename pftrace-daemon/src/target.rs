@@ -1,0 +1,303 @@
+//! Finding what to attach to in a process: the ELF that carries CPython's
+//! probes (the executable, or a libpython mapped into it), read through
+//! /proc/PID/root so processes in other mount namespaces work; and deciding,
+//! with a message a user can act on, when a process cannot be traced.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use pftrace_common::UsdtSpec;
+
+use crate::{
+    python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
+    usdt::{self, UsdtError},
+};
+
+/// One probe site to attach to.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// File offset of the probe instruction.
+    pub offset: u64,
+    /// File offset of its semaphore (0: none).
+    pub semaphore_offset: u64,
+    pub spec: UsdtSpec,
+}
+
+/// A process that can be traced.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub pid: u32,
+    /// The ELF carrying the probes, as the process sees it.
+    pub binary: PathBuf,
+    /// The same file, as a path this daemon can open.
+    pub open_path: PathBuf,
+    pub version: Option<PyVersion>,
+    pub entry: Vec<Site>,
+    pub ret: Vec<Site>,
+    /// The process's command line, space-joined.
+    pub command: String,
+}
+
+/// Why a process cannot be traced.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with pid {0} (check the pid with `ps -p {0}`)")]
+    PidNotFound(u32),
+    #[error("pid {pid} exited or cannot be inspected: {source}")]
+    Gone { pid: u32, source: io::Error },
+    #[error(
+        "pid {pid} runs {exe}, which is not a CPython interpreter (no python executable or libpython \
+         found); pftraced traces CPython processes"
+    )]
+    NotPython { pid: u32, exe: String },
+    #[error(
+        "pid {pid} runs CPython {version} ({binary}), which has no USDT probes: it was built without \
+         --with-dtrace. Use {WHAT_WORKS}"
+    )]
+    NoProbes {
+        pid: u32,
+        binary: String,
+        version: String,
+    },
+    #[error(
+        "pid {pid} runs CPython 3.11 ({binary}): its python:function__entry probe fires only when a \
+         generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so calls \
+         cannot be timed. Use {WHAT_WORKS}"
+    )]
+    EntryBroken { pid: u32, binary: String },
+    #[error(
+        "pid {pid} runs CPython {version} ({binary}): CPython 3.12-3.14 removed the \
+         function__entry/function__return probes (python/cpython#104280). Use {WHAT_WORKS}"
+    )]
+    ProbesRemoved {
+        pid: u32,
+        binary: String,
+        version: PyVersion,
+    },
+    #[error(
+        "pid {pid} runs CPython {version} ({binary}), older than 3.6, whose probes pftrace does not read. Use {WHAT_WORKS}"
+    )]
+    TooOld {
+        pid: u32,
+        binary: String,
+        version: PyVersion,
+    },
+    #[error("pid {pid}: reading the probes of {binary}: {source}")]
+    Usdt {
+        pid: u32,
+        binary: String,
+        source: UsdtError,
+    },
+}
+
+/// Inspects `pid` and returns what to attach to, or why it cannot be traced.
+pub fn inspect(pid: u32) -> Result<Target, TargetError> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !proc_dir.exists() {
+        return Err(TargetError::PidNotFound(pid));
+    }
+    let gone = |source| TargetError::Gone { pid, source };
+    let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
+    let maps = fs::read_to_string(proc_dir.join("maps")).map_err(gone)?;
+    let command = fs::read(proc_dir.join("cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+
+    // Candidates: the executable, then any libpython it maps.
+    let mut candidates = vec![exe.clone()];
+    for lib in mapped_libpythons(&maps) {
+        if !candidates.contains(&lib) {
+            candidates.push(lib);
+        }
+    }
+
+    let root = proc_dir.join("root");
+    let mut python_like: Option<(PathBuf, Option<PyVersion>)> = None;
+    for binary in &candidates {
+        let open_path = under_root(&root, binary);
+        let display = binary.display().to_string();
+        let sites = match usdt::read_python_function_probes(&open_path) {
+            Ok(sites) => sites,
+            // Not an ELF we can read (a script interpreter, a deleted file): not our binary.
+            Err(_) if binary == &exe && !looks_like_python(binary) => continue,
+            Err(source) => {
+                return Err(TargetError::Usdt {
+                    pid,
+                    binary: display,
+                    source,
+                });
+            }
+        };
+        let version = binary_version(binary, &open_path);
+        let is_python = version.is_some() || looks_like_python(binary);
+        let entry = python_sites(&sites, "function__entry", pid, &display)?;
+        let ret = python_sites(&sites, "function__return", pid, &display)?;
+        if entry.is_empty() || ret.is_empty() {
+            if is_python && python_like.is_none() {
+                python_like = Some((binary.clone(), version));
+            }
+            continue;
+        }
+        if let Some(version) = version {
+            match version.probe_support() {
+                ProbeSupport::Works => {}
+                ProbeSupport::EntryBroken => {
+                    return Err(TargetError::EntryBroken {
+                        pid,
+                        binary: display,
+                    });
+                }
+                ProbeSupport::Removed => {
+                    return Err(TargetError::ProbesRemoved {
+                        pid,
+                        binary: display,
+                        version,
+                    });
+                }
+                ProbeSupport::TooOld => {
+                    return Err(TargetError::TooOld {
+                        pid,
+                        binary: display,
+                        version,
+                    });
+                }
+            }
+        }
+        return Ok(Target {
+            pid,
+            binary: binary.clone(),
+            open_path,
+            version,
+            entry,
+            ret,
+            command,
+        });
+    }
+
+    match python_like {
+        Some((binary, version)) => {
+            let display = binary.display().to_string();
+            match version.map(|v| (v, v.probe_support())) {
+                Some((version, ProbeSupport::Removed)) => Err(TargetError::ProbesRemoved {
+                    pid,
+                    binary: display,
+                    version,
+                }),
+                Some((version, ProbeSupport::TooOld)) => Err(TargetError::TooOld {
+                    pid,
+                    binary: display,
+                    version,
+                }),
+                v => Err(TargetError::NoProbes {
+                    pid,
+                    binary: display,
+                    version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
+                }),
+            }
+        }
+        None => Err(TargetError::NotPython {
+            pid,
+            exe: exe.display().to_string(),
+        }),
+    }
+}
+
+/// Mapped files whose name starts with `libpython`.
+fn mapped_libpythons(maps: &str) -> Vec<PathBuf> {
+    let mut libs = Vec::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path (the path may contain spaces)
+        let path = line
+            .splitn(6, ' ')
+            .nth(5)
+            .map(str::trim_start)
+            .unwrap_or("");
+        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+        if path.starts_with('/')
+            && Path::new(path)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libpython"))
+        {
+            let p = PathBuf::from(path);
+            if !libs.contains(&p) {
+                libs.push(p);
+            }
+        }
+    }
+    libs
+}
+
+fn under_root(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn looks_like_python(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("python") || n.starts_with("libpython"))
+}
+
+/// The version of an interpreter binary: from its name, else from its contents.
+fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
+    python::version_from_file_name(binary).or_else(|| {
+        fs::read(open_path)
+            .ok()
+            .and_then(|bytes| python::version_from_contents(&bytes))
+    })
+}
+
+/// The `python` provider's sites named `name`, with their argument specs.
+fn python_sites(
+    sites: &[usdt::ProbeSite],
+    name: &str,
+    pid: u32,
+    binary: &str,
+) -> Result<Vec<Site>, TargetError> {
+    sites
+        .iter()
+        .filter(|s| s.provider == "python" && s.name == name)
+        .map(|s| {
+            Ok(Site {
+                offset: s.pc_offset,
+                semaphore_offset: s.semaphore_offset,
+                spec: s.spec().map_err(|source| TargetError::Usdt {
+                    pid,
+                    binary: binary.into(),
+                    source,
+                })?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_libpython_in_maps() {
+        let maps = "\
+7f00-7f01 r--p 00000000 08:01 123 /usr/lib/libpython3.9.so.1.0
+7f01-7f02 r-xp 00001000 08:01 123 /usr/lib/libpython3.9.so.1.0
+7f02-7f03 r--p 00000000 08:01 124 /usr/lib/libc.so.6
+7f03-7f04 rw-p 00000000 00:00 0 
+7f04-7f05 r-xp 00000000 08:01 125 /opt/my dir/libpython3.10d.so (deleted)
+";
+        assert_eq!(
+            mapped_libpythons(maps),
+            vec![
+                PathBuf::from("/usr/lib/libpython3.9.so.1.0"),
+                PathBuf::from("/opt/my dir/libpython3.10d.so")
+            ]
+        );
+    }
+}
