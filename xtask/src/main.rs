@@ -1,0 +1,64 @@
+//! xtask: pftrace's own tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml).
+//!
+//! - `setup`: install what is missing (Debian packages, nightly rust-src,
+//!   bpf-linker, a CPython built --with-dtrace), reuse what is present;
+//! - `build`: setup, then build pftraced;
+//! - `test`:  setup, then run every test (as root);
+//! - `demo`:  setup, build, then trace examples/app.py.
+
+mod build;
+mod cpython;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "pftrace's project tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing needs (idempotent): apt packages,
+    /// nightly rust-src, bpf-linker, a probe-enabled CPython 3.9.
+    Setup,
+    /// Setup, then `cargo build --release -p pftrace-daemon`.
+    Build,
+    /// Setup, then run all tests (needs root and BPF).
+    Test(test::Args),
+    /// Setup, build, then trace examples/app.py into target/demo/demo-trace.json.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    util::init_env();
+    let cli = Cli::parse();
+    let result = match &cli.task {
+        Task::Setup => setup::run().map(|_| ExitCode::SUCCESS),
+        Task::Build => build::run().map(|_| ExitCode::SUCCESS),
+        Task::Test(args) => test::run(args),
+        Task::Demo => demo::run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

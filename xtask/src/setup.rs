@@ -1,0 +1,247 @@
+//! `cargo xtask setup`: installs what building and testing pftrace needs, reusing what is present.
+//!
+//! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, and a
+//! CPython whose USDT probes fire (built once into /var/cache/pftrace). Every step
+//! is idempotent and prints one line saying whether it found or installed things.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cpython;
+use crate::util::{self, Step};
+
+/// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
+/// toolchain with headers for building CPython.
+pub const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "systemtap-sdt-dev",
+    "build-essential",
+    "dpkg-dev",
+    "libffi-dev",
+    "libssl-dev",
+    "pkg-config",
+];
+
+/// bpf-linker release to install, and the LLVM it is built against.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// What setup found or made, for the tasks that run after it.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// A CPython whose `python:function__entry`/`function__return` probes fire.
+    pub python: PathBuf,
+}
+
+/// Runs every setup step.
+pub fn run() -> Result<Env> {
+    let started = std::time::Instant::now();
+    apt_packages().context("setup step `apt packages` failed")?;
+    rust_nightly().context("setup step `rust nightly + rust-src` failed")?;
+    bpf_linker().context("setup step `bpf-linker` failed")?;
+    let python = cpython::ensure().context("setup step `python` failed")?;
+    println!(
+        "[setup] all set ({:.1} s); PFTRACE_PYTHON={}",
+        started.elapsed().as_secs_f64(),
+        python.display()
+    );
+    Ok(Env { python })
+}
+
+/// Is a Debian package installed (`dpkg-query` says "install ok installed")?
+pub fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
+        })
+        .unwrap_or(false)
+}
+
+/// `apt-get` with the options every non-interactive call here wants.
+pub fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["-q", "-o", "DPkg::Lock::Timeout=300"]);
+    cmd
+}
+
+fn apt_packages() -> Result<()> {
+    let step = Step::new("setup", "apt packages");
+    if which_on_path("dpkg-query").is_none() || which_on_path("apt-get").is_none() {
+        bail!("dpkg-query/apt-get not found: setup supports Debian and its derivatives only");
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step.say(format!("ok (present: {})", APT_PACKAGES.join(" ")));
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!(
+            "missing Debian packages: {}; installing them needs root: run `sudo apt-get install {}` or run xtask as root",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    step.say(format!("installing {}", missing.join(" ")));
+    util::run(apt_get().arg("update"))
+        .context("apt-get update failed: check the network and /etc/apt/sources.list.d")?;
+    util::run(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(|| format!("could not install {}", missing.join(" ")))?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get finished but these packages are still not installed: {}",
+            still.join(" ")
+        );
+    }
+    step.done("installed");
+    Ok(())
+}
+
+fn rust_nightly() -> Result<()> {
+    let step = Step::new("setup", "rust nightly + rust-src");
+    if which_on_path("rustup").is_none() {
+        bail!(
+            "rustup not found on PATH: install rustup (https://rustup.rs), then rerun `cargo xtask setup`"
+        );
+    }
+    let toolchains = util::output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let has_nightly = toolchains.lines().any(|l| l.starts_with("nightly"));
+    if !has_nightly {
+        step.say("installing the nightly toolchain with rust-src");
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        step.done("installed");
+        return Ok(());
+    }
+    let components = util::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if components.lines().any(|l| l.trim().starts_with("rust-src")) {
+        step.say("ok (present)");
+        return Ok(());
+    }
+    step.say("installing rust-src for nightly");
+    util::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    step.done("installed");
+    Ok(())
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn bpf_linker() -> Result<()> {
+    let step = Step::new("setup", "bpf-linker");
+    if let Some(version) = bpf_linker_version() {
+        let path = which_on_path("bpf-linker")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        step.say(format!("ok (present: {version}, {path})"));
+        return Ok(());
+    }
+    step.say(format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} (LLVM from {LLVM_PREFIX}; about a minute)"
+    ));
+    if !std::path::Path::new(LLVM_PREFIX)
+        .join("bin/llvm-config")
+        .is_file()
+    {
+        bail!(
+            "{LLVM_PREFIX}/bin/llvm-config is missing: install llvm-22-dev (the `apt packages` step should have)"
+        );
+    }
+    let mut cmd = util::cargo();
+    cmd.env("LLVM_PREFIX", LLVM_PREFIX)
+        // The toolchain that runs xtask is fine for bpf-linker; don't let a
+        // cargo run's per-package variables leak into the install.
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+        ]);
+    util::run(&mut cmd).context(
+        "building bpf-linker failed: it needs llvm-22-dev, libpolly-22-dev, libzstd-dev and zlib1g-dev",
+    )?;
+    let version = bpf_linker_version().context(
+        "bpf-linker was installed but `bpf-linker --version` does not run: is ~/.cargo/bin on PATH?",
+    )?;
+    step.done(format!("installed {version}"));
+    Ok(())
+}
+
+/// Finds an executable on PATH.
+pub fn which_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sh_on_path() {
+        assert!(which_on_path("sh").is_some());
+        assert!(which_on_path("surely-no-such-program-here").is_none());
+    }
+
+    #[test]
+    fn dpkg_query_of_unknown_package_is_not_installed() {
+        assert!(!dpkg_installed("surely-no-such-package-here"));
+    }
+}
