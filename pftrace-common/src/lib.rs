@@ -15,10 +15,39 @@ pub const MAX_SPECS: u32 = 256;
 /// Maximum number of traced names in the kernel's name map.
 pub const MAX_NAMES: u32 = 4096;
 
-/// Which probe produced an event.
+/// What a ring-buffer record is; the `kind` byte sits at offset
+/// [`KIND_OFFSET`] in every record.
 pub mod kind {
+    /// A [`CallEvent`](super::CallEvent) from `function__entry`.
     pub const ENTRY: u8 = 1;
+    /// A [`CallEvent`](super::CallEvent) from `function__return`.
     pub const RETURN: u8 = 2;
+    /// A [`ProcEvent`](super::ProcEvent): a process in scope called execve.
+    pub const EXEC: u8 = 3;
+}
+
+/// Byte offset of the `kind` field, the same in every record type.
+pub const KIND_OFFSET: usize = 20;
+
+/// Slots in the cgroup target array (cgroup v2 directories watched at once).
+pub const MAX_CGROUPS: u32 = 64;
+/// Glob prefixes in the kernel's prefix trie.
+pub const MAX_PREFIXES: u32 = 1024;
+
+/// Indices into the CONFIG array map (u32 values), set by user space.
+pub mod config {
+    /// How exec events are reported: [`EXEC_OFF`], [`EXEC_ALL`] or [`EXEC_CGROUPS`].
+    pub const EXEC_MODE: u32 = 0;
+    /// Number of used slots in the cgroup array (slots 0..n are checked).
+    pub const CGROUP_SLOTS: u32 = 1;
+    /// Non-zero when the prefix trie holds entries (globs).
+    pub const HAS_PREFIXES: u32 = 2;
+    /// Number of config entries.
+    pub const COUNT: u32 = 3;
+
+    pub const EXEC_OFF: u32 = 0;
+    pub const EXEC_ALL: u32 = 1;
+    pub const EXEC_CGROUPS: u32 = 2;
 }
 
 /// One matched probe hit, as written by the kernel into the ring buffer.
@@ -36,10 +65,30 @@ pub struct CallEvent {
     /// [`kind::ENTRY`] or [`kind::RETURN`].
     pub kind: u8,
     pub _pad: [u8; 3],
+    /// CPU time the calling thread has consumed so far (the scheduler's
+    /// `se.sum_exec_runtime`), ns; 0 when the kernel layout is unknown.
+    pub thread_cpu_ns: u64,
+    /// Resident pages of the process (file + anon + shmem) at the event.
+    pub rss_pages: u64,
     /// Function name, NUL-padded.
     pub name: [u8; NAME_LEN],
     /// File name, NUL-padded.
     pub file: [u8; FILE_LEN],
+}
+
+/// A process event (exec), as written by the kernel into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub _reserved: u32,
+    /// [`kind::EXEC`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// cgroup v2 id of the process at the event.
+    pub cgroup_id: u64,
 }
 
 /// How one USDT argument is located (libbpf's design): a constant, a
@@ -84,6 +133,23 @@ pub struct UsdtSpec {
     pub args: [UsdtArg; USDT_ARGS],
 }
 
+/// Kernel struct offsets the programs need, found by user space in the
+/// kernel's BTF and written to the program's read-only globals at load time.
+pub mod task_layout {
+    /// `task_struct.se.sum_exec_runtime` (0 = unknown: CPU time not read).
+    pub const SUM_EXEC: &str = "TASK_SUM_EXEC_OFF";
+    /// `task_struct.mm` (0 = unknown: RSS not read).
+    pub const MM: &str = "TASK_MM_OFF";
+    /// `mm_struct.rss_stat` + counter offset within an element.
+    pub const RSS_BASE: &str = "MM_RSS_BASE_OFF";
+    /// Bytes between consecutive rss_stat elements.
+    pub const RSS_STRIDE: &str = "MM_RSS_STRIDE";
+    /// Indices of MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES.
+    pub const RSS_FILE: &str = "MM_RSS_FILE_IDX";
+    pub const RSS_ANON: &str = "MM_RSS_ANON_IDX";
+    pub const RSS_SHMEM: &str = "MM_RSS_SHMEM_IDX";
+}
+
 /// Indices into the per-CPU counter array.
 pub mod counter {
     /// `function__entry` hits seen (every Python call in a traced process).
@@ -98,19 +164,27 @@ pub mod counter {
     pub const LOST: u32 = 4;
     /// Hits whose spec or arguments could not be read.
     pub const READ_ERRORS: u32 = 5;
+    /// Exec events for which no ring-buffer space could be reserved.
+    pub const EXEC_LOST: u32 = 6;
+    /// Exec events reported.
+    pub const EXECS: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
 }
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, #[repr(C)], no implicit padding, every bit pattern valid.
     unsafe impl aya::Pod for super::CallEvent {}
+    unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
 }
 
 // Layout checks: the kernel and user space must agree, with no implicit padding.
-const _: () = assert!(core::mem::size_of::<CallEvent>() == 24 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 40 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
+const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
+const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
 const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS);

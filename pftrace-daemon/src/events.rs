@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use pftrace_common::{CallEvent, kind};
+use pftrace_common::{CallEvent, KIND_OFFSET, ProcEvent, kind};
 
 /// Entry or return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,25 @@ pub struct Event {
     pub name: Arc<str>,
     pub file: Arc<str>,
     pub line: i32,
+    /// CPU time of the thread so far, ns (0 if unknown).
+    pub thread_cpu_ns: u64,
+    /// Resident memory of the process, bytes (0 if unknown).
+    pub rss_bytes: u64,
+}
+
+/// A new process in scope (it called execve).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub cgroup_id: u64,
+}
+
+/// Any ring-buffer record.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Call(Event),
+    Exec(ExecEvent),
 }
 
 /// Errors decoding a ring-buffer record.
@@ -34,6 +53,13 @@ pub enum DecodeError {
     Kind(u8),
 }
 
+/// The system page size in bytes.
+pub fn page_size() -> u64 {
+    static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *SIZE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64)
+}
+
 /// Turns raw records into events, interning the strings.
 #[derive(Default)]
 pub struct Decoder {
@@ -41,6 +67,30 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Decodes any record, by the kind byte every record has at KIND_OFFSET.
+    pub fn decode_record(&mut self, bytes: &[u8]) -> Result<Record, DecodeError> {
+        match bytes.get(KIND_OFFSET) {
+            Some(&kind::EXEC) => {
+                let want = size_of::<ProcEvent>();
+                if bytes.len() < want {
+                    return Err(DecodeError::Size {
+                        got: bytes.len(),
+                        want,
+                    });
+                }
+                // SAFETY: length checked; ProcEvent is plain old data.
+                let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                Ok(Record::Exec(ExecEvent {
+                    ts_ns: raw.ts_ns,
+                    pid: raw.pid,
+                    cgroup_id: raw.cgroup_id,
+                }))
+            }
+            _ => self.decode(bytes).map(Record::Call),
+        }
+    }
+
+    /// Decodes a call record.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         let want = size_of::<CallEvent>();
         if bytes.len() < want {
@@ -65,6 +115,8 @@ impl Decoder {
             name: self.intern(&raw.name),
             file: self.intern(&raw.file),
             line: raw.lineno,
+            thread_cpu_ns: raw.thread_cpu_ns,
+            rss_bytes: raw.rss_pages.saturating_mul(page_size()),
         })
     }
 
@@ -94,6 +146,8 @@ mod tests {
             lineno: 3,
             kind,
             _pad: [0; 3],
+            thread_cpu_ns: 5,
+            rss_pages: 2,
             name: [0; NAME_LEN],
             file: [0; FILE_LEN],
         };
@@ -120,6 +174,7 @@ mod tests {
             ("foo", "a.py", 3, 7, 8)
         );
         assert!(Arc::ptr_eq(&a.name, &b.name));
+        assert_eq!((a.thread_cpu_ns, a.rss_bytes), (5, 2 * page_size()));
     }
 
     #[test]

@@ -34,11 +34,23 @@ pub struct Call {
     /// Number of traced calls open below this one on the same thread.
     pub depth: u32,
     pub end: CallEnd,
+    /// CPU time the thread consumed during the call, ns (None if unknown).
+    pub cpu_ns: Option<u64>,
+    /// Process resident memory at entry and at return (or at the close of
+    /// an incomplete call: unknown, so equal to entry), bytes; 0 if unknown.
+    pub rss_entry_bytes: u64,
+    pub rss_return_bytes: u64,
 }
 
 impl Call {
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
+    }
+
+    /// Wall time minus CPU time: waiting (sleep, I/O, locks, run queue).
+    pub fn offcpu_ns(&self) -> Option<u64> {
+        self.cpu_ns
+            .map(|cpu| self.duration_ns().saturating_sub(cpu))
     }
 }
 
@@ -48,6 +60,16 @@ struct Open {
     file: Arc<str>,
     line: i32,
     start_ns: u64,
+    cpu_ns: u64,
+    rss_bytes: u64,
+}
+
+/// What is known at the end of a call.
+#[derive(Debug, Clone, Copy)]
+struct Close {
+    ts_ns: u64,
+    /// Thread CPU time and RSS at the return; None for incomplete calls.
+    figures: Option<(u64, u64)>,
 }
 
 /// A return seen with no matching open entry on its thread.
@@ -80,6 +102,8 @@ impl Pairer {
                 file: ev.file,
                 line: ev.line,
                 start_ns: ev.ts_ns,
+                cpu_ns: ev.thread_cpu_ns,
+                rss_bytes: ev.rss_bytes,
             }),
             EventKind::Return => {
                 let found = stack.iter().rposition(|o| {
@@ -100,25 +124,19 @@ impl Pairer {
                     self.skipped_entries += 1;
                     let open = stack.pop().expect("len checked");
                     let depth = stack.len() as u32;
-                    out.push(close(
-                        ev.pid,
-                        ev.tid,
-                        open,
-                        depth,
-                        ev.ts_ns,
-                        CallEnd::Incomplete,
-                    ));
+                    let at = Close {
+                        ts_ns: ev.ts_ns,
+                        figures: None,
+                    };
+                    out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Incomplete));
                 }
                 let open = stack.pop().expect("found above");
                 let depth = stack.len() as u32;
-                out.push(close(
-                    ev.pid,
-                    ev.tid,
-                    open,
-                    depth,
-                    ev.ts_ns,
-                    CallEnd::Returned,
-                ));
+                let at = Close {
+                    ts_ns: ev.ts_ns,
+                    figures: Some((ev.thread_cpu_ns, ev.rss_bytes)),
+                };
+                out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Returned));
                 if stack.is_empty() {
                     self.stacks.remove(&(ev.pid, ev.tid));
                 }
@@ -139,14 +157,11 @@ impl Pairer {
             let mut stack = self.stacks.remove(&key).unwrap_or_default();
             while let Some(open) = stack.pop() {
                 let depth = stack.len() as u32;
-                out.push(close(
-                    key.0,
-                    key.1,
-                    open,
-                    depth,
-                    end_ns.max(0),
-                    CallEnd::Incomplete,
-                ));
+                let at = Close {
+                    ts_ns: end_ns,
+                    figures: None,
+                };
+                out.push(close(key.0, key.1, open, depth, at, CallEnd::Incomplete));
             }
         }
     }
@@ -162,7 +177,12 @@ impl Pairer {
     }
 }
 
-fn close(pid: u32, tid: u32, open: Open, depth: u32, end_ns: u64, end: CallEnd) -> Call {
+fn close(pid: u32, tid: u32, open: Open, depth: u32, at: Close, end: CallEnd) -> Call {
+    // CPU time needs both readings from the kernel (0 means the layout was unknown).
+    let cpu_ns = match at.figures {
+        Some((cpu, _)) if cpu != 0 && open.cpu_ns != 0 => Some(cpu.saturating_sub(open.cpu_ns)),
+        _ => None,
+    };
     Call {
         pid,
         tid,
@@ -170,9 +190,12 @@ fn close(pid: u32, tid: u32, open: Open, depth: u32, end_ns: u64, end: CallEnd) 
         file: open.file,
         line: open.line,
         start_ns: open.start_ns,
-        end_ns: end_ns.max(open.start_ns),
+        end_ns: at.ts_ns.max(open.start_ns),
         depth,
         end,
+        cpu_ns,
+        rss_entry_bytes: open.rss_bytes,
+        rss_return_bytes: at.figures.map_or(open.rss_bytes, |(_, rss)| rss),
     }
 }
 
@@ -204,6 +227,8 @@ mod tests {
                 name: self.d.intern(name.as_bytes()),
                 file: self.d.intern(b"t.py"),
                 line: 1,
+                thread_cpu_ns: 1000 + ts,
+                rss_bytes: 4096,
             };
             self.p.push(ev, &mut self.out);
         }

@@ -4,8 +4,11 @@
 //! with a message a user can act on, when a process cannot be traced.
 
 use std::{
+    collections::HashMap,
     fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{Arc, LazyLock, Mutex},
 };
 
 use pftrace_common::UsdtSpec;
@@ -124,8 +127,8 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
     for binary in &candidates {
         let open_path = under_root(&root, binary);
         let display = binary.display().to_string();
-        let sites = match usdt::read_python_function_probes(&open_path) {
-            Ok(sites) => sites,
+        let info = match binary_info(binary, &open_path) {
+            Ok(info) => info,
             // Not an ELF we can read (a script interpreter, a deleted file): not our binary.
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
             Err(source) => {
@@ -136,10 +139,10 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 });
             }
         };
-        let version = binary_version(binary, &open_path);
+        let (sites, version) = (&info.sites, info.version);
         let is_python = version.is_some() || looks_like_python(binary);
-        let entry = python_sites(&sites, "function__entry", pid, &display)?;
-        let ret = python_sites(&sites, "function__return", pid, &display)?;
+        let entry = python_sites(sites, "function__entry", pid, &display)?;
+        let ret = python_sites(sites, "function__return", pid, &display)?;
         if entry.is_empty() || ret.is_empty() {
             if is_python && python_like.is_none() {
                 python_like = Some((binary.clone(), version));
@@ -208,6 +211,47 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             exe: exe.display().to_string(),
         }),
     }
+}
+
+/// What one ELF file offers: its Python probe sites and CPython version.
+#[derive(Debug)]
+struct BinaryInfo {
+    sites: Vec<usdt::ProbeSite>,
+    version: Option<PyVersion>,
+}
+
+/// Parsed binaries by (device, inode, size, mtime): every exec in a watched
+/// scope is inspected, and reading a 15 MB interpreter each time would cost.
+static BINARY_CACHE: LazyLock<Mutex<HashMap<(u64, u64, u64, i64), Arc<BinaryInfo>>>> =
+    LazyLock::new(Default::default);
+
+fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtError> {
+    let key = fs::metadata(open_path).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime_nsec() + m.mtime() * 1_000_000_000,
+        )
+    });
+    if let Some(key) = key {
+        if let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key) {
+            return Ok(info.clone());
+        }
+    }
+    let sites = usdt::read_python_function_probes(open_path)?;
+    let info = Arc::new(BinaryInfo {
+        version: binary_version(binary, open_path),
+        sites,
+    });
+    if let Some(key) = key {
+        let mut cache = BINARY_CACHE.lock().expect("cache lock");
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        cache.insert(key, info.clone());
+    }
+    Ok(info)
 }
 
 /// Mapped files whose name starts with `libpython`.

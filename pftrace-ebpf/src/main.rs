@@ -2,7 +2,8 @@
 //! `python:function__return` USDT probes. Each hit: read the argument
 //! locations of this probe site (spec id = attach cookie), read the function
 //! name, drop it unless it is in NAMES, then reserve, fill and submit one
-//! CallEvent. Counters are per CPU; the daemon sums them.
+//! CallEvent. Counters are per CPU; the daemon sums them. A raw tracepoint on
+//! sched_process_exec reports new processes in scope (all, or under watched cgroups).
 #![no_std]
 #![no_main]
 
@@ -10,17 +11,36 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
+        bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
     },
-    macros::{map, uprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::ProbeContext,
+    macros::{map, raw_tracepoint, uprobe},
+    maps::{Array, CgroupArray, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    CallEvent, FILE_LEN, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtArg, UsdtSpec, arg_kind, counter, kind,
+    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, NAME_LEN, ProcEvent,
+    UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
+// Kernel layout, set by user space from BTF at load time (see
+// pftrace_common::task_layout). Zero means unknown: the figure is not read.
+#[unsafe(no_mangle)]
+static TASK_SUM_EXEC_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_MM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_RSS_BASE_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_RSS_STRIDE: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_RSS_FILE_IDX: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_RSS_ANON_IDX: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_RSS_SHMEM_IDX: u32 = 0;
+
 #[map]
 static SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_SPECS, 0);
 
@@ -28,6 +48,23 @@ static SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_SPECS, 0);
 /// kernel; user space keeps its meaning.
 #[map]
 static NAMES: HashMap<[u8; NAME_LEN], u32> = HashMap::with_max_entries(MAX_NAMES, 0);
+
+/// Name prefixes of globs (`test_*` is stored as `test_`; `*x` as the empty
+/// prefix). Consulted only when CONFIG[HAS_PREFIXES] is set and the exact
+/// lookup missed; user space checks the rest of the glob.
+#[map]
+static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> =
+    LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+
+/// Settings written by user space (indices in `pftrace_common::config`).
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
+
+/// cgroup v2 directories whose processes' execs are reported.
+#[map]
+static CGROUPS: CgroupArray = CgroupArray::with_max_entries(MAX_CGROUPS, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Per-CPU counters, indexed by `pftrace_common::counter`.
 #[map]
@@ -80,7 +117,7 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
     let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
     let mut name = [0u8; NAME_LEN];
     unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name) }?;
-    if unsafe { NAMES.get(&name) }.is_none() {
+    if unsafe { NAMES.get(&name) }.is_none() && !prefix_match(&name) {
         return Ok(());
     }
     bump(matched);
@@ -101,6 +138,9 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
         (*ev).lineno = lineno;
         (*ev).kind = event_kind;
         (*ev)._pad = [0; 3];
+        let (cpu, rss) = task_figures();
+        (*ev).thread_cpu_ns = cpu;
+        (*ev).rss_pages = rss;
         (*ev).name = name;
         let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
         if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
@@ -109,6 +149,107 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
     }
     entry.submit(0);
     Ok(())
+}
+
+#[inline(always)]
+fn global(v: &'static u32) -> u64 {
+    unsafe { core::ptr::read_volatile(v) as u64 }
+}
+
+/// The current thread's CPU time so far and its process's resident pages,
+/// read from the task with the offsets user space found in BTF.
+#[inline(always)]
+fn task_figures() -> (u64, u64) {
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let sum_exec = global(&TASK_SUM_EXEC_OFF) as usize;
+    let cpu = if sum_exec != 0 {
+        unsafe { bpf_probe_read_kernel((task + sum_exec) as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    let mm_off = global(&TASK_MM_OFF) as usize;
+    if mm_off == 0 {
+        return (cpu, 0);
+    }
+    let mm = unsafe { bpf_probe_read_kernel((task + mm_off) as *const u64) }.unwrap_or(0) as usize;
+    if mm == 0 {
+        return (cpu, 0);
+    }
+    let base = mm + global(&MM_RSS_BASE_OFF) as usize;
+    let stride = global(&MM_RSS_STRIDE) as usize;
+    let mut rss: i64 = 0;
+    for idx in [
+        global(&MM_RSS_FILE_IDX),
+        global(&MM_RSS_ANON_IDX),
+        global(&MM_RSS_SHMEM_IDX),
+    ] {
+        let at = base + idx as usize * stride;
+        rss += unsafe { bpf_probe_read_kernel(at as *const i64) }
+            .unwrap_or(0)
+            .max(0);
+    }
+    (cpu, rss as u64)
+}
+
+/// Whether a glob prefix matches `name` (only when globs are traced).
+#[inline(always)]
+fn prefix_match(name: &[u8; NAME_LEN]) -> bool {
+    if config_value(config::HAS_PREFIXES) == 0 {
+        return false;
+    }
+    let key = Key::new((NAME_LEN * 8) as u32, *name);
+    PREFIXES.get(&key).is_some()
+}
+
+#[inline(always)]
+fn config_value(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// A process called execve: report it when it is in scope (every process,
+/// or one under a watched cgroup), so user space can attach to it.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
+    let mode = config_value(config::EXEC_MODE);
+    if mode == config::EXEC_OFF {
+        return 0;
+    }
+    if mode == config::EXEC_CGROUPS && !under_watched_cgroup() {
+        return 0;
+    }
+    bump(counter::EXECS);
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        bump(counter::EXEC_LOST);
+        return 0;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    entry.write(ProcEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _reserved: 0,
+        kind: kind::EXEC,
+        _pad: [0; 3],
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    });
+    entry.submit(0);
+    0
+}
+
+#[inline(always)]
+fn under_watched_cgroup() -> bool {
+    let slots = config_value(config::CGROUP_SLOTS).min(MAX_CGROUPS);
+    let mut i = 0;
+    while i < MAX_CGROUPS {
+        if i >= slots {
+            break;
+        }
+        if let Ok(true) = CGROUPS.current_task_under_cgroup(i) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Value of one USDT argument, located as its spec says (libbpf's method).

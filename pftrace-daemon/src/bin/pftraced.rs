@@ -1,57 +1,93 @@
-//! pftraced: trace named Python functions in a running process (`--pid`) or
-//! in a command it launches (`-- CMD ARGS...`), print a per-function summary
-//! and write a Chrome trace.
+//! pftraced: trace named Python functions through CPython's USDT probes, in
+//! running processes (`--pid`), a command it launches (`-- CMD ARGS...`),
+//! every Python in a cgroup (`--cgroup`, for batch jobs) or on the host
+//! (`--all`); print a per-function summary and write a Chrome trace.
 
 use std::{ffi::OsString, fs::File, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use pftrace::{
+    config::{Config, DEFAULT_CONFIG},
+    daemon::{Daemon, DaemonOptions},
     launch::{self, Launched},
     output::{Chrome, TraceFormat as _},
-    procwatch, summary, target,
+    summary,
+    target::Target,
     trace::Trace,
-    tracer::{Tracer, TracerOptions},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Trace named Python functions through CPython's USDT probes, with eBPF.
 ///
-/// Names are matched in the kernel: calls of other functions cost the
-/// traced process one probe hit each (about a microsecond) and produce no
-/// record. The traced CPython must fire the probes: 3.6-3.10 or 3.15+,
-/// built --with-dtrace.
+/// Names are matched in the kernel: calls of other functions cost a traced
+/// process one probe hit each (about a microsecond) and produce no record.
+/// The CPython must fire the probes: 3.6-3.10 or 3.15+, built --with-dtrace.
+///
+/// Name forms (-t): `foo` (exact, decided in the kernel), `app/io.py:load`
+/// (qualified by a path suffix), `test_*` (shell glob). See the README for
+/// what each form costs.
 ///
 /// Examples:
 ///   sudo pftraced -t foo -t bar --pid 1234
 ///   sudo pftraced -t compute -o trace.json -- python3 app.py --size 10
+///   sudo pftraced -t 'solver.py:step' --cgroup /sys/fs/cgroup/unified/job42 --output-dir /var/lib/pftrace
+///   sudo pftracectl stats          # while a daemon with --serve/--cgroup/--all runs
 #[derive(Debug, Parser)]
 #[command(name = "pftraced", version, verbatim_doc_comment)]
 struct Cli {
-    /// Function name to trace (exact match of the code object's name, e.g. `raw_decode`).
-    /// Repeat the flag or separate names with commas.
+    /// Function to trace: NAME, FILE:NAME or a glob. Repeat the flag or separate with commas.
     #[arg(
         short = 't',
         long = "trace",
         value_name = "NAME",
-        value_delimiter = ',',
-        required = true
+        value_delimiter = ','
     )]
     names: Vec<String>,
 
-    /// Trace this running process until it exits or you press Ctrl-C.
-    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
-    pid: Option<u32>,
+    /// Trace this running process until it exits (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
 
-    /// Where to write the Chrome trace JSON (opens in Perfetto / chrome://tracing).
-    /// Default: pftrace-<pid>.json in the current directory.
+    /// Trace every Python process in this cgroup v2 directory and its
+    /// descendants, including ones started later (repeatable). Runs until stopped.
+    #[arg(long = "cgroup", value_name = "DIR")]
+    cgroups: Vec<PathBuf>,
+
+    /// Trace every probe-enabled Python on the host (probes are attached to
+    /// whole binaries: every process using them pays the probe cost). Runs until stopped.
+    #[arg(long)]
+    all: bool,
+
+    /// Configuration file (TOML). Flags given here override it.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+
+    /// Listen on the control socket for pftracectl (implied by --cgroup, --all and --socket).
+    #[arg(long)]
+    serve: bool,
+
+    /// Control socket path (default from the config, else /run/pftrace/pftraced.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Write completed calls continuously to rolling trace files in this directory.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+
+    /// Write the Chrome trace JSON here when tracing ends (opens in Perfetto).
+    /// Default for --pid and commands: pftrace-<pid>.json in the current directory.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
 
-    /// Size of the kernel-to-daemon ring buffer in bytes (a power of two, >= 4096).
+    /// Kernel-to-daemon ring buffer size in bytes (a power of two, >= 4096).
     /// Records that do not fit are counted as lost, never dropped silently.
-    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20, value_parser = ring_size)]
-    ring_buffer_size: u32,
+    #[arg(long, value_name = "BYTES", value_parser = ring_size)]
+    ring_buffer_size: Option<u32>,
+
+    /// Completed calls kept in memory for the final trace, `dump` and `stats`.
+    #[arg(long, value_name = "N")]
+    max_calls_in_memory: Option<usize>,
 
     /// Do not print the per-function summary.
     #[arg(short, long)]
@@ -72,102 +108,142 @@ fn ring_size(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    pftrace::logging::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("pftraced: error: {err:#}");
+            eprintln!("pftraced: error: {}", pftrace::logging::chain(&err));
             ExitCode::from(1)
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let names: Vec<String> = cli.names.iter().map(|n| n.trim().to_string()).collect();
-    if cli.pid.is_none() && cli.command.is_empty() {
-        bail!("nothing to trace: give --pid PID, or a command after `--` (see --help)");
-    }
-    let opts = TracerOptions {
-        names,
-        ring_bytes: cli.ring_buffer_size,
+/// Merges the config file and the flags.
+fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
+    let explicit = cli.config.as_os_str() != DEFAULT_CONFIG;
+    let mut config = Config::load(&cli.config, explicit)?;
+    let names = if cli.names.is_empty() {
+        config.names.clone()
+    } else {
+        cli.names.clone()
     };
+    let mut pids = config.targets.pids.clone();
+    pids.extend(&cli.pids);
+    let mut cgroups = config.targets.cgroups.clone();
+    cgroups.extend(cli.cgroups.iter().cloned());
+    let all = cli.all || config.targets.all;
+    if let Some(path) = &cli.socket {
+        config.socket.path = path.clone();
+    }
+    if let Some(dir) = &cli.output_dir {
+        config.output.dir = Some(dir.clone());
+    }
+    if let Some(n) = cli.ring_buffer_size {
+        config.limits.ring_buffer_bytes = n;
+    }
+    if let Some(n) = cli.max_calls_in_memory {
+        config.limits.max_calls_in_memory = n.max(1);
+    }
+    let serve = cli.serve || cli.socket.is_some() || all || !cgroups.is_empty();
+    if pids.is_empty() && cgroups.is_empty() && !all && cli.command.is_empty() {
+        bail!(
+            "nothing to trace: give --pid PID, --cgroup DIR, --all, or a command after `--` (see --help)"
+        );
+    }
+    Ok(DaemonOptions {
+        names,
+        pids,
+        cgroups,
+        all,
+        serve,
+        config,
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let opts = options(&cli)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut tracer = Tracer::new(&opts)?;
+    let _enter = rt.enter();
+    let mut daemon = Daemon::new(&opts)?;
 
-    if let Some(pid) = cli.pid {
-        let target = target::inspect(pid)?;
-        let exit = procwatch::pidfd(pid).with_context(|| format!("watching pid {pid}"))?;
-        tracer.attach(&target)?;
+    for &pid in &opts.pids {
+        let target = daemon.attach_pid(pid)?;
         announce(&opts.names, &target);
-        let trace = rt.block_on(async {
-            let mut int = signal(SignalKind::interrupt())?;
-            let mut term = signal(SignalKind::terminate())?;
-            let stop = async {
-                tokio::select! {
-                    _ = procwatch::exited(exit) => eprintln!("pftraced: pid {pid} exited"),
-                    _ = int.recv() => eprintln!("pftraced: interrupted, stopping"),
-                    _ = term.recv() => eprintln!("pftraced: terminated, stopping"),
-                }
-            };
-            anyhow::Ok(tracer.run(stop).await?)
-        })?;
-        finish(&cli, &trace, pid)?;
-        return Ok(ExitCode::SUCCESS);
+    }
+    let mut child = None;
+    if !cli.command.is_empty() {
+        let mut launched = Launched::spawn_stopped(&cli.command)?;
+        let target = match daemon.attach_launched(&launched) {
+            Ok(t) => t,
+            Err(err) => {
+                launched.kill();
+                return Err(anyhow::Error::from(err)
+                    .context(format!("cannot trace {:?}; it was not run", cli.command[0])));
+            }
+        };
+        announce(&opts.names, &target);
+        launched.resume()?;
+        child = Some(launched);
+    }
+    daemon.scan_scopes();
+    if let Some(path) = daemon.socket_path() {
+        eprintln!("pftraced: serving pftracectl on {}", path.display());
     }
 
-    let mut child = Launched::spawn_stopped(&cli.command)?;
-    let pid = child.pid();
-    let attached = target::inspect(pid)
-        .map_err(anyhow::Error::from)
-        .and_then(|t| Ok((procwatch::pidfd(pid)?, t)))
-        .and_then(|(fd, t)| tracer.attach(&t).map(|()| (fd, t)).map_err(Into::into));
-    let (exit, target) = match attached {
-        Ok(v) => v,
-        Err(err) => {
-            child.kill();
-            return Err(err.context(format!("cannot trace {:?}; it was not run", cli.command[0])));
-        }
-    };
-    announce(&opts.names, &target);
-    child.resume()?;
+    let child_pid = child.as_ref().map(Launched::pid);
     let trace = rt.block_on(async {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let stop = async {
-            let mut exited = std::pin::pin!(procwatch::exited(exit));
             let mut interrupts = 0;
             loop {
                 tokio::select! {
-                    _ = &mut exited => break,
-                    // Ctrl-C reaches the command too (same terminal); keep
-                    // tracing until it exits, unless pressed twice.
                     _ = int.recv() => {
                         interrupts += 1;
-                        if interrupts >= 2 {
-                            eprintln!("pftraced: interrupted twice, stopping (pid {pid} keeps running)");
-                            break;
+                        // Ctrl-C also reaches a launched command (same terminal): keep
+                        // tracing until it exits, unless pressed twice.
+                        if child_pid.is_some() && interrupts < 2 {
+                            eprintln!("pftraced: waiting for the command to exit (Ctrl-C again to stop tracing)");
+                            continue;
                         }
-                        eprintln!("pftraced: waiting for pid {pid} to exit (Ctrl-C again to stop tracing)");
+                        eprintln!("pftraced: interrupted, stopping");
+                        break;
                     }
-                    _ = term.recv() => child.signal(libc::SIGTERM),
+                    _ = term.recv() => {
+                        if let Some(pid) = child_pid {
+                            // SAFETY: signalling our own child.
+                            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                            continue;
+                        }
+                        eprintln!("pftraced: terminated, stopping");
+                        break;
+                    }
                 }
             }
         };
-        anyhow::Ok(tracer.run(stop).await?)
+        anyhow::Ok(daemon.run(stop).await?)
     })?;
-    let status = child.try_wait().context("waiting for the command")?;
-    finish(&cli, &trace, pid)?;
-    Ok(match status {
-        Some(status) => ExitCode::from(launch::exit_code(status).clamp(0, 255) as u8),
-        None => ExitCode::from(130),
+
+    let status = match &mut child {
+        Some(c) => c.try_wait().context("waiting for the command")?,
+        None => None,
+    };
+    let default_name = child_pid
+        .or(opts.pids.first().copied())
+        .map(|pid| PathBuf::from(format!("pftrace-{pid}.json")));
+    finish(&cli, &trace, cli.output.clone().or(default_name))?;
+    Ok(match (child_pid, status) {
+        (Some(_), Some(status)) => ExitCode::from(launch::exit_code(status).clamp(0, 255) as u8),
+        (Some(_), None) => ExitCode::from(130),
+        _ => ExitCode::SUCCESS,
     })
 }
 
-fn announce(names: &[String], target: &target::Target) {
+fn announce(names: &[String], target: &Target) {
     let version = target
         .version
         .map_or("CPython (version unknown)".into(), |v| {
@@ -181,23 +257,21 @@ fn announce(names: &[String], target: &target::Target) {
     );
 }
 
-fn finish(cli: &Cli, trace: &Trace, pid: u32) -> anyhow::Result<()> {
+fn finish(cli: &Cli, trace: &Trace, output: Option<PathBuf>) -> anyhow::Result<()> {
     if !cli.quiet {
         eprint!("{}", summary::render(trace));
     }
-    let path = cli
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("pftrace-{pid}.json")));
-    let mut file =
-        File::create(&path).with_context(|| format!("creating trace file {}", path.display()))?;
-    Chrome
-        .write(trace, &mut file)
-        .with_context(|| format!("writing trace file {}", path.display()))?;
-    eprintln!(
-        "pftraced: wrote {} calls to {}",
-        trace.calls.len(),
-        path.display()
-    );
+    if let Some(path) = output {
+        let mut file = File::create(&path)
+            .with_context(|| format!("creating trace file {}", path.display()))?;
+        Chrome
+            .write(trace, &mut file)
+            .with_context(|| format!("writing trace file {}", path.display()))?;
+        eprintln!(
+            "pftraced: wrote {} calls to {}",
+            trace.calls.len(),
+            path.display()
+        );
+    }
     Ok(())
 }

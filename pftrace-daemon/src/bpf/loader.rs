@@ -6,11 +6,16 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::UProbe,
+    maps::{
+        Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{RawTracePoint, UProbe},
 };
-use pftrace_common::{MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter};
-use serde::Serialize;
+use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, task_layout};
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::btf::TaskOffsets;
 
 use super::attach::{AttachError, UprobeLink, UprobePmu, UprobeRequest, attach_uprobe};
 
@@ -46,6 +51,8 @@ pub enum BpfError {
     EmptyName,
     #[error("too many traced names: at most {MAX_NAMES}")]
     TooManyNames,
+    #[error("too many cgroup targets: at most {MAX_CGROUPS}")]
+    TooManyCgroups,
     #[error("too many distinct probe sites: at most {MAX_SPECS}")]
     TooManySpecs,
     #[error(transparent)]
@@ -69,7 +76,7 @@ impl ProbeKind {
 }
 
 /// Totals of the kernel's per-CPU counters.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub entry_seen: u64,
     pub return_seen: u64,
@@ -79,6 +86,10 @@ pub struct Counters {
     pub lost: u64,
     /// Hits whose arguments could not be read from the traced process.
     pub read_errors: u64,
+    /// New processes in scope reported by the exec tracepoint.
+    pub execs: u64,
+    /// Exec reports dropped because the ring buffer was full.
+    pub exec_lost: u64,
 }
 
 /// The loaded eBPF programs and maps.
@@ -91,11 +102,29 @@ pub struct KernelProbes {
 impl KernelProbes {
     /// Loads and verifies the programs; `ring_bytes` sizes the ring buffer
     /// (a power of two, multiple of the page size).
-    pub fn load(ring_bytes: u32) -> Result<Self, BpfError> {
+    /// `layout` gives the kernel offsets for per-call CPU time and RSS; without
+    /// it those figures read as 0.
+    pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>) -> Result<Self, BpfError> {
         let pmu = UprobePmu::discover()?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("EVENTS", ring_bytes)
-            .load(BPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("EVENTS", ring_bytes);
+        let globals = layout.map(|o| {
+            [
+                (task_layout::SUM_EXEC, o.se_sum_exec_runtime),
+                (task_layout::MM, o.mm),
+                (task_layout::RSS_BASE, o.rss_stat + o.rss_count),
+                (task_layout::RSS_STRIDE, o.rss_stride),
+                (task_layout::RSS_FILE, o.mm_filepages),
+                (task_layout::RSS_ANON, o.mm_anonpages),
+                (task_layout::RSS_SHMEM, o.mm_shmempages),
+            ]
+        });
+        if let Some(globals) = &globals {
+            for (name, value) in globals {
+                loader.override_global(name, value, true);
+            }
+        }
+        let mut ebpf = loader.load(BPF_OBJECT)?;
         for kind in [ProbeKind::Entry, ProbeKind::Return] {
             let name = kind.program();
             let prog: &mut UProbe = ebpf
@@ -152,6 +181,106 @@ impl KernelProbes {
             name: "NAMES",
             source,
         })
+    }
+
+    /// Adds a glob prefix to the kernel's prefix trie (the empty prefix matches every name).
+    pub fn add_prefix(&mut self, prefix: &str) -> Result<(), BpfError> {
+        let key = prefix_key(prefix)?;
+        let map = self
+            .ebpf
+            .map_mut("PREFIXES")
+            .ok_or(BpfError::Missing("map PREFIXES"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; NAME_LEN], u32> =
+            LpmTrie::try_from(map).map_err(|source| BpfError::Map {
+                name: "PREFIXES",
+                source,
+            })?;
+        trie.insert(&key, 1, 0).map_err(|source| BpfError::Map {
+            name: "PREFIXES",
+            source,
+        })
+    }
+
+    /// Removes a glob prefix (no error if absent).
+    pub fn remove_prefix(&mut self, prefix: &str) -> Result<(), BpfError> {
+        let key = prefix_key(prefix)?;
+        let map = self
+            .ebpf
+            .map_mut("PREFIXES")
+            .ok_or(BpfError::Missing("map PREFIXES"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; NAME_LEN], u32> =
+            LpmTrie::try_from(map).map_err(|source| BpfError::Map {
+                name: "PREFIXES",
+                source,
+            })?;
+        match trie.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map {
+                name: "PREFIXES",
+                source,
+            }),
+        }
+    }
+
+    /// Sets one of the kernel's settings (`pftrace_common::config`).
+    pub fn set_config(&mut self, index: u32, value: u32) -> Result<(), BpfError> {
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or(BpfError::Missing("map CONFIG"))?;
+        let mut cfg: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|source| BpfError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        cfg.set(index, value, 0).map_err(|source| BpfError::Map {
+            name: "CONFIG",
+            source,
+        })
+    }
+
+    /// Puts a cgroup v2 directory (opened fd) in slot `slot` of the watched set.
+    pub fn set_cgroup(
+        &mut self,
+        slot: u32,
+        cgroup: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), BpfError> {
+        if slot >= MAX_CGROUPS {
+            return Err(BpfError::TooManyCgroups);
+        }
+        let map = self
+            .ebpf
+            .map_mut("CGROUPS")
+            .ok_or(BpfError::Missing("map CGROUPS"))?;
+        let mut cgroups: CgroupArray<&mut MapData> =
+            CgroupArray::try_from(map).map_err(|source| BpfError::Map {
+                name: "CGROUPS",
+                source,
+            })?;
+        cgroups
+            .set(slot, cgroup, 0)
+            .map_err(|source| BpfError::Map {
+                name: "CGROUPS",
+                source,
+            })
+    }
+
+    /// Loads and attaches the sched_process_exec tracepoint that reports new
+    /// processes in scope; what it reports is set with `config::EXEC_MODE`.
+    /// The attachment lives as long as this object.
+    pub fn attach_exec_watch(&mut self) -> Result<(), BpfError> {
+        let name = "pftrace_exec";
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| BpfError::Program { name, source })?;
+        prog.attach("sched_process_exec")
+            .map_err(|source| BpfError::Program { name, source })?;
+        Ok(())
     }
 
     /// Attaches the entry or return program at one probe site of `binary`,
@@ -237,6 +366,8 @@ impl KernelProbes {
             return_matched: total(counter::RETURN_MATCHED)?,
             lost: total(counter::LOST)?,
             read_errors: total(counter::READ_ERRORS)?,
+            execs: total(counter::EXECS)?,
+            exec_lost: total(counter::EXEC_LOST)?,
         })
     }
 
@@ -251,6 +382,20 @@ impl KernelProbes {
             source,
         })
     }
+}
+
+/// The LPM trie key for a glob prefix: its bytes, matched on their length only.
+fn prefix_key(prefix: &str) -> Result<Key<[u8; NAME_LEN]>, BpfError> {
+    if prefix.len() >= NAME_LEN {
+        return Err(BpfError::NameTooLong {
+            name: prefix.into(),
+            len: prefix.len(),
+            max: NAME_LEN - 1,
+        });
+    }
+    let mut data = [0u8; NAME_LEN];
+    data[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    Ok(Key::new((prefix.len() * 8) as u32, data))
 }
 
 /// The kernel map key for a name: its bytes, NUL-padded to NAME_LEN. The

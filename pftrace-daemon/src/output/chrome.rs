@@ -2,26 +2,18 @@
 //! complete ("X") event per call with wall-clock µs timestamps, "M" metadata
 //! naming processes, and pftrace's counters under otherData.
 
-use std::{
-    io::{self, Write as _},
-    path::Path,
-};
+use std::io::{self, Write as _};
 
 use serde_json::{Value, json};
 
-use super::TraceFormat;
-use crate::{pairing::CallEnd, trace::Trace};
+use super::{
+    TraceFormat,
+    events::{call_event, process_name_event},
+};
+use crate::trace::Trace;
 
 /// The Chrome Trace Event format.
 pub struct Chrome;
-
-/// The module-like category of a call: the file's stem (`decoder` for `json/decoder.py`).
-fn category(file: &str) -> &str {
-    Path::new(file)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(file)
-}
 
 impl TraceFormat for Chrome {
     fn write(&self, trace: &Trace, out: &mut dyn io::Write) -> io::Result<()> {
@@ -36,42 +28,17 @@ impl TraceFormat for Chrome {
             serde_json::to_writer(&mut *w, v).map_err(io::Error::other)
         };
         for p in &trace.processes {
-            let name = Path::new(&p.binary)
-                .file_name()
-                .and_then(|s| s.to_str())
-                .unwrap_or("python");
-            put(
-                &mut w,
-                &json!({"name": "process_name", "ph": "M", "pid": p.pid, "tid": p.pid,
-                                "args": {"name": format!("{name} {}", p.pid)}}),
-            )?;
+            put(&mut w, &process_name_event(p.pid, Some(p)))?;
         }
         for c in &trace.calls {
-            let mut args = json!({"file": &*c.file, "line": c.line});
-            if c.end == CallEnd::Incomplete {
-                args["incomplete"] = json!(true);
-            }
-            put(
-                &mut w,
-                &json!({
-                    "name": &*c.name,
-                    "cat": category(&c.file),
-                    "ph": "X",
-                    "pid": c.pid,
-                    "tid": c.tid,
-                    "ts": trace.clock.wall_us(c.start_ns),
-                    "dur": c.duration_ns() as f64 / 1000.0,
-                    "args": args,
-                }),
-            )?;
+            put(&mut w, &call_event(c, &trace.clock))?;
         }
-        drop(put);
         let unmatched: Vec<Value> = trace
             .unmatched_returns
             .iter()
             .map(|u| {
                 json!({"pid": u.pid, "tid": u.tid, "name": &*u.name, "file": &*u.file,
-                            "ts": trace.clock.wall_us(u.ts_ns)})
+                       "ts": trace.clock.wall_us(u.ts_ns)})
             })
             .collect();
         let other = json!({

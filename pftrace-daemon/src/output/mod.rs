@@ -1,6 +1,7 @@
 //! Trace output formats, one file per format behind the small [`TraceFormat`] trait.
 
 mod chrome;
+pub mod events;
 
 use std::io::{self, Write};
 

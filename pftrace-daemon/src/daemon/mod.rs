@@ -1,0 +1,431 @@
+//! The tracing daemon: one kernel side (programs, maps, ring buffer) serving
+//! any mix of targets (pids, a launched command, cgroups, the whole host),
+//! reading and pairing calls, keeping them in memory and in rolling files,
+//! discovering new processes from exec events, and answering `pftracectl`.
+
+mod control;
+mod filter;
+mod processes;
+mod store;
+mod targets;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    os::fd::AsFd as _,
+    path::PathBuf,
+    pin::pin,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use pftrace_common::{MAX_CGROUPS, config as kconfig};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+pub use self::{
+    filter::FilterError,
+    processes::AttachFailure,
+    store::{CallStore, percentile, stats},
+    targets::TargetScopeError,
+};
+use self::{filter::NameFilter, processes::Processes, targets::CgroupTarget};
+use crate::{
+    bpf::{BpfError, Counters, KernelProbes},
+    caps::{self, PrivilegeError},
+    clock::WallClock,
+    config::Config,
+    control::server::{ControlRequest, ControlServer},
+    events::{Decoder, Record},
+    kernel::btf::TaskOffsets,
+    launch::Launched,
+    pairing::{Call, Pairer},
+    procwatch,
+    rolling::RollingOutput,
+    target::{self, Target, TargetError},
+    trace::Trace,
+};
+
+/// What to trace and how.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    pub names: Vec<String>,
+    pub pids: Vec<u32>,
+    pub cgroups: Vec<PathBuf>,
+    pub all: bool,
+    /// Listen on the control socket (config.socket).
+    pub serve: bool,
+    pub config: Config,
+}
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Names(#[from] FilterError),
+    #[error(
+        "no function names to trace: give at least one with -t NAME (or `names` in the config file)"
+    )]
+    NoNames,
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Scope(#[from] TargetScopeError),
+    #[error(transparent)]
+    Attach(#[from] AttachFailure),
+    #[error("watching pid {pid}: {source}")]
+    Watch { pid: u32, source: std::io::Error },
+    #[error("rolling output: {0}")]
+    Output(String),
+    #[error("control socket: {0}")]
+    Control(String),
+    #[error("reading the ring buffer: {0}")]
+    Ring(std::io::Error),
+}
+
+/// How often the ring buffer is drained without a wakeup, and rolling files flushed.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The running daemon's state.
+pub struct Daemon {
+    probes: KernelProbes,
+    filter: NameFilter,
+    processes: Processes,
+    cgroups: Vec<CgroupTarget>,
+    all: bool,
+    /// Exit when every pid / launched target has exited (no cgroup or --all scope).
+    until_targets_exit: bool,
+    targets: Vec<String>,
+    store: CallStore,
+    decoder: Decoder,
+    pairer: Pairer,
+    rolling: Option<RollingOutput>,
+    bad_records: u64,
+    clock: WallClock,
+    start_ns: u64,
+    started: Instant,
+    exits: (mpsc::UnboundedSender<u32>, mpsc::UnboundedReceiver<u32>),
+    stopping: bool,
+    serve: Option<crate::config::SocketConfig>,
+}
+
+impl Daemon {
+    /// Validates names, checks privileges, loads the kernel side and sets up
+    /// scopes and outputs. Attaching to processes comes after.
+    pub fn new(opts: &DaemonOptions) -> Result<Self, DaemonError> {
+        if opts.names.is_empty() {
+            return Err(DaemonError::NoNames);
+        }
+        for name in &opts.names {
+            crate::names::NameSpec::parse(name).map_err(FilterError::from)?;
+        }
+        caps::check()?;
+        let limits = &opts.config.limits;
+        let layout = match TaskOffsets::discover() {
+            Ok(layout) => Some(layout),
+            Err(err) => {
+                log::warn!("per-call CPU time and memory are not available: {err}");
+                None
+            }
+        };
+        let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
+        let mut filter = NameFilter::default();
+        filter.add(&mut probes, &opts.names)?;
+
+        let mut cgroups = Vec::new();
+        for path in &opts.cgroups {
+            let cg = CgroupTarget::open(path)?;
+            if cgroups.len() as u32 >= MAX_CGROUPS {
+                return Err(BpfError::TooManyCgroups.into());
+            }
+            probes.set_cgroup(cgroups.len() as u32, cg.dir.as_fd())?;
+            cgroups.push(cg);
+        }
+        let exec_mode = if opts.all {
+            kconfig::EXEC_ALL
+        } else if !cgroups.is_empty() {
+            kconfig::EXEC_CGROUPS
+        } else {
+            kconfig::EXEC_OFF
+        };
+        if exec_mode != kconfig::EXEC_OFF {
+            probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
+            probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
+            probes.attach_exec_watch()?;
+        }
+        let rolling = match &opts.config.output.dir {
+            Some(_) => Some(
+                RollingOutput::new(&opts.config.output, &hostname())
+                    .map_err(|e| DaemonError::Output(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut targets: Vec<String> = opts.pids.iter().map(|p| format!("pid {p}")).collect();
+        targets.extend(
+            cgroups
+                .iter()
+                .map(|c| format!("cgroup {}", c.path.display())),
+        );
+        if opts.all {
+            targets.push("all probe-enabled Pythons on the host".into());
+        }
+        Ok(Self {
+            probes,
+            filter,
+            processes: Processes::new(limits.max_processes),
+            until_targets_exit: cgroups.is_empty() && !opts.all,
+            cgroups,
+            all: opts.all,
+            targets,
+            store: CallStore::new(limits.max_calls_in_memory),
+            decoder: Decoder::default(),
+            pairer: Pairer::default(),
+            rolling,
+            bad_records: 0,
+            clock: WallClock::measure(),
+            start_ns: WallClock::monotonic_now_ns(),
+            started: Instant::now(),
+            exits: mpsc::unbounded_channel(),
+            stopping: false,
+            serve: opts.serve.then(|| opts.config.socket.clone()),
+        })
+    }
+
+    /// Attaches to an explicitly named process; its refusal is an error.
+    /// Must be called inside the runtime (it starts an exit watch).
+    pub fn attach_pid(&mut self, pid: u32) -> Result<Target, DaemonError> {
+        let target = target::inspect(pid)?;
+        self.attach_target(&target)?;
+        Ok(target)
+    }
+
+    /// Attaches to a launched command stopped at its exec.
+    pub fn attach_launched(&mut self, child: &Launched) -> Result<Target, DaemonError> {
+        let target = self.attach_pid(child.pid())?;
+        self.targets
+            .push(format!("command {} (pid {})", target.command, target.pid));
+        Ok(target)
+    }
+
+    fn attach_target(&mut self, target: &Target) -> Result<(), DaemonError> {
+        let pid = target.pid;
+        let pidfd = procwatch::pidfd(pid).map_err(|source| DaemonError::Watch { pid, source })?;
+        if self.all {
+            self.processes.attach_binary(&mut self.probes, target)?;
+        } else {
+            self.processes.attach_process(&mut self.probes, target)?;
+        }
+        let tx = self.exits.0.clone();
+        tokio::spawn(async move {
+            let _ = procwatch::exited(pidfd).await;
+            let _ = tx.send(pid);
+        });
+        Ok(())
+    }
+
+    /// Attaches to the Python processes already running in the cgroup scopes,
+    /// or on the host with `--all`. Processes that are not Python are skipped;
+    /// Pythons that cannot be traced are recorded as refusals.
+    pub fn scan_scopes(&mut self) {
+        let mut pids: Vec<u32> = self.cgroups.iter().flat_map(|c| c.pids()).collect();
+        if self.all {
+            pids = targets::all_pids();
+        }
+        let me = std::process::id();
+        for pid in pids.into_iter().filter(|&p| p != me) {
+            self.discover(pid);
+        }
+    }
+
+    /// A process appeared in scope (exec, or found by a scan): attach if it is a traceable Python.
+    fn discover(&mut self, pid: u32) {
+        if self.processes.is_running(pid) {
+            // It exec'd again: its old probes point at the old image.
+            self.processes.exited(pid);
+        }
+        match target::inspect(pid) {
+            Ok(target) => {
+                if let Err(err) = self.attach_target(&target) {
+                    log::warn!("{err}");
+                    self.processes.refuse(pid, &err);
+                } else {
+                    log::info!("tracing pid {pid} ({})", target.binary.display());
+                }
+            }
+            Err(err) => {
+                if Processes::worth_reporting(&err) {
+                    log::warn!("{err}");
+                    self.processes.refuse(pid, &err);
+                }
+            }
+        }
+    }
+
+    /// The control socket path, when serving.
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        self.serve.as_ref().map(|s| s.path.clone())
+    }
+
+    /// Runs until `stop` completes, a `stop` request arrives, or (when only
+    /// pids and commands are traced) every target has exited. Then drains,
+    /// closes open calls as incomplete, finishes outputs, detaches, and
+    /// returns the trace of the calls in memory.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<Trace, DaemonError> {
+        let ring = self.probes.take_ring()?;
+        // SAFETY: the ring buffer owns its fd and keeps it open while registered.
+        let mut ring =
+            unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::Ring(e.into()))?;
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(64);
+        let server = match &self.serve {
+            Some(cfg) => {
+                let server =
+                    ControlServer::bind(cfg).map_err(|e| DaemonError::Control(e.to_string()))?;
+                Some(server.spawn(ctl_tx))
+            }
+            None => {
+                drop(ctl_tx);
+                None
+            }
+        };
+        let mut stop = pin!(stop);
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_flush = Instant::now();
+        while !self.stopping {
+            if self.until_targets_exit && self.processes.running_count() == 0 {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                Some(pid) = self.exits.1.recv() => {
+                    self.drain(ring.get_mut());
+                    self.process_exited(pid);
+                }
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(DaemonError::Ring)?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                Some(req) = ctl_rx.recv() => {
+                    self.drain(ring.get_mut());
+                    let reply = self.handle(req.command);
+                    let _ = req.reply.send(reply);
+                }
+                _ = tick.tick() => {
+                    self.drain(ring.get_mut());
+                    if last_flush.elapsed() >= Duration::from_secs(1) {
+                        if let Some(r) = &mut self.rolling {
+                            r.flush();
+                        }
+                        last_flush = Instant::now();
+                    }
+                }
+            }
+        }
+        if let Some(server) = server {
+            server.abort();
+        }
+        self.drain(ring.get_mut());
+        Ok(self.finish())
+    }
+
+    /// Reads every record in the ring buffer.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut completed = Vec::new();
+        let mut execs = Vec::new();
+        while let Some(item) = ring.next() {
+            match self.decoder.decode_record(&item) {
+                Ok(Record::Call(ev)) => {
+                    if self.filter.keep(&ev.name, &ev.file) {
+                        self.pairer.push(ev, &mut completed);
+                    }
+                }
+                Ok(Record::Exec(e)) => execs.push(e.pid),
+                Err(err) => {
+                    self.bad_records += 1;
+                    log::warn!("{err}");
+                }
+            }
+        }
+        self.store_calls(completed);
+        for pid in execs {
+            self.discover(pid);
+        }
+    }
+
+    fn store_calls(&mut self, calls: Vec<Call>) {
+        if calls.is_empty() {
+            return;
+        }
+        if let Some(r) = &mut self.rolling {
+            r.write_calls(&calls, &self.clock, &self.processes.infos());
+        }
+        for call in calls {
+            self.processes.count_call(call.pid);
+            self.store.push(call);
+        }
+    }
+
+    /// A traced process exited: close its open calls at the exit time.
+    fn process_exited(&mut self, pid: u32) {
+        let mut closed = Vec::new();
+        self.pairer
+            .close_open(Some(pid), WallClock::monotonic_now_ns(), &mut closed);
+        self.store_calls(closed);
+        self.processes.exited(pid);
+        log::info!("pid {pid} exited");
+    }
+
+    fn counters(&self) -> Counters {
+        self.probes.counters().unwrap_or_else(|err| {
+            log::warn!("reading counters: {err}");
+            Counters::default()
+        })
+    }
+
+    fn finish(mut self) -> Trace {
+        let end_ns = WallClock::monotonic_now_ns();
+        let counters = self.counters();
+        let mut closed = Vec::new();
+        self.pairer.close_open(None, end_ns, &mut closed);
+        self.store_calls(closed);
+        if let Some(r) = &mut self.rolling {
+            r.close();
+        }
+        self.processes.detach_all();
+        if self.store.evicted > 0 {
+            log::warn!(
+                "{} older calls were dropped from memory (limits.max_calls_in_memory); they are only in the rolling \
+                 output files, if configured",
+                self.store.evicted
+            );
+        }
+        let mut calls: Vec<Call> = self.store.all().cloned().collect();
+        calls.sort_by_key(|c| (c.start_ns, c.depth));
+        let processes: HashMap<u32, _> = self.processes.infos();
+        let mut processes: Vec<_> = processes.into_values().collect();
+        processes.sort_by_key(|p| p.pid);
+        Trace {
+            names: self.filter.texts(),
+            processes,
+            calls,
+            unmatched_returns: self.pairer.unmatched_returns().to_vec(),
+            skipped_entries: self.pairer.skipped_entries,
+            counters,
+            bad_records: self.bad_records,
+            clock: self.clock,
+            start_ns: self.start_ns,
+            end_ns,
+        }
+    }
+}
+
+/// This host's name, for file names and metadata.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

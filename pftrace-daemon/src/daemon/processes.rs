@@ -1,0 +1,289 @@
+//! The processes and interpreter binaries being traced: attaching to a
+//! process (pid-scoped uprobes, so only its semaphore is raised) or to a
+//! binary host-wide (`--all`), detaching when a process exits, and keeping
+//! the reasons processes in scope could not be traced.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    os::unix::fs::MetadataExt as _,
+};
+
+use crate::{
+    bpf::{BpfError, KernelProbes, ProbeKind, UprobeLink},
+    protocol::{BinaryStatus, ProcessStatus, Refusal},
+    target::{Target, TargetError},
+    trace::TracedProcess,
+};
+
+/// Refusals kept for `status`.
+const MAX_REFUSALS: usize = 100;
+
+/// Errors attaching.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachFailure {
+    #[error("attaching to pid {pid} ({binary}): {source}")]
+    Bpf {
+        pid: u32,
+        binary: String,
+        source: BpfError,
+    },
+    #[error("limit reached: already tracing {0} processes (limits.max_processes)")]
+    TooMany(usize),
+}
+
+/// A process we trace (or traced: kept after exit for its metadata).
+#[derive(Debug)]
+pub struct ProcEntry {
+    pub info: TracedProcess,
+    links: Vec<UprobeLink>,
+    pub running: bool,
+    pub calls: u64,
+}
+
+#[derive(Debug)]
+struct BinaryEntry {
+    path: String,
+    version: Option<String>,
+    host_links: Vec<UprobeLink>,
+}
+
+/// Identity of an ELF file: (device, inode).
+type FileId = (u64, u64);
+
+/// Every traced process and binary.
+#[derive(Debug, Default)]
+pub struct Processes {
+    procs: HashMap<u32, ProcEntry>,
+    binaries: HashMap<FileId, BinaryEntry>,
+    refused: VecDeque<Refusal>,
+    max_processes: usize,
+}
+
+fn attach_sites(
+    probes: &mut KernelProbes,
+    target: &Target,
+    pid: Option<u32>,
+) -> Result<Vec<UprobeLink>, AttachFailure> {
+    let mut links = Vec::new();
+    for (kind, sites) in [
+        (ProbeKind::Entry, &target.entry),
+        (ProbeKind::Return, &target.ret),
+    ] {
+        for site in sites {
+            let link = probes
+                .attach(
+                    kind,
+                    &target.open_path,
+                    site.offset,
+                    site.semaphore_offset,
+                    site.spec,
+                    pid,
+                )
+                .map_err(|source| AttachFailure::Bpf {
+                    pid: target.pid,
+                    binary: target.binary.display().to_string(),
+                    source,
+                })?;
+            links.push(link);
+        }
+    }
+    Ok(links)
+}
+
+fn file_id(target: &Target) -> FileId {
+    std::fs::metadata(&target.open_path)
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or((0, 0))
+}
+
+impl Processes {
+    pub fn new(max_processes: usize) -> Self {
+        Self {
+            max_processes,
+            ..Default::default()
+        }
+    }
+
+    /// Whether `pid` is traced and running.
+    pub fn is_running(&self, pid: u32) -> bool {
+        self.procs.get(&pid).is_some_and(|p| p.running)
+    }
+
+    /// Attaches pid-scoped probes to one process.
+    pub fn attach_process(
+        &mut self,
+        probes: &mut KernelProbes,
+        target: &Target,
+    ) -> Result<(), AttachFailure> {
+        let running = self.procs.values().filter(|p| p.running).count();
+        if running >= self.max_processes {
+            return Err(AttachFailure::TooMany(running));
+        }
+        let links = attach_sites(probes, target, Some(target.pid))?;
+        self.note_binary(target);
+        self.procs.insert(
+            target.pid,
+            ProcEntry {
+                info: traced(target),
+                links,
+                running: true,
+                calls: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Attaches host-wide probes to the binary of `target`, once per binary;
+    /// returns whether this was a new binary.
+    pub fn attach_binary(
+        &mut self,
+        probes: &mut KernelProbes,
+        target: &Target,
+    ) -> Result<bool, AttachFailure> {
+        let id = file_id(target);
+        if self
+            .binaries
+            .get(&id)
+            .is_some_and(|b| !b.host_links.is_empty())
+        {
+            self.note_process(target);
+            return Ok(false);
+        }
+        let links = attach_sites(probes, target, None)?;
+        self.note_binary(target);
+        self.binaries.get_mut(&id).expect("noted").host_links = links;
+        self.note_process(target);
+        Ok(true)
+    }
+
+    /// Records a process seen under host-wide probes (no links of its own).
+    pub fn note_process(&mut self, target: &Target) {
+        self.procs
+            .entry(target.pid)
+            .and_modify(|p| p.running = true)
+            .or_insert_with(|| ProcEntry {
+                info: traced(target),
+                links: Vec::new(),
+                running: true,
+                calls: 0,
+            });
+    }
+
+    fn note_binary(&mut self, target: &Target) {
+        self.binaries
+            .entry(file_id(target))
+            .or_insert_with(|| BinaryEntry {
+                path: target.binary.display().to_string(),
+                version: target.version.map(|v| v.to_string()),
+                host_links: Vec::new(),
+            });
+    }
+
+    /// The process exited (or exec'd something else): detach its probes.
+    pub fn exited(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.running = false;
+            p.links.clear();
+        }
+    }
+
+    /// Counts a completed call for its process.
+    pub fn count_call(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.calls += 1;
+        }
+    }
+
+    pub fn refuse(&mut self, pid: u32, err: &dyn std::fmt::Display) {
+        if self.refused.len() >= MAX_REFUSALS {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(Refusal {
+            pid,
+            reason: err.to_string(),
+        });
+    }
+
+    /// Whether a refusal is worth reporting: a process in scope that is not
+    /// a Python at all (a shell, `sleep`) is simply not ours.
+    pub fn worth_reporting(err: &TargetError) -> bool {
+        !matches!(
+            err,
+            TargetError::NotPython { .. } | TargetError::Gone { .. } | TargetError::PidNotFound(_)
+        )
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.procs.values().filter(|p| p.running).count()
+    }
+
+    pub fn traced(&self) -> impl Iterator<Item = &TracedProcess> {
+        self.procs.values().map(|p| &p.info)
+    }
+
+    pub fn infos(&self) -> HashMap<u32, TracedProcess> {
+        self.procs
+            .iter()
+            .map(|(pid, p)| (*pid, p.info.clone()))
+            .collect()
+    }
+
+    pub fn process_status(&self) -> Vec<ProcessStatus> {
+        let mut v: Vec<ProcessStatus> = self
+            .procs
+            .values()
+            .map(|p| ProcessStatus {
+                pid: p.info.pid,
+                binary: p.info.binary.clone(),
+                version: p.info.version.map(|v| v.to_string()),
+                command: p.info.command.clone(),
+                running: p.running,
+                calls: p.calls,
+            })
+            .collect();
+        v.sort_by_key(|p| p.pid);
+        v
+    }
+
+    pub fn binary_status(&self) -> Vec<BinaryStatus> {
+        let mut v: Vec<BinaryStatus> = self
+            .binaries
+            .values()
+            .map(|b| BinaryStatus {
+                path: b.path.clone(),
+                version: b.version.clone(),
+                host_wide: !b.host_links.is_empty(),
+                processes: self
+                    .procs
+                    .values()
+                    .filter(|p| p.running && p.info.binary == b.path)
+                    .count() as u64,
+            })
+            .collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
+    }
+
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.refused.iter().cloned().collect()
+    }
+
+    /// Detaches everything.
+    pub fn detach_all(&mut self) {
+        for p in self.procs.values_mut() {
+            p.links.clear();
+        }
+        for b in self.binaries.values_mut() {
+            b.host_links.clear();
+        }
+    }
+}
+
+fn traced(target: &Target) -> TracedProcess {
+    TracedProcess {
+        pid: target.pid,
+        binary: target.binary.display().to_string(),
+        version: target.version,
+        command: target.command.clone(),
+    }
+}

@@ -1,0 +1,3 @@
+//! Facts about the running kernel that the eBPF programs need.
+
+pub mod btf;

@@ -1,0 +1,255 @@
+//! The control protocol between `pftracectl` and `pftraced`, version 1.
+//!
+//! Transport: a Unix stream socket (default [`DEFAULT_SOCKET`]). The client
+//! sends one request as a single line of JSON (at most [`MAX_REQUEST_BYTES`]
+//! bytes, ending in `\n`) and reads one reply line of JSON:
+//!
+//! ```text
+//! -> {"version":1,"command":{"cmd":"stats","per_pid":true}}
+//! <- {"version":1,"ok":true,"result":{...}}
+//! <- {"version":1,"ok":false,"error":"what was wrong and what to do"}
+//! ```
+//!
+//! `dump` is the one streaming reply: its result is a [`DumpHeader`] giving the
+//! byte length of the trace that follows the reply line on the same stream,
+//! so a large trace is never built twice in memory. A request with another
+//! `version` gets an error reply naming both versions. One request per
+//! connection.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Requests longer than this are refused with an error reply.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Where the daemon listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/pftrace/pftraced.sock";
+
+/// A request line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    pub command: Command,
+}
+
+/// What the client asks for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Targets, attached binaries, processes, counters. Result: [`Status`].
+    Status {},
+    /// The trace so far (tracing continues). Result: [`DumpHeader`], then the bytes.
+    Dump {
+        #[serde(default)]
+        filter: CallFilter,
+        #[serde(default)]
+        format: Option<String>,
+    },
+    /// Per-function (optionally per-pid) figures. Result: `Vec<`[`FunctionStats`]`>`.
+    Stats {
+        #[serde(default)]
+        filter: CallFilter,
+        #[serde(default)]
+        per_pid: bool,
+    },
+    /// Start tracing these names (same syntax as `-t`). Result: [`NamesReply`].
+    Add { names: Vec<String> },
+    /// Stop tracing these names. Result: [`NamesReply`].
+    Remove { names: Vec<String> },
+    /// Forget the calls kept in memory (files already written stay). Result: `{"cleared": N}`.
+    Clear {},
+    /// Flush outputs, detach and exit. Result: `{"stopping": true}`.
+    Stop {},
+}
+
+/// Which calls a dump or stats request covers. All fields optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallFilter {
+    /// Only calls that started at or after this wall-clock time (ns since the Unix epoch).
+    #[serde(default)]
+    pub since_wall_ns: Option<i64>,
+    /// Only calls of this process.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Only calls of this function name (exact).
+    #[serde(default)]
+    pub function: Option<String>,
+}
+
+/// A reply line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    pub fn err(message: impl Into<String>) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(message.into()),
+        }
+    }
+}
+
+/// Precedes the bytes of a dump.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DumpHeader {
+    pub format: String,
+    pub bytes: u64,
+    pub calls: u64,
+}
+
+/// Result of `add` / `remove`: the names traced afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamesReply {
+    pub names: Vec<String>,
+}
+
+/// Figures for one function (and pid, when asked per pid).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionStats {
+    pub function: String,
+    pub file: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub calls: u64,
+    /// Calls with no return seen (closed at process exit or daemon stop).
+    pub incomplete: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p95_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+/// Daemon state as reported by `status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub daemon_pid: u32,
+    pub daemon_version: String,
+    pub uptime_s: f64,
+    /// Traced names as given (`foo`, `json/decoder.py:raw_decode`, `test_*`).
+    pub names: Vec<String>,
+    /// Target descriptions (`pid 1234`, `cgroup /sys/fs/cgroup/...`, `all`, `command ...`).
+    pub targets: Vec<String>,
+    pub binaries: Vec<BinaryStatus>,
+    pub processes: Vec<ProcessStatus>,
+    /// Processes in scope that could not be traced, with the reason (most recent last).
+    pub refused: Vec<Refusal>,
+    /// The kernel's counters (summed over CPUs).
+    pub counters: crate::bpf::Counters,
+    /// Records the kernel passed but user space dropped because the file or
+    /// glob part of a name did not match (the cost of those name forms).
+    pub filtered_in_user_space: u64,
+    pub calls_total: u64,
+    pub calls_in_memory: u64,
+    /// Calls dropped from memory to respect the memory bound (they are in the output files, if configured).
+    pub calls_evicted: u64,
+    pub unmatched_returns: u64,
+    pub incomplete_calls: u64,
+    pub output: Option<OutputStatus>,
+}
+
+/// An interpreter binary (or libpython) with probes attached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BinaryStatus {
+    pub path: String,
+    pub version: Option<String>,
+    /// Attached host-wide (`--all`) rather than per process.
+    pub host_wide: bool,
+    pub processes: u64,
+}
+
+/// A traced process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub binary: String,
+    pub version: Option<String>,
+    pub command: String,
+    pub running: bool,
+    pub calls: u64,
+}
+
+/// A process that could not be traced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub pid: u32,
+    pub reason: String,
+}
+
+/// State of the rolling output files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OutputStatus {
+    pub dir: String,
+    pub files_written: u64,
+    pub current_file: Option<String>,
+    pub calls_written: u64,
+    pub bytes_written: u64,
+    pub write_errors: u64,
+    pub last_error: Option<String>,
+    /// Calls that could not be written (a write failed, or the output was
+    /// waiting to retry after one). Absent from older daemons: 0.
+    #[serde(default)]
+    pub calls_not_written: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_shape() {
+        let req = Request {
+            version: 1,
+            command: Command::Stats {
+                filter: CallFilter::default(),
+                per_pid: true,
+            },
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
+        );
+        let back: Request =
+            serde_json::from_str(r#"{"version":1,"command":{"cmd":"stats"}}"#).unwrap();
+        assert_eq!(
+            back.command,
+            Command::Stats {
+                filter: CallFilter::default(),
+                per_pid: false
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_commands_and_fields_are_errors() {
+        assert!(
+            serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"reboot"}}"#).is_err()
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"status","x":1}}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"version":1}"#).is_err());
+    }
+}
