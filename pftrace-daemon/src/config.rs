@@ -24,6 +24,23 @@ pub struct Config {
     pub socket: SocketConfig,
     pub output: OutputConfig,
     pub limits: LimitsConfig,
+    pub sampling: SamplingConfig,
+}
+
+/// Per-process CPU and memory sampling from procfs (counter tracks).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Milliseconds between readings of each traced process; 0 turns sampling off.
+    pub interval_ms: u64,
+    /// Readings kept in memory (all processes together); the oldest go first.
+    pub max_samples: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { interval_ms: 1000, max_samples: 100_000 }
+    }
 }
 
 /// What to trace.

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod names;
 pub mod output;
 pub mod pairing;
+pub mod procinfo;
 pub mod procwatch;
 pub mod protocol;
 pub mod python;

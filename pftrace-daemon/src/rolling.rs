@@ -209,6 +209,8 @@ impl RollingOutput {
             self.current = None;
             self.status.current_file = None;
             self.record_error(message);
+            // Nothing failed to write: a new file may be tried at once.
+            self.retry_at = None;
         }
     }
 
@@ -263,8 +265,10 @@ impl RollingOutput {
             let path = self
                 .dir
                 .join(format!("{}-{:04}.json", self.prefix, self.seq));
+            // Append mode: after a failed write is cut off with set_len, the
+            // next write lands at the new end, not past a hole.
             let opened = OpenOptions::new()
-                .write(true)
+                .append(true)
                 .create_new(true)
                 .mode(0o640)
                 .open(&path);
@@ -432,6 +436,9 @@ mod tests {
                     } else {
                         CallEnd::Returned
                     },
+                    cpu_ns: None,
+                    rss_entry_bytes: 0,
+                    rss_return_bytes: 0,
                 }
             })
             .collect()
@@ -441,8 +448,7 @@ mod tests {
         let p = TracedProcess {
             pid: 100,
             binary: "/usr/bin/python3.9".into(),
-            version: None,
-            command: "x".into(),
+            ..Default::default()
         };
         HashMap::from([(100, p)])
     }

@@ -1,7 +1,8 @@
-//! A finished (or in-progress) trace: the calls, what was traced, and the
-//! counters that say whether anything was lost. Output formats read this.
+//! A finished (or in-progress) trace: the calls, the processes they came
+//! from with their metadata and sampled CPU/memory, what was traced, and
+//! the counters that say whether anything was lost. Output formats read this.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     bpf::Counters,
@@ -10,8 +11,16 @@ use crate::{
     python::PyVersion,
 };
 
+/// A batch-system job a process belongs to, from its environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobId {
+    /// The environment variable it came from: `SLURM_JOB_ID`, `FLUX_JOB_ID` or `LSB_JOBID`.
+    pub variable: String,
+    pub id: String,
+}
+
 /// A process that was traced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct TracedProcess {
     pub pid: u32,
     /// The interpreter binary or libpython that carries the probes.
@@ -19,6 +28,24 @@ pub struct TracedProcess {
     pub version: Option<PyVersion>,
     /// Command line, space-joined.
     pub command: String,
+    /// The process name (`/proc/PID/comm`).
+    pub comm: String,
+    pub job: Option<JobId>,
+}
+
+/// One reading of a process's CPU and memory, taken from procfs while it is traced.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ProcessSample {
+    pub pid: u32,
+    /// Monotonic ns (the clock of the call timestamps).
+    pub ts_ns: u64,
+    /// CPU utilisation since the previous sample, % of one core (user + system).
+    pub cpu_percent: f64,
+    /// User CPU seconds since the previous sample (what PerfFlowAspect's cpu_usage uses).
+    pub user_cpu_s: f64,
+    pub rss_bytes: u64,
+    /// Peak resident memory so far (VmHWM).
+    pub peak_rss_bytes: u64,
 }
 
 /// Everything an output format needs.
@@ -27,6 +54,8 @@ pub struct Trace {
     pub names: Vec<String>,
     pub processes: Vec<TracedProcess>,
     pub calls: Vec<Call>,
+    /// Per-process CPU and memory readings, oldest first.
+    pub samples: Vec<ProcessSample>,
     pub unmatched_returns: Vec<UnmatchedReturn>,
     /// Returns that closed entries above them on the stack (see pairing).
     pub skipped_entries: u64,
@@ -37,14 +66,18 @@ pub struct Trace {
     /// Monotonic ns when tracing started and stopped.
     pub start_ns: u64,
     pub end_ns: u64,
+    /// The host the trace was taken on.
+    pub hostname: String,
 }
 
 impl Trace {
     /// Calls closed as incomplete.
     pub fn incomplete_calls(&self) -> usize {
-        self.calls
-            .iter()
-            .filter(|c| c.end == crate::pairing::CallEnd::Incomplete)
-            .count()
+        self.calls.iter().filter(|c| c.end == crate::pairing::CallEnd::Incomplete).count()
+    }
+
+    /// The traced process with this pid, if known.
+    pub fn process(&self, pid: u32) -> Option<&TracedProcess> {
+        self.processes.iter().find(|p| p.pid == pid)
     }
 }

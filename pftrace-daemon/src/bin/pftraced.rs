@@ -89,6 +89,11 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_calls_in_memory: Option<usize>,
 
+    /// Milliseconds between CPU/memory readings of each traced process (counter
+    /// tracks in the trace); 0 turns sampling off. Default 1000.
+    #[arg(long, value_name = "MS")]
+    sample_interval: Option<u64>,
+
     /// Do not print the per-function summary.
     #[arg(short, long)]
     quiet: bool,
@@ -141,6 +146,9 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     }
     if let Some(n) = cli.ring_buffer_size {
         config.limits.ring_buffer_bytes = n;
+    }
+    if let Some(ms) = cli.sample_interval {
+        config.sampling.interval_ms = ms;
     }
     if let Some(n) = cli.max_calls_in_memory {
         config.limits.max_calls_in_memory = n.max(1);

@@ -80,6 +80,7 @@ impl Daemon {
         let trace = Trace {
             names: self.filter.texts(),
             processes,
+            samples: self.sampler.samples(filter.pid),
             calls,
             unmatched_returns: self.pairer.unmatched_returns().to_vec(),
             skipped_entries: self.pairer.skipped_entries,
@@ -88,6 +89,7 @@ impl Daemon {
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns: crate::clock::WallClock::monotonic_now_ns(),
+            hostname: super::hostname(),
         };
         let mut bytes = Vec::new();
         if let Err(err) = Chrome.write(&trace, &mut bytes) {

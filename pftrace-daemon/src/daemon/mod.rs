@@ -6,6 +6,7 @@
 mod control;
 mod filter;
 mod processes;
+mod sampler;
 mod store;
 mod targets;
 
@@ -110,6 +111,7 @@ pub struct Daemon {
     exits: (mpsc::UnboundedSender<u32>, mpsc::UnboundedReceiver<u32>),
     stopping: bool,
     serve: Option<crate::config::SocketConfig>,
+    sampler: sampler::Sampler,
 }
 
 impl Daemon {
@@ -191,6 +193,7 @@ impl Daemon {
             exits: mpsc::unbounded_channel(),
             stopping: false,
             serve: opts.serve.then(|| opts.config.socket.clone()),
+            sampler: sampler::Sampler::new(&opts.config.sampling),
         })
     }
 
@@ -316,6 +319,7 @@ impl Daemon {
                 }
                 _ = tick.tick() => {
                     self.drain(ring.get_mut());
+                    self.sampler.maybe_sample(self.processes.running_pids());
                     if last_flush.elapsed() >= Duration::from_secs(1) {
                         if let Some(r) = &mut self.rolling {
                             r.flush();
@@ -376,6 +380,7 @@ impl Daemon {
             .close_open(Some(pid), WallClock::monotonic_now_ns(), &mut closed);
         self.store_calls(closed);
         self.processes.exited(pid);
+        self.sampler.forget(pid);
         log::info!("pid {pid} exited");
     }
 
@@ -412,6 +417,7 @@ impl Daemon {
             names: self.filter.texts(),
             processes,
             calls,
+            samples: self.sampler.samples(None),
             unmatched_returns: self.pairer.unmatched_returns().to_vec(),
             skipped_entries: self.pairer.skipped_entries,
             counters,
@@ -419,6 +425,7 @@ impl Daemon {
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns,
+            hostname: hostname(),
         }
     }
 }

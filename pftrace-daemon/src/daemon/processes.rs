@@ -9,6 +9,7 @@ use std::{
 };
 
 use crate::{
+    procinfo,
     bpf::{BpfError, KernelProbes, ProbeKind, UprobeLink},
     protocol::{BinaryStatus, ProcessStatus, Refusal},
     target::{Target, TargetError},
@@ -213,6 +214,10 @@ impl Processes {
         )
     }
 
+    pub fn running_pids(&self) -> Vec<u32> {
+        self.procs.values().filter(|p| p.running).map(|p| p.info.pid).collect()
+    }
+
     pub fn running_count(&self) -> usize {
         self.procs.values().filter(|p| p.running).count()
     }
@@ -285,5 +290,7 @@ fn traced(target: &Target) -> TracedProcess {
         binary: target.binary.display().to_string(),
         version: target.version,
         command: target.command.clone(),
+        comm: procinfo::comm(target.pid),
+        job: procinfo::job_id(target.pid),
     }
 }
