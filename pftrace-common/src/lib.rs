@@ -42,8 +42,11 @@ pub mod config {
     pub const CGROUP_SLOTS: u32 = 1;
     /// Non-zero when the prefix trie holds entries (globs).
     pub const HAS_PREFIXES: u32 = 2;
+    /// Bumped by user space whenever the traced names change: the kernel's
+    /// per-pointer verdict cache ignores entries of older generations.
+    pub const GENERATION: u32 = 3;
     /// Number of config entries.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 
     pub const EXEC_OFF: u32 = 0;
     pub const EXEC_ALL: u32 = 1;
@@ -148,6 +151,8 @@ pub mod task_layout {
     pub const RSS_FILE: &str = "MM_RSS_FILE_IDX";
     pub const RSS_ANON: &str = "MM_RSS_ANON_IDX";
     pub const RSS_SHMEM: &str = "MM_RSS_SHMEM_IDX";
+    /// Ring-buffer fill in bytes at which a submit wakes the reader (0: every record).
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 }
 
 /// Indices into the per-CPU counter array.
@@ -168,8 +173,10 @@ pub mod counter {
     pub const EXEC_LOST: u32 = 6;
     /// Exec events reported.
     pub const EXECS: u32 = 7;
+    /// Names decided by the per-pointer verdict cache (no string copy).
+    pub const VERDICT_HITS: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]

@@ -12,10 +12,7 @@ pub struct WallClock {
 }
 
 fn now_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is a valid timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -36,9 +33,7 @@ impl WallClock {
                 best = Some((window, offset));
             }
         }
-        Self {
-            offset_ns: best.map_or(0, |(_, o)| o),
-        }
+        Self { offset_ns: best.map_or(0, |(_, o)| o) }
     }
 
     /// Wall-clock nanoseconds since the Unix epoch for a monotonic timestamp.

@@ -65,10 +65,7 @@ pub struct SocketConfig {
 
 impl Default for SocketConfig {
     fn default() -> Self {
-        Self {
-            path: DEFAULT_SOCKET.into(),
-            group: None,
-        }
+        Self { path: DEFAULT_SOCKET.into(), group: None }
     }
 }
 
@@ -86,11 +83,7 @@ pub struct OutputConfig {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        Self {
-            dir: None,
-            max_file_bytes: 64 << 20,
-            max_file_seconds: 3600,
-        }
+        Self { dir: None, max_file_bytes: 64 << 20, max_file_seconds: 3600 }
     }
 }
 
@@ -109,11 +102,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self {
-            ring_buffer_bytes: 16 << 20,
-            max_calls_in_memory: 500_000,
-            max_processes: 4096,
-        }
+        Self { ring_buffer_bytes: 16 << 20, max_calls_in_memory: 500_000, max_processes: 4096 }
     }
 }
 
@@ -123,12 +112,7 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("config file {path}, line {line}, column {column}: {message}")]
-    Parse {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Parse { path: String, line: usize, column: usize, message: String },
     #[error("config file {path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -143,10 +127,7 @@ impl Config {
                 return Ok(Self::default());
             }
             Err(source) => {
-                return Err(ConfigError::Read {
-                    path: display,
-                    source,
-                });
+                return Err(ConfigError::Read { path: display, source });
             }
         };
         Self::parse(&text, &display)
@@ -155,25 +136,15 @@ impl Config {
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map_or((1, 1), |span| line_column(text, span.start));
-            ConfigError::Parse {
-                path: origin.into(),
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
+            let (line, column) = e.span().map_or((1, 1), |span| line_column(text, span.start));
+            ConfigError::Parse { path: origin.into(), line, column, message: e.message().trim().to_string() }
         })?;
         config.validate(origin)?;
         Ok(config)
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: origin.into(),
-            message,
-        };
+        let invalid = |message: String| ConfigError::Invalid { path: origin.into(), message };
         let ring = self.limits.ring_buffer_bytes;
         if ring < 4096 || !ring.is_power_of_two() {
             return Err(invalid(format!(
@@ -181,14 +152,10 @@ impl Config {
             )));
         }
         if self.limits.max_calls_in_memory == 0 {
-            return Err(invalid(
-                "limits.max_calls_in_memory must be at least 1".into(),
-            ));
+            return Err(invalid("limits.max_calls_in_memory must be at least 1".into()));
         }
         if self.output.max_file_bytes < 4096 {
-            return Err(invalid(
-                "output.max_file_bytes must be at least 4096".into(),
-            ));
+            return Err(invalid("output.max_file_bytes must be at least 4096".into()));
         }
         if self.output.max_file_seconds == 0 {
             return Err(invalid("output.max_file_seconds must be at least 1".into()));
@@ -211,11 +178,8 @@ mod tests {
 
     #[test]
     fn defaults_and_overrides() {
-        let c = Config::parse(
-            "names = ['foo']\n[targets]\ncgroups = ['/sys/fs/cgroup/unified/job']\n",
-            "t",
-        )
-        .unwrap();
+        let c = Config::parse("names = ['foo']\n[targets]\ncgroups = ['/sys/fs/cgroup/unified/job']\n", "t")
+            .unwrap();
         assert_eq!(c.names, vec!["foo"]);
         assert_eq!(c.socket.path, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.limits.ring_buffer_bytes, 16 << 20);
@@ -225,24 +189,14 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_column() {
-        let err = Config::parse(
-            "names = ['foo']\n[limits]\nring_bufer_bytes = 4\n",
-            "/etc/x.toml",
-        )
-        .unwrap_err();
+        let err =
+            Config::parse("names = ['foo']\n[limits]\nring_bufer_bytes = 4\n", "/etc/x.toml").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("config file /etc/x.toml, line 3, column 1:"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("config file /etc/x.toml, line 3, column 1:"), "{msg}");
         assert!(msg.contains("ring_bufer_bytes"), "{msg}");
-        let err = Config::parse("names = [\n  'foo',\n  3\n]\n", "x")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("names = [\n  'foo',\n  3\n]\n", "x").unwrap_err().to_string();
         assert!(err.contains("line 3, column 3"), "{err}");
-        let err = Config::parse("[limits]\nring_buffer_bytes = 5000\n", "x")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[limits]\nring_buffer_bytes = 5000\n", "x").unwrap_err().to_string();
         assert!(err.contains("power of two"), "{err}");
     }
 }

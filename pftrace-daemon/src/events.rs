@@ -73,18 +73,11 @@ impl Decoder {
             Some(&kind::EXEC) => {
                 let want = size_of::<ProcEvent>();
                 if bytes.len() < want {
-                    return Err(DecodeError::Size {
-                        got: bytes.len(),
-                        want,
-                    });
+                    return Err(DecodeError::Size { got: bytes.len(), want });
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                Ok(Record::Exec(ExecEvent {
-                    ts_ns: raw.ts_ns,
-                    pid: raw.pid,
-                    cgroup_id: raw.cgroup_id,
-                }))
+                Ok(Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id }))
             }
             _ => self.decode(bytes).map(Record::Call),
         }
@@ -94,10 +87,7 @@ impl Decoder {
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         let want = size_of::<CallEvent>();
         if bytes.len() < want {
-            return Err(DecodeError::Size {
-                got: bytes.len(),
-                want,
-            });
+            return Err(DecodeError::Size { got: bytes.len(), want });
         }
         // SAFETY: length checked; CallEvent is plain old data; read_unaligned
         // makes no alignment assumption about the ring buffer.
@@ -154,13 +144,8 @@ mod tests {
         ev.name[..name.len()].copy_from_slice(name);
         ev.file[..4].copy_from_slice(b"a.py");
         // SAFETY: CallEvent is plain old data.
-        unsafe {
-            std::slice::from_raw_parts(
-                (&ev as *const CallEvent).cast::<u8>(),
-                size_of::<CallEvent>(),
-            )
-        }
-        .to_vec()
+        unsafe { std::slice::from_raw_parts((&ev as *const CallEvent).cast::<u8>(), size_of::<CallEvent>()) }
+            .to_vec()
     }
 
     #[test]
@@ -169,10 +154,7 @@ mod tests {
         let a = d.decode(&raw(kind::ENTRY, b"foo")).unwrap();
         let b = d.decode(&raw(kind::RETURN, b"foo")).unwrap();
         assert_eq!((a.kind, b.kind), (EventKind::Entry, EventKind::Return));
-        assert_eq!(
-            (&*a.name, &*a.file, a.line, a.pid, a.tid),
-            ("foo", "a.py", 3, 7, 8)
-        );
+        assert_eq!((&*a.name, &*a.file, a.line, a.pid, a.tid), ("foo", "a.py", 3, 7, 8));
         assert!(Arc::ptr_eq(&a.name, &b.name));
         assert_eq!((a.thread_cpu_ns, a.rss_bytes), (5, 2 * page_size()));
     }
@@ -180,10 +162,7 @@ mod tests {
     #[test]
     fn rejects_short_and_unknown_records_and_replaces_bad_utf8() {
         let mut d = Decoder::default();
-        assert!(matches!(
-            d.decode(&[0u8; 10]),
-            Err(DecodeError::Size { .. })
-        ));
+        assert!(matches!(d.decode(&[0u8; 10]), Err(DecodeError::Size { .. })));
         assert!(matches!(d.decode(&raw(9, b"x")), Err(DecodeError::Kind(9))));
         let e = d.decode(&raw(kind::ENTRY, b"f\xffo")).unwrap();
         assert_eq!(&*e.name, "f\u{fffd}o");

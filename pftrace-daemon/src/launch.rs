@@ -17,19 +17,11 @@ pub enum LaunchError {
     #[error("no command given after `--`")]
     Empty,
     #[error("cannot start {program:?}: {source}")]
-    Spawn {
-        program: OsString,
-        source: io::Error,
-    },
-    #[error(
-        "{program:?} did not stop after exec (status {status:#x}); cannot attach before it runs"
-    )]
+    Spawn { program: OsString, source: io::Error },
+    #[error("{program:?} did not stop after exec (status {status:#x}); cannot attach before it runs")]
     NoExecStop { program: OsString, status: i32 },
     #[error("waiting for {program:?}: {source}")]
-    Wait {
-        program: OsString,
-        source: io::Error,
-    },
+    Wait { program: OsString, source: io::Error },
     #[error("resuming pid {pid}: {source}")]
     Resume { pid: u32, source: io::Error },
 }
@@ -55,30 +47,18 @@ impl Launched {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn { program: program.clone(), source })?;
         let pid = child.id() as libc::pid_t;
         let mut status = 0;
         // SAFETY: waiting for our own child.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
         if r < 0 {
-            return Err(LaunchError::Wait {
-                program: program.clone(),
-                source: io::Error::last_os_error(),
-            });
+            return Err(LaunchError::Wait { program: program.clone(), source: io::Error::last_os_error() });
         }
         if !(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGTRAP) {
-            return Err(LaunchError::NoExecStop {
-                program: program.clone(),
-                status,
-            });
+            return Err(LaunchError::NoExecStop { program: program.clone(), status });
         }
-        Ok(Self {
-            child,
-            stopped: true,
-        })
+        Ok(Self { child, stopped: true })
     }
 
     pub fn pid(&self) -> u32 {
@@ -89,13 +69,8 @@ impl Launched {
     pub fn resume(&mut self) -> Result<(), LaunchError> {
         if self.stopped {
             // SAFETY: the child is our tracee, stopped.
-            if unsafe { libc::ptrace(libc::PTRACE_DETACH, self.child.id() as libc::pid_t, 0, 0) }
-                < 0
-            {
-                return Err(LaunchError::Resume {
-                    pid: self.pid(),
-                    source: io::Error::last_os_error(),
-                });
+            if unsafe { libc::ptrace(libc::PTRACE_DETACH, self.child.id() as libc::pid_t, 0, 0) } < 0 {
+                return Err(LaunchError::Resume { pid: self.pid(), source: io::Error::last_os_error() });
             }
             self.stopped = false;
         }
@@ -132,7 +107,5 @@ impl Launched {
 
 /// The shell-style exit code for a child's status: its code, or 128 + signal.
 pub fn exit_code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }

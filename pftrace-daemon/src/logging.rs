@@ -18,12 +18,7 @@ pub fn init() {
                 };
                 writeln!(buf, "<{prio}>{}", record.args())
             } else {
-                writeln!(
-                    buf,
-                    "pftraced: {}: {}",
-                    record.level().as_str().to_lowercase(),
-                    record.args()
-                )
+                writeln!(buf, "pftraced: {}: {}", record.level().as_str().to_lowercase(), record.args())
             }
         })
         .init();

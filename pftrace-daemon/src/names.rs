@@ -38,26 +38,22 @@ pub enum FunctionPattern {
 pub enum NameError {
     #[error("empty function name; give a name such as `foo`, `app.py:foo` or `test_*`")]
     Empty,
-    #[error(
-        "{text:?}: the function part is empty; write FILE:FUNCTION, e.g. `json/decoder.py:raw_decode`"
-    )]
+    #[error("{text:?}: the function part is empty; write FILE:FUNCTION, e.g. `json/decoder.py:raw_decode`")]
     EmptyFunction { text: String },
     #[error("{text:?}: the file part is empty; write FILE:FUNCTION or just FUNCTION")]
     EmptyFile { text: String },
     #[error("{text:?}: function names are matched on at most {max} bytes; this one has {len}")]
-    TooLong {
-        text: String,
-        len: usize,
-        max: usize,
-    },
+    TooLong { text: String, len: usize, max: usize },
     #[error("{text:?}: {what} is not allowed in a function name")]
     BadChar { text: String, what: String },
     #[error("{text:?}: unclosed `[` in glob")]
     UnclosedBracket { text: String },
 }
 
-/// Longest function name (or glob prefix) the kernel compares.
-pub const MAX_NAME: usize = NAME_LEN - 1;
+/// Longest function name (or glob prefix) the kernel compares: its buffer
+/// holds NAME_LEN bytes with the NUL, and a name that fills it (NAME_LEN - 1
+/// bytes) may be a longer one cut short, so it never matches.
+pub const MAX_NAME: usize = NAME_LEN - 2;
 
 impl NameSpec {
     /// Parses `[FILE:]FUNCTION`, FUNCTION possibly a glob.
@@ -79,57 +75,31 @@ impl NameSpec {
             }
             None => (None, trimmed),
         };
-        if let Some(c) = function
-            .chars()
-            .find(|c| c.is_whitespace() || c.is_control() || *c == '/')
-        {
-            return Err(NameError::BadChar {
-                text: owned(),
-                what: format!("{c:?}"),
-            });
+        if let Some(c) = function.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '/') {
+            return Err(NameError::BadChar { text: owned(), what: format!("{c:?}") });
         }
         if function.len() > MAX_NAME {
-            return Err(NameError::TooLong {
-                text: owned(),
-                len: function.len(),
-                max: MAX_NAME,
-            });
+            return Err(NameError::TooLong { text: owned(), len: function.len(), max: MAX_NAME });
         }
         let function = if function.contains(['*', '?', '[']) {
             if function.matches('[').count() > function.matches(']').count() {
                 return Err(NameError::UnclosedBracket { text: owned() });
             }
-            let prefix: String = function
-                .chars()
-                .take_while(|c| !matches!(c, '*' | '?' | '['))
-                .collect();
-            FunctionPattern::Glob {
-                pattern: function.to_string(),
-                prefix,
-            }
+            let prefix: String = function.chars().take_while(|c| !matches!(c, '*' | '?' | '[')).collect();
+            FunctionPattern::Glob { pattern: function.to_string(), prefix }
         } else {
             FunctionPattern::Exact(function.to_string())
         };
-        Ok(Self {
-            text: trimmed.to_string(),
-            file_suffix,
-            function,
-        })
+        Ok(Self { text: trimmed.to_string(), file_suffix, function })
     }
 
     /// Whether a call of `function` in `file` is one this spec names.
     pub fn matches(&self, function: &str, file: &str) -> bool {
         let name_ok = match &self.function {
             FunctionPattern::Exact(name) => name == function,
-            FunctionPattern::Glob { pattern, .. } => {
-                glob_match(pattern.as_bytes(), function.as_bytes())
-            }
+            FunctionPattern::Glob { pattern, .. } => glob_match(pattern.as_bytes(), function.as_bytes()),
         };
-        name_ok
-            && self
-                .file_suffix
-                .as_deref()
-                .is_none_or(|suffix| path_has_suffix(file, suffix))
+        name_ok && self.file_suffix.as_deref().is_none_or(|suffix| path_has_suffix(file, suffix))
     }
 
     /// True when the kernel alone decides this spec (no user-space check).
@@ -235,43 +205,20 @@ mod tests {
         assert_eq!(s.file_suffix.as_deref(), Some("json/decoder.py"));
         assert!(!s.decided_in_kernel());
         let s = NameSpec::parse("test_*").unwrap();
-        assert_eq!(
-            s.function,
-            FunctionPattern::Glob {
-                pattern: "test_*".into(),
-                prefix: "test_".into()
-            }
-        );
+        assert_eq!(s.function, FunctionPattern::Glob { pattern: "test_*".into(), prefix: "test_".into() });
         let s = NameSpec::parse("*_handler").unwrap();
-        assert!(
-            matches!(s.function, FunctionPattern::Glob { ref prefix, .. } if prefix.is_empty())
-        );
+        assert!(matches!(s.function, FunctionPattern::Glob { ref prefix, .. } if prefix.is_empty()));
     }
 
     #[test]
     fn refuses_bad_names() {
         assert_eq!(NameSpec::parse(" "), Err(NameError::Empty));
-        assert!(matches!(
-            NameSpec::parse("a.py:"),
-            Err(NameError::EmptyFunction { .. })
-        ));
-        assert!(matches!(
-            NameSpec::parse(":f"),
-            Err(NameError::EmptyFile { .. })
-        ));
-        assert!(matches!(
-            NameSpec::parse(&"x".repeat(64)),
-            Err(NameError::TooLong { len: 64, .. })
-        ));
-        assert!(NameSpec::parse(&"x".repeat(63)).is_ok());
-        assert!(matches!(
-            NameSpec::parse("a b"),
-            Err(NameError::BadChar { .. })
-        ));
-        assert!(matches!(
-            NameSpec::parse("f[ab"),
-            Err(NameError::UnclosedBracket { .. })
-        ));
+        assert!(matches!(NameSpec::parse("a.py:"), Err(NameError::EmptyFunction { .. })));
+        assert!(matches!(NameSpec::parse(":f"), Err(NameError::EmptyFile { .. })));
+        assert!(matches!(NameSpec::parse(&"x".repeat(63)), Err(NameError::TooLong { len: 63, .. })));
+        assert!(NameSpec::parse(&"x".repeat(62)).is_ok());
+        assert!(matches!(NameSpec::parse("a b"), Err(NameError::BadChar { .. })));
+        assert!(matches!(NameSpec::parse("f[ab"), Err(NameError::UnclosedBracket { .. })));
     }
 
     #[test]
@@ -292,8 +239,6 @@ mod tests {
         assert!(m("*", "") && m("*", "abc") && m("a*c", "abbbc") && m("a?c", "abc"));
         assert!(!m("a?c", "ac") && !m("a*d", "abc"));
         assert!(m("[ab]x", "bx") && !m("[ab]x", "cx") && m("[a-c]*", "cat") && m("[!a]*", "bat"));
-        assert!(
-            !m("[!a]*", "at") && m("*_handler", "on_click_handler") && !m("*_handler", "handler")
-        );
+        assert!(!m("[!a]*", "at") && m("*_handler", "on_click_handler") && !m("*_handler", "handler"));
     }
 }

@@ -49,8 +49,7 @@ impl Call {
 
     /// Wall time minus CPU time: waiting (sleep, I/O, locks, run queue).
     pub fn offcpu_ns(&self) -> Option<u64> {
-        self.cpu_ns
-            .map(|cpu| self.duration_ns().saturating_sub(cpu))
+        self.cpu_ns.map(|cpu| self.duration_ns().saturating_sub(cpu))
     }
 }
 
@@ -106,9 +105,9 @@ impl Pairer {
                 rss_bytes: ev.rss_bytes,
             }),
             EventKind::Return => {
-                let found = stack.iter().rposition(|o| {
-                    Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file)
-                });
+                let found = stack
+                    .iter()
+                    .rposition(|o| Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file));
                 let Some(at) = found else {
                     self.unmatched.push(UnmatchedReturn {
                         pid: ev.pid,
@@ -124,18 +123,12 @@ impl Pairer {
                     self.skipped_entries += 1;
                     let open = stack.pop().expect("len checked");
                     let depth = stack.len() as u32;
-                    let at = Close {
-                        ts_ns: ev.ts_ns,
-                        figures: None,
-                    };
+                    let at = Close { ts_ns: ev.ts_ns, figures: None };
                     out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Incomplete));
                 }
                 let open = stack.pop().expect("found above");
                 let depth = stack.len() as u32;
-                let at = Close {
-                    ts_ns: ev.ts_ns,
-                    figures: Some((ev.thread_cpu_ns, ev.rss_bytes)),
-                };
+                let at = Close { ts_ns: ev.ts_ns, figures: Some((ev.thread_cpu_ns, ev.rss_bytes)) };
                 out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Returned));
                 if stack.is_empty() {
                     self.stacks.remove(&(ev.pid, ev.tid));
@@ -147,20 +140,13 @@ impl Pairer {
     /// Closes every open call of process `pid` (or of all processes) at `end_ns`
     /// as incomplete.
     pub fn close_open(&mut self, pid: Option<u32>, end_ns: u64, out: &mut Vec<Call>) {
-        let keys: Vec<(u32, u32)> = self
-            .stacks
-            .keys()
-            .filter(|(p, _)| pid.is_none_or(|want| *p == want))
-            .copied()
-            .collect();
+        let keys: Vec<(u32, u32)> =
+            self.stacks.keys().filter(|(p, _)| pid.is_none_or(|want| *p == want)).copied().collect();
         for key in keys {
             let mut stack = self.stacks.remove(&key).unwrap_or_default();
             while let Some(open) = stack.pop() {
                 let depth = stack.len() as u32;
-                let at = Close {
-                    ts_ns: end_ns,
-                    figures: None,
-                };
+                let at = Close { ts_ns: end_ns, figures: None };
                 out.push(close(key.0, key.1, open, depth, at, CallEnd::Incomplete));
             }
         }
@@ -212,11 +198,7 @@ mod tests {
 
     impl Feed {
         fn new() -> Self {
-            Self {
-                d: Decoder::default(),
-                p: Pairer::default(),
-                out: vec![],
-            }
+            Self { d: Decoder::default(), p: Pairer::default(), out: vec![] }
         }
         fn ev(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64) {
             let ev = Event {
@@ -243,11 +225,7 @@ mod tests {
         for i in 0..3 {
             f.ev(1, EventKind::Return, "r", 10 + i);
         }
-        let spans: Vec<_> = f
-            .out
-            .iter()
-            .map(|c| (c.start_ns, c.end_ns, c.depth))
-            .collect();
+        let spans: Vec<_> = f.out.iter().map(|c| (c.start_ns, c.end_ns, c.depth)).collect();
         assert_eq!(spans, vec![(2, 10, 2), (1, 11, 1), (0, 12, 0)]);
         assert_eq!(f.p.open_calls(), 0);
     }
@@ -270,14 +248,8 @@ mod tests {
         f.ev(1, EventKind::Entry, "inner", 2);
         f.ev(1, EventKind::Return, "outer", 5); // inner's return was lost
         assert_eq!(f.out.len(), 2);
-        assert_eq!(
-            (&*f.out[0].name, f.out[0].end),
-            ("inner", CallEnd::Incomplete)
-        );
-        assert_eq!(
-            (&*f.out[1].name, f.out[1].end),
-            ("outer", CallEnd::Returned)
-        );
+        assert_eq!((&*f.out[0].name, f.out[0].end), ("inner", CallEnd::Incomplete));
+        assert_eq!((&*f.out[1].name, f.out[1].end), ("outer", CallEnd::Returned));
         assert_eq!(f.p.skipped_entries, 1);
     }
 

@@ -15,7 +15,9 @@ pub fn comm(pid: u32) -> String {
 
 /// The thread's name (`/proc/PID/task/TID/comm`); empty if unreadable.
 pub fn thread_name(pid: u32, tid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The batch job of a process, from its initial environment.
@@ -98,7 +100,10 @@ mod tests {
     fn job_ids_from_environment() {
         let env = b"PATH=/bin\0FLUX_JOB_ID=f3x\0SLURM_JOB_ID=42\0";
         assert_eq!(job_from_environ(env), Some(JobId { variable: "SLURM_JOB_ID".into(), id: "42".into() }));
-        assert_eq!(job_from_environ(b"LSB_JOBID=7\0"), Some(JobId { variable: "LSB_JOBID".into(), id: "7".into() }));
+        assert_eq!(
+            job_from_environ(b"LSB_JOBID=7\0"),
+            Some(JobId { variable: "LSB_JOBID".into(), id: "7".into() })
+        );
         assert_eq!(job_from_environ(b"HOME=/root\0"), None);
     }
 

@@ -91,20 +91,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(result: serde_json::Value) -> Self {
-        Self {
-            version: PROTOCOL_VERSION,
-            ok: true,
-            result: Some(result),
-            error: None,
-        }
+        Self { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None }
     }
     pub fn err(message: impl Into<String>) -> Self {
-        Self {
-            version: PROTOCOL_VERSION,
-            ok: false,
-            result: None,
-            error: Some(message.into()),
-        }
+        Self { version: PROTOCOL_VERSION, ok: false, result: None, error: Some(message.into()) }
     }
 }
 
@@ -218,37 +208,22 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_shape() {
-        let req = Request {
-            version: 1,
-            command: Command::Stats {
-                filter: CallFilter::default(),
-                per_pid: true,
-            },
-        };
+        let req =
+            Request { version: 1, command: Command::Stats { filter: CallFilter::default(), per_pid: true } };
         let line = serde_json::to_string(&req).unwrap();
         assert_eq!(
             line,
             r#"{"version":1,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
         );
-        let back: Request =
-            serde_json::from_str(r#"{"version":1,"command":{"cmd":"stats"}}"#).unwrap();
-        assert_eq!(
-            back.command,
-            Command::Stats {
-                filter: CallFilter::default(),
-                per_pid: false
-            }
-        );
+        let back: Request = serde_json::from_str(r#"{"version":1,"command":{"cmd":"stats"}}"#).unwrap();
+        assert_eq!(back.command, Command::Stats { filter: CallFilter::default(), per_pid: false });
     }
 
     #[test]
     fn unknown_commands_and_fields_are_errors() {
+        assert!(serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"reboot"}}"#).is_err());
         assert!(
-            serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"reboot"}}"#).is_err()
-        );
-        assert!(
-            serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"status","x":1}}"#)
-                .is_err()
+            serde_json::from_str::<Request>(r#"{"version":1,"command":{"cmd":"status","x":1}}"#).is_err()
         );
         assert!(serde_json::from_str::<Request>(r#"{"version":1}"#).is_err());
     }

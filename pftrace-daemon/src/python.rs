@@ -56,10 +56,7 @@ pub const WHAT_WORKS: &str = "CPython 3.6-3.10 or 3.15+ built with --with-dtrace
 /// or `libpython3.6m.so`.
 pub fn version_from_file_name(path: &Path) -> Option<PyVersion> {
     let name = path.file_name()?.to_str()?;
-    let rest = name
-        .strip_prefix("lib")
-        .unwrap_or(name)
-        .strip_prefix("python")?;
+    let rest = name.strip_prefix("lib").unwrap_or(name).strip_prefix("python")?;
     parse_major_minor(rest)
 }
 
@@ -72,24 +69,19 @@ pub fn version_from_contents(bytes: &[u8]) -> Option<PyVersion> {
     let mut at = 0;
     while let Some(pos) = find(&bytes[at..], needle) {
         let start = at + pos + needle.len();
-        let digits: Vec<u8> = bytes[start..]
-            .iter()
-            .take(2)
-            .take_while(|b| b.is_ascii_digit())
-            .copied()
-            .collect();
-        if let Some(minor) = std::str::from_utf8(&digits)
-            .ok()
-            .and_then(|d| d.parse().ok())
-        {
+        let digits: Vec<u8> =
+            bytes[start..].iter().take(2).take_while(|b| b.is_ascii_digit()).copied().collect();
+        if let Some(minor) = std::str::from_utf8(&digits).ok().and_then(|d| d.parse().ok()) {
             *counts.entry(minor).or_default() += 1;
         }
         at = start;
     }
-    counts
-        .into_iter()
-        .max_by_key(|&(minor, n)| (n, minor))
-        .map(|(minor, _)| PyVersion::new(3, minor))
+    counts.into_iter().max_by_key(|&(minor, n)| (n, minor)).map(|(minor, _)| PyVersion::new(3, minor))
+}
+
+/// Whether an ELF file carries CPython's C API (the interpreter itself or libpython).
+pub fn has_c_api(bytes: &[u8]) -> bool {
+    find(bytes, b"Py_InitializeEx\0").is_some() && find(bytes, b"PyEval_EvalCode\0").is_some()
 }
 
 fn parse_major_minor(s: &str) -> Option<PyVersion> {
@@ -111,10 +103,7 @@ mod tests {
         let v = |s: &str| version_from_file_name(Path::new(s));
         assert_eq!(v("/usr/bin/python3.11"), Some(PyVersion::new(3, 11)));
         assert_eq!(v("python3.9"), Some(PyVersion::new(3, 9)));
-        assert_eq!(
-            v("/x/lib/libpython3.10.so.1.0"),
-            Some(PyVersion::new(3, 10))
-        );
+        assert_eq!(v("/x/lib/libpython3.10.so.1.0"), Some(PyVersion::new(3, 10)));
         assert_eq!(v("libpython3.6m.so.1.0"), Some(PyVersion::new(3, 6)));
         assert_eq!(v("python3"), None);
         assert_eq!(v("bash"), None);

@@ -44,9 +44,7 @@ pub enum RollingError {
          pftraced.toml to a writable directory"
     )]
     CreateDir { dir: String, source: io::Error },
-    #[error(
-        "output.dir {dir} exists and is not a directory; remove it or set output.dir to a directory"
-    )]
+    #[error("output.dir {dir} exists and is not a directory; remove it or set output.dir to a directory")]
     NotADir { dir: String },
 }
 
@@ -76,8 +74,7 @@ impl OpenFile {
 
     /// Appends one event to the buffer, after `[` or `,`.
     fn push_event(&mut self, event: &[u8]) {
-        self.buf
-            .extend_from_slice(if self.events == 0 { b"\n" } else { b",\n" });
+        self.buf.extend_from_slice(if self.events == 0 { b"\n" } else { b",\n" });
         self.buf.extend_from_slice(event);
         self.events += 1;
     }
@@ -110,37 +107,18 @@ impl RollingOutput {
             .recursive(true)
             .mode(0o750)
             .create(&dir)
-            .map_err(|source| RollingError::CreateDir {
-                dir: shown.clone(),
-                source,
-            })?;
+            .map_err(|source| RollingError::CreateDir { dir: shown.clone(), source })?;
         if !dir.is_dir() {
             return Err(RollingError::NotADir { dir: shown });
         }
-        let started = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let host: String = hostname
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '_' })
             .collect();
-        let host = if host.is_empty() {
-            "unknown".into()
-        } else {
-            host
-        };
+        let host = if host.is_empty() { "unknown".into() } else { host };
         Ok(Self {
-            prefix: format!(
-                "pftrace-{host}-{}-{}",
-                std::process::id(),
-                utc_stamp(started)
-            ),
+            prefix: format!("pftrace-{host}-{}-{}", std::process::id(), utc_stamp(started)),
             seq: 0,
             max_file_bytes: cfg.max_file_bytes,
             max_file_age: Duration::from_secs(cfg.max_file_seconds.max(1)),
@@ -148,10 +126,7 @@ impl RollingOutput {
             current: None,
             retry_at: None,
             last_flush: Instant::now(),
-            status: OutputStatus {
-                dir: shown,
-                ..Default::default()
-            },
+            status: OutputStatus { dir: shown, ..Default::default() },
             dir,
         })
     }
@@ -165,8 +140,7 @@ impl RollingOutput {
     ) {
         for call in calls {
             let event = serde_json::to_vec(&call_event(call, clock)).unwrap_or_default();
-            let name_event =
-                || serde_json::to_vec(&process_name_event(call.pid, processes.get(&call.pid)));
+            let name_event = || serde_json::to_vec(&process_name_event(call.pid, processes.get(&call.pid)));
             // The name event goes before the process's first call in each file.
             let name = match &self.current {
                 Some(file) if file.pids.contains(&call.pid) => None,
@@ -202,10 +176,8 @@ impl RollingOutput {
         if file.opened.elapsed() >= self.max_file_age {
             self.finish();
         } else if file.file.metadata().is_ok_and(|m| m.nlink() == 0) {
-            let message = format!(
-                "{} was deleted while being written; starting a new file",
-                file.path.display()
-            );
+            let message =
+                format!("{} was deleted while being written; starting a new file", file.path.display());
             self.current = None;
             self.status.current_file = None;
             self.record_error(message);
@@ -262,16 +234,10 @@ impl RollingOutput {
             .map_err(|e| format!("cannot create output directory {}: {e}", self.dir.display()))?;
         loop {
             self.seq += 1;
-            let path = self
-                .dir
-                .join(format!("{}-{:04}.json", self.prefix, self.seq));
+            let path = self.dir.join(format!("{}-{:04}.json", self.prefix, self.seq));
             // Append mode: after a failed write is cut off with set_len, the
             // next write lands at the new end, not past a hole.
-            let opened = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&path);
+            let opened = OpenOptions::new().append(true).create_new(true).mode(0o640).open(&path);
             match opened {
                 Ok(file) => {
                     return Ok(OpenFile {
@@ -343,10 +309,7 @@ impl RollingOutput {
             return;
         };
         self.status.current_file = None;
-        let closed = file
-            .file
-            .write_all(TAIL)
-            .and_then(|()| file.file.sync_data());
+        let closed = file.file.write_all(TAIL).and_then(|()| file.file.sync_data());
         match closed {
             Ok(()) => self.status.bytes_written += TAIL.len() as u64,
             Err(e) => {
@@ -384,12 +347,7 @@ fn utc_stamp(secs: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -402,19 +360,14 @@ mod tests {
     use crate::pairing::CallEnd;
 
     fn temp(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("pftrace-rolling-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("pftrace-rolling-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let _ = fs::remove_file(&dir);
         dir
     }
 
     fn config(dir: &Path, max_file_bytes: u64, max_file_seconds: u64) -> OutputConfig {
-        OutputConfig {
-            dir: Some(dir.into()),
-            max_file_bytes,
-            max_file_seconds,
-        }
+        OutputConfig { dir: Some(dir.into()), max_file_bytes, max_file_seconds }
     }
 
     /// Calls numbered by their `line`, spread over three processes.
@@ -431,11 +384,7 @@ mod tests {
                     start_ns: 1_000_000 + i as u64 * 1000,
                     end_ns: 1_000_500 + i as u64 * 1000,
                     depth: 0,
-                    end: if i % 7 == 0 {
-                        CallEnd::Incomplete
-                    } else {
-                        CallEnd::Returned
-                    },
+                    end: if i % 7 == 0 { CallEnd::Incomplete } else { CallEnd::Returned },
                     cpu_ns: None,
                     rss_entry_bytes: 0,
                     rss_return_bytes: 0,
@@ -445,19 +394,12 @@ mod tests {
     }
 
     fn processes() -> HashMap<u32, TracedProcess> {
-        let p = TracedProcess {
-            pid: 100,
-            binary: "/usr/bin/python3.9".into(),
-            ..Default::default()
-        };
+        let p = TracedProcess { pid: 100, binary: "/usr/bin/python3.9".into(), ..Default::default() };
         HashMap::from([(100, p)])
     }
 
     fn files(dir: &Path) -> Vec<PathBuf> {
-        let mut files: Vec<_> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut files: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         files
     }
@@ -465,11 +407,8 @@ mod tests {
     /// Parses a file as a closed array, or as the unterminated prefix a crash leaves.
     fn events(path: &Path) -> Vec<Value> {
         let text = fs::read_to_string(path).unwrap();
-        let parsed =
-            serde_json::from_str(&text).or_else(|_| serde_json::from_str(&format!("{text}]")));
-        let Ok(Value::Array(events)) = parsed else {
-            panic!("{} does not parse: {text:?}", path.display())
-        };
+        let parsed = serde_json::from_str(&text).or_else(|_| serde_json::from_str(&format!("{text}]")));
+        let Ok(Value::Array(events)) = parsed else { panic!("{} does not parse: {text:?}", path.display()) };
         events
     }
 
@@ -518,34 +457,18 @@ mod tests {
         let mut total = 0;
         for (i, path) in files.iter().enumerate() {
             let name = path.file_name().unwrap().to_str().unwrap();
-            assert!(
-                name.starts_with(&prefix) && name.ends_with(&format!("-{:04}.json", i + 1)),
-                "{name}"
-            );
+            assert!(name.starts_with(&prefix) && name.ends_with(&format!("-{:04}.json", i + 1)), "{name}");
             let len = fs::metadata(path).unwrap().len();
             assert!(len <= 4096, "{name} is {len} bytes");
             let text = fs::read_to_string(path).unwrap();
-            assert!(
-                text.starts_with("[\n{") && text.ends_with("}\n]\n"),
-                "{text:?}"
-            );
+            assert!(text.starts_with("[\n{") && text.ends_with("}\n]\n"), "{text:?}");
             serde_json::from_str::<Value>(&text).unwrap();
             total += len;
         }
         assert_eq!(call_lines(&files), (0..500).collect::<Vec<_>>());
         let status = out.status();
-        assert_eq!(
-            (
-                status.calls_written,
-                status.calls_not_written,
-                status.write_errors
-            ),
-            (500, 0, 0)
-        );
-        assert_eq!(
-            (status.files_written, status.bytes_written),
-            (files.len() as u64, total)
-        );
+        assert_eq!((status.calls_written, status.calls_not_written, status.write_errors), (500, 0, 0));
+        assert_eq!((status.files_written, status.bytes_written), (files.len() as u64, total));
         assert_eq!(status.current_file, None);
         let first = events(&files[0]);
         assert_eq!(first[0]["args"]["name"], "python3.9 100");
@@ -575,19 +498,9 @@ mod tests {
     fn bad_dir_at_start_is_an_error() {
         let file = temp("notadir");
         fs::write(&file, "x").unwrap();
-        let err = RollingOutput::new(&config(&file.join("out"), 4096, 1), "h")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with(&format!(
-                "cannot create output directory {}/out:",
-                file.display()
-            )),
-            "{err}"
-        );
-        let err = RollingOutput::new(&OutputConfig::default(), "h")
-            .unwrap_err()
-            .to_string();
+        let err = RollingOutput::new(&config(&file.join("out"), 4096, 1), "h").unwrap_err().to_string();
+        assert!(err.starts_with(&format!("cannot create output directory {}/out:", file.display())), "{err}");
+        let err = RollingOutput::new(&OutputConfig::default(), "h").unwrap_err().to_string();
         assert!(err.contains("output.dir is not set"), "{err}");
         fs::remove_file(&file).unwrap();
     }
@@ -616,18 +529,10 @@ mod tests {
         out.write_calls(&calls(10, 10), &clock, &processes());
         let status = out.status();
         assert_eq!((status.write_errors, status.calls_not_written), (2, 10));
-        assert!(
-            status
-                .last_error
-                .unwrap()
-                .starts_with("cannot create output directory")
-        );
+        assert!(status.last_error.unwrap().starts_with("cannot create output directory"));
         // Within the retry pause nothing is attempted, only counted.
         out.write_calls(&calls(20, 5), &clock, &processes());
-        assert_eq!(
-            (out.status().write_errors, out.status().calls_not_written),
-            (2, 15)
-        );
+        assert_eq!((out.status().write_errors, out.status().calls_not_written), (2, 15));
 
         fs::remove_file(&dir).unwrap();
         std::thread::sleep(Duration::from_millis(60));
@@ -652,10 +557,8 @@ mod tests {
     fn full_disk_is_counted_exactly_and_writing_resumes() {
         let dir = temp("full");
         fs::create_dir_all(&dir).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-            .arg(&dir)
-            .status();
+        let mounted =
+            Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&dir).status();
         if !mounted.is_ok_and(|s| s.success()) {
             eprintln!("skipping: cannot mount a tmpfs (needs root)");
             let _ = fs::remove_dir(&dir);
@@ -672,14 +575,7 @@ mod tests {
         }
         let status = out.status();
         assert!(status.write_errors >= 1);
-        assert!(
-            status
-                .last_error
-                .as_deref()
-                .unwrap()
-                .contains("No space left on device"),
-            "{status:?}"
-        );
+        assert!(status.last_error.as_deref().unwrap().contains("No space left on device"), "{status:?}");
         assert!(status.calls_written > 0);
         assert_eq!(status.calls_written + status.calls_not_written, 2000);
         // Exactly the calls counted as written are in the files, each once,

@@ -18,11 +18,7 @@ pub struct FunctionStats {
 
 impl FunctionStats {
     pub fn mean_ns(&self) -> u64 {
-        if self.calls == 0 {
-            0
-        } else {
-            self.total_ns / self.calls
-        }
+        if self.calls == 0 { 0 } else { self.total_ns / self.calls }
     }
 }
 
@@ -30,13 +26,11 @@ impl FunctionStats {
 pub fn function_stats(trace: &Trace) -> Vec<FunctionStats> {
     let mut by_fn: BTreeMap<(&str, &str), FunctionStats> = BTreeMap::new();
     for call in &trace.calls {
-        let s = by_fn
-            .entry((&call.name, &call.file))
-            .or_insert_with(|| FunctionStats {
-                name: call.name.to_string(),
-                file: call.file.to_string(),
-                ..Default::default()
-            });
+        let s = by_fn.entry((&call.name, &call.file)).or_insert_with(|| FunctionStats {
+            name: call.name.to_string(),
+            file: call.file.to_string(),
+            ..Default::default()
+        });
         s.calls += 1;
         if call.end == CallEnd::Incomplete {
             s.incomplete += 1;
@@ -46,11 +40,7 @@ pub fn function_stats(trace: &Trace) -> Vec<FunctionStats> {
         s.max_ns = s.max_ns.max(d);
     }
     let mut stats: Vec<_> = by_fn.into_values().collect();
-    stats.sort_by(|a, b| {
-        b.total_ns
-            .cmp(&a.total_ns)
-            .then_with(|| a.name.cmp(&b.name))
-    });
+    stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| a.name.cmp(&b.name)));
     stats
 }
 
@@ -79,11 +69,8 @@ pub fn render(trace: &Trace) -> String {
         "function", "calls", "total", "mean", "max"
     );
     for f in &stats {
-        let calls = if f.incomplete > 0 {
-            format!("{}({}!)", f.calls, f.incomplete)
-        } else {
-            f.calls.to_string()
-        };
+        let calls =
+            if f.incomplete > 0 { format!("{}({}!)", f.calls, f.incomplete) } else { f.calls.to_string() };
         let _ = writeln!(
             s,
             "{:<name_w$}  {:>9}  {:>11}  {:>11}  {:>11}  {}",

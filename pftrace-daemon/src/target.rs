@@ -59,11 +59,7 @@ pub enum TargetError {
         "pid {pid} runs CPython {version} ({binary}), which has no USDT probes: it was built without \
          --with-dtrace. Use {WHAT_WORKS}"
     )]
-    NoProbes {
-        pid: u32,
-        binary: String,
-        version: String,
-    },
+    NoProbes { pid: u32, binary: String, version: String },
     #[error(
         "pid {pid} runs CPython 3.11 ({binary}): its python:function__entry probe fires only when a \
          generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so calls \
@@ -74,25 +70,13 @@ pub enum TargetError {
         "pid {pid} runs CPython {version} ({binary}): CPython 3.12-3.14 removed the \
          function__entry/function__return probes (python/cpython#104280). Use {WHAT_WORKS}"
     )]
-    ProbesRemoved {
-        pid: u32,
-        binary: String,
-        version: PyVersion,
-    },
+    ProbesRemoved { pid: u32, binary: String, version: PyVersion },
     #[error(
         "pid {pid} runs CPython {version} ({binary}), older than 3.6, whose probes pftrace does not read. Use {WHAT_WORKS}"
     )]
-    TooOld {
-        pid: u32,
-        binary: String,
-        version: PyVersion,
-    },
+    TooOld { pid: u32, binary: String, version: PyVersion },
     #[error("pid {pid}: reading the probes of {binary}: {source}")]
-    Usdt {
-        pid: u32,
-        binary: String,
-        source: UsdtError,
-    },
+    Usdt { pid: u32, binary: String, source: UsdtError },
 }
 
 /// Inspects `pid` and returns what to attach to, or why it cannot be traced.
@@ -132,11 +116,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             // Not an ELF we can read (a script interpreter, a deleted file): not our binary.
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
             Err(source) => {
-                return Err(TargetError::Usdt {
-                    pid,
-                    binary: display,
-                    source,
-                });
+                return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
         let (sites, version) = (&info.sites, info.version);
@@ -153,52 +133,29 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             match version.probe_support() {
                 ProbeSupport::Works => {}
                 ProbeSupport::EntryBroken => {
-                    return Err(TargetError::EntryBroken {
-                        pid,
-                        binary: display,
-                    });
+                    return Err(TargetError::EntryBroken { pid, binary: display });
                 }
                 ProbeSupport::Removed => {
-                    return Err(TargetError::ProbesRemoved {
-                        pid,
-                        binary: display,
-                        version,
-                    });
+                    return Err(TargetError::ProbesRemoved { pid, binary: display, version });
                 }
                 ProbeSupport::TooOld => {
-                    return Err(TargetError::TooOld {
-                        pid,
-                        binary: display,
-                        version,
-                    });
+                    return Err(TargetError::TooOld { pid, binary: display, version });
                 }
             }
         }
-        return Ok(Target {
-            pid,
-            binary: binary.clone(),
-            open_path,
-            version,
-            entry,
-            ret,
-            command,
-        });
+        return Ok(Target { pid, binary: binary.clone(), open_path, version, entry, ret, command });
     }
 
     match python_like {
         Some((binary, version)) => {
             let display = binary.display().to_string();
             match version.map(|v| (v, v.probe_support())) {
-                Some((version, ProbeSupport::Removed)) => Err(TargetError::ProbesRemoved {
-                    pid,
-                    binary: display,
-                    version,
-                }),
-                Some((version, ProbeSupport::TooOld)) => Err(TargetError::TooOld {
-                    pid,
-                    binary: display,
-                    version,
-                }),
+                Some((version, ProbeSupport::Removed)) => {
+                    Err(TargetError::ProbesRemoved { pid, binary: display, version })
+                }
+                Some((version, ProbeSupport::TooOld)) => {
+                    Err(TargetError::TooOld { pid, binary: display, version })
+                }
                 v => Err(TargetError::NoProbes {
                     pid,
                     binary: display,
@@ -206,10 +163,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 }),
             }
         }
-        None => Err(TargetError::NotPython {
-            pid,
-            exe: exe.display().to_string(),
-        }),
+        None => Err(TargetError::NotPython { pid, exe: exe.display().to_string() }),
     }
 }
 
@@ -226,24 +180,16 @@ static BINARY_CACHE: LazyLock<Mutex<HashMap<(u64, u64, u64, i64), Arc<BinaryInfo
     LazyLock::new(Default::default);
 
 fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtError> {
-    let key = fs::metadata(open_path).ok().map(|m| {
-        (
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime_nsec() + m.mtime() * 1_000_000_000,
-        )
-    });
+    let key = fs::metadata(open_path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
     if let Some(key) = key {
         if let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key) {
             return Ok(info.clone());
         }
     }
     let sites = usdt::read_python_function_probes(open_path)?;
-    let info = Arc::new(BinaryInfo {
-        version: binary_version(binary, open_path),
-        sites,
-    });
+    let info = Arc::new(BinaryInfo { version: binary_version(binary, open_path), sites });
     if let Some(key) = key {
         let mut cache = BINARY_CACHE.lock().expect("cache lock");
         if cache.len() > 1024 {
@@ -259,11 +205,7 @@ fn mapped_libpythons(maps: &str) -> Vec<PathBuf> {
     let mut libs = Vec::new();
     for line in maps.lines() {
         // address perms offset dev inode path (the path may contain spaces)
-        let path = line
-            .splitn(6, ' ')
-            .nth(5)
-            .map(str::trim_start)
-            .unwrap_or("");
+        let path = line.splitn(6, ' ').nth(5).map(str::trim_start).unwrap_or("");
         let path = path.strip_suffix(" (deleted)").unwrap_or(path);
         if path.starts_with('/')
             && Path::new(path)
@@ -290,12 +232,13 @@ fn looks_like_python(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("python") || n.starts_with("libpython"))
 }
 
-/// The version of an interpreter binary: from its name, else from its contents.
+/// The version of an interpreter binary: from its name, else from its
+/// contents, but only when they hold CPython's C API (a file that merely
+/// mentions `python3.9` is not an interpreter).
 fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
     python::version_from_file_name(binary).or_else(|| {
-        fs::read(open_path)
-            .ok()
-            .and_then(|bytes| python::version_from_contents(&bytes))
+        let bytes = fs::read(open_path).ok()?;
+        python::has_c_api(&bytes).then(|| python::version_from_contents(&bytes)).flatten()
     })
 }
 
@@ -313,11 +256,7 @@ fn python_sites(
             Ok(Site {
                 offset: s.pc_offset,
                 semaphore_offset: s.semaphore_offset,
-                spec: s.spec().map_err(|source| TargetError::Usdt {
-                    pid,
-                    binary: binary.into(),
-                    source,
-                })?,
+                spec: s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?,
             })
         })
         .collect()

@@ -15,12 +15,12 @@ use aya_ebpf::{
         generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
     },
     macros::{map, raw_tracepoint, uprobe},
-    maps::{Array, CgroupArray, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, CgroupArray, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, NAME_LEN, ProcEvent,
-    UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
+    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, NAME_LEN, ProcEvent, UsdtArg,
+    UsdtSpec, arg_kind, config, counter, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -41,6 +41,16 @@ static MM_RSS_ANON_IDX: u32 = 0;
 #[unsafe(no_mangle)]
 static MM_RSS_SHMEM_IDX: u32 = 0;
 
+/// Ring-buffer fill (bytes) at which a submit wakes the reader; below it
+/// records are submitted without a wakeup and the reader drains on its own
+/// short timer. Set by user space (a quarter of the ring); 0 wakes on every record.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u32 = 0;
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
 #[map]
 static SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_SPECS, 0);
 
@@ -53,8 +63,7 @@ static NAMES: HashMap<[u8; NAME_LEN], u32> = HashMap::with_max_entries(MAX_NAMES
 /// prefix). Consulted only when CONFIG[HAS_PREFIXES] is set and the exact
 /// lookup missed; user space checks the rest of the glob.
 #[map]
-static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> =
-    LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 
 /// Settings written by user space (indices in `pftrace_common::config`).
 #[map]
@@ -81,22 +90,18 @@ const ARG_LINENO: usize = 2;
 
 #[uprobe]
 pub fn pftrace_entry(ctx: ProbeContext) -> u32 {
-    on_probe(
-        &ctx,
-        kind::ENTRY,
-        counter::ENTRY_SEEN,
-        counter::ENTRY_MATCHED,
-    )
+    on_probe(&ctx, kind::ENTRY, counter::ENTRY_SEEN, counter::ENTRY_MATCHED)
 }
 
 #[uprobe]
 pub fn pftrace_return(ctx: ProbeContext) -> u32 {
-    on_probe(
-        &ctx,
-        kind::RETURN,
-        counter::RETURN_SEEN,
-        counter::RETURN_MATCHED,
-    )
+    on_probe(&ctx, kind::RETURN, counter::RETURN_SEEN, counter::RETURN_MATCHED)
+}
+
+/// Benchmark floor: the same attach path with a program that returns at once.
+#[uprobe]
+pub fn pftrace_noop(_ctx: ProbeContext) -> u32 {
+    0
 }
 
 #[inline(always)]
@@ -113,11 +118,10 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
     let spec_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let spec = SPECS.get(spec_id).ok_or(-1i32)?;
 
-    // Filter first: read the name and look it up before anything else.
+    // Filter first: decide on the name before anything else.
     let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
     let mut name = [0u8; NAME_LEN];
-    unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name) }?;
-    if unsafe { NAMES.get(&name) }.is_none() && !prefix_match(&name) {
+    if !name_matches(name_ptr, &mut name)? {
         return Ok(());
     }
     bump(matched);
@@ -147,8 +151,18 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
             file[0] = 0;
         }
     }
-    entry.submit(0);
+    entry.submit(wakeup_flag());
     Ok(())
+}
+
+/// Wake the reader only once the ring is filling up (batched draining).
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    let threshold = global(&WAKEUP_BYTES);
+    if threshold == 0 {
+        return 0;
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
 
 #[inline(always)]
@@ -178,17 +192,79 @@ fn task_figures() -> (u64, u64) {
     let base = mm + global(&MM_RSS_BASE_OFF) as usize;
     let stride = global(&MM_RSS_STRIDE) as usize;
     let mut rss: i64 = 0;
-    for idx in [
-        global(&MM_RSS_FILE_IDX),
-        global(&MM_RSS_ANON_IDX),
-        global(&MM_RSS_SHMEM_IDX),
-    ] {
+    for idx in [global(&MM_RSS_FILE_IDX), global(&MM_RSS_ANON_IDX), global(&MM_RSS_SHMEM_IDX)] {
         let at = base + idx as usize * stride;
-        rss += unsafe { bpf_probe_read_kernel(at as *const i64) }
-            .unwrap_or(0)
-            .max(0);
+        rss += unsafe { bpf_probe_read_kernel(at as *const i64) }.unwrap_or(0).max(0);
     }
     (cpu, rss as u64)
+}
+
+/// Key of the verdict cache: a name pointer in one process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct VerdictKey {
+    ptr: u64,
+    tgid: u32,
+    _pad: u32,
+}
+
+/// A cached verdict: valid while the 16 bytes at the pointer still hold
+/// `head` (a whole name of at most 15 bytes and its NUL) and the names have not
+/// changed since (`generation`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Verdict {
+    head: [u64; 2],
+    generation: u32,
+    matched: u32,
+}
+
+/// Whether a word holds a zero byte (the classic bit trick; no slices, which
+/// the verifier would reject for their pointer alignment arithmetic).
+#[inline(always)]
+fn has_zero_byte(x: u64) -> bool {
+    x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080 != 0
+}
+
+/// Per-pointer verdicts, so most calls are decided by reading 16 bytes and
+/// one lookup instead of copying and hashing the whole name. Exact: only
+/// names shorter than 16 bytes are cached, and their bytes are compared.
+#[map]
+static VERDICTS: LruPerCpuHashMap<VerdictKey, Verdict> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Whether the name at `ptr` is traced; fills `name` when it is read.
+#[inline(always)]
+fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<bool, i32> {
+    let generation = config_value(config::GENERATION);
+    let key = VerdictKey { ptr, tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0 };
+    let head: Option<[u64; 2]> = unsafe { bpf_probe_read_user(ptr as *const [u64; 2]) }.ok();
+    let cacheable = head.is_some_and(|h| has_zero_byte(h[0]) || has_zero_byte(h[1]));
+    if let Some(head) = head.filter(|_| cacheable) {
+        if let Some(v) = unsafe { VERDICTS.get(&key) } {
+            if v.generation == generation && v.head[0] == head[0] && v.head[1] == head[1] {
+                bump(counter::VERDICT_HITS);
+                if v.matched == 0 {
+                    return Ok(false);
+                }
+                // The name is the head up to its NUL; the rest of `name` stays zero.
+                unsafe {
+                    let words = name.as_mut_ptr() as *mut u64;
+                    words.write_unaligned(head[0]);
+                    words.add(1).write_unaligned(head[1]);
+                }
+                return Ok(true);
+            }
+        }
+    }
+    let len = unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, name) }?.len();
+    // A name filling the buffer may have been cut short: user space traces
+    // names of at most NAME_LEN - 2 bytes, so such a name is never a match.
+    let matched = len < NAME_LEN - 1 && (unsafe { NAMES.get(&*name) }.is_some() || prefix_match(name));
+    if let Some(head) = head.filter(|_| cacheable) {
+        let v = Verdict { head, generation, matched: matched as u32 };
+        let _ = VERDICTS.insert(&key, &v, 0);
+    }
+    Ok(matched)
 }
 
 /// Whether a glob prefix matches `name` (only when globs are traced).
@@ -255,20 +331,17 @@ fn under_watched_cgroup() -> bool {
 /// Value of one USDT argument, located as its spec says (libbpf's method).
 #[inline(always)]
 fn read_arg(ctx: &ProbeContext, arg: &UsdtArg) -> Result<u64, i32> {
-    let regs = ctx.as_ptr() as *const u8;
     let mut val: u64 = match arg.kind {
         arg_kind::CONST => arg.val_off,
-        arg_kind::REG => read_reg(regs, arg.reg_off)?,
+        arg_kind::REG => read_reg(ctx, arg.reg_off)?,
         arg_kind::REG_DEREF => {
-            let addr = read_reg(regs, arg.reg_off)?.wrapping_add(arg.val_off);
+            let addr = read_reg(ctx, arg.reg_off)?.wrapping_add(arg.val_off);
             unsafe { bpf_probe_read_user(addr as *const u64) }?
         }
         arg_kind::SIB_DEREF => {
-            let base = read_reg(regs, arg.reg_off)?;
-            let index = read_reg(regs, arg.idx_reg_off)?;
-            let addr = base
-                .wrapping_add(index << (arg.scale_shift & 3))
-                .wrapping_add(arg.val_off);
+            let base = read_reg(ctx, arg.reg_off)?;
+            let index = read_reg(ctx, arg.idx_reg_off)?;
+            let addr = base.wrapping_add(index << (arg.scale_shift & 3)).wrapping_add(arg.val_off);
             unsafe { bpf_probe_read_user(addr as *const u64) }?
         }
         _ => return Err(-1),
@@ -284,13 +357,28 @@ fn read_arg(ctx: &ProbeContext, arg: &UsdtArg) -> Result<u64, i32> {
     Ok(val)
 }
 
+/// A register of the probed thread, read straight from the context. Each
+/// register has its own small subprogram doing one constant-offset load (the
+/// verifier allows no other; a shared load would use a computed pointer).
 #[inline(always)]
-fn read_reg(regs: *const u8, reg_off: u16) -> Result<u64, i32> {
-    // pt_regs is 168 bytes on x86-64; the bound keeps the read inside it.
-    if reg_off > 160 {
-        return Err(-1);
+fn read_reg(ctx: &ProbeContext, reg_off: u16) -> Result<u64, i32> {
+    macro_rules! regs {
+        ($($off:literal => $field:ident),* $(,)?) => {{
+            $(
+                #[inline(never)]
+                fn $field(r: *const aya_ebpf::bindings::pt_regs) -> u64 {
+                    unsafe { core::ptr::read_volatile(&raw const (*r).$field) }
+                }
+            )*
+            match reg_off {
+                $($off => Ok($field(ctx.regs)),)*
+                _ => Err(-1),
+            }
+        }};
     }
-    unsafe { bpf_probe_read_kernel(regs.add(reg_off as usize) as *const u64) }
+    regs!(0 => r15, 8 => r14, 16 => r13, 24 => r12, 32 => rbp, 40 => rbx, 48 => r11, 56 => r10,
+          64 => r9, 72 => r8, 80 => rax, 88 => rcx, 96 => rdx, 104 => rsi, 112 => rdi,
+          120 => orig_rax, 128 => rip, 152 => rsp)
 }
 
 #[inline(always)]

@@ -1,7 +1,8 @@
 //! pftraced: trace named Python functions through CPython's USDT probes, in
 //! running processes (`--pid`), a command it launches (`-- CMD ARGS...`),
 //! every Python in a cgroup (`--cgroup`, for batch jobs) or on the host
-//! (`--all`); print a per-function summary and write a Chrome trace.
+//! (`--all`); print a per-function summary and write a trace (Chrome JSON,
+//! PerfFlowAspect's .pfw files, or the settrace prototype's records JSON).
 
 use std::{ffi::OsString, fs::File, path::PathBuf, process::ExitCode};
 
@@ -11,7 +12,7 @@ use pftrace::{
     config::{Config, DEFAULT_CONFIG},
     daemon::{Daemon, DaemonOptions},
     launch::{self, Launched},
-    output::{Chrome, TraceFormat as _},
+    output::{self, Choice},
     summary,
     target::Target,
     trace::Trace,
@@ -31,18 +32,14 @@ use tokio::signal::unix::{SignalKind, signal};
 /// Examples:
 ///   sudo pftraced -t foo -t bar --pid 1234
 ///   sudo pftraced -t compute -o trace.json -- python3 app.py --size 10
+///   sudo pftraced -t compute --format pfw -o pfw-traces -- python3 app.py
 ///   sudo pftraced -t 'solver.py:step' --cgroup /sys/fs/cgroup/unified/job42 --output-dir /var/lib/pftrace
 ///   sudo pftracectl stats          # while a daemon with --serve/--cgroup/--all runs
 #[derive(Debug, Parser)]
 #[command(name = "pftraced", version, verbatim_doc_comment)]
 struct Cli {
     /// Function to trace: NAME, FILE:NAME or a glob. Repeat the flag or separate with commas.
-    #[arg(
-        short = 't',
-        long = "trace",
-        value_name = "NAME",
-        value_delimiter = ','
-    )]
+    #[arg(short = 't', long = "trace", value_name = "NAME", value_delimiter = ',')]
     names: Vec<String>,
 
     /// Trace this running process until it exits (repeatable).
@@ -75,10 +72,28 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
 
-    /// Write the Chrome trace JSON here when tracing ends (opens in Perfetto).
-    /// Default for --pid and commands: pftrace-<pid>.json in the current directory.
-    #[arg(short, long, value_name = "FILE")]
+    /// Write the trace here when tracing ends. For --format pfw this is a
+    /// directory (created if missing) that gets one PerfFlowAspect file per
+    /// traced process, perfflow.<array|object>.<hostname>.<pid>.pfw; without
+    /// -o, log-dir from --pfw-options. Default for --pid and commands:
+    /// pftrace-<pid>.json (records: pftrace-<pid>.records.json; pfw: the
+    /// current directory).
+    #[arg(short, long, value_name = "FILE|DIR")]
     output: Option<PathBuf>,
+
+    /// Trace format of -o: chrome (Chrome Trace Event JSON for Perfetto and
+    /// chrome://tracing), pfw (PerfFlowAspect's trace files, read by its
+    /// tools and Hatchet) or records (the settrace prototype's JSON).
+    #[arg(long, value_name = "FMT", default_value = "chrome")]
+    format: String,
+
+    /// PerfFlowAspect options for --format pfw, in PERFFLOW_OPTIONS form:
+    /// log-format=Array|Object, log-event=Verbose|Compact,
+    /// cpu-mem-usage=True|False, log-filename-include=hostname,pid,name,
+    /// name=NAME, log-dir=DIR. Default: Array, Verbose, cpu-mem-usage=True.
+    /// Example: --pfw-options 'log-format=Object:log-event=Compact'
+    #[arg(long, value_name = "OPTIONS")]
+    pfw_options: Option<String>,
 
     /// Kernel-to-daemon ring buffer size in bytes (a power of two, >= 4096).
     /// Records that do not fit are counted as lost, never dropped silently.
@@ -93,6 +108,11 @@ struct Cli {
     /// tracks in the trace); 0 turns sampling off. Default 1000.
     #[arg(long, value_name = "MS")]
     sample_interval: Option<u64>,
+
+    /// Benchmarks: attach eBPF programs that return at once, to measure the
+    /// cost of the uprobes alone (nothing is recorded).
+    #[arg(long, hide = true)]
+    floor: bool,
 
     /// Do not print the per-function summary.
     #[arg(short, long)]
@@ -128,11 +148,7 @@ fn main() -> ExitCode {
 fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     let explicit = cli.config.as_os_str() != DEFAULT_CONFIG;
     let mut config = Config::load(&cli.config, explicit)?;
-    let names = if cli.names.is_empty() {
-        config.names.clone()
-    } else {
-        cli.names.clone()
-    };
+    let names = if cli.names.is_empty() { config.names.clone() } else { cli.names.clone() };
     let mut pids = config.targets.pids.clone();
     pids.extend(&cli.pids);
     let mut cgroups = config.targets.cgroups.clone();
@@ -155,22 +171,14 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     }
     let serve = cli.serve || cli.socket.is_some() || all || !cgroups.is_empty();
     if pids.is_empty() && cgroups.is_empty() && !all && cli.command.is_empty() {
-        bail!(
-            "nothing to trace: give --pid PID, --cgroup DIR, --all, or a command after `--` (see --help)"
-        );
+        bail!("nothing to trace: give --pid PID, --cgroup DIR, --all, or a command after `--` (see --help)");
     }
-    Ok(DaemonOptions {
-        names,
-        pids,
-        cgroups,
-        all,
-        serve,
-        config,
-    })
+    Ok(DaemonOptions { names, pids, cgroups, all, serve, config, floor: cli.floor })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let opts = options(&cli)?;
+    let format = output::choose(&cli.format, cli.pfw_options.as_deref()).context("--format")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -240,10 +248,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(c) => c.try_wait().context("waiting for the command")?,
         None => None,
     };
-    let default_name = child_pid
-        .or(opts.pids.first().copied())
-        .map(|pid| PathBuf::from(format!("pftrace-{pid}.json")));
-    finish(&cli, &trace, cli.output.clone().or(default_name))?;
+    let default_name = child_pid.or(opts.pids.first().copied()).map(|pid| match &format {
+        Choice::Pfw(_) => PathBuf::from("."),
+        Choice::Records => PathBuf::from(format!("pftrace-{pid}.records.json")),
+        Choice::Chrome => PathBuf::from(format!("pftrace-{pid}.json")),
+    });
+    let log_dir = match &format {
+        Choice::Pfw(o) => o.log_dir.clone(),
+        _ => None,
+    };
+    finish(&cli, &trace, &format, cli.output.clone().or(log_dir).or(default_name))?;
     Ok(match (child_pid, status) {
         (Some(_), Some(status)) => ExitCode::from(launch::exit_code(status).clamp(0, 255) as u8),
         (Some(_), None) => ExitCode::from(130),
@@ -252,11 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn announce(names: &[String], target: &Target) {
-    let version = target
-        .version
-        .map_or("CPython (version unknown)".into(), |v| {
-            format!("CPython {v}")
-        });
+    let version = target.version.map_or("CPython (version unknown)".into(), |v| format!("CPython {v}"));
     eprintln!(
         "pftraced: attached to pid {} ({version}, {}), tracing {}",
         target.pid,
@@ -265,21 +275,28 @@ fn announce(names: &[String], target: &Target) {
     );
 }
 
-fn finish(cli: &Cli, trace: &Trace, output: Option<PathBuf>) -> anyhow::Result<()> {
+fn finish(cli: &Cli, trace: &Trace, format: &Choice, output: Option<PathBuf>) -> anyhow::Result<()> {
     if !cli.quiet {
         eprint!("{}", summary::render(trace));
     }
-    if let Some(path) = output {
-        let mut file = File::create(&path)
-            .with_context(|| format!("creating trace file {}", path.display()))?;
-        Chrome
-            .write(trace, &mut file)
-            .with_context(|| format!("writing trace file {}", path.display()))?;
-        eprintln!(
-            "pftraced: wrote {} calls to {}",
-            trace.calls.len(),
-            path.display()
-        );
+    let Some(path) = output else { return Ok(()) };
+    if let Choice::Pfw(opts) = format {
+        let files = output::pfw::write_files(trace, &path, opts)
+            .with_context(|| format!("writing PerfFlowAspect files in {}", path.display()))?;
+        if files.is_empty() {
+            eprintln!("pftraced: no traced calls, so no PerfFlowAspect files in {}", path.display());
+        }
+        for f in files {
+            eprintln!("pftraced: wrote {} calls to {}", f.calls, f.path.display());
+        }
+        return Ok(());
     }
+    let mut file = File::create(&path).with_context(|| format!("creating trace file {}", path.display()))?;
+    format
+        .clone()
+        .boxed()
+        .write(trace, &mut file)
+        .with_context(|| format!("writing trace file {}", path.display()))?;
+    eprintln!("pftraced: wrote {} calls to {}", trace.calls.len(), path.display());
     Ok(())
 }

@@ -21,24 +21,11 @@ pub enum AttachError {
     #[error("unexpected format in {path}: {text:?}")]
     PmuFormat { path: String, text: String },
     #[error("perf_event_open(uprobe {binary} +{offset:#x}, pid {pid}) failed: {source}")]
-    PerfEventOpen {
-        binary: String,
-        offset: u64,
-        pid: i32,
-        source: io::Error,
-    },
+    PerfEventOpen { binary: String, offset: u64, pid: i32, source: io::Error },
     #[error("BPF_LINK_CREATE for uprobe {binary} +{offset:#x} failed: {source}")]
-    LinkCreate {
-        binary: String,
-        offset: u64,
-        source: io::Error,
-    },
+    LinkCreate { binary: String, offset: u64, source: io::Error },
     #[error("enabling uprobe {binary} +{offset:#x} failed: {source}")]
-    Enable {
-        binary: String,
-        offset: u64,
-        source: io::Error,
-    },
+    Enable { binary: String, offset: u64, source: io::Error },
 }
 
 /// Where the uprobe PMU's type and config layout come from.
@@ -61,19 +48,14 @@ impl UprobePmu {
                 .map_err(|source| AttachError::UprobePmu { path, source })
         };
         let (path, text) = read("type")?;
-        let pmu_type = text
-            .parse()
-            .map_err(|_| AttachError::PmuFormat { path, text })?;
+        let pmu_type = text.parse().map_err(|_| AttachError::PmuFormat { path, text })?;
         let (path, text) = read("format/ref_ctr_offset")?;
         let ref_ctr_shift = text
             .strip_prefix("config:")
             .and_then(|bits| bits.split('-').next())
             .and_then(|lo| lo.parse().ok())
             .ok_or(AttachError::PmuFormat { path, text })?;
-        Ok(Self {
-            pmu_type,
-            ref_ctr_shift,
-        })
+        Ok(Self { pmu_type, ref_ctr_shift })
     }
 }
 
@@ -124,13 +106,11 @@ pub fn attach_uprobe(
     req: &UprobeRequest<'_>,
 ) -> Result<UprobeLink, AttachError> {
     let binary = req.binary.display().to_string();
-    let path = CString::new(req.binary.as_os_str().as_bytes()).map_err(|_| {
-        AttachError::PerfEventOpen {
-            binary: binary.clone(),
-            offset: req.offset,
-            pid: -1,
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        }
+    let path = CString::new(req.binary.as_os_str().as_bytes()).map_err(|_| AttachError::PerfEventOpen {
+        binary: binary.clone(),
+        offset: req.offset,
+        pid: -1,
+        source: io::Error::from(io::ErrorKind::InvalidInput),
     })?;
 
     let mut attr = [0u8; PERF_ATTR_SIZE];
@@ -152,14 +132,7 @@ pub fn attach_uprobe(
     };
     // SAFETY: attr is a valid perf_event_attr of the size it declares; path outlives the call.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            attr.as_ptr(),
-            pid,
-            cpu,
-            -1,
-            PERF_FLAG_FD_CLOEXEC,
-        )
+        libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), pid, cpu, -1, PERF_FLAG_FD_CLOEXEC)
     };
     if fd < 0 {
         return Err(AttachError::PerfEventOpen {
@@ -201,14 +174,7 @@ pub fn attach_uprobe(
 
     // SAFETY: ioctl on a perf event fd we own.
     if unsafe { libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) } < 0 {
-        return Err(AttachError::Enable {
-            binary,
-            offset: req.offset,
-            source: io::Error::last_os_error(),
-        });
+        return Err(AttachError::Enable { binary, offset: req.offset, source: io::Error::last_os_error() });
     }
-    Ok(UprobeLink {
-        _link: link,
-        _perf: perf,
-    })
+    Ok(UprobeLink { _link: link, _perf: perf })
 }

@@ -7,8 +7,7 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf,
-        lpm_trie::Key,
+        Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key,
     },
     programs::{RawTracePoint, UProbe},
 };
@@ -28,25 +27,13 @@ pub enum BpfError {
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("eBPF object has no {0}; was it built from this source tree?")]
     Missing(&'static str),
-    #[error(
-        "function name {name:?} is {len} bytes; at most {max} bytes can be matched in the kernel"
-    )]
-    NameTooLong {
-        name: String,
-        len: usize,
-        max: usize,
-    },
+    #[error("function name {name:?} is {len} bytes; at most {max} bytes can be matched in the kernel")]
+    NameTooLong { name: String, len: usize, max: usize },
     #[error("function name must not be empty")]
     EmptyName,
     #[error("too many traced names: at most {MAX_NAMES}")]
@@ -64,6 +51,8 @@ pub enum BpfError {
 pub enum ProbeKind {
     Entry,
     Return,
+    /// A program that returns at once (benchmarks: the cost of the uprobe itself).
+    Floor,
 }
 
 impl ProbeKind {
@@ -71,6 +60,7 @@ impl ProbeKind {
         match self {
             ProbeKind::Entry => "pftrace_entry",
             ProbeKind::Return => "pftrace_return",
+            ProbeKind::Floor => "pftrace_noop",
         }
     }
 }
@@ -90,10 +80,15 @@ pub struct Counters {
     pub execs: u64,
     /// Exec reports dropped because the ring buffer was full.
     pub exec_lost: u64,
+    /// Probe hits whose name was decided by the kernel's per-pointer verdict cache.
+    #[serde(default)]
+    pub verdict_hits: u64,
 }
 
 /// The loaded eBPF programs and maps.
 pub struct KernelProbes {
+    /// Attach the floor program instead of the real ones (benchmarks).
+    pub floor: bool,
     ebpf: Ebpf,
     pmu: UprobePmu,
     specs: HashMap<UsdtSpec, u32>,
@@ -119,27 +114,26 @@ impl KernelProbes {
                 (task_layout::RSS_SHMEM, o.mm_shmempages),
             ]
         });
+        // Batched draining: wake the reader when a quarter of the ring is used;
+        // the daemon also drains on a short timer (DRAIN_INTERVAL in the daemon).
+        let wakeup = ring_bytes / 4;
+        loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
             }
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        for kind in [ProbeKind::Entry, ProbeKind::Return] {
+        for kind in [ProbeKind::Entry, ProbeKind::Return, ProbeKind::Floor] {
             let name = kind.program();
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or(BpfError::Missing(name))?
                 .try_into()
                 .map_err(|source| BpfError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            prog.load().map_err(|source| BpfError::Program { name, source })?;
         }
-        Ok(Self {
-            ebpf,
-            pmu,
-            specs: HashMap::new(),
-        })
+        Ok(Self { floor: false, ebpf, pmu, specs: HashMap::new() })
     }
 
     /// Adds a function name to the kernel's filter.
@@ -147,15 +141,10 @@ impl KernelProbes {
         let key = name_key(name)?;
         let mut names = self.names_map()?;
         names.insert(key, 1, 0).map_err(|source| match source {
-            aya::maps::MapError::SyscallError(ref e)
-                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
+            aya::maps::MapError::SyscallError(ref e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 BpfError::TooManyNames
             }
-            source => BpfError::Map {
-                name: "NAMES",
-                source,
-            },
+            source => BpfError::Map { name: "NAMES", source },
         })
     }
 
@@ -165,104 +154,53 @@ impl KernelProbes {
         let mut names = self.names_map()?;
         match names.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map {
-                name: "NAMES",
-                source,
-            }),
+            Err(source) => Err(BpfError::Map { name: "NAMES", source }),
         }
     }
 
     fn names_map(&mut self) -> Result<BpfHashMap<&mut MapData, [u8; NAME_LEN], u32>, BpfError> {
-        let map = self
-            .ebpf
-            .map_mut("NAMES")
-            .ok_or(BpfError::Missing("map NAMES"))?;
-        BpfHashMap::try_from(map).map_err(|source| BpfError::Map {
-            name: "NAMES",
-            source,
-        })
+        let map = self.ebpf.map_mut("NAMES").ok_or(BpfError::Missing("map NAMES"))?;
+        BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "NAMES", source })
     }
 
     /// Adds a glob prefix to the kernel's prefix trie (the empty prefix matches every name).
     pub fn add_prefix(&mut self, prefix: &str) -> Result<(), BpfError> {
         let key = prefix_key(prefix)?;
-        let map = self
-            .ebpf
-            .map_mut("PREFIXES")
-            .ok_or(BpfError::Missing("map PREFIXES"))?;
+        let map = self.ebpf.map_mut("PREFIXES").ok_or(BpfError::Missing("map PREFIXES"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; NAME_LEN], u32> =
-            LpmTrie::try_from(map).map_err(|source| BpfError::Map {
-                name: "PREFIXES",
-                source,
-            })?;
-        trie.insert(&key, 1, 0).map_err(|source| BpfError::Map {
-            name: "PREFIXES",
-            source,
-        })
+            LpmTrie::try_from(map).map_err(|source| BpfError::Map { name: "PREFIXES", source })?;
+        trie.insert(&key, 1, 0).map_err(|source| BpfError::Map { name: "PREFIXES", source })
     }
 
     /// Removes a glob prefix (no error if absent).
     pub fn remove_prefix(&mut self, prefix: &str) -> Result<(), BpfError> {
         let key = prefix_key(prefix)?;
-        let map = self
-            .ebpf
-            .map_mut("PREFIXES")
-            .ok_or(BpfError::Missing("map PREFIXES"))?;
+        let map = self.ebpf.map_mut("PREFIXES").ok_or(BpfError::Missing("map PREFIXES"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; NAME_LEN], u32> =
-            LpmTrie::try_from(map).map_err(|source| BpfError::Map {
-                name: "PREFIXES",
-                source,
-            })?;
+            LpmTrie::try_from(map).map_err(|source| BpfError::Map { name: "PREFIXES", source })?;
         match trie.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map {
-                name: "PREFIXES",
-                source,
-            }),
+            Err(source) => Err(BpfError::Map { name: "PREFIXES", source }),
         }
     }
 
     /// Sets one of the kernel's settings (`pftrace_common::config`).
     pub fn set_config(&mut self, index: u32, value: u32) -> Result<(), BpfError> {
-        let map = self
-            .ebpf
-            .map_mut("CONFIG")
-            .ok_or(BpfError::Missing("map CONFIG"))?;
+        let map = self.ebpf.map_mut("CONFIG").ok_or(BpfError::Missing("map CONFIG"))?;
         let mut cfg: Array<&mut MapData, u32> =
-            Array::try_from(map).map_err(|source| BpfError::Map {
-                name: "CONFIG",
-                source,
-            })?;
-        cfg.set(index, value, 0).map_err(|source| BpfError::Map {
-            name: "CONFIG",
-            source,
-        })
+            Array::try_from(map).map_err(|source| BpfError::Map { name: "CONFIG", source })?;
+        cfg.set(index, value, 0).map_err(|source| BpfError::Map { name: "CONFIG", source })
     }
 
     /// Puts a cgroup v2 directory (opened fd) in slot `slot` of the watched set.
-    pub fn set_cgroup(
-        &mut self,
-        slot: u32,
-        cgroup: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<(), BpfError> {
+    pub fn set_cgroup(&mut self, slot: u32, cgroup: std::os::fd::BorrowedFd<'_>) -> Result<(), BpfError> {
         if slot >= MAX_CGROUPS {
             return Err(BpfError::TooManyCgroups);
         }
-        let map = self
-            .ebpf
-            .map_mut("CGROUPS")
-            .ok_or(BpfError::Missing("map CGROUPS"))?;
+        let map = self.ebpf.map_mut("CGROUPS").ok_or(BpfError::Missing("map CGROUPS"))?;
         let mut cgroups: CgroupArray<&mut MapData> =
-            CgroupArray::try_from(map).map_err(|source| BpfError::Map {
-                name: "CGROUPS",
-                source,
-            })?;
-        cgroups
-            .set(slot, cgroup, 0)
-            .map_err(|source| BpfError::Map {
-                name: "CGROUPS",
-                source,
-            })
+            CgroupArray::try_from(map).map_err(|source| BpfError::Map { name: "CGROUPS", source })?;
+        cgroups.set(slot, cgroup, 0).map_err(|source| BpfError::Map { name: "CGROUPS", source })
     }
 
     /// Loads and attaches the sched_process_exec tracepoint that reports new
@@ -276,10 +214,8 @@ impl KernelProbes {
             .ok_or(BpfError::Missing(name))?
             .try_into()
             .map_err(|source| BpfError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| BpfError::Program { name, source })?;
-        prog.attach("sched_process_exec")
-            .map_err(|source| BpfError::Program { name, source })?;
+        prog.load().map_err(|source| BpfError::Program { name, source })?;
+        prog.attach("sched_process_exec").map_err(|source| BpfError::Program { name, source })?;
         Ok(())
     }
 
@@ -295,23 +231,15 @@ impl KernelProbes {
         pid: Option<u32>,
     ) -> Result<UprobeLink, BpfError> {
         let cookie = self.spec_id(spec)?;
-        let name = kind.program();
+        let name = if self.floor { ProbeKind::Floor.program() } else { kind.program() };
         let prog: &UProbe = self
             .ebpf
             .program(name)
             .ok_or(BpfError::Missing(name))?
             .try_into()
             .map_err(|source| BpfError::Program { name, source })?;
-        let fd = prog
-            .fd()
-            .map_err(|source| BpfError::Program { name, source })?;
-        let req = UprobeRequest {
-            binary,
-            offset,
-            semaphore_offset,
-            pid,
-            cookie: cookie.into(),
-        };
+        let fd = prog.fd().map_err(|source| BpfError::Program { name, source })?;
+        let req = UprobeRequest { binary, offset, semaphore_offset, pid, cookie: cookie.into() };
         Ok(attach_uprobe(&self.pmu, fd.as_fd(), &req)?)
     }
 
@@ -324,39 +252,22 @@ impl KernelProbes {
         if id >= MAX_SPECS {
             return Err(BpfError::TooManySpecs);
         }
-        let map = self
-            .ebpf
-            .map_mut("SPECS")
-            .ok_or(BpfError::Missing("map SPECS"))?;
+        let map = self.ebpf.map_mut("SPECS").ok_or(BpfError::Missing("map SPECS"))?;
         let mut specs: Array<&mut MapData, UsdtSpec> =
-            Array::try_from(map).map_err(|source| BpfError::Map {
-                name: "SPECS",
-                source,
-            })?;
-        specs.set(id, spec, 0).map_err(|source| BpfError::Map {
-            name: "SPECS",
-            source,
-        })?;
+            Array::try_from(map).map_err(|source| BpfError::Map { name: "SPECS", source })?;
+        specs.set(id, spec, 0).map_err(|source| BpfError::Map { name: "SPECS", source })?;
         self.specs.insert(spec, id);
         Ok(id)
     }
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, BpfError> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .ok_or(BpfError::Missing("map COUNTERS"))?;
+        let map = self.ebpf.map("COUNTERS").ok_or(BpfError::Missing("map COUNTERS"))?;
         let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| BpfError::Map {
-                name: "COUNTERS",
-                source,
-            })?;
+            PerCpuArray::try_from(map).map_err(|source| BpfError::Map { name: "COUNTERS", source })?;
         let total = |index: u32| -> Result<u64, BpfError> {
-            let values = counters.get(&index, 0).map_err(|source| BpfError::Map {
-                name: "COUNTERS",
-                source,
-            })?;
+            let values =
+                counters.get(&index, 0).map_err(|source| BpfError::Map { name: "COUNTERS", source })?;
             Ok(values.iter().sum())
         };
         Ok(Counters {
@@ -368,29 +279,24 @@ impl KernelProbes {
             read_errors: total(counter::READ_ERRORS)?,
             execs: total(counter::EXECS)?,
             exec_lost: total(counter::EXEC_LOST)?,
+            verdict_hits: total(counter::VERDICT_HITS)?,
         })
     }
 
     /// Takes the ring buffer of matched calls (once).
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(BpfError::Missing("map EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| BpfError::Map {
-            name: "EVENTS",
-            source,
-        })
+        let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
 }
 
 /// The LPM trie key for a glob prefix: its bytes, matched on their length only.
 fn prefix_key(prefix: &str) -> Result<Key<[u8; NAME_LEN]>, BpfError> {
-    if prefix.len() >= NAME_LEN {
+    if prefix.len() > crate::names::MAX_NAME {
         return Err(BpfError::NameTooLong {
             name: prefix.into(),
             len: prefix.len(),
-            max: NAME_LEN - 1,
+            max: crate::names::MAX_NAME,
         });
     }
     let mut data = [0u8; NAME_LEN];
@@ -404,11 +310,11 @@ pub fn name_key(name: &str) -> Result<[u8; NAME_LEN], BpfError> {
     if name.is_empty() {
         return Err(BpfError::EmptyName);
     }
-    if name.len() >= NAME_LEN {
+    if name.len() > crate::names::MAX_NAME {
         return Err(BpfError::NameTooLong {
             name: name.into(),
             len: name.len(),
-            max: NAME_LEN - 1,
+            max: crate::names::MAX_NAME,
         });
     }
     let mut key = [0u8; NAME_LEN];

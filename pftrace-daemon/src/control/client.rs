@@ -49,14 +49,8 @@ pub enum ClientError {
     Timeout { path: String },
     #[error("talking to pftraced at {path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error(
-        "the dump from {path} stopped after {got} of {expected} bytes: pftraced closed the connection"
-    )]
-    ShortDump {
-        path: String,
-        got: u64,
-        expected: u64,
-    },
+    #[error("the dump from {path} stopped after {got} of {expected} bytes: pftraced closed the connection")]
+    ShortDump { path: String, got: u64, expected: u64 },
     /// Writing the dump to its destination failed (e.g. disk full, closed pipe).
     #[error("writing the dump: {0}")]
     Output(io::Error),
@@ -71,10 +65,7 @@ pub fn request(socket: &Path, command: Command) -> Result<Reply, ClientError> {
 }
 
 /// [`request`], with the reply's result decoded as `T`.
-pub fn request_result<T: DeserializeOwned>(
-    socket: &Path,
-    command: Command,
-) -> Result<T, ClientError> {
+pub fn request_result<T: DeserializeOwned>(socket: &Path, command: Command) -> Result<T, ClientError> {
     let reply = request(socket, command)?;
     serde_json::from_value(reply.result.unwrap_or_default()).map_err(|e| ClientError::BadReply {
         path: socket.display().to_string(),
@@ -127,35 +118,20 @@ impl Connection {
     fn open(socket: &Path) -> Result<Self, ClientError> {
         let path = socket.display().to_string();
         let stream = UnixStream::connect(socket).map_err(|e| connect_error(path.clone(), e))?;
-        let conn = Self {
-            path,
-            reader: BufReader::new(stream),
-        };
+        let conn = Self { path, reader: BufReader::new(stream) };
         let stream = conn.reader.get_ref();
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| conn.io(e))?;
-        stream
-            .set_write_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| conn.io(e))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| conn.io(e))?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(|e| conn.io(e))?;
         Ok(conn)
     }
 
     fn send(&mut self, command: Command) -> Result<(), ClientError> {
-        let line = request_line(&Request {
-            version: PROTOCOL_VERSION,
-            command,
-        });
+        let line = request_line(&Request { version: PROTOCOL_VERSION, command });
         match self.reader.get_mut().write_all(&line) {
             Ok(()) => Ok(()),
             // The daemon may have answered and closed already (busy, permission
             // denied): its reply is still there to read.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
                 Ok(())
             }
             Err(e) => Err(self.io(e)),
@@ -166,70 +142,45 @@ impl Connection {
     fn reply(&mut self) -> Result<Reply, ClientError> {
         let mut line = Vec::new();
         let limit = MAX_REPLY_LINE_BYTES as u64 + 1;
-        (&mut self.reader)
-            .take(limit)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| self.io(e))?;
+        (&mut self.reader).take(limit).read_until(b'\n', &mut line).map_err(|e| self.io(e))?;
         if line.is_empty() {
             return Err(self.bad("the connection closed without a reply".into()));
         }
         if line.pop() != Some(b'\n') {
-            let why = if line.len() as u64 >= limit - 1 {
-                "reply line too long"
-            } else {
-                "reply line cut short"
-            };
+            let why =
+                if line.len() as u64 >= limit - 1 { "reply line too long" } else { "reply line cut short" };
             return Err(self.bad(why.into()));
         }
         parse_reply(&line, &self.path)
     }
 
     fn io(&self, source: io::Error) -> ClientError {
-        if matches!(
-            source.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ) {
-            return ClientError::Timeout {
-                path: self.path.clone(),
-            };
+        if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            return ClientError::Timeout { path: self.path.clone() };
         }
-        ClientError::Io {
-            path: self.path.clone(),
-            source,
-        }
+        ClientError::Io { path: self.path.clone(), source }
     }
 
     fn bad(&self, message: String) -> ClientError {
-        ClientError::BadReply {
-            path: self.path.clone(),
-            message,
-        }
+        ClientError::BadReply { path: self.path.clone(), message }
     }
 }
 
 /// Decodes a reply line (without `\n`).
 pub(crate) fn parse_reply(line: &[u8], path: &str) -> Result<Reply, ClientError> {
-    let bad = |message: String| ClientError::BadReply {
-        path: path.into(),
-        message,
-    };
+    let bad = |message: String| ClientError::BadReply { path: path.into(), message };
     let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
     match value.get("version") {
         Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
         Some(v) => {
-            return Err(ClientError::Version {
-                path: path.into(),
-                theirs: v.to_string(),
-            });
+            return Err(ClientError::Version { path: path.into(), theirs: v.to_string() });
         }
         None => return Err(bad("no \"version\" field".into())),
     }
     let reply: Reply = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     if !reply.ok {
         return Err(ClientError::Daemon(
-            reply
-                .error
-                .unwrap_or_else(|| "pftraced reported an unnamed error".into()),
+            reply.error.unwrap_or_else(|| "pftraced reported an unnamed error".into()),
         ));
     }
     Ok(reply)
@@ -250,12 +201,21 @@ mod tests {
 
     use super::*;
 
-    fn temp_socket(name: &str) -> std::path::PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("pftrace-client-{}-{name}", std::process::id()));
+    /// Removes the test's directory when dropped.
+    struct Cleanup(std::path::PathBuf);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_socket(name: &str) -> (Cleanup, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pftrace-client-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("s.sock")
+        let path = dir.join("s.sock");
+        (Cleanup(dir), path)
     }
 
     /// A one-shot fake daemon: reads the request line, writes `answer`.
@@ -272,13 +232,10 @@ mod tests {
 
     #[test]
     fn connect_errors_say_what_to_do() {
-        let path = temp_socket("connect");
+        let (_dir, path) = temp_socket("connect");
         let e = request(&path, Command::Status {}).unwrap_err().to_string();
         assert!(
-            e.starts_with(&format!(
-                "no pftraced socket at {}: is pftraced running?",
-                path.display()
-            )),
+            e.starts_with(&format!("no pftraced socket at {}: is pftraced running?", path.display())),
             "{e}"
         );
         drop(UnixListener::bind(&path).unwrap()); // the file stays: a stale socket
@@ -288,37 +245,23 @@ mod tests {
 
     #[test]
     fn reply_framing() {
-        let path = temp_socket("reply");
-        let daemon = serve_once(
-            &path,
-            b"{\"version\":1,\"ok\":true,\"result\":{\"names\":[\"a\"]}}\n".to_vec(),
-        );
+        let (_dir, path) = temp_socket("reply");
+        let daemon =
+            serve_once(&path, b"{\"version\":1,\"ok\":true,\"result\":{\"names\":[\"a\"]}}\n".to_vec());
         let names: crate::protocol::NamesReply = request_result(&path, Command::Clear {}).unwrap();
         assert_eq!(names.names, ["a"]);
-        assert_eq!(
-            daemon.join().unwrap(),
-            "{\"version\":1,\"command\":{\"cmd\":\"clear\"}}\n"
-        );
+        assert_eq!(daemon.join().unwrap(), "{\"version\":1,\"command\":{\"cmd\":\"clear\"}}\n");
 
         std::fs::remove_file(&path).unwrap();
-        let daemon = serve_once(
-            &path,
-            b"{\"version\":1,\"ok\":false,\"error\":\"nope: do X\"}\n".to_vec(),
-        );
+        let daemon = serve_once(&path, b"{\"version\":1,\"ok\":false,\"error\":\"nope: do X\"}\n".to_vec());
         let e = request(&path, Command::Stop {}).unwrap_err();
         assert_eq!(e.to_string(), "nope: do X");
         daemon.join().unwrap();
 
         std::fs::remove_file(&path).unwrap();
-        let daemon = serve_once(
-            &path,
-            b"{\"version\":7,\"ok\":false,\"error\":\"?\"}\n".to_vec(),
-        );
+        let daemon = serve_once(&path, b"{\"version\":7,\"ok\":false,\"error\":\"?\"}\n".to_vec());
         let e = request(&path, Command::Status {}).unwrap_err().to_string();
-        assert!(
-            e.contains("speaks protocol 7, this pftracectl speaks 1"),
-            "{e}"
-        );
+        assert!(e.contains("speaks protocol 7, this pftracectl speaks 1"), "{e}");
         daemon.join().unwrap();
 
         std::fs::remove_file(&path).unwrap();
@@ -330,26 +273,27 @@ mod tests {
 
     #[test]
     fn dump_streams_exactly_the_announced_bytes() {
-        let path = temp_socket("dump");
+        let (_dir, path) = temp_socket("dump");
         let body = vec![b'x'; 300_000];
-        let mut answer = b"{\"version\":1,\"ok\":true,\"result\":{\"format\":\"chrome\",\"bytes\":300000,\"calls\":5}}\n".to_vec();
+        let mut answer =
+            b"{\"version\":1,\"ok\":true,\"result\":{\"format\":\"chrome\",\"bytes\":300000,\"calls\":5}}\n"
+                .to_vec();
         answer.extend_from_slice(&body);
         answer.extend_from_slice(b"TRAILING");
         let daemon = serve_once(&path, answer);
         let mut out = Vec::new();
         let header = dump(&path, CallFilter::default(), None, &mut out).unwrap();
-        assert_eq!(
-            (header.bytes, header.calls, out.len()),
-            (300_000, 5, 300_000)
-        );
+        assert_eq!((header.bytes, header.calls, out.len()), (300_000, 5, 300_000));
         assert!(out.iter().all(|&b| b == b'x'));
         daemon.join().unwrap();
 
         std::fs::remove_file(&path).unwrap();
-        let daemon = serve_once(&path, b"{\"version\":1,\"ok\":true,\"result\":{\"format\":\"chrome\",\"bytes\":10,\"calls\":1}}\nabc".to_vec());
-        let e = dump(&path, CallFilter::default(), None, &mut Vec::new())
-            .unwrap_err()
-            .to_string();
+        let daemon = serve_once(
+            &path,
+            b"{\"version\":1,\"ok\":true,\"result\":{\"format\":\"chrome\",\"bytes\":10,\"calls\":1}}\nabc"
+                .to_vec(),
+        );
+        let e = dump(&path, CallFilter::default(), None, &mut Vec::new()).unwrap_err().to_string();
         assert!(e.contains("stopped after 3 of 10 bytes"), "{e}");
         daemon.join().unwrap();
     }
@@ -357,13 +301,11 @@ mod tests {
     #[test]
     fn early_close_reply_is_still_read() {
         // The daemon answers (busy) and closes without reading the request.
-        let path = temp_socket("busy");
+        let (_dir, path) = temp_socket("busy");
         let listener = UnixListener::bind(&path).unwrap();
         let daemon = thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            stream
-                .write_all(b"{\"version\":1,\"ok\":false,\"error\":\"busy\"}\n")
-                .unwrap();
+            stream.write_all(b"{\"version\":1,\"ok\":false,\"error\":\"busy\"}\n").unwrap();
             let mut sink = [0u8; 1];
             let _ = stream.read(&mut sink);
         });

@@ -23,8 +23,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() >= MAX_REQUEST_BYTES {
         return Err(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
     }
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| format!("malformed request (not one line of JSON): {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request (not one line of JSON): {e}"))?;
     match value.get("version").map(serde_json::Value::as_u64) {
         None => {
             return Err("malformed request: no \"version\" field; expected \
@@ -47,10 +47,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 pub fn reply_line(reply: &Reply) -> Vec<u8> {
     let mut line = serde_json::to_vec(reply).unwrap_or_else(|e| {
         // A Value always serialises; keep the framing valid regardless.
-        serde_json::to_vec(&Reply::err(format!(
-            "internal error serialising the reply: {e}"
-        )))
-        .unwrap_or_default()
+        serde_json::to_vec(&Reply::err(format!("internal error serialising the reply: {e}")))
+            .unwrap_or_default()
     });
     line.push(b'\n');
     line
@@ -74,19 +72,13 @@ mod tests {
         assert_eq!(req.command, Command::Status {});
         let line = request_line(&req);
         assert_eq!(line.last(), Some(&b'\n'));
-        assert_eq!(
-            parse_request(&line[..line.len() - 1]).unwrap().command,
-            Command::Status {}
-        );
+        assert_eq!(parse_request(&line[..line.len() - 1]).unwrap().command, Command::Status {});
     }
 
     #[test]
     fn errors_name_what_was_wrong() {
         let e = parse_request(b"hello").unwrap_err();
-        assert!(
-            e.starts_with("malformed request (not one line of JSON): expected value"),
-            "{e}"
-        );
+        assert!(e.starts_with("malformed request (not one line of JSON): expected value"), "{e}");
         let e = parse_request(br#"{"version":1,"comm"#).unwrap_err();
         assert!(e.contains("EOF while parsing"), "{e}");
         let e = parse_request(br#"{"version":2,"command":{"cmd":"teleport"}}"#).unwrap_err();
@@ -95,17 +87,11 @@ mod tests {
             "protocol version 2 is not supported; this pftraced speaks 1; use the pftracectl shipped with it"
         );
         let e = parse_request(br#"{"version":"one","command":{"cmd":"status"}}"#).unwrap_err();
-        assert!(
-            e.starts_with("protocol version \"one\" is not supported"),
-            "{e}"
-        );
+        assert!(e.starts_with("protocol version \"one\" is not supported"), "{e}");
         let e = parse_request(br#"{"command":{"cmd":"status"}}"#).unwrap_err();
         assert!(e.contains("no \"version\" field"), "{e}");
         let e = parse_request(br#"{"version":1,"command":{"cmd":"reboot"}}"#).unwrap_err();
-        assert!(
-            e.starts_with("malformed request: unknown variant `reboot`"),
-            "{e}"
-        );
+        assert!(e.starts_with("malformed request: unknown variant `reboot`"), "{e}");
         let e = parse_request(&vec![b' '; MAX_REQUEST_BYTES]).unwrap_err();
         assert_eq!(e, "request larger than 65536 bytes");
     }

@@ -73,9 +73,7 @@ pub enum ControlError {
          or give this one another socket.path"
     )]
     AlreadyServing { path: String },
-    #[error(
-        "{path} exists and is not a socket; remove it, or set another socket.path in pftraced.toml"
-    )]
+    #[error("{path} exists and is not a socket; remove it, or set another socket.path in pftraced.toml")]
     NotASocket { path: String },
     #[error(
         "socket group {group:?} (socket.group in pftraced.toml) does not exist; create it \
@@ -83,11 +81,7 @@ pub enum ControlError {
     )]
     UnknownGroup { group: String },
     #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: String,
-        source: io::Error,
-    },
+    Io { action: &'static str, path: String, source: io::Error },
     #[error("ControlServer::bind must be called inside a tokio runtime (with IO enabled)")]
     NoRuntime,
 }
@@ -125,11 +119,7 @@ impl ControlServer {
         let shown = path.display().to_string();
         let io_err = |action: &'static str, p: &Path| {
             let path = p.display().to_string();
-            move |source| ControlError::Io {
-                action,
-                path,
-                source,
-            }
+            move |source| ControlError::Io { action, path, source }
         };
         // Resolve the group first: a typo should fail before touching anything.
         let group = match &cfg.group {
@@ -137,9 +127,7 @@ impl ControlServer {
             Some(name) => match group_id(name) {
                 Ok(Some(gid)) => Some((name.clone(), gid)),
                 Ok(None) => {
-                    return Err(ControlError::UnknownGroup {
-                        group: name.clone(),
-                    });
+                    return Err(ControlError::UnknownGroup { group: name.clone() });
                 }
                 Err(source) => {
                     return Err(ControlError::Io {
@@ -158,8 +146,7 @@ impl ControlServer {
                 .map_err(io_err("create the socket directory", dir))?;
         }
         remove_if_stale(&path)?;
-        let listener =
-            UnixListener::bind(&path).map_err(io_err("bind the control socket at", &path))?;
+        let listener = UnixListener::bind(&path).map_err(io_err("bind the control socket at", &path))?;
         // Until the chmod below the mode follows the umask; the peer check in
         // each connection is what actually keeps other users out.
         let mode = if let Some((_, gid)) = &group {
@@ -177,10 +164,7 @@ impl ControlServer {
             listener,
             path,
             identity: (meta.dev(), meta.ino()),
-            shared: Shared {
-                group,
-                request_timeout: REQUEST_TIMEOUT,
-            },
+            shared: Shared { group, request_timeout: REQUEST_TIMEOUT },
             max_connections: MAX_CONNECTIONS,
         })
     }
@@ -240,17 +224,13 @@ impl ControlServer {
                 Err(_) => drop(stream.try_write(&busy)),
             }
         }
-        log::debug!(
-            "control socket {}: daemon gone, no longer accepting",
-            self.path.display()
-        );
+        log::debug!("control socket {}: daemon gone, no longer accepting", self.path.display());
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let ours =
-            fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if ours && let Err(e) = fs::remove_file(&self.path) {
             log::warn!("cannot remove control socket {}: {e}", self.path.display());
         }
@@ -264,11 +244,7 @@ fn remove_if_stale(path: &Path) -> Result<(), ControlError> {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
-            return Err(ControlError::Io {
-                action: "stat",
-                path: shown(),
-                source,
-            });
+            return Err(ControlError::Io { action: "stat", path: shown(), source });
         }
     };
     if !meta.file_type().is_socket() {
@@ -277,43 +253,29 @@ fn remove_if_stale(path: &Path) -> Result<(), ControlError> {
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(_) => Err(ControlError::AlreadyServing { path: shown() }),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            log::info!(
-                "removing stale control socket {} (its daemon is gone)",
-                shown()
-            );
+            log::info!("removing stale control socket {} (its daemon is gone)", shown());
             fs::remove_file(path).map_err(|source| ControlError::Io {
                 action: "remove stale socket",
                 path: shown(),
                 source,
             })
         }
-        Err(source) => Err(ControlError::Io {
-            action: "check existing socket",
-            path: shown(),
-            source,
-        }),
+        Err(source) => Err(ControlError::Io { action: "check existing socket", path: shown(), source }),
     }
 }
 
 /// The gid of group `name`, None if there is no such group.
 fn group_id(name: &str) -> io::Result<Option<u32>> {
-    let cname = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
+    let cname =
+        CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
     let mut buf: Vec<libc::c_char> = vec![0; 4096];
     loop {
         // SAFETY: all-zero is a valid `group` (pointers null, ints 0).
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call; buf.len() is its size.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
+        let rc =
+            unsafe { libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) };
         match rc {
             0 if found.is_null() => return Ok(None),
             0 => return Ok(Some(grp.gr_gid)),
@@ -331,11 +293,7 @@ fn proc_groups(pid: u32) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -346,10 +304,7 @@ impl Shared {
             return Ok(());
         }
         let Some((name, gid)) = &self.group else {
-            return Err(format!(
-                "permission denied: uid {} is not root; run pftracectl with sudo",
-                peer.uid
-            ));
+            return Err(format!("permission denied: uid {} is not root; run pftracectl with sudo", peer.uid));
         };
         if peer.gid == *gid || peer.pid.is_some_and(|pid| proc_groups(pid).contains(gid)) {
             return Ok(());
@@ -415,22 +370,15 @@ async fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
 async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender<ControlRequest>) {
     let result = async {
         let peer = match stream.peer_cred() {
-            Ok(c) => PeerCred {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid().and_then(|p| u32::try_from(p).ok()),
-            },
+            Ok(c) => {
+                PeerCred { uid: c.uid(), gid: c.gid(), pid: c.pid().and_then(|p| u32::try_from(p).ok()) }
+            }
             Err(e) => {
-                return send_error(&stream, format!("cannot read the peer's credentials: {e}"))
-                    .await;
+                return send_error(&stream, format!("cannot read the peer's credentials: {e}")).await;
             }
         };
         if let Err(message) = shared.authorize(&peer) {
-            log::info!(
-                "control socket: refused uid {} (pid {:?})",
-                peer.uid,
-                peer.pid
-            );
+            log::info!("control socket: refused uid {} (pid {:?})", peer.uid, peer.pid);
             return send_error(&stream, message).await;
         }
         let limit = shared.request_timeout;
@@ -438,11 +386,7 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
             Ok(Ok(line)) => line,
             Ok(Err(ReadError::Empty)) => return Ok(()),
             Ok(Err(ReadError::TooLarge)) => {
-                return send_error(
-                    &stream,
-                    format!("request larger than {MAX_REQUEST_BYTES} bytes"),
-                )
-                .await;
+                return send_error(&stream, format!("request larger than {MAX_REQUEST_BYTES} bytes")).await;
             }
             Ok(Err(ReadError::Io(e))) => return Err(e),
             Err(_) => {
@@ -458,20 +402,9 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
             Err(message) => return send_error(&stream, message).await,
         };
         let (reply, answer) = oneshot::channel();
-        if tx
-            .send(ControlRequest {
-                command,
-                peer,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return send_error(
-                &stream,
-                "pftraced is shutting down; the command was not carried out".into(),
-            )
-            .await;
+        if tx.send(ControlRequest { command, peer, reply }).await.is_err() {
+            return send_error(&stream, "pftraced is shutting down; the command was not carried out".into())
+                .await;
         }
         match answer.await {
             Ok(Handled::Json(result)) => send_all(&stream, &reply_line(&Reply::ok(result))).await,
@@ -483,8 +416,7 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
                 send_all(&stream, &bytes).await
             }
             Err(_) => {
-                let message =
-                    "pftraced dropped the command without answering (it may be shutting down)";
+                let message = "pftraced dropped the command without answering (it may be shutting down)";
                 send_error(&stream, message.into()).await
             }
         }
@@ -507,19 +439,13 @@ mod tests {
     use crate::protocol::{PROTOCOL_VERSION, Request};
 
     fn shared(group: Option<(&str, u32)>) -> Shared {
-        Shared {
-            group: group.map(|(n, g)| (n.into(), g)),
-            request_timeout: Duration::from_millis(300),
-        }
+        Shared { group: group.map(|(n, g)| (n.into(), g)), request_timeout: Duration::from_millis(300) }
     }
 
     /// Serves one connection of a socketpair with a handler that answers
     /// status with `{"ok":1}` and dump with `body`; returns what the client read.
     fn exchange(sent: &[u8], body: &'static [u8]) -> Vec<u8> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut client = client;
         client.write_all(sent).unwrap();
@@ -532,11 +458,7 @@ mod tests {
                 while let Some(req) = rx.recv().await {
                     let answer = match req.command {
                         Command::Dump { .. } => Handled::Dump {
-                            header: DumpHeader {
-                                format: "chrome".into(),
-                                bytes: 999,
-                                calls: 2,
-                            },
+                            header: DumpHeader { format: "chrome".into(), bytes: 999, calls: 2 },
                             bytes: body.to_vec(),
                         },
                         Command::Stop {} => Handled::Error("no".into()),
@@ -560,10 +482,7 @@ mod tests {
     }
 
     fn req(command: Command) -> Vec<u8> {
-        super::super::request_line(&Request {
-            version: PROTOCOL_VERSION,
-            command,
-        })
+        super::super::request_line(&Request { version: PROTOCOL_VERSION, command })
     }
 
     #[test]
@@ -572,10 +491,7 @@ mod tests {
         assert_eq!(got, b"{\"version\":1,\"ok\":true,\"result\":{\"ok\":1}}\n");
         let got = exchange(&req(Command::Stop {}), b"");
         assert_eq!(got, b"{\"version\":1,\"ok\":false,\"error\":\"no\"}\n");
-        let dump = Command::Dump {
-            filter: Default::default(),
-            format: None,
-        };
+        let dump = Command::Dump { filter: Default::default(), format: None };
         let got = exchange(&req(dump), b"[\n{}\n]\nRAW\n");
         let text = String::from_utf8(got).unwrap();
         // header.bytes is corrected to the real length; the body follows verbatim.
@@ -588,10 +504,7 @@ mod tests {
     #[test]
     fn bad_requests_get_error_lines() {
         let got = String::from_utf8(exchange(b"garbage\n", b"")).unwrap();
-        assert!(
-            got.starts_with("{\"version\":1,\"ok\":false,\"error\":\"malformed request"),
-            "{got}"
-        );
+        assert!(got.starts_with("{\"version\":1,\"ok\":false,\"error\":\"malformed request"), "{got}");
         let got = String::from_utf8(exchange(br#"{"version":1,"comm"#, b"")).unwrap();
         assert!(got.contains("EOF while parsing"), "{got}");
         let got = String::from_utf8(exchange(&vec![b'x'; 70_000], b"")).unwrap();
@@ -602,18 +515,12 @@ mod tests {
         line.push(b'\n');
         let got = String::from_utf8(exchange(&line, b"")).unwrap();
         assert!(got.contains("\"ok\":true"), "{got}");
-        assert!(
-            exchange(b"", b"").is_empty(),
-            "an empty connection gets no reply"
-        );
+        assert!(exchange(b"", b"").is_empty(), "an empty connection gets no reply");
     }
 
     #[test]
     fn silent_client_times_out() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         rt.block_on(async move {
             server.set_nonblocking(true).unwrap();
@@ -627,11 +534,7 @@ mod tests {
 
     #[test]
     fn authorization() {
-        let peer = |uid, gid| PeerCred {
-            uid,
-            gid,
-            pid: None,
-        };
+        let peer = |uid, gid| PeerCred { uid, gid, pid: None };
         assert!(shared(None).authorize(&peer(0, 0)).is_ok());
         assert_eq!(
             shared(None).authorize(&peer(1000, 1000)).unwrap_err(),
@@ -640,16 +543,9 @@ mod tests {
         let g = shared(Some(("tracers", 1234)));
         assert!(g.authorize(&peer(1000, 1234)).is_ok());
         let e = g.authorize(&peer(1000, 1000)).unwrap_err();
-        assert!(
-            e.starts_with("permission denied: uid 1000 is not root or in group tracers"),
-            "{e}"
-        );
+        assert!(e.starts_with("permission denied: uid 1000 is not root or in group tracers"), "{e}");
         // Supplementary groups come from /proc/PID/status: ours include 0 (root).
-        let me = PeerCred {
-            uid: 1000,
-            gid: 1000,
-            pid: Some(std::process::id()),
-        };
+        let me = PeerCred { uid: 1000, gid: 1000, pid: Some(std::process::id()) };
         let mine = proc_groups(std::process::id());
         if let Some(&sup) = mine.first() {
             assert!(shared(Some(("x", sup))).authorize(&me).is_ok());

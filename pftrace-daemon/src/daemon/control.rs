@@ -6,7 +6,7 @@ use serde_json::json;
 use super::{Daemon, store};
 use crate::{
     control::server::Handled,
-    output::{Chrome, TraceFormat as _},
+    output,
     protocol::{CallFilter, Command, DumpHeader, NamesReply, Status},
     trace::Trace,
 };
@@ -22,15 +22,11 @@ impl Daemon {
                 json_reply(&store::stats(&calls, per_pid))
             }
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply {
-                    names: self.filter.texts(),
-                }),
+                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
                 Err(err) => Handled::Error(err.to_string()),
             },
             Command::Remove { names } => match self.filter.remove(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply {
-                    names: self.filter.texts(),
-                }),
+                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
                 Err(err) => Handled::Error(err.to_string()),
             },
             Command::Clear {} => Handled::Json(json!({ "cleared": self.store.clear() })),
@@ -67,12 +63,12 @@ impl Daemon {
     }
 
     fn dump(&self, filter: &CallFilter, format: Option<&str>) -> Handled {
+        // `chrome`, `records`, `pfw` or `pfw:PERFFLOW_OPTIONS` (one stream for all processes).
         let format = format.unwrap_or("chrome");
-        if format != "chrome" {
-            return Handled::Error(format!(
-                "unknown dump format {format:?}; known formats: chrome"
-            ));
-        }
+        let writer = match output::by_name(format, None) {
+            Ok(w) => w,
+            Err(err) => return Handled::Error(err.to_string()),
+        };
         let calls = self.store.select(filter, &self.clock);
         let mut processes: Vec<_> = self.processes.traced().cloned().collect();
         processes.sort_by_key(|p| p.pid);
@@ -92,15 +88,11 @@ impl Daemon {
             hostname: super::hostname(),
         };
         let mut bytes = Vec::new();
-        if let Err(err) = Chrome.write(&trace, &mut bytes) {
+        if let Err(err) = writer.write(&trace, &mut bytes) {
             return Handled::Error(format!("rendering the trace: {err}"));
         }
         Handled::Dump {
-            header: DumpHeader {
-                format: format.into(),
-                bytes: bytes.len() as u64,
-                calls: n,
-            },
+            header: DumpHeader { format: format.into(), bytes: bytes.len() as u64, calls: n },
             bytes,
         }
     }

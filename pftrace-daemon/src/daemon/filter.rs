@@ -33,6 +33,8 @@ pub struct NameFilter {
     cache: HashMap<(usize, usize), bool>,
     /// Records dropped here (the kernel passed them; path or glob did not match).
     pub dropped: u64,
+    /// Bumped on every change so the kernel's verdict cache forgets old answers.
+    generation: u32,
 }
 
 impl NameFilter {
@@ -47,10 +49,7 @@ impl NameFilter {
     /// Adds names (already traced ones are left as they are). All are parsed
     /// before any is added, so a bad name changes nothing.
     pub fn add(&mut self, probes: &mut KernelProbes, texts: &[String]) -> Result<(), FilterError> {
-        let specs = texts
-            .iter()
-            .map(|t| NameSpec::parse(t))
-            .collect::<Result<Vec<_>, _>>()?;
+        let specs = texts.iter().map(|t| NameSpec::parse(t)).collect::<Result<Vec<_>, _>>()?;
         for spec in specs {
             if self.specs.contains(&spec) {
                 continue;
@@ -73,30 +72,15 @@ impl NameFilter {
             }
             self.specs.push(spec);
         }
-        probes.set_config(
-            config::HAS_PREFIXES,
-            u32::from(!self.prefix_refs.is_empty()),
-        )?;
-        self.cache.clear();
-        Ok(())
+        self.changed(probes)
     }
 
     /// Removes names; each must be traced (as written when added).
-    pub fn remove(
-        &mut self,
-        probes: &mut KernelProbes,
-        texts: &[String],
-    ) -> Result<(), FilterError> {
-        let specs = texts
-            .iter()
-            .map(|t| NameSpec::parse(t))
-            .collect::<Result<Vec<_>, _>>()?;
+    pub fn remove(&mut self, probes: &mut KernelProbes, texts: &[String]) -> Result<(), FilterError> {
+        let specs = texts.iter().map(|t| NameSpec::parse(t)).collect::<Result<Vec<_>, _>>()?;
         for spec in &specs {
             if !self.specs.contains(spec) {
-                return Err(FilterError::NotTraced(
-                    spec.text.clone(),
-                    self.texts().join(", "),
-                ));
+                return Err(FilterError::NotTraced(spec.text.clone(), self.texts().join(", ")));
             }
         }
         for spec in specs {
@@ -115,10 +99,13 @@ impl NameFilter {
                 }
             }
         }
-        probes.set_config(
-            config::HAS_PREFIXES,
-            u32::from(!self.prefix_refs.is_empty()),
-        )?;
+        self.changed(probes)
+    }
+
+    fn changed(&mut self, probes: &mut KernelProbes) -> Result<(), FilterError> {
+        probes.set_config(config::HAS_PREFIXES, u32::from(!self.prefix_refs.is_empty()))?;
+        self.generation = self.generation.wrapping_add(1);
+        probes.set_config(config::GENERATION, self.generation)?;
         self.cache.clear();
         Ok(())
     }
@@ -128,15 +115,9 @@ impl NameFilter {
         if self.specs.iter().all(NameSpec::decided_in_kernel) {
             return true;
         }
-        let key = (
-            Arc::as_ptr(function) as *const u8 as usize,
-            Arc::as_ptr(file) as *const u8 as usize,
-        );
+        let key = (Arc::as_ptr(function) as *const u8 as usize, Arc::as_ptr(file) as *const u8 as usize);
         let specs = &self.specs;
-        let keep = *self
-            .cache
-            .entry(key)
-            .or_insert_with(|| specs.iter().any(|s| s.matches(function, file)));
+        let keep = *self.cache.entry(key).or_insert_with(|| specs.iter().any(|s| s.matches(function, file)));
         if !keep {
             self.dropped += 1;
         }

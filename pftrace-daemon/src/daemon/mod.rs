@@ -56,6 +56,8 @@ pub struct DaemonOptions {
     /// Listen on the control socket (config.socket).
     pub serve: bool,
     pub config: Config,
+    /// Benchmarks only: attach programs that return at once (the uprobe floor).
+    pub floor: bool,
 }
 
 /// Errors that stop the daemon from starting.
@@ -67,9 +69,7 @@ pub enum DaemonError {
     Bpf(#[from] BpfError),
     #[error(transparent)]
     Names(#[from] FilterError),
-    #[error(
-        "no function names to trace: give at least one with -t NAME (or `names` in the config file)"
-    )]
+    #[error("no function names to trace: give at least one with -t NAME (or `names` in the config file)")]
     NoNames,
     #[error(transparent)]
     Target(#[from] TargetError),
@@ -87,8 +87,9 @@ pub enum DaemonError {
     Ring(std::io::Error),
 }
 
-/// How often the ring buffer is drained without a wakeup, and rolling files flushed.
-const TICK: Duration = Duration::from_millis(100);
+/// How often the ring buffer is drained without a wakeup (the kernel wakes
+/// the daemon only when the ring is a quarter full), and samples taken.
+const TICK: Duration = Duration::from_millis(10);
 
 /// The running daemon's state.
 pub struct Daemon {
@@ -134,6 +135,7 @@ impl Daemon {
             }
         };
         let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
+        probes.floor = opts.floor;
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 
@@ -166,11 +168,7 @@ impl Daemon {
             None => None,
         };
         let mut targets: Vec<String> = opts.pids.iter().map(|p| format!("pid {p}")).collect();
-        targets.extend(
-            cgroups
-                .iter()
-                .map(|c| format!("cgroup {}", c.path.display())),
-        );
+        targets.extend(cgroups.iter().map(|c| format!("cgroup {}", c.path.display())));
         if opts.all {
             targets.push("all probe-enabled Pythons on the host".into());
         }
@@ -208,8 +206,7 @@ impl Daemon {
     /// Attaches to a launched command stopped at its exec.
     pub fn attach_launched(&mut self, child: &Launched) -> Result<Target, DaemonError> {
         let target = self.attach_pid(child.pid())?;
-        self.targets
-            .push(format!("command {} (pid {})", target.command, target.pid));
+        self.targets.push(format!("command {} (pid {})", target.command, target.pid));
         Ok(target)
     }
 
@@ -279,13 +276,11 @@ impl Daemon {
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<Trace, DaemonError> {
         let ring = self.probes.take_ring()?;
         // SAFETY: the ring buffer owns its fd and keeps it open while registered.
-        let mut ring =
-            unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::Ring(e.into()))?;
+        let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::Ring(e.into()))?;
         let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(64);
         let server = match &self.serve {
             Some(cfg) => {
-                let server =
-                    ControlServer::bind(cfg).map_err(|e| DaemonError::Control(e.to_string()))?;
+                let server = ControlServer::bind(cfg).map_err(|e| DaemonError::Control(e.to_string()))?;
                 Some(server.spawn(ctl_tx))
             }
             None => {
@@ -376,8 +371,7 @@ impl Daemon {
     /// A traced process exited: close its open calls at the exit time.
     fn process_exited(&mut self, pid: u32) {
         let mut closed = Vec::new();
-        self.pairer
-            .close_open(Some(pid), WallClock::monotonic_now_ns(), &mut closed);
+        self.pairer.close_open(Some(pid), WallClock::monotonic_now_ns(), &mut closed);
         self.store_calls(closed);
         self.processes.exited(pid);
         self.sampler.forget(pid);

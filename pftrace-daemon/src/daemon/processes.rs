@@ -9,8 +9,8 @@ use std::{
 };
 
 use crate::{
-    procinfo,
     bpf::{BpfError, KernelProbes, ProbeKind, UprobeLink},
+    procinfo,
     protocol::{BinaryStatus, ProcessStatus, Refusal},
     target::{Target, TargetError},
     trace::TracedProcess,
@@ -23,11 +23,7 @@ const MAX_REFUSALS: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachFailure {
     #[error("attaching to pid {pid} ({binary}): {source}")]
-    Bpf {
-        pid: u32,
-        binary: String,
-        source: BpfError,
-    },
+    Bpf { pid: u32, binary: String, source: BpfError },
     #[error("limit reached: already tracing {0} processes (limits.max_processes)")]
     TooMany(usize),
 }
@@ -66,20 +62,10 @@ fn attach_sites(
     pid: Option<u32>,
 ) -> Result<Vec<UprobeLink>, AttachFailure> {
     let mut links = Vec::new();
-    for (kind, sites) in [
-        (ProbeKind::Entry, &target.entry),
-        (ProbeKind::Return, &target.ret),
-    ] {
+    for (kind, sites) in [(ProbeKind::Entry, &target.entry), (ProbeKind::Return, &target.ret)] {
         for site in sites {
             let link = probes
-                .attach(
-                    kind,
-                    &target.open_path,
-                    site.offset,
-                    site.semaphore_offset,
-                    site.spec,
-                    pid,
-                )
+                .attach(kind, &target.open_path, site.offset, site.semaphore_offset, site.spec, pid)
                 .map_err(|source| AttachFailure::Bpf {
                     pid: target.pid,
                     binary: target.binary.display().to_string(),
@@ -92,17 +78,12 @@ fn attach_sites(
 }
 
 fn file_id(target: &Target) -> FileId {
-    std::fs::metadata(&target.open_path)
-        .map(|m| (m.dev(), m.ino()))
-        .unwrap_or((0, 0))
+    std::fs::metadata(&target.open_path).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0))
 }
 
 impl Processes {
     pub fn new(max_processes: usize) -> Self {
-        Self {
-            max_processes,
-            ..Default::default()
-        }
+        Self { max_processes, ..Default::default() }
     }
 
     /// Whether `pid` is traced and running.
@@ -122,15 +103,7 @@ impl Processes {
         }
         let links = attach_sites(probes, target, Some(target.pid))?;
         self.note_binary(target);
-        self.procs.insert(
-            target.pid,
-            ProcEntry {
-                info: traced(target),
-                links,
-                running: true,
-                calls: 0,
-            },
-        );
+        self.procs.insert(target.pid, ProcEntry { info: traced(target), links, running: true, calls: 0 });
         Ok(())
     }
 
@@ -142,11 +115,7 @@ impl Processes {
         target: &Target,
     ) -> Result<bool, AttachFailure> {
         let id = file_id(target);
-        if self
-            .binaries
-            .get(&id)
-            .is_some_and(|b| !b.host_links.is_empty())
-        {
+        if self.binaries.get(&id).is_some_and(|b| !b.host_links.is_empty()) {
             self.note_process(target);
             return Ok(false);
         }
@@ -159,25 +128,20 @@ impl Processes {
 
     /// Records a process seen under host-wide probes (no links of its own).
     pub fn note_process(&mut self, target: &Target) {
-        self.procs
-            .entry(target.pid)
-            .and_modify(|p| p.running = true)
-            .or_insert_with(|| ProcEntry {
-                info: traced(target),
-                links: Vec::new(),
-                running: true,
-                calls: 0,
-            });
+        self.procs.entry(target.pid).and_modify(|p| p.running = true).or_insert_with(|| ProcEntry {
+            info: traced(target),
+            links: Vec::new(),
+            running: true,
+            calls: 0,
+        });
     }
 
     fn note_binary(&mut self, target: &Target) {
-        self.binaries
-            .entry(file_id(target))
-            .or_insert_with(|| BinaryEntry {
-                path: target.binary.display().to_string(),
-                version: target.version.map(|v| v.to_string()),
-                host_links: Vec::new(),
-            });
+        self.binaries.entry(file_id(target)).or_insert_with(|| BinaryEntry {
+            path: target.binary.display().to_string(),
+            version: target.version.map(|v| v.to_string()),
+            host_links: Vec::new(),
+        });
     }
 
     /// The process exited (or exec'd something else): detach its probes.
@@ -199,19 +163,13 @@ impl Processes {
         if self.refused.len() >= MAX_REFUSALS {
             self.refused.pop_front();
         }
-        self.refused.push_back(Refusal {
-            pid,
-            reason: err.to_string(),
-        });
+        self.refused.push_back(Refusal { pid, reason: err.to_string() });
     }
 
     /// Whether a refusal is worth reporting: a process in scope that is not
     /// a Python at all (a shell, `sleep`) is simply not ours.
     pub fn worth_reporting(err: &TargetError) -> bool {
-        !matches!(
-            err,
-            TargetError::NotPython { .. } | TargetError::Gone { .. } | TargetError::PidNotFound(_)
-        )
+        !matches!(err, TargetError::NotPython { .. } | TargetError::Gone { .. } | TargetError::PidNotFound(_))
     }
 
     pub fn running_pids(&self) -> Vec<u32> {
@@ -227,10 +185,7 @@ impl Processes {
     }
 
     pub fn infos(&self) -> HashMap<u32, TracedProcess> {
-        self.procs
-            .iter()
-            .map(|(pid, p)| (*pid, p.info.clone()))
-            .collect()
+        self.procs.iter().map(|(pid, p)| (*pid, p.info.clone())).collect()
     }
 
     pub fn process_status(&self) -> Vec<ProcessStatus> {
@@ -258,11 +213,8 @@ impl Processes {
                 path: b.path.clone(),
                 version: b.version.clone(),
                 host_wide: !b.host_links.is_empty(),
-                processes: self
-                    .procs
-                    .values()
-                    .filter(|p| p.running && p.info.binary == b.path)
-                    .count() as u64,
+                processes: self.procs.values().filter(|p| p.running && p.info.binary == b.path).count()
+                    as u64,
             })
             .collect();
         v.sort_by(|a, b| a.path.cmp(&b.path));

@@ -23,12 +23,7 @@ pub struct CallStore {
 
 impl CallStore {
     pub fn new(max: usize) -> Self {
-        Self {
-            calls: VecDeque::new(),
-            max: max.max(1),
-            total: 0,
-            evicted: 0,
-        }
+        Self { calls: VecDeque::new(), max: max.max(1), total: 0, evicted: 0 }
     }
 
     pub fn push(&mut self, call: Call) {
@@ -57,11 +52,7 @@ impl CallStore {
 
     /// The calls a filter selects, oldest first.
     pub fn select(&self, filter: &CallFilter, clock: &WallClock) -> Vec<Call> {
-        self.calls
-            .iter()
-            .filter(|c| selects(filter, c, clock))
-            .cloned()
-            .collect()
+        self.calls.iter().filter(|c| selects(filter, c, clock)).cloned().collect()
     }
 
     /// Every call in memory.
@@ -73,9 +64,7 @@ impl CallStore {
 fn selects(filter: &CallFilter, call: &Call, clock: &WallClock) -> bool {
     filter.pid.is_none_or(|pid| call.pid == pid)
         && filter.function.as_deref().is_none_or(|f| &*call.name == f)
-        && filter
-            .since_wall_ns
-            .is_none_or(|since| clock.wall_ns(call.start_ns) >= since as i128)
+        && filter.since_wall_ns.is_none_or(|since| clock.wall_ns(call.start_ns) >= since as i128)
 }
 
 /// Per-function (and, with `per_pid`, per-process) figures, largest total first.
@@ -110,11 +99,7 @@ pub fn stats<'a>(calls: impl IntoIterator<Item = &'a Call>, per_pid: bool) -> Ve
             }
         })
         .collect();
-    out.sort_by(|a, b| {
-        b.total_ns
-            .cmp(&a.total_ns)
-            .then_with(|| a.function.cmp(&b.function))
-    });
+    out.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| a.function.cmp(&b.function)));
     out
 }
 
@@ -154,14 +139,7 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(
-            (
-                percentile(&v, 50.0),
-                percentile(&v, 95.0),
-                percentile(&v, 99.0)
-            ),
-            (50, 95, 99)
-        );
+        assert_eq!((percentile(&v, 50.0), percentile(&v, 95.0), percentile(&v, 99.0)), (50, 95, 99));
         assert_eq!(percentile(&[7], 99.0), 7);
         assert_eq!(percentile(&[], 50.0), 0);
     }
@@ -174,10 +152,7 @@ mod tests {
             s.push(call(if i % 2 == 0 { 1 } else { 2 }, "f", i * 10, 5));
         }
         assert_eq!((s.len(), s.total, s.evicted), (3, 5, 2));
-        let f = CallFilter {
-            pid: Some(1),
-            ..Default::default()
-        };
+        let f = CallFilter { pid: Some(1), ..Default::default() };
         assert_eq!(s.select(&f, &clock).len(), 2);
         let st = stats(s.all(), true);
         assert_eq!(st.len(), 2);

@@ -22,9 +22,7 @@ pub struct CgroupTarget {
 /// Errors opening a cgroup target.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetScopeError {
-    #[error(
-        "cgroup {path}: {source} (give a cgroup v2 directory, e.g. /sys/fs/cgroup/unified/myjob)"
-    )]
+    #[error("cgroup {path}: {source} (give a cgroup v2 directory, e.g. /sys/fs/cgroup/unified/myjob)")]
     Open { path: String, source: io::Error },
     #[error(
         "{path} is not a cgroup v2 directory (no cgroup.procs with cgroup2 semantics); on this host cgroup v2 \
@@ -38,10 +36,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 impl CgroupTarget {
     pub fn open(path: &Path) -> Result<Self, TargetScopeError> {
         let display = path.display().to_string();
-        let err = |source| TargetScopeError::Open {
-            path: display.clone(),
-            source,
-        };
+        let err = |source| TargetScopeError::Open { path: display.clone(), source };
         let dir = File::open(path).map_err(err)?;
         let meta = dir.metadata().map_err(err)?;
         if !meta.is_dir() || !is_cgroup2(path) {
@@ -50,11 +45,7 @@ impl CgroupTarget {
                 mount: cgroup2_mount().unwrap_or("(none found)".into()),
             });
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            dir,
-            id: meta.ino(),
-        })
+        Ok(Self { path: path.to_path_buf(), dir, id: meta.ino() })
     }
 
     /// Pids in this cgroup and every descendant cgroup.
@@ -101,10 +92,6 @@ pub fn cgroup2_mount() -> Option<String> {
 /// Every pid on the host (for `--all` at start).
 pub fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default()
 }

@@ -40,23 +40,16 @@ pub enum BtfError {
     #[error(
         "cannot read kernel BTF from {path}: {source} (pftrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"
     )]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(String),
-    #[error(
-        "kernel BTF has no type `{0}` (pftrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"
-    )]
+    #[error("kernel BTF has no type `{0}` (pftrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     NoSuchType(String),
     #[error(
         "kernel BTF: `{ty}` has no member `{member}` (pftrace needs CONFIG_DEBUG_INFO_BTF=y and a kernel layout it knows)"
     )]
     NoSuchMember { ty: String, member: String },
-    #[error(
-        "kernel BTF has no enumerator `{0}` (pftrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)"
-    )]
+    #[error("kernel BTF has no enumerator `{0}` (pftrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")]
     NoSuchEnumerator(String),
     #[error("unexpected kernel layout in BTF: {0}")]
     Layout(String),
@@ -120,10 +113,8 @@ impl Btf {
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let data = std::fs::read(path)
+            .map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
         Self::from_vec(data)
     }
 
@@ -137,13 +128,7 @@ impl Btf {
             Some([0xeb, 0x9f]) => true,
             _ => return Err(malformed("bad magic (not a BTF file)")),
         };
-        let mut btf = Btf {
-            data,
-            big_endian,
-            types: vec![0],
-            strings: 0..0,
-            ptr_size: 8,
-        };
+        let mut btf = Btf { data, big_endian, types: vec![0], strings: 0..0, ptr_size: 8 };
         if btf.data.len() < 24 {
             return Err(malformed("truncated header"));
         }
@@ -177,10 +162,7 @@ impl Btf {
                 KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
                 KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
                 kind => {
-                    return Err(malformed(format!(
-                        "type {} has unknown kind {kind}",
-                        btf.types.len()
-                    )));
+                    return Err(malformed(format!("type {} has unknown kind {kind}", btf.types.len())));
                 }
             };
             btf.types.push(pos);
@@ -214,15 +196,7 @@ impl Btf {
 
     /// Size in bytes of the named struct, union, enum, int, float or typedef.
     pub fn type_size(&self, name: &str) -> Result<u32> {
-        let sized = [
-            KIND_INT,
-            KIND_STRUCT,
-            KIND_UNION,
-            KIND_ENUM,
-            KIND_ENUM64,
-            KIND_FLOAT,
-            KIND_TYPEDEF,
-        ];
+        let sized = [KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT, KIND_TYPEDEF];
         let id = self
             .find(|t, n| sized.contains(&t.kind) && n == name)
             .ok_or_else(|| BtfError::NoSuchType(name.to_string()))?;
@@ -237,11 +211,7 @@ impl Btf {
                 let value = match t.kind {
                     KIND_ENUM if self.name(self.u32(t.data + 8 * i)) == name => {
                         let raw = self.u32(t.data + 8 * i + 4);
-                        if t.kind_flag {
-                            raw as i32 as i64
-                        } else {
-                            raw as i64
-                        }
+                        if t.kind_flag { raw as i32 as i64 } else { raw as i64 }
                     }
                     KIND_ENUM64 if self.name(self.u32(t.data + 12 * i)) == name => {
                         let p = t.data + 12 * i;
@@ -257,18 +227,12 @@ impl Btf {
 
     fn u32(&self, pos: usize) -> u32 {
         let bytes: [u8; 4] = self.data[pos..pos + 4].try_into().expect("4 bytes");
-        if self.big_endian {
-            u32::from_be_bytes(bytes)
-        } else {
-            u32::from_le_bytes(bytes)
-        }
+        if self.big_endian { u32::from_be_bytes(bytes) } else { u32::from_le_bytes(bytes) }
     }
 
     /// The NUL-terminated string at `off` in the string section ("" if invalid).
     fn name(&self, off: u32) -> &str {
-        let bytes = self.data[self.strings.clone()]
-            .get(off as usize..)
-            .unwrap_or_default();
+        let bytes = self.data[self.strings.clone()].get(off as usize..).unwrap_or_default();
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
         std::str::from_utf8(&bytes[..end]).unwrap_or_default()
     }
@@ -291,8 +255,7 @@ impl Btf {
 
     /// First type id for which `pred(type, name)` holds.
     fn find(&self, pred: impl Fn(&Ty, &str) -> bool) -> Option<u32> {
-        (1..self.types.len() as u32)
-            .find(|&id| self.ty(id).is_ok_and(|t| pred(&t, self.name(t.name_off))))
+        (1..self.types.len() as u32).find(|&id| self.ty(id).is_ok_and(|t| pred(&t, self.name(t.name_off))))
     }
 
     /// Follows typedef/const/volatile/restrict/type_tag to the underlying type.
@@ -312,18 +275,15 @@ impl Btf {
     fn size_of(&self, id: u32) -> Result<u32> {
         let (_, t) = self.resolve(id)?;
         match t.kind {
-            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT
-            | KIND_DATASEC => Ok(t.size_or_type),
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT | KIND_DATASEC => {
+                Ok(t.size_or_type)
+            }
             KIND_PTR => Ok(self.ptr_size),
             KIND_ARRAY => {
                 let (elem, n) = self.array(&t);
-                self.size_of(elem)?
-                    .checked_mul(n)
-                    .ok_or_else(|| malformed("array size overflows"))
+                self.size_of(elem)?.checked_mul(n).ok_or_else(|| malformed("array size overflows"))
             }
-            kind => Err(BtfError::Layout(format!(
-                "type id {id} (kind {kind}) has no size"
-            ))),
+            kind => Err(BtfError::Layout(format!("type id {id} (kind {kind}) has no size"))),
         }
     }
 
@@ -363,10 +323,7 @@ impl Btf {
                 if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
                     && let Some(found) = self.find_member(&inner, name, depth + 1)?
                 {
-                    return Ok(Some(Member {
-                        bit_offset: m.bit_offset + found.bit_offset,
-                        ..found
-                    }));
+                    return Ok(Some(Member { bit_offset: m.bit_offset + found.bit_offset, ..found }));
                 }
             }
         }
@@ -382,16 +339,11 @@ impl Btf {
         for field in path {
             let (_, t) = self.resolve(id)?;
             if !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
-                return Err(BtfError::Layout(format!(
-                    "`{here}` is not a struct or union"
-                )));
+                return Err(BtfError::Layout(format!("`{here}` is not a struct or union")));
             }
             let m = self
                 .find_member(&t, field, 0)?
-                .ok_or_else(|| BtfError::NoSuchMember {
-                    ty: here.clone(),
-                    member: field.to_string(),
-                })?;
+                .ok_or_else(|| BtfError::NoSuchMember { ty: here.clone(), member: field.to_string() })?;
             here = format!("{here}.{field}");
             if m.bitfield_size != 0 || self.is_int_bitfield(m.type_id)? {
                 return Err(BtfError::Layout(format!("`{here}` is a bitfield")));
@@ -403,10 +355,7 @@ impl Btf {
             return Err(BtfError::Layout(format!("`{here}` is not byte-aligned")));
         }
         let offset = u32::try_from(bits / 8).map_err(|_| malformed("member offset overflows"))?;
-        Ok(Located {
-            offset,
-            type_id: id,
-        })
+        Ok(Located { offset, type_id: id })
     }
 
     /// Old-style bitfield: an INT whose encoding uses fewer bits than its size.
@@ -439,9 +388,7 @@ impl Btf {
                     member: "count".into(),
                 })
             }
-            kind => Err(BtfError::Layout(format!(
-                "mm_struct.rss_stat element has kind {kind}"
-            ))),
+            kind => Err(BtfError::Layout(format!("mm_struct.rss_stat element has kind {kind}"))),
         }
     }
 }
@@ -466,39 +413,26 @@ impl RssLayout {
         let (base, array_ty) = match t.kind {
             KIND_ARRAY => (rss.offset, t),
             KIND_STRUCT => {
-                let m = btf
-                    .find_member(&t, "count", 0)?
-                    .ok_or_else(|| BtfError::NoSuchMember {
-                        ty: "mm_struct.rss_stat".into(),
-                        member: "count".into(),
-                    })?;
+                let m = btf.find_member(&t, "count", 0)?.ok_or_else(|| BtfError::NoSuchMember {
+                    ty: "mm_struct.rss_stat".into(),
+                    member: "count".into(),
+                })?;
                 let (_, inner) = btf.resolve(m.type_id)?;
                 (rss.offset + m.bit_offset / 8, inner)
             }
             kind => {
-                return Err(BtfError::Layout(format!(
-                    "mm_struct.rss_stat has kind {kind}"
-                )));
+                return Err(BtfError::Layout(format!("mm_struct.rss_stat has kind {kind}")));
             }
         };
         if array_ty.kind != KIND_ARRAY {
-            return Err(BtfError::Layout(
-                "mm_struct.rss_stat counters are not an array".into(),
-            ));
+            return Err(BtfError::Layout("mm_struct.rss_stat counters are not an array".into()));
         }
         let (elem, counters) = btf.array(&array_ty);
         let (count, size) = btf.counter_in(elem)?;
         if size != 8 {
-            return Err(BtfError::Layout(format!(
-                "RSS counter is {size} bytes, expected 8"
-            )));
+            return Err(BtfError::Layout(format!("RSS counter is {size} bytes, expected 8")));
         }
-        Ok(RssLayout {
-            base,
-            stride: btf.size_of(elem)?,
-            count,
-            counters,
-        })
+        Ok(RssLayout { base, stride: btf.size_of(elem)?, count, counters })
     }
 }
 
@@ -549,10 +483,7 @@ impl TaskOffsets {
         let index = |name: &str| -> Result<u32> {
             match btf.enum_value(name)? {
                 v if (0..i64::from(rss.counters)).contains(&v) => Ok(v as u32),
-                v => Err(BtfError::Layout(format!(
-                    "{name} = {v} is outside rss_stat[{}]",
-                    rss.counters
-                ))),
+                v => Err(BtfError::Layout(format!("{name} = {v} is outside rss_stat[{}]", rss.counters))),
             }
         };
         Ok(TaskOffsets {
@@ -584,19 +515,10 @@ mod tests {
 
     impl Builder {
         fn new(big_endian: bool) -> Self {
-            Builder {
-                types: Vec::new(),
-                strings: vec![0],
-                next_id: 1,
-                big_endian,
-            }
+            Builder { types: Vec::new(), strings: vec![0], next_id: 1, big_endian }
         }
         fn put(&mut self, v: u32) {
-            let bytes = if self.big_endian {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            };
+            let bytes = if self.big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
             self.types.extend(bytes);
         }
         fn string(&mut self, s: &str) -> u32 {
@@ -607,14 +529,7 @@ mod tests {
             self.strings.extend(s.bytes().chain([0]));
             off
         }
-        fn head(
-            &mut self,
-            name: &str,
-            kind: u32,
-            kind_flag: bool,
-            vlen: u32,
-            size_or_type: u32,
-        ) -> u32 {
+        fn head(&mut self, name: &str, kind: u32, kind_flag: bool, vlen: u32, size_or_type: u32) -> u32 {
             let name_off = self.string(name);
             self.put(name_off);
             self.put(u32::from(kind_flag) << 31 | kind << 24 | vlen);
@@ -681,18 +596,10 @@ mod tests {
             self.refer(KIND_RESTRICT, "", int);
         }
         fn build(self) -> Vec<u8> {
-            let mut out = if self.big_endian {
-                vec![0xeb, 0x9f, 1, 0]
-            } else {
-                vec![0x9f, 0xeb, 1, 0]
-            };
+            let mut out = if self.big_endian { vec![0xeb, 0x9f, 1, 0] } else { vec![0x9f, 0xeb, 1, 0] };
             let type_len = self.types.len() as u32;
             for v in [24, 0, type_len, type_len, self.strings.len() as u32] {
-                out.extend(if self.big_endian {
-                    v.to_be_bytes()
-                } else {
-                    v.to_le_bytes()
-                });
+                out.extend(if self.big_endian { v.to_be_bytes() } else { v.to_le_bytes() });
             }
             out.extend(self.types);
             out.extend(self.strings);
@@ -718,11 +625,7 @@ mod tests {
             "sched_entity",
             24,
             false,
-            &[
-                ("load", long, 0),
-                ("on_rq", uint, 64),
-                ("sum_exec_runtime", u64_, 128),
-            ],
+            &[("load", long, 0), ("on_rq", uint, 64), ("sum_exec_runtime", u64_, 128)],
         );
         let se_const = b.refer(KIND_CONST, "", se);
         let se_volatile = b.refer(KIND_VOLATILE, "", se_const);
@@ -744,12 +647,7 @@ mod tests {
                 "percpu_counter",
                 40,
                 false,
-                &[
-                    ("lock", int, 0),
-                    ("count", s64, 64),
-                    ("list", long, 128),
-                    ("counters", long, 256),
-                ],
+                &[("lock", int, 0), ("count", s64, 64), ("list", long, 128), ("counters", long, 256)],
             );
             b.array(pcc, int, 4)
         } else {
@@ -757,13 +655,7 @@ mod tests {
             let atomic64_t = b.refer(KIND_TYPEDEF, "atomic64_t", atomic64);
             let atomic_long_t = b.refer(KIND_TYPEDEF, "atomic_long_t", atomic64_t);
             let counts = b.array(atomic_long_t, int, 4);
-            b.composite(
-                KIND_STRUCT,
-                "mm_rss_stat",
-                32,
-                false,
-                &[("count", counts, 0)],
-            )
+            b.composite(KIND_STRUCT, "mm_rss_stat", 32, false, &[("count", counts, 0)])
         };
         let union = b.composite(KIND_UNION, "", 8, false, &[("x", int, 0), ("y", long, 0)]);
         let anon = b.composite(
@@ -771,11 +663,7 @@ mod tests {
             "",
             176,
             false,
-            &[
-                ("mm_count", int, 0),
-                ("", union, 64),
-                ("rss_stat", rss_stat, 128),
-            ],
+            &[("mm_count", int, 0), ("", union, 64), ("rss_stat", rss_stat, 128)],
         );
         let mm = b.composite(
             KIND_STRUCT,
@@ -807,18 +695,11 @@ mod tests {
     fn offsets_in_a_hand_built_blob() {
         let btf = Btf::parse(&fixture(true, false)).unwrap();
         assert_eq!(btf.type_count(), 31);
-        assert_eq!(
-            btf.member_offset("task_struct", &["se", "sum_exec_runtime"])
-                .unwrap(),
-            24
-        );
+        assert_eq!(btf.member_offset("task_struct", &["se", "sum_exec_runtime"]).unwrap(), 24);
         assert_eq!(btf.member_offset("task_struct", &["se"]).unwrap(), 8);
         assert_eq!(btf.member_offset("mm_struct", &["y"]).unwrap(), 8);
         assert_eq!(btf.member_offset("mm_struct", &["rss_stat"]).unwrap(), 16);
-        assert_eq!(
-            btf.member_offset("mm_struct", &["cpu_bitmap"]).unwrap(),
-            176
-        );
+        assert_eq!(btf.member_offset("mm_struct", &["cpu_bitmap"]).unwrap(), 176);
         assert_eq!(btf.member_size("task_struct", &["pid"]).unwrap(), 4);
         assert_eq!(btf.member_size("task_struct", &["mm"]).unwrap(), 8);
         assert_eq!(btf.member_size("mm_struct", &["rss_stat"]).unwrap(), 160);
@@ -850,67 +731,30 @@ mod tests {
     fn old_rss_layout_and_big_endian() {
         let btf = Btf::parse(&fixture(false, true)).unwrap();
         let rss = RssLayout::from_btf(&btf).unwrap();
-        assert_eq!(
-            rss,
-            RssLayout {
-                base: 16,
-                stride: 8,
-                count: 0,
-                counters: 4
-            }
-        );
+        assert_eq!(rss, RssLayout { base: 16, stride: 8, count: 0, counters: 4 });
         let offsets = TaskOffsets::from_btf(&btf).unwrap();
-        assert_eq!(
-            (offsets.se_sum_exec_runtime, offsets.mm, offsets.rss_stride),
-            (24, 32, 8)
-        );
+        assert_eq!((offsets.se_sum_exec_runtime, offsets.mm, offsets.rss_stride), (24, 32, 8));
     }
 
     #[test]
     fn errors_name_what_is_missing() {
         let btf = Btf::parse(&fixture(true, false)).unwrap();
-        let err = btf
-            .member_offset("task_struct", &["se", "nope"])
-            .unwrap_err()
-            .to_string();
+        let err = btf.member_offset("task_struct", &["se", "nope"]).unwrap_err().to_string();
         assert!(
-            err.contains("task_struct.se")
-                && err.contains("`nope`")
-                && err.contains("CONFIG_DEBUG_INFO_BTF"),
+            err.contains("task_struct.se") && err.contains("`nope`") && err.contains("CONFIG_DEBUG_INFO_BTF"),
             "{err}"
         );
-        let err = btf
-            .member_offset("no_such_struct", &["x"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("no_such_struct") && err.contains("CONFIG_DEBUG_INFO_BTF"),
-            "{err}"
-        );
-        let err = btf
-            .member_offset("task_struct", &["in_iowait"])
-            .unwrap_err()
-            .to_string();
+        let err = btf.member_offset("no_such_struct", &["x"]).unwrap_err().to_string();
+        assert!(err.contains("no_such_struct") && err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+        let err = btf.member_offset("task_struct", &["in_iowait"]).unwrap_err().to_string();
         assert!(err.contains("bitfield"), "{err}");
         assert!(
-            btf.member_offset("task_struct", &["mm", "rss_stat"])
-                .is_err(),
+            btf.member_offset("task_struct", &["mm", "rss_stat"]).is_err(),
             "no walking through pointers"
         );
-        assert!(
-            btf.enum_value("MM_NOPE")
-                .unwrap_err()
-                .to_string()
-                .contains("MM_NOPE")
-        );
-        let err = Btf::from_file("/nonexistent/vmlinux")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("/nonexistent/vmlinux") && err.contains("CONFIG_DEBUG_INFO_BTF"),
-            "{err}"
-        );
+        assert!(btf.enum_value("MM_NOPE").unwrap_err().to_string().contains("MM_NOPE"));
+        let err = Btf::from_file("/nonexistent/vmlinux").err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/vmlinux") && err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
     }
 
     #[test]
@@ -923,12 +767,7 @@ mod tests {
         assert!(Btf::parse(&truncated).is_err());
         let mut unknown_kind = good.clone();
         unknown_kind[24 + 7] = 30; // first type's kind byte
-        assert!(
-            Btf::parse(&unknown_kind)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown kind")
-        );
+        assert!(Btf::parse(&unknown_kind).unwrap_err().to_string().contains("unknown kind"));
     }
 
     /// Checks plausibility only: exact offsets differ between kernel builds.
@@ -944,36 +783,21 @@ mod tests {
         eprintln!("{o:?}");
         let task_size = btf.type_size("task_struct").unwrap();
         let se = btf.member_offset("task_struct", &["se"]).unwrap();
-        let sum = btf
-            .member_offset("sched_entity", &["sum_exec_runtime"])
-            .unwrap();
+        let sum = btf.member_offset("sched_entity", &["sum_exec_runtime"]).unwrap();
         assert_eq!(o.se_sum_exec_runtime, se + sum);
         for off in [o.se_sum_exec_runtime, o.mm] {
             assert!(off % 8 == 0 && off + 8 <= task_size, "{o:?}");
         }
-        assert_eq!(
-            o.tgid,
-            o.pid + 4,
-            "pid and tgid are adjacent in every kernel so far"
-        );
+        assert_eq!(o.tgid, o.pid + 4, "pid and tgid are adjacent in every kernel so far");
         assert!(o.rss_stat.is_multiple_of(8) && o.rss_stat < btf.type_size("mm_struct").unwrap());
-        assert!(
-            o.rss_stride >= 8 && o.rss_count + 8 <= o.rss_stride,
-            "{o:?}"
-        );
+        assert!(o.rss_stride >= 8 && o.rss_count + 8 <= o.rss_stride, "{o:?}");
         if let Ok(size) = btf.type_size("percpu_counter")
             && btf.type_size("mm_rss_stat").is_err()
         {
-            assert_eq!(
-                o.rss_stride, size,
-                "6.2+ layout: rss_stat[] of percpu_counter"
-            );
+            assert_eq!(o.rss_stride, size, "6.2+ layout: rss_stat[] of percpu_counter");
         }
         let mut indices = [o.mm_filepages, o.mm_anonpages, o.mm_shmempages];
         indices.sort();
-        assert!(
-            indices.windows(2).all(|w| w[0] < w[1]) && indices[2] < 8,
-            "{o:?}"
-        );
+        assert!(indices.windows(2).all(|w| w[0] < w[1]) && indices[2] < 8, "{o:?}");
     }
 }

@@ -1,19 +1,43 @@
 //! Chrome Trace Event JSON (opens in Perfetto and chrome://tracing): one
 //! complete ("X") event per call with wall-clock µs timestamps, "M" metadata
-//! naming processes, and pftrace's counters under otherData.
+//! naming processes and threads and labelling processes with their batch job
+//! and command line, "C" counter tracks of each process's CPU % and memory,
+//! and pftrace's counters under otherData.
+//!
+//! Layout, in this order: `process_name` (and `process_labels`) per traced
+//! process, `thread_name` per thread that made a call, the calls in the order
+//! they completed, then the counter samples. Thread names are read from
+//! `/proc/PID/task/TID/comm` when the trace is written; a thread that has
+//! exited by then is named `thread TID` (its process's main thread takes the
+//! process's comm).
 
-use std::io::{self, Write as _};
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::{self, Write as _},
+};
 
 use serde_json::{Value, json};
 
 use super::{
     TraceFormat,
-    events::{call_event, process_name_event},
+    events::{call_event, counter_events, process_labels_event, process_name_event, thread_name_event},
 };
-use crate::trace::Trace;
+use crate::{procinfo, trace::Trace};
 
 /// The Chrome Trace Event format.
 pub struct Chrome;
+
+/// The name shown for thread `tid` of process `pid`.
+fn thread_display_name(trace: &Trace, pid: u32, tid: u32) -> String {
+    let live = procinfo::thread_name(pid, tid);
+    if !live.is_empty() {
+        return live;
+    }
+    match trace.process(pid) {
+        Some(p) if tid == pid && !p.comm.is_empty() => p.comm.clone(),
+        _ => format!("thread {tid}"),
+    }
+}
 
 impl TraceFormat for Chrome {
     fn write(&self, trace: &Trace, out: &mut dyn io::Write) -> io::Result<()> {
@@ -27,11 +51,30 @@ impl TraceFormat for Chrome {
             first = false;
             serde_json::to_writer(&mut *w, v).map_err(io::Error::other)
         };
+        let known: HashSet<u32> = trace.processes.iter().map(|p| p.pid).collect();
         for p in &trace.processes {
             put(&mut w, &process_name_event(p.pid, Some(p)))?;
+            if let Some(labels) = process_labels_event(p) {
+                put(&mut w, &labels)?;
+            }
+        }
+        // Calls of processes the trace has no record of still get a named track.
+        let unknown: BTreeSet<u32> =
+            trace.calls.iter().map(|c| c.pid).filter(|pid| !known.contains(pid)).collect();
+        for &pid in &unknown {
+            put(&mut w, &process_name_event(pid, None))?;
+        }
+        let threads: BTreeSet<(u32, u32)> = trace.calls.iter().map(|c| (c.pid, c.tid)).collect();
+        for &(pid, tid) in &threads {
+            put(&mut w, &thread_name_event(pid, tid, &thread_display_name(trace, pid, tid)))?;
         }
         for c in &trace.calls {
             put(&mut w, &call_event(c, &trace.clock))?;
+        }
+        for s in &trace.samples {
+            for ev in counter_events(s, &trace.clock) {
+                put(&mut w, &ev)?;
+            }
         }
         let unmatched: Vec<Value> = trace
             .unmatched_returns
@@ -54,11 +97,46 @@ impl TraceFormat for Chrome {
                 "bad_records": trace.bad_records,
                 "start_us": trace.clock.wall_us(trace.start_ns),
                 "end_us": trace.clock.wall_us(trace.end_ns),
+                "hostname": trace.hostname,
             }
         });
         write!(w, "],\"otherData\":")?;
         serde_json::to_writer(&mut w, &other).map_err(io::Error::other)?;
         writeln!(w, "}}")?;
         w.into_inner().map_err(|e| e.into_error())?.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::testing::sample_trace;
+
+    #[test]
+    fn metadata_calls_and_counters() {
+        let trace = sample_trace();
+        let mut out = Vec::new();
+        Chrome.write(&trace, &mut out).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let events = v["traceEvents"].as_array().unwrap();
+        let count = |ph: &str, name: Option<&str>| {
+            events.iter().filter(|e| e["ph"] == ph && name.is_none_or(|n| e["name"] == n)).count()
+        };
+        assert_eq!(count("X", None), trace.calls.len());
+        assert_eq!(count("M", Some("process_name")), 2);
+        assert_eq!(count("M", Some("process_labels")), 1);
+        assert_eq!(count("M", Some("thread_name")), 3);
+        assert_eq!(count("C", Some("cpu")), trace.samples.len());
+        assert_eq!(count("C", Some("memory")), trace.samples.len());
+        let labels = events.iter().find(|e| e["name"] == "process_labels").unwrap();
+        assert!(labels["args"]["labels"].as_str().unwrap().starts_with("slurm job 42,"));
+        // The main thread of a process whose threads are gone takes its comm.
+        let main = events
+            .iter()
+            .find(|e| e["name"] == "thread_name" && e["tid"] == e["pid"] && e["pid"] == 4_200_001)
+            .unwrap();
+        assert_eq!(main["args"]["name"], "worker");
+        assert!(events.iter().any(|e| e["name"] == "thread_name" && e["args"]["name"] == "thread 4200002"));
+        assert_eq!(v["otherData"]["pftrace"]["calls"], trace.calls.len());
     }
 }

@@ -1,6 +1,7 @@
 //! Single Chrome Trace Event records, shared by the whole-trace writer and
-//! the rolling files: the "X" event of one call and the "M" event naming a
-//! process, built exactly as `chrome.rs` writes them.
+//! the rolling files: the "X" event of one call, the "M" events naming
+//! processes and threads and labelling processes, and the "C" counter events
+//! of one CPU/memory sample, built exactly as `chrome.rs` writes them.
 
 use std::path::Path;
 
@@ -9,15 +10,12 @@ use serde_json::{Value, json};
 use crate::{
     clock::WallClock,
     pairing::{Call, CallEnd},
-    trace::TracedProcess,
+    trace::{JobId, ProcessSample, TracedProcess},
 };
 
 /// The module-like category of a call: the file's stem (`decoder` for `json/decoder.py`).
 pub fn category(file: &str) -> &str {
-    Path::new(file)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(file)
+    Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or(file)
 }
 
 /// One complete ("X") event: wall-clock µs start, µs duration, file and line
@@ -44,15 +42,71 @@ pub fn call_event(call: &Call, clock: &WallClock) -> Value {
     })
 }
 
-/// The metadata event naming process `pid` (`python3.9 1234`), with a
-/// generic name when the process is not known.
+/// The name a process is shown under: its `comm`, else the file name of its
+/// interpreter binary, else `python`.
+pub fn process_display_name(process: Option<&TracedProcess>) -> &str {
+    process
+        .and_then(|p| {
+            if p.comm.is_empty() {
+                Path::new(&p.binary).file_name().and_then(|s| s.to_str())
+            } else {
+                Some(p.comm.as_str())
+            }
+        })
+        .unwrap_or("python")
+}
+
+/// The metadata event naming process `pid` (`python3.9 1234`: its comm and
+/// pid), with a generic name when the process is not known.
 pub fn process_name_event(pid: u32, process: Option<&TracedProcess>) -> Value {
-    let name = process
-        .and_then(|p| Path::new(&p.binary).file_name())
-        .and_then(|s| s.to_str())
-        .unwrap_or("python");
+    let name = process_display_name(process);
     json!({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
            "args": {"name": format!("{name} {pid}")}})
+}
+
+/// How a batch job reads in a label: `slurm job 42`, `flux job f3x`, `lsf job 7`.
+pub fn job_label(job: &JobId) -> String {
+    let system = match job.variable.as_str() {
+        "SLURM_JOB_ID" => "slurm",
+        "FLUX_JOB_ID" => "flux",
+        "LSB_JOBID" => "lsf",
+        other => other,
+    };
+    format!("{system} job {}", job.id)
+}
+
+/// The "process_labels" metadata event: the batch job (if any) and the
+/// command line, comma-separated as the format wants; None when there is
+/// neither.
+pub fn process_labels_event(process: &TracedProcess) -> Option<Value> {
+    let mut labels: Vec<String> = process.job.iter().map(job_label).collect();
+    if !process.command.is_empty() {
+        labels.push(process.command.clone());
+    }
+    if labels.is_empty() {
+        return None;
+    }
+    Some(json!({"name": "process_labels", "ph": "M", "pid": process.pid, "tid": process.pid,
+                "args": {"labels": labels.join(",")}}))
+}
+
+/// The metadata event naming thread `tid` of process `pid`.
+pub fn thread_name_event(pid: u32, tid: u32, name: &str) -> Value {
+    json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
+}
+
+/// The two counter ("C") events of one sample: `cpu` with `cpu_percent`
+/// (% of one core, user + system, since the previous sample) and `memory`
+/// with `rss_mb` and `peak_rss_mb` (decimal megabytes, 10^6 bytes).
+pub fn counter_events(sample: &ProcessSample, clock: &WallClock) -> [Value; 2] {
+    let ts = clock.wall_us(sample.ts_ns);
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    [
+        json!({"name": "cpu", "ph": "C", "pid": sample.pid, "tid": sample.pid, "ts": ts,
+               "args": {"cpu_percent": sample.cpu_percent}}),
+        json!({"name": "memory", "ph": "C", "pid": sample.pid, "tid": sample.pid, "ts": ts,
+               "args": {"rss_mb": mb(sample.rss_bytes), "peak_rss_mb": mb(sample.peak_rss_bytes)}}),
+    ]
 }
 
 #[cfg(test)]
@@ -84,5 +138,40 @@ mod tests {
         assert_eq!(ev["args"]["incomplete"], true);
         assert_eq!(ev["args"]["line"], 332);
         assert_eq!(process_name_event(7, None)["args"]["name"], "python 7");
+    }
+
+    #[test]
+    fn process_and_thread_metadata() {
+        let mut p = TracedProcess { pid: 42, binary: "/opt/py/bin/python3.9".into(), ..Default::default() };
+        assert_eq!(process_name_event(42, Some(&p))["args"]["name"], "python3.9 42");
+        assert!(process_labels_event(&p).is_none());
+        p.comm = "worker".into();
+        p.command = "python3.9 app.py --n 3".into();
+        p.job = Some(JobId { variable: "SLURM_JOB_ID".into(), id: "42".into() });
+        assert_eq!(process_name_event(42, Some(&p))["args"]["name"], "worker 42");
+        let labels = process_labels_event(&p).unwrap();
+        assert_eq!(labels["args"]["labels"], "slurm job 42,python3.9 app.py --n 3");
+        assert_eq!(labels["ph"], "M");
+        let t = thread_name_event(42, 43, "MainThread");
+        assert_eq!((t["tid"].as_u64(), t["args"]["name"].as_str()), (Some(43), Some("MainThread")));
+    }
+
+    #[test]
+    fn counters_of_a_sample() {
+        let clock = WallClock::measure();
+        let s = ProcessSample {
+            pid: 9,
+            ts_ns: 5_000,
+            cpu_percent: 87.5,
+            user_cpu_s: 0.8,
+            rss_bytes: 250_000_000,
+            peak_rss_bytes: 300_000_000,
+        };
+        let [cpu, mem] = counter_events(&s, &clock);
+        assert_eq!((cpu["ph"].as_str(), cpu["name"].as_str()), (Some("C"), Some("cpu")));
+        assert_eq!(cpu["args"]["cpu_percent"], 87.5);
+        assert_eq!(mem["args"]["rss_mb"], 250.0);
+        assert_eq!(mem["args"]["peak_rss_mb"], 300.0);
+        assert_eq!(cpu["ts"], mem["ts"]);
     }
 }

@@ -1,11 +1,22 @@
-//! Trace output formats, one file per format behind the small [`TraceFormat`] trait.
+//! Trace output formats, one file per format behind the small [`TraceFormat`]
+//! trait, and the registry that picks one by name ([`choose`], [`by_name`]).
+//!
+//! Names: `chrome` (the default), `pfw` (PerfFlowAspect's files) and
+//! `records` (the settrace prototype's JSON). PerfFlowAspect options come as
+//! a PERFFLOW_OPTIONS-style string, either separately (`--pfw-options`) or
+//! after the name (`pfw:log-format=Object:log-event=Compact`), the form a
+//! dump request carries them in.
 
 mod chrome;
 pub mod events;
+pub mod pfw;
+mod records;
 
 use std::io::{self, Write};
 
 pub use chrome::Chrome;
+pub use pfw::{Pfw, PfwOptionError, PfwOptions};
+pub use records::Records;
 
 use crate::trace::Trace;
 
@@ -13,4 +24,182 @@ use crate::trace::Trace;
 pub trait TraceFormat {
     /// Writes the whole trace.
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()>;
+}
+
+/// The names [`choose`] knows, default first.
+pub const FORMATS: [&str; 3] = ["chrome", "pfw", "records"];
+
+/// A format name or options that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("unknown trace format {0:?}; known formats: chrome (default), pfw, records")]
+    Unknown(String),
+    #[error("PerfFlowAspect options only apply to the pfw format, not {0}")]
+    OptionsWithoutPfw(String),
+    #[error("{0}")]
+    Pfw(#[from] PfwOptionError),
+}
+
+/// A format picked by name, with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    Chrome,
+    Pfw(PfwOptions),
+    Records,
+}
+
+impl Choice {
+    /// The format as a single-stream writer.
+    pub fn boxed(self) -> Box<dyn TraceFormat> {
+        match self {
+            Choice::Chrome => Box::new(Chrome),
+            Choice::Pfw(opts) => Box::new(opts.pfw),
+            Choice::Records => Box::new(Records),
+        }
+    }
+
+    /// The bare format name (`pfw` for `pfw:...`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Choice::Chrome => "chrome",
+            Choice::Pfw(_) => "pfw",
+            Choice::Records => "records",
+        }
+    }
+}
+
+/// Picks a format: `name` is `chrome`, `records`, `pfw` or
+/// `pfw:PERFFLOW_OPTIONS`; `pfw_options` are PerfFlowAspect options given
+/// separately (applied after any in the name).
+pub fn choose(name: &str, pfw_options: Option<&str>) -> Result<Choice, FormatError> {
+    let (base, inline) = match name.split_once(':') {
+        Some((base, rest)) => (base.trim(), Some(rest)),
+        None => (name.trim(), None),
+    };
+    match base {
+        "pfw" => {
+            let joined = [inline, pfw_options].into_iter().flatten().collect::<Vec<_>>().join(":");
+            Ok(Choice::Pfw(PfwOptions::parse(&joined)?))
+        }
+        "chrome" | "records" if inline.is_some() || pfw_options.is_some_and(|o| !o.trim().is_empty()) => {
+            Err(FormatError::OptionsWithoutPfw(base.into()))
+        }
+        "chrome" => Ok(Choice::Chrome),
+        "records" => Ok(Choice::Records),
+        _ => Err(FormatError::Unknown(name.into())),
+    }
+}
+
+/// The single-stream writer for a format name (see [`choose`]).
+pub fn by_name(name: &str, pfw_options: Option<&str>) -> Result<Box<dyn TraceFormat>, FormatError> {
+    choose(name, pfw_options).map(Choice::boxed)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A small trace for the formats' unit tests. Pids are above the kernel's
+    //! pid limit, so nothing in /proc answers for them.
+
+    use std::sync::Arc;
+
+    use crate::{
+        bpf::Counters,
+        clock::WallClock,
+        pairing::{Call, CallEnd},
+        trace::{JobId, ProcessSample, Trace, TracedProcess},
+    };
+
+    const MS: u64 = 1_000_000;
+
+    fn call(pid: u32, tid: u32, name: &str, file: &str, start_ms: u64, end_ms: u64, depth: u32) -> Call {
+        Call {
+            pid,
+            tid,
+            name: Arc::from(name),
+            file: Arc::from(file),
+            line: 7,
+            start_ns: 1000 * MS + start_ms * MS,
+            end_ns: 1000 * MS + end_ms * MS,
+            depth,
+            end: CallEnd::Returned,
+            cpu_ns: Some((end_ms - start_ms) * MS * 3 / 4),
+            rss_entry_bytes: 100_000_000,
+            rss_return_bytes: 300_000_000,
+        }
+    }
+
+    /// Process 4200001 (comm `worker`, slurm job 42): `outer` calling `inner`
+    /// on its main thread and `inner` on thread 4200002. Process 4200002 (no
+    /// comm): an incomplete `outer` from another file on thread 4200003.
+    pub fn sample_trace() -> Trace {
+        let mut open = call(4_200_002, 4_200_003, "outer", "/srv/other.py", 500, 600, 0);
+        open.end = CallEnd::Incomplete;
+        open.cpu_ns = None;
+        let sample = |ms: u64, cpu: f64| ProcessSample {
+            pid: 4_200_001,
+            ts_ns: 1000 * MS + ms * MS,
+            cpu_percent: cpu,
+            user_cpu_s: cpu / 100.0,
+            rss_bytes: 200_000_000,
+            peak_rss_bytes: 300_000_000,
+        };
+        Trace {
+            names: vec!["outer".into(), "inner".into()],
+            processes: vec![
+                TracedProcess {
+                    pid: 4_200_001,
+                    binary: "/opt/py/bin/python3.9".into(),
+                    command: "python3.9 app.py".into(),
+                    comm: "worker".into(),
+                    job: Some(JobId { variable: "SLURM_JOB_ID".into(), id: "42".into() }),
+                    ..Default::default()
+                },
+                TracedProcess {
+                    pid: 4_200_002,
+                    binary: "/opt/py/bin/python3.9".into(),
+                    ..Default::default()
+                },
+            ],
+            calls: vec![
+                call(4_200_001, 4_200_001, "inner", "/srv/app.py", 10, 50, 1),
+                call(4_200_001, 4_200_001, "outer", "/srv/app.py", 0, 100, 0),
+                call(4_200_001, 4_200_002, "inner", "/srv/app.py", 200, 300, 0),
+                open,
+            ],
+            samples: vec![sample(0, 50.0), sample(200, 90.0)],
+            unmatched_returns: vec![],
+            skipped_entries: 0,
+            counters: Counters::default(),
+            bad_records: 0,
+            clock: WallClock::measure(),
+            start_ns: 1000 * MS,
+            end_ns: 1600 * MS,
+            hostname: "testhost".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry() {
+        assert_eq!(choose("chrome", None), Ok(Choice::Chrome));
+        assert_eq!(choose("records", Some("")), Ok(Choice::Records));
+        let Choice::Pfw(o) = choose("pfw:log-format=Object", Some("log-event=Compact")).unwrap() else {
+            panic!("not pfw")
+        };
+        assert_eq!(
+            (o.pfw.form, o.pfw.event, o.pfw.cpu_mem),
+            (pfw::PfwForm::Object, pfw::PfwEvents::Compact, true)
+        );
+        let err = by_name("perfetto", None).err().unwrap().to_string();
+        assert_eq!(err, "unknown trace format \"perfetto\"; known formats: chrome (default), pfw, records");
+        assert_eq!(
+            choose("chrome", Some("log-format=Object")),
+            Err(FormatError::OptionsWithoutPfw("chrome".into()))
+        );
+        assert!(matches!(choose("pfw", Some("log-event=Loud")), Err(FormatError::Pfw(_))));
+    }
 }

@@ -42,36 +42,20 @@ const REGISTERS: &[(u16, &[&str])] = &[
 /// Byte offset in x86-64 `struct pt_regs` of the register named `name`
 /// (without the `%`), for every 64/32/16/8-bit name; `None` if unknown.
 pub fn reg_offset(name: &str) -> Option<u16> {
-    REGISTERS
-        .iter()
-        .find(|(_, names)| names.contains(&name))
-        .map(|&(off, _)| off)
+    REGISTERS.iter().find(|(_, names)| names.contains(&name)).map(|&(off, _)| off)
 }
 
 /// Parses one argument such as `-4@%eax`, `8@-24(%rbp)` or `4@$0x10`.
 pub fn parse_arg(arg: &str) -> Result<UsdtArg> {
-    let bad = |reason: String| UsdtError::BadArg {
-        arg: arg.to_string(),
-        reason,
-    };
+    let bad = |reason: String| UsdtError::BadArg { arg: arg.to_string(), reason };
     let (size_text, operand) = arg
         .split_once('@')
         .ok_or_else(|| bad("no '@' between size and operand (expected e.g. '8@%rax')".into()))?;
-    let (size, signed) = parse_size(size_text).ok_or_else(|| {
-        bad(format!(
-            "size '{size_text}' is not one of 1, 2, 4, 8 or -1, -2, -4, -8"
-        ))
-    })?;
-    let mut out = UsdtArg {
-        size,
-        signed: u8::from(signed),
-        bitshift: 64 - 8 * size,
-        ..UsdtArg::default()
-    };
+    let (size, signed) = parse_size(size_text)
+        .ok_or_else(|| bad(format!("size '{size_text}' is not one of 1, 2, 4, 8 or -1, -2, -4, -8")))?;
+    let mut out = UsdtArg { size, signed: u8::from(signed), bitshift: 64 - 8 * size, ..UsdtArg::default() };
     if operand.contains(':') {
-        return Err(bad(format!(
-            "segment-relative operand '{operand}' is not supported"
-        )));
+        return Err(bad(format!("segment-relative operand '{operand}' is not supported")));
     }
     if let Some(imm) = operand.strip_prefix('$') {
         out.kind = arg_kind::CONST;
@@ -98,10 +82,8 @@ pub fn parse_args(args: &str) -> Result<Vec<UsdtArg>> {
 /// Builds the spec of the first [`USDT_ARGS`] arguments; `args_text` is the
 /// argument string they came from, quoted in the error if there are too few.
 pub fn spec_from_args(args: &[UsdtArg], args_text: &str) -> Result<UsdtSpec> {
-    let first: [UsdtArg; USDT_ARGS] = args
-        .get(..USDT_ARGS)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| UsdtError::TooFewArgs {
+    let first: [UsdtArg; USDT_ARGS] =
+        args.get(..USDT_ARGS).and_then(|s| s.try_into().ok()).ok_or_else(|| UsdtError::TooFewArgs {
             args: args_text.to_string(),
             found: args.len(),
             needed: USDT_ARGS,
@@ -146,22 +128,21 @@ fn parse_memory(operand: &str, out: &mut UsdtArg) -> Result<(), String> {
     let (disp, rest) = operand.split_once('(').ok_or_else(|| {
         format!("operand '{operand}' is not a register (%reg), a constant ($imm) or a memory reference (disp(%reg))")
     })?;
-    let inner = rest
-        .strip_suffix(')')
-        .ok_or_else(|| format!("memory operand '{operand}' does not end with ')'"))?;
+    let inner =
+        rest.strip_suffix(')').ok_or_else(|| format!("memory operand '{operand}' does not end with ')'"))?;
     out.val_off = if disp.is_empty() {
         0
     } else {
         parse_int(disp).ok_or_else(|| {
-            format!("displacement '{disp}' is not a decimal or hex integer (symbolic addresses are not supported)")
+            format!(
+                "displacement '{disp}' is not a decimal or hex integer (symbolic addresses are not supported)"
+            )
         })?
     };
     let parts: Vec<&str> = inner.split(',').collect();
     let base = parts[0];
     if base.is_empty() {
-        return Err(format!(
-            "memory operand '{operand}' has no base register (not supported)"
-        ));
+        return Err(format!("memory operand '{operand}' has no base register (not supported)"));
     }
     out.reg_off = mem_register(base, operand)?;
     match parts[1..] {
@@ -179,9 +160,7 @@ fn parse_memory(operand: &str, out: &mut UsdtArg) -> Result<(), String> {
                 "4" => 2,
                 "8" => 3,
                 _ => {
-                    return Err(format!(
-                        "scale '{scale}' in '{operand}' is not 1, 2, 4 or 8"
-                    ));
+                    return Err(format!("scale '{scale}' in '{operand}' is not 1, 2, 4 or 8"));
                 }
             };
         }
@@ -205,10 +184,7 @@ fn parse_int(text: &str) -> Option<u64> {
         Some(rest) => (true, rest),
         None => (false, text),
     };
-    let magnitude = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
+    let magnitude = if let Some(hex) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
@@ -244,19 +220,11 @@ mod tests {
     }
 
     fn deref(size: u8, signed: bool, reg_off: u16, off: i64) -> UsdtArg {
-        UsdtArg {
-            kind: arg_kind::REG_DEREF,
-            val_off: off as u64,
-            ..reg(size, signed, reg_off)
-        }
+        UsdtArg { kind: arg_kind::REG_DEREF, val_off: off as u64, ..reg(size, signed, reg_off) }
     }
 
     fn constant(size: u8, signed: bool, value: i64) -> UsdtArg {
-        UsdtArg {
-            kind: arg_kind::CONST,
-            val_off: value as u64,
-            ..reg(size, signed, 0)
-        }
+        UsdtArg { kind: arg_kind::CONST, val_off: value as u64, ..reg(size, signed, 0) }
     }
 
     fn err(arg: &str) -> String {
@@ -286,26 +254,10 @@ mod tests {
             (0, "r15", "r15d", "r15w", "r15b"),
         ];
         for &(off, q, d, w, b) in expected {
-            assert_eq!(
-                parse_arg(&format!("8@%{q}")).unwrap(),
-                reg(8, false, off),
-                "{q}"
-            );
-            assert_eq!(
-                parse_arg(&format!("-4@%{d}")).unwrap(),
-                reg(4, true, off),
-                "{d}"
-            );
-            assert_eq!(
-                parse_arg(&format!("2@%{w}")).unwrap(),
-                reg(2, false, off),
-                "{w}"
-            );
-            assert_eq!(
-                parse_arg(&format!("-1@%{b}")).unwrap(),
-                reg(1, true, off),
-                "{b}"
-            );
+            assert_eq!(parse_arg(&format!("8@%{q}")).unwrap(), reg(8, false, off), "{q}");
+            assert_eq!(parse_arg(&format!("-4@%{d}")).unwrap(), reg(4, true, off), "{d}");
+            assert_eq!(parse_arg(&format!("2@%{w}")).unwrap(), reg(2, false, off), "{w}");
+            assert_eq!(parse_arg(&format!("-1@%{b}")).unwrap(), reg(1, true, off), "{b}");
         }
         assert_eq!(parse_arg("8@%rip").unwrap(), reg(8, false, 128));
         assert_eq!(reg_offset("eip"), Some(128));
@@ -325,11 +277,7 @@ mod tests {
             ("-8", 8, true, 0),
         ] {
             let a = parse_arg(&format!("{text}@%rdi")).unwrap();
-            assert_eq!(
-                (a.size, a.signed, a.bitshift),
-                (size, u8::from(signed), shift),
-                "{text}"
-            );
+            assert_eq!((a.size, a.signed, a.bitshift), (size, u8::from(signed), shift), "{text}");
         }
     }
 
@@ -337,14 +285,8 @@ mod tests {
     fn memory_operands() {
         assert_eq!(parse_arg("-4@112(%rsp)").unwrap(), deref(4, true, 152, 112));
         assert_eq!(parse_arg("8@-24(%rbp)").unwrap(), deref(8, false, 32, -24));
-        assert_eq!(
-            parse_arg("4@0x10(%r12)").unwrap(),
-            deref(4, false, 24, 0x10)
-        );
-        assert_eq!(
-            parse_arg("-2@-0x1c(%rbx)").unwrap(),
-            deref(2, true, 40, -0x1c)
-        );
+        assert_eq!(parse_arg("4@0x10(%r12)").unwrap(), deref(4, false, 24, 0x10));
+        assert_eq!(parse_arg("-2@-0x1c(%rbx)").unwrap(), deref(2, true, 40, -0x1c));
         assert_eq!(parse_arg("8@(%rsp)").unwrap(), deref(8, false, 152, 0));
         assert_eq!(parse_arg("1@0(%r9d)").unwrap(), deref(1, false, 64, 0));
         assert_eq!(parse_arg("8@16(%rip)").unwrap(), deref(8, false, 128, 16));
@@ -370,20 +312,11 @@ mod tests {
             (arg_kind::SIB_DEREF, 0, 112, 16, 2)
         );
         let c = parse_arg("2@0x20(%r8,%rcx,2)").unwrap();
-        assert_eq!(
-            (c.val_off, c.reg_off, c.idx_reg_off, c.scale_shift),
-            (0x20, 72, 88, 1)
-        );
+        assert_eq!((c.val_off, c.reg_off, c.idx_reg_off, c.scale_shift), (0x20, 72, 88, 1));
         let d = parse_arg("1@(%rsi,%rdx)").unwrap();
-        assert_eq!(
-            (d.kind, d.reg_off, d.idx_reg_off, d.scale_shift),
-            (arg_kind::SIB_DEREF, 104, 96, 0)
-        );
+        assert_eq!((d.kind, d.reg_off, d.idx_reg_off, d.scale_shift), (arg_kind::SIB_DEREF, 104, 96, 0));
         let e = parse_arg("8@8(%rsp,%r15,1)").unwrap();
-        assert_eq!(
-            (e.val_off, e.reg_off, e.idx_reg_off, e.scale_shift),
-            (8, 152, 0, 0)
-        );
+        assert_eq!((e.val_off, e.reg_off, e.idx_reg_off, e.scale_shift), (8, 152, 0, 0));
     }
 
     #[test]
@@ -393,14 +326,8 @@ mod tests {
         assert_eq!(parse_arg("8@$0x7fff").unwrap(), constant(8, false, 0x7fff));
         assert_eq!(parse_arg("-8@$-0x10").unwrap(), constant(8, true, -16));
         assert_eq!(parse_arg("1@$0").unwrap(), constant(1, false, 0));
-        assert_eq!(
-            parse_arg("8@$0xffffffffffffffff").unwrap().val_off,
-            u64::MAX
-        );
-        assert_eq!(
-            parse_arg("-8@$-9223372036854775808").unwrap().val_off,
-            i64::MIN as u64
-        );
+        assert_eq!(parse_arg("8@$0xffffffffffffffff").unwrap().val_off, u64::MAX);
+        assert_eq!(parse_arg("-8@$-9223372036854775808").unwrap().val_off, i64::MIN as u64);
     }
 
     #[test]
@@ -412,15 +339,9 @@ mod tests {
         );
         // Debian 12's python3.11: function__entry and function__return.
         let spec = parse_spec("8@%rbp 8@%r12 -4@%eax").unwrap();
-        assert_eq!(
-            spec.args,
-            [reg(8, false, 32), reg(8, false, 24), reg(4, true, 80)]
-        );
+        assert_eq!(spec.args, [reg(8, false, 32), reg(8, false, 24), reg(4, true, 80)]);
         // python3.11 gc__start.
-        assert_eq!(
-            parse_args("-4@112(%rsp)").unwrap(),
-            vec![deref(4, true, 152, 112)]
-        );
+        assert_eq!(parse_args("-4@112(%rsp)").unwrap(), vec![deref(4, true, 152, 112)]);
     }
 
     #[test]
@@ -443,10 +364,7 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_explained() {
-        assert_eq!(
-            err("8@%foo"),
-            "USDT argument '8@%foo': unknown register '%foo'"
-        );
+        assert_eq!(err("8@%foo"), "USDT argument '8@%foo': unknown register '%foo'");
         assert_eq!(
             err("1@%ah"),
             "USDT argument '1@%ah': 8-bit high register '%ah' is not supported (its value is bits 8-15 of a register)"
@@ -459,10 +377,7 @@ mod tests {
             err("16@%rax"),
             "USDT argument '16@%rax': size '16' is not one of 1, 2, 4, 8 or -1, -2, -4, -8"
         );
-        assert_eq!(
-            err("@%rax"),
-            "USDT argument '@%rax': size '' is not one of 1, 2, 4, 8 or -1, -2, -4, -8"
-        );
+        assert_eq!(err("@%rax"), "USDT argument '@%rax': size '' is not one of 1, 2, 4, 8 or -1, -2, -4, -8");
         assert_eq!(
             err("%rax"),
             "USDT argument '%rax': no '@' between size and operand (expected e.g. '8@%rax')"
@@ -491,10 +406,7 @@ mod tests {
             err("8@8(%rsp"),
             "USDT argument '8@8(%rsp': memory operand '8(%rsp' does not end with ')'"
         );
-        assert_eq!(
-            err("8@8(rsp)"),
-            "USDT argument '8@8(rsp)': 'rsp' in '8(rsp)' is not a register (no '%')"
-        );
+        assert_eq!(err("8@8(rsp)"), "USDT argument '8@8(rsp)': 'rsp' in '8(rsp)' is not a register (no '%')");
         assert_eq!(
             err("8@(,%rax,8)"),
             "USDT argument '8@(,%rax,8)': memory operand '(,%rax,8)' has no base register (not supported)"
@@ -507,10 +419,7 @@ mod tests {
             err("8@(%rax,%rbx,8,1)"),
             "USDT argument '8@(%rax,%rbx,8,1)': memory operand '(%rax,%rbx,8,1)' has too many ',' parts"
         );
-        assert_eq!(
-            err("8@(%rax,%xmm1,8)"),
-            "USDT argument '8@(%rax,%xmm1,8)': unknown register '%xmm1'"
-        );
+        assert_eq!(err("8@(%rax,%xmm1,8)"), "USDT argument '8@(%rax,%xmm1,8)': unknown register '%xmm1'");
         assert_eq!(
             err("8@%fs:0x28"),
             "USDT argument '8@%fs:0x28': segment-relative operand '%fs:0x28' is not supported"

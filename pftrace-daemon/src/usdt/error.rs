@@ -25,11 +25,7 @@ pub enum UsdtError {
 
     /// A record of the `.note.stapsdt` section is truncated or malformed.
     #[error("{}: bad .note.stapsdt record at byte {offset} of the section: {reason}", path.display())]
-    BadNote {
-        path: PathBuf,
-        offset: usize,
-        reason: String,
-    },
+    BadNote { path: PathBuf, offset: usize, reason: String },
 
     /// The file has no PT_LOAD program header, so no address can be mapped.
     #[error("{} has no PT_LOAD segment: cannot map addresses to file offsets", path.display())]
@@ -37,11 +33,7 @@ pub enum UsdtError {
 
     /// An address (probe pc or semaphore) lies in no PT_LOAD segment.
     #[error("{}: {what} at address {addr:#x} lies in no PT_LOAD segment", path.display())]
-    AddressNotMapped {
-        path: PathBuf,
-        what: String,
-        addr: u64,
-    },
+    AddressNotMapped { path: PathBuf, what: String, addr: u64 },
 
     /// An address lies in a segment of the wrong kind: a probe pc outside
     /// code, or a semaphore inside code.
@@ -66,11 +58,7 @@ pub enum UsdtError {
 
     /// An argument string has fewer arguments than a spec needs.
     #[error("USDT argument string '{args}' has {found} argument(s), {needed} needed")]
-    TooFewArgs {
-        args: String,
-        found: usize,
-        needed: usize,
-    },
+    TooFewArgs { args: String, found: usize, needed: usize },
 
     /// An argument error, placed in the file and probe it came from.
     #[error("{}: probe {provider}:{name}: {source}", path.display())]

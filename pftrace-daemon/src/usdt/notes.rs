@@ -49,13 +49,8 @@ pub fn read_notes<Elf: FileHeader>(
     data: &[u8],
     path: &Path,
 ) -> Result<Vec<UsdtNote>> {
-    let not_elf = |reason: String| UsdtError::NotElf {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let sections = header
-        .sections(endian, data)
-        .map_err(|e| not_elf(format!("section headers: {e}")))?;
+    let not_elf = |reason: String| UsdtError::NotElf { path: path.to_path_buf(), reason };
+    let sections = header.sections(endian, data).map_err(|e| not_elf(format!("section headers: {e}")))?;
     let Some((_, shdr)) = sections.section_by_name(endian, NOTE_SECTION.as_bytes()) else {
         return Ok(Vec::new());
     };
@@ -65,17 +60,9 @@ pub fn read_notes<Elf: FileHeader>(
             shdr.sh_type(endian)
         )));
     }
-    let bytes = shdr
-        .data(endian, data)
-        .map_err(|e| not_elf(format!("section {NOTE_SECTION}: {e}")))?;
+    let bytes = shdr.data(endian, data).map_err(|e| not_elf(format!("section {NOTE_SECTION}: {e}")))?;
     let addr_size = if header.is_type_64() { 8 } else { 4 };
-    let mut notes = parse_notes(
-        bytes,
-        shdr.sh_addralign(endian).into(),
-        addr_size,
-        endian,
-        path,
-    )?;
+    let mut notes = parse_notes(bytes, shdr.sh_addralign(endian).into(), addr_size, endian, path)?;
     if let Some((_, base)) = sections.section_by_name(endian, BASE_SECTION.as_bytes()) {
         apply_prelink(&mut notes, base.sh_addr(endian).into());
     }
@@ -111,16 +98,9 @@ pub fn parse_notes(
     let mut notes = Vec::new();
     let mut off = 0;
     while off < section.len() {
-        let bad = |reason: String| UsdtError::BadNote {
-            path: path.to_path_buf(),
-            offset: off,
-            reason,
-        };
+        let bad = |reason: String| UsdtError::BadNote { path: path.to_path_buf(), offset: off, reason };
         let Some(header) = section.get(off..off + 12) else {
-            return Err(bad(format!(
-                "note header truncated: {} bytes left, 12 needed",
-                section.len() - off
-            )));
+            return Err(bad(format!("note header truncated: {} bytes left, 12 needed", section.len() - off)));
         };
         let word = |i: usize| endian.read_u32_bytes(header[i..i + 4].try_into().unwrap()) as usize;
         let (namesz, descsz, ntype) = (word(0), word(4), word(8) as u32);
@@ -137,10 +117,7 @@ pub fn parse_notes(
         let owner = &section[name_start..name_start + namesz];
         let owner = owner.strip_suffix(b"\0").unwrap_or(owner);
         if ntype == NT_STAPSDT && owner == OWNER {
-            notes.push(
-                parse_descriptor(&section[desc_start..desc_end], addr_size, &endian)
-                    .map_err(bad)?,
-            );
+            notes.push(parse_descriptor(&section[desc_start..desc_end], addr_size, &endian).map_err(bad)?);
         }
         off = pad(desc_end);
     }
@@ -148,11 +125,7 @@ pub fn parse_notes(
 }
 
 /// pc, base, semaphore, then provider, name and arguments, NUL-terminated.
-fn parse_descriptor(
-    desc: &[u8],
-    addr_size: usize,
-    endian: &impl Endian,
-) -> Result<UsdtNote, String> {
+fn parse_descriptor(desc: &[u8], addr_size: usize, endian: &impl Endian) -> Result<UsdtNote, String> {
     let fixed = 3 * addr_size;
     if desc.len() < fixed {
         return Err(format!(
@@ -197,11 +170,7 @@ mod tests {
     /// One ELF note record, padded to `align`.
     fn record(owner: &[u8], ntype: u32, desc: &[u8], align: usize, big: bool) -> Vec<u8> {
         let word = |v: u32| {
-            if big {
-                v.to_be_bytes()
-            } else {
-                v.to_le_bytes()
-            }
+            if big { v.to_be_bytes() } else { v.to_le_bytes() }
         };
         let mut out = Vec::new();
         out.extend(word(owner.len() as u32));
@@ -216,10 +185,7 @@ mod tests {
 
     /// A stapsdt descriptor with 8-byte little-endian addresses.
     fn desc(pc: u64, base: u64, sem: u64, strings: &[&str]) -> Vec<u8> {
-        let mut out = [pc, base, sem]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<_>>();
+        let mut out = [pc, base, sem].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
         for s in strings {
             out.extend(s.as_bytes());
             out.push(0);
@@ -236,40 +202,19 @@ mod tests {
     }
 
     fn note(pc: u64, base: u64, sem: u64, p: &str, n: &str, a: &str) -> UsdtNote {
-        UsdtNote {
-            provider: p.into(),
-            name: n.into(),
-            pc,
-            base,
-            semaphore: sem,
-            args: a.into(),
-        }
+        UsdtNote { provider: p.into(), name: n.into(), pc, base, semaphore: sem, args: a.into() }
     }
 
     #[test]
     fn parses_records_in_order() {
-        let mut s = sdt(
-            0x4f20a1,
-            0x8cc5a0,
-            0xa84260,
-            "python",
-            "function__entry",
-            "8@%rbp 8@%r12 -4@%eax",
-        );
+        let mut s = sdt(0x4f20a1, 0x8cc5a0, 0xa84260, "python", "function__entry", "8@%rbp 8@%r12 -4@%eax");
         // Descriptor length not a multiple of 4: the next record starts padded.
         s.extend(sdt(0x1000, 0x2000, 0, "p", "no_args", ""));
         let notes = parse(&s).unwrap();
         assert_eq!(
             notes,
             vec![
-                note(
-                    0x4f20a1,
-                    0x8cc5a0,
-                    0xa84260,
-                    "python",
-                    "function__entry",
-                    "8@%rbp 8@%r12 -4@%eax"
-                ),
+                note(0x4f20a1, 0x8cc5a0, 0xa84260, "python", "function__entry", "8@%rbp 8@%r12 -4@%eax"),
                 note(0x1000, 0x2000, 0, "p", "no_args", ""),
             ]
         );
@@ -288,51 +233,20 @@ mod tests {
 
     #[test]
     fn eight_byte_alignment_big_endian_and_elf32() {
-        let mut s = record(
-            b"stapsdt\0",
-            3,
-            &desc(1, 2, 3, &["p", "n", "1@%al"]),
-            8,
-            false,
-        );
-        s.extend(record(
-            b"stapsdt\0",
-            3,
-            &desc(4, 5, 6, &["p", "m", ""]),
-            8,
-            false,
-        ));
+        let mut s = record(b"stapsdt\0", 3, &desc(1, 2, 3, &["p", "n", "1@%al"]), 8, false);
+        s.extend(record(b"stapsdt\0", 3, &desc(4, 5, 6, &["p", "m", ""]), 8, false));
         let n = parse_notes(&s, 8, 8, LittleEndian, Path::new(PATH)).unwrap();
         assert_eq!(n.iter().map(|n| n.pc).collect::<Vec<_>>(), [1, 4]);
 
-        let mut d = [0x11u64, 0x22, 0x33]
-            .iter()
-            .flat_map(|v| v.to_be_bytes())
-            .collect::<Vec<_>>();
+        let mut d = [0x11u64, 0x22, 0x33].iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<_>>();
         d.extend(b"p\0n\0\0");
-        let n = parse_notes(
-            &record(b"stapsdt\0", 3, &d, 4, true),
-            4,
-            8,
-            BigEndian,
-            Path::new(PATH),
-        )
-        .unwrap();
+        let n = parse_notes(&record(b"stapsdt\0", 3, &d, 4, true), 4, 8, BigEndian, Path::new(PATH)).unwrap();
         assert_eq!(n, vec![note(0x11, 0x22, 0x33, "p", "n", "")]);
 
-        let mut d = [0x11u32, 0x22, 0x33]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<_>>();
+        let mut d = [0x11u32, 0x22, 0x33].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
         d.extend(b"p\0n\0-4@%eax\0");
-        let n = parse_notes(
-            &record(b"stapsdt\0", 3, &d, 4, false),
-            4,
-            4,
-            LittleEndian,
-            Path::new(PATH),
-        )
-        .unwrap();
+        let n =
+            parse_notes(&record(b"stapsdt\0", 3, &d, 4, false), 4, 4, LittleEndian, Path::new(PATH)).unwrap();
         assert_eq!(n, vec![note(0x11, 0x22, 0x33, "p", "n", "-4@%eax")]);
     }
 
@@ -370,9 +284,7 @@ mod tests {
         let mut d = desc(1, 2, 3, &["p", "n"]);
         d.extend(b"no-nul");
         assert_eq!(
-            parse(&record(b"stapsdt\0", 3, &d, 4, false))
-                .unwrap_err()
-                .to_string(),
+            parse(&record(b"stapsdt\0", 3, &d, 4, false)).unwrap_err().to_string(),
             format!(
                 "{PATH}: bad .note.stapsdt record at byte 0 of the section: argument string is \
                  missing or not NUL-terminated"
@@ -389,18 +301,12 @@ mod tests {
 
     #[test]
     fn prelink_correction_moves_pc_and_semaphore() {
-        let mut notes = vec![
-            note(0x1000, 0x5000, 0x9000, "p", "a", ""),
-            note(0x1100, 0x5000, 0, "p", "b", ""),
-        ];
+        let mut notes =
+            vec![note(0x1000, 0x5000, 0x9000, "p", "a", ""), note(0x1100, 0x5000, 0, "p", "b", "")];
         // .stapsdt.base moved up by 0x20000.
         apply_prelink(&mut notes, 0x25000);
         assert_eq!((notes[0].pc, notes[0].semaphore), (0x21000, 0x29000));
-        assert_eq!(
-            (notes[1].pc, notes[1].semaphore),
-            (0x21100, 0),
-            "no semaphore stays 0"
-        );
+        assert_eq!((notes[1].pc, notes[1].semaphore), (0x21100, 0), "no semaphore stays 0");
         // Moved down.
         let mut notes = vec![note(0x21000, 0x25000, 0x29000, "p", "a", "")];
         apply_prelink(&mut notes, 0x5000);

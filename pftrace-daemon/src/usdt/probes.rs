@@ -90,19 +90,11 @@ pub fn read_python_function_probes(path: &Path) -> Result<Vec<ProbeSite>> {
 }
 
 /// The probe sites of the file at `path` whose note passes `keep`.
-pub fn read_probes_matching(
-    path: &Path,
-    keep: impl Fn(&UsdtNote) -> bool,
-) -> Result<Vec<ProbeSite>> {
-    let data = std::fs::read(path).map_err(|source| UsdtError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+pub fn read_probes_matching(path: &Path, keep: impl Fn(&UsdtNote) -> bool) -> Result<Vec<ProbeSite>> {
+    let data = std::fs::read(path).map_err(|source| UsdtError::Read { path: path.to_path_buf(), source })?;
     let header = elf64_x86_64_header(&data, path)?;
-    let endian = header.endian().map_err(|e| UsdtError::NotElf {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let endian =
+        header.endian().map_err(|e| UsdtError::NotElf { path: path.to_path_buf(), reason: e.to_string() })?;
     let notes = read_notes(header, endian, &data, path)?;
     let mut notes = notes.into_iter().filter(|n| keep(n)).peekable();
     if notes.peek().is_none() {
@@ -116,8 +108,7 @@ pub fn read_probes_matching(
 /// its argument string.
 pub fn resolve(note: UsdtNote, segments: &Segments, path: &Path) -> Result<ProbeSite> {
     let probe = format!("{}:{}", note.provider, note.name);
-    let pc_offset =
-        segments.file_offset(note.pc, AddrKind::Code, &format!("pc of probe {probe}"))?;
+    let pc_offset = segments.file_offset(note.pc, AddrKind::Code, &format!("pc of probe {probe}"))?;
     let semaphore_offset = match note.semaphore {
         0 => 0,
         sem => segments.file_offset(sem, AddrKind::Data, &format!("semaphore of probe {probe}"))?,
@@ -153,10 +144,7 @@ fn python_kind(provider: &str, name: &str) -> Option<u8> {
 /// The ELF header, if the file is a 64-bit x86-64 ELF (argument strings are
 /// parsed for x86-64 registers, so other machines are refused).
 fn elf64_x86_64_header<'a>(data: &'a [u8], path: &Path) -> Result<&'a FileHeader64<Endianness>> {
-    let unsupported = |reason: String| UsdtError::Unsupported {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let unsupported = |reason: String| UsdtError::Unsupported { path: path.to_path_buf(), reason };
     if !data.starts_with(b"\x7fELF") {
         return Err(UsdtError::NotElf {
             path: path.to_path_buf(),
@@ -166,9 +154,7 @@ fn elf64_x86_64_header<'a>(data: &'a [u8], path: &Path) -> Result<&'a FileHeader
     match FileKind::parse(data) {
         Ok(FileKind::Elf64) => {}
         Ok(FileKind::Elf32) => {
-            return Err(unsupported(
-                "it is a 32-bit ELF file; only x86-64 ELF64 is".into(),
-            ));
+            return Err(unsupported("it is a 32-bit ELF file; only x86-64 ELF64 is".into()));
         }
         Ok(other) => {
             return Err(UsdtError::NotElf {
@@ -177,20 +163,13 @@ fn elf64_x86_64_header<'a>(data: &'a [u8], path: &Path) -> Result<&'a FileHeader
             });
         }
         Err(e) => {
-            return Err(UsdtError::NotElf {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            });
+            return Err(UsdtError::NotElf { path: path.to_path_buf(), reason: e.to_string() });
         }
     }
-    let header = FileHeader64::<Endianness>::parse(data).map_err(|e| UsdtError::NotElf {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let endian = header.endian().map_err(|e| UsdtError::NotElf {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let header = FileHeader64::<Endianness>::parse(data)
+        .map_err(|e| UsdtError::NotElf { path: path.to_path_buf(), reason: e.to_string() })?;
+    let endian =
+        header.endian().map_err(|e| UsdtError::NotElf { path: path.to_path_buf(), reason: e.to_string() })?;
     let machine = header.e_machine(endian);
     if machine != EM_X86_64 {
         return Err(unsupported(format!(

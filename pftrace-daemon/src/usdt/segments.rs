@@ -48,12 +48,10 @@ impl Segments {
         data: &[u8],
         path: &Path,
     ) -> Result<Self> {
-        let phdrs = header
-            .program_headers(endian, data)
-            .map_err(|e| UsdtError::NotElf {
-                path: path.to_path_buf(),
-                reason: format!("program headers: {e}"),
-            })?;
+        let phdrs = header.program_headers(endian, data).map_err(|e| UsdtError::NotElf {
+            path: path.to_path_buf(),
+            reason: format!("program headers: {e}"),
+        })?;
         let segs = phdrs
             .iter()
             .filter(|p| p.p_type(endian) == PT_LOAD)
@@ -70,15 +68,10 @@ impl Segments {
     /// Builds from already collected segments. Fails if there are none.
     pub fn new(mut segs: Vec<LoadSegment>, path: &Path) -> Result<Self> {
         if segs.is_empty() {
-            return Err(UsdtError::NoLoadSegments {
-                path: path.to_path_buf(),
-            });
+            return Err(UsdtError::NoLoadSegments { path: path.to_path_buf() });
         }
         segs.sort_by_key(|s| s.vaddr);
-        Ok(Self {
-            path: path.to_path_buf(),
-            segs,
-        })
+        Ok(Self { path: path.to_path_buf(), segs })
     }
 
     /// The segments, sorted by address.
@@ -92,14 +85,9 @@ impl Segments {
     /// executable for [`AddrKind::Code`] and not for [`AddrKind::Data`].
     /// `what` names the address in errors, e.g. "pc of probe python:line".
     pub fn file_offset(&self, vaddr: u64, kind: AddrKind, what: &str) -> Result<u64> {
-        let seg = self
-            .segs
-            .iter()
-            .find(|s| s.vaddr <= vaddr && vaddr - s.vaddr < s.memsz)
-            .ok_or_else(|| UsdtError::AddressNotMapped {
-                path: self.path.clone(),
-                what: what.to_string(),
-                addr: vaddr,
+        let seg =
+            self.segs.iter().find(|s| s.vaddr <= vaddr && vaddr - s.vaddr < s.memsz).ok_or_else(|| {
+                UsdtError::AddressNotMapped { path: self.path.clone(), what: what.to_string(), addr: vaddr }
             })?;
         if seg.executable != (kind == AddrKind::Code) {
             return Err(UsdtError::WrongSegment {
@@ -121,12 +109,7 @@ mod tests {
 
     /// The PT_LOAD headers of Debian 12's /usr/bin/python3.11 (`readelf -lW`).
     fn python311() -> Segments {
-        let seg = |offset, vaddr, memsz, executable| LoadSegment {
-            vaddr,
-            memsz,
-            offset,
-            executable,
-        };
+        let seg = |offset, vaddr, memsz, executable| LoadSegment { vaddr, memsz, offset, executable };
         Segments::new(
             vec![
                 seg(0x544dc8, 0x945dc8, 0x1832f0, false),
@@ -144,51 +127,31 @@ mod tests {
         let s = python311();
         assert_eq!(s.segments()[0].vaddr, 0x400000, "sorted by address");
         // python:function__entry pc and semaphore.
-        assert_eq!(
-            s.file_offset(0x4f20a1, AddrKind::Code, "pc").unwrap(),
-            0xf20a1
-        );
-        assert_eq!(
-            s.file_offset(0xa84260, AddrKind::Data, "sem").unwrap(),
-            0x683260
-        );
+        assert_eq!(s.file_offset(0x4f20a1, AddrKind::Code, "pc").unwrap(), 0xf20a1);
+        assert_eq!(s.file_offset(0xa84260, AddrKind::Data, "sem").unwrap(), 0x683260);
         // First and last byte of a segment.
-        assert_eq!(
-            s.file_offset(0x41f000, AddrKind::Code, "pc").unwrap(),
-            0x1f000
-        );
-        assert_eq!(
-            s.file_offset(0x6d1288, AddrKind::Code, "pc").unwrap(),
-            0x2d1288
-        );
+        assert_eq!(s.file_offset(0x41f000, AddrKind::Code, "pc").unwrap(), 0x1f000);
+        assert_eq!(s.file_offset(0x6d1288, AddrKind::Code, "pc").unwrap(), 0x2d1288);
     }
 
     #[test]
     fn rejects_unmapped_and_wrong_kind() {
         let s = python311();
         assert_eq!(
-            s.file_offset(0x6d1289, AddrKind::Code, "pc of probe p:n")
-                .unwrap_err()
-                .to_string(),
+            s.file_offset(0x6d1289, AddrKind::Code, "pc of probe p:n").unwrap_err().to_string(),
             "/usr/bin/python3.11: pc of probe p:n at address 0x6d1289 lies in no PT_LOAD segment"
         );
         assert_eq!(
-            s.file_offset(0x10, AddrKind::Data, "semaphore")
-                .unwrap_err()
-                .to_string(),
+            s.file_offset(0x10, AddrKind::Data, "semaphore").unwrap_err().to_string(),
             "/usr/bin/python3.11: semaphore at address 0x10 lies in no PT_LOAD segment"
         );
         assert_eq!(
-            s.file_offset(0xa84260, AddrKind::Code, "pc of probe p:n")
-                .unwrap_err()
-                .to_string(),
+            s.file_offset(0xa84260, AddrKind::Code, "pc of probe p:n").unwrap_err().to_string(),
             "/usr/bin/python3.11: pc of probe p:n at address 0xa84260 lies in the non-executable \
              segment [0x945dc8, 0xac90b8); it must be in an executable segment"
         );
         assert_eq!(
-            s.file_offset(0x4f20a1, AddrKind::Data, "semaphore of probe p:n")
-                .unwrap_err()
-                .to_string(),
+            s.file_offset(0x4f20a1, AddrKind::Data, "semaphore of probe p:n").unwrap_err().to_string(),
             "/usr/bin/python3.11: semaphore of probe p:n at address 0x4f20a1 lies in the executable \
              segment [0x41f000, 0x6d1289); it must be in a non-executable (data) segment"
         );
@@ -197,9 +160,7 @@ mod tests {
     #[test]
     fn no_load_segments_is_an_error() {
         assert_eq!(
-            Segments::new(vec![], Path::new("/x.so"))
-                .unwrap_err()
-                .to_string(),
+            Segments::new(vec![], Path::new("/x.so")).unwrap_err().to_string(),
             "/x.so has no PT_LOAD segment: cannot map addresses to file offsets"
         );
     }

@@ -20,9 +20,7 @@ fn offset_by_sections(data: &[u8], vaddr: u64) -> u64 {
     let elf = ElfFile64::<Endianness>::parse(data).unwrap();
     let sec = elf
         .sections()
-        .find(|s| {
-            s.address() <= vaddr && vaddr < s.address() + s.size() && s.file_range().is_some()
-        })
+        .find(|s| s.address() <= vaddr && vaddr < s.address() + s.size() && s.file_range().is_some())
         .unwrap_or_else(|| panic!("no section holds {vaddr:#x}"));
     vaddr - sec.address() + sec.file_range().unwrap().0
 }
@@ -32,11 +30,7 @@ fn offset_by_sections(data: &[u8], vaddr: u64) -> u64 {
 fn check_offsets(path: &Path, sites: &[ProbeSite]) {
     let data = std::fs::read(path).unwrap();
     for s in sites {
-        assert_eq!(
-            data[s.pc_offset as usize], 0x90,
-            "{}:{} pc offset is not a nop",
-            s.provider, s.name
-        );
+        assert_eq!(data[s.pc_offset as usize], 0x90, "{}:{} pc offset is not a nop", s.provider, s.name);
         assert_eq!(s.pc_offset, offset_by_sections(&data, s.pc));
         if s.semaphore != 0 {
             assert_eq!(s.semaphore_offset, offset_by_sections(&data, s.semaphore));
@@ -61,77 +55,21 @@ fn python311_probes_match_readelf() {
     // (name, pc, pc offset, semaphore, semaphore offset, args), from
     // `readelf -n` and `readelf -lW /usr/bin/python3.11` on Debian 12.
     let expected = [
-        (
-            "audit",
-            0x42512a,
-            0x2512a,
-            0xa84276,
-            0x683276,
-            "8@%rbx 8@%r15",
-        ),
+        ("audit", 0x42512a, 0x2512a, 0xa84276, 0x683276, "8@%rbx 8@%r15"),
         ("gc__done", 0x42873b, 0x2873b, 0xa84270, 0x683270, "-8@%r12"),
-        (
-            "gc__start",
-            0x4287f3,
-            0x287f3,
-            0xa8426e,
-            0x68326e,
-            "-4@112(%rsp)",
-        ),
-        (
-            "line",
-            0x43423c,
-            0x3423c,
-            0xa8426c,
-            0x68326c,
-            "8@%r14 8@%rax -4@%ebp",
-        ),
-        (
-            "import__find__load__start",
-            0x45273a,
-            0x5273a,
-            0xa84272,
-            0x683272,
-            "8@%rax",
-        ),
-        (
-            "import__find__load__done",
-            0x45275a,
-            0x5275a,
-            0xa84274,
-            0x683274,
-            "8@%rax -4@%edx",
-        ),
-        (
-            "function__entry",
-            0x4f20a1,
-            0xf20a1,
-            0xa84260,
-            0x683260,
-            "8@%rbp 8@%r12 -4@%eax",
-        ),
-        (
-            "function__return",
-            0x4f20d4,
-            0xf20d4,
-            0xa84262,
-            0x683262,
-            "8@%rbp 8@%r12 -4@%eax",
-        ),
+        ("gc__start", 0x4287f3, 0x287f3, 0xa8426e, 0x68326e, "-4@112(%rsp)"),
+        ("line", 0x43423c, 0x3423c, 0xa8426c, 0x68326c, "8@%r14 8@%rax -4@%ebp"),
+        ("import__find__load__start", 0x45273a, 0x5273a, 0xa84272, 0x683272, "8@%rax"),
+        ("import__find__load__done", 0x45275a, 0x5275a, 0xa84274, 0x683274, "8@%rax -4@%edx"),
+        ("function__entry", 0x4f20a1, 0xf20a1, 0xa84260, 0x683260, "8@%rbp 8@%r12 -4@%eax"),
+        ("function__return", 0x4f20d4, 0xf20d4, 0xa84262, 0x683262, "8@%rbp 8@%r12 -4@%eax"),
     ];
     let got: Vec<_> = sites
         .iter()
         .map(|s| {
             assert_eq!(s.provider, "python");
             assert_eq!(s.path, Path::new(PYTHON));
-            (
-                s.name.as_str(),
-                s.pc,
-                s.pc_offset,
-                s.semaphore,
-                s.semaphore_offset,
-                s.args.as_str(),
-            )
+            (s.name.as_str(), s.pc, s.pc_offset, s.semaphore, s.semaphore_offset, s.args.as_str())
         })
         .collect();
     assert_eq!(got, expected);
@@ -145,24 +83,12 @@ fn python311_probes_match_readelf() {
 #[test]
 fn python311_function_probes() {
     let sites = read_python_function_probes(Path::new(PYTHON)).unwrap();
-    let kinds: Vec<_> = sites
-        .iter()
-        .map(|s| (s.name.as_str(), s.python_kind()))
-        .collect();
-    assert_eq!(
-        kinds,
-        [
-            ("function__entry", Some(kind::ENTRY)),
-            ("function__return", Some(kind::RETURN))
-        ]
-    );
+    let kinds: Vec<_> = sites.iter().map(|s| (s.name.as_str(), s.python_kind())).collect();
+    assert_eq!(kinds, [("function__entry", Some(kind::ENTRY)), ("function__return", Some(kind::RETURN))]);
     for s in &sites {
         assert!(s.is_python_function());
         // filename in %rbp, funcname in %r12, lineno in %eax (signed int).
-        assert_eq!(
-            s.spec().unwrap().args,
-            [reg(8, false, 32), reg(8, false, 24), reg(4, true, 80)]
-        );
+        assert_eq!(s.spec().unwrap().args, [reg(8, false, 32), reg(8, false, 24), reg(4, true, 80)]);
     }
 }
 
@@ -216,10 +142,7 @@ fn build(dir: &Path, out: &str, flags: &[&str], sources: &[&str]) -> PathBuf {
         .args(sources)
         .status()
         .expect("running cc (these tests need a C compiler)");
-    assert!(
-        status.success(),
-        "cc failed: is systemtap-sdt-dev (sys/sdt.h) installed?"
-    );
+    assert!(status.success(), "cc failed: is systemtap-sdt-dev (sys/sdt.h) installed?");
     path
 }
 
@@ -230,11 +153,7 @@ fn c_programs_with_and_without_semaphores() {
     for (out, flags, sources) in [
         ("pie", &[][..], &all[..]),
         ("nopie", &["-no-pie"][..], &all[..]),
-        (
-            "lib.so",
-            &["-shared", "-fPIC"][..],
-            &["sem.c", "nosem.c"][..],
-        ),
+        ("lib.so", &["-shared", "-fPIC"][..], &["sem.c", "nosem.c"][..]),
     ] {
         let path = build(&dir.0, out, flags, sources);
         let sites = read_probes(&path).unwrap();
@@ -244,25 +163,14 @@ fn c_programs_with_and_without_semaphores() {
         let hit = sites.iter().find(|s| s.name == "hit").unwrap();
         let data = std::fs::read(&path).unwrap();
         let elf = ElfFile64::<Endianness>::parse(&*data).unwrap();
-        let sym = elf
-            .symbols()
-            .find(|s| s.name() == Ok("pftest_hit_semaphore"))
-            .unwrap();
+        let sym = elf.symbols().find(|s| s.name() == Ok("pftest_hit_semaphore")).unwrap();
         assert_eq!(hit.semaphore, sym.address(), "{out}");
         let sec = elf.section_by_index(sym.section_index().unwrap()).unwrap();
-        assert_eq!(
-            hit.semaphore_offset,
-            sym.address() - sec.address() + sec.file_range().unwrap().0
-        );
+        assert_eq!(hit.semaphore_offset, sym.address() - sec.address() + sec.file_range().unwrap().0);
         assert_ne!(hit.semaphore_offset, 0);
         // gcc -O2 passes the constant as an immediate.
         let c = hit.spec().unwrap().args[2];
-        assert_eq!(
-            (c.kind, c.val_off, c.size, c.signed),
-            (arg_kind::CONST, 42, 4, 1),
-            "{}",
-            hit.args
-        );
+        assert_eq!((c.kind, c.val_off, c.size, c.signed), (arg_kind::CONST, 42, 4, 1), "{}", hit.args);
 
         let plain = sites.iter().find(|s| s.name == "plain").unwrap();
         assert_eq!((plain.semaphore, plain.semaphore_offset), (0, 0));
@@ -283,11 +191,7 @@ fn prelink_correction_on_a_real_file() {
     // pc and semaphore up by 2.
     let mut data = std::fs::read(&path).unwrap();
     let elf = ElfFile64::<Endianness>::parse(&*data).unwrap();
-    let (start, size) = elf
-        .section_by_name(".note.stapsdt")
-        .unwrap()
-        .file_range()
-        .unwrap();
+    let (start, size) = elf.section_by_name(".note.stapsdt").unwrap().file_range().unwrap();
     let (mut off, end) = (start as usize, (start + size) as usize);
     while off < end {
         let word = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) as usize;
@@ -303,10 +207,7 @@ fn prelink_correction_on_a_real_file() {
     for (b, a) in before.iter().zip(&after) {
         assert_eq!((a.pc, a.pc_offset), (b.pc + 2, b.pc_offset + 2));
         if b.semaphore != 0 {
-            assert_eq!(
-                (a.semaphore, a.semaphore_offset),
-                (b.semaphore + 2, b.semaphore_offset + 2)
-            );
+            assert_eq!((a.semaphore, a.semaphore_offset), (b.semaphore + 2, b.semaphore_offset + 2));
         } else {
             assert_eq!(a.semaphore, 0);
         }
@@ -320,10 +221,7 @@ fn file_errors_name_the_file() {
     std::fs::write(&text, "not an ELF file").unwrap();
     assert_eq!(
         read_probes(&text).unwrap_err().to_string(),
-        format!(
-            "{} is not a readable ELF file: it does not start with the ELF magic bytes",
-            text.display()
-        )
+        format!("{} is not a readable ELF file: it does not start with the ELF magic bytes", text.display())
     );
     let missing = dir.0.join("missing");
     assert!(matches!(read_probes(&missing), Err(UsdtError::Read { .. })));
@@ -339,15 +237,7 @@ fn file_errors_name_the_file() {
     std::fs::write(&plain, "int main(void) { return 0; }").unwrap();
     let src = dir.0.join("plain.c");
     std::fs::rename(&plain, &src).unwrap();
-    assert!(
-        Command::new("cc")
-            .arg("-o")
-            .arg(&plain)
-            .arg(&src)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("cc").arg("-o").arg(&plain).arg(&src).status().unwrap().success());
     assert!(read_probes(&plain).unwrap().is_empty());
 
     // Same file, claiming to be aarch64 (e_machine 183), then ELF32.
@@ -367,9 +257,6 @@ fn file_errors_name_the_file() {
     std::fs::write(&elf32, &data).unwrap();
     assert_eq!(
         read_probes(&elf32).unwrap_err().to_string(),
-        format!(
-            "{} is not supported: it is a 32-bit ELF file; only x86-64 ELF64 is",
-            elf32.display()
-        )
+        format!("{} is not supported: it is a 32-bit ELF file; only x86-64 ELF64 is", elf32.display())
     );
 }

@@ -1,0 +1,140 @@
+//! `pftracectl stats`: per-function (optionally per-process) call counts and
+//! latency percentiles, as a table or JSON.
+
+use std::{fmt::Write as _, path::Path};
+
+use clap::Args;
+use pftrace::protocol::{Command, FunctionStats};
+
+use super::{dump::FilterArgs, human::human_ns};
+
+/// Per-function figures: calls, total, mean, p50, p95, p99, max.
+///
+/// Examples:
+///   pftracectl stats
+///   pftracectl stats --per-pid --since 10m
+///   pftracectl stats --function raw_decode --json
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct StatsArgs {
+    /// One row per function and process.
+    #[arg(long)]
+    pub per_pid: bool,
+    /// Print the daemon's reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
+    let filter = args.filter.to_filter()?;
+    let result = super::request(socket, Command::Stats { filter, per_pid: args.per_pid })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    let rows: Vec<FunctionStats> = serde_json::from_value(result)
+        .map_err(|e| anyhow::anyhow!("pftraced sent stats this pftracectl cannot read ({e}); try --json"))?;
+    print!("{}", render(&rows, args.per_pid));
+    Ok(())
+}
+
+/// The table, with a note when some calls never returned.
+pub fn render(rows: &[FunctionStats], per_pid: bool) -> String {
+    if rows.is_empty() {
+        return "no calls recorded (for this filter)\n".into();
+    }
+    let mut header = vec!["function", "file"];
+    if per_pid {
+        header.push("pid");
+    }
+    header.extend(["calls", "total", "mean", "p50", "p95", "p99", "max"]);
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut cells = vec![r.function.clone(), r.file.clone()];
+            if per_pid {
+                cells.push(r.pid.map_or_else(|| "-".into(), |p| p.to_string()));
+            }
+            let calls = if r.incomplete > 0 {
+                format!("{}({}!)", r.calls, r.incomplete)
+            } else {
+                r.calls.to_string()
+            };
+            cells.push(calls);
+            for ns in [r.total_ns, r.mean_ns, r.p50_ns, r.p95_ns, r.p99_ns, r.max_ns] {
+                cells.push(human_ns(ns));
+            }
+            cells
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| table.iter().map(|row| row[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    // function and file left-aligned, numbers right-aligned.
+    let text_columns = 2;
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let w = widths[i];
+            let _ = if i < text_columns { write!(s, "{cell:<w$}  ") } else { write!(s, "{cell:>w$}  ") };
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &table {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    if rows.iter().any(|r| r.incomplete > 0) {
+        out.push_str(
+            "(N!) = calls with no return seen (closed when the process exited or tracing stopped)\n",
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(function: &str, pid: Option<u32>, incomplete: u64) -> FunctionStats {
+        FunctionStats {
+            function: function.into(),
+            file: "/srv/app.py".into(),
+            pid,
+            calls: 12,
+            incomplete,
+            total_ns: 3_000_000_000,
+            mean_ns: 250_000_000,
+            p50_ns: 1_500,
+            p95_ns: 2_000_000,
+            p99_ns: 900,
+            max_ns: 12,
+        }
+    }
+
+    #[test]
+    fn table() {
+        let text = render(&[row("compute", Some(42), 0), row("f", Some(7), 2)], true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "function  file         pid   calls   total      mean     p50     p95    p99   max"
+        );
+        assert_eq!(
+            lines[1],
+            "compute   /srv/app.py   42      12  3.000s  250.00ms  1.50us  2.00ms  900ns  12ns"
+        );
+        assert_eq!(
+            lines[2],
+            "f         /srv/app.py    7  12(2!)  3.000s  250.00ms  1.50us  2.00ms  900ns  12ns"
+        );
+        assert!(lines[3].starts_with("(N!) = calls with no return seen"));
+        let text = render(&[row("compute", None, 0)], false);
+        assert!(text.starts_with("function  file         calls   total"), "{text}");
+        assert_eq!(render(&[], false), "no calls recorded (for this filter)\n");
+    }
+}

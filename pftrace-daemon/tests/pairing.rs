@@ -1,0 +1,289 @@
+//! Entry/return pairing on a real CPython 3.9 with probes: many threads in
+//! --pid mode, deep recursion, exceptions and generators. Counts are exact.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// 10,000 calls of `foo` from 4 threads (2,500 each), traced with --pid:
+/// the script waits on stdin until pftraced reports it is attached.
+#[test]
+fn four_threads_in_pid_mode_give_exact_counts_per_thread() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 2500;
+    let dir = TestDir::new("threads");
+    let script = dir.script(
+        "threads.py",
+        r#"
+        import sys, threading
+
+        THREADS, PER_THREAD = 4, 2500
+
+        def foo(i):
+            return i + 1
+
+        barrier = threading.Barrier(THREADS)
+        tids = [None] * THREADS
+
+        def worker(k):
+            tids[k] = threading.get_native_id()
+            barrier.wait()          # all threads call foo at the same time
+            for i in range(PER_THREAD):
+                foo(i)
+
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            sys.exit(3)
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print("tids", *tids, flush=True)
+        "#,
+    );
+    let mut py = PyProcess::spawn(&python(), &script, &[]);
+    py.expect_line("ready");
+
+    let tracer = Pftraced::new(&dir, &["foo"]).pid(py.pid()).spawn();
+    let attached = tracer.wait_attached(py.pid());
+    assert!(attached.contains("CPython 3.9"), "{attached}");
+    assert!(attached.ends_with("tracing foo"), "{attached}");
+
+    py.send_line("go");
+    let tids_line = py.read_line();
+    let (status, _) = py.wait(Duration::from_secs(60));
+    assert!(status.success(), "the script failed: {status}");
+    let script_tids: Vec<u32> = tids_line
+        .strip_prefix("tids ")
+        .unwrap_or_else(|| panic!("unexpected line {tids_line:?}"))
+        .split(' ')
+        .map(|t| t.parse().expect("tid"))
+        .collect();
+    assert_eq!(script_tids.len(), THREADS);
+
+    // pftraced ends by itself, promptly, when the script exits.
+    let script_exited = Instant::now();
+    let run = tracer.finish();
+    run.assert_code(0);
+    assert!(
+        script_exited.elapsed() < Duration::from_secs(10),
+        "pftraced took {:?} to notice the script exited",
+        script_exited.elapsed()
+    );
+    let trace = run.trace();
+    trace.assert_clean();
+
+    let foo = trace.named("foo");
+    assert_eq!(foo.len(), THREADS * PER_THREAD, "foo calls");
+    assert_eq!(trace.calls.len(), foo.len(), "only foo was traced");
+    assert_eq!(trace.counter("entry_matched"), 10_000);
+    assert_eq!(trace.counter("return_matched"), 10_000);
+    assert_eq!(trace.counter("lost"), 0);
+    assert_eq!(trace.incomplete_calls(), 0);
+    assert!(trace.unmatched_returns().is_empty());
+    assert_eq!(trace.names(), ["foo"]);
+    assert_eq!(trace.process_pids(), [py.pid()]);
+    assert!(trace.process_names.contains_key(&py.pid()));
+
+    let mut per_tid: BTreeMap<u32, Vec<&CallEvent>> = BTreeMap::new();
+    for c in &foo {
+        assert_eq!(c.pid, py.pid(), "pid of {c:?}");
+        assert_eq!(c.file, script.to_str().unwrap());
+        assert_eq!(c.line, line_of(&script, "def foo("));
+        assert_eq!(c.cat, "threads");
+        per_tid.entry(c.tid).or_default().push(c);
+    }
+    let mut want: Vec<u32> = script_tids.clone();
+    want.sort();
+    assert_eq!(
+        per_tid.keys().copied().collect::<Vec<_>>(),
+        want,
+        "the tids in the trace are not those the script reported"
+    );
+    for (tid, calls) in &mut per_tid {
+        assert_eq!(calls.len(), PER_THREAD, "calls on tid {tid}");
+        // One thread's foo calls follow each other without overlapping.
+        calls.sort_by_key(|c| c.ts_ns);
+        for w in calls.windows(2) {
+            let slack = w[0].ts_rounding_ns() + w[1].ts_rounding_ns();
+            assert!(
+                w[1].ts_ns + slack >= w[0].end_ns(),
+                "calls overlap on tid {tid}: {:?} then {:?}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+}
+
+/// `rec(50)` recursing to `rec(0)`, called from `outer()`: 51 nested rec
+/// calls inside one outer call, each within its caller's interval.
+#[test]
+fn recursion_to_depth_50_nests_exactly() {
+    let dir = TestDir::new("recursion");
+    let script = dir.script(
+        "recursion.py",
+        r#"
+        def rec(n):
+            if n == 0:
+                return 0
+            return rec(n - 1) + 1
+
+        def outer():
+            return rec(50)
+
+        assert outer() == 50
+        "#,
+    );
+    let run =
+        Pftraced::new(&dir, &["rec", "outer"]).launch(&[python().as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(trace.named("rec").len(), 51);
+    assert_eq!(trace.named("outer").len(), 1);
+    assert_eq!(trace.calls.len(), 52);
+
+    // Sort by start; for equal written starts (ts is rounded to 0.25 µs) the
+    // longer call is the caller.
+    let mut calls: Vec<&CallEvent> = trace.calls.iter().collect();
+    calls.sort_by(|a, b| a.ts_ns.cmp(&b.ts_ns).then(b.dur_ns.cmp(&a.dur_ns)));
+    assert_eq!(calls[0].name, "outer", "outer must come first");
+    assert_eq!(calls[0].line, line_of(&script, "def outer("));
+    let tid = calls[0].tid;
+    let mut min_margin = i128::MAX;
+    for (depth, w) in calls.windows(2).enumerate() {
+        let (caller, callee) = (w[0], w[1]);
+        assert_eq!(callee.name, "rec", "depth {}", depth + 1);
+        assert_eq!(callee.line, line_of(&script, "def rec("));
+        assert_eq!(callee.tid, tid);
+        // Durations are exact to the ns: strictly shorter than the caller's.
+        assert!(
+            callee.dur_ns < caller.dur_ns,
+            "depth {}: callee {callee:?} not shorter than caller {caller:?}",
+            depth + 1
+        );
+        // Starts: rounding is monotonic, so no slack is needed.
+        assert!(
+            callee.ts_ns >= caller.ts_ns,
+            "depth {}: callee starts before its caller: {callee:?} {caller:?}",
+            depth + 1
+        );
+        // Ends: each written ts may be off by its float rounding (see
+        // CallEvent::ts_rounding_ns); nothing more is allowed.
+        let slack = caller.ts_rounding_ns() + callee.ts_rounding_ns();
+        assert!(
+            callee.end_ns() <= caller.end_ns() + slack,
+            "depth {}: callee ends {} ns after its caller (float slack {slack} ns): {callee:?} {caller:?}",
+            depth + 1,
+            callee.end_ns() - caller.end_ns()
+        );
+        min_margin = min_margin.min(caller.end_ns() - callee.end_ns());
+    }
+    eprintln!("smallest caller-end minus callee-end margin: {min_margin} ns");
+}
+
+/// A function that raises (caught by its caller), an exception unwinding
+/// through two traced frames, a generator consumed by `for` (N items: N+1
+/// frame runs) and a generator abandoned after K items (K resumes + the
+/// close() that throws GeneratorExit into it).
+#[test]
+fn exceptions_and_generators_give_closed_balanced_calls() {
+    const RAISES: usize = 300;
+    const UNWINDS: usize = 200;
+    const ITEMS: usize = 1000;
+    const TAKEN: usize = 3;
+    let dir = TestDir::new("exc-gen");
+    let script = dir.script(
+        "excgen.py",
+        r#"
+        RAISES, UNWINDS, ITEMS, TAKEN = 300, 200, 1000, 3
+
+        def boom(i):
+            raise ValueError(i)
+
+        def catcher(i):
+            try:
+                boom(i)
+            except ValueError:
+                return 1
+
+        def deep_boom(i):
+            raise KeyError(i)
+
+        def passthru(i):
+            deep_boom(i)           # does not catch
+
+        def numbers(n):
+            for i in range(n):
+                yield i
+
+        def abandoned(n):
+            for i in range(n):
+                yield i
+
+        assert sum(catcher(i) for i in range(RAISES)) == RAISES
+        for i in range(UNWINDS):
+            try:
+                passthru(i)
+            except KeyError:
+                pass
+        total = 0
+        for x in numbers(ITEMS):
+            total += x
+        assert total == ITEMS * (ITEMS - 1) // 2
+        for x in abandoned(ITEMS):
+            if x == TAKEN - 1:
+                break              # the generator is closed when dropped
+        "#,
+    );
+    let names = ["boom", "catcher", "deep_boom", "passthru", "numbers", "abandoned"];
+    let run = Pftraced::new(&dir, &names).launch(&[python().as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    let counts = trace.counts();
+    let want: BTreeMap<&str, usize> = [
+        ("boom", RAISES),
+        ("catcher", RAISES),
+        ("deep_boom", UNWINDS),
+        ("passthru", UNWINDS),
+        ("numbers", ITEMS + 1),
+        ("abandoned", TAKEN + 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(counts, want);
+    assert_eq!(trace.incomplete_calls(), 0);
+    assert!(trace.unmatched_returns().is_empty());
+    assert_eq!(trace.counter("entry_matched"), trace.calls.len() as u64);
+    assert_eq!(trace.counter("return_matched"), trace.calls.len() as u64);
+
+    // Each boom lies inside a catcher, each deep_boom inside a passthru.
+    for (inner, outer) in [("boom", "catcher"), ("deep_boom", "passthru")] {
+        let mut outers: Vec<&CallEvent> = trace.named(outer);
+        outers.sort_by_key(|c| c.ts_ns);
+        let mut inners: Vec<&CallEvent> = trace.named(inner);
+        inners.sort_by_key(|c| c.ts_ns);
+        for (o, i) in outers.iter().zip(&inners) {
+            let slack = o.ts_rounding_ns() + i.ts_rounding_ns();
+            assert!(
+                i.ts_ns >= o.ts_ns && i.end_ns() <= o.end_ns() + slack && i.dur_ns < o.dur_ns,
+                "{inner} {i:?} not inside {outer} {o:?}"
+            );
+        }
+    }
+    // Generator frame runs do not overlap: each resume ends before the next.
+    let mut runs = trace.named("numbers");
+    runs.sort_by_key(|c| c.ts_ns);
+    for w in runs.windows(2) {
+        let slack = w[0].ts_rounding_ns() + w[1].ts_rounding_ns();
+        assert!(w[1].ts_ns + slack >= w[0].end_ns(), "{:?} {:?}", w[0], w[1]);
+    }
+}
