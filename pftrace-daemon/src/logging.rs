@@ -1,6 +1,7 @@
 //! Logging set-up: to stderr, with syslog priority prefixes (`<3>`) when
 //! stderr is systemd's journal stream, so journald records each line's level;
-//! and an error-chain printer that does not repeat causes already quoted.
+//! an error-chain printer that does not repeat causes already quoted; and the
+//! systemd readiness notification.
 
 use std::io::Write as _;
 
@@ -38,4 +39,23 @@ pub fn chain(err: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// Tells systemd the daemon is ready (`Type=notify`), when started by it:
+/// sends `READY=1` to $NOTIFY_SOCKET. A no-op otherwise.
+pub fn notify_ready() {
+    use std::os::{
+        linux::net::SocketAddrExt as _,
+        unix::net::{SocketAddr, UnixDatagram},
+    };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::path::Path::new(&path)),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr));
+    if let Err(err) = sent {
+        log::warn!("notifying systemd of readiness ({}): {err}", path.to_string_lossy());
+    }
 }

@@ -164,9 +164,10 @@ impl Pairer {
 }
 
 fn close(pid: u32, tid: u32, open: Open, depth: u32, at: Close, end: CallEnd) -> Call {
-    // CPU time needs both readings from the kernel (0 means the layout was unknown).
+    // CPU time needs the return reading (0 there means the layout was unknown; at
+    // entry 0 is real for a thread the scheduler has not yet charged).
     let cpu_ns = match at.figures {
-        Some((cpu, _)) if cpu != 0 && open.cpu_ns != 0 => Some(cpu.saturating_sub(open.cpu_ns)),
+        Some((cpu, _)) if cpu != 0 => Some(cpu.saturating_sub(open.cpu_ns)),
         _ => None,
     };
     Call {

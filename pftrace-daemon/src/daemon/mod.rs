@@ -288,6 +288,7 @@ impl Daemon {
                 None
             }
         };
+        crate::logging::notify_ready();
         let mut stop = pin!(stop);
         let mut tick = tokio::time::interval(TICK);
         let mut last_flush = Instant::now();
