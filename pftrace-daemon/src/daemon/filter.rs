@@ -38,10 +38,6 @@ pub struct NameFilter {
 }
 
 impl NameFilter {
-    pub fn specs(&self) -> &[NameSpec] {
-        &self.specs
-    }
-
     pub fn texts(&self) -> Vec<String> {
         self.specs.iter().map(|s| s.text.clone()).collect()
     }

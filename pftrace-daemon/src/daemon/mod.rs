@@ -168,7 +168,7 @@ impl Daemon {
             None => None,
         };
         let mut targets: Vec<String> = opts.pids.iter().map(|p| format!("pid {p}")).collect();
-        targets.extend(cgroups.iter().map(|c| format!("cgroup {}", c.path.display())));
+        targets.extend(cgroups.iter().map(|c| format!("cgroup {} (id {})", c.path.display(), c.id)));
         if opts.all {
             targets.push("all probe-enabled Pythons on the host".into());
         }
@@ -327,6 +327,12 @@ impl Daemon {
         }
         if let Some(server) = server {
             server.abort();
+            if self.stopping {
+                // The `stop` reply is written by its connection task: let it
+                // run before the runtime (and every task in it) is dropped,
+                // or pftracectl sees the connection close without a reply.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         self.drain(ring.get_mut());
         Ok(self.finish())
@@ -376,7 +382,7 @@ impl Daemon {
         self.store_calls(closed);
         self.processes.exited(pid);
         self.sampler.forget(pid);
-        log::info!("pid {pid} exited");
+        log::debug!("pid {pid} exited");
     }
 
     fn counters(&self) -> Counters {
