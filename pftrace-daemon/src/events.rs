@@ -53,6 +53,24 @@ pub enum DecodeError {
     Kind(u8),
 }
 
+/// Text from a traced process made safe to show anywhere: control
+/// characters (which could drive a terminal, e.g. ESC) become `\xNN` escapes.
+/// Invalid UTF-8 is already replaced by U+FFFD when decoding.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// The system page size in bytes.
 pub fn page_size() -> u64 {
     static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -117,7 +135,7 @@ impl Decoder {
         if let Some(s) = self.strings.get(bytes) {
             return s.clone();
         }
-        let s: Arc<str> = Arc::from(String::from_utf8_lossy(bytes).as_ref());
+        let s: Arc<str> = Arc::from(printable(&String::from_utf8_lossy(bytes)).as_ref());
         self.strings.insert(bytes.into(), s.clone());
         s
     }
@@ -166,5 +184,7 @@ mod tests {
         assert!(matches!(d.decode(&raw(9, b"x")), Err(DecodeError::Kind(9))));
         let e = d.decode(&raw(kind::ENTRY, b"f\xffo")).unwrap();
         assert_eq!(&*e.name, "f\u{fffd}o");
+        let e = d.decode(&raw(kind::ENTRY, b"a\x1b[2Jb")).unwrap();
+        assert_eq!(&*e.name, "a\\x1b[2Jb");
     }
 }

@@ -10,14 +10,20 @@ pub const JOB_VARIABLES: [&str; 3] = ["SLURM_JOB_ID", "FLUX_JOB_ID", "LSB_JOBID"
 
 /// `/proc/PID/comm`, trimmed; empty if unreadable.
 pub fn comm(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
+    read_text(&format!("/proc/{pid}/comm"))
+}
+
+/// A short procfs text file, trimmed and made printable (it is the traced
+/// process's own choice of text).
+fn read_text(path: &str) -> String {
+    fs::read(path)
+        .map(|b| crate::events::printable(String::from_utf8_lossy(&b).trim()).into_owned())
+        .unwrap_or_default()
 }
 
 /// The thread's name (`/proc/PID/task/TID/comm`); empty if unreadable.
 pub fn thread_name(pid: u32, tid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    read_text(&format!("/proc/{pid}/task/{tid}/comm"))
 }
 
 /// The batch job of a process, from its initial environment.

@@ -92,7 +92,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         .map(|b| {
             b.split(|&c| c == 0)
                 .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .map(|a| crate::events::printable(&String::from_utf8_lossy(a)).into_owned())
                 .collect::<Vec<_>>()
                 .join(" ")
         })

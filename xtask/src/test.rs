@@ -3,9 +3,12 @@
 //! The daemon's tests load BPF programs and trace a real CPython, so they need
 //! root and get the probe-enabled interpreter through `PFTRACE_PYTHON`.
 
-use std::process::ExitCode;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, ExitCode, ExitStatus, Stdio},
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::util::{self, Step};
 
@@ -27,11 +30,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let env = crate::setup::run()?;
     let mut failed = Vec::new();
+    let mut totals = Totals::default();
 
     if args.cargo_args.is_empty() {
         let step = Step::new("test", "xtask");
         step.say("cargo test -p xtask");
-        match util::run_status(util::cargo().args(["test", "-p", "xtask"])) {
+        match run_counting(util::cargo().args(["test", "-p", "xtask"]), &mut totals) {
             Ok(status) if status.success() => step.done("passed"),
             Ok(status) => {
                 step.done(format!("FAILED ({status})"));
@@ -47,16 +51,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     step.say(format!("PFTRACE_PYTHON={}", env.python.display()));
     let mut cmd = util::cargo();
     cmd.env("PFTRACE_PYTHON", &env.python)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "pftrace-common",
-            "-p",
-            "pftrace-daemon",
-        ])
+        .args(["test", "--release", "-p", "pftrace-common", "-p", "pftrace-daemon"])
         .args(&args.cargo_args);
-    let status = util::run_status(&mut cmd)?;
+    let status = run_counting(&mut cmd, &mut totals)?;
     if status.success() {
         step.done("passed");
     } else {
@@ -64,14 +61,71 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         failed.push("pftrace-common/pftrace-daemon");
     }
 
-    if failed.is_empty() {
+    let ran_none = totals.passed == 0 && failed.is_empty();
+    if ran_none {
+        eprintln!("[test] no test ran: that is a failure, not a pass");
+    } else if failed.is_empty() {
         println!("[test] all tests passed");
-        Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!(
-            "[test] tests failed in: {} (see cargo's output above)",
-            failed.join(", ")
+        eprintln!("[test] tests failed in: {} (see cargo's output above)", failed.join(", "));
+    }
+    // The last line: one total over every test binary, in the plain form CI reads.
+    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    Ok(if failed.is_empty() && !ran_none { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Test counts summed over cargo's `test result:` lines.
+#[derive(Debug, Default, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds the counts of a line like `test result: ok. 9 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cmd` with its stdout passed through line by line, counting test results.
+fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<ExitStatus> {
+    println!("    $ {}", util::describe(cmd));
+    let mut child =
+        cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("running {}", util::describe(cmd)))?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    child.wait().context("waiting for cargo test")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cargo_result_lines() {
+        let mut t = Totals::default();
+        t.add_line(
+            "test result: ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s",
         );
-        Ok(ExitCode::FAILURE)
+        t.add_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line("running 5 tests");
+        assert_eq!(t, Totals { passed: 12, failed: 2, ignored: 1 });
     }
 }

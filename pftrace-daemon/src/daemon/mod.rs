@@ -109,7 +109,9 @@ pub struct Daemon {
     clock: WallClock,
     start_ns: u64,
     started: Instant,
-    exits: (mpsc::UnboundedSender<u32>, mpsc::UnboundedReceiver<u32>),
+    /// Exit notifications: (pid, attach serial), so a late notice about a
+    /// process never touches a newer one that reused its pid.
+    exits: (mpsc::UnboundedSender<(u32, u64)>, mpsc::UnboundedReceiver<(u32, u64)>),
     stopping: bool,
     serve: Option<crate::config::SocketConfig>,
     sampler: sampler::Sampler,
@@ -213,15 +215,15 @@ impl Daemon {
     fn attach_target(&mut self, target: &Target) -> Result<(), DaemonError> {
         let pid = target.pid;
         let pidfd = procwatch::pidfd(pid).map_err(|source| DaemonError::Watch { pid, source })?;
-        if self.all {
-            self.processes.attach_binary(&mut self.probes, target)?;
+        let serial = if self.all {
+            self.processes.attach_binary(&mut self.probes, target)?
         } else {
-            self.processes.attach_process(&mut self.probes, target)?;
-        }
+            self.processes.attach_process(&mut self.probes, target)?
+        };
         let tx = self.exits.0.clone();
         tokio::spawn(async move {
             let _ = procwatch::exited(pidfd).await;
-            let _ = tx.send(pid);
+            let _ = tx.send((pid, serial));
         });
         Ok(())
     }
@@ -244,7 +246,7 @@ impl Daemon {
     fn discover(&mut self, pid: u32) {
         if self.processes.is_running(pid) {
             // It exec'd again: its old probes point at the old image.
-            self.processes.exited(pid);
+            self.end_process(pid, WallClock::monotonic_now_ns());
         }
         match target::inspect(pid) {
             Ok(target) => {
@@ -299,9 +301,11 @@ impl Daemon {
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
-                Some(pid) = self.exits.1.recv() => {
+                Some((pid, serial)) = self.exits.1.recv() => {
                     self.drain(ring.get_mut());
-                    self.process_exited(pid);
+                    if self.processes.serial(pid) == Some(serial) {
+                        self.end_process(pid, WallClock::monotonic_now_ns());
+                    }
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(DaemonError::Ring)?;
@@ -349,7 +353,14 @@ impl Daemon {
                         self.pairer.push(ev, &mut completed);
                     }
                 }
-                Ok(Record::Exec(e)) => execs.push(e.pid),
+                Ok(Record::Exec(e)) => {
+                    // Calls of the old image end here, before any of the new one.
+                    if self.processes.is_running(e.pid) {
+                        self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                        self.processes.exited(e.pid);
+                    }
+                    execs.push(e.pid);
+                }
                 Err(err) => {
                     self.bad_records += 1;
                     log::warn!("{err}");
@@ -375,10 +386,11 @@ impl Daemon {
         }
     }
 
-    /// A traced process exited: close its open calls at the exit time.
-    fn process_exited(&mut self, pid: u32) {
+    /// A traced process exited (or exec'd): close its open calls at `end_ns`
+    /// as incomplete and detach its probes.
+    fn end_process(&mut self, pid: u32, end_ns: u64) {
         let mut closed = Vec::new();
-        self.pairer.close_open(Some(pid), WallClock::monotonic_now_ns(), &mut closed);
+        self.pairer.close_open(Some(pid), end_ns, &mut closed);
         self.store_calls(closed);
         self.processes.exited(pid);
         self.sampler.forget(pid);

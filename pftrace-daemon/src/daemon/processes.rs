@@ -32,6 +32,8 @@ pub enum AttachFailure {
 #[derive(Debug)]
 pub struct ProcEntry {
     pub info: TracedProcess,
+    /// Which attachment this is (a pid can be reused by a later process).
+    pub serial: u64,
     links: Vec<UprobeLink>,
     pub running: bool,
     pub calls: u64,
@@ -54,6 +56,7 @@ pub struct Processes {
     binaries: HashMap<FileId, BinaryEntry>,
     refused: VecDeque<Refusal>,
     max_processes: usize,
+    next_serial: u64,
 }
 
 fn attach_sites(
@@ -91,49 +94,51 @@ impl Processes {
         self.procs.get(&pid).is_some_and(|p| p.running)
     }
 
-    /// Attaches pid-scoped probes to one process.
+    /// The attach serial of the running process `pid`.
+    pub fn serial(&self, pid: u32) -> Option<u64> {
+        self.procs.get(&pid).filter(|p| p.running).map(|p| p.serial)
+    }
+
+    fn new_serial(&mut self) -> u64 {
+        self.next_serial += 1;
+        self.next_serial
+    }
+
+    /// Attaches pid-scoped probes to one process; returns its attach serial.
     pub fn attach_process(
         &mut self,
         probes: &mut KernelProbes,
         target: &Target,
-    ) -> Result<(), AttachFailure> {
+    ) -> Result<u64, AttachFailure> {
         let running = self.procs.values().filter(|p| p.running).count();
         if running >= self.max_processes {
             return Err(AttachFailure::TooMany(running));
         }
         let links = attach_sites(probes, target, Some(target.pid))?;
         self.note_binary(target);
-        self.procs.insert(target.pid, ProcEntry { info: traced(target), links, running: true, calls: 0 });
-        Ok(())
+        let serial = self.new_serial();
+        self.procs
+            .insert(target.pid, ProcEntry { info: traced(target), serial, links, running: true, calls: 0 });
+        Ok(serial)
     }
 
-    /// Attaches host-wide probes to the binary of `target`, once per binary;
-    /// returns whether this was a new binary.
+    /// Attaches host-wide probes to the binary of `target`, once per binary,
+    /// and records the process; returns its attach serial.
     pub fn attach_binary(
         &mut self,
         probes: &mut KernelProbes,
         target: &Target,
-    ) -> Result<bool, AttachFailure> {
+    ) -> Result<u64, AttachFailure> {
         let id = file_id(target);
-        if self.binaries.get(&id).is_some_and(|b| !b.host_links.is_empty()) {
-            self.note_process(target);
-            return Ok(false);
+        if !self.binaries.get(&id).is_some_and(|b| !b.host_links.is_empty()) {
+            let links = attach_sites(probes, target, None)?;
+            self.note_binary(target);
+            self.binaries.get_mut(&id).expect("noted").host_links = links;
         }
-        let links = attach_sites(probes, target, None)?;
-        self.note_binary(target);
-        self.binaries.get_mut(&id).expect("noted").host_links = links;
-        self.note_process(target);
-        Ok(true)
-    }
-
-    /// Records a process seen under host-wide probes (no links of its own).
-    pub fn note_process(&mut self, target: &Target) {
-        self.procs.entry(target.pid).and_modify(|p| p.running = true).or_insert_with(|| ProcEntry {
-            info: traced(target),
-            links: Vec::new(),
-            running: true,
-            calls: 0,
-        });
+        let serial = self.new_serial();
+        let entry = ProcEntry { info: traced(target), serial, links: Vec::new(), running: true, calls: 0 };
+        self.procs.insert(target.pid, entry);
+        Ok(serial)
     }
 
     fn note_binary(&mut self, target: &Target) {

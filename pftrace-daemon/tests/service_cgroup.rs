@@ -1,0 +1,135 @@
+//! pftraced watching a cgroup: the Python processes already in it, those
+//! exec'd into it later, and those in its child cgroups are traced — each
+//! one's calls exactly — and nothing outside it is; two different
+//! interpreter binaries in the scope are both found and attached.
+//!
+//! Every worker makes its calls only after `pftracectl status` lists it as
+//! running (its probes are attached), so the counts are exact.
+
+mod common;
+mod service_support;
+
+use std::{collections::BTreeSet, fs};
+
+use common::{TestDir, python};
+use service_support::*;
+
+#[test]
+fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
+    let dir = TestDir::new("svc-cgroup");
+    let py = python();
+    let script = worker_script(&dir);
+    let mut cg = Cgroup::new("scope");
+    let inner = cg.child("inner");
+    let socket = socket_of(&dir);
+
+    // Before the daemon: one worker in the cgroup, one outside it.
+    let mut before = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("in the cgroup, started first");
+    let mut outside = WorkerSpec::new(&py, &script).start("outside the cgroup");
+
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    wait_traced(&socket, &tracer, before.pid());
+
+    // After it: one in the cgroup, one in a child cgroup (found at exec).
+    let mut after = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("in the cgroup, started later");
+    wait_traced(&socket, &tracer, after.pid());
+    let mut child = WorkerSpec::new(&py, &script).cgroup(&inner).start("in a child cgroup");
+    let status = wait_traced(&socket, &tracer, child.pid());
+
+    let (b, a, c, o) = (before.pid(), after.pid(), child.pid(), outside.pid());
+    // Different figures per process, so a miscounted or misattributed call shows.
+    for (w, n) in [(&mut before, 101), (&mut after, 202), (&mut child, 303), (&mut outside, 404)] {
+        w.call("foo", n);
+        w.call("bar", 11); // not traced
+    }
+
+    let want = expected(&[(b, "foo", 101), (a, "foo", 202), (c, "foo", 303)]);
+    let listed: BTreeSet<u32> = status_pids(&status).into_iter().collect();
+    assert_eq!(listed, BTreeSet::from([a, b, c]), "status lists exactly the three processes in scope");
+
+    let live = dump(&socket);
+    assert_eq!(counts(&live.calls), want, "pftracectl dump: calls per (pid, function)");
+    live.assert_clean();
+    let status = service_support::status(&socket);
+    for (pid, n) in [(b, 101), (a, 202), (c, 303)] {
+        let p = process_entry(&status, pid).unwrap();
+        assert_eq!(
+            (p["running"].as_bool(), p["calls"].as_u64()),
+            (Some(true), Some(n)),
+            "status of {pid}: {p}"
+        );
+    }
+    assert!(process_entry(&status, o).is_none(), "the process outside the cgroup is listed:\n{status:#}");
+    assert_eq!(status["calls_total"], 606, "{status:#}");
+    assert_eq!(status["refused"], serde_json::json!([]), "{status:#}");
+    let binaries = status["binaries"].as_array().unwrap();
+    assert_eq!(binaries.len(), 1, "{status:#}");
+    assert_eq!((binaries[0]["path"].as_str(), binaries[0]["processes"].as_u64()), (py.to_str(), Some(3)));
+
+    let run = stop(&socket, tracer);
+    let trace = run.trace();
+    assert_eq!(counts(&trace.calls), want, "the -o trace: calls per (pid, function)");
+    trace.assert_clean();
+    assert_eq!(trace.process_pids().into_iter().collect::<BTreeSet<_>>(), BTreeSet::from([a, b, c]));
+
+    for w in [&mut before, &mut after, &mut child, &mut outside] {
+        w.finish();
+    }
+}
+
+#[test]
+fn two_interpreter_binaries_in_the_cgroup_are_both_traced() {
+    let dir = TestDir::new("svc-twobin");
+    let py = python();
+    let script = worker_script(&dir);
+    let cg = Cgroup::new("twobin");
+    let socket = socket_of(&dir);
+
+    // Another binary (another inode) with the same probes; PYTHONHOME points
+    // it at the original's standard library.
+    let copy = dir.join("python3.9-copy");
+    fs::copy(&py, &copy).unwrap_or_else(|e| panic!("copying {} to {}: {e}", py.display(), copy.display()));
+    let home = py.parent().and_then(|bin| bin.parent()).expect("PREFIX/bin/python3.9").to_str().unwrap();
+
+    let mut first = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("the original, started first");
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    wait_traced(&socket, &tracer, first.pid());
+    let mut second = WorkerSpec::new(&copy, &script)
+        .cgroup(cg.path())
+        .env("PYTHONHOME", home)
+        .start("the copy, started later");
+    let status = wait_traced(&socket, &tracer, second.pid());
+
+    let mut binaries: Vec<(String, u64)> = status["binaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["path"].as_str().unwrap().to_string(), b["processes"].as_u64().unwrap()))
+        .collect();
+    binaries.sort();
+    let mut want_binaries = vec![(py.display().to_string(), 1), (copy.display().to_string(), 1)];
+    want_binaries.sort();
+    assert_eq!(binaries, want_binaries, "status lists both binaries, one process each:\n{status:#}");
+    for (w, bin) in [(&first, &py), (&second, &copy)] {
+        let p = process_entry(&status, w.pid()).unwrap();
+        assert_eq!(p["binary"].as_str(), bin.to_str(), "{p}");
+    }
+
+    first.call("foo", 150);
+    second.call("foo", 250);
+    first.call("bar", 5);
+    second.call("bar", 5);
+    let want = expected(&[(first.pid(), "foo", 150), (second.pid(), "foo", 250)]);
+    let live = dump(&socket);
+    assert_eq!(counts(&live.calls), want, "pftracectl dump: calls per (pid, function)");
+    live.assert_clean();
+
+    let run = stop(&socket, tracer);
+    let trace = run.trace();
+    assert_eq!(counts(&trace.calls), want, "the -o trace: calls per (pid, function)");
+    trace.assert_clean();
+    first.finish();
+    second.finish();
+}
