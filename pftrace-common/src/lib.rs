@@ -24,6 +24,9 @@ pub mod kind {
     pub const RETURN: u8 = 2;
     /// A [`ProcEvent`](super::ProcEvent): a process in scope called execve.
     pub const EXEC: u8 = 3;
+    /// A [`ProcEvent`](super::ProcEvent): a traced process forked a new
+    /// process (`pid` is the child, `parent` the traced process).
+    pub const FORK: u8 = 4;
 }
 
 /// Byte offset of the `kind` field, the same in every record type.
@@ -31,6 +34,8 @@ pub const KIND_OFFSET: usize = 20;
 
 /// Slots in the cgroup target array (cgroup v2 directories watched at once).
 pub const MAX_CGROUPS: u32 = 64;
+/// Processes whose forks are reported (the traced ones).
+pub const MAX_TRACKED: u32 = 65536;
 /// Glob prefixes in the kernel's prefix trie.
 pub const MAX_PREFIXES: u32 = 1024;
 
@@ -86,8 +91,9 @@ pub struct ProcEvent {
     pub ts_ns: u64,
     pub pid: u32,
     pub tid: u32,
-    pub _reserved: u32,
-    /// [`kind::EXEC`].
+    /// For FORK: the process that forked.
+    pub parent: u32,
+    /// [`kind::EXEC`] or [`kind::FORK`].
     pub kind: u8,
     pub _pad: [u8; 3],
     /// cgroup v2 id of the process at the event.
@@ -151,6 +157,9 @@ pub mod task_layout {
     pub const RSS_FILE: &str = "MM_RSS_FILE_IDX";
     pub const RSS_ANON: &str = "MM_RSS_ANON_IDX";
     pub const RSS_SHMEM: &str = "MM_RSS_SHMEM_IDX";
+    /// `task_struct.pid` and `task_struct.tgid` (0 = unknown: forks are not followed).
+    pub const TASK_PID: &str = "TASK_PID_OFF";
+    pub const TASK_TGID: &str = "TASK_TGID_OFF";
     /// Ring-buffer fill in bytes at which a submit wakes the reader (0: every record).
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
 }
@@ -175,8 +184,12 @@ pub mod counter {
     pub const EXECS: u32 = 7;
     /// Names decided by the per-pointer verdict cache (no string copy).
     pub const VERDICT_HITS: u32 = 8;
+    /// Forks of traced processes reported.
+    pub const FORKS: u32 = 9;
+    /// Fork reports dropped because the ring buffer was full.
+    pub const FORK_LOST: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
 }
 
 #[cfg(feature = "user")]

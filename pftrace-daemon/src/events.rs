@@ -37,11 +37,22 @@ pub struct ExecEvent {
     pub cgroup_id: u64,
 }
 
+/// A traced process forked a new process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub ts_ns: u64,
+    /// The new process.
+    pub pid: u32,
+    /// The traced process that forked it.
+    pub parent: u32,
+}
+
 /// Any ring-buffer record.
 #[derive(Debug, Clone)]
 pub enum Record {
     Call(Event),
     Exec(ExecEvent),
+    Fork(ForkEvent),
 }
 
 /// Errors decoding a ring-buffer record.
@@ -88,14 +99,18 @@ impl Decoder {
     /// Decodes any record, by the kind byte every record has at KIND_OFFSET.
     pub fn decode_record(&mut self, bytes: &[u8]) -> Result<Record, DecodeError> {
         match bytes.get(KIND_OFFSET) {
-            Some(&kind::EXEC) => {
+            Some(&k @ (kind::EXEC | kind::FORK)) => {
                 let want = size_of::<ProcEvent>();
                 if bytes.len() < want {
                     return Err(DecodeError::Size { got: bytes.len(), want });
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                Ok(Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id }))
+                Ok(if k == kind::EXEC {
+                    Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id })
+                } else {
+                    Record::Fork(ForkEvent { ts_ns: raw.ts_ns, pid: raw.pid, parent: raw.parent })
+                })
             }
             _ => self.decode(bytes).map(Record::Call),
         }

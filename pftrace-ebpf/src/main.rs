@@ -15,12 +15,15 @@ use aya_ebpf::{
         generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
     },
     macros::{map, raw_tracepoint, uprobe},
-    maps::{Array, CgroupArray, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, CgroupArray, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, NAME_LEN, ProcEvent, UsdtArg,
-    UsdtSpec, arg_kind, config, counter, kind,
+    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, ProcEvent,
+    UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -30,6 +33,10 @@ use pftrace_common::{
 static TASK_SUM_EXEC_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_MM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_PID_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_TGID_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static MM_RSS_BASE_OFF: u32 = 0;
 #[unsafe(no_mangle)]
@@ -68,6 +75,13 @@ static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> = LpmTrie::with_max_entries(MAX_PR
 /// Settings written by user space (indices in `pftrace_common::config`).
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
+
+/// Traced processes (tgids) and their descendants: their forks and execs are
+/// reported. User space adds the processes it attaches to; the fork program
+/// adds each new child at once, so a child that execs before user space has
+/// seen it is still reported. LRU: entries of processes that exited unseen age out.
+#[map]
+static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
 
 /// cgroup v2 directories whose processes' execs are reported.
 #[map]
@@ -287,10 +301,11 @@ fn config_value(index: u32) -> u32 {
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     let mode = config_value(config::EXEC_MODE);
-    if mode == config::EXEC_OFF {
-        return 0;
-    }
-    if mode == config::EXEC_CGROUPS && !under_watched_cgroup() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tracked = unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_some();
+    let in_scope =
+        tracked || mode == config::EXEC_ALL || (mode == config::EXEC_CGROUPS && under_watched_cgroup());
+    if !in_scope {
         return 0;
     }
     bump(counter::EXECS);
@@ -298,17 +313,55 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
         bump(counter::EXEC_LOST);
         return 0;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
     entry.write(ProcEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        _reserved: 0,
+        parent: 0,
         kind: kind::EXEC,
         _pad: [0; 3],
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     });
-    entry.submit(0);
+    // New processes are rare and urgent: wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP);
+    0
+}
+
+/// A traced process forked: report the new process (not new threads) so
+/// user space attaches to it too.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TRACKED.get(&parent) }.is_none() {
+        return 0;
+    }
+    let (pid_off, tgid_off) = (global(&TASK_PID_OFF) as usize, global(&TASK_TGID_OFF) as usize);
+    if pid_off == 0 || tgid_off == 0 {
+        return 0;
+    }
+    let child: u64 = ctx.arg(1);
+    let child = child as usize;
+    let pid = unsafe { bpf_probe_read_kernel((child + pid_off) as *const u32) }.unwrap_or(0);
+    let tgid = unsafe { bpf_probe_read_kernel((child + tgid_off) as *const u32) }.unwrap_or(0);
+    if pid == 0 || pid != tgid {
+        return 0; // a thread, not a process
+    }
+    bump(counter::FORKS);
+    let _ = TRACKED.insert(&pid, &1, 0);
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        bump(counter::FORK_LOST);
+        return 0;
+    };
+    entry.write(ProcEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        tid: pid,
+        parent,
+        kind: kind::FORK,
+        _pad: [0; 3],
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    });
+    entry.submit(BPF_RB_FORCE_WAKEUP);
     0
 }
 

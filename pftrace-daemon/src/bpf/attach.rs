@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     os::unix::ffi::OsStrExt as _,
     path::Path,
 };
@@ -97,6 +97,34 @@ struct LinkCreateAttr {
     flags: u32,
     bpf_cookie: u64,
     _reserved: [u64; 4],
+}
+
+/// One attachment to make, owning everything it needs, so it can run on a
+/// blocking thread: perf_event_open on a process in the middle of exec waits
+/// for the exec to finish, and the daemon's event loop must not wait with it.
+#[derive(Debug)]
+pub struct AttachJob {
+    pub(crate) pmu: UprobePmu,
+    pub(crate) prog: OwnedFd,
+    pub(crate) binary: std::path::PathBuf,
+    pub(crate) offset: u64,
+    pub(crate) semaphore_offset: u64,
+    pub(crate) pid: Option<u32>,
+    pub(crate) cookie: u64,
+}
+
+impl AttachJob {
+    /// Makes the attachment.
+    pub fn run(&self) -> Result<UprobeLink, AttachError> {
+        let req = UprobeRequest {
+            binary: &self.binary,
+            offset: self.offset,
+            semaphore_offset: self.semaphore_offset,
+            pid: self.pid,
+            cookie: self.cookie,
+        };
+        attach_uprobe(&self.pmu, self.prog.as_fd(), &req)
+    }
 }
 
 /// Attaches `prog` at the site described by `req`.

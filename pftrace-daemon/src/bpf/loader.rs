@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernel::btf::TaskOffsets;
 
-use super::attach::{AttachError, UprobeLink, UprobePmu, UprobeRequest, attach_uprobe};
+use super::attach::{AttachError, AttachJob, UprobeLink, UprobePmu};
 
 /// The eBPF object compiled from pftrace-ebpf.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
@@ -38,6 +38,8 @@ pub enum BpfError {
     EmptyName,
     #[error("too many traced names: at most {MAX_NAMES}")]
     TooManyNames,
+    #[error("duplicating the fd of eBPF program {name}: {source}")]
+    Dup { name: &'static str, source: std::io::Error },
     #[error("too many cgroup targets: at most {MAX_CGROUPS}")]
     TooManyCgroups,
     #[error("too many distinct probe sites: at most {MAX_SPECS}")]
@@ -80,6 +82,12 @@ pub struct Counters {
     pub execs: u64,
     /// Exec reports dropped because the ring buffer was full.
     pub exec_lost: u64,
+    /// New processes forked by traced ones.
+    #[serde(default)]
+    pub forks: u64,
+    /// Fork reports dropped because the ring buffer was full.
+    #[serde(default)]
+    pub fork_lost: u64,
     /// Probe hits whose name was decided by the kernel's per-pointer verdict cache.
     #[serde(default)]
     pub verdict_hits: u64,
@@ -107,6 +115,8 @@ impl KernelProbes {
             [
                 (task_layout::SUM_EXEC, o.se_sum_exec_runtime),
                 (task_layout::MM, o.mm),
+                (task_layout::TASK_PID, o.pid),
+                (task_layout::TASK_TGID, o.tgid),
                 (task_layout::RSS_BASE, o.rss_stat + o.rss_count),
                 (task_layout::RSS_STRIDE, o.rss_stride),
                 (task_layout::RSS_FILE, o.mm_filepages),
@@ -203,6 +213,40 @@ impl KernelProbes {
         cgroups.set(slot, cgroup, 0).map_err(|source| BpfError::Map { name: "CGROUPS", source })
     }
 
+    /// Loads and attaches the sched_process_fork tracepoint that reports new
+    /// processes forked by tracked ones ([`Self::track`]). Lives as long as this object.
+    pub fn attach_fork_watch(&mut self) -> Result<(), BpfError> {
+        let name = "pftrace_fork";
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        prog.load().map_err(|source| BpfError::Program { name, source })?;
+        prog.attach("sched_process_fork").map_err(|source| BpfError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Reports forks of process `pid` from now on.
+    pub fn track(&mut self, pid: u32) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
+        let mut tracked: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })?;
+        tracked.insert(pid, 1, 0).map_err(|source| BpfError::Map { name: "TRACKED", source })
+    }
+
+    /// Stops reporting forks of `pid` (no error if it was not tracked).
+    pub fn untrack(&mut self, pid: u32) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
+        let mut tracked: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })?;
+        match tracked.remove(&pid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map { name: "TRACKED", source }),
+        }
+    }
+
     /// Loads and attaches the sched_process_exec tracepoint that reports new
     /// processes in scope; what it reports is set with `config::EXEC_MODE`.
     /// The attachment lives as long as this object.
@@ -230,6 +274,20 @@ impl KernelProbes {
         spec: UsdtSpec,
         pid: Option<u32>,
     ) -> Result<UprobeLink, BpfError> {
+        Ok(self.attach_job(kind, binary, offset, semaphore_offset, spec, pid)?.run()?)
+    }
+
+    /// Everything needed to make an attachment later, on any thread
+    /// ([`AttachJob::run`]); the spec is stored in the kernel now.
+    pub fn attach_job(
+        &mut self,
+        kind: ProbeKind,
+        binary: &Path,
+        offset: u64,
+        semaphore_offset: u64,
+        spec: UsdtSpec,
+        pid: Option<u32>,
+    ) -> Result<AttachJob, BpfError> {
         let cookie = self.spec_id(spec)?;
         let name = if self.floor { ProbeKind::Floor.program() } else { kind.program() };
         let prog: &UProbe = self
@@ -239,8 +297,16 @@ impl KernelProbes {
             .try_into()
             .map_err(|source| BpfError::Program { name, source })?;
         let fd = prog.fd().map_err(|source| BpfError::Program { name, source })?;
-        let req = UprobeRequest { binary, offset, semaphore_offset, pid, cookie: cookie.into() };
-        Ok(attach_uprobe(&self.pmu, fd.as_fd(), &req)?)
+        let prog = fd.as_fd().try_clone_to_owned().map_err(|source| BpfError::Dup { name, source })?;
+        Ok(AttachJob {
+            pmu: self.pmu,
+            prog,
+            binary: binary.to_path_buf(),
+            offset,
+            semaphore_offset,
+            pid,
+            cookie: cookie.into(),
+        })
     }
 
     /// The spec id of `spec`, storing it in the kernel's spec map on first use.
@@ -279,6 +345,8 @@ impl KernelProbes {
             read_errors: total(counter::READ_ERRORS)?,
             execs: total(counter::EXECS)?,
             exec_lost: total(counter::EXEC_LOST)?,
+            forks: total(counter::FORKS)?,
+            fork_lost: total(counter::FORK_LOST)?,
             verdict_hits: total(counter::VERDICT_HITS)?,
         })
     }

@@ -4,5 +4,5 @@
 mod attach;
 mod loader;
 
-pub use attach::{AttachError, UprobeLink};
+pub use attach::{AttachError, AttachJob, UprobeLink};
 pub use loader::{BpfError, Counters, KernelProbes, ProbeKind, name_key};

@@ -115,6 +115,26 @@ pub struct Daemon {
     stopping: bool,
     serve: Option<crate::config::SocketConfig>,
     sampler: sampler::Sampler,
+    /// Attachments made on blocking threads, reported back here.
+    attached: (mpsc::UnboundedSender<Attached>, mpsc::UnboundedReceiver<Attached>),
+    /// Processes being attached: pid → the attachment in flight.
+    pending: HashMap<u32, Pending>,
+    next_ticket: u64,
+}
+
+/// An attachment in flight.
+struct Pending {
+    ticket: u64,
+    /// The process exec'd meanwhile: what it runs now, checked when the attachment completes.
+    recheck: Option<Target>,
+}
+
+/// The outcome of an attachment made off the event loop.
+struct Attached {
+    ticket: u64,
+    target: Target,
+    pidfd: std::os::fd::OwnedFd,
+    result: Result<Vec<crate::bpf::UprobeLink>, AttachFailure>,
 }
 
 impl Daemon {
@@ -138,6 +158,7 @@ impl Daemon {
         };
         let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
         probes.floor = opts.floor;
+        probes.attach_fork_watch()?;
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 
@@ -157,11 +178,11 @@ impl Daemon {
         } else {
             kconfig::EXEC_OFF
         };
-        if exec_mode != kconfig::EXEC_OFF {
-            probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
-            probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
-            probes.attach_exec_watch()?;
-        }
+        // Execs are always watched: in scopes, and of traced processes and
+        // their descendants (so a traced program's Python children are found).
+        probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
+        probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
+        probes.attach_exec_watch()?;
         let rolling = match &opts.config.output.dir {
             Some(_) => Some(
                 RollingOutput::new(&opts.config.output, &hostname())
@@ -194,6 +215,9 @@ impl Daemon {
             stopping: false,
             serve: opts.serve.then(|| opts.config.socket.clone()),
             sampler: sampler::Sampler::new(&opts.config.sampling),
+            attached: mpsc::unbounded_channel(),
+            pending: HashMap::new(),
+            next_ticket: 0,
         })
     }
 
@@ -220,11 +244,7 @@ impl Daemon {
         } else {
             self.processes.attach_process(&mut self.probes, target)?
         };
-        let tx = self.exits.0.clone();
-        tokio::spawn(async move {
-            let _ = procwatch::exited(pidfd).await;
-            let _ = tx.send((pid, serial));
-        });
+        self.watch(pid, serial, pidfd);
         Ok(())
     }
 
@@ -242,28 +262,129 @@ impl Daemon {
         }
     }
 
-    /// A process appeared in scope (exec, or found by a scan): attach if it is a traceable Python.
+    /// A process appeared in scope (exec, fork, or found by a scan): attach
+    /// if it is a traceable Python. The attachment is made on a blocking
+    /// thread (perf_event_open waits for an exec in progress) and completed
+    /// in [`Self::attached`], so the event loop keeps draining meanwhile.
     fn discover(&mut self, pid: u32) {
-        if self.processes.is_running(pid) {
-            // It exec'd again: its old probes point at the old image.
-            self.end_process(pid, WallClock::monotonic_now_ns());
-        }
-        match target::inspect(pid) {
-            Ok(target) => {
-                if let Err(err) = self.attach_target(&target) {
-                    log::warn!("{err}");
-                    self.processes.refuse(pid, &err);
-                } else {
-                    log::info!("tracing pid {pid} ({})", target.binary.display());
-                }
-            }
+        let target = match target::inspect(pid) {
+            Ok(target) => target,
             Err(err) => {
+                if self.processes.is_running(pid) {
+                    // It exec'd something that is not a traceable Python.
+                    self.end_process(pid, WallClock::monotonic_now_ns());
+                }
+                if let Some(p) = self.pending.get_mut(&pid) {
+                    p.recheck = None;
+                    p.ticket = 0; // drop the attachment in flight when it lands
+                }
                 if Processes::worth_reporting(&err) {
                     log::warn!("{err}");
                     self.processes.refuse(pid, &err);
                 }
+                return;
+            }
+        };
+        if let Some(p) = self.pending.get_mut(&pid) {
+            // Decided when the attachment in flight lands (it may already fit).
+            p.recheck = Some(target);
+            return;
+        }
+        if let Some(file) = self.processes.file_of(pid) {
+            if file == processes::file_id(&target) {
+                // It exec'd the same interpreter: pid-scoped probes still apply.
+                self.processes.refresh(&target);
+                return;
+            }
+            self.end_process(pid, WallClock::monotonic_now_ns());
+        }
+        if self.all {
+            // Host-wide probes already cover it (or are attached once per new binary).
+            match self.attach_target(&target) {
+                Ok(()) => log::info!("tracing pid {pid} ({})", target.binary.display()),
+                Err(err) => {
+                    log::warn!("{err}");
+                    self.processes.refuse(pid, &err);
+                }
+            }
+            return;
+        }
+        self.start_attach(target);
+    }
+
+    /// Starts attaching pid-scoped probes to `target` on a blocking thread.
+    fn start_attach(&mut self, target: Target) {
+        let pid = target.pid;
+        let prepared = self
+            .processes
+            .check_limit()
+            .and_then(|()| processes::attach_jobs(&mut self.probes, &target, Some(pid)));
+        let jobs = match prepared {
+            Ok(jobs) => jobs,
+            Err(err) => {
+                log::warn!("{err}");
+                self.processes.refuse(pid, &err);
+                return;
+            }
+        };
+        let Ok(pidfd) = procwatch::pidfd(pid) else {
+            log::debug!("pid {pid} exited before it could be attached");
+            return;
+        };
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.pending.insert(pid, Pending { ticket, recheck: None });
+        let tx = self.attached.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = processes::run_jobs(&jobs, &target);
+            let _ = tx.send(Attached { ticket, target, pidfd, result });
+        });
+    }
+
+    /// An attachment made off the event loop finished.
+    fn attached(&mut self, done: Attached) {
+        let pid = done.target.pid;
+        if self.pending.get(&pid).is_none_or(|p| p.ticket != done.ticket) {
+            return; // superseded (the process exited or exec'd something else): its links drop here
+        }
+        let pending = self.pending.remove(&pid).expect("checked");
+        let mut target = done.target;
+        if let Some(now) = pending.recheck {
+            if processes::file_id(&now) != processes::file_id(&target) {
+                // It exec'd another interpreter while we attached: start again.
+                drop(done.result);
+                self.start_attach(now);
+                return;
+            }
+            target = now;
+        }
+        match done.result {
+            Ok(links) => {
+                let serial = self.processes.add_process(&target, links);
+                self.watch(pid, serial, done.pidfd);
+                log::info!("tracing pid {pid} ({})", target.binary.display());
+            }
+            Err(err) => {
+                if std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+                    log::warn!("{err}");
+                    self.processes.refuse(pid, &err);
+                } else {
+                    log::debug!("pid {pid} exited before it could be attached");
+                }
             }
         }
+    }
+
+    /// Follows a traced process: its forks are reported, its exit handled.
+    fn watch(&mut self, pid: u32, serial: u64, pidfd: std::os::fd::OwnedFd) {
+        if let Err(err) = self.probes.track(pid) {
+            log::warn!("forks of pid {pid} will not be followed: {err}");
+        }
+        let tx = self.exits.0.clone();
+        tokio::spawn(async move {
+            let _ = procwatch::exited(pidfd).await;
+            let _ = tx.send((pid, serial));
+        });
     }
 
     /// The control socket path, when serving.
@@ -295,7 +416,7 @@ impl Daemon {
         let mut tick = tokio::time::interval(TICK);
         let mut last_flush = Instant::now();
         while !self.stopping {
-            if self.until_targets_exit && self.processes.running_count() == 0 {
+            if self.until_targets_exit && self.processes.running_count() == 0 && self.pending.is_empty() {
                 break;
             }
             tokio::select! {
@@ -307,6 +428,7 @@ impl Daemon {
                         self.end_process(pid, WallClock::monotonic_now_ns());
                     }
                 }
+                Some(done) = self.attached.1.recv() => self.attached(done),
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(DaemonError::Ring)?;
                     self.drain(guard.get_inner_mut());
@@ -354,12 +476,16 @@ impl Daemon {
                     }
                 }
                 Ok(Record::Exec(e)) => {
+                    let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
+                    log::debug!("pid {} exec'd ({late_us} us ago)", e.pid);
                     // Calls of the old image end here, before any of the new one.
-                    if self.processes.is_running(e.pid) {
-                        self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
-                        self.processes.exited(e.pid);
-                    }
+                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
                     execs.push(e.pid);
+                }
+                Ok(Record::Fork(f)) => {
+                    let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
+                    log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
+                    execs.push(f.pid);
                 }
                 Err(err) => {
                     self.bad_records += 1;
@@ -394,6 +520,7 @@ impl Daemon {
         self.store_calls(closed);
         self.processes.exited(pid);
         self.sampler.forget(pid);
+        let _ = self.probes.untrack(pid);
         log::debug!("pid {pid} exited");
     }
 

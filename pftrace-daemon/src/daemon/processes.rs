@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    bpf::{BpfError, KernelProbes, ProbeKind, UprobeLink},
+    bpf::{AttachJob, BpfError, KernelProbes, ProbeKind, UprobeLink},
     procinfo,
     protocol::{BinaryStatus, ProcessStatus, Refusal},
     target::{Target, TargetError},
@@ -34,6 +34,8 @@ pub struct ProcEntry {
     pub info: TracedProcess,
     /// Which attachment this is (a pid can be reused by a later process).
     pub serial: u64,
+    /// The ELF its probes are attached to.
+    pub file: FileId,
     links: Vec<UprobeLink>,
     pub running: bool,
     pub calls: u64,
@@ -47,7 +49,7 @@ struct BinaryEntry {
 }
 
 /// Identity of an ELF file: (device, inode).
-type FileId = (u64, u64);
+pub type FileId = (u64, u64);
 
 /// Every traced process and binary.
 #[derive(Debug, Default)]
@@ -59,28 +61,47 @@ pub struct Processes {
     next_serial: u64,
 }
 
-fn attach_sites(
+/// The jobs attaching the entry and return programs to every site of `target`.
+pub fn attach_jobs(
     probes: &mut KernelProbes,
     target: &Target,
     pid: Option<u32>,
-) -> Result<Vec<UprobeLink>, AttachFailure> {
-    let mut links = Vec::new();
+) -> Result<Vec<AttachJob>, AttachFailure> {
+    let mut jobs = Vec::new();
     for (kind, sites) in [(ProbeKind::Entry, &target.entry), (ProbeKind::Return, &target.ret)] {
         for site in sites {
-            let link = probes
-                .attach(kind, &target.open_path, site.offset, site.semaphore_offset, site.spec, pid)
+            let job = probes
+                .attach_job(kind, &target.open_path, site.offset, site.semaphore_offset, site.spec, pid)
                 .map_err(|source| AttachFailure::Bpf {
                     pid: target.pid,
                     binary: target.binary.display().to_string(),
                     source,
                 })?;
-            links.push(link);
+            jobs.push(job);
         }
     }
-    Ok(links)
+    Ok(jobs)
 }
 
-fn file_id(target: &Target) -> FileId {
+/// Runs attach jobs (blocking: perf_event_open may wait for an exec in progress).
+pub fn run_jobs(jobs: &[AttachJob], target: &Target) -> Result<Vec<UprobeLink>, AttachFailure> {
+    jobs.iter().map(|job| job.run()).collect::<Result<Vec<_>, _>>().map_err(|source| AttachFailure::Bpf {
+        pid: target.pid,
+        binary: target.binary.display().to_string(),
+        source: source.into(),
+    })
+}
+
+fn attach_sites(
+    probes: &mut KernelProbes,
+    target: &Target,
+    pid: Option<u32>,
+) -> Result<Vec<UprobeLink>, AttachFailure> {
+    run_jobs(&attach_jobs(probes, target, pid)?, target)
+}
+
+/// The (device, inode) of the ELF a target's probes are in.
+pub fn file_id(target: &Target) -> FileId {
     std::fs::metadata(&target.open_path).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0))
 }
 
@@ -110,16 +131,40 @@ impl Processes {
         probes: &mut KernelProbes,
         target: &Target,
     ) -> Result<u64, AttachFailure> {
+        self.check_limit()?;
+        let links = attach_sites(probes, target, Some(target.pid))?;
+        Ok(self.add_process(target, links))
+    }
+
+    /// Refuses one more process beyond `limits.max_processes`.
+    pub fn check_limit(&self) -> Result<(), AttachFailure> {
         let running = self.procs.values().filter(|p| p.running).count();
         if running >= self.max_processes {
             return Err(AttachFailure::TooMany(running));
         }
-        let links = attach_sites(probes, target, Some(target.pid))?;
+        Ok(())
+    }
+
+    /// Records a process whose pid-scoped probes were attached; returns its serial.
+    pub fn add_process(&mut self, target: &Target, links: Vec<UprobeLink>) -> u64 {
         self.note_binary(target);
         let serial = self.new_serial();
-        self.procs
-            .insert(target.pid, ProcEntry { info: traced(target), serial, links, running: true, calls: 0 });
-        Ok(serial)
+        let entry =
+            ProcEntry { info: traced(target), serial, file: file_id(target), links, running: true, calls: 0 };
+        self.procs.insert(target.pid, entry);
+        serial
+    }
+
+    /// The ELF the running process `pid` has probes attached to.
+    pub fn file_of(&self, pid: u32) -> Option<FileId> {
+        self.procs.get(&pid).filter(|p| p.running).map(|p| p.file)
+    }
+
+    /// The process exec'd the same interpreter: its probes still apply; refresh what we show.
+    pub fn refresh(&mut self, target: &Target) {
+        if let Some(p) = self.procs.get_mut(&target.pid) {
+            p.info = traced(target);
+        }
     }
 
     /// Attaches host-wide probes to the binary of `target`, once per binary,
@@ -136,7 +181,9 @@ impl Processes {
             self.binaries.get_mut(&id).expect("noted").host_links = links;
         }
         let serial = self.new_serial();
-        let entry = ProcEntry { info: traced(target), serial, links: Vec::new(), running: true, calls: 0 };
+        let file = file_id(target);
+        let entry =
+            ProcEntry { info: traced(target), serial, file, links: Vec::new(), running: true, calls: 0 };
         self.procs.insert(target.pid, entry);
         Ok(serial)
     }
