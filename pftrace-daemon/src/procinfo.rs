@@ -77,6 +77,10 @@ pub fn read(pid: u32) -> Option<Reading> {
             .unwrap_or(0)
             * 1024
     };
+    // A process that has exited (a zombie) has no memory lines: no reading.
+    if !status.lines().any(|l| l.starts_with("VmRSS:")) {
+        return None;
+    }
     Some(Reading { user_s, system_s, rss_bytes: kb("VmRSS:"), peak_rss_bytes: kb("VmHWM:") })
 }
 

@@ -44,8 +44,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// * `call NAME N`: calls NAME N times; `done`.
 /// * `time NAME N`: calls NAME N times; `done CPU_SECONDS WALL_SECONDS`
 ///   (CPU time of the process: what the loop cost, whatever else the CPU ran).
-/// * `loop NAME STOPFILE`: calls NAME in rounds of 1000 until STOPFILE
-///   exists; `done CALLS`.
+/// * `loop NAME STOPFILE [PAUSE_MS]`: calls NAME in rounds of 1000 (with a
+///   pause after each, if given) until STOPFILE exists; `done CALLS`.
 ///
 /// At end of input it exits 0.
 pub const WORKER: &str = r#"
@@ -76,11 +76,13 @@ pub const WORKER: &str = r#"
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             print("done %.9f %.9f" % (cpu, wall), flush=True)
         elif cmd == "loop":
-            n = 0
+            n, pause = 0, float(args[2]) / 1000 if len(args) > 2 else 0
             while not os.path.exists(args[1]):
                 for _ in range(1000):
                     f()
                 n += 1000
+                if pause:
+                    time.sleep(pause)
             print("done %d" % n, flush=True)
         else:
             print("unknown command %r" % line, flush=True)
@@ -155,12 +157,11 @@ impl Drop for Cgroup {
             if !dir.exists() {
                 continue;
             }
-            if !Self::procs(dir).is_empty() {
-                if fs::write(dir.join("cgroup.kill"), "1").is_err() {
-                    for pid in Self::procs(dir) {
-                        // SAFETY: only processes this test put in its own cgroup.
-                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    }
+            // cgroup.kill (Linux 5.14+), else each process.
+            if !Self::procs(dir).is_empty() && fs::write(dir.join("cgroup.kill"), "1").is_err() {
+                for pid in Self::procs(dir) {
+                    // SAFETY: only processes this test put in its own cgroup.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
             }
             // Dying tasks keep the cgroup busy for a moment.
@@ -407,20 +408,19 @@ pub fn exited(pid: u32) -> bool {
 /// panics after [`WAIT`] (or when the daemon exits) describing `what`.
 pub fn wait_status(socket: &Path, daemon_pid: u32, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + WAIT;
-    let mut last = String::from("(no reply yet)");
     loop {
         assert!(!exited(daemon_pid), "pftraced (pid {daemon_pid}) exited while waiting for {what}");
         let out = ctl(socket, &["status", "--json"]);
-        if out.status.success() {
+        let last = if out.status.success() {
             let v: Value = serde_json::from_slice(&out.stdout)
                 .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", text(&out.stdout)));
             if check(&v) {
                 return v;
             }
-            last = serde_json::to_string_pretty(&v).unwrap();
+            serde_json::to_string_pretty(&v).unwrap()
         } else {
-            last = text(&out.stderr);
-        }
+            text(&out.stderr)
+        };
         assert!(
             Instant::now() < deadline,
             "timed out after {WAIT:?} waiting for {what}; last status:\n{last}"
