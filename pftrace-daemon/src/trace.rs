@@ -62,6 +62,9 @@ pub struct Trace {
     pub counters: Counters,
     /// Records that user space could not decode.
     pub bad_records: u64,
+    /// Records the kernel passed that user space dropped (path qualifier or
+    /// glob did not match): the cost of those name forms.
+    pub filtered_in_user_space: u64,
     pub clock: WallClock,
     /// Monotonic ns when tracing started and stopped.
     pub start_ns: u64,

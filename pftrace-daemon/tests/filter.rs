@@ -170,3 +170,87 @@ fn longer_name_does_not_match_its_prefix() {
     assert_eq!(trace.named(&long).len(), 7, "calls of longer names were counted as {long}");
     assert_eq!(trace.calls.len(), 7);
 }
+
+/// A path-qualified name traces the function in that file only; the same
+/// name in another file crosses to user space and is dropped there, counted.
+#[test]
+fn qualified_name_keeps_only_its_file() {
+    let dir = TestDir::new("filter-qualified");
+    std::fs::create_dir_all(dir.join("pkg")).unwrap();
+    dir.script(
+        "pkg/decoder.py",
+        r#"
+        def load(i):
+            return i
+        "#,
+    );
+    dir.script(
+        "other.py",
+        r#"
+        def load(i):
+            return i
+        "#,
+    );
+    let main = dir.script(
+        "main.py",
+        r#"
+        import sys
+        sys.path[:0] = [sys.argv[1], sys.argv[1] + "/pkg"]
+        import decoder, other
+        for i in range(40):
+            decoder.load(i)
+        for i in range(25):
+            other.load(i)
+        "#,
+    );
+    let run = Pftraced::new(&dir, &["pkg/decoder.py:load"])
+        .launch(&[python().as_os_str(), main.as_os_str(), dir.path().as_os_str()])
+        .run();
+    run.assert_code(0);
+    let trace = run.trace();
+    assert_user_filtered_clean(&trace);
+    assert_eq!(trace.named_in("load", "/pkg/decoder.py").len(), 40);
+    assert_eq!(trace.calls.len(), 40, "{:?}", trace.counts());
+    // The kernel matched every `load` (entry and return); user space dropped other.py's 25 pairs.
+    assert_eq!(trace.counter("entry_matched"), 65);
+    assert_eq!(trace.pftrace()["filtered_in_user_space"].as_u64(), Some(50));
+}
+
+/// Globs: the literal prefix is decided in the kernel, the rest here.
+#[test]
+fn globs_match_by_pattern() {
+    let dir = TestDir::new("filter-glob");
+    let script = dir.script(
+        "globs.py",
+        r#"
+        def test_one(): pass
+        def test_two(): pass
+        def testing(): pass
+        def check_x(): pass
+        def helper(): pass
+        for i in range(10):
+            test_one(); test_two(); testing(); check_x(); helper()
+        "#,
+    );
+    let run =
+        Pftraced::new(&dir, &["test_*", "*_x"]).launch(&[python().as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    let trace = run.trace();
+    assert_user_filtered_clean(&trace);
+    let counts = trace.counts();
+    assert_eq!(counts.get("test_one"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("test_two"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("check_x"), Some(&10), "{counts:?}");
+    assert_eq!(trace.calls.len(), 30, "{counts:?}");
+}
+
+/// Nothing lost or dangling, and every record the kernel matched is either a
+/// call's entry or return or was dropped in user space (path or glob).
+fn assert_user_filtered_clean(trace: &common::Trace) {
+    assert_eq!(trace.counter("lost"), 0);
+    assert_eq!(trace.incomplete_calls(), 0);
+    assert!(trace.unmatched_returns().is_empty());
+    let matched = trace.counter("entry_matched") + trace.counter("return_matched");
+    let dropped = trace.pftrace()["filtered_in_user_space"].as_u64().unwrap();
+    assert_eq!(matched, 2 * trace.calls.len() as u64 + dropped);
+}

@@ -562,6 +562,7 @@ impl Daemon {
             skipped_entries: self.pairer.skipped_entries,
             counters,
             bad_records: self.bad_records,
+            filtered_in_user_space: self.filter.dropped,
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns,

@@ -95,6 +95,7 @@ impl TraceFormat for Chrome {
                 "unmatched_returns": unmatched,
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
+                "filtered_in_user_space": trace.filtered_in_user_space,
                 "start_us": trace.clock.wall_us(trace.start_ns),
                 "end_us": trace.clock.wall_us(trace.end_ns),
                 "hostname": trace.hostname,

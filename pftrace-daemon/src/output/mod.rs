@@ -171,6 +171,7 @@ pub(crate) mod testing {
             skipped_entries: 0,
             counters: Counters::default(),
             bad_records: 0,
+            filtered_in_user_space: 0,
             clock: WallClock::measure(),
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,
