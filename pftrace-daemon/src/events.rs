@@ -82,6 +82,13 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// A path from a traced process (its interpreter, a library it maps) made
+/// safe to show, as [`printable`] does for text: a user can install a Python
+/// under any name, escape sequences included.
+pub fn printable_path(path: &std::path::Path) -> String {
+    printable(&path.to_string_lossy()).into_owned()
+}
+
 /// The system page size in bytes.
 pub fn page_size() -> u64 {
     static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();

@@ -41,6 +41,9 @@ pub struct Target {
     pub ret: Vec<Site>,
     /// The process's command line, space-joined.
     pub command: String,
+    /// (device, inode) of the ELF, taken when the process was inspected
+    /// (later the process may be gone, and `open_path` with it).
+    pub file: (u64, u64),
 }
 
 /// Why a process cannot be traced.
@@ -110,12 +113,16 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
     let mut python_like: Option<(PathBuf, Option<PyVersion>)> = None;
     for binary in &candidates {
         let open_path = under_root(&root, binary);
-        let display = binary.display().to_string();
+        let display = crate::events::printable_path(binary);
         let info = match binary_info(binary, &open_path) {
             Ok(info) => info,
             // Not an ELF we can read (a script interpreter, a deleted file): not our binary.
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
             Err(source) => {
+                // The process exited meanwhile: its /proc/PID/root went with it.
+                if let Err(e) = fs::read_link(&root) {
+                    return Err(gone(e));
+                }
                 return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
@@ -143,12 +150,14 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 }
             }
         }
-        return Ok(Target { pid, binary: binary.clone(), open_path, version, entry, ret, command });
+        let meta = fs::metadata(&open_path).map_err(gone)?;
+        let file = (meta.dev(), meta.ino());
+        return Ok(Target { pid, binary: binary.clone(), open_path, version, entry, ret, command, file });
     }
 
     match python_like {
         Some((binary, version)) => {
-            let display = binary.display().to_string();
+            let display = crate::events::printable_path(&binary);
             match version.map(|v| (v, v.probe_support())) {
                 Some((version, ProbeSupport::Removed)) => {
                     Err(TargetError::ProbesRemoved { pid, binary: display, version })
@@ -163,7 +172,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 }),
             }
         }
-        None => Err(TargetError::NotPython { pid, exe: exe.display().to_string() }),
+        None => Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) }),
     }
 }
 

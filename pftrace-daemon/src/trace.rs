@@ -65,6 +65,10 @@ pub struct Trace {
     /// Records the kernel passed that user space dropped (path qualifier or
     /// glob did not match): the cost of those name forms.
     pub filtered_in_user_space: u64,
+    /// Calls completed since tracing started, and how many of them were
+    /// dropped from memory (`limits.max_calls_in_memory`) and so are not in `calls`.
+    pub calls_total: u64,
+    pub calls_evicted: u64,
     pub clock: WallClock,
     /// Monotonic ns when tracing started and stopped.
     pub start_ns: u64,

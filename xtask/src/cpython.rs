@@ -45,18 +45,14 @@ pub fn ensure() -> Result<PathBuf> {
         let path = PathBuf::from(path);
         util::require_file(&path, "PFTRACE_PYTHON")
             .context("set PFTRACE_PYTHON to a python executable or unset it")?;
-        let version =
-            python_version(&path).context("the python named by PFTRACE_PYTHON does not run")?;
+        let version = python_version(&path).context("the python named by PFTRACE_PYTHON does not run")?;
         let probes = probes_in(&path).unwrap_or_default();
         let note = if probes.entry > 0 && probes.ret > 0 {
             String::new()
         } else {
             " — warning: no python:function__entry/return notes in this file (a --enable-shared build keeps them in libpython)".into()
         };
-        step.say(format!(
-            "ok (PFTRACE_PYTHON={}, Python {version}){note}",
-            path.display()
-        ));
+        step.say(format!("ok (PFTRACE_PYTHON={}, Python {version}){note}", path.display()));
         return Ok(path);
     }
 
@@ -68,9 +64,7 @@ pub fn ensure() -> Result<PathBuf> {
                 step.say(format!("ok (present: {}, {summary})", python.display()));
                 return Ok(python);
             }
-            Err(err) => step.say(format!(
-                "cached build at {PREFIX} is broken ({err:#}); rebuilding"
-            )),
+            Err(err) => step.say(format!("cached build at {PREFIX} is broken ({err:#}); rebuilding")),
         }
     }
     if !util::is_root() {
@@ -80,9 +74,7 @@ pub fn ensure() -> Result<PathBuf> {
             python.display()
         );
     }
-    step.say(format!(
-        "building CPython 3.9 --with-dtrace into {PREFIX} (a few minutes, once)"
-    ));
+    step.say(format!("building CPython 3.9 --with-dtrace into {PREFIX} (a few minutes, once)"));
     build(&step)?;
     let summary = verify(&python).context("the freshly installed CPython failed verification")?;
     step.done(format!("built {} ({summary})", python.display()));
@@ -102,10 +94,7 @@ fn verify(python: &Path) -> Result<String> {
             probes.ret
         );
     }
-    Ok(format!(
-        "Python {version}, probes: {} function__entry, {} function__return",
-        probes.entry, probes.ret
-    ))
+    Ok(format!("Python {version}, probes: {} function__entry, {} function__return", probes.entry, probes.ret))
 }
 
 /// Runs `python -c 'import sys;print(sys.version)'` and returns the first word.
@@ -126,8 +115,8 @@ pub struct Probes {
 /// `python:function__entry` and `python:function__return` probes.
 pub fn probes_in(path: &Path) -> Result<Probes> {
     let data = fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+    let file =
+        object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
     let Some(section) = file.section_by_name(".note.stapsdt") else {
         return Ok(Probes::default());
     };
@@ -149,11 +138,7 @@ pub fn probes_in(path: &Path) -> Result<Probes> {
 pub fn stapsdt_notes(mut data: &[u8], little_endian: bool, is_64: bool) -> Vec<(String, String)> {
     let u32_at = |b: &[u8]| {
         let a = [b[0], b[1], b[2], b[3]];
-        if little_endian {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
+        if little_endian { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
     };
     let align4 = |n: usize| (n + 3) & !3;
     let addr_size = if is_64 { 8 } else { 4 };
@@ -204,35 +189,16 @@ fn build(step: &Step) -> Result<()> {
     fs::create_dir_all(&work).with_context(|| format!("could not create {}", work.display()))?;
     let log = work.join("build.log");
 
-    step.say(format!(
-        "downloading the {SOURCE_PACKAGE} source package from bullseye"
-    ));
-    util::run(apt_get().current_dir(&work).args([
-        "-o",
-        "APT::Sandbox::User=root",
-        "source",
-        SOURCE_PACKAGE,
-    ]))
-    .context("`apt-get source python3.9` failed: is bullseye's deb-src reachable?")?;
+    step.say(format!("downloading the {SOURCE_PACKAGE} source package from bullseye"));
+    util::run(apt_get().current_dir(&work).args(["-o", "APT::Sandbox::User=root", "source", SOURCE_PACKAGE]))
+        .context("`apt-get source python3.9` failed: is bullseye's deb-src reachable?")?;
     let src = fs::read_dir(&work)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("python3.9-"))
-        })
-        .with_context(|| {
-            format!(
-                "apt-get source left no python3.9-* directory in {}",
-                work.display()
-            )
-        })?;
+        .find(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3.9-")))
+        .with_context(|| format!("apt-get source left no python3.9-* directory in {}", work.display()))?;
 
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .to_string();
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).to_string();
     let make = |args: &[&str]| {
         let mut cmd = Command::new("make");
         cmd.current_dir(&src)
@@ -248,14 +214,11 @@ fn build(step: &Step) -> Result<()> {
     let phase = Step::new("setup", "python: configure");
     phase.say(format!("in {}", src.display()));
     util::run_logged(
-        Command::new("./configure")
-            .current_dir(&src)
-            .env_remove("MAKEFLAGS")
-            .args([
-                &format!("--prefix={PREFIX}"),
-                "--with-dtrace",
-                "--with-ensurepip=no",
-            ]),
+        Command::new("./configure").current_dir(&src).env_remove("MAKEFLAGS").args([
+            &format!("--prefix={PREFIX}"),
+            "--with-dtrace",
+            "--with-ensurepip=no",
+        ]),
         &log,
     )
     .context("configure failed")?;
@@ -268,16 +231,13 @@ fn build(step: &Step) -> Result<()> {
 
     let stage = work.join("stage");
     let phase = Step::new("setup", "python: make altinstall");
-    util::run_logged(
-        &mut make(&["altinstall", &format!("DESTDIR={}", stage.display())]),
-        &log,
-    )
-    .context("make altinstall failed")?;
+    util::run_logged(&mut make(&["altinstall", &format!("DESTDIR={}", stage.display())]), &log)
+        .context("make altinstall failed")?;
     phase.done("ok");
 
     let staged_prefix = stage.join(PREFIX.trim_start_matches('/'));
-    let summary = verify(&staged_prefix.join(PYTHON_REL))
-        .context("the staged CPython failed verification")?;
+    let summary =
+        verify(&staged_prefix.join(PYTHON_REL)).context("the staged CPython failed verification")?;
     step.say(format!("staged build verified ({summary})"));
 
     let prefix = Path::new(PREFIX);
@@ -293,10 +253,7 @@ fn build(step: &Step) -> Result<()> {
     )
     .context("could not write the marker file")?;
     if let Err(err) = fs::remove_dir_all(&build_root) {
-        step.say(format!(
-            "note: could not remove {}: {err}",
-            build_root.display()
-        ));
+        step.say(format!("note: could not remove {}: {err}", build_root.display()));
     }
     Ok(())
 }
@@ -305,8 +262,7 @@ fn build(step: &Step) -> Result<()> {
 /// know the source package yet. Only that one source is updated.
 fn ensure_source_list(step: &Step) -> Result<()> {
     let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
-    util::require_file(keyring, "Debian's archive keyring")
-        .context("install debian-archive-keyring")?;
+    util::require_file(keyring, "Debian's archive keyring").context("install debian-archive-keyring")?;
     if fs::read_to_string(SOURCES_FILE).ok().as_deref() != Some(SOURCES_CONTENT) {
         step.say(format!("adding {SOURCES_FILE}"));
         fs::write(SOURCES_FILE, SOURCES_CONTENT)

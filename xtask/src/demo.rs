@@ -16,8 +16,7 @@ pub fn run() -> Result<ExitCode> {
     let app = util::workspace_root().join("examples").join("app.py");
     util::require_file(&app, "the demo program")?;
     let out_dir = util::target_dir().join("demo");
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("could not create {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("could not create {}", out_dir.display()))?;
     let trace = out_dir.join("demo-trace.json");
     if trace.exists() {
         std::fs::remove_file(&trace)
@@ -29,11 +28,7 @@ pub fn run() -> Result<ExitCode> {
     for name in TRACED {
         cmd.args(["-t", name]);
     }
-    cmd.arg("-o")
-        .arg(&trace)
-        .arg("--")
-        .arg(&env.python)
-        .arg(&app);
+    cmd.arg("-o").arg(&trace).arg("--").arg(&env.python).arg(&app);
     cmd.current_dir(util::workspace_root());
 
     // Ctrl-C reaches pftraced too (same process group); let it finish its

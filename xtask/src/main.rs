@@ -4,8 +4,10 @@
 //!   bpf-linker, a CPython built --with-dtrace), reuse what is present;
 //! - `build`: setup, then build pftraced;
 //! - `test`:  setup, then run every test (as root);
-//! - `demo`:  setup, build, then trace examples/app.py.
+//! - `demo`:  setup, build, then trace examples/app.py;
+//! - `bench`: setup, build, then measure tracing overhead (`--quick`: the CI smoke).
 
+mod bench;
 mod build;
 mod cpython;
 mod demo;
@@ -18,12 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "pftrace's project tasks",
-    version
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "pftrace's project tasks", version)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -40,6 +37,10 @@ enum Task {
     Test(test::Args),
     /// Setup, build, then trace examples/app.py into target/demo/demo-trace.json.
     Demo,
+    /// Setup, build, then benchmark: overhead per Python call (untraced, floor,
+    /// bpftrace, pftraced sparse/dense), scaling with names and processes,
+    /// daemon CPU and RSS, attach latency. Needs root.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Task::Build => build::run().map(|_| ExitCode::SUCCESS),
         Task::Test(args) => test::run(args),
         Task::Demo => demo::run(),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

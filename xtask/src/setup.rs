@@ -60,8 +60,7 @@ pub fn dpkg_installed(package: &str) -> bool {
         .args(["-W", "-f=${Status}", package])
         .output()
         .map(|out| {
-            out.status.success()
-                && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
         })
         .unwrap_or(false)
 }
@@ -69,8 +68,7 @@ pub fn dpkg_installed(package: &str) -> bool {
 /// `apt-get` with the options every non-interactive call here wants.
 pub fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["-q", "-o", "DPkg::Lock::Timeout=300"]);
+    cmd.env("DEBIAN_FRONTEND", "noninteractive").args(["-q", "-o", "DPkg::Lock::Timeout=300"]);
     cmd
 }
 
@@ -79,11 +77,7 @@ fn apt_packages() -> Result<()> {
     if which_on_path("dpkg-query").is_none() || which_on_path("apt-get").is_none() {
         bail!("dpkg-query/apt-get not found: setup supports Debian and its derivatives only");
     }
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         step.say(format!("ok (present: {})", APT_PACKAGES.join(" ")));
         return Ok(());
@@ -98,22 +92,11 @@ fn apt_packages() -> Result<()> {
     step.say(format!("installing {}", missing.join(" ")));
     util::run(apt_get().arg("update"))
         .context("apt-get update failed: check the network and /etc/apt/sources.list.d")?;
-    util::run(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )
-    .with_context(|| format!("could not install {}", missing.join(" ")))?;
-    let still: Vec<&str> = missing
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    util::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))
+        .with_context(|| format!("could not install {}", missing.join(" ")))?;
+    let still: Vec<&str> = missing.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if !still.is_empty() {
-        bail!(
-            "apt-get finished but these packages are still not installed: {}",
-            still.join(" ")
-        );
+        bail!("apt-get finished but these packages are still not installed: {}", still.join(" "));
     }
     step.done("installed");
     Ok(())
@@ -122,9 +105,7 @@ fn apt_packages() -> Result<()> {
 fn rust_nightly() -> Result<()> {
     let step = Step::new("setup", "rust nightly + rust-src");
     if which_on_path("rustup").is_none() {
-        bail!(
-            "rustup not found on PATH: install rustup (https://rustup.rs), then rerun `cargo xtask setup`"
-        );
+        bail!("rustup not found on PATH: install rustup (https://rustup.rs), then rerun `cargo xtask setup`");
     }
     let toolchains = util::output(Command::new("rustup").args(["toolchain", "list"]))?;
     let has_nightly = toolchains.lines().any(|l| l.starts_with("nightly"));
@@ -154,40 +135,25 @@ fn rust_nightly() -> Result<()> {
         return Ok(());
     }
     step.say("installing rust-src for nightly");
-    util::run(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))?;
+    util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     step.done("installed");
     Ok(())
 }
 
 fn bpf_linker_version() -> Option<String> {
     let out = Command::new("bpf-linker").arg("--version").output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn bpf_linker() -> Result<()> {
     let step = Step::new("setup", "bpf-linker");
     if let Some(version) = bpf_linker_version() {
-        let path = which_on_path("bpf-linker")
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
+        let path = which_on_path("bpf-linker").map(|p| p.display().to_string()).unwrap_or_default();
         step.say(format!("ok (present: {version}, {path})"));
         return Ok(());
     }
-    step.say(format!(
-        "installing bpf-linker {BPF_LINKER_VERSION} (LLVM from {LLVM_PREFIX}; about a minute)"
-    ));
-    if !std::path::Path::new(LLVM_PREFIX)
-        .join("bin/llvm-config")
-        .is_file()
-    {
+    step.say(format!("installing bpf-linker {BPF_LINKER_VERSION} (LLVM from {LLVM_PREFIX}; about a minute)"));
+    if !std::path::Path::new(LLVM_PREFIX).join("bin/llvm-config").is_file() {
         bail!(
             "{LLVM_PREFIX}/bin/llvm-config is missing: install llvm-22-dev (the `apt packages` step should have)"
         );
@@ -223,11 +189,7 @@ pub fn which_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+        .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
 #[cfg(test)]

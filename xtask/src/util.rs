@@ -22,11 +22,7 @@ pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => {
             let dir = PathBuf::from(dir);
-            if dir.is_absolute() {
-                dir
-            } else {
-                workspace_root().join(dir)
-            }
+            if dir.is_absolute() { dir } else { workspace_root().join(dir) }
         }
         _ => workspace_root().join("target"),
     }
@@ -37,16 +33,12 @@ pub fn cargo_bin_dir() -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {
         return Some(PathBuf::from(home).join("bin"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".cargo").join("bin"))
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cargo").join("bin"))
 }
 
 /// Returns `path` with `dir` in front, unless `dir` is already one of its entries.
 pub fn path_with(dir: &Path, path: Option<&OsStr>) -> OsString {
-    let mut entries: Vec<PathBuf> = path
-        .map(|p| std::env::split_paths(p).collect())
-        .unwrap_or_default();
+    let mut entries: Vec<PathBuf> = path.map(|p| std::env::split_paths(p).collect()).unwrap_or_default();
     if !entries.iter().any(|e| e == dir) {
         entries.insert(0, dir.to_path_buf());
     }
@@ -86,11 +78,7 @@ pub struct Step {
 
 impl Step {
     pub fn new(task: &'static str, name: impl Into<String>) -> Self {
-        Step {
-            task,
-            name: name.into(),
-            started: Instant::now(),
-        }
+        Step { task, name: name.into(), started: Instant::now() }
     }
 
     /// `[task] name: message`
@@ -115,11 +103,7 @@ pub fn describe(cmd: &Command) -> String {
     let mut words = Vec::new();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value {
-            words.push(format!(
-                "{}={}",
-                key.to_string_lossy(),
-                value.to_string_lossy()
-            ));
+            words.push(format!("{}={}", key.to_string_lossy(), value.to_string_lossy()));
         }
     }
     words.push(cmd.get_program().to_string_lossy().into_owned());
@@ -135,10 +119,7 @@ pub fn describe(cmd: &Command) -> String {
 }
 
 fn status_error(cmd: &Command, status: ExitStatus) -> anyhow::Error {
-    let how = match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
+    let how = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => status.to_string(),
@@ -150,9 +131,7 @@ fn status_error(cmd: &Command, status: ExitStatus) -> anyhow::Error {
 pub fn run(cmd: &mut Command) -> Result<()> {
     println!("    $ {}", describe(cmd));
     cmd.stdin(Stdio::null());
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         return Err(status_error(cmd, status));
     }
@@ -162,17 +141,14 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command with its output shown and returns its exit status, whatever it is.
 pub fn run_status(cmd: &mut Command) -> Result<ExitStatus> {
     println!("    $ {}", describe(cmd));
-    cmd.status()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))
+    cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))
 }
 
 /// Runs a command quietly and returns its stdout; fails unless it exits 0
 /// (the error carries its stderr).
 pub fn output(cmd: &mut Command) -> Result<String> {
     cmd.stdin(Stdio::null());
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let out = cmd.output().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(status_error(cmd, out.status)).with_context(|| stderr.trim().to_string());
@@ -189,13 +165,9 @@ pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
         .append(true)
         .open(log)
         .with_context(|| format!("could not open log file {}", log.display()))?;
-    let file2 = file
-        .try_clone()
-        .context("could not duplicate the log file handle")?;
+    let file2 = file.try_clone().context("could not duplicate the log file handle")?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         print_tail(log, 40);
         return Err(status_error(cmd, status))
@@ -208,11 +180,7 @@ pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
 pub fn print_tail(path: &Path, n: usize) {
     let Ok(file) = File::open(path) else { return };
     let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
-    eprintln!(
-        "    --- last {} lines of {} ---",
-        n.min(lines.len()),
-        path.display()
-    );
+    eprintln!("    --- last {} lines of {} ---", n.min(lines.len()), path.display());
     for line in &lines[lines.len().saturating_sub(n)..] {
         eprintln!("    | {line}");
     }

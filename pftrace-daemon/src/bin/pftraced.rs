@@ -270,7 +270,7 @@ fn announce(names: &[String], target: &Target) {
     eprintln!(
         "pftraced: attached to pid {} ({version}, {}), tracing {}",
         target.pid,
-        target.binary.display(),
+        pftrace::events::printable_path(&target.binary),
         names.join(", ")
     );
 }

@@ -133,7 +133,7 @@ pub fn attach_uprobe(
     prog: BorrowedFd<'_>,
     req: &UprobeRequest<'_>,
 ) -> Result<UprobeLink, AttachError> {
-    let binary = req.binary.display().to_string();
+    let binary = crate::events::printable_path(req.binary);
     let path = CString::new(req.binary.as_os_str().as_bytes()).map_err(|_| AttachError::PerfEventOpen {
         binary: binary.clone(),
         offset: req.offset,

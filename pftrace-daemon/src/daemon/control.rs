@@ -83,6 +83,8 @@ impl Daemon {
             counters: self.counters(),
             bad_records: self.bad_records,
             filtered_in_user_space: self.filter.dropped,
+            calls_total: self.store.total,
+            calls_evicted: self.store.evicted,
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns: crate::clock::WallClock::monotonic_now_ns(),

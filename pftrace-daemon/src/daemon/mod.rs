@@ -120,7 +120,18 @@ pub struct Daemon {
     /// Processes being attached: pid → the attachment in flight.
     pending: HashMap<u32, Pending>,
     next_ticket: u64,
+    /// Probes of processes that are gone, detached one at a time off the
+    /// event loop (see [`Self::retire`]).
+    retired: std::collections::VecDeque<crate::bpf::UprobeLink>,
+    /// A detach is running on a blocking thread; it reports here when done.
+    detaching: bool,
+    detached: (mpsc::UnboundedSender<()>, mpsc::UnboundedReceiver<()>),
 }
+
+/// Retired probes held back while attachments are in flight, at most (then
+/// they are detached anyway, one at a time, to bound the file descriptors
+/// they hold: two per link).
+const MAX_RETIRED: usize = 64;
 
 /// An attachment in flight.
 struct Pending {
@@ -218,6 +229,9 @@ impl Daemon {
             attached: mpsc::unbounded_channel(),
             pending: HashMap::new(),
             next_ticket: 0,
+            retired: Default::default(),
+            detaching: false,
+            detached: mpsc::unbounded_channel(),
         })
     }
 
@@ -279,7 +293,7 @@ impl Daemon {
                     p.ticket = 0; // drop the attachment in flight when it lands
                 }
                 if Processes::worth_reporting(&err) {
-                    log::warn!("{err}");
+                    log::warn!("{}", crate::events::printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
                 }
                 return;
@@ -301,9 +315,9 @@ impl Daemon {
         if self.all {
             // Host-wide probes already cover it (or are attached once per new binary).
             match self.attach_target(&target) {
-                Ok(()) => log::info!("tracing pid {pid} ({})", target.binary.display()),
+                Ok(()) => log::info!("tracing pid {pid} ({})", crate::events::printable_path(&target.binary)),
                 Err(err) => {
-                    log::warn!("{err}");
+                    log::warn!("{}", crate::events::printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
                 }
             }
@@ -322,7 +336,7 @@ impl Daemon {
         let jobs = match prepared {
             Ok(jobs) => jobs,
             Err(err) => {
-                log::warn!("{err}");
+                log::warn!("{}", crate::events::printable(&err.to_string()));
                 self.processes.refuse(pid, &err);
                 return;
             }
@@ -345,14 +359,20 @@ impl Daemon {
     fn attached(&mut self, done: Attached) {
         let pid = done.target.pid;
         if self.pending.get(&pid).is_none_or(|p| p.ticket != done.ticket) {
-            return; // superseded (the process exited or exec'd something else): its links drop here
+            // Superseded (the process exited or exec'd something else).
+            if let Ok(links) = done.result {
+                self.retire(links);
+            }
+            return;
         }
         let pending = self.pending.remove(&pid).expect("checked");
         let mut target = done.target;
         if let Some(now) = pending.recheck {
             if processes::file_id(&now) != processes::file_id(&target) {
                 // It exec'd another interpreter while we attached: start again.
-                drop(done.result);
+                if let Ok(links) = done.result {
+                    self.retire(links);
+                }
                 self.start_attach(now);
                 return;
             }
@@ -362,17 +382,49 @@ impl Daemon {
             Ok(links) => {
                 let serial = self.processes.add_process(&target, links);
                 self.watch(pid, serial, done.pidfd);
-                log::info!("tracing pid {pid} ({})", target.binary.display());
+                log::info!("tracing pid {pid} ({})", crate::events::printable_path(&target.binary));
             }
             Err(err) => {
                 if std::fs::metadata(format!("/proc/{pid}")).is_ok() {
-                    log::warn!("{err}");
+                    log::warn!("{}", crate::events::printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
                 } else {
                     log::debug!("pid {pid} exited before it could be attached");
                 }
             }
         }
+    }
+
+    /// Queues the probes of a process that is gone (or exec'd another
+    /// program) for detaching. Closing a uprobe's perf event waits for the
+    /// kernel to unregister it (tens to hundreds of ms here) while holding a
+    /// lock that attaching (perf_event_open) needs too: so links are dropped
+    /// on a blocking thread, one at a time, and only while no attachment is
+    /// in flight (unless too many wait), so new processes are attached first.
+    fn retire(&mut self, links: Vec<crate::bpf::UprobeLink>) {
+        self.retired.extend(links);
+        self.next_detach();
+    }
+
+    /// Starts the next detach, if one is due.
+    fn next_detach(&mut self) {
+        if self.detaching || self.retired.is_empty() {
+            return;
+        }
+        if !self.pending.is_empty() && self.retired.len() < MAX_RETIRED {
+            return; // attachments first; called again when they land
+        }
+        let link = self.retired.pop_front().expect("not empty");
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            drop(link);
+            return;
+        };
+        self.detaching = true;
+        let tx = self.detached.0.clone();
+        rt.spawn_blocking(move || {
+            drop(link);
+            let _ = tx.send(());
+        });
     }
 
     /// Follows a traced process: its forks are reported, its exit handled.
@@ -428,7 +480,14 @@ impl Daemon {
                         self.end_process(pid, WallClock::monotonic_now_ns());
                     }
                 }
-                Some(done) = self.attached.1.recv() => self.attached(done),
+                Some(done) = self.attached.1.recv() => {
+                    self.attached(done);
+                    self.next_detach();
+                }
+                Some(()) = self.detached.1.recv() => {
+                    self.detaching = false;
+                    self.next_detach();
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(DaemonError::Ring)?;
                     self.drain(guard.get_inner_mut());
@@ -518,7 +577,8 @@ impl Daemon {
         let mut closed = Vec::new();
         self.pairer.close_open(Some(pid), end_ns, &mut closed);
         self.store_calls(closed);
-        self.processes.exited(pid);
+        let links = self.processes.exited(pid);
+        self.retire(links);
         self.sampler.forget(pid);
         let _ = self.probes.untrack(pid);
         log::debug!("pid {pid} exited");
@@ -541,6 +601,12 @@ impl Daemon {
             r.close();
         }
         self.processes.detach_all();
+        // Probes of processes that are gone cost nobody anything: detach them
+        // without holding up the trace (at exit the kernel closes what is left).
+        let retired = std::mem::take(&mut self.retired);
+        if !retired.is_empty() {
+            let _ = std::thread::Builder::new().name("pftrace-detach".into()).spawn(move || drop(retired));
+        }
         if self.store.evicted > 0 {
             log::warn!(
                 "{} older calls were dropped from memory (limits.max_calls_in_memory); they are only in the rolling \
@@ -563,6 +629,8 @@ impl Daemon {
             counters,
             bad_records: self.bad_records,
             filtered_in_user_space: self.filter.dropped,
+            calls_total: self.store.total,
+            calls_evicted: self.store.evicted,
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns,

@@ -3,13 +3,11 @@
 //! binary host-wide (`--all`), detaching when a process exits, and keeping
 //! the reasons processes in scope could not be traced.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    os::unix::fs::MetadataExt as _,
-};
+use std::collections::{HashMap, VecDeque};
 
 use crate::{
     bpf::{AttachJob, BpfError, KernelProbes, ProbeKind, UprobeLink},
+    events::printable_path,
     procinfo,
     protocol::{BinaryStatus, ProcessStatus, Refusal},
     target::{Target, TargetError},
@@ -74,7 +72,7 @@ pub fn attach_jobs(
                 .attach_job(kind, &target.open_path, site.offset, site.semaphore_offset, site.spec, pid)
                 .map_err(|source| AttachFailure::Bpf {
                     pid: target.pid,
-                    binary: target.binary.display().to_string(),
+                    binary: printable_path(&target.binary),
                     source,
                 })?;
             jobs.push(job);
@@ -87,7 +85,7 @@ pub fn attach_jobs(
 pub fn run_jobs(jobs: &[AttachJob], target: &Target) -> Result<Vec<UprobeLink>, AttachFailure> {
     jobs.iter().map(|job| job.run()).collect::<Result<Vec<_>, _>>().map_err(|source| AttachFailure::Bpf {
         pid: target.pid,
-        binary: target.binary.display().to_string(),
+        binary: printable_path(&target.binary),
         source: source.into(),
     })
 }
@@ -100,9 +98,10 @@ fn attach_sites(
     run_jobs(&attach_jobs(probes, target, pid)?, target)
 }
 
-/// The (device, inode) of the ELF a target's probes are in.
+/// The (device, inode) of the ELF a target's probes are in (as inspected:
+/// the process may have exited since, and its /proc/PID/root with it).
 pub fn file_id(target: &Target) -> FileId {
-    std::fs::metadata(&target.open_path).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0))
+    target.file
 }
 
 impl Processes {
@@ -190,17 +189,22 @@ impl Processes {
 
     fn note_binary(&mut self, target: &Target) {
         self.binaries.entry(file_id(target)).or_insert_with(|| BinaryEntry {
-            path: target.binary.display().to_string(),
+            path: printable_path(&target.binary),
             version: target.version.map(|v| v.to_string()),
             host_links: Vec::new(),
         });
     }
 
-    /// The process exited (or exec'd something else): detach its probes.
-    pub fn exited(&mut self, pid: u32) {
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.running = false;
-            p.links.clear();
+    /// The process exited (or exec'd something else): returns its probes'
+    /// links, for the caller to drop (which detaches them) where blocking is fine.
+    #[must_use = "dropping the links detaches the probes; drop them off the event loop"]
+    pub fn exited(&mut self, pid: u32) -> Vec<UprobeLink> {
+        match self.procs.get_mut(&pid) {
+            Some(p) => {
+                p.running = false;
+                std::mem::take(&mut p.links)
+            }
+            None => Vec::new(),
         }
     }
 
@@ -215,7 +219,9 @@ impl Processes {
         if self.refused.len() >= MAX_REFUSALS {
             self.refused.pop_front();
         }
-        self.refused.push_back(Refusal { pid, reason: err.to_string() });
+        // The reason may quote paths the traced process chose.
+        let reason = crate::events::printable(&err.to_string()).into_owned();
+        self.refused.push_back(Refusal { pid, reason });
     }
 
     /// Whether a refusal is worth reporting: a process in scope that is not
@@ -291,7 +297,7 @@ impl Processes {
 fn traced(target: &Target) -> TracedProcess {
     TracedProcess {
         pid: target.pid,
-        binary: target.binary.display().to_string(),
+        binary: printable_path(&target.binary),
         version: target.version,
         command: target.command.clone(),
         comm: procinfo::comm(target.pid),

@@ -96,6 +96,8 @@ impl TraceFormat for Chrome {
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
                 "filtered_in_user_space": trace.filtered_in_user_space,
+                "calls_total": trace.calls_total,
+                "calls_evicted": trace.calls_evicted,
                 "start_us": trace.clock.wall_us(trace.start_ns),
                 "end_us": trace.clock.wall_us(trace.end_ns),
                 "hostname": trace.hostname,

@@ -172,6 +172,8 @@ pub(crate) mod testing {
             counters: Counters::default(),
             bad_records: 0,
             filtered_in_user_space: 0,
+            calls_total: 0,
+            calls_evicted: 0,
             clock: WallClock::measure(),
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,

@@ -1,0 +1,1030 @@
+//! `cargo xtask bench`: setup, build, then measure on this machine, in one
+//! invocation, what tracing costs a Python process and what the daemon costs.
+//!
+//! Cases (bench/calls.py: a loop of N calls to `f`, every 1000th iteration
+//! also calling `rare`), each run several times, medians reported:
+//! - untraced; the floor (`pftraced --floor`: the same attach path, programs
+//!   that return at once); bpftrace with a name filter (when installed);
+//!   pftraced sparse (`rare` only: 0.1% of calls) and dense (`f` and `rare`:
+//!   every call recorded);
+//! - scaling: 1, 10, 100, 1000 traced names (sparse); 1, 2, 4 processes at
+//!   once (dense, one daemon tracing them all, judged by CPU time);
+//! - attach latency on a running process (bench/busy.py);
+//! - with `--soak SECONDS`: a busy process traced densely, the daemon
+//!   restarted halfway, its RSS read every second.
+//!
+//! The workload waits (`--wait`) until the tracer is attached; its own timer
+//! covers only the loop. The daemon's CPU time and peak RSS come from wait4
+//! (the workload is not its child), its CPU share during the loop from
+//! /proc/PID/stat. Targets are printed as information: `--quick` (the CI
+//! smoke) fails only when a case cannot run or reports nonsense.
+
+mod procs;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::util::{self, Step};
+use procs::{Bpftrace, Daemon, Workload};
+use report::{Metric, Row, Sample, Target, median, round};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// CI smoke: tiny sizes, one run, a few rows (well under a minute). Fails
+    /// only if a case cannot run or reports nonsense, never on a target.
+    #[arg(long)]
+    pub quick: bool,
+    /// Runs per main case (medians are reported); scaling rows get about half
+    /// as many. Default 5 (--quick: 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: Option<u32>,
+    /// Loop iterations of bench/calls.py (it makes N + N/1000 Python calls).
+    /// Default 1000000 (--quick: 10000, whose records fit the ring buffer even if the daemon never ran).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..))]
+    pub calls: Option<u64>,
+    /// Write the JSON document to FILE instead of printing it after the table.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Also run a soak of this many seconds (the targets ask for 600): a busy
+    /// process traced densely, the daemon restarted halfway, its RSS read
+    /// every second.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(4..))]
+    pub soak: Option<u64>,
+}
+
+/// Calls kept in the daemon's memory during a case (`--max-calls-in-memory`):
+/// a small configured buffer, so RSS shows the daemon rather than the store.
+/// Calls evicted from it are still counted as delivered.
+const STORE_CALLS: usize = 10_000;
+/// How long to wait for a workload to be ready or pftraced to attach.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long pftraced may take to exit once its processes have.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What every case needs.
+struct Ctx {
+    python: PathBuf,
+    pftraced: PathBuf,
+    bpftrace: Option<PathBuf>,
+    calls_py: PathBuf,
+    busy_py: PathBuf,
+    dir: PathBuf,
+    /// Loop iterations of calls.py.
+    n: u64,
+    quick: bool,
+}
+
+impl Ctx {
+    /// Python calls one calls.py loop makes.
+    fn total_calls(&self) -> u64 {
+        self.n + self.n.div_ceil(1000)
+    }
+    /// Calls of `rare` in one loop.
+    fn rare_calls(&self) -> u64 {
+        self.n.div_ceil(1000)
+    }
+    /// Generous bound on one loop: 50 µs per call per process, plus a minute.
+    fn loop_timeout(&self, procs: usize) -> Duration {
+        Duration::from_secs(60) + Duration::from_micros(50 * self.total_calls() * procs as u64)
+    }
+}
+
+/// What is traced in a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Untraced,
+    Floor,
+    Bpftrace,
+    /// `rare` plus names-1 names that are never called.
+    Sparse {
+        names: usize,
+    },
+    /// `f` and `rare`: every call.
+    Dense,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    kind: Kind,
+    procs: usize,
+    /// A row of the names scaling group (its ids say how many names).
+    scaling: bool,
+}
+
+impl Case {
+    fn new(kind: Kind, procs: usize) -> Self {
+        Case { kind, procs, scaling: false }
+    }
+
+    fn id(&self) -> String {
+        let base = match self.kind {
+            Kind::Untraced => "untraced".to_string(),
+            Kind::Floor => "floor".into(),
+            Kind::Bpftrace => "bpftrace".into(),
+            Kind::Sparse { names: 1 } if !self.scaling => "sparse".into(),
+            Kind::Sparse { names: 1 } => "sparse_1_name".into(),
+            Kind::Sparse { names } => format!("sparse_{names}_names"),
+            Kind::Dense => "dense".into(),
+        };
+        if self.procs > 1 { format!("{base}_x{}", self.procs) } else { base }
+    }
+
+    fn label(&self) -> String {
+        let base = match self.kind {
+            Kind::Untraced => "untraced".to_string(),
+            Kind::Floor => "floor (programs return at once)".into(),
+            Kind::Bpftrace => "bpftrace, name filter, 0.1% match".into(),
+            Kind::Sparse { names: 1 } => "pftraced sparse (1 name, 0.1% of calls)".into(),
+            Kind::Sparse { names } => format!("pftraced sparse, {names} names"),
+            Kind::Dense => "pftraced dense (every call)".into(),
+        };
+        if self.procs > 1 { format!("{base} x{} procs", self.procs) } else { base }
+    }
+
+    /// Names given to pftraced.
+    fn names(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Sparse { names } => {
+                let mut v: Vec<String> = (0..names - 1).map(|i| format!("name_{i:04}")).collect();
+                v.push("rare".into());
+                v
+            }
+            _ => vec!["f".into(), "rare".into()],
+        }
+    }
+
+    /// Calls the tracer should record per process.
+    fn expected(&self, ctx: &Ctx) -> Option<u64> {
+        match self.kind {
+            Kind::Untraced | Kind::Floor => None,
+            Kind::Bpftrace | Kind::Sparse { .. } => Some(ctx.rare_calls()),
+            Kind::Dense => Some(ctx.total_calls()),
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    if !util::is_root() {
+        bail!(
+            "the benchmark loads eBPF programs and attaches uprobes: run `sudo -E cargo xtask bench` (or as root)"
+        );
+    }
+    let env = crate::setup::run()?;
+    let pftraced = crate::build::build(&env)?;
+    let root = util::workspace_root();
+    let dir = util::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+    let ctx = Ctx {
+        python: env.python.clone(),
+        pftraced,
+        bpftrace: crate::setup::which_on_path("bpftrace"),
+        calls_py: root.join("bench").join("calls.py"),
+        busy_py: root.join("bench").join("busy.py"),
+        dir,
+        n: args.calls.unwrap_or(if args.quick { 10_000 } else { 1_000_000 }),
+        quick: args.quick,
+    };
+    util::require_file(&ctx.calls_py, "the benchmark workload")?;
+    util::require_file(&ctx.busy_py, "the benchmark workload")?;
+    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 5 }) as usize;
+    let scale_runs = runs.div_ceil(2);
+    let started = Instant::now();
+    let busy_before = background_busy();
+    if let Some(b) = busy_before {
+        let warn = if b > 0.10 { " — the machine is busy: results will be disturbed" } else { "" };
+        println!("[bench] CPU busy before starting (1 s, all cores, whole machine): {:.0}%{warn}", b * 100.0);
+    }
+    println!(
+        "[bench] {} Python calls per loop, {runs} runs per main case, {scale_runs} per scaling row; \
+         daemon keeps {STORE_CALLS} calls in memory; bpftrace: {}",
+        ctx.total_calls(),
+        ctx.bpftrace.as_ref().map_or("not installed".into(), |p| p.display().to_string())
+    );
+
+    // Main cases, interleaved run by run so drift hits them all alike.
+    let main_cases: Vec<Case> =
+        [Kind::Untraced, Kind::Floor, Kind::Bpftrace, Kind::Sparse { names: 1 }, Kind::Dense]
+            .into_iter()
+            .map(|k| Case::new(k, 1))
+            .collect();
+    let mut main_rows = measure(&ctx, "main", Metric::Wall, &main_cases, runs);
+    let base = row(&main_rows, "untraced").and_then(Row::ns);
+    let floor = row(&main_rows, "floor").and_then(Row::ns);
+    for r in &mut main_rows {
+        (r.base_ns, r.floor_ns) = (base, floor);
+    }
+
+    // Names: sparse cost with 1..1000 names, against the main baselines.
+    let name_counts: &[usize] = if ctx.quick { &[1000] } else { &[1, 10, 100, 1000] };
+    let name_cases: Vec<Case> = name_counts
+        .iter()
+        .map(|&k| Case { scaling: true, ..Case::new(Kind::Sparse { names: k }, 1) })
+        .collect();
+    let mut name_rows = measure(&ctx, "names", Metric::Wall, &name_cases, scale_runs);
+    for (r, &k) in name_rows.iter_mut().zip(name_counts) {
+        (r.base_ns, r.floor_ns, r.names) = (base, floor, Some(k));
+    }
+
+    // Processes: dense with 1, 2, 4 processes, each against untraced and the
+    // floor with as many processes, by CPU time. x1 reuses the main runs.
+    let mut proc_rows = Vec::new();
+    for id in ["untraced", "floor", "dense"] {
+        if let Some(r) = row(&main_rows, id) {
+            let mut r = r.clone();
+            (r.id, r.group, r.metric) = (format!("{id}_x1"), "processes", Metric::Cpu);
+            r.label = format!("{} x1 proc", r.label);
+            proc_rows.push(r);
+        }
+    }
+    let counts: &[usize] = if ctx.quick { &[2] } else { &[2, 4] };
+    for &p in counts {
+        let cases: Vec<Case> =
+            [Kind::Untraced, Kind::Floor, Kind::Dense].into_iter().map(|k| Case::new(k, p)).collect();
+        proc_rows.extend(measure(&ctx, "processes", Metric::Cpu, &cases, scale_runs));
+    }
+    for chunk in proc_rows.chunks_mut(3) {
+        let base = chunk[0].ns();
+        let floor = chunk[1].ns();
+        for r in chunk.iter_mut() {
+            (r.base_ns, r.floor_ns) = (base, floor);
+        }
+    }
+
+    let attach = measure_attach(&ctx, runs);
+    let soak = args.soak.map(|secs| run_soak(&ctx, secs));
+    let busy_after = background_busy();
+    let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
+        .iter()
+        .flat_map(|g| g.iter())
+        .filter(|r| !r.id.ends_with("_x1"))
+        .flat_map(|r| &r.samples)
+        .filter(|s| s.foreign_tracers > 0)
+        .count()
+        + attach.samples.iter().filter(|s| s.foreign_tracers > 0).count();
+
+    // Report.
+    let mut rows = main_rows;
+    rows.extend(name_rows);
+    rows.extend(proc_rows);
+    let problems = sanity(&ctx, &rows, &attach, soak.as_ref());
+    let targets = targets(&rows, &attach, soak.as_ref());
+
+    println!();
+    println!(
+        "pftrace bench: {} calls per loop (bench/calls.py), medians; ns/call is the loop's wall time per \
+         Python call (processes group: CPU time); +ns/call over untraced; x floor = added cost / floor's added cost",
+        ctx.total_calls()
+    );
+    print!("{}", report::table(&rows));
+    println!("{}", attach_text(&attach));
+    if let Some(s) = &soak {
+        print!("{}", soak_text(s));
+    }
+    if let (Some(a), Some(b)) = (busy_before, busy_after) {
+        println!(
+            "machine CPU busy (all cores) in 1 s before the bench {:.0}%, after it {:.0}%{}",
+            a * 100.0,
+            b * 100.0,
+            if a.max(b) > 0.10 { ": other load was present, figures are disturbed" } else { "" }
+        );
+    }
+    if disturbed > 0 {
+        println!(
+            "WARNING: {disturbed} runs were made while other tracers (pftraced/bpftrace not started by the bench) \
+             were running: their uprobes on the same interpreter inflate every traced figure"
+        );
+    }
+    if ctx.quick {
+        println!("targets (information only; --quick sizes are too small to judge them):");
+    } else {
+        println!("targets (information only):");
+    }
+    print!("{}", report::targets_text(&targets));
+
+    let doc = json!({
+        "pftrace_bench": 1,
+        "machine": machine(&ctx),
+        "cpu_busy_before": busy_before.map(|b| round(b, 3)),
+        "cpu_busy_after": busy_after.map(|b| round(b, 3)),
+        "runs_disturbed_by_other_tracers": disturbed,
+        "settings": {
+            "quick": ctx.quick,
+            "loop_iterations": ctx.n,
+            "calls_per_loop": ctx.total_calls(),
+            "runs": runs,
+            "scaling_runs": scale_runs,
+            "daemon_max_calls_in_memory": STORE_CALLS,
+        },
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "attach": attach_json(&attach),
+        "soak": soak.as_ref().map(soak_json),
+        "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
+        "problems": problems,
+        "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    match &args.json {
+        Some(path) => {
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("[bench] JSON written to {}", path.display());
+        }
+        None => println!("{text}"),
+    }
+    println!("[bench] done in {:.0} s", started.elapsed().as_secs_f64());
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("[bench] FAILED: cases that could not run or reported nonsense:");
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.id == id)
+}
+
+/// Runs `cases` `runs` times, interleaved, and returns a row per case.
+fn measure(ctx: &Ctx, group: &'static str, metric: Metric, cases: &[Case], runs: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = cases
+        .iter()
+        .map(|c| {
+            let mut r = Row::new(c.id(), c.label(), group, metric);
+            r.procs = c.procs;
+            if let Kind::Sparse { names } = c.kind {
+                r.names = Some(names);
+            }
+            if c.kind == Kind::Bpftrace && ctx.bpftrace.is_none() {
+                r.note = Some("not installed (apt-get install bpftrace)".into());
+            }
+            r
+        })
+        .collect();
+    for run in 1..=runs {
+        for (case, row) in cases.iter().zip(rows.iter_mut()) {
+            if row.note.is_some() {
+                continue;
+            }
+            let step = Step::new("bench", format!("{} run {run}/{runs}", case.id()));
+            match undisturbed(ctx, &step, || run_case(ctx, case)) {
+                (Ok(mut s), foreign) => {
+                    s.foreign_tracers = foreign.len();
+                    let mut msg = format!("{:.1} ns/call", s.ns(metric));
+                    if let (Some(d), Some(e)) = (s.delivered, s.expected) {
+                        msg += &format!(", {d}/{e} calls, lost {}", s.lost.unwrap_or(0));
+                    }
+                    if !foreign.is_empty() {
+                        msg += &format!(" (DISTURBED: other tracers running: {})", foreign.join(", "));
+                    }
+                    step.done(msg);
+                    row.samples.push(s);
+                }
+                (Err(err), _) => {
+                    step.done(format!("FAILED: {err:#}"));
+                    row.errors.push(format!("run {run}: {err:#}"));
+                }
+            }
+        }
+    }
+    for r in &mut rows {
+        if r.samples.is_empty() && r.note.is_none() {
+            r.note = Some(format!("FAILED: {}", r.errors.first().map_or("no runs", String::as_str)));
+        }
+    }
+    rows
+}
+
+/// Longest wait for other tracers to go away before a run (full mode).
+const QUIET_WAIT: Duration = Duration::from_secs(180);
+/// Attempts at a run that other tracers disturbed (full mode).
+const ATTEMPTS: usize = 3;
+
+/// Runs `f` when no other tracer is running (waiting up to QUIET_WAIT), and
+/// again (up to ATTEMPTS times) if one was running before or after it.
+/// Returns the result and the other tracers seen. --quick neither waits nor retries.
+fn undisturbed<T>(ctx: &Ctx, step: &Step, mut f: impl FnMut() -> Result<T>) -> (Result<T>, Vec<String>) {
+    let attempts = if ctx.quick { 1 } else { ATTEMPTS };
+    let mut attempt = 1;
+    loop {
+        if !ctx.quick {
+            let deadline = Instant::now() + QUIET_WAIT;
+            let mut said = false;
+            while !foreign_tracers().is_empty() && Instant::now() < deadline {
+                if !said {
+                    step.say(format!("waiting for other tracers to exit: {}", foreign_tracers().join(", ")));
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        let mut foreign = foreign_tracers();
+        let result = f();
+        for t in foreign_tracers() {
+            if !foreign.contains(&t) {
+                foreign.push(t);
+            }
+        }
+        if foreign.is_empty() || result.is_err() || attempt >= attempts {
+            return (result, foreign);
+        }
+        step.say(format!("disturbed by other tracers ({}); running it again", foreign.join(", ")));
+        attempt += 1;
+    }
+}
+
+fn write_config(ctx: &Ctx, names: &[String]) -> Result<PathBuf> {
+    let path = ctx.dir.join(format!("names-{}.toml", names.len()));
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let text = format!("# Written by `cargo xtask bench`.\nnames = [{}]\n", quoted.join(", "));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn daemon_args(config: &Path, pids: &[u32], trace: &Path, floor: bool) -> Vec<String> {
+    let mut a = vec!["--config".to_string(), config.display().to_string(), "-q".into()];
+    for pid in pids {
+        a.extend(["--pid".into(), pid.to_string()]);
+    }
+    a.extend(["-o".into(), trace.display().to_string()]);
+    a.extend(["--max-calls-in-memory".into(), STORE_CALLS.to_string()]);
+    if floor {
+        a.push("--floor".into());
+    }
+    a
+}
+
+/// The tracer of one run, whichever it is.
+enum Tracer {
+    None,
+    Daemon(Daemon),
+    Bpftrace(Bpftrace),
+}
+
+impl Tracer {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Tracer::None => None,
+            Tracer::Daemon(d) => Some(d.pid),
+            Tracer::Bpftrace(b) => Some(b.pid()),
+        }
+    }
+}
+
+/// One run of one case.
+fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
+    let mut workloads = Vec::new();
+    for _ in 0..case.procs {
+        workloads.push(Workload::start(
+            &ctx.python,
+            &ctx.calls_py,
+            &[ctx.n.to_string(), "--wait".into()],
+            START_TIMEOUT,
+        )?);
+    }
+    let pids: Vec<u32> = workloads.iter().map(|w| w.pid).collect();
+    let mut sample = Sample::default();
+    let trace = ctx.dir.join(format!("trace-{}.json", case.id()));
+    let mut tracer = match case.kind {
+        Kind::Untraced => Tracer::None,
+        Kind::Bpftrace => {
+            let bpftrace = ctx.bpftrace.as_ref().context("bpftrace is not installed")?;
+            let py = ctx.python.display();
+            let program = format!(
+                "usdt:{py}:python:function__entry /str(arg1) == \"rare\"/ {{ @entry = count(); }} \
+                 usdt:{py}:python:function__return /str(arg1) == \"rare\"/ {{ @ret = count(); }}"
+            );
+            Tracer::Bpftrace(Bpftrace::start(bpftrace, pids[0], &program, START_TIMEOUT)?)
+        }
+        Kind::Floor | Kind::Sparse { .. } | Kind::Dense => {
+            let config = write_config(ctx, &case.names())?;
+            let args = daemon_args(&config, &pids, &trace, case.kind == Kind::Floor);
+            let mut d = Daemon::start(&ctx.pftraced, &args, &trace)?;
+            sample.attach_s = Some(d.wait_attached(case.procs, START_TIMEOUT)?.as_secs_f64());
+            Tracer::Daemon(d)
+        }
+    };
+
+    let cpu0 = tracer.pid().and_then(procs::proc_cpu_s);
+    let t0 = Instant::now();
+    for w in &mut workloads {
+        w.release()?;
+    }
+    let mut results = Vec::new();
+    let mut pending = Vec::new();
+    for w in workloads {
+        pending.push(w.wait_result(ctx.loop_timeout(case.procs))?);
+    }
+    // The last loop has ended: read the tracer before it winds down.
+    sample.window_s = Some(t0.elapsed().as_secs_f64());
+    if let Some(pid) = tracer.pid() {
+        sample.loop_cpu_s = match (cpu0, procs::proc_cpu_s(pid)) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        sample.rss_loop_end = procs::proc_rss(pid);
+    }
+    for (w, line) in pending {
+        results.push(w.finish(line, Duration::from_secs(30))?);
+    }
+
+    let k = results.len() as f64;
+    sample.wall_ns = results.iter().map(|r| r.wall_ns_per_call()).sum::<f64>() / k;
+    sample.cpu_ns = results.iter().map(|r| r.cpu_ns_per_call()).sum::<f64>() / k;
+    sample.loop_s = results.iter().map(|r| r.wall_s).fold(0.0, f64::max);
+    sample.calls = results.iter().map(|r| r.calls).sum();
+    if let Some(e) = case.expected(ctx) {
+        sample.expected = Some(e * case.procs as u64);
+    }
+    match std::mem::replace(&mut tracer, Tracer::None) {
+        Tracer::None => {}
+        Tracer::Bpftrace(b) => {
+            let r = b.finish(Duration::from_secs(10))?;
+            sample.delivered = Some(r.entries.min(r.returns));
+            sample.tracer_cpu_s = Some(r.reaped.cpu_s);
+            sample.peak_rss = Some(r.reaped.maxrss);
+        }
+        Tracer::Daemon(d) => {
+            let (reaped, stderr) = d.finish(EXIT_TIMEOUT)?;
+            sample.tracer_cpu_s = Some(reaped.cpu_s);
+            sample.peak_rss = Some(reaped.maxrss);
+            let facts = procs::read_trace(&trace, &stderr, None)?;
+            if case.kind != Kind::Floor {
+                sample.delivered = Some(facts.calls_delivered);
+                sample.entry_seen = Some(facts.entry_seen);
+                sample.entry_matched = Some(facts.entry_matched);
+                sample.return_matched = Some(facts.return_matched);
+            }
+            sample.lost = Some(facts.lost);
+            sample.read_errors = Some(facts.read_errors);
+            let _ = std::fs::remove_file(&trace);
+        }
+    }
+    Ok(sample)
+}
+
+/// One attach measurement on a running process.
+#[derive(Debug, Clone, Copy)]
+struct AttachSample {
+    /// pftraced start to its "attached" line.
+    attached_s: f64,
+    /// pftraced start to the first call it recorded (wall clocks).
+    first_record_s: Option<f64>,
+    /// Tracers not ours running when the run began.
+    foreign_tracers: usize,
+}
+
+struct Attach {
+    samples: Vec<AttachSample>,
+    errors: Vec<String>,
+}
+
+fn measure_attach(ctx: &Ctx, runs: usize) -> Attach {
+    let mut a = Attach { samples: Vec::new(), errors: Vec::new() };
+    for run in 1..=runs {
+        let step = Step::new("bench", format!("attach run {run}/{runs}"));
+        match undisturbed(ctx, &step, || attach_once(ctx)) {
+            (Ok(mut s), foreign) => {
+                s.foreign_tracers = foreign.len();
+                step.done(format!(
+                    "attached line after {:.1} ms, first record after {}{}",
+                    s.attached_s * 1e3,
+                    s.first_record_s.map_or("-".into(), |f| format!("{:.1} ms", f * 1e3)),
+                    if foreign.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (DISTURBED: {})", foreign.join(", "))
+                    }
+                ));
+                a.samples.push(s);
+            }
+            (Err(err), _) => {
+                step.done(format!("FAILED: {err:#}"));
+                a.errors.push(format!("run {run}: {err:#}"));
+            }
+        }
+    }
+    a
+}
+
+fn wall_now_us() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1e6).unwrap_or(0.0)
+}
+
+fn attach_once(ctx: &Ctx) -> Result<AttachSample> {
+    let busy = Workload::start(&ctx.python, &ctx.busy_py, &[], START_TIMEOUT)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let config = write_config(ctx, &["tick".to_string()])?;
+    let trace = ctx.dir.join("trace-attach.json");
+    let mut args = daemon_args(&config, &[busy.pid], &trace, false);
+    // Keep every call of the short run: the earliest one is the answer.
+    *args.iter_mut().find(|a| *a == &STORE_CALLS.to_string()).expect("store flag") = "1000000".into();
+    let spawn_us = wall_now_us();
+    let mut d = Daemon::start(&ctx.pftraced, &args, &trace)?;
+    let attached = d.wait_attached(1, START_TIMEOUT)?;
+    std::thread::sleep(Duration::from_millis(300));
+    d.interrupt();
+    let (_, stderr) = d.finish(EXIT_TIMEOUT)?;
+    busy.kill();
+    let facts = procs::read_trace(&trace, &stderr, Some("tick"))?;
+    let _ = std::fs::remove_file(&trace);
+    Ok(AttachSample {
+        attached_s: attached.as_secs_f64(),
+        first_record_s: facts.first_ts_us.map(|ts| (ts - spawn_us) / 1e6),
+        foreign_tracers: 0,
+    })
+}
+
+fn attach_text(a: &Attach) -> String {
+    let med = |f: fn(&AttachSample) -> Option<f64>| median(a.samples.iter().filter_map(f).collect());
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} ms", v * 1e3));
+    let mut s = format!(
+        "\nattach latency (pftraced --pid on a running process, {} runs): start to \"attached\" line {} (median), \
+         start to first recorded call {} (median)",
+        a.samples.len(),
+        ms(med(|s| Some(s.attached_s))),
+        ms(med(|s| s.first_record_s)),
+    );
+    for e in &a.errors {
+        s += &format!("\n  FAILED {e}");
+    }
+    s
+}
+
+fn attach_json(a: &Attach) -> Value {
+    let med = |f: fn(&AttachSample) -> Option<f64>| median(a.samples.iter().filter_map(f).collect());
+    json!({
+        "runs": a.samples.len(),
+        "failed_runs": a.errors,
+        "attached_line_s_median": med(|s| Some(s.attached_s)).map(|v| round(v, 4)),
+        "first_record_s_median": med(|s| s.first_record_s).map(|v| round(v, 4)),
+        "samples": a.samples.iter().map(|s| json!({
+            "attached_line_s": round(s.attached_s, 4),
+            "first_record_s": s.first_record_s.map(|v| round(v, 4)),
+            "other_tracers_running": s.foreign_tracers,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One half of the soak (one daemon's life).
+#[derive(Debug, Clone)]
+struct SoakHalf {
+    seconds: f64,
+    /// VmRSS read every second, bytes.
+    rss: Vec<u64>,
+    peak_rss: u64,
+    cpu_s: f64,
+    delivered: u64,
+    lost: u64,
+    attach_s: f64,
+    /// Seconds in which tracers not ours were running.
+    disturbed_s: usize,
+}
+
+impl SoakHalf {
+    /// RSS growth from the first reading after warm-up (5 s, or the first) to the end.
+    fn growth(&self) -> i64 {
+        let warm = self.rss.get(5.min(self.rss.len().saturating_sub(1))).copied().unwrap_or(0);
+        self.rss.last().copied().unwrap_or(0) as i64 - warm as i64
+    }
+}
+
+struct Soak {
+    seconds: u64,
+    halves: Vec<SoakHalf>,
+    error: Option<String>,
+}
+
+fn run_soak(ctx: &Ctx, seconds: u64) -> Soak {
+    let step = Step::new("bench", format!("soak ({seconds} s, daemon restarted halfway)"));
+    let mut soak = Soak { seconds, halves: Vec::new(), error: None };
+    let result = (|| -> Result<()> {
+        let busy = Workload::start(&ctx.python, &ctx.busy_py, &[], START_TIMEOUT)?;
+        let config = write_config(ctx, &["f".to_string(), "tick".to_string()])?;
+        for half in 0..2 {
+            let trace = ctx.dir.join(format!("trace-soak-{half}.json"));
+            let args = daemon_args(&config, &[busy.pid], &trace, false);
+            let mut d = Daemon::start(&ctx.pftraced, &args, &trace)?;
+            let attach_s = d.wait_attached(1, START_TIMEOUT)?.as_secs_f64();
+            let t0 = Instant::now();
+            let mut rss = Vec::new();
+            let mut disturbed_s = 0;
+            let half_s = seconds as f64 / 2.0;
+            while t0.elapsed().as_secs_f64() < half_s {
+                std::thread::sleep(
+                    Duration::from_secs(1)
+                        .min(Duration::from_secs_f64((half_s - t0.elapsed().as_secs_f64()).max(0.01))),
+                );
+                rss.extend(procs::proc_rss(d.pid));
+                disturbed_s += usize::from(!foreign_tracers().is_empty());
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            d.interrupt();
+            let (reaped, stderr) = d.finish(EXIT_TIMEOUT)?;
+            let facts = procs::read_trace(&trace, &stderr, None)?;
+            let _ = std::fs::remove_file(&trace);
+            let h = SoakHalf {
+                seconds: secs,
+                rss,
+                peak_rss: reaped.maxrss,
+                cpu_s: reaped.cpu_s,
+                delivered: facts.calls_delivered,
+                lost: facts.lost,
+                attach_s,
+                disturbed_s,
+            };
+            step.say(format!(
+                "half {}: {} calls delivered, lost {}, RSS {:.1}..{:.1} MiB",
+                half + 1,
+                h.delivered,
+                h.lost,
+                mib(h.rss.iter().copied().min().unwrap_or(0)),
+                mib(h.rss.iter().copied().max().unwrap_or(0))
+            ));
+            soak.halves.push(h);
+        }
+        busy.kill();
+        Ok(())
+    })();
+    if let Err(err) = result {
+        step.done(format!("FAILED: {err:#}"));
+        soak.error = Some(format!("{err:#}"));
+    } else {
+        step.done("finished");
+    }
+    soak
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn soak_text(s: &Soak) -> String {
+    let mut out = format!(
+        "soak ({} s, bench/busy.py traced densely, daemon keeps {STORE_CALLS} calls in memory, restarted halfway):\n",
+        s.seconds
+    );
+    for (i, h) in s.halves.iter().enumerate() {
+        out += &format!(
+            "  daemon {}: {:.0} s, {} calls delivered ({:.2} M records/s), lost {}, CPU {:.1} s ({:.1}% of a core), \
+             RSS min {:.1} max {:.1} MiB, growth after warm-up {:+.2} MiB, peak {:.1} MiB, attach {:.0} ms\n",
+            i + 1,
+            h.seconds,
+            h.delivered,
+            2.0 * h.delivered as f64 / h.seconds / 1e6,
+            h.lost,
+            h.cpu_s,
+            100.0 * h.cpu_s / h.seconds,
+            mib(h.rss.iter().copied().min().unwrap_or(0)),
+            mib(h.rss.iter().copied().max().unwrap_or(0)),
+            h.growth() as f64 / (1024.0 * 1024.0),
+            mib(h.peak_rss),
+            h.attach_s * 1e3,
+        );
+        if h.disturbed_s > 0 {
+            out += &format!("    (other tracers were running during {} of its seconds)\n", h.disturbed_s);
+        }
+    }
+    if let Some(e) = &s.error {
+        out += &format!("  FAILED: {e}\n");
+    }
+    out
+}
+
+fn soak_json(s: &Soak) -> Value {
+    json!({
+        "seconds": s.seconds,
+        "error": s.error,
+        "daemons": s.halves.iter().map(|h| json!({
+            "seconds": round(h.seconds, 2),
+            "calls_delivered": h.delivered,
+            "records_per_s": (2.0 * h.delivered as f64 / h.seconds).round(),
+            "lost": h.lost,
+            "cpu_s": round(h.cpu_s, 3),
+            "rss_bytes_per_second": h.rss,
+            "rss_growth_after_warmup_bytes": h.growth(),
+            "peak_rss_bytes": h.peak_rss,
+            "attach_s": round(h.attach_s, 4),
+            "seconds_with_other_tracers_running": h.disturbed_s,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Cases that could not run or whose numbers make no sense. With --quick,
+/// every traced call must also have been delivered.
+fn sanity(ctx: &Ctx, rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<String> {
+    let mut p = Vec::new();
+    // The x1 rows of the processes group repeat the main rows.
+    for r in rows.iter().filter(|r| !r.id.ends_with("_x1")) {
+        for e in &r.errors {
+            p.push(format!("{}: {e}", r.id));
+        }
+        if r.samples.is_empty() {
+            if r.note.as_deref().is_none_or(|n| n.starts_with("FAILED")) && r.errors.is_empty() {
+                p.push(format!("{}: no runs", r.id));
+            }
+            continue;
+        }
+        for (i, s) in r.samples.iter().enumerate() {
+            let run = format!("{} run {}", r.id, i + 1);
+            let per_proc = ctx.total_calls();
+            if s.calls != per_proc * r.procs as u64 {
+                p.push(format!(
+                    "{run}: the workload made {} calls, not {}",
+                    s.calls,
+                    per_proc * r.procs as u64
+                ));
+            }
+            if !(s.wall_ns.is_finite() && s.wall_ns > 0.0 && s.cpu_ns.is_finite() && s.cpu_ns > 0.0) {
+                p.push(format!("{run}: no sensible ns/call ({} wall, {} cpu)", s.wall_ns, s.cpu_ns));
+            }
+            let is_pftraced = s.lost.is_some();
+            if is_pftraced && (s.tracer_cpu_s.is_none() || s.peak_rss.is_none_or(|b| b == 0)) {
+                p.push(format!("{run}: no CPU time or peak RSS for the daemon"));
+            }
+            if let (Some(d), Some(e)) = (s.delivered, s.expected) {
+                let lost = s.lost.unwrap_or(0) + s.read_errors.unwrap_or(0);
+                if d > e {
+                    p.push(format!("{run}: {d} calls delivered, more than the {e} made"));
+                } else if d < e && lost == 0 && is_pftraced {
+                    p.push(format!(
+                        "{run}: {d} of {e} calls delivered, the rest missing without being counted lost"
+                    ));
+                } else if d != e && ctx.quick {
+                    p.push(format!("{run}: {d} of {e} calls delivered (lost {lost})"));
+                }
+            }
+            if let Some(seen) = s.entry_seen
+                && seen < s.calls
+            {
+                p.push(format!(
+                    "{run}: the entry probe fired {seen} times for {} calls (probes not live for the whole loop)",
+                    s.calls
+                ));
+            }
+        }
+    }
+    for e in &attach.errors {
+        p.push(format!("attach: {e}"));
+    }
+    for (i, s) in attach.samples.iter().enumerate() {
+        if s.first_record_s.is_none() {
+            p.push(format!("attach run {}: no call recorded after attaching", i + 1));
+        }
+    }
+    if let Some(s) = soak {
+        if let Some(e) = &s.error {
+            p.push(format!("soak: {e}"));
+        }
+        for (i, h) in s.halves.iter().enumerate() {
+            if h.delivered == 0 || h.rss.is_empty() {
+                p.push(format!("soak daemon {}: no calls delivered or no RSS readings", i + 1));
+            }
+        }
+    }
+    p
+}
+
+fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
+    let get = |id: &str| row(rows, id);
+    let ratio_target = |what: &str, id: &str, limit: f64| {
+        let r = get(id).and_then(Row::ratio);
+        Target {
+            what: what.into(),
+            limit: format!("{limit:.2} x floor"),
+            value: r.map_or("not measured".into(), |v| format!("{v:.3} x floor")),
+            met: r.map(|v| v <= limit),
+        }
+    };
+    let mut t = vec![
+        ratio_target("sparse added cost", "sparse", 1.05),
+        ratio_target("sparse added cost, 1000 names", "sparse_1000_names", 1.05),
+    ];
+    let dense = get("dense");
+    let dense_ratio = dense.and_then(Row::ratio);
+    let dense_all = dense.and_then(Row::delivered).map(|(d, e)| d == e);
+    t.push(Target {
+        what: "dense added cost, every call delivered".into(),
+        limit: "1.30 x floor, delivered = expected".into(),
+        value: match (dense_ratio, dense.and_then(Row::delivered)) {
+            (Some(r), Some((d, e))) => format!("{r:.3} x floor, {d}/{e} delivered"),
+            _ => "not measured".into(),
+        },
+        met: dense_ratio.zip(dense_all).map(|(r, all)| r <= 1.30 && all),
+    });
+    for (what, id) in
+        [("lost records, dense, one process", "dense"), ("lost records, dense, 2 processes", "dense_x2")]
+    {
+        let lost = get(id).and_then(Row::lost);
+        t.push(Target {
+            what: what.into(),
+            limit: "0".into(),
+            value: lost.map_or("not measured".into(), |l| l.to_string()),
+            met: lost.map(|l| l == 0),
+        });
+    }
+    let rate = dense.and_then(Row::records_per_s);
+    let rate_note = rate.map_or(String::new(), |r| format!(" at {:.2} M records/s", r / 1e6));
+    let share = dense.and_then(Row::core_share);
+    t.push(Target {
+        what: "daemon CPU while receiving (dense)".into(),
+        limit: "0.25 of a core at 1 M records/s".into(),
+        value: share.map_or("not measured".into(), |s| format!("{s:.3} of a core{rate_note}")),
+        met: share.map(|s| s <= 0.25),
+    });
+    let rss = dense.and_then(Row::peak_rss);
+    t.push(Target {
+        what: "daemon peak RSS (dense)".into(),
+        limit: "64 MiB".into(),
+        value: rss.map_or("not measured".into(), |b| {
+            format!("{:.1} MiB{rate_note} ({STORE_CALLS} calls kept in memory)", mib(b))
+        }),
+        met: rss.map(|b| b <= 64 << 20),
+    });
+    let soak_growth = soak
+        .filter(|s| s.halves.len() == 2)
+        .map(|s| s.halves.iter().map(SoakHalf::growth).max().unwrap_or(0));
+    t.push(Target {
+        what: "memory flat over the soak (each daemon)".into(),
+        limit: "growth <= 1 MiB after warm-up, 600 s run".into(),
+        value: match (soak, soak_growth) {
+            (Some(s), Some(g)) => {
+                format!("{:+.2} MiB max growth over {} s", g as f64 / (1024.0 * 1024.0), s.seconds)
+            }
+            (Some(_), None) => "soak failed".into(),
+            (None, _) => "not run (--soak 600)".into(),
+        },
+        met: soak_growth.map(|g| g <= 1 << 20),
+    });
+    let first = median(attach.samples.iter().filter_map(|s| s.first_record_s).collect());
+    t.push(Target {
+        what: "attach latency (start to first recorded call)".into(),
+        limit: "200 ms".into(),
+        value: first.map_or("not measured".into(), |f| format!("{:.1} ms", f * 1e3)),
+        met: first.map(|f| f <= 0.2),
+    });
+    t
+}
+
+/// Tracers that are not ours (pftraced or bpftrace processes, e.g. another
+/// test run): their uprobes on the same interpreter slow every traced
+/// process down, so runs made while they exist are flagged.
+fn foreign_tracers() -> Vec<String> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };
+        let comm = comm.trim();
+        if pid != me && (comm == "pftraced" || comm == "bpftrace") {
+            found.push(format!("{comm} (pid {pid})"));
+        }
+    }
+    found
+}
+
+/// Fraction of all CPU time the whole machine spent busy over one second
+/// (from /proc/stat): other load disturbs every figure of the bench.
+fn background_busy() -> Option<f64> {
+    fn read() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> =
+            stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        // guest and guest_nice (8, 9) are already counted in user and nice.
+        let total: u64 = v.iter().take(8).sum();
+        Some((total, idle))
+    }
+    let (t0, i0) = read()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (t1, i1) = read()?;
+    let dt = t1.checked_sub(t0)?;
+    (dt > 0).then(|| 1.0 - (i1.saturating_sub(i0)) as f64 / dt as f64)
+}
+
+fn machine(ctx: &Ctx) -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).ok();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|m| m.trim().to_string())
+    });
+    let version = |cmd: &mut Command| util::output(cmd).ok().map(|s| s.trim().to_string());
+    json!({
+        "kernel": kernel,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "cpu_model": cpu,
+        "python": ctx.python.display().to_string(),
+        "python_version": version(Command::new(&ctx.python).arg("--version")),
+        "pftraced": ctx.pftraced.display().to_string(),
+        "bpftrace": ctx.bpftrace.as_ref().and_then(|b| version(Command::new(b).arg("--version"))),
+    })
+}
