@@ -773,6 +773,85 @@ fn launch_mode_subprocess_python_child_is_traced() {
     assert!(trace.process_pids().contains(&child));
 }
 
+/// A traced program that runs non-Python commands: each forked child is
+/// being attached when it execs something else, and pftraced still ends
+/// with the program (an attachment dropped this way once stayed "pending"
+/// for ever, and pftraced never exited).
+#[test]
+fn launch_mode_ends_with_the_command_after_it_ran_non_python_children() {
+    let _serial = serial();
+    let dir = TestDir::new("fault-nonpy-children");
+    let script = dir.script(
+        "runs_true.py",
+        r#"
+        import subprocess
+
+        def foo():
+            pass
+
+        for _ in range(20):
+            subprocess.run(["/bin/true"], check=True)
+            foo()
+        print("done", flush=True)
+        "#,
+    );
+    let run = Pftraced::new(&dir, &["foo"]).launch(&[python().as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    assert_eq!(run.stdout, "done\n");
+    assert!(run.elapsed < Duration::from_secs(10), "pftraced took {:?} to end with its command", run.elapsed);
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(per_pid(&trace, "foo"), BTreeMap::from([(run.attached_pid(), 20)]));
+}
+
+/// With a cgroup as well as a command, pftraced runs on after the command;
+/// SIGTERM goes to the command while it runs, and stops pftraced once it
+/// has exited (it was passed on to the dead command and ignored, so only
+/// SIGKILL or two Ctrl-C could stop it).
+#[test]
+fn launch_mode_with_a_cgroup_passes_sigterm_to_the_command_then_stops() {
+    let _serial = serial();
+    let dir = TestDir::new("fault-sigterm");
+    let cg = Cgroup::new("sigterm");
+    let script = dir.script(
+        "waits.py",
+        r#"
+        import time
+
+        def foo():
+            pass
+
+        foo()
+        time.sleep(60)
+        "#,
+    );
+    let socket = dir.join("pftraced.sock");
+    let tracer = Pftraced::new(&dir, &["foo"])
+        .arg("--cgroup")
+        .arg(&cg.0)
+        .arg("--socket")
+        .arg(&socket)
+        .launch(&[python().as_os_str(), script.as_os_str()])
+        .spawn();
+    let daemon = tracer.pid();
+    let st = wait_status(&socket, daemon, "the command's call", |s| s["calls_total"] == 1);
+    let pid = st["processes"][0]["pid"].as_u64().unwrap() as u32;
+    kill(daemon, libc::SIGTERM);
+    wait_status(&socket, daemon, "the command to exit", |s| {
+        process_entry(s, pid).is_some_and(|p| p["running"] == false)
+    });
+    assert!(!exited(daemon), "pftraced stopped at the first SIGTERM although its command was running");
+    let t = Instant::now();
+    kill(daemon, libc::SIGTERM);
+    let run = tracer.finish();
+    let took = t.elapsed();
+    // The command's own status: killed by SIGTERM.
+    run.assert_code(128 + libc::SIGTERM);
+    assert!(took < Duration::from_secs(5), "pftraced took {took:?} to stop after the second SIGTERM");
+    assert!(run.stderr.lines().any(|l| l == "pftraced: terminated, stopping"), "{}", run.stderr);
+    assert_eq!(run.trace().named("foo").len(), 1);
+}
+
 /// A cgroup v2 directory of one test; on drop its processes are killed and it is removed.
 struct Cgroup(PathBuf);
 

@@ -222,7 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         interrupts += 1;
                         // Ctrl-C also reaches a launched command (same terminal): keep
                         // tracing until it exits, unless pressed twice.
-                        if child_pid.is_some() && interrupts < 2 {
+                        if child_pid.is_some_and(still_running) && interrupts < 2 {
                             eprintln!("pftraced: waiting for the command to exit (Ctrl-C again to stop tracing)");
                             continue;
                         }
@@ -230,7 +230,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         break;
                     }
                     _ = term.recv() => {
-                        if let Some(pid) = child_pid {
+                        // Passed on to a launched command that still runs (it ends
+                        // tracing by exiting); once it has exited, this stops us.
+                        if let Some(pid) = child_pid.filter(|&pid| still_running(pid)) {
                             // SAFETY: signalling our own child.
                             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
                             continue;
@@ -263,6 +265,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (Some(_), None) => ExitCode::from(130),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// Whether our launched command has not exited yet (it is reaped only
+/// after tracing ends, so its pid cannot have been reused).
+fn still_running(pid: u32) -> bool {
+    // SAFETY: an all-zero siginfo_t is valid; waitid only fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // WNOWAIT: look without reaping; WNOHANG: si_pid stays 0 while it runs.
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: waitid on our own child, with a valid siginfo_t to fill.
+    let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+    // SAFETY: si_pid is valid to read for the CLD_* codes waitid reports (0 if none).
+    rc == 0 && unsafe { info.si_pid() } == 0
 }
 
 fn announce(names: &[String], target: &Target) {

@@ -216,42 +216,17 @@ impl KernelProbes {
     /// Loads and attaches the sched_process_fork tracepoint that reports new
     /// processes forked by tracked ones ([`Self::track`]). Lives as long as this object.
     pub fn attach_fork_watch(&mut self) -> Result<(), BpfError> {
-        let name = "pftrace_fork";
-        let prog: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name, source })?;
-        prog.load().map_err(|source| BpfError::Program { name, source })?;
-        prog.attach("sched_process_fork").map_err(|source| BpfError::Program { name, source })?;
-        Ok(())
-    }
-
-    /// Reports forks of process `pid` from now on.
-    pub fn track(&mut self, pid: u32) -> Result<(), BpfError> {
-        let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
-        let mut tracked: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })?;
-        tracked.insert(pid, 1, 0).map_err(|source| BpfError::Map { name: "TRACKED", source })
-    }
-
-    /// Stops reporting forks of `pid` (no error if it was not tracked).
-    pub fn untrack(&mut self, pid: u32) -> Result<(), BpfError> {
-        let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
-        let mut tracked: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })?;
-        match tracked.remove(&pid) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { name: "TRACKED", source }),
-        }
+        self.attach_raw_tracepoint("pftrace_fork", "sched_process_fork")
     }
 
     /// Loads and attaches the sched_process_exec tracepoint that reports new
     /// processes in scope; what it reports is set with `config::EXEC_MODE`.
     /// The attachment lives as long as this object.
     pub fn attach_exec_watch(&mut self) -> Result<(), BpfError> {
-        let name = "pftrace_exec";
+        self.attach_raw_tracepoint("pftrace_exec", "sched_process_exec")
+    }
+
+    fn attach_raw_tracepoint(&mut self, name: &'static str, tracepoint: &str) -> Result<(), BpfError> {
         let prog: &mut RawTracePoint = self
             .ebpf
             .program_mut(name)
@@ -259,8 +234,26 @@ impl KernelProbes {
             .try_into()
             .map_err(|source| BpfError::Program { name, source })?;
         prog.load().map_err(|source| BpfError::Program { name, source })?;
-        prog.attach("sched_process_exec").map_err(|source| BpfError::Program { name, source })?;
+        prog.attach(tracepoint).map_err(|source| BpfError::Program { name, source })?;
         Ok(())
+    }
+
+    /// Reports forks of process `pid` from now on.
+    pub fn track(&mut self, pid: u32) -> Result<(), BpfError> {
+        self.tracked_map()?.insert(pid, 1, 0).map_err(|source| BpfError::Map { name: "TRACKED", source })
+    }
+
+    /// Stops reporting forks of `pid` (no error if it was not tracked).
+    pub fn untrack(&mut self, pid: u32) -> Result<(), BpfError> {
+        match self.tracked_map()?.remove(&pid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map { name: "TRACKED", source }),
+        }
+    }
+
+    fn tracked_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, BpfError> {
+        let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
+        BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })
     }
 
     /// Attaches the entry or return program at one probe site of `binary`,

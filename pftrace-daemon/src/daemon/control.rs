@@ -8,7 +8,6 @@ use crate::{
     control::server::Handled,
     output,
     protocol::{CallFilter, Command, DumpHeader, NamesReply, Status},
-    trace::Trace,
 };
 
 impl Daemon {
@@ -70,26 +69,9 @@ impl Daemon {
             Err(err) => return Handled::Error(err.to_string()),
         };
         let calls = self.store.select(filter, &self.clock);
-        let mut processes: Vec<_> = self.processes.traced().cloned().collect();
-        processes.sort_by_key(|p| p.pid);
         let n = calls.len() as u64;
-        let trace = Trace {
-            names: self.filter.texts(),
-            processes,
-            samples: self.sampler.samples(filter.pid),
-            calls,
-            unmatched_returns: self.pairer.unmatched_returns().to_vec(),
-            skipped_entries: self.pairer.skipped_entries,
-            counters: self.counters(),
-            bad_records: self.bad_records,
-            filtered_in_user_space: self.filter.dropped,
-            calls_total: self.store.total,
-            calls_evicted: self.store.evicted,
-            clock: self.clock,
-            start_ns: self.start_ns,
-            end_ns: crate::clock::WallClock::monotonic_now_ns(),
-            hostname: super::hostname(),
-        };
+        let trace =
+            self.trace_of(calls, filter.pid, crate::clock::WallClock::monotonic_now_ns(), self.counters());
         let mut bytes = Vec::new();
         if let Err(err) = writer.write(&trace, &mut bytes) {
             return Handled::Error(format!("rendering the trace: {err}"));

@@ -138,6 +138,9 @@ struct Pending {
     ticket: u64,
     /// The process exec'd meanwhile: what it runs now, checked when the attachment completes.
     recheck: Option<Target>,
+    /// It exec'd something that is not a traceable Python meanwhile (or is
+    /// gone): the attachment is dropped when it lands.
+    cancelled: bool,
 }
 
 /// The outcome of an attachment made off the event loop.
@@ -289,8 +292,10 @@ impl Daemon {
                     self.end_process(pid, WallClock::monotonic_now_ns());
                 }
                 if let Some(p) = self.pending.get_mut(&pid) {
+                    // Drop the attachment in flight when it lands (it must
+                    // still land: until then the pid counts as pending).
                     p.recheck = None;
-                    p.ticket = 0; // drop the attachment in flight when it lands
+                    p.cancelled = true;
                 }
                 if Processes::worth_reporting(&err) {
                     log::warn!("{}", crate::events::printable(&err.to_string()));
@@ -302,6 +307,7 @@ impl Daemon {
         if let Some(p) = self.pending.get_mut(&pid) {
             // Decided when the attachment in flight lands (it may already fit).
             p.recheck = Some(target);
+            p.cancelled = false;
             return;
         }
         if let Some(file) = self.processes.file_of(pid) {
@@ -347,7 +353,7 @@ impl Daemon {
         };
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        self.pending.insert(pid, Pending { ticket, recheck: None });
+        self.pending.insert(pid, Pending { ticket, recheck: None, cancelled: false });
         let tx = self.attached.0.clone();
         tokio::task::spawn_blocking(move || {
             let result = processes::run_jobs(&jobs, &target);
@@ -359,13 +365,20 @@ impl Daemon {
     fn attached(&mut self, done: Attached) {
         let pid = done.target.pid;
         if self.pending.get(&pid).is_none_or(|p| p.ticket != done.ticket) {
-            // Superseded (the process exited or exec'd something else).
+            // Not the attachment in flight for this pid (defensive: there is one at a time).
             if let Ok(links) = done.result {
                 self.retire(links);
             }
             return;
         }
         let pending = self.pending.remove(&pid).expect("checked");
+        if pending.cancelled {
+            // The process exec'd something else, or exited, while we attached.
+            if let Ok(links) = done.result {
+                self.retire(links);
+            }
+            return;
+        }
         let mut target = done.target;
         if let Some(now) = pending.recheck {
             if processes::file_id(&now) != processes::file_id(&target) {
@@ -616,14 +629,19 @@ impl Daemon {
         }
         let mut calls: Vec<Call> = self.store.all().cloned().collect();
         calls.sort_by_key(|c| (c.start_ns, c.depth));
-        let processes: HashMap<u32, _> = self.processes.infos();
-        let mut processes: Vec<_> = processes.into_values().collect();
+        self.trace_of(calls, None, end_ns, counters)
+    }
+
+    /// A trace of `calls` (and of the samples of `pid`, or all) with the
+    /// daemon's metadata and counters.
+    fn trace_of(&self, calls: Vec<Call>, pid: Option<u32>, end_ns: u64, counters: Counters) -> Trace {
+        let mut processes: Vec<_> = self.processes.traced().cloned().collect();
         processes.sort_by_key(|p| p.pid);
         Trace {
             names: self.filter.texts(),
             processes,
             calls,
-            samples: self.sampler.samples(None),
+            samples: self.sampler.samples(pid),
             unmatched_returns: self.pairer.unmatched_returns().to_vec(),
             skipped_entries: self.pairer.skipped_entries,
             counters,
