@@ -8,7 +8,7 @@
 //! event, and a new file is tried after a pause.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fs::{self, File, OpenOptions},
     io::{self, Write as _},
     os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
@@ -132,15 +132,15 @@ impl RollingOutput {
     }
 
     /// Appends calls. Never fails: see the module doc.
-    pub fn write_calls(
+    pub fn write_calls<'p>(
         &mut self,
         calls: &[Call],
         clock: &WallClock,
-        processes: &HashMap<u32, TracedProcess>,
+        process: impl Fn(u32) -> Option<&'p TracedProcess>,
     ) {
         for call in calls {
             let event = serde_json::to_vec(&call_event(call, clock)).unwrap_or_default();
-            let name_event = || serde_json::to_vec(&process_name_event(call.pid, processes.get(&call.pid)));
+            let name_event = || serde_json::to_vec(&process_name_event(call.pid, process(call.pid)));
             // The name event goes before the process's first call in each file.
             let name = match &self.current {
                 Some(file) if file.pids.contains(&call.pid) => None,
@@ -352,7 +352,7 @@ fn utc_stamp(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{path::Path, process::Command, sync::Arc};
+    use std::{collections::HashMap, path::Path, process::Command, sync::Arc};
 
     use serde_json::Value;
 
@@ -392,6 +392,8 @@ mod tests {
             })
             .collect()
     }
+
+    static PROCESSES: std::sync::LazyLock<HashMap<u32, TracedProcess>> = std::sync::LazyLock::new(processes);
 
     fn processes() -> HashMap<u32, TracedProcess> {
         let p = TracedProcess { pid: 100, binary: "/usr/bin/python3.9".into(), ..Default::default() };
@@ -443,7 +445,7 @@ mod tests {
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 4096, 3600), "build host/1").unwrap();
         for chunk in calls(0, 500).chunks(37) {
-            out.write_calls(chunk, &clock, &processes());
+            out.write_calls(chunk, &clock, |pid| PROCESSES.get(&pid));
         }
         out.flush();
         // What is on disk now is already a readable trace (as after a crash).
@@ -482,9 +484,9 @@ mod tests {
         let dir = temp("age");
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 1), "h").unwrap();
-        out.write_calls(&calls(0, 10), &clock, &processes());
+        out.write_calls(&calls(0, 10), &clock, |pid| PROCESSES.get(&pid));
         std::thread::sleep(Duration::from_millis(1100));
-        out.write_calls(&calls(10, 10), &clock, &processes());
+        out.write_calls(&calls(10, 10), &clock, |pid| PROCESSES.get(&pid));
         std::thread::sleep(Duration::from_millis(1100));
         out.flush(); // an idle file past its age is closed without waiting for calls
         assert_eq!(out.status().current_file, None);
@@ -511,7 +513,7 @@ mod tests {
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 3600), "h").unwrap();
         out.retry_interval = Duration::from_millis(50);
-        out.write_calls(&calls(0, 10), &clock, &processes());
+        out.write_calls(&calls(0, 10), &clock, |pid| PROCESSES.get(&pid));
         out.flush();
         // The directory is removed and a file takes its place.
         fs::remove_dir_all(&dir).unwrap();
@@ -526,17 +528,17 @@ mod tests {
                 .unwrap()
                 .ends_with("was deleted while being written; starting a new file")
         );
-        out.write_calls(&calls(10, 10), &clock, &processes());
+        out.write_calls(&calls(10, 10), &clock, |pid| PROCESSES.get(&pid));
         let status = out.status();
         assert_eq!((status.write_errors, status.calls_not_written), (2, 10));
         assert!(status.last_error.unwrap().starts_with("cannot create output directory"));
         // Within the retry pause nothing is attempted, only counted.
-        out.write_calls(&calls(20, 5), &clock, &processes());
+        out.write_calls(&calls(20, 5), &clock, |pid| PROCESSES.get(&pid));
         assert_eq!((out.status().write_errors, out.status().calls_not_written), (2, 15));
 
         fs::remove_file(&dir).unwrap();
         std::thread::sleep(Duration::from_millis(60));
-        out.write_calls(&calls(30, 10), &clock, &processes());
+        out.write_calls(&calls(30, 10), &clock, |pid| PROCESSES.get(&pid));
         out.close();
         assert_eq!(call_lines(&files(&dir)), (30..40).collect::<Vec<_>>());
         assert_eq!(out.status().calls_written, 20);
@@ -569,7 +571,7 @@ mod tests {
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 3600), "h").unwrap();
         out.retry_interval = Duration::from_millis(5);
         for chunk in calls(0, 2000).chunks(100) {
-            out.write_calls(chunk, &clock, &processes());
+            out.write_calls(chunk, &clock, |pid| PROCESSES.get(&pid));
             out.flush();
             std::thread::sleep(Duration::from_millis(6));
         }
@@ -588,7 +590,7 @@ mod tests {
             fs::remove_file(path).unwrap();
         }
         std::thread::sleep(Duration::from_millis(6));
-        out.write_calls(&calls(5000, 10), &clock, &processes());
+        out.write_calls(&calls(5000, 10), &clock, |pid| PROCESSES.get(&pid));
         out.close();
         assert_eq!(call_lines(&files(&dir)), (5000..5010).collect::<Vec<_>>());
         assert_eq!(out.status().calls_written, status.calls_written + 10);

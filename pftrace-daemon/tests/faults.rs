@@ -25,6 +25,7 @@
 //! behind to slow the next one.
 
 mod common;
+mod service_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,7 +38,7 @@ use std::{
         process::ExitStatusExt as _,
     },
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -45,9 +46,9 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use service_support::{ctl, ctl_ok, exited, status, text, wait_status_within};
 
 /// The pftracectl binary under test.
-const PFTRACECTL: &str = env!("CARGO_BIN_EXE_pftracectl");
 /// Where this host mounts cgroup v2.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 /// How long to wait for the daemon to reach a state.
@@ -109,66 +110,9 @@ fn call(w: &mut PyProcess, name: &str, n: u64) {
 // ---------------------------------------------------------------------------
 // pftracectl
 
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(PFTRACECTL)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {PFTRACECTL}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ctl_ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    assert!(
-        out.status.success(),
-        "pftracectl {args:?} failed ({}):\nstderr: {}\nstdout: {}",
-        out.status,
-        text(&out.stderr),
-        text(&out.stdout)
-    );
-    text(&out.stdout)
-}
-
-fn status(socket: &Path) -> Value {
-    let out = ctl_ok(socket, &["status", "--json"]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
-}
-
-/// Whether `pid` has exited (gone, or a zombie).
-fn exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
 /// Polls `status --json` every 20 ms until `check` holds; panics after [`WAIT`].
 fn wait_status(socket: &Path, daemon: u32, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(!exited(daemon), "pftraced (pid {daemon}) exited while waiting for {what}");
-        let out = ctl(socket, &["status", "--json"]);
-        let last = if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
-            if check(&v) {
-                return v;
-            }
-            serde_json::to_string_pretty(&v).unwrap()
-        } else {
-            text(&out.stderr)
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}; last status:\n{last}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_status_within(socket, daemon, what, WAIT, check)
 }
 
 fn process_entry(status: &Value, pid: u32) -> Option<&Value> {

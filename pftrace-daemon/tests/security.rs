@@ -24,6 +24,7 @@
 //! cuts a long path inside a character, which is what (b) uses.
 
 mod common;
+mod service_support;
 
 use std::{
     fs,
@@ -35,73 +36,27 @@ use std::{
         process::CommandExt as _,
     },
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::Value;
+use service_support::{PFTRACECTL, ctl_checked, exited, text, wait_status_within};
 
-/// The pftracectl binary under test.
-const PFTRACECTL: &str = env!("CARGO_BIN_EXE_pftracectl");
 /// How long to wait for the daemon to reach a state.
 const WAIT: Duration = Duration::from_secs(20);
 /// The bytes the kernel copies of a file name (pftrace_common::FILE_LEN - 1).
 const FILE_BYTES: usize = pftrace_common::FILE_LEN - 1;
 
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(PFTRACECTL)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {PFTRACECTL}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ctl_ok(socket: &Path, args: &[&str]) -> Output {
-    let out = ctl(socket, args);
-    assert!(
-        out.status.success(),
-        "pftracectl {args:?} failed ({}):\nstderr: {}\nstdout: {}",
-        out.status,
-        text(&out.stderr),
-        text(&out.stdout)
-    );
-    out
-}
-
-fn exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
 /// Polls `status --json` until `check` holds; panics after [`WAIT`].
 fn wait_status(socket: &Path, daemon: u32, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(!exited(daemon), "pftraced (pid {daemon}) exited while waiting for {what}");
-        let out = ctl(socket, &["status", "--json"]);
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
-            if check(&v) {
-                return v;
-            }
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {}", text(&out.stderr));
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_status_within(socket, daemon, what, WAIT, check)
 }
 
 fn stop(socket: &Path, tracer: RunningTracer) -> TracedRun {
-    ctl_ok(socket, &["stop"]);
+    ctl_checked(socket, &["stop"]);
     let run = tracer.finish();
     run.assert_code(0);
     run
@@ -284,20 +239,20 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
     }
 
     // pftracectl, while tracing: status, stats and dump.
-    let status = ctl_ok(&socket, &["status"]);
+    let status = ctl_checked(&socket, &["status"]);
     assert_no_controls("pftracectl status", &status.stdout);
     let status_text = text(&status.stdout);
     assert!(
         status_text.contains(&want_main_file),
         "status does not show the command escaped:\n{status_text}"
     );
-    let stats = ctl_ok(&socket, &["stats"]);
+    let stats = ctl_checked(&socket, &["stats"]);
     assert_no_controls("pftracectl stats", &stats.stdout);
     let stats_text = text(&stats.stdout);
     assert!(stats_text.contains(&want_main_file), "{stats_text}");
     assert!(stats_text.contains(&want_module_file), "{stats_text}");
     for format in ["chrome", "records", "pfw"] {
-        let dump = ctl_ok(&socket, &["dump", "--format", format]);
+        let dump = ctl_checked(&socket, &["dump", "--format", format]);
         assert_no_controls(&format!("pftracectl dump --format {format}"), &dump.stdout);
         assert_no_controls("pftracectl dump's message", &dump.stderr);
         if format != "pfw" {
@@ -305,7 +260,7 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
                 .unwrap_or_else(|e| panic!("dump --format {format} is not JSON: {e}"));
         }
     }
-    let st = ctl_ok(&socket, &["status", "--json"]);
+    let st = ctl_checked(&socket, &["status", "--json"]);
     let st: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert!(st["processes"][0]["command"].as_str().unwrap().ends_with(&want_main_file), "{st}");
 
@@ -396,7 +351,7 @@ fn an_interpreter_under_a_path_with_an_escape_sequence_is_shown_escaped() {
     assert_eq!(st["binaries"][0]["path"], want.as_str(), "{st}");
     assert_eq!(st["processes"][0]["binary"], want.as_str(), "{st}");
     assert!(st["processes"][0]["command"].as_str().unwrap().starts_with(&want), "{st}");
-    let status = ctl_ok(&socket, &["status"]);
+    let status = ctl_checked(&socket, &["status"]);
     assert_no_controls("pftracectl status", &status.stdout);
     assert!(
         text(&status.stdout).contains(&format!("  {want}  CPython 3.9  1 processes")),
@@ -703,7 +658,7 @@ fn dump_streams_over_the_socket_and_cannot_make_the_daemon_write_a_file() {
         assert!(err.contains(&format!("unknown field `{field}`")), "{line} -> {err}");
     }
     // PerfFlowAspect's log-dir option is ignored by dump: the bytes stream back.
-    let out = ctl_ok(
+    let out = ctl_checked(
         &socket,
         &["dump", "--format", "pfw", "--pfw-options", &format!("log-dir={}", elsewhere.display())],
     );

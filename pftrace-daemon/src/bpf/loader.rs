@@ -353,16 +353,7 @@ impl KernelProbes {
 
 /// The LPM trie key for a glob prefix: its bytes, matched on their length only.
 fn prefix_key(prefix: &str) -> Result<Key<[u8; NAME_LEN]>, BpfError> {
-    if prefix.len() > crate::names::MAX_NAME {
-        return Err(BpfError::NameTooLong {
-            name: prefix.into(),
-            len: prefix.len(),
-            max: crate::names::MAX_NAME,
-        });
-    }
-    let mut data = [0u8; NAME_LEN];
-    data[..prefix.len()].copy_from_slice(prefix.as_bytes());
-    Ok(Key::new((prefix.len() * 8) as u32, data))
+    Ok(Key::new((prefix.len() * 8) as u32, padded(prefix)?))
 }
 
 /// The kernel map key for a name: its bytes, NUL-padded to NAME_LEN. The
@@ -371,14 +362,19 @@ pub fn name_key(name: &str) -> Result<[u8; NAME_LEN], BpfError> {
     if name.is_empty() {
         return Err(BpfError::EmptyName);
     }
-    if name.len() > crate::names::MAX_NAME {
+    padded(name)
+}
+
+/// `text` NUL-padded to NAME_LEN, refused beyond the longest name the kernel compares.
+fn padded(text: &str) -> Result<[u8; NAME_LEN], BpfError> {
+    if text.len() > crate::names::MAX_NAME {
         return Err(BpfError::NameTooLong {
-            name: name.into(),
-            len: name.len(),
+            name: text.into(),
+            len: text.len(),
             max: crate::names::MAX_NAME,
         });
     }
     let mut key = [0u8; NAME_LEN];
-    key[..name.len()].copy_from_slice(name.as_bytes());
+    key[..text.len()].copy_from_slice(text.as_bytes());
     Ok(key)
 }

@@ -35,6 +35,8 @@ pub struct NameFilter {
     pub dropped: u64,
     /// Bumped on every change so the kernel's verdict cache forgets old answers.
     generation: u32,
+    /// Some traced name has a path qualifier or a glob: records need a check here.
+    needs_user_check: bool,
 }
 
 impl NameFilter {
@@ -101,6 +103,7 @@ impl NameFilter {
     fn changed(&mut self, probes: &mut KernelProbes) -> Result<(), FilterError> {
         probes.set_config(config::HAS_PREFIXES, u32::from(!self.prefix_refs.is_empty()))?;
         self.generation = self.generation.wrapping_add(1);
+        self.needs_user_check = !self.specs.iter().all(NameSpec::decided_in_kernel);
         probes.set_config(config::GENERATION, self.generation)?;
         self.cache.clear();
         Ok(())
@@ -108,7 +111,7 @@ impl NameFilter {
 
     /// Whether a record the kernel passed is one of the traced names.
     pub fn keep(&mut self, function: &Arc<str>, file: &Arc<str>) -> bool {
-        if self.specs.iter().all(NameSpec::decided_in_kernel) {
+        if !self.needs_user_check {
             return true;
         }
         let key = (Arc::as_ptr(function) as *const u8 as usize, Arc::as_ptr(file) as *const u8 as usize);

@@ -576,7 +576,7 @@ impl Daemon {
             return;
         }
         if let Some(r) = &mut self.rolling {
-            r.write_calls(&calls, &self.clock, &self.processes.infos());
+            r.write_calls(&calls, &self.clock, |pid| self.processes.info(pid));
         }
         for call in calls {
             self.processes.count_call(call.pid);

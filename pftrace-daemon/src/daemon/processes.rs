@@ -242,8 +242,9 @@ impl Processes {
         self.procs.values().map(|p| &p.info)
     }
 
-    pub fn infos(&self) -> HashMap<u32, TracedProcess> {
-        self.procs.iter().map(|(pid, p)| (*pid, p.info.clone())).collect()
+    /// What is known of process `pid`.
+    pub fn info(&self, pid: u32) -> Option<&TracedProcess> {
+        self.procs.get(&pid).map(|p| &p.info)
     }
 
     pub fn process_status(&self) -> Vec<ProcessStatus> {

@@ -377,8 +377,8 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Runs pftracectl and returns its stdout; panics with its stderr if it fails.
-pub fn ctl_ok(socket: &Path, args: &[&str]) -> String {
+/// Runs pftracectl and returns its output; panics with its stderr if it fails.
+pub fn ctl_checked(socket: &Path, args: &[&str]) -> Output {
     let out = ctl(socket, args);
     assert!(
         out.status.success(),
@@ -387,7 +387,12 @@ pub fn ctl_ok(socket: &Path, args: &[&str]) -> String {
         text(&out.stderr),
         text(&out.stdout)
     );
-    text(&out.stdout)
+    out
+}
+
+/// Runs pftracectl and returns its stdout; panics with its stderr if it fails.
+pub fn ctl_ok(socket: &Path, args: &[&str]) -> String {
+    text(&ctl_checked(socket, args).stdout)
 }
 
 /// `pftracectl status --json`, parsed.
@@ -407,7 +412,18 @@ pub fn exited(pid: u32) -> bool {
 /// Polls `check` on `status --json` every 20 ms until it returns true;
 /// panics after [`WAIT`] (or when the daemon exits) describing `what`.
 pub fn wait_status(socket: &Path, daemon_pid: u32, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
+    wait_status_within(socket, daemon_pid, what, WAIT, check)
+}
+
+/// [`wait_status`] with another time limit.
+pub fn wait_status_within(
+    socket: &Path,
+    daemon_pid: u32,
+    what: &str,
+    limit: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
     loop {
         assert!(!exited(daemon_pid), "pftraced (pid {daemon_pid}) exited while waiting for {what}");
         let out = ctl(socket, &["status", "--json"]);
@@ -423,7 +439,7 @@ pub fn wait_status(socket: &Path, daemon_pid: u32, what: &str, check: impl Fn(&V
         };
         assert!(
             Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}; last status:\n{last}"
+            "timed out after {limit:?} waiting for {what}; last status:\n{last}"
         );
         thread::sleep(Duration::from_millis(20));
     }
