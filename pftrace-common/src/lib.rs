@@ -27,7 +27,16 @@ pub mod kind {
     /// A [`ProcEvent`](super::ProcEvent): a traced process forked a new
     /// process (`pid` is the child, `parent` the traced process).
     pub const FORK: u8 = 4;
+    /// A [`ProcEvent`](super::ProcEvent): a tracked process exited (its main
+    /// thread did). In ring order, so a later process reusing the pid is
+    /// told apart from it.
+    pub const EXIT: u8 = 5;
 }
+
+/// Attach-cookie bit marking a `function__return` site. The cookie's low 32
+/// bits are the site's spec id; `pftrace_usdt` (one program for both probes,
+/// attached with one uprobe_multi link per process) reads the kind from here.
+pub const COOKIE_RETURN: u64 = 1 << 32;
 
 /// Byte offset of the `kind` field, the same in every record type.
 pub const KIND_OFFSET: usize = 20;
@@ -50,8 +59,13 @@ pub mod config {
     /// Bumped by user space whenever the traced names change: the kernel's
     /// per-pointer verdict cache ignores entries of older generations.
     pub const GENERATION: u32 = 3;
+    /// Non-zero when probes are attached host-wide to a binary but only
+    /// processes in TRACKED are traced (`--binary` with pid or cgroup
+    /// scopes): probe hits of other processes are dropped first thing, and
+    /// processes entering a watched cgroup by exec are added to TRACKED.
+    pub const SCOPE_FILTER: u32 = 4;
     /// Number of config entries.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 
     pub const EXEC_OFF: u32 = 0;
     pub const EXEC_ALL: u32 = 1;
@@ -188,8 +202,12 @@ pub mod counter {
     pub const FORKS: u32 = 9;
     /// Fork reports dropped because the ring buffer was full.
     pub const FORK_LOST: u32 = 10;
+    /// Probe hits of processes outside the scope (host-wide `--binary` probes).
+    pub const OUT_OF_SCOPE: u32 = 11;
+    /// Exit reports dropped because the ring buffer was full.
+    pub const EXIT_LOST: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 }
 
 #[cfg(feature = "user")]

@@ -52,6 +52,8 @@ pub struct TargetsConfig {
     pub cgroups: Vec<PathBuf>,
     /// Every probe-enabled Python on the host.
     pub all: bool,
+    /// Interpreter files attached host-wide up front (`--binary`).
+    pub binaries: Vec<PathBuf>,
 }
 
 /// The control socket.

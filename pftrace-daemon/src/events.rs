@@ -47,12 +47,20 @@ pub struct ForkEvent {
     pub parent: u32,
 }
 
+/// A tracked process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+}
+
 /// Any ring-buffer record.
 #[derive(Debug, Clone)]
 pub enum Record {
     Call(Event),
     Exec(ExecEvent),
     Fork(ForkEvent),
+    Exit(ExitEvent),
 }
 
 /// Errors decoding a ring-buffer record.
@@ -106,17 +114,21 @@ impl Decoder {
     /// Decodes any record, by the kind byte every record has at KIND_OFFSET.
     pub fn decode_record(&mut self, bytes: &[u8]) -> Result<Record, DecodeError> {
         match bytes.get(KIND_OFFSET) {
-            Some(&k @ (kind::EXEC | kind::FORK)) => {
+            Some(&k @ (kind::EXEC | kind::FORK | kind::EXIT)) => {
                 let want = size_of::<ProcEvent>();
                 if bytes.len() < want {
                     return Err(DecodeError::Size { got: bytes.len(), want });
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                Ok(if k == kind::EXEC {
-                    Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id })
-                } else {
-                    Record::Fork(ForkEvent { ts_ns: raw.ts_ns, pid: raw.pid, parent: raw.parent })
+                Ok(match k {
+                    kind::EXEC => {
+                        Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id })
+                    }
+                    kind::FORK => {
+                        Record::Fork(ForkEvent { ts_ns: raw.ts_ns, pid: raw.pid, parent: raw.parent })
+                    }
+                    _ => Record::Exit(ExitEvent { ts_ns: raw.ts_ns, pid: raw.pid }),
                 })
             }
             _ => self.decode(bytes).map(Record::Call),

@@ -44,6 +44,10 @@ pub struct Target {
     /// (device, inode) of the ELF, taken when the process was inspected
     /// (later the process may be gone, and `open_path` with it).
     pub file: (u64, u64),
+    /// When the process started (clock ticks after boot, /proc/PID/stat;
+    /// 0 if unknown). Unchanged by exec: a different value under the same
+    /// pid is another process that reused it.
+    pub started: u64,
 }
 
 /// Why a process cannot be traced.
@@ -152,7 +156,18 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
-        return Ok(Target { pid, binary: binary.clone(), open_path, version, entry, ret, command, file });
+        let started = start_ticks(pid).unwrap_or(0);
+        return Ok(Target {
+            pid,
+            binary: binary.clone(),
+            open_path,
+            version,
+            entry,
+            ret,
+            command,
+            file,
+            started,
+        });
     }
 
     match python_like {
@@ -174,6 +189,68 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
         None => Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) }),
     }
+}
+
+/// Why a file given with `--binary` cannot be attached to.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    #[error("--binary {path}: {source} (give the interpreter or libpython file, e.g. /usr/bin/python3.9)")]
+    Open { path: String, source: io::Error },
+    #[error("--binary {path}: reading its probes: {source}")]
+    Usdt { path: String, source: UsdtError },
+    #[error(
+        "--binary {path} has no python:function__entry and function__return probes (not a CPython built \
+         --with-dtrace). Use {WHAT_WORKS}"
+    )]
+    NoProbes { path: String },
+    #[error(
+        "--binary {path} is CPython {version}, whose probes cannot time calls (see `pftraced --help`). Use {WHAT_WORKS}"
+    )]
+    Unsupported { path: String, version: PyVersion },
+}
+
+/// Inspects an interpreter file named by the user (`--binary`): what to
+/// attach to host-wide. The result's pid is 0.
+pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
+    let display = crate::events::printable_path(path);
+    let meta = fs::metadata(path).map_err(|source| BinaryError::Open { path: display.clone(), source })?;
+    if !meta.is_file() {
+        let source = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
+        return Err(BinaryError::Open { path: display, source });
+    }
+    let info =
+        binary_info(path, path).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
+    let sites = |name| {
+        python_sites(&info.sites, name, 0, &display).map_err(|err| match err {
+            TargetError::Usdt { source, .. } => BinaryError::Usdt { path: display.clone(), source },
+            _ => BinaryError::NoProbes { path: display.clone() },
+        })
+    };
+    let (entry, ret) = (sites("function__entry")?, sites("function__return")?);
+    if entry.is_empty() || ret.is_empty() {
+        return Err(BinaryError::NoProbes { path: display });
+    }
+    if let Some(version) = info.version.filter(|v| v.probe_support() != ProbeSupport::Works) {
+        return Err(BinaryError::Unsupported { path: display, version });
+    }
+    Ok(Target {
+        pid: 0,
+        binary: path.to_path_buf(),
+        open_path: path.to_path_buf(),
+        version: info.version,
+        entry,
+        ret,
+        command: String::new(),
+        file: (meta.dev(), meta.ino()),
+        started: 0,
+    })
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) is in parentheses and may hold anything: count after its last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// What one ELF file offers: its Python probe sites and CPython version.

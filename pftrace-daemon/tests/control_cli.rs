@@ -1,9 +1,10 @@
-//! `pftracectl` without a working daemon: no socket, a stale socket, bad
-//! arguments. Each must fail with a message that says what to do, and a
-//! non-zero exit status.
+//! `pftracectl` without a working daemon: no socket, a stale socket, a
+//! daemon speaking another protocol version, bad arguments. Each must fail
+//! with a message that says what to do, and a non-zero exit status.
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixListener,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -59,6 +60,41 @@ fn stale_socket() {
             socket.display()
         )
     );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A daemon from another release: a real socket whose peer speaks protocol
+/// version 2 (it reads pftracectl's request and answers in its own version,
+/// as a newer pftraced would). No other pftraced exists here to run.
+#[test]
+fn daemon_of_another_protocol_version() {
+    let dir = temp_dir("version");
+    let socket = dir.join("pftraced.sock");
+    for args in [&["status"][..], &["stats"], &["dump"], &["stop"]] {
+        let listener = UnixListener::bind(&socket).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            (&stream).write_all(b"{\"version\":2,\"ok\":true,\"result\":{\"anything\":1}}\n").unwrap();
+            request
+        });
+        let out = ctl(&socket, args);
+        let request = peer.join().unwrap();
+        assert!(request.starts_with("{\"version\":1,"), "pftracectl sent {request:?}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "pftracectl: error: pftraced at {} speaks protocol 2, this pftracectl speaks 1; use the \
+                 pftracectl shipped with that pftraced\n",
+                socket.display()
+            ),
+            "{args:?}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?} printed {:?}", String::from_utf8_lossy(&out.stdout));
+        fs::remove_file(&socket).unwrap();
+    }
     fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -2,7 +2,8 @@
 //! `python:function__return` USDT probes. Each hit: read the argument
 //! locations of this probe site (spec id = attach cookie), read the function
 //! name, drop it unless it is in NAMES, then reserve, fill and submit one
-//! CallEvent. Counters are per CPU; the daemon sums them. A raw tracepoint on
+//! CallEvent (`pftrace_usdt` serves both probes, the kind in the cookie).
+//! Counters are per CPU; the daemon sums them. A raw tracepoint on
 //! sched_process_exec reports new processes in scope (all, or under watched cgroups).
 #![no_std]
 #![no_main]
@@ -22,8 +23,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, ProcEvent,
-    UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
+    COOKIE_RETURN, CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED,
+    NAME_LEN, ProcEvent, UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -77,7 +78,7 @@ static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> = LpmTrie::with_max_entries(MAX_PR
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 
 /// Traced processes (tgids) and their descendants: their forks and execs are
-/// reported. User space adds the processes it attaches to; the fork program
+/// reported, and with CONFIG[SCOPE_FILTER] only their probe hits count. User space adds the processes it attaches to; the fork program
 /// adds each new child at once, so a child that execs before user space has
 /// seen it is still reported. LRU: entries of processes that exited unseen age out.
 #[map]
@@ -102,11 +103,25 @@ const ARG_FILENAME: usize = 0;
 const ARG_FUNCNAME: usize = 1;
 const ARG_LINENO: usize = 2;
 
+/// Both probes in one program, the kind taken from the attach cookie: what a
+/// uprobe_multi link runs (one link per process covers every site).
+#[uprobe]
+pub fn pftrace_usdt(ctx: ProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if cookie & COOKIE_RETURN != 0 {
+        on_probe(&ctx, kind::RETURN, counter::RETURN_SEEN, counter::RETURN_MATCHED)
+    } else {
+        on_probe(&ctx, kind::ENTRY, counter::ENTRY_SEEN, counter::ENTRY_MATCHED)
+    }
+}
+
+/// The entry probe alone (attached through a perf event where the kernel has no uprobe_multi).
 #[uprobe]
 pub fn pftrace_entry(ctx: ProbeContext) -> u32 {
     on_probe(&ctx, kind::ENTRY, counter::ENTRY_SEEN, counter::ENTRY_MATCHED)
 }
 
+/// The return probe alone (perf-event attachment).
 #[uprobe]
 pub fn pftrace_return(ctx: ProbeContext) -> u32 {
     on_probe(&ctx, kind::RETURN, counter::RETURN_SEEN, counter::RETURN_MATCHED)
@@ -120,6 +135,13 @@ pub fn pftrace_noop(_ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn on_probe(ctx: &ProbeContext, event_kind: u8, seen: u32, matched: u32) -> u32 {
+    if config_value(config::SCOPE_FILTER) != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if unsafe { TRACKED.get(&tgid) }.is_none() {
+            bump(counter::OUT_OF_SCOPE);
+            return 0;
+        }
+    }
     bump(seen);
     if try_on_probe(ctx, event_kind, matched).is_err() {
         bump(counter::READ_ERRORS);
@@ -308,6 +330,11 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     if !in_scope {
         return 0;
     }
+    if !tracked && config_value(config::SCOPE_FILTER) != 0 {
+        // Host-wide probes already fire in this process: trace it from its
+        // first instruction, before user space has even seen it.
+        let _ = TRACKED.insert(&((pid_tgid >> 32) as u32), &1, 0);
+    }
     bump(counter::EXECS);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         bump(counter::EXEC_LOST);
@@ -324,6 +351,34 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     });
     // New processes are rare and urgent: wake the reader now.
     entry.submit(BPF_RB_FORCE_WAKEUP);
+    0
+}
+
+/// A thread exited: when it is the main thread of a tracked process, report
+/// the exit (in ring order, before anything of a process that reuses the
+/// pid) and forget the process.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn pftrace_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != pid_tgid as u32 || unsafe { TRACKED.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TRACKED.remove(&tgid);
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        bump(counter::EXIT_LOST);
+        return 0;
+    };
+    entry.write(ProcEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid: tgid,
+        tid: tgid,
+        parent: 0,
+        kind: kind::EXIT,
+        _pad: [0; 3],
+        cgroup_id: 0,
+    });
+    entry.submit(wakeup_flag());
     0
 }
 

@@ -11,6 +11,7 @@ use clap::Parser;
 use pftrace::{
     config::{Config, DEFAULT_CONFIG},
     daemon::{Daemon, DaemonOptions},
+    kernel::sched,
     launch::{self, Launched},
     output::{self, Choice},
     summary,
@@ -55,6 +56,17 @@ struct Cli {
     /// whole binaries: every process using them pays the probe cost). Runs until stopped.
     #[arg(long)]
     all: bool,
+
+    /// Attach to this interpreter file (a python executable or libpython)
+    /// host-wide at start, so processes that start in scope running it are
+    /// traced from their first instruction, however short-lived. Without it,
+    /// each new process is attached when it appears (a few ms after its exec
+    /// here), and calls it makes before that are not seen. Cost: while
+    /// pftraced runs, every process on the host running this file takes the
+    /// probe trap on each Python call (about 1 us here), though only calls in
+    /// scope are recorded (repeatable).
+    #[arg(long = "binary", value_name = "FILE")]
+    binaries: Vec<PathBuf>,
 
     /// Configuration file (TOML). Flags given here override it.
     #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
@@ -154,6 +166,8 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     let mut cgroups = config.targets.cgroups.clone();
     cgroups.extend(cli.cgroups.iter().cloned());
     let all = cli.all || config.targets.all;
+    let mut binaries = config.targets.binaries.clone();
+    binaries.extend(cli.binaries.iter().cloned());
     if let Some(path) = &cli.socket {
         config.socket.path = path.clone();
     }
@@ -173,14 +187,22 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     if pids.is_empty() && cgroups.is_empty() && !all && cli.command.is_empty() {
         bail!("nothing to trace: give --pid PID, --cgroup DIR, --all, or a command after `--` (see --help)");
     }
-    Ok(DaemonOptions { names, pids, cgroups, all, serve, config, floor: cli.floor })
+    Ok(DaemonOptions { names, pids, cgroups, all, binaries, serve, config, floor: cli.floor })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let opts = options(&cli)?;
     let format = output::choose(&cli.format, cli.pfw_options.as_deref()).context("--format")?;
+    // The event loop and the attaching threads wake promptly for new
+    // processes (see pftrace::kernel::sched); nothing is lost without it.
+    if let Err(err) = sched::short_slice() {
+        log::debug!("no short scheduler slice: {err}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_start(|| {
+            let _ = sched::short_slice();
+        })
         .build()
         .context("starting the async runtime")?;
     let _enter = rt.enter();

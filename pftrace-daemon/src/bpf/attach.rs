@@ -1,7 +1,9 @@
-//! Attaching a loaded program to one USDT site with a kernel-managed
-//! semaphore: a uprobe perf event (uprobe PMU, `ref_ctr_offset` in config)
-//! bound to the program by a BPF perf link that carries the attach cookie.
-//! aya 0.14 can pass a cookie but not a semaphore offset, hence this file.
+//! Attaching the loaded programs to the USDT sites of a binary with
+//! kernel-managed semaphores: one uprobe_multi link per process (see
+//! [`super::multi`]), or, on kernels without it, a uprobe perf event per site
+//! (uprobe PMU, `ref_ctr_offset` in config) bound to the program by a BPF
+//! perf link carrying the attach cookie. aya 0.14 can pass a cookie but not a
+//! semaphore offset, hence this file.
 
 use std::{
     ffi::CString,
@@ -24,6 +26,10 @@ pub enum AttachError {
     PerfEventOpen { binary: String, offset: u64, pid: i32, source: io::Error },
     #[error("BPF_LINK_CREATE for uprobe {binary} +{offset:#x} failed: {source}")]
     LinkCreate { binary: String, offset: u64, source: io::Error },
+    #[error("BPF_LINK_CREATE of a uprobe_multi link on {binary} (pid {pid}) failed: {source}")]
+    MultiLink { binary: String, pid: u32, source: io::Error },
+    #[error("binary path {binary} contains a NUL byte")]
+    BadPath { binary: String },
     #[error("enabling uprobe {binary} +{offset:#x} failed: {source}")]
     Enable { binary: String, offset: u64, source: io::Error },
 }
@@ -59,12 +65,33 @@ impl UprobePmu {
     }
 }
 
-/// One live uprobe: dropping it detaches the program, and the kernel lowers
-/// the semaphore it raised (also when the daemon is killed).
+/// The live probes of one attachment (a process's sites, or a binary's
+/// host-wide): dropping it detaches them, and the kernel lowers the
+/// semaphores it raised (also when the daemon is killed).
 #[derive(Debug)]
 pub struct UprobeLink {
-    _link: OwnedFd,
-    _perf: OwnedFd,
+    _fds: Vec<OwnedFd>,
+}
+
+/// One probe site to attach.
+#[derive(Debug, Clone, Copy)]
+pub struct Site {
+    /// File offset of the probe instruction.
+    pub offset: u64,
+    /// File offset of the semaphore, 0 if the probe has none.
+    pub semaphore_offset: u64,
+    /// Value returned by `bpf_get_attach_cookie()`: the spec id, plus
+    /// [`pftrace_common::COOKIE_RETURN`] at return sites.
+    pub cookie: u64,
+}
+
+/// How the kernel is asked for uprobes.
+#[derive(Debug)]
+pub enum Method {
+    /// One uprobe_multi link for all sites, running the program serving both probes.
+    Multi { prog: OwnedFd },
+    /// One perf event and BPF perf link per site (kernels without uprobe_multi).
+    Perf { pmu: UprobePmu, entry: OwnedFd, ret: OwnedFd },
 }
 
 /// A request to attach one program at one probe site.
@@ -99,31 +126,49 @@ struct LinkCreateAttr {
     _reserved: [u64; 4],
 }
 
-/// One attachment to make, owning everything it needs, so it can run on a
-/// blocking thread: perf_event_open on a process in the middle of exec waits
-/// for the exec to finish, and the daemon's event loop must not wait with it.
+/// The attachment of every probe site of one binary, in one process or
+/// host-wide, owning everything it needs so it can run on a blocking thread
+/// (attaching to a process in the middle of exec waits for the exec to
+/// finish, and the daemon's event loop must not wait with it).
 #[derive(Debug)]
 pub struct AttachJob {
-    pub(crate) pmu: UprobePmu,
-    pub(crate) prog: OwnedFd,
+    pub(crate) method: std::sync::Arc<Method>,
     pub(crate) binary: std::path::PathBuf,
-    pub(crate) offset: u64,
-    pub(crate) semaphore_offset: u64,
     pub(crate) pid: Option<u32>,
-    pub(crate) cookie: u64,
+    pub(crate) sites: Vec<Site>,
 }
 
 impl AttachJob {
     /// Makes the attachment.
     pub fn run(&self) -> Result<UprobeLink, AttachError> {
-        let req = UprobeRequest {
-            binary: &self.binary,
-            offset: self.offset,
-            semaphore_offset: self.semaphore_offset,
-            pid: self.pid,
-            cookie: self.cookie,
-        };
-        attach_uprobe(&self.pmu, self.prog.as_fd(), &req)
+        match &*self.method {
+            Method::Multi { prog } => {
+                let binary = crate::events::printable_path(&self.binary);
+                let path = CString::new(self.binary.as_os_str().as_bytes())
+                    .map_err(|_| AttachError::BadPath { binary: binary.clone() })?;
+                let sites: Vec<(u64, u64, u64)> =
+                    self.sites.iter().map(|s| (s.offset, s.semaphore_offset, s.cookie)).collect();
+                let pid = self.pid.unwrap_or(0);
+                let link = super::multi::link(prog.as_fd(), &path, &sites, pid)
+                    .map_err(|source| AttachError::MultiLink { binary, pid, source })?;
+                Ok(UprobeLink { _fds: vec![link] })
+            }
+            Method::Perf { pmu, entry, ret } => {
+                let mut fds = Vec::new();
+                for site in &self.sites {
+                    let prog = if site.cookie & pftrace_common::COOKIE_RETURN != 0 { ret } else { entry };
+                    let req = UprobeRequest {
+                        binary: &self.binary,
+                        offset: site.offset,
+                        semaphore_offset: site.semaphore_offset,
+                        pid: self.pid,
+                        cookie: site.cookie,
+                    };
+                    fds.extend(attach_uprobe(pmu, prog.as_fd(), &req)?);
+                }
+                Ok(UprobeLink { _fds: fds })
+            }
+        }
     }
 }
 
@@ -132,7 +177,7 @@ pub fn attach_uprobe(
     pmu: &UprobePmu,
     prog: BorrowedFd<'_>,
     req: &UprobeRequest<'_>,
-) -> Result<UprobeLink, AttachError> {
+) -> Result<[OwnedFd; 2], AttachError> {
     let binary = crate::events::printable_path(req.binary);
     let path = CString::new(req.binary.as_os_str().as_bytes()).map_err(|_| AttachError::PerfEventOpen {
         binary: binary.clone(),
@@ -204,5 +249,5 @@ pub fn attach_uprobe(
     if unsafe { libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) } < 0 {
         return Err(AttachError::Enable { binary, offset: req.offset, source: io::Error::last_os_error() });
     }
-    Ok(UprobeLink { _link: link, _perf: perf })
+    Ok([link, perf])
 }

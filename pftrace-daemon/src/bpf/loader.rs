@@ -2,7 +2,7 @@
 //! owns its maps: the traced-name set, the per-site argument specs, the
 //! per-CPU counters and the ring buffer of matched calls.
 
-use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernel::btf::TaskOffsets;
 
-use super::attach::{AttachError, AttachJob, UprobeLink, UprobePmu};
+use super::{
+    attach::{AttachError, AttachJob, Method, Site, UprobePmu},
+    multi::MultiLoadError,
+};
 
 /// The eBPF object compiled from pftrace-ebpf.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
@@ -46,26 +49,37 @@ pub enum BpfError {
     TooManySpecs,
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Multi(#[from] MultiLoadError),
 }
+
+/// Which kernel interface attaches the uprobes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMethod {
+    /// One uprobe_multi link per process (kernel 6.6 and later).
+    UprobeMulti,
+    /// A perf event per probe site (older kernels, or `PFTRACE_UPROBE_ATTACH=perf`).
+    PerfEvent,
+}
+
+/// Environment variable forcing the perf-event attach method (`perf`).
+pub const ATTACH_ENV: &str = "PFTRACE_UPROBE_ATTACH";
 
 /// Which CPython probe a program serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
     Entry,
     Return,
-    /// A program that returns at once (benchmarks: the cost of the uprobe itself).
-    Floor,
 }
 
-impl ProbeKind {
-    fn program(self) -> &'static str {
-        match self {
-            ProbeKind::Entry => "pftrace_entry",
-            ProbeKind::Return => "pftrace_return",
-            ProbeKind::Floor => "pftrace_noop",
-        }
-    }
-}
+/// The program serving both probes through uprobe_multi links.
+const USDT_PROGRAM: &str = "pftrace_usdt";
+/// The perf-event programs, one per probe.
+const ENTRY_PROGRAM: &str = "pftrace_entry";
+const RETURN_PROGRAM: &str = "pftrace_return";
+/// A program that returns at once (benchmarks: the cost of the uprobe itself).
+const FLOOR_PROGRAM: &str = "pftrace_noop";
 
 /// Totals of the kernel's per-CPU counters.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -91,6 +105,13 @@ pub struct Counters {
     /// Probe hits whose name was decided by the kernel's per-pointer verdict cache.
     #[serde(default)]
     pub verdict_hits: u64,
+    /// Probe hits of processes outside the scope, dropped first thing
+    /// (host-wide `--binary` probes fire in every process running the binary).
+    #[serde(default)]
+    pub out_of_scope: u64,
+    /// Exit reports dropped because the ring buffer was full.
+    #[serde(default)]
+    pub exit_lost: u64,
 }
 
 /// The loaded eBPF programs and maps.
@@ -98,7 +119,9 @@ pub struct KernelProbes {
     /// Attach the floor program instead of the real ones (benchmarks).
     pub floor: bool,
     ebpf: Ebpf,
-    pmu: UprobePmu,
+    /// How the real programs are attached, and the floor program the same way.
+    method: Arc<Method>,
+    floor_method: Arc<Method>,
     specs: HashMap<UsdtSpec, u32>,
 }
 
@@ -108,7 +131,6 @@ impl KernelProbes {
     /// `layout` gives the kernel offsets for per-call CPU time and RSS; without
     /// it those figures read as 0.
     pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>) -> Result<Self, BpfError> {
-        let pmu = UprobePmu::discover()?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", ring_bytes);
         let globals = layout.map(|o| {
@@ -134,16 +156,42 @@ impl KernelProbes {
             }
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        for kind in [ProbeKind::Entry, ProbeKind::Return, ProbeKind::Floor] {
-            let name = kind.program();
-            let prog: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Missing(name))?
-                .try_into()
-                .map_err(|source| BpfError::Program { name, source })?;
-            prog.load().map_err(|source| BpfError::Program { name, source })?;
+        let (method, floor_method) = match choose_method() {
+            AttachMethod::UprobeMulti => {
+                let mut progs =
+                    super::multi::load_programs(&ebpf, BPF_OBJECT, &[USDT_PROGRAM, FLOOR_PROGRAM])?
+                        .into_iter();
+                let (usdt, floor) = (progs.next(), progs.next());
+                let (Some(usdt), Some(floor)) = (usdt, floor) else {
+                    return Err(BpfError::Missing(USDT_PROGRAM));
+                };
+                (Method::Multi { prog: usdt }, Method::Multi { prog: floor })
+            }
+            AttachMethod::PerfEvent => {
+                let pmu = UprobePmu::discover()?;
+                let entry = load_uprobe(&mut ebpf, ENTRY_PROGRAM)?;
+                let ret = load_uprobe(&mut ebpf, RETURN_PROGRAM)?;
+                let floor = load_uprobe(&mut ebpf, FLOOR_PROGRAM)?;
+                let floor2 =
+                    floor.try_clone().map_err(|source| BpfError::Dup { name: FLOOR_PROGRAM, source })?;
+                (Method::Perf { pmu, entry, ret }, Method::Perf { pmu, entry: floor, ret: floor2 })
+            }
+        };
+        Ok(Self {
+            floor: false,
+            ebpf,
+            method: Arc::new(method),
+            floor_method: Arc::new(floor_method),
+            specs: HashMap::new(),
+        })
+    }
+
+    /// How uprobes are attached on this kernel.
+    pub fn attach_method(&self) -> AttachMethod {
+        match *self.method {
+            Method::Multi { .. } => AttachMethod::UprobeMulti,
+            Method::Perf { .. } => AttachMethod::PerfEvent,
         }
-        Ok(Self { floor: false, ebpf, pmu, specs: HashMap::new() })
     }
 
     /// Adds a function name to the kernel's filter.
@@ -219,6 +267,13 @@ impl KernelProbes {
         self.attach_raw_tracepoint("pftrace_fork", "sched_process_fork")
     }
 
+    /// Loads and attaches the sched_process_exit tracepoint that forgets
+    /// tracked processes when they exit (so a reused pid is not tracked).
+    /// Lives as long as this object.
+    pub fn attach_exit_watch(&mut self) -> Result<(), BpfError> {
+        self.attach_raw_tracepoint("pftrace_exit", "sched_process_exit")
+    }
+
     /// Loads and attaches the sched_process_exec tracepoint that reports new
     /// processes in scope; what it reports is set with `config::EXEC_MODE`.
     /// The attachment lives as long as this object.
@@ -243,63 +298,30 @@ impl KernelProbes {
         self.tracked_map()?.insert(pid, 1, 0).map_err(|source| BpfError::Map { name: "TRACKED", source })
     }
 
-    /// Stops reporting forks of `pid` (no error if it was not tracked).
-    pub fn untrack(&mut self, pid: u32) -> Result<(), BpfError> {
-        match self.tracked_map()?.remove(&pid) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { name: "TRACKED", source }),
-        }
-    }
-
     fn tracked_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, BpfError> {
         let map = self.ebpf.map_mut("TRACKED").ok_or(BpfError::Missing("map TRACKED"))?;
         BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })
     }
 
-    /// Attaches the entry or return program at one probe site of `binary`,
-    /// scoped to `pid` (or host-wide when `None`).
-    pub fn attach(
-        &mut self,
-        kind: ProbeKind,
-        binary: &Path,
-        offset: u64,
-        semaphore_offset: u64,
-        spec: UsdtSpec,
-        pid: Option<u32>,
-    ) -> Result<UprobeLink, BpfError> {
-        Ok(self.attach_job(kind, binary, offset, semaphore_offset, spec, pid)?.run()?)
-    }
-
-    /// Everything needed to make an attachment later, on any thread
-    /// ([`AttachJob::run`]); the spec is stored in the kernel now.
+    /// Everything needed to attach the programs at `sites` of `binary`
+    /// (scoped to `pid`, or host-wide when `None`) later, on any thread
+    /// ([`AttachJob::run`]); the specs are stored in the kernel now.
     pub fn attach_job(
         &mut self,
-        kind: ProbeKind,
         binary: &Path,
-        offset: u64,
-        semaphore_offset: u64,
-        spec: UsdtSpec,
+        sites: &[(ProbeKind, u64, u64, UsdtSpec)],
         pid: Option<u32>,
     ) -> Result<AttachJob, BpfError> {
-        let cookie = self.spec_id(spec)?;
-        let name = if self.floor { ProbeKind::Floor.program() } else { kind.program() };
-        let prog: &UProbe = self
-            .ebpf
-            .program(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name, source })?;
-        let fd = prog.fd().map_err(|source| BpfError::Program { name, source })?;
-        let prog = fd.as_fd().try_clone_to_owned().map_err(|source| BpfError::Dup { name, source })?;
-        Ok(AttachJob {
-            pmu: self.pmu,
-            prog,
-            binary: binary.to_path_buf(),
-            offset,
-            semaphore_offset,
-            pid,
-            cookie: cookie.into(),
-        })
+        let sites = sites
+            .iter()
+            .map(|&(kind, offset, semaphore_offset, spec)| {
+                let id = u64::from(self.spec_id(spec)?);
+                let cookie = if kind == ProbeKind::Return { id | pftrace_common::COOKIE_RETURN } else { id };
+                Ok(Site { offset, semaphore_offset, cookie })
+            })
+            .collect::<Result<Vec<_>, BpfError>>()?;
+        let method = if self.floor { &self.floor_method } else { &self.method };
+        Ok(AttachJob { method: Arc::clone(method), binary: binary.to_path_buf(), pid, sites })
     }
 
     /// The spec id of `spec`, storing it in the kernel's spec map on first use.
@@ -341,6 +363,8 @@ impl KernelProbes {
             forks: total(counter::FORKS)?,
             fork_lost: total(counter::FORK_LOST)?,
             verdict_hits: total(counter::VERDICT_HITS)?,
+            out_of_scope: total(counter::OUT_OF_SCOPE)?,
+            exit_lost: total(counter::EXIT_LOST)?,
         })
     }
 
@@ -349,6 +373,29 @@ impl KernelProbes {
         let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
+}
+
+/// uprobe_multi where the kernel has it (6.6+), unless [`ATTACH_ENV`] says `perf`.
+fn choose_method() -> AttachMethod {
+    if std::env::var(ATTACH_ENV).is_ok_and(|v| v == "perf") {
+        return AttachMethod::PerfEvent;
+    }
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v < aya::util::KernelVersion::new(6, 6, 0) => AttachMethod::PerfEvent,
+        _ => AttachMethod::UprobeMulti,
+    }
+}
+
+/// Loads a program through aya for perf-event attachment; returns its fd.
+fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, BpfError> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })?;
+    prog.load().map_err(|source| BpfError::Program { name, source })?;
+    let fd = prog.fd().map_err(|source| BpfError::Program { name, source })?;
+    fd.as_fd().try_clone_to_owned().map_err(|source| BpfError::Dup { name, source })
 }
 
 /// The LPM trie key for a glob prefix: its bytes, matched on their length only.

@@ -3,6 +3,7 @@
 
 mod attach;
 mod loader;
+mod multi;
 
-pub use attach::{AttachError, AttachJob, UprobeLink};
-pub use loader::{BpfError, Counters, KernelProbes, ProbeKind, name_key};
+pub use attach::{AttachError, AttachJob, Site, UprobeLink};
+pub use loader::{AttachMethod, BpfError, Counters, KernelProbes, ProbeKind, name_key};

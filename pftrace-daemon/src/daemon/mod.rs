@@ -53,6 +53,8 @@ pub struct DaemonOptions {
     pub pids: Vec<u32>,
     pub cgroups: Vec<PathBuf>,
     pub all: bool,
+    /// Interpreter files attached host-wide at start (`--binary`).
+    pub binaries: Vec<PathBuf>,
     /// Listen on the control socket (config.socket).
     pub serve: bool,
     pub config: Config,
@@ -73,6 +75,8 @@ pub enum DaemonError {
     NoNames,
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error(transparent)]
+    Binary(#[from] target::BinaryError),
     #[error(transparent)]
     Scope(#[from] TargetScopeError),
     #[error(transparent)]
@@ -123,8 +127,8 @@ pub struct Daemon {
     /// Probes of processes that are gone, detached one at a time off the
     /// event loop (see [`Self::retire`]).
     retired: std::collections::VecDeque<crate::bpf::UprobeLink>,
-    /// A detach is running on a blocking thread; it reports here when done.
-    detaching: bool,
+    /// Detaches running on blocking threads; each reports here when done.
+    detaching: usize,
     detached: (mpsc::UnboundedSender<()>, mpsc::UnboundedReceiver<()>),
 }
 
@@ -133,14 +137,27 @@ pub struct Daemon {
 /// they hold: two per link).
 const MAX_RETIRED: usize = 64;
 
+/// Detaches running at once.
+const MAX_DETACHING: usize = 8;
+
 /// An attachment in flight.
 struct Pending {
     ticket: u64,
+    /// When the attachment was started (for the debug log of its latency).
+    started: Instant,
     /// The process exec'd meanwhile: what it runs now, checked when the attachment completes.
     recheck: Option<Target>,
     /// It exec'd something that is not a traceable Python meanwhile (or is
     /// gone): the attachment is dropped when it lands.
     cancelled: bool,
+}
+
+/// A process change read from the ring buffer.
+enum ProcChange {
+    /// A process exec'd in scope or was forked by a traced one.
+    Appeared(u32),
+    /// A tracked process exited at this time.
+    Exited(u32, u64),
 }
 
 /// The outcome of an attachment made off the event loop.
@@ -173,6 +190,7 @@ impl Daemon {
         let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
         probes.floor = opts.floor;
         probes.attach_fork_watch()?;
+        probes.attach_exit_watch()?;
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 
@@ -197,6 +215,23 @@ impl Daemon {
         probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
         probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
         probes.attach_exec_watch()?;
+        let mut processes = Processes::new(limits.max_processes);
+        let mut binaries = Vec::new();
+        if !opts.binaries.is_empty() && !opts.all {
+            // Host-wide probes, but only processes in scope are traced.
+            probes.set_config(kconfig::SCOPE_FILTER, 1)?;
+        }
+        for path in &opts.binaries {
+            let binary = target::inspect_file(path)?;
+            processes.attach_host_wide(&mut probes, &binary)?;
+            let others = processes::processes_mapping(binary.file);
+            log::info!(
+                "attached host-wide to {} ({} processes run it now; each pays the probe trap per Python call)",
+                crate::events::printable_path(path),
+                others
+            );
+            binaries.push(format!("binary {} (host-wide)", crate::events::printable_path(path)));
+        }
         let rolling = match &opts.config.output.dir {
             Some(_) => Some(
                 RollingOutput::new(&opts.config.output, &hostname())
@@ -209,10 +244,11 @@ impl Daemon {
         if opts.all {
             targets.push("all probe-enabled Pythons on the host".into());
         }
+        targets.extend(binaries);
         Ok(Self {
             probes,
             filter,
-            processes: Processes::new(limits.max_processes),
+            processes,
             until_targets_exit: cgroups.is_empty() && !opts.all,
             cgroups,
             all: opts.all,
@@ -233,7 +269,7 @@ impl Daemon {
             pending: HashMap::new(),
             next_ticket: 0,
             retired: Default::default(),
-            detaching: false,
+            detaching: 0,
             detached: mpsc::unbounded_channel(),
         })
     }
@@ -256,7 +292,7 @@ impl Daemon {
     fn attach_target(&mut self, target: &Target) -> Result<(), DaemonError> {
         let pid = target.pid;
         let pidfd = procwatch::pidfd(pid).map_err(|source| DaemonError::Watch { pid, source })?;
-        let serial = if self.all {
+        let serial = if self.all || self.processes.is_host_wide(target.file) {
             self.processes.attach_binary(&mut self.probes, target)?
         } else {
             self.processes.attach_process(&mut self.probes, target)?
@@ -310,15 +346,17 @@ impl Daemon {
             p.cancelled = false;
             return;
         }
-        if let Some(file) = self.processes.file_of(pid) {
-            if file == processes::file_id(&target) {
-                // It exec'd the same interpreter: pid-scoped probes still apply.
+        if let Some((file, started)) = self.processes.identity_of(pid) {
+            if file == target.file && started == target.started {
+                // It exec'd the same interpreter: its probes still apply.
                 self.processes.refresh(&target);
                 return;
             }
+            // Another interpreter, or another process reusing the pid (its
+            // exit report was lost): the old one ends here.
             self.end_process(pid, WallClock::monotonic_now_ns());
         }
-        if self.all {
+        if self.all || self.processes.is_host_wide(target.file) {
             // Host-wide probes already cover it (or are attached once per new binary).
             match self.attach_target(&target) {
                 Ok(()) => log::info!("tracing pid {pid} ({})", crate::events::printable_path(&target.binary)),
@@ -338,9 +376,9 @@ impl Daemon {
         let prepared = self
             .processes
             .check_limit()
-            .and_then(|()| processes::attach_jobs(&mut self.probes, &target, Some(pid)));
-        let jobs = match prepared {
-            Ok(jobs) => jobs,
+            .and_then(|()| processes::attach_job(&mut self.probes, &target, Some(pid)));
+        let job = match prepared {
+            Ok(job) => job,
             Err(err) => {
                 log::warn!("{}", crate::events::printable(&err.to_string()));
                 self.processes.refuse(pid, &err);
@@ -353,10 +391,11 @@ impl Daemon {
         };
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        self.pending.insert(pid, Pending { ticket, recheck: None, cancelled: false });
+        self.pending
+            .insert(pid, Pending { ticket, started: Instant::now(), recheck: None, cancelled: false });
         let tx = self.attached.0.clone();
         tokio::task::spawn_blocking(move || {
-            let result = processes::run_jobs(&jobs, &target);
+            let result = processes::run_job(&job, &target).map(|link| vec![link]);
             let _ = tx.send(Attached { ticket, target, pidfd, result });
         });
     }
@@ -381,8 +420,9 @@ impl Daemon {
         }
         let mut target = done.target;
         if let Some(now) = pending.recheck {
-            if processes::file_id(&now) != processes::file_id(&target) {
-                // It exec'd another interpreter while we attached: start again.
+            if now.file != target.file || now.started != target.started {
+                // It exec'd another interpreter while we attached, or it is
+                // another process reusing the pid: start again.
                 if let Ok(links) = done.result {
                     self.retire(links);
                 }
@@ -395,6 +435,7 @@ impl Daemon {
             Ok(links) => {
                 let serial = self.processes.add_process(&target, links);
                 self.watch(pid, serial, done.pidfd);
+                log::debug!("pid {pid} attached in {} us", pending.started.elapsed().as_micros());
                 log::info!("tracing pid {pid} ({})", crate::events::printable_path(&target.binary));
             }
             Err(err) => {
@@ -409,35 +450,36 @@ impl Daemon {
     }
 
     /// Queues the probes of a process that is gone (or exec'd another
-    /// program) for detaching. Closing a uprobe's perf event waits for the
-    /// kernel to unregister it (tens to hundreds of ms here) while holding a
-    /// lock that attaching (perf_event_open) needs too: so links are dropped
-    /// on a blocking thread, one at a time, and only while no attachment is
-    /// in flight (unless too many wait), so new processes are attached first.
+    /// program) for detaching. Closing a uprobe waits for the kernel to
+    /// unregister it (about 40 ms per uprobe_multi link here, 160 ms per
+    /// process with perf events, which also hold a lock that attaching
+    /// needs): so links are dropped on blocking threads, several at once
+    /// (their grace periods overlap: 16 links closed in 61 ms in parallel,
+    /// 756 ms one after another), and only while no attachment is in flight
+    /// (unless too many wait), so new processes are attached first.
     fn retire(&mut self, links: Vec<crate::bpf::UprobeLink>) {
         self.retired.extend(links);
         self.next_detach();
     }
 
-    /// Starts the next detach, if one is due.
+    /// Starts the detaches that are due.
     fn next_detach(&mut self) {
-        if self.detaching || self.retired.is_empty() {
-            return;
+        while self.detaching < MAX_DETACHING && !self.retired.is_empty() {
+            if !self.pending.is_empty() && self.retired.len() < MAX_RETIRED {
+                return; // attachments first; called again when they land
+            }
+            let link = self.retired.pop_front().expect("not empty");
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                drop(link);
+                continue;
+            };
+            self.detaching += 1;
+            let tx = self.detached.0.clone();
+            rt.spawn_blocking(move || {
+                drop(link);
+                let _ = tx.send(());
+            });
         }
-        if !self.pending.is_empty() && self.retired.len() < MAX_RETIRED {
-            return; // attachments first; called again when they land
-        }
-        let link = self.retired.pop_front().expect("not empty");
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            drop(link);
-            return;
-        };
-        self.detaching = true;
-        let tx = self.detached.0.clone();
-        rt.spawn_blocking(move || {
-            drop(link);
-            let _ = tx.send(());
-        });
     }
 
     /// Follows a traced process: its forks are reported, its exit handled.
@@ -498,7 +540,7 @@ impl Daemon {
                     self.next_detach();
                 }
                 Some(()) = self.detached.1.recv() => {
-                    self.detaching = false;
+                    self.detaching -= 1;
                     self.next_detach();
                 }
                 guard = ring.readable_mut() => {
@@ -539,7 +581,8 @@ impl Daemon {
     /// Reads every record in the ring buffer.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         let mut completed = Vec::new();
-        let mut execs = Vec::new();
+        // Process changes, handled after the calls are stored, in ring order.
+        let mut changes = Vec::new();
         while let Some(item) = ring.next() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
@@ -552,12 +595,18 @@ impl Daemon {
                     log::debug!("pid {} exec'd ({late_us} us ago)", e.pid);
                     // Calls of the old image end here, before any of the new one.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
-                    execs.push(e.pid);
+                    changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
                     log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
-                    execs.push(f.pid);
+                    changes.push(ProcChange::Appeared(f.pid));
+                }
+                Ok(Record::Exit(e)) => {
+                    log::debug!("pid {} exited", e.pid);
+                    // Its open calls end here, before anything of a process reusing the pid.
+                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                    changes.push(ProcChange::Exited(e.pid, e.ts_ns));
                 }
                 Err(err) => {
                     self.bad_records += 1;
@@ -566,8 +615,20 @@ impl Daemon {
             }
         }
         self.store_calls(completed);
-        for pid in execs {
-            self.discover(pid);
+        for change in changes {
+            match change {
+                ProcChange::Appeared(pid) => self.discover(pid),
+                ProcChange::Exited(pid, ts_ns) => {
+                    if self.processes.is_running(pid) {
+                        self.end_process(pid, ts_ns);
+                    }
+                    if let Some(p) = self.pending.get_mut(&pid) {
+                        // Drop the attachment in flight when it lands.
+                        p.recheck = None;
+                        p.cancelled = true;
+                    }
+                }
+            }
         }
     }
 
@@ -584,8 +645,8 @@ impl Daemon {
         }
     }
 
-    /// A traced process exited (or exec'd): close its open calls at `end_ns`
-    /// as incomplete and detach its probes.
+    /// A traced process exited (or exec'd another program): close its open
+    /// calls at `end_ns` as incomplete and detach its probes.
     fn end_process(&mut self, pid: u32, end_ns: u64) {
         let mut closed = Vec::new();
         self.pairer.close_open(Some(pid), end_ns, &mut closed);
@@ -593,8 +654,9 @@ impl Daemon {
         let links = self.processes.exited(pid);
         self.retire(links);
         self.sampler.forget(pid);
-        let _ = self.probes.untrack(pid);
-        log::debug!("pid {pid} exited");
+        // Still tracked (its forks and execs reported) if it only exec'd
+        // something else; the kernel forgets it when it exits.
+        log::debug!("pid {pid} ended");
     }
 
     fn counters(&self) -> Counters {

@@ -34,6 +34,8 @@ pub struct ProcEntry {
     pub serial: u64,
     /// The ELF its probes are attached to.
     pub file: FileId,
+    /// Its start time (`Target::started`), telling it apart from a later process with its pid.
+    pub started: u64,
     links: Vec<UprobeLink>,
     pub running: bool,
     pub calls: u64,
@@ -59,31 +61,26 @@ pub struct Processes {
     next_serial: u64,
 }
 
-/// The jobs attaching the entry and return programs to every site of `target`.
-pub fn attach_jobs(
+/// The job attaching the programs to every entry and return site of `target`.
+pub fn attach_job(
     probes: &mut KernelProbes,
     target: &Target,
     pid: Option<u32>,
-) -> Result<Vec<AttachJob>, AttachFailure> {
-    let mut jobs = Vec::new();
-    for (kind, sites) in [(ProbeKind::Entry, &target.entry), (ProbeKind::Return, &target.ret)] {
-        for site in sites {
-            let job = probes
-                .attach_job(kind, &target.open_path, site.offset, site.semaphore_offset, site.spec, pid)
-                .map_err(|source| AttachFailure::Bpf {
-                    pid: target.pid,
-                    binary: printable_path(&target.binary),
-                    source,
-                })?;
-            jobs.push(job);
-        }
-    }
-    Ok(jobs)
+) -> Result<AttachJob, AttachFailure> {
+    let sites: Vec<_> = [(ProbeKind::Entry, &target.entry), (ProbeKind::Return, &target.ret)]
+        .into_iter()
+        .flat_map(|(kind, sites)| sites.iter().map(move |s| (kind, s.offset, s.semaphore_offset, s.spec)))
+        .collect();
+    probes.attach_job(&target.open_path, &sites, pid).map_err(|source| AttachFailure::Bpf {
+        pid: target.pid,
+        binary: printable_path(&target.binary),
+        source,
+    })
 }
 
-/// Runs attach jobs (blocking: perf_event_open may wait for an exec in progress).
-pub fn run_jobs(jobs: &[AttachJob], target: &Target) -> Result<Vec<UprobeLink>, AttachFailure> {
-    jobs.iter().map(|job| job.run()).collect::<Result<Vec<_>, _>>().map_err(|source| AttachFailure::Bpf {
+/// Runs an attach job (blocking: attaching may wait for an exec in progress).
+pub fn run_job(job: &AttachJob, target: &Target) -> Result<UprobeLink, AttachFailure> {
+    job.run().map_err(|source| AttachFailure::Bpf {
         pid: target.pid,
         binary: printable_path(&target.binary),
         source: source.into(),
@@ -95,7 +92,26 @@ fn attach_sites(
     target: &Target,
     pid: Option<u32>,
 ) -> Result<Vec<UprobeLink>, AttachFailure> {
-    run_jobs(&attach_jobs(probes, target, pid)?, target)
+    Ok(vec![run_job(&attach_job(probes, target, pid)?, target)?])
+}
+
+/// How many processes map the file `file` now (from /proc/*/maps).
+pub fn processes_mapping(file: FileId) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let (dev, ino) = file;
+    let dev = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
+    let ino = ino.to_string();
+    dir.flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("maps")).is_ok_and(|maps| {
+                maps.lines().any(|l| {
+                    let mut f = l.split_whitespace().skip(3);
+                    f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
+                })
+            })
+        })
+        .count()
 }
 
 /// The (device, inode) of the ELF a target's probes are in (as inspected:
@@ -148,15 +164,22 @@ impl Processes {
     pub fn add_process(&mut self, target: &Target, links: Vec<UprobeLink>) -> u64 {
         self.note_binary(target);
         let serial = self.new_serial();
-        let entry =
-            ProcEntry { info: traced(target), serial, file: file_id(target), links, running: true, calls: 0 };
+        let entry = ProcEntry {
+            info: traced(target),
+            serial,
+            file: file_id(target),
+            started: target.started,
+            links,
+            running: true,
+            calls: 0,
+        };
         self.procs.insert(target.pid, entry);
         serial
     }
 
-    /// The ELF the running process `pid` has probes attached to.
-    pub fn file_of(&self, pid: u32) -> Option<FileId> {
-        self.procs.get(&pid).filter(|p| p.running).map(|p| p.file)
+    /// The ELF the running process `pid` has probes attached to, and its start time.
+    pub fn identity_of(&self, pid: u32) -> Option<(FileId, u64)> {
+        self.procs.get(&pid).filter(|p| p.running).map(|p| (p.file, p.started))
     }
 
     /// The process exec'd the same interpreter: its probes still apply; refresh what we show.
@@ -173,18 +196,41 @@ impl Processes {
         probes: &mut KernelProbes,
         target: &Target,
     ) -> Result<u64, AttachFailure> {
+        self.attach_host_wide(probes, target)?;
+        let serial = self.new_serial();
+        let file = file_id(target);
+        let started = target.started;
+        let entry = ProcEntry {
+            info: traced(target),
+            serial,
+            file,
+            started,
+            links: Vec::new(),
+            running: true,
+            calls: 0,
+        };
+        self.procs.insert(target.pid, entry);
+        Ok(serial)
+    }
+
+    /// Attaches host-wide probes to the binary of `target` unless it has them.
+    pub fn attach_host_wide(
+        &mut self,
+        probes: &mut KernelProbes,
+        target: &Target,
+    ) -> Result<(), AttachFailure> {
         let id = file_id(target);
-        if !self.binaries.get(&id).is_some_and(|b| !b.host_links.is_empty()) {
+        if !self.is_host_wide(id) {
             let links = attach_sites(probes, target, None)?;
             self.note_binary(target);
             self.binaries.get_mut(&id).expect("noted").host_links = links;
         }
-        let serial = self.new_serial();
-        let file = file_id(target);
-        let entry =
-            ProcEntry { info: traced(target), serial, file, links: Vec::new(), running: true, calls: 0 };
-        self.procs.insert(target.pid, entry);
-        Ok(serial)
+        Ok(())
+    }
+
+    /// Whether the binary `file` has host-wide probes.
+    pub fn is_host_wide(&self, file: FileId) -> bool {
+        self.binaries.get(&file).is_some_and(|b| !b.host_links.is_empty())
     }
 
     fn note_binary(&mut self, target: &Target) {

@@ -1,3 +1,4 @@
 //! Facts about the running kernel that the eBPF programs need.
 
 pub mod btf;
+pub mod sched;
