@@ -55,6 +55,8 @@ pub struct Target {
 pub enum TargetError {
     #[error("no process with pid {0} (check the pid with `ps -p {0}`)")]
     PidNotFound(u32),
+    #[error("pid {0} has exited (it is a zombie, not yet reaped by its parent); nothing to trace")]
+    Zombie(u32),
     #[error("pid {pid} exited or cannot be inspected: {source}")]
     Gone { pid: u32, source: io::Error },
     #[error(
@@ -93,6 +95,9 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         return Err(TargetError::PidNotFound(pid));
     }
     let gone = |source| TargetError::Gone { pid, source };
+    if proc_state(pid).is_some_and(|s| s == 'Z' || s == 'X') {
+        return Err(TargetError::Zombie(pid));
+    }
     let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
     let maps = fs::read_to_string(proc_dir.join("maps")).map_err(gone)?;
     let command = fs::read(proc_dir.join("cmdline"))
@@ -203,10 +208,8 @@ pub enum BinaryError {
          --with-dtrace). Use {WHAT_WORKS}"
     )]
     NoProbes { path: String },
-    #[error(
-        "--binary {path} is CPython {version}, whose probes cannot time calls (see `pftraced --help`). Use {WHAT_WORKS}"
-    )]
-    Unsupported { path: String, version: PyVersion },
+    #[error("--binary {path} is CPython {version}: {why}. Use {WHAT_WORKS}")]
+    Unsupported { path: String, version: PyVersion, why: &'static str },
 }
 
 /// Inspects an interpreter file named by the user (`--binary`): what to
@@ -230,8 +233,21 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     if entry.is_empty() || ret.is_empty() {
         return Err(BinaryError::NoProbes { path: display });
     }
-    if let Some(version) = info.version.filter(|v| v.probe_support() != ProbeSupport::Works) {
-        return Err(BinaryError::Unsupported { path: display, version });
+    if let Some(version) = info.version {
+        let why = match version.probe_support() {
+            ProbeSupport::Works => None,
+            ProbeSupport::EntryBroken => Some(
+                "its function__entry probe fires only when a generator or coroutine resumes, not for \
+                 ordinary calls (python/cpython#98894)",
+            ),
+            ProbeSupport::Removed => Some(
+                "CPython 3.12-3.14 removed the function__entry/function__return probes (python/cpython#104280)",
+            ),
+            ProbeSupport::TooOld => Some("older than 3.6, whose probes pftrace does not read"),
+        };
+        if let Some(why) = why {
+            return Err(BinaryError::Unsupported { path: display, version, why });
+        }
     }
     Ok(Target {
         pid: 0,
@@ -246,11 +262,21 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     })
 }
 
-/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+/// Field `n` (1-based, n >= 3) of /proc/PID/stat.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command (field 2) is in parentheses and may hold anything: count after its last ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(String::from)
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)?.parse().ok()
+}
+
+/// Field 3 of /proc/PID/stat: the process state (R, S, Z...).
+fn proc_state(pid: u32) -> Option<char> {
+    stat_field(pid, 3)?.chars().next()
 }
 
 /// What one ELF file offers: its Python probe sites and CPython version.

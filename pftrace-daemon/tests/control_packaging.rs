@@ -37,6 +37,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
         "targets.pids",
         "targets.cgroups",
         "targets.all",
+        "targets.binaries",
         "socket.path",
         "socket.group",
         "output.dir",

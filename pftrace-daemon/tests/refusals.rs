@@ -307,3 +307,50 @@ fn root_without_cap_bpf() {
         assert!(!marker.exists(), "the command ran: {msg}");
     }
 }
+
+/// `--binary` with a file that cannot be attached host-wide: refused before
+/// anything is traced, naming the file and what would work.
+#[test]
+fn binary_flag_refusals() {
+    let dir = TestDir::new("ref-binary");
+    let py311 = require_file("/usr/bin/python3.11", "Debian's CPython 3.11 (package python3.11)");
+    let missing = dir.join("no-such-python");
+    let cases: [(&Path, Vec<String>); 4] = [
+        (
+            &missing,
+            vec![format!(
+                "--binary {}: No such file or directory (os error 2) (give the interpreter or libpython file",
+                missing.display()
+            )],
+        ),
+        (dir.path(), vec![format!("--binary {}: not a regular file", dir.path().display())]),
+        (
+            Path::new("/bin/sh"),
+            vec![
+                "--binary /bin/sh has no python:function__entry and function__return probes (not a CPython \
+                 built --with-dtrace)"
+                    .into(),
+                WHAT_WORKS.into(),
+            ],
+        ),
+        (
+            &py311,
+            vec![
+                "--binary /usr/bin/python3.11 is CPython 3.11: its function__entry probe fires only when a \
+                 generator or coroutine resumes, not for ordinary calls (python/cpython#98894)"
+                    .into(),
+                WHAT_WORKS.into(),
+            ],
+        ),
+    ];
+    let mut w =
+        PyProcess::spawn(&python(), &dir.script("idle.py", "import sys\nsys.stdin.readline()\n"), &[]);
+    for (binary, parts) in &cases {
+        let run = Pftraced::new(&dir, &["foo"]).arg("--binary").arg(binary).pid(w.pid()).run();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        run.assert_refused(&parts);
+    }
+    w.send_line("");
+    let (status, _) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "the process was disturbed: {status}");
+}

@@ -10,6 +10,9 @@
 //! - scaling: 1, 10, 100, 1000 traced names (sparse); 1, 2, 4 processes at
 //!   once (dense, one daemon tracing them all, judged by CPU time);
 //! - attach latency on a running process (bench/busy.py);
+//! - churn: Pythons of 50 ms started one after another in a watched cgroup
+//!   (bench/child.py, 2000 of them; --quick: 50), the share of their calls
+//!   recorded with per-process attachment and with `--binary`;
 //! - with `--soak SECONDS`: a busy process traced densely, the daemon
 //!   restarted halfway, its RSS read every second.
 //!
@@ -19,6 +22,7 @@
 //! /proc/PID/stat. Targets are printed as information: `--quick` (the CI
 //! smoke) fails only when a case cannot run or reports nonsense.
 
+mod churn;
 mod procs;
 mod report;
 
@@ -256,6 +260,22 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
 
     let attach = measure_attach(&ctx, runs);
+    let churn_py = root.join("bench").join("child.py");
+    util::require_file(&churn_py, "the churn benchmark's child")?;
+    let churn_children = if ctx.quick { 50 } else { 2000 };
+    let churn: Vec<Result<churn::ChurnRun>> = [false, true]
+        .into_iter()
+        .map(|binary| {
+            let step =
+                Step::new("bench", format!("churn: {churn_children} short-lived Pythons, --binary {binary}"));
+            let r = churn::run(&ctx.pftraced, &ctx.python, &churn_py, &ctx.dir, churn_children, binary);
+            step.done(match &r {
+                Ok(r) => format!("{} of {} calls traced", r.traced, r.expected()),
+                Err(e) => format!("failed: {e:#}"),
+            });
+            r
+        })
+        .collect();
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
     let busy_after = background_busy();
     let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
@@ -271,7 +291,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut rows = main_rows;
     rows.extend(name_rows);
     rows.extend(proc_rows);
-    let problems = sanity(&ctx, &rows, &attach, soak.as_ref());
+    let mut problems = sanity(&ctx, &rows, &attach, soak.as_ref());
+    for r in &churn {
+        match r {
+            Err(e) => problems.push(format!("churn: {e:#}")),
+            Ok(r) if r.traced == 0 => problems.push(format!("churn ({}): no call traced", r.mode)),
+            Ok(_) => {}
+        }
+    }
     let targets = targets(&rows, &attach, soak.as_ref());
 
     println!();
@@ -282,6 +309,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     );
     print!("{}", report::table(&rows));
     println!("{}", attach_text(&attach));
+    print!("{}", churn::text(&churn));
     if let Some(s) = &soak {
         print!("{}", soak_text(s));
     }
@@ -323,6 +351,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
         "attach": attach_json(&attach),
         "soak": soak.as_ref().map(soak_json),
+        "churn": churn::json(&churn),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),

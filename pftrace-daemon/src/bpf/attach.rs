@@ -5,6 +5,7 @@
 //! perf link carrying the attach cookie. aya 0.14 can pass a cookie but not a
 //! semaphore offset, hence this file.
 
+use super::sys::{BPF_LINK_CREATE, bpf_fd};
 use std::{
     ffi::CString,
     fs, io,
@@ -112,8 +113,7 @@ pub struct UprobeRequest<'a> {
 const PERF_ATTR_SIZE: usize = 136;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-// bpf(2) command and attach type from include/uapi/linux/bpf.h.
-const BPF_LINK_CREATE: libc::c_long = 28;
+// Attach type from include/uapi/linux/bpf.h.
 const BPF_PERF_EVENT: u32 = 41;
 
 #[repr(C)]
@@ -227,23 +227,11 @@ pub fn attach_uprobe(
         _reserved: [0; 4],
     };
     // SAFETY: link_attr is a zero-tailed prefix of union bpf_attr for BPF_LINK_CREATE.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &link_attr as *const LinkCreateAttr,
-            size_of::<LinkCreateAttr>() as u32,
-        )
-    };
-    if link < 0 {
-        return Err(AttachError::LinkCreate {
-            binary,
-            offset: req.offset,
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: as above.
-    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    let link = unsafe { bpf_fd(BPF_LINK_CREATE, &link_attr) }.map_err(|source| AttachError::LinkCreate {
+        binary: binary.clone(),
+        offset: req.offset,
+        source,
+    })?;
 
     // SAFETY: ioctl on a perf event fd we own.
     if unsafe { libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) } < 0 {

@@ -4,6 +4,7 @@
 mod attach;
 mod loader;
 mod multi;
+mod sys;
 
 pub use attach::{AttachError, AttachJob, Site, UprobeLink};
-pub use loader::{AttachMethod, BpfError, Counters, KernelProbes, ProbeKind, name_key};
+pub use loader::{ATTACH_ENV, AttachMethod, BpfError, Counters, KernelProbes, ProbeKind, name_key};

@@ -19,7 +19,7 @@ use std::{
     collections::HashSet,
     ffi::CString,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
 };
 
 use aya::{Ebpf, maps::Map};
@@ -37,9 +37,9 @@ pub enum MultiLoadError {
     Load { name: String, source: io::Error, log: String },
 }
 
+use super::sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
+
 // From include/uapi/linux/bpf.h.
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 pub(crate) const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 const BPF_OBJ_NAME_LEN: usize = 16;
@@ -166,19 +166,7 @@ fn load_one(
 fn prog_load(attr: &ProgLoadAttr) -> io::Result<OwnedFd> {
     // SAFETY: attr is a zero-tailed prefix of union bpf_attr for BPF_PROG_LOAD;
     // the pointers in it outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr as *const ProgLoadAttr,
-            size_of::<ProgLoadAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    unsafe { bpf_fd(BPF_PROG_LOAD, attr) }
 }
 
 /// `union bpf_attr` for BPF_LINK_CREATE of a uprobe_multi link.
@@ -226,17 +214,5 @@ pub fn link(
     };
     // SAFETY: attr is a zero-tailed prefix of union bpf_attr for BPF_LINK_CREATE;
     // the arrays and the path outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &attr as *const MultiLinkAttr,
-            size_of::<MultiLinkAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    unsafe { bpf_fd(BPF_LINK_CREATE, &attr) }
 }

@@ -188,6 +188,17 @@ impl Daemon {
             }
         };
         let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
+        if probes.attach_method() == crate::bpf::AttachMethod::PerfEvent {
+            log::warn!(
+                "attaching through uprobe perf events ({}): about 10 times slower per process than \
+                 uprobe_multi links (kernel 6.6+), so new processes miss more of their first calls",
+                if std::env::var_os(crate::bpf::ATTACH_ENV).is_some() {
+                    format!("{}=perf", crate::bpf::ATTACH_ENV)
+                } else {
+                    "this kernel has no uprobe_multi".to_string()
+                }
+            );
+        }
         probes.floor = opts.floor;
         probes.attach_fork_watch()?;
         probes.attach_exit_watch()?;

@@ -273,7 +273,13 @@ impl Processes {
     /// Whether a refusal is worth reporting: a process in scope that is not
     /// a Python at all (a shell, `sleep`) is simply not ours.
     pub fn worth_reporting(err: &TargetError) -> bool {
-        !matches!(err, TargetError::NotPython { .. } | TargetError::Gone { .. } | TargetError::PidNotFound(_))
+        !matches!(
+            err,
+            TargetError::NotPython { .. }
+                | TargetError::Gone { .. }
+                | TargetError::PidNotFound(_)
+                | TargetError::Zombie(_)
+        )
     }
 
     pub fn running_pids(&self) -> Vec<u32> {

@@ -1,0 +1,166 @@
+//! The churn row: short-lived Pythons started one after another in a watched
+//! cgroup, each calling `foo` on its first line, then every 5 ms for 50 ms
+//! (bench/child.py). What fraction of their calls pftraced records, with
+//! per-process attachment (the default) and with `--binary` (the
+//! interpreter attached host-wide up front).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::procs::Daemon;
+
+/// Calls each child makes.
+const CALLS: u64 = 10;
+/// Children alive at once.
+const IN_FLIGHT: usize = 4;
+/// Where cgroup v2 is mounted on this kind of machine.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// One churn run.
+#[derive(Debug, Clone)]
+pub struct ChurnRun {
+    pub mode: &'static str,
+    pub children: usize,
+    pub seconds: f64,
+    /// Calls recorded of those the children made.
+    pub traced: u64,
+    /// Children with all their calls recorded.
+    pub complete: usize,
+}
+
+impl ChurnRun {
+    pub fn expected(&self) -> u64 {
+        self.children as u64 * CALLS
+    }
+}
+
+/// A cgroup for one run, removed (its processes killed) on drop.
+struct Cgroup(PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..500 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Runs `children` Pythons under pftraced, with `--binary` or without.
+pub fn run(
+    pftraced: &Path,
+    python: &Path,
+    child_py: &Path,
+    dir: &Path,
+    children: usize,
+    binary: bool,
+) -> Result<ChurnRun> {
+    let mode = if binary { "--binary" } else { "per process" };
+    let cg = Cgroup(PathBuf::from(CGROUP_ROOT).join(format!("pftrace-bench-churn-{}", std::process::id())));
+    std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
+    let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));
+    let socket = dir.join("churn.sock");
+    let mut args: Vec<String> = ["-t", "foo", "-o"].map(String::from).into();
+    args.push(trace.display().to_string());
+    args.extend([
+        "--socket".into(),
+        socket.display().to_string(),
+        "--cgroup".into(),
+        cg.0.display().to_string(),
+    ]);
+    if binary {
+        args.extend(["--binary".into(), python.display().to_string()]);
+    }
+    let daemon = Daemon::start(pftraced, &args, &trace)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("pftraced did not open its control socket in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let spawn = || -> Result<Child> {
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&cg.0)
+            .arg(python)
+            .arg(child_py)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting a child")
+    };
+    let started = Instant::now();
+    let mut running: Vec<Child> = Vec::new();
+    let mut pids = Vec::with_capacity(children);
+    while pids.len() < children || !running.is_empty() {
+        running.retain_mut(|c| c.try_wait().ok().flatten().is_none());
+        if pids.len() < children && running.len() < IN_FLIGHT {
+            let c = spawn()?;
+            pids.push(c.id());
+            running.push(c);
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.interrupt();
+    daemon.finish(Duration::from_secs(60))?;
+
+    let v: Value = serde_json::from_slice(&std::fs::read(&trace).context("reading the churn trace")?)
+        .context("the churn trace is not JSON")?;
+    let mut per_pid = std::collections::HashMap::<u64, u64>::new();
+    for e in v["traceEvents"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        if e["ph"] == "X" && e["name"] == "foo" {
+            *per_pid.entry(e["pid"].as_u64().unwrap_or(0)).or_default() += 1;
+        }
+    }
+    let traced = pids.iter().map(|p| per_pid.get(&u64::from(*p)).copied().unwrap_or(0)).sum();
+    let complete = pids.iter().filter(|p| per_pid.get(&u64::from(**p)) == Some(&CALLS)).count();
+    Ok(ChurnRun { mode, children, seconds, traced, complete })
+}
+
+pub fn text(runs: &[Result<ChurnRun>]) -> String {
+    let mut s = format!(
+        "churn (Pythons of 50 ms started in a watched cgroup, {IN_FLIGHT} at a time, {CALLS} calls each, the first on \
+         their first line):\n"
+    );
+    for r in runs {
+        match r {
+            Ok(r) => s.push_str(&format!(
+                "  {:<12} {} children in {:.1} s: {} of {} calls traced ({:.3}%), {} children complete\n",
+                r.mode,
+                r.children,
+                r.seconds,
+                r.traced,
+                r.expected(),
+                r.traced as f64 * 100.0 / r.expected().max(1) as f64,
+                r.complete
+            )),
+            Err(e) => s.push_str(&format!("  could not run: {e:#}\n")),
+        }
+    }
+    s
+}
+
+pub fn json(runs: &[Result<ChurnRun>]) -> Value {
+    runs.iter()
+        .map(|r| match r {
+            Ok(r) => json!({
+                "mode": r.mode, "children": r.children, "seconds": r.seconds,
+                "calls_expected": r.expected(), "calls_traced": r.traced, "children_complete": r.complete,
+            }),
+            Err(e) => json!({ "error": format!("{e:#}") }),
+        })
+        .collect()
+}
