@@ -13,7 +13,8 @@ use crate::cpython;
 use crate::util::{self, Step};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
-/// toolchain with headers for building CPython.
+/// toolchain with headers for building CPython, and Debian's CPython 3.11
+/// (the refusal tests check pftraced's message for its broken entry probe).
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,6 +26,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libffi-dev",
     "libssl-dev",
     "pkg-config",
+    "python3.11",
 ];
 
 /// bpf-linker release to install, and the LLVM it is built against.
