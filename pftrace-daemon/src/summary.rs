@@ -91,6 +91,14 @@ pub fn render(trace: &Trace) -> String {
         "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
         c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
     );
+    let process_reports_lost = c.exec_lost + c.fork_lost + c.exit_lost;
+    if process_reports_lost > 0 {
+        let _ = writeln!(
+            s,
+            "LOST: {process_reports_lost} reports of processes starting or exiting (the ring buffer was full): \
+             some children may not have been traced"
+        );
+    }
     let incomplete = trace.incomplete_calls();
     if incomplete > 0 || !trace.unmatched_returns.is_empty() || trace.bad_records > 0 {
         let _ = writeln!(

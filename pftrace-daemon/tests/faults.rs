@@ -492,7 +492,7 @@ fn ring_buffer_overflow_is_counted_in_trace_summary_and_status_and_every_hit_is_
     assert!(lost < 2 * CALLS, "nothing delivered at all: {st}");
     let human = ctl_ok(&socket, &["status"]);
     let want = format!(
-        "LOST:      {lost} call records and 0 new-process reports (the ring buffer was full); raise \
+        "LOST:      {lost} call records and 0 process start/exit reports (the ring buffer was full); raise \
          limits.ring_buffer_bytes in pftraced.toml"
     );
     assert!(human.lines().any(|l| l == want), "status lacks {want:?}:\n{human}");
@@ -1138,6 +1138,12 @@ fn two_thousand_50ms_pythons_in_a_watched_cgroup_have_every_call_traced_and_the_
     assert!(counts.keys().all(|p| all.contains(p)), "calls from pids outside the cgroup: {counts:?}");
     assert!(!counts.contains_key(&neighbour.pid()), "the neighbour outside the cgroup was traced");
     assert!(out_of_scope > 0, "the neighbour's hits were not seen by the host-wide probes: {st}");
+    let human = ctl_ok(&socket, &["status"]);
+    assert!(
+        human.lines().any(|l| l.starts_with("scope:     ")
+            && l.ends_with(" probe hits of processes outside the scope dropped in the kernel (--binary probes fire in every process running the binary)")),
+        "status does not report the hits dropped out of scope:\n{human}"
+    );
     assert!(trace.calls.iter().all(|c| !c.incomplete), "incomplete calls");
     // Each child calls foo at once, on its first line: every call is traced.
     assert!(partial.is_empty(), "children with some of their calls traced: {partial:?} in {counts:?}");

@@ -296,6 +296,9 @@ fn root_without_cap_bpf() {
         let wrapper = [setpriv, "--inh-caps=-all", &bounding];
         let caps = cap_eff_under(&wrapper);
         assert_eq!(caps & CAP_SYS_ADMIN, 0, "setpriv {drop} left {caps:#x}");
+        if drop.contains("-bpf") {
+            assert_eq!(caps & CAP_BPF, 0, "setpriv {drop} left {caps:#x}");
+        }
         let run = Pftraced::new(&dir, &["foo"])
             .wrapped(&wrapper)
             .launch(&[py.as_os_str(), "-c".as_ref(), code.as_ref()])

@@ -75,12 +75,21 @@ pub fn render(s: &Status) -> String {
         c.read_errors,
         s.filtered_in_user_space
     );
-    if c.lost > 0 || c.exec_lost > 0 {
+    if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
-            "LOST:      {} call records and {} new-process reports (the ring buffer was full); \
+            "scope:     {} probe hits of processes outside the scope dropped in the kernel (--binary probes \
+             fire in every process running the binary)",
+            c.out_of_scope
+        );
+    }
+    let process_reports_lost = c.exec_lost + c.fork_lost + c.exit_lost;
+    if c.lost > 0 || process_reports_lost > 0 {
+        let _ = writeln!(
+            o,
+            "LOST:      {} call records and {} process start/exit reports (the ring buffer was full); \
              raise limits.ring_buffer_bytes in pftraced.toml",
-            c.lost, c.exec_lost
+            c.lost, process_reports_lost
         );
     } else {
         let _ = writeln!(o, "lost:      0 records");
