@@ -751,7 +751,8 @@ fn run_soak(ctx: &Ctx, seconds: u64) -> Soak {
                         .min(Duration::from_secs_f64((half_s - t0.elapsed().as_secs_f64()).max(0.01))),
                 );
                 rss.extend(procs::proc_rss(d.pid));
-                disturbed_s += usize::from(!foreign_tracers().is_empty());
+                let own = format!("(pid {})", d.pid);
+                disturbed_s += usize::from(foreign_tracers().iter().any(|t| !t.ends_with(&own)));
             }
             let secs = t0.elapsed().as_secs_f64();
             d.interrupt();

@@ -303,6 +303,7 @@ impl Daemon {
     fn attach_target(&mut self, target: &Target) -> Result<(), DaemonError> {
         let pid = target.pid;
         let pidfd = procwatch::pidfd(pid).map_err(|source| DaemonError::Watch { pid, source })?;
+        self.track(pid);
         let serial = if self.all || self.processes.is_host_wide(target.file) {
             self.processes.attach_binary(&mut self.probes, target)?
         } else {
@@ -400,6 +401,7 @@ impl Daemon {
             log::debug!("pid {pid} exited before it could be attached");
             return;
         };
+        self.track(pid);
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         self.pending
@@ -493,11 +495,17 @@ impl Daemon {
         }
     }
 
-    /// Follows a traced process: its forks are reported, its exit handled.
-    fn watch(&mut self, pid: u32, serial: u64, pidfd: std::os::fd::OwnedFd) {
+    /// Puts `pid` in the kernel's tracked set before its probes are
+    /// attached: its forks and execs are reported, and with `--binary` its
+    /// probe hits count from the moment they fire (the kernel forgets it at exit).
+    fn track(&mut self, pid: u32) {
         if let Err(err) = self.probes.track(pid) {
             log::warn!("forks of pid {pid} will not be followed: {err}");
         }
+    }
+
+    /// Follows a traced process: its exit is handled.
+    fn watch(&mut self, pid: u32, serial: u64, pidfd: std::os::fd::OwnedFd) {
         let tx = self.exits.0.clone();
         tokio::spawn(async move {
             let _ = procwatch::exited(pidfd).await;

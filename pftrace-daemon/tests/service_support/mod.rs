@@ -515,3 +515,20 @@ pub fn counts<'a>(calls: impl IntoIterator<Item = &'a CallEvent>) -> BTreeMap<(u
 pub fn expected(items: &[(u32, &str, u64)]) -> BTreeMap<(u32, String), u64> {
     items.iter().map(|&(pid, name, n)| ((pid, name.to_string()), n)).collect()
 }
+
+/// Other pftraced processes on the host (another test run with `--all`
+/// would raise every Python's semaphores): named in failure messages.
+pub fn other_daemons(except: &[u32]) -> String {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if except.contains(&pid) {
+            continue;
+        }
+        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pftraced") {
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            found.push(format!("{pid}: {}", text(&cmd).replace('\0', " ")));
+        }
+    }
+    if found.is_empty() { "none".into() } else { found.join("; ") }
+}
