@@ -63,7 +63,7 @@ struct Cli {
     /// each new process is attached when it appears (a few ms after its exec
     /// here), and calls it makes before that are not seen. Cost: while
     /// pftraced runs, every process on the host running this file takes the
-    /// probe trap on each Python call (about 1 us here), though only calls in
+    /// probe trap on each Python call (about 1.2 us here), though only calls in
     /// scope are recorded (repeatable).
     #[arg(long = "binary", value_name = "FILE")]
     binaries: Vec<PathBuf>,

@@ -235,11 +235,13 @@ impl Daemon {
         for path in &opts.binaries {
             let binary = target::inspect_file(path)?;
             processes.attach_host_wide(&mut probes, &binary)?;
-            let others = processes::processes_mapping(binary.file);
-            log::info!(
-                "attached host-wide to {} ({} processes run it now; each pays the probe trap per Python call)",
-                crate::events::printable_path(path),
-                others
+            let running = processes::processes_mapping(binary.file);
+            let level = if running > 0 { log::Level::Warn } else { log::Level::Info };
+            log::log!(
+                level,
+                "attached host-wide to {}: every process running it ({running} now, and any started while \
+                 pftraced runs) pays the probe trap on every Python call (about 1.2 us here), in scope or not",
+                crate::events::printable_path(path)
             );
             binaries.push(format!("binary {} (host-wide)", crate::events::printable_path(path)));
         }
