@@ -95,7 +95,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         return Err(TargetError::PidNotFound(pid));
     }
     let gone = |source| TargetError::Gone { pid, source };
-    if proc_state(pid).is_some_and(|s| s == 'Z' || s == 'X') {
+    if crate::procinfo::state(pid).is_some_and(|s| s == 'Z' || s == 'X') {
         return Err(TargetError::Zombie(pid));
     }
     let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
@@ -161,7 +161,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
-        let started = start_ticks(pid).unwrap_or(0);
+        let started = crate::procinfo::start_ticks(pid).unwrap_or(0);
         return Ok(Target {
             pid,
             binary: binary.clone(),
@@ -260,23 +260,6 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         file: (meta.dev(), meta.ino()),
         started: 0,
     })
-}
-
-/// Field `n` (1-based, n >= 3) of /proc/PID/stat.
-fn stat_field(pid: u32, n: usize) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command (field 2) is in parentheses and may hold anything: count after its last ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(String::from)
-}
-
-/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    stat_field(pid, 22)?.parse().ok()
-}
-
-/// Field 3 of /proc/PID/stat: the process state (R, S, Z...).
-fn proc_state(pid: u32) -> Option<char> {
-    stat_field(pid, 3)?.chars().next()
 }
 
 /// What one ELF file offers: its Python probe sites and CPython version.

@@ -81,6 +81,8 @@ pub enum DaemonError {
     Scope(#[from] TargetScopeError),
     #[error(transparent)]
     Attach(#[from] AttachFailure),
+    #[error("pid {0} exited while pftraced was attaching to it; nothing to trace")]
+    ExitedDuringAttach(u32),
     #[error("watching pid {pid}: {source}")]
     Watch { pid: u32, source: std::io::Error },
     #[error("rolling output: {0}")]
@@ -306,10 +308,15 @@ impl Daemon {
         let pid = target.pid;
         let pidfd = procwatch::pidfd(pid).map_err(|source| DaemonError::Watch { pid, source })?;
         self.track(pid);
-        let serial = if self.all || self.processes.is_host_wide(target.file) {
-            self.processes.attach_binary(&mut self.probes, target)?
+        let attached = if self.all || self.processes.is_host_wide(target.file) {
+            self.processes.attach_binary(&mut self.probes, target)
         } else {
-            self.processes.attach_process(&mut self.probes, target)?
+            self.processes.attach_process(&mut self.probes, target)
+        };
+        let serial = match attached {
+            Ok(serial) => serial,
+            Err(_) if crate::procinfo::has_exited(pid) => return Err(DaemonError::ExitedDuringAttach(pid)),
+            Err(err) => return Err(err.into()),
         };
         self.watch(pid, serial, pidfd);
         Ok(())
