@@ -103,6 +103,29 @@ pub fn sample(pid: u32, ts_ns: u64, prev: &Reading, now: &Reading, elapsed_s: f6
     }
 }
 
+/// Field `n` (1-based, n >= 3) of /proc/PID/stat. The command (field 2) is
+/// in parentheses and may hold anything: fields are counted after its last ')'.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(String::from)
+}
+
+/// The process state (field 3: R, S, Z...).
+pub fn state(pid: u32) -> Option<char> {
+    stat_field(pid, 3)?.chars().next()
+}
+
+/// When the process started, in clock ticks after boot (field 22). Exec
+/// keeps it: another value under the same pid is another process.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)?.parse().ok()
+}
+
+/// Whether `pid` is gone, or a zombie, now.
+pub fn has_exited(pid: u32) -> bool {
+    state(pid).is_none_or(|s| s == 'Z' || s == 'X')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,27 +150,4 @@ mod tests {
         let s = sample(me, 0, &Reading { user_s: 0.0, system_s: 0.0, ..r }, &r, 1.0);
         assert!(s.cpu_percent >= 0.0);
     }
-}
-
-/// Field `n` (1-based, n >= 3) of /proc/PID/stat. The command (field 2) is
-/// in parentheses and may hold anything: fields are counted after its last ')'.
-fn stat_field(pid: u32, n: usize) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(String::from)
-}
-
-/// The process state (field 3: R, S, Z...).
-pub fn state(pid: u32) -> Option<char> {
-    stat_field(pid, 3)?.chars().next()
-}
-
-/// When the process started, in clock ticks after boot (field 22). Exec
-/// keeps it: another value under the same pid is another process.
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    stat_field(pid, 22)?.parse().ok()
-}
-
-/// Whether `pid` is gone, or a zombie, now.
-pub fn has_exited(pid: u32) -> bool {
-    state(pid).is_none_or(|s| s == 'Z' || s == 'X')
 }

@@ -18,9 +18,16 @@ pub enum FilterError {
     #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
-    Bpf(#[from] BpfError),
+    Bpf(Box<BpfError>),
     #[error("{0:?} is not traced (traced: {1})")]
     NotTraced(String, String),
+}
+
+/// `?` on the kernel side's errors (boxed: they are large).
+impl From<BpfError> for FilterError {
+    fn from(err: BpfError) -> Self {
+        Self::Bpf(Box::new(err))
+    }
 }
 
 /// The traced names and their kernel keys.

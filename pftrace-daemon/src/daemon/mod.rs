@@ -68,7 +68,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Privilege(#[from] PrivilegeError),
     #[error(transparent)]
-    Bpf(#[from] BpfError),
+    Bpf(Box<BpfError>),
     #[error(transparent)]
     Names(#[from] FilterError),
     #[error("no function names to trace: give at least one with -t NAME (or `names` in the config file)")]
@@ -91,6 +91,13 @@ pub enum DaemonError {
     Control(String),
     #[error("reading the ring buffer: {0}")]
     Ring(std::io::Error),
+}
+
+/// `?` on the kernel side's errors (boxed: they are large).
+impl From<BpfError> for DaemonError {
+    fn from(err: BpfError) -> Self {
+        Self::Bpf(Box::new(err))
+    }
 }
 
 /// How often the ring buffer is drained without a wakeup (the kernel wakes

@@ -21,7 +21,7 @@ const MAX_REFUSALS: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachFailure {
     #[error("attaching to pid {pid} ({binary}): {source}")]
-    Bpf { pid: u32, binary: String, source: BpfError },
+    Bpf { pid: u32, binary: String, source: Box<BpfError> },
     #[error("limit reached: already tracing {0} processes (limits.max_processes)")]
     TooMany(usize),
 }
@@ -74,7 +74,7 @@ pub fn attach_job(
     probes.attach_job(&target.open_path, &sites, pid).map_err(|source| AttachFailure::Bpf {
         pid: target.pid,
         binary: printable_path(&target.binary),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -83,7 +83,7 @@ pub fn run_job(job: &AttachJob, target: &Target) -> Result<UprobeLink, AttachFai
     job.run().map_err(|source| AttachFailure::Bpf {
         pid: target.pid,
         binary: printable_path(&target.binary),
-        source: source.into(),
+        source: Box::new(source.into()),
     })
 }
 
