@@ -165,9 +165,14 @@ impl Pairer {
 
 fn close(pid: u32, tid: u32, open: Open, depth: u32, at: Close, end: CallEnd) -> Call {
     // CPU time needs the return reading (0 there means the layout was unknown; at
-    // entry 0 is real for a thread the scheduler has not yet charged).
+    // entry 0 is real for a thread the scheduler has not yet charged). The
+    // scheduler charges a running thread at ticks and switches, so the entry
+    // reading can be stale and the difference exceed the call's wall time
+    // (seen: 42 µs of CPU in a 37 µs call): no thread runs longer than the
+    // call lasted, so it is capped there.
+    let end_ns = at.ts_ns.max(open.start_ns);
     let cpu_ns = match at.figures {
-        Some((cpu, _)) if cpu != 0 => Some(cpu.saturating_sub(open.cpu_ns)),
+        Some((cpu, _)) if cpu != 0 => Some(cpu.saturating_sub(open.cpu_ns).min(end_ns - open.start_ns)),
         _ => None,
     };
     Call {
@@ -177,7 +182,7 @@ fn close(pid: u32, tid: u32, open: Open, depth: u32, at: Close, end: CallEnd) ->
         file: open.file,
         line: open.line,
         start_ns: open.start_ns,
-        end_ns: at.ts_ns.max(open.start_ns),
+        end_ns,
         depth,
         end,
         cpu_ns,
@@ -202,6 +207,9 @@ mod tests {
             Self { d: Decoder::default(), p: Pairer::default(), out: vec![] }
         }
         fn ev(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64) {
+            self.ev_cpu(tid, kind, name, ts, 1000 + ts);
+        }
+        fn ev_cpu(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64, cpu: u64) {
             let ev = Event {
                 ts_ns: ts,
                 pid: 1,
@@ -210,11 +218,22 @@ mod tests {
                 name: self.d.intern(name.as_bytes()),
                 file: self.d.intern(b"t.py"),
                 line: 1,
-                thread_cpu_ns: 1000 + ts,
+                thread_cpu_ns: cpu,
                 rss_bytes: 4096,
             };
             self.p.push(ev, &mut self.out);
         }
+    }
+
+    #[test]
+    fn cpu_time_is_the_difference_capped_at_the_wall_time() {
+        let mut f = Feed::new();
+        f.ev_cpu(1, EventKind::Entry, "c", 1_000, 5_000);
+        f.ev_cpu(1, EventKind::Return, "c", 2_000, 5_600); // 600 ns of CPU in 1000 ns
+        f.ev_cpu(1, EventKind::Entry, "c", 3_000, 5_600); // a stale entry reading: the
+        f.ev_cpu(1, EventKind::Return, "c", 3_500, 6_400); // difference (800) exceeds the call (500)
+        let got: Vec<_> = f.out.iter().map(|c| (c.cpu_ns, c.offcpu_ns())).collect();
+        assert_eq!(got, vec![(Some(600), Some(400)), (Some(500), Some(0))]);
     }
 
     #[test]
