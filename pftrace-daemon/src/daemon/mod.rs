@@ -125,6 +125,8 @@ pub struct Daemon {
     /// Exit notifications: (pid, attach serial), so a late notice about a
     /// process never touches a newer one that reused its pid.
     exits: (mpsc::UnboundedSender<(u32, u64)>, mpsc::UnboundedReceiver<(u32, u64)>),
+    /// Exit watches not yet fired.
+    watched: usize,
     stopping: bool,
     serve: Option<crate::config::SocketConfig>,
     sampler: sampler::Sampler,
@@ -284,6 +286,7 @@ impl Daemon {
             start_ns: WallClock::monotonic_now_ns(),
             started: Instant::now(),
             exits: mpsc::unbounded_channel(),
+            watched: 0,
             stopping: false,
             serve: opts.serve.then(|| opts.config.socket.clone()),
             sampler: sampler::Sampler::new(&opts.config.sampling),
@@ -468,7 +471,7 @@ impl Daemon {
                 log::info!("tracing pid {pid} ({})", crate::events::printable_path(&target.binary));
             }
             Err(err) => {
-                if std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+                if !crate::procinfo::has_exited(pid) {
                     log::warn!("{}", crate::events::printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
                 } else {
@@ -522,6 +525,7 @@ impl Daemon {
 
     /// Follows a traced process: its exit is handled.
     fn watch(&mut self, pid: u32, serial: u64, pidfd: std::os::fd::OwnedFd) {
+        self.watched += 1;
         let tx = self.exits.0.clone();
         tokio::spawn(async move {
             let _ = procwatch::exited(pidfd).await;
@@ -558,13 +562,21 @@ impl Daemon {
         let mut tick = tokio::time::interval(TICK);
         let mut last_flush = Instant::now();
         while !self.stopping {
-            if self.until_targets_exit && self.processes.running_count() == 0 && self.pending.is_empty() {
+            // The ring's exit record comes early in the kernel's exit path;
+            // the pidfd (watched) fires once the process can be reaped, which
+            // a launched command's status needs.
+            if self.until_targets_exit
+                && self.processes.running_count() == 0
+                && self.pending.is_empty()
+                && self.watched == 0
+            {
                 break;
             }
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
                 Some((pid, serial)) = self.exits.1.recv() => {
+                    self.watched = self.watched.saturating_sub(1);
                     self.drain(ring.get_mut());
                     if self.processes.serial(pid) == Some(serial) {
                         self.end_process(pid, WallClock::monotonic_now_ns());
