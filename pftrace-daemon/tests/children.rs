@@ -1,7 +1,8 @@
 //! Children of traced processes, as root against the real CPython:
 //!
 //! - launch mode: a forked child and a `subprocess.run` of another Python
-//!   are traced under their own pids; a program running non-Python children
+//!   are traced under their own pids, and so is a Python started by a shell
+//!   that a traced child exec'd into; a program running non-Python children
 //!   still ends pftraced when it ends; with a cgroup as well, SIGTERM goes
 //!   to the command, then stops pftraced once the command has exited;
 //! - 2,000 Pythons of 50 ms started in a watched cgroup with `--binary` have
@@ -135,6 +136,59 @@ fn launch_mode_subprocess_python_child_is_traced() {
     assert_eq!(per_pid(&trace, "foo"), BTreeMap::from([(parent, 2), (child, 30)]));
     assert!(trace.named_in("foo", "/child.py").iter().all(|c| c.pid == child));
     assert!(trace.process_pids().contains(&child));
+}
+
+/// A traced Python child that, once traced, execs a shell which starts a
+/// Python: the child stays followed after exec'ing something other than
+/// Python, so the shell's Python child is found and traced.
+#[test]
+fn python_grandchild_of_a_traced_child_that_became_a_shell_is_traced() {
+    let _serial = serial();
+    let dir = TestDir::new("fault-grandchild");
+    let grandchild = dir.script(
+        "grandchild.py",
+        r#"
+        import os, time
+
+        def foo():
+            pass
+
+        print("grandchild", os.getpid(), flush=True)
+        time.sleep(0.3)
+        for _ in range(4):
+            foo()
+        "#,
+    );
+    let script = dir.script(
+        "parent.py",
+        r#"
+        import os, sys, time
+
+        def foo():
+            pass
+
+        child = os.fork()
+        if child == 0:
+            time.sleep(0.3)  # traced by now
+            foo()
+            # The shell waits (pftraced sees it is not a Python meanwhile),
+            # then forks the Python (`; true`: rather than exec'ing it).
+            os.execv("/bin/sh", ["sh", "-c", 'sleep 0.3; "%s" "%s"; true' % (sys.executable, sys.argv[1])])
+        os.waitpid(child, 0)
+        print("child", child, flush=True)
+        foo()
+        "#,
+    );
+    let run = Pftraced::new(&dir, &["foo"])
+        .launch(&[python().as_os_str(), script.as_os_str(), grandchild.as_os_str()])
+        .run();
+    run.assert_code(0);
+    let parent = run.attached_pid();
+    let child = printed_pid(&run.stdout, "child ");
+    let grandchild = printed_pid(&run.stdout, "grandchild ");
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(per_pid(&trace, "foo"), BTreeMap::from([(parent, 1), (child, 1), (grandchild, 4)]));
 }
 
 /// A traced program that runs non-Python commands: each forked child is
