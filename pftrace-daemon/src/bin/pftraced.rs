@@ -35,6 +35,8 @@ use tokio::signal::unix::{SignalKind, signal};
 ///   sudo pftraced -t compute -o trace.json -- python3 app.py --size 10
 ///   sudo pftraced -t compute --format pfw -o pfw-traces -- python3 app.py
 ///   sudo pftraced -t 'solver.py:step' --cgroup /sys/fs/cgroup/unified/job42 --output-dir /var/lib/pftrace
+///   sudo pftraced -t task --cgroup /sys/fs/cgroup/unified/job42 --binary /opt/env/bin/python3.9
+///                                  # every call of the job's short-lived Pythons, from their first line
 ///   sudo pftracectl stats          # while a daemon with --serve/--cgroup/--all runs
 #[derive(Debug, Parser)]
 #[command(name = "pftraced", version, verbatim_doc_comment)]
