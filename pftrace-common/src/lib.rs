@@ -59,13 +59,8 @@ pub mod config {
     /// Bumped by user space whenever the traced names change: the kernel's
     /// per-pointer verdict cache ignores entries of older generations.
     pub const GENERATION: u32 = 3;
-    /// Non-zero when probes are attached host-wide to a binary but only
-    /// processes in TRACKED are traced (`--binary` with pid or cgroup
-    /// scopes): probe hits of other processes are dropped first thing, and
-    /// processes entering a watched cgroup by exec are added to TRACKED.
-    pub const SCOPE_FILTER: u32 = 4;
     /// Number of config entries.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 4;
 
     pub const EXEC_OFF: u32 = 0;
     pub const EXEC_ALL: u32 = 1;
@@ -176,6 +171,12 @@ pub mod task_layout {
     pub const TASK_TGID: &str = "TASK_TGID_OFF";
     /// Ring-buffer fill in bytes at which a submit wakes the reader (0: every record).
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// Non-zero when probes are attached host-wide to a binary but only
+    /// processes in TRACKED are traced (`--binary` with pid or cgroup
+    /// scopes): probe hits of other processes are dropped first thing, and
+    /// processes entering a watched cgroup by exec are added to TRACKED.
+    /// Fixed at load time, so the verifier drops the check when it is 0.
+    pub const SCOPE_FILTER: &str = "SCOPE_FILTER";
 }
 
 /// Indices into the per-CPU counter array.

@@ -55,6 +55,11 @@ static MM_RSS_SHMEM_IDX: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u32 = 0;
 
+/// Non-zero: only processes in TRACKED are traced (`--binary` with pid or
+/// cgroup scopes; see pftrace_common::task_layout::SCOPE_FILTER).
+#[unsafe(no_mangle)]
+static SCOPE_FILTER: u32 = 0;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -78,9 +83,10 @@ static PREFIXES: LpmTrie<[u8; NAME_LEN], u32> = LpmTrie::with_max_entries(MAX_PR
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 
 /// Traced processes (tgids) and their descendants: their forks and execs are
-/// reported, and with CONFIG[SCOPE_FILTER] only their probe hits count. User space adds the processes it attaches to; the fork program
-/// adds each new child at once, so a child that execs before user space has
-/// seen it is still reported. LRU: entries of processes that exited unseen age out.
+/// reported, and with SCOPE_FILTER only their probe hits count. User space
+/// adds the processes it attaches to; the fork program adds each new child at
+/// once, so a child that execs before user space has seen it is still
+/// reported; the exit program removes a process when it exits. LRU, in case.
 #[map]
 static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACKED, 0);
 
@@ -135,7 +141,7 @@ pub fn pftrace_noop(_ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn on_probe(ctx: &ProbeContext, event_kind: u8, seen: u32, matched: u32) -> u32 {
-    if config_value(config::SCOPE_FILTER) != 0 {
+    if global(&SCOPE_FILTER) != 0 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if unsafe { TRACKED.get(&tgid) }.is_none() {
             bump(counter::OUT_OF_SCOPE);
@@ -330,7 +336,7 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     if !in_scope {
         return 0;
     }
-    if !tracked && config_value(config::SCOPE_FILTER) != 0 {
+    if !tracked && global(&SCOPE_FILTER) != 0 {
         // Host-wide probes already fire in this process: trace it from its
         // first instruction, before user space has even seen it.
         let _ = TRACKED.insert(&((pid_tgid >> 32) as u32), &1, 0);

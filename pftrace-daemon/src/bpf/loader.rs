@@ -129,8 +129,9 @@ impl KernelProbes {
     /// Loads and verifies the programs; `ring_bytes` sizes the ring buffer
     /// (a power of two, multiple of the page size).
     /// `layout` gives the kernel offsets for per-call CPU time and RSS; without
-    /// it those figures read as 0.
-    pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>) -> Result<Self, BpfError> {
+    /// it those figures read as 0. `scope_filter`: only processes in the
+    /// tracked set are traced (host-wide probes with pid or cgroup scopes).
+    pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>, scope_filter: bool) -> Result<Self, BpfError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", ring_bytes);
         let globals = layout.map(|o| {
@@ -150,6 +151,8 @@ impl KernelProbes {
         // the daemon also drains on a short timer (DRAIN_INTERVAL in the daemon).
         let wakeup = ring_bytes / 4;
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
+        let scope_filter = u32::from(scope_filter);
+        loader.override_global(task_layout::SCOPE_FILTER, &scope_filter, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);

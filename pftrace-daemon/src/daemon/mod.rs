@@ -198,7 +198,9 @@ impl Daemon {
                 None
             }
         };
-        let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref())?;
+        // Host-wide probes (--binary), but only processes in scope are traced.
+        let scope_filter = !opts.binaries.is_empty() && !opts.all;
+        let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref(), scope_filter)?;
         if probes.attach_method() == crate::bpf::AttachMethod::PerfEvent {
             log::warn!(
                 "attaching through uprobe perf events ({}): about 10 times slower per process than \
