@@ -60,10 +60,7 @@ pub struct Reading {
 
 /// Reads `/proc/PID/stat` (utime, stime) and `/proc/PID/status` (VmRSS, VmHWM).
 pub fn read(pid: u32) -> Option<Reading> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised comm, which may itself contain spaces or parens.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the comm.
     let ticks = clock_ticks();
     let user_s = fields.get(11)?.parse::<f64>().ok()? / ticks;
@@ -103,27 +100,40 @@ pub fn sample(pid: u32, ts_ns: u64, prev: &Reading, now: &Reading, elapsed_s: f6
     }
 }
 
-/// Field `n` (1-based, n >= 3) of /proc/PID/stat. The command (field 2) is
-/// in parentheses and may hold anything: fields are counted after its last ')'.
-fn stat_field(pid: u32, n: usize) -> Option<String> {
+/// The fields of /proc/PID/stat from field 3 on (index 0 is field 3). The
+/// command (field 2) is in parentheses and may hold anything: fields are
+/// counted after its last ')'.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(n - 3).map(String::from)
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(String::from).collect())
 }
 
-/// The process state (field 3: R, S, Z...).
-pub fn state(pid: u32) -> Option<char> {
-    stat_field(pid, 3)?.chars().next()
+/// What /proc/PID/stat says of a process's identity and life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 3: R, S, Z...
+    pub state: char,
+    /// Field 22: when the process started, in clock ticks after boot. Exec
+    /// keeps it: another value under the same pid is another process.
+    pub start_ticks: u64,
 }
 
-/// When the process started, in clock ticks after boot (field 22). Exec
-/// keeps it: another value under the same pid is another process.
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    stat_field(pid, 22)?.parse().ok()
+impl Stat {
+    /// A zombie (or dead) process: it has exited.
+    pub fn exited(&self) -> bool {
+        self.state == 'Z' || self.state == 'X'
+    }
+}
+
+/// Reads /proc/PID/stat; `None` when the process is gone.
+pub fn stat(pid: u32) -> Option<Stat> {
+    let fields = stat_fields(pid)?;
+    Some(Stat { state: fields.first()?.chars().next()?, start_ticks: fields.get(19)?.parse().ok()? })
 }
 
 /// Whether `pid` is gone, or a zombie, now.
 pub fn has_exited(pid: u32) -> bool {
-    state(pid).is_none_or(|s| s == 'Z' || s == 'X')
+    stat(pid).is_none_or(|s| s.exited())
 }
 
 #[cfg(test)]

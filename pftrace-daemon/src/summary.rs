@@ -91,7 +91,7 @@ pub fn render(trace: &Trace) -> String {
         "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
         c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
     );
-    let process_reports_lost = c.exec_lost + c.fork_lost + c.exit_lost;
+    let process_reports_lost = c.process_reports_lost();
     if process_reports_lost > 0 {
         let _ = writeln!(
             s,

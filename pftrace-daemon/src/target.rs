@@ -95,7 +95,8 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         return Err(TargetError::PidNotFound(pid));
     }
     let gone = |source| TargetError::Gone { pid, source };
-    if crate::procinfo::state(pid).is_some_and(|s| s == 'Z' || s == 'X') {
+    let stat = crate::procinfo::stat(pid);
+    if stat.is_some_and(|s| s.exited()) {
         return Err(TargetError::Zombie(pid));
     }
     let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
@@ -161,7 +162,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
-        let started = crate::procinfo::start_ticks(pid).unwrap_or(0);
+        let started = stat.map_or(0, |s| s.start_ticks);
         return Ok(Target {
             pid,
             binary: binary.clone(),

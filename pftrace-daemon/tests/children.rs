@@ -20,24 +20,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use common::*;
 use service_support::{Cgroup, ctl_ok, dump, exited, other_daemons, process_entry, wait_status};
-
-/// One test at a time in this file.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn kill(pid: u32, sig: i32) {
-    // SAFETY: signalling a process this test started (not yet reaped).
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
 
 /// pid -> calls of `name`.
 fn per_pid(trace: &Trace, name: &str) -> BTreeMap<u32, usize> {

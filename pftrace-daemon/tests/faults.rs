@@ -31,20 +31,13 @@ use std::{
         process::ExitStatusExt as _,
     },
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::Value;
 use service_support::{WAIT, ctl, ctl_ok, dump, exited, other_daemons, status, stop, text, wait_status};
-
-/// One test at a time in this file.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A worker driven over stdin: `call NAME N` calls NAME N times and answers
 /// `done`; `slow SECONDS` calls quick() 5 times then slow(SECONDS), which
@@ -95,15 +88,6 @@ fn call(w: &mut PyProcess, name: &str, n: u64) {
 
 // ---------------------------------------------------------------------------
 // pftracectl
-
-fn kill(pid: u32, sig: i32) {
-    // SAFETY: signalling a process this test started (not yet reaped).
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
-}
-
-fn wall_us_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as f64 / 1000.0
-}
 
 // ---------------------------------------------------------------------------
 // The probe sites as the traced process sees them (/proc/PID/mem)
@@ -226,25 +210,6 @@ fn bpf_ids(pid: u32) -> BpfIds {
     }
     ids
 }
-
-/// Whether a BPF object with this id still exists (`BPF_*_GET_FD_BY_ID`).
-fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
-    let attr: [u32; 4] = [id, 0, 0, 0];
-    // SAFETY: attr is a zero-tailed prefix of union bpf_attr for *_GET_FD_BY_ID.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(&attr) as u32) };
-    if fd >= 0 {
-        // SAFETY: we own the fd the kernel just returned.
-        unsafe { libc::close(fd as i32) };
-        return true;
-    }
-    let err = std::io::Error::last_os_error();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "bpf cmd {cmd} id {id}: {err}");
-    false
-}
-
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 
 /// Waits (the kernel frees programs and maps after an RCU grace period)
 /// until none of `ids` exists; panics naming the survivors after 10 s.

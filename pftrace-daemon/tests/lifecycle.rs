@@ -20,27 +20,15 @@ mod service_support;
 use std::{
     fs,
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard},
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use common::*;
 use service_support::*;
 
-/// One test at a time: forcing a pid to be reused races with every other
-/// process start on the host, and the attach-exit test starts hundreds.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The kernel's last allocated pid in this (the initial) pid namespace.
 const NS_LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
-
-fn wall_us_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1e6
-}
 
 /// A script that prints `ready`, waits for a line, then calls `hold`, which
 /// prints `inside` and sleeps (to be killed there).
@@ -104,8 +92,7 @@ fn kill_inside_hold(holder: &mut Worker) -> (u32, f64, f64) {
     thread::sleep(Duration::from_millis(200));
     let pid = holder.pid();
     let before = wall_us_now();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    kill(pid, libc::SIGKILL);
     while !exited(pid) {
         thread::sleep(Duration::from_millis(5));
     }

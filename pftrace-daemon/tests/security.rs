@@ -433,23 +433,14 @@ fn bpf_ids(pid: u32) -> Vec<(&'static str, u32)> {
     ids
 }
 
-fn bpf_object_exists(kind: &str, id: u32) -> bool {
-    let cmd: libc::c_long = match kind {
-        "prog" => 13, // BPF_PROG_GET_FD_BY_ID
-        "map" => 14,  // BPF_MAP_GET_FD_BY_ID
-        _ => 30,      // BPF_LINK_GET_FD_BY_ID
+/// Whether the BPF object `kind` ("prog", "map" or "link") with this id still exists.
+fn bpf_kind_exists(kind: &str, id: u32) -> bool {
+    let cmd = match kind {
+        "prog" => BPF_PROG_GET_FD_BY_ID,
+        "map" => BPF_MAP_GET_FD_BY_ID,
+        _ => BPF_LINK_GET_FD_BY_ID,
     };
-    let attr: [u32; 4] = [id, 0, 0, 0];
-    // SAFETY: a zero-tailed prefix of union bpf_attr for *_GET_FD_BY_ID.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(&attr) as u32) };
-    if fd >= 0 {
-        // SAFETY: the fd the kernel just returned is ours.
-        unsafe { libc::close(fd as i32) };
-        return true;
-    }
-    let err = std::io::Error::last_os_error();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{kind} {id}: {err}");
-    false
+    bpf_object_exists(cmd, id)
 }
 
 /// A bpffs mounted at /sys/fs/bpf for one test (where aya and libbpf pin
@@ -530,7 +521,7 @@ fn no_bpf_object_is_pinned_or_outlives_the_daemon() {
     run.trace().assert_clean();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let alive: Vec<_> = ids.iter().filter(|(k, id)| bpf_object_exists(k, *id)).collect();
+        let alive: Vec<_> = ids.iter().filter(|(k, id)| bpf_kind_exists(k, *id)).collect();
         if alive.is_empty() {
             break;
         }

@@ -146,10 +146,8 @@ impl AttachJob {
                 let binary = crate::events::printable_path(&self.binary);
                 let path = CString::new(self.binary.as_os_str().as_bytes())
                     .map_err(|_| AttachError::BadPath { binary: binary.clone() })?;
-                let sites: Vec<(u64, u64, u64)> =
-                    self.sites.iter().map(|s| (s.offset, s.semaphore_offset, s.cookie)).collect();
                 let pid = self.pid.unwrap_or(0);
-                let link = super::multi::link(prog.as_fd(), &path, &sites, pid)
+                let link = super::multi::link(prog.as_fd(), &path, &self.sites, pid)
                     .map_err(|source| AttachError::MultiLink { binary, pid, source })?;
                 Ok(UprobeLink { _fds: vec![link] })
             }

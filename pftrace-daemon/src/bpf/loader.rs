@@ -114,6 +114,13 @@ pub struct Counters {
     pub exit_lost: u64,
 }
 
+impl Counters {
+    /// Reports of processes starting (exec, fork) or exiting that the ring buffer had no room for.
+    pub fn process_reports_lost(&self) -> u64 {
+        self.exec_lost + self.fork_lost + self.exit_lost
+    }
+}
+
 /// The loaded eBPF programs and maps.
 pub struct KernelProbes {
     /// Attach the floor program instead of the real ones (benchmarks).

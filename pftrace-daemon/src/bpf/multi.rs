@@ -37,7 +37,10 @@ pub enum MultiLoadError {
     Load { name: String, source: io::Error, log: String },
 }
 
-use super::sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
+use super::{
+    attach::Site,
+    sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd},
+};
 
 // From include/uapi/linux/bpf.h.
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
@@ -186,18 +189,17 @@ struct MultiLinkAttr {
     _pad: u32,
 }
 
-/// Creates one uprobe_multi link running `prog` at every `(offset,
-/// ref_ctr_offset, cookie)` of `path`, in process `pid` only (0: every
-/// process mapping the file).
+/// Creates one uprobe_multi link running `prog` at every site of `path`,
+/// in process `pid` only (0: every process mapping the file).
 pub fn link(
     prog: std::os::fd::BorrowedFd<'_>,
     path: &CString,
-    sites: &[(u64, u64, u64)],
+    sites: &[Site],
     pid: u32,
 ) -> io::Result<OwnedFd> {
-    let offsets: Vec<u64> = sites.iter().map(|s| s.0).collect();
-    let ref_ctrs: Vec<u64> = sites.iter().map(|s| s.1).collect();
-    let cookies: Vec<u64> = sites.iter().map(|s| s.2).collect();
+    let offsets: Vec<u64> = sites.iter().map(|s| s.offset).collect();
+    let ref_ctrs: Vec<u64> = sites.iter().map(|s| s.semaphore_offset).collect();
+    let cookies: Vec<u64> = sites.iter().map(|s| s.cookie).collect();
     let attr = MultiLinkAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: 0,

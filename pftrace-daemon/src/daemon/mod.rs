@@ -241,10 +241,6 @@ impl Daemon {
         probes.attach_exec_watch()?;
         let mut processes = Processes::new(limits.max_processes);
         let mut binaries = Vec::new();
-        if !opts.binaries.is_empty() && !opts.all {
-            // Host-wide probes, but only processes in scope are traced.
-            probes.set_config(kconfig::SCOPE_FILTER, 1)?;
-        }
         for path in &opts.binaries {
             let binary = target::inspect_file(path)?;
             processes.attach_host_wide(&mut probes, &binary)?;
@@ -360,12 +356,7 @@ impl Daemon {
                     // It exec'd something that is not a traceable Python.
                     self.end_process(pid, WallClock::monotonic_now_ns());
                 }
-                if let Some(p) = self.pending.get_mut(&pid) {
-                    // Drop the attachment in flight when it lands (it must
-                    // still land: until then the pid counts as pending).
-                    p.recheck = None;
-                    p.cancelled = true;
-                }
+                self.cancel_pending(pid);
                 if Processes::worth_reporting(&err) {
                     log::warn!("{}", crate::events::printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
@@ -401,6 +392,15 @@ impl Daemon {
             return;
         }
         self.start_attach(target);
+    }
+
+    /// The attachment in flight for `pid`, if any, is dropped when it lands
+    /// (it must still land: until then the pid counts as pending).
+    fn cancel_pending(&mut self, pid: u32) {
+        if let Some(p) = self.pending.get_mut(&pid) {
+            p.recheck = None;
+            p.cancelled = true;
+        }
     }
 
     /// Starts attaching pid-scoped probes to `target` on a blocking thread.
@@ -671,11 +671,7 @@ impl Daemon {
                     if self.processes.is_running(pid) {
                         self.end_process(pid, ts_ns);
                     }
-                    if let Some(p) = self.pending.get_mut(&pid) {
-                        // Drop the attachment in flight when it lands.
-                        p.recheck = None;
-                        p.cancelled = true;
-                    }
+                    self.cancel_pending(pid);
                 }
             }
         }

@@ -862,3 +862,45 @@ impl Trace {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Small helpers shared by the fault and lifecycle tests
+
+/// One test at a time in the calling test binary (each binary has its own
+/// lock): for tests that measure timing, coverage or memory, or force pids.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `sig` to `pid`, which must still exist.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: signalling a process this test started (not yet reaped).
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// Wall-clock time now, µs since the epoch (as trace timestamps are).
+pub fn wall_us_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as f64 / 1000.0
+}
+
+/// `bpf(2)` commands that open a BPF object by id.
+pub const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+pub const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+pub const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// Whether a BPF object with this id still exists (`cmd`: one of the
+/// `BPF_*_GET_FD_BY_ID` above).
+pub fn bpf_object_exists(cmd: libc::c_long, id: u32) -> bool {
+    let attr: [u32; 4] = [id, 0, 0, 0];
+    // SAFETY: attr is a zero-tailed prefix of union bpf_attr for *_GET_FD_BY_ID.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), size_of_val(&attr) as u32) };
+    if fd >= 0 {
+        // SAFETY: we own the fd the kernel just returned.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "bpf cmd {cmd} id {id}: {err}");
+    false
+}

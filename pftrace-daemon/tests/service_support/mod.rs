@@ -403,10 +403,7 @@ pub fn status(socket: &Path) -> Value {
 
 /// Whether `pid` has exited (gone, or a zombie waiting to be reaped).
 pub fn exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
+    pftrace::procinfo::has_exited(pid)
 }
 
 /// Polls `check` on `status --json` every 20 ms until it returns true;

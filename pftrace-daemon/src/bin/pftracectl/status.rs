@@ -83,7 +83,7 @@ pub fn render(s: &Status) -> String {
             c.out_of_scope
         );
     }
-    let process_reports_lost = c.exec_lost + c.fork_lost + c.exit_lost;
+    let process_reports_lost = c.process_reports_lost();
     if c.lost > 0 || process_reports_lost > 0 {
         let _ = writeln!(
             o,
