@@ -186,7 +186,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let ctx = Ctx {
         python: env.python.clone(),
         pftraced,
-        bpftrace: crate::setup::which_on_path("bpftrace"),
+        bpftrace: util::which_on_path("bpftrace"),
         calls_py: root.join("bench").join("calls.py"),
         busy_py: root.join("bench").join("busy.py"),
         dir,

@@ -14,8 +14,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use object::{Object, ObjectSection};
 
-use crate::setup::{apt_get, which_on_path};
-use crate::util::{self, Step};
+use crate::apt::{self, apt_get};
+use crate::util::{self, Step, which_on_path};
 
 pub const CACHE_ROOT: &str = "/var/cache/pftrace";
 pub const PREFIX: &str = "/var/cache/pftrace/cpython-3.9-dtrace";
@@ -23,14 +23,19 @@ const PYTHON_REL: &str = "bin/python3.9";
 const MARKER: &str = ".pftrace-ok";
 const SOURCE_PACKAGE: &str = "python3.9";
 const SOURCES_FILE: &str = "/etc/apt/sources.list.d/pftrace-bullseye-src.sources";
-const SOURCES_CONTENT: &str = "\
-# Added by pftrace's `cargo xtask setup`: CPython 3.9 source, built --with-dtrace.
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bullseye
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-";
+
+/// The deb-src entry for bullseye, on this machine's own Debian mirror.
+fn sources_content(mirror: &str) -> String {
+    format!(
+        "# Added by pftrace's `cargo xtask setup`: CPython 3.9 source, built --with-dtrace.\n\
+         Types: deb-src\n\
+         URIs: {mirror}\n\
+         Suites: bullseye\n\
+         Components: main\n\
+         Signed-By: {}\n",
+        apt::DEBIAN_KEYRING
+    )
+}
 
 /// The probe-enabled interpreter's path once `ensure` has made it.
 pub fn cached_python() -> PathBuf {
@@ -261,12 +266,11 @@ fn build(step: &Step) -> Result<()> {
 /// Adds bullseye's deb-src entry and fetches its index if `apt-cache` doesn't
 /// know the source package yet. Only that one source is updated.
 fn ensure_source_list(step: &Step) -> Result<()> {
-    let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
-    util::require_file(keyring, "Debian's archive keyring").context("install debian-archive-keyring")?;
-    if fs::read_to_string(SOURCES_FILE).ok().as_deref() != Some(SOURCES_CONTENT) {
+    apt::require_debian_keyring()?;
+    let content = sources_content(&apt::debian_mirror()?);
+    if fs::read_to_string(SOURCES_FILE).ok().as_deref() != Some(content.as_str()) {
         step.say(format!("adding {SOURCES_FILE}"));
-        fs::write(SOURCES_FILE, SOURCES_CONTENT)
-            .with_context(|| format!("could not write {SOURCES_FILE}"))?;
+        fs::write(SOURCES_FILE, content).with_context(|| format!("could not write {SOURCES_FILE}"))?;
     }
     if source_known() {
         return Ok(());
@@ -348,9 +352,14 @@ mod tests {
     }
 
     #[test]
-    fn source_list_is_deb822_for_bullseye() {
-        assert!(SOURCES_CONTENT.contains("Types: deb-src\n"));
-        assert!(SOURCES_CONTENT.contains("Suites: bullseye\n"));
+    fn source_list_is_deb822_for_bullseye_on_the_given_mirror() {
+        let content = sources_content("http://mirror.example/debian");
+        let sources = apt::parse_deb822(&content);
+        assert_eq!(sources.len(), 1, "{content}");
+        assert_eq!(sources[0].types, ["deb-src"]);
+        assert_eq!(sources[0].uris, ["http://mirror.example/debian"]);
+        assert_eq!(sources[0].suites, ["bullseye"]);
+        assert_eq!(sources[0].components, ["main"]);
         assert!(cached_python().starts_with(CACHE_ROOT));
     }
 }

@@ -1,17 +1,21 @@
 //! xtask: pftrace's own tasks, run as `cargo xtask <task>` (alias in .cargo/config.toml).
 //!
 //! - `setup`: install what is missing (Debian packages, nightly rust-src,
-//!   bpf-linker, a CPython built --with-dtrace), reuse what is present;
+//!   bpf-linker, a CPython built --with-dtrace, Debian sid's CPython 3.13-3.15,
+//!   pyenv's CPythons), reuse what is present;
 //! - `build`: setup, then build pftraced;
 //! - `test`:  setup, then run every test (as root);
 //! - `demo`:  setup, build, then trace examples/app.py;
 //! - `bench`: setup, build, then measure tracing overhead (`--quick`: the CI smoke).
 
+mod apt;
 mod bench;
 mod build;
 mod cpython;
 mod demo;
+mod pyenv;
 mod setup;
+mod sid_pythons;
 mod test;
 mod util;
 
@@ -29,7 +33,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing needs (idempotent): apt packages,
-    /// nightly rust-src, bpf-linker, a probe-enabled CPython 3.9.
+    /// nightly rust-src, bpf-linker, a probe-enabled CPython 3.9, Debian sid's
+    /// CPython 3.13-3.15 (unpacked in /var/cache/pftrace/debian-sid), pyenv's CPythons.
     Setup,
     /// Setup, then `cargo build --release -p pftrace-daemon`.
     Build,

@@ -1,20 +1,24 @@
 //! `cargo xtask setup`: installs what building and testing pftrace needs, reusing what is present.
 //!
-//! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, and a
-//! CPython whose USDT probes fire (built once into /var/cache/pftrace). Every step
-//! is idempotent and prints one line saying whether it found or installed things.
+//! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, a
+//! CPython whose USDT probes fire (built once into /var/cache/pftrace), Debian
+//! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace) and
+//! pyenv's CPythons. Every step is idempotent and prints one line saying
+//! whether it found or installed things.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cpython;
-use crate::util::{self, Step};
+use crate::apt::{apt_get, dpkg_installed};
+use crate::util::{self, Step, which_on_path};
+use crate::{cpython, pyenv, sid_pythons};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
-/// (the refusal tests check pftraced's message for its broken entry probe).
+/// (the refusal tests check pftraced's message for its broken entry probe),
+/// and patchelf (points Debian sid's interpreters at sid's own loader).
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -27,6 +31,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "python3.11",
+    "patchelf",
 ];
 
 /// bpf-linker release to install, and the LLVM it is built against.
@@ -39,6 +44,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub struct Env {
     /// A CPython whose `python:function__entry`/`function__return` probes fire.
     pub python: PathBuf,
+    /// Where Debian sid's CPython 3.13-3.15 are unpacked (`usr/bin/python3.X` under it).
+    pub sid_root: PathBuf,
+    /// pyenv's root, holding `versions/3.X.Y` for every version in [`pyenv::VERSIONS`].
+    pub pyenv_root: PathBuf,
 }
 
 /// Runs every setup step.
@@ -48,30 +57,16 @@ pub fn run() -> Result<Env> {
     rust_nightly().context("setup step `rust nightly + rust-src` failed")?;
     bpf_linker().context("setup step `bpf-linker` failed")?;
     let python = cpython::ensure().context("setup step `python` failed")?;
+    let sid_root = sid_pythons::ensure().context("setup step `debian sid pythons` failed")?;
+    let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
     println!(
-        "[setup] all set ({:.1} s); PFTRACE_PYTHON={}",
+        "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={}",
         started.elapsed().as_secs_f64(),
-        python.display()
+        python.display(),
+        sid_root.display(),
+        pyenv_root.display()
     );
-    Ok(Env { python })
-}
-
-/// Is a Debian package installed (`dpkg-query` says "install ok installed")?
-pub fn dpkg_installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .output()
-        .map(|out| {
-            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
-        })
-        .unwrap_or(false)
-}
-
-/// `apt-get` with the options every non-interactive call here wants.
-pub fn apt_get() -> Command {
-    let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive").args(["-q", "-o", "DPkg::Lock::Timeout=300"]);
-    cmd
+    Ok(Env { python, sid_root, pyenv_root })
 }
 
 fn apt_packages() -> Result<()> {
@@ -183,29 +178,4 @@ fn bpf_linker() -> Result<()> {
     )?;
     step.done(format!("installed {version}"));
     Ok(())
-}
-
-/// Finds an executable on PATH.
-pub fn which_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_sh_on_path() {
-        assert!(which_on_path("sh").is_some());
-        assert!(which_on_path("surely-no-such-program-here").is_none());
-    }
-
-    #[test]
-    fn dpkg_query_of_unknown_package_is_not_installed() {
-        assert!(!dpkg_installed("surely-no-such-package-here"));
-    }
 }

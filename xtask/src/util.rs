@@ -194,6 +194,15 @@ pub fn require_file(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Finds an executable on PATH.
+pub fn which_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +215,12 @@ mod tests {
         let again = path_with(dir, Some(&p));
         assert_eq!(again, p);
         assert_eq!(path_with(dir, None), OsString::from("/root/.cargo/bin"));
+    }
+
+    #[test]
+    fn finds_sh_on_path() {
+        assert!(which_on_path("sh").is_some());
+        assert!(which_on_path("surely-no-such-program-here").is_none());
     }
 
     #[test]
