@@ -97,6 +97,42 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
         })
 }
 
+/// Where `cargo xtask setup` unpacks Debian sid's CPython 3.13-3.15.
+pub const DEFAULT_SID_ROOT: &str = "/var/cache/pftrace/debian-sid";
+/// Where pyenv's CPython builds live on these machines.
+pub const DEFAULT_PYENV_ROOT: &str = "/root/.pyenv";
+
+/// An interpreter at `root` + `rel`, `root` from `var` or `default`; panics when missing.
+fn interpreter(var: &str, default: &str, rel: &str, what: &str) -> PathBuf {
+    let root =
+        env::var_os(var).filter(|r| !r.is_empty()).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    let p = root.join(rel);
+    assert!(
+        p.is_file(),
+        "prerequisite missing: {what} at {} (root from {var}, default {default}): run `cargo xtask setup` \
+         (as root), or use `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// Debian sid's CPython `version` ("3.13", "3.14" or "3.15", built
+/// --with-dtrace; only 3.15 has the function probes), runnable as is:
+/// `$PFTRACE_SID_ROOT/usr/bin/python3.X`, else under [`DEFAULT_SID_ROOT`].
+pub fn sid_python(version: &str) -> PathBuf {
+    let what = format!("Debian sid's CPython {version}");
+    interpreter("PFTRACE_SID_ROOT", DEFAULT_SID_ROOT, &format!("usr/bin/python{version}"), &what)
+}
+
+/// pyenv's CPython `version` ("3.9.18", "3.11.7", "3.12.1" or "3.13.0",
+/// built without --with-dtrace): `$PFTRACE_PYENV_ROOT/versions/V/bin/python3.X`,
+/// else under [`DEFAULT_PYENV_ROOT`].
+pub fn pyenv_python(version: &str) -> PathBuf {
+    let major_minor = version.rsplit_once('.').map_or(version, |(mm, _)| mm);
+    let rel = format!("versions/{version}/bin/python{major_minor}");
+    interpreter("PFTRACE_PYENV_ROOT", DEFAULT_PYENV_ROOT, &rel, &format!("pyenv's CPython {version}"))
+}
+
 // ---------------------------------------------------------------------------
 // Per-test directories and scripts
 
