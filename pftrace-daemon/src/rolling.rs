@@ -6,12 +6,17 @@
 //! dies leaves readable files. Write failures never reach the caller: they
 //! are counted in [`OutputStatus`], the file is cut back to its last good
 //! event, and a new file is tried after a pause.
+//!
+//! The directory is opened once without following other users' symbolic
+//! links and files are created in it `O_EXCL` (see `output/safe_file.rs`);
+//! if it is removed meanwhile, its path is opened (and made) again the same way.
 
 use std::{
     collections::HashSet,
-    fs::{self, File, OpenOptions},
+    ffi::OsString,
+    fs::File,
     io::{self, Write as _},
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -19,7 +24,10 @@ use std::{
 use crate::{
     clock::WallClock,
     config::OutputConfig,
-    output::events::{call_event, process_name_event},
+    output::{
+        events::{call_event, process_name_event},
+        safe_file::{Dir, FileError},
+    },
     pairing::Call,
     protocol::OutputStatus,
     trace::TracedProcess,
@@ -33,19 +41,16 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// What closes the array.
 const TAIL: &[u8] = b"\n]\n";
+/// Mode of a directory made for the files.
+const DIR_MODE: u32 = 0o750;
 
 /// Why rolling output cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum RollingError {
     #[error("output.dir is not set; set it in pftraced.toml to write rolling trace files")]
     NoDir,
-    #[error(
-        "cannot create output directory {dir}: {source}; create it, or set output.dir in \
-         pftraced.toml to a writable directory"
-    )]
-    CreateDir { dir: String, source: io::Error },
-    #[error("output.dir {dir} exists and is not a directory; remove it or set output.dir to a directory")]
-    NotADir { dir: String },
+    #[error("output {0}; set output.dir in pftraced.toml (or --output-dir) to a directory pftraced can use")]
+    Dir(#[from] FileError),
 }
 
 /// The file being written.
@@ -83,7 +88,9 @@ impl OpenFile {
 /// Rolling Chrome trace files in one directory.
 #[derive(Debug)]
 pub struct RollingOutput {
-    dir: PathBuf,
+    path: PathBuf,
+    /// The directory as opened; None after it failed to reopen.
+    dir: Option<Dir>,
     /// `pftrace-<host>-<pid>-<start>`.
     prefix: String,
     seq: u32,
@@ -101,16 +108,9 @@ impl RollingOutput {
     /// Prepares writing to `cfg.dir` (created with mode 0750 if missing).
     /// No file is created until the first call arrives.
     pub fn new(cfg: &OutputConfig, hostname: &str) -> Result<Self, RollingError> {
-        let dir = cfg.dir.clone().ok_or(RollingError::NoDir)?;
-        let shown = dir.display().to_string();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&dir)
-            .map_err(|source| RollingError::CreateDir { dir: shown.clone(), source })?;
-        if !dir.is_dir() {
-            return Err(RollingError::NotADir { dir: shown });
-        }
+        let path = cfg.dir.clone().ok_or(RollingError::NoDir)?;
+        let dir = Dir::open(&path, Some(DIR_MODE))?;
+        let shown = path.display().to_string();
         let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let host: String = hostname
             .chars()
@@ -127,7 +127,8 @@ impl RollingOutput {
             retry_at: None,
             last_flush: Instant::now(),
             status: OutputStatus { dir: shown, ..Default::default() },
-            dir,
+            dir: Some(dir),
+            path,
         })
     }
 
@@ -226,18 +227,20 @@ impl RollingOutput {
     }
 
     fn open_next(&mut self) -> Result<OpenFile, String> {
-        // The directory may have been removed under us: recreate it.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&self.dir)
-            .map_err(|e| format!("cannot create output directory {}: {e}", self.dir.display()))?;
         loop {
+            // The directory may have been removed under us: open (and make) it again.
+            let dir = match self.dir.take() {
+                Some(dir) if dir.exists() => dir,
+                _ => Dir::open(&self.path, Some(DIR_MODE)).map_err(|e| e.to_string())?,
+            };
             self.seq += 1;
-            let path = self.dir.join(format!("{}-{:04}.json", self.prefix, self.seq));
+            let name = OsString::from(format!("{}-{:04}.json", self.prefix, self.seq));
+            let path = dir.join(&name);
             // Append mode: after a failed write is cut off with set_len, the
-            // next write lands at the new end, not past a hole.
-            let opened = OpenOptions::new().append(true).create_new(true).mode(0o640).open(&path);
+            // next write lands at the new end, not past a hole. O_EXCL: a name
+            // someone else made (a symbolic link, a file) is skipped.
+            let opened = dir.create_new(&name, 0o640, true);
+            self.dir = Some(dir);
             match opened {
                 Ok(file) => {
                     return Ok(OpenFile {
@@ -291,7 +294,9 @@ impl RollingOutput {
         };
         self.status.current_file = None;
         if file.disk_bytes == 0 {
-            let _ = fs::remove_file(&file.path);
+            if let Some(dir) = &self.dir {
+                let _ = dir.remove(file.path.file_name().unwrap_or_default());
+            }
             return;
         }
         // Drop any partial event, then try to close the array (a full disk
@@ -352,12 +357,12 @@ fn utc_stamp(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, path::Path, process::Command, sync::Arc};
+    use std::{collections::HashMap, fs, path::Path, sync::Arc};
 
     use serde_json::Value;
 
     use super::*;
-    use crate::pairing::CallEnd;
+    use crate::{output::testing::Tmpfs, pairing::CallEnd};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("pftrace-rolling-{}-{name}", std::process::id()));
@@ -501,7 +506,14 @@ mod tests {
         let file = temp("notadir");
         fs::write(&file, "x").unwrap();
         let err = RollingOutput::new(&config(&file.join("out"), 4096, 1), "h").unwrap_err().to_string();
-        assert!(err.starts_with(&format!("cannot create output directory {}/out:", file.display())), "{err}");
+        assert_eq!(
+            err,
+            format!(
+                "output directory {0}/out: {0} is a regular file, not a directory; set output.dir in \
+                 pftraced.toml (or --output-dir) to a directory pftraced can use",
+                file.display()
+            )
+        );
         let err = RollingOutput::new(&OutputConfig::default(), "h").unwrap_err().to_string();
         assert!(err.contains("output.dir is not set"), "{err}");
         fs::remove_file(&file).unwrap();
@@ -531,7 +543,8 @@ mod tests {
         out.write_calls(&calls(10, 10), &clock, |pid| PROCESSES.get(&pid));
         let status = out.status();
         assert_eq!((status.write_errors, status.calls_not_written), (2, 10));
-        assert!(status.last_error.unwrap().starts_with("cannot create output directory"));
+        let error = status.last_error.unwrap();
+        assert_eq!(error, format!("directory {0}: {0} is a regular file, not a directory", dir.display()));
         // Within the retry pause nothing is attempted, only counted.
         out.write_calls(&calls(20, 5), &clock, |pid| PROCESSES.get(&pid));
         assert_eq!((out.status().write_errors, out.status().calls_not_written), (2, 15));
@@ -545,28 +558,10 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Unmounts on drop, so a failing test does not leave a mount behind.
-    struct Mount(PathBuf);
-
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-            let _ = fs::remove_dir(&self.0);
-        }
-    }
-
     #[test]
     fn full_disk_is_counted_exactly_and_writing_resumes() {
         let dir = temp("full");
-        fs::create_dir_all(&dir).unwrap();
-        let mounted =
-            Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&dir).status();
-        if !mounted.is_ok_and(|s| s.success()) {
-            eprintln!("skipping: cannot mount a tmpfs (needs root)");
-            let _ = fs::remove_dir(&dir);
-            return;
-        }
-        let _mount = Mount(dir.clone());
+        let _mount = Tmpfs::mount(&dir, "64k");
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 3600), "h").unwrap();
         out.retry_interval = Duration::from_millis(5);

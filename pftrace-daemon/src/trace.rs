@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf::Counters,
     clock::WallClock,
+    output::{calls::CallSource, spill::SpillFile},
     pairing::{Call, UnmatchedReturn},
     python::PyVersion,
 };
@@ -69,6 +70,9 @@ pub struct Trace {
     /// dropped from memory (`limits.max_calls_in_memory`) and so are not in `calls`.
     pub calls_total: u64,
     pub calls_evicted: u64,
+    /// Every completed call, when the run writes a trace file (`calls` then
+    /// holds only those still in memory): what the formats write.
+    pub spilled: Option<SpillFile>,
     pub clock: WallClock,
     /// Monotonic ns when tracing started and stopped.
     pub start_ns: u64,
@@ -81,6 +85,14 @@ impl Trace {
     /// Calls closed as incomplete.
     pub fn incomplete_calls(&self) -> usize {
         self.calls.iter().filter(|c| c.end == crate::pairing::CallEnd::Incomplete).count()
+    }
+
+    /// The calls an output format writes: every call (the spill) if kept, else those in memory.
+    pub fn call_source(&self) -> CallSource<'_> {
+        match &self.spilled {
+            Some(spill) => CallSource::Spilled(spill),
+            None => CallSource::Memory(&self.calls),
+        }
     }
 
     /// The traced process with this pid, if known.

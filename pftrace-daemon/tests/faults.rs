@@ -22,7 +22,6 @@ mod service_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ffi::CString,
     fs,
     io::{ErrorKind, Write as _},
     os::unix::{
@@ -531,32 +530,6 @@ fn pid_mode_process_that_exits_normally_has_no_incomplete_call() {
 
 // ---------------------------------------------------------------------------
 // 5. Output directory full
-
-/// A tmpfs mounted for one test; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Self {
-        fs::create_dir_all(at).unwrap();
-        let c = |s: &str| CString::new(s).unwrap();
-        let target = c(at.to_str().unwrap());
-        let opts = c(&format!("size={size},mode=0755"));
-        // SAFETY: valid C strings for the duration of the call.
-        let rc = unsafe {
-            libc::mount(c("tmpfs").as_ptr(), target.as_ptr(), c("tmpfs").as_ptr(), 0, opts.as_ptr().cast())
-        };
-        assert_eq!(rc, 0, "mounting a tmpfs at {}: {}", at.display(), std::io::Error::last_os_error());
-        Self(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string; MNT_DETACH even if a file is still open.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
 
 /// Fills the file system holding `path` by writing to it until ENOSPC.
 fn fill(path: &Path) -> u64 {

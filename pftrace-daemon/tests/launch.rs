@@ -1,12 +1,14 @@
 //! Launch mode (`pftraced -t ... -- CMD ARGS...`): probes are live before
 //! the command's first line (even before the interpreter's own startup
-//! code), arguments reach the command, and its exit status comes back.
+//! code), arguments reach the command, and its exit status comes back; its
+//! trace file has every call, however many more than `limits.max_calls_in_memory`.
 
 mod common;
 
-use std::os::unix::process::ExitStatusExt as _;
+use std::{collections::BTreeMap, fs, os::unix::process::ExitStatusExt as _, path::Path};
 
 use common::*;
+use serde_json::Value;
 
 /// The script's first line calls json.loads three times; it exits with 7.
 #[test]
@@ -140,4 +142,124 @@ fn success_with_no_matching_calls_writes_an_empty_trace() {
     assert_eq!(trace.counter("entry_matched"), 0);
     assert!(trace.counter("entry_seen") >= 50);
     assert!(run.stderr.contains("(no calls of never_called_here were seen)"), "{}", run.stderr);
+}
+
+/// 2,000 calls of `mid`, each calling `leaf` 9 times: 20,000 calls, counted
+/// by a sys.setprofile recorder in the same process (printed `mid N leaf M`).
+const MANY: &str = r#"
+    import collections, sys
+
+    counts = collections.Counter()
+
+    def record(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in ("leaf", "mid"):
+            counts[frame.f_code.co_name] += 1
+
+    def leaf(i):
+        return i
+
+    def mid(n):
+        total = 0
+        for i in range(n):
+            total += leaf(i)
+        return total
+
+    sys.setprofile(record)
+    for _ in range(2000):
+        mid(9)
+    sys.setprofile(None)
+    print("mid", counts["mid"], "leaf", counts["leaf"], flush=True)
+"#;
+
+/// Names in `dir` (and its subdirectories) left by pftraced besides its output:
+/// the spill of calls and temporary files.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            found.extend(leftovers(&entry.path()));
+        } else if name.ends_with(".calls.jsonl") || name.starts_with(".pftrace-") {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// With `--max-calls-in-memory 1000`, a run of 20,000 calls still gets all
+/// of them in its trace file, in each format, matching CPython's own count.
+#[test]
+fn every_call_of_a_run_beyond_the_memory_limit_is_in_each_format() {
+    for format in ["chrome", "records", "pfw"] {
+        let dir = TestDir::new(&format!("launch-many-{format}"));
+        let script = dir.script("many.py", MANY);
+        let run = Pftraced::new(&dir, &["leaf", "mid"])
+            .arg("--max-calls-in-memory")
+            .arg("1000")
+            .arg("--format")
+            .arg(format)
+            .launch(&[python().as_os_str(), script.as_os_str()])
+            .run();
+        run.assert_code(0);
+        let truth: Vec<usize> = run.stdout.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        assert_eq!(truth, [2000, 18_000], "the recorder's counts: {}", run.stdout);
+        let want = BTreeMap::from([("leaf", 18_000), ("mid", 2000)]);
+        let pid = run.attached_pid();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        match format {
+            "chrome" => {
+                let trace = run.trace();
+                trace.assert_clean();
+                assert_eq!(trace.counts(), want);
+                assert!(trace.calls.windows(2).all(|w| w[0].ts <= w[1].ts), "calls are in start order");
+                assert_eq!(trace.pftrace()["calls_total"], 20_000);
+                assert_eq!(trace.pftrace()["calls_evicted"], 19_000, "memory held 1000 calls");
+            }
+            "records" => {
+                let doc: Value = serde_json::from_str(&fs::read_to_string(&run.output).unwrap()).unwrap();
+                for name in ["leaf", "mid"] {
+                    let calls = doc["results"][name].as_array().unwrap();
+                    counts.insert(name, calls.len());
+                    let starts: Vec<f64> = calls.iter().map(|c| c["time_start"].as_f64().unwrap()).collect();
+                    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{name}: calls in start order");
+                    assert!(calls.iter().all(|c| c["pid"] == pid && c.get("incomplete").is_none()));
+                }
+                assert_eq!(counts, want);
+                let wrote = format!("pftraced: wrote 20000 calls to {}", run.output.display());
+                assert!(run.stderr.lines().any(|l| l == wrote), "{}", run.stderr);
+            }
+            _ => {
+                let file = run.output.join(format!("perfflow.array.{}.{pid}.pfw", hostname()));
+                let text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                let events: Vec<Value> = text
+                    .lines()
+                    .skip(1)
+                    .map(|l| serde_json::from_str(l.strip_suffix(',').expect("a trailing comma")).unwrap())
+                    .collect();
+                let ph = |p: &str| events.iter().filter(|e| e["ph"] == p).count();
+                assert_eq!((ph("B"), ph("E"), ph("C")), (20_000, 20_000, 40_000));
+                for e in events.iter().filter(|e| e["ph"] == "B") {
+                    *counts.entry(if e["name"] == "leaf" { "leaf" } else { "mid" }).or_default() += 1;
+                }
+                assert_eq!(counts, want);
+                // In writing order every E closes the innermost open B (one thread).
+                let mut open = Vec::new();
+                for e in events.iter().filter(|e| e["ph"] != "C") {
+                    match e["ph"].as_str() {
+                        Some("B") => open.push(e["name"].clone()),
+                        _ => assert_eq!(open.pop().as_ref(), Some(&e["name"]), "{e}"),
+                    }
+                }
+                assert!(open.is_empty());
+                let wrote = format!("pftraced: wrote 20000 calls to {}", file.display());
+                assert!(run.stderr.lines().any(|l| l == wrote), "{}", run.stderr);
+            }
+        }
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new(), "files left beside the trace");
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().to_string()
 }

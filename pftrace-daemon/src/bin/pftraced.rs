@@ -4,7 +4,7 @@
 //! (`--all`); print a per-function summary and write a trace (Chrome JSON,
 //! PerfFlowAspect's .pfw files, or the settrace prototype's records JSON).
 
-use std::{ffi::OsString, fs::File, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -13,7 +13,7 @@ use pftrace::{
     daemon::{Daemon, DaemonOptions},
     kernel::sched,
     launch::{self, Launched},
-    output::{self, Choice},
+    output::{self, Choice, destination::Destination},
     summary,
     target::Target,
     trace::Trace,
@@ -91,7 +91,9 @@ struct Cli {
     /// traced process, perfflow.<array|object>.<hostname>.<pid>.pfw; without
     /// -o, log-dir from --pfw-options. Default for --pid and commands:
     /// pftrace-<pid>.json (records: pftrace-<pid>.records.json; pfw: the
-    /// current directory).
+    /// current directory). Checked before tracing starts; an existing file is
+    /// replaced (atomically) only if it is a regular file you own, and
+    /// symbolic links other users made are never followed.
     #[arg(short, long, value_name = "FILE|DIR")]
     output: Option<PathBuf>,
 
@@ -114,7 +116,10 @@ struct Cli {
     #[arg(long, value_name = "BYTES", value_parser = ring_size)]
     ring_buffer_size: Option<u32>,
 
-    /// Completed calls kept in memory for the final trace, `dump` and `stats`.
+    /// Completed calls kept in memory for `dump` and `stats` (default
+    /// 500000). The trace file written at the end has every call: they are
+    /// kept in a file beside it meanwhile, and N is also how many it sorts
+    /// in memory at once when writing it.
     #[arg(long, value_name = "N")]
     max_calls_in_memory: Option<usize>,
 
@@ -210,13 +215,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let _enter = rt.enter();
     let mut daemon = Daemon::new(&opts)?;
 
+    // A command starts stopped at its exec (nothing of it has run): the
+    // default file name needs its pid, and the output is checked before it
+    // runs or anything is attached.
+    let mut launched = match cli.command.is_empty() {
+        true => None,
+        false => Some(Launched::spawn_stopped(&cli.command)?),
+    };
+    let not_run = |launched: Option<Launched>, err: anyhow::Error| {
+        if let Some(l) = launched {
+            l.kill();
+            return err.context(format!("cannot trace {:?}; it was not run", cli.command[0]));
+        }
+        err
+    };
+    let child_pid = launched.as_ref().map(Launched::pid);
+    let destination = match output_path(&cli, &format, child_pid.or(opts.pids.first().copied())) {
+        Some(path) => {
+            let known: Vec<u32> = opts.pids.iter().copied().chain(child_pid).collect();
+            let budget = opts.config.limits.max_calls_in_memory;
+            match Destination::prepare(&path, &format, &pftrace::daemon::hostname(), &known, budget) {
+                Ok((destination, spill)) => {
+                    daemon.spill_calls_to(spill);
+                    Some(destination)
+                }
+                Err(err) => return Err(not_run(launched, err.into())),
+            }
+        }
+        None => None,
+    };
     for &pid in &opts.pids {
-        let target = daemon.attach_pid(pid)?;
-        announce(&opts.names, &target);
+        match daemon.attach_pid(pid) {
+            Ok(target) => announce(&opts.names, &target),
+            Err(err) => return Err(not_run(launched, err.into())),
+        }
     }
     let mut child = None;
-    if !cli.command.is_empty() {
-        let mut launched = Launched::spawn_stopped(&cli.command)?;
+    if let Some(mut launched) = launched.take() {
         let target = match daemon.attach_launched(&launched) {
             Ok(t) => t,
             Err(err) => {
@@ -234,7 +269,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         eprintln!("pftraced: serving pftracectl on {}", path.display());
     }
 
-    let child_pid = child.as_ref().map(Launched::pid);
     let trace = rt.block_on(async {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -274,16 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(c) => c.try_wait().context("waiting for the command")?,
         None => None,
     };
-    let default_name = child_pid.or(opts.pids.first().copied()).map(|pid| match &format {
-        Choice::Pfw(_) => PathBuf::from("."),
-        Choice::Records => PathBuf::from(format!("pftrace-{pid}.records.json")),
-        Choice::Chrome => PathBuf::from(format!("pftrace-{pid}.json")),
-    });
-    let log_dir = match &format {
-        Choice::Pfw(o) => o.log_dir.clone(),
-        _ => None,
-    };
-    finish(&cli, &trace, &format, cli.output.clone().or(log_dir).or(default_name))?;
+    finish(&cli, &trace, destination.as_ref())?;
     Ok(match (child_pid, status) {
         (Some(_), Some(status)) => ExitCode::from(launch::exit_code(status).clamp(0, 255) as u8),
         (Some(_), None) => ExitCode::from(130),
@@ -314,28 +339,44 @@ fn announce(names: &[String], target: &Target) {
     );
 }
 
-fn finish(cli: &Cli, trace: &Trace, format: &Choice, output: Option<PathBuf>) -> anyhow::Result<()> {
+/// Where the trace goes: `-o`, else PerfFlowAspect's log-dir, else the
+/// default for a traced pid (`pftrace-<pid>.json`; records:
+/// `pftrace-<pid>.records.json`; pfw: the current directory); None without one.
+fn output_path(cli: &Cli, format: &Choice, pid: Option<u32>) -> Option<PathBuf> {
+    let log_dir = match format {
+        Choice::Pfw(o) => o.log_dir.clone(),
+        _ => None,
+    };
+    let default_name = pid.map(|pid| match format {
+        Choice::Pfw(_) => PathBuf::from("."),
+        Choice::Records => PathBuf::from(format!("pftrace-{pid}.records.json")),
+        Choice::Chrome => PathBuf::from(format!("pftrace-{pid}.json")),
+    });
+    cli.output.clone().or(log_dir).or(default_name)
+}
+
+fn finish(cli: &Cli, trace: &Trace, destination: Option<&Destination>) -> anyhow::Result<()> {
     if !cli.quiet {
         eprint!("{}", summary::render(trace));
     }
-    let Some(path) = output else { return Ok(()) };
-    if let Choice::Pfw(opts) = format {
-        let files = output::pfw::write_files(trace, &path, opts)
-            .with_context(|| format!("writing PerfFlowAspect files in {}", path.display()))?;
-        if files.is_empty() {
-            eprintln!("pftraced: no traced calls, so no PerfFlowAspect files in {}", path.display());
-        }
-        for f in files {
-            eprintln!("pftraced: wrote {} calls to {}", f.calls, f.path.display());
-        }
-        return Ok(());
+    let Some(destination) = destination else { return Ok(()) };
+    if let Some(spill) = trace.spilled.as_ref().filter(|s| s.dropped > 0) {
+        eprintln!(
+            "pftraced: LOST: {} calls could not be written to {} ({}) and are not in the trace",
+            spill.dropped,
+            spill.path.display(),
+            spill.error.as_deref().unwrap_or("write failed")
+        );
     }
-    let mut file = File::create(&path).with_context(|| format!("creating trace file {}", path.display()))?;
-    format
-        .clone()
-        .boxed()
-        .write(trace, &mut file)
-        .with_context(|| format!("writing trace file {}", path.display()))?;
-    eprintln!("pftraced: wrote {} calls to {}", trace.calls.len(), path.display());
+    let files = destination.write(trace)?;
+    if files.is_empty() {
+        eprintln!(
+            "pftraced: no traced calls, so no PerfFlowAspect files in {}",
+            destination.path().display()
+        );
+    }
+    for (path, calls) in files {
+        eprintln!("pftraced: wrote {calls} calls to {}", path.display());
+    }
     Ok(())
 }

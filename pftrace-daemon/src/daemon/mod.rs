@@ -39,6 +39,7 @@ use crate::{
     events::{Decoder, Record},
     kernel::btf::TaskOffsets,
     launch::Launched,
+    output::spill::SpillWriter,
     pairing::{Call, Pairer},
     procwatch,
     rolling::RollingOutput,
@@ -118,6 +119,8 @@ pub struct Daemon {
     decoder: Decoder,
     pairer: Pairer,
     rolling: Option<RollingOutput>,
+    /// Every completed call, for the run's trace file (see output/spill.rs).
+    spill: Option<SpillWriter>,
     bad_records: u64,
     clock: WallClock,
     start_ns: u64,
@@ -279,6 +282,7 @@ impl Daemon {
             decoder: Decoder::default(),
             pairer: Pairer::default(),
             rolling,
+            spill: None,
             bad_records: 0,
             clock: WallClock::measure(),
             start_ns: WallClock::monotonic_now_ns(),
@@ -535,6 +539,13 @@ impl Daemon {
         });
     }
 
+    /// Appends every completed call to `spill`, which the finished trace
+    /// then carries ([`Trace::spilled`]): the run's trace file gets them all,
+    /// whatever `limits.max_calls_in_memory` keeps for `dump` and `stats`.
+    pub fn spill_calls_to(&mut self, spill: SpillWriter) {
+        self.spill = Some(spill);
+    }
+
     /// The control socket path, when serving.
     pub fn socket_path(&self) -> Option<PathBuf> {
         self.serve.as_ref().map(|s| s.path.clone())
@@ -608,6 +619,9 @@ impl Daemon {
                     if last_flush.elapsed() >= Duration::from_secs(1) {
                         if let Some(r) = &mut self.rolling {
                             r.flush();
+                        }
+                        if let Some(s) = &mut self.spill {
+                            s.flush();
                         }
                         last_flush = Instant::now();
                     }
@@ -684,6 +698,9 @@ impl Daemon {
         if let Some(r) = &mut self.rolling {
             r.write_calls(&calls, &self.clock, |pid| self.processes.info(pid));
         }
+        if let Some(s) = &mut self.spill {
+            s.append(&calls);
+        }
         for call in calls {
             self.processes.count_call(call.pid);
             self.store.push(call);
@@ -727,7 +744,7 @@ impl Daemon {
         if !retired.is_empty() {
             let _ = std::thread::Builder::new().name("pftrace-detach".into()).spawn(move || drop(retired));
         }
-        if self.store.evicted > 0 {
+        if self.store.evicted > 0 && self.spill.is_none() {
             log::warn!(
                 "{} older calls were dropped from memory (limits.max_calls_in_memory); they are only in the rolling \
                  output files, if configured",
@@ -736,7 +753,9 @@ impl Daemon {
         }
         let mut calls: Vec<Call> = self.store.all().cloned().collect();
         calls.sort_by_key(|c| (c.start_ns, c.depth));
-        self.trace_of(calls, None, end_ns, counters)
+        let mut trace = self.trace_of(calls, None, end_ns, counters);
+        trace.spilled = self.spill.take().map(SpillWriter::finish);
+        trace
     }
 
     /// A trace of `calls` (and of the samples of `pid`, or all) with the
@@ -756,6 +775,7 @@ impl Daemon {
             filtered_in_user_space: self.filter.dropped,
             calls_total: self.store.total,
             calls_evicted: self.store.evicted,
+            spilled: None,
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns,

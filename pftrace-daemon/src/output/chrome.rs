@@ -6,7 +6,7 @@
 //!
 //! Layout, in this order: `process_name` (and `process_labels`) per traced
 //! process, `thread_name` per thread that made a call, the calls in the order
-//! they completed, then the counter samples. Thread names are read from
+//! they started (outer before inner at the same ns), then the counter samples. Thread names are read from
 //! `/proc/PID/task/TID/comm` when the trace is written; a thread that has
 //! exited by then is named `thread TID` (its process's main thread takes the
 //! process's comm).
@@ -22,7 +22,7 @@ use super::{
     TraceFormat,
     events::{call_event, counter_events, process_labels_event, process_name_event, thread_name_event},
 };
-use crate::{procinfo, trace::Trace};
+use crate::{pairing::Call, procinfo, trace::Trace};
 
 /// The Chrome Trace Event format.
 pub struct Chrome;
@@ -41,6 +41,8 @@ fn thread_display_name(trace: &Trace, pid: u32, tid: u32) -> String {
 
 impl TraceFormat for Chrome {
     fn write(&self, trace: &Trace, out: &mut dyn io::Write) -> io::Result<()> {
+        let source = trace.call_source();
+        let tally = source.tally()?;
         let mut w = io::BufWriter::new(out);
         write!(w, "{{\"displayTimeUnit\":\"ns\",\"traceEvents\":[")?;
         let mut first = true;
@@ -49,7 +51,7 @@ impl TraceFormat for Chrome {
                 w.write_all(b",\n")?;
             }
             first = false;
-            serde_json::to_writer(&mut *w, v).map_err(io::Error::other)
+            serde_json::to_writer(&mut *w, v).map_err(io::Error::from)
         };
         let known: HashSet<u32> = trace.processes.iter().map(|p| p.pid).collect();
         for p in &trace.processes {
@@ -60,16 +62,15 @@ impl TraceFormat for Chrome {
         }
         // Calls of processes the trace has no record of still get a named track.
         let unknown: BTreeSet<u32> =
-            trace.calls.iter().map(|c| c.pid).filter(|pid| !known.contains(pid)).collect();
+            tally.per_pid.keys().copied().filter(|pid| !known.contains(pid)).collect();
         for &pid in &unknown {
             put(&mut w, &process_name_event(pid, None))?;
         }
-        let threads: BTreeSet<(u32, u32)> = trace.calls.iter().map(|c| (c.pid, c.tid)).collect();
-        for &(pid, tid) in &threads {
+        for &(pid, tid) in &tally.threads {
             put(&mut w, &thread_name_event(pid, tid, &thread_display_name(trace, pid, tid)))?;
         }
-        for c in &trace.calls {
-            put(&mut w, &call_event(c, &trace.clock))?;
+        for c in source.sorted(|c: &Call| (c.start_ns, c.depth))? {
+            put(&mut w, &call_event(&c?, &trace.clock))?;
         }
         for s in &trace.samples {
             for ev in counter_events(s, &trace.clock) {
@@ -90,8 +91,8 @@ impl TraceFormat for Chrome {
                 "names": trace.names,
                 "processes": trace.processes,
                 "counters": trace.counters,
-                "calls": trace.calls.len(),
-                "incomplete_calls": trace.incomplete_calls(),
+                "calls": tally.calls,
+                "incomplete_calls": tally.incomplete,
                 "unmatched_returns": unmatched,
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
@@ -104,7 +105,7 @@ impl TraceFormat for Chrome {
             }
         });
         write!(w, "],\"otherData\":")?;
-        serde_json::to_writer(&mut w, &other).map_err(io::Error::other)?;
+        serde_json::to_writer(&mut w, &other).map_err(io::Error::from)?;
         writeln!(w, "}}")?;
         w.into_inner().map_err(|e| e.into_error())?.flush()
     }

@@ -6,11 +6,21 @@
 //! a PERFFLOW_OPTIONS-style string, either separately (`--pfw-options`) or
 //! after the name (`pfw:log-format=Object:log-event=Compact`), the form a
 //! dump request carries them in.
+//!
+//! Formats read calls through [`calls::CallSource`]: from memory for a
+//! dump, from the spill of every call (`spill.rs`) for a run's final trace,
+//! sorted in bounded memory (`sort.rs`). Files are created through
+//! `safe_file.rs`; `destination.rs` places a run's final trace.
 
+pub mod calls;
 mod chrome;
+pub mod destination;
 pub mod events;
 pub mod pfw;
 mod records;
+pub mod safe_file;
+pub mod sort;
+pub mod spill;
 
 use std::io::{self, Write};
 
@@ -97,10 +107,11 @@ pub fn by_name(name: &str, pfw_options: Option<&str>) -> Result<Box<dyn TraceFor
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! A small trace for the formats' unit tests. Pids are above the kernel's
-    //! pid limit, so nothing in /proc answers for them.
+    //! A small trace for the formats' unit tests (pids are above the
+    //! kernel's pid limit, so nothing in /proc answers for them), and a
+    //! small file system to fill.
 
-    use std::sync::Arc;
+    use std::{fs, path::PathBuf, process::Command, sync::Arc};
 
     use crate::{
         bpf::Counters,
@@ -110,6 +121,30 @@ pub(crate) mod testing {
     };
 
     const MS: u64 = 1_000_000;
+
+    /// A tmpfs mounted for one test (needs root); unmounted and removed on drop.
+    pub struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        pub fn mount(dir: &std::path::Path, size: &str) -> Self {
+            fs::create_dir_all(dir).unwrap();
+            let size = format!("size={size}");
+            let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(dir).status();
+            assert!(
+                mounted.is_ok_and(|s| s.success()),
+                "cannot mount a tmpfs on {} (needs root)",
+                dir.display()
+            );
+            Self(dir.to_path_buf())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
 
     fn call(pid: u32, tid: u32, name: &str, file: &str, start_ms: u64, end_ms: u64, depth: u32) -> Call {
         Call {
@@ -174,6 +209,7 @@ pub(crate) mod testing {
             filtered_in_user_space: 0,
             calls_total: 0,
             calls_evicted: 0,
+            spilled: None,
             clock: WallClock::measure(),
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,
@@ -184,7 +220,77 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, sync::Arc};
+
     use super::*;
+    use crate::{
+        output::{safe_file::Dir, spill::SpillWriter},
+        pairing::{Call, CallEnd},
+    };
+
+    /// 3,000 calls over two processes and three threads: recursion three
+    /// deep, equal start times, incomplete calls, two files for one name.
+    fn many_calls() -> Vec<Call> {
+        let mut calls = Vec::new();
+        for i in 0..1000u64 {
+            let (pid, tid) =
+                [(4_200_001, 4_200_001), (4_200_001, 4_200_002), (4_200_002, 4_200_003)][i as usize % 3];
+            let t = 1_000_000_000 + (i / 3) * 10_000;
+            for depth in (0..3u32).rev() {
+                calls.push(Call {
+                    pid,
+                    tid,
+                    name: Arc::from(["outer", "inner", "leaf"][depth as usize]),
+                    file: Arc::from(if i % 5 == 0 { "/srv/other.py" } else { "/srv/app.py" }),
+                    line: depth as i32 + 1,
+                    start_ns: t + u64::from(depth) * (i % 2),
+                    end_ns: t + 9_000 - u64::from(depth) * 1000,
+                    depth,
+                    end: if i % 97 == 0 && depth == 0 { CallEnd::Incomplete } else { CallEnd::Returned },
+                    cpu_ns: Some(500),
+                    rss_entry_bytes: 1000,
+                    rss_return_bytes: 2000 + i,
+                });
+            }
+        }
+        calls
+    }
+
+    #[test]
+    fn every_format_writes_the_same_from_the_spill_as_from_memory() {
+        let base = crate::output::spill::tests::temp("formats");
+        let dir = Dir::open(&base, None).unwrap();
+        let mut trace = testing::sample_trace();
+        trace.calls = many_calls();
+        let mut spill = SpillWriter::create(&dir, 100).unwrap();
+        spill.append(&trace.calls);
+        let mut spilled = Some(spill.finish());
+        let pfw_compact = "pfw:log-format=Object:log-event=Compact";
+        for name in ["chrome", "records", "pfw", pfw_compact] {
+            let writer = by_name(name, None).unwrap();
+            let mut from_memory = Vec::new();
+            writer.write(&trace, &mut from_memory).unwrap();
+            trace.spilled = spilled.take();
+            let mut from_spill = Vec::new();
+            writer.write(&trace, &mut from_spill).unwrap();
+            spilled = trace.spilled.take();
+            assert!(from_memory == from_spill, "{name} differs when written from the spill");
+            assert!(from_memory.len() > 300_000, "{name}: {} bytes", from_memory.len());
+        }
+        // PerfFlowAspect's files, one per process.
+        let opts = PfwOptions::default();
+        let (a, b) = (base.join("a"), base.join("b"));
+        let files_a = pfw::write_files(&trace, &Dir::open(&a, Some(0o755)).unwrap(), &opts).unwrap();
+        trace.spilled = spilled.take();
+        let files_b = pfw::write_files(&trace, &Dir::open(&b, Some(0o755)).unwrap(), &opts).unwrap();
+        assert_eq!(files_a.len(), 2);
+        assert_eq!(files_a.iter().map(|f| f.calls).sum::<u64>(), 3000);
+        for (fa, fb) in files_a.iter().zip(&files_b) {
+            assert_eq!(fa.path.file_name(), fb.path.file_name());
+            assert!(fs::read(&fa.path).unwrap() == fs::read(&fb.path).unwrap(), "{}", fa.path.display());
+        }
+        fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn registry() {

@@ -41,18 +41,25 @@
 //! - pftrace's default is `cpu-mem-usage=True` (PerfFlowAspect's is False):
 //!   the figures cost the traced process nothing extra here.
 //! - Files are created afresh (PerfFlowAspect's Python appends to an
-//!   existing file).
+//!   existing file): an earlier file of the same name is replaced whole,
+//!   atomically, and only if it is a regular file of the invoking user.
 
 use std::{
-    collections::BTreeMap,
-    fs::{self, File},
+    ffi::OsString,
     io::{self, Write},
-    path::{Path, PathBuf},
+    iter::Peekable,
+    path::PathBuf,
 };
 
 use serde::Serialize;
 
-use super::{TraceFormat, events::category};
+use super::{
+    TraceFormat,
+    calls::CallSource,
+    events::category,
+    safe_file::{Dir, FileError},
+    sort::CallIter,
+};
 use crate::{
     clock::WallClock,
     pairing::{Call, CallEnd},
@@ -279,12 +286,64 @@ enum Moment {
     Return,
 }
 
-/// Writing order: by time; at the same ns returns before starts, inner
-/// calls' returns before outer ones', outer calls' starts before inner ones'.
-fn order_key(call: &Call, moment: Moment) -> (u64, u8, u32) {
-    match moment {
-        Moment::Return => (call.end_ns, 0, u32::MAX - call.depth),
-        Moment::Start => (call.start_ns, 1, call.depth),
+/// Writing order: by process (when writing one file per process), then by
+/// time; at the same ns returns before starts, inner calls' returns before
+/// outer ones', outer calls' starts before inner ones'.
+type MomentKey = (u32, u64, u8, u32, u64);
+
+fn start_key(call: &Call, by_pid: bool) -> MomentKey {
+    (if by_pid { call.pid } else { 0 }, call.start_ns, 1, call.depth, 0)
+}
+
+fn return_key(call: &Call, by_pid: bool) -> MomentKey {
+    (if by_pid { call.pid } else { 0 }, call.end_ns, 0, u32::MAX - call.depth, call.start_ns)
+}
+
+/// The moments of all calls in writing order: the merge of the calls
+/// sorted by start and the returned calls sorted by return.
+struct Moments<'a> {
+    starts: Peekable<CallIter<'a>>,
+    returns: Peekable<CallIter<'a>>,
+    by_pid: bool,
+}
+
+impl<'a> Moments<'a> {
+    fn new(source: CallSource<'a>, event: PfwEvents, by_pid: bool) -> io::Result<Self> {
+        let starts: CallIter<'a> = match event {
+            PfwEvents::Verbose => source.sorted(move |c: &Call| start_key(c, by_pid))?,
+            PfwEvents::Compact => Box::new(std::iter::empty()),
+        };
+        let returns = source.sorted(move |c: &Call| return_key(c, by_pid))?;
+        let returns: CallIter<'a> =
+            Box::new(returns.filter(|c| c.as_ref().map_or(true, |c| c.end == CallEnd::Returned)));
+        Ok(Self { starts: starts.peekable(), returns: returns.peekable(), by_pid })
+    }
+
+    /// The process of the next moment.
+    fn peek_pid(&mut self) -> Option<u32> {
+        let pid = |c: Option<&io::Result<Call>>| c.and_then(|c| c.as_ref().ok()).map(|c| c.pid);
+        match (pid(self.starts.peek()), pid(self.returns.peek())) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl Iterator for Moments<'_> {
+    type Item = io::Result<(Moment, Call)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let take_start = match (self.starts.peek(), self.returns.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(Ok(_)), None) => true,
+            (_, Some(Err(_))) | (None, Some(Ok(_))) => false,
+            (Some(Ok(s)), Some(Ok(r))) => start_key(s, self.by_pid) < return_key(r, self.by_pid),
+        };
+        Some(if take_start {
+            self.starts.next()?.map(|c| (Moment::Start, c))
+        } else {
+            self.returns.next()?.map(|c| (Moment::Return, c))
+        })
     }
 }
 
@@ -335,45 +394,41 @@ impl Pfw {
         out
     }
 
-    /// Writes the header line and the events of `calls` in writing order.
-    pub fn write_calls<'a>(
-        &self,
-        calls: impl IntoIterator<Item = &'a Call>,
-        clock: &WallClock,
-        out: &mut dyn Write,
-    ) -> io::Result<()> {
-        let mut moments: Vec<(Moment, &Call)> = Vec::new();
-        for call in calls {
-            if self.event == PfwEvents::Verbose {
-                moments.push((Moment::Start, call));
-            }
-            if call.end == CallEnd::Returned {
-                moments.push((Moment::Return, call));
-            }
-        }
-        moments.sort_by_key(|&(moment, call)| order_key(call, moment));
-        let mut w = io::BufWriter::new(out);
+    fn write_header(&self, w: &mut dyn Write) -> io::Result<()> {
         match self.form {
-            PfwForm::Array => w.write_all(b"[\n")?,
+            PfwForm::Array => w.write_all(b"[\n"),
             PfwForm::Object => {
-                w.write_all(b"{\"displayTimeUnit\":\"us\",\"otherData\":{},\"traceEvents\":[\n")?
+                w.write_all(b"{\"displayTimeUnit\":\"us\",\"otherData\":{},\"traceEvents\":[\n")
             }
         }
-        for (moment, call) in moments {
-            for event in self.events(call, moment, clock) {
-                let mut ser = serde_json::Serializer::with_formatter(&mut w, PythonSpacing);
-                event.serialize(&mut ser).map_err(io::Error::other)?;
-                w.write_all(b",\n")?;
-            }
+    }
+
+    fn write_moment(
+        &self,
+        moment: Moment,
+        call: &Call,
+        clock: &WallClock,
+        w: &mut dyn Write,
+    ) -> io::Result<()> {
+        for event in self.events(call, moment, clock) {
+            let mut ser = serde_json::Serializer::with_formatter(&mut *w, PythonSpacing);
+            event.serialize(&mut ser).map_err(io::Error::from)?;
+            w.write_all(b",\n")?;
         }
-        w.into_inner().map_err(|e| e.into_error())?.flush()
+        Ok(())
     }
 }
 
 impl TraceFormat for Pfw {
     /// All processes' events in one stream (as `pftracectl dump` sends it).
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
-        self.write_calls(&trace.calls, &trace.clock, out)
+        let mut w = io::BufWriter::new(out);
+        self.write_header(&mut w)?;
+        for m in Moments::new(trace.call_source(), self.event, false)? {
+            let (moment, call) = m?;
+            self.write_moment(moment, &call, &trace.clock, &mut w)?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.flush()
     }
 }
 
@@ -383,42 +438,61 @@ pub struct PfwFile {
     pub path: PathBuf,
     pub pid: u32,
     /// Calls in it (incomplete ones included).
-    pub calls: usize,
+    pub calls: u64,
 }
 
-/// Writes one file per process that made a traced call into `dir` (created
-/// if missing), named as PerfFlowAspect names them. Refuses, before writing
-/// anything, when the names would collide (`log-filename-include` without
-/// `pid` and more than one process).
-pub fn write_files(trace: &Trace, dir: &Path, opts: &PfwOptions) -> io::Result<Vec<PfwFile>> {
-    let mut by_pid: BTreeMap<u32, Vec<&Call>> = BTreeMap::new();
-    for call in &trace.calls {
-        by_pid.entry(call.pid).or_default().push(call);
-    }
-    if by_pid.len() > 1 && !opts.include.contains(&NamePart::Pid) {
-        return Err(io::Error::new(
+/// Writes one file per process that made a traced call into `dir`, named as
+/// PerfFlowAspect names them, each replacing any earlier file of that name
+/// atomically (see `safe_file.rs`). Refuses, before writing anything, when
+/// the names would collide (`log-filename-include` without `pid` and more
+/// than one process) or a name holds something that may not be replaced.
+pub fn write_files(trace: &Trace, dir: &Dir, opts: &PfwOptions) -> Result<Vec<PfwFile>, FileError> {
+    let source = trace.call_source();
+    let io_error = |source| FileError::Io {
+        action: "writing PerfFlowAspect files in",
+        path: dir.path().display().to_string(),
+        source,
+    };
+    let per_pid = source.tally().map_err(io_error)?.per_pid;
+    if per_pid.len() > 1 && !opts.include.contains(&NamePart::Pid) {
+        return Err(io_error(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "{} processes made traced calls but log-filename-include has no `pid`: \
                  their PerfFlowAspect files would overwrite each other",
-                by_pid.len()
+                per_pid.len()
             ),
-        ));
+        )));
     }
-    fs::create_dir_all(dir)?;
+    let name = |pid: u32| OsString::from(opts.file_name(&trace.hostname, pid));
+    for &pid in per_pid.keys() {
+        dir.existing(&name(pid))?;
+    }
+    let mut moments = Moments::new(source, opts.pfw.event, true).map_err(io_error)?;
     let mut written = Vec::new();
-    for (pid, calls) in by_pid {
-        let path = dir.join(opts.file_name(&trace.hostname, pid));
-        let mut file = File::create(&path)?;
-        opts.pfw.write_calls(calls.iter().copied(), &trace.clock, &mut file)?;
-        file.sync_all()?;
-        written.push(PfwFile { path, pid, calls: calls.len() });
+    for (&pid, &calls) in &per_pid {
+        let mut file = dir.replacement(&name(pid), 0o644)?;
+        let path = file.path();
+        let failed = |source| FileError::Io { action: "writing", path: path.display().to_string(), source };
+        let mut w = io::BufWriter::new(file.file());
+        opts.pfw.write_header(&mut w).map_err(failed)?;
+        // Incomplete calls in Compact form have no moment: a process may have none.
+        while moments.peek_pid() == Some(pid) {
+            let (moment, call) = moments.next().expect("peeked").map_err(io_error)?;
+            opts.pfw.write_moment(moment, &call, &trace.clock, &mut w).map_err(failed)?;
+        }
+        w.flush().map_err(failed)?;
+        drop(w);
+        file.commit()?;
+        written.push(PfwFile { path, pid, calls });
     }
     Ok(written)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, path::Path};
+
     use serde_json::Value;
 
     use super::*;
@@ -514,16 +588,25 @@ mod tests {
     #[test]
     fn one_file_per_process() {
         let trace = sample_trace();
-        let dir = std::env::temp_dir().join(format!("pftrace-pfw-unit-{}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("pftrace-pfw-unit-{}", std::process::id()));
+        let dir = Dir::open(&path, Some(0o755)).unwrap();
         let files = write_files(&trace, &dir, &PfwOptions::default()).unwrap();
         let names: Vec<String> =
             files.iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(names, ["perfflow.array.testhost.4200001.pfw", "perfflow.array.testhost.4200002.pfw"]);
-        assert_eq!(files.iter().map(|f| f.calls).sum::<usize>(), trace.calls.len());
+        assert_eq!(files.iter().map(|f| f.calls).sum::<u64>(), trace.calls.len() as u64);
         let text = fs::read_to_string(&files[1].path).unwrap();
         assert!(read_back(&text, PfwForm::Array).iter().all(|e| e["pid"] == 4_200_002));
         let no_pid = PfwOptions::parse("log-filename-include=hostname").unwrap();
-        assert_eq!(write_files(&trace, &dir, &no_pid).unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        fs::remove_dir_all(&dir).unwrap();
+        let err = write_files(&trace, &dir, &no_pid).unwrap_err();
+        assert!(
+            matches!(&err, FileError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidInput),
+            "{err}"
+        );
+        // A second run replaces the files whole.
+        let again = write_files(&trace, &dir, &PfwOptions::default()).unwrap();
+        assert_eq!(fs::read_to_string(&again[1].path).unwrap(), text);
+        assert_eq!(fs::read_dir(&path).unwrap().count(), 2);
+        fs::remove_dir_all(&path).unwrap();
     }
 }

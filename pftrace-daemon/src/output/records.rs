@@ -32,13 +32,16 @@
 //!   3.9's probes give the code object's name, not its qualname).
 
 use std::{
+    cell::RefCell,
     collections::{HashMap, HashSet},
     io::{self, Write},
+    iter::Peekable,
+    sync::Arc,
 };
 
-use serde::{Serialize, Serializer, ser::SerializeMap as _};
+use serde::{Serialize, Serializer, ser::Error as _, ser::SerializeMap as _, ser::SerializeSeq as _};
 
-use super::{TraceFormat, events::category};
+use super::{TraceFormat, events::category, sort::CallIter};
 use crate::{
     pairing::{Call, CallEnd},
     trace::{ProcessSample, Trace},
@@ -65,11 +68,11 @@ struct Record<'a> {
 }
 
 #[derive(Serialize)]
-struct Metadata<'a> {
-    function: &'a str,
+struct Metadata {
+    function: String,
     lineno: i32,
-    filename: &'a str,
-    module: &'a str,
+    filename: String,
+    module: String,
     path: String,
 }
 
@@ -84,13 +87,6 @@ impl<T: Serialize> Serialize for Ordered<T> {
         }
         map.end()
     }
-}
-
-#[derive(Serialize)]
-struct Document<'a> {
-    functions: Vec<String>,
-    results: Ordered<Vec<Record<'a>>>,
-    metadata: Ordered<Metadata<'a>>,
 }
 
 /// Each process's samples, oldest first, for "the reading at or before t".
@@ -122,67 +118,160 @@ fn seconds(ns: i128) -> f64 {
     ns as f64 / 1e9
 }
 
+/// One function as the document keys it: its first call (by start, outer
+/// first) and its place among the functions.
+struct Function {
+    /// (name, file).
+    site: (Arc<str>, Arc<str>),
+    key: String,
+    first: (u64, u32, u64),
+    metadata: Metadata,
+}
+
+/// The functions of all calls, in order of their first call, from one pass.
+/// Names seen in more than one file are keyed FILE:NAME.
+fn functions(calls: CallIter) -> io::Result<Vec<Function>> {
+    let mut by_site: HashMap<(Arc<str>, Arc<str>), Function> = HashMap::new();
+    let mut files_of: HashMap<Arc<str>, HashSet<Arc<str>>> = HashMap::new();
+    for (seq, c) in calls.enumerate() {
+        let c = c?;
+        let first = (c.start_ns, c.depth, seq as u64);
+        files_of.entry(Arc::clone(&c.name)).or_default().insert(Arc::clone(&c.file));
+        let site = (Arc::clone(&c.name), Arc::clone(&c.file));
+        let f = by_site.entry(site.clone()).or_insert_with(|| Function {
+            site,
+            key: String::new(),
+            first,
+            metadata: Metadata {
+                function: c.name.to_string(),
+                lineno: c.line,
+                filename: c.file.to_string(),
+                module: String::new(),
+                path: String::new(),
+            },
+        });
+        if first < f.first {
+            f.first = first;
+            f.metadata.lineno = c.line;
+        }
+    }
+    let mut out: Vec<Function> = by_site
+        .into_iter()
+        .map(|((name, file), mut f)| {
+            f.key = if files_of[&name].len() > 1 { format!("{file}:{name}") } else { name.to_string() };
+            f.metadata.module = category(&file).to_string();
+            f.metadata.path = format!("{}.{name}", f.metadata.module);
+            f
+        })
+        .collect();
+    out.sort_by_key(|f| f.first);
+    Ok(out)
+}
+
+/// The calls of each function, pulled from one stream sorted by (function,
+/// start) while the document is serialized: memory holds one record at a time.
+struct Results<'t, 'c> {
+    trace: &'t Trace,
+    keys: Vec<String>,
+    rank: HashMap<(Arc<str>, Arc<str>), usize>,
+    readings: Readings<'t>,
+    calls: RefCell<Peekable<CallIter<'c>>>,
+}
+
+/// The calls of function number `.1`.
+struct Group<'r, 't, 'c>(&'r Results<'t, 'c>, usize);
+
+impl Results<'_, '_> {
+    fn rank_of(&self, c: &Call) -> usize {
+        self.rank[&(Arc::clone(&c.name), Arc::clone(&c.file))]
+    }
+
+    fn record<'s>(&'s self, c: &Call) -> Record<'s> {
+        let trace = self.trace;
+        let process_name =
+            trace.process(c.pid).map(|p| super::events::process_display_name(Some(p))).unwrap_or("python");
+        Record {
+            name: process_name,
+            cpu_start: self.readings.cpu_at(c.pid, c.start_ns),
+            time_start: seconds(trace.clock.wall_ns(c.start_ns)),
+            time_end: seconds(trace.clock.wall_ns(c.end_ns)),
+            time_elapsed: c.duration_ns() as f64 / 1e9,
+            cpu_end: self.readings.cpu_at(c.pid, c.end_ns),
+            cpu_usage: c.cpu_ns.map_or(0.0, |ns| ns as f64 / 1e9),
+            mem_usage: c.rss_return_bytes as f64 / 1000.0,
+            pid: c.pid,
+            process_name,
+            tid: c.tid,
+            incomplete: c.end == CallEnd::Incomplete,
+        }
+    }
+}
+
+impl Serialize for Results<'_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.keys.len()))?;
+        for (rank, key) in self.keys.iter().enumerate() {
+            map.serialize_entry(key, &Group(self, rank))?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for Group<'_, '_, '_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let Group(results, rank) = *self;
+        let mut seq = s.serialize_seq(None)?;
+        loop {
+            let mut calls = results.calls.borrow_mut();
+            let next = match calls.peek() {
+                None => break,
+                Some(Err(_)) => {
+                    return Err(S::Error::custom(calls.next().and_then(Result::err).expect("peeked")));
+                }
+                Some(Ok(c)) if results.rank_of(c) != rank => break,
+                Some(Ok(_)) => calls.next().and_then(Result::ok).expect("peeked"),
+            };
+            drop(calls);
+            seq.serialize_element(&results.record(&next))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Document<'t, 'c> {
+    functions: Vec<String>,
+    results: Results<'t, 'c>,
+    metadata: Ordered<Metadata>,
+}
+
 impl TraceFormat for Records {
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
-        // Names seen in more than one file are keyed FILE:NAME.
-        let mut files_of: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for c in &trace.calls {
-            files_of.entry(&c.name).or_default().insert(&c.file);
-        }
-        let key = |c: &Call| {
-            if files_of[&*c.name].len() > 1 { format!("{}:{}", c.file, c.name) } else { c.name.to_string() }
-        };
-        let mut calls: Vec<&Call> = trace.calls.iter().collect();
-        calls.sort_by_key(|c| (c.start_ns, c.depth));
-        let readings = Readings::new(&trace.samples);
-        let mut results: Vec<(String, Vec<Record>)> = Vec::new();
-        let mut metadata: Vec<(String, Metadata)> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for c in calls {
-            let k = key(c);
-            let at = *index.entry(k.clone()).or_insert_with(|| {
-                let module = category(&c.file);
-                metadata.push((
-                    k.clone(),
-                    Metadata {
-                        function: &c.name,
-                        lineno: c.line,
-                        filename: &c.file,
-                        module,
-                        path: format!("{module}.{}", c.name),
-                    },
-                ));
-                results.push((k.clone(), Vec::new()));
-                results.len() - 1
-            });
-            let process_name = trace
-                .process(c.pid)
-                .map(|p| super::events::process_display_name(Some(p)))
-                .unwrap_or("python");
-            results[at].1.push(Record {
-                name: process_name,
-                cpu_start: readings.cpu_at(c.pid, c.start_ns),
-                time_start: seconds(trace.clock.wall_ns(c.start_ns)),
-                time_end: seconds(trace.clock.wall_ns(c.end_ns)),
-                time_elapsed: c.duration_ns() as f64 / 1e9,
-                cpu_end: readings.cpu_at(c.pid, c.end_ns),
-                cpu_usage: c.cpu_ns.map_or(0.0, |ns| ns as f64 / 1e9),
-                mem_usage: c.rss_return_bytes as f64 / 1000.0,
-                pid: c.pid,
-                process_name,
-                tid: c.tid,
-                incomplete: c.end == CallEnd::Incomplete,
-            });
-        }
+        let source = trace.call_source();
+        let functions = functions(source.iter())?;
+        let rank: HashMap<(Arc<str>, Arc<str>), usize> =
+            functions.iter().enumerate().map(|(i, f)| (f.site.clone(), i)).collect();
+        let order = Arc::new(rank.clone());
+        let calls = source.sorted(move |c: &Call| {
+            (order[&(Arc::clone(&c.name), Arc::clone(&c.file))], c.start_ns, c.depth)
+        })?;
+        let keys: Vec<String> = functions.iter().map(|f| f.key.clone()).collect();
+        let metadata = Ordered(functions.into_iter().map(|f| (f.key, f.metadata)).collect());
         let doc = Document {
-            functions: results.iter().map(|(k, _)| k.clone()).collect(),
-            results: Ordered(results),
-            metadata: Ordered(metadata),
+            functions: keys.clone(),
+            results: Results {
+                trace,
+                keys,
+                rank,
+                readings: Readings::new(&trace.samples),
+                calls: RefCell::new(calls.peekable()),
+            },
+            metadata,
         };
         let mut w = io::BufWriter::new(out);
         let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
         let mut ser = serde_json::Serializer::with_formatter(&mut w, fmt);
-        doc.serialize(&mut ser).map_err(io::Error::other)?;
+        doc.serialize(&mut ser).map_err(io::Error::from)?;
         w.write_all(b"\n")?;
         w.into_inner().map_err(|e| e.into_error())?.flush()
     }

@@ -920,6 +920,32 @@ pub fn wall_us_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as f64 / 1000.0
 }
 
+/// A tmpfs mounted for one test; unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Self {
+        fs::create_dir_all(at).unwrap();
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let target = c(at.to_str().unwrap());
+        let opts = c(&format!("size={size},mode=0755"));
+        // SAFETY: valid C strings for the duration of the call.
+        let rc = unsafe {
+            libc::mount(c("tmpfs").as_ptr(), target.as_ptr(), c("tmpfs").as_ptr(), 0, opts.as_ptr().cast())
+        };
+        assert_eq!(rc, 0, "mounting a tmpfs at {}: {}", at.display(), std::io::Error::last_os_error());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; MNT_DETACH even if a file is still open.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// `bpf(2)` commands that open a BPF object by id.
 pub const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 pub const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
