@@ -11,6 +11,7 @@ mod chrome;
 pub mod events;
 pub mod pfw;
 mod records;
+pub mod summary;
 
 use std::io::{self, Write};
 
@@ -165,7 +166,8 @@ pub(crate) mod testing {
                 call(4_200_001, 4_200_001, "outer", "/srv/app.py", 0, 100, 0),
                 call(4_200_001, 4_200_002, "inner", "/srv/app.py", 200, 300, 0),
                 open,
-            ],
+            ]
+            .into(),
             samples: vec![sample(0, 50.0), sample(200, 90.0)],
             unmatched_returns: vec![],
             skipped_entries: 0,
@@ -174,6 +176,7 @@ pub(crate) mod testing {
             filtered_in_user_space: 0,
             calls_total: 0,
             calls_evicted: 0,
+            functions: vec![],
             clock: WallClock::measure(),
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,
