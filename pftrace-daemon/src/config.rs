@@ -1,9 +1,18 @@
 //! pftraced's configuration file (TOML, default `/etc/pftrace/pftraced.toml`):
 //! names, targets, socket, output and limits, every field with a default.
 //! Command-line flags override it. Errors name the file, line and column.
+//!
+//! pftraced runs as root, so the file is read with care: only a regular
+//! file (a symlink to one is followed: `/etc` often links to managed
+//! configuration), checked with stat before it is opened, so a FIFO or a
+//! device (`/dev/zero`) is refused without being opened or read; of at most
+//! [`MAX_CONFIG_BYTES`]; and only one no other user can change (owned by
+//! root or the user running pftraced, not writable by group or others).
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read as _},
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -100,19 +109,42 @@ pub struct LimitsConfig {
     pub max_calls_in_memory: usize,
     /// Processes traced at once (pid-scoped attachments).
     pub max_processes: usize,
+    /// `pftracectl dump`s sent at once; more are answered `busy`. Each may
+    /// keep alive, until it is sent, calls the store evicts meanwhile.
+    pub max_concurrent_dumps: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { ring_buffer_bytes: 16 << 20, max_calls_in_memory: 500_000, max_processes: 4096 }
+        Self {
+            ring_buffer_bytes: 16 << 20,
+            max_calls_in_memory: 500_000,
+            max_processes: 4096,
+            max_concurrent_dumps: 4,
+        }
     }
 }
+
+/// The largest configuration file read (an example with every key is 6 KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: String, source: io::Error },
+    #[error("config file {path} is {what}, not a regular file; give the path of a TOML file")]
+    NotAFile { path: String, what: &'static str },
+    #[error(
+        "config file {path} is {size} bytes; a configuration may have at most {MAX_CONFIG_BYTES} bytes (1 MiB)"
+    )]
+    TooLarge { path: String, size: u64 },
+    #[error(
+        "config file {path} could be changed by another user (owner uid {uid}, mode {mode:o}); pftraced \
+         runs as root and reads only a file owned by root (or by you) that group and others cannot write \
+         (chown root {path}; chmod go-w {path})"
+    )]
+    Unsafe { path: String, uid: u32, mode: u32 },
     #[error("config file {path}, line {line}, column {column}: {message}")]
     Parse { path: String, line: usize, column: usize, message: String },
     #[error("config file {path}: {message}")]
@@ -120,17 +152,18 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads `path`. With `required == false` a missing file gives the defaults.
+    /// Reads `path` (see the module's notes on which files are read). With
+    /// `required == false` a missing file gives the defaults.
     pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
         let display = path.display().to_string();
-        let text = match fs::read_to_string(path) {
+        let text = match read_config_file(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => {
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && !required =>
+            {
                 return Ok(Self::default());
             }
-            Err(source) => {
-                return Err(ConfigError::Read { path: display, source });
-            }
+            Err(e) => return Err(e),
         };
         Self::parse(&text, &display)
     }
@@ -153,8 +186,14 @@ impl Config {
                 "limits.ring_buffer_bytes = {ring}: must be a power of two >= 4096"
             )));
         }
-        if self.limits.max_calls_in_memory == 0 {
-            return Err(invalid("limits.max_calls_in_memory must be at least 1".into()));
+        for (key, value) in [
+            ("limits.max_calls_in_memory", self.limits.max_calls_in_memory),
+            ("limits.max_processes", self.limits.max_processes),
+            ("limits.max_concurrent_dumps", self.limits.max_concurrent_dumps),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("{key} = 0: must be at least 1")));
+            }
         }
         if self.output.max_file_bytes < 4096 {
             return Err(invalid("output.max_file_bytes must be at least 4096".into()));
@@ -164,6 +203,63 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The text of a configuration file that passes the checks of this module.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    let shown = || path.display().to_string();
+    let read_err = |source| ConfigError::Read { path: shown(), source };
+    // Decided before opening: opening a FIFO blocks, and opening a device can act.
+    let meta = fs::metadata(path).map_err(read_err)?;
+    check_file(&meta, &shown())?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    // What was opened must be what was checked (the path may have been swapped).
+    let opened = file.metadata().map_err(read_err)?;
+    if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+        return Err(read_err(io::Error::other("the file was replaced while it was being opened")));
+    }
+    check_file(&opened, &shown())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: shown(), size: bytes.len() as u64 });
+    }
+    String::from_utf8(bytes).map_err(|e| read_err(io::Error::new(io::ErrorKind::InvalidData, e)))
+}
+
+/// A regular file of at most [`MAX_CONFIG_BYTES`] that only its owner (root
+/// or the user running pftraced) can change.
+fn check_file(meta: &fs::Metadata, path: &str) -> Result<(), ConfigError> {
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(ConfigError::NotAFile { path: path.into(), what });
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into(), size: meta.len() });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+        return Err(ConfigError::Unsafe { path: path.into(), uid: meta.uid(), mode: meta.mode() & 0o7777 });
+    }
+    Ok(())
 }
 
 /// 1-based line and column of a byte offset.

@@ -20,7 +20,7 @@ pub mod procwatch;
 pub mod protocol;
 pub mod python;
 pub mod rolling;
-pub mod summary;
+pub mod stats;
 pub mod target;
 pub mod trace;
 pub mod usdt;

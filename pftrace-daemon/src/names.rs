@@ -48,6 +48,15 @@ pub enum NameError {
     BadChar { text: String, what: String },
     #[error("{text:?}: unclosed `[` in glob")]
     UnclosedBracket { text: String },
+    #[error(
+        "{text:?}: `{class}` is an empty character class, which matches nothing; list characters in it, e.g. `[ab]*`"
+    )]
+    EmptyClass { text: String, class: String },
+    #[error(
+        "{text:?}: `\\` is not allowed: function names never contain it, and globs have no escapes \
+         (`*`, `?` and `[` always mean wildcards)"
+    )]
+    Backslash { text: String },
 }
 
 /// Longest function name (or glob prefix) the kernel compares: its buffer
@@ -75,6 +84,9 @@ impl NameSpec {
             }
             None => (None, trimmed),
         };
+        if function.contains('\\') {
+            return Err(NameError::Backslash { text: owned() });
+        }
         if let Some(c) = function.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '/') {
             return Err(NameError::BadChar { text: owned(), what: format!("{c:?}") });
         }
@@ -82,9 +94,7 @@ impl NameSpec {
             return Err(NameError::TooLong { text: owned(), len: function.len(), max: MAX_NAME });
         }
         let function = if function.contains(['*', '?', '[']) {
-            if function.matches('[').count() > function.matches(']').count() {
-                return Err(NameError::UnclosedBracket { text: owned() });
-            }
+            check_classes(function, text)?;
             let prefix: String = function.chars().take_while(|c| !matches!(c, '*' | '?' | '[')).collect();
             FunctionPattern::Glob { pattern: function.to_string(), prefix }
         } else {
@@ -112,6 +122,27 @@ impl fmt::Display for NameSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// Every `[` of a glob opens a class that is closed and not empty (`[]`,
+/// `[!]` and `[^]` match nothing: surely a mistake).
+fn check_classes(glob: &str, text: &str) -> Result<(), NameError> {
+    let mut rest = glob;
+    while let Some(open) = rest.find('[') {
+        let body = &rest[open + 1..];
+        let negated = usize::from(body.starts_with(['!', '^']));
+        let Some(close) = body.find(']') else {
+            return Err(NameError::UnclosedBracket { text: text.into() });
+        };
+        if close <= negated {
+            return Err(NameError::EmptyClass {
+                text: text.into(),
+                class: rest[open..open + close + 2].into(),
+            });
+        }
+        rest = &body[close + 1..];
+    }
+    Ok(())
 }
 
 /// `file` ends with `suffix` at a path-component boundary
@@ -219,6 +250,20 @@ mod tests {
         assert!(NameSpec::parse(&"x".repeat(62)).is_ok());
         assert!(matches!(NameSpec::parse("a b"), Err(NameError::BadChar { .. })));
         assert!(matches!(NameSpec::parse("f[ab"), Err(NameError::UnclosedBracket { .. })));
+        assert!(matches!(NameSpec::parse("f[ab]x[c"), Err(NameError::UnclosedBracket { .. })));
+        assert!(matches!(NameSpec::parse("f]["), Err(NameError::UnclosedBracket { .. })));
+        assert_eq!(
+            NameSpec::parse("f[]").unwrap_err().to_string(),
+            "\"f[]\": `[]` is an empty character class, which matches nothing; list characters in it, e.g. `[ab]*`"
+        );
+        assert!(
+            matches!(NameSpec::parse("a.py:[!]x"), Err(NameError::EmptyClass { ref class, .. }) if class == "[!]")
+        );
+        assert_eq!(
+            NameSpec::parse(r"f\*").unwrap_err().to_string(),
+            r#""f\\*": `\` is not allowed: function names never contain it, and globs have no escapes (`*`, `?` and `[` always mean wildcards)"#
+        );
+        assert!(NameSpec::parse("[ab]*[!c]").is_ok());
     }
 
     #[test]

@@ -43,6 +43,25 @@ pub struct Call {
 }
 
 impl Call {
+    /// A returned call of `name` in `f.py` by process (and thread) `pid`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(pid: u32, name: &str, start_ns: u64, duration_ns: u64) -> Self {
+        Self {
+            pid,
+            tid: pid,
+            name: Arc::from(name),
+            file: Arc::from("f.py"),
+            line: 1,
+            start_ns,
+            end_ns: start_ns + duration_ns,
+            depth: 0,
+            end: CallEnd::Returned,
+            cpu_ns: None,
+            rss_entry_bytes: 0,
+            rss_return_bytes: 0,
+        }
+    }
+
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
     }

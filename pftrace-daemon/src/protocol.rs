@@ -1,27 +1,47 @@
-//! The control protocol between `pftracectl` and `pftraced`, version 1.
+//! The control protocol between `pftracectl` and `pftraced`, version 2.
 //!
 //! Transport: a Unix stream socket (default [`DEFAULT_SOCKET`]). The client
 //! sends one request as a single line of JSON (at most [`MAX_REQUEST_BYTES`]
-//! bytes, ending in `\n`) and reads one reply line of JSON:
+//! bytes, ending in `\n`, right after connecting: a connection that sends
+//! nothing is closed after a short time) and reads one reply line of JSON:
 //!
 //! ```text
-//! -> {"version":1,"command":{"cmd":"stats","per_pid":true}}
-//! <- {"version":1,"ok":true,"result":{...}}
-//! <- {"version":1,"ok":false,"error":"what was wrong and what to do"}
+//! -> {"version":2,"command":{"cmd":"stats","per_pid":true}}
+//! <- {"version":2,"ok":true,"result":{...}}
+//! <- {"version":2,"ok":false,"error":"what was wrong and what to do"}
 //! ```
 //!
-//! `dump` is the one streaming reply: its result is a [`DumpHeader`] giving the
-//! byte length of the trace that follows the reply line on the same stream,
-//! so a large trace is never built twice in memory. A request with another
+//! An error starting with [`BUSY`] means the request was not carried out
+//! because pftraced is serving as many clients (or dumps) as it allows:
+//! try again shortly (pftracectl does, for a few seconds).
+//!
+//! `dump` is the one streaming reply: its result is a [`DumpHeader`], then
+//! the trace follows on the same stream in chunks, each a line holding its
+//! length in hexadecimal and then that many bytes, up to a chunk of length
+//! 0; after it comes a last reply line, whose result is a [`DumpTrailer`]
+//! (or an error, if rendering failed part way):
+//!
+//! ```text
+//! <- {"version":2,"ok":true,"result":{"format":"chrome"}}
+//! <- 10000\n<65536 bytes>1a2\n<418 bytes>0\n
+//! <- {"version":2,"ok":true,"result":{"calls":1234,"bytes":65954}}
+//! ```
+//!
+//! The daemon renders a dump on a thread of its own from a snapshot of the
+//! calls in memory, writing as the client reads, so a trace is never held
+//! whole in memory and tracing never waits for it. A request with another
 //! `version` gets an error reply naming both versions. One request per
 //! connection.
 
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Requests longer than this are refused with an error reply.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How an error reply starts when the request was refused only for want of
+/// capacity (too many clients or dumps at once); worth retrying.
+pub const BUSY: &str = "busy: ";
 /// Where the daemon listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/pftrace/pftraced.sock";
 
@@ -39,14 +59,15 @@ pub struct Request {
 pub enum Command {
     /// Targets, attached binaries, processes, counters. Result: [`Status`].
     Status {},
-    /// The trace so far (tracing continues). Result: [`DumpHeader`], then the bytes.
+    /// The trace so far (tracing continues). Result: [`DumpHeader`], then
+    /// the trace in chunks and a [`DumpTrailer`].
     Dump {
         #[serde(default)]
         filter: CallFilter,
         #[serde(default)]
         format: Option<String>,
     },
-    /// Per-function (optionally per-pid) figures. Result: `Vec<`[`FunctionStats`]`>`.
+    /// Per-function (optionally per-pid) figures. Result: [`StatsReply`].
     Stats {
         #[serde(default)]
         filter: CallFilter,
@@ -98,12 +119,46 @@ impl Reply {
     }
 }
 
-/// Precedes the bytes of a dump.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Precedes the chunks of a dump.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DumpHeader {
+    /// The format as asked for, with any options (`pfw:log-format=Object`).
     pub format: String,
-    pub bytes: u64,
+}
+
+/// Follows the chunks of a dump that was rendered to its end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DumpTrailer {
+    /// Calls in the dump.
     pub calls: u64,
+    /// Bytes of the trace (the chunks' contents).
+    pub bytes: u64,
+}
+
+/// Which calls `stats` figures cover.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StatsSource {
+    /// Every call completed since tracing started (no filter, or only
+    /// `function`): from the daemon's running aggregate.
+    AllCalls,
+    /// The calls still in memory that the filter selects (`since`, `pid`, or
+    /// per process): older calls dropped from memory are not counted.
+    CallsInMemory,
+}
+
+/// Result of `stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatsReply {
+    pub source: StatsSource,
+    /// Calls completed since tracing started, and how many are in memory.
+    pub calls_total: u64,
+    pub calls_in_memory: u64,
+    /// The most p50/p95/p99 differ from the exact nearest-rank values,
+    /// relative to them (calls, totals, means and maxima are exact).
+    pub percentile_error: f64,
+    /// Largest total first.
+    pub functions: Vec<FunctionStats>,
 }
 
 /// Result of `add` / `remove`: the names traced afterwards.
@@ -154,7 +209,13 @@ pub struct Status {
     /// Calls dropped from memory to respect the memory bound (they are in the output files, if configured).
     pub calls_evicted: u64,
     pub unmatched_returns: u64,
+    /// Calls closed without a return seen, of all calls since tracing started.
     pub incomplete_calls: u64,
+    /// Dumps being sent now, and how many may be at once (`limits.max_concurrent_dumps`).
+    #[serde(default)]
+    pub dumps_in_progress: u64,
+    #[serde(default)]
+    pub max_concurrent_dumps: u64,
     pub output: Option<OutputStatus>,
 }
 
@@ -209,13 +270,13 @@ mod tests {
     #[test]
     fn request_round_trip_and_shape() {
         let req =
-            Request { version: 1, command: Command::Stats { filter: CallFilter::default(), per_pid: true } };
+            Request { version: 2, command: Command::Stats { filter: CallFilter::default(), per_pid: true } };
         let line = serde_json::to_string(&req).unwrap();
         assert_eq!(
             line,
-            r#"{"version":1,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
+            r#"{"version":2,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
         );
-        let back: Request = serde_json::from_str(r#"{"version":1,"command":{"cmd":"stats"}}"#).unwrap();
+        let back: Request = serde_json::from_str(r#"{"version":2,"command":{"cmd":"stats"}}"#).unwrap();
         assert_eq!(back.command, Command::Stats { filter: CallFilter::default(), per_pid: false });
     }
 

@@ -2,6 +2,11 @@
 //! from with their metadata and sampled CPU/memory, what was traced, and
 //! the counters that say whether anything was lost. Output formats read this.
 
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -9,6 +14,7 @@ use crate::{
     clock::WallClock,
     output::{calls::CallSource, spill::SpillFile},
     pairing::{Call, UnmatchedReturn},
+    protocol::FunctionStats,
     python::PyVersion,
 };
 
@@ -54,7 +60,7 @@ pub struct ProcessSample {
 pub struct Trace {
     pub names: Vec<String>,
     pub processes: Vec<TracedProcess>,
-    pub calls: Vec<Call>,
+    pub calls: CallList,
     /// Per-process CPU and memory readings, oldest first.
     pub samples: Vec<ProcessSample>,
     pub unmatched_returns: Vec<UnmatchedReturn>,
@@ -73,6 +79,9 @@ pub struct Trace {
     /// Every completed call, when the run writes a trace file (`calls` then
     /// holds only those still in memory): what the formats write.
     pub spilled: Option<SpillFile>,
+    /// Per-function figures over every call completed while tracing ran,
+    /// also those no longer in `calls` (the summary's); empty in dumps.
+    pub functions: Vec<FunctionStats>,
     pub clock: WallClock,
     /// Monotonic ns when tracing started and stopped.
     pub start_ns: u64,
@@ -98,5 +107,93 @@ impl Trace {
     /// The traced process with this pid, if known.
     pub fn process(&self, pid: u32) -> Option<&TracedProcess> {
         self.processes.iter().find(|p| p.pid == pid)
+    }
+}
+
+/// Which calls of a [`CallList`] it holds.
+pub type CallSelector = Arc<dyn Fn(&Call) -> bool + Send + Sync>;
+
+/// The calls of a trace, oldest first: blocks shared with the daemon's call
+/// store (a dump holds references to them, not copies), optionally narrowed
+/// by a selector applied as they are read.
+#[derive(Clone, Default)]
+pub struct CallList {
+    blocks: Vec<Arc<[Call]>>,
+    /// Calls at the start of the first block that are not in the list.
+    skip: usize,
+    select: Option<CallSelector>,
+    len: OnceLock<usize>,
+}
+
+impl CallList {
+    /// The calls of `blocks` after the first `skip`, those `select` keeps.
+    pub fn new(blocks: Vec<Arc<[Call]>>, skip: usize, select: Option<CallSelector>) -> Self {
+        Self { blocks, skip, select, len: OnceLock::new() }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Call> + '_ {
+        let skip = self.skip;
+        self.blocks
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, b)| b.get(if i == 0 { skip } else { 0 }..).unwrap_or_default())
+            .filter(move |c| self.select.as_ref().is_none_or(|keep| keep(c)))
+    }
+
+    /// How many calls the list holds (counted once, on first use).
+    pub fn len(&self) -> usize {
+        *self.len.get_or_init(|| self.iter().count())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<Call>> for CallList {
+    fn from(calls: Vec<Call>) -> Self {
+        Self::new(vec![calls.into()], 0, None)
+    }
+}
+
+impl<'a> IntoIterator for &'a CallList {
+    type Item = &'a Call;
+    type IntoIter = Box<dyn Iterator<Item = &'a Call> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl fmt::Debug for CallList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallList")
+            .field("blocks", &self.blocks.len())
+            .field("skip", &self.skip)
+            .field("selected", &self.select.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(pid: u32) -> Call {
+        Call::for_test(pid, "f", 0, 1)
+    }
+
+    #[test]
+    fn blocks_skip_and_selector() {
+        let a: Arc<[Call]> = (1..=3).map(call).collect::<Vec<_>>().into();
+        let b: Arc<[Call]> = (4..=5).map(call).collect::<Vec<_>>().into();
+        let list = CallList::new(vec![a.clone(), b.clone()], 2, None);
+        assert_eq!(list.iter().map(|c| c.pid).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(list.len(), 3);
+        let odd: CallSelector = Arc::new(|c: &Call| c.pid % 2 == 1);
+        let list = CallList::new(vec![a, b], 0, Some(odd));
+        assert_eq!((&list).into_iter().map(|c| c.pid).collect::<Vec<_>>(), [1, 3, 5]);
+        assert_eq!(list.len(), 3);
+        assert!(CallList::default().is_empty());
     }
 }

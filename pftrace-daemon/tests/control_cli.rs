@@ -64,7 +64,7 @@ fn stale_socket() {
 }
 
 /// A daemon from another release: a real socket whose peer speaks protocol
-/// version 2 (it reads pftracectl's request and answers in its own version,
+/// version 3 (it reads pftracectl's request and answers in its own version,
 /// as a newer pftraced would). No other pftraced exists here to run.
 #[test]
 fn daemon_of_another_protocol_version() {
@@ -76,17 +76,17 @@ fn daemon_of_another_protocol_version() {
             let (stream, _) = listener.accept().unwrap();
             let mut request = String::new();
             BufReader::new(&stream).read_line(&mut request).unwrap();
-            (&stream).write_all(b"{\"version\":2,\"ok\":true,\"result\":{\"anything\":1}}\n").unwrap();
+            (&stream).write_all(b"{\"version\":3,\"ok\":true,\"result\":{\"anything\":1}}\n").unwrap();
             request
         });
         let out = ctl(&socket, args);
         let request = peer.join().unwrap();
-        assert!(request.starts_with("{\"version\":1,"), "pftracectl sent {request:?}");
+        assert!(request.starts_with("{\"version\":2,"), "pftracectl sent {request:?}");
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         assert_eq!(
             stderr(&out),
             format!(
-                "pftracectl: error: pftraced at {} speaks protocol 2, this pftracectl speaks 1; use the \
+                "pftracectl: error: pftraced at {} speaks protocol 3, this pftracectl speaks 2; use the \
                  pftracectl shipped with that pftraced\n",
                 socket.display()
             ),

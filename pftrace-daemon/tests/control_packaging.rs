@@ -46,6 +46,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
         "limits.ring_buffer_bytes",
         "limits.max_calls_in_memory",
         "limits.max_processes",
+        "limits.max_concurrent_dumps",
         "sampling.interval_ms",
         "sampling.max_samples",
     ];

@@ -642,7 +642,7 @@ fn dump_streams_over_the_socket_and_cannot_make_the_daemon_write_a_file() {
     let target = elsewhere.join("x.json");
     for field in ["output", "path", "file", "out_dir"] {
         let line =
-            format!(r#"{{"version":1,"command":{{"cmd":"dump","{field}":{:?}}}}}"#, target.to_str().unwrap());
+            format!(r#"{{"version":2,"command":{{"cmd":"dump","{field}":{:?}}}}}"#, target.to_str().unwrap());
         let reply = raw_request(&socket, &line);
         assert_eq!(reply["ok"], false, "{line} -> {reply}");
         let err = reply["error"].as_str().unwrap();
@@ -663,7 +663,7 @@ fn dump_streams_over_the_socket_and_cannot_make_the_daemon_write_a_file() {
     let reply = raw_request(
         &socket,
         &format!(
-            r#"{{"version":1,"command":{{"cmd":"dump","format":"pfw:log-dir={}"}}}}"#,
+            r#"{{"version":2,"command":{{"cmd":"dump","format":"pfw:log-dir={}"}}}}"#,
             elsewhere.display()
         ),
     );

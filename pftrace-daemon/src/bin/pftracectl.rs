@@ -26,7 +26,9 @@ use pftrace::{
 /// Control a running pftraced: status, trace dumps, statistics, traced names.
 ///
 /// pftracectl talks to pftraced over its control socket, which only root
-/// (and members of the socket group set in pftraced.toml) may use.
+/// (and members of the socket group set in pftraced.toml) may use. When
+/// pftraced answers "busy" (as many clients or dumps as it serves at once),
+/// pftracectl tries again with growing pauses for up to 5 s, then says so.
 ///
 /// Examples:
 ///   sudo pftracectl status

@@ -13,8 +13,7 @@ use pftrace::{
     daemon::{Daemon, DaemonOptions},
     kernel::sched,
     launch::{self, Launched},
-    output::{self, Choice, destination::Destination},
-    summary,
+    output::{self, Choice, destination::Destination, summary},
     target::Target,
     trace::Trace,
 };
@@ -133,7 +132,9 @@ struct Cli {
     #[arg(long, hide = true)]
     floor: bool,
 
-    /// Do not print the per-function summary.
+    /// Do not print the per-function summary (calls, total, mean, p50, p95,
+    /// p99 and max of every call traced, also those no longer in memory;
+    /// p50/p95/p99 within 0.4% of the exact values, the rest exact).
     #[arg(short, long)]
     quiet: bool,
 

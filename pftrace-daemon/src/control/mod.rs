@@ -1,13 +1,15 @@
 //! The control socket: [`server`] is pftraced's side (accepts, checks the
 //! peer, frames requests and replies, hands commands to the daemon over a
 //! channel), [`client`] is pftracectl's (blocking, one request per
-//! connection). The wire format is in [`crate::protocol`]; the framing
+//! connection, retried while the daemon is busy), [`stream`] carries a
+//! dump's body. The wire format is in [`crate::protocol`]; the framing
 //! rules both sides share live here.
 
 pub mod client;
 pub mod server;
+pub mod stream;
 
-pub use client::{ClientError, dump, request, request_result};
+pub use client::{ClientError, DumpDone, dump, request, request_result};
 pub use server::{ControlError, ControlRequest, ControlServer, Handled, PeerCred};
 
 use crate::protocol::{MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request};
@@ -68,7 +70,7 @@ mod tests {
 
     #[test]
     fn parses_a_valid_request() {
-        let req = parse_request(br#"{"version":1,"command":{"cmd":"status"}}"#).unwrap();
+        let req = parse_request(br#"{"version":2,"command":{"cmd":"status"}}"#).unwrap();
         assert_eq!(req.command, Command::Status {});
         let line = request_line(&req);
         assert_eq!(line.last(), Some(&b'\n'));
@@ -79,18 +81,18 @@ mod tests {
     fn errors_name_what_was_wrong() {
         let e = parse_request(b"hello").unwrap_err();
         assert!(e.starts_with("malformed request (not one line of JSON): expected value"), "{e}");
-        let e = parse_request(br#"{"version":1,"comm"#).unwrap_err();
+        let e = parse_request(br#"{"version":2,"comm"#).unwrap_err();
         assert!(e.contains("EOF while parsing"), "{e}");
-        let e = parse_request(br#"{"version":2,"command":{"cmd":"teleport"}}"#).unwrap_err();
+        let e = parse_request(br#"{"version":1,"command":{"cmd":"teleport"}}"#).unwrap_err();
         assert_eq!(
             e,
-            "protocol version 2 is not supported; this pftraced speaks 1; use the pftracectl shipped with it"
+            "protocol version 1 is not supported; this pftraced speaks 2; use the pftracectl shipped with it"
         );
         let e = parse_request(br#"{"version":"one","command":{"cmd":"status"}}"#).unwrap_err();
         assert!(e.starts_with("protocol version \"one\" is not supported"), "{e}");
         let e = parse_request(br#"{"command":{"cmd":"status"}}"#).unwrap_err();
         assert!(e.contains("no \"version\" field"), "{e}");
-        let e = parse_request(br#"{"version":1,"command":{"cmd":"reboot"}}"#).unwrap_err();
+        let e = parse_request(br#"{"version":2,"command":{"cmd":"reboot"}}"#).unwrap_err();
         assert!(e.starts_with("malformed request: unknown variant `reboot`"), "{e}");
         let e = parse_request(&vec![b' '; MAX_REQUEST_BYTES]).unwrap_err();
         assert_eq!(e, "request larger than 65536 bytes");

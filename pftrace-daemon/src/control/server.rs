@@ -2,16 +2,29 @@
 //! listener; each connection is its own task that checks the peer, reads one
 //! request line (size-capped, timed), hands the command to the daemon as a
 //! [`ControlRequest`] over a channel and writes the [`Handled`] answer back.
-//! Nothing a client does can block the daemon or make it panic: at most
-//! [`MAX_CONNECTIONS`] connections are served at once (others get "busy"), and
-//! a slow or silent client only holds its own task.
+//!
+//! Nothing a client does can block the daemon or make it panic, and silent
+//! clients cannot lock others out:
+//! - a connection that has not sent its request yet holds no slot; it has
+//!   [`REQUEST_TIMEOUT`] to send it;
+//! - at most [`MAX_HANDLING`] requests are carried out at once; a request
+//!   arriving when all are taken waits up to [`HANDLING_WAIT`] for one, and
+//!   only then gets `busy` (which pftracectl retries for a few seconds);
+//! - at most [`MAX_WAITING`] connections wait (for their request line, or
+//!   for a slot); a new one beyond that closes the one that has waited
+//!   longest, with a `busy` error, so a flood of idle connections never
+//!   keeps out a client that sends its request at once, and the server
+//!   holds at most `MAX_WAITING + MAX_HANDLING` connections;
+//! - a dump is written by a thread of its own (see [`super::stream`]),
+//!   counted against the daemon's own limit of dumps at once, not here.
 
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs, io,
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,29 +35,50 @@ use tokio::{
     time::timeout,
 };
 
-use super::{parse_request, reply_line};
+use super::{parse_request, reply_line, stream};
 use crate::{
     config::SocketConfig,
-    protocol::{Command, DumpHeader, MAX_REQUEST_BYTES, Reply},
+    protocol::{BUSY, Command, DumpHeader, MAX_REQUEST_BYTES, Reply},
 };
 
-/// How long a client has to send its request line.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more get an immediate "busy" reply.
-pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request line after connecting
+/// (pftracectl sends it at once).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections waiting (for their request line, or for a slot) at once; a
+/// new one beyond this closes the one that has waited longest.
+pub const MAX_WAITING: usize = 256;
+/// Requests carried out at once.
+pub const MAX_HANDLING: usize = 64;
+/// How long a request waits for one of the [`MAX_HANDLING`] slots before
+/// the client is told `busy`.
+pub const HANDLING_WAIT: Duration = Duration::from_secs(2);
 /// A reply write that makes no progress for this long is abandoned.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The daemon's answer to one command.
-#[derive(Debug)]
 pub enum Handled {
     /// Sent as the `result` of an ok reply.
     Json(serde_json::Value),
-    /// Sent as an ok reply whose result is `header`, followed by `bytes`
-    /// (the server sets `header.bytes` to `bytes.len()`).
-    Dump { header: DumpHeader, bytes: Vec<u8> },
     /// Sent as an error reply with this message.
     Error(String),
+    /// Work too long for the event loop: run on a blocking thread, and its answer sent.
+    Blocking(Box<dyn FnOnce() -> Handled + Send>),
+    /// An ok reply whose result is `header`, then the trace `render` writes,
+    /// in chunks, from a thread of its own (see [`stream`]).
+    Dump { header: DumpHeader, render: stream::Render },
+}
+
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Json(v) => f.debug_tuple("Json").field(v).finish(),
+            Self::Error(e) => f.debug_tuple("Error").field(e).finish(),
+            Self::Blocking(_) => f.write_str("Blocking(..)"),
+            Self::Dump { header, .. } => {
+                f.debug_struct("Dump").field("header", header).finish_non_exhaustive()
+            }
+        }
+    }
 }
 
 /// Who is on the other end of a connection (SO_PEERCRED, taken at connect).
@@ -87,11 +121,67 @@ pub enum ControlError {
 }
 
 /// What every connection task needs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Shared {
     /// Configured group: (name, gid).
     group: Option<(String, u32)>,
     request_timeout: Duration,
+    max_waiting: usize,
+    /// Requests being carried out.
+    handling: Semaphore,
+    max_handling: usize,
+    /// Connections waiting for their request line or a slot, oldest first,
+    /// each with the means to close it early.
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next: u64,
+    queue: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// A connection's place among those waiting (for their request line or a
+/// slot); it leaves the queue when dropped.
+struct WaitingPlace<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for WaitingPlace<'_> {
+    fn drop(&mut self) {
+        self.shared.waiting.lock().unwrap_or_else(|e| e.into_inner()).queue.remove(&self.id);
+    }
+}
+
+impl Shared {
+    fn new(group: Option<(String, u32)>) -> Self {
+        Self {
+            group,
+            request_timeout: REQUEST_TIMEOUT,
+            max_waiting: MAX_WAITING,
+            handling: Semaphore::new(MAX_HANDLING),
+            max_handling: MAX_HANDLING,
+            waiting: Mutex::new(Waiting::default()),
+        }
+    }
+
+    /// Queues a new connection among those waiting, closing
+    /// the one that waited longest if the queue is full. The receiver fires
+    /// if this one is closed that way.
+    fn wait_for_request(&self) -> (WaitingPlace<'_>, oneshot::Receiver<()>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        while waiting.queue.len() >= self.max_waiting {
+            if let Some((_, close)) = waiting.queue.pop_first() {
+                let _ = close.send(());
+            }
+        }
+        let id = waiting.next;
+        waiting.next += 1;
+        let (tx, rx) = oneshot::channel();
+        waiting.queue.insert(id, tx);
+        (WaitingPlace { shared: self, id }, rx)
+    }
 }
 
 /// The listening control socket. Dropping it (or the task [`spawn`](Self::spawn)
@@ -102,8 +192,8 @@ pub struct ControlServer {
     path: PathBuf,
     /// (st_dev, st_ino) of the socket file this server created.
     identity: (u64, u64),
-    shared: Shared,
-    max_connections: usize,
+    /// Shared with the connection tasks (which outlive the listener when it is aborted).
+    shared: Arc<Shared>,
 }
 
 impl ControlServer {
@@ -160,24 +250,32 @@ impl ControlServer {
             .map_err(io_err("chmod the control socket", &path))?;
         let meta = fs::symlink_metadata(&path).map_err(io_err("stat the control socket", &path))?;
         log::info!("control socket {shown} (mode {mode:o})");
-        Ok(Self {
-            listener,
-            path,
-            identity: (meta.dev(), meta.ino()),
-            shared: Shared { group, request_timeout: REQUEST_TIMEOUT },
-            max_connections: MAX_CONNECTIONS,
-        })
+        Ok(Self { listener, path, identity: (meta.dev(), meta.ino()), shared: Arc::new(Shared::new(group)) })
     }
 
     /// Sets how long a client has to send its request (default [`REQUEST_TIMEOUT`]).
     pub fn request_timeout(mut self, limit: Duration) -> Self {
-        self.shared.request_timeout = limit;
+        self.settings().request_timeout = limit;
         self
     }
 
-    /// Sets how many connections are served at once (default [`MAX_CONNECTIONS`]).
-    pub fn max_connections(mut self, n: usize) -> Self {
-        self.max_connections = n.max(1);
+    /// The settings, before the server is spawned (nothing shares them yet).
+    fn settings(&mut self) -> &mut Shared {
+        Arc::get_mut(&mut self.shared).expect("settings are changed before spawn")
+    }
+
+    /// Sets how many connections may wait for their request line at once (default [`MAX_WAITING`]).
+    pub fn max_waiting(mut self, n: usize) -> Self {
+        self.settings().max_waiting = n.max(1);
+        self
+    }
+
+    /// Sets how many requests are carried out at once (default [`MAX_HANDLING`]).
+    pub fn max_handling(mut self, n: usize) -> Self {
+        let n = n.max(1);
+        let shared = self.settings();
+        shared.handling = Semaphore::new(n);
+        shared.max_handling = n;
         self
     }
 
@@ -193,38 +291,24 @@ impl ControlServer {
     }
 
     async fn accept_loop(self, tx: mpsc::Sender<ControlRequest>) {
-        let slots = Arc::new(Semaphore::new(self.max_connections));
-        let shared = Arc::new(self.shared.clone());
-        let busy = reply_line(&Reply::err(format!(
-            "busy: pftraced is already serving {} control connections; try again in a moment",
-            self.max_connections
-        )));
+        let path = &self.path;
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        log::warn!("control socket {}: accept failed: {e}", self.path.display());
+                        log::warn!("control socket {}: accept failed: {e}", path.display());
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
                 () = tx.closed() => break,
             };
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let (shared, tx) = (shared.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        serve_connection(stream, &shared, &tx).await;
-                        drop(permit);
-                    });
-                }
-                // A fresh socket's send buffer is empty: this never blocks.
-                Err(_) => drop(stream.try_write(&busy)),
-            }
+            let (shared, tx) = (self.shared.clone(), tx.clone());
+            tokio::spawn(async move { serve_connection(stream, &shared, &tx).await });
         }
-        log::debug!("control socket {}: daemon gone, no longer accepting", self.path.display());
+        log::debug!("control socket {}: daemon gone, no longer accepting", path.display());
     }
 }
 
@@ -369,6 +453,7 @@ async fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
 /// One connection, start to end. Failures are logged and end only this connection.
 async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender<ControlRequest>) {
     let result = async {
+        let (place, mut closed_early) = shared.wait_for_request();
         let peer = match stream.peer_cred() {
             Ok(c) => {
                 PeerCred { uid: c.uid(), gid: c.gid(), pid: c.pid().and_then(|p| u32::try_from(p).ok()) }
@@ -382,7 +467,18 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
             return send_error(&stream, message).await;
         }
         let limit = shared.request_timeout;
-        let line = match timeout(limit, read_request_line(&stream)).await {
+        let read = tokio::select! {
+            read = timeout(limit, read_request_line(&stream)) => read,
+            Ok(()) = &mut closed_early => {
+                let message = format!(
+                    "{BUSY}this connection sent no request while {} newer ones waited, so pftraced \
+                     closed it to make room; send the request line as soon as you connect",
+                    shared.max_waiting
+                );
+                return send_error(&stream, message).await;
+            }
+        };
+        let line = match read {
             Ok(Ok(line)) => line,
             Ok(Err(ReadError::Empty)) => return Ok(()),
             Ok(Err(ReadError::TooLarge)) => {
@@ -391,7 +487,7 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
             Ok(Err(ReadError::Io(e))) => return Err(e),
             Err(_) => {
                 let message = format!(
-                    "no complete request within {:.1} s; send one line of JSON ending in a newline",
+                    "no complete request within {:.1} s of connecting; send one line of JSON ending in a newline",
                     limit.as_secs_f64()
                 );
                 return send_error(&stream, message).await;
@@ -401,20 +497,50 @@ async fn serve_connection(stream: UnixStream, shared: &Shared, tx: &mpsc::Sender
             Ok(request) => request.command,
             Err(message) => return send_error(&stream, message).await,
         };
+        // Waiting for a slot still counts among the connections waiting.
+        let _slot = tokio::select! {
+            slot = timeout(HANDLING_WAIT, shared.handling.acquire()) => match slot {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    let message = format!(
+                        "{BUSY}pftraced is carrying out {} requests and none finished within {:.1} s; try again \
+                         in a moment",
+                        shared.max_handling,
+                        HANDLING_WAIT.as_secs_f64()
+                    );
+                    return send_error(&stream, message).await;
+                }
+            },
+            Ok(()) = &mut closed_early => {
+                let message = format!(
+                    "{BUSY}pftraced is carrying out {} requests and {} more connections wait; try again in a moment",
+                    shared.max_handling, shared.max_waiting
+                );
+                return send_error(&stream, message).await;
+            }
+        };
+        // Served now: it no longer counts among those waiting.
+        drop(place);
         let (reply, answer) = oneshot::channel();
         if tx.send(ControlRequest { command, peer, reply }).await.is_err() {
             return send_error(&stream, "pftraced is shutting down; the command was not carried out".into())
                 .await;
         }
-        match answer.await {
+        let mut handled = answer.await.map_err(|_| ());
+        if let Ok(Handled::Blocking(work)) = handled {
+            handled = tokio::task::spawn_blocking(work).await.map_err(|e| {
+                log::warn!("control request failed: {e}");
+            });
+        }
+        match handled {
             Ok(Handled::Json(result)) => send_all(&stream, &reply_line(&Reply::ok(result))).await,
             Ok(Handled::Error(message)) => send_error(&stream, message).await,
-            Ok(Handled::Dump { mut header, bytes }) => {
-                header.bytes = bytes.len() as u64;
+            Ok(Handled::Dump { header, render }) => {
                 let head = serde_json::to_value(&header).unwrap_or_default();
                 send_all(&stream, &reply_line(&Reply::ok(head))).await?;
-                send_all(&stream, &bytes).await
+                stream::send(stream.into_std()?, render, WRITE_STALL_TIMEOUT)
             }
+            Ok(Handled::Blocking(_)) => send_error(&stream, "internal error: work handed on twice".into()).await,
             Err(_) => {
                 let message = "pftraced dropped the command without answering (it may be shutting down)";
                 send_error(&stream, message.into()).await
@@ -439,7 +565,10 @@ mod tests {
     use crate::protocol::{PROTOCOL_VERSION, Request};
 
     fn shared(group: Option<(&str, u32)>) -> Shared {
-        Shared { group: group.map(|(n, g)| (n.into(), g)), request_timeout: Duration::from_millis(300) }
+        Shared {
+            request_timeout: Duration::from_millis(300),
+            ..Shared::new(group.map(|(n, g)| (n.into(), g)))
+        }
     }
 
     /// Serves one connection of a socketpair with a handler that answers
@@ -458,9 +587,15 @@ mod tests {
                 while let Some(req) = rx.recv().await {
                     let answer = match req.command {
                         Command::Dump { .. } => Handled::Dump {
-                            header: DumpHeader { format: "chrome".into(), bytes: 999, calls: 2 },
-                            bytes: body.to_vec(),
+                            header: DumpHeader { format: "chrome".into() },
+                            render: Box::new(move |w| {
+                                w.write_all(body).map_err(|e| e.to_string())?;
+                                Ok(2)
+                            }),
                         },
+                        Command::Clear {} => Handled::Blocking(Box::new(|| {
+                            Handled::Json(serde_json::json!({"thread": std::thread::current().name()}))
+                        })),
                         Command::Stop {} => Handled::Error("no".into()),
                         _ => Handled::Json(serde_json::json!({"ok": 1})),
                     };
@@ -486,31 +621,51 @@ mod tests {
     }
 
     #[test]
-    fn json_error_and_dump_framing() {
+    fn json_error_blocking_and_dump_framing() {
         let got = exchange(&req(Command::Status {}), b"");
-        assert_eq!(got, b"{\"version\":1,\"ok\":true,\"result\":{\"ok\":1}}\n");
+        assert_eq!(got, b"{\"version\":2,\"ok\":true,\"result\":{\"ok\":1}}\n");
         let got = exchange(&req(Command::Stop {}), b"");
-        assert_eq!(got, b"{\"version\":1,\"ok\":false,\"error\":\"no\"}\n");
+        assert_eq!(got, b"{\"version\":2,\"ok\":false,\"error\":\"no\"}\n");
+        // Blocking work runs off the event loop (tokio's blocking pool).
+        let got = String::from_utf8(exchange(&req(Command::Clear {}), b"")).unwrap();
+        assert_eq!(got, "{\"version\":2,\"ok\":true,\"result\":{\"thread\":\"tokio-rt-worker\"}}\n");
         let dump = Command::Dump { filter: Default::default(), format: None };
         let got = exchange(&req(dump), b"[\n{}\n]\nRAW\n");
         let text = String::from_utf8(got).unwrap();
-        // header.bytes is corrected to the real length; the body follows verbatim.
+        // The header, the body in one chunk of 0xb bytes, the end, the trailer.
         assert_eq!(
             text,
-            "{\"version\":1,\"ok\":true,\"result\":{\"bytes\":11,\"calls\":2,\"format\":\"chrome\"}}\n[\n{}\n]\nRAW\n"
+            "{\"version\":2,\"ok\":true,\"result\":{\"format\":\"chrome\"}}\nb\n[\n{}\n]\nRAW\n0\n\
+             {\"version\":2,\"ok\":true,\"result\":{\"bytes\":11,\"calls\":2}}\n"
         );
+    }
+
+    #[test]
+    fn a_full_waiting_queue_closes_the_connection_that_waited_longest() {
+        let s = Shared { max_waiting: 2, ..shared(None) };
+        let (first, mut first_closed) = s.wait_for_request();
+        let (second, mut second_closed) = s.wait_for_request();
+        assert!(first_closed.try_recv().is_err() && second_closed.try_recv().is_err());
+        let (_third, mut third_closed) = s.wait_for_request();
+        assert_eq!(first_closed.try_recv(), Ok(()), "the oldest is told to close");
+        assert!(second_closed.try_recv().is_err() && third_closed.try_recv().is_err());
+        drop(second); // it got its request: it leaves the queue
+        let (_fourth, _) = s.wait_for_request();
+        assert!(third_closed.try_recv().is_err(), "room was made by the one that left");
+        drop(first);
+        assert_eq!(s.waiting.lock().unwrap().queue.len(), 2);
     }
 
     #[test]
     fn bad_requests_get_error_lines() {
         let got = String::from_utf8(exchange(b"garbage\n", b"")).unwrap();
-        assert!(got.starts_with("{\"version\":1,\"ok\":false,\"error\":\"malformed request"), "{got}");
-        let got = String::from_utf8(exchange(br#"{"version":1,"comm"#, b"")).unwrap();
+        assert!(got.starts_with("{\"version\":2,\"ok\":false,\"error\":\"malformed request"), "{got}");
+        let got = String::from_utf8(exchange(br#"{"version":2,"comm"#, b"")).unwrap();
         assert!(got.contains("EOF while parsing"), "{got}");
         let got = String::from_utf8(exchange(&vec![b'x'; 70_000], b"")).unwrap();
         assert!(got.contains("request larger than 65536 bytes"), "{got}");
         // A line of exactly the limit (newline included) is accepted.
-        let mut line = br#"{"version":1,"command":{"cmd":"status"}}"#.to_vec();
+        let mut line = br#"{"version":2,"command":{"cmd":"status"}}"#.to_vec();
         line.resize(MAX_REQUEST_BYTES - 1, b' ');
         line.push(b'\n');
         let got = String::from_utf8(exchange(&line, b"")).unwrap();
@@ -529,7 +684,7 @@ mod tests {
         });
         let mut got = String::new();
         client.read_to_string(&mut got).unwrap();
-        assert!(got.contains("no complete request within 0.3 s"), "{got}");
+        assert!(got.contains("no complete request within 0.3 s of connecting"), "{got}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Answers `pftracectl` requests from the daemon's state: status, dump,
-//! stats, live name changes, clear and stop.
+//! stats, live name changes, clear and stop. Whatever takes longer than a
+//! few microseconds per call in memory (rendering a dump, figures over a
+//! filtered selection) runs off the event loop, on a snapshot of the store.
 
 use serde_json::json;
 
@@ -7,7 +9,8 @@ use super::{Daemon, store};
 use crate::{
     control::server::Handled,
     output,
-    protocol::{CallFilter, Command, DumpHeader, NamesReply, Status},
+    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, StatsReply, StatsSource, Status},
+    stats::{Aggregator, PERCENTILE_ERROR},
 };
 
 impl Daemon {
@@ -16,10 +19,7 @@ impl Daemon {
         match command {
             Command::Status {} => json_reply(&self.status()),
             Command::Dump { filter, format } => self.dump(&filter, format.as_deref()),
-            Command::Stats { filter, per_pid } => {
-                let calls = self.store.select(&filter, &self.clock);
-                json_reply(&store::stats(&calls, per_pid))
-            }
+            Command::Stats { filter, per_pid } => self.stats(&filter, per_pid),
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
                 Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
                 Err(err) => Handled::Error(err.to_string()),
@@ -52,34 +52,72 @@ impl Daemon {
             calls_in_memory: self.store.len() as u64,
             calls_evicted: self.store.evicted,
             unmatched_returns: self.pairer.unmatched_returns().len() as u64,
-            incomplete_calls: self
-                .store
-                .all()
-                .filter(|c| c.end == crate::pairing::CallEnd::Incomplete)
-                .count() as u64,
+            incomplete_calls: self.functions.incomplete(),
+            dumps_in_progress: (self.max_dumps - self.dumps.available_permits()) as u64,
+            max_concurrent_dumps: self.max_dumps as u64,
             output: self.rolling.as_ref().map(|r| r.status()),
         }
     }
 
+    /// A dump: a snapshot of the calls in memory (shared blocks, see
+    /// [`store`]) and of the metadata, rendered and sent by a thread of its
+    /// own while tracing goes on. At most `limits.max_concurrent_dumps` at
+    /// once: each may keep alive calls the store has since evicted.
     fn dump(&self, filter: &CallFilter, format: Option<&str>) -> Handled {
         // `chrome`, `records`, `pfw` or `pfw:PERFFLOW_OPTIONS` (one stream for all processes).
         let format = format.unwrap_or("chrome");
-        let writer = match output::by_name(format, None) {
-            Ok(w) => w,
+        let choice = match output::choose(format, None) {
+            Ok(choice) => choice,
             Err(err) => return Handled::Error(err.to_string()),
         };
-        let calls = self.store.select(filter, &self.clock);
-        let n = calls.len() as u64;
+        let Ok(permit) = self.dumps.clone().try_acquire_owned() else {
+            return Handled::Error(format!(
+                "{BUSY}{} dumps are being sent already (limits.max_concurrent_dumps); try again when one \
+                 has finished",
+                self.max_dumps
+            ));
+        };
+        let calls = self.store.snapshot(store::selector(filter, self.clock));
         let trace =
             self.trace_of(calls, filter.pid, crate::clock::WallClock::monotonic_now_ns(), self.counters());
-        let mut bytes = Vec::new();
-        if let Err(err) = writer.write(&trace, &mut bytes) {
-            return Handled::Error(format!("rendering the trace: {err}"));
-        }
+        let header = DumpHeader { format: format.into() };
         Handled::Dump {
-            header: DumpHeader { format: format.into(), bytes: bytes.len() as u64, calls: n },
-            bytes,
+            header,
+            render: Box::new(move |out| {
+                let _permit = permit;
+                choice.boxed().write(&trace, out).map_err(|e| e.to_string())?;
+                Ok(trace.calls.len() as u64)
+            }),
         }
+    }
+
+    /// Figures of every call since tracing started (no filter, or only a
+    /// function name), or of the calls in memory a filter selects (computed
+    /// off the event loop).
+    fn stats(&self, filter: &CallFilter, per_pid: bool) -> Handled {
+        let (calls_total, calls_in_memory) = (self.store.total, self.store.len() as u64);
+        let reply = move |source, functions| StatsReply {
+            source,
+            calls_total,
+            calls_in_memory,
+            percentile_error: PERCENTILE_ERROR,
+            functions,
+        };
+        if !per_pid && filter.since_wall_ns.is_none() && filter.pid.is_none() {
+            let mut rows = self.functions.rows();
+            if let Some(function) = &filter.function {
+                rows.retain(|r| &r.function == function);
+            }
+            return json_reply(&reply(StatsSource::AllCalls, rows));
+        }
+        let calls = self.store.snapshot(store::selector(filter, self.clock));
+        Handled::Blocking(Box::new(move || {
+            let mut selected = Aggregator::new(per_pid);
+            for call in calls.iter() {
+                selected.push(call);
+            }
+            json_reply(&reply(StatsSource::CallsInMemory, selected.rows()))
+        }))
     }
 }
 

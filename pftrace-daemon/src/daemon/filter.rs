@@ -3,16 +3,20 @@
 //! `foo`), and the user-space check that finishes globs and path qualifiers,
 //! cached per distinct (function, file) string pair.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
-use pftrace_common::config;
+use pftrace_common::{MAX_NAMES, MAX_PREFIXES, config};
 
 use crate::{
     bpf::{BpfError, KernelProbes},
     names::{FunctionPattern, NameError, NameSpec},
 };
 
-/// Errors changing the traced names.
+/// Errors changing the traced names. After any of them the names are as
+/// they were before the change, in user space and in the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
     #[error(transparent)]
@@ -21,6 +25,11 @@ pub enum FilterError {
     Bpf(Box<BpfError>),
     #[error("{0:?} is not traced (traced: {1})")]
     NotTraced(String, String),
+    #[error(
+        "too many {what}: {traced} are traced and {adding} more were asked for, but the kernel's map holds at \
+         most {max}; nothing was changed"
+    )]
+    TooMany { what: &'static str, traced: usize, adding: usize, max: u32 },
 }
 
 /// `?` on the kernel side's errors (boxed: they are large).
@@ -51,68 +60,134 @@ impl NameFilter {
         self.specs.iter().map(|s| s.text.clone()).collect()
     }
 
-    /// Adds names (already traced ones are left as they are). All are parsed
-    /// before any is added, so a bad name changes nothing.
+    /// Adds names (already traced ones are left as they are): all of them,
+    /// or none when one is invalid, the kernel's maps would overflow, or a
+    /// map update fails (the keys added until then are taken out again).
     pub fn add(&mut self, probes: &mut KernelProbes, texts: &[String]) -> Result<(), FilterError> {
         let specs = texts.iter().map(|t| NameSpec::parse(t)).collect::<Result<Vec<_>, _>>()?;
-        for spec in specs {
-            if self.specs.contains(&spec) {
-                continue;
-            }
+        let traced: HashSet<&NameSpec> = self.specs.iter().collect();
+        let mut seen = HashSet::new();
+        let new: Vec<NameSpec> =
+            specs.into_iter().filter(|s| !traced.contains(s) && seen.insert(s.clone())).collect();
+        // The kernel keys the new names need that are not there yet.
+        let mut exact: Vec<&str> = Vec::new();
+        let mut prefixes: Vec<&str> = Vec::new();
+        for spec in &new {
             match &spec.function {
-                FunctionPattern::Exact(name) => {
-                    let refs = self.exact_refs.entry(name.clone()).or_default();
-                    if *refs == 0 {
-                        probes.add_name(name)?;
-                    }
-                    *refs += 1;
+                FunctionPattern::Exact(name) if !self.exact_refs.contains_key(name) => exact.push(name),
+                FunctionPattern::Glob { prefix, .. } if !self.prefix_refs.contains_key(prefix) => {
+                    prefixes.push(prefix);
                 }
-                FunctionPattern::Glob { prefix, .. } => {
-                    let refs = self.prefix_refs.entry(prefix.clone()).or_default();
-                    if *refs == 0 {
-                        probes.add_prefix(prefix)?;
-                    }
-                    *refs += 1;
-                }
+                _ => {}
             }
+        }
+        exact.sort_unstable();
+        exact.dedup();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        for (what, traced, adding, max) in [
+            ("function names", self.exact_refs.len(), exact.len(), MAX_NAMES),
+            ("glob prefixes", self.prefix_refs.len(), prefixes.len(), MAX_PREFIXES),
+        ] {
+            if traced + adding > max as usize {
+                return Err(FilterError::TooMany { what, traced, adding, max });
+            }
+        }
+        let mut done = Vec::new();
+        let inserted = exact
+            .iter()
+            .map(|&k| Key::Exact(k))
+            .chain(prefixes.iter().map(|&k| Key::Prefix(k)))
+            .try_for_each(|key| key.insert(probes).map(|()| done.push(key)));
+        if let Err(err) = inserted {
+            for key in done {
+                key.remove_logged(probes);
+            }
+            // Verdicts cached while a taken-out key was in the map must go.
+            self.bump_generation(probes)?;
+            return Err(err.into());
+        }
+        for spec in new {
+            let (refs, key) = self.refs_of(&spec);
+            *refs.entry(key).or_default() += 1;
             self.specs.push(spec);
         }
         self.changed(probes)
     }
 
-    /// Removes names; each must be traced (as written when added).
+    /// Removes names; each must be traced (as written when added). All of
+    /// them, or none (a kernel map update that fails puts back what it took out).
     pub fn remove(&mut self, probes: &mut KernelProbes, texts: &[String]) -> Result<(), FilterError> {
-        let specs = texts.iter().map(|t| NameSpec::parse(t)).collect::<Result<Vec<_>, _>>()?;
-        for spec in &specs {
-            if !self.specs.contains(spec) {
+        let mut specs = Vec::new();
+        for text in texts {
+            let spec = NameSpec::parse(text)?;
+            if !self.specs.contains(&spec) {
                 return Err(FilterError::NotTraced(spec.text.clone(), self.texts().join(", ")));
             }
+            if !specs.contains(&spec) {
+                specs.push(spec);
+            }
         }
-        for spec in specs {
-            self.specs.retain(|s| s != &spec);
-            let (refs, key) = match &spec.function {
-                FunctionPattern::Exact(name) => (&mut self.exact_refs, name),
-                FunctionPattern::Glob { prefix, .. } => (&mut self.prefix_refs, prefix),
+        // Keys whose last spec goes.
+        let mut going: HashMap<(bool, String), usize> = HashMap::new();
+        for spec in &specs {
+            let (exact, key) = match &spec.function {
+                FunctionPattern::Exact(name) => (true, name.clone()),
+                FunctionPattern::Glob { prefix, .. } => (false, prefix.clone()),
             };
-            let count = refs.get_mut(key).expect("added with the spec");
-            *count -= 1;
-            if *count == 0 {
-                refs.remove(key);
-                match &spec.function {
-                    FunctionPattern::Exact(name) => probes.remove_name(name)?,
-                    FunctionPattern::Glob { prefix, .. } => probes.remove_prefix(prefix)?,
+            *going.entry((exact, key)).or_default() += 1;
+        }
+        let emptied: Vec<Key<'_>> = going
+            .iter()
+            .filter(|((exact, key), n)| {
+                let refs = if *exact { &self.exact_refs } else { &self.prefix_refs };
+                refs.get(key) == Some(n)
+            })
+            .map(|((exact, key), _)| if *exact { Key::Exact(key) } else { Key::Prefix(key) })
+            .collect();
+        let mut done = Vec::new();
+        let removed = emptied.iter().try_for_each(|key| key.remove(probes).map(|()| done.push(*key)));
+        if let Err(err) = removed {
+            for key in done {
+                if let Err(e) = key.insert(probes) {
+                    log::warn!("putting back traced name {key:?} after a failed remove: {e}");
+                }
+            }
+            self.bump_generation(probes)?;
+            return Err(err.into());
+        }
+        for spec in &specs {
+            self.specs.retain(|s| s != spec);
+            let (refs, key) = self.refs_of(spec);
+            if let Some(n) = refs.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    refs.remove(&key);
                 }
             }
         }
         self.changed(probes)
     }
 
+    /// The reference counts and key a spec uses.
+    fn refs_of(&mut self, spec: &NameSpec) -> (&mut HashMap<String, usize>, String) {
+        match &spec.function {
+            FunctionPattern::Exact(name) => (&mut self.exact_refs, name.clone()),
+            FunctionPattern::Glob { prefix, .. } => (&mut self.prefix_refs, prefix.clone()),
+        }
+    }
+
     fn changed(&mut self, probes: &mut KernelProbes) -> Result<(), FilterError> {
         probes.set_config(config::HAS_PREFIXES, u32::from(!self.prefix_refs.is_empty()))?;
-        self.generation = self.generation.wrapping_add(1);
         self.needs_user_check = !self.specs.iter().all(NameSpec::decided_in_kernel);
-        probes.set_config(config::GENERATION, self.generation)?;
         self.cache.clear();
+        self.bump_generation(probes)
+    }
+
+    /// Makes the kernel forget its cached verdicts (they carry the generation they were made in).
+    fn bump_generation(&mut self, probes: &mut KernelProbes) -> Result<(), FilterError> {
+        self.generation = self.generation.wrapping_add(1);
+        probes.set_config(config::GENERATION, self.generation)?;
         Ok(())
     }
 
@@ -128,5 +203,34 @@ impl NameFilter {
             self.dropped += 1;
         }
         keep
+    }
+}
+
+/// A key of the kernel's name map or prefix trie.
+#[derive(Debug, Clone, Copy)]
+enum Key<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+}
+
+impl Key<'_> {
+    fn insert(self, probes: &mut KernelProbes) -> Result<(), BpfError> {
+        match self {
+            Key::Exact(name) => probes.add_name(name),
+            Key::Prefix(prefix) => probes.add_prefix(prefix),
+        }
+    }
+
+    fn remove(self, probes: &mut KernelProbes) -> Result<(), BpfError> {
+        match self {
+            Key::Exact(name) => probes.remove_name(name),
+            Key::Prefix(prefix) => probes.remove_prefix(prefix),
+        }
+    }
+
+    fn remove_logged(self, probes: &mut KernelProbes) {
+        if let Err(e) = self.remove(probes) {
+            log::warn!("taking traced name {self:?} back out after a failed add: {e}");
+        }
     }
 }

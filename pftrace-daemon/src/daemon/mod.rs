@@ -23,12 +23,7 @@ use aya::maps::{MapData, RingBuf};
 use pftrace_common::{MAX_CGROUPS, config as kconfig};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-pub use self::{
-    filter::FilterError,
-    processes::AttachFailure,
-    store::{CallStore, percentile, stats},
-    targets::TargetScopeError,
-};
+pub use self::{filter::FilterError, processes::AttachFailure, store::CallStore, targets::TargetScopeError};
 use self::{filter::NameFilter, processes::Processes, targets::CgroupTarget};
 use crate::{
     bpf::{BpfError, Counters, KernelProbes},
@@ -43,8 +38,9 @@ use crate::{
     pairing::{Call, Pairer},
     procwatch,
     rolling::RollingOutput,
+    stats::Aggregator,
     target::{self, Target, TargetError},
-    trace::Trace,
+    trace::{CallList, Trace},
 };
 
 /// What to trace and how.
@@ -116,6 +112,12 @@ pub struct Daemon {
     until_targets_exit: bool,
     targets: Vec<String>,
     store: CallStore,
+    /// Per-function figures of every completed call (the summary's, and
+    /// `stats` without a filter), whatever the store still holds.
+    functions: Aggregator,
+    /// Dumps being sent: each holds a permit until its thread ends.
+    dumps: std::sync::Arc<tokio::sync::Semaphore>,
+    max_dumps: usize,
     decoder: Decoder,
     pairer: Pairer,
     rolling: Option<RollingOutput>,
@@ -279,6 +281,9 @@ impl Daemon {
             all: opts.all,
             targets,
             store: CallStore::new(limits.max_calls_in_memory),
+            functions: Aggregator::new(false),
+            dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
+            max_dumps: limits.max_concurrent_dumps,
             decoder: Decoder::default(),
             pairer: Pairer::default(),
             rolling,
@@ -703,6 +708,7 @@ impl Daemon {
         }
         for call in calls {
             self.processes.count_call(call.pid);
+            self.functions.push(&call);
             self.store.push(call);
         }
     }
@@ -753,14 +759,15 @@ impl Daemon {
         }
         let mut calls: Vec<Call> = self.store.all().cloned().collect();
         calls.sort_by_key(|c| (c.start_ns, c.depth));
-        let mut trace = self.trace_of(calls, None, end_ns, counters);
+        let mut trace = self.trace_of(calls.into(), None, end_ns, counters);
         trace.spilled = self.spill.take().map(SpillWriter::finish);
+        trace.functions = self.functions.rows();
         trace
     }
 
     /// A trace of `calls` (and of the samples of `pid`, or all) with the
     /// daemon's metadata and counters.
-    fn trace_of(&self, calls: Vec<Call>, pid: Option<u32>, end_ns: u64, counters: Counters) -> Trace {
+    fn trace_of(&self, calls: CallList, pid: Option<u32>, end_ns: u64, counters: Counters) -> Trace {
         let mut processes: Vec<_> = self.processes.traced().cloned().collect();
         processes.sort_by_key(|p| p.pid);
         Trace {
@@ -776,6 +783,7 @@ impl Daemon {
             calls_total: self.store.total,
             calls_evicted: self.store.evicted,
             spilled: None,
+            functions: Vec::new(),
             clock: self.clock,
             start_ns: self.start_ns,
             end_ns,

@@ -1,19 +1,32 @@
 //! The completed calls kept in memory for `dump` and `stats`: a bounded
-//! queue (oldest evicted first, counted), with the filters and the
-//! per-function figures computed over exactly the calls a dump would return.
+//! queue (oldest evicted first, counted) kept as immutable shared blocks, so
+//! a dump's snapshot is a list of `Arc`s plus a copy of the newest, still
+//! growing block (at most [`BLOCK`] calls), taken on the event loop in
+//! microseconds and read on another thread while tracing goes on.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{collections::VecDeque, sync::Arc};
 
 use crate::{
     clock::WallClock,
-    pairing::{Call, CallEnd},
-    protocol::{CallFilter, FunctionStats},
+    pairing::Call,
+    protocol::CallFilter,
+    trace::{CallList, CallSelector},
 };
+
+/// Calls per shared block: the copy a snapshot makes of the newest one
+/// (at most 4096 calls, about 400 KiB), and the calls an evicted-from block
+/// keeps alive until all of it is evicted.
+pub const BLOCK: usize = 4096;
 
 /// Completed calls, newest last.
 #[derive(Debug)]
 pub struct CallStore {
-    calls: VecDeque<Call>,
+    /// Full blocks, oldest first; the first `skip` calls of the first are evicted.
+    sealed: VecDeque<Arc<[Call]>>,
+    skip: usize,
+    /// The newest calls, sealed into a block when it holds [`BLOCK`].
+    open: VecDeque<Call>,
+    len: usize,
     max: usize,
     /// Calls ever stored.
     pub total: u64,
@@ -23,125 +36,104 @@ pub struct CallStore {
 
 impl CallStore {
     pub fn new(max: usize) -> Self {
-        Self { calls: VecDeque::new(), max: max.max(1), total: 0, evicted: 0 }
+        Self {
+            sealed: VecDeque::new(),
+            skip: 0,
+            open: VecDeque::new(),
+            len: 0,
+            max: max.max(1),
+            total: 0,
+            evicted: 0,
+        }
     }
 
     pub fn push(&mut self, call: Call) {
-        if self.calls.len() >= self.max {
-            self.calls.pop_front();
-            self.evicted += 1;
+        if self.len >= self.max {
+            self.evict_oldest();
         }
         self.total += 1;
-        self.calls.push_back(call);
+        self.len += 1;
+        self.open.push_back(call);
+        if self.open.len() >= BLOCK {
+            self.sealed.push_back(Vec::from(std::mem::take(&mut self.open)).into());
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        self.evicted += 1;
+        self.len -= 1;
+        match self.sealed.front() {
+            Some(first) => {
+                self.skip += 1;
+                if self.skip == first.len() {
+                    self.sealed.pop_front();
+                    self.skip = 0;
+                }
+            }
+            None => {
+                self.open.pop_front();
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.calls.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
+        self.len == 0
     }
 
     /// Forgets the calls in memory; returns how many.
     pub fn clear(&mut self) -> usize {
-        let n = self.calls.len();
-        self.calls.clear();
+        let n = self.len;
+        self.sealed.clear();
+        self.open.clear();
+        self.skip = 0;
+        self.len = 0;
         n
     }
 
-    /// The calls a filter selects, oldest first.
-    pub fn select(&self, filter: &CallFilter, clock: &WallClock) -> Vec<Call> {
-        self.calls.iter().filter(|c| selects(filter, c, clock)).cloned().collect()
-    }
-
-    /// Every call in memory.
-    pub fn all(&self) -> impl Iterator<Item = &Call> {
-        self.calls.iter()
-    }
-}
-
-fn selects(filter: &CallFilter, call: &Call, clock: &WallClock) -> bool {
-    filter.pid.is_none_or(|pid| call.pid == pid)
-        && filter.function.as_deref().is_none_or(|f| &*call.name == f)
-        && filter.since_wall_ns.is_none_or(|since| clock.wall_ns(call.start_ns) >= since as i128)
-}
-
-/// Per-function (and, with `per_pid`, per-process) figures, largest total first.
-pub fn stats<'a>(calls: impl IntoIterator<Item = &'a Call>, per_pid: bool) -> Vec<FunctionStats> {
-    let mut groups: BTreeMap<(&str, &str, Option<u32>), (Vec<u64>, u64)> = BTreeMap::new();
-    for c in calls {
-        let key = (&*c.name, &*c.file, per_pid.then_some(c.pid));
-        let entry = groups.entry(key).or_default();
-        entry.0.push(c.duration_ns());
-        if c.end == CallEnd::Incomplete {
-            entry.1 += 1;
+    /// The calls in memory now, to be read anywhere while the store moves on.
+    pub fn snapshot(&self, select: Option<CallSelector>) -> CallList {
+        let mut blocks: Vec<Arc<[Call]>> = self.sealed.iter().cloned().collect();
+        let skip = if blocks.is_empty() { 0 } else { self.skip };
+        if !self.open.is_empty() {
+            blocks.push(self.open.iter().cloned().collect());
         }
+        CallList::new(blocks, skip, select)
     }
-    let mut out: Vec<FunctionStats> = groups
-        .into_iter()
-        .map(|((function, file, pid), (mut durations, incomplete))| {
-            durations.sort_unstable();
-            let total: u64 = durations.iter().sum();
-            let n = durations.len() as u64;
-            FunctionStats {
-                function: function.to_string(),
-                file: file.to_string(),
-                pid,
-                calls: n,
-                incomplete,
-                total_ns: total,
-                mean_ns: total / n.max(1),
-                p50_ns: percentile(&durations, 50.0),
-                p95_ns: percentile(&durations, 95.0),
-                p99_ns: percentile(&durations, 99.0),
-                max_ns: durations.last().copied().unwrap_or(0),
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| a.function.cmp(&b.function)));
-    out
+
+    /// Every call in memory, oldest first.
+    pub fn all(&self) -> impl Iterator<Item = &Call> {
+        let skip = self.skip;
+        self.sealed
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, b)| &b[if i == 0 { skip } else { 0 }..])
+            .chain(self.open.iter())
+    }
 }
 
-/// Nearest-rank percentile of sorted values: the smallest value with at
-/// least p% of the values at or below it.
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
+/// A selector for the calls `filter` names (None: all of them).
+pub fn selector(filter: &CallFilter, clock: WallClock) -> Option<CallSelector> {
+    if *filter == CallFilter::default() {
+        return None;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    let filter = filter.clone();
+    Some(Arc::new(move |call: &Call| {
+        filter.pid.is_none_or(|pid| call.pid == pid)
+            && filter.function.as_deref().is_none_or(|f| &*call.name == f)
+            && filter.since_wall_ns.is_none_or(|since| clock.wall_ns(call.start_ns) >= since as i128)
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn call(pid: u32, name: &str, start: u64, dur: u64) -> Call {
-        Call {
-            pid,
-            tid: pid,
-            name: Arc::from(name),
-            file: Arc::from("f.py"),
-            line: 1,
-            start_ns: start,
-            end_ns: start + dur,
-            depth: 0,
-            end: CallEnd::Returned,
-            cpu_ns: None,
-            rss_entry_bytes: 0,
-            rss_return_bytes: 0,
-        }
-    }
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!((percentile(&v, 50.0), percentile(&v, 95.0), percentile(&v, 99.0)), (50, 95, 99));
-        assert_eq!(percentile(&[7], 99.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
+        Call::for_test(pid, name, start, dur)
     }
 
     #[test]
@@ -153,9 +145,36 @@ mod tests {
         }
         assert_eq!((s.len(), s.total, s.evicted), (3, 5, 2));
         let f = CallFilter { pid: Some(1), ..Default::default() };
-        assert_eq!(s.select(&f, &clock).len(), 2);
-        let st = stats(s.all(), true);
-        assert_eq!(st.len(), 2);
-        assert_eq!(st.iter().map(|x| x.calls).sum::<u64>(), 3);
+        assert_eq!(s.snapshot(selector(&f, clock)).len(), 2);
+        assert_eq!(s.all().map(|c| c.start_ns).collect::<Vec<_>>(), [20, 30, 40]);
+    }
+
+    #[test]
+    fn snapshots_share_blocks_and_survive_eviction() {
+        let mut s = CallStore::new(2 * BLOCK + 10);
+        let n = 3 * BLOCK as u64 + 5;
+        for i in 0..n {
+            s.push(call(1, "f", i, 1));
+        }
+        let expect_first = n - (2 * BLOCK as u64 + 10);
+        assert_eq!((s.len(), s.evicted), (2 * BLOCK + 10, expect_first));
+        let snap = s.snapshot(None);
+        let starts: Vec<u64> = snap.iter().map(|c| c.start_ns).collect();
+        assert_eq!(starts, (expect_first..n).collect::<Vec<_>>());
+        assert_eq!(s.all().map(|c| c.start_ns).collect::<Vec<_>>(), starts);
+        // The store moves on (everything in the snapshot is evicted); the snapshot stays.
+        for i in n..n + 3 * BLOCK as u64 {
+            s.push(call(1, "f", i, 1));
+        }
+        assert_eq!(snap.iter().map(|c| c.start_ns).collect::<Vec<_>>(), starts);
+        assert_eq!(s.all().count(), s.len());
+        assert_eq!(s.clear(), 2 * BLOCK + 10);
+        assert!(s.is_empty() && s.snapshot(None).is_empty());
+        // A store smaller than a block evicts from the open one.
+        let mut s = CallStore::new(2);
+        for i in 0..4 {
+            s.push(call(1, "f", i, 1));
+        }
+        assert_eq!(s.snapshot(None).iter().map(|c| c.start_ns).collect::<Vec<_>>(), [2, 3]);
     }
 }

@@ -17,7 +17,7 @@ use crate::pairing::{Call, CallEnd};
 /// The calls a format writes.
 #[derive(Debug, Clone, Copy)]
 pub enum CallSource<'a> {
-    Memory(&'a [Call]),
+    Memory(&'a crate::trace::CallList),
     Spilled(&'a SpillFile),
 }
 

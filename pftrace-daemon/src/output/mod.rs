@@ -21,6 +21,7 @@ mod records;
 pub mod safe_file;
 pub mod sort;
 pub mod spill;
+pub mod summary;
 
 use std::io::{self, Write};
 
@@ -200,7 +201,8 @@ pub(crate) mod testing {
                 call(4_200_001, 4_200_001, "outer", "/srv/app.py", 0, 100, 0),
                 call(4_200_001, 4_200_002, "inner", "/srv/app.py", 200, 300, 0),
                 open,
-            ],
+            ]
+            .into(),
             samples: vec![sample(0, 50.0), sample(200, 90.0)],
             unmatched_returns: vec![],
             skipped_entries: 0,
@@ -210,6 +212,7 @@ pub(crate) mod testing {
             calls_total: 0,
             calls_evicted: 0,
             spilled: None,
+            functions: vec![],
             clock: WallClock::measure(),
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,
@@ -261,9 +264,10 @@ mod tests {
         let base = crate::output::spill::tests::temp("formats");
         let dir = Dir::open(&base, None).unwrap();
         let mut trace = testing::sample_trace();
-        trace.calls = many_calls();
+        let calls = many_calls();
         let mut spill = SpillWriter::create(&dir, 100).unwrap();
-        spill.append(&trace.calls);
+        spill.append(&calls);
+        trace.calls = calls.into();
         let mut spilled = Some(spill.finish());
         let pfw_compact = "pfw:log-format=Object:log-event=Compact";
         for name in ["chrome", "records", "pfw", pfw_compact] {

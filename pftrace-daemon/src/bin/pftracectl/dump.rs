@@ -80,12 +80,12 @@ fn format(args: &DumpArgs) -> Option<String> {
 pub fn run(socket: &Path, args: &DumpArgs) -> anyhow::Result<ExitCode> {
     let filter = args.filter.to_filter()?;
     let format = format(args);
-    let header = match &args.output {
+    let done = match &args.output {
         Some(path) => {
             let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            let header = control::dump(socket, filter, format.clone(), &mut file)?;
+            let done = control::dump(socket, filter, format.clone(), &mut file)?;
             file.sync_all().with_context(|| format!("writing {}", path.display()))?;
-            header
+            done
         }
         None => {
             let stdout = io::stdout();
@@ -96,7 +96,7 @@ pub fn run(socket: &Path, args: &DumpArgs) -> anyhow::Result<ExitCode> {
             }
             let mut out = stdout.lock();
             match control::dump(socket, filter, format.clone(), &mut out) {
-                Ok(header) => header,
+                Ok(done) => done,
                 // `pftracectl dump | head`: the reader left; not our error.
                 Err(ClientError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
                     return Ok(ExitCode::from(141));
@@ -109,9 +109,9 @@ pub fn run(socket: &Path, args: &DumpArgs) -> anyhow::Result<ExitCode> {
     let to = args.output.as_ref().map_or_else(|| "stdout".to_string(), |p| p.display().to_string());
     eprintln!(
         "pftracectl: wrote {} calls ({}, {}) to {to}",
-        header.calls,
-        super::human::bytes(header.bytes),
-        header.format
+        done.calls,
+        super::human::bytes(done.bytes),
+        done.format
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! Human-readable sizes and durations for pftracectl's summaries.
 
-pub use pftrace::summary::human_ns;
+pub use pftrace::output::summary::human_ns;
 
 /// `512 B`, `4.0 KiB`, `12.3 MiB`, `1.50 GiB`.
 pub fn bytes(n: u64) -> String {

@@ -4,11 +4,17 @@
 use std::{fmt::Write as _, path::Path};
 
 use clap::Args;
-use pftrace::protocol::{Command, FunctionStats};
+use pftrace::protocol::{Command, FunctionStats, StatsReply, StatsSource};
 
 use super::{dump::FilterArgs, human::human_ns};
 
 /// Per-function figures: calls, total, mean, p50, p95, p99, max.
+///
+/// Without a filter (or with only --function) they cover every call since
+/// tracing started; with --since, --pid or --per-pid only the calls still in
+/// memory (limits.max_calls_in_memory), and the first line says which.
+/// Calls, total, mean and max are exact; p50, p95 and p99 come from a
+/// histogram of bounded size and are within 0.4% of the exact values.
 ///
 /// Examples:
 ///   pftracectl stats
@@ -34,10 +40,27 @@ pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
-    let rows: Vec<FunctionStats> = serde_json::from_value(result)
+    let reply: StatsReply = serde_json::from_value(result)
         .map_err(|e| anyhow::anyhow!("pftraced sent stats this pftracectl cannot read ({e}); try --json"))?;
-    print!("{}", render(&rows, args.per_pid));
+    println!("{}", source_line(&reply));
+    print!("{}", render(&reply.functions, args.per_pid));
     Ok(())
+}
+
+/// Which calls the figures cover.
+pub fn source_line(reply: &StatsReply) -> String {
+    let error = format!("p50/p95/p99 within {:.1}%", reply.percentile_error * 100.0);
+    match reply.source {
+        StatsSource::AllCalls => {
+            let n: u64 = reply.functions.iter().map(|f| f.calls).sum();
+            format!("every call since tracing started ({n} calls); {error}")
+        }
+        StatsSource::CallsInMemory => format!(
+            "calls in memory only ({} of the {} since tracing started; --since, --pid and --per-pid see only \
+             these); {error}",
+            reply.calls_in_memory, reply.calls_total
+        ),
+    }
 }
 
 /// The table, with a note when some calls never returned.
@@ -136,5 +159,26 @@ mod tests {
         let text = render(&[row("compute", None, 0)], false);
         assert!(text.starts_with("function  file         calls   total"), "{text}");
         assert_eq!(render(&[], false), "no calls recorded (for this filter)\n");
+    }
+
+    #[test]
+    fn says_which_calls_it_covers() {
+        let mut reply = StatsReply {
+            source: StatsSource::AllCalls,
+            calls_total: 2_019_134,
+            calls_in_memory: 500_000,
+            percentile_error: 1.0 / 256.0,
+            functions: vec![row("f", None, 0), row("g", None, 0)],
+        };
+        assert_eq!(
+            source_line(&reply),
+            "every call since tracing started (24 calls); p50/p95/p99 within 0.4%"
+        );
+        reply.source = StatsSource::CallsInMemory;
+        assert_eq!(
+            source_line(&reply),
+            "calls in memory only (500000 of the 2019134 since tracing started; --since, --pid and --per-pid \
+             see only these); p50/p95/p99 within 0.4%"
+        );
     }
 }

@@ -1,0 +1,123 @@
+//! The per-function summary printed when tracing ends: calls, total, mean,
+//! p50, p95, p99 and max over every call completed while tracing ran (from
+//! the daemon's aggregator, so also calls no longer kept in memory), plus
+//! the counters that show nothing was lost.
+
+use std::fmt::Write as _;
+
+use crate::{stats::PERCENTILE_ERROR, trace::Trace};
+
+/// Human-readable duration with a unit that keeps 3-4 significant digits.
+pub fn human_ns(ns: u64) -> String {
+    let ns = ns as f64;
+    if ns < 1e3 {
+        format!("{ns:.0}ns")
+    } else if ns < 1e6 {
+        format!("{:.2}us", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.2}ms", ns / 1e6)
+    } else {
+        format!("{:.3}s", ns / 1e9)
+    }
+}
+
+/// The summary table and counters, as printed on stderr.
+pub fn render(trace: &Trace) -> String {
+    let stats = &trace.functions;
+    let mut s = String::new();
+    let name_w = stats.iter().map(|f| f.function.len()).max().unwrap_or(8).max(8);
+    let _ = writeln!(
+        s,
+        "{:<name_w$}  {:>9}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  file",
+        "function", "calls", "total", "mean", "p50", "p95", "p99", "max"
+    );
+    for f in stats {
+        let calls =
+            if f.incomplete > 0 { format!("{}({}!)", f.calls, f.incomplete) } else { f.calls.to_string() };
+        let _ = writeln!(
+            s,
+            "{:<name_w$}  {:>9}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {}",
+            f.function,
+            calls,
+            human_ns(f.total_ns),
+            human_ns(f.mean_ns),
+            human_ns(f.p50_ns),
+            human_ns(f.p95_ns),
+            human_ns(f.p99_ns),
+            human_ns(f.max_ns),
+            f.file
+        );
+    }
+    if stats.is_empty() {
+        let _ = writeln!(s, "(no calls of {} were seen)", trace.names.join(", "));
+    } else {
+        let calls: u64 = stats.iter().map(|f| f.calls).sum();
+        let _ = writeln!(
+            s,
+            "({calls} calls; p50/p95/p99 within {:.1}% of the exact values)",
+            PERCENTILE_ERROR * 100.0
+        );
+    }
+    let c = &trace.counters;
+    let _ = writeln!(
+        s,
+        "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
+        c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
+    );
+    let process_reports_lost = c.process_reports_lost();
+    if process_reports_lost > 0 {
+        let _ = writeln!(
+            s,
+            "LOST: {process_reports_lost} reports of processes starting or exiting (the ring buffer was full): \
+             some children may not have been traced"
+        );
+    }
+    let incomplete: u64 = stats.iter().map(|f| f.incomplete).sum();
+    if incomplete > 0 || !trace.unmatched_returns.is_empty() || trace.bad_records > 0 {
+        let _ = writeln!(
+            s,
+            "incomplete calls (no return seen; marked (N!) above): {incomplete}; returns without an entry \
+             (attached mid-call): {}; undecodable records: {}",
+            trace.unmatched_returns.len(),
+            trace.bad_records
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{output::testing::sample_trace, stats::Aggregator};
+
+    #[test]
+    fn every_call_of_the_aggregate_with_percentiles() {
+        let mut trace = sample_trace();
+        let mut functions = Aggregator::new(false);
+        for call in trace.calls.iter() {
+            functions.push(call);
+        }
+        trace.functions = functions.rows();
+        let text = render(&trace);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..4],
+            [
+                "function      calls        total         mean          p50          p95          p99          max  file",
+                "inner             2     140.00ms      70.00ms      40.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
+                "outer             1     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
+                "outer         1(1!)     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/other.py",
+            ]
+        );
+        assert_eq!(lines[4], "(4 calls; p50/p95/p99 within 0.4% of the exact values)");
+        assert!(lines[6].starts_with("incomplete calls (no return seen; marked (N!) above): 1;"), "{text}");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_ns(12), "12ns");
+        assert_eq!(human_ns(1_500), "1.50us");
+        assert_eq!(human_ns(2_345_678), "2.35ms");
+        assert_eq!(human_ns(3_000_000_000), "3.000s");
+    }
+}
