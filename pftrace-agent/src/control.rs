@@ -107,7 +107,6 @@ fn follow(mut reader: BufReader<UnixStream>) {
 pub fn mode_of(m: Report) -> u8 {
     match m {
         Report::Uprobe => report::UPROBE,
-        Report::Syscall => report::SYSCALL,
     }
 }
 

@@ -3,8 +3,8 @@
 //! person can read a capture:
 //!
 //! ```text
-//! agent:     hello 1 pid=4242 python=3.12 report=uprobe,syscall
-//! pftraced:  report uprobe                 (how to report: uprobe | syscall)
+//! agent:     hello 1 pid=4242 python=3.12 report=uprobe
+//! pftraced:  report uprobe                 (how to report: uprobe, for now)
 //! pftraced:  names 2                       (the whole set; then one name a line)
 //! pftraced:  foo
 //! pftraced:  app.py:test_*
@@ -28,24 +28,23 @@ pub const MAX_LINE: usize = 4096;
 /// How matched calls are reported to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Report {
-    /// Call the probe function pftraced has a uprobe on.
+    /// Call the probe function pftraced has a uprobe on. (A getppid syscall
+    /// read by an fentry program was the other candidate: fentry programs
+    /// fail to load with EPERM on this machine kind, whose kernel runs in
+    /// lockdown=integrity.)
     Uprobe,
-    /// The getppid syscall with the report in its argument registers.
-    Syscall,
 }
 
 impl Report {
     pub fn as_str(self) -> &'static str {
         match self {
             Report::Uprobe => "uprobe",
-            Report::Syscall => "syscall",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "uprobe" => Some(Report::Uprobe),
-            "syscall" => Some(Report::Syscall),
             _ => None,
         }
     }
@@ -60,7 +59,7 @@ pub struct Hello {
 
 impl Hello {
     pub fn to_line(&self) -> String {
-        format!("hello {VERSION} pid={} python={}.{} report=uprobe,syscall\n", self.pid, self.python.0, self.python.1)
+        format!("hello {VERSION} pid={} python={}.{} report=uprobe\n", self.pid, self.python.0, self.python.1)
     }
 
     pub fn parse(line: &str) -> Result<Self, ProtocolError> {
@@ -187,7 +186,7 @@ mod tests {
         let h = Hello { pid: 42, python: (3, 12) };
         assert_eq!(Hello::parse(h.to_line().trim_end()).unwrap(), h);
         let cmds = [
-            Command::Report(Report::Syscall),
+            Command::Report(Report::Uprobe),
             Command::Names(vec!["foo".into(), "a.py:test_*".into()]),
             Command::Names(vec![]),
             Command::Stop,

@@ -13,15 +13,12 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use pftrace_common::agent::SYSCALL_MAGIC;
-
 use crate::verdict::CodeInfo;
 
-/// 0: off; 1: uprobe; 2: syscall.
+/// 0: off; 1: uprobe.
 static MODE: AtomicU8 = AtomicU8::new(0);
 pub const OFF: u8 = 0;
 pub const UPROBE: u8 = 1;
-pub const SYSCALL: u8 = 2;
 
 pub fn set_mode(mode: u8) {
     MODE.store(mode, Ordering::Release);
@@ -66,9 +63,6 @@ pub fn report(event: u8, info: &CodeInfo) {
             } else {
                 pftrace_agent_probe_nop1(event as u64, name, file, line)
             }
-        },
-        SYSCALL => unsafe {
-            libc::syscall(libc::SYS_getppid, SYSCALL_MAGIC, event as u64, name, file, line);
         },
         _ => {}
     }

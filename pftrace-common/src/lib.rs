@@ -34,8 +34,8 @@ pub mod kind {
 }
 
 /// Reports of the in-process agent (`pftrace-agent`, for CPythons whose USDT
-/// probes do not fire). The agent calls its probe function (or the getppid
-/// syscall) with these in registers; the kernel fills a [`CallEvent`] of kind
+/// probes do not fire). The agent calls its probe function with these in
+/// registers; the kernel fills a [`CallEvent`] of kind
 /// [`kind::ENTRY`] or [`kind::RETURN`] and puts the event below in the byte at
 /// [`agent::DETAIL_OFFSET`] (0 in USDT records).
 pub mod agent {
@@ -69,13 +69,6 @@ pub mod agent {
     /// (System V): rdi = event, rsi = function name, rdx = file name
     /// (NUL-terminated UTF-8 in the process), rcx = first line.
     pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
-
-    /// Report through the getppid syscall instead: rdi = this value, rsi =
-    /// event, rdx = name, r10 = file, r8 = line. A BPF fentry program on the
-    /// syscall takes those from the saved registers.
-    pub const SYSCALL_MAGIC: u64 = 0x7066_7472_6163_6521; // "pftrace!"
-    /// The kernel function the syscall report is taken from.
-    pub const SYSCALL_FUNCTION: &str = "__x64_sys_getppid";
 }
 
 /// Attach-cookie bit marking a `function__return` site. The cookie's low 32

@@ -15,12 +15,12 @@ use aya_ebpf::{
         bpf_probe_read_user_str_bytes,
         generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
     },
-    macros::{fentry, map, raw_tracepoint, uprobe},
+    macros::{map, raw_tracepoint, uprobe},
     maps::{
         Array, CgroupArray, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
         lpm_trie::Key,
     },
-    programs::{FEntryContext, ProbeContext, RawTracePointContext},
+    programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
     COOKIE_RETURN, CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED,
@@ -339,36 +339,6 @@ pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
     let file: u64 = ctx.arg(2).unwrap_or(0);
     let line: u64 = ctx.arg(3).unwrap_or(0);
     agent_report(event, name, file, line);
-    0
-}
-
-/// Offsets in `struct pt_regs` (x86-64) of the syscall argument registers.
-const PT_REGS_R10: usize = 56;
-const PT_REGS_R8: usize = 72;
-const PT_REGS_DX: usize = 96;
-const PT_REGS_SI: usize = 104;
-const PT_REGS_DI: usize = 112;
-
-/// A report of the in-process agent through the getppid syscall (rdi =
-/// SYSCALL_MAGIC, rsi = event, rdx = name, r10 = file, r8 = line). Every
-/// getppid on the host comes here: anything without the magic value returns
-/// at once.
-#[fentry(function = "__x64_sys_getppid")]
-pub fn pftrace_agent_syscall(ctx: FEntryContext) -> i32 {
-    let regs: u64 = ctx.arg(0);
-    let regs = regs as usize;
-    let Ok(magic) = (unsafe { bpf_probe_read_kernel((regs + PT_REGS_DI) as *const u64) }) else {
-        return 0;
-    };
-    if magic != agent::SYSCALL_MAGIC {
-        return 0;
-    }
-    // r10 .. rdi in one read: 64 bytes from r10 (offset 56) to rdi (112).
-    let Ok(words) = (unsafe { bpf_probe_read_kernel((regs + PT_REGS_R10) as *const [u64; 8]) }) else {
-        return 0;
-    };
-    let at = |off: usize| words[(off - PT_REGS_R10) / 8];
-    agent_report(at(PT_REGS_SI), at(PT_REGS_DX), at(PT_REGS_R10), at(PT_REGS_R8));
     0
 }
 

@@ -22,7 +22,7 @@ use super::{
 };
 
 /// The eBPF object compiled from pftrace-ebpf.
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
 
 /// Errors of the kernel side.
 #[derive(Debug, thiserror::Error)]
