@@ -6,4 +6,5 @@
 
 pub mod install;
 pub mod kernel;
+pub mod remote;
 pub mod server;
