@@ -135,6 +135,21 @@ impl AgentKernel {
         Ok(())
     }
 
+    /// Attaches the fork program: a child of a TRACKED process is tracked
+    /// from its first instruction (forked children keep the parent's agent).
+    pub fn follow_forks(&mut self) -> Result<(), KernelError> {
+        const FORK: &str = "pftrace_fork";
+        let prog: &mut aya::programs::RawTracePoint = self
+            .ebpf
+            .program_mut(FORK)
+            .ok_or(KernelError::Missing(FORK))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: FORK, source })?;
+        prog.load().map_err(|source| KernelError::Program { name: FORK, source })?;
+        prog.attach("sched_process_fork").map_err(|source| KernelError::Program { name: FORK, source })?;
+        Ok(())
+    }
+
     /// Allows `pid` (and, through the fork program when it runs, its
     /// children) to report.
     pub fn track(&mut self, pid: u32) -> Result<(), KernelError> {

@@ -6,5 +6,6 @@
 
 pub mod install;
 pub mod kernel;
+pub mod launch;
 pub mod remote;
 pub mod server;

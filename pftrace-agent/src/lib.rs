@@ -246,6 +246,12 @@ unsafe extern "C" fn at_exit(_m: Obj, _a: Obj) -> Obj {
 /// if pftraced does not answer, stop.
 unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
     let Some(api) = api() else { return ptr::null_mut() };
+    // Before any report: the probe's page may hold the parent's optimised
+    // uprobe call (see report::remap_probe_pages). Without it, stop.
+    if let Err(e) = report::remap_probe_pages() {
+        teardown(api, &format!("after fork: {e}"));
+        return api.none();
+    }
     control::FINALIZING.store(false, Ordering::Release);
     let fd = control::SOCKET_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {

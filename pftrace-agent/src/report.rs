@@ -67,3 +67,59 @@ pub fn report(event: u8, info: &CodeInfo) {
         _ => {}
     }
 }
+
+/// In a forked child: map the probe functions' code pages afresh from the
+/// file. The kernel optimises a hit nop5 uprobe by rewriting the nop into a
+/// call to a trampoline page of the process; fork copies the rewritten code
+/// page but not the trampoline, and the child's next report jumped into
+/// unmapped memory (SIGSEGV at the trampoline's address, seen on 6.18 with
+/// the fork test). A fresh private mapping of the same file page has the
+/// original bytes, and the kernel puts its breakpoint back in (the uprobe is
+/// attached to the file), so the child reports like its parent.
+pub fn remap_probe_pages() -> Result<(), String> {
+    let mut pages: Vec<usize> = [pftrace_agent_probe as *const () as usize, pftrace_agent_probe_nop1 as *const () as usize]
+        .iter()
+        .map(|a| a & !(page_size() - 1))
+        .collect();
+    pages.dedup();
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("/proc/self/maps: {e}"))?;
+    for page in pages {
+        let (start, offset, path) = maps
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (a, b) = f.next()?.split_once('-')?;
+                let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+                let perms = f.next()?;
+                let off = usize::from_str_radix(f.next()?, 16).ok()?;
+                let path = f.nth(2)?;
+                (page >= a && page < b && perms.contains('x')).then(|| (a, off, path.to_string()))
+            })
+            .ok_or("the probe's page is not in /proc/self/maps")?;
+        let c = std::ffi::CString::new(path.clone()).map_err(|_| "path")?;
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("{path}: {}", std::io::Error::last_os_error()));
+        }
+        let p = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                page_size(),
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd,
+                (offset + (page - start)) as libc::off_t,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        if p == libc::MAP_FAILED {
+            return Err(format!("remapping the probe page of {path}: {err}"));
+        }
+    }
+    Ok(())
+}
+
+fn page_size() -> usize {
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

@@ -106,6 +106,8 @@ pub struct Host {
     pub server: AgentServer,
     pub kernel: AgentKernel,
     pub ring: Ring,
+    /// Records drained but not yet asked for (other pids).
+    pending: Vec<AgentRecord>,
 }
 
 impl Host {
@@ -117,7 +119,7 @@ impl Host {
         let mut kernel = AgentKernel::load(LoadOptions::default()).expect("loading the eBPF object (root, BPF)");
         kernel.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL).unwrap();
         let ring = kernel.take_ring().unwrap();
-        Self { tmp, installed, server, kernel, ring }
+        Self { tmp, installed, server, kernel, ring, pending: Vec::new() }
     }
 
     /// Starts `python script args...` with the agent's directory in
@@ -128,6 +130,7 @@ impl Host {
             .arg(script)
             .args(args)
             .env("PFTRACE_AGENT_DIR", &self.installed.dir)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -144,9 +147,10 @@ impl Host {
         conn
     }
 
-    /// Every agent record of `pid` now on the ring (drains until quiet).
+    /// Every agent record of `pid` now on the ring (drains until quiet);
+    /// other processes' records are kept for later calls.
     pub fn records(&mut self, pid: u32) -> Vec<AgentRecord> {
-        let mut all = Vec::new();
+        let mut all = std::mem::take(&mut self.pending);
         let mut quiet_since = Instant::now();
         while quiet_since.elapsed() < Duration::from_millis(100) {
             let before = all.len();
@@ -156,8 +160,9 @@ impl Host {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        all.retain(|r| r.pid == pid);
-        all
+        let (mine, others) = all.into_iter().partition(|r| r.pid == pid);
+        self.pending = others;
+        mine
     }
 }
 
