@@ -45,6 +45,11 @@ struct Args {
     /// Only these cases (comma-separated names as printed).
     #[arg(long)]
     only: Option<String>,
+    /// Instead of Python: call the probe function from this process in
+    /// batches of 10,000 and print the fastest batch's ns per report, with
+    /// and without the kernel side attached (the mechanism alone).
+    #[arg(long)]
+    raw: bool,
 }
 
 const SCRIPT: &str = r#"
@@ -117,6 +122,9 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("installing {} (build it: cargo build --release -p pftrace-agent)", args.agent.display()))?;
     let script = tmp.join("bench.py");
     std::fs::write(&script, SCRIPT)?;
+    if args.raw {
+        return raw(&installed);
+    }
     let server = AgentServer::bind(&installed.socket)?;
 
     use Report::*;
@@ -324,6 +332,58 @@ fn run_case(
         }
     }
     Ok(ns)
+}
+
+/// The report mechanism alone: the probe function called from Rust.
+fn raw(installed: &install::Installed) -> anyhow::Result<()> {
+    type Probe = unsafe extern "C" fn(u64, *const u8, *const u8, u64);
+    let path = std::ffi::CString::new(installed.agent_so().to_string_lossy().as_bytes())?;
+    let fastest = |f: Probe| -> f64 {
+        let (name, file) = (c"traced".as_ptr() as *const u8, c"/tmp/bench.py".as_ptr() as *const u8);
+        let mut best = f64::MAX;
+        for _ in 0..300 {
+            let t0 = std::time::Instant::now();
+            for i in 0..10_000u64 {
+                unsafe { f(if i & 1 == 0 { 1 } else { 4 }, name, file, 7) };
+            }
+            best = best.min(t0.elapsed().as_nanos() as f64 / 10_000.0);
+        }
+        best
+    };
+    let mut k = AgentKernel::load(LoadOptions::default())?;
+    k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+    k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
+    k.track(std::process::id())?;
+    let mut ring = k.take_ring()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let drainer = thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            if ring.count_for(std::process::id()) == 0 {
+                thread::sleep(Duration::from_micros(500));
+            }
+        }
+    });
+    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if lib.is_null() {
+        bail!("dlopen {}", installed.agent_so().display());
+    }
+    let get = |sym: &std::ffi::CStr| -> anyhow::Result<Probe> {
+        let p = unsafe { libc::dlsym(lib, sym.as_ptr()) };
+        if p.is_null() {
+            bail!("no {sym:?}");
+        }
+        Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Probe>(p) })
+    };
+    let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
+    println!("raw nop5 uprobe: {:.1} ns per report", fastest(nop5));
+    println!("raw nop1 uprobe: {:.1} ns per report", fastest(nop1));
+    stop.store(true, Ordering::Relaxed);
+    let _ = drainer.join();
+    println!("kernel: {} reports, {} lost", k.counter(counter::AGENT_REPORTS)?, k.counter(counter::LOST)?);
+    drop(k);
+    println!("raw nop5, nothing attached: {:.1} ns per call", fastest(nop5));
+    Ok(())
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {
