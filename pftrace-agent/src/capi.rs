@@ -245,7 +245,7 @@ impl Api {
 
     /// The value of an int object (-1 and the error cleared on failure).
     pub fn as_int(&self, o: Obj) -> i64 {
-        let v = unsafe { (self.long_as)(o) } as i64;
+        let v = unsafe { (self.long_as)(o) };
         if v == -1 {
             self.clear_error();
         }

@@ -13,19 +13,19 @@
 //! on every thread). The GIL guards the agent state: callbacks, the profile
 //! function and the control thread's changes all hold it.
 
-pub mod capi;
-pub mod control;
-pub mod monitoring;
-pub mod profile;
+mod capi;
+mod control;
+mod monitoring;
+mod profile;
 pub mod protocol;
-pub mod report;
-pub mod verdict;
+mod report;
+mod verdict;
 
 /// pftrace's name forms: the daemon's own module, compiled in here too until
 /// it moves to a crate both use (see the crate README).
 #[path = "../../pftrace-daemon/src/names.rs"]
-#[allow(dead_code)]
-pub mod names;
+#[allow(dead_code, clippy::collapsible_if)]
+mod names;
 
 use std::{
     cell::UnsafeCell,

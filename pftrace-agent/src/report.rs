@@ -24,10 +24,6 @@ pub fn set_mode(mode: u8) {
     MODE.store(mode, Ordering::Release);
 }
 
-pub fn mode() -> u8 {
-    MODE.load(Ordering::Acquire)
-}
-
 /// The probe site: `nopl 0x0(%rax,%rax,1)` (0f 1f 44 00 00), the nop5 the
 /// kernel optimises, then `ret`. Arguments: event, name, file, line (rdi,
 /// rsi, rdx, rcx). Naked, so nothing moves the arguments or the nop.
@@ -56,15 +52,15 @@ pub fn use_nop1(on: bool) {
 #[inline]
 pub fn report(event: u8, info: &CodeInfo) {
     let (name, file, line) = (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8, info.line as u64);
-    match MODE.load(Ordering::Relaxed) {
-        UPROBE => unsafe {
+    if MODE.load(Ordering::Relaxed) == UPROBE {
+        // SAFETY: the probe functions do nothing but return.
+        unsafe {
             if USE_NOP1.load(Ordering::Relaxed) == 0 {
                 pftrace_agent_probe(event as u64, name, file, line)
             } else {
                 pftrace_agent_probe_nop1(event as u64, name, file, line)
             }
-        },
-        _ => {}
+        }
     }
 }
 
