@@ -1,7 +1,8 @@
 //! Installing the agent's files where traced processes can read them and
 //! nothing of pftrace is writable by the traced user: a directory owned by
-//! root (0755) holding `pftrace_agent.so`, `sitecustomize.py` (launch mode)
-//! and `pftrace_attach.py` (PEP 768), each root-owned and 0444. Each file is
+//! root (0755) holding `pftrace_agent.so`, `pftrace_loader.py`,
+//! `sitecustomize.py` (launch mode) and `pftrace_attach.py` (PEP 768), each
+//! root-owned and 0444. Each file is
 //! written to a fresh temporary name (O_EXCL, O_NOFOLLOW) and renamed into
 //! place, so a file someone else planted is replaced, never written through.
 
@@ -15,9 +16,11 @@ use std::{
 pub const AGENT_SO: &str = "pftrace_agent.so";
 pub const SITECUSTOMIZE: &str = "sitecustomize.py";
 pub const ATTACH_SCRIPT: &str = "pftrace_attach.py";
+pub const LOADER: &str = "pftrace_loader.py";
 
 const SITECUSTOMIZE_TEXT: &str = include_str!("../../pftrace-agent/python/sitecustomize.py");
 const ATTACH_TEXT: &str = include_str!("../../pftrace-agent/python/pftrace_attach.py");
+const LOADER_TEXT: &str = include_str!("../../pftrace-agent/python/pftrace_loader.py");
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -71,6 +74,7 @@ pub fn install(agent_so: &Path, dir: &Path, socket: &Path) -> Result<Installed, 
     }
     let so = fs::read(agent_so).map_err(io(agent_so))?;
     write_file(dir, AGENT_SO, &so)?;
+    write_file(dir, LOADER, LOADER_TEXT.as_bytes())?;
     write_file(dir, SITECUSTOMIZE, SITECUSTOMIZE_TEXT.as_bytes())?;
     let attach = ATTACH_TEXT
         .replace("@AGENT_DIR@", &format!("{:?}", dir.to_str().unwrap_or_default()))
@@ -112,4 +116,59 @@ pub fn launch_env(installed: &Installed, current_pythonpath: Option<&str>) -> Ve
         ("PYTHONPATH".into(), path),
         ("PFTRACE_AGENT_SOCKET".into(), installed.socket.to_string_lossy().into_owned()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("pftrace-install-{tag}.{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn files_are_read_only_and_planted_links_are_replaced() {
+        let base = tmp("ro");
+        let so = base.join("lib.so");
+        fs::write(&so, b"\x7fELF not really").unwrap();
+        let dir = base.join("agent");
+        // A symlink planted where a file goes is replaced, never written through.
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = base.join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(SITECUSTOMIZE)).unwrap();
+        let inst = install(&so, &dir, &base.join("s.sock")).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        let me = unsafe { libc::geteuid() };
+        for name in [AGENT_SO, LOADER, SITECUSTOMIZE, ATTACH_SCRIPT] {
+            let m = fs::symlink_metadata(inst.dir.join(name)).unwrap();
+            assert!(m.file_type().is_file(), "{name}");
+            assert_eq!((m.uid(), m.mode() & 0o777), (me, 0o444), "{name}");
+        }
+        let attach = fs::read_to_string(inst.attach_script()).unwrap();
+        assert!(attach.contains(&format!("{:?}", dir.to_str().unwrap())) && !attach.contains('@'), "{attach}");
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn refuses_directories_others_can_write() {
+        let base = tmp("unsafe");
+        let so = base.join("lib.so");
+        fs::write(&so, b"x").unwrap();
+        let dir = base.join("agent");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = install(&so, &dir, &base.join("s.sock")).unwrap_err();
+        assert!(matches!(err, InstallError::Unsafe { .. }), "{err}");
+        assert!(matches!(install(&so, Path::new("rel"), &base.join("s")), Err(InstallError::BadPath { .. })));
+        assert!(matches!(install(&so, &dir, Path::new("/tmp/a\"b")), Err(InstallError::BadPath { .. })));
+        fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -65,19 +65,7 @@ impl AgentKernel {
     /// CPU time and RSS), without attaching anything yet.
     pub fn load(opts: LoadOptions) -> Result<Self, KernelError> {
         let layout = TaskOffsets::discover().ok();
-        let globals = layout.map(|o| {
-            [
-                (task_layout::SUM_EXEC, o.se_sum_exec_runtime),
-                (task_layout::MM, o.mm),
-                (task_layout::TASK_PID, o.pid),
-                (task_layout::TASK_TGID, o.tgid),
-                (task_layout::RSS_BASE, o.rss_stat + o.rss_count),
-                (task_layout::RSS_STRIDE, o.rss_stride),
-                (task_layout::RSS_FILE, o.mm_filepages),
-                (task_layout::RSS_ANON, o.mm_anonpages),
-                (task_layout::RSS_SHMEM, o.mm_shmempages),
-            ]
-        });
+        let globals = layout.as_ref().map(TaskOffsets::globals);
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", opts.ring_bytes);
         for (name, value) in globals.iter().flatten() {

@@ -142,7 +142,9 @@ fn leaves_within_a_second_when_pftraced_goes() {
         assert!(stopped_after < 1_000_000_000, "{label}: stopped {stopped_after} ns after");
         assert!(v["status"].as_str().unwrap().contains("pftraced closed the connection"), "{label}: {}", v["status"]);
         assert!(during > before + 200.0, "{label}: tracing must cost something here, or this test shows nothing");
-        assert!(after < before * 1.15, "{label}: {after:.1} ns/call after, {before:.1} untraced");
+        // Fastest chunks compared (noise on a shared machine only adds time);
+        // 1.25: other helpers' benchmarks run beside this one.
+        assert!(after < before * 1.25, "{label}: {after:.1} ns/call after, {before:.1} untraced: {json}");
         if let Some(tools) = v["tools"].as_array().filter(|t| !t.is_empty()) {
             assert!(tools.iter().all(|t| t.is_null()), "{label}: tool ids still held: {tools:?}");
         }

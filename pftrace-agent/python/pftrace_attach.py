@@ -9,18 +9,12 @@ def _pftrace_attach(AGENT_DIR=@AGENT_DIR@, SOCKET=@SOCKET@):
     import sys
 
     try:
-        import sysconfig
-
-        if sysconfig.get_config_var("Py_GIL_DISABLED"):
-            raise RuntimeError("free-threaded CPython builds are not supported by the agent")
         sys.path.insert(0, AGENT_DIR)
         try:
-            import pftrace_agent
+            import pftrace_loader
         finally:
             sys.path.remove(AGENT_DIR)
-        status = pftrace_agent.start(SOCKET)
-        if not status.startswith("tracing"):
-            sys.stderr.write("pftrace: %s\n" % status)
+        pftrace_loader.load(AGENT_DIR, SOCKET)
     except BaseException as e:  # never into the program
         sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))
 

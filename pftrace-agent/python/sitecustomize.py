@@ -13,18 +13,9 @@ def _pftrace_start():
     sock = os.environ.get("PFTRACE_AGENT_SOCKET")
     if sock:
         try:
-            import sysconfig
+            import pftrace_loader  # beside this file
 
-            if sysconfig.get_config_var("Py_GIL_DISABLED"):
-                raise RuntimeError("free-threaded CPython builds are not supported by the agent")
-            sys.path.insert(0, here)
-            try:
-                import pftrace_agent
-            finally:
-                sys.path.remove(here)
-            status = pftrace_agent.start(sock)
-            if not status.startswith("tracing"):
-                sys.stderr.write("pftrace: %s\n" % status)
+            pftrace_loader.load(here, sock)
         except BaseException as e:  # never into the program
             sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))
     # Drop our directory from sys.path (PYTHONPATH still carries it to
