@@ -147,6 +147,8 @@ impl AgentKernel {
     pub fn untrack(&mut self, pid: u32) -> Result<(), KernelError> {
         match self.tracked()?.remove(&pid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Gone already (the exit program removes exiting processes).
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(source) => Err(KernelError::Map { name: "TRACKED", source }),
         }
     }

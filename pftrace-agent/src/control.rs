@@ -107,6 +107,7 @@ fn follow(mut reader: BufReader<UnixStream>) {
 pub fn mode_of(m: Report) -> u8 {
     match m {
         Report::Uprobe => report::UPROBE,
+        Report::None => report::OFF,
     }
 }
 

@@ -50,9 +50,10 @@ pub struct Tool {
     event_bits: Vec<i64>,
 }
 
-/// Tool ids tried, PROFILER_ID (2) first; 0 (debugger), 1 (coverage) and 5
-/// (optimizer) last, as those are the conventional ids of other tools.
-const TOOL_IDS: [i64; 6] = [2, 3, 4, 1, 0, 5];
+/// Tool ids tried: the two without a conventional owner first, then the
+/// optimizer's, and PROFILER_ID (2), COVERAGE_ID (1) and DEBUGGER_ID (0)
+/// last: cProfile takes id 2 on 3.12+ and fails if it is held.
+const TOOL_IDS: [i64; 6] = [4, 3, 5, 1, 0, 2];
 
 /// Registers the callbacks and turns the events on. The GIL is held.
 pub fn enable(api: &Api) -> Result<Tool, String> {

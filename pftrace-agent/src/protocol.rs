@@ -33,18 +33,23 @@ pub enum Report {
     /// fail to load with EPERM on this machine kind, whose kernel runs in
     /// lockdown=integrity.)
     Uprobe,
+    /// Decide and keep the hooks, report nothing (benchmarks: the cost of
+    /// the callbacks alone; a daemon could pause with it).
+    None,
 }
 
 impl Report {
     pub fn as_str(self) -> &'static str {
         match self {
             Report::Uprobe => "uprobe",
+            Report::None => "none",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "uprobe" => Some(Report::Uprobe),
+            "none" => Some(Report::None),
             _ => None,
         }
     }
@@ -187,6 +192,7 @@ mod tests {
         assert_eq!(Hello::parse(h.to_line().trim_end()).unwrap(), h);
         let cmds = [
             Command::Report(Report::Uprobe),
+            Command::Report(Report::None),
             Command::Names(vec!["foo".into(), "a.py:test_*".into()]),
             Command::Names(vec![]),
             Command::Stop,

@@ -127,69 +127,67 @@ fn main() -> anyhow::Result<()> {
     }
     let server = AgentServer::bind(&installed.socket)?;
 
-    use Report::*;
-    // Phase A: nothing attached in the kernel.
-    let phase_a = [
-        case("untraced-sparse", None, "", "sparse", false),
-        case("untraced-dense", None, "", "dense", false),
-        case("agent-nomatch", Some(Uprobe), "no_such_function", "sparse", false),
-        case("agent-sparse-noprobe", Some(Uprobe), "traced", "sparse", false),
-        case("agent-dense-noprobe", Some(Uprobe), "traced", "dense", false),
+    let (uprobe, callbacks_only) = (Some(Report::Uprobe), Some(Report::None));
+    // Cases run round-robin within a group (every case once per round), so a
+    // busy stretch of the shared machine weighs on all of them alike; each
+    // group has its own untraced baselines and its kernel side loaded.
+    let untraced_sparse = case("untraced-sparse", None, "", "sparse", false);
+    let untraced_dense = case("untraced-dense", None, "", "dense", false);
+    let main_group = vec![
+        untraced_sparse,
+        untraced_dense,
+        case("agent-nomatch", uprobe, "no_such_function", "sparse", false),
+        case("agent-sparse-callbacks", callbacks_only, "traced", "sparse", false),
+        case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
+        case("agent-sparse-uprobe", uprobe, "traced", "sparse", true),
+        case("agent-dense-uprobe", uprobe, "traced", "dense", true),
+        Case { nop1: true, ..case("agent-dense-uprobe-nop1", uprobe, "traced", "dense", true) },
+        Case { nop1: true, ..case("agent-sparse-uprobe-nop1", uprobe, "traced", "sparse", true) },
     ];
-    // Phase B: the kernel side attached, records copied with their strings.
-    let mut phase_b = vec![
-        case("agent-sparse-uprobe", Some(Uprobe), "traced", "sparse", true),
-        case("agent-dense-uprobe", Some(Uprobe), "traced", "dense", true),
-    ];
-    phase_b.push(Case { nop1: true, ..case("agent-dense-uprobe-nop1", Some(Uprobe), "traced", "dense", true) });
-    // Phase C: records without the name and file strings.
-    let phase_c = [
-        case("agent-dense-uprobe-nostrings", Some(Uprobe), "traced", "dense", true),
-    ];
+    let floor_sparse = case("agent-sparse-uprobe-floor", uprobe, "traced", "sparse", false);
+    let floor_group = vec![untraced_sparse, untraced_dense, floor_sparse, FLOOR_CASE];
+    let nostrings_group = vec![untraced_dense, case("agent-dense-uprobe-nostrings", uprobe, "traced", "dense", true)];
 
     for python in &args.pythons {
         let version = Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]).output()?;
         let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
-        println!("== {} (Python {version}), {} calls a loop, {} runs a case", python.display(), args.calls, args.repeats);
-        let mut results: Vec<(&str, f64)> = Vec::new();
-        let mut run_phase = |cases: &[Case], kernel: Option<&mut Kernel>| -> anyhow::Result<()> {
-            let mut kernel = kernel;
-            for c in cases.iter().filter(|c| wanted(c)) {
-                let mut samples = Vec::new();
-                for _ in 0..args.repeats {
-                    samples.push(run_case(python, &script, &installed, &server, c, args.calls, kernel.as_deref_mut())?);
+        println!("== {} (Python {version}), {} calls a loop, {} rounds", python.display(), args.calls, args.repeats);
+        for (group, cases) in [("main", &main_group), ("floor", &floor_group), ("nostrings", &nostrings_group)] {
+            let cases: Vec<Case> = cases.iter().copied().filter(|c| wanted(c)).collect();
+            if cases.iter().all(|c| c.report.is_none()) {
+                continue;
+            }
+            let mut k = match group {
+                "floor" => {
+                    let mut k = AgentKernel::load(LoadOptions::default())?;
+                    k.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+                    Kernel::from(k, false)?
                 }
-                samples.sort_by(f64::total_cmp);
+                _ => Kernel::start(&installed, group != "nostrings")?,
+            };
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+            for _ in 0..args.repeats {
+                for (i, c) in cases.iter().enumerate() {
+                    samples[i].push(run_case(python, &script, &installed, &server, c, args.calls, Some(&mut k))?);
+                }
+            }
+            let mut results: Vec<(&str, f64)> = Vec::new();
+            for (c, s) in cases.iter().zip(&mut samples) {
+                s.sort_by(f64::total_cmp);
                 // The fastest run: on a shared machine noise only adds time.
-                let (fastest, median) = (samples[0], samples[samples.len() / 2]);
+                let (fastest, median) = (s[0], s[s.len() / 2]);
                 println!(
-                    "  {:<32} {:>8.1} ns/call fastest, {:>8.1} median  (runs: {})",
+                    "  {:<30} {:>8.1} ns/call fastest, {:>8.1} median  (runs: {})",
                     c.name,
                     fastest,
                     median,
-                    samples.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(" ")
+                    s.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" ")
                 );
                 results.push((c.name, fastest));
             }
-            Ok(())
-        };
-        run_phase(&phase_a, None)?;
-        if wanted(&FLOOR_CASE) {
-            let mut k = AgentKernel::load(LoadOptions::default())?;
-            k.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
-            let mut k = Kernel::from(k, false)?;
-            run_phase(&[FLOOR_CASE], Some(&mut k))?;
             k.finish()?;
+            summarize(&results);
         }
-        if phase_b.iter().chain(&phase_c).any(wanted) {
-            let mut k = Kernel::start(&installed, true)?;
-            run_phase(&phase_b, Some(&mut k))?;
-            k.finish()?;
-            let mut k = Kernel::start(&installed, false)?;
-            run_phase(&phase_c, Some(&mut k))?;
-            k.finish()?;
-        }
-        summarize(&results);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
@@ -198,20 +196,23 @@ fn main() -> anyhow::Result<()> {
 /// Derived figures (from the fastest runs): added ns per matched call, ratios.
 fn summarize(results: &[(&str, f64)]) {
     let get = |n: &str| results.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
-    let (Some(base_s), Some(base_d)) = (get("untraced-sparse"), get("untraced-dense")) else { return };
+    let Some(base_d) = get("untraced-dense") else { return };
+    let base_s = get("untraced-sparse").unwrap_or(base_d);
     if let Some(v) = get("agent-nomatch") {
         println!("  -> no match: {:+.1} ns per call ({:.3}x untraced)", v - base_s, v / base_s);
     }
     for (name, base) in [
-        ("agent-sparse-noprobe", base_s),
+        ("agent-sparse-callbacks", base_s),
         ("agent-sparse-uprobe", base_s),
+        ("agent-sparse-uprobe-nop1", base_s),
+        ("agent-sparse-uprobe-floor", base_s),
     ] {
         if let Some(v) = get(name) {
             println!("  -> {name}: {:.3}x untraced", v / base);
         }
     }
     for name in [
-        "agent-dense-noprobe",
+        "agent-dense-callbacks",
         "agent-dense-uprobe-floor",
         "agent-dense-uprobe",
         "agent-dense-uprobe-nop1",
@@ -380,6 +381,32 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
     let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
     println!("raw nop5 uprobe: {:.1} ns per report", fastest(nop5));
     println!("raw nop1 uprobe: {:.1} ns per report", fastest(nop1));
+    // Sparse: one report per 1,000 units of other work; does the work slow down?
+    let sparse = |f: Option<Probe>| -> (f64, f64) {
+        let mut runs = Vec::new();
+        for _ in 0..15 {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let t0 = std::time::Instant::now();
+            for i in 0..2_000_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 1000 == 0 {
+                    if let Some(f) = f {
+                        unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1) };
+                    }
+                }
+            }
+            std::hint::black_box(x);
+            runs.push(t0.elapsed().as_nanos() as f64 / 2_000_000.0);
+        }
+        runs.sort_by(f64::total_cmp);
+        (runs[0], runs[runs.len() / 2])
+    };
+    for (label, f) in [("none", None), ("nop5", Some(nop5)), ("nop1", Some(nop1)), ("none", None), ("nop5", Some(nop5))] {
+        let (fast, med) = sparse(f);
+        println!("raw sparse 1/1000 {label}: {fast:.2} ns per unit fastest, {med:.2} median");
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = drainer.join();
     println!("kernel: {} reports, {} lost", k.counter(counter::AGENT_REPORTS)?, k.counter(counter::LOST)?);
