@@ -54,7 +54,10 @@ pub fn install(agent_so: &Path, dir: &Path, socket: &Path) -> Result<Installed, 
     for p in [dir, socket] {
         let s = p.to_str().ok_or(InstallError::BadPath { path: p.into(), why: "not UTF-8" })?;
         if !p.is_absolute() || s.contains(['\n', '\0', '"', '\'', '\\']) {
-            return Err(InstallError::BadPath { path: p.into(), why: "must be absolute, without quotes or newlines" });
+            return Err(InstallError::BadPath {
+                path: p.into(),
+                why: "must be absolute, without quotes or newlines",
+            });
         }
     }
     let io = |path: &Path| {
@@ -153,7 +156,10 @@ mod tests {
             assert_eq!((m.uid(), m.mode() & 0o777), (me, 0o444), "{name}");
         }
         let attach = fs::read_to_string(inst.attach_script()).unwrap();
-        assert!(attach.contains(&format!("{:?}", dir.to_str().unwrap())) && !attach.contains('@'), "{attach}");
+        assert!(
+            attach.contains(&format!("{:?}", dir.to_str().unwrap())) && !attach.contains('@'),
+            "{attach}"
+        );
         fs::remove_dir_all(&base).unwrap();
     }
 

@@ -148,7 +148,9 @@ impl AgentKernel {
         match self.tracked()?.remove(&pid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             // Gone already (the exit program removes exiting processes).
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(source) => Err(KernelError::Map { name: "TRACKED", source }),
         }
     }
@@ -170,13 +172,19 @@ impl AgentKernel {
     /// The ring buffer (once).
     pub fn take_ring(&mut self) -> Result<Ring, KernelError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::Missing("map EVENTS"))?;
-        Ok(Ring { ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })? })
+        Ok(Ring {
+            ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })?,
+        })
     }
 }
 
 /// The counters the agent path adds.
 pub fn agent_counters(k: &AgentKernel) -> Result<[u64; 3], KernelError> {
-    Ok([k.counter(counter::AGENT_REPORTS)?, k.counter(counter::AGENT_FOREIGN)?, k.counter(counter::AGENT_BAD)?])
+    Ok([
+        k.counter(counter::AGENT_REPORTS)?,
+        k.counter(counter::AGENT_FOREIGN)?,
+        k.counter(counter::AGENT_BAD)?,
+    ])
 }
 
 /// Records read off the ring buffer.
@@ -203,7 +211,9 @@ impl Ring {
     /// Drains what is there; only agent records (detail byte non-zero).
     pub fn drain(&mut self, out: &mut Vec<AgentRecord>) {
         while let Some(item) = self.ring.next() {
-            if item.len() < size_of::<CallEvent>() || item[pftrace_common::KIND_OFFSET] > pftrace_common::kind::RETURN {
+            if item.len() < size_of::<CallEvent>()
+                || item[pftrace_common::KIND_OFFSET] > pftrace_common::kind::RETURN
+            {
                 continue;
             }
             // SAFETY: length checked; CallEvent is plain data.
@@ -211,7 +221,9 @@ impl Ring {
             if ev._pad[0] == 0 {
                 continue;
             }
-            let text = |b: &[u8]| String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned();
+            let text = |b: &[u8]| {
+                String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
+            };
             out.push(AgentRecord {
                 ts_ns: ev.ts_ns,
                 pid: ev.pid,

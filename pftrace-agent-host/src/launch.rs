@@ -24,7 +24,10 @@ pub fn refusal(argv: &[String]) -> Option<String> {
                 words.remove(0); // env -S splits the rest
             }
         }
-        let is_python = words.first().and_then(|w| Path::new(w).file_name()).is_some_and(|n| n.to_string_lossy().starts_with("python"));
+        let is_python = words
+            .first()
+            .and_then(|w| Path::new(w).file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("python"));
         if !is_python {
             return None;
         }
@@ -106,7 +109,10 @@ mod tests {
     #[test]
     fn finds_options_that_keep_the_agent_out() {
         assert!(refusal(&argv("python3 app.py")).is_none());
-        assert!(refusal(&argv("python3 -u -X dev app.py -E")).is_none(), "-E after the script is the script's");
+        assert!(
+            refusal(&argv("python3 -u -X dev app.py -E")).is_none(),
+            "-E after the script is the script's"
+        );
         assert!(refusal(&argv("python3 -c import -I")).is_none());
         let m = refusal(&argv("/usr/bin/python3.12 -E app.py")).unwrap();
         assert!(m.contains("with -E") && m.contains("without it"), "{m}");

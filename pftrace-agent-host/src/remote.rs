@@ -51,9 +51,13 @@ const W_TSTATE_NEXT: usize = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("process {pid}: no CPython 3.13+ runtime (.PyRuntime section) in its mappings; a CPython 3.11 or 3.12 has no way to load the agent into a running process: {advice}")]
+    #[error(
+        "process {pid}: no CPython 3.13+ runtime (.PyRuntime section) in its mappings; a CPython 3.11 or 3.12 has no way to load the agent into a running process: {advice}"
+    )]
     NoRuntime { pid: u32, advice: &'static str },
-    #[error("process {pid} runs CPython {version}: loading the agent into a running process needs 3.14 or later (PEP 768); {advice}")]
+    #[error(
+        "process {pid} runs CPython {version}: loading the agent into a running process needs 3.14 or later (PEP 768); {advice}"
+    )]
     TooOld { pid: u32, version: String, advice: &'static str },
     #[error("process {pid} is a free-threaded CPython build, which the agent does not support")]
     FreeThreaded { pid: u32 },
@@ -67,7 +71,9 @@ pub enum RemoteError {
         "process {pid} did not run pftrace's loader within {timeout:?}: none of its threads ran Python code (blocked in C code, sleeping or stopped); the request was withdrawn. Try again while it runs Python, or start it with the agent"
     )]
     Timeout { pid: u32, timeout: Duration },
-    #[error("process {pid}: unexpected _Py_DebugOffsets ({what}); this CPython's layout is not one pftrace knows")]
+    #[error(
+        "process {pid}: unexpected _Py_DebugOffsets ({what}); this CPython's layout is not one pftrace knows"
+    )]
     Layout { pid: u32, what: String },
     #[error("script path {0} is longer than CPython's 511 bytes")]
     PathTooLong(PathBuf),
@@ -76,8 +82,7 @@ pub enum RemoteError {
 }
 
 /// What users of 3.11-3.13 (and refusing processes) are told to do instead.
-pub const START_WITH_AGENT: &str =
-    "start the program under pftraced (`pftraced -t NAME -- CMD`) or with the agent on its path (`eval \"$(pftracectl env)\"` before starting it)";
+pub const START_WITH_AGENT: &str = "start the program under pftraced (`pftraced -t NAME -- CMD`) or with the agent on its path (`eval \"$(pftracectl env)\"` before starting it)";
 
 /// Where the script was delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +150,11 @@ impl Runtime {
             let what = what.to_string();
             move |source| RemoteError::Io { pid, what, source }
         };
-        let mem = File::options().read(true).write(true).open(format!("/proc/{pid}/mem")).map_err(io("opening /proc/PID/mem"))?;
+        let mem = File::options()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(io("opening /proc/PID/mem"))?;
         let maps = File::open(format!("/proc/{pid}/maps")).map_err(io("reading /proc/PID/maps"))?;
         let mut seen: Vec<String> = Vec::new();
         let mut mappings = Vec::new();
@@ -176,7 +185,8 @@ impl Runtime {
             if &bytes[..8] != b"xdebugpy" {
                 continue;
             }
-            let w: Vec<u64> = bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
+            let w: Vec<u64> =
+                bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
             return Self::from_words(pid, mem, addr, w);
         }
         Err(RemoteError::NoRuntime { pid, advice: START_WITH_AGENT })
@@ -187,7 +197,11 @@ impl Runtime {
         let version = w[W_VERSION];
         let (major, minor) = (version >> 24, (version >> 16) & 0xff);
         if (major, minor) < (3, 14) {
-            return Err(RemoteError::TooOld { pid, version: format!("{major}.{minor}"), advice: START_WITH_AGENT });
+            return Err(RemoteError::TooOld {
+                pid,
+                version: format!("{major}.{minor}"),
+                advice: START_WITH_AGENT,
+            });
         }
         if w[W_FREE_THREADED] != 0 {
             return Err(RemoteError::FreeThreaded { pid });
@@ -252,18 +266,30 @@ impl Runtime {
 
     fn read_u64(&self, at: u64) -> Result<u64, RemoteError> {
         let mut b = [0u8; 8];
-        self.mem.read_exact_at(&mut b, at).map_err(|source| RemoteError::Io { pid: self.pid, what: format!("reading {at:#x}"), source })?;
+        self.mem.read_exact_at(&mut b, at).map_err(|source| RemoteError::Io {
+            pid: self.pid,
+            what: format!("reading {at:#x}"),
+            source,
+        })?;
         Ok(u64::from_ne_bytes(b))
     }
 
     fn read_u32(&self, at: u64) -> Result<u32, RemoteError> {
         let mut b = [0u8; 4];
-        self.mem.read_exact_at(&mut b, at).map_err(|source| RemoteError::Io { pid: self.pid, what: format!("reading {at:#x}"), source })?;
+        self.mem.read_exact_at(&mut b, at).map_err(|source| RemoteError::Io {
+            pid: self.pid,
+            what: format!("reading {at:#x}"),
+            source,
+        })?;
         Ok(u32::from_ne_bytes(b))
     }
 
     fn write(&self, at: u64, bytes: &[u8], what: &str) -> Result<(), RemoteError> {
-        self.mem.write_all_at(bytes, at).map_err(|source| RemoteError::Io { pid: self.pid, what: what.into(), source })
+        self.mem.write_all_at(bytes, at).map_err(|source| RemoteError::Io {
+            pid: self.pid,
+            what: what.into(),
+            source,
+        })
     }
 }
 
@@ -286,7 +312,12 @@ impl Mapping {
         let path = f.next()?.trim_start().to_string();
         let (a, b) = range.split_once('-')?;
         path.starts_with('/').then_some(())?;
-        Some(Self { start: u64::from_str_radix(a, 16).ok()?, end: u64::from_str_radix(b, 16).ok()?, offset, path })
+        Some(Self {
+            start: u64::from_str_radix(a, 16).ok()?,
+            end: u64::from_str_radix(b, 16).ok()?,
+            offset,
+            path,
+        })
     }
 }
 

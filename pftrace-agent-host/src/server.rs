@@ -7,7 +7,10 @@ use std::{
     io::BufReader,
     os::{
         fd::AsRawFd as _,
-        unix::{fs::PermissionsExt as _, net::{UnixListener, UnixStream}},
+        unix::{
+            fs::PermissionsExt as _,
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -39,7 +42,10 @@ impl AgentServer {
     pub fn bind(path: &Path) -> Result<Self, ServerError> {
         let io = |source| ServerError::Io { path: path.to_path_buf(), source };
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() || !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            Ok(m)
+                if m.file_type().is_symlink()
+                    || !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) =>
+            {
                 return Err(io(std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
                     "exists and is not a socket: remove it or choose another path",
@@ -78,7 +84,8 @@ impl AgentServer {
         stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
         let pid = peer_pid(&stream).map_err(io)?;
         let mut reader = BufReader::new(stream);
-        let line = protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
+        let line =
+            protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
         let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
         Ok(AgentConn { pid, hello, reader })
     }

@@ -53,7 +53,8 @@ fn launch_mode_traces_from_the_first_line_and_chains_sitecustomize() {
     // -E, -I, -S: no agent; refusal() says why before pftraced waits for nothing.
     let (label, python) = &interpreters()[1];
     for flag in ["-E", "-I", "-S"] {
-        let argv = vec![python.to_string_lossy().into_owned(), flag.into(), target().to_string_lossy().into_owned()];
+        let argv =
+            vec![python.to_string_lossy().into_owned(), flag.into(), target().to_string_lossy().into_owned()];
         let msg = launch::refusal(&argv).expect("refused");
         assert!(msg.contains(&format!("with {flag}")), "{msg}");
         let out = Command::new(python)
@@ -88,14 +89,23 @@ fn follows_names_added_and_removed_while_running() {
             stdout.read_line(&mut line).unwrap();
             assert_eq!(line.trim(), format!("ROUND {round}"), "{label}");
             let records = host.records(pid);
-            per_round.push((count(&records, true, "work"), count(&records, false, "work"), count(&records, true, "other"), count(&records, false, "other")));
+            per_round.push((
+                count(&records, true, "work"),
+                count(&records, false, "work"),
+                count(&records, true, "other"),
+                count(&records, false, "other"),
+            ));
             if let Some(names) = sets.get(round - 1) {
                 let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
                 assert_eq!(conn.set_names(&names).unwrap(), round as u32 + 1, "{label}: generation");
             }
             stdin.write_all(b"\n").unwrap();
         }
-        assert_eq!(per_round, vec![(100, 100, 0, 0), (100, 100, 100, 100), (0, 0, 100, 100), (0, 0, 0, 0)], "{label}");
+        assert_eq!(
+            per_round,
+            vec![(100, 100, 0, 0), (100, 100, 100, 100), (0, 0, 100, 100), (0, 0, 0, 0)],
+            "{label}"
+        );
         drop(stdin);
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
@@ -130,9 +140,11 @@ fn leaves_within_a_second_when_pftraced_goes() {
         let mut rest = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
         assert!(child.wait().unwrap().success(), "{label}: {rest}");
-        let json = rest.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("{label}: {rest}"));
+        let json =
+            rest.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("{label}: {rest}"));
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        let min = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).fold(f64::MAX, f64::min);
+        let min =
+            |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).fold(f64::MAX, f64::min);
         let (before, during, after) = (min("before"), min("during"), min("after"));
         let stopped_after = v["gone_ns"].as_u64().expect("the agent never stopped") as i64 - gone_at as i64;
         eprintln!(
@@ -140,8 +152,15 @@ fn leaves_within_a_second_when_pftraced_goes() {
             stopped_after as f64 / 1e6
         );
         assert!(stopped_after < 1_000_000_000, "{label}: stopped {stopped_after} ns after");
-        assert!(v["status"].as_str().unwrap().contains("pftraced closed the connection"), "{label}: {}", v["status"]);
-        assert!(during > before + 200.0, "{label}: tracing must cost something here, or this test shows nothing");
+        assert!(
+            v["status"].as_str().unwrap().contains("pftraced closed the connection"),
+            "{label}: {}",
+            v["status"]
+        );
+        assert!(
+            during > before + 200.0,
+            "{label}: tracing must cost something here, or this test shows nothing"
+        );
         // Fastest chunks compared (noise on a shared machine only adds time);
         // 1.25: other helpers' benchmarks run beside this one.
         assert!(after < before * 1.25, "{label}: {after:.1} ns/call after, {before:.1} untraced: {json}");
@@ -169,14 +188,22 @@ fn forked_children_keep_tracing_and_connect_on_their_own() {
         let configured = conn.configure(pftrace_agent::protocol::Report::Uprobe, &["work".to_string()]);
         if let Err(e) = configured {
             let o = child.wait_with_output().unwrap();
-            panic!("{label}: child {child_pid}: {e}; parent said {} / {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            panic!(
+                "{label}: child {child_pid}: {e}; parent said {} / {}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let mut out = String::new();
         std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
         assert!(child.wait().unwrap().success(), "{label}: {out}");
         assert!(out.contains(&format!("CHILD {child_pid} 0")), "{label}: {out}");
         let parent = host.records(pid);
-        assert_eq!((count(&parent, true, "work"), count(&parent, false, "work")), (10, 10), "{label}: parent");
+        assert_eq!(
+            (count(&parent, true, "work"), count(&parent, false, "work")),
+            (10, 10),
+            "{label}: parent"
+        );
         let kid = host.records(child_pid);
         assert_eq!((count(&kid, true, "work"), count(&kid, false, "work")), (100, 100), "{label}: child");
     }

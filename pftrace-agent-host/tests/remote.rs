@@ -54,7 +54,10 @@ fn loads_into_a_running_process_whose_main_thread_is_blocked() {
         let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
         let returns = records.iter().filter(|r| !r.entry && r.name == "work").count();
         assert_eq!((entries, returns), (1000, 1000), "{label}");
-        eprintln!("{label}: script taken after {:?}, agent tracing {loaded:?} after the request", delivered.after);
+        eprintln!(
+            "{label}: script taken after {:?}, agent tracing {loaded:?} after the request",
+            delivered.after
+        );
     }
 }
 
@@ -66,17 +69,19 @@ fn refusals_are_clear_and_do_not_hang() {
     let script = tmp.0.join("never.py");
     std::fs::write(&script, "raise SystemExit('must not run')\n").unwrap();
     for (label, python) in interpreters_314() {
-        for (env, xopt) in [
-            (&[("PYTHON_DISABLE_REMOTE_DEBUG", "1")][..], None),
-            (&[][..], Some("disable-remote-debug")),
-        ] {
+        for (env, xopt) in
+            [(&[("PYTHON_DISABLE_REMOTE_DEBUG", "1")][..], None), (&[][..], Some("disable-remote-debug"))]
+        {
             let mut child = spawn(&python, &["spin", "1"], env, xopt);
             let t0 = Instant::now();
             let err = remote::run_script(child.id(), &script, Duration::from_secs(5)).unwrap_err();
             assert!(t0.elapsed() < Duration::from_secs(1), "{label}: refusal took {:?}", t0.elapsed());
             assert!(matches!(err, RemoteError::Disabled { .. }), "{label}: {err}");
             let msg = err.to_string();
-            assert!(msg.contains("refuses remote debugging") && msg.contains("pftracectl env"), "{label}: {msg}");
+            assert!(
+                msg.contains("refuses remote debugging") && msg.contains("pftracectl env"),
+                "{label}: {msg}"
+            );
             kill(&mut child);
         }
         // Nothing runs Python: the request times out and is withdrawn.
@@ -87,7 +92,9 @@ fn refusals_are_clear_and_do_not_hang() {
         assert!(out.contains("WOKE False"), "{label}: the withdrawn script ran later: {out}");
     }
     // 3.11-3.13: no entry point; the message says what works.
-    for (label, python) in interpreters().into_iter().filter(|(l, _)| !l.ends_with("3.14") && !l.ends_with("3.15")) {
+    for (label, python) in
+        interpreters().into_iter().filter(|(l, _)| !l.ends_with("3.14") && !l.ends_with("3.15"))
+    {
         let mut child = spawn(&python, &["spin", "1"], &[], None);
         let err = remote::run_script(child.id(), &script, Duration::from_secs(2)).unwrap_err();
         assert!(matches!(err, RemoteError::TooOld { .. } | RemoteError::NoRuntime { .. }), "{label}: {err}");

@@ -14,7 +14,8 @@ use std::{
 };
 
 use crate::{
-    api, apply_names, capi::Api,
+    api, apply_names,
+    capi::Api,
     protocol::{self, Command, Hello, ProtocolError, Report},
     report, teardown,
 };
@@ -27,7 +28,8 @@ pub static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 /// Connects and says hello; checks that the peer is root (pftraced) or
 /// this process's own user.
 pub fn connect(path: &Path, timeout: Duration, python: (u32, u32)) -> Result<UnixStream, String> {
-    let stream = UnixStream::connect(path).map_err(|e| format!("cannot connect to pftraced at {}: {e}", path.display()))?;
+    let stream = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to pftraced at {}: {e}", path.display()))?;
     let peer = peer_uid(&stream).map_err(|e| format!("SO_PEERCRED on {}: {e}", path.display()))?;
     let me = unsafe { libc::geteuid() };
     if peer != 0 && peer != me {

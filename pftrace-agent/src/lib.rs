@@ -150,10 +150,16 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
         api.clear_error();
         return Err("start() takes the control socket's path as a str".into());
     }
-    let path = PathBuf::from(String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p as *const u8, len as usize) }).into_owned());
+    let path = PathBuf::from(
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p as *const u8, len as usize) })
+            .into_owned(),
+    );
     let python = api.minor();
     if python < (3, 11) {
-        return Err(format!("CPython {}.{} is not supported by the agent (3.11 or later)", python.0, python.1));
+        return Err(format!(
+            "CPython {}.{} is not supported by the agent (3.11 or later)",
+            python.0, python.1
+        ));
     }
     if !api.has_monitoring() && profile::other_profiler(api) {
         return Err("a profiler is already set (sys.setprofile); on 3.11 pftrace would replace it".into());
@@ -210,8 +216,11 @@ fn register_hooks(api: &Api, state: &mut State) {
         return;
     }
     state.hooks_registered = true;
-    let make = |def: &'static PyMethodDef| api.owned(unsafe { (api.cfunction_new)(def, ptr::null_mut(), ptr::null_mut()) });
-    if let (Some(atexit), Some(f)) = (api.owned(unsafe { (api.import)(c"atexit".as_ptr()) }), make(&AT_EXIT_DEF))
+    let make = |def: &'static PyMethodDef| {
+        api.owned(unsafe { (api.cfunction_new)(def, ptr::null_mut(), ptr::null_mut()) })
+    };
+    if let (Some(atexit), Some(f)) =
+        (api.owned(unsafe { (api.import)(c"atexit".as_ptr()) }), make(&AT_EXIT_DEF))
         && let Some(register) = api.attr(atexit.ptr, c"register")
     {
         drop(api.call(register.ptr, &[f.ptr]));

@@ -28,7 +28,12 @@ struct Event {
 }
 
 const fn def(name: &'static CStr, f: FastCall) -> PyMethodDef {
-    PyMethodDef { ml_name: name.as_ptr(), ml_meth: f as *const c_void, ml_flags: METH_FASTCALL, ml_doc: std::ptr::null() }
+    PyMethodDef {
+        ml_name: name.as_ptr(),
+        ml_meth: f as *const c_void,
+        ml_flags: METH_FASTCALL,
+        ml_doc: std::ptr::null(),
+    }
 }
 
 static EVENTS: [Event; 6] = [
@@ -84,7 +89,8 @@ pub fn enable(api: &Api) -> Result<Tool, String> {
             if bit <= 0 {
                 return Err(format!("sys.monitoring.events.{:?} is missing", ev.name));
             }
-            let func = api.owned(unsafe { (api.cfunction_new)(&ev.def, std::ptr::null_mut(), std::ptr::null_mut()) })
+            let func = api
+                .owned(unsafe { (api.cfunction_new)(&ev.def, std::ptr::null_mut(), std::ptr::null_mut()) })
                 .ok_or("cannot create a callback")?;
             let bit_obj = api.int(bit).ok_or("int")?;
             call(c"register_callback", &[id_obj.ptr, bit_obj.ptr, func.ptr])?;
@@ -95,7 +101,12 @@ pub fn enable(api: &Api) -> Result<Tool, String> {
         call(c"set_events", &[id_obj.ptr, all_obj.ptr])
     })();
     let disable = api.attr(mon.ptr, c"DISABLE").map(|d| d.into_raw());
-    let tool = Tool { id, monitoring: mon.into_raw(), disable: disable.unwrap_or(std::ptr::null_mut()), event_bits: bits };
+    let tool = Tool {
+        id,
+        monitoring: mon.into_raw(),
+        disable: disable.unwrap_or(std::ptr::null_mut()),
+        event_bits: bits,
+    };
     match result {
         Ok(()) if !tool.disable.is_null() => Ok(tool),
         Ok(()) => {
@@ -145,7 +156,11 @@ pub fn restart(api: &Api, tool: &Tool) {
 
 /// Every callback: (code, offset[, value]). Reports the event when the code
 /// object is traced; otherwise DISABLE where that is allowed.
-unsafe extern "C" fn on_event<const EVENT: u8, const LOCAL: bool>(_slf: Obj, args: *const Obj, nargs: isize) -> Obj {
+unsafe extern "C" fn on_event<const EVENT: u8, const LOCAL: bool>(
+    _slf: Obj,
+    args: *const Obj,
+    nargs: isize,
+) -> Obj {
     // SAFETY: callbacks run with the GIL held, which guards the agent state.
     let Some((api, state)) = (unsafe { agent_state() }) else {
         return std::ptr::null_mut();

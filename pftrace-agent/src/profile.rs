@@ -102,7 +102,8 @@ pub fn set_all(api: &Api, on: bool) -> Result<(), String> {
         }
     }
     // threading.setprofile(hook) for threads started later; None to undo.
-    let threading = api.owned(unsafe { (api.import)(c"threading".as_ptr()) }).ok_or("cannot import threading")?;
+    let threading =
+        api.owned(unsafe { (api.import)(c"threading".as_ptr()) }).ok_or("cannot import threading")?;
     let setprofile = api.attr(threading.ptr, c"setprofile").ok_or("threading.setprofile is missing")?;
     let hook = if on {
         Some(

@@ -37,7 +37,12 @@ pub unsafe extern "C" fn pftrace_agent_probe(_event: u64, _name: *const u8, _fil
 /// measure the difference on the running kernel (`agent-bench --nop1`).
 #[unsafe(naked)]
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pftrace_agent_probe_nop1(_event: u64, _name: *const u8, _file: *const u8, _line: u64) {
+pub unsafe extern "C" fn pftrace_agent_probe_nop1(
+    _event: u64,
+    _name: *const u8,
+    _file: *const u8,
+    _line: u64,
+) {
     core::arch::naked_asm!("nop", "ret")
 }
 
@@ -51,7 +56,8 @@ pub fn use_nop1(on: bool) {
 /// Reports one event of a traced code object.
 #[inline]
 pub fn report(event: u8, info: &CodeInfo) {
-    let (name, file, line) = (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8, info.line as u64);
+    let (name, file, line) =
+        (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8, info.line as u64);
     if MODE.load(Ordering::Relaxed) == UPROBE {
         // SAFETY: the probe functions do nothing but return.
         unsafe {
@@ -73,10 +79,11 @@ pub fn report(event: u8, info: &CodeInfo) {
 /// original bytes, and the kernel puts its breakpoint back in (the uprobe is
 /// attached to the file), so the child reports like its parent.
 pub fn remap_probe_pages() -> Result<(), String> {
-    let mut pages: Vec<usize> = [pftrace_agent_probe as *const () as usize, pftrace_agent_probe_nop1 as *const () as usize]
-        .iter()
-        .map(|a| a & !(page_size() - 1))
-        .collect();
+    let mut pages: Vec<usize> =
+        [pftrace_agent_probe as *const () as usize, pftrace_agent_probe_nop1 as *const () as usize]
+            .iter()
+            .map(|a| a & !(page_size() - 1))
+            .collect();
     pages.dedup();
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("/proc/self/maps: {e}"))?;
     for page in pages {

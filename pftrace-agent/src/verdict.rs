@@ -74,7 +74,13 @@ pub unsafe extern "C" fn free_slot(value: *mut c_void) {
 /// (and remembering) first if needed. The GIL must be held; `matcher` is the
 /// set of names of that generation.
 #[inline]
-pub fn traced<'a>(api: &Api, index: isize, code: Obj, generation: u32, matcher: &Matcher) -> Option<&'a CodeInfo> {
+pub fn traced<'a>(
+    api: &Api,
+    index: isize,
+    code: Obj,
+    generation: u32,
+    matcher: &Matcher,
+) -> Option<&'a CodeInfo> {
     let mut slot: *mut c_void = std::ptr::null_mut();
     if unsafe { (api.code_get_extra)(code, index, &mut slot) } != 0 {
         api.clear_error();
@@ -102,7 +108,13 @@ pub fn traced<'a>(api: &Api, index: isize, code: Obj, generation: u32, matcher: 
 /// First decision for a code object (or after the names changed, for one
 /// that was not traced): reads its name and file once.
 #[cold]
-fn decide<'a>(api: &Api, index: isize, code: Obj, generation: u32, matcher: &Matcher) -> Option<&'a CodeInfo> {
+fn decide<'a>(
+    api: &Api,
+    index: isize,
+    code: Obj,
+    generation: u32,
+    matcher: &Matcher,
+) -> Option<&'a CodeInfo> {
     let name = api.attr(code, c"co_name")?;
     let file = api.attr(code, c"co_filename")?;
     let (name_b, file_b) = (api.text(&name)?, api.text(&file)?);

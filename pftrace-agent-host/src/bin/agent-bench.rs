@@ -109,7 +109,13 @@ struct Case {
 /// The uprobe with a program that returns at once (the floor of the mechanism).
 const FLOOR_CASE: Case = case("agent-dense-uprobe-floor", Some(Report::Uprobe), "traced", "dense", false);
 
-const fn case(name: &'static str, report: Option<Report>, names: &'static str, shape: &'static str, kernel: bool) -> Case {
+const fn case(
+    name: &'static str,
+    report: Option<Report>,
+    names: &'static str,
+    shape: &'static str,
+    kernel: bool,
+) -> Case {
     Case { name, report, names, shape, kernel, nop1: false }
 }
 
@@ -118,8 +124,10 @@ fn main() -> anyhow::Result<()> {
     let only: Option<Vec<String>> = args.only.as_ref().map(|s| s.split(',').map(str::to_string).collect());
     let wanted = |c: &Case| only.as_ref().is_none_or(|o| o.iter().any(|n| n == c.name));
     let tmp = tempdir()?;
-    let installed = install::install(&args.agent, &tmp.join("agent"), &tmp.join("agent.sock"))
-        .with_context(|| format!("installing {} (build it: cargo build --release -p pftrace-agent)", args.agent.display()))?;
+    let installed =
+        install::install(&args.agent, &tmp.join("agent"), &tmp.join("agent.sock")).with_context(|| {
+            format!("installing {} (build it: cargo build --release -p pftrace-agent)", args.agent.display())
+        })?;
     let script = tmp.join("bench.py");
     std::fs::write(&script, SCRIPT)?;
     if args.raw {
@@ -146,13 +154,22 @@ fn main() -> anyhow::Result<()> {
     ];
     let floor_sparse = case("agent-sparse-uprobe-floor", uprobe, "traced", "sparse", false);
     let floor_group = vec![untraced_sparse, untraced_dense, floor_sparse, FLOOR_CASE];
-    let nostrings_group = vec![untraced_dense, case("agent-dense-uprobe-nostrings", uprobe, "traced", "dense", true)];
+    let nostrings_group =
+        vec![untraced_dense, case("agent-dense-uprobe-nostrings", uprobe, "traced", "dense", true)];
 
     for python in &args.pythons {
-        let version = Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]).output()?;
+        let version =
+            Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]).output()?;
         let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
-        println!("== {} (Python {version}), {} calls a loop, {} rounds", python.display(), args.calls, args.repeats);
-        for (group, cases) in [("main", &main_group), ("floor", &floor_group), ("nostrings", &nostrings_group)] {
+        println!(
+            "== {} (Python {version}), {} calls a loop, {} rounds",
+            python.display(),
+            args.calls,
+            args.repeats
+        );
+        for (group, cases) in
+            [("main", &main_group), ("floor", &floor_group), ("nostrings", &nostrings_group)]
+        {
             let cases: Vec<Case> = cases.iter().copied().filter(|c| wanted(c)).collect();
             if cases.iter().all(|c| c.report.is_none()) {
                 continue;
@@ -168,7 +185,15 @@ fn main() -> anyhow::Result<()> {
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
             for _ in 0..args.repeats {
                 for (i, c) in cases.iter().enumerate() {
-                    samples[i].push(run_case(python, &script, &installed, &server, c, args.calls, Some(&mut k))?);
+                    samples[i].push(run_case(
+                        python,
+                        &script,
+                        &installed,
+                        &server,
+                        c,
+                        args.calls,
+                        Some(&mut k),
+                    )?);
                 }
             }
             let mut results: Vec<(&str, f64)> = Vec::new();
@@ -243,7 +268,8 @@ impl Kernel {
 
     fn from(mut k: AgentKernel, _records: bool) -> anyhow::Result<Self> {
         let mut ring = k.take_ring()?;
-        let (stop, records, pid) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (stop, records, pid) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (s, r, p) = (stop.clone(), records.clone(), pid.clone());
         let drainer = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -264,7 +290,10 @@ impl Kernel {
         }
         let lost = self.k.counter(counter::LOST)?;
         let foreign = self.k.counter(counter::AGENT_FOREIGN)?;
-        println!("  kernel: {} reports, {lost} lost, {foreign} from untracked processes", self.k.counter(counter::AGENT_REPORTS)?);
+        println!(
+            "  kernel: {} reports, {lost} lost, {foreign} from untracked processes",
+            self.k.counter(counter::AGENT_REPORTS)?
+        );
         Ok(())
     }
 }
@@ -311,7 +340,8 @@ fn run_case(
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut words = text.split_whitespace();
-    let (Some("NS"), Some(ns), Some("TRACED"), Some(traced)) = (words.next(), words.next(), words.next(), words.next())
+    let (Some("NS"), Some(ns), Some("TRACED"), Some(traced)) =
+        (words.next(), words.next(), words.next(), words.next())
     else {
         bail!("{}: case {}: unexpected output {text:?} ({})", python.display(), c.name, out.status);
     };
@@ -403,7 +433,9 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         runs.sort_by(f64::total_cmp);
         (runs[0], runs[runs.len() / 2])
     };
-    for (label, f) in [("none", None), ("nop5", Some(nop5)), ("nop1", Some(nop1)), ("none", None), ("nop5", Some(nop5))] {
+    for (label, f) in
+        [("none", None), ("nop5", Some(nop5)), ("nop1", Some(nop1)), ("none", None), ("nop5", Some(nop5))]
+    {
         let (fast, med) = sparse(f);
         println!("raw sparse 1/1000 {label}: {fast:.2} ns per unit fastest, {med:.2} median");
     }

@@ -33,7 +33,11 @@ pub fn interpreters() -> Vec<(&'static str, PathBuf)> {
     list.iter()
         .map(|(label, p)| {
             let p = PathBuf::from(p);
-            assert!(p.exists(), "{label}: {} is missing; run `cargo xtask setup` (it installs the test interpreters)", p.display());
+            assert!(
+                p.exists(),
+                "{label}: {} is missing; run `cargo xtask setup` (it installs the test interpreters)",
+                p.display()
+            );
             (*label, p)
         })
         .collect()
@@ -114,9 +118,11 @@ impl Host {
     pub fn new(tag: &str) -> Self {
         require_root();
         let tmp = TempDir::new(tag);
-        let installed = install::install(agent_so(), &tmp.0.join("agent"), &tmp.0.join("agent.sock")).unwrap();
+        let installed =
+            install::install(agent_so(), &tmp.0.join("agent"), &tmp.0.join("agent.sock")).unwrap();
         let server = AgentServer::bind(&installed.socket).unwrap();
-        let mut kernel = AgentKernel::load(LoadOptions::default()).expect("loading the eBPF object (root, BPF)");
+        let mut kernel =
+            AgentKernel::load(LoadOptions::default()).expect("loading the eBPF object (root, BPF)");
         kernel.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL).unwrap();
         let ring = kernel.take_ring().unwrap();
         Self { tmp, installed, server, kernel, ring, pending: Vec::new() }
