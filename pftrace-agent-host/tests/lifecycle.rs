@@ -50,6 +50,25 @@ fn launch_mode_traces_from_the_first_line_and_chains_sitecustomize() {
         let records = host.records(pid);
         assert_eq!((count(&records, true, "work"), count(&records, false, "work")), (500, 500), "{label}");
     }
+    // The line `pftracectl env` gives users of 3.11-3.13 jobs, through a shell.
+    let (label, python) = &interpreters()[0];
+    let line = launch::env_line(&host.installed);
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{line}; exec \"$0\" \"$1\" launch"))
+        .arg(python)
+        .arg(target())
+        .env("PYTHONPATH", &user)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _conn = host.accept(pid, &["work"]);
+    let out = finish(child, label);
+    assert!(out.contains("USER_SITE True") && out.contains("STATUS tracing"), "{label} via `{line}`: {out}");
+    let records = host.records(pid);
+    assert_eq!(count(&records, true, "work"), 500, "{label} via the env line");
     // -E, -I, -S: no agent; refusal() says why before pftraced waits for nothing.
     let (label, python) = &interpreters()[1];
     for flag in ["-E", "-I", "-S"] {
