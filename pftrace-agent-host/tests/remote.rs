@@ -86,6 +86,8 @@ fn refusals_are_clear_and_do_not_hang() {
         }
         // Nothing runs Python: the request times out and is withdrawn.
         let child = spawn(&python, &["sleep", "3"], &[], None);
+        // Let it get from its print into the sleep.
+        std::thread::sleep(Duration::from_millis(300));
         let err = remote::run_script(child.id(), &script, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, RemoteError::Timeout { .. }), "{label}: {err}");
         let out = finish(child, label);
