@@ -33,6 +33,44 @@ pub mod kind {
     pub const EXIT: u8 = 5;
 }
 
+/// Reports of the in-process agent (`pftrace-agent`, for CPythons whose USDT
+/// probes do not fire). The agent calls its probe function with these in
+/// registers; the kernel fills a [`CallEvent`] of kind
+/// [`kind::ENTRY`] or [`kind::RETURN`] and puts the event below in the byte at
+/// [`agent::DETAIL_OFFSET`] (0 in USDT records).
+pub mod agent {
+    /// A frame started (sys.monitoring PY_START; 3.11 profile "call").
+    pub const START: u8 = 1;
+    /// A generator or coroutine resumed (PY_RESUME): counted as a call, as
+    /// CPython's profiler does.
+    pub const RESUME: u8 = 2;
+    /// An exception thrown into a generator resumed it (PY_THROW): a call.
+    pub const THROW: u8 = 3;
+    /// The frame returned (PY_RETURN; 3.11 profile "return").
+    pub const RETURN: u8 = 4;
+    /// A generator or coroutine yielded (PY_YIELD): a return.
+    pub const YIELD: u8 = 5;
+    /// The frame exited by an exception (PY_UNWIND): a return.
+    pub const UNWIND: u8 = 6;
+    /// Largest valid event.
+    pub const LAST: u8 = UNWIND;
+
+    /// Whether an agent event opens a call (START, RESUME, THROW).
+    pub const fn is_entry(event: u8) -> bool {
+        event >= START && event <= THROW
+    }
+
+    /// Byte of a CallEvent holding the agent event (the first padding byte).
+    pub const DETAIL_OFFSET: usize = super::KIND_OFFSET + 1;
+
+    /// Exported function of the agent's shared object that pftraced puts a
+    /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
+    /// a call to a trampoline instead of a trap) and `ret`. Arguments
+    /// (System V): rdi = event, rsi = function name, rdx = file name
+    /// (NUL-terminated UTF-8 in the process), rcx = first line.
+    pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
+}
+
 /// Attach-cookie bit marking a `function__return` site. The cookie's low 32
 /// bits are the site's spec id; `pftrace_usdt` (one program for both probes,
 /// attached with one uprobe_multi link per process) reads the kind from here.
@@ -177,6 +215,10 @@ pub mod task_layout {
     /// processes entering a watched cgroup by exec are added to TRACKED.
     /// Fixed at load time, so the verifier drops the check when it is 0.
     pub const SCOPE_FILTER: &str = "SCOPE_FILTER";
+    /// Non-zero: agent reports copy the name and file strings into the
+    /// record (the default). 0 leaves them empty: only used to measure what
+    /// the copies cost.
+    pub const AGENT_STRINGS: &str = "AGENT_STRINGS";
 }
 
 /// Indices into the per-CPU counter array.
@@ -207,8 +249,15 @@ pub mod counter {
     pub const OUT_OF_SCOPE: u32 = 11;
     /// Exit reports dropped because the ring buffer was full.
     pub const EXIT_LOST: u32 = 12;
+    /// Reports from in-process agents accepted (each becomes one CallEvent).
+    pub const AGENT_REPORTS: u32 = 13;
+    /// Agent reports from processes not in TRACKED (dropped: only processes
+    /// pftraced accepted may report).
+    pub const AGENT_FOREIGN: u32 = 14;
+    /// Agent reports with an unknown event kind (dropped).
+    pub const AGENT_BAD: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
 }
 
 #[cfg(feature = "user")]

@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use pftrace_common::{
     COOKIE_RETURN, CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED,
-    NAME_LEN, ProcEvent, UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
+    NAME_LEN, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, config, counter, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -59,6 +59,11 @@ static WAKEUP_BYTES: u32 = 0;
 /// cgroup scopes; see pftrace_common::task_layout::SCOPE_FILTER).
 #[unsafe(no_mangle)]
 static SCOPE_FILTER: u32 = 0;
+
+/// Non-zero: agent reports copy the name and file strings (see
+/// pftrace_common::task_layout::AGENT_STRINGS).
+#[unsafe(no_mangle)]
+static AGENT_STRINGS: u32 = 1;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -322,6 +327,66 @@ fn prefix_match(name: &[u8; NAME_LEN]) -> bool {
 #[inline(always)]
 fn config_value(index: u32) -> u32 {
     CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// A report of the in-process agent through its probe function (a uprobe on
+/// a 5-byte nop, attached to the agent's shared object for all processes):
+/// rdi = event, rsi = name, rdx = file, rcx = line.
+#[uprobe]
+pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
+    let event: u64 = ctx.arg(0).unwrap_or(0);
+    let name: u64 = ctx.arg(1).unwrap_or(0);
+    let file: u64 = ctx.arg(2).unwrap_or(0);
+    let line: u64 = ctx.arg(3).unwrap_or(0);
+    agent_report(event, name, file, line);
+    0
+}
+
+/// One agent report: only processes pftraced accepted (TRACKED, which also
+/// holds their forked children) may report, and pid and tid come from the
+/// kernel; the name and file are the process's own word about its own calls.
+#[inline(always)]
+fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+        bump(counter::AGENT_FOREIGN);
+        return;
+    }
+    if event == 0 || event > agent::LAST as u64 {
+        bump(counter::AGENT_BAD);
+        return;
+    }
+    let event = event as u8;
+    bump(counter::AGENT_REPORTS);
+    let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).lineno = line as i32;
+        (*ev).kind = if agent::is_entry(event) { kind::ENTRY } else { kind::RETURN };
+        (*ev)._pad = [event, 0, 0];
+        let (cpu, rss) = task_figures();
+        (*ev).thread_cpu_ns = cpu;
+        (*ev).rss_pages = rss;
+        let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
+        let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
+        name[0] = 0;
+        file[0] = 0;
+        if global(&AGENT_STRINGS) != 0 {
+            if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
+                name[0] = 0;
+            }
+            if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
+                file[0] = 0;
+            }
+        }
+    }
+    entry.submit(wakeup_flag());
 }
 
 /// A process called execve: report it when it is in scope (every process,

@@ -22,7 +22,7 @@ use super::{
 };
 
 /// The eBPF object compiled from pftrace-ebpf.
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pftrace"));
 
 /// Errors of the kernel side.
 #[derive(Debug, thiserror::Error)]
@@ -141,19 +141,7 @@ impl KernelProbes {
     pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>, scope_filter: bool) -> Result<Self, BpfError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", ring_bytes);
-        let globals = layout.map(|o| {
-            [
-                (task_layout::SUM_EXEC, o.se_sum_exec_runtime),
-                (task_layout::MM, o.mm),
-                (task_layout::TASK_PID, o.pid),
-                (task_layout::TASK_TGID, o.tgid),
-                (task_layout::RSS_BASE, o.rss_stat + o.rss_count),
-                (task_layout::RSS_STRIDE, o.rss_stride),
-                (task_layout::RSS_FILE, o.mm_filepages),
-                (task_layout::RSS_ANON, o.mm_anonpages),
-                (task_layout::RSS_SHMEM, o.mm_shmempages),
-            ]
-        });
+        let globals = layout.map(TaskOffsets::globals);
         // Batched draining: wake the reader when a quarter of the ring is used;
         // the daemon also drains on a short timer (DRAIN_INTERVAL in the daemon).
         let wakeup = ring_bytes / 4;
