@@ -2,7 +2,7 @@
 //!
 //! - `setup`: install what is missing (Debian packages, nightly rust-src,
 //!   bpf-linker, a CPython built --with-dtrace, Debian sid's CPython 3.13-3.15,
-//!   pyenv's CPythons), reuse what is present;
+//!   pyenv's CPythons, a Debian root with systemd), reuse what is present;
 //! - `build`: setup, then build pftraced;
 //! - `test`:  setup, then run every test (as root);
 //! - `demo`:  setup, build, then trace examples/app.py;
@@ -16,6 +16,7 @@ mod demo;
 mod pyenv;
 mod setup;
 mod sid_pythons;
+mod systemd_root;
 mod test;
 mod util;
 
@@ -34,7 +35,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing needs (idempotent): apt packages,
     /// nightly rust-src, bpf-linker, a probe-enabled CPython 3.9, Debian sid's
-    /// CPython 3.13-3.15 (unpacked in /var/cache/pftrace/debian-sid), pyenv's CPythons.
+    /// CPython 3.13-3.15 (unpacked in /var/cache/pftrace/debian-sid), pyenv's CPythons,
+    /// a Debian bookworm root with systemd (/var/cache/pftrace/bookworm-systemd).
     Setup,
     /// Setup, then `cargo build --release -p pftrace-daemon`.
     Build,

@@ -2,8 +2,9 @@
 //!
 //! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, a
 //! CPython whose USDT probes fire (built once into /var/cache/pftrace), Debian
-//! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace) and
-//! pyenv's CPythons. Every step is idempotent and prints one line saying
+//! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace),
+//! pyenv's CPythons, and a Debian bookworm root with systemd (debootstrap,
+//! into /var/cache/pftrace) that the systemd service tests boot. Every step is idempotent and prints one line saying
 //! whether it found or installed things.
 
 use std::path::PathBuf;
@@ -13,12 +14,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::apt::{apt_get, dpkg_installed};
 use crate::util::{self, Step, which_on_path};
-use crate::{cpython, pyenv, sid_pythons};
+use crate::{cpython, pyenv, sid_pythons, systemd_root};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
 /// (the refusal tests check pftraced's message for its broken entry probe),
-/// and patchelf (points Debian sid's interpreters at sid's own loader).
+/// patchelf (points Debian sid's interpreters at sid's own loader), and
+/// debootstrap and systemd-container (systemd-nspawn) for the root the
+/// systemd service tests boot.
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -32,6 +35,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "pkg-config",
     "python3.11",
     "patchelf",
+    "debootstrap",
+    "systemd-container",
 ];
 
 /// bpf-linker release to install, and the LLVM it is built against.
@@ -48,6 +53,8 @@ pub struct Env {
     pub sid_root: PathBuf,
     /// pyenv's root, holding `versions/3.X.Y` for every version in [`pyenv::VERSIONS`].
     pub pyenv_root: PathBuf,
+    /// A Debian bookworm root with systemd, booted by the systemd service tests.
+    pub systemd_root: PathBuf,
 }
 
 /// Runs every setup step.
@@ -59,14 +66,17 @@ pub fn run() -> Result<Env> {
     let python = cpython::ensure().context("setup step `python` failed")?;
     let sid_root = sid_pythons::ensure().context("setup step `debian sid pythons` failed")?;
     let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
+    let systemd_root = systemd_root::ensure().context("setup step `systemd root` failed")?;
     println!(
-        "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={}",
+        "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} \
+         PFTRACE_SYSTEMD_ROOT={}",
         started.elapsed().as_secs_f64(),
         python.display(),
         sid_root.display(),
-        pyenv_root.display()
+        pyenv_root.display(),
+        systemd_root.display()
     );
-    Ok(Env { python, sid_root, pyenv_root })
+    Ok(Env { python, sid_root, pyenv_root, systemd_root })
 }
 
 fn apt_packages() -> Result<()> {

@@ -17,7 +17,6 @@
 //! libraries); the tree takes about 100 MB.
 
 use std::fs;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -103,7 +102,7 @@ pub fn ensure() -> Result<PathBuf> {
     // Another setup (another worktree) may be making it right now: one at a time.
     let parent = root.parent().expect("ROOT has a parent");
     fs::create_dir_all(parent).with_context(|| format!("could not create {}", parent.display()))?;
-    let _lock = lock(&parent.join("debian-sid.lock"))?;
+    let _lock = util::lock(&parent.join("debian-sid.lock"))?;
     if let Ok(versions) = verify_all(root, &root.join("usr"), None) {
         step.say(format!("ok (made meanwhile by another setup: {ROOT}: {versions})"));
         return Ok(root.to_path_buf());
@@ -280,22 +279,6 @@ fn compile_stdlib(tree: &Path, root: &Path) -> Result<()> {
             .collect();
         runs.into_iter().try_for_each(|run| run.join().expect("compileall thread panicked").map(drop))
     })
-}
-
-/// An exclusive lock on `path` (created if missing), held until dropped.
-fn lock(path: &Path) -> Result<fs::File> {
-    let file = fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("could not open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("could not lock {}", path.display()));
-    }
-    Ok(file)
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! root and get the interpreters setup made through the environment:
 //! `PFTRACE_PYTHON` (the probe-enabled CPython 3.9), `PFTRACE_SID_ROOT`
 //! (Debian sid's CPython 3.13-3.15 under `usr/bin/python3.X`) and
-//! `PFTRACE_PYENV_ROOT` (pyenv's builds under `versions/3.X.Y`).
+//! `PFTRACE_PYENV_ROOT` (pyenv's builds under `versions/3.X.Y`) and
+//! `PFTRACE_SYSTEMD_ROOT` (the Debian root the systemd service tests boot).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -52,15 +53,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
     let step = Step::new("test", "pftrace-common, pftrace-daemon");
     step.say(format!(
-        "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={}",
+        "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} PFTRACE_SYSTEMD_ROOT={}",
         env.python.display(),
         env.sid_root.display(),
-        env.pyenv_root.display()
+        env.pyenv_root.display(),
+        env.systemd_root.display()
     ));
     let mut cmd = util::cargo();
     cmd.env("PFTRACE_PYTHON", &env.python)
         .env("PFTRACE_SID_ROOT", &env.sid_root)
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
+        .env("PFTRACE_SYSTEMD_ROOT", &env.systemd_root)
         .args(["test", "--release", "-p", "pftrace-common", "-p", "pftrace-daemon"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
