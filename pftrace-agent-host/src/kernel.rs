@@ -36,6 +36,8 @@ pub enum KernelError {
     NoProbe { path: PathBuf, symbol: String },
     #[error("{path}: {source}")]
     Elf { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    PidNamespace(#[from] pftrace::kernel::pidns::PidNsError),
 }
 
 const UPROBE_PROGRAM: &str = "pftrace_agent_uprobe";
@@ -75,6 +77,11 @@ impl AgentKernel {
         loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
         let wakeup = opts.ring_bytes / 4;
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
+        // Pids as this process's PID namespace numbers them (a container's).
+        let pidns = pftrace::kernel::pidns::globals()?;
+        for (name, value) in &pidns {
+            loader.override_global(name, value, true);
+        }
         let ebpf = loader.load(BPF_OBJECT)?;
         Ok(Self { ebpf, uprobe_loaded: false })
     }

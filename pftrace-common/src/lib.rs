@@ -207,6 +207,20 @@ pub mod task_layout {
     /// `task_struct.pid` and `task_struct.tgid` (0 = unknown: forks are not followed).
     pub const TASK_PID: &str = "TASK_PID_OFF";
     pub const TASK_TGID: &str = "TASK_TGID_OFF";
+    /// nsfs inode of pftraced's PID namespace when it is not the host's (0:
+    /// the host's, and pids are the kernel's own): pids and tids are then
+    /// reported as numbered in that namespace, through the offsets below
+    /// (see pftrace-daemon's kernel::btf::PidNsOffsets), and tasks not
+    /// visible there are left out.
+    pub const PIDNS_INO: &str = "PIDNS_INO";
+    pub const TASK_THREAD_PID: &str = "TASK_THREAD_PID_OFF";
+    pub const TASK_GROUP_LEADER: &str = "TASK_GROUP_LEADER_OFF";
+    pub const PID_LEVEL: &str = "PID_LEVEL_OFF";
+    pub const PID_NUMBERS: &str = "PID_NUMBERS_OFF";
+    pub const UPID_SIZE: &str = "UPID_SIZE";
+    pub const UPID_NR: &str = "UPID_NR_OFF";
+    pub const UPID_NS: &str = "UPID_NS_OFF";
+    pub const NS_INUM: &str = "NS_INUM_OFF";
     /// Ring-buffer fill in bytes at which a submit wakes the reader (0: every record).
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     /// Non-zero when probes are attached host-wide to a binary but only

@@ -49,6 +49,28 @@ static MM_RSS_ANON_IDX: u32 = 0;
 #[unsafe(no_mangle)]
 static MM_RSS_SHMEM_IDX: u32 = 0;
 
+/// pftraced's PID namespace (nsfs inode) when it is not the host's, and the
+/// kernel layout to number tasks there (pftrace_common::task_layout::PIDNS_INO).
+/// 0: the host's; pids are the kernel's own.
+#[unsafe(no_mangle)]
+static PIDNS_INO: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_THREAD_PID_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_GROUP_LEADER_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static PID_LEVEL_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static PID_NUMBERS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static UPID_SIZE: u32 = 0;
+#[unsafe(no_mangle)]
+static UPID_NR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static UPID_NS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static NS_INUM_OFF: u32 = 0;
+
 /// Ring-buffer fill (bytes) at which a submit wakes the reader; below it
 /// records are submitted without a wakeup and the reader drains on its own
 /// short timer. Set by user space (a quarter of the ring); 0 wakes on every record.
@@ -146,9 +168,11 @@ pub fn pftrace_noop(_ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn on_probe(ctx: &ProbeContext, event_kind: u8, seen: u32, matched: u32) -> u32 {
-    if global(&SCOPE_FILTER) != 0 {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if unsafe { TRACKED.get(&tgid) }.is_none() {
+    if global(&SCOPE_FILTER) != 0 || global(&PIDNS_INO) != 0 {
+        // 0: a process outside pftraced's PID namespace (host-wide probes).
+        let pid_tgid = current_pid_tgid();
+        let tgid = (pid_tgid >> 32) as u32;
+        if pid_tgid == 0 || (global(&SCOPE_FILTER) != 0 && unsafe { TRACKED.get(&tgid) }.is_none()) {
             bump(counter::OUT_OF_SCOPE);
             return 0;
         }
@@ -181,7 +205,7 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = current_pid_tgid();
     unsafe {
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).pid = (pid_tgid >> 32) as u32;
@@ -347,7 +371,7 @@ pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
 /// kernel; the name and file are the process's own word about its own calls.
 #[inline(always)]
 fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = current_pid_tgid();
     if unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_none() {
         bump(counter::AGENT_FOREIGN);
         return;
@@ -394,7 +418,10 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     let mode = config_value(config::EXEC_MODE);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = current_pid_tgid();
+    if pid_tgid == 0 {
+        return 0; // outside pftraced's PID namespace
+    }
     let tracked = unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_some();
     let in_scope =
         tracked || mode == config::EXEC_ALL || (mode == config::EXEC_CGROUPS && under_watched_cgroup());
@@ -430,7 +457,7 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
 /// pid) and forget the process.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn pftrace_exit(_ctx: RawTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid_tgid = current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != pid_tgid as u32 || unsafe { TRACKED.get(&tgid) }.is_none() {
         return 0;
@@ -457,7 +484,7 @@ pub fn pftrace_exit(_ctx: RawTracePointContext) -> i32 {
 /// user space attaches to it too.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
-    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let parent = (current_pid_tgid() >> 32) as u32;
     if unsafe { TRACKED.get(&parent) }.is_none() {
         return 0;
     }
@@ -471,6 +498,10 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let tgid = unsafe { bpf_probe_read_kernel((child + tgid_off) as *const u32) }.unwrap_or(0);
     if pid == 0 || pid != tgid {
         return 0; // a thread, not a process
+    }
+    let pid = tid_in_ns(child, pid);
+    if pid == 0 {
+        return 0; // its struct pid could not be read
     }
     bump(counter::FORKS);
     let _ = TRACKED.insert(&pid, &1, 0);
@@ -489,6 +520,68 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     });
     entry.submit(BPF_RB_FORCE_WAKEUP);
     0
+}
+
+/// The current thread's `tgid << 32 | tid` as pftraced's PID namespace
+/// numbers them: the kernel's own in the host's namespace; else translated,
+/// and 0 for a thread not visible there (the host's, another container's).
+#[inline(always)]
+fn current_pid_tgid() -> u64 {
+    let host = bpf_get_current_pid_tgid();
+    if global(&PIDNS_INO) == 0 {
+        return host;
+    }
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let tid = tid_in_ns(task, host as u32);
+    let leader = read_kernel::<usize>(task + global(&TASK_GROUP_LEADER_OFF) as usize);
+    let tgid = match leader {
+        Some(leader) if leader == task => tid,
+        Some(leader) if leader != 0 => tid_in_ns(leader, (host >> 32) as u32),
+        _ => 0,
+    };
+    if tid == 0 || tgid == 0 { 0 } else { (tgid as u64) << 32 | tid as u64 }
+}
+
+/// How deep PID namespaces nest at most (MAX_PID_NS_LEVEL in the kernel).
+const MAX_PIDNS_LEVEL: u32 = 32;
+
+/// The number of `task` (its kernel id is `host`) in pftraced's PID
+/// namespace: `host` when that is the host's; else found among the
+/// numbers of the task's `struct pid`, from its own level upwards (one step
+/// for a task of pftraced's own namespace); 0 when the task is not visible there.
+#[inline(always)]
+fn tid_in_ns(task: usize, host: u32) -> u32 {
+    let ino = global(&PIDNS_INO) as u32;
+    if ino == 0 {
+        return host;
+    }
+    let Some(pid) = read_kernel::<usize>(task + global(&TASK_THREAD_PID_OFF) as usize) else { return 0 };
+    let Some(level) = read_kernel::<u32>(pid + global(&PID_LEVEL_OFF) as usize) else { return 0 };
+    let numbers = pid + global(&PID_NUMBERS_OFF) as usize;
+    let (size, nr_off, ns_off) =
+        (global(&UPID_SIZE) as usize, global(&UPID_NR_OFF) as usize, global(&UPID_NS_OFF) as usize);
+    let mut up = 0;
+    while up <= MAX_PIDNS_LEVEL {
+        if up > level {
+            break;
+        }
+        let upid = numbers + (level - up) as usize * size;
+        let ns = read_kernel::<usize>(upid + ns_off).unwrap_or(0);
+        if ns != 0 && read_kernel::<u32>(ns + global(&NS_INUM_OFF) as usize) == Some(ino) {
+            return read_kernel::<u32>(upid + nr_off).unwrap_or(0);
+        }
+        up += 1;
+    }
+    0
+}
+
+/// A value of kernel memory (None when it cannot be read, or at address 0).
+#[inline(always)]
+fn read_kernel<T: Copy>(at: usize) -> Option<T> {
+    if at == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel(at as *const T) }.ok()
 }
 
 #[inline(always)]

@@ -51,6 +51,8 @@ pub enum BpfError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Multi(#[from] MultiLoadError),
+    #[error(transparent)]
+    PidNamespace(#[from] crate::kernel::pidns::PidNsError),
 }
 
 /// Which kernel interface attaches the uprobes.
@@ -152,6 +154,11 @@ impl KernelProbes {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
             }
+        }
+        // Pids as pftraced's PID namespace numbers them (a container's).
+        let pidns = crate::kernel::pidns::globals()?;
+        for (name, value) in &pidns {
+            loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
         let (method, floor_method) = match choose_method() {

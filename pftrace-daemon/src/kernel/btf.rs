@@ -518,6 +518,85 @@ impl TaskOffsets {
     }
 }
 
+/// Byte offsets the eBPF programs use to number a task in pftraced's own PID
+/// namespace when that is not the host's (a container): the kernel's pid
+/// and tgid are the host's.
+///
+/// `pid = *(task + thread_pid)` (the task's `struct pid`), its depth
+/// `*(u32 *)(pid + pid_level)`; for each level `l` up to it, the `struct
+/// upid` at `pid + pid_numbers + l * upid_size` holds the number
+/// `*(i32 *)(upid + upid_nr)` in namespace `ns = *(upid + upid_ns)`, whose
+/// nsfs inode (what `stat /proc/self/ns/pid` shows) is `*(u32 *)(ns +
+/// ns_inum)`. The process (thread group) is numbered by its leader,
+/// `*(task + group_leader)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidNsOffsets {
+    pub thread_pid: u32,
+    pub group_leader: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_nr: u32,
+    pub upid_ns: u32,
+    pub ns_inum: u32,
+}
+
+impl PidNsOffsets {
+    /// The eBPF programs' read-only globals for numbering tasks in the PID
+    /// namespace whose nsfs inode is `ns_inode` (`pftrace_common::task_layout`).
+    pub fn globals(&self, ns_inode: u32) -> [(&'static str, u32); 9] {
+        use pftrace_common::task_layout;
+        [
+            (task_layout::PIDNS_INO, ns_inode),
+            (task_layout::TASK_THREAD_PID, self.thread_pid),
+            (task_layout::TASK_GROUP_LEADER, self.group_leader),
+            (task_layout::PID_LEVEL, self.pid_level),
+            (task_layout::PID_NUMBERS, self.pid_numbers),
+            (task_layout::UPID_SIZE, self.upid_size),
+            (task_layout::UPID_NR, self.upid_nr),
+            (task_layout::UPID_NS, self.upid_ns),
+            (task_layout::NS_INUM, self.ns_inum),
+        ]
+    }
+
+    /// Reads the running kernel's BTF and works the offsets out.
+    pub fn discover() -> Result<Self> {
+        Self::from_btf(&Btf::from_sys()?)
+    }
+
+    pub fn from_btf(btf: &Btf) -> Result<Self> {
+        let pointer = |ty: &str, path: &[&str]| -> Result<u32> {
+            let found = btf.locate(ty, path)?;
+            if btf.resolve(found.type_id)?.1.kind != KIND_PTR {
+                return Err(BtfError::Layout(format!("{ty}.{} is not a pointer", path.join("."))));
+            }
+            Ok(found.offset)
+        };
+        let sized = |ty: &str, path: &[&str], size: u32| -> Result<u32> {
+            let actual = btf.member_size(ty, path)?;
+            if actual != size {
+                let name = path.join(".");
+                return Err(BtfError::Layout(format!("{ty}.{name} is {actual} bytes, expected {size}")));
+            }
+            btf.member_offset(ty, path)
+        };
+        let numbers = btf.locate("pid", &["numbers"])?;
+        if btf.resolve(numbers.type_id)?.1.kind != KIND_ARRAY {
+            return Err(BtfError::Layout("pid.numbers is not an array".into()));
+        }
+        Ok(PidNsOffsets {
+            thread_pid: pointer("task_struct", &["thread_pid"])?,
+            group_leader: pointer("task_struct", &["group_leader"])?,
+            pid_level: sized("pid", &["level"], 4)?,
+            pid_numbers: numbers.offset,
+            upid_size: btf.type_size("upid")?,
+            upid_nr: sized("upid", &["nr"], 4)?,
+            upid_ns: pointer("upid", &["ns"])?,
+            ns_inum: sized("pid_namespace", &["ns", "inum"], 4)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,6 +866,60 @@ mod tests {
         assert!(Btf::parse(&unknown_kind).unwrap_err().to_string().contains("unknown kind"));
     }
 
+    /// A miniature of the PID namespace structures, with `upid` behind a
+    /// typedef and `inum` inside an anonymous member of `ns_common`.
+    #[test]
+    fn pid_namespace_offsets_in_a_hand_built_blob() {
+        let mut b = Builder::new(false);
+        let int = b.int("int", 4);
+        let uint = b.int("unsigned int", 4);
+        b.int("long int", 8);
+        let pidns_fwd = b.refer(KIND_FWD, "pid_namespace", 0);
+        let pidns_ptr = b.refer(KIND_PTR, "", pidns_fwd);
+        let upid = b.composite(KIND_STRUCT, "upid", 16, false, &[("nr", int, 0), ("ns", pidns_ptr, 64)]);
+        let numbers = b.array(upid, int, 0);
+        let pid = b.composite(
+            KIND_STRUCT,
+            "pid",
+            96,
+            false,
+            &[("count", int, 0), ("level", uint, 32), ("stashed", int, 64), ("numbers", numbers, 640)],
+        );
+        let pid_ptr = b.refer(KIND_PTR, "", pid);
+        let inner = b.composite(KIND_STRUCT, "", 8, false, &[("ops", int, 0), ("inum", uint, 32)]);
+        let ns_common =
+            b.composite(KIND_STRUCT, "ns_common", 24, false, &[("stashed", int, 0), ("", inner, 64)]);
+        b.composite(KIND_STRUCT, "pid_namespace", 64, false, &[("idr", int, 0), ("ns", ns_common, 256)]);
+        let task_fwd = b.refer(KIND_FWD, "task_struct", 0);
+        let task_ptr = b.refer(KIND_PTR, "", task_fwd);
+        b.composite(
+            KIND_STRUCT,
+            "task_struct",
+            64,
+            false,
+            &[("flags", uint, 0), ("group_leader", task_ptr, 128), ("thread_pid", pid_ptr, 256)],
+        );
+        let btf = Btf::parse(&b.build()).unwrap();
+        let o = PidNsOffsets::from_btf(&btf).unwrap();
+        assert_eq!(
+            o,
+            PidNsOffsets {
+                thread_pid: 32,
+                group_leader: 16,
+                pid_level: 4,
+                pid_numbers: 80,
+                upid_size: 16,
+                upid_nr: 0,
+                upid_ns: 8,
+                ns_inum: 44,
+            }
+        );
+        assert_eq!(o.globals(7)[0], (pftrace_common::task_layout::PIDNS_INO, 7));
+        // The hand-built task layout fixture has no struct pid: named in the error.
+        let err = PidNsOffsets::from_btf(&Btf::parse(&fixture(true, false)).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("pid"), "{err}");
+    }
+
     /// Checks plausibility only: exact offsets differ between kernel builds.
     #[test]
     fn running_kernel() {
@@ -816,5 +949,12 @@ mod tests {
         let mut indices = [o.mm_filepages, o.mm_anonpages, o.mm_shmempages];
         indices.sort();
         assert!(indices.windows(2).all(|w| w[0] < w[1]) && indices[2] < 8, "{o:?}");
+        let p = PidNsOffsets::discover().unwrap();
+        eprintln!("{p:?}");
+        assert!(p.upid_size >= 12 && p.upid_ns + 8 <= p.upid_size && p.upid_nr + 4 <= p.upid_size, "{p:?}");
+        assert!(p.pid_numbers >= p.pid_level + 4, "numbers is struct pid's last member: {p:?}");
+        for off in [p.thread_pid, p.group_leader] {
+            assert!(off % 8 == 0 && off + 8 <= task_size, "{p:?}");
+        }
     }
 }

@@ -1,4 +1,5 @@
 //! Facts about the running kernel that the eBPF programs need.
 
 pub mod btf;
+pub mod pidns;
 pub mod sched;
