@@ -236,31 +236,11 @@ impl<'a> WorkerSpec<'a> {
         argv.push(self.python.display().to_string());
         argv.push(self.script.display().to_string());
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(self.script.parent().unwrap_or(Path::new("/")))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(&argv[1..]).current_dir(self.script.parent().unwrap_or(Path::new("/")));
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut guard = Guard::spawn(&mut cmd, false);
-        let stdin = guard.child.stdin.take();
-        let stdout = guard.child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        let all = Arc::new(Mutex::new(String::new()));
-        let all2 = Arc::clone(&all);
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                all2.lock().unwrap().push_str(&line);
-                all2.lock().unwrap().push('\n');
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let worker = Worker { guard, stdin, rx, all, label: format!("{label} ({})", argv.join(" ")) };
+        let worker = Worker::spawn(&mut cmd, false, format!("{label} ({})", argv.join(" ")));
         worker.expect("ready");
         if let Some(cg) = self.cgroup {
             let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", worker.pid())).unwrap_or_default();
@@ -288,6 +268,29 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Starts `cmd` with its stdin and stdout piped to the test (stderr
+    /// inherited); `group`: it leads a process group, killed whole on drop.
+    pub fn spawn(cmd: &mut Command, group: bool, label: String) -> Worker {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut guard = Guard::spawn(cmd, group);
+        let stdin = guard.child.stdin.take();
+        let stdout = guard.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let all = Arc::new(Mutex::new(String::new()));
+        let all2 = Arc::clone(&all);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                all2.lock().unwrap().push_str(&line);
+                all2.lock().unwrap().push('\n');
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker { guard, stdin, rx, all, label }
+    }
+
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
