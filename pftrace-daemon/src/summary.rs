@@ -100,12 +100,12 @@ pub fn render(trace: &Trace) -> String {
         );
     }
     let incomplete = trace.incomplete_calls();
-    if incomplete > 0 || !trace.unmatched_returns.is_empty() || trace.bad_records > 0 {
+    if incomplete > 0 || trace.unmatched_returns_total > 0 || trace.bad_records > 0 {
         let _ = writeln!(
             s,
             "incomplete calls (no return seen; marked (N!) above): {incomplete}; returns without an entry \
              (attached mid-call): {}; undecodable records: {}",
-            trace.unmatched_returns.len(),
+            trace.unmatched_returns_total,
             trace.bad_records
         );
     }

@@ -56,7 +56,10 @@ pub struct Trace {
     pub calls: Vec<Call>,
     /// Per-process CPU and memory readings, oldest first.
     pub samples: Vec<ProcessSample>,
+    /// The first returns without an entry (at most
+    /// [`crate::pairing::UNMATCHED_SAMPLE`]); `unmatched_returns_total` counts them all.
     pub unmatched_returns: Vec<UnmatchedReturn>,
+    pub unmatched_returns_total: u64,
     /// Returns that closed entries above them on the stack (see pairing).
     pub skipped_entries: u64,
     pub counters: Counters,

@@ -316,13 +316,25 @@ impl KernelProbes {
     /// Everything needed to attach the programs at `sites` of `binary`
     /// (scoped to `pid`, or host-wide when `None`) later, on any thread
     /// ([`AttachJob::run`]); the specs are stored in the kernel now.
+    ///
+    /// Return sites come first, whatever the order of `sites`: the kernel
+    /// makes a link's probes live one site after another (a uprobe_multi
+    /// link registers its sites in array order, each after a walk of every
+    /// process mapping the file; perf events are enabled one by one). Where
+    /// another tracer already keeps a site's breakpoint and semaphore up in
+    /// the process, our program runs there from that site's registration
+    /// on, so entries going live first opened calls whose returns were never
+    /// seen: 21-85 false incomplete calls in a child process, 1.3-19 ms of
+    /// entries without returns, measured here. Returns first leaves only
+    /// returns of calls entered before the attachment, which are counted as
+    /// unmatched returns like any mid-call attachment.
     pub fn attach_job(
         &mut self,
         binary: &Path,
         sites: &[(ProbeKind, u64, u64, UsdtSpec)],
         pid: Option<u32>,
     ) -> Result<AttachJob, BpfError> {
-        let sites = sites
+        let mut sites = sites
             .iter()
             .map(|&(kind, offset, semaphore_offset, spec)| {
                 let id = u64::from(self.spec_id(spec)?);
@@ -330,6 +342,7 @@ impl KernelProbes {
                 Ok(Site { offset, semaphore_offset, cookie })
             })
             .collect::<Result<Vec<_>, BpfError>>()?;
+        sites.sort_by_key(|s| s.cookie & pftrace_common::COOKIE_RETURN == 0);
         let method = if self.floor { &self.floor_method } else { &self.method };
         Ok(AttachJob { method: Arc::clone(method), binary: binary.to_path_buf(), pid, sites })
     }

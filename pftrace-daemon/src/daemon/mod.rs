@@ -750,6 +750,7 @@ impl Daemon {
             calls,
             samples: self.sampler.samples(pid),
             unmatched_returns: self.pairer.unmatched_returns().to_vec(),
+            unmatched_returns_total: self.pairer.unmatched_total,
             skipped_entries: self.pairer.skipped_entries,
             counters,
             bad_records: self.bad_records,

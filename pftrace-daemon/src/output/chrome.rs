@@ -93,6 +93,7 @@ impl TraceFormat for Chrome {
                 "calls": trace.calls.len(),
                 "incomplete_calls": trace.incomplete_calls(),
                 "unmatched_returns": unmatched,
+                "unmatched_returns_total": trace.unmatched_returns_total,
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
                 "filtered_in_user_space": trace.filtered_in_user_space,

@@ -168,6 +168,7 @@ pub(crate) mod testing {
             ],
             samples: vec![sample(0, 50.0), sample(200, 90.0)],
             unmatched_returns: vec![],
+            unmatched_returns_total: 0,
             skipped_entries: 0,
             counters: Counters::default(),
             bad_records: 0,
