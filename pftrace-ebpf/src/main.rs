@@ -13,7 +13,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_str_bytes,
-        generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
+        generated::{
+            bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_user_str,
+        },
     },
     macros::{map, raw_tracepoint, uprobe},
     maps::{
@@ -23,8 +25,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    COOKIE_RETURN, CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED,
-    NAME_LEN, ProcEvent, UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
+    COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS,
+    MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, arg_kind,
+    config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -166,35 +169,163 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
     if !name_matches(name_ptr, &mut name)? {
         return Ok(());
     }
-    bump(matched);
 
     let file_ptr = read_arg(ctx, &spec.args[ARG_FILENAME])?;
-    let lineno = read_arg(ctx, &spec.args[ARG_LINENO])? as i32;
+    let mut call = Call { kind: event_kind, lineno: read_arg(ctx, &spec.args[ARG_LINENO])? as i32, flags: 0, frame: 0 };
+    if spec.frame.regs[0] != NO_REG && !frame_corrections(ctx, &spec.frame, name_ptr, &mut call) {
+        return Ok(());
+    }
+    bump(matched);
 
     let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
         bump(counter::LOST);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let len = unsafe {
+        fill(ev, &call, &name);
+        read_user_str((*ev).file.as_mut_ptr(), FILE_LEN as u32, file_ptr)
+    };
+    if len < FILE_LEN as i64 {
+        entry.submit(wakeup_flag());
+        return Ok(());
+    }
+    // The name filled the common record: it may be longer. Send it again in
+    // a record with room for PATH_MAX (rare; the common record stays small).
+    entry.discard(0);
+    bump(counter::LONG_FILES);
+    let Some(mut entry) = EVENTS.reserve::<LongCallEvent>(0) else {
+        bump(counter::LOST);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).pid = (pid_tgid >> 32) as u32;
-        (*ev).tid = pid_tgid as u32;
-        (*ev).lineno = lineno;
-        (*ev).kind = event_kind;
-        (*ev)._pad = [0; 3];
-        let (cpu, rss) = task_figures();
-        (*ev).thread_cpu_ns = cpu;
-        (*ev).rss_pages = rss;
-        (*ev).name = name;
-        let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
-        if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
-            file[0] = 0;
+        call.flags |= flag::LONG;
+        fill(&raw mut (*ev).head, &call, &name);
+        // head.file and more are one buffer of LONG_FILE_LEN bytes.
+        let len = read_user_str((*ev).head.file.as_mut_ptr(), LONG_FILE_LEN as u32, file_ptr);
+        if len >= LONG_FILE_LEN as i64 {
+            (*ev).head.flags |= flag::FILE_CUT;
         }
     }
     entry.submit(wakeup_flag());
     Ok(())
+}
+
+/// What a record says about one probe hit besides its name and file.
+struct Call {
+    kind: u8,
+    lineno: i32,
+    flags: u8,
+    frame: u64,
+}
+
+/// Fills a record's fixed fields.
+#[inline(always)]
+unsafe fn fill(ev: *mut CallEvent, call: &Call, name: &[u8; NAME_LEN]) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (cpu, rss) = task_figures();
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).lineno = call.lineno;
+        (*ev).kind = call.kind;
+        (*ev).flags = call.flags;
+        (*ev)._pad = [0; 2];
+        (*ev).thread_cpu_ns = cpu;
+        (*ev).rss_pages = rss;
+        (*ev).frame = call.frame;
+        (*ev).name = *name;
+    }
+}
+
+/// Copies a NUL-terminated string of the traced process into `dest`
+/// (`size` bytes); returns the helper's result: bytes written with the NUL
+/// (`size` when the string filled the buffer), or a negative error (then
+/// `dest` starts with a NUL).
+#[inline(always)]
+unsafe fn read_user_str(dest: *mut u8, size: u32, src: u64) -> i64 {
+    let len = unsafe { bpf_probe_read_user_str(dest.cast(), size, src as *const core::ffi::c_void) };
+    if len < 0 {
+        unsafe { *dest = 0 };
+    }
+    len
+}
+
+/// The probed frame as read through a [`FrameSpec`].
+struct Frame {
+    addr: u64,
+    code: u64,
+    code_flags: u32,
+    owner: u8,
+}
+
+/// Applies what the interpreter frame says to `call` (CPython 3.15+):
+/// false when the hit must not be sent (a generator being created, or the
+/// `__init__` shim frame), each counted. The line -1 of code starting with
+/// MAKE_CELL/COPY_FREE_VARS becomes the code's first line.
+#[inline(always)]
+fn frame_corrections(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64, call: &mut Call) -> bool {
+    let Some(frame) = find_frame(ctx, fs, name_ptr) else {
+        bump(counter::FRAME_UNKNOWN);
+        return true;
+    };
+    if frame.code_flags & fs.shim_flags != 0 {
+        bump(counter::SHIM_RETURNS);
+        return false;
+    }
+    if call.kind == kind::ENTRY && frame.owner == fs.owner_thread && frame.code_flags & fs.generator_flags != 0 {
+        bump(counter::GENERATOR_CREATIONS);
+        return false;
+    }
+    if call.kind == kind::ENTRY && call.lineno == -1 {
+        let at = frame.code + fs.code_firstlineno as u64;
+        if let Ok(line) = unsafe { bpf_probe_read_user(at as *const i32) } {
+            call.lineno = line;
+            call.flags |= flag::LINE_FROM_CODE;
+        }
+    }
+    call.frame = frame.addr;
+    call.flags |= flag::FRAME;
+    if frame.owner == fs.owner_generator {
+        call.flags |= flag::GENERATOR;
+    }
+    true
+}
+
+/// The interpreter frame: the first candidate register whose frame's code
+/// object has the probed function's name (the name argument points into
+/// that code's `co_name`), so a wrong register is never taken.
+#[inline(always)]
+fn find_frame(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64) -> Option<Frame> {
+    let mut i = 0;
+    while i < FRAME_REGS {
+        let reg = fs.regs[i];
+        if reg == NO_REG {
+            break;
+        }
+        if let Some(frame) = read_reg(ctx, reg).ok().and_then(|addr| frame_at(addr, fs, name_ptr)) {
+            return Some(frame);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn frame_at(addr: u64, fs: &FrameSpec, name_ptr: u64) -> Option<Frame> {
+    let read_u64 = |at: u64| unsafe { bpf_probe_read_user(at as *const u64) }.ok();
+    let executable = read_u64(addr.wrapping_add(fs.frame_executable as u64))?;
+    // A tagged reference: the low bits are flags, code objects are aligned.
+    let code = executable & !7;
+    let name_obj = read_u64(code.wrapping_add(fs.code_name as u64))?;
+    if name_obj.wrapping_add(fs.ascii_size as u64) != name_ptr {
+        return None;
+    }
+    let code_flags = unsafe { bpf_probe_read_user(code.wrapping_add(fs.code_flags as u64) as *const u32) }.ok()?;
+    let owner = unsafe { bpf_probe_read_user(addr.wrapping_add(fs.frame_owner as u64) as *const u8) }.ok()?;
+    Some(Frame { addr, code, code_flags, owner })
 }
 
 /// Wake the reader only once the ring is filling up (batched draining).

@@ -112,6 +112,23 @@ pub struct Counters {
     /// Exit reports dropped because the ring buffer was full.
     #[serde(default)]
     pub exit_lost: u64,
+    /// Matched entries that only created a generator or coroutine (CPython
+    /// 3.15 fires the entry probe then, and no return): not sent, not in
+    /// `entry_matched`.
+    #[serde(default)]
+    pub generator_creations: u64,
+    /// Matched returns of CPython 3.15's `__init__` shim frame (it has no
+    /// entry): not sent, not in `return_matched`.
+    #[serde(default)]
+    pub shim_returns: u64,
+    /// Matched hits at 3.15 sites where the interpreter frame was not found:
+    /// sent as the probe gave them (a generator creation among them would
+    /// open a call that never returns; line -1 stays -1).
+    #[serde(default)]
+    pub frame_unknown: u64,
+    /// Matched hits whose file name needed the long record (over 191 bytes).
+    #[serde(default)]
+    pub long_files: u64,
 }
 
 impl Counters {
@@ -388,6 +405,10 @@ impl KernelProbes {
             verdict_hits: total(counter::VERDICT_HITS)?,
             out_of_scope: total(counter::OUT_OF_SCOPE)?,
             exit_lost: total(counter::EXIT_LOST)?,
+            generator_creations: total(counter::GENERATOR_CREATIONS)?,
+            shim_returns: total(counter::SHIM_RETURNS)?,
+            frame_unknown: total(counter::FRAME_UNKNOWN)?,
+            long_files: total(counter::LONG_FILES)?,
         })
     }
 
