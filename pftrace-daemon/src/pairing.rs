@@ -124,7 +124,8 @@ impl Pairer {
             EventKind::Return => {
                 let found = stack.iter().rposition(|o| {
                     o.frame == ev.frame
-                        && (ev.frame.is_some() || Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file))
+                        && (ev.frame.is_some()
+                            || Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file))
                 });
                 let Some(at) = found else {
                     self.unmatched_total += 1;

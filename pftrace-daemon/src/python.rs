@@ -28,7 +28,7 @@
 
 use std::{fmt, path::Path};
 
-use pftrace_common::{FRAME_REGS, FrameSpec, NO_REG};
+use pftrace_common::{FRAME_REGS, FRAME_WINDOW, FrameSpec, NO_REG};
 
 /// A CPython major.minor version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -73,11 +73,20 @@ impl PyVersion {
         }
     }
 
-    /// Whether pftrace reads this version's interpreter frame at the probes
-    /// (3.15, whose probes need it: see the module's table).
+    /// Whether this version's probes need the interpreter frame read (3.15,
+    /// see the module's table; later versions are assumed alike, and
+    /// [`frame_layout`] refuses those whose layout it does not know, with a
+    /// warning naming what is then wrong).
     pub fn reads_frames(self) -> bool {
-        (self.major, self.minor) == (3, 15)
+        self >= Self::new(3, 15)
     }
+}
+
+/// Whether a process of this version runs its JIT, from its `PYTHON_JIT`
+/// environment variable (3.15: off unless set to a value other than 0;
+/// JIT-compiled code fires neither probe, see the module's table).
+pub fn jit_enabled(version: PyVersion, python_jit: Option<&[u8]>) -> bool {
+    version >= PyVersion::new(3, 15) && python_jit.is_some_and(|v| !v.is_empty() && v != b"0")
 }
 
 /// Where the fields pftrace reads lie in one interpreter build's frames,
@@ -135,8 +144,8 @@ const CO_NO_MONITORING_EVENTS: u32 = 0x0200_0000;
 
 /// The frame layout of a CPython 3.15 interpreter file (`elf`: its bytes).
 pub fn frame_layout(elf: &[u8]) -> Result<FrameLayout, LayoutError> {
-    use object::{Object as _, ObjectSection as _};
     use debug_offsets_315 as at;
+    use object::{Object as _, ObjectSection as _};
     let file = object::File::parse(elf).map_err(|e| LayoutError::Bad(e.to_string()))?;
     let section = file.section_by_name(".PyRuntime").ok_or(LayoutError::NoSection)?;
     let data = section.data().map_err(|e| LayoutError::Bad(e.to_string()))?;
@@ -191,7 +200,7 @@ const CALLEE_SAVED: [u16; 6] = [16, 8, 0, 24, 40, 32];
 /// other callee-saved registers follow, minus those holding arguments
 /// (`arg_regs`). The kernel takes a register only when the frame's code
 /// object names the probed function.
-pub fn frame_spec(layout: &FrameLayout, code_before: &[u8], arg_regs: &[u16]) -> FrameSpec {
+pub fn frame_spec(layout: &FrameLayout, code_before: &[u8], arg_regs: &[u16]) -> Option<FrameSpec> {
     let saved_rdi = code_before.windows(3).rev().find_map(|w| match w {
         // mov %rdi,%r64: REX.W(+B) 89 /r with reg = rdi.
         [0x48, 0x89, 0xfb] => Some(40), // rbx
@@ -211,20 +220,35 @@ pub fn frame_spec(layout: &FrameLayout, code_before: &[u8], arg_regs: &[u16]) ->
             n += 1;
         }
     }
-    FrameSpec {
+    // One read per object: the window from the first field to the end of the last.
+    let frame = window(&[(layout.frame_executable, 8), (layout.frame_owner, 1)])?;
+    let code = window(&[(layout.code_flags, 4), (layout.code_firstlineno, 4), (layout.code_name, 8)])?;
+    Some(FrameSpec {
         regs,
-        frame_executable: layout.frame_executable,
-        frame_owner: layout.frame_owner,
-        code_flags: layout.code_flags,
-        code_firstlineno: layout.code_firstlineno,
-        code_name: layout.code_name,
+        frame_start: frame.0,
+        frame_len: frame.1,
+        frame_executable: layout.frame_executable - frame.0,
+        frame_owner: layout.frame_owner - frame.0,
+        code_start: code.0,
+        code_len: code.1,
+        code_flags: layout.code_flags - code.0,
+        code_firstlineno: layout.code_firstlineno - code.0,
+        code_name: layout.code_name - code.0,
         ascii_size: layout.ascii_size,
         generator_flags: CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR,
         shim_flags: CO_NO_MONITORING_EVENTS,
         owner_thread: FRAME_OWNED_BY_THREAD,
         owner_generator: FRAME_OWNED_BY_GENERATOR,
         _pad: [0; 2],
-    }
+    })
+}
+
+/// (start, length) of the bytes covering `fields` (offset, width), or None
+/// when they span more than one kernel read may copy.
+fn window(fields: &[(u16, u16)]) -> Option<(u16, u16)> {
+    let start = fields.iter().map(|f| f.0).min()?;
+    let end = fields.iter().map(|f| f.0 + f.1).max()?;
+    (usize::from(end - start) <= FRAME_WINDOW).then_some((start, end - start))
 }
 
 /// What to tell a user whose interpreter cannot be traced.
@@ -300,6 +324,44 @@ mod tests {
             assert_eq!(s(minor), ProbeSupport::Removed);
         }
         assert_eq!(s(15), ProbeSupport::Works);
+    }
+
+    #[test]
+    fn frame_spec_tries_the_register_the_helper_saved_the_frame_in_first() {
+        let layout = FrameLayout {
+            frame_executable: 0,
+            frame_owner: 74,
+            code_flags: 48,
+            code_firstlineno: 68,
+            code_name: 120,
+            ascii_size: 40,
+        };
+        // Debian 3.15.2's helper: push ...; mov %rdi,%r13; ...; the probe.
+        let code = [0x55, 0x48, 0x89, 0xe5, 0x41, 0x56, 0x49, 0x89, 0xfd, 0x41, 0x54, 0x53];
+        // Arguments in rbx (40) and r12 (24): never frame candidates.
+        let spec = frame_spec(&layout, &code, &[40, 24]).unwrap();
+        assert_eq!(spec.regs, [16, 8, 0, 32]); // r13, r14, r15, rbp
+        assert_eq!(
+            (spec.frame_start, spec.frame_len, spec.frame_executable, spec.frame_owner),
+            (0, 75, 0, 74)
+        );
+        assert_eq!((spec.code_start, spec.code_len), (48, 80));
+        assert_eq!((spec.code_flags, spec.code_firstlineno, spec.code_name), (0, 20, 72));
+        // Without the move, the callee-saved registers in their usual order.
+        assert_eq!(frame_spec(&layout, &[0x90; 16], &[40, 24]).unwrap().regs, [16, 8, 0, 32]);
+        assert_eq!(frame_spec(&layout, &[0x49, 0x89, 0xfe], &[]).unwrap().regs, [8, 16, 0, 24]);
+        // Fields too far apart for one kernel read.
+        let far = FrameLayout { code_name: 400, ..layout };
+        assert!(frame_spec(&far, &code, &[]).is_none());
+    }
+
+    #[test]
+    fn jit_is_on_only_when_python_jit_says_so_on_3_15() {
+        let v315 = PyVersion::new(3, 15);
+        assert!(jit_enabled(v315, Some(b"1")));
+        assert!(!jit_enabled(v315, Some(b"0")));
+        assert!(!jit_enabled(v315, None));
+        assert!(!jit_enabled(PyVersion::new(3, 9), Some(b"1")));
     }
 
     #[test]

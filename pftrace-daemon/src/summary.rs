@@ -113,8 +113,7 @@ pub fn render(trace: &Trace) -> String {
             s,
             "incomplete calls (no return seen; marked (N!) above): {incomplete}; returns without an entry \
              (attached mid-call): {}; undecodable records: {}",
-            trace.unmatched_returns_total,
-            trace.bad_records
+            trace.unmatched_returns_total, trace.bad_records
         );
     }
     s

@@ -160,6 +160,14 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 }
             }
         }
+        if let Some(v) = version
+            .filter(|&v| python::jit_enabled(v, crate::procinfo::env_var(pid, "PYTHON_JIT").as_deref()))
+        {
+            log::warn!(
+                "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
+                 calls made there are not seen (unset PYTHON_JIT for complete traces)"
+            );
+        }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
         let started = stat.map_or(0, |s| s.start_ticks);
@@ -362,7 +370,8 @@ fn python_sites(info: &BinaryInfo, name: &str, pid: u32, binary: &str) -> Result
         .enumerate()
         .filter(|(_, s)| s.provider == "python" && s.name == name)
         .map(|(i, s)| {
-            let mut spec = s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?;
+            let mut spec =
+                s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?;
             if let Some(frame) = info.frames.get(i) {
                 spec.frame = *frame;
             }
@@ -376,7 +385,7 @@ fn python_sites(info: &BinaryInfo, name: &str, pid: u32, binary: &str) -> Result
 fn frame_specs(path: &Path, sites: &[usdt::ProbeSite]) -> Result<Vec<FrameSpec>, String> {
     let data = fs::read(path).map_err(|e| e.to_string())?;
     let layout = python::frame_layout(&data).map_err(|e| e.to_string())?;
-    Ok(sites
+    sites
         .iter()
         .map(|s| {
             let end = (s.pc_offset as usize).min(data.len());
@@ -387,9 +396,11 @@ fn frame_specs(path: &Path, sites: &[usdt::ProbeSite]) -> Result<Vec<FrameSpec>,
                 .filter(|a| a.kind == pftrace_common::arg_kind::REG)
                 .map(|a| a.reg_off)
                 .collect();
-            python::frame_spec(&layout, code_before, &arg_regs)
+            python::frame_spec(&layout, code_before, &arg_regs).ok_or_else(|| {
+                format!("its frame and code fields span more than {} bytes", pftrace_common::FRAME_WINDOW)
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

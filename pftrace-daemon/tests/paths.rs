@@ -22,9 +22,11 @@ const SORT_CALLS: usize = 1701;
 /// `__init__`), core.py (`is_block_level`) and util.py (`_sort`).
 fn write_package(base: &Path, name: &str) {
     let pkg = base.join(name);
-    fs::create_dir_all(&pkg).unwrap_or_else(|e| panic!("creating {} bytes of path: {e}", pkg.as_os_str().len()));
+    fs::create_dir_all(&pkg)
+        .unwrap_or_else(|e| panic!("creating {} bytes of path: {e}", pkg.as_os_str().len()));
     let imports: Vec<String> = (1..=MODULES).map(|i| format!("from . import m{i:02}")).collect();
-    fs::write(pkg.join("__init__.py"), format!("{}\nfrom . import core, util\n", imports.join("\n"))).unwrap();
+    fs::write(pkg.join("__init__.py"), format!("{}\nfrom . import core, util\n", imports.join("\n")))
+        .unwrap();
     for i in 1..=MODULES {
         let source = "class C:\n    def __init__(self):\n        self.v = 1\n";
         fs::write(pkg.join(format!("m{i:02}.py")), source).unwrap();
@@ -99,7 +101,12 @@ fn calls_in_files_under_long_paths_keep_their_full_file_names() {
     for (base, pkg) in [(&base_a, "pkga"), (&base_b, "pkgb")] {
         for i in 1..=MODULES {
             let file = base.join(format!("{pkg}/m{i:02}.py")).to_str().unwrap().to_string();
-            assert_eq!(got.get(&("__init__".into(), file.clone())), Some(&i), "__init__ in {} bytes: {file}", file.len());
+            assert_eq!(
+                got.get(&("__init__".into(), file.clone())),
+                Some(&i),
+                "__init__ in {} bytes: {file}",
+                file.len()
+            );
         }
         let core = base.join(format!("{pkg}/core.py")).to_str().unwrap().to_string();
         assert_eq!(got.get(&("is_block_level".into(), core)), Some(&BLOCK_CALLS), "{pkg}");
@@ -120,5 +127,8 @@ fn calls_in_files_under_long_paths_keep_their_full_file_names() {
     assert_eq!(pf["file_names_cut"].as_u64(), Some(6), "{pf}");
     assert!(run.stderr.contains("CUT: 6 records had file names over 4095 bytes"), "{}", run.stderr);
     // Every long record was sent as one: none lost, the counter says how many.
-    assert!(trace.counter("long_files") >= 2 * (2 * (MODULES * (MODULES + 1) / 2 + BLOCK_CALLS + SORT_CALLS)) as u64);
+    assert!(
+        trace.counter("long_files")
+            >= 2 * (2 * (MODULES * (MODULES + 1) / 2 + BLOCK_CALLS + SORT_CALLS)) as u64
+    );
 }

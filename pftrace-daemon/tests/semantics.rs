@@ -14,7 +14,10 @@
 
 mod common;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use common::*;
 use serde_json::Value;
@@ -33,6 +36,16 @@ fn python315() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Runs `python script` under pftraced tracing `names`; the trace, checked
+/// clean (nothing lost, no incomplete call, no return without entry).
+fn clean_trace(dir: &TestDir, python: &Path, script: &Path, names: &[&str]) -> Trace {
+    let run = Pftraced::new(dir, names).launch(&[python.as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    trace
 }
 
 /// Both interpreters, labelled.
@@ -58,10 +71,7 @@ fn generator_objects_add_no_phantom_calls() {
         "#,
     );
     for (version, python) in interpreters() {
-        let run = Pftraced::new(&dir, &["g"]).launch(&[python.as_os_str(), script.as_os_str()]).run();
-        run.assert_code(0);
-        let trace = run.trace();
-        trace.assert_clean();
+        let trace = clean_trace(&dir, &python, &script, &["g"]);
         assert_eq!(trace.named("g").len(), 10, "{version}: calls of g");
         let creations = trace.counter("generator_creations");
         assert_eq!(creations, if version == "3.9" { 0 } else { 5 }, "{version}: {}", trace.pftrace());
@@ -94,12 +104,12 @@ fn init_shim_frames_give_no_returns_without_entries() {
         "#,
     );
     for (version, python) in interpreters() {
-        let run = Pftraced::new(&dir, &["__init__"]).launch(&[python.as_os_str(), script.as_os_str()]).run();
-        run.assert_code(0);
-        let trace = run.trace();
-        trace.assert_clean();
+        let trace = clean_trace(&dir, &python, &script, &["__init__"]);
         assert_eq!(trace.named_in("__init__", "/init.py").len(), 100, "{version}");
-        assert!(trace.calls.iter().all(|c| c.file != "__init__"), "{version}: a shim frame reported as a call");
+        assert!(
+            trace.calls.iter().all(|c| c.file != "__init__"),
+            "{version}: a shim frame reported as a call"
+        );
         let shims = trace.counter("shim_returns");
         if version == "3.9" {
             assert_eq!(shims, 0);
@@ -146,12 +156,7 @@ fn functions_with_cells_are_reported_at_their_first_line() {
         ("inner", line_of(&script, "def inner("), 10),
     ];
     for (version, python) in interpreters() {
-        let run = Pftraced::new(&dir, &["__init__", "outer", "inner"])
-            .launch(&[python.as_os_str(), script.as_os_str()])
-            .run();
-        run.assert_code(0);
-        let trace = run.trace();
-        trace.assert_clean();
+        let trace = clean_trace(&dir, &python, &script, &["__init__", "outer", "inner"]);
         let mut got: BTreeMap<(&str, i64), usize> = BTreeMap::new();
         for c in trace.calls.iter().filter(|c| c.file == script.to_str().unwrap()) {
             *got.entry((c.name.as_str(), c.line)).or_default() += 1;
@@ -328,8 +333,20 @@ if "record" in sys.argv:
 
 /// Traced names: every function of the workload.
 const WORKLOAD_NAMES: [&str; 14] = [
-    "plain", "countdown", "stepper", "closer", "boom", "catcher", "passthru", "fact", "outer_cell",
-    "inner_cell", "__init__", "leaf_co", "main_co", "worker",
+    "plain",
+    "countdown",
+    "stepper",
+    "closer",
+    "boom",
+    "catcher",
+    "passthru",
+    "fact",
+    "outer_cell",
+    "inner_cell",
+    "__init__",
+    "leaf_co",
+    "main_co",
+    "worker",
 ];
 
 /// Runs the workload under pftraced and compares with its recorder.

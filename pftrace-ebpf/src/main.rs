@@ -14,7 +14,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_str_bytes,
         generated::{
-            bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task, bpf_probe_read_user_str,
+            bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_probe_read_user as bpf_probe_read_user_raw, bpf_probe_read_user_str,
         },
     },
     macros::{map, raw_tracepoint, uprobe},
@@ -25,9 +26,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RawTracePointContext},
 };
 use pftrace_common::{
-    COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS,
-    MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, arg_kind,
-    config, counter, flag, kind,
+    COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
+    MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg,
+    UsdtSpec, arg_kind, config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -171,7 +172,8 @@ fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), 
     }
 
     let file_ptr = read_arg(ctx, &spec.args[ARG_FILENAME])?;
-    let mut call = Call { kind: event_kind, lineno: read_arg(ctx, &spec.args[ARG_LINENO])? as i32, flags: 0, frame: 0 };
+    let mut call =
+        Call { kind: event_kind, lineno: read_arg(ctx, &spec.args[ARG_LINENO])? as i32, flags: 0, frame: 0 };
     if spec.frame.regs[0] != NO_REG && !frame_corrections(ctx, &spec.frame, name_ptr, &mut call) {
         return Ok(());
     }
@@ -256,8 +258,8 @@ unsafe fn read_user_str(dest: *mut u8, size: u32, src: u64) -> i64 {
 /// The probed frame as read through a [`FrameSpec`].
 struct Frame {
     addr: u64,
-    code: u64,
     code_flags: u32,
+    firstlineno: i32,
     owner: u8,
 }
 
@@ -275,16 +277,16 @@ fn frame_corrections(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64, call: &m
         bump(counter::SHIM_RETURNS);
         return false;
     }
-    if call.kind == kind::ENTRY && frame.owner == fs.owner_thread && frame.code_flags & fs.generator_flags != 0 {
+    if call.kind == kind::ENTRY
+        && frame.owner == fs.owner_thread
+        && frame.code_flags & fs.generator_flags != 0
+    {
         bump(counter::GENERATOR_CREATIONS);
         return false;
     }
     if call.kind == kind::ENTRY && call.lineno == -1 {
-        let at = frame.code + fs.code_firstlineno as u64;
-        if let Ok(line) = unsafe { bpf_probe_read_user(at as *const i32) } {
-            call.lineno = line;
-            call.flags |= flag::LINE_FROM_CODE;
-        }
+        call.lineno = frame.firstlineno;
+        call.flags |= flag::LINE_FROM_CODE;
     }
     call.frame = frame.addr;
     call.flags |= flag::FRAME;
@@ -315,17 +317,42 @@ fn find_frame(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64) -> Option<Frame
 
 #[inline(always)]
 fn frame_at(addr: u64, fs: &FrameSpec, name_ptr: u64) -> Option<Frame> {
-    let read_u64 = |at: u64| unsafe { bpf_probe_read_user(at as *const u64) }.ok();
-    let executable = read_u64(addr.wrapping_add(fs.frame_executable as u64))?;
+    // One window of the frame, then one of its code object (see FrameSpec).
+    let mut buf = [0u8; FRAME_WINDOW];
+    if !read_window(addr.wrapping_add(fs.frame_start as u64), fs.frame_len, &mut buf) {
+        return None;
+    }
     // A tagged reference: the low bits are flags, code objects are aligned.
-    let code = executable & !7;
-    let name_obj = read_u64(code.wrapping_add(fs.code_name as u64))?;
+    let code = field::<u64>(&buf, fs.frame_executable) & !7;
+    let owner = field::<u8>(&buf, fs.frame_owner);
+    if !read_window(code.wrapping_add(fs.code_start as u64), fs.code_len, &mut buf) {
+        return None;
+    }
+    let name_obj = field::<u64>(&buf, fs.code_name);
     if name_obj.wrapping_add(fs.ascii_size as u64) != name_ptr {
         return None;
     }
-    let code_flags = unsafe { bpf_probe_read_user(code.wrapping_add(fs.code_flags as u64) as *const u32) }.ok()?;
-    let owner = unsafe { bpf_probe_read_user(addr.wrapping_add(fs.frame_owner as u64) as *const u8) }.ok()?;
-    Some(Frame { addr, code, code_flags, owner })
+    let code_flags = field::<u32>(&buf, fs.code_flags);
+    let firstlineno = field::<i32>(&buf, fs.code_firstlineno);
+    Some(Frame { addr, code_flags, firstlineno, owner })
+}
+
+/// Copies `len` (1..=FRAME_WINDOW) bytes of the traced process at `at`.
+#[inline(always)]
+fn read_window(at: u64, len: u16, buf: &mut [u8; FRAME_WINDOW]) -> bool {
+    let len = len as u32;
+    if len == 0 || len > FRAME_WINDOW as u32 {
+        return false;
+    }
+    unsafe { bpf_probe_read_user_raw(buf.as_mut_ptr().cast(), len, at as *const core::ffi::c_void) == 0 }
+}
+
+/// A field of a window at `off` (clamped inside the buffer: user space
+/// checked the offsets, the verifier wants to see it).
+#[inline(always)]
+fn field<T: Copy>(buf: &[u8; FRAME_WINDOW], off: u16) -> T {
+    let off = (off as usize).min(FRAME_WINDOW - core::mem::size_of::<T>());
+    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(off).cast::<T>()) }
 }
 
 /// Wake the reader only once the ring is filling up (batched draining).
