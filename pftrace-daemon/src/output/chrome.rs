@@ -93,7 +93,9 @@ impl TraceFormat for Chrome {
                 "calls": trace.calls.len(),
                 "incomplete_calls": trace.incomplete_calls(),
                 "unmatched_returns": unmatched,
+                // `unmatched_returns` keeps the first of them only; all are counted.
                 "unmatched_returns_total": trace.unmatched_returns_total,
+                "unmatched_returns_sample_limit": crate::pairing::UNMATCHED_SAMPLE,
                 "unmatched_generator_returns": trace.unmatched_generator_returns,
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
