@@ -317,7 +317,8 @@ fn idle_connections_hold_no_slot_and_the_longest_waiting_make_room() {
         .into_iter()
         .map(|t| t.join().unwrap())
         .collect();
-    let failed: Vec<&String> = replies.iter().map(|(l, _)| l).filter(|l| !l.contains("\"ok\":true")).collect();
+    let failed: Vec<&String> =
+        replies.iter().map(|(l, _)| l).filter(|l| !l.contains("\"ok\":true")).collect();
     assert!(failed.is_empty(), "{} of 1000 failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
     let retried = replies.iter().filter(|(_, busy)| *busy > 0).count();
     eprintln!("1,000 concurrent status requests: all served, {retried} after a busy reply");
