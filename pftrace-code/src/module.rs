@@ -341,6 +341,14 @@ impl Roots {
     /// The module `filename` (a `co_filename`) is, in process `p`.
     pub fn module_of(&self, p: &Process, filename: &str) -> Field<String> {
         if let Some(inner) = filename.strip_prefix("<frozen ").and_then(|r| r.strip_suffix('>')) {
+            // The import system's two bootstrap modules run as
+            // `_frozen_importlib(_external)` until `importlib` is imported,
+            // which renames them (seen: a `-m` run on 3.9); other frozen
+            // modules (3.11+: os, posixpath, codecs, ...) keep their names.
+            if inner.starts_with("importlib._bootstrap") {
+                let frozen = inner.replace("importlib._bootstrap", "_frozen_importlib");
+                return Field::unknown(format!("{inner} runs as {frozen} until importlib is imported, as {inner} after"));
+            }
             return Field::Known(inner.to_string());
         }
         if !filename.starts_with('/') {
