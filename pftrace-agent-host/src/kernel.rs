@@ -225,7 +225,7 @@ impl Ring {
             }
             // SAFETY: length checked; CallEvent is plain data.
             let ev: CallEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const CallEvent) };
-            if ev._pad[0] == 0 {
+            if ev.agent_event == 0 {
                 continue;
             }
             let text = |b: &[u8]| {
@@ -235,7 +235,7 @@ impl Ring {
                 ts_ns: ev.ts_ns,
                 pid: ev.pid,
                 tid: ev.tid,
-                event: ev._pad[0],
+                event: ev.agent_event,
                 entry: ev.kind == pftrace_common::kind::ENTRY,
                 line: ev.lineno,
                 name: text(&ev.name),

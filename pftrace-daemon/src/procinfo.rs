@@ -33,14 +33,25 @@ pub fn job_id(pid: u32) -> Option<JobId> {
     job_from_environ(&environ)
 }
 
-fn job_from_environ(environ: &[u8]) -> Option<JobId> {
-    let vars: Vec<(&[u8], &[u8])> = environ
+/// The value of variable `name` in a process's initial environment.
+pub fn env_var(pid: u32, name: &str) -> Option<Vec<u8>> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ_vars(&environ).into_iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v.to_vec())
+}
+
+/// (name, value) pairs of an environ block.
+fn environ_vars(environ: &[u8]) -> Vec<(&[u8], &[u8])> {
+    environ
         .split(|&b| b == 0)
         .filter_map(|kv| {
             let eq = kv.iter().position(|&b| b == b'=')?;
             Some((&kv[..eq], &kv[eq + 1..]))
         })
-        .collect();
+        .collect()
+}
+
+fn job_from_environ(environ: &[u8]) -> Option<JobId> {
+    let vars = environ_vars(environ);
     JOB_VARIABLES.iter().find_map(|name| {
         vars.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| JobId {
             variable: name.to_string(),

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, LazyLock, Mutex},
 };
 
-use pftrace_common::UsdtSpec;
+use pftrace_common::{FrameSpec, UsdtSpec};
 
 use crate::{
     python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
@@ -136,10 +136,10 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
-        let (sites, version) = (&info.sites, info.version);
+        let version = info.version;
         let is_python = version.is_some() || looks_like_python(binary);
-        let entry = python_sites(sites, "function__entry", pid, &display)?;
-        let ret = python_sites(sites, "function__return", pid, &display)?;
+        let entry = python_sites(&info, "function__entry", pid, &display)?;
+        let ret = python_sites(&info, "function__return", pid, &display)?;
         if entry.is_empty() || ret.is_empty() {
             if is_python && python_like.is_none() {
                 python_like = Some((binary.clone(), version));
@@ -159,6 +159,14 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                     return Err(TargetError::TooOld { pid, binary: display, version });
                 }
             }
+        }
+        if let Some(v) = version
+            .filter(|&v| python::jit_enabled(v, crate::procinfo::env_var(pid, "PYTHON_JIT").as_deref()))
+        {
+            log::warn!(
+                "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
+                 calls made there are not seen (unset PYTHON_JIT for complete traces)"
+            );
         }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
@@ -225,7 +233,7 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     let info =
         binary_info(path, path).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
     let sites = |name| {
-        python_sites(&info.sites, name, 0, &display).map_err(|err| match err {
+        python_sites(&info, name, 0, &display).map_err(|err| match err {
             TargetError::Usdt { source, .. } => BinaryError::Usdt { path: display.clone(), source },
             _ => BinaryError::NoProbes { path: display.clone() },
         })
@@ -268,6 +276,9 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
 struct BinaryInfo {
     sites: Vec<usdt::ProbeSite>,
     version: Option<PyVersion>,
+    /// How the kernel finds the interpreter frame at each site (parallel to
+    /// `sites`; empty when the version needs none or its layout is unknown).
+    frames: Vec<FrameSpec>,
 }
 
 /// Parsed binaries by (device, inode, size, mtime): every exec in a watched
@@ -285,7 +296,20 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
         }
     }
     let sites = usdt::read_python_function_probes(open_path)?;
-    let info = Arc::new(BinaryInfo { version: binary_version(binary, open_path), sites });
+    let version = binary_version(binary, open_path);
+    let frames = match version {
+        Some(v) if v.reads_frames() && !sites.is_empty() => frame_specs(open_path, &sites).unwrap_or_else(|err| {
+            log::warn!(
+                "CPython {v} at {}: cannot read its frame layout ({err}): generator creations will show as \
+                 incomplete calls, __init__ shim frames as returns without entries, and functions with cells \
+                 at line -1",
+                crate::events::printable_path(binary)
+            );
+            Vec::new()
+        }),
+        _ => Vec::new(),
+    };
+    let info = Arc::new(BinaryInfo { version, sites, frames });
     if let Some(key) = key {
         let mut cache = BINARY_CACHE.lock().expect("cache lock");
         if cache.len() > 1024 {
@@ -338,21 +362,42 @@ fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
     })
 }
 
-/// The `python` provider's sites named `name`, with their argument specs.
-fn python_sites(
-    sites: &[usdt::ProbeSite],
-    name: &str,
-    pid: u32,
-    binary: &str,
-) -> Result<Vec<Site>, TargetError> {
+/// The `python` provider's sites named `name`, with their argument specs
+/// (and frame specs where the version needs them).
+fn python_sites(info: &BinaryInfo, name: &str, pid: u32, binary: &str) -> Result<Vec<Site>, TargetError> {
+    info.sites
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.provider == "python" && s.name == name)
+        .map(|(i, s)| {
+            let mut spec =
+                s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?;
+            if let Some(frame) = info.frames.get(i) {
+                spec.frame = *frame;
+            }
+            Ok(Site { offset: s.pc_offset, semaphore_offset: s.semaphore_offset, spec })
+        })
+        .collect()
+}
+
+/// The frame spec of each site of a CPython 3.15 file: its layout from
+/// `_Py_DebugOffsets`, and the code before each probe for the register.
+fn frame_specs(path: &Path, sites: &[usdt::ProbeSite]) -> Result<Vec<FrameSpec>, String> {
+    let data = fs::read(path).map_err(|e| e.to_string())?;
+    let layout = python::frame_layout(&data).map_err(|e| e.to_string())?;
     sites
         .iter()
-        .filter(|s| s.provider == "python" && s.name == name)
         .map(|s| {
-            Ok(Site {
-                offset: s.pc_offset,
-                semaphore_offset: s.semaphore_offset,
-                spec: s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?,
+            let end = (s.pc_offset as usize).min(data.len());
+            let code_before = &data[end.saturating_sub(128)..end];
+            let arg_regs: Vec<u16> = s
+                .arg_specs
+                .iter()
+                .filter(|a| a.kind == pftrace_common::arg_kind::REG)
+                .map(|a| a.reg_off)
+                .collect();
+            python::frame_spec(&layout, code_before, &arg_regs).ok_or_else(|| {
+                format!("its frame and code fields span more than {} bytes", pftrace_common::FRAME_WINDOW)
             })
         })
         .collect()

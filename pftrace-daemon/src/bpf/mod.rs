@@ -7,4 +7,6 @@ mod multi;
 mod sys;
 
 pub use attach::{AttachError, AttachJob, Site, UprobeLink};
-pub use loader::{ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, ProbeKind, name_key};
+pub use loader::{
+    ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, ProbeKind, name_key,
+};
