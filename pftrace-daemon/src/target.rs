@@ -11,22 +11,10 @@ use std::{
     sync::{Arc, LazyLock, Mutex},
 };
 
-use pftrace_common::UsdtSpec;
-
 use crate::{
     python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
-    usdt::{self, UsdtError},
+    usdt::{self, ProbeSite, UsdtError},
 };
-
-/// One probe site to attach to.
-#[derive(Debug, Clone)]
-pub struct Site {
-    /// File offset of the probe instruction.
-    pub offset: u64,
-    /// File offset of its semaphore (0: none).
-    pub semaphore_offset: u64,
-    pub spec: UsdtSpec,
-}
 
 /// A process that can be traced.
 #[derive(Debug, Clone)]
@@ -37,8 +25,9 @@ pub struct Target {
     /// The same file, as a path this daemon can open.
     pub open_path: PathBuf,
     pub version: Option<PyVersion>,
-    pub entry: Vec<Site>,
-    pub ret: Vec<Site>,
+    /// CPython's `function__entry` and `function__return` sites in `binary`
+    /// (both present; their argument specs checked).
+    pub sites: Arc<[ProbeSite]>,
     /// The process's command line, space-joined.
     pub command: String,
     /// (device, inode) of the ELF, taken when the process was inspected
@@ -136,11 +125,14 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                 return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
-        let (sites, version) = (&info.sites, info.version);
+        let version = info.version;
         let is_python = version.is_some() || looks_like_python(binary);
-        let entry = python_sites(sites, "function__entry", pid, &display)?;
-        let ret = python_sites(sites, "function__return", pid, &display)?;
-        if entry.is_empty() || ret.is_empty() {
+        check_specs(&info.sites).map_err(|source| TargetError::Usdt {
+            pid,
+            binary: display.clone(),
+            source,
+        })?;
+        if !has_both_probes(&info.sites) {
             if is_python && python_like.is_none() {
                 python_like = Some((binary.clone(), version));
             }
@@ -168,8 +160,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             binary: binary.clone(),
             open_path,
             version,
-            entry,
-            ret,
+            sites: Arc::clone(&info.sites),
             command,
             file,
             started,
@@ -224,14 +215,8 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     }
     let info =
         binary_info(path, path).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
-    let sites = |name| {
-        python_sites(&info.sites, name, 0, &display).map_err(|err| match err {
-            TargetError::Usdt { source, .. } => BinaryError::Usdt { path: display.clone(), source },
-            _ => BinaryError::NoProbes { path: display.clone() },
-        })
-    };
-    let (entry, ret) = (sites("function__entry")?, sites("function__return")?);
-    if entry.is_empty() || ret.is_empty() {
+    check_specs(&info.sites).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
+    if !has_both_probes(&info.sites) {
         return Err(BinaryError::NoProbes { path: display });
     }
     if let Some(version) = info.version {
@@ -255,8 +240,7 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         binary: path.to_path_buf(),
         open_path: path.to_path_buf(),
         version: info.version,
-        entry,
-        ret,
+        sites: Arc::clone(&info.sites),
         command: String::new(),
         file: (meta.dev(), meta.ino()),
         started: 0,
@@ -266,7 +250,7 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
 /// What one ELF file offers: its Python probe sites and CPython version.
 #[derive(Debug)]
 struct BinaryInfo {
-    sites: Vec<usdt::ProbeSite>,
+    sites: Arc<[ProbeSite]>,
     version: Option<PyVersion>,
 }
 
@@ -284,7 +268,7 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
             return Ok(info.clone());
         }
     }
-    let sites = usdt::read_python_function_probes(open_path)?;
+    let sites = usdt::read_python_function_probes(open_path)?.into();
     let info = Arc::new(BinaryInfo { version: binary_version(binary, open_path), sites });
     if let Some(key) = key {
         let mut cache = BINARY_CACHE.lock().expect("cache lock");
@@ -338,24 +322,15 @@ fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
     })
 }
 
-/// The `python` provider's sites named `name`, with their argument specs.
-fn python_sites(
-    sites: &[usdt::ProbeSite],
-    name: &str,
-    pid: u32,
-    binary: &str,
-) -> Result<Vec<Site>, TargetError> {
-    sites
-        .iter()
-        .filter(|s| s.provider == "python" && s.name == name)
-        .map(|s| {
-            Ok(Site {
-                offset: s.pc_offset,
-                semaphore_offset: s.semaphore_offset,
-                spec: s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?,
-            })
-        })
-        .collect()
+/// Whether `sites` hold both a `function__entry` and a `function__return` site.
+fn has_both_probes(sites: &[ProbeSite]) -> bool {
+    let has = |kind| sites.iter().any(|s| s.python_kind() == Some(kind));
+    has(pftrace_common::kind::ENTRY) && has(pftrace_common::kind::RETURN)
+}
+
+/// Checks that the eBPF program can read the arguments of every site.
+fn check_specs(sites: &[ProbeSite]) -> Result<(), UsdtError> {
+    sites.iter().try_for_each(|s| s.spec().map(drop))
 }
 
 #[cfg(test)]

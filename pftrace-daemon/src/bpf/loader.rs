@@ -11,14 +11,19 @@ use aya::{
     },
     programs::{RawTracePoint, UProbe},
 };
-use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, task_layout};
+use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, kind, task_layout};
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::btf::TaskOffsets;
+use crate::{
+    kernel::btf::TaskOffsets,
+    usdt::{ProbeSite, UsdtError},
+};
 
 use super::{
-    attach::{AttachError, AttachJob, Method, Site, UprobePmu},
+    attach::{AttachError, AttachJob, Programs},
     multi::MultiLoadError,
+    perf::UprobePmu,
+    points::{ProbePoint, ResolvedPoints, Scope},
 };
 
 /// The eBPF object compiled from pftrace-ebpf.
@@ -51,6 +56,8 @@ pub enum BpfError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Multi(#[from] MultiLoadError),
+    #[error(transparent)]
+    Spec(#[from] UsdtError),
 }
 
 /// Which kernel interface attaches the uprobes.
@@ -65,13 +72,6 @@ pub enum AttachMethod {
 
 /// Environment variable forcing the perf-event attach method (`perf`).
 pub const ATTACH_ENV: &str = "PFTRACE_UPROBE_ATTACH";
-
-/// Which CPython probe a program serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
-    Entry,
-    Return,
-}
 
 /// The program serving both probes through uprobe_multi links.
 const USDT_PROGRAM: &str = "pftrace_usdt";
@@ -126,9 +126,9 @@ pub struct KernelProbes {
     /// Attach the floor program instead of the real ones (benchmarks).
     pub floor: bool,
     ebpf: Ebpf,
-    /// How the real programs are attached, and the floor program the same way.
-    method: Arc<Method>,
-    floor_method: Arc<Method>,
+    /// The USDT programs and how they are attached; the floor program the same way.
+    usdt: Arc<Programs>,
+    floor_programs: Arc<Programs>,
     specs: HashMap<UsdtSpec, u32>,
 }
 
@@ -166,7 +166,7 @@ impl KernelProbes {
             }
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        let (method, floor_method) = match choose_method() {
+        let (usdt, floor_programs) = match choose_method() {
             AttachMethod::UprobeMulti => {
                 let mut progs =
                     super::multi::load_programs(&ebpf, BPF_OBJECT, &[USDT_PROGRAM, FLOOR_PROGRAM])?
@@ -175,7 +175,7 @@ impl KernelProbes {
                 let (Some(usdt), Some(floor)) = (usdt, floor) else {
                     return Err(BpfError::Missing(USDT_PROGRAM));
                 };
-                (Method::Multi { prog: usdt }, Method::Multi { prog: floor })
+                (Programs::Multi { prog: usdt }, Programs::Multi { prog: floor })
             }
             AttachMethod::PerfEvent => {
                 let pmu = UprobePmu::discover()?;
@@ -184,23 +184,23 @@ impl KernelProbes {
                 let floor = load_uprobe(&mut ebpf, FLOOR_PROGRAM)?;
                 let floor2 =
                     floor.try_clone().map_err(|source| BpfError::Dup { name: FLOOR_PROGRAM, source })?;
-                (Method::Perf { pmu, entry, ret }, Method::Perf { pmu, entry: floor, ret: floor2 })
+                (Programs::Perf { pmu, entry, ret }, Programs::Perf { pmu, entry: floor, ret: floor2 })
             }
         };
         Ok(Self {
             floor: false,
             ebpf,
-            method: Arc::new(method),
-            floor_method: Arc::new(floor_method),
+            usdt: Arc::new(usdt),
+            floor_programs: Arc::new(floor_programs),
             specs: HashMap::new(),
         })
     }
 
     /// How uprobes are attached on this kernel.
     pub fn attach_method(&self) -> AttachMethod {
-        match *self.method {
-            Method::Multi { .. } => AttachMethod::UprobeMulti,
-            Method::Perf { .. } => AttachMethod::PerfEvent,
+        match *self.usdt {
+            Programs::Multi { .. } => AttachMethod::UprobeMulti,
+            Programs::Perf { .. } => AttachMethod::PerfEvent,
         }
     }
 
@@ -313,25 +313,30 @@ impl KernelProbes {
         BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })
     }
 
-    /// Everything needed to attach the programs at `sites` of `binary`
-    /// (scoped to `pid`, or host-wide when `None`) later, on any thread
-    /// ([`AttachJob::run`]); the specs are stored in the kernel now.
-    pub fn attach_job(
+    /// The job attaching the USDT programs (the floor program with
+    /// [`Self::floor`]) to CPython's probe `sites` of the file at `path`, in
+    /// the processes of `scope`, to run later on any thread
+    /// ([`AttachJob::run`]). The sites' argument specs are stored in the
+    /// kernel now; each point's cookie is its spec id, with
+    /// [`pftrace_common::COOKIE_RETURN`] at `function__return` sites.
+    pub fn usdt_job(
         &mut self,
-        binary: &Path,
-        sites: &[(ProbeKind, u64, u64, UsdtSpec)],
-        pid: Option<u32>,
+        path: &Path,
+        sites: &[ProbeSite],
+        scope: Scope,
     ) -> Result<AttachJob, BpfError> {
-        let sites = sites
+        let points = sites
             .iter()
-            .map(|&(kind, offset, semaphore_offset, spec)| {
-                let id = u64::from(self.spec_id(spec)?);
-                let cookie = if kind == ProbeKind::Return { id | pftrace_common::COOKIE_RETURN } else { id };
-                Ok(Site { offset, semaphore_offset, cookie })
+            .map(|site| {
+                let id = u64::from(self.spec_id(site.spec()?)?);
+                let ret = site.python_kind() == Some(kind::RETURN);
+                let cookie = if ret { id | pftrace_common::COOKIE_RETURN } else { id };
+                Ok(ProbePoint { offset: site.pc_offset, ref_ctr_offset: site.semaphore_offset, cookie })
             })
             .collect::<Result<Vec<_>, BpfError>>()?;
-        let method = if self.floor { &self.floor_method } else { &self.method };
-        Ok(AttachJob { method: Arc::clone(method), binary: binary.to_path_buf(), pid, sites })
+        let programs = if self.floor { &self.floor_programs } else { &self.usdt };
+        let points = ResolvedPoints { path: path.to_path_buf(), points };
+        Ok(AttachJob { programs: Arc::clone(programs), points, scope })
     }
 
     /// The spec id of `spec`, storing it in the kernel's spec map on first use.
