@@ -6,10 +6,12 @@
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{Arc, LazyLock, Mutex},
 };
+
+use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
     python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
@@ -58,47 +60,29 @@ pub enum TargetError {
          --with-dtrace. Use {WHAT_WORKS}"
     )]
     NoProbes { pid: u32, binary: String, version: String },
-    #[error(
-        "pid {pid} runs CPython 3.11 ({binary}): its python:function__entry probe fires only when a \
-         generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so calls \
-         cannot be timed. Use {WHAT_WORKS}"
-    )]
-    EntryBroken { pid: u32, binary: String },
-    #[error(
-        "pid {pid} runs CPython {version} ({binary}): CPython 3.12-3.14 removed the \
-         function__entry/function__return probes (python/cpython#104280). Use {WHAT_WORKS}"
-    )]
-    ProbesRemoved { pid: u32, binary: String, version: PyVersion },
-    #[error(
-        "pid {pid} runs CPython {version} ({binary}), older than 3.6, whose probes pftrace does not read. Use {WHAT_WORKS}"
-    )]
-    TooOld { pid: u32, binary: String, version: PyVersion },
+    #[error("pid {pid} runs CPython {version} ({binary}): {why}. Use {WHAT_WORKS}")]
+    Unsupported { pid: u32, binary: String, version: PyVersion, why: &'static str },
     #[error("pid {pid}: reading the probes of {binary}: {source}")]
     Usdt { pid: u32, binary: String, source: UsdtError },
 }
 
 /// Inspects `pid` and returns what to attach to, or why it cannot be traced.
+/// Everything is read through one [`procfs::process::Process`] (a
+/// descriptor of `/proc/PID`), so it all describes one process even if the
+/// pid is reused meanwhile.
 pub fn inspect(pid: u32) -> Result<Target, TargetError> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    if !proc_dir.exists() {
+    let Some(process) = crate::procinfo::open(pid) else {
         return Err(TargetError::PidNotFound(pid));
-    }
+    };
     let gone = |source| TargetError::Gone { pid, source };
-    let stat = crate::procinfo::stat(pid);
+    let proc_err = |e: procfs::ProcError| gone(io::Error::other(e));
+    let stat = crate::procinfo::stat_of(&process);
     if stat.is_some_and(|s| s.exited()) {
         return Err(TargetError::Zombie(pid));
     }
-    let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
-    let maps = fs::read_to_string(proc_dir.join("maps")).map_err(gone)?;
-    let command = fs::read(proc_dir.join("cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| crate::events::printable(&String::from_utf8_lossy(a)).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+    let exe = process.exe().map_err(proc_err)?;
+    let maps = process.maps().map_err(proc_err)?;
+    let command = crate::procinfo::command_line(&process);
 
     // Candidates: the executable, then any libpython it maps.
     let mut candidates = vec![exe.clone()];
@@ -108,7 +92,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
     }
 
-    let root = proc_dir.join("root");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
     let mut python_like: Option<(PathBuf, Option<PyVersion>)> = None;
     for binary in &candidates {
         let open_path = under_root(&root, binary);
@@ -119,9 +103,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
             Err(source) => {
                 // The process exited meanwhile: its /proc/PID/root went with it.
-                if let Err(e) = fs::read_link(&root) {
-                    return Err(gone(e));
-                }
+                process.root().map_err(proc_err)?;
                 return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
@@ -138,19 +120,10 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             }
             continue;
         }
-        if let Some(version) = version {
-            match version.probe_support() {
-                ProbeSupport::Works => {}
-                ProbeSupport::EntryBroken => {
-                    return Err(TargetError::EntryBroken { pid, binary: display });
-                }
-                ProbeSupport::Removed => {
-                    return Err(TargetError::ProbesRemoved { pid, binary: display, version });
-                }
-                ProbeSupport::TooOld => {
-                    return Err(TargetError::TooOld { pid, binary: display, version });
-                }
-            }
+        if let Some(version) = version
+            && let Some(why) = version.probe_support().refusal()
+        {
+            return Err(TargetError::Unsupported { pid, binary: display, version, why });
         }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
@@ -167,24 +140,21 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         });
     }
 
-    match python_like {
-        Some((binary, version)) => {
-            let display = crate::events::printable_path(&binary);
-            match version.map(|v| (v, v.probe_support())) {
-                Some((version, ProbeSupport::Removed)) => {
-                    Err(TargetError::ProbesRemoved { pid, binary: display, version })
-                }
-                Some((version, ProbeSupport::TooOld)) => {
-                    Err(TargetError::TooOld { pid, binary: display, version })
-                }
-                v => Err(TargetError::NoProbes {
-                    pid,
-                    binary: display,
-                    version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
-                }),
-            }
+    let Some((binary, version)) = python_like else {
+        return Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) });
+    };
+    let display = crate::events::printable_path(&binary);
+    // Probes missing: the version says why if it is one that lost them.
+    match version.map(|v| (v, v.probe_support())) {
+        Some((version, support @ (ProbeSupport::Removed | ProbeSupport::TooOld))) => {
+            let why = support.refusal().expect("refused");
+            Err(TargetError::Unsupported { pid, binary: display, version, why })
         }
-        None => Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) }),
+        v => Err(TargetError::NoProbes {
+            pid,
+            binary: display,
+            version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
+        }),
     }
 }
 
@@ -219,21 +189,10 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     if !has_both_probes(&info.sites) {
         return Err(BinaryError::NoProbes { path: display });
     }
-    if let Some(version) = info.version {
-        let why = match version.probe_support() {
-            ProbeSupport::Works => None,
-            ProbeSupport::EntryBroken => Some(
-                "its function__entry probe fires only when a generator or coroutine resumes, not for \
-                 ordinary calls (python/cpython#98894)",
-            ),
-            ProbeSupport::Removed => Some(
-                "CPython 3.12-3.14 removed the function__entry/function__return probes (python/cpython#104280)",
-            ),
-            ProbeSupport::TooOld => Some("older than 3.6, whose probes pftrace does not read"),
-        };
-        if let Some(why) = why {
-            return Err(BinaryError::Unsupported { path: display, version, why });
-        }
+    if let Some(version) = info.version
+        && let Some(why) = version.probe_support().refusal()
+    {
+        return Err(BinaryError::Unsupported { path: display, version, why });
     }
     Ok(Target {
         pid: 0,
@@ -254,19 +213,21 @@ struct BinaryInfo {
     version: Option<PyVersion>,
 }
 
-/// Parsed binaries by (device, inode, size, mtime): every exec in a watched
-/// scope is inspected, and reading a 15 MB interpreter each time would cost.
-static BINARY_CACHE: LazyLock<Mutex<HashMap<(u64, u64, u64, i64), Arc<BinaryInfo>>>> =
-    LazyLock::new(Default::default);
+/// What tells one version of a file from another: (device, inode, size, mtime in ns).
+type FileVersion = (u64, u64, u64, i64);
+
+/// Parsed binaries by [`FileVersion`]: every exec in a watched scope is
+/// inspected, and reading a 15 MB interpreter each time would cost.
+static BINARY_CACHE: LazyLock<Mutex<HashMap<FileVersion, Arc<BinaryInfo>>>> = LazyLock::new(Default::default);
 
 fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtError> {
     let key = fs::metadata(open_path)
         .ok()
         .map(|m| (m.dev(), m.ino(), m.size(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
-    if let Some(key) = key {
-        if let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key) {
-            return Ok(info.clone());
-        }
+    if let Some(key) = key
+        && let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key)
+    {
+        return Ok(info.clone());
     }
     let sites = usdt::read_python_function_probes(open_path)?.into();
     let info = Arc::new(BinaryInfo { version: binary_version(binary, open_path), sites });
@@ -281,22 +242,17 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
 }
 
 /// Mapped files whose name starts with `libpython`.
-fn mapped_libpythons(maps: &str) -> Vec<PathBuf> {
+fn mapped_libpythons(maps: &MemoryMaps) -> Vec<PathBuf> {
     let mut libs = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode path (the path may contain spaces)
-        let path = line.splitn(6, ' ').nth(5).map(str::trim_start).unwrap_or("");
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        if path.starts_with('/')
-            && Path::new(path)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libpython"))
+    for map in maps {
+        let MMapPath::Path(path) = &map.pathname else { continue };
+        let text = path.as_os_str().as_encoded_bytes();
+        let path = Path::new(std::ffi::OsStr::from_bytes(text.strip_suffix(b" (deleted)").unwrap_or(text)));
+        if path.is_absolute()
+            && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libpython"))
+            && !libs.iter().any(|l: &PathBuf| l == path)
         {
-            let p = PathBuf::from(path);
-            if !libs.contains(&p) {
-                libs.push(p);
-            }
+            libs.push(path.to_path_buf());
         }
     }
     libs
@@ -346,8 +302,9 @@ mod tests {
 7f03-7f04 rw-p 00000000 00:00 0 
 7f04-7f05 r-xp 00000000 08:01 125 /opt/my dir/libpython3.10d.so (deleted)
 ";
+        let maps = <MemoryMaps as procfs::FromBufRead>::from_buf_read(maps.as_bytes()).unwrap();
         assert_eq!(
-            mapped_libpythons(maps),
+            mapped_libpythons(&maps),
             vec![
                 PathBuf::from("/usr/lib/libpython3.9.so.1.0"),
                 PathBuf::from("/opt/my dir/libpython3.10d.so")

@@ -18,7 +18,9 @@ use crate::{cpython, pyenv, sid_pythons};
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
 /// (the refusal tests check pftraced's message for its broken entry probe),
-/// and patchelf (points Debian sid's interpreters at sid's own loader).
+/// patchelf (points Debian sid's interpreters at sid's own loader),
+/// systemd (its `systemd-analyze verify` checks the unit file) and passwd
+/// (`useradd`: the control socket's test of a real unprivileged peer).
 pub const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -32,6 +34,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "pkg-config",
     "python3.11",
     "patchelf",
+    "systemd",
+    "passwd",
 ];
 
 /// bpf-linker release to install, and the LLVM it is built against.

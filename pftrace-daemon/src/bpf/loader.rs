@@ -15,7 +15,7 @@ use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, coun
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kernel::btf::TaskOffsets,
+    kernel::task_layout::TaskOffsets,
     usdt::{ProbeSite, UsdtError},
 };
 
@@ -58,6 +58,8 @@ pub enum BpfError {
     Multi(#[from] MultiLoadError),
     #[error(transparent)]
     Spec(#[from] UsdtError),
+    #[error("the kernel side's log ring: {0}")]
+    Logger(String),
 }
 
 /// Which kernel interface attaches the uprobes.
@@ -160,6 +162,10 @@ impl KernelProbes {
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         let scope_filter = u32::from(scope_filter);
         loader.override_global(task_layout::SCOPE_FILTER, &scope_filter, true);
+        // The kernel side's words (aya-log) at the daemon's log level, fixed
+        // now: the verifier drops the messages the level turns off.
+        let level = kernel_log_level(log::max_level());
+        loader.override_global(aya_log::LEVEL, &level, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -383,11 +389,24 @@ impl KernelProbes {
         })
     }
 
+    /// Takes the kernel side's log ring (once): what it says in words of
+    /// rare events, passed to the daemon's logger by [`aya_log::EbpfLogger::flush`].
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, BpfError> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| BpfError::Logger(e.to_string()))
+    }
+
     /// Takes the ring buffer of matched calls (once).
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
+}
+
+/// aya-log's level number (`AYA_LOG_LEVEL`: 0 off, 1 error ... 5 trace, as
+/// `aya_log::Level`) for a `log` filter, which numbers them the same way.
+fn kernel_log_level(filter: log::LevelFilter) -> u8 {
+    const _: () = assert!(aya_log::Level::Warn as usize == log::Level::Warn as usize);
+    filter as usize as u8
 }
 
 /// uprobe_multi where the kernel has it (6.6+), unless [`ATTACH_ENV`] says `perf`.

@@ -263,10 +263,10 @@ impl Daemon {
             0 => None,
             _ => Some(procwatch::pidfd(pid).map_err(|source| PrepareError::Watch { pid, source })?),
         };
-        if pid != 0 {
-            if let Err(err) = self.probes.track(pid) {
-                log::warn!("forks of pid {pid} will not be followed: {err}");
-            }
+        if pid != 0
+            && let Err(err) = self.probes.track(pid)
+        {
+            log::warn!("forks of pid {pid} will not be followed: {err}");
         }
         Ok(Prepared { target, pidfd, host_wide, job })
     }

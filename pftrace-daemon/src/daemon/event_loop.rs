@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
 
 use super::{Daemon, DaemonError};
 use crate::{
@@ -31,6 +34,11 @@ impl Daemon {
         let ring = self.probes.take_ring()?;
         // SAFETY: the ring buffer owns its fd and keeps it open while registered.
         let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| DaemonError::Ring(e.into()))?;
+        // What the kernel side says in words (rare events), into our log.
+        let logger = self.probes.take_logger()?;
+        // SAFETY: the logger owns its ring's fd and keeps it open while registered.
+        let mut kernel_log = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+            .map_err(|e| DaemonError::Ring(e.into()))?;
         let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(64);
         let server = match &self.serve {
             Some(cfg) => {
@@ -69,6 +77,11 @@ impl Daemon {
                 }
                 Some(done) = self.scheduler.finished.1.recv() => self.finished(done),
                 Some(()) = self.scheduler.detached.1.recv() => self.scheduler.detach_done(),
+                guard = kernel_log.readable_mut() => {
+                    let mut guard = guard.map_err(DaemonError::Ring)?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(DaemonError::Ring)?;
                     self.drain(guard.get_inner_mut());
@@ -104,6 +117,7 @@ impl Daemon {
             }
         }
         self.drain(ring.get_mut());
+        kernel_log.get_mut().flush();
         Ok(self.finish())
     }
 }

@@ -34,9 +34,9 @@ use crate::{
     clock::WallClock,
     config::Config,
     events::Decoder,
+    output::rolling::RollingOutput,
     output::spill::SpillWriter,
     pairing::Pairer,
-    rolling::RollingOutput,
     stats::Aggregator,
     target::{self, TargetError},
 };
@@ -95,6 +95,9 @@ impl From<BpfError> for DaemonError {
     }
 }
 
+/// A traced process exited: (pid, attach serial).
+type ExitNotice = (u32, u64);
+
 /// The running daemon's state.
 pub struct Daemon {
     probes: KernelProbes,
@@ -123,7 +126,7 @@ pub struct Daemon {
     started: Instant,
     /// Exit notifications: (pid, attach serial), so a late notice about a
     /// process never touches a newer one that reused its pid.
-    exits: (mpsc::UnboundedSender<(u32, u64)>, mpsc::UnboundedReceiver<(u32, u64)>),
+    exits: (mpsc::UnboundedSender<ExitNotice>, mpsc::UnboundedReceiver<ExitNotice>),
     /// Exit watches not yet fired.
     watched: usize,
     stopping: bool,

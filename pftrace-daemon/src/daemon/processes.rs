@@ -55,20 +55,11 @@ pub struct Processes {
 
 /// How many processes map the file `file` now (from /proc/*/maps).
 pub fn processes_mapping(file: FileId) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(all) = procfs::process::all_processes() else { return 0 };
     let (dev, ino) = file;
-    let dev = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
-    let ino = ino.to_string();
-    dir.flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("maps")).is_ok_and(|maps| {
-                maps.lines().any(|l| {
-                    let mut f = l.split_whitespace().skip(3);
-                    f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
-                })
-            })
-        })
+    let dev = (libc::major(dev) as i32, libc::minor(dev) as i32);
+    all.flatten()
+        .filter(|p| p.maps().is_ok_and(|maps| maps.iter().any(|m| m.dev == dev && m.inode == ino)))
         .count()
 }
 

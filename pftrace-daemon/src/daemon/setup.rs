@@ -21,9 +21,9 @@ use crate::{
     caps,
     clock::WallClock,
     events::Decoder,
-    kernel::btf::TaskOffsets,
+    kernel::task_layout::TaskOffsets,
+    output::rolling::RollingOutput,
     pairing::Pairer,
-    rolling::RollingOutput,
     stats::Aggregator,
     target,
 };
@@ -152,7 +152,6 @@ impl Daemon {
 
 /// This host's name, for file names and metadata.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+    let name = rustix::system::uname().nodename().to_string_lossy().trim().to_string();
+    if name.is_empty() { "localhost".into() } else { name }
 }

@@ -2,3 +2,4 @@
 
 pub mod btf;
 pub mod sched;
+pub mod task_layout;
