@@ -746,13 +746,19 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "setpriv did not exec sleep");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(proc_groups(pid), vec![sup], "supplementary groups of pid {pid}");
+        // initgroups lists the primary group among the supplementary ones too.
+        let mut groups = proc_groups(pid);
+        groups.sort_unstable();
+        let mut want = vec![gid, sup];
+        want.sort_unstable();
+        assert_eq!(groups, want, "supplementary groups of pid {pid}");
         let peer = PeerCred { uid, gid, pid: Some(pid) };
         assert!(shared(Some((GROUP, sup))).authorize(&peer).is_ok());
-        let e = shared(Some(("other", sup + 1))).authorize(&peer).unwrap_err();
+        let e = shared(Some(("other", 4_000_000_123))).authorize(&peer).unwrap_err();
         assert!(e.starts_with(&format!("permission denied: uid {uid} is not root or in group other")), "{e}");
-        // Without its pid (no /proc to read), the supplementary group is not seen.
+        // Without its pid (no /proc to read), only the primary group counts.
         assert!(shared(Some((GROUP, sup))).authorize(&PeerCred { pid: None, ..peer }).is_err());
+        assert!(shared(Some(("primary", gid))).authorize(&PeerCred { pid: None, ..peer }).is_ok());
     }
 
     #[test]
