@@ -5,8 +5,14 @@
 
 /// Bytes kept of a Python function name (NUL-padded). Longer names are truncated.
 pub const NAME_LEN: usize = 64;
-/// Bytes kept of a Python file name (NUL-padded). Longer paths are truncated.
+/// Bytes of a Python file name a [`CallEvent`] holds (NUL-padded). A name
+/// that fills them is sent again in a [`LongCallEvent`] instead.
 pub const FILE_LEN: usize = 192;
+/// Bytes of a file name a [`LongCallEvent`] holds: PATH_MAX, so every path
+/// the kernel can open fits with its NUL. A name that fills them anyway
+/// (a code object's file name need not be a path) is marked
+/// [`flag::FILE_CUT`], counted and reported.
+pub const LONG_FILE_LEN: usize = 4096;
 /// Arguments of `python:function__entry` / `function__return` we read:
 /// 0 = filename, 1 = funcname, 2 = lineno.
 pub const USDT_ARGS: usize = 3;
@@ -31,6 +37,60 @@ pub mod kind {
     /// thread did). In ring order, so a later process reusing the pid is
     /// told apart from it.
     pub const EXIT: u8 = 5;
+}
+
+/// Reports of the in-process agent (`pftrace-agent`, for CPythons whose USDT
+/// probes do not fire). The agent calls its probe function with these in
+/// registers; the kernel fills a [`CallEvent`] of kind
+/// [`kind::ENTRY`] or [`kind::RETURN`] and puts the event below in the byte at
+/// [`agent::DETAIL_OFFSET`] (0 in USDT records).
+pub mod agent {
+    /// A frame started (sys.monitoring PY_START; 3.11 profile "call").
+    pub const START: u8 = 1;
+    /// A generator or coroutine resumed (PY_RESUME): counted as a call, as
+    /// CPython's profiler does.
+    pub const RESUME: u8 = 2;
+    /// An exception thrown into a generator resumed it (PY_THROW): a call.
+    pub const THROW: u8 = 3;
+    /// The frame returned (PY_RETURN; 3.11 profile "return").
+    pub const RETURN: u8 = 4;
+    /// A generator or coroutine yielded (PY_YIELD): a return.
+    pub const YIELD: u8 = 5;
+    /// The frame exited by an exception (PY_UNWIND): a return.
+    pub const UNWIND: u8 = 6;
+    /// Largest valid event.
+    pub const LAST: u8 = UNWIND;
+
+    /// Whether an agent event opens a call (START, RESUME, THROW).
+    pub const fn is_entry(event: u8) -> bool {
+        event >= START && event <= THROW
+    }
+
+    /// Byte of a CallEvent holding the agent event ([`CallEvent::agent_event`](super::CallEvent)).
+    pub const DETAIL_OFFSET: usize = core::mem::offset_of!(super::CallEvent, agent_event);
+
+    /// Exported function of the agent's shared object that pftraced puts a
+    /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
+    /// a call to a trampoline instead of a trap) and `ret`. Arguments
+    /// (System V): rdi = event, rsi = function name, rdx = file name
+    /// (NUL-terminated UTF-8 in the process), rcx = first line.
+    pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
+}
+
+/// Bits of [`CallEvent::flags`].
+pub mod flag {
+    /// `frame` holds the address of the probed interpreter frame (found and
+    /// checked against the probe's function name; CPython 3.15+).
+    pub const FRAME: u8 = 1;
+    /// The frame belongs to a generator or coroutine object (a resumed run).
+    pub const GENERATOR: u8 = 2;
+    /// The line argument was -1 (no location: a function with cells starts
+    /// with MAKE_CELL) and was replaced by the code's first line.
+    pub const LINE_FROM_CODE: u8 = 4;
+    /// The file name filled [`LONG_FILE_LEN`](super::LONG_FILE_LEN) bytes: it may be cut.
+    pub const FILE_CUT: u8 = 8;
+    /// The record is a [`LongCallEvent`](super::LongCallEvent).
+    pub const LONG: u8 = 16;
 }
 
 /// Attach-cookie bit marking a `function__return` site. The cookie's low 32
@@ -81,16 +141,34 @@ pub struct CallEvent {
     pub lineno: i32,
     /// [`kind::ENTRY`] or [`kind::RETURN`].
     pub kind: u8,
-    pub _pad: [u8; 3],
+    /// Bits of [`flag`].
+    pub flags: u8,
+    /// For records of the in-process agent: its event ([`agent`]); 0 for USDT records.
+    pub agent_event: u8,
+    pub _pad: u8,
     /// CPU time the calling thread has consumed so far (the scheduler's
     /// `se.sum_exec_runtime`), ns; 0 when the kernel layout is unknown.
     pub thread_cpu_ns: u64,
     /// Resident pages of the process (file + anon + shmem) at the event.
     pub rss_pages: u64,
+    /// Address of the interpreter frame (with [`flag::FRAME`]): an entry and
+    /// the return of the same frame run carry the same address.
+    pub frame: u64,
     /// Function name, NUL-padded.
     pub name: [u8; NAME_LEN],
     /// File name, NUL-padded.
     pub file: [u8; FILE_LEN],
+}
+
+/// A [`CallEvent`] whose file name did not fit in [`FILE_LEN`] bytes: the
+/// same fields, with room for a path of PATH_MAX. Reserved only then, so
+/// the common record stays small.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LongCallEvent {
+    pub head: CallEvent,
+    /// The rest of the file name: `head.file` then `more` are one NUL-padded buffer.
+    pub more: [u8; LONG_FILE_LEN - FILE_LEN],
 }
 
 /// A process event (exec), as written by the kernel into the ring buffer.
@@ -143,12 +221,87 @@ pub struct UsdtArg {
     pub _pad: [u8; 4],
 }
 
+/// Registers a [`FrameSpec`] may name (pt_regs offsets), at most this many.
+pub const FRAME_REGS: usize = 4;
+/// Most bytes the kernel reads at once from a frame or a code object: the
+/// fields it needs of each are read in one window (one read costs about
+/// what four 8-byte reads cost together, measured on 3.15 dense tracing).
+pub const FRAME_WINDOW: usize = 128;
+/// [`FrameSpec::regs`] entry that ends the list.
+pub const NO_REG: u16 = u16::MAX;
+
+/// How to find and read the interpreter frame at a probe site (CPython
+/// 3.15+, where the probes fire for generator creation, in `__init__` shim
+/// frames and with line -1; see the daemon's `python.rs`). Offsets come from
+/// the interpreter's own `_Py_DebugOffsets`; the frame is held in one of
+/// `regs` at the probe, tried in order, and a register is taken only when
+/// the frame's code object names the function the probe passed. The fields
+/// are read in two windows, `frame_len` bytes at `frame + frame_start` and
+/// `code_len` bytes at `code + code_start`; field offsets are relative to
+/// their window (user space checks they fit in [`FRAME_WINDOW`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrameSpec {
+    /// pt_regs offsets of candidate registers, [`NO_REG`] after the last;
+    /// all [`NO_REG`]: frames are not read at this site.
+    pub regs: [u16; FRAME_REGS],
+    pub frame_start: u16,
+    pub frame_len: u16,
+    /// `_PyInterpreterFrame.f_executable` (a tagged reference to the code object).
+    pub frame_executable: u16,
+    /// `_PyInterpreterFrame.owner` (one byte).
+    pub frame_owner: u16,
+    pub code_start: u16,
+    pub code_len: u16,
+    /// `PyCodeObject.co_flags` (i32).
+    pub code_flags: u16,
+    /// `PyCodeObject.co_firstlineno` (i32).
+    pub code_firstlineno: u16,
+    /// `PyCodeObject.co_name`.
+    pub code_name: u16,
+    /// `sizeof(PyASCIIObject)`: a compact ASCII string's bytes follow it.
+    pub ascii_size: u16,
+    /// co_flags bits of generator, coroutine and async generator code.
+    pub generator_flags: u32,
+    /// co_flags bit of the interpreter's internal shim code (`__init__` shim).
+    pub shim_flags: u32,
+    /// `owner` of a frame on the thread's stack (a call, or a generator being created).
+    pub owner_thread: u8,
+    /// `owner` of a frame inside a generator or coroutine object.
+    pub owner_generator: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Default for FrameSpec {
+    fn default() -> Self {
+        Self {
+            regs: [NO_REG; FRAME_REGS],
+            frame_start: 0,
+            frame_len: 0,
+            frame_executable: 0,
+            frame_owner: 0,
+            code_start: 0,
+            code_len: 0,
+            code_flags: 0,
+            code_firstlineno: 0,
+            code_name: 0,
+            ascii_size: 0,
+            generator_flags: 0,
+            shim_flags: 0,
+            owner_thread: 0,
+            owner_generator: 0,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// The argument locations of one probe site, stored in the spec map under the
 /// spec id that is passed to the program as its BPF attach cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UsdtSpec {
     pub args: [UsdtArg; USDT_ARGS],
+    pub frame: FrameSpec,
 }
 
 /// Kernel struct offsets the programs need, found by user space in the
@@ -177,6 +330,10 @@ pub mod task_layout {
     /// processes entering a watched cgroup by exec are added to TRACKED.
     /// Fixed at load time, so the verifier drops the check when it is 0.
     pub const SCOPE_FILTER: &str = "SCOPE_FILTER";
+    /// Non-zero: agent reports copy the name and file strings into the
+    /// record (the default). 0 leaves them empty: only used to measure what
+    /// the copies cost.
+    pub const AGENT_STRINGS: &str = "AGENT_STRINGS";
 }
 
 /// Indices into the per-CPU counter array.
@@ -207,23 +364,47 @@ pub mod counter {
     pub const OUT_OF_SCOPE: u32 = 11;
     /// Exit reports dropped because the ring buffer was full.
     pub const EXIT_LOST: u32 = 12;
+    /// Matched entries that only created a generator or coroutine (3.15
+    /// fires the entry probe when the frame starts and runs
+    /// RETURN_GENERATOR, with no return): not sent.
+    pub const GENERATOR_CREATIONS: u32 = 13;
+    /// Matched returns of the interpreter's `__init__` shim frame (3.15; it
+    /// has no entry): not sent.
+    pub const SHIM_RETURNS: u32 = 14;
+    /// Matched hits at sites with a frame spec where no register held the
+    /// frame (sent without the frame's corrections).
+    pub const FRAME_UNKNOWN: u32 = 15;
+    /// Matched hits whose file name did not fit in the common record.
+    pub const LONG_FILES: u32 = 16;
+    /// Reports from in-process agents accepted (each becomes one CallEvent).
+    pub const AGENT_REPORTS: u32 = 17;
+    /// Agent reports from processes not in TRACKED (dropped: only processes
+    /// pftraced accepted may report).
+    pub const AGENT_FOREIGN: u32 = 18;
+    /// Agent reports with an unknown event kind (dropped).
+    pub const AGENT_BAD: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 20;
 }
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, #[repr(C)], no implicit padding, every bit pattern valid.
     unsafe impl aya::Pod for super::CallEvent {}
+    unsafe impl aya::Pod for super::LongCallEvent {}
+    unsafe impl aya::Pod for super::FrameSpec {}
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
 }
 
 // Layout checks: the kernel and user space must agree, with no implicit padding.
-const _: () = assert!(core::mem::size_of::<CallEvent>() == 40 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 48 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<LongCallEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
+const _: () = assert!(core::mem::offset_of!(LongCallEvent, more) == core::mem::size_of::<CallEvent>());
+const _: () = assert!(core::mem::size_of::<FrameSpec>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
-const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS);
+const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS + 40);

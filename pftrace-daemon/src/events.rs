@@ -1,10 +1,11 @@
-//! Decoding the kernel's raw CallEvent records into owned events, with
-//! function and file names interned (each distinct name is one allocation)
-//! and read as untrusted bytes: bounded, invalid UTF-8 replaced.
+//! Decoding the kernel's raw CallEvent records (and the long variant for
+//! file names over 191 bytes) into owned events, with function and file
+//! names interned (each distinct name is one allocation) and read as
+//! untrusted bytes: bounded, invalid UTF-8 replaced.
 
 use std::{collections::HashMap, sync::Arc};
 
-use pftrace_common::{CallEvent, KIND_OFFSET, ProcEvent, kind};
+use pftrace_common::{CallEvent, FILE_LEN, KIND_OFFSET, LongCallEvent, ProcEvent, flag, kind};
 
 /// Entry or return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,13 @@ pub struct Event {
     pub thread_cpu_ns: u64,
     /// Resident memory of the process, bytes (0 if unknown).
     pub rss_bytes: u64,
+    /// The interpreter frame's address, where the kernel read it (CPython
+    /// 3.15): an entry and its return carry the same.
+    pub frame: Option<u64>,
+    /// The frame belongs to a generator or coroutine (a resumed run).
+    pub generator: bool,
+    /// The file name filled PATH_MAX bytes and may be cut.
+    pub file_cut: bool,
 }
 
 /// A new process in scope (it called execve).
@@ -108,6 +116,9 @@ pub fn page_size() -> u64 {
 #[derive(Default)]
 pub struct Decoder {
     strings: HashMap<Box<[u8]>, Arc<str>>,
+    /// Call records whose file name filled PATH_MAX bytes (it may be cut:
+    /// a path qualifier cannot be checked on it).
+    pub files_cut: u64,
 }
 
 impl Decoder {
@@ -135,7 +146,7 @@ impl Decoder {
         }
     }
 
-    /// Decodes a call record.
+    /// Decodes a call record, common or long.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         let want = size_of::<CallEvent>();
         if bytes.len() < want {
@@ -149,16 +160,32 @@ impl Decoder {
             kind::RETURN => EventKind::Return,
             other => return Err(DecodeError::Kind(other)),
         };
+        self.files_cut += u64::from(raw.flags & flag::FILE_CUT != 0);
+        let file = if raw.flags & flag::LONG != 0 {
+            let want = size_of::<LongCallEvent>();
+            if bytes.len() < want {
+                return Err(DecodeError::Size { got: bytes.len(), want });
+            }
+            // The file name starts in the common part and goes on in `more`.
+            let at = std::mem::offset_of!(CallEvent, file);
+            self.intern(&bytes[at..at + pftrace_common::LONG_FILE_LEN])
+        } else {
+            debug_assert_eq!(raw.file.len(), FILE_LEN);
+            self.intern(&raw.file)
+        };
         Ok(Event {
             ts_ns: raw.ts_ns,
             pid: raw.pid,
             tid: raw.tid,
             kind,
             name: self.intern(&raw.name),
-            file: self.intern(&raw.file),
+            file,
             line: raw.lineno,
             thread_cpu_ns: raw.thread_cpu_ns,
             rss_bytes: raw.rss_pages.saturating_mul(page_size()),
+            frame: (raw.flags & flag::FRAME != 0).then_some(raw.frame),
+            generator: raw.flags & flag::GENERATOR != 0,
+            file_cut: raw.flags & flag::FILE_CUT != 0,
         })
     }
 
@@ -178,7 +205,7 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pftrace_common::{FILE_LEN, NAME_LEN};
+    use pftrace_common::NAME_LEN;
 
     fn raw(kind: u8, name: &[u8]) -> Vec<u8> {
         let mut ev = CallEvent {
@@ -187,9 +214,12 @@ mod tests {
             tid: 8,
             lineno: 3,
             kind,
-            _pad: [0; 3],
+            flags: 0,
+            agent_event: 0,
+            _pad: 0,
             thread_cpu_ns: 5,
             rss_pages: 2,
+            frame: 0,
             name: [0; NAME_LEN],
             file: [0; FILE_LEN],
         };
@@ -209,6 +239,26 @@ mod tests {
         assert_eq!((&*a.name, &*a.file, a.line, a.pid, a.tid), ("foo", "a.py", 3, 7, 8));
         assert!(Arc::ptr_eq(&a.name, &b.name));
         assert_eq!((a.thread_cpu_ns, a.rss_bytes), (5, 2 * page_size()));
+    }
+
+    #[test]
+    fn long_records_carry_the_whole_file_name_and_frames_their_address() {
+        let path: String = "/d".repeat(1500) + "/m.py"; // 3005 bytes
+        let mut bytes = raw(kind::ENTRY, b"f");
+        bytes[std::mem::offset_of!(CallEvent, flags)] = flag::LONG | flag::FRAME;
+        bytes[std::mem::offset_of!(CallEvent, frame)..][..8].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
+        bytes.resize(size_of::<LongCallEvent>(), 0);
+        let at = std::mem::offset_of!(CallEvent, file);
+        bytes[at..at + FILE_LEN].fill(0);
+        bytes[at..at + path.len()].copy_from_slice(path.as_bytes());
+        let mut d = Decoder::default();
+        let e = d.decode(&bytes).unwrap();
+        assert_eq!(&*e.file, path);
+        assert_eq!((e.frame, e.generator, e.file_cut), (Some(0x7f00_1234), false, false));
+        // A long record cut short is refused, not read past its end.
+        assert!(matches!(d.decode(&bytes[..size_of::<CallEvent>()]), Err(DecodeError::Size { .. })));
+        // A common record's frame is ignored unless flagged.
+        assert_eq!(d.decode(&raw(kind::RETURN, b"f")).unwrap().frame, None);
     }
 
     #[test]

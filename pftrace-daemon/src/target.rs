@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, LazyLock, Mutex},
 };
 
+use pftrace_common::FrameSpec;
 use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
@@ -125,6 +126,14 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         {
             return Err(TargetError::Unsupported { pid, binary: display, version, why });
         }
+        if let Some(v) =
+            version.filter(|&v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()))
+        {
+            log::warn!(
+                "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
+                 calls made there are not seen (unset PYTHON_JIT for complete traces)"
+            );
+        }
         let meta = fs::metadata(&open_path).map_err(gone)?;
         let file = (meta.dev(), meta.ino());
         let started = stat.map_or(0, |s| s.start_ticks);
@@ -229,8 +238,25 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
     {
         return Ok(info.clone());
     }
-    let sites = usdt::read_python_function_probes(open_path)?.into();
-    let info = Arc::new(BinaryInfo { version: binary_version(binary, open_path), sites });
+    let version = binary_version(binary, open_path);
+    let mut sites = usdt::read_python_function_probes(open_path)?;
+    let frames = match version {
+        Some(v) if v.reads_frames() && !sites.is_empty() => frame_specs(open_path, &sites).unwrap_or_else(|err| {
+            log::warn!(
+                "CPython {v} at {}: cannot read its frame layout ({err}): generator creations will show as \
+                 incomplete calls, __init__ shim frames as returns without entries, and functions with cells \
+                 at line -1",
+                crate::events::printable_path(binary)
+            );
+            Vec::new()
+        }),
+        _ => Vec::new(),
+    };
+    // How the kernel finds the interpreter frame at each site goes with the site.
+    for (site, frame) in sites.iter_mut().zip(frames) {
+        site.frame = frame;
+    }
+    let info = Arc::new(BinaryInfo { version, sites: sites.into() });
     if let Some(key) = key {
         let mut cache = BINARY_CACHE.lock().expect("cache lock");
         if cache.len() > 1024 {
@@ -278,6 +304,12 @@ fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
     })
 }
 
+/// The value of variable `name` in the initial environment of `process`.
+fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
+    let environ = process.environ().ok()?;
+    environ.get(std::ffi::OsStr::new(name)).map(|v| v.as_bytes().to_vec())
+}
+
 /// Whether `sites` hold both a `function__entry` and a `function__return` site.
 fn has_both_probes(sites: &[ProbeSite]) -> bool {
     let has = |kind| sites.iter().any(|s| s.python_kind() == Some(kind));
@@ -287,6 +319,29 @@ fn has_both_probes(sites: &[ProbeSite]) -> bool {
 /// Checks that the eBPF program can read the arguments of every site.
 fn check_specs(sites: &[ProbeSite]) -> Result<(), UsdtError> {
     sites.iter().try_for_each(|s| s.spec().map(drop))
+}
+
+/// The frame spec of each site of a CPython 3.15 file: its layout from
+/// `_Py_DebugOffsets`, and the code before each probe for the register.
+fn frame_specs(path: &Path, sites: &[usdt::ProbeSite]) -> Result<Vec<FrameSpec>, String> {
+    let data = fs::read(path).map_err(|e| e.to_string())?;
+    let layout = python::frame_layout(&data).map_err(|e| e.to_string())?;
+    sites
+        .iter()
+        .map(|s| {
+            let end = (s.pc_offset as usize).min(data.len());
+            let code_before = &data[end.saturating_sub(128)..end];
+            let arg_regs: Vec<u16> = s
+                .arg_specs
+                .iter()
+                .filter(|a| a.kind == pftrace_common::arg_kind::REG)
+                .map(|a| a.reg_off)
+                .collect();
+            python::frame_spec(&layout, code_before, &arg_regs).ok_or_else(|| {
+                format!("its frame and code fields span more than {} bytes", pftrace_common::FRAME_WINDOW)
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -63,12 +63,20 @@ pub struct Trace {
     pub calls: CallList,
     /// Per-process CPU and memory readings, oldest first.
     pub samples: Vec<ProcessSample>,
+    /// The first returns without an entry (at most
+    /// [`crate::pairing::UNMATCHED_SAMPLE`]); `unmatched_returns_total` counts them all.
     pub unmatched_returns: Vec<UnmatchedReturn>,
+    pub unmatched_returns_total: u64,
+    /// Returns without an entry from generator or coroutine frames (on
+    /// CPython 3.15, runs resumed by `throw()` or `close()` fire no entry).
+    pub unmatched_generator_returns: u64,
     /// Returns that closed entries above them on the stack (see pairing).
     pub skipped_entries: u64,
     pub counters: Counters,
     /// Records that user space could not decode.
     pub bad_records: u64,
+    /// Call records whose file name was over PATH_MAX (4095 bytes) and cut.
+    pub file_names_cut: u64,
     /// Records the kernel passed that user space dropped (path qualifier or
     /// glob did not match): the cost of those name forms.
     pub filtered_in_user_space: u64,

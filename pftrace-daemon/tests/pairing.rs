@@ -287,3 +287,83 @@ fn exceptions_and_generators_give_closed_balanced_calls() {
         assert!(w[1].ts_ns + slack >= w[0].end_ns(), "{:?} {:?}", w[0], w[1]);
     }
 }
+
+/// Children started by a launched Python, with another tracer already
+/// holding the probes of the same interpreter file up in every process
+/// that runs it (here a second pftraced attached host-wide with
+/// `--binary`; in the field any USDT tracer does it). Each child's own
+/// attachment then goes live site by site in the kernel, while the
+/// breakpoints are already armed: with entry sites first, calls entered in
+/// that window never saw their return (21-85 false incomplete calls per
+/// child, 31-142 per run on the code before). Five runs of 20 children
+/// must give no incomplete call, and every return the kernel matched must
+/// be a completed call or a counted return without entry.
+#[test]
+fn children_attached_while_another_tracer_holds_the_probes_have_no_false_incomplete_calls() {
+    const RUNS: usize = 5;
+    const CHILDREN: usize = 20;
+    let dir = TestDir::new("children-staggered");
+    // A private copy of the interpreter (its own inode), so the host-wide
+    // attachment of the second tracer touches no other test's processes.
+    // The copy finds its standard library at the prefix it was built with.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let interpreter = bin.join("python3.9");
+    std::fs::copy(python(), &interpreter).expect("copying the interpreter");
+    let spawn = dir.script(
+        "spawn.py",
+        r#"
+        import subprocess, sys
+        for _ in range(int(sys.argv[1])):
+            subprocess.run([sys.executable, '-c', 'import json, decimal, fractions, argparse'], check=True)
+        "#,
+    );
+    let holder_script = dir.script("holder.py", "import sys\nprint('ready', flush=True)\nsys.stdin.read()\n");
+    let holder = PyProcess::spawn(&interpreter, &holder_script, &[]);
+    holder.expect_line("ready");
+    let other = Pftraced::new(&dir, &["never_called_anywhere"])
+        .arg("--binary")
+        .arg(&interpreter)
+        .pid(holder.pid())
+        .spawn();
+    other.wait_attached(holder.pid());
+
+    for run in 0..RUNS {
+        let tracer = Pftraced::new(&dir, &["__init__"])
+            .arg("-q")
+            .launch(&[interpreter.as_os_str(), spawn.as_os_str(), CHILDREN.to_string().as_ref()])
+            .run();
+        tracer.assert_code(0);
+        let trace = tracer.trace();
+        let pf = trace.pftrace();
+        let parent = tracer.attached_pid();
+        let unmatched = trace.unmatched_returns_total();
+        eprintln!(
+            "run {run}: {} calls, {} incomplete, entries matched {}, returns matched {}, {unmatched} returns without entry",
+            trace.calls.len(),
+            trace.incomplete_calls(),
+            trace.counter("entry_matched"),
+            trace.counter("return_matched"),
+        );
+        assert_eq!(trace.counter("lost"), 0, "run {run}: {pf}");
+        assert_eq!(trace.counter("read_errors"), 0, "run {run}: {pf}");
+        assert_eq!(trace.incomplete_calls(), 0, "run {run}: false incomplete calls: {pf}");
+        assert_eq!(pf["skipped_entries"].as_u64(), Some(0), "run {run}: {pf}");
+        assert_eq!(trace.counter("entry_matched"), trace.calls.len() as u64, "run {run}: {pf}");
+        assert_eq!(
+            trace.counter("return_matched"),
+            trace.counter("entry_matched") + unmatched,
+            "run {run}: every matched return is a call or a counted return without entry: {pf}"
+        );
+        // The launched parent has its probes before its first line: all of its
+        // returns have entries; the children's start is where the window is.
+        assert!(
+            trace.unmatched_returns().iter().all(|r| r["pid"].as_u64() != Some(u64::from(parent))),
+            "run {run}: returns without entry in the launched process {parent}: {pf}"
+        );
+        let pids: std::collections::BTreeSet<u32> = trace.calls.iter().map(|c| c.pid).collect();
+        assert!(pids.contains(&parent), "run {run}: the parent's calls are missing");
+    }
+    drop(holder);
+    other.finish().assert_code(0);
+}

@@ -4,8 +4,9 @@
 //!    pftraced runs under umask 000), in a directory of mode 0755 it
 //!    creates, and other users cannot use it.
 //! b. Text chosen by a traced process never reaches a terminal raw: a file
-//!    name with escape sequences, a path the kernel cuts inside a UTF-8
-//!    character, and an interpreter installed under a path with an escape
+//!    name with escape sequences, a long path, a code object's made-up file
+//!    name the kernel cuts (at 4095 bytes) inside a UTF-8 character, and an
+//!    interpreter installed under a path with an escape
 //!    sequence show escaped (`\x1b`, U+FFFD) in the trace, the summary,
 //!    pftraced's messages and pftracectl's output, and every trace is JSON.
 //! c. No BPF object outlives pftraced: nothing is pinned in /sys/fs/bpf,
@@ -45,8 +46,9 @@ use serde_json::Value;
 
 /// How long to wait for the daemon to reach a state.
 const WAIT: Duration = Duration::from_secs(20);
-/// The bytes the kernel copies of a file name (pftrace_common::FILE_LEN - 1).
-const FILE_BYTES: usize = pftrace_common::FILE_LEN - 1;
+/// The most bytes the kernel copies of a file name (PATH_MAX - 1): longer
+/// names, which only code objects compiled with a made-up name have, are cut.
+const FILE_BYTES: usize = pftrace_common::LONG_FILE_LEN - 1;
 
 /// Polls `status --json` until `check` holds; panics after [`WAIT`].
 fn wait_status(socket: &Path, daemon: u32, what: &str, check: impl Fn(&Value) -> bool) -> Value {
@@ -158,8 +160,9 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
     // The main script: an OSC title sequence with BEL, and a colour sequence.
     let main_name = "evil\x1b]0;pwned\x07\x1b[31m.py";
     let main = dir.path().join(main_name);
-    // A module in a directory whose path the kernel cuts (at FILE_BYTES)
-    // inside a two-byte character: its name arrives with a lone lead byte.
+    // A module in a directory with an escape sequence and 200 bytes of
+    // two-byte characters (a path longer than the common record: it comes
+    // whole in the long one).
     let mut prefix = format!("{base}/evil\x1b[2J-");
     if (FILE_BYTES - prefix.len()).is_multiple_of(2) {
         prefix.push('x');
@@ -167,11 +170,16 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
     let mod_dir = PathBuf::from(format!("{prefix}{}", "é".repeat(100)));
     fs::create_dir(&mod_dir).unwrap();
     let module = mod_dir.join("evilmod.py");
-    assert!(module.as_os_str().len() > FILE_BYTES + 8);
-    let cut = &module.as_os_str().as_bytes()[..FILE_BYTES];
+    assert!(module.as_os_str().len() > pftrace_common::FILE_LEN + 8);
+    let want_module_file = escaped(module.to_str().unwrap());
+    // A function compiled with a file name longer than any path, which the
+    // kernel cuts (at FILE_BYTES) inside a two-byte character: its name
+    // arrives with a lone lead byte.
+    let long_name = PathBuf::from(format!("{prefix}{}", "é".repeat(FILE_BYTES)));
+    let cut = &long_name.as_os_str().as_bytes()[..FILE_BYTES];
     assert!(std::str::from_utf8(cut).is_err(), "the cut must fall inside a character");
     let whole_chars = (FILE_BYTES - prefix.len()) / 2;
-    let want_module_file = format!("{}{}\u{fffd}", escaped(&prefix), "é".repeat(whole_chars));
+    let want_cut_file = format!("{}{}\u{fffd}", escaped(&prefix), "é".repeat(whole_chars));
     let want_main_file = format!("{base}/evil\\x1b]0;pwned\\x07\\x1b[31m.py");
 
     write_script(
@@ -198,19 +206,23 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
                 foo()
             for _ in range(2):
                 evilmod.bar()
+            ns = {{}}
+            exec(compile("def baz():\n    pass\n", {long_name}, "exec"), ns)
+            ns["baz"]()
             open({ready}, "w").close()
             deadline = time.time() + 30
             while not os.path.exists({go}) and time.time() < deadline:
                 time.sleep(0.02)
             "#,
             mod_dir = py_str(&mod_dir),
+            long_name = py_str(&long_name),
             ready = py_str(&ready),
             go = py_str(&go),
         ),
     );
 
     let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["foo", "bar"])
+    let tracer = Pftraced::new(&dir, &["foo", "bar", "baz"])
         .arg("--socket")
         .arg(&socket)
         .launch(&[python().as_os_str(), main.as_os_str()])
@@ -265,7 +277,10 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
     let bar = trace.named("bar");
     assert_eq!(bar.len(), 2);
     assert!(bar.iter().all(|c| c.file == want_module_file), "{:?}\nwant {want_module_file:?}", bar[0].file);
-    assert_eq!(bar[0].file.len(), want_module_file.len());
+    let baz = trace.named("baz");
+    assert_eq!(baz.len(), 1);
+    assert_eq!(baz[0].file, want_cut_file);
+    assert_eq!(trace.pftrace()["file_names_cut"].as_u64(), Some(2), "{}", trace.pftrace());
     let raw_text = text(&raw);
     assert!(
         raw_text.contains(r#"evil\\x1b]0;pwned\\x07\\x1b[31m.py"#),
@@ -285,6 +300,11 @@ fn escape_sequences_and_cut_utf8_in_file_names_are_escaped_everywhere() {
     );
     assert!(
         run.stderr.lines().any(|l| l.starts_with("bar ") && l.ends_with(&want_module_file)),
+        "summary:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with("baz ") && l.ends_with(&want_cut_file)),
         "summary:\n{}",
         run.stderr
     );

@@ -21,7 +21,10 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_str_bytes,
-        generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task},
+        generated::{
+            bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_probe_read_user as bpf_probe_read_user_raw, bpf_probe_read_user_str,
+        },
     },
     macros::{map, raw_tracepoint, uprobe},
     maps::{
@@ -32,8 +35,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    COOKIE_RETURN, CallEvent, FILE_LEN, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED,
-    NAME_LEN, ProcEvent, UsdtArg, UsdtSpec, arg_kind, config, counter, kind,
+    COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
+    MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg,
+    UsdtSpec, agent, arg_kind, config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -68,6 +72,11 @@ static WAKEUP_BYTES: u32 = 0;
 /// cgroup scopes; see pftrace_common::task_layout::SCOPE_FILTER).
 #[unsafe(no_mangle)]
 static SCOPE_FILTER: u32 = 0;
+
+/// Non-zero: agent reports copy the name and file strings (see
+/// pftrace_common::task_layout::AGENT_STRINGS).
+#[unsafe(no_mangle)]
+static AGENT_STRINGS: u32 = 1;
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -205,35 +214,190 @@ fn try_on_probe(ctx: &ProbeContext, spec_id: u32, event_kind: u8, matched: u32) 
     if !name_matches(name_ptr, &mut name)? {
         return Ok(());
     }
-    bump(matched);
 
     let file_ptr = read_arg(ctx, &spec.args[ARG_FILENAME])?;
-    let lineno = read_arg(ctx, &spec.args[ARG_LINENO])? as i32;
+    let mut call =
+        Call { kind: event_kind, lineno: read_arg(ctx, &spec.args[ARG_LINENO])? as i32, flags: 0, frame: 0 };
+    if spec.frame.regs[0] != NO_REG && !frame_corrections(ctx, &spec.frame, name_ptr, &mut call) {
+        return Ok(());
+    }
+    bump(matched);
 
     let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
         bump(counter::LOST);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let len = unsafe {
+        fill(ev, &call, &name);
+        read_user_str((*ev).file.as_mut_ptr(), FILE_LEN as u32, file_ptr)
+    };
+    if len < FILE_LEN as i64 {
+        entry.submit(wakeup_flag());
+        return Ok(());
+    }
+    // The name filled the common record: it may be longer. Send it again in
+    // a record with room for PATH_MAX (rare; the common record stays small).
+    entry.discard(0);
+    bump(counter::LONG_FILES);
+    let Some(mut entry) = EVENTS.reserve::<LongCallEvent>(0) else {
+        bump(counter::LOST);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).pid = (pid_tgid >> 32) as u32;
-        (*ev).tid = pid_tgid as u32;
-        (*ev).lineno = lineno;
-        (*ev).kind = event_kind;
-        (*ev)._pad = [0; 3];
-        let (cpu, rss) = task_figures();
-        (*ev).thread_cpu_ns = cpu;
-        (*ev).rss_pages = rss;
-        (*ev).name = name;
-        let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
-        if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
-            file[0] = 0;
+        call.flags |= flag::LONG;
+        fill(&raw mut (*ev).head, &call, &name);
+        // head.file and more are one buffer of LONG_FILE_LEN bytes.
+        let len = read_user_str((*ev).head.file.as_mut_ptr(), LONG_FILE_LEN as u32, file_ptr);
+        if len >= LONG_FILE_LEN as i64 {
+            (*ev).head.flags |= flag::FILE_CUT;
         }
     }
     entry.submit(wakeup_flag());
     Ok(())
+}
+
+/// What a record says about one probe hit besides its name and file.
+struct Call {
+    kind: u8,
+    lineno: i32,
+    flags: u8,
+    frame: u64,
+}
+
+/// Fills a record's fixed fields.
+#[inline(always)]
+unsafe fn fill(ev: *mut CallEvent, call: &Call, name: &[u8; NAME_LEN]) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (cpu, rss) = task_figures();
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).lineno = call.lineno;
+        (*ev).kind = call.kind;
+        (*ev).flags = call.flags;
+        (*ev).agent_event = 0;
+        (*ev)._pad = 0;
+        (*ev).thread_cpu_ns = cpu;
+        (*ev).rss_pages = rss;
+        (*ev).frame = call.frame;
+        (*ev).name = *name;
+    }
+}
+
+/// Copies a NUL-terminated string of the traced process into `dest`
+/// (`size` bytes); returns the helper's result: bytes written with the NUL
+/// (`size` when the string filled the buffer), or a negative error (then
+/// `dest` starts with a NUL).
+#[inline(always)]
+unsafe fn read_user_str(dest: *mut u8, size: u32, src: u64) -> i64 {
+    let len = unsafe { bpf_probe_read_user_str(dest.cast(), size, src as *const core::ffi::c_void) };
+    if len < 0 {
+        unsafe { *dest = 0 };
+    }
+    len
+}
+
+/// The probed frame as read through a [`FrameSpec`].
+struct Frame {
+    addr: u64,
+    code_flags: u32,
+    firstlineno: i32,
+    owner: u8,
+}
+
+/// Applies what the interpreter frame says to `call` (CPython 3.15+):
+/// false when the hit must not be sent (a generator being created, or the
+/// `__init__` shim frame), each counted. The line -1 of code starting with
+/// MAKE_CELL/COPY_FREE_VARS becomes the code's first line.
+#[inline(always)]
+fn frame_corrections(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64, call: &mut Call) -> bool {
+    let Some(frame) = find_frame(ctx, fs, name_ptr) else {
+        bump(counter::FRAME_UNKNOWN);
+        return true;
+    };
+    if frame.code_flags & fs.shim_flags != 0 {
+        bump(counter::SHIM_RETURNS);
+        return false;
+    }
+    if call.kind == kind::ENTRY
+        && frame.owner == fs.owner_thread
+        && frame.code_flags & fs.generator_flags != 0
+    {
+        bump(counter::GENERATOR_CREATIONS);
+        return false;
+    }
+    if call.kind == kind::ENTRY && call.lineno == -1 {
+        call.lineno = frame.firstlineno;
+        call.flags |= flag::LINE_FROM_CODE;
+    }
+    call.frame = frame.addr;
+    call.flags |= flag::FRAME;
+    if frame.owner == fs.owner_generator {
+        call.flags |= flag::GENERATOR;
+    }
+    true
+}
+
+/// The interpreter frame: the first candidate register whose frame's code
+/// object has the probed function's name (the name argument points into
+/// that code's `co_name`), so a wrong register is never taken.
+#[inline(always)]
+fn find_frame(ctx: &ProbeContext, fs: &FrameSpec, name_ptr: u64) -> Option<Frame> {
+    let mut i = 0;
+    while i < FRAME_REGS {
+        let reg = fs.regs[i];
+        if reg == NO_REG {
+            break;
+        }
+        if let Some(frame) = read_reg(ctx, reg).ok().and_then(|addr| frame_at(addr, fs, name_ptr)) {
+            return Some(frame);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn frame_at(addr: u64, fs: &FrameSpec, name_ptr: u64) -> Option<Frame> {
+    // One window of the frame, then one of its code object (see FrameSpec).
+    let mut buf = [0u8; FRAME_WINDOW];
+    if !read_window(addr.wrapping_add(fs.frame_start as u64), fs.frame_len, &mut buf) {
+        return None;
+    }
+    // A tagged reference: the low bits are flags, code objects are aligned.
+    let code = field::<u64>(&buf, fs.frame_executable) & !7;
+    let owner = field::<u8>(&buf, fs.frame_owner);
+    if !read_window(code.wrapping_add(fs.code_start as u64), fs.code_len, &mut buf) {
+        return None;
+    }
+    let name_obj = field::<u64>(&buf, fs.code_name);
+    if name_obj.wrapping_add(fs.ascii_size as u64) != name_ptr {
+        return None;
+    }
+    let code_flags = field::<u32>(&buf, fs.code_flags);
+    let firstlineno = field::<i32>(&buf, fs.code_firstlineno);
+    Some(Frame { addr, code_flags, firstlineno, owner })
+}
+
+/// Copies `len` (1..=FRAME_WINDOW) bytes of the traced process at `at`.
+#[inline(always)]
+fn read_window(at: u64, len: u16, buf: &mut [u8; FRAME_WINDOW]) -> bool {
+    let len = len as u32;
+    if len == 0 || len > FRAME_WINDOW as u32 {
+        return false;
+    }
+    unsafe { bpf_probe_read_user_raw(buf.as_mut_ptr().cast(), len, at as *const core::ffi::c_void) == 0 }
+}
+
+/// A field of a window at `off` (clamped inside the buffer: user space
+/// checked the offsets, the verifier wants to see it).
+#[inline(always)]
+fn field<T: Copy>(buf: &[u8; FRAME_WINDOW], off: u16) -> T {
+    let off = (off as usize).min(FRAME_WINDOW - core::mem::size_of::<T>());
+    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(off).cast::<T>()) }
 }
 
 /// Wake the reader only once the ring is filling up (batched draining).
@@ -362,6 +526,69 @@ fn prefix_match(name: &[u8; NAME_LEN]) -> bool {
 #[inline(always)]
 fn config_value(index: u32) -> u32 {
     CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// A report of the in-process agent through its probe function (a uprobe on
+/// a 5-byte nop, attached to the agent's shared object for all processes):
+/// rdi = event, rsi = name, rdx = file, rcx = line.
+#[uprobe]
+pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
+    let event: u64 = ctx.arg(0).unwrap_or(0);
+    let name: u64 = ctx.arg(1).unwrap_or(0);
+    let file: u64 = ctx.arg(2).unwrap_or(0);
+    let line: u64 = ctx.arg(3).unwrap_or(0);
+    agent_report(event, name, file, line);
+    0
+}
+
+/// One agent report: only processes pftraced accepted (TRACKED, which also
+/// holds their forked children) may report, and pid and tid come from the
+/// kernel; the name and file are the process's own word about its own calls.
+#[inline(always)]
+fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+        bump(counter::AGENT_FOREIGN);
+        return;
+    }
+    if event == 0 || event > agent::LAST as u64 {
+        bump(counter::AGENT_BAD);
+        return;
+    }
+    let event = event as u8;
+    bump(counter::AGENT_REPORTS);
+    let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).lineno = line as i32;
+        (*ev).kind = if agent::is_entry(event) { kind::ENTRY } else { kind::RETURN };
+        (*ev).flags = 0;
+        (*ev).agent_event = event;
+        (*ev)._pad = 0;
+        (*ev).frame = 0;
+        let (cpu, rss) = task_figures();
+        (*ev).thread_cpu_ns = cpu;
+        (*ev).rss_pages = rss;
+        let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
+        let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
+        name[0] = 0;
+        file[0] = 0;
+        if global(&AGENT_STRINGS) != 0 {
+            if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
+                name[0] = 0;
+            }
+            if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
+                file[0] = 0;
+            }
+        }
+    }
+    entry.submit(wakeup_flag());
 }
 
 /// A process called execve: report it when it is in scope (every process,

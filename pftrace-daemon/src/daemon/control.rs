@@ -51,7 +51,7 @@ impl Daemon {
             calls_total: self.store.total,
             calls_in_memory: self.store.len() as u64,
             calls_evicted: self.store.evicted,
-            unmatched_returns: self.pairer.unmatched_returns().len() as u64,
+            unmatched_returns: self.pairer.unmatched_total,
             incomplete_calls: self.functions.incomplete(),
             dumps_in_progress: (self.max_dumps - self.dumps.available_permits()) as u64,
             max_concurrent_dumps: self.max_dumps as u64,

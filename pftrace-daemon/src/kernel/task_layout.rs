@@ -73,6 +73,23 @@ pub struct TaskOffsets {
 }
 
 impl TaskOffsets {
+    /// The eBPF programs' read-only globals these offsets set
+    /// (`pftrace_common::task_layout`), as (name, value).
+    pub fn globals(&self) -> [(&'static str, u32); 9] {
+        use pftrace_common::task_layout;
+        [
+            (task_layout::SUM_EXEC, self.se_sum_exec_runtime),
+            (task_layout::MM, self.mm),
+            (task_layout::TASK_PID, self.pid),
+            (task_layout::TASK_TGID, self.tgid),
+            (task_layout::RSS_BASE, self.rss_stat + self.rss_count),
+            (task_layout::RSS_STRIDE, self.rss_stride),
+            (task_layout::RSS_FILE, self.mm_filepages),
+            (task_layout::RSS_ANON, self.mm_anonpages),
+            (task_layout::RSS_SHMEM, self.mm_shmempages),
+        ]
+    }
+
     /// Reads the running kernel's BTF and works the offsets out.
     pub fn discover() -> Result<Self> {
         Self::from_btf(&Btf::from_sys()?)

@@ -44,7 +44,14 @@ impl<'a> CallSource<'a> {
     /// Every call, sorted (stably) by `key`.
     pub fn sorted<K: Ord + 'a>(&self, key: impl Fn(&Call) -> K + Clone + 'a) -> io::Result<CallIter<'a>> {
         match *self {
-            Self::Memory(_) => sort::sorted(self.iter(), key, usize::MAX, None),
+            Self::Memory(calls) => {
+                // Sort references, not copies: a dump's snapshot shares the
+                // store's blocks, and copying them to sort took a slow dump
+                // client's daemon from 63 to 185 MiB (3 dumps of 200,000 calls).
+                let mut refs: Vec<&'a Call> = calls.iter().collect();
+                refs.sort_by_cached_key(|c| key(c));
+                Ok(Box::new(refs.into_iter().cloned().map(Ok)))
+            }
             Self::Spilled(spill) => sort::sorted(spill.reader(), key, spill.sort_budget, Some(spill.dir())),
         }
     }

@@ -82,7 +82,7 @@ impl TraceFormat for Chrome {
             .iter()
             .map(|u| {
                 json!({"pid": u.pid, "tid": u.tid, "name": &*u.name, "file": &*u.file,
-                       "ts": trace.clock.wall_us(u.ts_ns)})
+                       "ts": trace.clock.wall_us(u.ts_ns), "generator": u.generator})
             })
             .collect();
         let other = json!({
@@ -94,9 +94,14 @@ impl TraceFormat for Chrome {
                 "calls": tally.calls,
                 "incomplete_calls": tally.incomplete,
                 "unmatched_returns": unmatched,
+                // `unmatched_returns` keeps the first of them only; all are counted.
+                "unmatched_returns_total": trace.unmatched_returns_total,
+                "unmatched_returns_sample_limit": crate::pairing::UNMATCHED_SAMPLE,
+                "unmatched_generator_returns": trace.unmatched_generator_returns,
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
                 "filtered_in_user_space": trace.filtered_in_user_space,
+                "file_names_cut": trace.file_names_cut,
                 "calls_total": trace.calls_total,
                 "calls_evicted": trace.calls_evicted,
                 "start_us": trace.clock.wall_us(trace.start_ns),

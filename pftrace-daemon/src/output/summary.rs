@@ -64,6 +64,14 @@ pub fn render(trace: &Trace) -> String {
         "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
         c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
     );
+    if trace.file_names_cut > 0 {
+        let _ = writeln!(
+            s,
+            "CUT: {} records had file names over 4095 bytes (not paths: PATH_MAX is 4096); they were cut, \
+             and FILE:NAME qualifiers cannot be checked on them",
+            trace.file_names_cut
+        );
+    }
     let process_reports_lost = c.process_reports_lost();
     if process_reports_lost > 0 {
         let _ = writeln!(
@@ -73,13 +81,12 @@ pub fn render(trace: &Trace) -> String {
         );
     }
     let incomplete: u64 = stats.iter().map(|f| f.incomplete).sum();
-    if incomplete > 0 || !trace.unmatched_returns.is_empty() || trace.bad_records > 0 {
+    if incomplete > 0 || trace.unmatched_returns_total > 0 || trace.bad_records > 0 {
         let _ = writeln!(
             s,
             "incomplete calls (no return seen; marked (N!) above): {incomplete}; returns without an entry \
              (attached mid-call): {}; undecodable records: {}",
-            trace.unmatched_returns.len(),
-            trace.bad_records
+            trace.unmatched_returns_total, trace.bad_records
         );
     }
     s

@@ -88,7 +88,7 @@ pub fn spec_from_args(args: &[UsdtArg], args_text: &str) -> Result<UsdtSpec> {
             found: args.len(),
             needed: USDT_ARGS,
         })?;
-    Ok(UsdtSpec { args: first })
+    Ok(UsdtSpec { args: first, frame: Default::default() })
 }
 
 /// Parses an argument string and builds the spec of its first [`USDT_ARGS`]

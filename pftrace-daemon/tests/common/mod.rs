@@ -888,8 +888,14 @@ impl Trace {
         self.pftrace()["incomplete_calls"].as_u64().unwrap()
     }
 
+    /// The sample of returns without an entry the trace keeps.
     pub fn unmatched_returns(&self) -> &Vec<Value> {
         self.pftrace()["unmatched_returns"].as_array().unwrap()
+    }
+
+    /// Every return without an entry (the sample above is bounded).
+    pub fn unmatched_returns_total(&self) -> u64 {
+        self.pftrace()["unmatched_returns_total"].as_u64().expect("unmatched_returns_total")
     }
 
     /// `otherData.pftrace.names`.
@@ -939,6 +945,7 @@ impl Trace {
         assert_eq!(self.counter("read_errors"), 0, "read errors: {pf}");
         assert_eq!(self.incomplete_calls(), 0, "incomplete calls: {pf}");
         assert!(self.unmatched_returns().is_empty(), "unmatched returns: {pf}");
+        assert_eq!(self.unmatched_returns_total(), 0, "unmatched returns: {pf}");
         assert_eq!(pf["bad_records"].as_u64(), Some(0), "bad records: {pf}");
         assert_eq!(pf["skipped_entries"].as_u64(), Some(0), "skipped entries: {pf}");
         assert_eq!(

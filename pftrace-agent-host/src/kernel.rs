@@ -1,0 +1,282 @@
+//! The agent's report path in the kernel, as pftraced drives it: the
+//! program `pftrace_agent_uprobe` (a uprobe on the agent's probe function,
+//! attached once for every process mapping the agent's file), the TRACKED
+//! set of processes allowed to report, and the ring buffer the records
+//! arrive on.
+//!
+//! The attachment is host-wide and flat in the number of processes: a
+//! process that is not reporting never reaches it (the probe function is
+//! only called for traced functions), and one that is not in TRACKED is
+//! dropped first thing (counted in AGENT_FOREIGN).
+
+use std::{
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use pftrace::{bpf::BPF_OBJECT, kernel::task_layout::TaskOffsets};
+use pftrace_common::{CallEvent, agent, counter, task_layout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading pftrace's eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("the eBPF object has no {0}; was it built from this source tree?")]
+    Missing(&'static str),
+    #[error("{path}: no exported symbol {symbol}; is it pftrace's agent?")]
+    NoProbe { path: PathBuf, symbol: String },
+    #[error("{path}: {source}")]
+    Elf { path: PathBuf, source: std::io::Error },
+}
+
+const UPROBE_PROGRAM: &str = "pftrace_agent_uprobe";
+
+/// The loaded agent programs and their maps.
+pub struct AgentKernel {
+    ebpf: Ebpf,
+    uprobe_loaded: bool,
+}
+
+/// Options for loading (benchmarks vary them).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub ring_bytes: u32,
+    /// Copy name and file strings into records (false only to measure their cost).
+    pub strings: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { ring_bytes: 1 << 24, strings: true }
+    }
+}
+
+impl AgentKernel {
+    /// Loads pftrace's eBPF object with the kernel's task layout (per-call
+    /// CPU time and RSS), without attaching anything yet.
+    pub fn load(opts: LoadOptions) -> Result<Self, KernelError> {
+        let layout = TaskOffsets::discover().ok();
+        let globals = layout.as_ref().map(TaskOffsets::globals);
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("EVENTS", opts.ring_bytes);
+        for (name, value) in globals.iter().flatten() {
+            loader.override_global(name, value, true);
+        }
+        let strings = u32::from(opts.strings);
+        loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
+        let wakeup = opts.ring_bytes / 4;
+        loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
+        let ebpf = loader.load(BPF_OBJECT)?;
+        Ok(Self { ebpf, uprobe_loaded: false })
+    }
+
+    /// Puts the uprobe on the agent's probe function in `agent_so` (every
+    /// process mapping that file; only TRACKED ones get through).
+    /// `symbol` is normally [`agent::PROBE_SYMBOL`].
+    pub fn attach_uprobe(&mut self, agent_so: &Path, symbol: &str) -> Result<(), KernelError> {
+        self.attach_uprobe_extra(agent_so, symbol)
+    }
+
+    /// A program that returns at once on the probe function (benchmarks:
+    /// the cost of the uprobe itself).
+    pub fn attach_floor(&mut self, agent_so: &Path, symbol: &str) -> Result<(), KernelError> {
+        const FLOOR: &str = "pftrace_noop";
+        let offset = symbol_offset(agent_so, symbol)?;
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(FLOOR)
+            .ok_or(KernelError::Missing(FLOOR))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: FLOOR, source })?;
+        prog.load().map_err(|source| KernelError::Program { name: FLOOR, source })?;
+        let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
+        prog.attach(location, agent_so, UProbeScope::AllProcesses)
+            .map_err(|source| KernelError::Program { name: FLOOR, source })?;
+        Ok(())
+    }
+
+    /// The same program on another symbol too (benchmarks: the 1-byte-nop probe).
+    pub fn attach_uprobe_extra(&mut self, agent_so: &Path, symbol: &str) -> Result<(), KernelError> {
+        let offset = symbol_offset(agent_so, symbol)?;
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(UPROBE_PROGRAM)
+            .ok_or(KernelError::Missing(UPROBE_PROGRAM))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: UPROBE_PROGRAM, source })?;
+        if !self.uprobe_loaded {
+            prog.load().map_err(|source| KernelError::Program { name: UPROBE_PROGRAM, source })?;
+            self.uprobe_loaded = true;
+        }
+        let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
+        prog.attach(location, agent_so, UProbeScope::AllProcesses)
+            .map_err(|source| KernelError::Program { name: UPROBE_PROGRAM, source })?;
+        Ok(())
+    }
+
+    /// Attaches the fork program: a child of a TRACKED process is tracked
+    /// from its first instruction (forked children keep the parent's agent).
+    pub fn follow_forks(&mut self) -> Result<(), KernelError> {
+        const FORK: &str = "pftrace_fork";
+        let prog: &mut aya::programs::RawTracePoint = self
+            .ebpf
+            .program_mut(FORK)
+            .ok_or(KernelError::Missing(FORK))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: FORK, source })?;
+        prog.load().map_err(|source| KernelError::Program { name: FORK, source })?;
+        prog.attach("sched_process_fork").map_err(|source| KernelError::Program { name: FORK, source })?;
+        Ok(())
+    }
+
+    /// Allows `pid` (and, through the fork program when it runs, its
+    /// children) to report.
+    pub fn track(&mut self, pid: u32) -> Result<(), KernelError> {
+        self.tracked()?.insert(pid, 1, 0).map_err(|source| KernelError::Map { name: "TRACKED", source })
+    }
+
+    pub fn untrack(&mut self, pid: u32) -> Result<(), KernelError> {
+        match self.tracked()?.remove(&pid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Gone already (the exit program removes exiting processes).
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(KernelError::Map { name: "TRACKED", source }),
+        }
+    }
+
+    fn tracked(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
+        let map = self.ebpf.map_mut("TRACKED").ok_or(KernelError::Missing("map TRACKED"))?;
+        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "TRACKED", source })
+    }
+
+    /// A counter summed over CPUs (`pftrace_common::counter`).
+    pub fn counter(&self, index: u32) -> Result<u64, KernelError> {
+        let map = self.ebpf.map("COUNTERS").ok_or(KernelError::Missing("map COUNTERS"))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| KernelError::Map { name: "COUNTERS", source })?;
+        let v = arr.get(&index, 0).map_err(|source| KernelError::Map { name: "COUNTERS", source })?;
+        Ok(v.iter().sum())
+    }
+
+    /// The ring buffer (once).
+    pub fn take_ring(&mut self) -> Result<Ring, KernelError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::Missing("map EVENTS"))?;
+        Ok(Ring {
+            ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })?,
+        })
+    }
+}
+
+/// The counters the agent path adds.
+pub fn agent_counters(k: &AgentKernel) -> Result<[u64; 3], KernelError> {
+    Ok([
+        k.counter(counter::AGENT_REPORTS)?,
+        k.counter(counter::AGENT_FOREIGN)?,
+        k.counter(counter::AGENT_BAD)?,
+    ])
+}
+
+/// Records read off the ring buffer.
+pub struct Ring {
+    ring: RingBuf<MapData>,
+}
+
+/// One agent record, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub event: u8,
+    pub entry: bool,
+    pub line: i32,
+    pub name: String,
+    pub file: String,
+    pub thread_cpu_ns: u64,
+    pub rss_pages: u64,
+}
+
+impl Ring {
+    /// Drains what is there; only agent records (detail byte non-zero).
+    pub fn drain(&mut self, out: &mut Vec<AgentRecord>) {
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<CallEvent>()
+                || item[pftrace_common::KIND_OFFSET] > pftrace_common::kind::RETURN
+            {
+                continue;
+            }
+            // SAFETY: length checked; CallEvent is plain data.
+            let ev: CallEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const CallEvent) };
+            if ev.agent_event == 0 {
+                continue;
+            }
+            let text = |b: &[u8]| {
+                String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
+            };
+            out.push(AgentRecord {
+                ts_ns: ev.ts_ns,
+                pid: ev.pid,
+                tid: ev.tid,
+                event: ev.agent_event,
+                entry: ev.kind == pftrace_common::kind::ENTRY,
+                line: ev.lineno,
+                name: text(&ev.name),
+                file: text(&ev.file),
+                thread_cpu_ns: ev.thread_cpu_ns,
+                rss_pages: ev.rss_pages,
+            });
+        }
+    }
+
+    /// Drains what is there, counting the agent records of process `pid`
+    /// (benchmarks: no decoding).
+    pub fn count_for(&mut self, pid: u32) -> u64 {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<CallEvent>()
+                && item[agent::DETAIL_OFFSET] != 0
+                && item[pftrace_common::KIND_OFFSET] <= pftrace_common::kind::RETURN
+                && u32::from_ne_bytes([item[8], item[9], item[10], item[11]]) == pid
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.ring.as_raw_fd()
+    }
+}
+
+/// File offset of an exported function in an ELF shared object.
+pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, KernelError> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let elf = |source| KernelError::Elf { path: path.to_path_buf(), source };
+    let data = std::fs::read(path).map_err(elf)?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| elf(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
+    let sym = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(symbol))
+        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    let (file_off, _) = section
+        .file_range()
+        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    Ok(sym.address() - section.address() + file_off)
+}

@@ -1,0 +1,142 @@
+//! pftraced's end of the agent's control socket: accept an agent, learn its
+//! pid from the kernel (SO_PEERCRED, never from what it says), tell it how to
+//! report and what to trace, and keep the connection: closing it (or
+//! pftraced dying) makes the agent remove its hooks.
+
+use std::{
+    io::BufReader,
+    os::{
+        fd::AsRawFd as _,
+        unix::{
+            fs::PermissionsExt as _,
+            net::{UnixListener, UnixStream},
+        },
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use pftrace_agent::protocol::{self, Command, Hello, Report};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("no agent connected within {0:?}")]
+    Timeout(Duration),
+    #[error("agent of pid {pid}: {what}")]
+    Agent { pid: u32, what: String },
+}
+
+/// The listening socket.
+pub struct AgentServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl AgentServer {
+    /// Binds `path` (a stale socket there is replaced; the directory must be
+    /// root's). The socket is connectable by every user: who may report is
+    /// decided per peer pid, and the kernel accepts records only from
+    /// processes pftraced tracks.
+    pub fn bind(path: &Path) -> Result<Self, ServerError> {
+        let io = |source| ServerError::Io { path: path.to_path_buf(), source };
+        match std::fs::symlink_metadata(path) {
+            Ok(m)
+                if m.file_type().is_symlink()
+                    || !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) =>
+            {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a socket: remove it or choose another path",
+                )));
+            }
+            Ok(_) => std::fs::remove_file(path).map_err(io)?,
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        Ok(Self { listener, path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits up to `timeout` for the next agent and reads its hello.
+    pub fn accept(&self, timeout: Duration) -> Result<AgentConn, ServerError> {
+        let deadline = Instant::now() + timeout;
+        let io = |source| ServerError::Io { path: self.path.clone(), source };
+        let stream = loop {
+            match self.listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(ServerError::Timeout(timeout));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(io(e)),
+            }
+        };
+        stream.set_nonblocking(false).map_err(io)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+        let pid = peer_pid(&stream).map_err(io)?;
+        let mut reader = BufReader::new(stream);
+        let line =
+            protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
+        let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
+        Ok(AgentConn { pid, hello, reader })
+    }
+}
+
+/// The kernel's word on who is at the other end.
+fn peer_pid(s: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.pid as u32)
+}
+
+/// One connected agent.
+pub struct AgentConn {
+    /// From SO_PEERCRED.
+    pub pid: u32,
+    /// What the agent said (its pid claim is not used).
+    pub hello: Hello,
+    reader: BufReader<UnixStream>,
+}
+
+impl AgentConn {
+    /// Sends how to report and the names; waits for the agent to say they
+    /// are in force. Returns the generation.
+    pub fn configure(&mut self, report: Report, names: &[String]) -> Result<u32, ServerError> {
+        self.send(&Command::Report(report))?;
+        self.set_names(names)
+    }
+
+    /// Sends a new set of names and waits for the agent's acknowledgement.
+    pub fn set_names(&mut self, names: &[String]) -> Result<u32, ServerError> {
+        self.send(&Command::Names(names.to_vec()))?;
+        let line = protocol::read_line(&mut self.reader).map_err(|e| self.err(e.to_string()))?;
+        protocol::parse_ok(&line).ok_or_else(|| self.err(format!("unexpected answer {line:?}")))
+    }
+
+    pub fn stop(&mut self) -> Result<(), ServerError> {
+        self.send(&Command::Stop)
+    }
+
+    fn send(&mut self, c: &Command) -> Result<(), ServerError> {
+        protocol::send(&mut self.reader.get_ref(), &c.to_lines()).map_err(|e| self.err(e.to_string()))
+    }
+
+    fn err(&self, what: String) -> ServerError {
+        ServerError::Agent { pid: self.pid, what }
+    }
+}

@@ -1,0 +1,31 @@
+# Target of the PEP 768 tests. "spin": the main thread waits in join() while
+# a worker runs Python; once the agent (loaded from outside) is tracing, the
+# worker calls work() exactly N times. "sleep S": only the main thread, asleep.
+import sys
+import threading
+import time
+
+
+def work(x):
+    return x + 1
+
+
+def spin(n):
+    while True:
+        m = sys.modules.get("pftrace_agent")
+        if m is not None and m.status().startswith("tracing"):
+            for i in range(n):
+                work(i)
+            print("CALLED", n, flush=True)
+            return
+        sum(range(100))
+
+
+print("READY", flush=True)
+if sys.argv[1] == "spin":
+    t = threading.Thread(target=spin, args=(int(sys.argv[2]),))
+    t.start()
+    t.join()
+else:
+    time.sleep(float(sys.argv[2]))
+    print("WOKE", "pftrace_agent" in sys.modules, flush=True)

@@ -1,0 +1,23 @@
+# pftrace's agent loader for a running process (CPython 3.14+, PEP 768):
+# pftraced writes this file's path into a thread of the target and the
+# interpreter runs it at its next eval-breaker check. Installed by pftraced,
+# root-owned, read-only; the directory and socket are filled in at install
+# time. Defines nothing in the namespace it runs in.
+
+
+def _pftrace_attach(AGENT_DIR=@AGENT_DIR@, SOCKET=@SOCKET@):
+    import sys
+
+    try:
+        sys.path.insert(0, AGENT_DIR)
+        try:
+            import pftrace_loader
+        finally:
+            sys.path.remove(AGENT_DIR)
+        pftrace_loader.load(AGENT_DIR, SOCKET)
+    except BaseException as e:  # never into the program
+        sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))
+
+
+_pftrace_attach()
+del _pftrace_attach

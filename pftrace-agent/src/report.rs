@@ -1,0 +1,128 @@
+//! Reporting a matched event to the kernel, where a BPF program stamps it
+//! with the kernel's clock, the thread's CPU time and the process's RSS and
+//! puts it on pftraced's ring buffer. Two ways, chosen by pftraced:
+//!
+//! - `pftrace_agent_probe`, an exported function that is a 5-byte nop and
+//!   `ret`, with a uprobe on it (on this kernel a uprobe on a nop5 is turned
+//!   into a call to a trampoline: 264-294 ns a hit, against 540-574 ns on a
+//!   1-byte nop and 3.9 us on other instructions; FIELD-NOTES);
+//! - the getppid syscall with the report in its argument registers, taken by
+//!   an fentry program (getppid alone: 105 ns here).
+//!
+//! With no uprobe attached the probe function costs a call and a nop.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::verdict::CodeInfo;
+
+/// 0: off; 1: uprobe.
+static MODE: AtomicU8 = AtomicU8::new(0);
+pub const OFF: u8 = 0;
+pub const UPROBE: u8 = 1;
+
+pub fn set_mode(mode: u8) {
+    MODE.store(mode, Ordering::Release);
+}
+
+/// The probe site: `nopl 0x0(%rax,%rax,1)` (0f 1f 44 00 00), the nop5 the
+/// kernel optimises, then `ret`. Arguments: event, name, file, line (rdi,
+/// rsi, rdx, rcx). Naked, so nothing moves the arguments or the nop.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pftrace_agent_probe(_event: u64, _name: *const u8, _file: *const u8, _line: u64) {
+    core::arch::naked_asm!(".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "ret")
+}
+
+/// The same with a 1-byte nop (what CPython's USDT sites are): kept only to
+/// measure the difference on the running kernel (`agent-bench --nop1`).
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pftrace_agent_probe_nop1(
+    _event: u64,
+    _name: *const u8,
+    _file: *const u8,
+    _line: u64,
+) {
+    core::arch::naked_asm!("nop", "ret")
+}
+
+/// Which probe function UPROBE mode calls (the nop1 one for that measurement).
+static USE_NOP1: AtomicU8 = AtomicU8::new(0);
+
+pub fn use_nop1(on: bool) {
+    USE_NOP1.store(on as u8, Ordering::Relaxed);
+}
+
+/// Reports one event of a traced code object.
+#[inline]
+pub fn report(event: u8, info: &CodeInfo) {
+    let (name, file, line) =
+        (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8, info.line as u64);
+    if MODE.load(Ordering::Relaxed) == UPROBE {
+        // SAFETY: the probe functions do nothing but return.
+        unsafe {
+            if USE_NOP1.load(Ordering::Relaxed) == 0 {
+                pftrace_agent_probe(event as u64, name, file, line)
+            } else {
+                pftrace_agent_probe_nop1(event as u64, name, file, line)
+            }
+        }
+    }
+}
+
+/// In a forked child: map the probe functions' code pages afresh from the
+/// file. The kernel optimises a hit nop5 uprobe by rewriting the nop into a
+/// call to a trampoline page of the process; fork copies the rewritten code
+/// page but not the trampoline, and the child's next report jumped into
+/// unmapped memory (SIGSEGV at the trampoline's address, seen on 6.18 with
+/// the fork test). A fresh private mapping of the same file page has the
+/// original bytes, and the kernel puts its breakpoint back in (the uprobe is
+/// attached to the file), so the child reports like its parent.
+pub fn remap_probe_pages() -> Result<(), String> {
+    let mut pages: Vec<usize> =
+        [pftrace_agent_probe as *const () as usize, pftrace_agent_probe_nop1 as *const () as usize]
+            .iter()
+            .map(|a| a & !(page_size() - 1))
+            .collect();
+    pages.dedup();
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("/proc/self/maps: {e}"))?;
+    for page in pages {
+        let (start, offset, path) = maps
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let (a, b) = f.next()?.split_once('-')?;
+                let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+                let perms = f.next()?;
+                let off = usize::from_str_radix(f.next()?, 16).ok()?;
+                let path = f.nth(2)?;
+                (page >= a && page < b && perms.contains('x')).then(|| (a, off, path.to_string()))
+            })
+            .ok_or("the probe's page is not in /proc/self/maps")?;
+        let c = std::ffi::CString::new(path.clone()).map_err(|_| "path")?;
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("{path}: {}", std::io::Error::last_os_error()));
+        }
+        let p = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                page_size(),
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd,
+                (offset + (page - start)) as libc::off_t,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        if p == libc::MAP_FAILED {
+            return Err(format!("remapping the probe page of {path}: {err}"));
+        }
+    }
+    Ok(())
+}
+
+fn page_size() -> usize {
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

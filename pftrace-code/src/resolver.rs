@@ -1,0 +1,196 @@
+//! The USDT path's entry point: (pid, file, name, line) from a probe to a
+//! [`CodeInfo`], resolved once per code object. Three caches, each bounded:
+//! processes (by pid and start time), parsed files (by file identity: dev,
+//! inode, mtime, size — shared by every process that runs the file), and
+//! answers (by process, file, name and line).
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use crate::{
+    info::{CodeInfo, Field, Origin},
+    module::Roots,
+    process::{FileId, Process, SOURCE_MAX},
+    source::FileCodes,
+    version::PyVersion,
+};
+
+/// What a probe gives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Probe {
+    pub pid: u32,
+    /// `co_filename`.
+    pub filename: String,
+    /// `co_name`.
+    pub function: String,
+    /// The probe's line: `co_firstlineno` at entry on 3.6-3.10 (and the
+    /// agent's reports), a line of the body at returns and generator
+    /// resumptions, -1 or 0 at 3.15's entry for some code objects.
+    pub line: i64,
+}
+
+/// Cache bounds: past them a cache is emptied (entries are cheap to redo).
+pub const MAX_PROCESSES: usize = 1024;
+pub const MAX_FILES: usize = 4096;
+pub const MAX_ANSWERS: usize = 65_536;
+
+struct ProcessEntry {
+    process: Process,
+    roots: Result<Roots, String>,
+}
+
+/// Resolves probes to code objects, once each.
+#[derive(Default)]
+pub struct Resolver {
+    processes: HashMap<(u32, u64), Arc<ProcessEntry>>,
+    files: HashMap<(FileId, PyVersion, u8), Arc<Result<FileCodes, String>>>,
+    answers: HashMap<(u32, u64, String, String, i64), Arc<CodeInfo>>,
+    /// How many files were parsed (for tests and status).
+    pub parses: u64,
+}
+
+fn unknown_all(p: &Probe, module: Field<String>, why: &str) -> CodeInfo {
+    CodeInfo {
+        function: p.function.clone(),
+        filename: p.filename.clone(),
+        lineno: Field::unknown(why),
+        module,
+        qualname: Field::unknown(why),
+        params: Field::unknown(why),
+        locals: Field::unknown(why),
+        stacksize: Field::unknown(STACKSIZE_WHY),
+        origin: Origin::Source,
+    }
+}
+
+/// Why the source path has no `stacksize`.
+pub const STACKSIZE_WHY: &str = "co_stacksize is computed by CPython's compiler from the bytecode it \
+     generates, which the source file does not give (the agent path reads it from the code object)";
+
+impl Resolver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process `pid` as it is now (a new entry if the pid was reused).
+    fn process(&mut self, pid: u32, version: Option<PyVersion>) -> Result<Arc<ProcessEntry>, String> {
+        let process = Process::open(pid).map_err(|e| format!("process {pid}: {e}"))?;
+        let key = (pid, process.start_ticks);
+        if let Some(e) = self.processes.get(&key) {
+            return Ok(e.clone());
+        }
+        if self.processes.len() >= MAX_PROCESSES {
+            self.processes.clear();
+        }
+        let roots = Roots::of(&process, version);
+        let e = Arc::new(ProcessEntry { process, roots });
+        self.processes.insert(key, e.clone());
+        Ok(e)
+    }
+
+    /// Forgets what is cached for a process that exited.
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.retain(|k, _| k.0 != pid);
+        self.answers.retain(|k, _| k.0 != pid);
+    }
+
+    /// The code object a probe ran. `version`: the process's CPython, when
+    /// the caller knows it (else read from its executable's name or
+    /// `pyvenv.cfg`).
+    pub fn resolve(&mut self, probe: &Probe, version: Option<PyVersion>) -> Arc<CodeInfo> {
+        let entry = match self.process(probe.pid, version) {
+            Ok(e) => e,
+            Err(why) => return Arc::new(unknown_all(probe, Field::unknown(why.clone()), &why)),
+        };
+        let key = (
+            probe.pid,
+            entry.process.start_ticks,
+            probe.filename.clone(),
+            probe.function.clone(),
+            probe.line,
+        );
+        if let Some(a) = self.answers.get(&key) {
+            return a.clone();
+        }
+        let info = Arc::new(self.resolve_uncached(&entry, probe));
+        if self.answers.len() >= MAX_ANSWERS {
+            self.answers.clear();
+        }
+        self.answers.insert(key, info.clone());
+        info
+    }
+
+    fn resolve_uncached(&mut self, entry: &ProcessEntry, probe: &Probe) -> CodeInfo {
+        let roots = match &entry.roots {
+            Ok(r) => r,
+            Err(why) => {
+                let why = format!("the process's import roots: {why}");
+                return unknown_all(probe, Field::unknown(why.clone()), &why);
+            }
+        };
+        let p = &entry.process;
+        let module = roots.module_of(p, &probe.filename);
+        if probe.filename.starts_with('<') {
+            return unknown_all(probe, module, &format!("{:?} names no source file", probe.filename));
+        }
+        let (bytes, id) = match p.read_file(&probe.filename, SOURCE_MAX) {
+            Ok(x) => x,
+            Err(e) => return unknown_all(probe, module, &format!("the source file cannot be read: {e}")),
+        };
+        // A file changed after the process started may not be what it
+        // compiled (mtime at or after the start, rounded down, is refused).
+        let started_ns = p.started.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos() as i128;
+        if id.mtime_ns >= started_ns {
+            return unknown_all(probe, module, "the source file was modified after the process started");
+        }
+        let version = roots.version;
+        let optimize = roots.launch.optimize.max(if roots.launch.ignore_env {
+            0
+        } else {
+            p.env
+                .get("PYTHONOPTIMIZE")
+                .and_then(|v| v.parse::<u8>().ok().map(|n| n.min(2)).or(Some(1)))
+                .unwrap_or(0)
+        });
+        let fkey = (id, version, optimize);
+        let codes = match self.files.get(&fkey) {
+            Some(c) => c.clone(),
+            None => {
+                if self.files.len() >= MAX_FILES {
+                    self.files.clear();
+                }
+                self.parses += 1;
+                let parsed = match std::str::from_utf8(&bytes) {
+                    Ok(src) => FileCodes::analyze(src, version, optimize),
+                    Err(_) => {
+                        Err("the source file is not UTF-8 (PEP 263 encodings are not read)".to_string())
+                    }
+                };
+                let c = Arc::new(parsed);
+                self.files.insert(fkey, c.clone());
+                c
+            }
+        };
+        let codes = match codes.as_ref() {
+            Ok(c) => c,
+            Err(why) => return unknown_all(probe, module, why),
+        };
+        match codes.find(&probe.function, probe.line) {
+            Err(why) => unknown_all(probe, module, &why),
+            Ok(c) => CodeInfo {
+                function: probe.function.clone(),
+                filename: probe.filename.clone(),
+                lineno: c.lineno.clone().map_or_else(Field::Unknown, Field::Known),
+                module,
+                qualname: c.qualname.clone().map_or_else(Field::Unknown, Field::Known),
+                params: Field::Known(c.params.clone()),
+                locals: c.locals.clone().map_or_else(Field::Unknown, Field::Known),
+                stacksize: Field::unknown(STACKSIZE_WHY),
+                origin: Origin::Source,
+            },
+        }
+    }
+}
