@@ -223,10 +223,10 @@ impl Roots {
                 homes.push(h.split(':').next().unwrap_or_default().to_string());
             }
             let mut starts = vec![exe_dir.clone()];
-            if let Some((_, cfg)) = &venv {
-                if let Some(h) = cfg_value(cfg, "home") {
-                    starts.insert(0, h.to_string());
-                }
+            if let Some((_, cfg)) = &venv
+                && let Some(h) = cfg_value(cfg, "home")
+            {
+                starts.insert(0, h.to_string());
             }
             for s in &starts {
                 let mut d = s.clone();
@@ -444,10 +444,10 @@ impl Roots {
         if let Some(why) = doubt {
             return Field::unknown(why);
         }
-        if let Main::Module(m) = &self.launch.main {
-            if name == *m || name == format!("{m}.__main__") {
-                return Field::Known("__main__".into());
-            }
+        if let Main::Module(m) = &self.launch.main
+            && (name == *m || name == format!("{m}.__main__"))
+        {
+            return Field::Known("__main__".into());
         }
         Field::Known(name)
     }

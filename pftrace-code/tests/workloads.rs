@@ -242,7 +242,7 @@ fn compare(label: &str, results: &[(Value, CodeInfo, Vec<CodeInfo>)], dir: &Path
             }
             None => {
                 assert!(
-                    !r.get("argcount").is_none() && r["name"] == "wrapper",
+                    r.get("argcount").is_some() && r["name"] == "wrapper",
                     "{here}: the recorder found no qualname"
                 );
                 *no_truth += 1;

@@ -741,10 +741,10 @@ impl<'a> Builder<'a> {
                 }
             }
             Expr::Named(n) => {
-                if matches!(self.cur().kind, Kind::Comprehension(_)) {
-                    if let Expr::Name(t) = &*n.target {
-                        self.extend_namedexpr_scope(t.id.as_str());
-                    }
+                if matches!(self.cur().kind, Kind::Comprehension(_))
+                    && let Expr::Name(t) = &*n.target
+                {
+                    self.extend_namedexpr_scope(t.id.as_str());
                 }
                 self.expr(&n.value);
                 self.expr(&n.target);
@@ -818,11 +818,11 @@ impl<'a> Builder<'a> {
                 self.expr(&c.func);
                 // `f(x for x in y)`: CPython's generator expression starts
                 // at the call's parenthesis (3.9-3.15 measured).
-                if let ([Expr::Generator(g)], true) = (&*c.arguments.args, c.arguments.keywords.is_empty()) {
-                    if !g.parenthesized {
-                        let line = self.line(c.arguments.range);
-                        self.first_line_of.insert(key(g.range), line);
-                    }
+                if let ([Expr::Generator(g)], true) = (&*c.arguments.args, c.arguments.keywords.is_empty())
+                    && !g.parenthesized
+                {
+                    let line = self.line(c.arguments.range);
+                    self.first_line_of.insert(key(g.range), line);
                 }
                 c.arguments.args.iter().for_each(|x| self.expr(x));
                 c.arguments.keywords.iter().for_each(|k| self.expr(&k.value));
@@ -966,7 +966,7 @@ fn has_future_annotations(body: &[Stmt]) -> bool {
 /// comprehensions into their parents, and sets qualified names.
 pub fn analyze(scopes: &mut [Scope<'_>], version: PyVersion) {
     let mut free = HashSet::new();
-    analyze_block(scopes, 0, None, &mut free, &HashSet::new(), version);
+    analyze_block(scopes, 0, None, &mut free, &HashSet::new());
     for i in 0..scopes.len() {
         let q = qualname(scopes, i, version);
         scopes[i].qualname = q;
@@ -979,7 +979,6 @@ fn analyze_block(
     bound: Option<&HashSet<String>>,
     free: &mut HashSet<String>,
     global: &HashSet<String>,
-    version: PyVersion,
 ) {
     let mut local = HashSet::new();
     let mut sc: HashMap<String, Sc> = HashMap::new();
@@ -1035,7 +1034,7 @@ fn analyze_block(
     let children = scopes[idx].children.clone();
     for c in children {
         let mut child_free = HashSet::new();
-        analyze_block(scopes, c, Some(&newbound), &mut child_free, &newglobal, version);
+        analyze_block(scopes, c, Some(&newbound), &mut child_free, &newglobal);
         if scopes[c].inlined {
             inline_comprehension(scopes, idx, c, &mut sc, &mut child_free, &mut inlined_cells);
         }
