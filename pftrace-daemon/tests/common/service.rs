@@ -91,23 +91,23 @@ pub const WORKER: &str = r#"
             slow(float(args[0]))
             print("done", flush=True)
             continue
-        f = globals()[args[0]]
+        fn = globals()[args[0]]
         if cmd == "call":
             for _ in range(int(args[1])):
-                f()
+                fn()
             print("done", flush=True)
         elif cmd == "time":
             n = int(args[1])
             cpu, wall = time.process_time(), time.perf_counter()
             for _ in range(n):
-                f()
+                fn()
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             print("done %.9f %.9f" % (cpu, wall), flush=True)
         elif cmd == "loop":
             n, pause = 0, float(args[2]) / 1000 if len(args) > 2 else 0
             while not os.path.exists(args[1]):
                 for _ in range(1000):
-                    f()
+                    fn()
                 n += 1000
                 if pause:
                     time.sleep(pause)
