@@ -19,7 +19,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use pftrace::{bpf::BPF_OBJECT, kernel::btf::TaskOffsets};
+use pftrace::{bpf::BPF_OBJECT, kernel::task_layout::TaskOffsets};
 use pftrace_common::{CallEvent, agent, counter, task_layout};
 
 #[derive(Debug, thiserror::Error)]

@@ -154,14 +154,20 @@ impl CodeInfo {
             };
             (Field::Known(params), Field::Known(f.varnames[nparams..].to_vec()))
         } else {
-            let why = format!("co_varnames has {} names but the counts give {nparams} parameters", f.varnames.len());
+            let why = format!(
+                "co_varnames has {} names but the counts give {nparams} parameters",
+                f.varnames.len()
+            );
             (Field::unknown(why.clone()), Field::unknown(why))
         };
         Self {
             function: f.name.clone(),
             filename: f.filename.clone(),
             lineno: Field::Known(f.firstlineno),
-            module: f.module.clone().map_or_else(|| Field::unknown("the frame's globals have no string __name__"), Field::Known),
+            module: f
+                .module
+                .clone()
+                .map_or_else(|| Field::unknown("the frame's globals have no string __name__"), Field::Known),
             qualname: f.qualname.clone().map_or_else(
                 || Field::unknown("code objects have no co_qualname before CPython 3.11"),
                 Field::Known,
@@ -222,7 +228,10 @@ impl Serialize for CodeInfo {
         m.serialize_entry("origin", &self.origin)?;
         let reasons = self.reasons();
         if !reasons.is_empty() {
-            m.serialize_entry("unresolved", &reasons.into_iter().collect::<std::collections::BTreeMap<_, _>>())?;
+            m.serialize_entry(
+                "unresolved",
+                &reasons.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            )?;
         }
         m.end()
     }

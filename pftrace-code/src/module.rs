@@ -42,7 +42,14 @@ pub struct Launch {
 
 /// Reads a CPython command line (`Modules/main.c`'s options).
 pub fn parse_cmdline(argv: &[String]) -> Launch {
-    let mut l = Launch { main: Main::Unknown, ignore_env: false, safe_path: false, no_user_site: false, no_site: false, optimize: 0 };
+    let mut l = Launch {
+        main: Main::Unknown,
+        ignore_env: false,
+        safe_path: false,
+        no_user_site: false,
+        no_site: false,
+        optimize: 0,
+    };
     let is_python = argv.first().and_then(|a| a.rsplit('/').next()).is_some_and(|b| b.starts_with("python"));
     if !is_python {
         return l;
@@ -181,7 +188,8 @@ impl Roots {
         let exe_dir = dirname(&exe);
         let argv0_dir = p.argv.first().filter(|a| a.starts_with('/')).map(|a| dirname(a));
         let ignore_env = launch.ignore_env;
-        let env = move |k: &str| if ignore_env { None } else { p.env.get(k).filter(|v| !v.is_empty()).cloned() };
+        let env =
+            move |k: &str| if ignore_env { None } else { p.env.get(k).filter(|v| !v.is_empty()).cloned() };
         p.as_process(|| {
             // pyvenv.cfg beside the executable or one level up (the
             // executable as started: a venv's python is a link).
@@ -201,7 +209,11 @@ impl Roots {
             let version = version
                 .or_else(|| p.argv.first().and_then(|a| version_in(a.rsplit('/').next()?)))
                 .or_else(|| version_in(exe.rsplit('/').next()?))
-                .or_else(|| venv.as_ref().and_then(|(_, c)| cfg_value(c, "version_info").or(cfg_value(c, "version")).and_then(PyVersion::parse)))
+                .or_else(|| {
+                    venv.as_ref().and_then(|(_, c)| {
+                        cfg_value(c, "version_info").or(cfg_value(c, "version")).and_then(PyVersion::parse)
+                    })
+                })
                 .ok_or("its CPython version is unknown (name the interpreter's version)")?;
             let libname = format!("python{}.{}", version.major, version.minor);
             // The standard library: PYTHONHOME, else the os.py landmark
@@ -211,10 +223,10 @@ impl Roots {
                 homes.push(h.split(':').next().unwrap_or_default().to_string());
             }
             let mut starts = vec![exe_dir.clone()];
-            if let Some((_, cfg)) = &venv {
-                if let Some(h) = cfg_value(cfg, "home") {
-                    starts.insert(0, h.to_string());
-                }
+            if let Some((_, cfg)) = &venv
+                && let Some(h) = cfg_value(cfg, "home")
+            {
+                starts.insert(0, h.to_string());
             }
             for s in &starts {
                 let mut d = s.clone();
@@ -224,16 +236,21 @@ impl Roots {
                 }
             }
             let stdlib_prefix = homes.into_iter().find(|h| {
-                ["lib", "lib64"].iter().any(|l| p.kind_here(&format!("{h}/{l}/{libname}/os.py")) == Some(true))
+                ["lib", "lib64"]
+                    .iter()
+                    .any(|l| p.kind_here(&format!("{h}/{l}/{libname}/os.py")) == Some(true))
             });
-            let stdlib_prefix = stdlib_prefix.ok_or_else(|| format!("no {libname}/os.py above its executable {exe}"))?;
+            let stdlib_prefix =
+                stdlib_prefix.ok_or_else(|| format!("no {libname}/os.py above its executable {exe}"))?;
             let mut roots: Vec<Root> = Vec::new();
             let cwd = p.cwd.clone();
             // A working directory is sure when it is still where the
             // process started (its initial PWD names the same directory).
             let cwd_doubt = match (&cwd, p.env.get("PWD")) {
                 (Some(c), Some(pwd)) if p.kind_here(pwd) == Some(false) && same_dir(p, c, pwd) => None,
-                (Some(_), _) => Some("the working directory may have changed since the process started".to_string()),
+                (Some(_), _) => {
+                    Some("the working directory may have changed since the process started".to_string())
+                }
                 (None, _) => Some("its working directory is unreadable".to_string()),
             };
             // sys.path[0]
@@ -246,20 +263,30 @@ impl Roots {
                         } else {
                             match (&cwd, &cwd_doubt) {
                                 (Some(c), None) => Ok(join(c, s)),
-                                _ => Err(format!("the script {s:?} was named relative to a working directory not known now")),
+                                _ => Err(format!(
+                                    "the script {s:?} was named relative to a working directory not known now"
+                                )),
                             }
                         };
                         if let Ok(a) = &abs {
                             roots.push(Root { dir: dirname(a), what: "the script's directory", doubt: None });
                             if let Some(real) = realpath(p, a) {
-                                roots.push(Root { dir: dirname(&real), what: "the script's directory", doubt: None });
+                                roots.push(Root {
+                                    dir: dirname(&real),
+                                    what: "the script's directory",
+                                    doubt: None,
+                                });
                             }
                         }
                         main_file = Some(abs);
                     }
                     Main::Module(_) | Main::Command | Main::Stdin => {
                         if let Some(c) = &cwd {
-                            roots.push(Root { dir: c.clone(), what: "the working directory", doubt: cwd_doubt.clone() });
+                            roots.push(Root {
+                                dir: c.clone(),
+                                what: "the working directory",
+                                doubt: cwd_doubt.clone(),
+                            });
                         }
                     }
                     Main::Unknown => {}
@@ -270,12 +297,20 @@ impl Roots {
                     if e.starts_with('/') {
                         roots.push(Root { dir: normpath(e), what: "PYTHONPATH", doubt: None });
                     } else if let Some(c) = &cwd {
-                        roots.push(Root { dir: join(c, e), what: "PYTHONPATH (relative)", doubt: cwd_doubt.clone() });
+                        roots.push(Root {
+                            dir: join(c, e),
+                            what: "PYTHONPATH (relative)",
+                            doubt: cwd_doubt.clone(),
+                        });
                     }
                 }
             }
             for l in ["lib", "lib64"] {
-                roots.push(Root { dir: format!("{stdlib_prefix}/{l}/{libname}"), what: "the standard library", doubt: None });
+                roots.push(Root {
+                    dir: format!("{stdlib_prefix}/{l}/{libname}"),
+                    what: "the standard library",
+                    doubt: None,
+                });
             }
             if !launch.no_site {
                 let mut sites: Vec<String> = Vec::new();
@@ -289,7 +324,8 @@ impl Roots {
                     None => true,
                 };
                 if system_site && !launch.no_user_site && env("PYTHONNOUSERSITE").is_none() {
-                    let base = env("PYTHONUSERBASE").or_else(|| p.env.get("HOME").map(|h| format!("{h}/.local")));
+                    let base =
+                        env("PYTHONUSERBASE").or_else(|| p.env.get("HOME").map(|h| format!("{h}/.local")));
                     if let Some(b) = base {
                         sites.push(format!("{b}/lib/{libname}/site-packages"));
                     }
@@ -308,13 +344,18 @@ impl Roots {
                         continue;
                     }
                     roots.push(Root { dir: s.clone(), what: "site-packages", doubt: None });
-                    let mut pths: Vec<String> = p.list_here(&s, 4096).into_iter().filter(|n| n.ends_with(".pth")).collect();
+                    let mut pths: Vec<String> =
+                        p.list_here(&s, 4096).into_iter().filter(|n| n.ends_with(".pth")).collect();
                     pths.sort();
                     for pth in pths.into_iter().take(64) {
                         let Some(text) = p.read_text_here(&format!("{s}/{pth}"), PTH_MAX) else { continue };
                         for line in text.lines().take(256) {
                             let line = line.trim_end();
-                            if line.is_empty() || line.starts_with('#') || line.starts_with("import ") || line.starts_with("import\t") {
+                            if line.is_empty()
+                                || line.starts_with('#')
+                                || line.starts_with("import ")
+                                || line.starts_with("import\t")
+                            {
                                 continue;
                             }
                             let d = join(&s, line);
@@ -347,7 +388,9 @@ impl Roots {
             // modules (3.11+: os, posixpath, codecs, ...) keep their names.
             if inner.starts_with("importlib._bootstrap") {
                 let frozen = inner.replace("importlib._bootstrap", "_frozen_importlib");
-                return Field::unknown(format!("{inner} runs as {frozen} until importlib is imported, as {inner} after"));
+                return Field::unknown(format!(
+                    "{inner} runs as {frozen} until importlib is imported, as {inner} after"
+                ));
             }
             return Field::Known(inner.to_string());
         }
@@ -401,10 +444,10 @@ impl Roots {
         if let Some(why) = doubt {
             return Field::unknown(why);
         }
-        if let Main::Module(m) = &self.launch.main {
-            if name == *m || name == format!("{m}.__main__") {
-                return Field::Known("__main__".into());
-            }
+        if let Main::Module(m) = &self.launch.main
+            && (name == *m || name == format!("{m}.__main__"))
+        {
+            return Field::Known("__main__".into());
         }
         Field::Known(name)
     }
@@ -460,7 +503,10 @@ mod tests {
     #[test]
     fn command_lines() {
         assert_eq!(parse_cmdline(&argv("/usr/bin/python3.9 app.py -x")).main, Main::Script("app.py".into()));
-        assert_eq!(parse_cmdline(&argv("python3 -u -W ignore -X dev app.py")).main, Main::Script("app.py".into()));
+        assert_eq!(
+            parse_cmdline(&argv("python3 -u -W ignore -X dev app.py")).main,
+            Main::Script("app.py".into())
+        );
         assert_eq!(parse_cmdline(&argv("python3 -m pkg.mod arg")).main, Main::Module("pkg.mod".into()));
         assert_eq!(parse_cmdline(&argv("python3 -mpkg.mod")).main, Main::Module("pkg.mod".into()));
         assert_eq!(parse_cmdline(&argv("python3 -c pass")).main, Main::Command);
@@ -477,6 +523,11 @@ mod tests {
         assert_eq!(normpath("/a//b/./c/../d"), "/a/b/d");
         assert_eq!(version_in("python3.15"), Some(PyVersion::new(3, 15)));
         assert_eq!(version_in("python3"), None);
-        assert!(is_identifier("decoder") && is_identifier("_x1") && !is_identifier("site-packages") && !is_identifier("python3.9"));
+        assert!(
+            is_identifier("decoder")
+                && is_identifier("_x1")
+                && !is_identifier("site-packages")
+                && !is_identifier("python3.9")
+        );
     }
 }

@@ -131,7 +131,8 @@ fn boot_ticks_to_wall(ticks: u64) -> SystemTime {
 impl Process {
     /// Reads what is needed of process `pid`.
     pub fn open(pid: u32) -> io::Result<Self> {
-        let proc_dir = open_dir_at(libc::AT_FDCWD, &format!("/proc/{pid}"), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let proc_dir =
+            open_dir_at(libc::AT_FDCWD, &format!("/proc/{pid}"), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let pd = proc_dir.as_raw_fd();
         let stat = read_at(pd, "stat", 4096)?;
         let stat = String::from_utf8_lossy(&stat);
@@ -175,7 +176,12 @@ impl Process {
         // Still the same process (the handle would fail otherwise, but a
         // stat read before an exec would not be this program's).
         let again = read_at(pd, "stat", 4096)?;
-        if String::from_utf8_lossy(&again).rsplit_once(')').map(|(_, r)| r).unwrap_or_default().split_whitespace().nth(19)
+        if String::from_utf8_lossy(&again)
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or_default()
+            .split_whitespace()
+            .nth(19)
             != Some(&start_ticks.to_string())
         {
             return Err(io::Error::new(io::ErrorKind::NotFound, "the process changed while read"));

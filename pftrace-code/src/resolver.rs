@@ -105,7 +105,13 @@ impl Resolver {
             Ok(e) => e,
             Err(why) => return Arc::new(unknown_all(probe, Field::unknown(why.clone()), &why)),
         };
-        let key = (probe.pid, entry.process.start_ticks, probe.filename.clone(), probe.function.clone(), probe.line);
+        let key = (
+            probe.pid,
+            entry.process.start_ticks,
+            probe.filename.clone(),
+            probe.function.clone(),
+            probe.line,
+        );
         if let Some(a) = self.answers.get(&key) {
             return a.clone();
         }
@@ -144,7 +150,10 @@ impl Resolver {
         let optimize = roots.launch.optimize.max(if roots.launch.ignore_env {
             0
         } else {
-            p.env.get("PYTHONOPTIMIZE").and_then(|v| v.parse::<u8>().ok().map(|n| n.min(2)).or(Some(1))).unwrap_or(0)
+            p.env
+                .get("PYTHONOPTIMIZE")
+                .and_then(|v| v.parse::<u8>().ok().map(|n| n.min(2)).or(Some(1)))
+                .unwrap_or(0)
         });
         let fkey = (id, version, optimize);
         let codes = match self.files.get(&fkey) {
@@ -156,7 +165,9 @@ impl Resolver {
                 self.parses += 1;
                 let parsed = match std::str::from_utf8(&bytes) {
                     Ok(src) => FileCodes::analyze(src, version, optimize),
-                    Err(_) => Err("the source file is not UTF-8 (PEP 263 encodings are not read)".to_string()),
+                    Err(_) => {
+                        Err("the source file is not UTF-8 (PEP 263 encodings are not read)".to_string())
+                    }
                 };
                 let c = Arc::new(parsed);
                 self.files.insert(fkey, c.clone());

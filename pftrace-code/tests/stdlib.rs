@@ -18,7 +18,9 @@ fn stdlib_files(dir: &Path, out: &mut Vec<String>) {
         let p = e.path();
         let ft = e.file_type().expect("file type");
         if ft.is_dir() {
-            if !["test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"].contains(&name.as_str()) {
+            if !["test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"]
+                .contains(&name.as_str())
+            {
                 stdlib_files(&p, out);
             }
         } else if name.ends_with(".py") && ft.is_file() {
@@ -41,7 +43,12 @@ fn every_stdlib_code_object_matches_cpython() {
             .args(&files)
             .output()
             .expect("run dump_code.py");
-        assert!(out.status.success(), "{}: dump_code.py failed: {}", it.label, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: dump_code.py failed: {}",
+            it.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut truth: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let d: serde_json::Value = serde_json::from_str(line).expect("json line");
@@ -65,7 +72,11 @@ fn every_stdlib_code_object_matches_cpython() {
                 let cand: Vec<_> = ours
                     .codes
                     .iter()
-                    .filter(|c| c.name == name && (c.lineno.as_ref().ok() == Some(&first) || (name == "<module>" && c.lineno.is_err())))
+                    .filter(|c| {
+                        c.name == name
+                            && (c.lineno.as_ref().ok() == Some(&first)
+                                || (name == "<module>" && c.lineno.is_err()))
+                    })
                     .collect();
                 if cand.is_empty() {
                     let generic = name.starts_with("<generic parameters of") || src.contains("type ");
@@ -75,7 +86,9 @@ fn every_stdlib_code_object_matches_cpython() {
                 }
                 codes += 1;
                 let k = taken.entry((name.to_string(), first)).or_insert(0);
-                let Some(c) = cand.get(*k).copied() else { panic!("{}: {f}: too few {name} at {first}", it.label) };
+                let Some(c) = cand.get(*k).copied() else {
+                    panic!("{}: {f}: too few {name} at {first}", it.label)
+                };
                 *k += 1;
                 let varnames: Vec<String> = serde_json::from_value(t["varnames"].clone()).unwrap();
                 let flags = t["flags"].as_u64().unwrap();
@@ -93,7 +106,9 @@ fn every_stdlib_code_object_matches_cpython() {
                     wrong.push(format!("{here}: params {:?} vs {:?}", c.params, &varnames[..n]));
                 }
                 match &c.locals {
-                    Ok(l) if *l != varnames[n..] => wrong.push(format!("{here}: locals {l:?} vs {:?}", &varnames[n..])),
+                    Ok(l) if *l != varnames[n..] => {
+                        wrong.push(format!("{here}: locals {l:?} vs {:?}", &varnames[n..]))
+                    }
                     Ok(_) => {}
                     Err(_) => {
                         assert!(!json_file, "{here}: json's locals must be resolved");
@@ -118,7 +133,12 @@ fn every_stdlib_code_object_matches_cpython() {
             it.label,
             files.len()
         );
-        assert!(wrong.is_empty(), "{} wrong fields, first: {:#?}", wrong.len(), &wrong[..wrong.len().min(10)]);
+        assert!(
+            wrong.is_empty(),
+            "{} wrong fields, first: {:#?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
         assert!(codes > 15_000, "{}: only {codes} code objects compared", it.label);
         // What is left unclaimed stays small: figures of 2026-11 are 0-19.
         assert!(locals_null + qual_null + lineno_null < 50, "{}: too many unclaimed fields", it.label);

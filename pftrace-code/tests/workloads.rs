@@ -137,7 +137,11 @@ fn layout(dir: &Path, python: &Path, v: PyVersion) -> Layout {
     fs::write(proj.join("helpers.py"), HELPERS).unwrap();
     fs::copy(common::helpers().join("recorder.py"), proj.join("_recorder.py")).unwrap();
     let venv = dir.join("venv");
-    let out = Command::new(python).args(["-m", "venv", "--without-pip"]).arg(&venv).output().expect("python -m venv");
+    let out = Command::new(python)
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .output()
+        .expect("python -m venv");
     assert!(out.status.success(), "python -m venv: {}", String::from_utf8_lossy(&out.stderr));
     let site = venv.join(format!("lib/python{v}/site-packages"));
     let pkg = site.join("mypkg/sub");
@@ -193,7 +197,13 @@ fn run(l: &Layout, v: PyVersion, args: &[&str], record: &Path) -> Vec<(Value, Co
     out
 }
 
-fn check<T: PartialEq + std::fmt::Debug>(what: &str, got: &Field<T>, want: &T, here: &str, nulls: &mut Vec<String>) {
+fn check<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    got: &Field<T>,
+    want: &T,
+    here: &str,
+    nulls: &mut Vec<String>,
+) {
     match got {
         Field::Known(g) => assert_eq!(g, want, "{here}: {what}"),
         Field::Unknown(why) => {
@@ -222,10 +232,19 @@ fn compare(label: &str, results: &[(Value, CodeInfo, Vec<CodeInfo>)], dir: &Path
         match r["qualname"].as_str() {
             Some(qual) => {
                 check("qualname", &info.qualname, &qual.to_string(), &here, &mut local_nulls);
-                check("path", &info.path(), &format!("{}.{qual}", r["module"].as_str().unwrap()), &here, &mut local_nulls);
+                check(
+                    "path",
+                    &info.path(),
+                    &format!("{}.{qual}", r["module"].as_str().unwrap()),
+                    &here,
+                    &mut local_nulls,
+                );
             }
             None => {
-                assert!(!r.get("argcount").is_none() && r["name"] == "wrapper", "{here}: the recorder found no qualname");
+                assert!(
+                    r.get("argcount").is_some() && r["name"] == "wrapper",
+                    "{here}: the recorder found no qualname"
+                );
                 *no_truth += 1;
             }
         }
@@ -260,17 +279,26 @@ fn compare(label: &str, results: &[(Value, CodeInfo, Vec<CodeInfo>)], dir: &Path
                 assert_eq!(o.locals, info.locals, "{here}: another probe line");
                 assert_eq!(o.params, info.params, "{here}: another probe line");
             } else {
-                assert!(o.qualname.reason().is_some_and(|r| r.contains("no line") || r.contains("span")), "{here}: {o:?}");
+                assert!(
+                    o.qualname.reason().is_some_and(|r| r.contains("no line") || r.contains("span")),
+                    "{here}: {o:?}"
+                );
             }
         }
         let ours = file.starts_with(&*dir.to_string_lossy()) || file.contains("/json/");
         if ours && r["name"] != "<module>" {
-            assert!(local_nulls.is_empty(), "{here}: the workload's own code and json must resolve fully: {local_nulls:?}");
+            assert!(
+                local_nulls.is_empty(),
+                "{here}: the workload's own code and json must resolve fully: {local_nulls:?}"
+            );
             full += 1;
         }
         nulls.extend(local_nulls);
     }
-    eprintln!("{label}: {} code objects, {full} of the workload's and json's fully resolved; nulls: {nulls:#?}", results.len());
+    eprintln!(
+        "{label}: {} code objects, {full} of the workload's and json's fully resolved; nulls: {nulls:#?}",
+        results.len()
+    );
     full
 }
 
@@ -287,7 +315,10 @@ fn workloads_resolve_as_cpython_says() {
         assert!(full >= 20, "{}: only {full} code objects compared in full", it.label);
         let find = |q: &str| {
             res.iter()
-                .find(|(r, i, _)| r["qualname"] == q || (r["qualname"].is_null() && i.qualname.known().is_some_and(|k| k == q)))
+                .find(|(r, i, _)| {
+                    r["qualname"] == q
+                        || (r["qualname"].is_null() && i.qualname.known().is_some_and(|k| k == q))
+                })
                 .map(|(_, i, _)| i.clone())
         };
         let raw = find("JSONDecoder.raw_decode").expect("raw_decode was called");

@@ -1,8 +1,6 @@
 //! Checks, before touching the kernel, that this process may load BPF
 //! programs and open uprobes, so the user gets a message naming what is missing.
 
-use std::fs;
-
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -25,9 +23,8 @@ pub enum PrivilegeError {
 
 /// Effective capability set of this process, from /proc/self/status.
 fn effective_caps() -> Result<u64, PrivilegeError> {
-    let status = fs::read_to_string("/proc/self/status").map_err(PrivilegeError::Unreadable)?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or("0");
-    Ok(u64::from_str_radix(hex, 16).unwrap_or(0))
+    let status = procfs::process::Process::myself().and_then(|me| me.status());
+    Ok(status.map_err(|e| PrivilegeError::Unreadable(std::io::Error::other(e)))?.capeff)
 }
 
 /// Ok when the process can load BPF programs, open uprobe perf events on
@@ -42,8 +39,7 @@ pub fn check() -> Result<(), PrivilegeError> {
     if missing.is_empty() {
         return Ok(());
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && missing.len() == needed.len() {
+    if !rustix::process::geteuid().is_root() && missing.len() == needed.len() {
         return Err(PrivilegeError::NotRoot);
     }
     Err(PrivilegeError::MissingCapability(missing.join(" and ")))

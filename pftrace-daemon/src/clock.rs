@@ -4,6 +4,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustix::time::ClockId;
+
 /// A measured offset between CLOCK_REALTIME and CLOCK_MONOTONIC.
 #[derive(Debug, Clone, Copy)]
 pub struct WallClock {
@@ -11,10 +13,8 @@ pub struct WallClock {
     offset_ns: i128,
 }
 
-fn now_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
+fn now_ns(clock: ClockId) -> i128 {
+    let ts = rustix::time::clock_gettime(clock);
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
@@ -24,9 +24,9 @@ impl WallClock {
     pub fn measure() -> Self {
         let mut best: Option<(i128, i128)> = None; // (window, offset)
         for _ in 0..16 {
-            let m0 = now_ns(libc::CLOCK_MONOTONIC);
-            let r = now_ns(libc::CLOCK_REALTIME);
-            let m1 = now_ns(libc::CLOCK_MONOTONIC);
+            let m0 = now_ns(ClockId::Monotonic);
+            let r = now_ns(ClockId::Realtime);
+            let m1 = now_ns(ClockId::Monotonic);
             let window = m1 - m0;
             let offset = r - (m0 + window / 2);
             if best.is_none_or(|(w, _)| window < w) {
@@ -48,7 +48,7 @@ impl WallClock {
 
     /// The current monotonic time in ns, on the clock the kernel stamps events with.
     pub fn monotonic_now_ns() -> u64 {
-        now_ns(libc::CLOCK_MONOTONIC) as u64
+        now_ns(ClockId::Monotonic) as u64
     }
 
     /// The wall time for a monotonic timestamp as a SystemTime.

@@ -19,7 +19,6 @@ pub mod procinfo;
 pub mod procwatch;
 pub mod protocol;
 pub mod python;
-pub mod rolling;
 pub mod stats;
 pub mod target;
 pub mod trace;

@@ -172,12 +172,10 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
                     continue;
                 }
                 b'[' => {
-                    if let Some((matched, next)) = class_match(&pattern[p..], text[t]) {
-                        if matched {
-                            p += next;
-                            t += 1;
-                            continue;
-                        }
+                    if let Some((true, next)) = class_match(&pattern[p..], text[t]) {
+                        p += next;
+                        t += 1;
+                        continue;
                     }
                 }
                 c if c == text[t] => {

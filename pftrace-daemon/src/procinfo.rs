@@ -2,60 +2,66 @@
 //! the environment), CPU and memory readings for the counter tracks, and its
 //! state and start time (exited? the same process as before under this pid?).
 
-use std::fs;
+//!
+//! Every read goes through procfs's [`Process`], which holds a descriptor
+//! of the `/proc/PID` directory: reads made through one `Process` all
+//! describe the same process, never a later one that reused the pid.
+
+use std::{collections::HashMap, ffi::OsString, io::Read as _};
+
+use procfs::process::Process;
 
 use crate::trace::{JobId, ProcessSample};
 
 /// Environment variables naming a batch job, in the order they are looked for.
 pub const JOB_VARIABLES: [&str; 3] = ["SLURM_JOB_ID", "FLUX_JOB_ID", "LSB_JOBID"];
 
-/// `/proc/PID/comm`, trimmed; empty if unreadable.
+/// The process `pid`, if it exists.
+pub fn open(pid: u32) -> Option<Process> {
+    Process::new(i32::try_from(pid).ok()?).ok()
+}
+
+/// The process's name (`comm`), made printable (it is the traced process's
+/// own choice of text); empty if unreadable.
 pub fn comm(pid: u32) -> String {
-    read_text(&format!("/proc/{pid}/comm"))
+    open(pid).and_then(|p| p.stat().ok()).map(|s| printable(&s.comm)).unwrap_or_default()
 }
 
-/// A short procfs text file, trimmed and made printable (it is the traced
-/// process's own choice of text).
-fn read_text(path: &str) -> String {
-    fs::read(path)
-        .map(|b| crate::events::printable(String::from_utf8_lossy(&b).trim()).into_owned())
-        .unwrap_or_default()
-}
-
-/// The thread's name (`/proc/PID/task/TID/comm`); empty if unreadable.
+/// The thread's name (`comm` of `/proc/PID/task/TID`); empty if unreadable.
 pub fn thread_name(pid: u32, tid: u32) -> String {
-    read_text(&format!("/proc/{pid}/task/{tid}/comm"))
+    let task = open(pid).and_then(|p| p.task_from_tid(i32::try_from(tid).ok()?).ok());
+    task.and_then(|t| t.stat().ok()).map(|s| printable(&s.comm)).unwrap_or_default()
+}
+
+fn printable(text: &str) -> String {
+    crate::events::printable(text.trim()).into_owned()
+}
+
+/// The command line of `process`, arguments space-joined and made printable
+/// (each argument decoded lossily: it is the process's own choice of bytes).
+pub fn command_line(process: &Process) -> String {
+    let mut bytes = Vec::new();
+    if process.open_relative("cmdline").and_then(|f| Ok(f.take(1 << 20).read_to_end(&mut bytes)?)).is_err() {
+        return String::new();
+    }
+    bytes
+        .split(|&c| c == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| crate::events::printable(&String::from_utf8_lossy(a)).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The batch job of a process, from its initial environment.
 pub fn job_id(pid: u32) -> Option<JobId> {
-    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
-    job_from_environ(&environ)
+    job_from_environ(&open(pid)?.environ().ok()?)
 }
 
-/// The value of variable `name` in a process's initial environment.
-pub fn env_var(pid: u32, name: &str) -> Option<Vec<u8>> {
-    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ_vars(&environ).into_iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v.to_vec())
-}
-
-/// (name, value) pairs of an environ block.
-fn environ_vars(environ: &[u8]) -> Vec<(&[u8], &[u8])> {
-    environ
-        .split(|&b| b == 0)
-        .filter_map(|kv| {
-            let eq = kv.iter().position(|&b| b == b'=')?;
-            Some((&kv[..eq], &kv[eq + 1..]))
-        })
-        .collect()
-}
-
-fn job_from_environ(environ: &[u8]) -> Option<JobId> {
-    let vars = environ_vars(environ);
+fn job_from_environ(environ: &HashMap<OsString, OsString>) -> Option<JobId> {
     JOB_VARIABLES.iter().find_map(|name| {
-        vars.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| JobId {
+        environ.get(std::ffi::OsStr::new(name)).map(|v| JobId {
             variable: name.to_string(),
-            id: String::from_utf8_lossy(v).chars().take(128).collect(),
+            id: v.to_string_lossy().chars().take(128).collect(),
         })
     })
 }
@@ -69,33 +75,21 @@ pub struct Reading {
     pub peak_rss_bytes: u64,
 }
 
-/// Reads `/proc/PID/stat` (utime, stime) and `/proc/PID/status` (VmRSS, VmHWM).
+/// Reads `/proc/PID/stat` (utime, stime) and `/proc/PID/status` (VmRSS,
+/// VmHWM); `None` for a process that is gone or has exited (a zombie has
+/// no memory lines).
 pub fn read(pid: u32) -> Option<Reading> {
-    let fields = stat_fields(pid)?;
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the comm.
-    let ticks = clock_ticks();
-    let user_s = fields.get(11)?.parse::<f64>().ok()? / ticks;
-    let system_s = fields.get(12)?.parse::<f64>().ok()? / ticks;
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    // A process that has exited (a zombie) has no memory lines: no reading.
-    if !status.lines().any(|l| l.starts_with("VmRSS:")) {
-        return None;
-    }
-    Some(Reading { user_s, system_s, rss_bytes: kb("VmRSS:"), peak_rss_bytes: kb("VmHWM:") })
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+    let process = open(pid)?;
+    let stat = process.stat().ok()?;
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    let status = process.status().ok()?;
+    let rss_kb = status.vmrss?;
+    Some(Reading {
+        user_s: stat.utime as f64 / ticks,
+        system_s: stat.stime as f64 / ticks,
+        rss_bytes: rss_kb * 1024,
+        peak_rss_bytes: status.vmhwm.unwrap_or(0) * 1024,
+    })
 }
 
 /// The sample between two readings `elapsed_s` apart.
@@ -109,14 +103,6 @@ pub fn sample(pid: u32, ts_ns: u64, prev: &Reading, now: &Reading, elapsed_s: f6
         rss_bytes: now.rss_bytes,
         peak_rss_bytes: now.peak_rss_bytes,
     }
-}
-
-/// The fields of /proc/PID/stat from field 3 on (index 0 is field 3). The
-/// command (field 2) is in parentheses and may hold anything: fields are
-/// counted after its last ')'.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(stat.rsplit_once(')')?.1.split_whitespace().map(String::from).collect())
 }
 
 /// What /proc/PID/stat says of a process's identity and life.
@@ -138,8 +124,13 @@ impl Stat {
 
 /// Reads /proc/PID/stat; `None` when the process is gone.
 pub fn stat(pid: u32) -> Option<Stat> {
-    let fields = stat_fields(pid)?;
-    Some(Stat { state: fields.first()?.chars().next()?, start_ticks: fields.get(19)?.parse().ok()? })
+    stat_of(&open(pid)?)
+}
+
+/// Reads the stat of `process`; `None` when it is gone.
+pub fn stat_of(process: &Process) -> Option<Stat> {
+    let stat = process.stat().ok()?;
+    Some(Stat { state: stat.state, start_ticks: stat.starttime })
 }
 
 /// Whether `pid` is gone, or a zombie, now.
@@ -151,24 +142,76 @@ pub fn has_exited(pid: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn environ(vars: &[(&str, &str)]) -> HashMap<OsString, OsString> {
+        vars.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
     #[test]
     fn job_ids_from_environment() {
-        let env = b"PATH=/bin\0FLUX_JOB_ID=f3x\0SLURM_JOB_ID=42\0";
-        assert_eq!(job_from_environ(env), Some(JobId { variable: "SLURM_JOB_ID".into(), id: "42".into() }));
+        let env = environ(&[("PATH", "/bin"), ("FLUX_JOB_ID", "f3x"), ("SLURM_JOB_ID", "42")]);
+        assert_eq!(job_from_environ(&env), Some(JobId { variable: "SLURM_JOB_ID".into(), id: "42".into() }));
         assert_eq!(
-            job_from_environ(b"LSB_JOBID=7\0"),
+            job_from_environ(&environ(&[("LSB_JOBID", "7")])),
             Some(JobId { variable: "LSB_JOBID".into(), id: "7".into() })
         );
-        assert_eq!(job_from_environ(b"HOME=/root\0"), None);
+        assert_eq!(job_from_environ(&environ(&[("HOME", "/root")])), None);
+    }
+
+    #[test]
+    fn job_id_of_a_real_process() {
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .env("FLUX_JOB_ID", "fjob-17")
+            .spawn()
+            .expect("run sleep");
+        let child = Reap(child);
+        // Until it has exec'd, the child still has the test's environment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while comm(child.0.id()) != "sleep" {
+            assert!(std::time::Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let job = job_id(child.0.id());
+        assert_eq!(job, Some(JobId { variable: "FLUX_JOB_ID".into(), id: "fjob-17".into() }));
+    }
+
+    /// Kills and reaps the child when the test ends, whatever happens.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// CPU time this thread has used.
+    fn thread_cpu() -> std::time::Duration {
+        let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
     #[test]
     fn reads_this_process() {
         let me = std::process::id();
-        let r = read(me).expect("own /proc entry");
-        assert!(r.rss_bytes > 0 && r.peak_rss_bytes >= r.rss_bytes);
+        let before = read(me).expect("own /proc entry");
+        assert!(before.rss_bytes > 0 && before.peak_rss_bytes >= before.rss_bytes);
         assert!(!comm(me).is_empty());
-        let s = sample(me, 0, &Reading { user_s: 0.0, system_s: 0.0, ..r }, &r, 1.0);
-        assert!(s.cpu_percent >= 0.0);
+        // Burn 300 ms of this thread's CPU (measured by the thread's own
+        // clock, so a loaded machine only makes it take longer), then the
+        // process's CPU time must have grown by at least that, less one
+        // tick of stat's resolution at each end.
+        let start = thread_cpu();
+        let mut x = 0u64;
+        while thread_cpu() - start < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = read(me).expect("own /proc entry");
+        let tick = 1.0 / procfs::ticks_per_second() as f64;
+        let s = sample(me, 0, &before, &after, 1.0);
+        let cpu_s = s.cpu_percent / 100.0;
+        assert!(cpu_s >= 0.3 - 2.0 * tick, "CPU {cpu_s} s over 1 s of wall time, 0.3 s burnt");
+        assert!(s.user_cpu_s >= 0.3 - 2.0 * tick - (after.system_s - before.system_s), "{s:?}");
+        // Readings in the wrong order give 0 %, not a negative figure.
+        assert_eq!(sample(me, 0, &after, &before, 1.0).cpu_percent, 0.0);
     }
 }

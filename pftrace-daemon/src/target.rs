@@ -6,27 +6,18 @@
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{Arc, LazyLock, Mutex},
 };
 
-use pftrace_common::{FrameSpec, UsdtSpec};
+use pftrace_common::FrameSpec;
+use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
     python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
-    usdt::{self, UsdtError},
+    usdt::{self, ProbeSite, UsdtError},
 };
-
-/// One probe site to attach to.
-#[derive(Debug, Clone)]
-pub struct Site {
-    /// File offset of the probe instruction.
-    pub offset: u64,
-    /// File offset of its semaphore (0: none).
-    pub semaphore_offset: u64,
-    pub spec: UsdtSpec,
-}
 
 /// A process that can be traced.
 #[derive(Debug, Clone)]
@@ -37,8 +28,9 @@ pub struct Target {
     /// The same file, as a path this daemon can open.
     pub open_path: PathBuf,
     pub version: Option<PyVersion>,
-    pub entry: Vec<Site>,
-    pub ret: Vec<Site>,
+    /// CPython's `function__entry` and `function__return` sites in `binary`
+    /// (both present; their argument specs checked).
+    pub sites: Arc<[ProbeSite]>,
     /// The process's command line, space-joined.
     pub command: String,
     /// (device, inode) of the ELF, taken when the process was inspected
@@ -69,47 +61,29 @@ pub enum TargetError {
          --with-dtrace. Use {WHAT_WORKS}"
     )]
     NoProbes { pid: u32, binary: String, version: String },
-    #[error(
-        "pid {pid} runs CPython 3.11 ({binary}): its python:function__entry probe fires only when a \
-         generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so calls \
-         cannot be timed. Use {WHAT_WORKS}"
-    )]
-    EntryBroken { pid: u32, binary: String },
-    #[error(
-        "pid {pid} runs CPython {version} ({binary}): CPython 3.12-3.14 removed the \
-         function__entry/function__return probes (python/cpython#104280). Use {WHAT_WORKS}"
-    )]
-    ProbesRemoved { pid: u32, binary: String, version: PyVersion },
-    #[error(
-        "pid {pid} runs CPython {version} ({binary}), older than 3.6, whose probes pftrace does not read. Use {WHAT_WORKS}"
-    )]
-    TooOld { pid: u32, binary: String, version: PyVersion },
+    #[error("pid {pid} runs CPython {version} ({binary}): {why}. Use {WHAT_WORKS}")]
+    Unsupported { pid: u32, binary: String, version: PyVersion, why: &'static str },
     #[error("pid {pid}: reading the probes of {binary}: {source}")]
     Usdt { pid: u32, binary: String, source: UsdtError },
 }
 
 /// Inspects `pid` and returns what to attach to, or why it cannot be traced.
+/// Everything is read through one [`procfs::process::Process`] (a
+/// descriptor of `/proc/PID`), so it all describes one process even if the
+/// pid is reused meanwhile.
 pub fn inspect(pid: u32) -> Result<Target, TargetError> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    if !proc_dir.exists() {
+    let Some(process) = crate::procinfo::open(pid) else {
         return Err(TargetError::PidNotFound(pid));
-    }
+    };
     let gone = |source| TargetError::Gone { pid, source };
-    let stat = crate::procinfo::stat(pid);
+    let proc_err = |e: procfs::ProcError| gone(io::Error::other(e));
+    let stat = crate::procinfo::stat_of(&process);
     if stat.is_some_and(|s| s.exited()) {
         return Err(TargetError::Zombie(pid));
     }
-    let exe = fs::read_link(proc_dir.join("exe")).map_err(gone)?;
-    let maps = fs::read_to_string(proc_dir.join("maps")).map_err(gone)?;
-    let command = fs::read(proc_dir.join("cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| crate::events::printable(&String::from_utf8_lossy(a)).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+    let exe = process.exe().map_err(proc_err)?;
+    let maps = process.maps().map_err(proc_err)?;
+    let command = crate::procinfo::command_line(&process);
 
     // Candidates: the executable, then any libpython it maps.
     let mut candidates = vec![exe.clone()];
@@ -119,7 +93,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         }
     }
 
-    let root = proc_dir.join("root");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
     let mut python_like: Option<(PathBuf, Option<PyVersion>)> = None;
     for binary in &candidates {
         let open_path = under_root(&root, binary);
@@ -130,38 +104,30 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
             Err(source) => {
                 // The process exited meanwhile: its /proc/PID/root went with it.
-                if let Err(e) = fs::read_link(&root) {
-                    return Err(gone(e));
-                }
+                process.root().map_err(proc_err)?;
                 return Err(TargetError::Usdt { pid, binary: display, source });
             }
         };
         let version = info.version;
         let is_python = version.is_some() || looks_like_python(binary);
-        let entry = python_sites(&info, "function__entry", pid, &display)?;
-        let ret = python_sites(&info, "function__return", pid, &display)?;
-        if entry.is_empty() || ret.is_empty() {
+        check_specs(&info.sites).map_err(|source| TargetError::Usdt {
+            pid,
+            binary: display.clone(),
+            source,
+        })?;
+        if !has_both_probes(&info.sites) {
             if is_python && python_like.is_none() {
                 python_like = Some((binary.clone(), version));
             }
             continue;
         }
-        if let Some(version) = version {
-            match version.probe_support() {
-                ProbeSupport::Works => {}
-                ProbeSupport::EntryBroken => {
-                    return Err(TargetError::EntryBroken { pid, binary: display });
-                }
-                ProbeSupport::Removed => {
-                    return Err(TargetError::ProbesRemoved { pid, binary: display, version });
-                }
-                ProbeSupport::TooOld => {
-                    return Err(TargetError::TooOld { pid, binary: display, version });
-                }
-            }
+        if let Some(version) = version
+            && let Some(why) = version.probe_support().refusal()
+        {
+            return Err(TargetError::Unsupported { pid, binary: display, version, why });
         }
-        if let Some(v) = version
-            .filter(|&v| python::jit_enabled(v, crate::procinfo::env_var(pid, "PYTHON_JIT").as_deref()))
+        if let Some(v) =
+            version.filter(|&v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()))
         {
             log::warn!(
                 "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
@@ -176,32 +142,28 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             binary: binary.clone(),
             open_path,
             version,
-            entry,
-            ret,
+            sites: Arc::clone(&info.sites),
             command,
             file,
             started,
         });
     }
 
-    match python_like {
-        Some((binary, version)) => {
-            let display = crate::events::printable_path(&binary);
-            match version.map(|v| (v, v.probe_support())) {
-                Some((version, ProbeSupport::Removed)) => {
-                    Err(TargetError::ProbesRemoved { pid, binary: display, version })
-                }
-                Some((version, ProbeSupport::TooOld)) => {
-                    Err(TargetError::TooOld { pid, binary: display, version })
-                }
-                v => Err(TargetError::NoProbes {
-                    pid,
-                    binary: display,
-                    version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
-                }),
-            }
+    let Some((binary, version)) = python_like else {
+        return Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) });
+    };
+    let display = crate::events::printable_path(&binary);
+    // Probes missing: the version says why if it is one that lost them.
+    match version.map(|v| (v, v.probe_support())) {
+        Some((version, support @ (ProbeSupport::Removed | ProbeSupport::TooOld))) => {
+            let why = support.refusal().expect("refused");
+            Err(TargetError::Unsupported { pid, binary: display, version, why })
         }
-        None => Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) }),
+        v => Err(TargetError::NoProbes {
+            pid,
+            binary: display,
+            version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
+        }),
     }
 }
 
@@ -232,39 +194,21 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
     }
     let info =
         binary_info(path, path).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
-    let sites = |name| {
-        python_sites(&info, name, 0, &display).map_err(|err| match err {
-            TargetError::Usdt { source, .. } => BinaryError::Usdt { path: display.clone(), source },
-            _ => BinaryError::NoProbes { path: display.clone() },
-        })
-    };
-    let (entry, ret) = (sites("function__entry")?, sites("function__return")?);
-    if entry.is_empty() || ret.is_empty() {
+    check_specs(&info.sites).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
+    if !has_both_probes(&info.sites) {
         return Err(BinaryError::NoProbes { path: display });
     }
-    if let Some(version) = info.version {
-        let why = match version.probe_support() {
-            ProbeSupport::Works => None,
-            ProbeSupport::EntryBroken => Some(
-                "its function__entry probe fires only when a generator or coroutine resumes, not for \
-                 ordinary calls (python/cpython#98894)",
-            ),
-            ProbeSupport::Removed => Some(
-                "CPython 3.12-3.14 removed the function__entry/function__return probes (python/cpython#104280)",
-            ),
-            ProbeSupport::TooOld => Some("older than 3.6, whose probes pftrace does not read"),
-        };
-        if let Some(why) = why {
-            return Err(BinaryError::Unsupported { path: display, version, why });
-        }
+    if let Some(version) = info.version
+        && let Some(why) = version.probe_support().refusal()
+    {
+        return Err(BinaryError::Unsupported { path: display, version, why });
     }
     Ok(Target {
         pid: 0,
         binary: path.to_path_buf(),
         open_path: path.to_path_buf(),
         version: info.version,
-        entry,
-        ret,
+        sites: Arc::clone(&info.sites),
         command: String::new(),
         file: (meta.dev(), meta.ino()),
         started: 0,
@@ -274,29 +218,28 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
 /// What one ELF file offers: its Python probe sites and CPython version.
 #[derive(Debug)]
 struct BinaryInfo {
-    sites: Vec<usdt::ProbeSite>,
+    sites: Arc<[ProbeSite]>,
     version: Option<PyVersion>,
-    /// How the kernel finds the interpreter frame at each site (parallel to
-    /// `sites`; empty when the version needs none or its layout is unknown).
-    frames: Vec<FrameSpec>,
 }
 
-/// Parsed binaries by (device, inode, size, mtime): every exec in a watched
-/// scope is inspected, and reading a 15 MB interpreter each time would cost.
-static BINARY_CACHE: LazyLock<Mutex<HashMap<(u64, u64, u64, i64), Arc<BinaryInfo>>>> =
-    LazyLock::new(Default::default);
+/// What tells one version of a file from another: (device, inode, size, mtime in ns).
+type FileVersion = (u64, u64, u64, i64);
+
+/// Parsed binaries by [`FileVersion`]: every exec in a watched scope is
+/// inspected, and reading a 15 MB interpreter each time would cost.
+static BINARY_CACHE: LazyLock<Mutex<HashMap<FileVersion, Arc<BinaryInfo>>>> = LazyLock::new(Default::default);
 
 fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtError> {
     let key = fs::metadata(open_path)
         .ok()
         .map(|m| (m.dev(), m.ino(), m.size(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
-    if let Some(key) = key {
-        if let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key) {
-            return Ok(info.clone());
-        }
+    if let Some(key) = key
+        && let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key)
+    {
+        return Ok(info.clone());
     }
-    let sites = usdt::read_python_function_probes(open_path)?;
     let version = binary_version(binary, open_path);
+    let mut sites = usdt::read_python_function_probes(open_path)?;
     let frames = match version {
         Some(v) if v.reads_frames() && !sites.is_empty() => frame_specs(open_path, &sites).unwrap_or_else(|err| {
             log::warn!(
@@ -309,7 +252,11 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
         }),
         _ => Vec::new(),
     };
-    let info = Arc::new(BinaryInfo { version, sites, frames });
+    // How the kernel finds the interpreter frame at each site goes with the site.
+    for (site, frame) in sites.iter_mut().zip(frames) {
+        site.frame = frame;
+    }
+    let info = Arc::new(BinaryInfo { version, sites: sites.into() });
     if let Some(key) = key {
         let mut cache = BINARY_CACHE.lock().expect("cache lock");
         if cache.len() > 1024 {
@@ -321,22 +268,17 @@ fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtE
 }
 
 /// Mapped files whose name starts with `libpython`.
-fn mapped_libpythons(maps: &str) -> Vec<PathBuf> {
+fn mapped_libpythons(maps: &MemoryMaps) -> Vec<PathBuf> {
     let mut libs = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode path (the path may contain spaces)
-        let path = line.splitn(6, ' ').nth(5).map(str::trim_start).unwrap_or("");
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        if path.starts_with('/')
-            && Path::new(path)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libpython"))
+    for map in maps {
+        let MMapPath::Path(path) = &map.pathname else { continue };
+        let text = path.as_os_str().as_encoded_bytes();
+        let path = Path::new(std::ffi::OsStr::from_bytes(text.strip_suffix(b" (deleted)").unwrap_or(text)));
+        if path.is_absolute()
+            && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libpython"))
+            && !libs.iter().any(|l: &PathBuf| l == path)
         {
-            let p = PathBuf::from(path);
-            if !libs.contains(&p) {
-                libs.push(p);
-            }
+            libs.push(path.to_path_buf());
         }
     }
     libs
@@ -362,22 +304,21 @@ fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
     })
 }
 
-/// The `python` provider's sites named `name`, with their argument specs
-/// (and frame specs where the version needs them).
-fn python_sites(info: &BinaryInfo, name: &str, pid: u32, binary: &str) -> Result<Vec<Site>, TargetError> {
-    info.sites
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.provider == "python" && s.name == name)
-        .map(|(i, s)| {
-            let mut spec =
-                s.spec().map_err(|source| TargetError::Usdt { pid, binary: binary.into(), source })?;
-            if let Some(frame) = info.frames.get(i) {
-                spec.frame = *frame;
-            }
-            Ok(Site { offset: s.pc_offset, semaphore_offset: s.semaphore_offset, spec })
-        })
-        .collect()
+/// The value of variable `name` in the initial environment of `process`.
+fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
+    let environ = process.environ().ok()?;
+    environ.get(std::ffi::OsStr::new(name)).map(|v| v.as_bytes().to_vec())
+}
+
+/// Whether `sites` hold both a `function__entry` and a `function__return` site.
+fn has_both_probes(sites: &[ProbeSite]) -> bool {
+    let has = |kind| sites.iter().any(|s| s.python_kind() == Some(kind));
+    has(pftrace_common::kind::ENTRY) && has(pftrace_common::kind::RETURN)
+}
+
+/// Checks that the eBPF program can read the arguments of every site.
+fn check_specs(sites: &[ProbeSite]) -> Result<(), UsdtError> {
+    sites.iter().try_for_each(|s| s.spec().map(drop))
 }
 
 /// The frame spec of each site of a CPython 3.15 file: its layout from
@@ -416,8 +357,9 @@ mod tests {
 7f03-7f04 rw-p 00000000 00:00 0 
 7f04-7f05 r-xp 00000000 08:01 125 /opt/my dir/libpython3.10d.so (deleted)
 ";
+        let maps = <MemoryMaps as procfs::FromBufRead>::from_buf_read(maps.as_bytes()).unwrap();
         assert_eq!(
-            mapped_libpythons(maps),
+            mapped_libpythons(&maps),
             vec![
                 PathBuf::from("/usr/lib/libpython3.9.so.1.0"),
                 PathBuf::from("/opt/my dir/libpython3.10d.so")

@@ -14,7 +14,6 @@
 //! memory on a small machine).
 
 mod common;
-mod service_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,7 +25,6 @@ use std::{
 };
 
 use common::*;
-use service_support::{Cgroup, ctl_ok, dump, exited, other_daemons, process_entry, wait_status};
 
 /// pid -> calls of `name`.
 fn per_pid(trace: &Trace, name: &str) -> BTreeMap<u32, usize> {
@@ -503,10 +501,16 @@ fn two_thousand_50ms_pythons_in_a_watched_cgroup_have_every_call_traced_and_the_
             s["processes"].as_array().unwrap().iter().all(|p| p["running"] == false)
         })
     };
+    // The descriptors the daemon holds, counted when no control connection
+    // is open (a status request's own closes a little after its reply).
+    let held = || {
+        wait_connections_closed(&socket);
+        fd_kinds(daemon)
+    };
     let settled = |what: &str, base: &BTreeMap<String, usize>, probes: usize| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let k = fd_kinds(daemon);
+            let k = held();
             // (an fd closed while being listed shows as "")
             if other_fds(&k) == *base && probe_fds(&k) <= probes && !k.contains_key("") {
                 return k;
@@ -523,7 +527,7 @@ fn two_thousand_50ms_pythons_in_a_watched_cgroup_have_every_call_traced_and_the_
     // names), then wait until its probes are detached.
     let warm = run_children(1);
     quiet("the warm-up child to be done");
-    let base = other_fds(&fd_kinds(daemon));
+    let base = other_fds(&held());
     // With --binary no probe is attached per process: the descriptors the
     // daemon holds stay exactly as they are.
     let before = settled("after the warm-up", &base, usize::MAX);

@@ -19,13 +19,12 @@
 //!    and has percentiles; invalid globs (`[]`, `\`) are refused.
 
 mod common;
-mod service_support;
 
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -33,28 +32,6 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-use service_support::*;
-
-/// pftraced tracing `name` in `worker` (plus `args`), serving its socket in
-/// `dir`, once it has attached and answers.
-fn daemon_on(dir: &TestDir, name: &str, args: &[&str], worker: &Worker) -> (PathBuf, RunningTracer) {
-    let socket = socket_of(dir);
-    let mut daemon = serving(dir, &[name]).pid(worker.pid());
-    for a in args {
-        daemon = daemon.arg(a);
-    }
-    let tracer = daemon.spawn();
-    tracer.wait_attached(worker.pid());
-    wait_serving(&socket, &tracer);
-    (socket, tracer)
-}
-
-/// A worker in `dir`, and [`daemon_on`] it.
-fn traced_worker(dir: &TestDir, name: &str, args: &[&str]) -> (Worker, PathBuf, RunningTracer) {
-    let w = WorkerSpec::new(&python(), &worker_script(dir)).start("worker");
-    let (socket, tracer) = daemon_on(dir, name, args, &w);
-    (w, socket, tracer)
-}
 
 /// The daemon's resident memory, MiB.
 fn rss_mib(pid: u32) -> u64 {
@@ -92,7 +69,7 @@ fn baseline_without_dumps(socket: &Path, secs: u64) -> f64 {
 fn dumps_while_tracing_densely_lose_nothing() {
     let _serial = serial();
     let dir = TestDir::new("lim-dump");
-    let (mut w, socket, tracer) = traced_worker(&dir, "foo", &["--max-calls-in-memory", "100000"]);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &["--max-calls-in-memory", "100000"]);
     let stopfile = dir.join("stop");
     w.send(&format!("loop foo {}", stopfile.display()));
     wait_status(&socket, tracer.pid(), "a full store", |s| s["calls_in_memory"] == 100_000);
@@ -146,7 +123,7 @@ fn slow_dump_clients_are_limited_and_hold_memory_near_its_normal_size() {
     let dir = TestDir::new("lim-slow");
     let config = dir.join("pftraced.toml");
     fs::write(&config, "[limits]\nmax_calls_in_memory = 200000\nmax_concurrent_dumps = 3\n").unwrap();
-    let (mut w, socket, tracer) = traced_worker(&dir, "foo", &["--config", config.to_str().unwrap()]);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &["--config", config.to_str().unwrap()]);
     let stopfile = dir.join("stop");
     w.send(&format!("loop foo {}", stopfile.display()));
     wait_status(&socket, tracer.pid(), "a full store", |s| s["calls_in_memory"] == 200_000);
@@ -215,7 +192,7 @@ fn raise_open_files_limit(n: u64) {
 fn idle_connections_do_not_lock_out_pftracectl_and_1000_concurrent_calls_succeed() {
     let _serial = serial();
     let dir = TestDir::new("lim-idle");
-    let (mut w, socket, tracer) = traced_worker(&dir, "foo", &[]);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &[]);
 
     // 300 connections that send nothing (more than the 256 allowed to wait).
     let idle: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(&socket).unwrap()).collect();
@@ -261,7 +238,7 @@ fn a_failed_add_changes_nothing_and_a_successful_one_records_at_once() {
     // One at a time: two tests measure loss and memory under load.
     let _serial = serial();
     let dir = TestDir::new("lim-names");
-    let (mut w, socket, tracer) = traced_worker(&dir, "bar", &[]);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["bar"], &[]);
     w.call("foo", 100); // not traced: the kernel caches "no" for foo's name
     w.call("bar", 1);
 
@@ -484,7 +461,7 @@ fn invalid_globs_are_refused_with_a_clear_message() {
         let run = Pftraced::new(&dir, &[name]).pid(w.pid()).run();
         assert_eq!(run.assert_refused(&[]), why);
     }
-    let (socket, tracer) = daemon_on(&dir, "foo", &[], &w);
+    let (socket, tracer) = serve_on(&dir, &["foo"], w.pid(), &[]);
     let out = ctl(&socket, &["add", "-t", "bar,[!]x"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

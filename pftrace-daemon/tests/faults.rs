@@ -18,7 +18,6 @@
 //! and memory on a small machine).
 
 mod common;
-mod service_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -36,53 +35,9 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-use service_support::{WAIT, ctl, ctl_ok, dump, exited, other_daemons, status, stop, text, wait_status};
 
-/// A worker driven over stdin: `call NAME N` calls NAME N times and answers
-/// `done`; `slow SECONDS` calls quick() 5 times then slow(SECONDS), which
-/// prints `inside` and sleeps, and answers `done`. Exits at end of input.
-const WORKER: &str = r#"
-    import sys, time
-
-    def foo():
-        pass
-
-    def f():
-        pass
-
-    def quick():
-        pass
-
-    def slow(seconds):
-        print("inside", flush=True)
-        time.sleep(seconds)
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        cmd, *args = line.split()
-        if cmd == "call":
-            fn = globals()[args[0]]
-            for _ in range(int(args[1])):
-                fn()
-        elif cmd == "slow":
-            for _ in range(5):
-                quick()
-            slow(float(args[0]))
-        else:
-            sys.exit("unknown command %r" % line)
-        print("done", flush=True)
-"#;
-
-fn start_worker(dir: &TestDir) -> PyProcess {
-    let script = dir.script("worker.py", WORKER);
-    let w = PyProcess::spawn(&python(), &script, &[]);
-    w.expect_line("ready");
-    w
-}
-
-fn call(w: &mut PyProcess, name: &str, n: u64) {
-    w.send_line(&format!("call {name} {n}"));
-    w.expect_line("done");
+fn start_worker(dir: &TestDir) -> Worker {
+    WorkerSpec::new(&python(), &worker_script(dir)).start("worker")
 }
 
 // ---------------------------------------------------------------------------
@@ -266,12 +221,9 @@ fn sigkill_of_pftraced_leaves_nothing_behind_and_a_restart_replaces_the_stale_so
     };
     assert_eq!(sites.read(pid), untouched, "before any daemon (other pftraced: {})", other_daemons(&[]));
 
-    let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["foo"]).pid(pid).arg("--socket").arg(&socket).spawn();
+    let (socket, tracer) = serve_on(&dir, &["foo"], pid, &[]);
     let daemon = tracer.pid();
-    tracer.wait_attached(pid);
-    wait_status(&socket, daemon, "the control socket", |_| true);
-    call(&mut w, "foo", 100);
+    w.call("foo", 100);
     let st = wait_status(&socket, daemon, "100 calls", |s| s["calls_total"] == 100);
     assert_eq!(st["counters"]["entry_matched"], 100, "{st}");
     let traced = sites.read(pid);
@@ -298,7 +250,7 @@ fn sigkill_of_pftraced_leaves_nothing_behind_and_a_restart_replaces_the_stale_so
     );
     let freed_in = assert_bpf_freed(&ids, "after SIGKILL");
     // The process runs on, unharmed, at full speed: no probe is hit any more.
-    call(&mut w, "foo", 1000);
+    w.call("foo", 1000);
     assert!(!exited(pid));
 
     // The socket file stays (nobody removed it); nothing listens on it.
@@ -330,7 +282,7 @@ fn sigkill_of_pftraced_leaves_nothing_behind_and_a_restart_replaces_the_stale_so
         human.starts_with(&format!("pftraced {} (pid {daemon2}), up ", env!("CARGO_PKG_VERSION"))),
         "{human}"
     );
-    call(&mut w, "foo", 100);
+    w.call("foo", 100);
     let st = wait_status(&socket, daemon2, "100 calls", |s| s["calls_total"] == 100);
     assert_eq!(st["counters"]["entry_matched"], 100, "only the new daemon's calls: {st}");
     let retraced = sites.read(pid);
@@ -377,18 +329,8 @@ fn ring_buffer_overflow_is_counted_in_trace_summary_and_status_and_every_hit_is_
     let dir = TestDir::new("fault-lost");
     let mut w = start_worker(&dir);
     let pid = w.pid();
-    let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["f"])
-        .pid(pid)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--ring-buffer-size")
-        .arg("4096")
-        .spawn();
-    let daemon = tracer.pid();
-    tracer.wait_attached(pid);
-    wait_status(&socket, daemon, "the control socket", |_| true);
-    call(&mut w, "f", CALLS);
+    let (socket, tracer) = serve_on(&dir, &["f"], pid, &["--ring-buffer-size", "4096"]);
+    w.call("f", CALLS);
 
     // Serving: the kernel's counters are final once the loop is done.
     let st = status(&socket);
@@ -566,24 +508,15 @@ fn full_output_directory_is_reported_while_tracing_goes_on_in_memory() {
     let mount = Tmpfs::mount(&out_dir, "256k");
     let mut w = start_worker(&dir);
     let pid = w.pid();
-    let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["foo", "f"])
-        .pid(pid)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--output-dir")
-        .arg(&out_dir)
-        .spawn();
+    let (socket, tracer) = serve_on(&dir, &["foo", "f"], pid, &["--output-dir", out_dir.to_str().unwrap()]);
     let daemon = tracer.pid();
-    tracer.wait_attached(pid);
-    wait_status(&socket, daemon, "the control socket", |_| true);
 
-    call(&mut w, "foo", 100);
+    w.call("foo", 100);
     wait_status(&socket, daemon, "100 calls written", |s| s["output"]["calls_written"] == 100);
 
     let filler = out_dir.join("filler");
     let filled = fill(&filler);
-    call(&mut w, "f", 3000);
+    w.call("f", 3000);
     let st =
         wait_status(&socket, daemon, "a write error", |s| s["output"]["write_errors"].as_u64() > Some(0));
     let o = &st["output"];
@@ -604,7 +537,7 @@ fn full_output_directory_is_reported_while_tracing_goes_on_in_memory() {
     let counts =
         dump(&socket).counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>();
     assert_eq!(counts, BTreeMap::from([("f".into(), 3000), ("foo".into(), 100)]));
-    call(&mut w, "foo", 50);
+    w.call("foo", 50);
     let st = wait_status(&socket, daemon, "150 foo calls in memory", |s| s["calls_total"] == 3150);
     assert_eq!(st["counters"]["lost"], 0);
     assert!(!exited(daemon));
@@ -615,7 +548,7 @@ fn full_output_directory_is_reported_while_tracing_goes_on_in_memory() {
     let t0 = Instant::now();
     let mut resumed = None;
     while t0.elapsed() < Duration::from_secs(15) {
-        call(&mut w, "foo", 10);
+        w.call("foo", 10);
         let s = status(&socket);
         if s["output"]["calls_written"].as_u64() > Some(100) {
             resumed = Some(s);

@@ -10,13 +10,12 @@ use std::{path::Path, time::Duration};
 use common::*;
 
 /// What pftraced prints for a CPython 3.12-3.14 launched under it
-/// (target.rs's `ProbesRemoved` after main.rs's launch prefix).
+/// (target.rs's `Unsupported` with python.rs's refusal, after pftraced's launch prefix).
 fn probes_removed_at_launch(python: &Path, pid: u32, version: &str) -> String {
     format!(
         "cannot trace {python:?}; it was not run: pid {pid} runs CPython {version} ({}): CPython \
          3.12-3.14 removed the function__entry/function__return probes (python/cpython#104280). Use \
-         CPython 3.6-3.10 or 3.15+ built with --with-dtrace (`cargo xtask setup` builds one: \
-         /var/cache/pftrace/cpython-3.9-dtrace/bin/python3.9)",
+         CPython 3.6-3.10 or 3.15+ built with --with-dtrace",
         python.display()
     )
 }

@@ -15,7 +15,6 @@
 //!    their first call, made straight after `fork()`.
 
 mod common;
-mod service_support;
 
 use std::{
     fs,
@@ -25,7 +24,6 @@ use std::{
 };
 
 use common::*;
-use service_support::*;
 
 /// The kernel's last allocated pid in this (the initial) pid namespace.
 const NS_LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
@@ -248,20 +246,19 @@ fn processes_exiting_while_being_attached_leave_nothing_behind() {
     let socket = socket_of(&dir);
     let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
     wait_serving(&socket, &tracer);
-    let fds = |what| {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let n = fs::read_dir(format!("/proc/{}/fd", tracer.pid())).unwrap().count();
-            let st = status(&socket);
-            let busy = st["processes"].as_array().unwrap().iter().any(|p| p["running"] == true);
-            if !busy {
-                return (n, st);
-            }
-            assert!(Instant::now() < deadline, "{what}: processes still running: {st}");
-            thread::sleep(Duration::from_millis(50));
-        }
+    let fd_count = || fs::read_dir(format!("/proc/{}/fd", tracer.pid())).unwrap().count();
+    // Once no process runs: the descriptors the daemon holds, counted when
+    // no control connection is open (the status request's own closes a
+    // little after its reply).
+    let idle = |what| {
+        let st = wait_status(&socket, tracer.pid(), what, |st| {
+            st["processes"].as_array().unwrap().iter().all(|p| p["running"] == false)
+        });
+        wait_connections_closed(&socket);
+        st
     };
-    let (fds_before, _) = fds("before");
+    idle("no process running before");
+    let fds_before = fd_count();
 
     // Pythons killed 0-12 ms after their exec: about when pftraced sees
     // them, inspects them, attaches (a few ms here), or has just attached.
@@ -281,9 +278,17 @@ fn processes_exiting_while_being_attached_leave_nothing_behind() {
         child.wait().unwrap();
         died_in_flight += 1;
     }
-    // Give the daemon time to see every exit, then compare.
-    thread::sleep(Duration::from_millis(500));
-    let (fds_after, st) = fds("after");
+    // Every exit seen; then the links of the processes attached before they
+    // died are closed in the background, 8 at a time (about 40 ms each
+    // here, longer under load): wait for that, up to WAIT. A descriptor
+    // left behind stays, and fails below.
+    let st = idle("every process seen exiting");
+    let deadline = Instant::now() + WAIT;
+    let mut fds_after = fd_count();
+    while fds_after != fds_before && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        fds_after = fd_count();
+    }
     let refused = st["refused"].as_array().unwrap();
     assert!(refused.is_empty(), "processes that exited were refused: {refused:?}");
     assert_eq!(fds_after, fds_before, "descriptors left behind after {PROCS} processes: {st}");

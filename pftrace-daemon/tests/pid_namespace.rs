@@ -12,12 +12,10 @@
 //! - with the host's /proc (no `--mount-proc`) pftraced refuses at start.
 
 mod common;
-mod service_support;
 
 use std::{collections::BTreeMap, fs, path::Path, thread, time::Instant};
 
-use common::{Pftraced, TestDir, Trace, python, require_tool, serial};
-use service_support::*;
+use common::*;
 
 /// pftraced as PID 1 of a new PID namespace with its own /proc.
 const UNSHARE: [&str; 4] = ["unshare", "--pid", "--fork", "--mount-proc"];
@@ -232,7 +230,7 @@ fn host_processes_are_outside_a_namespaced_daemons_view_even_with_probes_on_the_
 
     let live = dump(&socket);
     assert_eq!(counts(&live.calls), expected(&[(2, "foo", 1234)]), "dump: only the namespace's calls");
-    let counters = &service_support::status(&socket)["counters"];
+    let counters = &common::status(&socket)["counters"];
     let out_of_scope = counters["out_of_scope"].as_u64().unwrap();
     assert!(
         out_of_scope >= 2 * host_calls,

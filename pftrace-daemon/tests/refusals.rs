@@ -339,8 +339,9 @@ fn binary_flag_refusals() {
         (
             &py311,
             vec![
-                "--binary /usr/bin/python3.11 is CPython 3.11: its function__entry probe fires only when a \
-                 generator or coroutine resumes, not for ordinary calls (python/cpython#98894)"
+                "--binary /usr/bin/python3.11 is CPython 3.11: its python:function__entry probe fires only \
+                 when a generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so \
+                 calls cannot be timed"
                     .into(),
                 WHAT_WORKS.into(),
             ],

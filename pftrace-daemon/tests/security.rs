@@ -25,7 +25,6 @@
 //! cuts a long path inside a character, which is what (b) uses.
 
 mod common;
-mod service_support;
 
 use std::{
     fs,
@@ -44,7 +43,6 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-use service_support::{PFTRACECTL, ctl_checked, exited, text, wait_status_within};
 
 /// How long to wait for the daemon to reach a state.
 const WAIT: Duration = Duration::from_secs(20);
@@ -76,19 +74,6 @@ fn assert_no_controls(what: &str, bytes: &[u8]) {
     assert!(bad.is_empty(), "{what} holds raw control bytes {bad:?}:\n{}", text(bytes).escape_debug());
 }
 
-const WORKER: &str = r#"
-    import sys
-
-    def foo():
-        pass
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        for _ in range(int(line)):
-            foo()
-        print("done", flush=True)
-"#;
-
 // ---------------------------------------------------------------------------
 // a. The control socket
 
@@ -96,8 +81,7 @@ const WORKER: &str = r#"
 fn control_socket_is_root_only_mode_0600_even_under_umask_000() {
     let dir = TestDir::new("sec-socket");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let w = PyProcess::spawn(&python(), &dir.script("worker.py", WORKER), &[]);
-    w.expect_line("ready");
+    let w = WorkerSpec::new(&python(), &worker_script(&dir)).start("worker");
     let run_dir = dir.join("run");
     let socket = run_dir.join("pftrace").join("pftraced.sock");
     let tracer = Pftraced::new(&dir, &["foo"])
@@ -338,7 +322,7 @@ fn an_interpreter_under_a_path_with_an_escape_sequence_is_shown_escaped() {
     fs::hard_link(&py, &evil_py)
         .unwrap_or_else(|e| panic!("linking {} to {}: {e}", py.display(), evil_py.display()));
     let home = py.parent().unwrap().parent().unwrap();
-    let script = dir.script("worker.py", WORKER);
+    let script = worker_script(&dir);
     let mut cmd = Command::new(&evil_py);
     cmd.arg(&script)
         .env("PYTHONHOME", home)
@@ -363,7 +347,7 @@ fn an_interpreter_under_a_path_with_an_escape_sequence_is_shown_escaped() {
     assert_no_controls("the `attached` line", attached.as_bytes());
     assert_eq!(attached, format!("pftraced: attached to pid {pid} (CPython 3.9, {want}), tracing foo"));
     wait_status(&socket, daemon, "the control socket", |_| true);
-    writeln!(stdin, "5").unwrap();
+    writeln!(stdin, "call foo 5").unwrap();
     line.clear();
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line, "done\n");
@@ -511,15 +495,9 @@ fn no_bpf_object_is_pinned_or_outlives_the_daemon() {
         if mounted.0.is_some() { "/sys/fs/bpf mounted for this test" } else { "already there" },
         before.len()
     );
-    let mut w = PyProcess::spawn(&python(), &dir.script("worker.py", WORKER), &[]);
-    w.expect_line("ready");
-    let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["foo"]).pid(w.pid()).arg("--socket").arg(&socket).spawn();
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &[]);
     let daemon = tracer.pid();
-    tracer.wait_attached(w.pid());
-    wait_status(&socket, daemon, "the control socket", |_| true);
-    w.send_line("10");
-    w.expect_line("done");
+    w.call("foo", 10);
     wait_status(&socket, daemon, "10 calls", |s| s["calls_total"] == 10);
 
     let ids = bpf_ids(daemon);
@@ -602,15 +580,9 @@ fn dump_streams_over_the_socket_and_cannot_make_the_daemon_write_a_file() {
         "{help}"
     );
 
-    let mut w = PyProcess::spawn(&python(), &dir.script("worker.py", WORKER), &[]);
-    w.expect_line("ready");
-    let socket = dir.join("pftraced.sock");
-    let tracer = Pftraced::new(&dir, &["foo"]).pid(w.pid()).arg("--socket").arg(&socket).spawn();
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &[]);
     let daemon = tracer.pid();
-    tracer.wait_attached(w.pid());
-    wait_status(&socket, daemon, "the control socket", |_| true);
-    w.send_line("7");
-    w.expect_line("done");
+    w.call("foo", 7);
     wait_status(&socket, daemon, "7 calls", |s| s["calls_total"] == 7);
     let listing = |d: &Path| -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(d)

@@ -7,12 +7,10 @@
 //! running (its probes are attached), so the counts are exact.
 
 mod common;
-mod service_support;
 
 use std::{collections::BTreeSet, fs};
 
-use common::{TestDir, python};
-use service_support::*;
+use common::*;
 
 #[test]
 fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
@@ -51,7 +49,7 @@ fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
     let live = dump(&socket);
     assert_eq!(counts(&live.calls), want, "pftracectl dump: calls per (pid, function)");
     live.assert_clean();
-    let status = service_support::status(&socket);
+    let status = common::status(&socket);
     for (pid, n) in [(b, 101), (a, 202), (c, 303)] {
         let p = process_entry(&status, pid).unwrap();
         assert_eq!(

@@ -5,7 +5,6 @@
 //! goes on serving and tracing.
 
 mod common;
-mod service_support;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -15,25 +14,13 @@ use std::{
     time::Duration,
 };
 
-use common::{CallEvent, TestDir, python, require_tool};
+use common::*;
 use serde_json::Value;
-use service_support::*;
-
-/// pftraced attached to `pid` by `--pid`, serving its socket in `dir`.
-fn daemon_on(dir: &TestDir, names: &[&str], pid: u32) -> common::RunningTracer {
-    let tracer = serving(dir, names).pid(pid).spawn();
-    tracer.wait_attached(pid);
-    tracer
-}
 
 #[test]
 fn add_and_remove_take_effect_live() {
     let dir = TestDir::new("svc-addrm");
-    let script = worker_script(&dir);
-    let mut w = WorkerSpec::new(&python(), &script).start("worker");
-    let socket = socket_of(&dir);
-    let tracer = daemon_on(&dir, &["bar"], w.pid());
-    wait_serving(&socket, &tracer);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["bar"], &[]);
 
     w.call("foo", 100); // not traced yet
     w.call("bar", 10);
@@ -57,7 +44,7 @@ fn add_and_remove_take_effect_live() {
         live.named("foo").iter().all(|c| c.ts_ns > first_round_end && c.ts_ns < last_round_start),
         "a foo call lies outside the window it was traced in"
     );
-    let status = service_support::status(&socket);
+    let status = common::status(&socket);
     assert_eq!(status["names"], serde_json::json!(["bar"]), "{status:#}");
 
     // Errors leave the names as they were.
@@ -135,11 +122,7 @@ fn check_stats(socket: &Path, calls: &[CallEvent], per_pid: bool) {
 #[test]
 fn dump_mid_trace_is_valid_json_and_stats_match_it() {
     let dir = TestDir::new("svc-dump");
-    let script = worker_script(&dir);
-    let mut w = WorkerSpec::new(&python(), &script).start("worker");
-    let socket = socket_of(&dir);
-    let tracer = daemon_on(&dir, &["foo", "bar"], w.pid());
-    wait_serving(&socket, &tracer);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo", "bar"], &[]);
     let pid = w.pid();
 
     w.call("foo", 500);
@@ -170,7 +153,7 @@ fn dump_mid_trace_is_valid_json_and_stats_match_it() {
     let looped: u64 = w.expect("done").parse().unwrap();
     assert!(looped > 0);
 
-    let status = service_support::status(&socket);
+    let status = common::status(&socket);
     assert_eq!(
         status["calls_evicted"], 0,
         "calls were evicted from memory: the test made too many\n{status:#}"
@@ -214,11 +197,7 @@ fn raw(socket: &Path, bytes: &[u8]) -> Value {
 fn other_users_and_garbage_are_refused_while_the_daemon_carries_on() {
     require_tool("setpriv", "util-linux");
     let dir = TestDir::new("svc-refuse");
-    let script = worker_script(&dir);
-    let mut w = WorkerSpec::new(&python(), &script).start("worker");
-    let socket = socket_of(&dir);
-    let tracer = daemon_on(&dir, &["foo"], w.pid());
-    wait_serving(&socket, &tracer);
+    let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &[]);
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
     w.call("foo", 10);
 
@@ -256,7 +235,7 @@ fn other_users_and_garbage_are_refused_while_the_daemon_carries_on() {
     assert_eq!(reply["ok"].as_bool(), Some(false), "{reply}");
 
     // The daemon still serves and traces.
-    let status = service_support::status(&socket);
+    let status = common::status(&socket);
     assert_eq!(status["daemon_pid"].as_u64(), Some(tracer.pid() as u64), "{status:#}");
     assert_eq!(status["names"], serde_json::json!(["foo"]), "a refused `add` changed the names");
     w.call("foo", 77);

@@ -4,7 +4,6 @@
 //! refused with its path, line and column, an unknown key by name.
 
 mod common;
-mod service_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,9 +12,9 @@ use std::{
     process::Command,
 };
 
+use common::*;
 use common::{PFTRACED, TestDir, python};
 use serde_json::Value;
-use service_support::*;
 
 #[test]
 fn rolling_files_hold_every_call_exactly_once() {
@@ -55,7 +54,7 @@ fn rolling_files_hold_every_call_exactly_once() {
     }
     let made =
         expected(&[(a.pid(), "foo", 300), (b.pid(), "foo", 450), (a.pid(), "bar", 35), (b.pid(), "bar", 15)]);
-    let status = service_support::status(&socket);
+    let status = common::status(&socket);
     let output = &status["output"];
     assert_eq!(output["dir"].as_str(), out_dir.to_str(), "{status:#}");
     assert_eq!((output["write_errors"].as_u64(), output["calls_not_written"].as_u64()), (Some(0), Some(0)));
@@ -137,7 +136,7 @@ fn with_config(dir: &TestDir, text: &str) -> (PathBuf, std::process::Output) {
     let out = Command::new(PFTRACED)
         .arg("--config")
         .arg(&path)
-        .args(["-t", "foo", "--cgroup", CGROUP_ROOT, "--socket"])
+        .args(["-t", "foo", "--cgroup", cgroup_root().to_str().unwrap(), "--socket"])
         .arg(dir.join("never.sock"))
         .output()
         .unwrap();

@@ -17,7 +17,6 @@
 //! slower per call).
 
 mod common;
-mod service_support;
 
 use std::{
     fs,
@@ -25,8 +24,7 @@ use std::{
     path::Path,
 };
 
-use common::{Pftraced, TestDir, python, require_tool};
-use service_support::*;
+use common::*;
 
 /// Calls per timed run, runs per block.
 const CALLS: u64 = 2_000_000;
@@ -146,7 +144,7 @@ fn untraced_python_beside_a_traced_cgroup_is_not_slowed_and_its_semaphore_stays_
 
         let (during, during_wall) = block(&mut untraced);
 
-        let status = service_support::status(&socket);
+        let status = common::status(&socket);
         assert!(process_entry(&status, u).is_none(), "the untraced process is listed:\n{status:#}");
         let busy_to = calls_of_t(&status);
         assert!(busy_to > busy_from, "the traced loop stopped being recorded while the untraced one ran");

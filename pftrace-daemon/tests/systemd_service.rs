@@ -13,7 +13,6 @@
 //!   container's PID namespace, issue 15).
 
 mod common;
-mod service_support;
 mod systemd_support;
 
 use std::{collections::BTreeMap, fs, path::Path, thread, time::Duration, time::Instant};

@@ -5,8 +5,16 @@
 //! CallEvent (`pftrace_usdt` serves both probes, the kind in the cookie).
 //! Counters are per CPU; the daemon sums them. A raw tracepoint on
 //! sched_process_exec reports new processes in scope (all, or under watched cgroups).
-#![no_std]
-#![no_main]
+//! Rare events that mean something is missing (a process report the event
+//! ring had no room for, a probe site whose arguments cannot be read, kernel
+//! offsets unknown) are also said in words through aya-log, on its own ring,
+//! only on those paths: the hot path carries nothing of it, and the level is
+//! a load-time constant (aya-log's `AYA_LOG_LEVEL`).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// Map keys and values stay borrowed: passed by value they would be copied
+// to new stack slots, and a BPF program has 512 bytes of stack in all.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -25,6 +33,7 @@ use aya_ebpf::{
     },
     programs::{ProbeContext, RawTracePointContext},
 };
+use aya_log_ebpf::warn;
 use pftrace_common::{
     COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
     MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg,
@@ -135,6 +144,26 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
+/// What has been said once already through aya-log: slot 0, that kernel
+/// offsets are unknown; slot 1 + spec id, that a probe site's arguments
+/// could not be read.
+#[map]
+static SAID: Array<u32> = Array::with_max_entries(MAX_SPECS + 1, 0);
+const SAID_OFFSETS: u32 = 0;
+
+/// Whether `slot` of [`SAID`] is said for the first time now (marks it).
+/// Two CPUs may both see it unsaid: at worst it is said twice.
+#[inline(always)]
+fn first_time(slot: u32) -> bool {
+    match SAID.get_ptr_mut(slot) {
+        Some(p) if unsafe { *p } == 0 => {
+            unsafe { *p = 1 };
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Argument positions in CPython's probes.
 const ARG_FILENAME: usize = 0;
 const ARG_FUNCNAME: usize = 1;
@@ -182,15 +211,25 @@ fn on_probe(ctx: &ProbeContext, event_kind: u8, seen: u32, matched: u32) -> u32 
         }
     }
     bump(seen);
-    if try_on_probe(ctx, event_kind, matched).is_err() {
+    let spec_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    if let Err(err) = try_on_probe(ctx, spec_id, event_kind, matched) {
         bump(counter::READ_ERRORS);
+        if first_time(spec_id.wrapping_add(1)) {
+            warn!(
+                ctx,
+                "probe site with spec id {} (pid {}): reading its arguments failed (error {}); further \
+                 failures at this site are only counted (read_errors)",
+                spec_id,
+                (bpf_get_current_pid_tgid() >> 32) as u32,
+                err
+            );
+        }
     }
     0
 }
 
 #[inline(always)]
-fn try_on_probe(ctx: &ProbeContext, event_kind: u8, matched: u32) -> Result<(), i32> {
-    let spec_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+fn try_on_probe(ctx: &ProbeContext, spec_id: u32, event_kind: u8, matched: u32) -> Result<(), i32> {
     let spec = SPECS.get(spec_id).ok_or(-1i32)?;
 
     // Filter first: decide on the name before anything else.
@@ -469,22 +508,23 @@ fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<bool, i32> {
     let key = VerdictKey { ptr, tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0 };
     let head: Option<[u64; 2]> = unsafe { bpf_probe_read_user(ptr as *const [u64; 2]) }.ok();
     let cacheable = head.is_some_and(|h| has_zero_byte(h[0]) || has_zero_byte(h[1]));
-    if let Some(head) = head.filter(|_| cacheable) {
-        if let Some(v) = unsafe { VERDICTS.get(&key) } {
-            if v.generation == generation && v.head[0] == head[0] && v.head[1] == head[1] {
-                bump(counter::VERDICT_HITS);
-                if v.matched == 0 {
-                    return Ok(false);
-                }
-                // The name is the head up to its NUL; the rest of `name` stays zero.
-                unsafe {
-                    let words = name.as_mut_ptr() as *mut u64;
-                    words.write_unaligned(head[0]);
-                    words.add(1).write_unaligned(head[1]);
-                }
-                return Ok(true);
-            }
+    if let Some(head) = head.filter(|_| cacheable)
+        && let Some(v) = unsafe { VERDICTS.get(&key) }
+        && v.generation == generation
+        && v.head[0] == head[0]
+        && v.head[1] == head[1]
+    {
+        bump(counter::VERDICT_HITS);
+        if v.matched == 0 {
+            return Ok(false);
         }
+        // The name is the head up to its NUL; the rest of `name` stays zero.
+        unsafe {
+            let words = name.as_mut_ptr() as *mut u64;
+            words.write_unaligned(head[0]);
+            words.add(1).write_unaligned(head[1]);
+        }
+        return Ok(true);
     }
     let len = unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, name) }?.len();
     // A name filling the buffer may have been cut short: user space traces
@@ -578,7 +618,7 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
 /// A process called execve: report it when it is in scope (every process,
 /// or one under a watched cgroup), so user space can attach to it.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
+pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
     let mode = config_value(config::EXEC_MODE);
     let pid_tgid = current_pid_tgid();
     if pid_tgid == 0 {
@@ -598,6 +638,12 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
     bump(counter::EXECS);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         bump(counter::EXEC_LOST);
+        warn!(
+            &ctx,
+            "the event ring was full: the exec of pid {} was not reported, so it will not be traced \
+             (exec_lost counts these)",
+            (pid_tgid >> 32) as u32
+        );
         return 0;
     };
     entry.write(ProcEvent {
@@ -618,7 +664,7 @@ pub fn pftrace_exec(_ctx: RawTracePointContext) -> i32 {
 /// the exit (in ring order, before anything of a process that reuses the
 /// pid) and forget the process.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
-pub fn pftrace_exit(_ctx: RawTracePointContext) -> i32 {
+pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
     let pid_tgid = current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != pid_tgid as u32 || unsafe { TRACKED.get(&tgid) }.is_none() {
@@ -627,6 +673,12 @@ pub fn pftrace_exit(_ctx: RawTracePointContext) -> i32 {
     let _ = TRACKED.remove(&tgid);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         bump(counter::EXIT_LOST);
+        warn!(
+            &ctx,
+            "the event ring was full: the exit of traced pid {} was not reported; its open calls are \
+             closed when pftraced sees it gone (exit_lost counts these)",
+            tgid
+        );
         return 0;
     };
     entry.write(ProcEvent {
@@ -652,6 +704,13 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     }
     let (pid_off, tgid_off) = (global(&TASK_PID_OFF) as usize, global(&TASK_TGID_OFF) as usize);
     if pid_off == 0 || tgid_off == 0 {
+        if first_time(SAID_OFFSETS) {
+            warn!(
+                &ctx,
+                "kernel offsets of task_struct.pid/tgid are unknown (no usable BTF): children forked by \
+                 traced processes are not followed"
+            );
+        }
         return 0;
     }
     let child: u64 = ctx.arg(1);
@@ -669,6 +728,13 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let _ = TRACKED.insert(&pid, &1, 0);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         bump(counter::FORK_LOST);
+        warn!(
+            &ctx,
+            "the event ring was full: the fork of pid {} by traced pid {} was not reported, so it will not \
+             be traced (fork_lost counts these)",
+            pid,
+            parent
+        );
         return 0;
     };
     entry.write(ProcEvent {
@@ -822,11 +888,17 @@ fn bump(index: u32) {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+/// Built for the host (`cargo clippy --workspace --all-targets`, which
+/// links std into it through pftrace-common's user-space feature) it is an
+/// ordinary program that does nothing: only the BPF build carries programs.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -1006,30 +1006,31 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
 /// test run): their uprobes on the same interpreter slow every traced
 /// process down, so runs made while they exist are flagged.
 fn foreign_tracers() -> Vec<String> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };
-        let comm = comm.trim();
-        if pid != me && (comm == "pftraced" || comm == "bpftrace") {
-            found.push(format!("{comm} (pid {pid})"));
-        }
-    }
-    found
+    let me = std::process::id() as i32;
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter(|p| p.pid() != me)
+        .filter_map(|p| Some((p.pid(), p.stat().ok()?.comm)))
+        .filter(|(_, comm)| comm == "pftraced" || comm == "bpftrace")
+        .map(|(pid, comm)| format!("{comm} (pid {pid})"))
+        .collect()
 }
 
 /// Fraction of all CPU time the whole machine spent busy over one second
 /// (from /proc/stat): other load disturbs every figure of the bench.
 fn background_busy() -> Option<f64> {
     fn read() -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let v: Vec<u64> =
-            stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
-        // guest and guest_nice (8, 9) are already counted in user and nice.
-        let total: u64 = v.iter().take(8).sum();
+        use procfs::CurrentSI as _;
+        let t = procfs::KernelStats::current().ok()?.total;
+        let idle = t.idle + t.iowait.unwrap_or(0);
+        // guest and guest_nice are already counted in user and nice.
+        let total = t.user
+            + t.nice
+            + t.system
+            + idle
+            + t.irq.unwrap_or(0)
+            + t.softirq.unwrap_or(0)
+            + t.steal.unwrap_or(0);
         Some((total, idle))
     }
     let (t0, i0) = read()?;
@@ -1040,13 +1041,10 @@ fn background_busy() -> Option<f64> {
 }
 
 fn machine(ctx: &Ctx) -> Value {
+    use procfs::Current as _;
+    // The release string as the kernel gives it (procfs only parses its numbers).
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).ok();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|m| m.trim().to_string())
-    });
+    let cpu = procfs::CpuInfo::current().ok().and_then(|c| c.model_name(0).map(str::to_string));
     let version = |cmd: &mut Command| util::output(cmd).ok().map(|s| s.trim().to_string());
     json!({
         "kernel": kernel,

@@ -19,7 +19,9 @@ use crate::{cpython, pyenv, sid_pythons, systemd_root};
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
 /// (the refusal tests check pftraced's message for its broken entry probe),
-/// patchelf (points Debian sid's interpreters at sid's own loader), and
+/// patchelf (points Debian sid's interpreters at sid's own loader),
+/// systemd (its `systemd-analyze verify` checks the unit file), passwd
+/// (`useradd`: the control socket's test of a real unprivileged peer), and
 /// debootstrap and systemd-container (systemd-nspawn) for the root the
 /// systemd service tests boot.
 pub const APT_PACKAGES: &[&str] = &[
@@ -35,6 +37,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "pkg-config",
     "python3.11",
     "patchelf",
+    "systemd",
+    "passwd",
     "debootstrap",
     "systemd-container",
 ];

@@ -421,10 +421,10 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                if i % 1000 == 0 {
-                    if let Some(f) = f {
-                        unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1) };
-                    }
+                if i % 1000 == 0
+                    && let Some(f) = f
+                {
+                    unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1) };
                 }
             }
             std::hint::black_box(x);

@@ -10,7 +10,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let time = args.first().is_some_and(|a| a == "--time");
     let args = if time { &args[1..] } else { &args[..] };
-    let (Some(v), Some(o)) = (args.first().and_then(|v| PyVersion::parse(v)), args.get(1).and_then(|o| o.parse().ok()))
+    let (Some(v), Some(o)) =
+        (args.first().and_then(|v| PyVersion::parse(v)), args.get(1).and_then(|o| o.parse().ok()))
     else {
         eprintln!("usage: codeinfo-dump [--time] VERSION OPTIMIZE FILE...");
         std::process::exit(2);

@@ -53,7 +53,8 @@ impl FileCodes {
                 crate::version::NEWEST
             ));
         }
-        let parsed = ruff_python_parser::parse_module(source).map_err(|e| format!("the file does not parse: {e}"))?;
+        let parsed =
+            ruff_python_parser::parse_module(source).map_err(|e| format!("the file does not parse: {e}"))?;
         let module = parsed.syntax();
         let lines = Lines::new(source);
         let mut b = symtable::Builder::build(&module.body, &lines, version);
@@ -72,7 +73,8 @@ impl FileCodes {
             }
             let qualname = match s.annotate_owner {
                 Some(o) if scopes[o].generic => {
-                    Err("not followed: the __annotate__ of a function with PEP 695 type parameters".to_string())
+                    Err("not followed: the __annotate__ of a function with PEP 695 type parameters"
+                        .to_string())
                 }
                 _ => Ok(s.qualname.clone()),
             };
@@ -122,7 +124,9 @@ impl FileCodes {
             let spanning: Vec<&SourceCode> =
                 named.into_iter().filter(|c| c.firstlineno <= line && line <= c.lastline).collect();
             let Some(deepest) = spanning.iter().map(|c| c.depth).max() else {
-                return Err(format!("no code object named {name:?} spans line {line} in the file as read now"));
+                return Err(format!(
+                    "no code object named {name:?} spans line {line} in the file as read now"
+                ));
             };
             spanning.into_iter().filter(|c| c.depth == deepest).collect()
         } else {

@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 
 use ruff_python_ast::{
-    self as ast, Expr, ExprContext, InterpolatedStringElement, InterpolatedStringElements, Parameters, Pattern,
-    Stmt,
+    self as ast, Expr, ExprContext, InterpolatedStringElement, InterpolatedStringElements, Parameters,
+    Pattern, Stmt,
 };
 use ruff_text_size::{Ranged, TextRange};
 
@@ -220,10 +220,17 @@ impl<'a> Builder<'a> {
             // first line: a docstring, an import, a one-line statement.
             let exact = match body.first() {
                 None => Some(1),
-                Some(s @ (Stmt::Import(_) | Stmt::ImportFrom(_))) => Some(lines.line(s.range().start().to_u32())),
-                Some(Stmt::Expr(e)) if matches!(&*e.value, Expr::StringLiteral(_)) => Some(lines.line(e.range.start().to_u32())),
+                Some(s @ (Stmt::Import(_) | Stmt::ImportFrom(_))) => {
+                    Some(lines.line(s.range().start().to_u32()))
+                }
+                Some(Stmt::Expr(e)) if matches!(&*e.value, Expr::StringLiteral(_)) => {
+                    Some(lines.line(e.range.start().to_u32()))
+                }
                 Some(s) => {
-                    let (a, z) = (lines.line(s.range().start().to_u32()), lines.line(s.range().end().to_u32().saturating_sub(1)));
+                    let (a, z) = (
+                        lines.line(s.range().start().to_u32()),
+                        lines.line(s.range().end().to_u32().saturating_sub(1)),
+                    );
                     (a == z).then_some(a)
                 }
             };
@@ -263,7 +270,8 @@ impl<'a> Builder<'a> {
     ) -> usize {
         let parent = self.stack.last().copied();
         let idx = self.scopes.len();
-        let inlined = matches!(kind, Kind::Comprehension(k) if k != CompKind::Gen) && self.version.inlines_comprehensions();
+        let inlined = matches!(kind, Kind::Comprehension(k) if k != CompKind::Gen)
+            && self.version.inlines_comprehensions();
         self.scopes.push(Scope {
             kind,
             name,
@@ -359,7 +367,12 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn annotations(&mut self, p: &'a Parameters, returns: Option<&'a Expr>, range: TextRange) -> Option<usize> {
+    fn annotations(
+        &mut self,
+        p: &'a Parameters,
+        returns: Option<&'a Expr>,
+        range: TextRange,
+    ) -> Option<usize> {
         let mut anns: Vec<&'a Expr> = p.iter().filter_map(|a| a.annotation()).collect();
         anns.extend(returns);
         if anns.is_empty() {
@@ -371,7 +384,8 @@ impl<'a> Builder<'a> {
             // (strings under `from __future__ import annotations`).
             let line = self.line(range);
             let private = self.private();
-            let i = self.enter(Kind::Function, "__annotate__".into(), Node::Annotate, line, line, private, None);
+            let i =
+                self.enter(Kind::Function, "__annotate__".into(), Node::Annotate, line, line, private, None);
             self.annotate_params();
             if !self.future_annotations {
                 for a in anns {
@@ -422,7 +436,15 @@ impl<'a> Builder<'a> {
                 let (line, last) = (self.cur().firstlineno, self.cur().firstlineno);
                 let _ = range;
                 let private = self.private();
-                let i = self.enter(Kind::Function, "__annotate__".into(), Node::Annotate, line, last, private, None);
+                let i = self.enter(
+                    Kind::Function,
+                    "__annotate__".into(),
+                    Node::Annotate,
+                    line,
+                    last,
+                    private,
+                    None,
+                );
                 self.annotate_params();
                 self.stack.pop();
                 self.annotate_of.insert(owner, i);
@@ -454,10 +476,21 @@ impl<'a> Builder<'a> {
                 if f.type_params.is_some() {
                     self.type_params_here();
                 }
-                let first = f.decorator_list.first().map_or_else(|| self.line(f.range), |d| self.line(d.expression.range()));
+                let first = f
+                    .decorator_list
+                    .first()
+                    .map_or_else(|| self.line(f.range), |d| self.line(d.expression.range()));
                 let last = self.end_line(f.range);
                 let private = self.private();
-                let me = self.enter(Kind::Function, f.name.to_string(), Node::Function(f), first, last, private, Some(f.range));
+                let me = self.enter(
+                    Kind::Function,
+                    f.name.to_string(),
+                    Node::Function(f),
+                    first,
+                    last,
+                    private,
+                    Some(f.range),
+                );
                 self.cur().generic = f.type_params.is_some();
                 if let Some(a) = annotate {
                     // The `def` keyword's line, not the first decorator's
@@ -488,9 +521,20 @@ impl<'a> Builder<'a> {
                 if c.type_params.is_some() {
                     self.type_params_here();
                 }
-                let first = c.decorator_list.first().map_or_else(|| self.line(c.range), |d| self.line(d.expression.range()));
+                let first = c
+                    .decorator_list
+                    .first()
+                    .map_or_else(|| self.line(c.range), |d| self.line(d.expression.range()));
                 let last = self.end_line(c.range);
-                self.enter(Kind::Class, c.name.to_string(), Node::Class(c), first, last, Some(c.name.to_string()), Some(c.range));
+                self.enter(
+                    Kind::Class,
+                    c.name.to_string(),
+                    Node::Class(c),
+                    first,
+                    last,
+                    Some(c.name.to_string()),
+                    Some(c.range),
+                );
                 self.stmts(&c.body);
                 self.stack.pop();
             }
@@ -534,7 +578,15 @@ impl<'a> Builder<'a> {
                 // closes over the names it uses.
                 let line = self.line(t.range);
                 let private = self.private();
-                self.enter(Kind::Function, "<type alias value>".into(), Node::Annotate, line, line, private, None);
+                self.enter(
+                    Kind::Function,
+                    "<type alias value>".into(),
+                    Node::Annotate,
+                    line,
+                    line,
+                    private,
+                    None,
+                );
                 self.cur().synthetic = true;
                 self.expr(&t.value);
                 self.stack.pop();
@@ -683,15 +735,16 @@ impl<'a> Builder<'a> {
             Expr::Name(n) => {
                 let flag = if n.ctx == ExprContext::Load { USE } else { DEF_LOCAL };
                 self.add_def(n.id.as_str(), flag);
-                if n.ctx == ExprContext::Load && n.id.as_str() == "super" && self.cur().kind == Kind::Function {
+                if n.ctx == ExprContext::Load && n.id.as_str() == "super" && self.cur().kind == Kind::Function
+                {
                     self.cur().add("__class__", USE);
                 }
             }
             Expr::Named(n) => {
-                if matches!(self.cur().kind, Kind::Comprehension(_)) {
-                    if let Expr::Name(t) = &*n.target {
-                        self.extend_namedexpr_scope(t.id.as_str());
-                    }
+                if matches!(self.cur().kind, Kind::Comprehension(_))
+                    && let Expr::Name(t) = &*n.target
+                {
+                    self.extend_namedexpr_scope(t.id.as_str());
                 }
                 self.expr(&n.value);
                 self.expr(&n.target);
@@ -709,7 +762,15 @@ impl<'a> Builder<'a> {
                 let first = self.line(l.range);
                 let last = self.end_line(l.range);
                 let private = self.private();
-                self.enter(Kind::Lambda, "<lambda>".into(), Node::Lambda(l), first, last, private, Some(l.range));
+                self.enter(
+                    Kind::Lambda,
+                    "<lambda>".into(),
+                    Node::Lambda(l),
+                    first,
+                    last,
+                    private,
+                    Some(l.range),
+                );
                 if let Some(p) = &l.parameters {
                     self.params(p);
                 }
@@ -757,11 +818,11 @@ impl<'a> Builder<'a> {
                 self.expr(&c.func);
                 // `f(x for x in y)`: CPython's generator expression starts
                 // at the call's parenthesis (3.9-3.15 measured).
-                if let ([Expr::Generator(g)], true) = (&*c.arguments.args, c.arguments.keywords.is_empty()) {
-                    if !g.parenthesized {
-                        let line = self.line(c.arguments.range);
-                        self.first_line_of.insert(key(g.range), line);
-                    }
+                if let ([Expr::Generator(g)], true) = (&*c.arguments.args, c.arguments.keywords.is_empty())
+                    && !g.parenthesized
+                {
+                    let line = self.line(c.arguments.range);
+                    self.first_line_of.insert(key(g.range), line);
                 }
                 c.arguments.args.iter().for_each(|x| self.expr(x));
                 c.arguments.keywords.iter().for_each(|k| self.expr(&k.value));
@@ -850,7 +911,15 @@ impl<'a> Builder<'a> {
         let first = self.first_line_of.get(&key(e.range())).copied().unwrap_or_else(|| self.line(e.range()));
         let last = self.end_line(e.range());
         let private = self.private();
-        self.enter(Kind::Comprehension(kind), name.into(), Node::Comprehension(e), first, last, private, Some(e.range()));
+        self.enter(
+            Kind::Comprehension(kind),
+            name.into(),
+            Node::Comprehension(e),
+            first,
+            last,
+            private,
+            Some(e.range()),
+        );
         let s = self.cur();
         s.add(".0", DEF_PARAM);
         s.params.push(".0".into());
@@ -897,7 +966,7 @@ fn has_future_annotations(body: &[Stmt]) -> bool {
 /// comprehensions into their parents, and sets qualified names.
 pub fn analyze(scopes: &mut [Scope<'_>], version: PyVersion) {
     let mut free = HashSet::new();
-    analyze_block(scopes, 0, None, &mut free, &HashSet::new(), version);
+    analyze_block(scopes, 0, None, &mut free, &HashSet::new());
     for i in 0..scopes.len() {
         let q = qualname(scopes, i, version);
         scopes[i].qualname = q;
@@ -910,7 +979,6 @@ fn analyze_block(
     bound: Option<&HashSet<String>>,
     free: &mut HashSet<String>,
     global: &HashSet<String>,
-    version: PyVersion,
 ) {
     let mut local = HashSet::new();
     let mut sc: HashMap<String, Sc> = HashMap::new();
@@ -966,7 +1034,7 @@ fn analyze_block(
     let children = scopes[idx].children.clone();
     for c in children {
         let mut child_free = HashSet::new();
-        analyze_block(scopes, c, Some(&newbound), &mut child_free, &newglobal, version);
+        analyze_block(scopes, c, Some(&newbound), &mut child_free, &newglobal);
         if scopes[c].inlined {
             inline_comprehension(scopes, idx, c, &mut sc, &mut child_free, &mut inlined_cells);
         }
@@ -974,7 +1042,8 @@ fn analyze_block(
     }
     if kind.is_function_like() {
         // analyze_cells
-        let names: Vec<String> = sc.iter().filter(|(_, s)| **s == Sc::Local).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> =
+            sc.iter().filter(|(_, s)| **s == Sc::Local).map(|(n, _)| n.clone()).collect();
         for n in names {
             if newfree.contains(&n) || inlined_cells.contains(&n) {
                 sc.insert(n.clone(), Sc::Cell);
@@ -1018,7 +1087,8 @@ fn inline_comprehension(
             sc.insert(name.clone(), s);
         } else {
             let pflags = scopes[parent].flags(&name);
-            let free_in_child = effective_children(scopes, comp).iter().any(|&ch| scopes[ch].scope(&name) == Some(Sc::Free));
+            let free_in_child =
+                effective_children(scopes, comp).iter().any(|&ch| scopes[ch].scope(&name) == Some(Sc::Free));
             if pflags & DEF_BOUND != 0 && !free_in_child && parent_kind != Kind::Class {
                 comp_free.remove(&name);
             }

@@ -9,7 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ruff_python_ast::{self as ast, Expr, InterpolatedStringElement, InterpolatedStringElements, Parameters, Pattern, Stmt};
+use ruff_python_ast::{
+    self as ast, Expr, InterpolatedStringElement, InterpolatedStringElements, Parameters, Pattern, Stmt,
+};
 use ruff_text_size::{Ranged, TextRange};
 
 use super::symtable::{DEF_LOCAL, DEF_NONLOCAL, Kind, Node, Sc, Scope, mangle};
@@ -303,7 +305,10 @@ impl<'a> Emitter<'_, 'a> {
                         other => self.expr(other),
                     }
                 }
-                if !self.scope().kind.is_function_like() && !self.future_annotations && !self.version.defers_annotations() {
+                if !self.scope().kind.is_function_like()
+                    && !self.future_annotations
+                    && !self.version.defers_annotations()
+                {
                     self.expr(&a.annotation);
                 }
             }
@@ -503,7 +508,9 @@ impl<'a> Emitter<'_, 'a> {
             Expr::Set(s) => s.elts.iter().for_each(|x| self.expr(x)),
             Expr::List(l) => l.elts.iter().for_each(|x| self.expr(x)),
             Expr::Tuple(t) => t.elts.iter().for_each(|x| self.expr(x)),
-            Expr::ListComp(_) | Expr::SetComp(_) | Expr::DictComp(_) | Expr::Generator(_) => self.comprehension(e),
+            Expr::ListComp(_) | Expr::SetComp(_) | Expr::DictComp(_) | Expr::Generator(_) => {
+                self.comprehension(e)
+            }
             Expr::Await(a) => self.expr(&a.value),
             Expr::Yield(y) => {
                 if let Some(v) = &y.value {

@@ -54,7 +54,8 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let p = env::temp_dir().join(format!("pftrace-code-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&p).expect("temp dir");
         Self(p)

@@ -320,14 +320,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Whether our launched command has not exited yet (it is reaped only
 /// after tracing ends, so its pid cannot have been reused).
 fn still_running(pid: u32) -> bool {
-    // SAFETY: an all-zero siginfo_t is valid; waitid only fills it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // WNOWAIT: look without reaping; WNOHANG: si_pid stays 0 while it runs.
-    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-    // SAFETY: waitid on our own child, with a valid siginfo_t to fill.
-    let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
-    // SAFETY: si_pid is valid to read for the CLD_* codes waitid reports (0 if none).
-    rc == 0 && unsafe { info.si_pid() } == 0
+    use rustix::process::{Pid, WaitId, WaitidOptions, waitid};
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else { return false };
+    // WNOWAIT: look without reaping; WNOHANG: no status while it runs.
+    let flags = WaitidOptions::EXITED | WaitidOptions::NOHANG | WaitidOptions::NOWAIT;
+    matches!(waitid(WaitId::Pid(pid), flags), Ok(None))
 }
 
 fn announce(names: &[String], target: &Target) {

@@ -11,14 +11,19 @@ use aya::{
     },
     programs::{RawTracePoint, UProbe},
 };
-use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, task_layout};
+use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, kind, task_layout};
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::btf::TaskOffsets;
+use crate::{
+    kernel::task_layout::TaskOffsets,
+    usdt::{ProbeSite, UsdtError},
+};
 
 use super::{
-    attach::{AttachError, AttachJob, Method, Site, UprobePmu},
+    attach::{AttachError, AttachJob, Programs},
     multi::MultiLoadError,
+    perf::UprobePmu,
+    points::{ProbePoint, ResolvedPoints, Scope},
 };
 
 /// The eBPF object compiled from pftrace-ebpf.
@@ -53,6 +58,9 @@ pub enum BpfError {
     Multi(#[from] MultiLoadError),
     #[error(transparent)]
     PidNamespace(#[from] crate::kernel::pidns::PidNsError),
+    Spec(#[from] UsdtError),
+    #[error("the kernel side's log ring: {0}")]
+    Logger(String),
 }
 
 /// Which kernel interface attaches the uprobes.
@@ -67,13 +75,6 @@ pub enum AttachMethod {
 
 /// Environment variable forcing the perf-event attach method (`perf`).
 pub const ATTACH_ENV: &str = "PFTRACE_UPROBE_ATTACH";
-
-/// Which CPython probe a program serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
-    Entry,
-    Return,
-}
 
 /// The program serving both probes through uprobe_multi links.
 const USDT_PROGRAM: &str = "pftrace_usdt";
@@ -145,9 +146,9 @@ pub struct KernelProbes {
     /// Attach the floor program instead of the real ones (benchmarks).
     pub floor: bool,
     ebpf: Ebpf,
-    /// How the real programs are attached, and the floor program the same way.
-    method: Arc<Method>,
-    floor_method: Arc<Method>,
+    /// The USDT programs and how they are attached; the floor program the same way.
+    usdt: Arc<Programs>,
+    floor_programs: Arc<Programs>,
     specs: HashMap<UsdtSpec, u32>,
 }
 
@@ -167,6 +168,10 @@ impl KernelProbes {
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         let scope_filter = u32::from(scope_filter);
         loader.override_global(task_layout::SCOPE_FILTER, &scope_filter, true);
+        // The kernel side's words (aya-log) at the daemon's log level, fixed
+        // now: the verifier drops the messages the level turns off.
+        let level = kernel_log_level(log::max_level());
+        loader.override_global(aya_log::LEVEL, &level, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -178,7 +183,7 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        let (method, floor_method) = match choose_method() {
+        let (usdt, floor_programs) = match choose_method() {
             AttachMethod::UprobeMulti => {
                 let mut progs =
                     super::multi::load_programs(&ebpf, BPF_OBJECT, &[USDT_PROGRAM, FLOOR_PROGRAM])?
@@ -187,7 +192,7 @@ impl KernelProbes {
                 let (Some(usdt), Some(floor)) = (usdt, floor) else {
                     return Err(BpfError::Missing(USDT_PROGRAM));
                 };
-                (Method::Multi { prog: usdt }, Method::Multi { prog: floor })
+                (Programs::Multi { prog: usdt }, Programs::Multi { prog: floor })
             }
             AttachMethod::PerfEvent => {
                 let pmu = UprobePmu::discover()?;
@@ -196,23 +201,23 @@ impl KernelProbes {
                 let floor = load_uprobe(&mut ebpf, FLOOR_PROGRAM)?;
                 let floor2 =
                     floor.try_clone().map_err(|source| BpfError::Dup { name: FLOOR_PROGRAM, source })?;
-                (Method::Perf { pmu, entry, ret }, Method::Perf { pmu, entry: floor, ret: floor2 })
+                (Programs::Perf { pmu, entry, ret }, Programs::Perf { pmu, entry: floor, ret: floor2 })
             }
         };
         Ok(Self {
             floor: false,
             ebpf,
-            method: Arc::new(method),
-            floor_method: Arc::new(floor_method),
+            usdt: Arc::new(usdt),
+            floor_programs: Arc::new(floor_programs),
             specs: HashMap::new(),
         })
     }
 
     /// How uprobes are attached on this kernel.
     pub fn attach_method(&self) -> AttachMethod {
-        match *self.method {
-            Method::Multi { .. } => AttachMethod::UprobeMulti,
-            Method::Perf { .. } => AttachMethod::PerfEvent,
+        match *self.usdt {
+            Programs::Multi { .. } => AttachMethod::UprobeMulti,
+            Programs::Perf { .. } => AttachMethod::PerfEvent,
         }
     }
 
@@ -325,9 +330,12 @@ impl KernelProbes {
         BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name: "TRACKED", source })
     }
 
-    /// Everything needed to attach the programs at `sites` of `binary`
-    /// (scoped to `pid`, or host-wide when `None`) later, on any thread
-    /// ([`AttachJob::run`]); the specs are stored in the kernel now.
+    /// The job attaching the USDT programs (the floor program with
+    /// [`Self::floor`]) to CPython's probe `sites` of the file at `path`, in
+    /// the processes of `scope`, to run later on any thread
+    /// ([`AttachJob::run`]). The sites' argument specs are stored in the
+    /// kernel now; each point's cookie is its spec id, with
+    /// [`pftrace_common::COOKIE_RETURN`] at `function__return` sites.
     ///
     /// Return sites come first, whatever the order of `sites`: the kernel
     /// makes a link's probes live one site after another (a uprobe_multi
@@ -340,23 +348,25 @@ impl KernelProbes {
     /// entries without returns, measured here. Returns first leaves only
     /// returns of calls entered before the attachment, which are counted as
     /// unmatched returns like any mid-call attachment.
-    pub fn attach_job(
+    pub fn usdt_job(
         &mut self,
-        binary: &Path,
-        sites: &[(ProbeKind, u64, u64, UsdtSpec)],
-        pid: Option<u32>,
+        path: &Path,
+        sites: &[ProbeSite],
+        scope: Scope,
     ) -> Result<AttachJob, BpfError> {
-        let mut sites = sites
+        let mut points = sites
             .iter()
-            .map(|&(kind, offset, semaphore_offset, spec)| {
-                let id = u64::from(self.spec_id(spec)?);
-                let cookie = if kind == ProbeKind::Return { id | pftrace_common::COOKIE_RETURN } else { id };
-                Ok(Site { offset, semaphore_offset, cookie })
+            .map(|site| {
+                let id = u64::from(self.spec_id(site.spec()?)?);
+                let ret = site.python_kind() == Some(kind::RETURN);
+                let cookie = if ret { id | pftrace_common::COOKIE_RETURN } else { id };
+                Ok(ProbePoint { offset: site.pc_offset, ref_ctr_offset: site.semaphore_offset, cookie })
             })
             .collect::<Result<Vec<_>, BpfError>>()?;
-        sites.sort_by_key(|s| s.cookie & pftrace_common::COOKIE_RETURN == 0);
-        let method = if self.floor { &self.floor_method } else { &self.method };
-        Ok(AttachJob { method: Arc::clone(method), binary: binary.to_path_buf(), pid, sites })
+        points.sort_by_key(|p| p.cookie & pftrace_common::COOKIE_RETURN == 0);
+        let programs = if self.floor { &self.floor_programs } else { &self.usdt };
+        let points = ResolvedPoints { path: path.to_path_buf(), points };
+        Ok(AttachJob { programs: Arc::clone(programs), points, scope })
     }
 
     /// The spec id of `spec`, storing it in the kernel's spec map on first use.
@@ -407,11 +417,24 @@ impl KernelProbes {
         })
     }
 
+    /// Takes the kernel side's log ring (once): what it says in words of
+    /// rare events, passed to the daemon's logger by [`aya_log::EbpfLogger::flush`].
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, BpfError> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| BpfError::Logger(e.to_string()))
+    }
+
     /// Takes the ring buffer of matched calls (once).
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
+}
+
+/// aya-log's level number (`AYA_LOG_LEVEL`: 0 off, 1 error ... 5 trace, as
+/// `aya_log::Level`) for a `log` filter, which numbers them the same way.
+fn kernel_log_level(filter: log::LevelFilter) -> u8 {
+    const _: () = assert!(aya_log::Level::Warn as usize == log::Level::Warn as usize);
+    filter as usize as u8
 }
 
 /// uprobe_multi where the kernel has it (6.6+), unless [`ATTACH_ENV`] says `perf`.

@@ -1,12 +1,16 @@
 //! The kernel side as seen from user space: loading the eBPF object, its
-//! maps (names, specs, counters, ring buffer), and attaching to probe sites.
+//! maps (names, specs, counters, ring buffer), and attaching programs to
+//! resolved probe points.
+//!
+//! Imports go one way: `loader` → `attach` → (`multi`, `perf`) → (`points`, `sys`).
 
 mod attach;
 mod loader;
 mod multi;
+mod perf;
+mod points;
 mod sys;
 
-pub use attach::{AttachError, AttachJob, Site, UprobeLink};
-pub use loader::{
-    ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, ProbeKind, name_key,
-};
+pub use attach::{AttachError, AttachJob, UprobeLink};
+pub use loader::{ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, name_key};
+pub use points::{ProbePoint, ResolvedPoints, Scope};

@@ -2,7 +2,7 @@
 //! probe site, semaphores raised by the kernel (`ref_ctr_offsets`) and
 //! lowered when the link goes away, also if the daemon is killed.
 //!
-//! Why not the perf-event path of [`super::attach`]: measured here (kernel
+//! Why not the perf-event path of [`super::perf`]: measured here (kernel
 //! 6.18, 2 vCPUs), attaching a process's two sites took 86 ms through perf
 //! events and 7-8 ms through one uprobe_multi link, and closing took 166 ms
 //! against 40 ms; closing a uprobe perf event also holds the kernel's
@@ -38,7 +38,7 @@ pub enum MultiLoadError {
 }
 
 use super::{
-    attach::Site,
+    points::{ResolvedPoints, Scope},
     sys::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd},
 };
 
@@ -189,17 +189,15 @@ struct MultiLinkAttr {
     _pad: u32,
 }
 
-/// Creates one uprobe_multi link running `prog` at every site of `path`,
-/// in process `pid` only (0: every process mapping the file).
+/// Creates one uprobe_multi link running `prog` at every point of `path`
+/// (the file of `points`, as a C string), in the processes of `scope`.
 pub fn link(
     prog: std::os::fd::BorrowedFd<'_>,
     path: &CString,
-    sites: &[Site],
-    pid: u32,
+    points: &ResolvedPoints,
+    scope: Scope,
 ) -> io::Result<OwnedFd> {
-    let offsets: Vec<u64> = sites.iter().map(|s| s.offset).collect();
-    let ref_ctrs: Vec<u64> = sites.iter().map(|s| s.semaphore_offset).collect();
-    let cookies: Vec<u64> = sites.iter().map(|s| s.cookie).collect();
+    let (offsets, ref_ctrs, cookies) = (points.offsets(), points.ref_ctr_offsets(), points.cookies());
     let attr = MultiLinkAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: 0,
@@ -209,9 +207,9 @@ pub fn link(
         offsets: offsets.as_ptr() as u64,
         ref_ctr_offsets: ref_ctrs.as_ptr() as u64,
         cookies: cookies.as_ptr() as u64,
-        cnt: sites.len() as u32,
+        cnt: points.points.len() as u32,
         multi_flags: 0,
-        pid,
+        pid: scope.pid().unwrap_or(0),
         _pad: 0,
     };
     // SAFETY: attr is a zero-tailed prefix of union bpf_attr for BPF_LINK_CREATE;

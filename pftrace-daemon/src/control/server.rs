@@ -373,12 +373,8 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
 
 /// Supplementary groups of `pid` (its `Groups:` line), empty if unreadable.
 fn proc_groups(pid: u32) -> Vec<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default()
+    let status = crate::procinfo::open(pid).and_then(|p| p.status().ok());
+    status.map(|s| s.groups.into_iter().filter_map(|g| u32::try_from(g).ok()).collect()).unwrap_or_default()
 }
 
 impl Shared {
@@ -699,12 +695,70 @@ mod tests {
         assert!(g.authorize(&peer(1000, 1234)).is_ok());
         let e = g.authorize(&peer(1000, 1000)).unwrap_err();
         assert!(e.starts_with("permission denied: uid 1000 is not root or in group tracers"), "{e}");
-        // Supplementary groups come from /proc/PID/status: ours include 0 (root).
-        let me = PeerCred { uid: 1000, gid: 1000, pid: Some(std::process::id()) };
-        let mine = proc_groups(std::process::id());
-        if let Some(&sup) = mine.first() {
-            assert!(shared(Some(("x", sup))).authorize(&me).is_ok());
+    }
+
+    /// A real unprivileged user (made with useradd if missing) in a
+    /// supplementary group, running a process: its peer credentials name
+    /// another primary group, so only the supplementary-group check, read
+    /// from /proc/PID/status, can let it in.
+    #[test]
+    fn supplementary_group_of_an_unprivileged_peer() {
+        const USER: &str = "pftrace-test-peer";
+        const GROUP: &str = "pftrace-test-sup";
+        let run = |cmd: &str, args: &[&str]| {
+            let out =
+                std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        if group_id(GROUP).unwrap().is_none() {
+            run("groupadd", &["--system", GROUP]);
         }
+        let id = |flag: &str| -> Option<u32> {
+            let out = std::process::Command::new("id").args([flag, USER]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        if id("-u").is_none() {
+            run(
+                "useradd",
+                &["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", GROUP, USER],
+            );
+        }
+        let (uid, gid) = (id("-u").expect("test user"), id("-g").expect("test user's group"));
+        let sup = group_id(GROUP).unwrap().expect("test group");
+        assert_ne!(gid, sup, "{USER}'s primary group must not be {GROUP}");
+        // setpriv execs sleep as the user with its groups from /etc/group.
+        let child = std::process::Command::new("setpriv")
+            .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--init-groups", "sleep", "30"])
+            .spawn()
+            .expect("run setpriv");
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Kill(child);
+        let pid = child.0.id();
+        // Until setpriv has exec'd, the process still has root's groups.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while crate::procinfo::comm(pid) != "sleep" {
+            assert!(std::time::Instant::now() < deadline, "setpriv did not exec sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // initgroups lists the primary group among the supplementary ones too.
+        let mut groups = proc_groups(pid);
+        groups.sort_unstable();
+        let mut want = vec![gid, sup];
+        want.sort_unstable();
+        assert_eq!(groups, want, "supplementary groups of pid {pid}");
+        let peer = PeerCred { uid, gid, pid: Some(pid) };
+        assert!(shared(Some((GROUP, sup))).authorize(&peer).is_ok());
+        let e = shared(Some(("other", 4_000_000_123))).authorize(&peer).unwrap_err();
+        assert!(e.starts_with(&format!("permission denied: uid {uid} is not root or in group other")), "{e}");
+        // Without its pid (no /proc to read), only the primary group counts.
+        assert!(shared(Some((GROUP, sup))).authorize(&PeerCred { pid: None, ..peer }).is_err());
+        assert!(shared(Some(("primary", gid))).authorize(&PeerCred { pid: None, ..peer }).is_ok());
     }
 
     #[test]

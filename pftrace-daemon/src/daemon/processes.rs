@@ -1,12 +1,13 @@
-//! The processes and interpreter binaries being traced: attaching to a
-//! process (pid-scoped uprobes, so only its semaphore is raised) or to a
-//! binary host-wide (`--all`), detaching when a process exits, and keeping
-//! the reasons processes in scope could not be traced.
+//! The processes and interpreter binaries being traced, with the links
+//! that keep their probes (a process's pid-scoped link, so only its
+//! semaphore is raised, or a binary's host-wide one); what `status` and the
+//! trace say of them; and the reasons processes in scope could not be traced.
 
 use std::collections::{HashMap, VecDeque};
 
+use super::attach::AttachFailure;
 use crate::{
-    bpf::{AttachJob, BpfError, KernelProbes, ProbeKind, UprobeLink},
+    bpf::UprobeLink,
     events::printable_path,
     procinfo,
     protocol::{BinaryStatus, ProcessStatus, Refusal},
@@ -16,15 +17,6 @@ use crate::{
 
 /// Refusals kept for `status`.
 const MAX_REFUSALS: usize = 100;
-
-/// Errors attaching.
-#[derive(Debug, thiserror::Error)]
-pub enum AttachFailure {
-    #[error("attaching to pid {pid} ({binary}): {source}")]
-    Bpf { pid: u32, binary: String, source: Box<BpfError> },
-    #[error("limit reached: already tracing {0} processes (limits.max_processes)")]
-    TooMany(usize),
-}
 
 /// A process we trace (or traced: kept after exit for its metadata).
 #[derive(Debug)]
@@ -61,63 +53,14 @@ pub struct Processes {
     next_serial: u64,
 }
 
-/// The job attaching the programs to every entry and return site of `target`.
-pub fn attach_job(
-    probes: &mut KernelProbes,
-    target: &Target,
-    pid: Option<u32>,
-) -> Result<AttachJob, AttachFailure> {
-    let sites: Vec<_> = [(ProbeKind::Entry, &target.entry), (ProbeKind::Return, &target.ret)]
-        .into_iter()
-        .flat_map(|(kind, sites)| sites.iter().map(move |s| (kind, s.offset, s.semaphore_offset, s.spec)))
-        .collect();
-    probes.attach_job(&target.open_path, &sites, pid).map_err(|source| AttachFailure::Bpf {
-        pid: target.pid,
-        binary: printable_path(&target.binary),
-        source: Box::new(source),
-    })
-}
-
-/// Runs an attach job (blocking: attaching may wait for an exec in progress).
-pub fn run_job(job: &AttachJob, target: &Target) -> Result<UprobeLink, AttachFailure> {
-    job.run().map_err(|source| AttachFailure::Bpf {
-        pid: target.pid,
-        binary: printable_path(&target.binary),
-        source: Box::new(source.into()),
-    })
-}
-
-fn attach_sites(
-    probes: &mut KernelProbes,
-    target: &Target,
-    pid: Option<u32>,
-) -> Result<Vec<UprobeLink>, AttachFailure> {
-    Ok(vec![run_job(&attach_job(probes, target, pid)?, target)?])
-}
-
 /// How many processes map the file `file` now (from /proc/*/maps).
 pub fn processes_mapping(file: FileId) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(all) = procfs::process::all_processes() else { return 0 };
     let (dev, ino) = file;
-    let dev = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
-    let ino = ino.to_string();
-    dir.flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("maps")).is_ok_and(|maps| {
-                maps.lines().any(|l| {
-                    let mut f = l.split_whitespace().skip(3);
-                    f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
-                })
-            })
-        })
+    let dev = (libc::major(dev) as i32, libc::minor(dev) as i32);
+    all.flatten()
+        .filter(|p| p.maps().is_ok_and(|maps| maps.iter().any(|m| m.dev == dev && m.inode == ino)))
         .count()
-}
-
-/// The (device, inode) of the ELF a target's probes are in (as inspected:
-/// the process may have exited since, and its /proc/PID/root with it).
-pub fn file_id(target: &Target) -> FileId {
-    target.file
 }
 
 impl Processes {
@@ -140,17 +83,6 @@ impl Processes {
         self.next_serial
     }
 
-    /// Attaches pid-scoped probes to one process; returns its attach serial.
-    pub fn attach_process(
-        &mut self,
-        probes: &mut KernelProbes,
-        target: &Target,
-    ) -> Result<u64, AttachFailure> {
-        self.check_limit()?;
-        let links = attach_sites(probes, target, Some(target.pid))?;
-        Ok(self.add_process(target, links))
-    }
-
     /// Refuses one more process beyond `limits.max_processes`.
     pub fn check_limit(&self) -> Result<(), AttachFailure> {
         let running = self.procs.values().filter(|p| p.running).count();
@@ -167,7 +99,7 @@ impl Processes {
         let entry = ProcEntry {
             info: traced(target),
             serial,
-            file: file_id(target),
+            file: target.file,
             started: target.started,
             links,
             running: true,
@@ -189,43 +121,10 @@ impl Processes {
         }
     }
 
-    /// Attaches host-wide probes to the binary of `target`, once per binary,
-    /// and records the process; returns its attach serial.
-    pub fn attach_binary(
-        &mut self,
-        probes: &mut KernelProbes,
-        target: &Target,
-    ) -> Result<u64, AttachFailure> {
-        self.attach_host_wide(probes, target)?;
-        let serial = self.new_serial();
-        let file = file_id(target);
-        let started = target.started;
-        let entry = ProcEntry {
-            info: traced(target),
-            serial,
-            file,
-            started,
-            links: Vec::new(),
-            running: true,
-            calls: 0,
-        };
-        self.procs.insert(target.pid, entry);
-        Ok(serial)
-    }
-
-    /// Attaches host-wide probes to the binary of `target` unless it has them.
-    pub fn attach_host_wide(
-        &mut self,
-        probes: &mut KernelProbes,
-        target: &Target,
-    ) -> Result<(), AttachFailure> {
-        let id = file_id(target);
-        if !self.is_host_wide(id) {
-            let links = attach_sites(probes, target, None)?;
-            self.note_binary(target);
-            self.binaries.get_mut(&id).expect("noted").host_links = links;
-        }
-        Ok(())
+    /// Records the host-wide probes of the binary of `target`.
+    pub fn set_host_wide(&mut self, target: &Target, link: UprobeLink) {
+        self.note_binary(target);
+        self.binaries.get_mut(&target.file).expect("noted").host_links = vec![link];
     }
 
     /// Whether the binary `file` has host-wide probes.
@@ -234,17 +133,18 @@ impl Processes {
     }
 
     fn note_binary(&mut self, target: &Target) {
-        self.binaries.entry(file_id(target)).or_insert_with(|| BinaryEntry {
+        self.binaries.entry(target.file).or_insert_with(|| BinaryEntry {
             path: printable_path(&target.binary),
             version: target.version.map(|v| v.to_string()),
             host_links: Vec::new(),
         });
     }
 
-    /// The process exited (or exec'd something else): returns its probes'
-    /// links, for the caller to drop (which detaches them) where blocking is fine.
+    /// Marks the process ended (it exited or exec'd something else) and
+    /// hands back its probes' links, for the caller to drop (which detaches
+    /// them) where blocking is fine.
     #[must_use = "dropping the links detaches the probes; drop them off the event loop"]
-    pub fn exited(&mut self, pid: u32) -> Vec<UprobeLink> {
+    pub fn end_and_take_links(&mut self, pid: u32) -> Vec<UprobeLink> {
         match self.procs.get_mut(&pid) {
             Some(p) => {
                 p.running = false;

@@ -71,27 +71,18 @@ impl CgroupTarget {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills the struct; c is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == CGROUP2_SUPER_MAGIC)
 }
 
 /// Where cgroup v2 is mounted, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next() == Some("cgroup2"))
-            .then(|| pre.split_whitespace().nth(4).map(String::from))?
-    })
+    let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
+    mounts.into_iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point.display().to_string())
 }
 
 /// Every pid on the host (for `--all` at start).
 pub fn all_pids() -> Vec<u32> {
-    fs::read_dir("/proc")
-        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+    procfs::process::all_processes()
+        .map(|all| all.flatten().filter_map(|p| u32::try_from(p.pid()).ok()).collect())
         .unwrap_or_default()
 }

@@ -3,3 +3,4 @@
 pub mod btf;
 pub mod pidns;
 pub mod sched;
+pub mod task_layout;

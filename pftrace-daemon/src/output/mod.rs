@@ -10,7 +10,9 @@
 //! Formats read calls through [`calls::CallSource`]: from memory for a
 //! dump, from the spill of every call (`spill.rs`) for a run's final trace,
 //! sorted in bounded memory (`sort.rs`). Files are created through
-//! `safe_file.rs`; `destination.rs` places a run's final trace.
+//! `safe_file.rs`; `destination.rs` places a run's final trace;
+//! `rolling.rs` writes completed calls to rolling files while tracing;
+//! `summary.rs` is the end-of-run table.
 
 pub mod calls;
 mod chrome;
@@ -18,6 +20,7 @@ pub mod destination;
 pub mod events;
 pub mod pfw;
 mod records;
+pub mod rolling;
 pub mod safe_file;
 pub mod sort;
 pub mod spill;

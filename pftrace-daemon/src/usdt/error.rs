@@ -24,8 +24,8 @@ pub enum UsdtError {
     Unsupported { path: PathBuf, reason: String },
 
     /// A record of the `.note.stapsdt` section is truncated or malformed.
-    #[error("{}: bad .note.stapsdt record at byte {offset} of the section: {reason}", path.display())]
-    BadNote { path: PathBuf, offset: usize, reason: String },
+    #[error("{}: bad .note.stapsdt record (note {index} of the section, from 0): {reason}", path.display())]
+    BadNote { path: PathBuf, index: usize, reason: String },
 
     /// The file has no PT_LOAD program header, so no address can be mapped.
     #[error("{} has no PT_LOAD segment: cannot map addresses to file offsets", path.display())]

@@ -13,8 +13,8 @@
 //!   three arguments, `python_kind()` gives `kind::ENTRY` / `kind::RETURN`.
 //! - [`argspec`]: `parse_arg`, `parse_args`, `parse_spec`, `spec_from_args`,
 //!   `reg_offset` for x86-64 argument strings such as `8@%rbp 8@%r12 -4@%eax`.
-//! - [`notes`]: `read_notes`, `parse_notes`, `apply_prelink` and [`UsdtNote`]
-//!   for the raw `.note.stapsdt` records.
+//! - [`notes`]: `read_notes`, `parse_notes` (records framed by object's note
+//!   iterator), `apply_prelink` and [`UsdtNote`] for the raw `.note.stapsdt` records.
 //! - [`segments`]: [`Segments::file_offset`] maps a virtual address to a file
 //!   offset through the PT_LOAD segments ([`AddrKind`] says code or data).
 //! - [`UsdtError`]: every failure, naming the file, probe or argument text.

@@ -5,12 +5,14 @@
 //! Each record is an ELF note of type 3 owned by "stapsdt" whose descriptor
 //! is: pc, base, semaphore (addresses, 8 bytes each in ELF64, 4 in ELF32),
 //! then three NUL-terminated strings: provider, name, argument string.
+//! object's note iterator frames the records (headers, padding); this file
+//! reads the descriptors.
 
 use std::path::Path;
 
 use object::Endian;
 use object::elf::SHT_NOTE;
-use object::read::elf::{FileHeader, SectionHeader};
+use object::read::elf::{FileHeader, NoteIterator, SectionHeader};
 
 use super::error::{Result, UsdtError};
 
@@ -60,9 +62,11 @@ pub fn read_notes<Elf: FileHeader>(
             shdr.sh_type(endian)
         )));
     }
-    let bytes = shdr.data(endian, data).map_err(|e| not_elf(format!("section {NOTE_SECTION}: {e}")))?;
-    let addr_size = if header.is_type_64() { 8 } else { 4 };
-    let mut notes = parse_notes(bytes, shdr.sh_addralign(endian).into(), addr_size, endian, path)?;
+    let records = shdr
+        .notes(endian, data)
+        .map_err(|e| not_elf(format!("section {NOTE_SECTION}: {e}")))?
+        .ok_or_else(|| not_elf(format!("section {NOTE_SECTION} is not a note section")))?;
+    let mut notes = parse_notes(records, endian, path)?;
     if let Some((_, base)) = sections.section_by_name(endian, BASE_SECTION.as_bytes()) {
         apply_prelink(&mut notes, base.sh_addr(endian).into());
     }
@@ -83,43 +87,22 @@ pub fn apply_prelink(notes: &mut [UsdtNote], base_section_addr: u64) {
     }
 }
 
-/// Parses the contents of a `.note.stapsdt` section. `align` is the section's
-/// alignment (8 pads records to 8 bytes, anything else to 4), `addr_size` is
-/// 8 for ELF64 and 4 for ELF32. Notes of other owners or types are skipped.
-pub fn parse_notes(
-    section: &[u8],
-    align: u64,
-    addr_size: usize,
-    endian: impl Endian,
+/// Reads the stapsdt records of a `.note.stapsdt` section (ELF64 or
+/// ELF32, as `Elf` says: the addresses are that wide). Notes of other
+/// owners or types are skipped.
+pub fn parse_notes<Elf: FileHeader>(
+    mut records: NoteIterator<'_, Elf>,
+    endian: Elf::Endian,
     path: &Path,
 ) -> Result<Vec<UsdtNote>> {
-    let align = if align == 8 { 8 } else { 4 };
-    let pad = |n: usize| n.div_ceil(align) * align;
+    let addr_size = if Elf::is_type_64_sized() { 8 } else { 4 };
     let mut notes = Vec::new();
-    let mut off = 0;
-    while off < section.len() {
-        let bad = |reason: String| UsdtError::BadNote { path: path.to_path_buf(), offset: off, reason };
-        let Some(header) = section.get(off..off + 12) else {
-            return Err(bad(format!("note header truncated: {} bytes left, 12 needed", section.len() - off)));
-        };
-        let word = |i: usize| endian.read_u32_bytes(header[i..i + 4].try_into().unwrap()) as usize;
-        let (namesz, descsz, ntype) = (word(0), word(4), word(8) as u32);
-        let name_start = off + 12;
-        let desc_start = pad(name_start + namesz);
-        let desc_end = desc_start + descsz;
-        if desc_end > section.len() {
-            return Err(bad(format!(
-                "owner ({namesz} bytes) and descriptor ({descsz} bytes) run past the end of the \
-                 {}-byte section",
-                section.len()
-            )));
+    for index in 0.. {
+        let bad = |reason: String| UsdtError::BadNote { path: path.to_path_buf(), index, reason };
+        let Some(note) = records.next().map_err(|e| bad(e.to_string()))? else { break };
+        if note.n_type(endian) == NT_STAPSDT && note.name() == OWNER {
+            notes.push(parse_descriptor(note.desc(), addr_size, &endian).map_err(bad)?);
         }
-        let owner = &section[name_start..name_start + namesz];
-        let owner = owner.strip_suffix(b"\0").unwrap_or(owner);
-        if ntype == NT_STAPSDT && owner == OWNER {
-            notes.push(parse_descriptor(&section[desc_start..desc_end], addr_size, &endian).map_err(bad)?);
-        }
-        off = pad(desc_end);
     }
     Ok(notes)
 }
@@ -163,7 +146,10 @@ fn parse_descriptor(desc: &[u8], addr_size: usize, endian: &impl Endian) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use object::{BigEndian, LittleEndian};
+    use object::{
+        BigEndian, LittleEndian,
+        elf::{FileHeader32, FileHeader64},
+    };
 
     const PATH: &str = "/test/libfoo.so";
 
@@ -198,7 +184,16 @@ mod tests {
     }
 
     fn parse(section: &[u8]) -> Result<Vec<UsdtNote>> {
-        parse_notes(section, 4, 8, LittleEndian, Path::new(PATH))
+        parse_as::<FileHeader64<LittleEndian>>(section, 4u64, LittleEndian)
+    }
+
+    fn parse_as<Elf: FileHeader>(
+        section: &[u8],
+        align: Elf::Word,
+        endian: Elf::Endian,
+    ) -> Result<Vec<UsdtNote>> {
+        let records = NoteIterator::<Elf>::new(endian, align, section).unwrap();
+        parse_notes(records, endian, Path::new(PATH))
     }
 
     fn note(pc: u64, base: u64, sem: u64, p: &str, n: &str, a: &str) -> UsdtNote {
@@ -235,60 +230,48 @@ mod tests {
     fn eight_byte_alignment_big_endian_and_elf32() {
         let mut s = record(b"stapsdt\0", 3, &desc(1, 2, 3, &["p", "n", "1@%al"]), 8, false);
         s.extend(record(b"stapsdt\0", 3, &desc(4, 5, 6, &["p", "m", ""]), 8, false));
-        let n = parse_notes(&s, 8, 8, LittleEndian, Path::new(PATH)).unwrap();
+        let n = parse_as::<FileHeader64<LittleEndian>>(&s, 8u64, LittleEndian).unwrap();
         assert_eq!(n.iter().map(|n| n.pc).collect::<Vec<_>>(), [1, 4]);
 
         let mut d = [0x11u64, 0x22, 0x33].iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<_>>();
         d.extend(b"p\0n\0\0");
-        let n = parse_notes(&record(b"stapsdt\0", 3, &d, 4, true), 4, 8, BigEndian, Path::new(PATH)).unwrap();
+        let n = parse_as::<FileHeader64<BigEndian>>(&record(b"stapsdt\0", 3, &d, 4, true), 4u64, BigEndian)
+            .unwrap();
         assert_eq!(n, vec![note(0x11, 0x22, 0x33, "p", "n", "")]);
 
         let mut d = [0x11u32, 0x22, 0x33].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
         d.extend(b"p\0n\0-4@%eax\0");
-        let n =
-            parse_notes(&record(b"stapsdt\0", 3, &d, 4, false), 4, 4, LittleEndian, Path::new(PATH)).unwrap();
+        let n = parse_as::<FileHeader32<LittleEndian>>(
+            &record(b"stapsdt\0", 3, &d, 4, false),
+            4u32,
+            LittleEndian,
+        )
+        .unwrap();
         assert_eq!(n, vec![note(0x11, 0x22, 0x33, "p", "n", "-4@%eax")]);
     }
 
     #[test]
     fn malformed_records_are_explained() {
+        let bad = |index: usize, reason: &str| {
+            format!("{PATH}: bad .note.stapsdt record (note {index} of the section, from 0): {reason}")
+        };
         let good = sdt(1, 2, 3, "p", "n", "a");
         let mut s = good.clone();
         s.extend([1, 0, 0, 0, 0]);
-        assert_eq!(
-            parse(&s).unwrap_err().to_string(),
-            format!(
-                "{PATH}: bad .note.stapsdt record at byte {} of the section: note header \
-                 truncated: 5 bytes left, 12 needed",
-                good.len()
-            )
-        );
+        assert_eq!(parse(&s).unwrap_err().to_string(), bad(1, "ELF note is too short"));
         let mut s = good.clone();
         s.truncate(good.len() - 8);
-        assert_eq!(
-            parse(&s).unwrap_err().to_string(),
-            format!(
-                "{PATH}: bad .note.stapsdt record at byte 0 of the section: owner (8 bytes) and \
-                 descriptor (30 bytes) run past the end of the {}-byte section",
-                good.len() - 8
-            )
-        );
+        assert_eq!(parse(&s).unwrap_err().to_string(), bad(0, "Invalid ELF note descsz"));
         let short = record(b"stapsdt\0", 3, &[0; 20], 4, false);
         assert_eq!(
             parse(&short).unwrap_err().to_string(),
-            format!(
-                "{PATH}: bad .note.stapsdt record at byte 0 of the section: descriptor is 20 bytes, \
-                 shorter than its 24 bytes of addresses"
-            )
+            bad(0, "descriptor is 20 bytes, shorter than its 24 bytes of addresses")
         );
         let mut d = desc(1, 2, 3, &["p", "n"]);
         d.extend(b"no-nul");
         assert_eq!(
             parse(&record(b"stapsdt\0", 3, &d, 4, false)).unwrap_err().to_string(),
-            format!(
-                "{PATH}: bad .note.stapsdt record at byte 0 of the section: argument string is \
-                 missing or not NUL-terminated"
-            )
+            bad(0, "argument string is missing or not NUL-terminated")
         );
         let d = desc(1, 2, 3, &["p"]);
         assert!(

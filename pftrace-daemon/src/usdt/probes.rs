@@ -9,7 +9,7 @@ use object::Endianness;
 use object::FileKind;
 use object::elf::{EM_X86_64, FileHeader64};
 use object::read::elf::FileHeader;
-use pftrace_common::{UsdtArg, UsdtSpec, kind};
+use pftrace_common::{FrameSpec, UsdtArg, UsdtSpec, kind};
 
 use super::argspec;
 use super::error::{Result, UsdtError};
@@ -44,6 +44,9 @@ pub struct ProbeSite {
     pub args: String,
     /// The parsed arguments, in order.
     pub arg_specs: Vec<UsdtArg>,
+    /// How the eBPF program finds CPython's interpreter frame here (set by
+    /// target.rs for the versions that need it; default: not read).
+    pub frame: FrameSpec,
 }
 
 impl ProbeSite {
@@ -60,7 +63,8 @@ impl ProbeSite {
     /// The spec of the first three arguments, for the eBPF program's spec map.
     /// Fails (naming the file and probe) if the probe has fewer than three.
     pub fn spec(&self) -> Result<UsdtSpec> {
-        argspec::spec_from_args(&self.arg_specs, &self.args).map_err(|e| self.in_probe(e))
+        let spec = argspec::spec_from_args(&self.arg_specs, &self.args).map_err(|e| self.in_probe(e))?;
+        Ok(UsdtSpec { frame: self.frame, ..spec })
     }
 
     fn in_probe(&self, source: UsdtError) -> UsdtError {
@@ -129,6 +133,7 @@ pub fn resolve(note: UsdtNote, segments: &Segments, path: &Path) -> Result<Probe
         semaphore_offset,
         args: note.args,
         arg_specs,
+        frame: FrameSpec::default(),
     })
 }
 

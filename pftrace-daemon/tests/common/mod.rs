@@ -11,6 +11,11 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+mod service;
+
+#[allow(unused_imports)] // each test binary uses a different part of the harness
+pub use service::*;
+
 use std::{
     collections::BTreeMap,
     env,
@@ -357,57 +362,106 @@ impl Drop for Guard {
 
 /// A Python script running under the probe-enabled CPython, with its stdin
 /// and stdout piped to the test; killed on drop (like py-spy's test guard).
+/// Workers ([`WorkerSpec`], [`WORKER`]) are these too.
 pub struct PyProcess {
     guard: Guard,
     stdin: Option<ChildStdin>,
     stdout: Lines,
+    label: String,
 }
 
 impl PyProcess {
     /// Starts `python script args...` in the script's directory.
     pub fn spawn(python: &Path, script: &Path, args: &[&str]) -> Self {
         let mut cmd = Command::new(python);
-        cmd.arg(script)
-            .args(args)
-            .current_dir(script.parent().unwrap_or(Path::new("/")))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut guard = Guard::spawn(&mut cmd, false);
+        cmd.arg(script).args(args).current_dir(script.parent().unwrap_or(Path::new("/")));
+        Self::start(&mut cmd, format!("the python script {}", script.display()))
+    }
+
+    /// Starts `cmd` with stdin and stdout piped to the test; `label` names it in failures.
+    pub fn start(cmd: &mut Command, label: String) -> Self {
+        Self::start_as(cmd, false, label)
+    }
+
+    /// [`PyProcess::start`]; with `group`, it leads a process group, killed
+    /// whole on drop (a container and everything in it).
+    pub fn start_as(cmd: &mut Command, group: bool, label: String) -> Self {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut guard = Guard::spawn(cmd, group);
         let stdin = guard.child.stdin.take();
         let stdout = Lines::new(guard.child.stdout.take().expect("piped stdout"));
-        Self { guard, stdin, stdout }
+        Self { guard, stdin, stdout, label }
     }
 
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
 
-    /// The next line the script prints; panics on timeout or end of output.
+    /// The next line it prints; panics on timeout or end of output.
     pub fn read_line(&self) -> String {
+        let what = format!("a line from {}", self.label);
         self.stdout
-            .next(LINE_TIMEOUT, "a line from the python script")
-            .unwrap_or_else(|| panic!("the python script closed stdout; output:\n{}", self.stdout.text()))
+            .next(LINE_TIMEOUT, &what)
+            .unwrap_or_else(|| panic!("{} closed stdout; output:\n{}", self.label, self.stdout.text()))
     }
 
-    /// Reads lines until one equals `want`.
+    /// The next line it prints (the same as [`Self::read_line`]).
+    pub fn line(&self) -> String {
+        self.read_line()
+    }
+
+    /// Reads a line that must equal `want`.
     pub fn expect_line(&self, want: &str) {
         let line = self.read_line();
-        assert_eq!(line, want, "unexpected line from the python script");
+        assert_eq!(line, want, "unexpected line from {}", self.label);
     }
 
-    /// Writes a line to the script's stdin.
+    /// Reads a line that must start with `word`; returns the rest, trimmed.
+    pub fn expect(&self, word: &str) -> String {
+        let line = self.read_line();
+        match line.strip_prefix(word) {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("{} printed {line:?}, expected {word:?}", self.label),
+        }
+    }
+
+    /// Writes a line to its stdin.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin still open");
-        writeln!(stdin, "{line}").expect("writing to the script's stdin");
-        stdin.flush().expect("flushing the script's stdin");
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).expect("writing to the script's stdin");
+    }
+
+    /// The same as [`Self::send_line`].
+    pub fn send(&mut self, line: &str) {
+        self.send_line(line)
+    }
+
+    /// A [`WORKER`]: calls `name` `n` times and waits until it has.
+    pub fn call(&mut self, name: &str, n: u64) {
+        self.send(&format!("call {name} {n}"));
+        self.expect("done");
+    }
+
+    /// A [`WORKER`]: times `n` calls of `name`: (CPU seconds, wall seconds).
+    pub fn time(&mut self, name: &str, n: u64) -> (f64, f64) {
+        self.send(&format!("time {name} {n}"));
+        let rest = self.expect("done");
+        let mut it = rest.split_whitespace().map(|s| s.parse::<f64>().expect("a number"));
+        (it.next().expect("cpu"), it.next().expect("wall"))
     }
 
     /// Waits for the script to exit and returns its status and remaining output.
     pub fn wait(&mut self, timeout: Duration) -> (ExitStatus, String) {
         drop(self.stdin.take());
-        let status = self.guard.wait(timeout, "the python script");
+        let status = self.guard.wait(timeout, &self.label);
         (status, self.stdout.finish())
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    pub fn finish(&mut self) -> ExitStatus {
+        let (status, _) = self.wait(LINE_TIMEOUT);
+        assert!(status.success(), "{} exited with {status}", self.label);
+        status
     }
 }
 
@@ -448,6 +502,13 @@ impl<'a> Pftraced<'a> {
     }
 
     /// `--pid PID`.
+    pub fn args<S: AsRef<OsStr>>(mut self, args: &[S]) -> Self {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+
     pub fn pid(self, pid: u32) -> Self {
         self.arg("--pid").arg(pid.to_string())
     }

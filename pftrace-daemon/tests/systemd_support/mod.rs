@@ -41,7 +41,7 @@ use serde_json::Value;
 
 use crate::{
     common::{Guard, TestDir, python, require_root, require_tool},
-    service_support::Worker,
+    common::Worker,
 };
 
 /// Where `cargo xtask setup` makes the root.
@@ -335,7 +335,7 @@ impl Container {
     /// Starts a command inside with its stdin and stdout piped to the test
     /// (e.g. `systemd-run --scope ... python`); killed on drop.
     pub fn spawn(&self, argv: &[&str]) -> Worker {
-        Worker::spawn(&mut self.command(argv), true, format!("{argv:?} in the container"))
+        Worker::start_as(&mut self.command(argv), true, format!("{argv:?} in the container"))
     }
 
     /// `systemctl show UNIT -p P...` as a map.

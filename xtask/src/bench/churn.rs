@@ -18,7 +18,14 @@ const CALLS: u64 = 10;
 /// Children alive at once.
 const IN_FLIGHT: usize = 4;
 /// Where cgroup v2 is mounted on this kind of machine.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Where this host mounts cgroup v2 (from /proc/self/mountinfo).
+fn cgroup_root() -> Result<PathBuf> {
+    let mounts = procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .context("reading /proc/self/mountinfo")?;
+    let mount = mounts.into_iter().find(|m| m.fs_type == "cgroup2");
+    Ok(mount.context("no cgroup v2 mount in /proc/self/mountinfo: the churn case needs one")?.mount_point)
+}
 
 /// One churn run.
 #[derive(Debug, Clone)]
@@ -63,7 +70,7 @@ pub fn run(
     binary: bool,
 ) -> Result<ChurnRun> {
     let mode = if binary { "--binary" } else { "per process" };
-    let cg = Cgroup(PathBuf::from(CGROUP_ROOT).join(format!("pftrace-bench-churn-{}", std::process::id())));
+    let cg = Cgroup(cgroup_root()?.join(format!("pftrace-bench-churn-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));
     let socket = dir.join("churn.sock");

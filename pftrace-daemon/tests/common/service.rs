@@ -1,25 +1,21 @@
-//! Helpers for the `service_*` tests (pftraced as a service: cgroup scopes,
-//! the control socket, rolling output), on top of `tests/common`: cgroups
-//! made per test and removed on drop, Python workers driven line by line
-//! over stdin (optionally placed in a cgroup or pinned to a CPU), and
-//! `pftracectl` calls with timeouts and clear panic messages.
+//! pftraced as a service (cgroup scopes, the control socket): cgroups made
+//! per test and removed on drop, the one worker script, driven line by line
+//! over stdin (optionally placed in a cgroup or pinned to a CPU), pftraced
+//! serving its socket on a worker, and `pftracectl` calls with timeouts and
+//! clear panic messages.
 //!
 //! Everything a test starts is killed on drop, so a failing test leaves no
 //! process, cgroup or socket behind (its test directory is kept for a look).
 
-#![allow(dead_code)] // each service_* test binary uses a different part
-
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{ChildStdin, Command, ExitStatus, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
-        Arc, Mutex,
+        LazyLock,
         atomic::{AtomicU32, Ordering},
-        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -27,25 +23,38 @@ use std::{
 
 use serde_json::Value;
 
-use crate::common::{CallEvent, Guard, Pftraced, RunningTracer, TestDir, Trace, TracedRun};
+use super::{CallEvent, Pftraced, PyProcess, RunningTracer, TestDir, Trace, TracedRun, python};
 
 /// The pftracectl binary under test.
 pub const PFTRACECTL: &str = env!("CARGO_BIN_EXE_pftracectl");
 
-/// Where this host mounts cgroup v2.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Where this host mounts cgroup v2, from /proc/self/mountinfo (the test
+/// fails, naming it, where there is none).
+pub fn cgroup_root() -> &'static Path {
+    static ROOT: LazyLock<PathBuf> = LazyLock::new(|| {
+        let mounts =
+            procfs::process::Process::myself().and_then(|me| me.mountinfo()).expect("/proc/self/mountinfo");
+        let mount = mounts.into_iter().find(|m| m.fs_type == "cgroup2");
+        mount.expect("prerequisite missing: no cgroup v2 mount in /proc/self/mountinfo").mount_point
+    });
+    &ROOT
+}
 
 /// How long to wait for the daemon or a worker to reach a state.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The worker every service test runs: it prints `ready`, then obeys one
-/// command per stdin line and answers `done ...` when it is carried out.
+/// The worker the tests drive: it defines `foo`, `bar`, `f`, `quick` and
+/// `slow`, and a function for each name given as an argument
+/// ([`WorkerSpec::functions`]); prints `ready`, then obeys one command per
+/// stdin line and answers `done ...` when it is carried out.
 ///
 /// * `call NAME N`: calls NAME N times; `done`.
 /// * `time NAME N`: calls NAME N times; `done CPU_SECONDS WALL_SECONDS`
 ///   (CPU time of the process: what the loop cost, whatever else the CPU ran).
 /// * `loop NAME STOPFILE [PAUSE_MS]`: calls NAME in rounds of 1000 (with a
 ///   pause after each, if given) until STOPFILE exists; `done CALLS`.
+/// * `slow SECONDS`: calls quick() 5 times, then slow(SECONDS), which prints
+///   `inside` and sleeps; `done`.
 ///
 /// At end of input it exits 0.
 pub const WORKER: &str = r#"
@@ -57,29 +66,48 @@ pub const WORKER: &str = r#"
     def bar():
         pass
 
+    def f():
+        pass
+
+    def quick():
+        pass
+
+    def slow(seconds):
+        print("inside", flush=True)
+        time.sleep(seconds)
+
+    for name in sys.argv[1:]:
+        exec("def %s():\n    pass" % name)
+
     print("ready", flush=True)
     while True:
         line = sys.stdin.readline()
         if not line:
             break
         cmd, *args = line.split()
-        f = globals()[args[0]]
+        if cmd == "slow":
+            for _ in range(5):
+                quick()
+            slow(float(args[0]))
+            print("done", flush=True)
+            continue
+        fn = globals()[args[0]]
         if cmd == "call":
             for _ in range(int(args[1])):
-                f()
+                fn()
             print("done", flush=True)
         elif cmd == "time":
             n = int(args[1])
             cpu, wall = time.process_time(), time.perf_counter()
             for _ in range(n):
-                f()
+                fn()
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             print("done %.9f %.9f" % (cpu, wall), flush=True)
         elif cmd == "loop":
             n, pause = 0, float(args[2]) / 1000 if len(args) > 2 else 0
             while not os.path.exists(args[1]):
                 for _ in range(1000):
-                    f()
+                    fn()
                 n += 1000
                 if pause:
                     time.sleep(pause)
@@ -95,12 +123,7 @@ pub const WORKER: &str = r#"
 static CG_SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills the zeroed struct; c is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0x6367_7270 }
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == 0x6367_7270)
 }
 
 /// A cgroup v2 directory of one test (and the child cgroups made in it).
@@ -112,12 +135,13 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// `/sys/fs/cgroup/unified/pftrace-test-TAG-PID-SEQ`.
+    /// `CGROUP2_MOUNT/pftrace-test-TAG-PID-SEQ`.
     pub fn new(tag: &str) -> Self {
-        let root = Path::new(CGROUP_ROOT);
+        let root = cgroup_root();
         assert!(
             is_cgroup2(root) && root.join("cgroup.procs").is_file(),
-            "prerequisite missing: cgroup v2 is not mounted at {CGROUP_ROOT}"
+            "prerequisite missing: {} is not a cgroup v2 mount",
+            root.display()
         );
         let path = root.join(format!(
             "pftrace-test-{tag}-{}-{}",
@@ -187,10 +211,12 @@ impl Drop for Cgroup {
 // ---------------------------------------------------------------------------
 // Python workers
 
-/// How to start a worker.
+/// How to start a worker (any script that prints `ready` first, usually [`WORKER`]).
 pub struct WorkerSpec<'a> {
     pub python: PathBuf,
     pub script: PathBuf,
+    /// Arguments of the script (for [`WORKER`]: more function names).
+    pub args: Vec<String>,
     /// Exec the interpreter inside this cgroup (the shell moves itself there first).
     pub cgroup: Option<&'a Path>,
     /// Pin to this CPU (`taskset -c CPU`).
@@ -200,7 +226,20 @@ pub struct WorkerSpec<'a> {
 
 impl<'a> WorkerSpec<'a> {
     pub fn new(python: &Path, script: &Path) -> Self {
-        Self { python: python.into(), script: script.into(), cgroup: None, cpu: None, env: Vec::new() }
+        Self {
+            python: python.into(),
+            script: script.into(),
+            args: Vec::new(),
+            cgroup: None,
+            cpu: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// More functions for [`WORKER`] to define, by name.
+    pub fn functions(mut self, names: &[&str]) -> Self {
+        self.args.extend(names.iter().map(|n| n.to_string()));
+        self
     }
 
     pub fn cgroup(mut self, cg: &'a Path) -> Self {
@@ -235,16 +274,17 @@ impl<'a> WorkerSpec<'a> {
         }
         argv.push(self.python.display().to_string());
         argv.push(self.script.display().to_string());
+        argv.extend(self.args.iter().cloned());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).current_dir(self.script.parent().unwrap_or(Path::new("/")));
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let worker = Worker::spawn(&mut cmd, false, format!("{label} ({})", argv.join(" ")));
+        let worker = PyProcess::start(&mut cmd, format!("{label} ({})", argv.join(" ")));
         worker.expect("ready");
         if let Some(cg) = self.cgroup {
             let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", worker.pid())).unwrap_or_default();
-            let rel = cg.strip_prefix(CGROUP_ROOT).expect("cgroup under the cgroup2 mount");
+            let rel = cg.strip_prefix(cgroup_root()).expect("cgroup under the cgroup2 mount");
             assert!(
                 cgroup
                     .lines()
@@ -259,90 +299,7 @@ impl<'a> WorkerSpec<'a> {
 }
 
 /// A running worker (see [`WORKER`]); killed on drop.
-pub struct Worker {
-    guard: Guard,
-    stdin: Option<ChildStdin>,
-    rx: mpsc::Receiver<String>,
-    all: Arc<Mutex<String>>,
-    label: String,
-}
-
-impl Worker {
-    /// Starts `cmd` with its stdin and stdout piped to the test (stderr
-    /// inherited); `group`: it leads a process group, killed whole on drop.
-    pub fn spawn(cmd: &mut Command, group: bool, label: String) -> Worker {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut guard = Guard::spawn(cmd, group);
-        let stdin = guard.child.stdin.take();
-        let stdout = guard.child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        let all = Arc::new(Mutex::new(String::new()));
-        let all2 = Arc::clone(&all);
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                all2.lock().unwrap().push_str(&line);
-                all2.lock().unwrap().push('\n');
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Worker { guard, stdin, rx, all, label }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.guard.pid()
-    }
-
-    /// The next line it prints; panics after [`WAIT`] or at end of output.
-    pub fn line(&self) -> String {
-        match self.rx.recv_timeout(WAIT) {
-            Ok(l) => l,
-            Err(e) => panic!(
-                "no line from worker {} within {WAIT:?} ({e}); output so far:\n{}",
-                self.label,
-                self.all.lock().unwrap()
-            ),
-        }
-    }
-
-    /// Reads a line that must start with `word`; returns the rest, trimmed.
-    pub fn expect(&self, word: &str) -> String {
-        let line = self.line();
-        match line.strip_prefix(word) {
-            Some(rest) => rest.trim().to_string(),
-            None => panic!("worker {} printed {line:?}, expected {word:?}", self.label),
-        }
-    }
-
-    pub fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin still open");
-        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).expect("writing to the worker's stdin");
-    }
-
-    /// Calls `name` `n` times and waits until it has.
-    pub fn call(&mut self, name: &str, n: u64) {
-        self.send(&format!("call {name} {n}"));
-        self.expect("done");
-    }
-
-    /// Times `n` calls of `name`: (CPU seconds, wall seconds).
-    pub fn time(&mut self, name: &str, n: u64) -> (f64, f64) {
-        self.send(&format!("time {name} {n}"));
-        let rest = self.expect("done");
-        let mut it = rest.split_whitespace().map(|s| s.parse::<f64>().expect("a number"));
-        (it.next().expect("cpu"), it.next().expect("wall"))
-    }
-
-    /// Closes stdin and waits for a clean exit.
-    pub fn finish(&mut self) -> ExitStatus {
-        drop(self.stdin.take());
-        let status = self.guard.wait(WAIT, &format!("worker {}", self.label));
-        assert!(status.success(), "worker {} exited with {status}", self.label);
-        status
-    }
-}
+pub type Worker = PyProcess;
 
 /// Writes the worker script into `dir`.
 pub fn worker_script(dir: &TestDir) -> PathBuf {
@@ -351,6 +308,23 @@ pub fn worker_script(dir: &TestDir) -> PathBuf {
 
 // ---------------------------------------------------------------------------
 // The daemon and pftracectl
+
+/// pftraced tracing `names` in process `pid` (plus `args`), serving its
+/// control socket in `dir` ([`serving`]), once it has attached and answers.
+pub fn serve_on(dir: &TestDir, names: &[&str], pid: u32, args: &[&str]) -> (PathBuf, RunningTracer) {
+    let socket = socket_of(dir);
+    let tracer = serving(dir, names).pid(pid).args(args).spawn();
+    tracer.wait_attached(pid);
+    wait_serving(&socket, &tracer);
+    (socket, tracer)
+}
+
+/// A [`WORKER`] started in `dir`, and pftraced [`serve_on`] it.
+pub fn traced_worker(dir: &TestDir, names: &[&str], args: &[&str]) -> (Worker, PathBuf, RunningTracer) {
+    let w = WorkerSpec::new(&python(), &worker_script(dir)).start("worker");
+    let (socket, tracer) = serve_on(dir, names, w.pid(), args);
+    (w, socket, tracer)
+}
 
 /// pftraced tracing `names` and serving its control socket in `dir`
 /// (`--socket DIR/pftraced.sock`, plus the harness's `-o` trace file).
@@ -442,6 +416,31 @@ pub fn wait_status_within(
             "timed out after {limit:?} waiting for {what}; last status:\n{last}"
         );
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until pftraced has closed every control connection on `socket`:
+/// its accepted connections are listed in /proc/net/unix under the
+/// socket's path, connected. A connection closes on the daemon's side a
+/// little after the client has its reply, so until then a count of the
+/// daemon's descriptors holds one more socket than it keeps.
+pub fn wait_connections_closed(socket: &Path) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let entries = procfs::net::unix().expect("/proc/net/unix");
+        let open = entries
+            .iter()
+            .filter(|e| e.path.as_deref() == Some(socket) && e.state == procfs::net::UnixState::CONNECTED)
+            .count();
+        if open == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pftraced still holds {open} control connections on {} after {WAIT:?}",
+            socket.display()
+        );
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

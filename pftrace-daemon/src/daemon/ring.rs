@@ -1,0 +1,85 @@
+//! Reading the ring buffer: calls (filtered in user space where the kernel
+//! could not decide, then paired), and process changes (exec, fork, exit),
+//! which are handled after the calls before them are stored, in ring order.
+
+use aya::maps::{MapData, RingBuf};
+
+use super::Daemon;
+use crate::{clock::WallClock, events::Record, pairing::Call};
+
+/// A process change read from the ring buffer.
+enum ProcChange {
+    /// A process exec'd in scope or was forked by a traced one.
+    Appeared(u32),
+    /// A tracked process exited at this time.
+    Exited(u32, u64),
+}
+
+impl Daemon {
+    /// Reads every record in the ring buffer.
+    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let mut completed = Vec::new();
+        // Process changes, handled after the calls are stored, in ring order.
+        let mut changes = Vec::new();
+        while let Some(item) = ring.next() {
+            match self.decoder.decode_record(&item) {
+                Ok(Record::Call(ev)) => {
+                    if self.filter.keep(&ev.name, &ev.file) {
+                        self.pairer.push(ev, &mut completed);
+                    }
+                }
+                Ok(Record::Exec(e)) => {
+                    let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
+                    log::debug!("pid {} exec'd ({late_us} us ago)", e.pid);
+                    // Calls of the old image end here, before any of the new one.
+                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                    changes.push(ProcChange::Appeared(e.pid));
+                }
+                Ok(Record::Fork(f)) => {
+                    let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
+                    log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
+                    changes.push(ProcChange::Appeared(f.pid));
+                }
+                Ok(Record::Exit(e)) => {
+                    log::debug!("pid {} exited", e.pid);
+                    // Its open calls end here, before anything of a process reusing the pid.
+                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                    changes.push(ProcChange::Exited(e.pid, e.ts_ns));
+                }
+                Err(err) => {
+                    self.bad_records += 1;
+                    log::warn!("{err}");
+                }
+            }
+        }
+        self.store_calls(completed);
+        for change in changes {
+            match change {
+                ProcChange::Appeared(pid) => self.discover(pid),
+                ProcChange::Exited(pid, ts_ns) => {
+                    if self.processes.is_running(pid) {
+                        self.end_process(pid, ts_ns);
+                    }
+                    self.scheduler.cancel(pid);
+                }
+            }
+        }
+    }
+
+    pub(super) fn store_calls(&mut self, calls: Vec<Call>) {
+        if calls.is_empty() {
+            return;
+        }
+        if let Some(r) = &mut self.rolling {
+            r.write_calls(&calls, &self.clock, |pid| self.processes.info(pid));
+        }
+        if let Some(s) = &mut self.spill {
+            s.append(&calls);
+        }
+        for call in calls {
+            self.processes.count_call(call.pid);
+            self.functions.push(&call);
+            self.store.push(call);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Setting the daemon up: checking names and privileges, loading the
+//! kernel side, opening the scopes (cgroups, `--all`) and attaching the
+//! `--binary` files host-wide, the outputs; processes are attached after.
+
+use std::{os::fd::AsFd as _, time::Instant};
+
+use pftrace_common::{MAX_CGROUPS, config as kconfig};
+use tokio::sync::mpsc;
+
+use super::{
+    Daemon, DaemonError, DaemonOptions,
+    attach::AttachScheduler,
+    filter::{FilterError, NameFilter},
+    processes::{self, Processes},
+    sampler,
+    store::CallStore,
+    targets::CgroupTarget,
+};
+use crate::{
+    bpf::{BpfError, KernelProbes},
+    caps,
+    clock::WallClock,
+    events::Decoder,
+    kernel::task_layout::TaskOffsets,
+    output::rolling::RollingOutput,
+    pairing::Pairer,
+    stats::Aggregator,
+    target,
+};
+
+impl Daemon {
+    /// Validates names, checks privileges, loads the kernel side and sets up
+    /// scopes and outputs. Attaching to processes comes after.
+    pub fn new(opts: &DaemonOptions) -> Result<Self, DaemonError> {
+        if opts.names.is_empty() {
+            return Err(DaemonError::NoNames);
+        }
+        for name in &opts.names {
+            crate::names::NameSpec::parse(name).map_err(FilterError::from)?;
+        }
+        caps::check()?;
+        let limits = &opts.config.limits;
+        let layout = match TaskOffsets::discover() {
+            Ok(layout) => Some(layout),
+            Err(err) => {
+                log::warn!("per-call CPU time and memory are not available: {err}");
+                None
+            }
+        };
+        // Host-wide probes (--binary), but only processes in scope are traced.
+        let scope_filter = !opts.binaries.is_empty() && !opts.all;
+        let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref(), scope_filter)?;
+        if probes.attach_method() == crate::bpf::AttachMethod::PerfEvent {
+            log::warn!(
+                "attaching through uprobe perf events ({}): about 10 times slower per process than \
+                 uprobe_multi links (kernel 6.6+), so new processes miss more of their first calls",
+                if std::env::var_os(crate::bpf::ATTACH_ENV).is_some() {
+                    format!("{}=perf", crate::bpf::ATTACH_ENV)
+                } else {
+                    "this kernel has no uprobe_multi".to_string()
+                }
+            );
+        }
+        probes.floor = opts.floor;
+        probes.attach_fork_watch()?;
+        probes.attach_exit_watch()?;
+        let mut filter = NameFilter::default();
+        filter.add(&mut probes, &opts.names)?;
+
+        let mut cgroups = Vec::new();
+        for path in &opts.cgroups {
+            let cg = CgroupTarget::open(path)?;
+            if cgroups.len() as u32 >= MAX_CGROUPS {
+                return Err(BpfError::TooManyCgroups.into());
+            }
+            probes.set_cgroup(cgroups.len() as u32, cg.dir.as_fd())?;
+            cgroups.push(cg);
+        }
+        let exec_mode = if opts.all {
+            kconfig::EXEC_ALL
+        } else if !cgroups.is_empty() {
+            kconfig::EXEC_CGROUPS
+        } else {
+            kconfig::EXEC_OFF
+        };
+        // Execs are always watched: in scopes, and of traced processes and
+        // their descendants (so a traced program's Python children are found).
+        probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
+        probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
+        probes.attach_exec_watch()?;
+        let mut binaries = Vec::new();
+        let mut binary_targets = Vec::new();
+        for path in &opts.binaries {
+            binary_targets.push(target::inspect_file(path)?);
+            binaries.push(format!("binary {} (host-wide)", crate::events::printable_path(path)));
+        }
+        let rolling = match &opts.config.output.dir {
+            Some(_) => Some(
+                RollingOutput::new(&opts.config.output, &hostname())
+                    .map_err(|e| DaemonError::Output(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut targets: Vec<String> = opts.pids.iter().map(|p| format!("pid {p}")).collect();
+        targets.extend(cgroups.iter().map(|c| format!("cgroup {} (id {})", c.path.display(), c.id)));
+        if opts.all {
+            targets.push("all probe-enabled Pythons on the host".into());
+        }
+        targets.extend(binaries);
+        let mut daemon = Self {
+            probes,
+            filter,
+            processes: Processes::new(limits.max_processes),
+            until_targets_exit: cgroups.is_empty() && !opts.all,
+            cgroups,
+            all: opts.all,
+            targets,
+            store: CallStore::new(limits.max_calls_in_memory),
+            functions: Aggregator::new(false),
+            dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
+            max_dumps: limits.max_concurrent_dumps,
+            decoder: Decoder::default(),
+            pairer: Pairer::default(),
+            rolling,
+            spill: None,
+            bad_records: 0,
+            clock: WallClock::measure(),
+            start_ns: WallClock::monotonic_now_ns(),
+            started: Instant::now(),
+            exits: mpsc::unbounded_channel(),
+            watched: 0,
+            stopping: false,
+            serve: opts.serve.then(|| opts.config.socket.clone()),
+            sampler: sampler::Sampler::new(&opts.config.sampling),
+            scheduler: AttachScheduler::new(),
+        };
+        for binary in binary_targets {
+            let (file, path) = (binary.file, binary.binary.clone());
+            daemon.attach_binary(binary)?;
+            let running = processes::processes_mapping(file);
+            let level = if running > 0 { log::Level::Warn } else { log::Level::Info };
+            log::log!(
+                level,
+                "attached host-wide to {}: every process running it ({running} now, and any started while \
+                 pftraced runs) pays the probe trap on every Python call (about 1.2 us here), in scope or not",
+                crate::events::printable_path(&path)
+            );
+        }
+        Ok(daemon)
+    }
+}
+
+/// This host's name, for file names and metadata.
+pub fn hostname() -> String {
+    let name = rustix::system::uname().nodename().to_string_lossy().trim().to_string();
+    if name.is_empty() { "localhost".into() } else { name }
+}
