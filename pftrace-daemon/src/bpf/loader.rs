@@ -58,6 +58,7 @@ pub enum BpfError {
     Multi(#[from] MultiLoadError),
     #[error(transparent)]
     PidNamespace(#[from] crate::kernel::pidns::PidNsError),
+    #[error(transparent)]
     Spec(#[from] UsdtError),
     #[error("the kernel side's log ring: {0}")]
     Logger(String),
