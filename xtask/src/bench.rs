@@ -179,7 +179,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         );
     }
     let env = crate::setup::run()?;
-    let pftraced = crate::build::build(&env)?;
+    let pftraced = crate::build::build()?;
     let root = util::workspace_root();
     let dir = util::target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;

@@ -4,19 +4,18 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::setup::Env;
 use crate::util::{self, Step};
 
-/// Runs setup, then the build.
+/// Runs the set-up the build needs, then the build.
 pub fn run() -> Result<PathBuf> {
-    let env = crate::setup::run()?;
-    build(&env)
+    crate::setup::base()?;
+    build()
 }
 
 /// Builds `pftrace-daemon` in release mode and returns the path of `pftraced`.
 /// The daemon's build.rs compiles pftrace-ebpf with aya-build, which needs the
 /// nightly toolchain with rust-src and bpf-linker on PATH (setup provides them).
-pub fn build(_env: &Env) -> Result<PathBuf> {
+pub fn build() -> Result<PathBuf> {
     let step = Step::new("build", "pftrace-daemon (release)");
     step.say("cargo build --release -p pftrace-daemon");
     util::run(util::cargo().args(["build", "--release", "-p", "pftrace-daemon"])).context(

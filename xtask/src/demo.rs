@@ -10,8 +10,8 @@ use crate::util::{self, Step};
 const TRACED: &[&str] = &["compute", "load_records"];
 
 pub fn run() -> Result<ExitCode> {
-    let env = crate::setup::run()?;
-    let pftraced = crate::build::build(&env)?;
+    let python = crate::setup::base()?;
+    let pftraced = crate::build::build()?;
 
     let app = util::workspace_root().join("examples").join("app.py");
     util::require_file(&app, "the demo program")?;
@@ -28,7 +28,7 @@ pub fn run() -> Result<ExitCode> {
     for name in TRACED {
         cmd.args(["-t", name]);
     }
-    cmd.arg("-o").arg(&trace).arg("--").arg(&env.python).arg(&app);
+    cmd.arg("-o").arg(&trace).arg("--").arg(&python).arg(&app);
     cmd.current_dir(util::workspace_root());
 
     // Ctrl-C reaches pftraced too (same process group); let it finish its

@@ -61,13 +61,22 @@ pub struct Env {
     pub systemd_root: PathBuf,
 }
 
-/// Runs every setup step.
-pub fn run() -> Result<Env> {
-    let started = std::time::Instant::now();
+/// The steps building pftraced and running it on the bundled example need
+/// (`cargo xtask demo`, `cargo xtask build`): packages, toolchain,
+/// bpf-linker and the probe-enabled CPython 3.9. Returns that interpreter.
+/// The test interpreters and the systemd root are left to [`run`], so the
+/// demo on a fresh machine does not wait for them.
+pub fn base() -> Result<PathBuf> {
     apt_packages().context("setup step `apt packages` failed")?;
     rust_nightly().context("setup step `rust nightly + rust-src` failed")?;
     bpf_linker().context("setup step `bpf-linker` failed")?;
-    let python = cpython::ensure().context("setup step `python` failed")?;
+    cpython::ensure().context("setup step `python` failed")
+}
+
+/// Runs every setup step (what the tests and the benchmark need).
+pub fn run() -> Result<Env> {
+    let started = std::time::Instant::now();
+    let python = base()?;
     let sid_root = sid_pythons::ensure().context("setup step `debian sid pythons` failed")?;
     let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
     let systemd_root = systemd_root::ensure().context("setup step `systemd root` failed")?;

@@ -64,7 +64,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .env("PFTRACE_SID_ROOT", &env.sid_root)
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
         .env("PFTRACE_SYSTEMD_ROOT", &env.systemd_root)
-        .args(["test", "--release", "-p", "pftrace-common", "-p", "pftrace-daemon"])
+        // --no-fail-fast: one failing test file must not hide the results of
+        // the files after it (a red CI run should list every failure at once).
+        .args(["test", "--release", "--no-fail-fast", "-p", "pftrace-common", "-p", "pftrace-daemon"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
     if status.success() {
