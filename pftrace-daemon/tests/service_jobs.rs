@@ -285,3 +285,75 @@ fn a_cgroup_target_made_after_start_is_waited_for_then_traced() {
     w.finish();
     stop(&socket, tracer);
 }
+
+/// Runs one job (two processes calling foo `n1` and `n2` times) under a
+/// daemon writing jobs' traces in `format`; returns the jobs directory and the pids.
+fn one_job_in_format(tag: &str, format: &str, id: &str, n1: u64, n2: u64) -> (TestDir, PathBuf, u32, u32) {
+    let dir = TestDir::new(tag);
+    let py = python();
+    let script = worker_script(&dir);
+    let scope = Cgroup::new(tag);
+    let out = dir.join("jobs");
+    let socket = socket_of(&dir);
+    let tracer = serving(&dir, &["foo"])
+        .args(&["--jobs-under", scope.path().to_str().unwrap(), "--job-format", format])
+        .args(&["--job-output-dir", out.to_str().unwrap()])
+        .spawn();
+    wait_serving(&socket, &tracer);
+    let job = scope.path().join(format!("job_{id}"));
+    make_cgroup(&job);
+    let mut a = WorkerSpec::new(&py, &script).cgroup(&job).start("task 0");
+    let mut b = WorkerSpec::new(&py, &script).cgroup(&job).start("task 1");
+    wait_traced(&socket, &tracer, a.pid());
+    wait_traced(&socket, &tracer, b.pid());
+    a.call("foo", n1);
+    b.call("foo", n2);
+    a.finish();
+    b.finish();
+    remove_cgroup(&job);
+    wait_status(&socket, tracer.pid(), "the job to finish", |s| job_status(s, id, false).is_some());
+    let (pa, pb) = (a.pid(), b.pid());
+    stop(&socket, tracer);
+    (dir, out, pa, pb)
+}
+
+/// Waits for `path` to exist (a job's trace is renamed into place whole).
+fn wait_file(path: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "no {} after {WAIT:?}", path.display());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn jobs_traces_in_pfw_are_a_directory_of_perfflow_files_per_job() {
+    let (_dir, out, a, b) = one_job_in_format("jobs-pfw", "pfw", "5", 12, 34);
+    let job_dir = out.join("pftrace-job-5");
+    let host = pftrace::daemon::hostname();
+    for (pid, n) in [(a, 12), (b, 34)] {
+        let path = job_dir.join(format!("perfflow.array.{host}.{pid}.pfw"));
+        wait_file(&path);
+        let text = fs::read_to_string(&path).unwrap();
+        // Array form: "[" then one event per line, each followed by a comma.
+        let begins = text
+            .lines()
+            .map(|l| l.trim().trim_start_matches('[').trim_end_matches(','))
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .filter(|ev| ev["ph"] == "B" && ev["name"] == "foo" && ev["pid"] == pid)
+            .count();
+        assert_eq!(begins, n, "{}:\n{text}", path.display());
+    }
+    assert_eq!(fs::read_dir(&job_dir).unwrap().count(), 2, "one file per process of the job");
+}
+
+#[test]
+fn jobs_traces_in_records_format() {
+    let (_dir, out, _a, _b) = one_job_in_format("jobs-records", "records", "6", 7, 8);
+    let path = out.join("pftrace-job-6.records.json");
+    wait_file(&path);
+    let json: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let foo = json["results"]["foo"].as_array().unwrap_or_else(|| panic!("no results.foo: {json:#}"));
+    assert_eq!(foo.len(), 15, "{json:#}");
+}
