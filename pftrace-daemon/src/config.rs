@@ -34,6 +34,30 @@ pub struct Config {
     pub output: OutputConfig,
     pub limits: LimitsConfig,
     pub sampling: SamplingConfig,
+    pub jobs: JobsConfig,
+}
+
+/// Batch jobs as cgroups under one root (see `daemon/jobs.rs`): each child
+/// cgroup of `root` whose name matches `pattern` is a job, traced into a
+/// trace file of its own, finished when the cgroup is removed.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The cgroup v2 directory jobs are made in (Slurm:
+    /// `/sys/fs/cgroup/system.slice/slurmstepd.scope`); none means no jobs.
+    pub root: Option<PathBuf>,
+    /// A job cgroup's name, `{id}` standing for the job id, `*` for any text.
+    pub pattern: String,
+    /// Where each job's trace goes; default: `output.dir`.
+    pub dir: Option<PathBuf>,
+    /// The jobs' trace format: chrome, records, pfw or pfw:PERFFLOW_OPTIONS.
+    pub format: String,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self { root: None, pattern: "job_{id}".into(), dir: None, format: "chrome".into() }
+    }
 }
 
 /// Per-process CPU and memory sampling from procfs (counter tracks).
@@ -53,7 +77,7 @@ impl Default for SamplingConfig {
 }
 
 /// What to trace.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetsConfig {
     pub pids: Vec<u32>,
@@ -63,6 +87,21 @@ pub struct TargetsConfig {
     pub all: bool,
     /// Interpreter files attached host-wide up front (`--binary`).
     pub binaries: Vec<PathBuf>,
+    /// A cgroup (or the jobs root) that does not exist yet is waited for
+    /// (logged, traced once made); false makes it an error at start.
+    pub wait_for_cgroups: bool,
+}
+
+impl Default for TargetsConfig {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            cgroups: Vec::new(),
+            all: false,
+            binaries: Vec::new(),
+            wait_for_cgroups: true,
+        }
+    }
 }
 
 /// The control socket.
@@ -198,6 +237,14 @@ impl Config {
         if self.output.max_file_bytes < 4096 {
             return Err(invalid("output.max_file_bytes must be at least 4096".into()));
         }
+        crate::job_pattern::JobPattern::parse(&self.jobs.pattern)
+            .map_err(|e| invalid(format!("jobs.pattern: {e}")))?;
+        crate::output::choose(&self.jobs.format, None).map_err(|e| invalid(format!("jobs.format: {e}")))?;
+        if self.jobs.root.is_some() && self.jobs.dir.is_none() && self.output.dir.is_none() {
+            return Err(invalid(
+                "jobs.root is set but not where the jobs' traces go: set jobs.dir (or output.dir)".into(),
+            ));
+        }
         if self.output.max_file_seconds == 0 {
             return Err(invalid("output.max_file_seconds must be at least 1".into()));
         }
@@ -283,6 +330,18 @@ mod tests {
         assert_eq!(c.limits.ring_buffer_bytes, 16 << 20);
         assert_eq!(c.targets.cgroups.len(), 1);
         assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+        assert!(c.targets.wait_for_cgroups);
+        let jobs = Config::parse(
+            "[jobs]\nroot = '/sys/fs/cgroup/system.slice/slurmstepd.scope'\ndir = '/var/lib/pftrace/jobs'\n",
+            "t",
+        )
+        .unwrap()
+        .jobs;
+        assert_eq!((jobs.pattern.as_str(), jobs.format.as_str()), ("job_{id}", "chrome"));
+        let err = Config::parse("[jobs]\nroot = '/x'\n", "t").unwrap_err().to_string();
+        assert!(err.contains("set jobs.dir"), "{err}");
+        let err = Config::parse("[jobs]\npattern = 'job_*'\n", "t").unwrap_err().to_string();
+        assert!(err.contains("jobs.pattern") && err.contains("{id}"), "{err}");
     }
 
     #[test]

@@ -4,11 +4,13 @@
 
 pub mod bpf;
 pub mod caps;
+pub mod cgroupwatch;
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod job_pattern;
 pub mod kernel;
 pub mod launch;
 pub mod logging;

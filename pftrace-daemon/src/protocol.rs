@@ -217,6 +217,30 @@ pub struct Status {
     #[serde(default)]
     pub max_concurrent_dumps: u64,
     pub output: Option<OutputStatus>,
+    /// Batch jobs (cgroups under the jobs root): finished ones (the last
+    /// 100), then running ones. Absent from older daemons: none.
+    #[serde(default)]
+    pub jobs: Vec<JobStatus>,
+}
+
+/// A batch job: a cgroup under the jobs root whose name matches the pattern.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    /// The job id, from the cgroup's name.
+    pub id: String,
+    pub cgroup: String,
+    /// False once its cgroup was removed (and its trace written).
+    pub running: bool,
+    /// Processes of the job that were traced.
+    pub pids: Vec<u32>,
+    /// Calls completed in the job.
+    pub calls: u64,
+    /// The job's trace file (or PerfFlowAspect directory), written when the job ends.
+    pub trace: Option<String>,
+    /// Why the job's trace cannot be written.
+    pub error: Option<String>,
+    /// Per-function figures of the job's calls.
+    pub functions: Vec<FunctionStats>,
 }
 
 /// An interpreter binary (or libpython) with probes attached.

@@ -10,7 +10,11 @@
 //! - a job started with `systemd-run --scope --slice=jobs`, running the
 //!   probe-enabled CPython, is traced: `pftracectl dump` holds exactly its
 //!   calls under the pid the container gives it (pftraced runs in the
-//!   container's PID namespace, issue 15).
+//!   container's PID namespace, issue 15);
+//! - jobs by pattern: `[jobs] root` a slice that does not exist when the
+//!   unit starts (it waits, no restart), jobs started with `systemd-run
+//!   --scope --slice=pyjob --unit=job<ID>` each get their trace file when
+//!   their scope ends, with exactly their calls.
 
 mod common;
 mod systemd_support;
@@ -54,6 +58,12 @@ const HEADER_COMMANDS: [&str; 5] = [
 /// and including `systemctl enable --now pftraced`; returns how long that
 /// last command took.
 fn install_as_the_header_says(c: &Container, watch: &str) -> Duration {
+    install_with_edits(c, &[format!(r#"s|^cgroups = \[\]$|cgroups = ["{watch}"]|"#)])
+}
+
+/// [`install_as_the_header_says`] with names = ["foo"] and the config edited
+/// by these `sed` expressions.
+fn install_with_edits(c: &Container, edits: &[String]) -> Duration {
     assert_eq!(header_install_commands(&unit_file()), HEADER_COMMANDS, "the unit's Install: block changed");
     c.sh(SRC, HEADER_COMMANDS[0]);
     c.sh(SRC, HEADER_COMMANDS[1]);
@@ -66,15 +76,13 @@ fn install_as_the_header_says(c: &Container, watch: &str) -> Duration {
             "the example config has no `{line}` line to edit:\n{example}"
         );
     }
-    c.ok(&[
-        "sed",
-        "-i",
-        "-e",
-        r#"s|^names = \[\]$|names = ["foo"]|"#,
-        "-e",
-        &format!(r#"s|^cgroups = \[\]$|cgroups = ["{watch}"]|"#),
-        config,
-    ]);
+    let mut sed =
+        vec!["sed".to_string(), "-i".into(), "-e".into(), r#"s|^names = \[\]$|names = ["foo"]|"#.into()];
+    for e in edits {
+        sed.extend(["-e".to_string(), e.clone()]);
+    }
+    sed.push(config.into());
+    c.ok(&sed.iter().map(String::as_str).collect::<Vec<_>>());
     c.sh(SRC, HEADER_COMMANDS[2]);
     let started = Instant::now();
     c.sh(SRC, HEADER_COMMANDS[3]);
@@ -94,8 +102,7 @@ fn cgroup2_mount(c: &Container) -> String {
     out.lines().next().unwrap_or_else(|| panic!("no cgroup2 mount in the container")).trim().to_string()
 }
 
-/// Starts the `jobs` slice, so its cgroup exists before pftraced starts
-/// (a configured cgroup must exist at start for now: issue 15, phase 2).
+/// Starts the `jobs` slice, so its cgroup exists before pftraced starts.
 fn start_jobs_slice(c: &Container) -> String {
     c.ok(&["systemctl", "start", "jobs.slice"]);
     let dir = format!("{}/jobs.slice", cgroup2_mount(c));
@@ -316,4 +323,112 @@ fn a_job_started_with_systemd_run_in_a_slice_is_traced_exactly() {
     );
     stop_cleanly(&c);
     assert!(Path::new(&dir.join("job.py")).exists());
+}
+
+/// Waits until `pid` is listed as running (traced) in the container's pftraced.
+fn wait_traced_in(c: &Container, pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status_json(c);
+        let entry = s["processes"].as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned();
+        if entry.as_ref().is_some_and(|p| p["running"] == true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} is not traced after 30 s; status:\n{s:#}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn jobs_started_with_systemd_run_get_one_trace_each_under_the_unit() {
+    let dir = TestDir::new("systemd-jobs");
+    dir.script("job.py", JOB);
+    let py = python();
+    let c = Container::boot(&dir);
+    let root = format!("{}/pyjob.slice", cgroup2_mount(&c));
+    c.ok(&["test", "!", "-e", &root]);
+    let jobs_dir = "/var/lib/pftrace/jobs";
+    let example = c.ok(&["cat", &format!("{SRC}/packaging/pftraced.toml.example")]);
+    for line in [
+        "# root = \"/sys/fs/cgroup/system.slice/slurmstepd.scope\"",
+        "pattern = \"job_{id}\"",
+        "# dir = \"/var/lib/pftrace/jobs\"",
+    ] {
+        assert!(example.lines().any(|l| l == line), "the example config has no `{line}` line to edit");
+    }
+    install_with_edits(
+        &c,
+        &[
+            format!(r#"s|^# root = "/sys/fs/cgroup/system.slice/slurmstepd.scope"$|root = "{root}"|"#),
+            r#"s|^pattern = "job_{id}"$|pattern = "job{id}.scope"|"#.into(),
+            format!(r#"s|^# dir = "/var/lib/pftrace/jobs"$|dir = "{jobs_dir}"|"#),
+        ],
+    );
+    // The root does not exist yet: the unit is up, says it waits, and is not restarted.
+    let shown = c.show("pftraced", &["ActiveState", "NRestarts", "MainPID"]);
+    assert_eq!((shown["ActiveState"].as_str(), shown["NRestarts"].as_str()), ("active", "0"), "{shown:?}");
+    let main_pid: u32 = shown["MainPID"].parse().unwrap();
+    let waiting = format!("cgroup {root} does not exist yet: waiting for it to be made");
+    let lines = daemon_lines(&c, main_pid);
+    assert!(
+        lines.iter().any(|e| e.message.starts_with(&waiting) && e.priority == Some(4)),
+        "no warning {waiting:?}: {lines:#?}"
+    );
+
+    // Two jobs, overlapping.
+    let start = |id: u32| {
+        c.spawn(&[
+            "systemd-run",
+            "--scope",
+            "--slice=pyjob",
+            &format!("--unit=job{id}"),
+            py.to_str().unwrap(),
+            &format!("{TEST_DIR}/job.py"),
+        ])
+    };
+    let mut j42 = start(42);
+    let p42: u32 = j42.expect("ready").parse().unwrap();
+    let mut j43 = start(43);
+    let p43: u32 = j43.expect("ready").parse().unwrap();
+    let cgroup = c.ok(&["cat", &format!("/proc/{p42}/cgroup")]);
+    assert!(cgroup.lines().any(|l| l == "0::/pyjob.slice/job42.scope"), "job 42's cgroups:\n{cgroup}");
+    wait_traced_in(&c, p42);
+    wait_traced_in(&c, p43);
+    j42.send("call foo 420");
+    j42.expect("done");
+    j43.send("call foo 43");
+    j43.expect("done");
+    j43.send("call bar 5");
+    j43.expect("done");
+    j42.finish();
+    j43.finish();
+
+    for (id, pid, n) in [(42, p42, 420u64), (43, p43, 43)] {
+        let file = format!("{jobs_dir}/pftrace-job-{id}.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.exec(&["test", "-e", &file]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "no {file} 30 s after job {id} ended; status:\n{:#}",
+                status_json(&c)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let trace = Trace::parse(&c.ok(&["cat", &file])).unwrap_or_else(|e| panic!("bad {file}: {e}"));
+        let mut calls: BTreeMap<(u32, String), u64> = BTreeMap::new();
+        for call in &trace.calls {
+            *calls.entry((call.pid, call.name.clone())).or_default() += 1;
+        }
+        assert_eq!(calls, BTreeMap::from([((pid, "foo".to_string()), n)]), "{file}");
+        let processes = trace.pftrace()["processes"].as_array().unwrap().clone();
+        assert_eq!(processes.len(), 1, "{file}: {processes:?}");
+        assert_eq!(processes[0]["job"], serde_json::json!({"variable": "cgroup", "id": id.to_string()}));
+        let lines = daemon_lines(&c, main_pid);
+        let ended = format!("job {id} ended: wrote {n} calls to {file}");
+        assert!(lines.iter().any(|e| e.message == ended), "no {ended:?} in the journal: {lines:#?}");
+    }
+    let stats = c.ok(&["pftracectl", "stats", "--job", "42"]);
+    assert!(stats.starts_with("job 42 (finished, "), "pftracectl stats --job 42:\n{stats}");
+    assert_eq!(c.show("pftraced", &["NRestarts"])["NRestarts"], "0");
+    stop_cleanly(&c);
 }

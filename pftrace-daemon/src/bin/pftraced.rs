@@ -36,6 +36,10 @@ use tokio::signal::unix::{SignalKind, signal};
 ///   sudo pftraced -t 'solver.py:step' --cgroup /sys/fs/cgroup/unified/job42 --output-dir /var/lib/pftrace
 ///   sudo pftraced -t task --cgroup /sys/fs/cgroup/unified/job42 --binary /opt/env/bin/python3.9
 ///                                  # every call of the job's short-lived Pythons, from their first line
+///   sudo pftraced -t step --jobs-under /sys/fs/cgroup/system.slice/slurmstepd.scope \
+///        --job-pattern 'job_{id}' --job-output-dir /var/lib/pftrace/jobs
+///                                  # one trace per Slurm job: pftrace-job-<id>.json, written when
+///                                  # the job's cgroup is removed (`pftracectl status` lists the jobs)
 ///   sudo pftracectl stats          # while a daemon with --serve/--cgroup/--all runs
 #[derive(Debug, Parser)]
 #[command(name = "pftraced", version, verbatim_doc_comment)]
@@ -52,6 +56,38 @@ struct Cli {
     /// descendants, including ones started later (repeatable). Runs until stopped.
     #[arg(long = "cgroup", value_name = "DIR")]
     cgroups: Vec<PathBuf>,
+
+    /// Batch jobs: trace every Python in the child cgroups of this cgroup v2
+    /// directory whose names match --job-pattern, one trace file per job.
+    /// Jobs may start and end any number of times while pftraced runs; they
+    /// are seen with inotify as their cgroups are made and removed. A job's
+    /// trace is written to --job-output-dir when its cgroup is removed.
+    /// Slurm (cgroup v2): /sys/fs/cgroup/system.slice/slurmstepd.scope;
+    /// `systemd-run --slice=pyjob-ID ...`: /sys/fs/cgroup/pyjob.slice with
+    /// --job-pattern 'pyjob-{id}.slice'. Runs until stopped.
+    #[arg(long = "jobs-under", value_name = "DIR")]
+    jobs_root: Option<PathBuf>,
+
+    /// What a job's cgroup is called: {id} stands for the job id (it names
+    /// the trace file), * for any text, the rest is literal. Default: job_{id} (Slurm).
+    #[arg(long, value_name = "PATTERN")]
+    job_pattern: Option<String>,
+
+    /// Directory for the jobs' traces (created 0750 if missing):
+    /// pftrace-job-<id>.json (records: .records.json; pfw: a directory
+    /// pftrace-job-<id> of PerfFlowAspect files); a job id seen again gets
+    /// pftrace-job-<id>.2.json, ... Default: --output-dir.
+    #[arg(long, value_name = "DIR")]
+    job_output_dir: Option<PathBuf>,
+
+    /// Format of the jobs' traces: chrome (default), records, pfw or pfw:PERFFLOW_OPTIONS.
+    #[arg(long, value_name = "FMT")]
+    job_format: Option<String>,
+
+    /// Fail at start if a --cgroup or --jobs-under directory does not exist.
+    /// Without it, pftraced says it waits, and traces the cgroup once it is made.
+    #[arg(long)]
+    cgroups_must_exist: bool,
 
     /// Trace every probe-enabled Python on the host (probes are attached to
     /// whole binaries: every process using them pays the probe cost). Runs until stopped.
@@ -191,9 +227,34 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     if let Some(n) = cli.max_calls_in_memory {
         config.limits.max_calls_in_memory = n.max(1);
     }
-    let serve = cli.serve || cli.socket.is_some() || all || !cgroups.is_empty();
-    if pids.is_empty() && cgroups.is_empty() && !all && cli.command.is_empty() {
-        bail!("nothing to trace: give --pid PID, --cgroup DIR, --all, or a command after `--` (see --help)");
+    if cli.cgroups_must_exist {
+        config.targets.wait_for_cgroups = false;
+    }
+    let jobs = &mut config.jobs;
+    jobs.root = cli.jobs_root.clone().or(jobs.root.take());
+    if let Some(p) = &cli.job_pattern {
+        jobs.pattern = p.clone();
+    }
+    if let Some(d) = &cli.job_output_dir {
+        jobs.dir = Some(d.clone());
+    }
+    if let Some(f) = &cli.job_format {
+        jobs.format = f.clone();
+    }
+    pftrace::job_pattern::JobPattern::parse(&jobs.pattern).context("--job-pattern")?;
+    output::choose(&jobs.format, None).context("--job-format")?;
+    let has_jobs = jobs.root.is_some();
+    if has_jobs && jobs.dir.is_none() && config.output.dir.is_none() {
+        bail!(
+            "--jobs-under needs a directory for the jobs' traces: give --job-output-dir DIR (or --output-dir)"
+        );
+    }
+    let serve = cli.serve || cli.socket.is_some() || all || !cgroups.is_empty() || has_jobs;
+    if pids.is_empty() && cgroups.is_empty() && !all && !has_jobs && cli.command.is_empty() {
+        bail!(
+            "nothing to trace: give --pid PID, --cgroup DIR, --jobs-under DIR, --all, or a command after `--` \
+             (see --help)"
+        );
     }
     Ok(DaemonOptions { names, pids, cgroups, all, binaries, serve, config, floor: cli.floor })
 }

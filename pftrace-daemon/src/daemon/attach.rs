@@ -224,7 +224,7 @@ impl Daemon {
     /// or on the host with `--all`. Processes that are not Python are skipped;
     /// Pythons that cannot be traced are recorded as refusals.
     pub fn scan_scopes(&mut self) {
-        let mut pids: Vec<u32> = self.cgroups.iter().flat_map(|c| c.pids()).collect();
+        let mut pids: Vec<u32> = self.cgroups.iter().flatten().flat_map(|c| c.pids()).collect();
         if self.all {
             pids = super::targets::all_pids();
         }
@@ -287,6 +287,7 @@ impl Daemon {
         if let Some(pidfd) = pidfd {
             let serial = self.processes.add_process(&target, links);
             self.watch(target.pid, serial, pidfd);
+            self.note_job_process(target.pid);
         }
         Ok(())
     }

@@ -56,6 +56,7 @@ impl Daemon {
             dumps_in_progress: (self.max_dumps - self.dumps.available_permits()) as u64,
             max_concurrent_dumps: self.max_dumps as u64,
             output: self.rolling.as_ref().map(|r| r.status()),
+            jobs: self.jobs.as_ref().map_or_else(Vec::new, |j| j.status()),
         }
     }
 

@@ -76,6 +76,11 @@ impl Daemon {
                     }
                 }
                 Some(done) = self.scheduler.finished.1.recv() => self.finished(done),
+                Some(event) = self.cgroup_events.recv() => {
+                    // Calls of a job's processes are in before the job ends.
+                    self.drain(ring.get_mut());
+                    self.cgroup_event(event);
+                }
                 Some(()) = self.scheduler.detached.1.recv() => self.scheduler.detach_done(),
                 guard = kernel_log.readable_mut() => {
                     let mut guard = guard.map_err(DaemonError::Ring)?;

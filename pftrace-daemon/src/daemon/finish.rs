@@ -39,6 +39,9 @@ impl Daemon {
         let mut closed = Vec::new();
         self.pairer.close_open(None, end_ns, &mut closed);
         self.store_calls(closed);
+        // Written before returning (not on a blocking thread the exit would cut short).
+        self.stopping = true;
+        self.finish_jobs();
         if let Some(r) = &mut self.rolling {
             r.close();
         }

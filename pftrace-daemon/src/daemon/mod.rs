@@ -13,6 +13,7 @@ mod control;
 mod event_loop;
 mod filter;
 mod finish;
+mod jobs;
 mod processes;
 mod ring;
 mod sampler;
@@ -80,6 +81,8 @@ pub enum DaemonError {
     ExitedDuringAttach(u32),
     #[error("watching pid {pid}: {source}")]
     Watch { pid: u32, source: std::io::Error },
+    #[error("{0}")]
+    Jobs(String),
     #[error("rolling output: {0}")]
     Output(String),
     #[error("control socket: {0}")]
@@ -103,7 +106,12 @@ pub struct Daemon {
     probes: KernelProbes,
     filter: NameFilter,
     processes: Processes,
-    cgroups: Vec<CgroupTarget>,
+    /// The cgroup targets by slot (the jobs root last); None while one does not exist.
+    cgroups: Vec<Option<CgroupTarget>>,
+    cgroup_paths: Vec<PathBuf>,
+    /// What the cgroup watchers see (see cgroupwatch.rs).
+    cgroup_events: mpsc::UnboundedReceiver<crate::cgroupwatch::CgroupEvent>,
+    jobs: Option<jobs::Jobs>,
     all: bool,
     /// Exit when every pid / launched target has exited (no cgroup or --all scope).
     until_targets_exit: bool,

@@ -76,6 +76,7 @@ impl Daemon {
         if let Some(s) = &mut self.spill {
             s.append(&calls);
         }
+        self.route_job_calls(&calls);
         for call in calls {
             self.processes.count_call(call.pid);
             self.functions.push(&call);

@@ -2,7 +2,7 @@
 //! kernel side, opening the scopes (cgroups, `--all`) and attaching the
 //! `--binary` files host-wide, the outputs; processes are attached after.
 
-use std::{os::fd::AsFd as _, time::Instant};
+use std::{io, os::fd::AsFd as _, time::Instant};
 
 use pftrace_common::{MAX_CGROUPS, config as kconfig};
 use tokio::sync::mpsc;
@@ -11,14 +11,15 @@ use super::{
     Daemon, DaemonError, DaemonOptions,
     attach::AttachScheduler,
     filter::{FilterError, NameFilter},
+    jobs::Jobs,
     processes::{self, Processes},
     sampler,
     store::CallStore,
-    targets::CgroupTarget,
+    targets::{CgroupTarget, TargetScopeError},
 };
 use crate::{
     bpf::{BpfError, KernelProbes},
-    caps,
+    caps, cgroupwatch,
     clock::WallClock,
     events::Decoder,
     kernel::task_layout::TaskOffsets,
@@ -67,25 +68,61 @@ impl Daemon {
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 
-        let mut cgroups = Vec::new();
-        for path in &opts.cgroups {
-            let cg = CgroupTarget::open(path)?;
-            if cgroups.len() as u32 >= MAX_CGROUPS {
-                return Err(BpfError::TooManyCgroups.into());
+        // Cgroup targets by slot, the jobs root last.
+        let mut cgroup_paths = opts.cgroups.clone();
+        let jobs_cfg = &opts.config.jobs;
+        let jobs = match &jobs_cfg.root {
+            Some(root) => {
+                cgroup_paths.push(root.clone());
+                let slot = cgroup_paths.len() - 1;
+                let budget = limits.max_calls_in_memory;
+                Some(
+                    Jobs::new(jobs_cfg, opts.config.output.dir.as_deref(), slot, budget)
+                        .map_err(DaemonError::Jobs)?,
+                )
             }
-            probes.set_cgroup(cgroups.len() as u32, cg.dir.as_fd())?;
-            cgroups.push(cg);
+            None => None,
+        };
+        if cgroup_paths.len() as u32 > MAX_CGROUPS {
+            return Err(BpfError::TooManyCgroups.into());
+        }
+        let wait = opts.config.targets.wait_for_cgroups;
+        let mut cgroups = Vec::new();
+        for (slot, path) in cgroup_paths.iter().enumerate() {
+            match CgroupTarget::open(path) {
+                Ok(cg) => {
+                    probes.set_cgroup(slot as u32, cg.dir.as_fd())?;
+                    cgroups.push(Some(cg));
+                }
+                Err(TargetScopeError::Open { source, .. })
+                    if wait && source.kind() == io::ErrorKind::NotFound =>
+                {
+                    log::warn!(
+                        "cgroup {} does not exist yet: waiting for it to be made (inotify, no polling), then tracing                          it; set targets.wait_for_cgroups = false (or --cgroups-must-exist) to make this an error",
+                        path.display()
+                    );
+                    cgroups.push(None);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        // Watchers for every cgroup target: made after start, removed and made again, and the jobs in the root.
+        let (events_tx, cgroup_events) = mpsc::unbounded_channel();
+        for (slot, path) in cgroup_paths.iter().enumerate() {
+            let children = jobs.as_ref().is_some_and(|j| j.slot == slot);
+            cgroupwatch::spawn(slot, path.clone(), children, events_tx.clone())
+                .map_err(|e| DaemonError::Jobs(format!("watching cgroup {}: {e}", path.display())))?;
         }
         let exec_mode = if opts.all {
             kconfig::EXEC_ALL
-        } else if !cgroups.is_empty() {
+        } else if !cgroup_paths.is_empty() {
             kconfig::EXEC_CGROUPS
         } else {
             kconfig::EXEC_OFF
         };
         // Execs are always watched: in scopes, and of traced processes and
         // their descendants (so a traced program's Python children are found).
-        probes.set_config(kconfig::CGROUP_SLOTS, cgroups.len() as u32)?;
+        probes.set_config(kconfig::CGROUP_SLOTS, cgroup_paths.len() as u32)?;
         probes.set_config(kconfig::EXEC_MODE, exec_mode)?;
         probes.attach_exec_watch()?;
         let mut binaries = Vec::new();
@@ -102,7 +139,15 @@ impl Daemon {
             None => None,
         };
         let mut targets: Vec<String> = opts.pids.iter().map(|p| format!("pid {p}")).collect();
-        targets.extend(cgroups.iter().map(|c| format!("cgroup {} (id {})", c.path.display(), c.id)));
+        for (slot, path) in opts.cgroups.iter().enumerate() {
+            targets.push(match &cgroups[slot] {
+                Some(c) => format!("cgroup {} (id {})", path.display(), c.id),
+                None => format!("cgroup {} (waited for: it did not exist at start)", path.display()),
+            });
+        }
+        if let Some(jobs) = &jobs {
+            targets.push(jobs.describe());
+        }
         if opts.all {
             targets.push("all probe-enabled Pythons on the host".into());
         }
@@ -111,8 +156,11 @@ impl Daemon {
             probes,
             filter,
             processes: Processes::new(limits.max_processes),
-            until_targets_exit: cgroups.is_empty() && !opts.all,
+            until_targets_exit: cgroup_paths.is_empty() && !opts.all,
             cgroups,
+            cgroup_paths,
+            cgroup_events,
+            jobs,
             all: opts.all,
             targets,
             store: CallStore::new(limits.max_calls_in_memory),

@@ -611,6 +611,18 @@ impl RunningTracer {
         }
     }
 
+    /// Waits for a stderr line containing `needle` and returns it; panics
+    /// if pftraced ends or is silent for too long first.
+    pub fn wait_stderr(&self, needle: &str) -> String {
+        loop {
+            match self.stderr.next(LINE_TIMEOUT, needle) {
+                Some(line) if line.contains(needle) => return line,
+                Some(_) => {}
+                None => panic!("pftraced ended before printing {needle:?}; stderr:\n{}", self.stderr.text()),
+            }
+        }
+    }
+
     /// Waits for pftraced to exit and collects what it printed.
     pub fn finish(mut self) -> TracedRun {
         let remaining = RUN_TIMEOUT.saturating_sub(self.started.elapsed());

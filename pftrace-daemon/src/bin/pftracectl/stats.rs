@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use clap::Args;
-use pftrace::protocol::{Command, FunctionStats, StatsReply, StatsSource};
+use pftrace::protocol::{Command, FunctionStats, StatsReply, StatsSource, Status};
 
 use super::{dump::FilterArgs, human::human_ns};
 
@@ -20,6 +20,7 @@ use super::{dump::FilterArgs, human::human_ns};
 ///   pftracectl stats
 ///   pftracectl stats --per-pid --since 10m
 ///   pftracectl stats --function raw_decode --json
+///   pftracectl stats --job 4242     # one batch job's calls (pftraced --jobs-under)
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatsArgs {
@@ -29,11 +30,18 @@ pub struct StatsArgs {
     /// Print the daemon's reply as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Figures of one batch job's calls (every call of it, running or
+    /// finished; the most recent job with this id).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["per_pid", "since", "pid", "function"])]
+    pub job: Option<String>,
     #[command(flatten)]
     pub filter: FilterArgs,
 }
 
 pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
+    if let Some(id) = &args.job {
+        return job(socket, id, args.json);
+    }
     let filter = args.filter.to_filter()?;
     let result = super::request(socket, Command::Stats { filter, per_pid: args.per_pid })?;
     if args.json {
@@ -44,6 +52,28 @@ pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("pftraced sent stats this pftracectl cannot read ({e}); try --json"))?;
     println!("{}", source_line(&reply));
     print!("{}", render(&reply.functions, args.per_pid));
+    Ok(())
+}
+
+/// `--job ID`: the job's figures, from the daemon's status.
+fn job(socket: &Path, id: &str, json: bool) -> anyhow::Result<()> {
+    let result = super::request(socket, Command::Status {})?;
+    let status: Status = serde_json::from_value(result)
+        .map_err(|e| anyhow::anyhow!("pftraced sent a status this pftracectl cannot read ({e})"))?;
+    let Some(job) = status.jobs.iter().rev().find(|j| j.id == id) else {
+        let known: Vec<&str> = status.jobs.iter().map(|j| j.id.as_str()).collect();
+        anyhow::bail!(
+            "no job {id:?} (pftraced knows {}; jobs come from --jobs-under)",
+            if known.is_empty() { "no jobs".to_string() } else { format!("jobs {}", known.join(", ")) }
+        );
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+        return Ok(());
+    }
+    let state = if job.running { "running" } else { "finished" };
+    println!("job {} ({state}, {}): every call of its processes ({} calls)", job.id, job.cgroup, job.calls);
+    print!("{}", render(&job.functions, false));
     Ok(())
 }
 

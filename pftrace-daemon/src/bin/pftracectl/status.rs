@@ -123,6 +123,27 @@ pub fn render(s: &Status) -> String {
         }
     }
 
+    if !s.jobs.is_empty() {
+        let running = s.jobs.iter().filter(|j| j.running).count();
+        let _ = writeln!(o, "jobs:      {running} running, {} finished", s.jobs.len() - running);
+        for j in &s.jobs {
+            let state = if j.running { "running" } else { "finished" };
+            let trace = match (&j.trace, &j.error, j.running) {
+                (_, Some(err), _) => format!("NO TRACE: {err}"),
+                (Some(t), None, true) => format!("trace {t} when it ends"),
+                (Some(t), None, false) => format!("trace {t}"),
+                (None, None, _) => "no trace".into(),
+            };
+            let _ = writeln!(
+                o,
+                "  job {}: {state}, {} processes, {} calls; {trace}",
+                j.id,
+                j.pids.len(),
+                j.calls
+            );
+        }
+    }
+
     if !s.refused.is_empty() {
         let _ = writeln!(o, "refused:   {} processes could not be traced:", s.refused.len());
         for r in &s.refused {
