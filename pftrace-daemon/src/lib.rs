@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod elf_info;
 pub mod events;
 pub mod kernel;
 pub mod launch;
