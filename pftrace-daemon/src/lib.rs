@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod elf_info;
 pub mod events;
 pub mod job_pattern;
 pub mod kernel;

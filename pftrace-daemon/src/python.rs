@@ -32,7 +32,7 @@ use memchr::memmem;
 use pftrace_common::{FRAME_REGS, FRAME_WINDOW, FrameSpec, NO_REG};
 
 /// A CPython major.minor version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct PyVersion {
     pub major: u32,
     pub minor: u32,
@@ -124,8 +124,6 @@ pub struct FrameLayout {
 /// Why a 3.15 interpreter's frame layout could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("no .PyRuntime section")]
-    NoSection,
     #[error("_Py_DebugOffsets: {0}")]
     Bad(String),
 }
@@ -161,19 +159,19 @@ const CO_ASYNC_GENERATOR: u32 = 0x200;
 /// frame returns from `__init__` calls): measured co_flags 0x2000001.
 const CO_NO_MONITORING_EVENTS: u32 = 0x0200_0000;
 
-/// The frame layout of a CPython 3.15 interpreter file (`elf`: its bytes).
-pub fn frame_layout(elf: &[u8]) -> Result<FrameLayout, LayoutError> {
+/// How many bytes of the start of `.PyRuntime` [`frame_layout`] reads.
+pub const DEBUG_OFFSETS_BYTES: u64 = 8 * debug_offsets_315::WORDS as u64;
+
+/// The frame layout of a CPython 3.15 interpreter, from the start of its
+/// `.PyRuntime` section (at least [`DEBUG_OFFSETS_BYTES`] of it).
+pub fn frame_layout(runtime: &[u8]) -> Result<FrameLayout, LayoutError> {
     use debug_offsets_315 as at;
-    use object::{Object as _, ObjectSection as _};
-    let file = object::File::parse(elf).map_err(|e| LayoutError::Bad(e.to_string()))?;
-    let section = file.section_by_name(".PyRuntime").ok_or(LayoutError::NoSection)?;
-    let data = section.data().map_err(|e| LayoutError::Bad(e.to_string()))?;
-    let words: Vec<u64> = data
+    let words: Vec<u64> = runtime
         .chunks_exact(8)
         .take(at::WORDS)
         .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
         .collect();
-    if words.len() < at::WORDS || &data[..8] != b"xdebugpy" {
+    if words.len() < at::WORDS || &runtime[..8] != b"xdebugpy" {
         return Err(LayoutError::Bad("no \"xdebugpy\" cookie at the start of .PyRuntime".into()));
     }
     let (major, minor) = (words[1] >> 24 & 0xff, words[1] >> 16 & 0xff);
@@ -281,22 +279,34 @@ pub fn version_from_file_name(path: &Path) -> Option<PyVersion> {
     parse_major_minor(rest)
 }
 
-/// Version from the bytes of an interpreter or libpython: the `PY_VERSION`
-/// string `sys.version` starts with (`3.9.2`, `3.15.0a1+`), as py-spy reads
-/// it; CPython stores it NUL-terminated. Other strings look alike
-/// (unicodedata's `3.2.0`, a bundled library's version): the one taken is
-/// the first whose `PY_VERSION_HEX` (`sys.hexversion`, 0x030902f0 for
-/// 3.9.2), which the interpreter's code carries, is in the file too. Seen
-/// here: Debian's 3.11.2, 3.13.18, 3.14.10, 3.15.2 and the 3.9.2 built by
-/// setup each hold their version string and its hex, and unicodedata's
-/// 3.2.0 without its hex.
-pub fn version_from_contents(bytes: &[u8]) -> Option<PyVersion> {
-    memmem::find_iter(bytes, b"\x003.").find_map(|at| {
-        let start = at + 1;
-        let window = &bytes[start..bytes.len().min(start + 24)];
+/// Version from the contents of an interpreter or libpython: the
+/// `PY_VERSION` string `sys.version` starts with (`3.9.2`, `3.15.0a1+`),
+/// as py-spy reads it, which CPython stores NUL-terminated in `strings`
+/// (its `.rodata`), alone or as the tail of a longer string (the linker
+/// merges it: pyenv's 3.9.18 libpython has it only as the end of
+/// "/root/.pyenv/versions/3.9.18"). Other strings look alike (unicodedata's
+/// `3.2.0`, a bundled library's version): the one taken is the first whose
+/// `PY_VERSION_HEX` (`sys.hexversion`, 0x030902f0 for 3.9.2), which the
+/// interpreter's code carries, is in `strings` or `code` (its `.text`).
+/// Seen here: Debian's 3.11.2, 3.13.18, 3.14.10, 3.15.2, pyenv's and the
+/// 3.9.2 built by setup each hold their version string in `.rodata` and
+/// its hex in `.text`, and unicodedata's 3.2.0 without its hex.
+pub fn version_from_contents(strings: &[u8], code: &[&[u8]]) -> Option<PyVersion> {
+    let mut tried = Vec::new();
+    memmem::find_iter(strings, b"3.").find_map(|start| {
+        // Not inside a number ("13.0.0", "1.3.2").
+        if start > 0 && (strings[start - 1].is_ascii_digit() || strings[start - 1] == b'.') {
+            return None;
+        }
+        let window = &strings[start..strings.len().min(start + 24)];
         let text = std::str::from_utf8(&window[..memchr::memchr(0, window)?]).ok()?;
         let (version, hex) = parse_py_version(text)?;
-        memmem::find(bytes, &hex.to_le_bytes()).map(|_| version)
+        if tried.contains(&hex) {
+            return None;
+        }
+        tried.push(hex);
+        let hex = memmem::Finder::new(&hex.to_le_bytes()).into_owned();
+        std::iter::once(strings).chain(code.iter().copied()).any(|b| hex.find(b).is_some()).then_some(version)
     })
 }
 
@@ -325,10 +335,11 @@ fn parse_py_version(text: &str) -> Option<(PyVersion, u32)> {
     Some((PyVersion::new(major, minor), hex))
 }
 
-/// Whether an ELF file carries CPython's C API (the interpreter itself or libpython).
-pub fn has_c_api(bytes: &[u8]) -> bool {
-    memmem::find(bytes, b"Py_InitializeEx\0").is_some() && memmem::find(bytes, b"PyEval_EvalCode\0").is_some()
-}
+/// Functions only CPython itself defines (its executable, linked with
+/// -export-dynamic, or libpython): a file whose dynamic symbol table
+/// defines them all is CPython. Their names alone prove nothing: pftraced
+/// holds them as strings, and extension modules import them.
+pub const C_API: [&str; 2] = ["Py_InitializeEx", "PyEval_EvalCode"];
 
 fn parse_major_minor(s: &str) -> Option<PyVersion> {
     let (major, rest) = s.split_once('.')?;
@@ -370,17 +381,21 @@ mod tests {
         // unicodedata's "3.2.0" comes first, but its hex is not in the file.
         let mut blob = b"\0ucd\x003.2.0\0x\x003.9.2\0code:".to_vec();
         blob.extend(0x0309_02f0u32.to_le_bytes());
-        assert_eq!(version_from_contents(&blob), Some(PyVersion::new(3, 9)));
+        assert_eq!(version_from_contents(&blob, &[]), Some(PyVersion::new(3, 9)));
         let mut dev = b"\x003.15.0a1+\0".to_vec();
         dev.extend(0x030f_00a1u32.to_le_bytes());
-        assert_eq!(version_from_contents(&dev), Some(PyVersion::new(3, 15)));
+        assert_eq!(version_from_contents(b"\x003.15.0a1+\0", &[&dev]), Some(PyVersion::new(3, 15)));
+        // The tail of a merged string; a version inside a number is none.
+        let code = 0x0309_12f0u32.to_le_bytes();
+        assert_eq!(version_from_contents(b"/x/versions/3.9.18\0", &[&code]), Some(PyVersion::new(3, 9)));
+        assert_eq!(version_from_contents(b"\x0013.9.18\0", &[&code]), None);
         assert_eq!(parse_py_version("3.13.0rc2"), Some((PyVersion::new(3, 13), 0x030d_00c2)));
         // Without the hex, or not a version: nothing.
-        assert_eq!(version_from_contents(b"\x003.9.2\0lib/python3.9\0"), None);
-        assert_eq!(version_from_contents(b"\0lib/python3.9\0python3.9/site-packages\0"), None);
+        assert_eq!(version_from_contents(b"\x003.9.2\0lib/python3.9\0", &[b"code"]), None);
+        assert_eq!(version_from_contents(b"\0lib/python3.9\0python3.9/site-packages\0", &[]), None);
         assert_eq!(parse_py_version("3.9.x"), None);
         assert_eq!(parse_py_version("3.9.2rc"), None);
-        assert_eq!(version_from_contents(b"no version here"), None);
+        assert_eq!(version_from_contents(b"no version here", &[]), None);
     }
 
     #[test]
@@ -419,19 +434,5 @@ mod tests {
         assert!(!jit_enabled(v315, Some(b"0")));
         assert!(!jit_enabled(v315, None));
         assert!(!jit_enabled(PyVersion::new(3, 9), Some(b"1")));
-    }
-
-    #[test]
-    fn version_of_real_interpreters() {
-        // Debian 12's own python3.11 (installed by `cargo xtask setup`) and
-        // the probe-enabled CPython the tests use, read by contents alone.
-        let read =
-            |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e} (run `cargo xtask setup`)"));
-        assert_eq!(version_from_contents(&read("/usr/bin/python3.11")), Some(PyVersion::new(3, 11)));
-        let python = std::env::var("PFTRACE_PYTHON")
-            .unwrap_or_else(|_| "/var/cache/pftrace/cpython-3.9-dtrace/bin/python3.9".into());
-        let named = version_from_file_name(Path::new(&python));
-        assert!(named.is_some(), "{python}: no version in its name");
-        assert_eq!(version_from_contents(&read(&python)), named);
     }
 }

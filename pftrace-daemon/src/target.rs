@@ -4,19 +4,18 @@
 //! with a message a user can act on, when a process cannot be traced.
 
 use std::{
-    collections::HashMap,
     fs, io,
-    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, LazyLock, Mutex},
+    sync::Arc,
 };
 
-use pftrace_common::FrameSpec;
 use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
+    elf_info,
     python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
-    usdt::{self, ProbeSite, UsdtError},
+    usdt::{ProbeSite, UsdtError},
 };
 
 /// A process that can be traced.
@@ -98,7 +97,10 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
     for binary in &candidates {
         let open_path = under_root(&root, binary);
         let display = crate::events::printable_path(binary);
-        let info = match binary_info(binary, &open_path) {
+        let opened = elf_info::open_beneath(&root, binary)
+            .map_err(|source| UsdtError::Read { path: open_path.clone(), source })
+            .and_then(|file| elf_info::inspect(file, binary, &open_path));
+        let info = match opened {
             Ok(info) => info,
             // Not an ELF we can read (a script interpreter, a deleted file): not our binary.
             Err(_) if binary == &exe && !looks_like_python(binary) => continue,
@@ -134,8 +136,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
                  calls made there are not seen (unset PYTHON_JIT for complete traces)"
             );
         }
-        let meta = fs::metadata(&open_path).map_err(gone)?;
-        let file = (meta.dev(), meta.ino());
+        let file = info.file;
         let started = stat.map_or(0, |s| s.start_ticks);
         return Ok(Target {
             pid,
@@ -192,8 +193,11 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         let source = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
         return Err(BinaryError::Open { path: display, source });
     }
-    let info =
-        binary_info(path, path).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
+    // The administrator's own argument: symbolic links followed (/usr/bin/python3).
+    let info = fs::File::open(path)
+        .map_err(|source| UsdtError::Read { path: path.to_path_buf(), source })
+        .and_then(|file| elf_info::inspect(file, path, path))
+        .map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
     check_specs(&info.sites).map_err(|source| BinaryError::Usdt { path: display.clone(), source })?;
     if !has_both_probes(&info.sites) {
         return Err(BinaryError::NoProbes { path: display });
@@ -210,61 +214,9 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         version: info.version,
         sites: Arc::clone(&info.sites),
         command: String::new(),
-        file: (meta.dev(), meta.ino()),
+        file: info.file,
         started: 0,
     })
-}
-
-/// What one ELF file offers: its Python probe sites and CPython version.
-#[derive(Debug)]
-struct BinaryInfo {
-    sites: Arc<[ProbeSite]>,
-    version: Option<PyVersion>,
-}
-
-/// What tells one version of a file from another: (device, inode, size, mtime in ns).
-type FileVersion = (u64, u64, u64, i64);
-
-/// Parsed binaries by [`FileVersion`]: every exec in a watched scope is
-/// inspected, and reading a 15 MB interpreter each time would cost.
-static BINARY_CACHE: LazyLock<Mutex<HashMap<FileVersion, Arc<BinaryInfo>>>> = LazyLock::new(Default::default);
-
-fn binary_info(binary: &Path, open_path: &Path) -> Result<Arc<BinaryInfo>, UsdtError> {
-    let key = fs::metadata(open_path)
-        .ok()
-        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime_nsec() + m.mtime() * 1_000_000_000));
-    if let Some(key) = key
-        && let Some(info) = BINARY_CACHE.lock().expect("cache lock").get(&key)
-    {
-        return Ok(info.clone());
-    }
-    let version = binary_version(binary, open_path);
-    let mut sites = usdt::read_python_function_probes(open_path)?;
-    let frames = match version {
-        Some(v) if v.reads_frames() && !sites.is_empty() => frame_specs(open_path, &sites).unwrap_or_else(|err| {
-            log::warn!(
-                "CPython {v} at {}: cannot read its frame layout ({err}): generator creations will show as \
-                 incomplete calls, __init__ shim frames as returns without entries, and functions with cells \
-                 at line -1",
-                crate::events::printable_path(binary)
-            );
-            Vec::new()
-        }),
-        _ => Vec::new(),
-    };
-    // How the kernel finds the interpreter frame at each site goes with the site.
-    for (site, frame) in sites.iter_mut().zip(frames) {
-        site.frame = frame;
-    }
-    let info = Arc::new(BinaryInfo { version, sites: sites.into() });
-    if let Some(key) = key {
-        let mut cache = BINARY_CACHE.lock().expect("cache lock");
-        if cache.len() > 1024 {
-            cache.clear();
-        }
-        cache.insert(key, info.clone());
-    }
-    Ok(info)
 }
 
 /// Mapped files whose name starts with `libpython`.
@@ -294,16 +246,6 @@ fn looks_like_python(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("python") || n.starts_with("libpython"))
 }
 
-/// The version of an interpreter binary: from its name, else from its
-/// contents, but only when they hold CPython's C API (a file that merely
-/// mentions `python3.9` is not an interpreter).
-fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
-    python::version_from_file_name(binary).or_else(|| {
-        let bytes = fs::read(open_path).ok()?;
-        python::has_c_api(&bytes).then(|| python::version_from_contents(&bytes)).flatten()
-    })
-}
-
 /// The value of variable `name` in the initial environment of `process`.
 fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
     let environ = process.environ().ok()?;
@@ -319,29 +261,6 @@ fn has_both_probes(sites: &[ProbeSite]) -> bool {
 /// Checks that the eBPF program can read the arguments of every site.
 fn check_specs(sites: &[ProbeSite]) -> Result<(), UsdtError> {
     sites.iter().try_for_each(|s| s.spec().map(drop))
-}
-
-/// The frame spec of each site of a CPython 3.15 file: its layout from
-/// `_Py_DebugOffsets`, and the code before each probe for the register.
-fn frame_specs(path: &Path, sites: &[usdt::ProbeSite]) -> Result<Vec<FrameSpec>, String> {
-    let data = fs::read(path).map_err(|e| e.to_string())?;
-    let layout = python::frame_layout(&data).map_err(|e| e.to_string())?;
-    sites
-        .iter()
-        .map(|s| {
-            let end = (s.pc_offset as usize).min(data.len());
-            let code_before = &data[end.saturating_sub(128)..end];
-            let arg_regs: Vec<u16> = s
-                .arg_specs
-                .iter()
-                .filter(|a| a.kind == pftrace_common::arg_kind::REG)
-                .map(|a| a.reg_off)
-                .collect();
-            python::frame_spec(&layout, code_before, &arg_regs).ok_or_else(|| {
-                format!("its frame and code fields span more than {} bytes", pftrace_common::FRAME_WINDOW)
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! - [`read_python_function_probes`]`(path) -> Result<Vec<ProbeSite>>`: CPython's
 //!   `python:function__entry` / `function__return` sites of one file (empty if none).
 //! - [`read_probes`]`(path) -> Result<Vec<ProbeSite>>`: every probe site of a file;
-//!   [`read_probes_matching`]`(path, keep)` for a chosen subset.
+//!   [`read_probes_matching`]`(path, keep)` for a chosen subset; [`probes_in`]`(data, path, keep)`
+//!   for a file already open (any of object's `ReadRef` readers: a `ReadCache` reads only the
+//!   headers, notes and program headers, never the whole file).
 //! - [`ProbeSite`]: provider, name, `pc_offset` (the uprobe's file offset),
 //!   `semaphore_offset` (its `ref_ctr_offset`, 0 if none), the argument
 //!   string and its parsed [`UsdtArg`](pftrace_common::UsdtArg)s;
@@ -33,7 +35,8 @@ mod tests;
 pub use error::{Result, UsdtError};
 pub use notes::UsdtNote;
 pub use probes::{
-    FUNCTION_ENTRY, FUNCTION_RETURN, PYTHON_PROVIDER, ProbeSite, read_probes, read_probes_matching,
-    read_python_function_probes, resolve,
+    FUNCTION_ENTRY, FUNCTION_RETURN, PYTHON_PROVIDER, ProbeSite, elf64_x86_64_header,
+    is_python_function_note, probes_in, read_probes, read_probes_matching, read_python_function_probes,
+    resolve,
 };
 pub use segments::{AddrKind, LoadSegment, Segments};

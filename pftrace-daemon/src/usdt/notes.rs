@@ -10,9 +10,9 @@
 
 use std::path::Path;
 
-use object::Endian;
 use object::elf::SHT_NOTE;
 use object::read::elf::{FileHeader, NoteIterator, SectionHeader};
+use object::{Endian, ReadRef};
 
 use super::error::{Result, UsdtError};
 
@@ -43,12 +43,16 @@ pub struct UsdtNote {
     pub args: String,
 }
 
+/// At most this many bytes of notes are read: CPython's are 0x290 bytes
+/// (3.9, 9 probes); a section claiming more is not a real probe table.
+pub const MAX_NOTE_BYTES: u64 = 1 << 20;
+
 /// Reads the SDT notes of a parsed ELF file, prelink correction applied.
 /// A file without a `.note.stapsdt` section gives an empty list.
-pub fn read_notes<Elf: FileHeader>(
+pub fn read_notes<'data, Elf: FileHeader, R: ReadRef<'data>>(
     header: &Elf,
     endian: Elf::Endian,
-    data: &[u8],
+    data: R,
     path: &Path,
 ) -> Result<Vec<UsdtNote>> {
     let not_elf = |reason: String| UsdtError::NotElf { path: path.to_path_buf(), reason };
@@ -61,6 +65,10 @@ pub fn read_notes<Elf: FileHeader>(
             "section {NOTE_SECTION} has type {} instead of SHT_NOTE",
             shdr.sh_type(endian)
         )));
+    }
+    let size: u64 = shdr.sh_size(endian).into();
+    if size > MAX_NOTE_BYTES {
+        return Err(not_elf(format!("section {NOTE_SECTION} is {size} bytes, more than {MAX_NOTE_BYTES}")));
     }
     let records = shdr
         .notes(endian, data)

@@ -5,10 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use object::Endianness;
-use object::FileKind;
 use object::elf::{EM_X86_64, FileHeader64};
 use object::read::elf::FileHeader;
+use object::{Endianness, FileKind, ReadCache, ReadRef};
 use pftrace_common::{FrameSpec, UsdtArg, UsdtSpec, kind};
 
 use super::argspec;
@@ -90,22 +89,41 @@ pub fn read_probes(path: &Path) -> Result<Vec<ProbeSite>> {
 /// or a build without --with-dtrace). Other probes are not resolved, so they
 /// cannot make this fail.
 pub fn read_python_function_probes(path: &Path) -> Result<Vec<ProbeSite>> {
-    read_probes_matching(path, |n| python_kind(&n.provider, &n.name).is_some())
+    read_probes_matching(path, is_python_function_note)
 }
 
 /// The probe sites of the file at `path` whose note passes `keep`.
 pub fn read_probes_matching(path: &Path, keep: impl Fn(&UsdtNote) -> bool) -> Result<Vec<ProbeSite>> {
-    let data = std::fs::read(path).map_err(|source| UsdtError::Read { path: path.to_path_buf(), source })?;
-    let header = elf64_x86_64_header(&data, path)?;
+    let file =
+        std::fs::File::open(path).map_err(|source| UsdtError::Read { path: path.to_path_buf(), source })?;
+    probes_in(&ReadCache::new(file), path, keep)
+}
+
+/// The probe sites whose note passes `keep` of an ELF file already open
+/// (`data`: object's reader of it; through a [`ReadCache`] only the
+/// headers, the section names, the notes and the program headers are
+/// read, about 10 KB of a 15 MB interpreter). `path` names it in sites and errors.
+pub fn probes_in<'data, R: ReadRef<'data>>(
+    data: R,
+    path: &Path,
+    keep: impl Fn(&UsdtNote) -> bool,
+) -> Result<Vec<ProbeSite>> {
+    let header = elf64_x86_64_header(data, path)?;
     let endian =
         header.endian().map_err(|e| UsdtError::NotElf { path: path.to_path_buf(), reason: e.to_string() })?;
-    let notes = read_notes(header, endian, &data, path)?;
+    let notes = read_notes(header, endian, data, path)?;
     let mut notes = notes.into_iter().filter(|n| keep(n)).peekable();
     if notes.peek().is_none() {
         return Ok(Vec::new());
     }
-    let segments = Segments::from_elf(header, endian, &data, path)?;
+    let segments = Segments::from_elf(header, endian, data, path)?;
     notes.map(|note| resolve(note, &segments, path)).collect()
+}
+
+/// Whether `note` is CPython's `function__entry` or `function__return`:
+/// the filter of [`read_python_function_probes`], for [`probes_in`].
+pub fn is_python_function_note(note: &UsdtNote) -> bool {
+    python_kind(&note.provider, &note.name).is_some()
 }
 
 /// Resolves one note: maps its pc and semaphore to file offsets and parses
@@ -148,9 +166,12 @@ fn python_kind(provider: &str, name: &str) -> Option<u8> {
 
 /// The ELF header, if the file is a 64-bit x86-64 ELF (argument strings are
 /// parsed for x86-64 registers, so other machines are refused).
-fn elf64_x86_64_header<'a>(data: &'a [u8], path: &Path) -> Result<&'a FileHeader64<Endianness>> {
+pub fn elf64_x86_64_header<'data, R: ReadRef<'data>>(
+    data: R,
+    path: &Path,
+) -> Result<&'data FileHeader64<Endianness>> {
     let unsupported = |reason: String| UsdtError::Unsupported { path: path.to_path_buf(), reason };
-    if !data.starts_with(b"\x7fELF") {
+    if data.read_bytes_at(0, 4).ok() != Some(b"\x7fELF".as_slice()) {
         return Err(UsdtError::NotElf {
             path: path.to_path_buf(),
             reason: "it does not start with the ELF magic bytes".into(),

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use object::ReadRef;
 use object::elf::{PF_X, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};
 
@@ -42,10 +43,10 @@ pub struct Segments {
 
 impl Segments {
     /// Collects the PT_LOAD segments of a parsed ELF file. Fails if there are none.
-    pub fn from_elf<Elf: FileHeader>(
+    pub fn from_elf<'data, Elf: FileHeader, R: ReadRef<'data>>(
         header: &Elf,
         endian: Elf::Endian,
-        data: &[u8],
+        data: R,
         path: &Path,
     ) -> Result<Self> {
         let phdrs = header.program_headers(endian, data).map_err(|e| UsdtError::NotElf {
