@@ -5,6 +5,7 @@
 pub mod bpf;
 pub mod caps;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod control;
 pub mod daemon;

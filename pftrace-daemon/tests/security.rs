@@ -647,7 +647,7 @@ fn dump_streams_over_the_socket_and_cannot_make_the_daemon_write_a_file() {
     );
     let pfw = text(&out.stdout);
     assert_eq!(
-        pfw.matches(r#""name": "foo", "cat": "worker""#).count(),
+        pfw.matches(r#""name": "foo", "cat": "__main__""#).count(),
         28,
         "B, E and two C of 7 calls: {pfw}"
     );

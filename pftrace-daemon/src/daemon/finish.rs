@@ -21,6 +21,7 @@ impl Daemon {
         let links = self.processes.end_and_take_links(pid);
         self.scheduler.retire(links);
         self.sampler.forget(pid);
+        self.codes.forget(pid);
         // Still tracked (its forks and execs reported) if it only exec'd
         // something else; the kernel forgets it when it exits.
         log::debug!("pid {pid} ended");
@@ -42,6 +43,8 @@ impl Daemon {
         if let Some(r) = &mut self.rolling {
             r.close();
         }
+        // Every function asked for is answered before the trace is written.
+        self.codes.finish();
         self.processes.detach_all();
         self.scheduler.detach_rest_in_background();
         if self.store.evicted > 0 && self.spill.is_none() {
@@ -91,6 +94,7 @@ impl Daemon {
             start_ns: self.start_ns,
             end_ns,
             hostname: hostname(),
+            codes: self.codes.table(),
         }
     }
 }

@@ -109,6 +109,8 @@ pub struct Daemon {
     until_targets_exit: bool,
     targets: Vec<String>,
     store: CallStore,
+    /// What each traced function is, resolved on a thread of its own.
+    codes: crate::codes::CodeResolver,
     /// Per-function figures of every completed call (the summary's, and
     /// `stats` without a filter), whatever the store still holds.
     functions: Aggregator,

@@ -116,6 +116,7 @@ impl Daemon {
             all: opts.all,
             targets,
             store: CallStore::new(limits.max_calls_in_memory),
+            codes: crate::codes::CodeResolver::start(),
             functions: Aggregator::new(false),
             dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
             max_dumps: limits.max_concurrent_dumps,

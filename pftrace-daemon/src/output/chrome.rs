@@ -70,7 +70,8 @@ impl TraceFormat for Chrome {
             put(&mut w, &thread_name_event(pid, tid, &thread_display_name(trace, pid, tid)))?;
         }
         for c in source.sorted(|c: &Call| (c.start_ns, c.depth))? {
-            put(&mut w, &call_event(&c?, &trace.clock))?;
+            let c = c?;
+            put(&mut w, &call_event(&c, &trace.codes.info(&c), &trace.clock))?;
         }
         for s in &trace.samples {
             for ev in counter_events(s, &trace.clock) {

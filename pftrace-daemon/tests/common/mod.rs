@@ -720,8 +720,15 @@ impl TracedRun {
 /// One `"ph":"X"` event.
 #[derive(Debug, Clone)]
 pub struct CallEvent {
+    /// The code object's name (`args.function`: `step`), what `-t` names.
     pub name: String,
+    /// The event's name: the qualified name where resolved (`Solver.step`).
+    pub qualname: String,
+    /// The dotted module where resolved, else the file.
     pub cat: String,
+    /// `args.module` and `args.path` (None: null, unresolved).
+    pub module: Option<String>,
+    pub path: Option<String>,
     pub pid: u32,
     pub tid: u32,
     /// As written: wall-clock µs.
@@ -808,8 +815,14 @@ impl Trace {
                         return Err(format!("negative dur: {ev}"));
                     }
                     calls.push(CallEvent {
-                        name: s("name")?,
+                        name: args["function"]
+                            .as_str()
+                            .ok_or_else(|| format!("args.function missing: {ev}"))?
+                            .to_string(),
+                        qualname: s("name")?,
                         cat: s("cat")?,
+                        module: args["module"].as_str().map(str::to_string),
+                        path: args["path"].as_str().map(str::to_string),
                         pid: u(ev, "pid")? as u32,
                         tid: u(ev, "tid")? as u32,
                         ts,
