@@ -9,7 +9,7 @@ use super::{Daemon, store};
 use crate::{
     control::server::Handled,
     output,
-    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, StatsReply, StatsSource, Status},
+    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, StatsGrouping, StatsReply, StatsSource, Status},
     stats::{Aggregator, PERCENTILE_ERROR},
 };
 
@@ -19,7 +19,7 @@ impl Daemon {
         match command {
             Command::Status {} => json_reply(&self.status()),
             Command::Dump { filter, format } => self.dump(&filter, format.as_deref()),
-            Command::Stats { filter, per_pid } => self.stats(&filter, per_pid),
+            Command::Stats { filter, per_pid, by } => self.stats(&filter, per_pid, by),
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
                 Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
                 Err(err) => Handled::Error(err.to_string()),
@@ -94,7 +94,7 @@ impl Daemon {
     /// Figures of every call since tracing started (no filter, or only a
     /// function name), or of the calls in memory a filter selects (computed
     /// off the event loop).
-    fn stats(&self, filter: &CallFilter, per_pid: bool) -> Handled {
+    fn stats(&self, filter: &CallFilter, per_pid: bool, by: StatsGrouping) -> Handled {
         let (calls_total, calls_in_memory) = (self.store.total, self.store.len() as u64);
         let reply = move |source, functions| StatsReply {
             source,
@@ -104,19 +104,20 @@ impl Daemon {
             functions,
         };
         if !per_pid && filter.since_wall_ns.is_none() && filter.pid.is_none() {
-            let mut rows = self.functions.rows();
+            let mut rows = self.functions.rows(by, &self.codes.table());
             if let Some(function) = &filter.function {
                 rows.retain(|r| &r.function == function);
             }
             return json_reply(&reply(StatsSource::AllCalls, rows));
         }
         let calls = self.store.snapshot(store::selector(filter, self.clock));
+        let codes = self.codes.table();
         Handled::Blocking(Box::new(move || {
             let mut selected = Aggregator::new(per_pid);
             for call in calls.iter() {
                 selected.push(call);
             }
-            json_reply(&reply(StatsSource::CallsInMemory, selected.rows()))
+            json_reply(&reply(StatsSource::CallsInMemory, selected.rows(by, &codes)))
         }))
     }
 }

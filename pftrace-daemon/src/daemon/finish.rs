@@ -58,7 +58,7 @@ impl Daemon {
         calls.sort_by_key(|c| (c.start_ns, c.depth));
         let mut trace = self.trace_of(calls.into(), None, end_ns, counters);
         trace.spilled = self.spill.take().map(SpillWriter::finish);
-        trace.functions = self.functions.rows();
+        trace.functions = self.functions.rows(Default::default(), &trace.codes);
         trace
     }
 

@@ -129,7 +129,11 @@ fn site(c: &Call) -> Site {
 /// One function as the document keys it: its first call (by start, outer
 /// first), its place among the functions, and what it is.
 struct Function {
+    /// The first site seen (its entry line is `co_firstlineno` when resolved).
     site: Site,
+    /// Every site of this function: on 3.6-3.10 a generator resumed at a
+    /// `yield` reports that line, which resolves to the same code object.
+    sites: Vec<Site>,
     key: String,
     first: (u64, u32, u64),
     info: Arc<CodeInfo>,
@@ -146,6 +150,7 @@ fn functions(calls: CallIter, trace: &Trace) -> io::Result<Vec<Function>> {
         let first = (c.start_ns, c.depth, seq as u64);
         let f = by_site.entry(site(&c)).or_insert_with(|| Function {
             site: site(&c),
+            sites: vec![site(&c)],
             key: String::new(),
             first,
             info: trace.codes.info(&c),
@@ -155,8 +160,22 @@ fn functions(calls: CallIter, trace: &Trace) -> io::Result<Vec<Function>> {
             f.info = trace.codes.info(&c);
         }
     }
-    let mut out: Vec<Function> = by_site.into_values().collect();
-    out.sort_by_key(|f| f.first);
+    // One function per code object: sites resolved to the same first line join.
+    let mut sites: Vec<Function> = by_site.into_values().collect();
+    sites.sort_by_key(|f| f.first);
+    let mut out: Vec<Function> = Vec::new();
+    let mut by_code: HashMap<(Arc<str>, Arc<str>, i64), usize> = HashMap::new();
+    for f in sites {
+        let line = f.info.lineno.known().map_or(i64::from(f.site.2), |&l| i64::from(l));
+        let code = (f.site.0.clone(), f.site.1.clone(), line);
+        match by_code.get(&code) {
+            Some(&i) => out[i].sites.push(f.site),
+            None => {
+                by_code.insert(code, out.len());
+                out.push(f);
+            }
+        }
+    }
     let count = |keys: &mut dyn Iterator<Item = String>| {
         let mut n: HashMap<String, usize> = HashMap::new();
         keys.for_each(|k| *n.entry(k).or_default() += 1);
@@ -271,7 +290,7 @@ impl TraceFormat for Records {
         let source = trace.call_source();
         let functions = functions(source.iter(), trace)?;
         let rank: HashMap<Site, usize> =
-            functions.iter().enumerate().map(|(i, f)| (f.site.clone(), i)).collect();
+            functions.iter().enumerate().flat_map(|(i, f)| f.sites.iter().map(move |s| (s.clone(), i))).collect();
         let order = Arc::new(rank.clone());
         let calls = source.sorted(move |c: &Call| (order[&site(c)], c.start_ns, c.depth))?;
         let keys: Vec<String> = functions.iter().map(|f| f.key.clone()).collect();
