@@ -2,8 +2,8 @@
 //!
 //! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, a
 //! CPython whose USDT probes fire (built once into /var/cache/pftrace), Debian
-//! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace) and
-//! pyenv's CPythons. Every step is idempotent and prints one line saying
+//! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace),
+//! pyenv's CPythons and LLNL Hatchet (a venv in /var/cache/pftrace). Every step is idempotent and prints one line saying
 //! whether it found or installed things.
 
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::apt::{apt_get, dpkg_installed};
 use crate::util::{self, Step, which_on_path};
-use crate::{cpython, pyenv, sid_pythons};
+use crate::{cpython, hatchet, pyenv, sid_pythons};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
@@ -33,6 +33,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "python3.11",
+    "python3.11-venv",
     "patchelf",
     "systemd",
     "passwd",
@@ -52,6 +53,8 @@ pub struct Env {
     pub sid_root: PathBuf,
     /// pyenv's root, holding `versions/3.X.Y` for every version in [`pyenv::VERSIONS`].
     pub pyenv_root: PathBuf,
+    /// A python with LLNL Hatchet (reads PerfFlowAspect's files).
+    pub hatchet_python: PathBuf,
 }
 
 /// Runs every setup step.
@@ -63,6 +66,7 @@ pub fn run() -> Result<Env> {
     let python = cpython::ensure().context("setup step `python` failed")?;
     let sid_root = sid_pythons::ensure().context("setup step `debian sid pythons` failed")?;
     let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
+    let hatchet_python = hatchet::ensure().context("setup step `hatchet` failed")?;
     println!(
         "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={}",
         started.elapsed().as_secs_f64(),
@@ -70,7 +74,7 @@ pub fn run() -> Result<Env> {
         sid_root.display(),
         pyenv_root.display()
     );
-    Ok(Env { python, sid_root, pyenv_root })
+    Ok(Env { python, sid_root, pyenv_root, hatchet_python })
 }
 
 fn apt_packages() -> Result<()> {

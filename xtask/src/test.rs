@@ -5,7 +5,8 @@
 //! root and get the interpreters setup made through the environment:
 //! `PFTRACE_PYTHON` (the probe-enabled CPython 3.9), `PFTRACE_SID_ROOT`
 //! (Debian sid's CPython 3.13-3.15 under `usr/bin/python3.X`) and
-//! `PFTRACE_PYENV_ROOT` (pyenv's builds under `versions/3.X.Y`).
+//! `PFTRACE_PYENV_ROOT` (pyenv's builds under `versions/3.X.Y`) and
+//! `PFTRACE_HATCHET_PYTHON` (a python with LLNL Hatchet).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -62,6 +63,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     cmd.env("PFTRACE_PYTHON", &env.python)
         .env("PFTRACE_SID_ROOT", &env.sid_root)
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
+        .env("PFTRACE_HATCHET_PYTHON", &env.hatchet_python)
         .args(["test", "--release", "-p", "pftrace-common", "-p", "pftrace-code", "-p", "pftrace-daemon"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
