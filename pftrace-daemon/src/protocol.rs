@@ -260,6 +260,42 @@ pub struct Status {
     #[serde(default)]
     pub max_concurrent_dumps: u64,
     pub output: Option<OutputStatus>,
+    /// The functions called so far, most calls first (at most
+    /// [`STATUS_FUNCTIONS`]), and how many there are.
+    #[serde(default)]
+    pub functions: Vec<FunctionSeen>,
+    #[serde(default)]
+    pub functions_total: u64,
+    /// The resolver of what each function is (see `codes.rs`).
+    #[serde(default)]
+    pub codes: CodeCounts,
+}
+
+/// How many functions `status` lists.
+pub const STATUS_FUNCTIONS: usize = 50;
+
+/// A function called so far (one code object).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FunctionSeen {
+    /// `co_name`.
+    pub function: String,
+    /// The qualified path (`json.decoder.JSONDecoder.raw_decode`), where resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub file: String,
+    pub line: i32,
+    pub calls: u64,
+}
+
+/// The resolver's figures: functions answered, and requests not made
+/// (they stay unresolved, with the reason, in outputs).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CodeCounts {
+    pub resolved: u64,
+    /// Requests dropped because the queue was full (asked again at the next entry).
+    pub queue_full: u64,
+    /// Functions left unresolved because the table was full.
+    pub table_full: u64,
 }
 
 /// An interpreter binary (or libpython) with probes attached.

@@ -25,7 +25,7 @@ use pftrace_code::CodeInfo;
 use crate::{
     codes::{CodeKey, CodeTable},
     pairing::{Call, CallEnd},
-    protocol::{FunctionStats, StatsGrouping},
+    protocol::{FunctionSeen, FunctionStats, StatsGrouping},
 };
 
 /// The most a reported percentile differs from the exact one, relative to it.
@@ -161,6 +161,13 @@ type AddressKey = (usize, usize, i32, Option<u32>);
 /// addresses cannot be reused while they are keys).
 type AddressEntry = (usize, Arc<str>, Arc<str>);
 
+/// The groups one row merges, its line and what its function is.
+struct Row {
+    groups: Vec<usize>,
+    line: Option<i32>,
+    info: Option<Arc<CodeInfo>>,
+}
+
 /// Per-function (optionally per-process) figures of the calls pushed in.
 #[derive(Debug, Default, Clone)]
 pub struct Aggregator {
@@ -230,34 +237,15 @@ impl Aggregator {
     /// object reported at different lines (a generator resumed at a `yield`
     /// reports that line on 3.6-3.10) are one row, at its first line.
     pub fn rows(&self, by: StatsGrouping, codes: &CodeTable) -> Vec<FunctionStats> {
-        type Identity = (Arc<str>, Arc<str>, Option<u32>, Option<i64>);
-        let mut merged: Vec<(Group, Option<i32>, Option<Arc<CodeInfo>>)> = Vec::new();
-        let mut index: HashMap<Identity, usize> = HashMap::new();
-        for g in &self.groups {
-            let (line, info) = match by {
-                StatsGrouping::Name => (None, None),
-                StatsGrouping::Function => {
-                    let key = CodeKey { pid: g.first_pid, file: g.file.clone(), name: g.function.clone(), line: g.line };
-                    let info = codes.get(&key);
-                    let first = info.as_ref().and_then(|i| i.lineno.known().map(|&l| l as i32));
-                    (Some(first.unwrap_or(g.line)), info)
-                }
-            };
-            let identity = (g.function.clone(), g.file.clone(), g.pid, line.map(i64::from));
-            match index.get(&identity) {
-                Some(&i) => {
-                    let into = &mut merged[i].0;
-                    into.durations.merge(&g.durations);
-                    into.incomplete += g.incomplete;
-                }
-                None => {
-                    index.insert(identity, merged.len());
-                    merged.push((g.clone(), line, info));
-                }
+        let merged = self.plan(by, codes).into_iter().map(|row| {
+            let mut g = self.groups[row.groups[0]].clone();
+            for &i in &row.groups[1..] {
+                g.durations.merge(&self.groups[i].durations);
+                g.incomplete += self.groups[i].incomplete;
             }
-        }
+            (g, row.line, row.info)
+        });
         let mut rows: Vec<FunctionStats> = merged
-            .into_iter()
             .map(|(g, line, info)| {
                 let h = &g.durations;
                 let known = |f: Option<&String>| f.cloned();
@@ -289,6 +277,55 @@ impl Aggregator {
                 .then_with(|| a.pid.cmp(&b.pid))
         });
         rows
+    }
+
+    /// Which groups make each row (see [`Aggregator::rows`]).
+    fn plan(&self, by: StatsGrouping, codes: &CodeTable) -> Vec<Row> {
+        type Identity = (Arc<str>, Arc<str>, Option<u32>, Option<i32>);
+        let mut rows: Vec<Row> = Vec::new();
+        let mut index: HashMap<Identity, usize> = HashMap::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let (line, info) = match by {
+                StatsGrouping::Name => (None, None),
+                StatsGrouping::Function => {
+                    let key =
+                        CodeKey { pid: g.first_pid, file: g.file.clone(), name: g.function.clone(), line: g.line };
+                    let info = codes.get(&key);
+                    let first = info.as_ref().and_then(|i| i.lineno.known().map(|&l| l as i32));
+                    (Some(first.unwrap_or(g.line)), info)
+                }
+            };
+            let identity = (g.function.clone(), g.file.clone(), g.pid, line);
+            match index.get(&identity) {
+                Some(&r) => rows[r].groups.push(i),
+                None => {
+                    index.insert(identity, rows.len());
+                    rows.push(Row { groups: vec![i], line, info });
+                }
+            }
+        }
+        rows
+    }
+
+    /// The functions called so far with their call counts, most calls first
+    /// (at most `max`), named by qualified path where resolved, and how many
+    /// there are: what `status` shows, without percentiles.
+    pub fn seen(&self, codes: &CodeTable, max: usize) -> (Vec<FunctionSeen>, u64) {
+        let plan = self.plan(StatsGrouping::Function, codes);
+        let total = plan.len() as u64;
+        let mut seen: Vec<FunctionSeen> = plan
+            .into_iter()
+            .map(|row| FunctionSeen {
+                function: self.groups[row.groups[0]].function.to_string(),
+                path: row.info.as_ref().and_then(|i| i.path().known().cloned()),
+                file: self.groups[row.groups[0]].file.to_string(),
+                line: row.line.unwrap_or_default(),
+                calls: row.groups.iter().map(|&i| self.groups[i].durations.count()).sum(),
+            })
+            .collect();
+        seen.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.function.cmp(&b.function)));
+        seen.truncate(max);
+        (seen, total)
     }
 }
 

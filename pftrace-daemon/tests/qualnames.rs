@@ -367,3 +367,86 @@ fn hatchet_python() -> PathBuf {
     );
     p
 }
+
+/// While tracing: `pftracectl stats` has one row per qualified function
+/// (A.run and B.run of one file apart), `--by name` one row per name and
+/// file with the same totals, `status` lists the functions by qualified name.
+#[test]
+fn stats_and_status_name_functions_by_qualified_name() {
+    let dir = TestDir::new("qn-stats");
+    let (ready, go) = (dir.join("ready"), dir.join("go"));
+    let main = dir.script(
+        "two.py",
+        &format!(
+            r#"
+            import os, time
+
+            class A:
+                def run(self):
+                    pass
+
+            class B:
+                def run(self):
+                    pass
+
+            for _ in range(3):
+                A().run()
+            for _ in range(5):
+                B().run()
+            open({ready:?}, "w").close()
+            deadline = time.time() + 30
+            while not os.path.exists({go:?}) and time.time() < deadline:
+                time.sleep(0.02)
+            "#,
+            ready = ready.to_str().unwrap(),
+            go = go.to_str().unwrap(),
+        ),
+    );
+    let socket = dir.join("pftraced.sock");
+    let tracer = Pftraced::new(&dir, &["run"])
+        .arg("--socket")
+        .arg(&socket)
+        .launch(&[python().as_os_str(), main.as_os_str()])
+        .spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the script did not get ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The resolver answers within ms of the first entries; the script waits.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let stats: Value = serde_json::from_slice(&ctl_checked(&socket, &["stats", "--json"]).stdout).unwrap();
+    let rows: Vec<(String, u64)> = stats["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["path"].as_str().unwrap_or("?").to_string(), r["calls"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stats}");
+    let mut rows = rows;
+    rows.sort();
+    assert_eq!(rows, [("__main__.A.run".to_string(), 3), ("__main__.B.run".to_string(), 5)]);
+    let table = text(&ctl_checked(&socket, &["stats"]).stdout);
+    assert!(table.lines().any(|l| l.starts_with("__main__.A.run ")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("__main__.B.run ")), "{table}");
+    let by_name: Value =
+        serde_json::from_slice(&ctl_checked(&socket, &["stats", "--by", "name", "--json"]).stdout).unwrap();
+    let rows = by_name["functions"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{by_name}");
+    assert_eq!((rows[0]["function"].as_str(), rows[0]["calls"].as_u64()), (Some("run"), Some(8)));
+    assert!(rows[0].get("path").is_none() && rows[0].get("line").is_none(), "{by_name}");
+    let status = text(&ctl_checked(&socket, &["status"]).stdout);
+    assert!(status.contains("functions: 2 called, 2 resolved"), "{status}");
+    assert!(status.contains("           5  __main__.B.run  ("), "{status}");
+    assert!(status.contains("           3  __main__.A.run  ("), "{status}");
+    fs::write(&go, "").unwrap();
+    let run = tracer.finish();
+    run.assert_code(0);
+    // The trace file (chrome) names both, by qualified name.
+    let trace = run.trace();
+    let mut names: Vec<(String, String)> =
+        trace.calls.iter().map(|c| (c.qualname.clone(), c.cat.clone())).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names, [("A.run".into(), "__main__".into()), ("B.run".into(), "__main__".into())]);
+}

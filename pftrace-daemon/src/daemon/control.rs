@@ -9,7 +9,7 @@ use super::{Daemon, store};
 use crate::{
     control::server::Handled,
     output,
-    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, StatsGrouping, StatsReply, StatsSource, Status},
+    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, STATUS_FUNCTIONS, StatsGrouping, StatsReply, StatsSource, Status},
     stats::{Aggregator, PERCENTILE_ERROR},
 };
 
@@ -37,6 +37,7 @@ impl Daemon {
     }
 
     fn status(&self) -> Status {
+        let (functions, functions_total) = self.functions.seen(&self.codes.table(), STATUS_FUNCTIONS);
         Status {
             daemon_pid: std::process::id(),
             daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -56,6 +57,9 @@ impl Daemon {
             dumps_in_progress: (self.max_dumps - self.dumps.available_permits()) as u64,
             max_concurrent_dumps: self.max_dumps as u64,
             output: self.rolling.as_ref().map(|r| r.status()),
+            functions,
+            functions_total,
+            codes: self.codes.counts(),
         }
     }
 

@@ -26,7 +26,8 @@ impl Daemon {
                 Ok(Record::Call(ev)) => {
                     if self.filter.keep(&ev.name, &ev.file) {
                         if ev.kind == EventKind::Entry {
-                            self.codes.request(&ev, self.processes.info(ev.pid).and_then(|p| p.version));
+                            let processes = &self.processes;
+                            self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));
                         }
                         self.pairer.push(ev, &mut completed);
                     }
