@@ -124,6 +124,9 @@ enum Job {
     Forget(u32),
 }
 
+/// The addresses of a code object's interned file and name, its line and pid.
+type AddressKey = (usize, usize, i32, u32);
+
 /// The event loop's handle on the resolver thread.
 pub struct CodeResolver {
     table: CodeTable,
@@ -131,7 +134,7 @@ pub struct CodeResolver {
     /// file and name (the decoder interns them, as stats.rs relies on), so
     /// an entry costs no string hashing; the strings are held so the
     /// addresses stay theirs.
-    requested: HashMap<(usize, usize, i32, u32), (Arc<str>, Arc<str>)>,
+    requested: HashMap<AddressKey, (Arc<str>, Arc<str>)>,
     tx: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     /// Requests dropped because the queue was full (asked again later).

@@ -348,15 +348,24 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_shape() {
-        let req =
-            Request { version: 2, command: Command::Stats { filter: CallFilter::default(), per_pid: true, by: StatsGrouping::Function } };
+        let req = Request {
+            version: 2,
+            command: Command::Stats {
+                filter: CallFilter::default(),
+                per_pid: true,
+                by: StatsGrouping::Function,
+            },
+        };
         let line = serde_json::to_string(&req).unwrap();
         assert_eq!(
             line,
             r#"{"version":2,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
         );
         let back: Request = serde_json::from_str(r#"{"version":2,"command":{"cmd":"stats"}}"#).unwrap();
-        assert_eq!(back.command, Command::Stats { filter: CallFilter::default(), per_pid: false, by: StatsGrouping::Function });
+        assert_eq!(
+            back.command,
+            Command::Stats { filter: CallFilter::default(), per_pid: false, by: StatsGrouping::Function }
+        );
     }
 
     #[test]

@@ -288,8 +288,12 @@ impl Aggregator {
             let (line, info) = match by {
                 StatsGrouping::Name => (None, None),
                 StatsGrouping::Function => {
-                    let key =
-                        CodeKey { pid: g.first_pid, file: g.file.clone(), name: g.function.clone(), line: g.line };
+                    let key = CodeKey {
+                        pid: g.first_pid,
+                        file: g.file.clone(),
+                        name: g.function.clone(),
+                        line: g.line,
+                    };
                     let info = codes.get(&key);
                     let first = info.as_ref().and_then(|i| i.lineno.known().map(|&l| l as i32));
                     (Some(first.unwrap_or(g.line)), info)

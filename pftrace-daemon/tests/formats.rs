@@ -264,7 +264,16 @@ fn check_chrome(json: &Value) -> BTreeMap<String, Vec<Value>> {
                 // cpu_ns and offcpu_ns come together, when the kernel gave CPU times.
                 keys_exactly(
                     args,
-                    &["function", "module", "qualname", "path", "file", "line", "rss_entry_bytes", "rss_return_bytes"],
+                    &[
+                        "function",
+                        "module",
+                        "qualname",
+                        "path",
+                        "file",
+                        "line",
+                        "rss_entry_bytes",
+                        "rss_return_bytes",
+                    ],
                     &["cpu_ns", "offcpu_ns", "incomplete"],
                 );
                 field(args, "file", "string");
@@ -335,8 +344,17 @@ fn check_records(json: &Value) -> BTreeMap<String, Vec<Value>> {
         keys_exactly(
             meta,
             &[
-                "function", "lineno", "stacksize", "filename", "args", "locals", "module", "path", "qualname",
-                "params", "origin",
+                "function",
+                "lineno",
+                "stacksize",
+                "filename",
+                "args",
+                "locals",
+                "module",
+                "path",
+                "qualname",
+                "params",
+                "origin",
             ],
             &["unresolved"],
         );

@@ -192,7 +192,11 @@ fn traced(
 /// Every metadata record of a `records` trace against the recorder: exact
 /// where known; never null for the workload's own code or json's. Returns
 /// the metadata by qualified path.
-fn check_records(dir: &TestDir, run: &TracedRun, records: &HashMap<(String, String, i64), Value>) -> BTreeMap<String, Value> {
+fn check_records(
+    dir: &TestDir,
+    run: &TracedRun,
+    records: &HashMap<(String, String, i64), Value>,
+) -> BTreeMap<String, Value> {
     let json: Value = serde_json::from_str(&fs::read_to_string(&run.output).unwrap()).unwrap();
     let ours = |file: &str| file.starts_with(dir.path().to_str().unwrap()) && !file.ends_with("_recorder.py");
     let mut by_path = BTreeMap::new();
@@ -304,8 +308,12 @@ fn records_metadata_on_cpython_3_15() {
 #[test]
 fn pfw_names_are_qualified_and_hatchet_reads_them() {
     let dir = TestDir::new("qn-pfw");
-    let (run, records) =
-        traced(&dir, &python(), "3.9", &["--format", "pfw", "--pfw-options", "log-event=Compact:cpu-mem-usage=False"]);
+    let (run, records) = traced(
+        &dir,
+        &python(),
+        "3.9",
+        &["--format", "pfw", "--pfw-options", "log-event=Compact:cpu-mem-usage=False"],
+    );
     let files: Vec<PathBuf> = fs::read_dir(&run.output).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 1, "{files:?}");
     let text = fs::read_to_string(&files[0]).unwrap();
@@ -320,7 +328,9 @@ fn pfw_names_are_qualified_and_hatchet_reads_them() {
         .filter(|((file, name, _), r)| {
             file.starts_with(dir.path().to_str().unwrap()) && name != "<module>" && r["qualname"].is_string()
         })
-        .map(|(_, r)| (r["qualname"].as_str().unwrap().to_string(), r["module"].as_str().unwrap().to_string()))
+        .map(|(_, r)| {
+            (r["qualname"].as_str().unwrap().to_string(), r["module"].as_str().unwrap().to_string())
+        })
         .collect();
     let mut seen = BTreeMap::new();
     for e in &events {
@@ -348,7 +358,14 @@ fn pfw_names_are_qualified_and_hatchet_reads_them() {
         .expect("running Hatchet's python");
     assert!(out.status.success(), "Hatchet failed: {}", String::from_utf8_lossy(&out.stderr));
     let names: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
-    for q in ["Outer.Inner.run", "Outer.run", "A.run", "B.run", "JSONDecoder.raw_decode", "make_adder.<locals>.add"] {
+    for q in [
+        "Outer.Inner.run",
+        "Outer.run",
+        "A.run",
+        "B.run",
+        "JSONDecoder.raw_decode",
+        "make_adder.<locals>.add",
+    ] {
         assert!(names.iter().any(|n| n == q), "Hatchet does not show {q}: {names:?}");
     }
 }

@@ -34,12 +34,20 @@ pub fn ensure() -> Result<PathBuf> {
     util::run(Command::new("python3.11").args(["-m", "venv"]).arg(dir))?;
     let log = dir.join("pip-install.log");
     util::run_logged(
-        Command::new(dir.join("bin/pip")).args(["install", "--disable-pip-version-check", &format!("llnl-hatchet=={VERSION}")]),
+        Command::new(dir.join("bin/pip")).args([
+            "install",
+            "--disable-pip-version-check",
+            &format!("llnl-hatchet=={VERSION}"),
+        ]),
         &log,
     )
     .with_context(|| format!("pip install llnl-hatchet=={VERSION} (log: {})", log.display()))?;
     if !imports(&python) {
-        anyhow::bail!("{} cannot import hatchet after installing it (see {})", python.display(), log.display());
+        anyhow::bail!(
+            "{} cannot import hatchet after installing it (see {})",
+            python.display(),
+            log.display()
+        );
     }
     std::fs::write(dir.join(MARKER), VERSION)?;
     step.done(format!("installed llnl-hatchet {VERSION}"));

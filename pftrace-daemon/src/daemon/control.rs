@@ -9,7 +9,10 @@ use super::{Daemon, store};
 use crate::{
     control::server::Handled,
     output,
-    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, STATUS_FUNCTIONS, StatsGrouping, StatsReply, StatsSource, Status},
+    protocol::{
+        BUSY, CallFilter, Command, DumpHeader, NamesReply, STATUS_FUNCTIONS, StatsGrouping, StatsReply,
+        StatsSource, Status,
+    },
     stats::{Aggregator, PERCENTILE_ERROR},
 };
 

@@ -5,7 +5,11 @@
 use aya::maps::{MapData, RingBuf};
 
 use super::Daemon;
-use crate::{clock::WallClock, events::{EventKind, Record}, pairing::Call};
+use crate::{
+    clock::WallClock,
+    events::{EventKind, Record},
+    pairing::Call,
+};
 
 /// A process change read from the ring buffer.
 enum ProcChange {

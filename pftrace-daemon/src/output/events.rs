@@ -141,7 +141,10 @@ mod tests {
         info.module = pftrace_code::Field::Known("json.decoder".into());
         info.qualname = pftrace_code::Field::Known("JSONDecoder.raw_decode".into());
         let ev = call_event(&call, &info, &clock);
-        assert_eq!((ev["name"].as_str(), ev["cat"].as_str()), (Some("JSONDecoder.raw_decode"), Some("json.decoder")));
+        assert_eq!(
+            (ev["name"].as_str(), ev["cat"].as_str()),
+            (Some("JSONDecoder.raw_decode"), Some("json.decoder"))
+        );
         assert_eq!(ev["args"]["path"], "json.decoder.JSONDecoder.raw_decode");
         assert_eq!(ev["args"]["function"], "raw_decode");
         assert_eq!(ev["dur"], 2.5);

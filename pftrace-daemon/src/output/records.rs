@@ -289,8 +289,11 @@ impl TraceFormat for Records {
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
         let source = trace.call_source();
         let functions = functions(source.iter(), trace)?;
-        let rank: HashMap<Site, usize> =
-            functions.iter().enumerate().flat_map(|(i, f)| f.sites.iter().map(move |s| (s.clone(), i))).collect();
+        let rank: HashMap<Site, usize> = functions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.sites.iter().map(move |s| (s.clone(), i)))
+            .collect();
         let order = Arc::new(rank.clone());
         let calls = source.sorted(move |c: &Call| (order[&site(c)], c.start_ns, c.depth))?;
         let keys: Vec<String> = functions.iter().map(|f| f.key.clone()).collect();
@@ -352,16 +355,25 @@ mod tests {
         let meta = &v["metadata"]["inner"];
         // Keys in the prototype's order (serde_json's Value sorts them: read the text).
         let at = text.find("\"function\": \"inner\"").unwrap();
-        let order: Vec<usize> = ["function", "lineno", "stacksize", "filename", "args", "locals", "module", "path"]
-            .iter()
-            .map(|k| at + text[at..].find(&format!("\"{k}\": ")).unwrap())
-            .collect();
+        let order: Vec<usize> =
+            ["function", "lineno", "stacksize", "filename", "args", "locals", "module", "path"]
+                .iter()
+                .map(|k| at + text[at..].find(&format!("\"{k}\": ")).unwrap())
+                .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert_eq!(
-            (meta["function"].as_str(), meta["module"].as_str(), meta["path"].as_str(), meta["lineno"].as_i64()),
+            (
+                meta["function"].as_str(),
+                meta["module"].as_str(),
+                meta["path"].as_str(),
+                meta["lineno"].as_i64()
+            ),
             (Some("inner"), Some("app"), Some("app.Job.inner"), Some(7))
         );
-        assert_eq!((meta["args"].clone(), meta["locals"].clone()), (serde_json::json!(["self"]), serde_json::json!(["i"])));
+        assert_eq!(
+            (meta["args"].clone(), meta["locals"].clone()),
+            (serde_json::json!(["self"]), serde_json::json!(["i"]))
+        );
         assert!(meta["stacksize"].is_null() && meta["unresolved"]["stacksize"].is_string());
         // Never resolved: every derived field null, with the reason.
         let other = &v["metadata"]["/srv/other.py:outer"];

@@ -185,7 +185,9 @@ mod tests {
         // Resolved rows are named by their qualified path.
         let mut resolved = row("run", None, 0);
         resolved.path = Some("app.Solver.run".into());
-        assert!(render(&[resolved], false).lines().nth(1).unwrap().starts_with("app.Solver.run  /srv/app.py"));
+        assert!(
+            render(&[resolved], false).lines().nth(1).unwrap().starts_with("app.Solver.run  /srv/app.py")
+        );
         assert!(text.starts_with("function  file         calls   total"), "{text}");
         assert_eq!(render(&[], false), "no calls recorded (for this filter)\n");
     }

@@ -131,7 +131,10 @@ pub fn render(s: &Status) -> String {
             s.functions_total,
             c.resolved,
             if c.queue_full + c.table_full > 0 {
-                format!("; {} requests dropped (queue full), {} left unresolved (table full)", c.queue_full, c.table_full)
+                format!(
+                    "; {} requests dropped (queue full), {} left unresolved (table full)",
+                    c.queue_full, c.table_full
+                )
             } else {
                 String::new()
             }
