@@ -24,109 +24,22 @@ use serde_json::Value;
 
 const RECORDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pftrace-code/tests/python/recorder.py");
 
-/// The workload (as pftrace-code's tests/workloads.rs), then 1 s alive so
-/// pftraced's resolver reads the process before it exits.
-const APP: &str = r#"import _recorder
-_recorder.start()
-import functools
-import json
-import time
-import helpers
-from mypkg.sub import mod
+/// The workload pftrace-code's tests/workloads.rs runs (its
+/// tests/python/workload/): app.py with helpers.py beside it, mod.py in a
+/// venv's site-packages.
+const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pftrace-code/tests/python/workload/");
 
-
-class Outer:
-    class Inner:
-        def run(self, x):
-            y = x * 2
-            return y
-
-    def run(self):
-        return Outer.Inner().run(1)
-
-
-class A:
-    def run(self, *args, **kw):
-        total = len(args)
-        return total
-
-
-class B:
-    def run(self, a, /, b, *, c=1):
-        squares = [i * i for i in range(a)]
-        table = {k: v for k, v in zip("ab", squares)}
-        return squares, table, set(j for j in squares)
-
-
-def make_adder(n):
-    def add(k):
-        return n + k
-    return add
-
-
-def deco(f):
-    @functools.wraps(f)
-    def wrapper(*a, **k):
-        return f(*a, **k)
-    return wrapper
-
-
-@deco
-def decorated(a, b=2):
-    t = a + b
-    return t
-
-
-lam = (lambda q, *r:
-       q + len(r))
-
-
-def gen(n):
-    for i in range(n):
-        yield i
-
-
-Outer().run()
-A().run(1, 2, k=3)
-B().run(3, 4, c=5)
-make_adder(1)(2)
-decorated(1)
-lam(1, 2)
-list(gen(2))
-json.loads('{"a": [1, 2.5, "x"], "b": {"c": null}}')
-helpers.helper(2)
-mod.Worker().work(3)
-mod.top_level()
-_recorder.finish()
-time.sleep(1)
-"#;
-
-const HELPERS: &str = r#"def helper(x):
-    class Local:
-        def m(self):
-            return 1
-    return Local().m() + x
-"#;
-
-const MOD: &str = r#"class Worker:
-    def work(self, n):
-        def inner(v):
-            return v + n
-        return [inner(i) for i in range(n)]
-
-
-def top_level(*, key=None, **extra):
-    found = key or extra
-    return found
-"#;
+fn workload(name: &str) -> String {
+    fs::read_to_string(Path::new(WORKLOAD).join(name)).expect("pftrace-code's tests/python/workload")
+}
 
 /// The workload's files: `proj/app.py` (and helpers, the recorder) and a
 /// venv whose site-packages holds `mypkg.sub.mod`. Returns (venv python, app.py).
 fn layout(dir: &TestDir, python: &Path, version: &str) -> (PathBuf, PathBuf) {
     let proj = dir.join("proj");
     fs::create_dir_all(&proj).unwrap();
-    fs::write(proj.join("app.py"), APP).unwrap();
-    fs::write(proj.join("helpers.py"), HELPERS).unwrap();
+    fs::write(proj.join("app.py"), workload("app.py")).unwrap();
+    fs::write(proj.join("helpers.py"), workload("helpers.py")).unwrap();
     fs::copy(RECORDER, proj.join("_recorder.py")).expect("pftrace-code's recorder.py");
     let venv = dir.join("venv");
     let out = Command::new(python).args(["-m", "venv", "--without-pip"]).arg(&venv).output().unwrap();
@@ -135,7 +48,7 @@ fn layout(dir: &TestDir, python: &Path, version: &str) -> (PathBuf, PathBuf) {
     fs::create_dir_all(&pkg).unwrap();
     fs::write(pkg.parent().unwrap().join("__init__.py"), "").unwrap();
     fs::write(pkg.join("__init__.py"), "").unwrap();
-    fs::write(pkg.join("mod.py"), MOD).unwrap();
+    fs::write(pkg.join("mod.py"), workload("mod.py")).unwrap();
     // Files older than the process (the resolver refuses files modified after it started).
     std::thread::sleep(std::time::Duration::from_millis(20));
     (venv.join("bin/python"), proj.join("app.py"))
@@ -182,6 +95,9 @@ fn traced(
         .arg("--sample-interval")
         .arg("0")
         .env("PFTRACE_RECORD", &record)
+        // Alive 1 s after its calls (its stdin is empty), so pftraced's
+        // resolver reads the process before it exits.
+        .env("PFTRACE_RECORD_LINGER", "1")
         .launch(&[venv_python.as_os_str(), app.as_os_str()])
         .run();
     run.assert_code(0);
