@@ -92,6 +92,44 @@ impl CodeTable {
     }
 }
 
+/// An answer and the file and name strings it was found for.
+type Found = (Arc<CodeInfo>, Arc<str>, Arc<str>);
+
+/// Per-call look-ups for one writer (a dump, the final trace, the rolling
+/// files): each code object found in the table once, then by its interned
+/// strings' addresses, without hashing strings or taking the table's lock.
+/// Answers not there yet are looked up again at the next call.
+pub struct CodeReader {
+    table: CodeTable,
+    /// Each answer, with the strings whose addresses key it.
+    found: HashMap<AddressKey, Found>,
+}
+
+impl CodeReader {
+    pub fn new(table: &CodeTable) -> Self {
+        Self { table: table.clone(), found: HashMap::new() }
+    }
+
+    /// What `call`'s function is (see [`CodeTable::info`]).
+    pub fn info(&mut self, call: &Call) -> Arc<CodeInfo> {
+        let address = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
+        let key = (address(&call.file), address(&call.name), call.line, call.pid);
+        if let Some((info, ..)) = self.found.get(&key) {
+            return info.clone();
+        }
+        match self.table.get(&CodeKey::of_call(call)) {
+            Some(info) => {
+                if self.found.len() >= MAX_CODES {
+                    self.found.clear();
+                }
+                self.found.insert(key, (info.clone(), call.file.clone(), call.name.clone()));
+                info
+            }
+            None => Arc::new(unresolved(call, NOT_RESOLVED)),
+        }
+    }
+}
+
 /// A [`CodeInfo`] with every derived field null for `why`.
 pub fn unresolved(call: &Call, why: &str) -> CodeInfo {
     CodeInfo {

@@ -89,7 +89,11 @@ fn dumps_while_tracing_densely_lose_nothing() {
     let trace = run.trace();
     assert_eq!(trace.counter("lost"), 0);
     // Every call of the loop is counted by the summary, though 100,000 are kept.
-    let row = run.stderr.lines().find(|l| l.starts_with("foo ")).unwrap_or_else(|| panic!("{}", run.stderr));
+    let row = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("__main__.foo "))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
     assert_eq!(row.split_whitespace().nth(1), Some(looped.to_string().as_str()), "{row}");
     w.finish();
 }

@@ -44,7 +44,7 @@ fn first_line_calls_are_traced_and_exit_status_passes_through() {
     let raw = trace.named("raw_decode");
     assert_eq!(raw.len(), 3, "raw_decode calls: {raw:?}");
     assert!(raw.iter().all(|c| c.file.ends_with("/json/decoder.py")));
-    assert!(raw.iter().all(|c| c.cat == "decoder"));
+    assert!(raw.iter().all(|c| c.cat == "json.decoder" && c.qualname == "JSONDecoder.raw_decode"));
     assert_eq!(trace.named_in("decode", "/json/decoder.py").len(), 3);
     // Each raw_decode runs inside a json decode.
     for r in &raw {

@@ -79,7 +79,7 @@ impl Daemon {
             return;
         }
         if let Some(r) = &mut self.rolling {
-            r.write_calls(&calls, &self.codes.table(), &self.clock, |pid| self.processes.info(pid));
+            r.write_calls(&calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
         }
         if let Some(s) = &mut self.spill {
             s.append(&calls);

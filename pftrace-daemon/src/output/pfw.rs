@@ -65,7 +65,7 @@ use super::{
 };
 use crate::{
     clock::WallClock,
-    codes::{CodeTable, category, display_name},
+    codes::{CodeReader, category, display_name},
     pairing::{Call, CallEnd},
     trace::Trace,
 };
@@ -417,7 +417,7 @@ impl Pfw {
         &self,
         moment: Moment,
         call: &Call,
-        codes: &CodeTable,
+        codes: &mut CodeReader,
         clock: &WallClock,
         w: &mut dyn Write,
     ) -> io::Result<()> {
@@ -436,9 +436,10 @@ impl TraceFormat for Pfw {
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
         let mut w = io::BufWriter::new(out);
         self.write_header(&mut w)?;
+        let mut codes = CodeReader::new(&trace.codes);
         for m in Moments::new(trace.call_source(), self.event, false)? {
             let (moment, call) = m?;
-            self.write_moment(moment, &call, &trace.codes, &trace.clock, &mut w)?;
+            self.write_moment(moment, &call, &mut codes, &trace.clock, &mut w)?;
         }
         w.into_inner().map_err(|e| e.into_error())?.flush()
     }
@@ -481,6 +482,7 @@ pub fn write_files(trace: &Trace, dir: &Dir, opts: &PfwOptions) -> Result<Vec<Pf
         dir.existing(&name(pid))?;
     }
     let mut moments = Moments::new(source, opts.pfw.event, true).map_err(io_error)?;
+    let mut codes = CodeReader::new(&trace.codes);
     let mut written = Vec::new();
     for (&pid, &calls) in &per_pid {
         let mut file = dir.replacement(&name(pid), 0o644)?;
@@ -491,7 +493,7 @@ pub fn write_files(trace: &Trace, dir: &Dir, opts: &PfwOptions) -> Result<Vec<Pf
         // Incomplete calls in Compact form have no moment: a process may have none.
         while moments.peek_pid() == Some(pid) {
             let (moment, call) = moments.next().expect("peeked").map_err(io_error)?;
-            opts.pfw.write_moment(moment, &call, &trace.codes, &trace.clock, &mut w).map_err(failed)?;
+            opts.pfw.write_moment(moment, &call, &mut codes, &trace.clock, &mut w).map_err(failed)?;
         }
         w.flush().map_err(failed)?;
         drop(w);

@@ -204,9 +204,18 @@ pub fn dedent(source: &str) -> String {
     out
 }
 
-/// Writes a Python script (dedented) to `path`.
+/// Writes a Python script (dedented) to `path`, dated 2 s in the past:
+/// pftraced resolves a function from its source only when the file is
+/// older than the process (else it may not be what was compiled), and the
+/// process start time has 10 ms ticks.
 pub fn write_script(path: &Path, source: &str) -> PathBuf {
     fs::write(path, dedent(source)).unwrap_or_else(|e| panic!("writing script {}: {e}", path.display()));
+    let past = SystemTime::now() - Duration::from_secs(2);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(past))
+        .unwrap_or_else(|e| panic!("dating script {}: {e}", path.display()));
     path.to_path_buf()
 }
 
