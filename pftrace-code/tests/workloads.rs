@@ -17,113 +17,12 @@ use std::{
 use pftrace_code::{CodeInfo, Field, Probe, PyVersion, Resolver};
 use serde_json::Value;
 
-const APP: &str = r#"import _recorder
-_recorder.start()
-import functools
-import json
-import helpers
-from mypkg.sub import mod
-
-
-class Outer:
-    class Inner:
-        def run(self, x):
-            y = x * 2
-            return y
-
-    def run(self):
-        return Outer.Inner().run(1)
-
-
-class A:
-    def run(self, *args, **kw):
-        total = len(args)
-        return total
-
-
-class B:
-    def run(self, a, /, b, *, c=1):
-        squares = [i * i for i in range(a)]
-        table = {k: v for k, v in zip("ab", squares)}
-        return squares, table, set(j for j in squares)
-
-
-def make_adder(n):
-    def add(k):
-        return n + k
-    return add
-
-
-def deco(f):
-    @functools.wraps(f)
-    def wrapper(*a, **k):
-        return f(*a, **k)
-    return wrapper
-
-
-@deco
-@deco
-def decorated(a, b=2):
-    t = a + b
-    return t
-
-
-lam = (lambda q, *r:
-       q + len(r))
-
-
-def gen(n):
-    for i in range(n):
-        yield i
-
-
-Outer().run()
-A().run(1, 2, k=3)
-B().run(3, 4, c=5)
-make_adder(1)(2)
-decorated(1)
-lam(1, 2)
-list(gen(2))
-json.loads('{"a": [1, 2.5, "x"], "b": {"c": null}}')
-json.dumps({"b": [1]})
-helpers.helper(2)
-mod.Worker().work(3)
-mod.top_level()
-_recorder.finish()
-"#;
-
-const HELPERS: &str = r#"def helper(x):
-    class Local:
-        def m(self):
-            return 1
-    return Local().m() + x
-"#;
-
-const MOD: &str = r#"class Worker:
-    def work(self, n):
-        def inner(v):
-            return v + n
-        return [inner(i) for i in range(n)]
-
-
-def top_level(*, key=None, **extra):
-    found = key or extra
-    return found
-"#;
-
-const CLI: &str = r#"import _recorder
-_recorder.start()
-from mypkg.sub import mod
-
-
-def main(argv=None):
-    result = mod.top_level(key=argv)
-    return result
-
-
-main()
-_recorder.finish()
-"#;
+/// The workload's files (tests/python/workload/, shared with
+/// pftrace-daemon's tests/qualnames.rs): `app.py` (script), `helpers.py`
+/// beside it, `mod.py` and `cli.py` (package `mypkg.sub` in a venv).
+fn workload(name: &str) -> String {
+    fs::read_to_string(common::helpers().join("workload").join(name)).expect("tests/python/workload")
+}
 
 struct Layout {
     proj: std::path::PathBuf,
@@ -133,8 +32,8 @@ struct Layout {
 fn layout(dir: &Path, python: &Path, v: PyVersion) -> Layout {
     let proj = dir.join("proj");
     fs::create_dir_all(&proj).unwrap();
-    fs::write(proj.join("app.py"), APP).unwrap();
-    fs::write(proj.join("helpers.py"), HELPERS).unwrap();
+    fs::write(proj.join("app.py"), workload("app.py")).unwrap();
+    fs::write(proj.join("helpers.py"), workload("helpers.py")).unwrap();
     fs::copy(common::helpers().join("recorder.py"), proj.join("_recorder.py")).unwrap();
     let venv = dir.join("venv");
     let out = Command::new(python)
@@ -148,8 +47,8 @@ fn layout(dir: &Path, python: &Path, v: PyVersion) -> Layout {
     fs::create_dir_all(&pkg).unwrap();
     fs::write(site.join("mypkg/__init__.py"), "").unwrap();
     fs::write(pkg.join("__init__.py"), "").unwrap();
-    fs::write(pkg.join("mod.py"), MOD).unwrap();
-    fs::write(pkg.join("cli.py"), CLI).unwrap();
+    fs::write(pkg.join("mod.py"), workload("mod.py")).unwrap();
+    fs::write(pkg.join("cli.py"), workload("cli.py")).unwrap();
     // File times must precede the process start (see Resolver): keep the
     // files a little in the past.
     std::thread::sleep(std::time::Duration::from_millis(20));

@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cgroupwatch;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod control;
 pub mod daemon;

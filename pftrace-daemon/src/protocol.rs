@@ -73,6 +73,9 @@ pub enum Command {
         filter: CallFilter,
         #[serde(default)]
         per_pid: bool,
+        /// One row per code object (default) or per (name, file).
+        #[serde(default, skip_serializing_if = "StatsGrouping::is_default")]
+        by: StatsGrouping,
     },
     /// Start tracing these names (same syntax as `-t`). Result: [`NamesReply`].
     Add { names: Vec<String> },
@@ -147,6 +150,24 @@ pub enum StatsSource {
     CallsInMemory,
 }
 
+/// How `stats` groups calls into rows.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StatsGrouping {
+    /// One row per function (code object: name, file and first line), named
+    /// by its qualified name: `A.run` and `B.run` of one file are two rows.
+    #[default]
+    Function,
+    /// One row per (code object name, file), as before qualified names.
+    Name,
+}
+
+impl StatsGrouping {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Result of `stats`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatsReply {
@@ -170,8 +191,22 @@ pub struct NamesReply {
 /// Figures for one function (and pid, when asked per pid).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FunctionStats {
+    /// The code object's name (`co_name`).
     pub function: String,
     pub file: String,
+    /// The entry probe's line (`co_firstlineno` on 3.6-3.10); absent when
+    /// grouped by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<i32>,
+    /// Dotted module, qualified name and their join (`json.decoder`,
+    /// `JSONDecoder.raw_decode`, `json.decoder.JSONDecoder.raw_decode`),
+    /// where resolved; absent when grouped by name or not resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qualname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     pub calls: u64,
@@ -183,6 +218,14 @@ pub struct FunctionStats {
     pub p95_ns: u64,
     pub p99_ns: u64,
     pub max_ns: u64,
+}
+
+impl FunctionStats {
+    /// How a table names the row: the qualified path where known
+    /// (`json.decoder.JSONDecoder.raw_decode`), else the code object's name.
+    pub fn label(&self) -> &str {
+        self.path.as_deref().unwrap_or(&self.function)
+    }
 }
 
 /// Daemon state as reported by `status`.
@@ -221,6 +264,42 @@ pub struct Status {
     /// 100), then running ones. Absent from older daemons: none.
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
+    /// The functions called so far, most calls first (at most
+    /// [`STATUS_FUNCTIONS`]), and how many there are.
+    #[serde(default)]
+    pub functions: Vec<FunctionSeen>,
+    #[serde(default)]
+    pub functions_total: u64,
+    /// The resolver of what each function is (see `codes.rs`).
+    #[serde(default)]
+    pub codes: CodeCounts,
+}
+
+/// How many functions `status` lists.
+pub const STATUS_FUNCTIONS: usize = 50;
+
+/// A function called so far (one code object).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FunctionSeen {
+    /// `co_name`.
+    pub function: String,
+    /// The qualified path (`json.decoder.JSONDecoder.raw_decode`), where resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub file: String,
+    pub line: i32,
+    pub calls: u64,
+}
+
+/// The resolver's figures: functions answered, and requests not made
+/// (they stay unresolved, with the reason, in outputs).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CodeCounts {
+    pub resolved: u64,
+    /// Requests dropped because the queue was full (asked again at the next entry).
+    pub queue_full: u64,
+    /// Functions left unresolved because the table was full.
+    pub table_full: u64,
 }
 
 /// A batch job: a cgroup under the jobs root whose name matches the pattern.
@@ -293,15 +372,24 @@ mod tests {
 
     #[test]
     fn request_round_trip_and_shape() {
-        let req =
-            Request { version: 2, command: Command::Stats { filter: CallFilter::default(), per_pid: true } };
+        let req = Request {
+            version: 2,
+            command: Command::Stats {
+                filter: CallFilter::default(),
+                per_pid: true,
+                by: StatsGrouping::Function,
+            },
+        };
         let line = serde_json::to_string(&req).unwrap();
         assert_eq!(
             line,
             r#"{"version":2,"command":{"cmd":"stats","filter":{"since_wall_ns":null,"pid":null,"function":null},"per_pid":true}}"#
         );
         let back: Request = serde_json::from_str(r#"{"version":2,"command":{"cmd":"stats"}}"#).unwrap();
-        assert_eq!(back.command, Command::Stats { filter: CallFilter::default(), per_pid: false });
+        assert_eq!(
+            back.command,
+            Command::Stats { filter: CallFilter::default(), per_pid: false, by: StatsGrouping::Function }
+        );
     }
 
     #[test]

@@ -20,9 +20,12 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use pftrace_code::CodeInfo;
+
 use crate::{
+    codes::{CodeKey, CodeTable},
     pairing::{Call, CallEnd},
-    protocol::FunctionStats,
+    protocol::{FunctionSeen, FunctionStats, StatsGrouping},
 };
 
 /// The most a reported percentile differs from the exact one, relative to it.
@@ -93,6 +96,22 @@ impl Histogram {
         self.max
     }
 
+    /// Adds every value recorded in `other` (exactly: the same buckets).
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.blocks.iter_mut().zip(&other.blocks) {
+            if let Some(theirs) = theirs {
+                let mine = mine.get_or_insert_with(|| Box::new([0; SUB as usize]));
+                for (m, t) in mine.iter_mut().zip(theirs.iter()) {
+                    *m += t;
+                }
+            }
+        }
+        self.count += other.count;
+        self.total = self.total.saturating_add(other.total);
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
     /// Nearest-rank percentile `p` (0-100), within [`PERCENTILE_ERROR`]; 0 when empty.
     pub fn percentile(&self, p: f64) -> u64 {
         if self.count == 0 {
@@ -120,23 +139,34 @@ impl Histogram {
     }
 }
 
-/// The figures of one function (and process, when asked per process).
+/// The figures of one code object (name, file, entry line; and process,
+/// when asked per process).
 #[derive(Debug, Clone)]
 struct Group {
     function: Arc<str>,
     file: Arc<str>,
+    line: i32,
     pid: Option<u32>,
+    /// The first process seen calling it: whose answer names it.
+    first_pid: u32,
     durations: Histogram,
     incomplete: u64,
 }
 
-/// (function, file, pid) as given.
-type TextKey = (Arc<str>, Arc<str>, Option<u32>);
-/// The addresses of a call's function and file strings, and its pid.
-type AddressKey = (usize, usize, Option<u32>);
+/// (function, file, entry line, pid) as given.
+type TextKey = (Arc<str>, Arc<str>, i32, Option<u32>);
+/// The addresses of a call's function and file strings, its line and pid.
+type AddressKey = (usize, usize, i32, Option<u32>);
 /// A group's index, and the strings whose addresses key it (held so the
 /// addresses cannot be reused while they are keys).
 type AddressEntry = (usize, Arc<str>, Arc<str>);
+
+/// The groups one row merges, its line and what its function is.
+struct Row {
+    groups: Vec<usize>,
+    line: Option<i32>,
+    info: Option<Arc<CodeInfo>>,
+}
 
 /// Per-function (optionally per-process) figures of the calls pushed in.
 #[derive(Debug, Default, Clone)]
@@ -154,25 +184,28 @@ fn address(s: &Arc<str>) -> usize {
 }
 
 impl Aggregator {
-    /// One group per (function, file), or per (function, file, pid).
+    /// One group per code object (function, file, entry line), or per
+    /// (code object, pid); [`Aggregator::rows`] merges them as asked.
     pub fn new(per_pid: bool) -> Self {
         Self { per_pid, ..Default::default() }
     }
 
     pub fn push(&mut self, call: &Call) {
         let pid = self.per_pid.then_some(call.pid);
-        let key = (address(&call.name), address(&call.file), pid);
+        let key = (address(&call.name), address(&call.file), call.line, pid);
         let index = match self.by_address.get(&key) {
             Some(&(index, ..)) => index,
             None => {
-                let text = (call.name.clone(), call.file.clone(), pid);
+                let text = (call.name.clone(), call.file.clone(), call.line, pid);
                 let next = self.groups.len();
                 let index = *self.by_text.entry(text).or_insert(next);
                 if index == next {
                     self.groups.push(Group {
                         function: call.name.clone(),
                         file: call.file.clone(),
+                        line: call.line,
                         pid,
+                        first_pid: call.pid,
                         durations: Histogram::default(),
                         incomplete: 0,
                     });
@@ -198,16 +231,31 @@ impl Aggregator {
         self.groups.iter().map(|g| g.incomplete).sum()
     }
 
-    /// One row per group, largest total first (then by name, file and pid).
-    pub fn rows(&self) -> Vec<FunctionStats> {
-        let mut rows: Vec<FunctionStats> = self
-            .groups
-            .iter()
-            .map(|g| {
+    /// One row per function, largest total first (then by name, file, line
+    /// and pid): per code object, named by what the resolver said of it
+    /// (`codes`), or per (name, file) as `by` asks. Groups of one code
+    /// object reported at different lines (a generator resumed at a `yield`
+    /// reports that line on 3.6-3.10) are one row, at its first line.
+    pub fn rows(&self, by: StatsGrouping, codes: &CodeTable) -> Vec<FunctionStats> {
+        let merged = self.plan(by, codes).into_iter().map(|row| {
+            let mut g = self.groups[row.groups[0]].clone();
+            for &i in &row.groups[1..] {
+                g.durations.merge(&self.groups[i].durations);
+                g.incomplete += self.groups[i].incomplete;
+            }
+            (g, row.line, row.info)
+        });
+        let mut rows: Vec<FunctionStats> = merged
+            .map(|(g, line, info)| {
                 let h = &g.durations;
+                let known = |f: Option<&String>| f.cloned();
                 FunctionStats {
                     function: g.function.to_string(),
                     file: g.file.to_string(),
+                    line,
+                    module: info.as_ref().and_then(|i| known(i.module.known())),
+                    qualname: info.as_ref().and_then(|i| known(i.qualname.known())),
+                    path: info.as_ref().and_then(|i| i.path().known().cloned()),
                     pid: g.pid,
                     calls: h.count(),
                     incomplete: g.incomplete,
@@ -225,9 +273,63 @@ impl Aggregator {
                 .cmp(&a.total_ns)
                 .then_with(|| a.function.cmp(&b.function))
                 .then_with(|| a.file.cmp(&b.file))
+                .then_with(|| a.line.cmp(&b.line))
                 .then_with(|| a.pid.cmp(&b.pid))
         });
         rows
+    }
+
+    /// Which groups make each row (see [`Aggregator::rows`]).
+    fn plan(&self, by: StatsGrouping, codes: &CodeTable) -> Vec<Row> {
+        type Identity = (Arc<str>, Arc<str>, Option<u32>, Option<i32>);
+        let mut rows: Vec<Row> = Vec::new();
+        let mut index: HashMap<Identity, usize> = HashMap::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let (line, info) = match by {
+                StatsGrouping::Name => (None, None),
+                StatsGrouping::Function => {
+                    let key = CodeKey {
+                        pid: g.first_pid,
+                        file: g.file.clone(),
+                        name: g.function.clone(),
+                        line: g.line,
+                    };
+                    let info = codes.get(&key);
+                    let first = info.as_ref().and_then(|i| i.lineno.known().map(|&l| l as i32));
+                    (Some(first.unwrap_or(g.line)), info)
+                }
+            };
+            let identity = (g.function.clone(), g.file.clone(), g.pid, line);
+            match index.get(&identity) {
+                Some(&r) => rows[r].groups.push(i),
+                None => {
+                    index.insert(identity, rows.len());
+                    rows.push(Row { groups: vec![i], line, info });
+                }
+            }
+        }
+        rows
+    }
+
+    /// The functions called so far with their call counts, most calls first
+    /// (at most `max`), named by qualified path where resolved, and how many
+    /// there are: what `status` shows, without percentiles.
+    pub fn seen(&self, codes: &CodeTable, max: usize) -> (Vec<FunctionSeen>, u64) {
+        let plan = self.plan(StatsGrouping::Function, codes);
+        let total = plan.len() as u64;
+        let mut seen: Vec<FunctionSeen> = plan
+            .into_iter()
+            .map(|row| FunctionSeen {
+                function: self.groups[row.groups[0]].function.to_string(),
+                path: row.info.as_ref().and_then(|i| i.path().known().cloned()),
+                file: self.groups[row.groups[0]].file.to_string(),
+                line: row.line.unwrap_or_default(),
+                calls: row.groups.iter().map(|&i| self.groups[i].durations.count()).sum(),
+            })
+            .collect();
+        seen.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.function.cmp(&b.function)));
+        seen.truncate(max);
+        (seen, total)
     }
 }
 
@@ -301,7 +403,8 @@ mod tests {
         }
         // Another allocation of the same name joins the same group.
         all.push(&Call::for_test(1, "f", 1000, 20));
-        let rows = all.rows();
+        let codes = CodeTable::default();
+        let rows = all.rows(StatsGrouping::Function, &codes);
         assert_eq!(rows.len(), 2);
         assert_eq!((rows[0].function.as_str(), rows[0].calls, rows[0].total_ns), ("g", 1, 100));
         assert_eq!(
@@ -309,8 +412,41 @@ mod tests {
             ("f", 3, 1, 20, 30)
         );
         assert_eq!((all.calls(), all.incomplete()), (4, 1));
-        let rows = per_pid.rows();
+        let rows = per_pid.rows(StatsGrouping::Function, &codes);
         assert_eq!(rows.len(), 3);
         assert_eq!(rows.iter().map(|r| r.pid).collect::<Vec<_>>(), [Some(1), Some(2), Some(1)]);
+    }
+
+    #[test]
+    fn same_named_methods_are_two_rows_unless_by_name() {
+        // A.run (line 2) and B.run (line 6) of one file; A.run resolved, B.run not.
+        let run = |line: i32, start: u64, dur: u64| {
+            let mut c = Call::for_test(1, "run", start, dur);
+            c.line = line;
+            c
+        };
+        let mut agg = Aggregator::new(false);
+        // Line 3: A.run reported at a line of its body (a resumed generator).
+        for c in [run(2, 0, 10), run(2, 100, 30), run(6, 200, 1000), run(3, 300, 5)] {
+            agg.push(&c);
+        }
+        let codes = CodeTable::default();
+        let a = run(2, 0, 0);
+        let mut info = crate::codes::unresolved(&a, "x");
+        info.module = pftrace_code::Field::Known("m".into());
+        info.qualname = pftrace_code::Field::Known("A.run".into());
+        info.lineno = pftrace_code::Field::Known(2);
+        codes.insert(CodeKey::of_call(&a), Arc::new(info.clone()));
+        codes.insert(CodeKey::of_call(&run(3, 0, 0)), Arc::new(info));
+        let rows = agg.rows(StatsGrouping::Function, &codes);
+        let seen: Vec<_> = rows.iter().map(|r| (r.line, r.path.as_deref(), r.calls, r.total_ns)).collect();
+        assert_eq!(seen, [(Some(6), None, 1, 1000), (Some(2), Some("m.A.run"), 3, 45)]);
+        assert_eq!((rows[1].module.as_deref(), rows[1].qualname.as_deref()), (Some("m"), Some("A.run")));
+        // By name: today's one row per (name, file), histograms merged exactly.
+        let rows = agg.rows(StatsGrouping::Name, &codes);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.line, r.path.as_deref(), r.calls, r.total_ns, r.max_ns), (None, None, 4, 1045, 1000));
+        assert_eq!((r.p50_ns, r.mean_ns), (10, 261));
     }
 }

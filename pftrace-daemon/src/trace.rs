@@ -96,6 +96,9 @@ pub struct Trace {
     pub end_ns: u64,
     /// The host the trace was taken on.
     pub hostname: String,
+    /// What each call's function is (module, qualified name, args,
+    /// locals), as resolved so far.
+    pub codes: crate::codes::CodeTable,
 }
 
 impl Trace {

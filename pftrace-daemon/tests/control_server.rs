@@ -74,10 +74,14 @@ fn answer(req: ControlRequest) {
                 }),
             }
         }
-        Command::Stats { filter, per_pid } => {
+        Command::Stats { filter, per_pid, .. } => {
             let row = FunctionStats {
                 function: filter.function.unwrap_or_else(|| "compute".into()),
                 file: "/srv/app.py".into(),
+                line: None,
+                module: None,
+                qualname: None,
+                path: None,
                 pid: per_pid.then_some(42),
                 calls: 3,
                 incomplete: 1,

@@ -89,7 +89,11 @@ fn dumps_while_tracing_densely_lose_nothing() {
     let trace = run.trace();
     assert_eq!(trace.counter("lost"), 0);
     // Every call of the loop is counted by the summary, though 100,000 are kept.
-    let row = run.stderr.lines().find(|l| l.starts_with("foo ")).unwrap_or_else(|| panic!("{}", run.stderr));
+    let row = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("__main__.foo "))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
     assert_eq!(row.split_whitespace().nth(1), Some(looped.to_string().as_str()), "{row}");
     w.finish();
 }
@@ -401,7 +405,8 @@ fn the_summary_counts_every_call_with_percentiles() {
     let cols: Vec<&str> = lines[header].split_whitespace().collect();
     assert_eq!(cols, ["function", "calls", "total", "mean", "p50", "p95", "p99", "max", "file"]);
     let row: Vec<&str> = lines[header + 1].split_whitespace().collect();
-    assert_eq!((row[0], row[1]), ("foo", "5000"), "{}", run.stderr);
+    // One row per function, by its qualified path (the script is __main__).
+    assert_eq!((row[0], row[1]), ("__main__.foo", "5000"), "{}", run.stderr);
     assert_eq!(lines[header + 2], "(5000 calls; p50/p95/p99 within 0.4% of the exact values)");
 
     // Without eviction the figures agree with the trace's durations.
@@ -414,7 +419,7 @@ fn the_summary_counts_every_call_with_percentiles() {
     durs.sort_unstable();
     assert_eq!(durs.len(), 5000);
     let nearest = |p: f64| durs[((p / 100.0 * durs.len() as f64).ceil() as usize).clamp(1, durs.len()) - 1];
-    let line = run.stderr.lines().find(|l| l.starts_with("foo ")).unwrap();
+    let line = run.stderr.lines().find(|l| l.starts_with("__main__.foo ")).unwrap();
     let row: Vec<&str> = line.split_whitespace().collect();
     let ns = |s: &str| -> f64 {
         let (n, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap());

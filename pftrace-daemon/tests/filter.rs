@@ -26,6 +26,7 @@ fn unnamed_functions_produce_no_records() {
             foo()
             bar(); bar(); bar()
             food()
+        import time; time.sleep(0.3)  # alive while pftraced resolves foo (its summary row)
         "#,
     );
     let run = Pftraced::new(&dir, &["foo"]).launch(&[python().as_os_str(), script.as_os_str()]).run();
@@ -52,7 +53,7 @@ fn unnamed_functions_produce_no_records() {
     let foo_row = run
         .stderr
         .lines()
-        .find(|l| l.starts_with("foo "))
+        .find(|l| l.starts_with("__main__.foo "))
         .unwrap_or_else(|| panic!("no summary row for foo:\n{}", run.stderr));
     assert_eq!(foo_row.split_whitespace().nth(1), Some("100"), "{foo_row}");
 }
@@ -85,6 +86,7 @@ fn comma_separated_names_and_same_name_in_two_files() {
             bar(); bar(); bar()
         for i in range(20):
             helper.foo()
+        import time; time.sleep(0.3)  # alive while pftraced resolves the modules
         "#,
     );
     let run = Pftraced::new(&dir, &["foo,bar"]).launch(&[python().as_os_str(), script.as_os_str()]).run();

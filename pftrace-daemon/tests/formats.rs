@@ -163,6 +163,11 @@ fn work_counts() -> BTreeMap<String, usize> {
     [("inner", 18), ("outer", 5), ("step", 1)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
+/// The same by qualified name, as chrome and pfw name calls (`step` is `Solver.step`).
+fn qualified_counts() -> BTreeMap<String, usize> {
+    [("inner", 18), ("outer", 5), ("Solver.step", 1)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
 /// `-t outer -t inner -t step`.
 fn name_args() -> Vec<String> {
     WORK_NAMES.iter().flat_map(|n| ["-t".to_string(), n.to_string()]).collect()
@@ -259,7 +264,16 @@ fn check_chrome(json: &Value) -> BTreeMap<String, Vec<Value>> {
                 // cpu_ns and offcpu_ns come together, when the kernel gave CPU times.
                 keys_exactly(
                     args,
-                    &["file", "line", "rss_entry_bytes", "rss_return_bytes"],
+                    &[
+                        "function",
+                        "module",
+                        "qualname",
+                        "path",
+                        "file",
+                        "line",
+                        "rss_entry_bytes",
+                        "rss_return_bytes",
+                    ],
                     &["cpu_ns", "offcpu_ns", "incomplete"],
                 );
                 field(args, "file", "string");
@@ -327,13 +341,34 @@ fn check_records(json: &Value) -> BTreeMap<String, Vec<Value>> {
     let mut out = BTreeMap::new();
     for f in &functions {
         let meta = &metadata[f];
-        keys_exactly(meta, &["function", "lineno", "filename", "module", "path"], &[]);
+        keys_exactly(
+            meta,
+            &[
+                "function",
+                "lineno",
+                "stacksize",
+                "filename",
+                "args",
+                "locals",
+                "module",
+                "path",
+                "qualname",
+                "params",
+                "origin",
+            ],
+            &["unresolved"],
+        );
         assert_eq!(field(meta, "function", "string"), f.as_str());
         field(meta, "lineno", "int");
-        let file = field(meta, "filename", "string").as_str().unwrap();
+        field(meta, "filename", "string");
+        field(meta, "args", "array");
+        field(meta, "locals", "array");
+        // The USDT path has no co_stacksize: null, with the reason.
+        assert!(meta["stacksize"].is_null() && meta["unresolved"]["stacksize"].is_string(), "{meta}");
         let module = field(meta, "module", "string").as_str().unwrap();
-        assert_eq!(Path::new(file).file_stem().unwrap().to_str(), Some(module));
-        assert_eq!(field(meta, "path", "string").as_str().unwrap(), format!("{module}.{f}"));
+        let qualname = field(meta, "qualname", "string").as_str().unwrap();
+        assert!(qualname.ends_with(f.as_str()), "{meta}");
+        assert_eq!(field(meta, "path", "string").as_str().unwrap(), format!("{module}.{qualname}"));
         let calls = results[f].as_array().expect("results per function are arrays");
         for r in calls {
             keys_exactly(
@@ -557,7 +592,7 @@ fn assert_nesting(calls: &[PfwCall]) {
     for c in calls.iter().filter(|c| c.name == "inner") {
         assert!(inside(c, "outer"), "inner not inside an outer: {c:?}");
     }
-    assert_eq!(calls.iter().filter(|c| c.name == "outer" && inside(c, "step")).count(), 1);
+    assert_eq!(calls.iter().filter(|c| c.name == "outer" && inside(c, "Solver.step")).count(), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -580,8 +615,14 @@ fn chrome_trace_validates_and_python_json_loads_it() {
     let by_ph = check_chrome(&trace.json);
 
     let calls = &by_ph["X"];
-    assert_eq!(count_by(calls.iter().map(|e| e["name"].as_str().unwrap())), work_counts());
-    assert!(calls.iter().all(|e| e["pid"] == pid && e["cat"] == "work"), "pid and category");
+    assert_eq!(count_by(calls.iter().map(|e| e["name"].as_str().unwrap())), qualified_counts());
+    // The script is __main__; the args name each call's code object.
+    assert!(calls.iter().all(|e| e["pid"] == pid && e["cat"] == "__main__"), "pid and category");
+    for e in calls {
+        let (function, qualname) = (e["args"]["function"].as_str().unwrap(), e["name"].as_str().unwrap());
+        assert!(qualname.ends_with(function) && e["args"]["qualname"] == qualname, "{e}");
+        assert_eq!(e["args"]["path"], format!("__main__.{qualname}"), "{e}");
+    }
     let tids: BTreeSet<u64> = calls.iter().map(|e| e["tid"].as_u64().unwrap()).collect();
     assert_eq!(tids, BTreeSet::from([main_tid, worker_tid]));
     // The main thread's calls all have CPU figures (tests/figures.rs checks their values).
@@ -653,8 +694,8 @@ fn pfw_default_files_are_verbose_arrays_with_counters() {
     let pfw = parse_pfw(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
     assert_eq!(pfw.form, PfwForm::Array);
     let calls = pfw.calls(false, true);
-    assert_eq!(count_by(calls.iter().map(|c| c.name.as_str())), work_counts());
-    assert!(calls.iter().all(|c| c.pid == pid && c.cat == "work"));
+    assert_eq!(count_by(calls.iter().map(|c| c.name.as_str())), qualified_counts());
+    assert!(calls.iter().all(|c| c.pid == pid && c.cat == "__main__"));
     assert_eq!(calls.iter().map(|c| c.tid).collect::<BTreeSet<_>>(), BTreeSet::from([main_tid, worker_tid]));
     assert_eq!(pfw.events.len(), 24 * 4, "B, C, C, E per call");
     assert_nesting(&calls);
@@ -674,7 +715,7 @@ fn pfw_options_give_compact_objects_named_as_asked() {
     assert_eq!(pfw.form, PfwForm::Object);
     let calls = pfw.calls(true, false);
     assert_eq!(pfw.events.len(), 24, "one X per call, no C");
-    assert_eq!(count_by(calls.iter().map(|c| c.name.as_str())), work_counts());
+    assert_eq!(count_by(calls.iter().map(|c| c.name.as_str())), qualified_counts());
     assert_nesting(&calls);
     assert_eq!(hatchet_reads(&path, PfwForm::Object), 24);
 }
@@ -693,7 +734,7 @@ fn records_follow_the_prototype_shape() {
         let meta = &json["metadata"][f];
         assert_eq!(meta["lineno"].as_i64(), Some(line_of(&script, needle)), "{meta}");
         assert_eq!(meta["filename"].as_str(), script.to_str());
-        assert_eq!(meta["module"], "work");
+        assert_eq!(meta["module"], "__main__");
     }
     let all: Vec<&Value> = results.values().flatten().collect();
     assert!(

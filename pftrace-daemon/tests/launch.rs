@@ -20,6 +20,7 @@ fn first_line_calls_are_traced_and_exit_status_passes_through() {
         import json, os, sys; parsed = [json.loads("[%d]" % i) for i in range(3)]
         assert parsed == [[0], [1], [2]]
         print("pid", os.getpid(), "argv", *sys.argv[1:], flush=True)
+        import time; time.sleep(0.3)  # alive while pftraced resolves raw_decode's module
         if sys.argv[1:] != ["--size", "10", "two words"]:
             sys.exit(99)
         sys.exit(7)
@@ -44,7 +45,7 @@ fn first_line_calls_are_traced_and_exit_status_passes_through() {
     let raw = trace.named("raw_decode");
     assert_eq!(raw.len(), 3, "raw_decode calls: {raw:?}");
     assert!(raw.iter().all(|c| c.file.ends_with("/json/decoder.py")));
-    assert!(raw.iter().all(|c| c.cat == "decoder"));
+    assert!(raw.iter().all(|c| c.cat == "json.decoder" && c.qualname == "JSONDecoder.raw_decode"));
     assert_eq!(trace.named_in("decode", "/json/decoder.py").len(), 3);
     // Each raw_decode runs inside a json decode.
     for r in &raw {

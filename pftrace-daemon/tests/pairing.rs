@@ -96,7 +96,7 @@ fn four_threads_in_pid_mode_give_exact_counts_per_thread() {
         assert_eq!(c.pid, py.pid(), "pid of {c:?}");
         assert_eq!(c.file, script.to_str().unwrap());
         assert_eq!(c.line, line_of(&script, "def foo("));
-        assert_eq!(c.cat, "threads");
+        assert_eq!(c.cat, "__main__");
         per_tid.entry(c.tid).or_default().push(c);
     }
     let mut want: Vec<u32> = script_tids.clone();

@@ -13,6 +13,7 @@ mod bench;
 mod build;
 mod cpython;
 mod demo;
+mod hatchet;
 mod pyenv;
 mod setup;
 mod sid_pythons;

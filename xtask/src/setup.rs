@@ -3,8 +3,9 @@
 //! Steps: Debian packages, the nightly toolchain with rust-src, bpf-linker, a
 //! CPython whose USDT probes fire (built once into /var/cache/pftrace), Debian
 //! sid's CPython 3.13-3.15 packages (unpacked into /var/cache/pftrace),
-//! pyenv's CPythons, and a Debian bookworm root with systemd (debootstrap,
-//! into /var/cache/pftrace) that the systemd service tests boot. Every step is idempotent and prints one line saying
+//! pyenv's CPythons, LLNL Hatchet (a venv in /var/cache/pftrace), and a
+//! Debian bookworm root with systemd (debootstrap, into /var/cache/pftrace)
+//! that the systemd service tests boot. Every step is idempotent and prints one line saying
 //! whether it found or installed things.
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::apt::{apt_get, dpkg_installed};
 use crate::util::{self, Step, which_on_path};
-use crate::{cpython, pyenv, sid_pythons, systemd_root};
+use crate::{cpython, hatchet, pyenv, sid_pythons, systemd_root};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
@@ -36,6 +37,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "python3.11",
+    "python3.11-venv",
     "patchelf",
     "systemd",
     "passwd",
@@ -59,6 +61,8 @@ pub struct Env {
     pub pyenv_root: PathBuf,
     /// A Debian bookworm root with systemd, booted by the systemd service tests.
     pub systemd_root: PathBuf,
+    /// A python with LLNL Hatchet (reads PerfFlowAspect's files).
+    pub hatchet_python: PathBuf,
 }
 
 /// The steps building pftraced and running it on the bundled example need
@@ -80,6 +84,7 @@ pub fn run() -> Result<Env> {
     let sid_root = sid_pythons::ensure().context("setup step `debian sid pythons` failed")?;
     let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
     let systemd_root = systemd_root::ensure().context("setup step `systemd root` failed")?;
+    let hatchet_python = hatchet::ensure().context("setup step `hatchet` failed")?;
     println!(
         "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} \
          PFTRACE_SYSTEMD_ROOT={}",
@@ -89,7 +94,7 @@ pub fn run() -> Result<Env> {
         pyenv_root.display(),
         systemd_root.display()
     );
-    Ok(Env { python, sid_root, pyenv_root, systemd_root })
+    Ok(Env { python, sid_root, pyenv_root, systemd_root, hatchet_python })
 }
 
 fn apt_packages() -> Result<()> {

@@ -1,11 +1,13 @@
-//! `cargo xtask test`: setup, then every test (xtask's own, pftrace-common's, pftrace-daemon's).
+//! `cargo xtask test`: setup, then every test (xtask's own, pftrace-common's,
+//! pftrace-code's, pftrace-daemon's).
 //!
 //! The daemon's tests load BPF programs and trace real CPythons, so they need
 //! root and get the interpreters setup made through the environment:
 //! `PFTRACE_PYTHON` (the probe-enabled CPython 3.9), `PFTRACE_SID_ROOT`
 //! (Debian sid's CPython 3.13-3.15 under `usr/bin/python3.X`) and
 //! `PFTRACE_PYENV_ROOT` (pyenv's builds under `versions/3.X.Y`) and
-//! `PFTRACE_SYSTEMD_ROOT` (the Debian root the systemd service tests boot).
+//! `PFTRACE_SYSTEMD_ROOT` (the Debian root the systemd service tests boot) and
+//! `PFTRACE_HATCHET_PYTHON` (a python with LLNL Hatchet).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -51,7 +53,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Step::new("test", "xtask").say("skipped (extra cargo test arguments given)");
     }
 
-    let step = Step::new("test", "pftrace-common, pftrace-daemon");
+    let step = Step::new("test", "pftrace-common, pftrace-code, pftrace-daemon");
     step.say(format!(
         "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} PFTRACE_SYSTEMD_ROOT={}",
         env.python.display(),
@@ -64,16 +66,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .env("PFTRACE_SID_ROOT", &env.sid_root)
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
         .env("PFTRACE_SYSTEMD_ROOT", &env.systemd_root)
+        .env("PFTRACE_HATCHET_PYTHON", &env.hatchet_python)
         // --no-fail-fast: one failing test file must not hide the results of
         // the files after it (a red CI run should list every failure at once).
-        .args(["test", "--release", "--no-fail-fast", "-p", "pftrace-common", "-p", "pftrace-daemon"])
+        .args(["test", "--release", "--no-fail-fast", "-p", "pftrace-common", "-p", "pftrace-code", "-p", "pftrace-daemon"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
     if status.success() {
         step.done("passed");
     } else {
         step.done(format!("FAILED ({status})"));
-        failed.push("pftrace-common/pftrace-daemon");
+        failed.push("pftrace-common/pftrace-code/pftrace-daemon");
     }
 
     let ran_none = totals.passed == 0 && failed.is_empty();

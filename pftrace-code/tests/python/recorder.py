@@ -7,7 +7,8 @@ module code; for a class body, the __qualname__ it sets, read at its
 'return': 3.9 names a class body's function after the bare class name), __name__ of the frame's globals, co_varnames with the counts
 and flags that split it, co_stacksize, and the last line a 'return' event
 reported (what a return probe gives). Then it prints READY and waits for a
-line on stdin, so the process is alive while it is resolved from outside."""
+line on stdin (or, at end of input, PFTRACE_RECORD_LINGER seconds), so the
+process is alive while it is resolved from outside."""
 import gc
 import json
 import os
@@ -73,4 +74,8 @@ def finish():
         for rec in _seen.values():
             f.write(json.dumps(rec) + "\n")
     print("READY", flush=True)
-    sys.stdin.readline()
+    # Without a stdin to wait on (a command pftraced launches), stay alive
+    # PFTRACE_RECORD_LINGER seconds, for what is resolved from outside.
+    if not sys.stdin.readline():
+        import time
+        time.sleep(float(os.environ.get("PFTRACE_RECORD_LINGER", "0")))

@@ -9,7 +9,10 @@ use super::{Daemon, store};
 use crate::{
     control::server::Handled,
     output,
-    protocol::{BUSY, CallFilter, Command, DumpHeader, NamesReply, StatsReply, StatsSource, Status},
+    protocol::{
+        BUSY, CallFilter, Command, DumpHeader, NamesReply, STATUS_FUNCTIONS, StatsGrouping, StatsReply,
+        StatsSource, Status,
+    },
     stats::{Aggregator, PERCENTILE_ERROR},
 };
 
@@ -19,7 +22,7 @@ impl Daemon {
         match command {
             Command::Status {} => json_reply(&self.status()),
             Command::Dump { filter, format } => self.dump(&filter, format.as_deref()),
-            Command::Stats { filter, per_pid } => self.stats(&filter, per_pid),
+            Command::Stats { filter, per_pid, by } => self.stats(&filter, per_pid, by),
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
                 Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
                 Err(err) => Handled::Error(err.to_string()),
@@ -37,6 +40,7 @@ impl Daemon {
     }
 
     fn status(&self) -> Status {
+        let (functions, functions_total) = self.functions.seen(&self.codes.table(), STATUS_FUNCTIONS);
         Status {
             daemon_pid: std::process::id(),
             daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -56,7 +60,10 @@ impl Daemon {
             dumps_in_progress: (self.max_dumps - self.dumps.available_permits()) as u64,
             max_concurrent_dumps: self.max_dumps as u64,
             output: self.rolling.as_ref().map(|r| r.status()),
-            jobs: self.jobs.as_ref().map_or_else(Vec::new, |j| j.status()),
+            jobs: self.jobs.as_ref().map_or_else(Vec::new, |j| j.status(&self.codes.table())),
+            functions,
+            functions_total,
+            codes: self.codes.counts(),
         }
     }
 
@@ -95,7 +102,7 @@ impl Daemon {
     /// Figures of every call since tracing started (no filter, or only a
     /// function name), or of the calls in memory a filter selects (computed
     /// off the event loop).
-    fn stats(&self, filter: &CallFilter, per_pid: bool) -> Handled {
+    fn stats(&self, filter: &CallFilter, per_pid: bool, by: StatsGrouping) -> Handled {
         let (calls_total, calls_in_memory) = (self.store.total, self.store.len() as u64);
         let reply = move |source, functions| StatsReply {
             source,
@@ -105,19 +112,20 @@ impl Daemon {
             functions,
         };
         if !per_pid && filter.since_wall_ns.is_none() && filter.pid.is_none() {
-            let mut rows = self.functions.rows();
+            let mut rows = self.functions.rows(by, &self.codes.table());
             if let Some(function) = &filter.function {
                 rows.retain(|r| &r.function == function);
             }
             return json_reply(&reply(StatsSource::AllCalls, rows));
         }
         let calls = self.store.snapshot(store::selector(filter, self.clock));
+        let codes = self.codes.table();
         Handled::Blocking(Box::new(move || {
             let mut selected = Aggregator::new(per_pid);
             for call in calls.iter() {
                 selected.push(call);
             }
-            json_reply(&reply(StatsSource::CallsInMemory, selected.rows()))
+            json_reply(&reply(StatsSource::CallsInMemory, selected.rows(by, &codes)))
         }))
     }
 }

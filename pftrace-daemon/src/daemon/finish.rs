@@ -21,6 +21,7 @@ impl Daemon {
         let links = self.processes.end_and_take_links(pid);
         self.scheduler.retire(links);
         self.sampler.forget(pid);
+        self.codes.forget(pid);
         // Still tracked (its forks and execs reported) if it only exec'd
         // something else; the kernel forgets it when it exits.
         log::debug!("pid {pid} ended");
@@ -45,6 +46,8 @@ impl Daemon {
         if let Some(r) = &mut self.rolling {
             r.close();
         }
+        // Every function asked for is answered before the trace is written.
+        self.codes.finish();
         self.processes.detach_all();
         self.scheduler.detach_rest_in_background();
         if self.store.evicted > 0 && self.spill.is_none() {
@@ -58,7 +61,7 @@ impl Daemon {
         calls.sort_by_key(|c| (c.start_ns, c.depth));
         let mut trace = self.trace_of(calls.into(), None, end_ns, counters);
         trace.spilled = self.spill.take().map(SpillWriter::finish);
-        trace.functions = self.functions.rows();
+        trace.functions = self.functions.rows(Default::default(), &trace.codes);
         trace
     }
 
@@ -94,6 +97,7 @@ impl Daemon {
             start_ns: self.start_ns,
             end_ns,
             hostname: hostname(),
+            codes: self.codes.table(),
         }
     }
 }

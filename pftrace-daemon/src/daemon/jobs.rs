@@ -28,7 +28,8 @@ use crate::{
     job_pattern::{self, JobPattern},
     output::{Choice, destination::Destination, spill::SpillWriter},
     pairing::Call,
-    protocol::JobStatus,
+    codes::CodeTable,
+    protocol::{JobStatus, StatsGrouping},
     stats::Aggregator,
     trace::{CallList, JobId},
 };
@@ -174,17 +175,17 @@ impl Jobs {
         Some(under.components().next()?.as_os_str().to_string_lossy().into_owned())
     }
 
-    pub fn status(&self) -> Vec<JobStatus> {
+    pub fn status(&self, codes: &CodeTable) -> Vec<JobStatus> {
         let mut v: Vec<JobStatus> = self.finished.iter().cloned().collect();
         let mut running: Vec<&Job> = self.active.values().collect();
         running.sort_by_key(|j| j.start_ns);
-        v.extend(running.into_iter().map(|j| j.status(&self.root, true)));
+        v.extend(running.into_iter().map(|j| j.status(&self.root, true, codes)));
         v
     }
 }
 
 impl Job {
-    fn status(&self, root: &Path, running: bool) -> JobStatus {
+    fn status(&self, root: &Path, running: bool, codes: &CodeTable) -> JobStatus {
         JobStatus {
             id: self.id.clone(),
             cgroup: root.join(&self.name).display().to_string(),
@@ -193,7 +194,7 @@ impl Job {
             calls: self.calls,
             trace: self.file.clone().filter(|_| self.error.is_none()),
             error: self.error.clone(),
-            functions: self.functions.rows(),
+            functions: self.functions.rows(StatsGrouping::Function, codes),
         }
     }
 }
@@ -323,7 +324,8 @@ impl Daemon {
         }
         let root = jobs.root.clone();
         let output = job.output.take();
-        let status = job.status(&root, false);
+        let codes = self.codes.table();
+        let status = job.status(&root, false, &codes);
         let counters = self.counters();
         let mut trace = self.trace_of(CallList::default(), None, end_ns, counters);
         trace.processes.retain(|p| pids.contains(&p.pid));
@@ -334,7 +336,7 @@ impl Daemon {
         trace.start_ns = job.start_ns;
         trace.calls_total = job.calls;
         trace.calls_evicted = 0;
-        trace.functions = job.functions.rows();
+        trace.functions = job.functions.rows(StatsGrouping::Function, &codes);
         let id = job.id.clone();
         let Some((destination, spill)) = output else {
             log::warn!(

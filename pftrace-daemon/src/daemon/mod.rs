@@ -117,6 +117,10 @@ pub struct Daemon {
     until_targets_exit: bool,
     targets: Vec<String>,
     store: CallStore,
+    /// What each traced function is, resolved on a thread of its own.
+    codes: crate::codes::CodeResolver,
+    /// The rolling files' look-ups in its table.
+    code_reader: crate::codes::CodeReader,
     /// Per-function figures of every completed call (the summary's, and
     /// `stats` without a filter), whatever the store still holds.
     functions: Aggregator,

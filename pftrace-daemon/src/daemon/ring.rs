@@ -5,7 +5,11 @@
 use aya::maps::{MapData, RingBuf};
 
 use super::Daemon;
-use crate::{clock::WallClock, events::Record, pairing::Call};
+use crate::{
+    clock::WallClock,
+    events::{EventKind, Record},
+    pairing::Call,
+};
 
 /// A process change read from the ring buffer.
 enum ProcChange {
@@ -25,6 +29,10 @@ impl Daemon {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
                     if self.filter.keep(&ev.name, &ev.file) {
+                        if ev.kind == EventKind::Entry {
+                            let processes = &self.processes;
+                            self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));
+                        }
                         self.pairer.push(ev, &mut completed);
                     }
                 }
@@ -71,7 +79,7 @@ impl Daemon {
             return;
         }
         if let Some(r) = &mut self.rolling {
-            r.write_calls(&calls, &self.clock, |pid| self.processes.info(pid));
+            r.write_calls(&calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
         }
         if let Some(s) = &mut self.spill {
             s.append(&calls);

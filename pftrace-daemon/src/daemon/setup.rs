@@ -152,6 +152,8 @@ impl Daemon {
             targets.push("all probe-enabled Pythons on the host".into());
         }
         targets.extend(binaries);
+        let codes = crate::codes::CodeResolver::start();
+        let code_reader = crate::codes::CodeReader::new(&codes.table());
         let mut daemon = Self {
             probes,
             filter,
@@ -164,6 +166,8 @@ impl Daemon {
             all: opts.all,
             targets,
             store: CallStore::new(limits.max_calls_in_memory),
+            codes,
+            code_reader,
             functions: Aggregator::new(false),
             dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
             max_dumps: limits.max_concurrent_dumps,

@@ -69,8 +69,10 @@ impl TraceFormat for Chrome {
         for &(pid, tid) in &tally.threads {
             put(&mut w, &thread_name_event(pid, tid, &thread_display_name(trace, pid, tid)))?;
         }
+        let mut codes = crate::codes::CodeReader::new(&trace.codes);
         for c in source.sorted(|c: &Call| (c.start_ns, c.depth))? {
-            put(&mut w, &call_event(&c?, &trace.clock))?;
+            let c = c?;
+            put(&mut w, &call_event(&c, &codes.info(&c), &trace.clock))?;
         }
         for s in &trace.samples {
             for ev in counter_events(s, &trace.clock) {

@@ -5,23 +5,24 @@
 
 use std::path::Path;
 
+use pftrace_code::CodeInfo;
 use serde_json::{Value, json};
 
 use crate::{
     clock::WallClock,
+    codes::{category, display_name},
     pairing::{Call, CallEnd},
     trace::{JobId, ProcessSample, TracedProcess},
 };
 
-/// The module-like category of a call: the file's stem (`decoder` for `json/decoder.py`).
-pub fn category(file: &str) -> &str {
-    Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or(file)
-}
-
-/// One complete ("X") event: wall-clock µs start, µs duration, file and line
-/// in args, `incomplete: true` when no return was seen.
-pub fn call_event(call: &Call, clock: &WallClock) -> Value {
-    let mut args = json!({"file": &*call.file, "line": call.line,
+/// One complete ("X") event: named by the function's qualified name and
+/// categorised by its dotted module where known (else `co_name` and the
+/// file: see [`crate::codes`]); wall-clock µs start, µs duration; in args
+/// the code object's name, module, qualified name and path (null when
+/// unknown), file and line, `incomplete: true` when no return was seen.
+pub fn call_event(call: &Call, info: &CodeInfo, clock: &WallClock) -> Value {
+    let mut args = json!({"function": &*call.name, "module": &info.module, "qualname": &info.qualname,
+                          "path": info.path(), "file": &*call.file, "line": call.line,
                           "rss_entry_bytes": call.rss_entry_bytes, "rss_return_bytes": call.rss_return_bytes});
     if let (Some(cpu), Some(off)) = (call.cpu_ns, call.offcpu_ns()) {
         args["cpu_ns"] = json!(cpu);
@@ -31,8 +32,8 @@ pub fn call_event(call: &Call, clock: &WallClock) -> Value {
         args["incomplete"] = json!(true);
     }
     json!({
-        "name": &*call.name,
-        "cat": category(&call.file),
+        "name": display_name(info),
+        "cat": category(info),
         "ph": "X",
         "pid": call.pid,
         "tid": call.tid,
@@ -132,8 +133,20 @@ mod tests {
             rss_entry_bytes: 0,
             rss_return_bytes: 0,
         };
-        let ev = call_event(&call, &clock);
-        assert_eq!(ev["cat"], "decoder");
+        let info = crate::codes::unresolved(&call, "gone");
+        let ev = call_event(&call, &info, &clock);
+        assert_eq!((ev["name"].as_str(), ev["cat"].as_str()), (Some("raw_decode"), Some(&*call.file)));
+        assert!(ev["args"]["module"].is_null() && ev["args"]["path"].is_null());
+        let mut info = info;
+        info.module = pftrace_code::Field::Known("json.decoder".into());
+        info.qualname = pftrace_code::Field::Known("JSONDecoder.raw_decode".into());
+        let ev = call_event(&call, &info, &clock);
+        assert_eq!(
+            (ev["name"].as_str(), ev["cat"].as_str()),
+            (Some("JSONDecoder.raw_decode"), Some("json.decoder"))
+        );
+        assert_eq!(ev["args"]["path"], "json.decoder.JSONDecoder.raw_decode");
+        assert_eq!(ev["args"]["function"], "raw_decode");
         assert_eq!(ev["dur"], 2.5);
         assert_eq!(ev["args"]["incomplete"], true);
         assert_eq!(ev["args"]["line"], 332);

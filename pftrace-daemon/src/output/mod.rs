@@ -167,9 +167,25 @@ pub(crate) mod testing {
         }
     }
 
-    /// Process 4200001 (comm `worker`, slurm job 42): `outer` calling `inner`
-    /// on its main thread and `inner` on thread 4200002. Process 4200002 (no
-    /// comm): an incomplete `outer` from another file on thread 4200003.
+    /// What the resolver would say of a function of module `app` (`/srv/app.py`).
+    pub fn app_code(call: &Call, qualname: &str, args: &[&str]) -> pftrace_code::CodeInfo {
+        use pftrace_code::{Field, Params};
+        let names: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        pftrace_code::CodeInfo {
+            lineno: Field::Known(call.line as u32),
+            module: Field::Known("app".into()),
+            qualname: Field::Known(qualname.into()),
+            params: Field::Known(Params { positional: names.len() as u32, names, ..Default::default() }),
+            locals: Field::Known(vec!["i".into()]),
+            stacksize: Field::unknown(pftrace_code::resolver::STACKSIZE_WHY),
+            ..crate::codes::unresolved(call, "")
+        }
+    }
+
+    /// Process 4200001 (comm `worker`, slurm job 42): `outer` calling
+    /// `inner` (method `Job.inner`) on its main thread and `inner` on thread
+    /// 4200002, both resolved. Process 4200002 (no comm): an incomplete
+    /// `outer` from another file on thread 4200003, never resolved.
     pub fn sample_trace() -> Trace {
         let mut open = call(4_200_002, 4_200_003, "outer", "/srv/other.py", 500, 600, 0);
         open.end = CallEnd::Incomplete;
@@ -182,6 +198,11 @@ pub(crate) mod testing {
             rss_bytes: 200_000_000,
             peak_rss_bytes: 300_000_000,
         };
+        let codes = crate::codes::CodeTable::default();
+        for (name, qualname, args) in [("outer", "outer", &[][..]), ("inner", "Job.inner", &["self"][..])] {
+            let c = call(4_200_001, 4_200_001, name, "/srv/app.py", 0, 1, 0);
+            codes.insert(crate::codes::CodeKey::of_call(&c), Arc::new(app_code(&c, qualname, args)));
+        }
         Trace {
             names: vec!["outer".into(), "inner".into()],
             processes: vec![
@@ -223,6 +244,7 @@ pub(crate) mod testing {
             start_ns: 1000 * MS,
             end_ns: 1600 * MS,
             hostname: "testhost".into(),
+            codes,
         }
     }
 }

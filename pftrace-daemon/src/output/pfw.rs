@@ -21,10 +21,13 @@
 //!   `.pfw`; one file per traced process.
 //!
 //! Where pftrace differs, because it watches from outside the process:
-//! - `name` is the code object's name (`co_name`: `step`, not the qualname
-//!   `Solver.step`): CPython 3.9's probes give only that, the file and the
-//!   line. `cat`, PerfFlowAspect's module, is the file's stem (`decoder` for
-//!   `json/decoder.py`).
+//! - `name` is the function's qualified name (`Solver.step`, as
+//!   PerfFlowAspect's `__qualname__`) and `cat` its dotted module
+//!   (`json.decoder`), both resolved from outside the process (see
+//!   `codes.rs` and `pftrace-code`). Where that could not be done (the
+//!   process exited before it was resolved, the source is unreadable or
+//!   changed), `name` is the code object's name (`co_name`, what the probe
+//!   gives) and `cat` the file as the probe gave it: never a guessed module.
 //! - `cpu_usage`: PerfFlowAspect divides the process's user CPU seconds
 //!   consumed during the call (psutil `cpu_times().user`) by the call's wall
 //!   seconds, × 100. pftrace has the calling thread's CPU time (user +
@@ -51,17 +54,18 @@ use std::{
     path::PathBuf,
 };
 
+use pftrace_code::CodeInfo;
 use serde::Serialize;
 
 use super::{
     TraceFormat,
     calls::CallSource,
-    events::category,
     safe_file::{Dir, FileError},
     sort::CallIter,
 };
 use crate::{
     clock::WallClock,
+    codes::{CodeReader, category, display_name},
     pairing::{Call, CallEnd},
     trace::Trace,
 };
@@ -349,12 +353,18 @@ impl Iterator for Moments<'_> {
 
 impl Pfw {
     /// The events of one moment of one call, in writing order.
-    fn events<'a>(&self, call: &'a Call, moment: Moment, clock: &WallClock) -> Vec<Event<'a>> {
+    fn events<'a>(
+        &self,
+        call: &'a Call,
+        info: &'a CodeInfo,
+        moment: Moment,
+        clock: &WallClock,
+    ) -> Vec<Event<'a>> {
         let start = clock.wall_us(call.start_ns);
         let end = clock.wall_us(call.end_ns);
         let ev = |ph: &'static str, ts: f64| Event {
-            name: &call.name,
-            cat: category(&call.file),
+            name: display_name(info),
+            cat: category(info),
             pid: call.pid,
             tid: call.tid,
             ts,
@@ -407,10 +417,12 @@ impl Pfw {
         &self,
         moment: Moment,
         call: &Call,
+        codes: &mut CodeReader,
         clock: &WallClock,
         w: &mut dyn Write,
     ) -> io::Result<()> {
-        for event in self.events(call, moment, clock) {
+        let info = codes.info(call);
+        for event in self.events(call, &info, moment, clock) {
             let mut ser = serde_json::Serializer::with_formatter(&mut *w, PythonSpacing);
             event.serialize(&mut ser).map_err(io::Error::from)?;
             w.write_all(b",\n")?;
@@ -424,9 +436,10 @@ impl TraceFormat for Pfw {
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
         let mut w = io::BufWriter::new(out);
         self.write_header(&mut w)?;
+        let mut codes = CodeReader::new(&trace.codes);
         for m in Moments::new(trace.call_source(), self.event, false)? {
             let (moment, call) = m?;
-            self.write_moment(moment, &call, &trace.clock, &mut w)?;
+            self.write_moment(moment, &call, &mut codes, &trace.clock, &mut w)?;
         }
         w.into_inner().map_err(|e| e.into_error())?.flush()
     }
@@ -469,6 +482,7 @@ pub fn write_files(trace: &Trace, dir: &Dir, opts: &PfwOptions) -> Result<Vec<Pf
         dir.existing(&name(pid))?;
     }
     let mut moments = Moments::new(source, opts.pfw.event, true).map_err(io_error)?;
+    let mut codes = CodeReader::new(&trace.codes);
     let mut written = Vec::new();
     for (&pid, &calls) in &per_pid {
         let mut file = dir.replacement(&name(pid), 0o644)?;
@@ -479,7 +493,7 @@ pub fn write_files(trace: &Trace, dir: &Dir, opts: &PfwOptions) -> Result<Vec<Pf
         // Incomplete calls in Compact form have no moment: a process may have none.
         while moments.peek_pid() == Some(pid) {
             let (moment, call) = moments.next().expect("peeked").map_err(io_error)?;
-            opts.pfw.write_moment(moment, &call, &trace.clock, &mut w).map_err(failed)?;
+            opts.pfw.write_moment(moment, &call, &mut codes, &trace.clock, &mut w).map_err(failed)?;
         }
         w.flush().map_err(failed)?;
         drop(w);
@@ -556,12 +570,15 @@ mod tests {
             .filter(|e| e["pid"] == 4_200_001 && e["ph"] != "C")
             .map(|e| format!("{}{}", e["ph"].as_str().unwrap(), e["name"].as_str().unwrap()))
             .collect();
-        assert_eq!(order[..4], ["Bouter", "Binner", "Einner", "Eouter"]);
+        assert_eq!(order[..4], ["Bouter", "BJob.inner", "EJob.inner", "Eouter"]);
+        // Never resolved: co_name, and the file as the category.
+        let other = events.iter().find(|e| e["pid"] == 4_200_002).unwrap();
+        assert_eq!((other["name"].as_str(), other["cat"].as_str()), (Some("outer"), Some("/srv/other.py")));
         // inner: 30 ms of CPU over 40 ms of wall time, 300 MB at return.
-        let c = events.iter().find(|e| e["ph"] == "C" && e["name"] == "inner").unwrap();
+        let c = events.iter().find(|e| e["ph"] == "C" && e["name"] == "Job.inner").unwrap();
         assert!((c["args"]["cpu_usage"].as_f64().unwrap() - 75.0).abs() < 1e-9);
         assert_eq!(c["args"]["memory_usage"].as_f64(), Some(300_000.0));
-        let b = events.iter().find(|e| e["ph"] == "B" && e["name"] == "inner").unwrap();
+        let b = events.iter().find(|e| e["ph"] == "B" && e["name"] == "Job.inner").unwrap();
         assert_eq!(c["ts"], b["ts"]);
         assert!(text.contains(r#""args": {"cpu_usage": 0, "memory_usage": 0}"#));
     }
@@ -577,7 +594,7 @@ mod tests {
         let returned: Vec<&Call> = trace.calls.iter().filter(|c| c.end == CallEnd::Returned).collect();
         assert_eq!(events.len(), returned.len());
         assert!(events.iter().all(|e| e["ph"] == "X" && e.get("args").is_none()));
-        let inner = events.iter().find(|e| e["name"] == "inner").unwrap();
+        let inner = events.iter().find(|e| e["name"] == "Job.inner").unwrap();
         assert!((inner["dur"].as_f64().unwrap() - 40_000.0).abs() < 0.5);
         // Hatchet's fix-up: the last "}," becomes "}]}" and the whole parses.
         let fixed = format!("{}}}]}}", text.trim_end().strip_suffix("},").unwrap());

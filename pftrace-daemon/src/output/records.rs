@@ -6,7 +6,8 @@
 //! {"functions": ["step", ...],
 //!  "results":  {"step": [{"name", "cpu_start", "time_start", "time_end", "time_elapsed",
 //!                         "cpu_end", "cpu_usage", "mem_usage", "pid", "process_name", "tid"}, ...]},
-//!  "metadata": {"step": {"function", "lineno", "filename", "module", "path"}}}
+//!  "metadata": {"step": {"function", "lineno", "stacksize", "filename", "args", "locals",
+//!                         "module", "path", "qualname", "params", "origin", "unresolved"?}}}
 //! ```
 //!
 //! What each figure means here (the prototype read psutil around each call):
@@ -24,16 +25,23 @@
 //! - `name` and `process_name`: the process's name (its comm), as psutil's
 //!   `name()` gave both. `tid` is added: calls of several threads are told apart.
 //! - Calls still open when tracing ended carry `"incomplete": true`.
-//! - Results and metadata are keyed by function name; when one name was
-//!   traced in several files, each is keyed `FILE:NAME` instead (the form
-//!   `pftraced -t` takes). `functions` lists the keys in order of first call.
-//! - Metadata has what the probes give: no `stacksize`, `args` or `locals`.
-//!   `module` is the file's stem and `path` is `module.function` (CPython
-//!   3.9's probes give the code object's name, not its qualname).
+//! - Results and metadata are keyed per function (code object): by its
+//!   name where no other traced function has that name, else by its
+//!   qualified path (`mod.A.run`, `mod.B.run`) where known and unique, else
+//!   `FILE:NAME` (the form `pftraced -t` takes; `FILE:LINE:NAME` if that
+//!   repeats). `functions` lists the keys in order of first call.
+//! - Metadata is the prototype's record (`function`, `lineno`, `stacksize`,
+//!   `filename`, `args`, `locals`, `module` dotted as the process imports
+//!   it, `path` = module + qualified name), then `qualname`, `params`
+//!   (parameter kinds), `origin` and `unresolved` (why each null field is
+//!   null). Resolved once per code object off the event loop (`codes.rs`,
+//!   `pftrace-code`); `stacksize` is null on the USDT path (the source does
+//!   not give it); every field is null with its reason when the process
+//!   exited before its function was resolved.
 
 use std::{
     cell::RefCell,
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io::{self, Write},
     iter::Peekable,
     sync::Arc,
@@ -41,7 +49,9 @@ use std::{
 
 use serde::{Serialize, Serializer, ser::Error as _, ser::SerializeMap as _, ser::SerializeSeq as _};
 
-use super::{TraceFormat, events::category, sort::CallIter};
+use pftrace_code::CodeInfo;
+
+use super::{TraceFormat, sort::CallIter};
 use crate::{
     pairing::{Call, CallEnd},
     trace::{ProcessSample, Trace},
@@ -65,15 +75,6 @@ struct Record<'a> {
     tid: u32,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     incomplete: bool,
-}
-
-#[derive(Serialize)]
-struct Metadata {
-    function: String,
-    lineno: i32,
-    filename: String,
-    module: String,
-    path: String,
 }
 
 /// A map serialized in insertion order.
@@ -118,54 +119,93 @@ fn seconds(ns: i128) -> f64 {
     ns as f64 / 1e9
 }
 
-/// One function as the document keys it: its first call (by start, outer
-/// first) and its place among the functions.
-struct Function {
-    /// (name, file).
-    site: (Arc<str>, Arc<str>),
-    key: String,
-    first: (u64, u32, u64),
-    metadata: Metadata,
+/// A code object as the probes name it: (name, file, entry line).
+type Site = (Arc<str>, Arc<str>, i32);
+
+fn site(c: &Call) -> Site {
+    (Arc::clone(&c.name), Arc::clone(&c.file), c.line)
 }
 
-/// The functions of all calls, in order of their first call, from one pass.
-/// Names seen in more than one file are keyed FILE:NAME.
-fn functions(calls: CallIter) -> io::Result<Vec<Function>> {
-    let mut by_site: HashMap<(Arc<str>, Arc<str>), Function> = HashMap::new();
-    let mut files_of: HashMap<Arc<str>, HashSet<Arc<str>>> = HashMap::new();
+/// One function as the document keys it: its first call (by start, outer
+/// first), its place among the functions, and what it is.
+struct Function {
+    /// The first site seen (its entry line is `co_firstlineno` when resolved).
+    site: Site,
+    /// Every site of this function: on 3.6-3.10 a generator resumed at a
+    /// `yield` reports that line, which resolves to the same code object.
+    sites: Vec<Site>,
+    key: String,
+    first: (u64, u32, u64),
+    info: Arc<CodeInfo>,
+}
+
+/// The functions of all calls (one per code object), in order of their
+/// first call, from one pass. Each is keyed by its name where no other
+/// function has that name, else by its qualified path (`mod.A.run`) where
+/// that is known and unique, else FILE:NAME (FILE:LINE:NAME if that repeats).
+fn functions(calls: CallIter, trace: &Trace) -> io::Result<Vec<Function>> {
+    let mut by_site: HashMap<Site, Function> = HashMap::new();
     for (seq, c) in calls.enumerate() {
         let c = c?;
         let first = (c.start_ns, c.depth, seq as u64);
-        files_of.entry(Arc::clone(&c.name)).or_default().insert(Arc::clone(&c.file));
-        let site = (Arc::clone(&c.name), Arc::clone(&c.file));
-        let f = by_site.entry(site.clone()).or_insert_with(|| Function {
-            site,
+        let f = by_site.entry(site(&c)).or_insert_with(|| Function {
+            site: site(&c),
+            sites: vec![site(&c)],
             key: String::new(),
             first,
-            metadata: Metadata {
-                function: c.name.to_string(),
-                lineno: c.line,
-                filename: c.file.to_string(),
-                module: String::new(),
-                path: String::new(),
-            },
+            info: trace.codes.info(&c),
         });
         if first < f.first {
             f.first = first;
-            f.metadata.lineno = c.line;
+            f.info = trace.codes.info(&c);
         }
     }
-    let mut out: Vec<Function> = by_site
-        .into_iter()
-        .map(|((name, file), mut f)| {
-            f.key = if files_of[&name].len() > 1 { format!("{file}:{name}") } else { name.to_string() };
-            f.metadata.module = category(&file).to_string();
-            f.metadata.path = format!("{}.{name}", f.metadata.module);
-            f
-        })
-        .collect();
-    out.sort_by_key(|f| f.first);
+    // One function per code object: sites resolved to the same first line join.
+    let mut sites: Vec<Function> = by_site.into_values().collect();
+    sites.sort_by_key(|f| f.first);
+    let mut out: Vec<Function> = Vec::new();
+    let mut by_code: HashMap<(Arc<str>, Arc<str>, i64), usize> = HashMap::new();
+    for f in sites {
+        let line = f.info.lineno.known().map_or(i64::from(f.site.2), |&l| i64::from(l));
+        let code = (f.site.0.clone(), f.site.1.clone(), line);
+        match by_code.get(&code) {
+            Some(&i) => out[i].sites.push(f.site),
+            None => {
+                by_code.insert(code, out.len());
+                out.push(f);
+            }
+        }
+    }
+    let count = |keys: &mut dyn Iterator<Item = String>| {
+        let mut n: HashMap<String, usize> = HashMap::new();
+        keys.for_each(|k| *n.entry(k).or_default() += 1);
+        n
+    };
+    let names = count(&mut out.iter().map(|f| f.site.0.to_string()));
+    let paths = count(&mut out.iter().filter_map(|f| f.info.path().known().cloned()));
+    let file_names = count(&mut out.iter().map(|f| format!("{}:{}", f.site.1, f.site.0)));
+    for f in &mut out {
+        let (name, file, line) = &f.site;
+        let file_name = format!("{file}:{name}");
+        f.key = match f.info.path().known() {
+            _ if names[&name.to_string()] == 1 => name.to_string(),
+            Some(path) if paths[path] == 1 => path.clone(),
+            _ if file_names[&file_name] == 1 => file_name,
+            _ => format!("{file}:{line}:{name}"),
+        };
+    }
     Ok(out)
+}
+
+/// The prototype's metadata record of one function: its fields in its
+/// order, then `qualname`, the parameter kinds, where the answer came from
+/// and why any field is null (see [`CodeInfo`]).
+struct Metadata(Arc<CodeInfo>);
+
+impl Serialize for Metadata {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 /// The calls of each function, pulled from one stream sorted by (function,
@@ -173,7 +213,7 @@ fn functions(calls: CallIter) -> io::Result<Vec<Function>> {
 struct Results<'t, 'c> {
     trace: &'t Trace,
     keys: Vec<String>,
-    rank: HashMap<(Arc<str>, Arc<str>), usize>,
+    rank: HashMap<Site, usize>,
     readings: Readings<'t>,
     calls: RefCell<Peekable<CallIter<'c>>>,
 }
@@ -183,7 +223,7 @@ struct Group<'r, 't, 'c>(&'r Results<'t, 'c>, usize);
 
 impl Results<'_, '_> {
     fn rank_of(&self, c: &Call) -> usize {
-        self.rank[&(Arc::clone(&c.name), Arc::clone(&c.file))]
+        self.rank[&site(c)]
     }
 
     fn record<'s>(&'s self, c: &Call) -> Record<'s> {
@@ -248,15 +288,16 @@ struct Document<'t, 'c> {
 impl TraceFormat for Records {
     fn write(&self, trace: &Trace, out: &mut dyn Write) -> io::Result<()> {
         let source = trace.call_source();
-        let functions = functions(source.iter())?;
-        let rank: HashMap<(Arc<str>, Arc<str>), usize> =
-            functions.iter().enumerate().map(|(i, f)| (f.site.clone(), i)).collect();
+        let functions = functions(source.iter(), trace)?;
+        let rank: HashMap<Site, usize> = functions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.sites.iter().map(move |s| (s.clone(), i)))
+            .collect();
         let order = Arc::new(rank.clone());
-        let calls = source.sorted(move |c: &Call| {
-            (order[&(Arc::clone(&c.name), Arc::clone(&c.file))], c.start_ns, c.depth)
-        })?;
+        let calls = source.sorted(move |c: &Call| (order[&site(c)], c.start_ns, c.depth))?;
         let keys: Vec<String> = functions.iter().map(|f| f.key.clone()).collect();
-        let metadata = Ordered(functions.into_iter().map(|f| (f.key, f.metadata)).collect());
+        let metadata = Ordered(functions.into_iter().map(|f| (f.key, Metadata(f.info))).collect());
         let doc = Document {
             functions: keys.clone(),
             results: Results {
@@ -295,7 +336,8 @@ mod tests {
         // `inner` is traced in one file, `outer` in two.
         let functions: Vec<&str> =
             v["functions"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-        assert_eq!(functions, ["/srv/app.py:outer", "inner", "/srv/other.py:outer"]);
+        // `outer` of app.py is resolved: keyed by its path.
+        assert_eq!(functions, ["app.outer", "inner", "/srv/other.py:outer"]);
         let inner = v["results"]["inner"].as_array().unwrap();
         assert_eq!(inner.len(), 2);
         let first = &inner[0];
@@ -309,7 +351,16 @@ mod tests {
         assert_eq!(inner[1]["cpu_end"].as_f64(), Some(90.0));
         assert!(first.get("incomplete").is_none());
         assert_eq!(v["results"]["/srv/other.py:outer"][0]["incomplete"], true);
+        // The prototype's metadata, from the resolver's answer.
         let meta = &v["metadata"]["inner"];
+        // Keys in the prototype's order (serde_json's Value sorts them: read the text).
+        let at = text.find("\"function\": \"inner\"").unwrap();
+        let order: Vec<usize> =
+            ["function", "lineno", "stacksize", "filename", "args", "locals", "module", "path"]
+                .iter()
+                .map(|k| at + text[at..].find(&format!("\"{k}\": ")).unwrap())
+                .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert_eq!(
             (
                 meta["function"].as_str(),
@@ -317,7 +368,16 @@ mod tests {
                 meta["path"].as_str(),
                 meta["lineno"].as_i64()
             ),
-            (Some("inner"), Some("app"), Some("app.inner"), Some(7))
+            (Some("inner"), Some("app"), Some("app.Job.inner"), Some(7))
         );
+        assert_eq!(
+            (meta["args"].clone(), meta["locals"].clone()),
+            (serde_json::json!(["self"]), serde_json::json!(["i"]))
+        );
+        assert!(meta["stacksize"].is_null() && meta["unresolved"]["stacksize"].is_string());
+        // Never resolved: every derived field null, with the reason.
+        let other = &v["metadata"]["/srv/other.py:outer"];
+        assert!(other["module"].is_null() && other["path"].is_null() && other["args"].is_null());
+        assert_eq!(other["unresolved"]["module"], crate::codes::NOT_RESOLVED);
     }
 }

@@ -136,11 +136,12 @@ impl RollingOutput {
     pub fn write_calls<'p>(
         &mut self,
         calls: &[Call],
+        codes: &mut crate::codes::CodeReader,
         clock: &WallClock,
         process: impl Fn(u32) -> Option<&'p TracedProcess>,
     ) {
         for call in calls {
-            let event = serde_json::to_vec(&call_event(call, clock)).unwrap_or_default();
+            let event = serde_json::to_vec(&call_event(call, &codes.info(call), clock)).unwrap_or_default();
             let name_event = || serde_json::to_vec(&process_name_event(call.pid, process(call.pid)));
             // The name event goes before the process's first call in each file.
             let name = match &self.current {
@@ -450,7 +451,9 @@ mod tests {
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 4096, 3600), "build host/1").unwrap();
         for chunk in calls(0, 500).chunks(37) {
-            out.write_calls(chunk, &clock, |pid| PROCESSES.get(&pid));
+            out.write_calls(chunk, &mut crate::codes::CodeReader::new(&Default::default()), &clock, |pid| {
+                PROCESSES.get(&pid)
+            });
         }
         out.flush();
         // What is on disk now is already a readable trace (as after a crash).
@@ -479,7 +482,8 @@ mod tests {
         assert_eq!(status.current_file, None);
         let first = events(&files[0]);
         assert_eq!(first[0]["args"]["name"], "python3.9 100");
-        assert_eq!(first[1]["cat"], "work");
+        // Unresolved (no table entry): the file is the category, not a guessed module.
+        assert_eq!(first[1]["cat"], "/srv/app/work.py");
         assert_eq!(first[1]["args"]["incomplete"], true);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -489,9 +493,19 @@ mod tests {
         let dir = temp("age");
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 1), "h").unwrap();
-        out.write_calls(&calls(0, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(0, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         std::thread::sleep(Duration::from_millis(1100));
-        out.write_calls(&calls(10, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(10, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         std::thread::sleep(Duration::from_millis(1100));
         out.flush(); // an idle file past its age is closed without waiting for calls
         assert_eq!(out.status().current_file, None);
@@ -525,7 +539,12 @@ mod tests {
         let clock = WallClock::measure();
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 3600), "h").unwrap();
         out.retry_interval = Duration::from_millis(50);
-        out.write_calls(&calls(0, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(0, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         out.flush();
         // The directory is removed and a file takes its place.
         fs::remove_dir_all(&dir).unwrap();
@@ -540,18 +559,33 @@ mod tests {
                 .unwrap()
                 .ends_with("was deleted while being written; starting a new file")
         );
-        out.write_calls(&calls(10, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(10, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         let status = out.status();
         assert_eq!((status.write_errors, status.calls_not_written), (2, 10));
         let error = status.last_error.unwrap();
         assert_eq!(error, format!("directory {0}: {0} is a regular file, not a directory", dir.display()));
         // Within the retry pause nothing is attempted, only counted.
-        out.write_calls(&calls(20, 5), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(20, 5),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         assert_eq!((out.status().write_errors, out.status().calls_not_written), (2, 15));
 
         fs::remove_file(&dir).unwrap();
         std::thread::sleep(Duration::from_millis(60));
-        out.write_calls(&calls(30, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(30, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         out.close();
         assert_eq!(call_lines(&files(&dir)), (30..40).collect::<Vec<_>>());
         assert_eq!(out.status().calls_written, 20);
@@ -566,7 +600,9 @@ mod tests {
         let mut out = RollingOutput::new(&config(&dir, 1 << 20, 3600), "h").unwrap();
         out.retry_interval = Duration::from_millis(5);
         for chunk in calls(0, 2000).chunks(100) {
-            out.write_calls(chunk, &clock, |pid| PROCESSES.get(&pid));
+            out.write_calls(chunk, &mut crate::codes::CodeReader::new(&Default::default()), &clock, |pid| {
+                PROCESSES.get(&pid)
+            });
             out.flush();
             std::thread::sleep(Duration::from_millis(6));
         }
@@ -585,7 +621,12 @@ mod tests {
             fs::remove_file(path).unwrap();
         }
         std::thread::sleep(Duration::from_millis(6));
-        out.write_calls(&calls(5000, 10), &clock, |pid| PROCESSES.get(&pid));
+        out.write_calls(
+            &calls(5000, 10),
+            &mut crate::codes::CodeReader::new(&Default::default()),
+            &clock,
+            |pid| PROCESSES.get(&pid),
+        );
         out.close();
         assert_eq!(call_lines(&files(&dir)), (5000..5010).collect::<Vec<_>>());
         assert_eq!(out.status().calls_written, status.calls_written + 10);

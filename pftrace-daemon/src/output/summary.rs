@@ -1,4 +1,5 @@
-//! The per-function summary printed when tracing ends: calls, total, mean,
+//! The per-function summary printed when tracing ends, one row per
+//! function named by its qualified path where resolved (else its code name): calls, total, mean,
 //! p50, p95, p99 and max over every call completed while tracing ran (from
 //! the daemon's aggregator, so also calls no longer kept in memory), plus
 //! the counters that show nothing was lost.
@@ -25,7 +26,7 @@ pub fn human_ns(ns: u64) -> String {
 pub fn render(trace: &Trace) -> String {
     let stats = &trace.functions;
     let mut s = String::new();
-    let name_w = stats.iter().map(|f| f.function.len()).max().unwrap_or(8).max(8);
+    let name_w = stats.iter().map(|f| f.label().len()).max().unwrap_or(8).max(8);
     let _ = writeln!(
         s,
         "{:<name_w$}  {:>9}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  file",
@@ -37,7 +38,7 @@ pub fn render(trace: &Trace) -> String {
         let _ = writeln!(
             s,
             "{:<name_w$}  {:>9}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}  {}",
-            f.function,
+            f.label(),
             calls,
             human_ns(f.total_ns),
             human_ns(f.mean_ns),
@@ -104,16 +105,16 @@ mod tests {
         for call in trace.calls.iter() {
             functions.push(call);
         }
-        trace.functions = functions.rows();
+        trace.functions = functions.rows(Default::default(), &trace.codes);
         let text = render(&trace);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[..4],
             [
-                "function      calls        total         mean          p50          p95          p99          max  file",
-                "inner             2     140.00ms      70.00ms      40.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
-                "outer             1     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
-                "outer         1(1!)     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/other.py",
+                "function           calls        total         mean          p50          p95          p99          max  file",
+                "app.Job.inner          2     140.00ms      70.00ms      40.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
+                "app.outer              1     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/app.py",
+                "outer              1(1!)     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms     100.00ms  /srv/other.py",
             ]
         );
         assert_eq!(lines[4], "(4 calls; p50/p95/p99 within 0.4% of the exact values)");

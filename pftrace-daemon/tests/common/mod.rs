@@ -204,9 +204,18 @@ pub fn dedent(source: &str) -> String {
     out
 }
 
-/// Writes a Python script (dedented) to `path`.
+/// Writes a Python script (dedented) to `path`, dated 2 s in the past:
+/// pftraced resolves a function from its source only when the file is
+/// older than the process (else it may not be what was compiled), and the
+/// process start time has 10 ms ticks.
 pub fn write_script(path: &Path, source: &str) -> PathBuf {
     fs::write(path, dedent(source)).unwrap_or_else(|e| panic!("writing script {}: {e}", path.display()));
+    let past = SystemTime::now() - Duration::from_secs(2);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(past))
+        .unwrap_or_else(|e| panic!("dating script {}: {e}", path.display()));
     path.to_path_buf()
 }
 
@@ -738,8 +747,15 @@ impl TracedRun {
 /// One `"ph":"X"` event.
 #[derive(Debug, Clone)]
 pub struct CallEvent {
+    /// The code object's name (`args.function`: `step`), what `-t` names.
     pub name: String,
+    /// The event's name: the qualified name where resolved (`Solver.step`).
+    pub qualname: String,
+    /// The dotted module where resolved, else the file.
     pub cat: String,
+    /// `args.module` and `args.path` (None: null, unresolved).
+    pub module: Option<String>,
+    pub path: Option<String>,
     pub pid: u32,
     pub tid: u32,
     /// As written: wall-clock µs.
@@ -826,8 +842,14 @@ impl Trace {
                         return Err(format!("negative dur: {ev}"));
                     }
                     calls.push(CallEvent {
-                        name: s("name")?,
+                        name: args["function"]
+                            .as_str()
+                            .ok_or_else(|| format!("args.function missing: {ev}"))?
+                            .to_string(),
+                        qualname: s("name")?,
                         cat: s("cat")?,
+                        module: args["module"].as_str().map(str::to_string),
+                        path: args["path"].as_str().map(str::to_string),
                         pid: u(ev, "pid")? as u32,
                         tid: u(ev, "tid")? as u32,
                         ts,

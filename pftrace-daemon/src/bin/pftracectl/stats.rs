@@ -4,11 +4,16 @@
 use std::{fmt::Write as _, path::Path};
 
 use clap::Args;
-use pftrace::protocol::{Command, FunctionStats, StatsReply, StatsSource, Status};
+use pftrace::protocol::{Command, FunctionStats, StatsGrouping, StatsReply, StatsSource, Status};
 
 use super::{dump::FilterArgs, human::human_ns};
 
 /// Per-function figures: calls, total, mean, p50, p95, p99, max.
+///
+/// One row per function, named by its qualified path where pftraced
+/// resolved it (`json.decoder.JSONDecoder.raw_decode`; methods `A.run` and
+/// `B.run` of one file are two rows), else by its code name; `--by name`
+/// gives one row per (code name, file) instead.
 ///
 /// Without a filter (or with only --function) they cover every call since
 /// tracing started; with --since, --pid or --per-pid only the calls still in
@@ -21,12 +26,17 @@ use super::{dump::FilterArgs, human::human_ns};
 ///   pftracectl stats --per-pid --since 10m
 ///   pftracectl stats --function raw_decode --json
 ///   pftracectl stats --job 4242     # one batch job's calls (pftraced --jobs-under)
+///   pftracectl stats --by name
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatsArgs {
     /// One row per function and process.
     #[arg(long)]
     pub per_pid: bool,
+    /// Rows per qualified function (`function`, the default) or per code
+    /// name and file (`name`).
+    #[arg(long, value_enum, default_value = "function")]
+    pub by: By,
     /// Print the daemon's reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -38,12 +48,23 @@ pub struct StatsArgs {
     pub filter: FilterArgs,
 }
 
+/// `--by`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum By {
+    Function,
+    Name,
+}
+
 pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
     if let Some(id) = &args.job {
         return job(socket, id, args.json);
     }
     let filter = args.filter.to_filter()?;
-    let result = super::request(socket, Command::Stats { filter, per_pid: args.per_pid })?;
+    let by = match args.by {
+        By::Function => StatsGrouping::Function,
+        By::Name => StatsGrouping::Name,
+    };
+    let result = super::request(socket, Command::Stats { filter, per_pid: args.per_pid, by })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
@@ -106,7 +127,7 @@ pub fn render(rows: &[FunctionStats], per_pid: bool) -> String {
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let mut cells = vec![r.function.clone(), r.file.clone()];
+            let mut cells = vec![r.label().to_string(), r.file.clone()];
             if per_pid {
                 cells.push(r.pid.map_or_else(|| "-".into(), |p| p.to_string()));
             }
@@ -157,6 +178,10 @@ mod tests {
         FunctionStats {
             function: function.into(),
             file: "/srv/app.py".into(),
+            line: None,
+            module: None,
+            qualname: None,
+            path: None,
             pid,
             calls: 12,
             incomplete,
@@ -187,6 +212,12 @@ mod tests {
         );
         assert!(lines[3].starts_with("(N!) = calls with no return seen"));
         let text = render(&[row("compute", None, 0)], false);
+        // Resolved rows are named by their qualified path.
+        let mut resolved = row("run", None, 0);
+        resolved.path = Some("app.Solver.run".into());
+        assert!(
+            render(&[resolved], false).lines().nth(1).unwrap().starts_with("app.Solver.run  /srv/app.py")
+        );
         assert!(text.starts_with("function  file         calls   total"), "{text}");
         assert_eq!(render(&[], false), "no calls recorded (for this filter)\n");
     }

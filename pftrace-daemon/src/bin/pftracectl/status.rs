@@ -144,6 +144,32 @@ pub fn render(s: &Status) -> String {
         }
     }
 
+    if !s.functions.is_empty() {
+        let c = &s.codes;
+        let _ = writeln!(
+            o,
+            "functions: {} called, {} resolved (module, qualified name){}",
+            s.functions_total,
+            c.resolved,
+            if c.queue_full + c.table_full > 0 {
+                format!(
+                    "; {} requests dropped (queue full), {} left unresolved (table full)",
+                    c.queue_full, c.table_full
+                )
+            } else {
+                String::new()
+            }
+        );
+        for f in &s.functions {
+            let name = f.path.as_deref().unwrap_or(&f.function);
+            let _ = writeln!(o, "  {:>10}  {name}  ({}:{})", f.calls, f.file, f.line);
+        }
+        if s.functions_total > s.functions.len() as u64 {
+            let more = s.functions_total - s.functions.len() as u64;
+            let _ = writeln!(o, "  ... and {more} more (pftracectl stats lists them all)");
+        }
+    }
+
     if !s.refused.is_empty() {
         let _ = writeln!(o, "refused:   {} processes could not be traced:", s.refused.len());
         for r in &s.refused {
@@ -188,6 +214,24 @@ mod tests {
                 calls_not_written: 5,
                 ..Default::default()
             }),
+            functions: vec![
+                pftrace::protocol::FunctionSeen {
+                    function: "run".into(),
+                    path: Some("app.A.run".into()),
+                    file: "/srv/app.py".into(),
+                    line: 20,
+                    calls: 7,
+                },
+                pftrace::protocol::FunctionSeen {
+                    function: "run".into(),
+                    path: None,
+                    file: "/srv/app.py".into(),
+                    line: 30,
+                    calls: 2,
+                },
+            ],
+            functions_total: 3,
+            codes: pftrace::protocol::CodeCounts { resolved: 1, queue_full: 0, table_full: 0 },
             ..Default::default()
         };
         s.counters.lost = 3;
@@ -198,5 +242,8 @@ mod tests {
         assert!(text.contains("LOST:      3 call records"), "{text}");
         assert!(text.contains("WRITE ERRORS: 1 (5 calls not written)"), "{text}");
         assert!(text.contains("  pid 77: CPython 3.12 has no function probes\n"), "{text}");
+        assert!(text.contains("functions: 3 called, 1 resolved (module, qualified name)\n"), "{text}");
+        assert!(text.contains("           7  app.A.run  (/srv/app.py:20)\n"), "{text}");
+        assert!(text.contains("           2  run  (/srv/app.py:30)\n  ... and 1 more"), "{text}");
     }
 }
