@@ -431,7 +431,7 @@ fn pid_mode_process_killed_inside_a_traced_call_gets_it_closed_incomplete_at_the
     );
     assert!(slow.dur >= 300_000.0, "slow lasted {} µs", slow.dur);
     assert!(
-        run.stderr.lines().any(|l| l.split_whitespace().take(2).eq(["slow", "1(1!)"])),
+        run.stderr.lines().any(|l| l.split_whitespace().take(2).eq(["__main__.slow", "1(1!)"])),
         "summary does not mark slow incomplete:\n{}",
         run.stderr
     );
