@@ -357,3 +357,24 @@ fn jobs_traces_in_records_format() {
     let foo = json["results"]["foo"].as_array().unwrap_or_else(|| panic!("no results.foo: {json:#}"));
     assert_eq!(foo.len(), 15, "{json:#}");
 }
+
+#[test]
+fn bad_job_options_are_refused_saying_what_to_write() {
+    let dir = TestDir::new("jobs-bad");
+    let root = cgroup_root().join("pftrace-no-such-root").display().to_string();
+    let out = dir.join("jobs").display().to_string();
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["--jobs-under", &root, "--job-output-dir", &out, "--job-pattern", "job_*"],
+            &["--job-pattern", "has no {id}", "job_{id}"],
+        ),
+        (&["--jobs-under", &root], &["--job-output-dir"]),
+        (
+            &["--jobs-under", &root, "--job-output-dir", &out, "--job-format", "perfetto"],
+            &["--job-format", "unknown trace format"],
+        ),
+    ];
+    for (args, parts) in cases {
+        Pftraced::new(&dir, &["foo"]).args(args).run().assert_refused(parts);
+    }
+}
