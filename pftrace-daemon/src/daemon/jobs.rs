@@ -294,7 +294,9 @@ impl Daemon {
     /// A process was attached: note its job, if it is in one.
     pub(super) fn note_job_process(&mut self, pid: u32) {
         let Some(jobs) = &mut self.jobs else { return };
-        let name = jobs.job_name_of(pid);
+        // A job whose cgroup is already gone (a process attached as its job
+        // ended) is not started again: no removal would ever finish it.
+        let name = jobs.job_name_of(pid).filter(|name| jobs.root.join(name).is_dir());
         match name {
             Some(name) if jobs.start(&name) => {
                 jobs.open_output(&name);
