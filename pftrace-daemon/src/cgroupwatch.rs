@@ -237,8 +237,17 @@ mod tests {
         fs::create_dir(root.join("job_1")).unwrap();
         fs::write(root.join("file"), "").unwrap();
         fs::remove_dir(root.join("job_1")).unwrap();
-        assert_eq!(next(&mut rx), CgroupEvent::ChildMade { slot: 3, name: "job_1".into() });
-        assert_eq!(next(&mut rx), CgroupEvent::ChildRemoved { slot: 3, name: "job_1".into() });
+        // The listing after the watch is placed may report job_1 as well (duplicates are allowed).
+        let mut seen = vec![next(&mut rx)];
+        while seen.last() == Some(&CgroupEvent::ChildMade { slot: 3, name: "job_1".into() }) {
+            seen.push(next(&mut rx));
+        }
+        assert_eq!(
+            seen.last(),
+            Some(&CgroupEvent::ChildRemoved { slot: 3, name: "job_1".into() }),
+            "{seen:?}"
+        );
+        assert!(seen.len() >= 2 && seen.len() <= 3, "{seen:?}");
         fs::remove_file(root.join("file")).unwrap();
         fs::remove_dir(&root).unwrap();
         assert_eq!(next(&mut rx), CgroupEvent::Gone { slot: 3 });

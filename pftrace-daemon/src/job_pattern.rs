@@ -1,5 +1,5 @@
 //! What a job cgroup's name looks like: a pattern such as `job_{id}` (Slurm's
-//! `job_<id>` directories) or `pyjob-{id}.slice` (systemd-run --slice), with
+//! `job_<id>` directories) or `job{id}.scope` (`systemd-run --scope --unit=jobID`), with
 //! `{id}` standing for the job id, `*` for any text, everything else literal.
 //! Applied to the names of the job root's direct children only.
 
@@ -23,7 +23,7 @@ enum Piece {
 pub enum JobPatternError {
     #[error(
         "job pattern {0:?} has no {{id}}: write where the job id is in a job cgroup's name, e.g. \
-         \"job_{{id}}\" (Slurm) or \"myjobs-{{id}}.slice\" (systemd-run --slice=myjobs-ID)"
+         \"job_{{id}}\" (Slurm) or \"job{{id}}.scope\" (systemd-run --scope --unit=jobID)"
     )]
     NoId(String),
     #[error("job pattern {0:?} has {{id}} more than once; a name holds one job id")]

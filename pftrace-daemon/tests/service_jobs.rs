@@ -40,12 +40,8 @@ fn make_cgroup(path: &Path) {
 
 /// Waits for a job's trace file and parses it.
 fn job_trace(path: &Path, tracer: &RunningTracer) -> Trace {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(!exited(tracer.pid()), "pftraced exited before writing {}", path.display());
-        assert!(Instant::now() < deadline, "no job trace {} after {WAIT:?}", path.display());
-        thread::sleep(Duration::from_millis(20));
-    }
+    assert!(!exited(tracer.pid()), "pftraced exited before writing {}", path.display());
+    wait_file(path);
     let text = fs::read_to_string(path).unwrap();
     Trace::parse(&text).unwrap_or_else(|e| panic!("bad job trace {}: {e}", path.display()))
 }
@@ -98,6 +94,8 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
     let mut c = WorkerSpec::new(&py, &script).cgroup(&steps101[1]).start("job 101 step 1");
     let mut d = WorkerSpec::new(&py, &script).cgroup(&step102).start("job 102 step 0");
     let mut loose = WorkerSpec::new(&py, &script).cgroup(&root).start("in the root, no job");
+    // Job 104 runs no Python: it is listed, and gets no file.
+    make_cgroup(&job(104));
     for w in [&a, &b, &c, &d, &loose] {
         wait_traced(&socket, &tracer, w.pid());
     }
@@ -124,6 +122,7 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
     }
     steps101.iter().for_each(|s| remove_cgroup(s));
     remove_cgroup(&job(101));
+    remove_cgroup(&job(104));
     let t101 = job_trace(&out.join("pftrace-job-101.json"), &tracer);
     assert_job_trace(
         &t101,
@@ -150,7 +149,7 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
     assert_job_trace(&t103, "103", &expected(&[(e.pid(), "foo", 66)]));
 
     let status = wait_status(&socket, tracer.pid(), "three finished jobs", |s| {
-        ["101", "102", "103"].iter().all(|id| job_status(s, id, false).is_some())
+        ["101", "102", "103", "104"].iter().all(|id| job_status(s, id, false).is_some())
     });
     for (id, calls) in [("101", 66), ("102", 50), ("103", 66)] {
         let j = job_status(&status, id, false).unwrap();
@@ -158,6 +157,11 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
         let want = out.join(format!("pftrace-job-{id}.json"));
         assert_eq!(j["trace"].as_str(), want.to_str(), "{j}");
     }
+    let j104 = job_status(&status, "104", false).expect("job 104 is listed as finished");
+    assert_eq!(
+        (&j104["calls"], &j104["trace"], &j104["pids"]),
+        (&serde_json::json!(0), &Value::Null, &serde_json::json!([]))
+    );
     let mut files: Vec<String> =
         fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     files.sort();
@@ -356,4 +360,25 @@ fn jobs_traces_in_records_format() {
     let json: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     let foo = json["results"]["foo"].as_array().unwrap_or_else(|| panic!("no results.foo: {json:#}"));
     assert_eq!(foo.len(), 15, "{json:#}");
+}
+
+#[test]
+fn bad_job_options_are_refused_saying_what_to_write() {
+    let dir = TestDir::new("jobs-bad");
+    let root = cgroup_root().join("pftrace-no-such-root").display().to_string();
+    let out = dir.join("jobs").display().to_string();
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["--jobs-under", &root, "--job-output-dir", &out, "--job-pattern", "job_*"],
+            &["--job-pattern", "has no {id}", "job_{id}"],
+        ),
+        (&["--jobs-under", &root], &["--job-output-dir"]),
+        (
+            &["--jobs-under", &root, "--job-output-dir", &out, "--job-format", "perfetto"],
+            &["--job-format", "unknown trace format"],
+        ),
+    ];
+    for (args, parts) in cases {
+        Pftraced::new(&dir, &["foo"]).args(args).run().assert_refused(parts);
+    }
 }

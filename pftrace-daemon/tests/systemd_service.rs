@@ -278,16 +278,7 @@ fn a_job_started_with_systemd_run_in_a_slice_is_traced_exactly() {
     assert!(cgroup.lines().any(|l| l == "0::/jobs.slice/job42.scope"), "the job's cgroups:\n{cgroup}");
 
     install_as_the_header_says(&c, &watch);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status_json(&c);
-        let entry = s["processes"].as_array().unwrap().iter().find(|p| p["pid"] == pid).cloned();
-        if entry.as_ref().is_some_and(|p| p["running"] == true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pid {pid} (the job) is not traced after 30 s; status:\n{s:#}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_traced_in(&c, pid);
 
     const N: u64 = 1500;
     job.send(&format!("call foo {N}"));

@@ -63,8 +63,9 @@ struct Cli {
     /// are seen with inotify as their cgroups are made and removed. A job's
     /// trace is written to --job-output-dir when its cgroup is removed.
     /// Slurm (cgroup v2): /sys/fs/cgroup/system.slice/slurmstepd.scope;
-    /// `systemd-run --slice=pyjob-ID ...`: /sys/fs/cgroup/pyjob.slice with
-    /// --job-pattern 'pyjob-{id}.slice'. Runs until stopped.
+    /// `systemd-run --scope --slice=pyjob --unit=jobID ...`:
+    /// /sys/fs/cgroup/pyjob.slice with --job-pattern 'job{id}.scope'. A
+    /// directory that does not exist yet is waited for. Runs until stopped.
     #[arg(long = "jobs-under", value_name = "DIR")]
     jobs_root: Option<PathBuf>,
 

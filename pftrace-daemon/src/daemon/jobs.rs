@@ -36,6 +36,11 @@ use crate::{
 
 /// Finished jobs kept for `status` (most recent last).
 const MAX_FINISHED: usize = 100;
+/// Jobs followed at once: each running job with a traced process holds a
+/// file open. Beyond this (a user making cgroups in a delegated subtree),
+/// new jobs are refused with a warning; their calls still reach the
+/// daemon's own outputs.
+const MAX_ACTIVE: usize = 1024;
 
 /// The jobs under one root.
 pub(super) struct Jobs {
@@ -125,43 +130,59 @@ impl Jobs {
         (1..).map(|n| self.dir.join(name(n))).find(|p| !taken(p)).expect("a free name")
     }
 
-    /// Starts job `name` (a child cgroup name of the root) if it matches the pattern and is new.
+    /// Starts job `name` (a child cgroup name of the root) if it matches the
+    /// pattern and is new. Its trace file is made when its first process is traced.
     fn start(&mut self, name: &str) -> bool {
         if self.active.contains_key(name) {
             return true;
         }
         let Some(id) = self.pattern.job_id(name) else { return false };
-        let path = self.trace_path(&id);
-        let shown = path.display().to_string();
-        let mut job = Job {
-            id: id.clone(),
+        if self.active.len() >= MAX_ACTIVE {
+            log::warn!(
+                "job {id} (cgroup {}/{name}) is not followed: {MAX_ACTIVE} jobs are already; its calls go only \
+                 to the daemon's own outputs",
+                self.root.display()
+            );
+            return false;
+        }
+        log::info!("job {id} started (cgroup {}/{name})", self.root.display());
+        let job = Job {
+            id,
             name: name.into(),
             output: None,
-            file: Some(shown.clone()),
+            file: None,
             error: None,
             pids: BTreeSet::new(),
             calls: 0,
             functions: Aggregator::new(false),
             start_ns: WallClock::monotonic_now_ns(),
         };
-        match Destination::prepare(&path, &self.format, &super::hostname(), &[], self.sort_budget) {
+        self.active.insert(name.into(), job);
+        true
+    }
+
+    /// Makes job `name`'s trace place and calls file, once (its first traced process).
+    fn open_output(&mut self, name: &str) {
+        let Some(job) = self.active.get(name) else { return };
+        if job.file.is_some() {
+            return;
+        }
+        let id = job.id.clone();
+        let path = self.trace_path(&id);
+        let shown = path.display().to_string();
+        let result = Destination::prepare(&path, &self.format, &super::hostname(), &[], self.sort_budget);
+        let job = self.active.get_mut(name).expect("checked");
+        job.file = Some(shown.clone());
+        match result {
             Ok(output) => {
-                log::info!(
-                    "job {id} started (cgroup {}/{name}): its trace goes to {shown}",
-                    self.root.display()
-                );
+                log::info!("job {id}: its trace goes to {shown}");
                 job.output = Some(output);
             }
             Err(err) => {
-                log::warn!(
-                    "job {id} (cgroup {}/{name}): no trace will be written: {err}",
-                    self.root.display()
-                );
+                log::warn!("job {id}: no trace will be written: {err}");
                 job.error = Some(err.to_string());
             }
         }
-        self.active.insert(name.into(), job);
-        true
     }
 
     /// The job cgroup name of a process, from /proc/PID/cgroup (the cgroup v2 line).
@@ -274,9 +295,12 @@ impl Daemon {
     /// A process was attached: note its job, if it is in one.
     pub(super) fn note_job_process(&mut self, pid: u32) {
         let Some(jobs) = &mut self.jobs else { return };
-        let name = jobs.job_name_of(pid);
+        // A job whose cgroup is already gone (a process attached as its job
+        // ended) is not started again: no removal would ever finish it.
+        let name = jobs.job_name_of(pid).filter(|name| jobs.root.join(name).is_dir());
         match name {
             Some(name) if jobs.start(&name) => {
+                jobs.open_output(&name);
                 jobs.active.get_mut(&name).expect("started").pids.insert(pid);
                 jobs.by_pid.insert(pid, name);
             }
@@ -339,6 +363,11 @@ impl Daemon {
         trace.functions = job.functions.rows(StatsGrouping::Function, &codes);
         let id = job.id.clone();
         let Some((destination, spill)) = output else {
+            if status.error.is_none() {
+                log::info!("job {id} ended; no Python process was traced in it, so it has no trace");
+                self.jobs.as_mut().expect("checked").remember(status);
+                return;
+            }
             log::warn!(
                 "job {id} ended ({} calls); no trace was written: {}",
                 job.calls,
