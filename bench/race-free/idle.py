@@ -1,0 +1,3 @@
+import sys
+print('ready', flush=True)
+sys.stdin.readline()
