@@ -84,8 +84,11 @@ fn family_in_a_namespace(method: Option<&str>) {
     let parent = printed(&run.stdout, "parent ")[0];
     let child = printed(&run.stdout, "child ")[0];
     let thread = printed(&run.stdout, "thread ");
-    // pftraced is PID 1 of the namespace, the Python it starts is 2.
-    assert_eq!((run.attached_pid(), parent), (2, 2), "{}", run.stderr);
+    // pftraced is PID 1 of the namespace; its threads (tokio's, the code
+    // resolver's) take the next numbers, then the Python it starts: a small
+    // number, where the host's would be in the thousands here.
+    assert_eq!(run.attached_pid(), parent, "{}", run.stderr);
+    assert!((2..=32).contains(&parent), "the Python is pid {parent} in the namespace\n{}", run.stderr);
     assert_eq!(thread[0], parent, "the thread's process");
     let trace = run.trace();
     trace.assert_clean();

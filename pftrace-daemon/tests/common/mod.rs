@@ -304,7 +304,20 @@ impl Guard {
         if group {
             cmd.process_group(0);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        // ETXTBSY: a test that just copied an interpreter (children.rs,
+        // pairing.rs) may find its write descriptor still held by a child
+        // another test thread forked meanwhile (until that child's exec
+        // closes it): a few ms, so try again briefly.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                result => break result.unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program())),
+            }
+        };
         Self { child, group, reaped: false }
     }
 
