@@ -20,7 +20,9 @@ fn example_config_is_valid_and_shows_the_defaults() {
     let uncommented: String = text
         .lines()
         .map(|l| {
-            l.strip_prefix("# ").filter(|r| r.starts_with("dir =") || r.starts_with("group =")).unwrap_or(l)
+            l.strip_prefix("# ")
+                .filter(|r| ["dir =", "group =", "root ="].iter().any(|k| r.starts_with(k)))
+                .unwrap_or(l)
         })
         .collect::<Vec<_>>()
         .join("\n");
@@ -38,6 +40,11 @@ fn example_config_is_valid_and_shows_the_defaults() {
         "targets.cgroups",
         "targets.all",
         "targets.binaries",
+        "targets.wait_for_cgroups",
+        "jobs.root",
+        "jobs.pattern",
+        "jobs.dir",
+        "jobs.format",
         "socket.path",
         "socket.group",
         "output.dir",
@@ -54,6 +61,9 @@ fn example_config_is_valid_and_shows_the_defaults() {
     let optional = Config::parse(&uncommented, "uncommented").unwrap();
     assert_eq!(optional.output.dir.as_deref(), Some(Path::new("/var/lib/pftrace")));
     assert_eq!(optional.socket.group.as_deref(), Some("pftrace"));
+    let root = Path::new("/sys/fs/cgroup/system.slice/slurmstepd.scope");
+    assert_eq!(optional.jobs.root.as_deref(), Some(root));
+    assert_eq!(optional.jobs.dir.as_deref(), Some(Path::new("/var/lib/pftrace/jobs")));
 }
 
 #[test]
