@@ -28,7 +28,7 @@ links = []
 def attach():
     a = struct.pack('<IIIIQQQQIII', pfd, 0, 48, 0, ctypes.addressof(bpfraw._path), ctypes.addressof(offs), 0, 0, 2, 0, 0)
     lfd, _ = bpfraw.bpf(28, a)
-    assert lfd >= 0
+    assert lfd >= 0, os.strerror(ctypes.get_errno())
     links.append(lfd)
 writes = {}
 def consume():
@@ -40,7 +40,10 @@ def consume():
             attach()
         vals = None
         for _ in range(200):
-            vals = sem.adjust(pid, 1)
+            try:
+                vals = sem.adjust(pid, 1)
+            except OSError:  # an exec of another process of this interpreter, gone already
+                break
             if vals is not None: break
         writes[pid] = (t_exec, time.monotonic_ns(), vals)
 threading.Thread(target=consume, daemon=True).start()
@@ -56,6 +59,7 @@ execs = sorted(writes.values())
 res = []
 for (seen, t_first), (t_exec, t_write, vals) in zip(rows, execs):
     res.append((seen, (t_write - t_exec) / 1e6, (t_first - t_exec) / 1e6))
+if not res: sys.exit("no exec seen: " + repr(writes))
 for r in res: print('sem_at_first_line=%d  exec->write %.3f ms  exec->first_line %.3f ms' % r)
 print('raised in time:', sum(1 for r in res if r[0] >= 1), 'of', len(res))
 print('exec->write min/median/max ms:', min(r[1] for r in res), sorted(r[1] for r in res)[len(res)//2], max(r[1] for r in res))
