@@ -165,13 +165,19 @@ mod tests {
             .spawn()
             .expect("run sleep");
         let child = Reap(child);
-        // Until it has exec'd, the child still has the test's environment.
+        // Until it has exec'd, the child still has the test's environment;
+        // and the kernel names the new program (comm) before it has set up
+        // the new environment, so wait for both (1 run in 5 read an empty
+        // environment right after comm changed).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while comm(child.0.id()) != "sleep" {
-            assert!(std::time::Instant::now() < deadline, "sleep did not start");
+        let job = loop {
+            let job = job_id(child.0.id());
+            if comm(child.0.id()) == "sleep" && job.is_some() {
+                break job;
+            }
+            assert!(std::time::Instant::now() < deadline, "sleep did not start with its environment");
             std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let job = job_id(child.0.id());
+        };
         assert_eq!(job, Some(JobId { variable: "FLUX_JOB_ID".into(), id: "fjob-17".into() }));
     }
 
