@@ -2,6 +2,7 @@
 //! eBPF. This library holds the logic; `pftraced` and `pftracectl` are thin
 //! binaries over it.
 
+pub mod agent;
 pub mod bpf;
 pub mod caps;
 pub mod clock;

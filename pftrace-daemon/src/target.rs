@@ -15,7 +15,7 @@ use pftrace_common::FrameSpec;
 use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
-    python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
+    python::{self, Mechanism, PyVersion, USDT_WORKS, WHAT_WORKS},
     usdt::{self, ProbeSite, UsdtError},
 };
 
@@ -40,6 +40,9 @@ pub struct Target {
     /// 0 if unknown). Unchanged by exec: a different value under the same
     /// pid is another process that reused it.
     pub started: u64,
+    /// How it is traced: its USDT probes (`sites`), or the in-process
+    /// agent (`sites` empty), chosen by [`python::mechanism`].
+    pub mechanism: Mechanism,
 }
 
 /// Why a process cannot be traced.
@@ -121,50 +124,73 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             }
             continue;
         }
-        if let Some(version) = version
-            && let Some(why) = version.probe_support().refusal()
-        {
-            return Err(TargetError::Unsupported { pid, binary: display, version, why });
-        }
-        if let Some(v) =
-            version.filter(|&v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()))
-        {
-            log::warn!(
-                "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
-                 calls made there are not seen (unset PYTHON_JIT for complete traces)"
+        let jit = version.is_some_and(|v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()));
+        let mechanism = python::mechanism(version, true, jit).map_err(|why| match version {
+            Some(version) => TargetError::Unsupported { pid, binary: display.clone(), version, why },
+            None => {
+                TargetError::NoProbes { pid, binary: display.clone(), version: "(version unknown)".into() }
+            }
+        })?;
+        if jit && mechanism == Mechanism::Agent {
+            log::info!(
+                "pid {pid} runs CPython with PYTHON_JIT set: code its JIT compiles fires no USDT probe, so \
+                 pftrace traces it through its in-process agent"
             );
         }
-        let meta = fs::metadata(&open_path).map_err(gone)?;
-        let file = (meta.dev(), meta.ino());
-        let started = stat.map_or(0, |s| s.start_ticks);
-        return Ok(Target {
-            pid,
-            binary: binary.clone(),
-            open_path,
-            version,
-            sites: Arc::clone(&info.sites),
-            command,
-            file,
-            started,
-        });
+        let sites = match mechanism {
+            Mechanism::Usdt => Arc::clone(&info.sites),
+            Mechanism::Agent => Arc::from([]),
+        };
+        return target_of(&process, pid, binary, open_path, version, sites, command, mechanism);
     }
 
     let Some((binary, version)) = python_like else {
         return Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) });
     };
     let display = crate::events::printable_path(&binary);
-    // Probes missing: the version says why if it is one that lost them.
-    match version.map(|v| (v, v.probe_support())) {
-        Some((version, support @ (ProbeSupport::Removed | ProbeSupport::TooOld))) => {
-            let why = support.refusal().expect("refused");
-            Err(TargetError::Unsupported { pid, binary: display, version, why })
+    match python::mechanism(version, false, false) {
+        Ok(mechanism) => {
+            let open_path = under_root(&root, &binary);
+            target_of(&process, pid, &binary, open_path, version, Arc::from([]), command, mechanism)
         }
-        v => Err(TargetError::NoProbes {
-            pid,
-            binary: display,
-            version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
-        }),
+        Err(why) => match version {
+            Some(version) if why != python::NO_PROBES => {
+                Err(TargetError::Unsupported { pid, binary: display, version, why })
+            }
+            v => Err(TargetError::NoProbes {
+                pid,
+                binary: display,
+                version: v.map_or("(version unknown)".into(), |v| v.to_string()),
+            }),
+        },
     }
+}
+
+/// The [`Target`] of a process found traceable.
+#[allow(clippy::too_many_arguments)]
+fn target_of(
+    process: &procfs::process::Process,
+    pid: u32,
+    binary: &Path,
+    open_path: PathBuf,
+    version: Option<PyVersion>,
+    sites: Arc<[ProbeSite]>,
+    command: String,
+    mechanism: Mechanism,
+) -> Result<Target, TargetError> {
+    let meta = fs::metadata(&open_path).map_err(|source| TargetError::Gone { pid, source })?;
+    let started = crate::procinfo::stat_of(process).map_or(0, |s| s.start_ticks);
+    Ok(Target {
+        pid,
+        binary: binary.to_path_buf(),
+        open_path,
+        version,
+        sites,
+        command,
+        file: (meta.dev(), meta.ino()),
+        started,
+        mechanism,
+    })
 }
 
 /// Why a file given with `--binary` cannot be attached to.
@@ -176,10 +202,10 @@ pub enum BinaryError {
     Usdt { path: String, source: UsdtError },
     #[error(
         "--binary {path} has no python:function__entry and function__return probes (not a CPython built \
-         --with-dtrace). Use {WHAT_WORKS}"
+         --with-dtrace). Use {USDT_WORKS}"
     )]
     NoProbes { path: String },
-    #[error("--binary {path} is CPython {version}: {why}. Use {WHAT_WORKS}")]
+    #[error("--binary {path} is CPython {version}: {why}. Use {USDT_WORKS}")]
     Unsupported { path: String, version: PyVersion, why: &'static str },
 }
 
@@ -212,6 +238,7 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         command: String::new(),
         file: (meta.dev(), meta.ino()),
         started: 0,
+        mechanism: Mechanism::Usdt,
     })
 }
 
@@ -305,7 +332,7 @@ fn binary_version(binary: &Path, open_path: &Path) -> Option<PyVersion> {
 }
 
 /// The value of variable `name` in the initial environment of `process`.
-fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
+pub(crate) fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
     let environ = process.environ().ok()?;
     environ.get(std::ffi::OsStr::new(name)).map(|v| v.as_bytes().to_vec())
 }

@@ -219,9 +219,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // A command starts stopped at its exec (nothing of it has run): the
     // default file name needs its pid, and the output is checked before it
     // runs or anything is attached.
+    // A command's Pythons of 3.11+ without working probes are traced by the
+    // agent, which must be on their path from the start.
+    if !cli.command.is_empty() {
+        daemon.enable_agent()?;
+    }
     let mut launched = match cli.command.is_empty() {
         true => None,
-        false => Some(Launched::spawn_stopped(&cli.command)?),
+        false => Some(Launched::spawn_stopped(&cli.command, &daemon.agent_env())?),
     };
     let not_run = |launched: Option<Launched>, err: anyhow::Error| {
         if let Some(l) = launched {
@@ -253,7 +258,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let mut child = None;
     if let Some(mut launched) = launched.take() {
-        let target = match daemon.attach_launched(&launched) {
+        let argv: Vec<String> = cli.command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let target = match daemon.attach_launched(&launched, &argv) {
             Ok(t) => t,
             Err(err) => {
                 launched.kill();
@@ -330,9 +336,13 @@ fn still_running(pid: u32) -> bool {
 fn announce(names: &[String], target: &Target) {
     let version = target.version.map_or("CPython (version unknown)".into(), |v| format!("CPython {v}"));
     eprintln!(
-        "pftraced: attached to pid {} ({version}, {}), tracing {}",
+        "pftraced: attached to pid {} ({version}, {}{}), tracing {}",
         target.pid,
         pftrace::events::printable_path(&target.binary),
+        match target.mechanism {
+            pftrace::python::Mechanism::Usdt => "",
+            pftrace::python::Mechanism::Agent => ", in-process agent",
+        },
         names.join(", ")
     );
 }

@@ -21,12 +21,16 @@ impl Daemon {
             Command::Dump { filter, format } => self.dump(&filter, format.as_deref()),
             Command::Stats { filter, per_pid } => self.stats(&filter, per_pid),
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
+                Ok(()) => self.names_changed(),
                 Err(err) => Handled::Error(err.to_string()),
             },
             Command::Remove { names } => match self.filter.remove(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
+                Ok(()) => self.names_changed(),
                 Err(err) => Handled::Error(err.to_string()),
+            },
+            Command::Env {} => match self.agent_env_line() {
+                Some(line) => Handled::Json(json!({ "line": line })),
+                None => Handled::Error("this pftraced does not serve the in-process agent (it does when tracing a command, --cgroup or --all)".into()),
             },
             Command::Clear {} => Handled::Json(json!({ "cleared": self.store.clear() })),
             Command::Stop {} => {
@@ -34,6 +38,22 @@ impl Daemon {
                 Handled::Json(json!({ "stopping": true }))
             }
         }
+    }
+
+    /// The names changed: the reply once every connected agent has the
+    /// whole new set in force (each confirms with `ok G`).
+    fn names_changed(&self) -> Handled {
+        let names = self.filter.texts();
+        let Some(agent) = self.agent.as_ref() else { return json_reply(&NamesReply { names }) };
+        let wait = agent.push_names(&names);
+        Handled::Blocking(Box::new(move || {
+            for (pid, result) in wait() {
+                if let Err(err) = result {
+                    log::warn!("agent of pid {pid} did not take the new names: {err}");
+                }
+            }
+            json_reply(&NamesReply { names })
+        }))
     }
 
     fn status(&self) -> Status {

@@ -21,6 +21,9 @@ impl Daemon {
         let links = self.processes.end_and_take_links(pid);
         self.scheduler.retire(links);
         self.sampler.forget(pid);
+        if let Some(agent) = &mut self.agent {
+            agent.forget(pid);
+        }
         // Still tracked (its forks and execs reported) if it only exec'd
         // something else; the kernel forgets it when it exits.
         log::debug!("pid {pid} ended");
@@ -43,6 +46,9 @@ impl Daemon {
             r.close();
         }
         self.processes.detach_all();
+        if let Some(agent) = &mut self.agent {
+            agent.stop_all();
+        }
         self.scheduler.detach_rest_in_background();
         if self.store.evicted > 0 && self.spill.is_none() {
             log::warn!(
