@@ -245,6 +245,10 @@ pub struct ProcessStatus {
     /// How it is traced: "usdt" or "agent".
     #[serde(default)]
     pub mechanism: crate::python::Mechanism,
+    /// For the agent: whether it is tracing (it has confirmed the names) or
+    /// not yet (waiting for it to connect).
+    #[serde(default)]
+    pub agent_tracing: bool,
 }
 
 /// A process that could not be traced.

@@ -378,3 +378,121 @@ fn refusals_with_their_messages() {
         assert!(status.success(), "the refused process was disturbed: {status}");
     }
 }
+
+/// Cgroup mode with processes started after pftraced: a 3.14 gets the agent
+/// through PEP 768, a 3.12 started with the `pftracectl env` line connects
+/// by itself (both traced exactly from then on), and a 3.12 started without
+/// it is refused with a warning while the daemon keeps serving the others.
+#[test]
+fn cgroup_mode_new_processes() {
+    require_root();
+    let dir = TestDir::new("agent-cgroup");
+    let script = workload(&dir);
+    let cg = Cgroup::new("agent");
+    let socket = socket_of(&dir);
+    let tracer = serving(&dir, NAMES).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let line = ctl_ok(&socket, &["env"]);
+    let line = line.trim();
+    assert!(
+        line.starts_with("export PYTHONPATH=/run/pftrace/agent.")
+            && line.contains("${PYTHONPATH:+:$PYTHONPATH} PFTRACE_AGENT_SOCKET=/run/pftrace/agent."),
+        "{line}"
+    );
+    let start = |py: &Path, go: &Path, env_line: &str, label: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && eval "$PFLINE" && exec "$@""#])
+            .arg(cg.path())
+            .arg(py)
+            .arg(&script)
+            .arg(go)
+            .env("PFLINE", env_line);
+        let p = PyProcess::start(&mut cmd, label.into());
+        p.expect_line("ready");
+        p
+    };
+    let (go_a, go_b, go_c) = (dir.join("go-a"), dir.join("go-b"), dir.join("go-c"));
+    let mut a = start(&sid_python("3.14"), &go_a, "", "3.14, PEP 768");
+    let mut b = start(&pyenv_python("3.12.1"), &go_b, line, "3.12 with the env line");
+    let mut c = start(&pyenv_python("3.12.1"), &go_c, "", "3.12 without the agent");
+    let (pa, pb, pc) = (a.pid(), b.pid(), c.pid());
+    for pid in [pa, pb] {
+        wait_status(&socket, tracer.pid(), &format!("the agent of {pid} tracing"), |s| {
+            process_entry(s, pid).is_some_and(|p| p["agent_tracing"] == true && p["mechanism"] == "agent")
+        });
+    }
+    let status = wait_status(&socket, tracer.pid(), &format!("{pc} refused"), |s| {
+        s["refused"].as_array().unwrap().iter().any(|r| r["pid"] == pc)
+    });
+    let reason =
+        status["refused"].as_array().unwrap().iter().find(|r| r["pid"] == pc).unwrap()["reason"].clone();
+    assert_eq!(
+        reason,
+        format!(
+            "pid {pc} runs CPython 3.12 ({}), which pftrace traces through its in-process agent; it was started \
+             without it and a running CPython 3.12 cannot load it: start the program under pftraced (`pftraced -t \
+             NAME -- CMD`) or with the agent on its path (`eval \"$(pftracectl env)\"` before starting it)",
+            pyenv_python("3.12.1").display()
+        )
+    );
+    let mut outputs = Vec::new();
+    for (p, go) in [(&mut a, &go_a), (&mut b, &go_b), (&mut c, &go_c)] {
+        std::fs::write(go, "").unwrap();
+        let (st, out) = p.wait(Duration::from_secs(60));
+        assert!(st.success(), "{st}");
+        outputs.push(out);
+    }
+    let trace = dump(&socket);
+    trace.assert_clean();
+    for (pid, out, label) in [(pa, &outputs[0], "3.14"), (pb, &outputs[1], "3.12 env line")] {
+        let want = recorded(out);
+        check_recorder(label, &want);
+        let mut got = BTreeMap::new();
+        for call in trace.calls.iter().filter(|c| c.pid == pid) {
+            *got.entry((call.tid, call.name.clone())).or_insert(0usize) += 1;
+        }
+        assert_eq!(got, want, "{label}: calls per thread and function");
+    }
+    assert!(trace.calls.iter().all(|c| c.pid != pc), "the refused process has calls");
+    let run = stop(&socket, tracer);
+    run.assert_code(0);
+}
+
+/// Agent records are untrusted input: a process pftraced did not accept
+/// that calls the installed agent's probe function itself (ctypes) gets
+/// nothing into the trace; the kernel drops its 200 reports and counts them.
+#[test]
+fn reports_of_processes_not_accepted_are_dropped_and_counted() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    let dir = TestDir::new("agent-foreign");
+    let script = dir.script(
+        "victim.py",
+        r#"
+        import os, time
+        def work(): return 1
+        while not os.path.exists(os.path.join(os.path.dirname(__file__), "go")):
+            time.sleep(0.002)
+        for _ in range(10): work()
+        "#,
+    );
+    let tracer = Pftraced::new(&dir, &["work"]).launch(&[py.as_os_str(), script.as_os_str()]).spawn();
+    let pid = tracer.wait_attached_any();
+    let so = format!("/run/pftrace/agent.{}/pftrace_agent.so", tracer.pid());
+    let forger = format!(
+        "import ctypes\nlib = ctypes.CDLL({so:?})\nfor event in (1, 2) * 100:\n    \
+         lib.pftrace_agent_probe(event, b'work', {:?}.encode(), 2)\nprint('forged', flush=True)\n",
+        script.to_str().unwrap()
+    );
+    let out = Command::new(&py).arg("-c").arg(&forger).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "forged\n", "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("go"), "").unwrap();
+    let run = tracer.finish();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(trace.counts(), BTreeMap::from([("work", 10)]));
+    assert!(trace.calls.iter().all(|c| c.pid == pid), "calls of another process");
+    assert_eq!(trace.counter("agent_foreign"), 200, "the forged reports, dropped in the kernel");
+    assert_eq!(trace.counter("agent_reports"), 20);
+}

@@ -10,11 +10,11 @@
 //! tid, time, CPU and memory itself, and only TRACKED pids get through.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::unix::{fs::MetadataExt as _, net::UnixListener},
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
         mpsc as std_mpsc,
     },
@@ -59,6 +59,8 @@ pub(super) struct AgentSide {
     incoming: Option<mpsc::UnboundedReceiver<AgentConn>>,
     /// Connected agents by pid.
     links: HashMap<u32, std_mpsc::Sender<ToAgent>>,
+    /// Pids whose agent has confirmed its first set of names (tracing).
+    ready: Arc<Mutex<HashSet<u32>>>,
 }
 
 enum ToAgent {
@@ -125,6 +127,12 @@ impl AgentSide {
 
     pub(super) fn forget(&mut self, pid: u32) {
         self.links.remove(&pid);
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+    }
+
+    /// Whether the agent of `pid` is tracing (it confirmed the names).
+    pub(super) fn is_tracing(&self, pid: u32) -> bool {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid)
     }
 }
 
@@ -154,7 +162,8 @@ impl Daemon {
             .name("pftrace-agents".into())
             .spawn(move || accept_loop(listener, tx))
             .map_err(|e| err("starting the agent socket's thread", &e))?;
-        self.agent = Some(AgentSide { installed, incoming: Some(rx), links: HashMap::new() });
+        self.agent =
+            Some(AgentSide { installed, incoming: Some(rx), links: HashMap::new(), ready: Arc::default() });
         Ok(())
     }
 
@@ -295,9 +304,10 @@ impl Daemon {
         let names = self.filter.texts();
         let (tx, rx) = std_mpsc::channel();
         let (configured_tx, configured) = std_mpsc::channel();
+        let ready = self.agent.as_ref().map(|a| Arc::clone(&a.ready)).unwrap_or_default();
         let spawned = std::thread::Builder::new()
             .name(format!("pftrace-agent-{pid}"))
-            .spawn(move || serve_agent(conn, names, configured_tx, rx));
+            .spawn(move || serve_agent(conn, names, configured_tx, ready, rx));
         match spawned {
             Ok(_) => {
                 log::debug!("pid {pid}: agent connected");
@@ -398,12 +408,14 @@ fn serve_agent(
     mut conn: AgentConn,
     names: Vec<String>,
     configured: std_mpsc::Sender<Result<u32, String>>,
+    ready: Arc<Mutex<HashSet<u32>>>,
     rx: std_mpsc::Receiver<ToAgent>,
 ) {
     let pid = conn.pid;
     match conn.configure(Report::Uprobe, &names) {
         Ok(generation) => {
             log::debug!("agent of pid {pid}: names in force (generation {generation})");
+            ready.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
             let _ = configured.send(Ok(generation));
         }
         Err(err) => {

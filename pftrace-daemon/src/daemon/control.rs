@@ -64,7 +64,15 @@ impl Daemon {
             names: self.filter.texts(),
             targets: self.targets.clone(),
             binaries: self.processes.binary_status(),
-            processes: self.processes.process_status(),
+            processes: self
+                .processes
+                .process_status()
+                .into_iter()
+                .map(|mut p| {
+                    p.agent_tracing = self.agent.as_ref().is_some_and(|a| a.is_tracing(p.pid));
+                    p
+                })
+                .collect(),
             refused: self.processes.refusals(),
             counters: self.counters(),
             filtered_in_user_space: self.filter.dropped,

@@ -216,6 +216,7 @@ impl Processes {
                 running: p.running,
                 calls: p.calls,
                 mechanism: p.info.mechanism,
+                agent_tracing: false,
             })
             .collect();
         v.sort_by_key(|p| p.pid);

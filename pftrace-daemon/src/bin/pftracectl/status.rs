@@ -55,7 +55,10 @@ pub fn render(s: &Status) -> String {
         for p in s.processes.iter().take(MAX_PROCESS_LINES) {
             let state = if p.running { "running" } else { "exited" };
             let version = p.version.as_deref().unwrap_or("?");
-            let via = p.mechanism.as_str();
+            let via = match (p.mechanism, p.agent_tracing) {
+                (pftrace::python::Mechanism::Agent, false) => "agent (not yet connected)",
+                (m, _) => m.as_str(),
+            };
             let _ = writeln!(
                 o,
                 "  {:>8}  {state:<7}  {:>10}  {version:<7}  {via:<5}  {}",
@@ -177,6 +180,7 @@ mod tests {
                 running: true,
                 calls: 99,
                 mechanism: pftrace::python::Mechanism::Usdt,
+                agent_tracing: false,
             }],
             refused: vec![Refusal { pid: 77, reason: "CPython 3.12 has no function probes".into() }],
             output: Some(OutputStatus {
