@@ -56,10 +56,8 @@ fn build_agent(manifest: &std::path::Path) -> anyhow::Result<()> {
     let so = target_dir.join("release/libpftrace_agent.so");
     std::fs::copy(&so, out.join("pftrace_agent.so")).with_context(|| format!("copying {}", so.display()))?;
     let root = manifest.parent().context("agent manifest")?;
-    for dir in ["src", "python", "Cargo.toml"] {
+    for dir in ["src", "python", "Cargo.toml", "../pftrace-names", "../pftrace-common/src"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    // The agent compiles the daemon's names.rs in.
-    println!("cargo:rerun-if-changed={}", root.join("../pftrace-daemon/src/names.rs").display());
     Ok(())
 }

@@ -8,6 +8,14 @@
 def _pftrace_attach(AGENT_DIR=@AGENT_DIR@, SOCKET=@SOCKET@):
     import sys
 
+    # Never in the middle of an import (a process asked right after its
+    # exec runs this during start-up, with `os` half imported): pftraced
+    # asks again until the agent connects.
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename.startswith("<frozen importlib"):
+            return
+        f = f.f_back
     try:
         sys.path.insert(0, AGENT_DIR)
         try:

@@ -13,7 +13,6 @@ pub mod events;
 pub mod kernel;
 pub mod launch;
 pub mod logging;
-pub mod names;
 pub mod output;
 pub mod pairing;
 pub mod procinfo;
@@ -24,3 +23,6 @@ pub mod stats;
 pub mod target;
 pub mod trace;
 pub mod usdt;
+
+/// The name forms, shared with the agent (crate pftrace-names).
+pub use pftrace_names as names;

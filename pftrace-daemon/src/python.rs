@@ -128,8 +128,9 @@ impl fmt::Display for Mechanism {
 }
 
 /// The mechanism for an interpreter of `version` (None: unknown) whose file
-/// has both function probes or not (`has_probes`), run with its JIT on or
-/// not (`jit`, see [`jit_enabled`]); Err: why it cannot be traced at all.
+/// has both function probes or not (`has_probes`), where USDT is to be
+/// avoided or not (`avoid_usdt`: its JIT is on, see [`jit_enabled`], or
+/// `pftraced --agent`); Err: why it cannot be traced at all.
 ///
 /// USDT where its probes see every call: 3.6-3.10 and 3.15+ built
 /// --with-dtrace, without the 3.15 JIT (JIT-compiled code fires no probe:
@@ -137,10 +138,18 @@ impl fmt::Display for Mechanism {
 /// 3.11+ otherwise: 3.11 (entry probe broken), 3.12-3.14 (probes removed),
 /// builds without probes, and 3.15+ with the JIT. 3.6-3.10 without probes,
 /// or of unknown version without probes, cannot be traced.
-pub fn mechanism(version: Option<PyVersion>, has_probes: bool, jit: bool) -> Result<Mechanism, &'static str> {
+pub fn mechanism(
+    version: Option<PyVersion>,
+    has_probes: bool,
+    avoid_usdt: bool,
+) -> Result<Mechanism, &'static str> {
     let agent_from = PyVersion::new(3, 11);
     match version {
-        Some(v) if v.probe_support() == ProbeSupport::Works && has_probes && !jit => Ok(Mechanism::Usdt),
+        Some(v)
+            if v.probe_support() == ProbeSupport::Works && has_probes && (!avoid_usdt || v < agent_from) =>
+        {
+            Ok(Mechanism::Usdt)
+        }
         Some(v) if v >= agent_from => Ok(Mechanism::Agent),
         Some(v) if v.probe_support() == ProbeSupport::TooOld => {
             Err(ProbeSupport::TooOld.refusal().expect("refused"))
@@ -479,6 +488,8 @@ mod tests {
         for minor in 6..=10 {
             assert_eq!(mechanism(v(minor), true, false), Ok(Mechanism::Usdt), "3.{minor}");
             assert_eq!(mechanism(v(minor), false, false), Err(NO_PROBES), "3.{minor}");
+            // No agent before 3.11: `--agent` leaves them on USDT.
+            assert_eq!(mechanism(v(minor), true, true), Ok(Mechanism::Usdt), "3.{minor}");
         }
         for minor in 11..=14 {
             assert_eq!(mechanism(v(minor), true, false), Ok(Mechanism::Agent), "3.{minor}");

@@ -19,6 +19,15 @@ use crate::{
     usdt::{self, ProbeSite, UsdtError},
 };
 
+/// Set once at start-up (`pftraced --agent`): trace every CPython 3.11+
+/// through the in-process agent, also those whose USDT probes work.
+static PREFER_AGENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`inspect`] choose the agent for every CPython 3.11+ (`pftraced --agent`).
+pub fn prefer_agent() {
+    PREFER_AGENT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A process that can be traced.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -125,7 +134,8 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
             continue;
         }
         let jit = version.is_some_and(|v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()));
-        let mechanism = python::mechanism(version, true, jit).map_err(|why| match version {
+        let avoid_usdt = jit || PREFER_AGENT.load(std::sync::atomic::Ordering::Relaxed);
+        let mechanism = python::mechanism(version, true, avoid_usdt).map_err(|why| match version {
             Some(version) => TargetError::Unsupported { pid, binary: display.clone(), version, why },
             None => {
                 TargetError::NoProbes { pid, binary: display.clone(), version: "(version unknown)".into() }

@@ -1,4 +1,7 @@
-//! `cargo xtask test`: setup, then every test (xtask's own, pftrace-common's, pftrace-daemon's).
+//! `cargo xtask test`: setup, then every test (xtask's own, pftrace-common's,
+//! pftrace-daemon's, and the in-process agent's: pftrace-agent and
+//! pftrace-agent-host, whose tests build the agent and run it in the test
+//! interpreters).
 //!
 //! The daemon's tests load BPF programs and trace real CPythons, so they need
 //! root and get the interpreters setup made through the environment:
@@ -50,7 +53,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Step::new("test", "xtask").say("skipped (extra cargo test arguments given)");
     }
 
-    let step = Step::new("test", "pftrace-common, pftrace-daemon");
+    let step = Step::new("test", "pftrace-common, pftrace-daemon, pftrace-agent, pftrace-agent-host");
     step.say(format!(
         "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={}",
         env.python.display(),
@@ -62,13 +65,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .env("PFTRACE_SID_ROOT", &env.sid_root)
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
         .args(["test", "--release", "-p", "pftrace-common", "-p", "pftrace-daemon"])
+        .args(["-p", "pftrace-agent", "-p", "pftrace-agent-host"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
     if status.success() {
         step.done("passed");
     } else {
         step.done(format!("FAILED ({status})"));
-        failed.push("pftrace-common/pftrace-daemon");
+        failed.push("pftrace-common/pftrace-daemon/pftrace-agent/pftrace-agent-host");
     }
 
     let ran_none = totals.passed == 0 && failed.is_empty();

@@ -46,6 +46,10 @@ const AGENT_BASE: &str = "/run/pftrace";
 /// connects and says nothing holds one for 5 s).
 const MAX_HANDSHAKES: usize = 32;
 
+/// How long after a PEP 768 request pftraced asks again when the agent has
+/// not connected (the loader declines to run inside an import: start-up).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// How long an agent has to confirm a new set of names (`ok G`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -201,42 +205,49 @@ impl Daemon {
         }
         self.attach_agent_target(target)?;
         let script = self.agent.as_ref().expect("enabled").installed.attach_script();
-        if let Err(e) = remote::run_script(pid, &script, CONNECT_TIMEOUT) {
-            self.end_process(pid, crate::clock::WallClock::monotonic_now_ns());
-            return Err(DaemonError::Agent(e.to_string()));
-        }
-        // Its agent connects from the loader; wait for it here (the event
-        // loop is not running yet), keeping other agents' connections.
+        // The loader declines to run inside an import (start-up): ask again
+        // until the agent connects. The event loop is not running yet, so
+        // wait here, keeping other agents' connections.
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        let agent = self.agent.as_mut().expect("enabled");
-        let rx = agent.incoming.as_mut().expect("not taken before run");
         loop {
-            match rx.try_recv() {
-                Ok(conn) if conn.pid == pid => {
-                    // Tracing starts when the agent has the names in force.
-                    let configured = self.agent_connected(conn).ok_or_else(|| {
-                        DaemonError::Agent(format!("pid {pid}: its agent connected but was not accepted"))
-                    })?;
-                    return match configured.recv_timeout(ACK_TIMEOUT) {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(DaemonError::Agent(format!("pid {pid}: its agent: {e}"))),
-                        Err(_) => Err(DaemonError::Agent(format!(
-                            "pid {pid}: its agent did not confirm the names within {ACK_TIMEOUT:?}"
-                        ))),
-                    };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = remote::run_script(pid, &script, left.max(Duration::from_millis(100))) {
+                self.end_process(pid, crate::clock::WallClock::monotonic_now_ns());
+                return Err(DaemonError::Agent(e.to_string()));
+            }
+            let asked = Instant::now();
+            while asked.elapsed() < RETRY_AFTER && Instant::now() < deadline {
+                let next = self.agent.as_mut().and_then(|a| a.incoming.as_mut()).map(|rx| rx.try_recv());
+                match next {
+                    Some(Ok(conn)) if conn.pid == pid => return self.serve_now(conn),
+                    Some(Ok(other)) => self.early_agents.push(other),
+                    _ => std::thread::sleep(Duration::from_millis(5)),
                 }
-                Ok(other) => self.early_agents.push(other),
-                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => break,
+            }
+            if Instant::now() >= deadline {
+                break;
             }
         }
         self.end_process(pid, crate::clock::WallClock::monotonic_now_ns());
         Err(DaemonError::Agent(format!(
-            "pid {pid} ran pftrace's loader but its agent did not connect within {CONNECT_TIMEOUT:?} (its \
-             stderr says why: lines starting with \"pftrace:\")"
+            "pid {pid} did not load pftrace's agent within {CONNECT_TIMEOUT:?} (its stderr says why: lines \
+             starting with \"pftrace:\")"
         )))
+    }
+
+    /// Serves the agent of a `--pid` target now and waits for its first `ok G`.
+    fn serve_now(&mut self, conn: AgentConn) -> Result<(), DaemonError> {
+        let pid = conn.pid;
+        let configured = self.agent_connected(conn).ok_or_else(|| {
+            DaemonError::Agent(format!("pid {pid}: its agent connected but was not accepted"))
+        })?;
+        match configured.recv_timeout(ACK_TIMEOUT) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(DaemonError::Agent(format!("pid {pid}: its agent: {e}"))),
+            Err(_) => Err(DaemonError::Agent(format!(
+                "pid {pid}: its agent did not confirm the names within {ACK_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// A process found in scope (exec, fork, scan) that the agent must
@@ -266,10 +277,25 @@ impl Daemon {
             return;
         }
         if !has_agent_env {
-            let script = self.agent.as_ref().expect("enabled").installed.attach_script();
+            let agent = self.agent.as_ref().expect("enabled");
+            let (script, ready) = (agent.installed.attach_script(), Arc::clone(&agent.ready));
+            let is_ready = move || ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid);
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = remote::run_script(pid, &script, CONNECT_TIMEOUT) {
-                    log::warn!("{}", printable(&e.to_string()));
+                // Found at its exec, it is starting up: the loader declines
+                // to run inside an import, so ask until its agent is tracing.
+                let deadline = Instant::now() + CONNECT_TIMEOUT;
+                while Instant::now() < deadline && !is_ready() {
+                    if let Err(e) = remote::run_script(pid, &script, CONNECT_TIMEOUT) {
+                        log::warn!("{}", printable(&e.to_string()));
+                        return;
+                    }
+                    let asked = Instant::now();
+                    while asked.elapsed() < RETRY_AFTER && !is_ready() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                if !is_ready() && !crate::procinfo::has_exited(pid) {
+                    log::warn!("pid {pid} did not load pftrace's agent within {CONNECT_TIMEOUT:?}");
                 }
             });
         }
