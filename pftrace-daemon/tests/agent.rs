@@ -140,10 +140,13 @@ for tid, name in entries:
 print("DONE", "%d.%d" % sys.version_info[:2], flush=True)
 "#;
 
+/// Environment variables for a launched command.
+type Env = Vec<(&'static str, &'static str)>;
+
 /// The interpreters the agent serves, and the environment that makes
 /// pftraced choose it (3.15 has working probes: with PYTHON_JIT=1 they miss
 /// JIT-compiled calls, so the agent is used).
-fn agent_interpreters() -> Vec<(String, std::path::PathBuf, Vec<(&'static str, &'static str)>)> {
+fn agent_interpreters() -> Vec<(String, std::path::PathBuf, Env)> {
     let mut v: Vec<_> = ["3.11.7", "3.12.1", "3.13.0"]
         .into_iter()
         .map(|ver| (format!("pyenv {ver}"), pyenv_python(ver), vec![]))
