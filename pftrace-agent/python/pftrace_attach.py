@@ -22,7 +22,7 @@ def _pftrace_attach(AGENT_DIR=@AGENT_DIR@, SOCKET=@SOCKET@):
             import pftrace_loader
         finally:
             sys.path.remove(AGENT_DIR)
-        pftrace_loader.load(AGENT_DIR, SOCKET)
+        pftrace_loader._pftrace_load(AGENT_DIR, SOCKET)
     except BaseException as e:  # never into the program
         sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))
 

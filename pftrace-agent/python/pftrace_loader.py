@@ -2,7 +2,9 @@
 # pftrace_attach.py (PEP 768). Installed by pftraced: root-owned, read-only.
 
 
-def load(agent_dir, socket):
+# Named so no user's name form picks it up by accident: in a process traced
+# through USDT (3.9, 3.15) launched by pftraced, its calls fire the probes.
+def _pftrace_load(agent_dir, socket):
     """Loads the agent from agent_dir and starts it; never raises."""
     import sys
 

@@ -203,6 +203,26 @@ fn target_of(
     })
 }
 
+/// Whether a command's program (`program`, looked up on PATH like exec
+/// does) is a CPython pftraced traces through its USDT probes, run with
+/// `python_jit` as its PYTHON_JIT: then a launched command needs no agent
+/// (its start-up code would fire the probes, and its imports add calls).
+pub fn runs_usdt_python(program: &std::ffi::OsStr, python_jit: Option<&[u8]>) -> bool {
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
+        vec![PathBuf::from(program)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).collect())
+            .unwrap_or_default()
+    };
+    let Some(path) = candidates.into_iter().find(|p| p.is_file()) else { return false };
+    let Ok(info) = binary_info(&path, &path) else { return false };
+    let Some(version) = info.version else { return false };
+    let avoid =
+        python::jit_enabled(version, python_jit) || PREFER_AGENT.load(std::sync::atomic::Ordering::Relaxed);
+    has_both_probes(&info.sites) && python::mechanism(Some(version), true, avoid) == Ok(Mechanism::Usdt)
+}
+
 /// Why a file given with `--binary` cannot be attached to.
 #[derive(Debug, thiserror::Error)]
 pub enum BinaryError {

@@ -4,7 +4,7 @@
 //! (`--all`); print a per-function summary and write a trace (Chrome JSON,
 //! PerfFlowAspect's .pfw files, or the settrace prototype's records JSON).
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, os::unix::ffi::OsStrExt as _, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -233,7 +233,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // runs or anything is attached.
     // A command's Pythons of 3.11+ without working probes are traced by the
     // agent, which must be on their path from the start.
-    if !cli.command.is_empty() {
+    // Not for a CPython traced through its probes (3.6-3.10, 3.15+): the
+    // agent's start-up code would run in it for nothing, and show in a trace.
+    let jit = std::env::var_os("PYTHON_JIT");
+    if !cli.command.is_empty()
+        && !pftrace::target::runs_usdt_python(&cli.command[0], jit.as_ref().map(|v| v.as_bytes()))
+    {
         daemon.enable_agent()?;
     }
     let mut launched = match cli.command.is_empty() {
