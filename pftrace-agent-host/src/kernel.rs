@@ -9,10 +9,7 @@
 //! only called for traced functions), and one that is not in TRACKED is
 //! dropped first thing (counted in AGENT_FOREIGN).
 
-use std::{
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-};
+use std::{os::fd::AsRawFd as _, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -32,10 +29,8 @@ pub enum KernelError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("the eBPF object has no {0}; was it built from this source tree?")]
     Missing(&'static str),
-    #[error("{path}: no exported symbol {symbol}; is it pftrace's agent?")]
-    NoProbe { path: PathBuf, symbol: String },
-    #[error("{path}: {source}")]
-    Elf { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Symbol(#[from] pftrace::agent::SymbolError),
     #[error(transparent)]
     PidNamespace(#[from] pftrace::kernel::pidns::PidNsError),
 }
@@ -269,21 +264,5 @@ impl Ring {
 
 /// File offset of an exported function in an ELF shared object.
 pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, KernelError> {
-    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
-    let elf = |source| KernelError::Elf { path: path.to_path_buf(), source };
-    let data = std::fs::read(path).map_err(elf)?;
-    let file = object::File::parse(&*data)
-        .map_err(|e| elf(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
-    let sym = file
-        .dynamic_symbols()
-        .find(|s| s.name() == Ok(symbol))
-        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
-    let section = sym
-        .section_index()
-        .and_then(|i| file.section_by_index(i).ok())
-        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
-    let (file_off, _) = section
-        .file_range()
-        .ok_or_else(|| KernelError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
-    Ok(sym.address() - section.address() + file_off)
+    Ok(pftrace::agent::symbol_offset(path, symbol)?)
 }

@@ -1,11 +1,8 @@
-//! pftraced's side of the in-process agent (`pftrace-agent`), as library code
-//! the daemon will use: the kernel report path (`kernel`), the control
-//! socket (`server`), installing the agent's files (`install`), starting a
-//! command with the agent (`launch`) and loading it into a running CPython
-//! 3.14+ through PEP 768 (`remote`).
+//! pftraced's side of the in-process agent (`pftrace-agent`) outside the
+//! daemon: the kernel report path as the benchmark and the tests drive it
+//! (`kernel`). The control socket, installing the agent's files, launch mode
+//! and PEP 768 are the daemon's (`pftrace::agent`), re-exported here.
 
-pub mod install;
 pub mod kernel;
-pub mod launch;
-pub mod remote;
-pub mod server;
+
+pub use pftrace::agent::{install, launch, remote, server};

@@ -2,10 +2,14 @@
 # pftrace_attach.py (PEP 768). Installed by pftraced: root-owned, read-only.
 
 
-def load(agent_dir, socket):
+# Named so no user's name form picks it up by accident: in a process traced
+# through USDT (3.9, 3.15) launched by pftraced, its calls fire the probes.
+def _pftrace_load(agent_dir, socket):
     """Loads the agent from agent_dir and starts it; never raises."""
     import sys
 
+    if sys.version_info < (3, 11):
+        return  # pftraced traces these through their USDT probes, or not at all
     try:
         import sysconfig
 
@@ -17,7 +21,7 @@ def load(agent_dir, socket):
         finally:
             sys.path.remove(agent_dir)
         status = pftrace_agent.start(socket)
-        if not status.startswith("tracing"):
+        if not status.startswith("tracing") and "not needed" not in status:
             sys.stderr.write("pftrace: %s\n" % status)
     except BaseException as e:  # never into the program
         sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))

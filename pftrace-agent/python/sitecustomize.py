@@ -11,11 +11,12 @@ def _pftrace_start():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sock = os.environ.get("PFTRACE_AGENT_SOCKET")
-    if sock:
+    # Before 3.11 pftraced uses the USDT probes (or cannot trace): nothing to load.
+    if sock and sys.version_info >= (3, 11):
         try:
             import pftrace_loader  # beside this file
 
-            pftrace_loader.load(here, sock)
+            pftrace_loader._pftrace_load(here, sock)
         except BaseException as e:  # never into the program
             sys.stderr.write("pftrace: the agent did not load: %r\n" % (e,))
     # Drop our directory from sys.path (PYTHONPATH still carries it to

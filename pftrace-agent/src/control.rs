@@ -53,6 +53,10 @@ fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
     Ok(cred.uid)
 }
 
+/// The setup answer when pftraced says `stop` before any names: it traces
+/// this process without the agent (the loader stays quiet about it).
+pub const NOT_NEEDED: &str = "not needed (pftraced said stop)";
+
 /// Reads commands until pftraced has said how to report and which names to
 /// trace (the first `names`). Runs without the GIL.
 pub fn read_setup(r: &mut BufReader<UnixStream>) -> Result<(Report, Vec<String>), String> {
@@ -63,7 +67,8 @@ pub fn read_setup(r: &mut BufReader<UnixStream>) -> Result<(Report, Vec<String>)
             Ok(Command::Names(names)) => {
                 return Ok((report.ok_or("pftraced sent names before saying how to report")?, names));
             }
-            Ok(Command::Stop) => return Err("pftraced said stop".into()),
+            // pftraced traces this process another way (its USDT probes).
+            Ok(Command::Stop) => return Err(NOT_NEEDED.into()),
             Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err("pftraced did not answer in time".into());
             }

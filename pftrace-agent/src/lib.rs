@@ -21,11 +21,8 @@ pub mod protocol;
 mod report;
 mod verdict;
 
-/// pftrace's name forms: the daemon's own module, compiled in here too until
-/// it moves to a crate both use (see the crate README).
-#[path = "../../pftrace-daemon/src/names.rs"]
-#[allow(dead_code, clippy::collapsible_if)]
-mod names;
+/// pftrace's name forms, the same crate the daemon uses.
+use pftrace_names as names;
 
 use std::{
     cell::UnsafeCell,

@@ -34,10 +34,12 @@ pub struct Launched {
 
 impl Launched {
     /// Starts `argv` and waits until it has exec'd and stopped.
-    pub fn spawn_stopped(argv: &[OsString]) -> Result<Self, LaunchError> {
+    /// `env`: variables set for it (the agent's, when enabled).
+    pub fn spawn_stopped(argv: &[OsString], env: &[(String, String)]) -> Result<Self, LaunchError> {
         let (program, args) = argv.split_first().ok_or(LaunchError::Empty)?;
         let mut cmd = Command::new(program);
         cmd.args(args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: ptrace(PTRACE_TRACEME) is async-signal-safe and touches no memory.
         unsafe {
             cmd.pre_exec(|| {

@@ -2,6 +2,7 @@
 //! eBPF. This library holds the logic; `pftraced` and `pftracectl` are thin
 //! binaries over it.
 
+pub mod agent;
 pub mod bpf;
 pub mod caps;
 pub mod cgroupwatch;
@@ -16,7 +17,6 @@ pub mod job_pattern;
 pub mod kernel;
 pub mod launch;
 pub mod logging;
-pub mod names;
 pub mod output;
 pub mod pairing;
 pub mod procinfo;
@@ -27,3 +27,6 @@ pub mod stats;
 pub mod target;
 pub mod trace;
 pub mod usdt;
+
+/// The name forms, shared with the agent (crate pftrace-names).
+pub use pftrace_names as names;

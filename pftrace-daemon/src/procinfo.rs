@@ -113,6 +113,8 @@ pub struct Stat {
     /// Field 22: when the process started, in clock ticks after boot. Exec
     /// keeps it: another value under the same pid is another process.
     pub start_ticks: u64,
+    /// Field 4: the parent's pid.
+    pub ppid: u32,
 }
 
 impl Stat {
@@ -130,7 +132,7 @@ pub fn stat(pid: u32) -> Option<Stat> {
 /// Reads the stat of `process`; `None` when it is gone.
 pub fn stat_of(process: &Process) -> Option<Stat> {
     let stat = process.stat().ok()?;
-    Some(Stat { state: stat.state, start_ticks: stat.starttime })
+    Some(Stat { state: stat.state, start_ticks: stat.starttime, ppid: stat.ppid.max(0) as u32 })
 }
 
 /// Whether `pid` is gone, or a zombie, now.

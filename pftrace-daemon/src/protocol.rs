@@ -83,6 +83,10 @@ pub enum Command {
     Remove { names: Vec<String> },
     /// Forget the calls kept in memory (files already written stay). Result: `{"cleared": N}`.
     Clear {},
+    /// The shell line that starts programs with the in-process agent on
+    /// their path (for CPython 3.11-3.13, which cannot load it once
+    /// running). Result: `{"line": "export ..."}`.
+    Env {},
     /// Flush outputs, detach and exit. Result: `{"stopping": true}`.
     Stop {},
 }
@@ -341,6 +345,13 @@ pub struct ProcessStatus {
     pub command: String,
     pub running: bool,
     pub calls: u64,
+    /// How it is traced: "usdt" or "agent".
+    #[serde(default)]
+    pub mechanism: crate::python::Mechanism,
+    /// For the agent: whether it is tracing (it has confirmed the names) or
+    /// not yet (waiting for it to connect).
+    #[serde(default)]
+    pub agent_tracing: bool,
 }
 
 /// A process that could not be traced.

@@ -101,6 +101,66 @@ impl PyVersion {
     }
 }
 
+/// How pftrace traces one interpreter: through CPython's own USDT probes
+/// (no code enters the process), or through the in-process agent
+/// (`pftrace-agent`: sys.monitoring on 3.12+, a C profile hook on 3.11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    #[default]
+    Usdt,
+    Agent,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Usdt => "usdt",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The mechanism for an interpreter of `version` (None: unknown) whose file
+/// has both function probes or not (`has_probes`), where USDT is to be
+/// avoided or not (`avoid_usdt`: its JIT is on, see [`jit_enabled`], or
+/// `pftraced --agent`); Err: why it cannot be traced at all.
+///
+/// USDT where its probes see every call: 3.6-3.10 and 3.15+ built
+/// --with-dtrace, without the 3.15 JIT (JIT-compiled code fires no probe:
+/// 4,202 of 200,000 entries fired with PYTHON_JIT=1). The agent for every
+/// 3.11+ otherwise: 3.11 (entry probe broken), 3.12-3.14 (probes removed),
+/// builds without probes, and 3.15+ with the JIT. 3.6-3.10 without probes,
+/// or of unknown version without probes, cannot be traced.
+pub fn mechanism(
+    version: Option<PyVersion>,
+    has_probes: bool,
+    avoid_usdt: bool,
+) -> Result<Mechanism, &'static str> {
+    let agent_from = PyVersion::new(3, 11);
+    match version {
+        Some(v)
+            if v.probe_support() == ProbeSupport::Works && has_probes && (!avoid_usdt || v < agent_from) =>
+        {
+            Ok(Mechanism::Usdt)
+        }
+        Some(v) if v >= agent_from => Ok(Mechanism::Agent),
+        Some(v) if v.probe_support() == ProbeSupport::TooOld => {
+            Err(ProbeSupport::TooOld.refusal().expect("refused"))
+        }
+        _ => Err(NO_PROBES),
+    }
+}
+
+/// Why a CPython older than 3.11 (or of unknown version) without probes cannot be traced.
+pub const NO_PROBES: &str = "it has no USDT probes (it was built without --with-dtrace), and pftrace's in-process agent needs CPython 3.11 or later";
+
 /// Whether a process of this version runs its JIT, from its `PYTHON_JIT`
 /// environment variable (3.15: off unless set to a value other than 0;
 /// JIT-compiled code fires neither probe, see the module's table).
@@ -269,7 +329,17 @@ fn window(fields: &[(u16, u16)]) -> Option<(u16, u16)> {
 }
 
 /// What to tell a user whose interpreter cannot be traced.
-pub const WHAT_WORKS: &str = "CPython 3.6-3.10 or 3.15+ built with --with-dtrace";
+pub const WHAT_WORKS: &str = "CPython 3.11 or later (any build), or 3.6-3.10 built with --with-dtrace";
+
+/// What `--binary` takes: interpreter files whose USDT probes see every call
+/// (host-wide probes; the agent is per process).
+pub const USDT_WORKS: &str = "CPython 3.6-3.10 or 3.15+ built with --with-dtrace (CPython 3.11+ is traced per process, through the in-process agent: --pid, --cgroup or a command)";
+
+/// Whether pftraced can load the agent into an already running process of
+/// this version: PEP 768 (sys.remote_exec's protocol) exists from 3.14.
+pub fn can_load_agent_remotely(version: PyVersion) -> bool {
+    version >= PyVersion::new(3, 14)
+}
 
 /// Version from a file name such as `python3.9`, `python3.10d`, `libpython3.9.so.1.0`
 /// or `libpython3.6m.so`.
@@ -425,6 +495,28 @@ mod tests {
         // Fields too far apart for one kernel read.
         let far = FrameLayout { code_name: 400, ..layout };
         assert!(frame_spec(&far, &code, &[]).is_none());
+    }
+
+    #[test]
+    fn mechanism_by_version_probes_and_jit() {
+        let v = |minor| Some(PyVersion::new(3, minor));
+        for minor in 6..=10 {
+            assert_eq!(mechanism(v(minor), true, false), Ok(Mechanism::Usdt), "3.{minor}");
+            assert_eq!(mechanism(v(minor), false, false), Err(NO_PROBES), "3.{minor}");
+            // No agent before 3.11: `--agent` leaves them on USDT.
+            assert_eq!(mechanism(v(minor), true, true), Ok(Mechanism::Usdt), "3.{minor}");
+        }
+        for minor in 11..=14 {
+            assert_eq!(mechanism(v(minor), true, false), Ok(Mechanism::Agent), "3.{minor}");
+            assert_eq!(mechanism(v(minor), false, false), Ok(Mechanism::Agent), "3.{minor}");
+        }
+        assert_eq!(mechanism(v(15), true, false), Ok(Mechanism::Usdt));
+        assert_eq!(mechanism(v(15), true, true), Ok(Mechanism::Agent), "3.15 JIT: probes miss calls");
+        assert_eq!(mechanism(v(15), false, false), Ok(Mechanism::Agent));
+        assert_eq!(mechanism(v(5), true, false), Err(ProbeSupport::TooOld.refusal().unwrap()));
+        assert_eq!(mechanism(None, false, false), Err(NO_PROBES));
+        assert!(!can_load_agent_remotely(PyVersion::new(3, 13)));
+        assert!(can_load_agent_remotely(PyVersion::new(3, 14)));
     }
 
     #[test]

@@ -14,9 +14,18 @@ use procfs::process::{MMapPath, MemoryMaps};
 
 use crate::{
     elf_info,
-    python::{self, ProbeSupport, PyVersion, WHAT_WORKS},
-    usdt::{ProbeSite, UsdtError},
+    python::{self, Mechanism, PyVersion, USDT_WORKS, WHAT_WORKS},
+    usdt::{self, ProbeSite, UsdtError},
 };
+
+/// Set once at start-up (`pftraced --agent`): trace every CPython 3.11+
+/// through the in-process agent, also those whose USDT probes work.
+static PREFER_AGENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`inspect`] choose the agent for every CPython 3.11+ (`pftraced --agent`).
+pub fn prefer_agent() {
+    PREFER_AGENT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// A process that can be traced.
 #[derive(Debug, Clone)]
@@ -39,6 +48,9 @@ pub struct Target {
     /// 0 if unknown). Unchanged by exec: a different value under the same
     /// pid is another process that reused it.
     pub started: u64,
+    /// How it is traced: its USDT probes (`sites`), or the in-process
+    /// agent (`sites` empty), chosen by [`python::mechanism`].
+    pub mechanism: Mechanism,
 }
 
 /// Why a process cannot be traced.
@@ -93,7 +105,7 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
     }
 
     let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let mut python_like: Option<(PathBuf, Option<PyVersion>)> = None;
+    let mut python_like: Option<(PathBuf, Option<PyVersion>, (u64, u64))> = None;
     for binary in &candidates {
         let open_path = under_root(&root, binary);
         let display = crate::events::printable_path(binary);
@@ -119,53 +131,103 @@ pub fn inspect(pid: u32) -> Result<Target, TargetError> {
         })?;
         if !has_both_probes(&info.sites) {
             if is_python && python_like.is_none() {
-                python_like = Some((binary.clone(), version));
+                python_like = Some((binary.clone(), version, info.file));
             }
             continue;
         }
-        if let Some(version) = version
-            && let Some(why) = version.probe_support().refusal()
-        {
-            return Err(TargetError::Unsupported { pid, binary: display, version, why });
-        }
-        if let Some(v) =
-            version.filter(|&v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()))
-        {
-            log::warn!(
-                "pid {pid} runs CPython {v} with PYTHON_JIT set: code its JIT compiles fires no probe, so \
-                 calls made there are not seen (unset PYTHON_JIT for complete traces)"
+        let jit = version.is_some_and(|v| python::jit_enabled(v, env_var(&process, "PYTHON_JIT").as_deref()));
+        let avoid_usdt = jit || PREFER_AGENT.load(std::sync::atomic::Ordering::Relaxed);
+        let mechanism = python::mechanism(version, true, avoid_usdt).map_err(|why| match version {
+            Some(version) => TargetError::Unsupported { pid, binary: display.clone(), version, why },
+            None => {
+                TargetError::NoProbes { pid, binary: display.clone(), version: "(version unknown)".into() }
+            }
+        })?;
+        if jit && mechanism == Mechanism::Agent {
+            log::info!(
+                "pid {pid} runs CPython with PYTHON_JIT set: code its JIT compiles fires no USDT probe, so \
+                 pftrace traces it through its in-process agent"
             );
         }
-        let file = info.file;
-        let started = stat.map_or(0, |s| s.start_ticks);
-        return Ok(Target {
-            pid,
-            binary: binary.clone(),
-            open_path,
-            version,
-            sites: Arc::clone(&info.sites),
-            command,
-            file,
-            started,
-        });
+        let sites = match mechanism {
+            Mechanism::Usdt => Arc::clone(&info.sites),
+            Mechanism::Agent => Arc::from([]),
+        };
+        return target_of(&process, pid, binary, open_path, version, sites, command, mechanism, info.file);
     }
 
-    let Some((binary, version)) = python_like else {
+    let Some((binary, version, file)) = python_like else {
         return Err(TargetError::NotPython { pid, exe: crate::events::printable_path(&exe) });
     };
     let display = crate::events::printable_path(&binary);
-    // Probes missing: the version says why if it is one that lost them.
-    match version.map(|v| (v, v.probe_support())) {
-        Some((version, support @ (ProbeSupport::Removed | ProbeSupport::TooOld))) => {
-            let why = support.refusal().expect("refused");
-            Err(TargetError::Unsupported { pid, binary: display, version, why })
+    match python::mechanism(version, false, false) {
+        Ok(mechanism) => {
+            let open_path = under_root(&root, &binary);
+            target_of(&process, pid, &binary, open_path, version, Arc::from([]), command, mechanism, file)
         }
-        v => Err(TargetError::NoProbes {
-            pid,
-            binary: display,
-            version: v.map_or("(version unknown)".into(), |(v, _)| v.to_string()),
-        }),
+        Err(why) => match version {
+            Some(version) if why != python::NO_PROBES => {
+                Err(TargetError::Unsupported { pid, binary: display, version, why })
+            }
+            v => Err(TargetError::NoProbes {
+                pid,
+                binary: display,
+                version: v.map_or("(version unknown)".into(), |v| v.to_string()),
+            }),
+        },
     }
+}
+
+/// The [`Target`] of a process found traceable.
+#[allow(clippy::too_many_arguments)]
+fn target_of(
+    process: &procfs::process::Process,
+    pid: u32,
+    binary: &Path,
+    open_path: PathBuf,
+    version: Option<PyVersion>,
+    sites: Arc<[ProbeSite]>,
+    command: String,
+    mechanism: Mechanism,
+    file: (u64, u64),
+) -> Result<Target, TargetError> {
+    let started = crate::procinfo::stat_of(process).map_or(0, |s| s.start_ticks);
+    Ok(Target {
+        pid,
+        binary: binary.to_path_buf(),
+        open_path,
+        version,
+        sites,
+        command,
+        file,
+        started,
+        mechanism,
+    })
+}
+
+/// Whether a command's program (`program`, looked up on PATH like exec
+/// does) is a CPython pftraced traces through its USDT probes, run with
+/// `python_jit` as its PYTHON_JIT: then a launched command needs no agent
+/// (its start-up code would fire the probes, and its imports add calls).
+pub fn runs_usdt_python(program: &std::ffi::OsStr, python_jit: Option<&[u8]>) -> bool {
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
+        vec![PathBuf::from(program)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).collect())
+            .unwrap_or_default()
+    };
+    let Some(path) = candidates.into_iter().find(|p| p.is_file()) else { return false };
+    let Ok(info) = fs::File::open(&path)
+        .map_err(|source| UsdtError::Read { path: path.clone(), source })
+        .and_then(|file| elf_info::inspect(file, &path, &path))
+    else {
+        return false;
+    };
+    let Some(version) = info.version else { return false };
+    let avoid =
+        python::jit_enabled(version, python_jit) || PREFER_AGENT.load(std::sync::atomic::Ordering::Relaxed);
+    has_both_probes(&info.sites) && python::mechanism(Some(version), true, avoid) == Ok(Mechanism::Usdt)
 }
 
 /// Why a file given with `--binary` cannot be attached to.
@@ -177,10 +239,10 @@ pub enum BinaryError {
     Usdt { path: String, source: UsdtError },
     #[error(
         "--binary {path} has no python:function__entry and function__return probes (not a CPython built \
-         --with-dtrace). Use {WHAT_WORKS}"
+         --with-dtrace). Use {USDT_WORKS}"
     )]
     NoProbes { path: String },
-    #[error("--binary {path} is CPython {version}: {why}. Use {WHAT_WORKS}")]
+    #[error("--binary {path} is CPython {version}: {why}. Use {USDT_WORKS}")]
     Unsupported { path: String, version: PyVersion, why: &'static str },
 }
 
@@ -216,6 +278,7 @@ pub fn inspect_file(path: &Path) -> Result<Target, BinaryError> {
         command: String::new(),
         file: info.file,
         started: 0,
+        mechanism: Mechanism::Usdt,
     })
 }
 
@@ -247,7 +310,7 @@ fn looks_like_python(path: &Path) -> bool {
 }
 
 /// The value of variable `name` in the initial environment of `process`.
-fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
+pub(crate) fn env_var(process: &procfs::process::Process, name: &str) -> Option<Vec<u8>> {
     let environ = process.environ().ok()?;
     environ.get(std::ffi::OsStr::new(name)).map(|v| v.as_bytes().to_vec())
 }

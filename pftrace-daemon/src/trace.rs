@@ -38,6 +38,8 @@ pub struct TracedProcess {
     /// The process name (`/proc/PID/comm`).
     pub comm: String,
     pub job: Option<JobId>,
+    /// How it was traced: "usdt" (CPython's probes) or "agent" (the in-process agent).
+    pub mechanism: crate::python::Mechanism,
 }
 
 /// One reading of a process's CPU and memory, taken from procfs while it is traced.

@@ -101,6 +101,7 @@ fn answer(req: ControlRequest) {
             };
             Handled::Json(serde_json::to_value(reply).unwrap())
         }
+        Command::Env {} => Handled::Json(json!({"line": "export PYTHONPATH=/run/pftrace/agent.1"})),
         Command::Add { names } if names.iter().any(|n| n == "drop-me") => return, // never answered
         // Answered only after N ms: holds a request slot that long.
         Command::Add { names } if names[0].starts_with("hold-") => {

@@ -1,33 +1,13 @@
 //! Debian's own CPython packages (sid's python3.13, 3.14 and 3.15, unpacked by
 //! `cargo xtask setup` and run on sid's loader): pftraced traces 3.15, whose
-//! function probes are back, with exact counts, and refuses 3.14 and 3.13,
-//! whose probes were removed, with the message it prints today.
+//! function probes are back, with exact counts through its USDT probes, and
+//! 3.14 and 3.13, whose probes were removed, through the in-process agent.
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use common::*;
-
-/// What pftraced prints for a CPython 3.12-3.14 launched under it
-/// (target.rs's `Unsupported` with python.rs's refusal, after pftraced's launch prefix).
-fn probes_removed_at_launch(python: &Path, pid: u32, version: &str) -> String {
-    format!(
-        "cannot trace {python:?}; it was not run: pid {pid} runs CPython {version} ({}): CPython \
-         3.12-3.14 removed the function__entry/function__return probes (python/cpython#104280). Use \
-         CPython 3.6-3.10 or 3.15+ built with --with-dtrace",
-        python.display()
-    )
-}
-
-/// The pid a launch refusal names (`... it was not run: pid N runs ...`).
-fn pid_in(msg: &str) -> u32 {
-    msg.split("not run: pid ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {msg}"))
-}
 
 /// 3.15 in launch mode: `leaf` called exactly 1000 times from 10 calls of
 /// `outer` gives 1000 and 10 complete calls, each leaf inside its outer,
@@ -81,30 +61,59 @@ fn debian_3_15_launch_exact_counts() {
 }
 
 /// 3.14 and 3.13 (Debian's builds have only the audit, gc and import
-/// probes): refused at launch, the command never run; and by --pid, the
-/// process left running undisturbed.
+/// probes): traced through the in-process agent at launch, with exact
+/// counts; by --pid, 3.13 (no PEP 768) is refused with what works, the
+/// process left running undisturbed (3.14 by --pid: tests/agent.rs).
 #[test]
-fn debian_3_14_and_3_13_refused() {
+fn debian_3_14_and_3_13_through_the_agent() {
     require_root();
     for version in ["3.14", "3.13"] {
         let py = sid_python(version);
-        let dir = TestDir::new(&format!("sid-{version}-refused"));
-        let marker = dir.join("ran");
-        let code = format!("open({:?}, 'w').close()", marker.to_str().unwrap());
-        let run = Pftraced::new(&dir, &["foo"]).launch(&[py.as_os_str(), "-c".as_ref(), code.as_ref()]).run();
-        let msg = run.assert_refused(&[]);
-        assert_eq!(msg, probes_removed_at_launch(&py, pid_in(&msg), version));
-        assert!(!marker.exists(), "the refused command ran: {msg}");
-
+        let dir = TestDir::new(&format!("sid-{version}-agent"));
+        let script = dir.script(
+            "plain.py",
+            r#"
+            def leaf(i):
+                return i + 1
+            total = 0
+            for _ in range(1000):
+                total = leaf(total)
+            print("total", total, flush=True)
+            "#,
+        );
+        let run = Pftraced::new(&dir, &["leaf"]).launch(&[py.as_os_str(), script.as_os_str()]).run();
+        run.assert_code(0);
+        assert_eq!(run.stdout.trim(), "total 1000");
+        assert!(
+            run.stderr
+                .contains(&format!("(CPython {version}, {}, in-process agent), tracing leaf", py.display())),
+            "{}",
+            run.stderr
+        );
+        let trace = run.trace();
+        trace.assert_clean();
+        assert_eq!(trace.named_in("leaf", script.to_str().unwrap()).len(), 1000, "{version}");
+        assert_eq!(trace.calls.len(), 1000, "{version}: {:?}", trace.counts());
+        if version != "3.13" {
+            continue;
+        }
         let waiting =
             dir.script("waiting.py", "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n");
         let mut process = PyProcess::spawn(&py, &waiting, &[]);
         process.expect_line("ready");
-        let run = Pftraced::new(&dir, &["foo"]).pid(process.pid()).run();
+        let pid = process.pid();
+        let run = Pftraced::new(&dir, &["foo"]).pid(pid).run();
         let msg = run.assert_refused(&[]);
-        let launch_msg = probes_removed_at_launch(&py, process.pid(), version);
-        let (_, want) = launch_msg.split_once("it was not run: ").unwrap();
-        assert_eq!(msg, want);
+        assert_eq!(
+            msg,
+            format!(
+                "pid {pid} runs CPython 3.13 ({}), which pftrace traces through its in-process agent, and a \
+                 running CPython 3.13 has no way to load it (PEP 768 remote execution is 3.14+): start the \
+                 program under pftraced (`pftraced -t NAME -- CMD`) or with the agent on its path (`eval \
+                 \"$(pftracectl env)\"` before starting it)",
+                py.display()
+            )
+        );
         process.send_line("done");
         let (status, _) = process.wait(Duration::from_secs(30));
         assert!(status.success(), "the refused process was disturbed: {status}");

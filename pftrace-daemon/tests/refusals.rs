@@ -15,7 +15,10 @@ use std::{
 use common::*;
 
 /// What every version refusal recommends (python::WHAT_WORKS).
-const WHAT_WORKS: &str = "CPython 3.6-3.10 or 3.15+ built with --with-dtrace";
+const WHAT_WORKS: &str = "CPython 3.11 or later (any build), or 3.6-3.10 built with --with-dtrace";
+/// What `--binary` refusals recommend (python::USDT_WORKS).
+const USDT_WORKS: &str = "CPython 3.6-3.10 or 3.15+ built with --with-dtrace (CPython 3.11+ is traced per \
+                          process, through the in-process agent: --pid, --cgroup or a command)";
 
 /// Python code that proves whether the command ran: it creates `marker`.
 fn marker_code(marker: &Path) -> String {
@@ -173,7 +176,7 @@ fn python_with_notes_removed_by_objcopy() {
             WHAT_WORKS,
         ],
     );
-    assert!(!msg.contains("3.11") && !msg.contains("removed"), "{msg}");
+    assert!(!msg.contains("runs CPython 3.11") && !msg.contains("removed"), "{msg}");
 
     // Control: an unmodified copy beside it is traced (PYTHONHOME lets the
     // copy find the standard library of the original).
@@ -204,44 +207,9 @@ fn python_with_notes_removed_by_objcopy() {
     );
 }
 
-/// Debian's CPython 3.11 has the notes, but its entry probe is broken.
-#[test]
-fn python_3_11() {
-    let py = require_file("/usr/bin/python3.11", "Debian's CPython 3.11 (package python3.11)");
-    let dir = TestDir::new("ref-311");
-    let parts = [
-        "runs CPython 3.11 (/usr/bin/python3.11): its python:function__entry probe fires only when \
-         a generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so calls \
-         cannot be timed",
-        WHAT_WORKS,
-    ];
-    refused_at_launch(&dir, &py, &parts);
-    refused_by_pid(&dir, &py, &parts);
-}
-
-fn probes_removed(version: &str, path: &str) {
-    let py = require_file(path, &format!("pyenv's CPython {version}"));
-    let dir = TestDir::new(&format!("ref-{version}"));
-    let parts = [
-        &format!(
-            "runs CPython {version} ({path}): CPython 3.12-3.14 removed the \
-             function__entry/function__return probes (python/cpython#104280)"
-        ),
-        WHAT_WORKS,
-    ];
-    refused_at_launch(&dir, &py, &parts);
-    refused_by_pid(&dir, &py, &parts);
-}
-
-#[test]
-fn python_3_12() {
-    probes_removed("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12");
-}
-
-#[test]
-fn python_3_13() {
-    probes_removed("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13");
-}
+// CPython 3.11-3.14 (pyenv's, without probes, and Debian's 3.11 with its
+// broken entry probe) are traced through the in-process agent: tests/agent.rs
+// has their launch-mode traces and the refusal of a running 3.11-3.13.
 
 /// The effective capability set a `setpriv` wrapper leaves a program.
 fn cap_eff_under(wrapper: &[&str]) -> u64 {
@@ -333,7 +301,7 @@ fn binary_flag_refusals() {
                 "--binary /bin/sh has no python:function__entry and function__return probes (not a CPython \
                  built --with-dtrace)"
                     .into(),
-                WHAT_WORKS.into(),
+                USDT_WORKS.into(),
             ],
         ),
         (
@@ -343,7 +311,7 @@ fn binary_flag_refusals() {
                  when a generator or coroutine resumes, not for ordinary calls (python/cpython#98894), so \
                  calls cannot be timed"
                     .into(),
-                WHAT_WORKS.into(),
+                USDT_WORKS.into(),
             ],
         ),
     ];

@@ -22,6 +22,7 @@
 //! /proc/PID/stat. Targets are printed as information: `--quick` (the CI
 //! smoke) fails only when a case cannot run or reports nonsense.
 
+mod agent;
 mod churn;
 mod procs;
 mod report;
@@ -277,6 +278,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         })
         .collect();
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
+    // The in-process agent (CPython 3.11+ without working probes), and
+    // USDT on the same 3.15 for comparison.
+    let agent_n = if ctx.quick { 100_000 } else { ctx.n };
+    let agent_rows =
+        agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &agent::interpreters(&env), agent_n, runs);
     let busy_after = background_busy();
     let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
         .iter()
@@ -299,6 +305,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             Ok(_) => {}
         }
     }
+    for r in &agent_rows {
+        for e in &r.errors {
+            problems.push(format!("agent ({} {}): {e}", r.python, r.case));
+        }
+    }
     let targets = targets(&rows, &attach, soak.as_ref());
 
     println!();
@@ -310,6 +321,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     print!("{}", report::table(&rows));
     println!("{}", attach_text(&attach));
     print!("{}", churn::text(&churn));
+    print!("{}", agent::text(&agent_rows));
     if let Some(s) = &soak {
         print!("{}", soak_text(s));
     }
@@ -352,6 +364,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "attach": attach_json(&attach),
         "soak": soak.as_ref().map(soak_json),
         "churn": churn::json(&churn),
+        "agent": agent_rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),

@@ -1,5 +1,7 @@
 //! `cargo xtask test`: setup, then every test (xtask's own, pftrace-common's,
-//! pftrace-code's, pftrace-daemon's).
+//! pftrace-code's, pftrace-daemon's, and the in-process agent's: pftrace-agent
+//! and pftrace-agent-host, whose tests build the agent and run it in the test
+//! interpreters).
 //!
 //! The daemon's tests load BPF programs and trace real CPythons, so they need
 //! root and get the interpreters setup made through the environment:
@@ -53,7 +55,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Step::new("test", "xtask").say("skipped (extra cargo test arguments given)");
     }
 
-    let step = Step::new("test", "pftrace-common, pftrace-code, pftrace-daemon");
+    let step = Step::new("test", "pftrace-common, pftrace-code, pftrace-daemon, pftrace-agent, pftrace-agent-host");
     step.say(format!(
         "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} PFTRACE_SYSTEMD_ROOT={}",
         env.python.display(),
@@ -70,13 +72,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         // --no-fail-fast: one failing test file must not hide the results of
         // the files after it (a red CI run should list every failure at once).
         .args(["test", "--release", "--no-fail-fast", "-p", "pftrace-common", "-p", "pftrace-code", "-p", "pftrace-daemon"])
+        .args(["-p", "pftrace-agent", "-p", "pftrace-agent-host"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;
     if status.success() {
         step.done("passed");
     } else {
         step.done(format!("FAILED ({status})"));
-        failed.push("pftrace-common/pftrace-code/pftrace-daemon");
+        failed.push("pftrace-common/pftrace-code/pftrace-daemon/pftrace-agent/pftrace-agent-host");
     }
 
     let ran_none = totals.passed == 0 && failed.is_empty();

@@ -74,6 +74,14 @@ enum Cmd {
     Clear,
     /// Make pftraced finish its output files, detach its probes and exit.
     Stop,
+    /// Print the shell line that starts programs with pftrace's in-process
+    /// agent on their path, for CPython 3.11-3.13 (which cannot load it once
+    /// running; 3.14+ can, through `pftraced --pid`). Their Pythons then
+    /// connect to this pftraced at start-up, and are traced when in its scope.
+    ///
+    /// Example: eval "$(sudo pftracectl env)"; python3.12 job.py
+    #[command(verbatim_doc_comment)]
+    Env,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +107,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let result = request(socket, Command::Clear {})?;
             let n = result["cleared"].as_u64().unwrap_or(0);
             println!("cleared {n} calls from memory (trace files already written are kept)");
+        }
+        Cmd::Env => {
+            let result = request(socket, Command::Env {})?;
+            println!("{}", result["line"].as_str().unwrap_or_default());
         }
         Cmd::Stop => {
             request(socket, Command::Stop {})?;

@@ -133,6 +133,15 @@ pub struct Counters {
     /// Matched hits whose file name needed the long record (over 191 bytes).
     #[serde(default)]
     pub long_files: u64,
+    /// Reports of in-process agents accepted (each one call entry or return).
+    #[serde(default)]
+    pub agent_reports: u64,
+    /// Agent probe hits from processes pftraced did not accept, dropped first thing.
+    #[serde(default)]
+    pub agent_foreign: u64,
+    /// Agent reports with an event number the kernel does not know, dropped.
+    #[serde(default)]
+    pub agent_bad: u64,
 }
 
 impl Counters {
@@ -415,6 +424,9 @@ impl KernelProbes {
             shim_returns: total(counter::SHIM_RETURNS)?,
             frame_unknown: total(counter::FRAME_UNKNOWN)?,
             long_files: total(counter::LONG_FILES)?,
+            agent_reports: total(counter::AGENT_REPORTS)?,
+            agent_foreign: total(counter::AGENT_FOREIGN)?,
+            agent_bad: total(counter::AGENT_BAD)?,
         })
     }
 
@@ -422,6 +434,24 @@ impl KernelProbes {
     /// rare events, passed to the daemon's logger by [`aya_log::EbpfLogger::flush`].
     pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, BpfError> {
         aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| BpfError::Logger(e.to_string()))
+    }
+
+    /// Puts the agent's uprobe on its probe function (`offset` in the file
+    /// `agent_so`), for every process mapping that file: only TRACKED ones
+    /// get through (the others are counted in AGENT_FOREIGN). Once per run.
+    pub fn attach_agent(&mut self, agent_so: &std::path::Path, offset: u64) -> Result<(), BpfError> {
+        const NAME: &str = "pftrace_agent_uprobe";
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or(BpfError::Missing(NAME))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        prog.load().map_err(|source| BpfError::Program { name: NAME, source })?;
+        let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
+        prog.attach(location, agent_so, aya::programs::uprobe::UProbeScope::AllProcesses)
+            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        Ok(())
     }
 
     /// Takes the ring buffer of matched calls (once).

@@ -23,6 +23,7 @@ use crate::{
     events::{printable, printable_path},
     launch::Launched,
     procwatch,
+    python::Mechanism,
     target::{self, Target},
 };
 
@@ -203,13 +204,30 @@ impl Daemon {
     /// Must be called inside the runtime (it starts an exit watch).
     pub fn attach_pid(&mut self, pid: u32) -> Result<Target, DaemonError> {
         let target = target::inspect(pid)?;
+        if target.mechanism == Mechanism::Agent {
+            self.attach_agent_pid(target.clone())?;
+            return Ok(target);
+        }
         self.attach_target(target.clone(), self.covers_host_wide(&target))?;
         Ok(target)
     }
 
-    /// Attaches to a launched command stopped at its exec.
-    pub fn attach_launched(&mut self, child: &Launched) -> Result<Target, DaemonError> {
-        let target = self.attach_pid(child.pid())?;
+    /// Attaches to a launched command stopped at its exec (started with
+    /// [`Self::agent_env`] when the agent is enabled). A CPython the agent
+    /// must trace is refused if its command line keeps the agent out
+    /// (`-E`, `-I`, `-S`).
+    pub fn attach_launched(&mut self, child: &Launched, argv: &[String]) -> Result<Target, DaemonError> {
+        let target = target::inspect(child.pid())?;
+        let target = match target.mechanism {
+            Mechanism::Agent => {
+                if let Some(why) = crate::agent::launch::refusal(argv) {
+                    return Err(DaemonError::Agent(why));
+                }
+                self.attach_agent_target(target.clone())?;
+                target
+            }
+            Mechanism::Usdt => self.attach_pid(child.pid())?,
+        };
         self.targets.push(format!("command {} (pid {})", target.command, target.pid));
         Ok(target)
     }
@@ -247,7 +265,11 @@ impl Daemon {
     /// `--binary` its probe hits count from the moment they fire).
     fn prepare(&mut self, target: Target, host_wide: bool) -> Result<Prepared, PrepareError> {
         let pid = target.pid;
-        let job = if host_wide {
+        let job = if target.mechanism == Mechanism::Agent {
+            // Its agent reports through the agent's uprobe, attached once.
+            self.processes.check_limit().map_err(PrepareError::Attach)?;
+            None
+        } else if host_wide {
             if self.processes.is_host_wide(target.file) {
                 None
             } else {
@@ -293,7 +315,7 @@ impl Daemon {
     }
 
     /// Attaches `target` at once (explicit targets, host-wide probes).
-    fn attach_target(&mut self, target: Target, host_wide: bool) -> Result<(), DaemonError> {
+    pub(super) fn attach_target(&mut self, target: Target, host_wide: bool) -> Result<(), DaemonError> {
         let pid = target.pid;
         let prepared = match self.prepare(target, host_wide) {
             Ok(prepared) => prepared,
@@ -328,6 +350,19 @@ impl Daemon {
                 return;
             }
         };
+        if target.mechanism == Mechanism::Agent {
+            match self.processes.identity_of(pid) {
+                Some((file, started)) if file == target.file && started == target.started => {
+                    self.processes.refresh(&target);
+                }
+                Some(_) => {
+                    self.end_process(pid, WallClock::monotonic_now_ns());
+                    self.discover_agent(target);
+                }
+                None => self.discover_agent(target),
+            }
+            return;
+        }
         if let Some(p) = self.scheduler.pending.get_mut(&pid) {
             // Decided when the attachment in flight lands (it may already fit).
             p.recheck = Some(target);

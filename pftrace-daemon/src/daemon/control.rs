@@ -24,12 +24,16 @@ impl Daemon {
             Command::Dump { filter, format } => self.dump(&filter, format.as_deref()),
             Command::Stats { filter, per_pid, by } => self.stats(&filter, per_pid, by),
             Command::Add { names } => match self.filter.add(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
+                Ok(()) => self.names_changed(),
                 Err(err) => Handled::Error(err.to_string()),
             },
             Command::Remove { names } => match self.filter.remove(&mut self.probes, &names) {
-                Ok(()) => json_reply(&NamesReply { names: self.filter.texts() }),
+                Ok(()) => self.names_changed(),
                 Err(err) => Handled::Error(err.to_string()),
+            },
+            Command::Env {} => match self.agent_env_line() {
+                Some(line) => Handled::Json(json!({ "line": line })),
+                None => Handled::Error("this pftraced does not serve the in-process agent (it does when tracing a command, --cgroup or --all)".into()),
             },
             Command::Clear {} => Handled::Json(json!({ "cleared": self.store.clear() })),
             Command::Stop {} => {
@@ -37,6 +41,22 @@ impl Daemon {
                 Handled::Json(json!({ "stopping": true }))
             }
         }
+    }
+
+    /// The names changed: the reply once every connected agent has the
+    /// whole new set in force (each confirms with `ok G`).
+    fn names_changed(&self) -> Handled {
+        let names = self.filter.texts();
+        let Some(agent) = self.agent.as_ref() else { return json_reply(&NamesReply { names }) };
+        let wait = agent.push_names(&names);
+        Handled::Blocking(Box::new(move || {
+            for (pid, result) in wait() {
+                if let Err(err) = result {
+                    log::warn!("agent of pid {pid} did not take the new names: {err}");
+                }
+            }
+            json_reply(&NamesReply { names })
+        }))
     }
 
     fn status(&self) -> Status {
@@ -48,7 +68,15 @@ impl Daemon {
             names: self.filter.texts(),
             targets: self.targets.clone(),
             binaries: self.processes.binary_status(),
-            processes: self.processes.process_status(),
+            processes: self
+                .processes
+                .process_status()
+                .into_iter()
+                .map(|mut p| {
+                    p.agent_tracing = self.agent.as_ref().is_some_and(|a| a.is_tracing(p.pid));
+                    p
+                })
+                .collect(),
             refused: self.processes.refusals(),
             counters: self.counters(),
             filtered_in_user_space: self.filter.dropped,

@@ -50,6 +50,10 @@ impl Daemon {
                 None
             }
         };
+        let mut agents = self.agent.as_mut().and_then(|a| a.take_incoming());
+        for conn in std::mem::take(&mut self.early_agents) {
+            let _ = self.agent_connected(conn);
+        }
         crate::logging::notify_ready();
         let mut stop = pin!(stop);
         let mut tick = tokio::time::interval(TICK);
@@ -91,6 +95,14 @@ impl Daemon {
                     let mut guard = guard.map_err(DaemonError::Ring)?;
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
+                }
+                Some(conn) = async {
+                    match agents.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = self.agent_connected(conn);
                 }
                 Some(req) = ctl_rx.recv() => {
                     self.drain(ring.get_mut());

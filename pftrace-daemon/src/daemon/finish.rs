@@ -22,6 +22,9 @@ impl Daemon {
         self.scheduler.retire(links);
         self.sampler.forget(pid);
         self.codes.forget(pid);
+        if let Some(agent) = &mut self.agent {
+            agent.forget(pid);
+        }
         // Still tracked (its forks and execs reported) if it only exec'd
         // something else; the kernel forgets it when it exits.
         log::debug!("pid {pid} ended");
@@ -49,6 +52,9 @@ impl Daemon {
         // Every function asked for is answered before the trace is written.
         self.codes.finish();
         self.processes.detach_all();
+        if let Some(agent) = &mut self.agent {
+            agent.stop_all();
+        }
         self.scheduler.detach_rest_in_background();
         if self.store.evicted > 0 && self.spill.is_none() {
             log::warn!(

@@ -8,6 +8,7 @@
 //! read from the kernel), `finish` (a process or the run ending),
 //! `control` (pftracectl's requests); the state they share is here.
 
+mod agent;
 mod attach;
 mod control;
 mod event_loop;
@@ -87,6 +88,8 @@ pub enum DaemonError {
     Output(String),
     #[error("control socket: {0}")]
     Control(String),
+    #[error("{0}")]
+    Agent(String),
     #[error("reading the ring buffer: {0}")]
     Ring(std::io::Error),
 }
@@ -146,6 +149,10 @@ pub struct Daemon {
     sampler: sampler::Sampler,
     /// Attachments in flight and probes to detach.
     scheduler: AttachScheduler,
+    /// The in-process agent, once a target needs it.
+    agent: Option<agent::AgentSide>,
+    /// Agents that connected before the event loop ran.
+    early_agents: Vec<crate::agent::server::AgentConn>,
 }
 
 impl Daemon {

@@ -109,6 +109,11 @@ impl Processes {
         serial
     }
 
+    /// How the running process `pid` is traced.
+    pub fn mechanism_of(&self, pid: u32) -> Option<crate::python::Mechanism> {
+        self.procs.get(&pid).filter(|p| p.running).map(|p| p.info.mechanism)
+    }
+
     /// The ELF the running process `pid` has probes attached to, and its start time.
     pub fn identity_of(&self, pid: u32) -> Option<(FileId, u64)> {
         self.procs.get(&pid).filter(|p| p.running).map(|p| (p.file, p.started))
@@ -210,6 +215,8 @@ impl Processes {
                 command: p.info.command.clone(),
                 running: p.running,
                 calls: p.calls,
+                mechanism: p.info.mechanism,
+                agent_tracing: false,
             })
             .collect();
         v.sort_by_key(|p| p.pid);
@@ -255,5 +262,6 @@ fn traced(target: &Target) -> TracedProcess {
         command: target.command.clone(),
         comm: procinfo::comm(target.pid),
         job: procinfo::job_id(target.pid),
+        mechanism: target.mechanism,
     }
 }

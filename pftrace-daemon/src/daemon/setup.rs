@@ -185,7 +185,13 @@ impl Daemon {
             serve: opts.serve.then(|| opts.config.socket.clone()),
             sampler: sampler::Sampler::new(&opts.config.sampling),
             scheduler: AttachScheduler::new(),
+            agent: None,
+            early_agents: Vec::new(),
         };
+        if opts.all || !opts.cgroups.is_empty() {
+            // New processes in scope may need it (3.11+ without working probes).
+            daemon.enable_agent()?;
+        }
         for binary in binary_targets {
             let (file, path) = (binary.file, binary.binary.clone());
             daemon.attach_binary(binary)?;

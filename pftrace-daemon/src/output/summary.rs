@@ -65,6 +65,22 @@ pub fn render(trace: &Trace) -> String {
         "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
         c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
     );
+    let agents: Vec<String> = trace
+        .processes
+        .iter()
+        .filter(|p| p.mechanism == crate::python::Mechanism::Agent)
+        .map(|p| p.pid.to_string())
+        .collect();
+    if !agents.is_empty() {
+        let _ = writeln!(
+            s,
+            "in-process agent (pid {}): {} reports; refused: {} from processes not accepted, {} malformed",
+            agents.join(", "),
+            c.agent_reports,
+            c.agent_foreign,
+            c.agent_bad
+        );
+    }
     if trace.file_names_cut > 0 {
         let _ = writeln!(
             s,

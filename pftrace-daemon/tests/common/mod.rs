@@ -645,6 +645,22 @@ impl RunningTracer {
         }
     }
 
+    /// Waits for the first `pftraced: attached to pid PID` line (a launched
+    /// command's) and returns PID.
+    pub fn wait_attached_any(&self) -> u32 {
+        let prefix = "pftraced: attached to pid ";
+        loop {
+            match self.stderr.next(LINE_TIMEOUT, "pftraced's `attached` line") {
+                Some(line) if line.starts_with(prefix) => {
+                    let rest = &line[prefix.len()..];
+                    return rest.split(' ').next().and_then(|n| n.parse().ok()).expect("a pid");
+                }
+                Some(_) => {}
+                None => panic!("pftraced ended before attaching; stderr:\n{}", self.stderr.text()),
+            }
+        }
+    }
+
     /// Waits for pftraced to exit and collects what it printed.
     pub fn finish(mut self) -> TracedRun {
         let remaining = RUN_TIMEOUT.saturating_sub(self.started.elapsed());
@@ -1006,8 +1022,11 @@ impl Trace {
             self.counter("return_matched"),
             "matched entries and returns differ: {pf}"
         );
+        // The in-process agent reports an entry and a return per call.
+        let agent_reports = pf["counters"]["agent_reports"].as_u64().unwrap_or(0);
+        assert_eq!(agent_reports % 2, 0, "agent reports of entries and returns differ: {pf}");
         assert_eq!(
-            self.counter("entry_matched"),
+            self.counter("entry_matched") + agent_reports / 2,
             self.calls.len() as u64,
             "matched entries differ from the number of calls: {pf}"
         );

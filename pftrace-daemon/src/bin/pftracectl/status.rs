@@ -47,11 +47,23 @@ pub fn render(s: &Status) -> String {
     let running = s.processes.iter().filter(|p| p.running).count();
     let _ = writeln!(o, "processes: {} traced, {running} running", s.processes.len());
     if !s.processes.is_empty() {
-        let _ = writeln!(o, "  {:>8}  {:<7}  {:>10}  {:<7}  command", "pid", "state", "calls", "python");
+        let _ = writeln!(
+            o,
+            "  {:>8}  {:<7}  {:>10}  {:<7}  {:<5}  command",
+            "pid", "state", "calls", "python", "via"
+        );
         for p in s.processes.iter().take(MAX_PROCESS_LINES) {
             let state = if p.running { "running" } else { "exited" };
             let version = p.version.as_deref().unwrap_or("?");
-            let _ = writeln!(o, "  {:>8}  {state:<7}  {:>10}  {version:<7}  {}", p.pid, p.calls, p.command);
+            let via = match (p.mechanism, p.agent_tracing) {
+                (pftrace::python::Mechanism::Agent, false) => "agent (not yet connected)",
+                (m, _) => m.as_str(),
+            };
+            let _ = writeln!(
+                o,
+                "  {:>8}  {state:<7}  {:>10}  {version:<7}  {via:<5}  {}",
+                p.pid, p.calls, p.command
+            );
         }
         if s.processes.len() > MAX_PROCESS_LINES {
             let more = s.processes.len() - MAX_PROCESS_LINES;
@@ -75,6 +87,14 @@ pub fn render(s: &Status) -> String {
         c.read_errors,
         s.filtered_in_user_space
     );
+    if s.processes.iter().any(|p| p.mechanism == pftrace::python::Mechanism::Agent) {
+        let _ = writeln!(
+            o,
+            "agent:     {} reports; {} probe hits of processes not accepted and {} malformed reports dropped \
+             in the kernel",
+            c.agent_reports, c.agent_foreign, c.agent_bad
+        );
+    }
     if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
@@ -206,6 +226,8 @@ mod tests {
                 command: "python3 app.py".into(),
                 running: true,
                 calls: 99,
+                mechanism: pftrace::python::Mechanism::Usdt,
+                agent_tracing: false,
             }],
             refused: vec![Refusal { pid: 77, reason: "CPython 3.12 has no function probes".into() }],
             output: Some(OutputStatus {
@@ -238,7 +260,7 @@ mod tests {
         let text = render(&s);
         assert!(text.starts_with("pftraced 0.1.0 (pid 10), up 1m 15s\nnames:     compute\n"), "{text}");
         assert!(text.contains("  /usr/bin/python3.9  CPython 3.9  1 processes\n"), "{text}");
-        assert!(text.contains("      1234  running          99  3.9      python3 app.py\n"), "{text}");
+        assert!(text.contains("      1234  running          99  3.9      usdt   python3 app.py\n"), "{text}");
         assert!(text.contains("LOST:      3 call records"), "{text}");
         assert!(text.contains("WRITE ERRORS: 1 (5 calls not written)"), "{text}");
         assert!(text.contains("  pid 77: CPython 3.12 has no function probes\n"), "{text}");

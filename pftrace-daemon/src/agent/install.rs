@@ -18,9 +18,9 @@ pub const SITECUSTOMIZE: &str = "sitecustomize.py";
 pub const ATTACH_SCRIPT: &str = "pftrace_attach.py";
 pub const LOADER: &str = "pftrace_loader.py";
 
-const SITECUSTOMIZE_TEXT: &str = include_str!("../../pftrace-agent/python/sitecustomize.py");
-const ATTACH_TEXT: &str = include_str!("../../pftrace-agent/python/pftrace_attach.py");
-const LOADER_TEXT: &str = include_str!("../../pftrace-agent/python/pftrace_loader.py");
+const SITECUSTOMIZE_TEXT: &str = include_str!("../../../pftrace-agent/python/sitecustomize.py");
+const ATTACH_TEXT: &str = include_str!("../../../pftrace-agent/python/pftrace_attach.py");
+const LOADER_TEXT: &str = include_str!("../../../pftrace-agent/python/pftrace_loader.py");
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -51,6 +51,13 @@ impl Installed {
 /// Installs the agent built at `agent_so` into `dir` (created if missing),
 /// for the control socket at `socket`.
 pub fn install(agent_so: &Path, dir: &Path, socket: &Path) -> Result<Installed, InstallError> {
+    let so = fs::read(agent_so).map_err(|source| InstallError::Io { path: agent_so.into(), source })?;
+    install_bytes(&so, dir, socket)
+}
+
+/// Installs the agent whose shared object is `so` (pftraced: the one it
+/// embeds, [`super::AGENT_SO`]) into `dir`, for the control socket at `socket`.
+pub fn install_bytes(so: &[u8], dir: &Path, socket: &Path) -> Result<Installed, InstallError> {
     for p in [dir, socket] {
         let s = p.to_str().ok_or(InstallError::BadPath { path: p.into(), why: "not UTF-8" })?;
         if !p.is_absolute() || s.contains(['\n', '\0', '"', '\'', '\\']) {
@@ -75,8 +82,7 @@ pub fn install(agent_so: &Path, dir: &Path, socket: &Path) -> Result<Installed, 
     if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
         return Err(InstallError::Unsafe { path: dir.into(), uid: meta.uid() });
     }
-    let so = fs::read(agent_so).map_err(io(agent_so))?;
-    write_file(dir, AGENT_SO, &so)?;
+    write_file(dir, AGENT_SO, so)?;
     write_file(dir, LOADER, LOADER_TEXT.as_bytes())?;
     write_file(dir, SITECUSTOMIZE, SITECUSTOMIZE_TEXT.as_bytes())?;
     let attach = ATTACH_TEXT

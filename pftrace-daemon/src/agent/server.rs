@@ -64,6 +64,11 @@ impl AgentServer {
         &self.path
     }
 
+    /// The listening socket itself (pftraced accepts on a thread of its own).
+    pub fn into_listener(self) -> UnixListener {
+        self.listener
+    }
+
     /// Waits up to `timeout` for the next agent and reads its hello.
     pub fn accept(&self, timeout: Duration) -> Result<AgentConn, ServerError> {
         let deadline = Instant::now() + timeout;
@@ -80,14 +85,10 @@ impl AgentServer {
                 Err(e) => return Err(io(e)),
             }
         };
-        stream.set_nonblocking(false).map_err(io)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-        let pid = peer_pid(&stream).map_err(io)?;
-        let mut reader = BufReader::new(stream);
-        let line =
-            protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
-        let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
-        Ok(AgentConn { pid, hello, reader })
+        AgentConn::handshake(stream).map_err(|e| match e {
+            ServerError::Io { source, .. } => io(source),
+            other => other,
+        })
     }
 }
 
@@ -114,6 +115,20 @@ pub struct AgentConn {
 }
 
 impl AgentConn {
+    /// A connection just accepted: the peer's pid from the kernel, then its
+    /// hello (read within 5 s; a longer line or another first line is refused).
+    pub fn handshake(stream: UnixStream) -> Result<Self, ServerError> {
+        let io = |source| ServerError::Io { path: PathBuf::from("(agent connection)"), source };
+        stream.set_nonblocking(false).map_err(io)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+        let pid = peer_pid(&stream).map_err(io)?;
+        let mut reader = BufReader::new(stream);
+        let line =
+            protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
+        let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
+        Ok(AgentConn { pid, hello, reader })
+    }
+
     /// Sends how to report and the names; waits for the agent to say they
     /// are in force. Returns the generation.
     pub fn configure(&mut self, report: Report, names: &[String]) -> Result<u32, ServerError> {

@@ -6,7 +6,7 @@
 
 use std::{io::Read as _, path::Path};
 
-use crate::install::Installed;
+use super::install::Installed;
 
 /// Why a command line cannot load the agent at start-up, if it cannot.
 pub fn refusal(argv: &[String]) -> Option<String> {

@@ -1,0 +1,48 @@
+//! The in-process agent's host side, for CPythons whose USDT probes do not
+//! fire (see `python::mechanism`): installing the agent's files
+//! (`install`, with the shared object embedded in pftraced at build time),
+//! the command line checks of launch mode (`launch`), loading it into a
+//! running CPython 3.14+ through PEP 768 (`remote`) and the agent's control
+//! socket (`server`).
+
+use std::path::{Path, PathBuf};
+
+pub mod install;
+pub mod launch;
+pub mod remote;
+pub mod server;
+
+/// The agent's shared object, built from `pftrace-agent` by build.rs and
+/// embedded, so a `pftraced` copied anywhere carries the agent that matches
+/// its kernel side and protocol (as it carries its eBPF object).
+pub static AGENT_SO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pftrace_agent.so"));
+
+/// Why the agent's probe function was not found.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("{path}: no exported symbol {symbol}; is it pftrace's agent?")]
+    NoProbe { path: PathBuf, symbol: String },
+    #[error("{path}: {source}")]
+    Elf { path: PathBuf, source: std::io::Error },
+}
+
+/// File offset of an exported function in an ELF shared object.
+pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, SymbolError> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let elf = |source| SymbolError::Elf { path: path.to_path_buf(), source };
+    let data = std::fs::read(path).map_err(elf)?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| elf(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
+    let sym = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(symbol))
+        .ok_or_else(|| SymbolError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .ok_or_else(|| SymbolError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    let (file_off, _) = section
+        .file_range()
+        .ok_or_else(|| SymbolError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
+    Ok(sym.address() - section.address() + file_off)
+}

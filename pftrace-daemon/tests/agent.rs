@@ -1,0 +1,501 @@
+//! The in-process agent as pftraced uses it, for the CPythons whose USDT
+//! probes cannot serve (3.11-3.14, builds without probes, 3.15 with its
+//! JIT): the calls in the trace file against CPython's own recorder in the
+//! same process (sys.setprofile on 3.12+, sys.settrace on 3.11, where the
+//! agent holds the profile slot), per thread and function, with threads,
+//! recursion, exceptions, generators (throw, close), coroutines and every
+//! name form; launch mode; `--pid` on 3.14/3.15 (PEP 768); names added and
+//! removed while running; and the refusals with their exact messages.
+
+mod common;
+
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+
+use common::*;
+
+/// Every name form: bare, glob, FILE:NAME (the other module's `qualified`
+/// must not be traced).
+const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "app.py:qualified"];
+
+/// The workload: what the agent must pair as CPython's profiler does, with
+/// CPython's recorder beside it; prints the recorder's entries as
+/// `REC tid name` lines. With an argument (a file), it first waits for the
+/// file to exist, running Python meanwhile (so PEP 768 can reach it).
+const WORKLOAD: &str = r#"
+import asyncio, os, sys, threading, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import other_module
+
+TRACED = {"work", "rec", "boom", "catcher", "gen_count", "gen_thrown", "gen_closed", "coro", "qualified"}
+OTHER = other_module.__file__
+entries = []
+lock = threading.Lock()
+
+def note(frame):
+    code = frame.f_code
+    if code.co_name in TRACED and code.co_filename != OTHER:
+        with lock:
+            entries.append((threading.get_native_id(), code.co_name))
+
+def profiler(frame, event, arg):
+    if event == "call":
+        note(frame)
+
+def tracer(frame, event, arg):
+    if event == "call":
+        note(frame)
+    return None
+
+def record(on):
+    if sys.version_info >= (3, 12):
+        sys.setprofile(profiler if on else None)
+    else:
+        sys.settrace(tracer if on else None)
+
+def work(x):
+    return x * 2
+
+def rec(n):
+    return 0 if n == 0 else 1 + rec(n - 1)
+
+def boom(n):
+    if n % 3 == 0:
+        raise ValueError(n)
+    return n
+
+def catcher(n):
+    try:
+        return boom(n)
+    except ValueError:
+        return -1
+
+def gen_count(n):
+    for i in range(n):
+        yield i
+
+def gen_thrown():
+    try:
+        yield 1
+        yield 2
+    except KeyError:
+        yield 3
+
+def gen_closed():
+    try:
+        yield 1
+        yield 2
+    finally:
+        pass
+
+async def coro(n):
+    total = 0
+    for i in range(n):
+        await asyncio.sleep(0)
+        total += i
+    return total
+
+def qualified():
+    return 1
+
+def worker():
+    record(True)
+    for i in range(300):
+        work(i)
+        catcher(i)
+    record(False)
+
+if len(sys.argv) > 1:
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.002)
+record(True)
+for i in range(200):
+    work(i)
+rec(50)
+for i in range(30):
+    catcher(i)
+try:
+    boom(0)
+except ValueError:
+    pass
+sum(gen_count(10))
+g = gen_thrown()
+next(g)
+g.throw(KeyError)
+g.close()
+g = gen_closed()
+next(g)
+g.close()
+asyncio.run(coro(5))
+qualified()
+other_module.qualified()
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+record(False)
+for tid, name in entries:
+    print("REC", tid, name)
+print("DONE", "%d.%d" % sys.version_info[:2], flush=True)
+"#;
+
+/// Environment variables for a launched command.
+type Env = Vec<(&'static str, &'static str)>;
+
+/// The interpreters the agent serves, and the environment that makes
+/// pftraced choose it (3.15 has working probes: with PYTHON_JIT=1 they miss
+/// JIT-compiled calls, so the agent is used).
+fn agent_interpreters() -> Vec<(String, std::path::PathBuf, Env)> {
+    let mut v: Vec<_> = ["3.11.7", "3.12.1", "3.13.0"]
+        .into_iter()
+        .map(|ver| (format!("pyenv {ver}"), pyenv_python(ver), vec![]))
+        .collect();
+    v.push(("debian 3.14".into(), sid_python("3.14"), vec![]));
+    v.push(("debian 3.15 PYTHON_JIT=1".into(), sid_python("3.15"), vec![("PYTHON_JIT", "1")]));
+    v
+}
+
+fn workload(dir: &TestDir) -> std::path::PathBuf {
+    dir.script("other_module.py", "def qualified():\n    return 2\n");
+    dir.script("app.py", WORKLOAD)
+}
+
+/// (tid, name) → calls, from the recorder's lines.
+fn recorded(stdout: &str) -> BTreeMap<(u32, String), usize> {
+    let mut out = BTreeMap::new();
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("REC ")) {
+        let (tid, name) = line.split_once(' ').unwrap();
+        *out.entry((tid.parse().unwrap(), name.to_string())).or_default() += 1;
+    }
+    out
+}
+
+/// (tid, name) → complete calls in the trace (of the workload's file).
+fn traced(trace: &Trace, script: &Path) -> BTreeMap<(u32, String), usize> {
+    let mut out = BTreeMap::new();
+    for c in &trace.calls {
+        assert_eq!(c.file, script.to_str().unwrap(), "a call of another file: {c:?}");
+        assert!(!c.incomplete, "incomplete call {c:?}");
+        *out.entry((c.tid, c.name.clone())).or_default() += 1;
+    }
+    out
+}
+
+/// The recorder's own figures, so a broken recorder cannot pass.
+fn check_recorder(label: &str, want: &BTreeMap<(u32, String), usize>) {
+    let total = |name: &str| want.iter().filter(|((_, n), _)| n == name).map(|(_, c)| c).sum::<usize>();
+    assert_eq!(total("work"), 200 + 4 * 300, "{label}: recorder");
+    assert_eq!(total("rec"), 51, "{label}: recorder");
+    assert_eq!(total("catcher"), 30 + 4 * 300, "{label}: recorder");
+    assert_eq!(total("qualified"), 1, "{label}: only app.py's `qualified`");
+    assert_eq!(total("coro"), 6, "{label}: the coroutine's start and 5 resumes");
+    let threads: std::collections::BTreeSet<u32> = want.keys().map(|(t, _)| *t).collect();
+    assert_eq!(threads.len(), 5, "{label}: main and 4 workers");
+}
+
+/// Launch mode on each interpreter: every call CPython's recorder saw, in
+/// the same thread, and nothing else; the trace says "agent".
+#[test]
+fn launch_mode_exact_counts_on_every_agent_interpreter() {
+    require_root();
+    for (label, py, env) in agent_interpreters() {
+        let dir = TestDir::new("agent-launch");
+        let script = workload(&dir);
+        let mut tracer = Pftraced::new(&dir, NAMES);
+        for (k, v) in &env {
+            tracer = tracer.env(k, v);
+        }
+        let run = tracer.launch(&[py.as_os_str(), script.as_os_str()]).run();
+        run.assert_code(0);
+        assert!(run.stdout.contains("DONE"), "{label}: {}", run.stdout);
+        let pid = run.attached_pid();
+        assert!(
+            run.stderr.contains(&format!(", {}, in-process agent), tracing ", py.display())),
+            "{label}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.lines().any(|l| l.starts_with("pftrace: ")),
+            "{label}: the agent complained: {}",
+            run.stderr
+        );
+        let want = recorded(&run.stdout);
+        check_recorder(&label, &want);
+        let trace = run.trace();
+        trace.assert_clean();
+        assert_eq!(traced(&trace, &script), want, "{label}: calls per thread and function");
+        let procs = trace.pftrace()["processes"].as_array().unwrap().clone();
+        assert_eq!(procs.len(), 1, "{label}");
+        assert_eq!(procs[0]["pid"], pid, "{label}");
+        assert_eq!(procs[0]["mechanism"], "agent", "{label}: trace metadata");
+        let calls = trace.calls.len() as u64;
+        assert_eq!(trace.counter("agent_reports"), 2 * calls, "{label}: one entry and one return each");
+        assert_eq!(trace.counter("agent_foreign") + trace.counter("agent_bad"), 0, "{label}");
+        let summary = format!("in-process agent (pid {pid}): {} reports; refused: 0 from", 2 * calls);
+        assert!(run.stderr.contains(&summary), "{label}: {}", run.stderr);
+        eprintln!("{label}: {calls} calls, identical to CPython's recorder in 5 threads");
+    }
+}
+
+/// `--pid` on 3.14 and 3.15 (JIT on): the agent goes in through PEP 768
+/// while the process runs Python, and traces exactly what the recorder sees
+/// from then on.
+#[test]
+fn pid_mode_through_pep_768_exact_counts() {
+    require_root();
+    let cases =
+        [("debian 3.14", sid_python("3.14"), None), ("debian 3.15 JIT", sid_python("3.15"), Some("1"))];
+    for (label, py, jit) in cases {
+        let dir = TestDir::new("agent-pid");
+        let script = workload(&dir);
+        let go = dir.join("go");
+        let mut cmd = Command::new(&py);
+        cmd.arg(&script).arg(&go);
+        if let Some(v) = jit {
+            cmd.env("PYTHON_JIT", v);
+        }
+        let mut process = PyProcess::start(&mut cmd, label.to_string());
+        process.expect_line("ready");
+        let tracer = Pftraced::new(&dir, NAMES).pid(process.pid()).spawn();
+        let line = tracer.wait_attached(process.pid());
+        assert!(line.contains("in-process agent"), "{label}: {line}");
+        std::fs::write(&go, "").unwrap();
+        let (status, stdout) = process.wait(Duration::from_secs(60));
+        assert!(status.success(), "{label}: {status}");
+        let run = tracer.finish();
+        run.assert_code(0);
+        let want = recorded(&stdout);
+        check_recorder(label, &want);
+        let trace = run.trace();
+        trace.assert_clean();
+        assert_eq!(traced(&trace, &script), want, "{label}: calls per thread and function");
+    }
+}
+
+/// Names added and removed while a launched 3.12 runs: each change is in
+/// force in the agent when pftracectl returns.
+#[test]
+fn add_and_remove_while_running() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    let dir = TestDir::new("agent-names");
+    let script = dir.script(
+        "steps.py",
+        r#"
+        import os, sys, time
+        def work(): return 1
+        def extra(): return 2
+        def step(n):
+            print("step", n, flush=True)
+            while not os.path.exists(os.path.join(os.path.dirname(__file__), "go%d" % n)):
+                time.sleep(0.002)
+        step(1)
+        for _ in range(100): work()
+        step(2)
+        for _ in range(100): work()
+        for _ in range(50): extra()
+        step(3)
+        for _ in range(100): work()
+        for _ in range(50): extra()
+        print("DONE", flush=True)
+        "#,
+    );
+    let socket = dir.join("ctl.sock");
+    let tracer = Pftraced::new(&dir, &["work"])
+        .arg("--socket")
+        .arg(&socket)
+        .launch(&[py.as_os_str(), script.as_os_str()])
+        .spawn();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(PFTRACECTL).arg("--socket").arg(&socket).args(args).output().unwrap();
+        assert!(out.status.success(), "pftracectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let pid = tracer.wait_attached_any();
+    std::fs::write(dir.join("go1"), "").unwrap();
+    // Step 2 with `extra` added; step 3 with `work` removed.
+    std::thread::sleep(Duration::from_millis(200));
+    ctl(&["add", "-t", "extra"]);
+    std::fs::write(dir.join("go2"), "").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let status = ctl(&["status"]);
+    assert!(status.contains(&format!("{pid}  running")) && status.contains("agent"), "{status}");
+    ctl(&["remove", "-t", "work"]);
+    std::fs::write(dir.join("go3"), "").unwrap();
+    let run = tracer.finish();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    // work: steps 1 and 2; extra: steps 2 and 3.
+    assert_eq!(trace.counts(), BTreeMap::from([("extra", 100), ("work", 200)]), "{}", run.stderr);
+}
+
+/// The refusals: `-E`/`-I`/`-S` at launch (the command never runs), and
+/// `--pid` of a running 3.11-3.13 (left running undisturbed), each with
+/// its exact message and exit status 1.
+#[test]
+fn refusals_with_their_messages() {
+    require_root();
+    let dir = TestDir::new("agent-refusals");
+    let py = pyenv_python("3.12.1");
+    let marker = dir.join("ran");
+    let code = format!("open({:?}, 'w').close()", marker.to_str().unwrap());
+    for flag in ["-E", "-I", "-S"] {
+        let argv = [py.to_str().unwrap(), flag, "-c", code.as_str()];
+        let run = Pftraced::new(&dir, &["foo"]).launch(&argv).run();
+        let msg = run.assert_refused(&[]);
+        assert_eq!(
+            msg,
+            format!(
+                "cannot trace {py:?}; it was not run: `{}` runs Python with {flag}: it then ignores PYTHONPATH or \
+                 skips site, so pftrace's agent cannot load before the first line; run it without it (or trace \
+                 a CPython whose USDT probes work: 3.6-3.10 or 3.15+ built --with-dtrace)",
+                argv.join(" ")
+            )
+        );
+        assert!(!marker.exists(), "the refused command ran: {msg}");
+    }
+    for version in ["3.11.7", "3.12.1", "3.13.0"] {
+        let py = pyenv_python(version);
+        let minor = &version[..4];
+        let waiting =
+            dir.script("waiting.py", "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n");
+        let mut process = PyProcess::spawn(&py, &waiting, &[]);
+        process.expect_line("ready");
+        let pid = process.pid();
+        let run = Pftraced::new(&dir, &["foo"]).pid(pid).run();
+        let msg = run.assert_refused(&[]);
+        assert_eq!(
+            msg,
+            format!(
+                "pid {pid} runs CPython {minor} ({}), which pftrace traces through its in-process agent, and a \
+                 running CPython {minor} has no way to load it (PEP 768 remote execution is 3.14+): start the \
+                 program under pftraced (`pftraced -t NAME -- CMD`) or with the agent on its path (`eval \
+                 \"$(pftracectl env)\"` before starting it)",
+                py.display()
+            )
+        );
+        process.send_line("done");
+        let (status, _) = process.wait(Duration::from_secs(30));
+        assert!(status.success(), "the refused process was disturbed: {status}");
+    }
+}
+
+/// Cgroup mode with processes started after pftraced: a 3.14 gets the agent
+/// through PEP 768, a 3.12 started with the `pftracectl env` line connects
+/// by itself (both traced exactly from then on), and a 3.12 started without
+/// it is refused with a warning while the daemon keeps serving the others.
+#[test]
+fn cgroup_mode_new_processes() {
+    require_root();
+    let dir = TestDir::new("agent-cgroup");
+    let script = workload(&dir);
+    let cg = Cgroup::new("agent");
+    let socket = socket_of(&dir);
+    let tracer = serving(&dir, NAMES).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let line = ctl_ok(&socket, &["env"]);
+    let line = line.trim();
+    assert!(
+        line.starts_with("export PYTHONPATH=/run/pftrace/agent.")
+            && line.contains("${PYTHONPATH:+:$PYTHONPATH} PFTRACE_AGENT_SOCKET=/run/pftrace/agent."),
+        "{line}"
+    );
+    let start = |py: &Path, go: &Path, env_line: &str, label: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && eval "$PFLINE" && exec "$@""#])
+            .arg(cg.path())
+            .arg(py)
+            .arg(&script)
+            .arg(go)
+            .env("PFLINE", env_line);
+        let p = PyProcess::start(&mut cmd, label.into());
+        p.expect_line("ready");
+        p
+    };
+    let (go_a, go_b, go_c) = (dir.join("go-a"), dir.join("go-b"), dir.join("go-c"));
+    let mut a = start(&sid_python("3.14"), &go_a, "", "3.14, PEP 768");
+    let mut b = start(&pyenv_python("3.12.1"), &go_b, line, "3.12 with the env line");
+    let mut c = start(&pyenv_python("3.12.1"), &go_c, "", "3.12 without the agent");
+    let (pa, pb, pc) = (a.pid(), b.pid(), c.pid());
+    for pid in [pa, pb] {
+        wait_status(&socket, tracer.pid(), &format!("the agent of {pid} tracing"), |s| {
+            process_entry(s, pid).is_some_and(|p| p["agent_tracing"] == true && p["mechanism"] == "agent")
+        });
+    }
+    let status = wait_status(&socket, tracer.pid(), &format!("{pc} refused"), |s| {
+        s["refused"].as_array().unwrap().iter().any(|r| r["pid"] == pc)
+    });
+    let reason =
+        status["refused"].as_array().unwrap().iter().find(|r| r["pid"] == pc).unwrap()["reason"].clone();
+    assert_eq!(
+        reason,
+        format!(
+            "pid {pc} runs CPython 3.12 ({}), which pftrace traces through its in-process agent; it was started \
+             without it and a running CPython 3.12 cannot load it: start the program under pftraced (`pftraced -t \
+             NAME -- CMD`) or with the agent on its path (`eval \"$(pftracectl env)\"` before starting it)",
+            pyenv_python("3.12.1").display()
+        )
+    );
+    let mut outputs = Vec::new();
+    for (p, go) in [(&mut a, &go_a), (&mut b, &go_b), (&mut c, &go_c)] {
+        std::fs::write(go, "").unwrap();
+        let (st, out) = p.wait(Duration::from_secs(60));
+        assert!(st.success(), "{st}");
+        outputs.push(out);
+    }
+    let trace = dump(&socket);
+    trace.assert_clean();
+    for (pid, out, label) in [(pa, &outputs[0], "3.14"), (pb, &outputs[1], "3.12 env line")] {
+        let want = recorded(out);
+        check_recorder(label, &want);
+        let mut got = BTreeMap::new();
+        for call in trace.calls.iter().filter(|c| c.pid == pid) {
+            *got.entry((call.tid, call.name.clone())).or_insert(0usize) += 1;
+        }
+        assert_eq!(got, want, "{label}: calls per thread and function");
+    }
+    assert!(trace.calls.iter().all(|c| c.pid != pc), "the refused process has calls");
+    let run = stop(&socket, tracer);
+    run.assert_code(0);
+}
+
+/// Agent records are untrusted input: a process pftraced did not accept
+/// that calls the installed agent's probe function itself (ctypes) gets
+/// nothing into the trace; the kernel drops its 200 reports and counts them.
+#[test]
+fn reports_of_processes_not_accepted_are_dropped_and_counted() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    let dir = TestDir::new("agent-foreign");
+    let script = dir.script(
+        "victim.py",
+        r#"
+        import os, time
+        def work(): return 1
+        while not os.path.exists(os.path.join(os.path.dirname(__file__), "go")):
+            time.sleep(0.002)
+        for _ in range(10): work()
+        "#,
+    );
+    let tracer = Pftraced::new(&dir, &["work"]).launch(&[py.as_os_str(), script.as_os_str()]).spawn();
+    let pid = tracer.wait_attached_any();
+    let so = format!("/run/pftrace/agent.{}/pftrace_agent.so", tracer.pid());
+    let forger = format!(
+        "import ctypes\nlib = ctypes.CDLL({so:?})\nfor event in (1, 2) * 100:\n    \
+         lib.pftrace_agent_probe(event, b'work', {:?}.encode(), 2)\nprint('forged', flush=True)\n",
+        script.to_str().unwrap()
+    );
+    let out = Command::new(&py).arg("-c").arg(&forger).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "forged\n", "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("go"), "").unwrap();
+    let run = tracer.finish();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(trace.counts(), BTreeMap::from([("work", 10)]));
+    assert!(trace.calls.iter().all(|c| c.pid == pid), "calls of another process");
+    assert_eq!(trace.counter("agent_foreign"), 200, "the forged reports, dropped in the kernel");
+    assert_eq!(trace.counter("agent_reports"), 20);
+}

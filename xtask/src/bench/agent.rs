@@ -1,0 +1,160 @@
+//! The agent rows of `cargo xtask bench`: bench/calls.py launched under
+//! `pftraced --agent` on pyenv's 3.12.1 and Debian's 3.15 (untraced, agent
+//! sparse: `rare` only, 0.1% of calls; agent dense: `f` and `rare`), and
+//! the USDT rows on the same 3.15 for comparison (pftraced's default there).
+//! Each run's own loop timer (wall ns per Python call) is read from its
+//! output; each traced run must have written exactly the calls it made.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use super::report::{median, round};
+
+/// One row: an interpreter and a case, with the runs' ns per call.
+pub struct AgentRow {
+    pub python: String,
+    pub case: &'static str,
+    pub samples: Vec<f64>,
+    pub errors: Vec<String>,
+}
+
+/// (label, interpreter) of the agent rows.
+pub fn interpreters(env: &crate::setup::Env) -> Vec<(String, PathBuf)> {
+    vec![
+        ("pyenv 3.12.1".into(), crate::pyenv::python_in(&env.pyenv_root, "3.12.1")),
+        ("debian 3.15".into(), env.sid_root.join("usr/bin/python3.15")),
+    ]
+}
+
+/// Cases: (name, traced names, pftraced flags); `None`: untraced.
+const CASES: [(&str, Option<&str>, &[&str]); 5] = [
+    ("untraced", None, &[]),
+    ("agent sparse", Some("rare"), &["--agent"]),
+    ("agent dense", Some("f,rare"), &["--agent"]),
+    ("usdt sparse", Some("rare"), &[]),
+    ("usdt dense", Some("f,rare"), &[]),
+];
+
+/// Measures every row, `runs` times each, interleaved run by run.
+pub fn measure(
+    pftraced: &Path,
+    calls_py: &Path,
+    dir: &Path,
+    pythons: &[(String, PathBuf)],
+    n: u64,
+    runs: usize,
+) -> Vec<AgentRow> {
+    let mut rows = Vec::new();
+    for (label, py) in pythons {
+        // USDT rows only where USDT serves (3.15).
+        let usdt = label.contains("3.15");
+        for (case, _, _) in CASES.iter().filter(|(c, _, _)| usdt || !c.starts_with("usdt")) {
+            rows.push(AgentRow { python: label.clone(), case, samples: Vec::new(), errors: Vec::new() });
+        }
+        for run in 0..runs {
+            for row in rows.iter_mut().filter(|r| &r.python == label) {
+                let (_, names, flags) = CASES.iter().find(|(c, _, _)| *c == row.case).expect("a case");
+                match run_once(pftraced, calls_py, dir, py, n, *names, flags) {
+                    Ok(ns) => row.samples.push(ns),
+                    Err(e) => row.errors.push(format!("run {run}: {e:#}")),
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// One run; returns the loop's wall ns per call.
+fn run_once(
+    pftraced: &Path,
+    calls_py: &Path,
+    dir: &Path,
+    py: &Path,
+    n: u64,
+    names: Option<&str>,
+    flags: &[&str],
+) -> Result<f64> {
+    if !py.exists() {
+        bail!("{} is missing (run `cargo xtask setup`)", py.display());
+    }
+    let trace = dir.join("agent-bench.json");
+    let mut cmd = match names {
+        None => Command::new(py),
+        Some(names) => {
+            let mut c = Command::new(pftraced);
+            c.args(flags).args(["-q", "-t", names, "-o"]).arg(&trace).arg("--").arg(py);
+            c
+        }
+    };
+    cmd.arg(calls_py).arg(n.to_string());
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{cmd:?}: {}: {stderr}", out.status);
+    }
+    if let Some(names) = names {
+        // Every call made was recorded: rare's ceil(n/1000), and f's n when traced.
+        let want = n.div_ceil(1000) + if names.contains('f') { n } else { 0 };
+        let wrote = format!("pftraced: wrote {want} calls to ");
+        if !stderr.lines().any(|l| l.starts_with(&wrote)) {
+            bail!("expected {want} calls in the trace: {stderr}");
+        }
+        let via_agent = stderr.contains("in-process agent)");
+        if via_agent != flags.contains(&"--agent") {
+            bail!("traced through the wrong mechanism: {stderr}");
+        }
+    }
+    // "N calls T s X ns/call cpu ..."
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "ns/call").context("no ns/call in the workload's output")?;
+    words[at - 1].parse().with_context(|| format!("bad figure in {stdout:?}"))
+}
+
+/// The rows as text: median ns per call, and the added cost per traced call.
+pub fn text(rows: &[AgentRow]) -> String {
+    let mut s = String::from(
+        "agent (bench/calls.py launched under pftraced; ns/call: the loop's wall time per Python call, median):\n",
+    );
+    for r in rows {
+        let base = rows.iter().find(|b| b.python == r.python && b.case == "untraced").and_then(AgentRow::ns);
+        let extra = match (r.ns(), base) {
+            // Sparse: what every Python call pays (the "within noise of zero").
+            (Some(v), Some(b)) if r.case.ends_with("sparse") => {
+                format!("  {:.3}x untraced, {:+.1} ns per Python call", v / b, v - b)
+            }
+            // Dense: every call traced, so the added cost is per traced call.
+            (Some(v), Some(b)) if r.case.ends_with("dense") => {
+                format!("  {:.3}x untraced, {:+.0} ns per traced call (entry + return)", v / b, v - b)
+            }
+            _ => String::new(),
+        };
+        let v = r.ns().map_or("-".into(), |v| format!("{v:.1}"));
+        s.push_str(&format!("  {:<14} {:<14} {v:>8} ns/call{extra}\n", r.python, r.case));
+        for e in &r.errors {
+            s.push_str(&format!("    error: {e}\n"));
+        }
+    }
+    s
+}
+
+impl AgentRow {
+    pub fn ns(&self) -> Option<f64> {
+        median(self.samples.clone())
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "python": self.python,
+            "case": self.case,
+            "ns_per_call": self.ns().map(|v| round(v, 1)),
+            "samples": self.samples.iter().map(|v| round(*v, 1)).collect::<Vec<_>>(),
+            "errors": self.errors,
+        })
+    }
+}
