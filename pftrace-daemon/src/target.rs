@@ -15,7 +15,7 @@ use procfs::process::{MMapPath, MemoryMaps};
 use crate::{
     elf_info,
     python::{self, Mechanism, PyVersion, USDT_WORKS, WHAT_WORKS},
-    usdt::{self, ProbeSite, UsdtError},
+    usdt::{ProbeSite, UsdtError},
 };
 
 /// Set once at start-up (`pftraced --agent`): trace every CPython 3.11+

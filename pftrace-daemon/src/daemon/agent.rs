@@ -375,7 +375,7 @@ impl Daemon {
     /// Whether `pid` is in scope: `--all`, in a traced cgroup, or a
     /// descendant of a traced process.
     fn in_scope(&self, pid: u32) -> bool {
-        if self.all || self.cgroups.iter().any(|c| c.pids().contains(&pid)) {
+        if self.all || self.cgroups.iter().flatten().any(|c| c.pids().contains(&pid)) {
             return true;
         }
         let mut p = pid;
