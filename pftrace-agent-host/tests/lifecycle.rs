@@ -180,9 +180,17 @@ fn leaves_within_a_second_when_pftraced_goes() {
             during > before + 200.0,
             "{label}: tracing must cost something here, or this test shows nothing"
         );
-        // Fastest chunks compared (noise on a shared machine only adds time);
-        // 1.25: other helpers' benchmarks run beside this one.
-        assert!(after < before * 1.25, "{label}: {after:.1} ns/call after, {before:.1} untraced: {json}");
+        // Fastest chunks compared (noise only adds time). This VM also
+        // switches between two speeds for seconds at a time: the same loop,
+        // with no agent at all, ran 36 and 51-60 ns/call in one pyenv 3.12.1
+        // process (pinned to one CPU or not), so `after` may be ~1.5x
+        // `before` with nothing left behind. What must hold: the process is
+        // back at the untraced speed or within a tenth of what tracing cost
+        // it (an agent still reporting costs the full +600-1,500 ns).
+        assert!(
+            after < before * 1.25 || after - before < 0.1 * (during - before),
+            "{label}: {after:.1} ns/call after, {before:.1} untraced, {during:.1} tracing: {json}"
+        );
         if let Some(tools) = v["tools"].as_array().filter(|t| !t.is_empty()) {
             assert!(tools.iter().all(|t| t.is_null()), "{label}: tool ids still held: {tools:?}");
         }
