@@ -150,6 +150,8 @@ api! {
     restore_thread: fn(*mut c_void) = [c"PyEval_RestoreThread"],
     gil_release: fn(c_int) = [c"PyGILState_Release"],
     is_finalizing: fn() -> c_int = [c"Py_IsFinalizing", c"_Py_IsFinalizing"],
+    eval_get_globals: fn() -> Obj = [c"PyEval_GetGlobals"],
+    dict_get_item_string: fn(Obj, *const c_char) -> Obj = [c"PyDict_GetItemString"],
     request_extra_index: fn(Option<FreeFunc>) -> isize =
         [c"PyUnstable_Eval_RequestCodeExtraIndex", c"_PyEval_RequestCodeExtraIndex"],
     code_get_extra: fn(Obj, isize, *mut *mut c_void) -> c_int =

@@ -46,10 +46,44 @@ impl Matcher {
         self.specs.is_empty()
     }
 
-    /// Whether a function named `function`, defined in `file`, is traced.
-    pub fn matches(&self, function: &str, file: &str) -> bool {
-        self.specs.iter().any(|s| s.matches(function, file))
+    /// Whether some name is a qualified form (`A.run`, `json.decoder:*`),
+    /// which needs the code object's qualified name and module.
+    pub fn needs_code(&self) -> bool {
+        self.specs.iter().any(NameSpec::needs_code)
     }
+
+    /// Whether a function named `function`, defined in `file`, with
+    /// `co_qualname` `qualname` in module `module` (None: not known), is traced.
+    pub fn matches(&self, function: &str, file: &str, qualname: Option<&str>, module: Option<&str>) -> bool {
+        self.specs.iter().any(|s| s.matches_all(function, file, qualname, module))
+    }
+}
+
+/// A code object's `co_qualname` (3.11+) and the module it runs in (the
+/// current frame's globals' `__name__`: the callers run at the start of
+/// that code object's frame), read only when a qualified form is traced.
+fn code_names(api: &Api, code: Obj, matcher: &Matcher) -> (Option<String>, Option<String>) {
+    if !matcher.needs_code() {
+        return (None, None);
+    }
+    let qualname = api
+        .attr(code, c"co_qualname")
+        .and_then(|q| api.text(&q).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string));
+    // Borrowed references: the globals dict and its __name__.
+    let globals = unsafe { (api.eval_get_globals)() };
+    let module = if globals.is_null() {
+        api.clear_error();
+        None
+    } else {
+        let name = unsafe { (api.dict_get_item_string)(globals, c"__name__".as_ptr()) };
+        if name.is_null() {
+            None
+        } else {
+            unsafe { (api.inc_ref)(name) };
+            api.owned(name).and_then(|n| api.text(&n).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string))
+        }
+    };
+    (qualname, module)
 }
 
 /// What the agent keeps of a traced code object.
@@ -96,7 +130,13 @@ pub fn traced<'a>(
         // they live as long as the code object, which the caller holds.
         let info: &'a CodeInfo = unsafe { &*(slot as *const CodeInfo) };
         if info.generation.get() != generation {
-            let m = matcher.matches(&info.name.to_string_lossy(), &info.file.to_string_lossy());
+            let (q, m) = code_names(api, code, matcher);
+            let m = matcher.matches(
+                &info.name.to_string_lossy(),
+                &info.file.to_string_lossy(),
+                q.as_deref(),
+                m.as_deref(),
+            );
             info.matched.set(m);
             info.generation.set(generation);
         }
@@ -121,7 +161,8 @@ fn decide<'a>(
     let (Ok(name_s), Ok(file_s)) = (std::str::from_utf8(name_b), std::str::from_utf8(file_b)) else {
         return None;
     };
-    if !matcher.matches(name_s, file_s) {
+    let (q, m) = code_names(api, code, matcher);
+    if !matcher.matches(name_s, file_s, q.as_deref(), m.as_deref()) {
         let tag = ((generation as usize) << 1) | 1;
         if unsafe { (api.code_set_extra)(code, index, tag as *mut c_void) } != 0 {
             api.clear_error();
@@ -157,11 +198,17 @@ mod tests {
         let (m, errors) =
             Matcher::parse(&["foo".into(), "pkg/mod.py:bar".into(), "test_*".into(), "a b".into()]);
         assert_eq!(errors.len(), 1, "the name with a space is refused");
-        assert!(m.matches("foo", "/x/y.py"));
-        assert!(m.matches("bar", "/src/pkg/mod.py"));
-        assert!(!m.matches("bar", "/src/otherpkg/mod.py"));
-        assert!(m.matches("test_one", "t.py"));
-        assert!(!m.matches("tes", "t.py"));
-        assert!(Matcher::default().is_empty());
+        assert!(m.matches("foo", "/x/y.py", None, None));
+        assert!(m.matches("bar", "/src/pkg/mod.py", None, None));
+        assert!(!m.matches("bar", "/src/otherpkg/mod.py", None, None));
+        assert!(m.matches("test_one", "t.py", None, None));
+        assert!(!m.matches("tes", "t.py", None, None));
+        assert!(Matcher::default().is_empty() && !m.needs_code());
+        let (q, errors) = Matcher::parse(&["A.run".into(), "json.decoder:*".into()]);
+        assert!(errors.is_empty() && q.needs_code());
+        assert!(q.matches("run", "/a.py", Some("A.run"), Some("app")));
+        assert!(!q.matches("run", "/a.py", Some("B.run"), Some("app")));
+        assert!(q.matches("decode", "/d.py", Some("JSONDecoder.decode"), Some("json.decoder")));
+        assert!(!q.matches("decode", "/d.py", Some("JSONDecoder.decode"), None));
     }
 }

@@ -51,6 +51,6 @@ pub mod source;
 pub mod version;
 
 pub use info::{CodeInfo, CodeObjectFacts, Field, Origin, Params};
-pub use resolver::{Probe, Resolver};
+pub use resolver::{Held, Probe, Resolver};
 pub use source::{FileCodes, SourceCode};
 pub use version::PyVersion;

@@ -474,8 +474,8 @@ fn same_dir(p: &Process, a: &str, b: &str) -> bool {
 
 /// `realpath` of a file in the process's view, when its root is ours.
 fn realpath(p: &Process, path: &str) -> Option<String> {
-    let root = std::fs::read_link(format!("/proc/{}/root", p.pid)).ok()?;
-    if root != std::path::Path::new("/") {
+    // As read when the process was opened: it may have exited since.
+    if p.root_link.as_deref() != Some("/") {
         return None;
     }
     let f = p.open_in_root(path, true).ok()?;

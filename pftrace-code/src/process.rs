@@ -71,6 +71,8 @@ pub struct Process {
     /// `/proc/PID/exe`, `cwd` as the process sees them.
     pub exe: Option<String>,
     pub cwd: Option<String>,
+    /// `/proc/PID/root` as read at open (`/` when it shares pftraced's).
+    pub root_link: Option<String>,
     pub argv: Vec<String>,
     /// The initial environment, the variables in `ENV_KEPT` only.
     pub env: HashMap<String, String>,
@@ -170,6 +172,7 @@ impl Process {
             creds,
             exe: readlink_at(pd, "exe"),
             cwd: readlink_at(pd, "cwd"),
+            root_link: readlink_at(pd, "root"),
             argv,
             env,
         };

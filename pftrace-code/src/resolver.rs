@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -38,8 +38,51 @@ pub const MAX_FILES: usize = 4096;
 pub const MAX_ANSWERS: usize = 65_536;
 
 struct ProcessEntry {
-    process: Process,
+    process: Arc<Process>,
     roots: Result<Roots, String>,
+}
+
+/// Processes opened while they ran (when tracing began), for requests
+/// served after they exited: a [`Process`] holds its root as a handle and
+/// its command line, environment and working directory as read then, which
+/// is all a resolution needs. Shared by every [`Resolver`] made with it.
+#[derive(Clone, Default)]
+pub struct Held(Arc<Mutex<HashMap<u32, Arc<Process>>>>);
+
+impl Held {
+    /// Opens process `pid` now and keeps it (replacing an older one of that pid).
+    pub fn hold(&self, pid: u32) -> Result<(), String> {
+        let p = Process::open(pid).map_err(|e| format!("process {pid}: {e}"))?;
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= MAX_PROCESSES && !m.contains_key(&pid) {
+                return Err(format!("{MAX_PROCESSES} processes held already"));
+            }
+            m.insert(pid, Arc::new(p));
+        }
+        Ok(())
+    }
+
+    /// The held process of `pid`, if any.
+    pub fn get(&self, pid: u32) -> Option<Arc<Process>> {
+        self.0.lock().ok()?.get(&pid).cloned()
+    }
+
+    /// Lets go of `pid`'s process if it is still `which` (not a later one of that pid).
+    pub fn release(&self, pid: u32, which: &Arc<Process>) {
+        if let Ok(mut m) = self.0.lock()
+            && m.get(&pid).is_some_and(|p| Arc::ptr_eq(p, which))
+        {
+            m.remove(&pid);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Resolves probes to code objects, once each.
@@ -48,6 +91,8 @@ pub struct Resolver {
     processes: HashMap<(u32, u64), Arc<ProcessEntry>>,
     files: HashMap<(FileId, PyVersion, u8), Arc<Result<FileCodes, String>>>,
     answers: HashMap<(u32, u64, String, String, i64), Arc<CodeInfo>>,
+    /// Processes opened earlier, used when one can no longer be read.
+    held: Held,
     /// How many files were parsed (for tests and status).
     pub parses: u64,
 }
@@ -75,9 +120,18 @@ impl Resolver {
         Self::default()
     }
 
-    /// The process `pid` as it is now (a new entry if the pid was reused).
+    /// A resolver that falls back on `held` processes once they exited.
+    pub fn with_held(held: Held) -> Self {
+        Self { held, ..Self::default() }
+    }
+
+    /// The process `pid` as it is now (a new entry if the pid was reused),
+    /// or as held when it was opened earlier and has exited since.
     fn process(&mut self, pid: u32, version: Option<PyVersion>) -> Result<Arc<ProcessEntry>, String> {
-        let process = Process::open(pid).map_err(|e| format!("process {pid}: {e}"))?;
+        let process = match Process::open(pid) {
+            Ok(p) => Arc::new(p),
+            Err(e) => self.held.get(pid).ok_or_else(|| format!("process {pid}: {e}"))?,
+        };
         let key = (pid, process.start_ticks);
         if let Some(e) = self.processes.get(&key) {
             return Ok(e.clone());

@@ -15,7 +15,10 @@
 //! A field is null with its reason, never a guess: when the process exited
 //! before its request was served (its files and `sys.path` can no longer be
 //! read), when the request was dropped, or while it is still queued (a dump
-//! taken in the first milliseconds). Analysing a file took 0.97 ms for
+//! taken in the first milliseconds). A process is opened when it is attached
+//! ([`CodeResolver::hold`]: its root as a handle, its command line,
+//! environment and working directory as read then), so requests served
+//! after it exited are still answered. Analysing a file took 0.97 ms for
 //! json/decoder.py (356 lines) and 41 ms for argparse.py (2,587 lines) here
 //! (`codeinfo-dump --time`, machine loaded), so a process must live that
 //! long past its first traced call in a file to be resolved.
@@ -26,7 +29,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use pftrace_code::{CodeInfo, Field, Origin, Probe, Resolver};
+use pftrace_code::{CodeInfo, Field, Held, Probe, Resolver};
 
 use crate::{events::Event, pairing::Call, python};
 
@@ -141,7 +144,7 @@ pub fn unresolved(call: &Call, why: &str) -> CodeInfo {
         params: Field::unknown(why),
         locals: Field::unknown(why),
         stacksize: Field::unknown(why),
-        origin: Origin::Source,
+        origin: pftrace_code::Origin::Source,
     }
 }
 
@@ -159,7 +162,9 @@ pub fn category(info: &CodeInfo) -> &str {
 
 enum Job {
     Resolve(CodeKey, Option<pftrace_code::PyVersion>),
-    Forget(u32),
+    /// A process ended: forget its cache, and let go of the process opened
+    /// when it was attached (if it is still that one).
+    Forget(u32, Option<Arc<pftrace_code::process::Process>>),
 }
 
 /// The addresses of a code object's interned file and name, its line and pid.
@@ -175,6 +180,11 @@ pub struct CodeResolver {
     requested: HashMap<AddressKey, (Arc<str>, Arc<str>)>,
     tx: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// Processes opened at attach, shared with the thread.
+    held: Held,
+    /// Resolves on the event loop what a selection by qualified name needs
+    /// at once ([`Self::resolve_now`]); answers go into the same table.
+    now: Option<Resolver>,
     /// Requests dropped because the queue was full (asked again later).
     pub queue_full: u64,
     /// Code objects left unresolved because the table was full.
@@ -191,11 +201,12 @@ impl CodeResolver {
     /// Starts the resolver thread.
     pub fn start() -> Self {
         let table = CodeTable::default();
+        let held = Held::default();
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
-        let shared = table.clone();
+        let (shared, held_there) = (table.clone(), held.clone());
         let thread = std::thread::Builder::new()
             .name("pftrace-codes".into())
-            .spawn(move || serve(rx, shared))
+            .spawn(move || serve(rx, shared, held_there))
             .map_err(|e| log::warn!("cannot start the code resolver thread: {e}; functions stay unresolved"))
             .ok();
         Self {
@@ -203,6 +214,8 @@ impl CodeResolver {
             requested: HashMap::new(),
             tx: thread.is_some().then_some(tx),
             thread,
+            held,
+            now: None,
             queue_full: 0,
             table_full: 0,
         }
@@ -230,14 +243,17 @@ impl CodeResolver {
             return;
         }
         let key = CodeKey { pid: ev.pid, file: ev.file.clone(), name: ev.name.clone(), line: ev.line };
+        if self.requested.len() < MAX_CODES && self.table.get(&key).is_some() {
+            // Resolved already for the selection by qualified name.
+            self.requested.insert(fast, (ev.file.clone(), ev.name.clone()));
+            return;
+        }
         if self.requested.len() >= MAX_CODES {
             self.table_full += 1;
             return;
         }
         let Some(tx) = &self.tx else { return };
-        let version = version().and_then(|v| {
-            Some(pftrace_code::PyVersion::new(u8::try_from(v.major).ok()?, u8::try_from(v.minor).ok()?))
-        });
+        let version = pftrace_version(version());
         match tx.try_send(Job::Resolve(key.clone(), version)) {
             Ok(()) => {
                 self.requested.insert(fast, (ev.file.clone(), ev.name.clone()));
@@ -246,11 +262,48 @@ impl CodeResolver {
         }
     }
 
+    /// A traced process was attached: opens it now (a few /proc reads), so
+    /// what it ran is resolved even if it exits before its requests are served.
+    pub fn hold(&mut self, pid: u32) {
+        if let Err(e) = self.held.hold(pid) {
+            log::debug!("cannot hold {e}: its functions are resolved only while it runs");
+        }
+    }
+
+    /// The answer for an entry or return event's code object, resolved here
+    /// and now when not in the table yet (once per code object and line; the
+    /// selection by qualified name cannot wait for the thread). It goes into
+    /// the table, so outputs and the thread reuse it.
+    pub fn resolve_now(&mut self, ev: &Event, version: impl FnOnce() -> Option<python::PyVersion>) -> Arc<CodeInfo> {
+        let key = CodeKey { pid: ev.pid, file: ev.file.clone(), name: ev.name.clone(), line: ev.line };
+        if let Some(info) = self.table.get(&key) {
+            return info;
+        }
+        let held = self.held.clone();
+        let resolver = self.now.get_or_insert_with(|| Resolver::with_held(held));
+        let probe = Probe {
+            pid: key.pid,
+            filename: key.file.to_string(),
+            function: key.name.to_string(),
+            line: i64::from(key.line),
+        };
+        let info = resolver.resolve(&probe, pftrace_version(version()));
+        if self.table.len() < MAX_CODES {
+            self.table.insert(key, info.clone());
+        }
+        info
+    }
+
     /// A traced process ended: the resolver forgets its cached process state
     /// once the requests before this are served (answers stay in the table).
     pub fn forget(&mut self, pid: u32) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.try_send(Job::Forget(pid));
+        if let Some(r) = &mut self.now {
+            r.forget(pid);
+        }
+        let which = self.held.get(pid);
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(Job::Forget(pid, which.clone())).is_ok());
+        if !sent && let Some(w) = &which {
+            self.held.release(pid, w);
         }
     }
 
@@ -264,11 +317,22 @@ impl CodeResolver {
     }
 }
 
-fn serve(rx: mpsc::Receiver<Job>, table: CodeTable) {
-    let mut resolver = Resolver::new();
+/// The process's CPython as pftrace-code names versions.
+fn pftrace_version(v: Option<python::PyVersion>) -> Option<pftrace_code::PyVersion> {
+    let v = v?;
+    Some(pftrace_code::PyVersion::new(u8::try_from(v.major).ok()?, u8::try_from(v.minor).ok()?))
+}
+
+fn serve(rx: mpsc::Receiver<Job>, table: CodeTable, held: Held) {
+    let mut resolver = Resolver::with_held(held.clone());
     while let Ok(job) = rx.recv() {
         match job {
-            Job::Forget(pid) => resolver.forget(pid),
+            Job::Forget(pid, which) => {
+                resolver.forget(pid);
+                if let Some(w) = &which {
+                    held.release(pid, w);
+                }
+            }
             Job::Resolve(key, version) => {
                 let probe = Probe {
                     pid: key.pid,

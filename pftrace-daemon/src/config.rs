@@ -27,7 +27,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/pftrace/pftraced.toml";
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Names to trace (`foo`, `json/decoder.py:raw_decode`, `test_*`).
+    /// Names to trace (`foo`, `json/decoder.py:raw_decode`, `test_*`,
+    /// `JSONDecoder.raw_decode`, `json.decoder:*`).
     pub names: Vec<String>,
     pub targets: TargetsConfig,
     pub socket: SocketConfig,

@@ -37,6 +37,11 @@ pub struct Call {
     pub end_ns: u64,
     /// Number of traced calls open below this one on the same thread.
     pub depth: u32,
+    /// This call's id, unique in the trace (numbered from 1 in entry order).
+    pub id: u64,
+    /// The id of the traced call it was made in on its thread (the one
+    /// below it on the stack), 0 for a call at depth 0.
+    pub parent: u64,
     pub end: CallEnd,
     /// CPU time the thread consumed during the call, ns (None if unknown).
     pub cpu_ns: Option<u64>,
@@ -59,6 +64,8 @@ impl Call {
             start_ns,
             end_ns: start_ns + duration_ns,
             depth: 0,
+            id: 0,
+            parent: 0,
             end: CallEnd::Returned,
             cpu_ns: None,
             rss_entry_bytes: 0,
@@ -78,6 +85,8 @@ impl Call {
 
 #[derive(Debug)]
 struct Open {
+    id: u64,
+    parent: u64,
     name: Arc<str>,
     file: Arc<str>,
     frame: Option<u64>,
@@ -124,6 +133,8 @@ pub struct Pairer {
     /// Returns that matched an entry below the top of the stack: the entries
     /// above it never returned (a record was lost), and were closed as incomplete.
     pub skipped_entries: u64,
+    /// The last call id given.
+    last_id: u64,
 }
 
 impl Pairer {
@@ -132,6 +143,11 @@ impl Pairer {
         let stack = self.stacks.entry((ev.pid, ev.tid)).or_default();
         match ev.kind {
             EventKind::Entry => stack.push(Open {
+                id: {
+                    self.last_id += 1;
+                    self.last_id
+                },
+                parent: stack.last().map_or(0, |o| o.id),
                 name: ev.name,
                 file: ev.file,
                 frame: ev.frame,
@@ -228,6 +244,8 @@ fn close(pid: u32, tid: u32, open: Open, depth: u32, at: Close, end: CallEnd) ->
         start_ns: open.start_ns,
         end_ns,
         depth,
+        id: open.id,
+        parent: open.parent,
         end,
         cpu_ns,
         rss_entry_bytes: open.rss_bytes,
@@ -276,6 +294,29 @@ mod tests {
             };
             self.p.push(ev, &mut self.out);
         }
+    }
+
+    #[test]
+    fn ids_and_parents_name_the_call_tree() {
+        use EventKind::{Entry, Return};
+        let mut f = Feed::new();
+        // Thread 1: a(b(c), b); thread 2: a, interleaved.
+        f.ev(1, Entry, "a", 1);
+        f.ev(2, Entry, "a", 2);
+        f.ev(1, Entry, "b", 3);
+        f.ev(1, Entry, "c", 4);
+        f.ev(1, Return, "c", 5);
+        f.ev(1, Return, "b", 6);
+        f.ev(2, Return, "a", 7);
+        f.ev(1, Entry, "b", 8);
+        f.ev(1, Return, "b", 9);
+        f.ev(1, Return, "a", 10);
+        let got: Vec<(u32, &str, u64, u64, u32)> =
+            f.out.iter().map(|c| (c.tid, &*c.name, c.id, c.parent, c.depth)).collect();
+        assert_eq!(
+            got,
+            [(1, "c", 4, 3, 2), (1, "b", 3, 1, 1), (2, "a", 2, 0, 0), (1, "b", 5, 1, 1), (1, "a", 1, 0, 0)]
+        );
     }
 
     #[test]

@@ -251,6 +251,13 @@ pub struct Status {
     /// Records the kernel passed but user space dropped because the file or
     /// glob part of a name did not match (the cost of those name forms).
     pub filtered_in_user_space: u64,
+    /// Of those: records whose qualified name or module did not match a
+    /// qualified form (`A.run`, `json.decoder:*`), and of these, records
+    /// whose code object could not be resolved (so none could match).
+    #[serde(default)]
+    pub filtered_by_qualified_name: u64,
+    #[serde(default)]
+    pub filtered_unresolved: u64,
     pub calls_total: u64,
     pub calls_in_memory: u64,
     /// Calls dropped from memory to respect the memory bound (they are in the output files, if configured).

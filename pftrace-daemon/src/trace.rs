@@ -82,6 +82,10 @@ pub struct Trace {
     /// Records the kernel passed that user space dropped (path qualifier or
     /// glob did not match): the cost of those name forms.
     pub filtered_in_user_space: u64,
+    /// Of those: by a qualified name or module, and of these, of code
+    /// objects that could not be resolved.
+    pub filtered_by_qualified_name: u64,
+    pub filtered_unresolved: u64,
     /// Calls completed since tracing started, and how many of them were
     /// dropped from memory (`limits.max_calls_in_memory`) and so are not in `calls`.
     pub calls_total: u64,

@@ -1,12 +1,24 @@
 //! What users name: `foo` (exact function name), `json/decoder.py:raw_decode`
-//! (function name qualified by a path suffix), and shell-style globs
-//! (`test_*`, `get_?`, `[ab]*`), optionally qualified too.
+//! (function name qualified by a path suffix), shell-style globs
+//! (`test_*`, `get_?`, `[ab]*`), optionally qualified too, and qualified
+//! names: `JSONDecoder.raw_decode` (a `__qualname__`, any module) and
+//! `json.decoder:JSONDecoder.raw_decode` or `json.decoder:*` (a dotted
+//! module, then a qualified name or a glob over it).
+//!
+//! Which is which: a part before `:` that contains `/` or ends in `.py` or
+//! `.pyw` is a file (`./script:main` for a script without a suffix);
+//! otherwise it is a module. Without `:`, a name with a `.` is a qualified
+//! name. In a qualified name or module, `*` and `?` also match dots.
 //!
 //! Cost: the kernel decides exact names by a hash lookup; a glob is decided in
 //! the kernel by its literal prefix (an LPM trie) and finished here, so a glob
 //! with a short or empty prefix (`*_handler`) sends every call it might match
 //! to user space; a path qualifier is checked here for every call of the
-//! function name, in any file.
+//! function name, in any file. A qualified name gives the kernel its last
+//! part (`raw_decode`: the code object's `co_name`) when that part has no
+//! wildcard, and nothing otherwise (`json.decoder:*`, `A.get_*`: every call
+//! of the process goes to user space); user space then decides the qualified
+//! name and module once per code object, after resolving it.
 
 use std::fmt;
 
@@ -19,6 +31,11 @@ pub struct NameSpec {
     pub text: String,
     /// Required suffix of the file path (`json/decoder.py`), if qualified.
     pub file_suffix: Option<String>,
+    /// Required dotted module (`json.decoder`, or a glob over it).
+    pub module: Option<String>,
+    /// Required qualified name (`JSONDecoder.raw_decode`, or a glob over it).
+    pub qualname: Option<String>,
+    /// The `co_name` part: what the kernel filters by.
     pub function: FunctionPattern,
 }
 
@@ -53,6 +70,18 @@ pub enum NameError {
     )]
     EmptyClass { text: String, class: String },
     #[error(
+        "{text:?}: `{part}` has an empty part between dots; write a dotted name such as \
+         `JSONDecoder.raw_decode` or `json.decoder:JSONDecoder.raw_decode`"
+    )]
+    EmptySegment { text: String, part: String },
+    #[error(
+        "{text:?}: {what} is not allowed in a module name; write MODULE:QUALNAME with a dotted module, e.g. \
+         `json.decoder:raw_decode` (a file part must contain `/` or end in `.py`)"
+    )]
+    BadModule { text: String, what: String },
+    #[error("{text:?}: qualified names are matched on at most {max} bytes; this one has {len}")]
+    QualnameTooLong { text: String, len: usize, max: usize },
+    #[error(
         "{text:?}: `\\` is not allowed: function names never contain it, and globs have no escapes \
          (`*`, `?` and `[` always mean wildcards)"
     )]
@@ -64,6 +93,26 @@ pub enum NameError {
 /// bytes) may be a longer one cut short, so it never matches.
 pub const MAX_NAME: usize = NAME_LEN - 2;
 
+/// Longest qualified name (or module) pattern accepted.
+pub const MAX_QUALNAME: usize = 1024;
+
+/// Whether the part before `:` names a file (else a module).
+fn is_file_part(part: &str) -> bool {
+    part.contains('/') || part.ends_with(".py") || part.ends_with(".pyw")
+}
+
+fn has_wildcard(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// A dotted pattern has no empty part (`a..b`, `.a`, `a.`).
+fn check_segments(dotted: &str, text: &str) -> Result<(), NameError> {
+    if dotted.split('.').any(str::is_empty) {
+        return Err(NameError::EmptySegment { text: text.into(), part: dotted.into() });
+    }
+    Ok(())
+}
+
 impl NameSpec {
     /// Parses `[FILE:]FUNCTION`, FUNCTION possibly a glob.
     pub fn parse(text: &str) -> Result<Self, NameError> {
@@ -72,7 +121,7 @@ impl NameSpec {
         if trimmed.is_empty() {
             return Err(NameError::Empty);
         }
-        let (file_suffix, function) = match trimmed.rsplit_once(':') {
+        let (before, after) = match trimmed.rsplit_once(':') {
             Some((file, func)) => {
                 if func.is_empty() {
                     return Err(NameError::EmptyFunction { text: owned() });
@@ -80,27 +129,65 @@ impl NameSpec {
                 if file.is_empty() {
                     return Err(NameError::EmptyFile { text: owned() });
                 }
-                (Some(file.to_string()), func)
+                (Some(file), func)
             }
             None => (None, trimmed),
         };
+        let (file_suffix, module) = match before {
+            Some(f) if is_file_part(f) => (Some(f.to_string()), None),
+            Some(m) => {
+                if let Some(c) =
+                    m.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '.' | '*' | '?' | '[' | ']' | '!' | '-')))
+                {
+                    return Err(NameError::BadModule { text: owned(), what: format!("{c:?}") });
+                }
+                check_segments(m, text)?;
+                if m.len() > MAX_QUALNAME {
+                    return Err(NameError::QualnameTooLong { text: owned(), len: m.len(), max: MAX_QUALNAME });
+                }
+                if has_wildcard(m) {
+                    check_classes(m, text)?;
+                }
+                (None, Some(m.to_string()))
+            }
+            None => (None, None),
+        };
+        let function = after;
         if function.contains('\\') {
             return Err(NameError::Backslash { text: owned() });
         }
         if let Some(c) = function.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '/') {
             return Err(NameError::BadChar { text: owned(), what: format!("{c:?}") });
         }
-        if function.len() > MAX_NAME {
-            return Err(NameError::TooLong { text: owned(), len: function.len(), max: MAX_NAME });
-        }
-        let function = if function.contains(['*', '?', '[']) {
-            check_classes(function, text)?;
-            let prefix: String = function.chars().take_while(|c| !matches!(c, '*' | '?' | '[')).collect();
-            FunctionPattern::Glob { pattern: function.to_string(), prefix }
+        // A qualified name: module given, or a dotted name.
+        let qualified = module.is_some() || function.contains('.');
+        let qualname = qualified.then(|| function.to_string());
+        let co_name = if qualified {
+            check_segments(function, text)?;
+            if function.len() > MAX_QUALNAME {
+                return Err(NameError::QualnameTooLong { text: owned(), len: function.len(), max: MAX_QUALNAME });
+            }
+            if has_wildcard(function) {
+                check_classes(function, text)?;
+            }
+            let last = function.rsplit('.').next().unwrap_or(function);
+            // A wildcard in the last part may match dots, so the co_name
+            // (after the last dot of the real name) is not bounded by it.
+            if has_wildcard(last) { "*" } else { last }
         } else {
-            FunctionPattern::Exact(function.to_string())
+            function
         };
-        Ok(Self { text: trimmed.to_string(), file_suffix, function })
+        if co_name.len() > MAX_NAME {
+            return Err(NameError::TooLong { text: owned(), len: co_name.len(), max: MAX_NAME });
+        }
+        let function = if has_wildcard(co_name) {
+            check_classes(co_name, text)?;
+            let prefix: String = co_name.chars().take_while(|c| !matches!(c, '*' | '?' | '[')).collect();
+            FunctionPattern::Glob { pattern: co_name.to_string(), prefix }
+        } else {
+            FunctionPattern::Exact(co_name.to_string())
+        };
+        Ok(Self { text: trimmed.to_string(), file_suffix, module, qualname, function })
     }
 
     /// Whether a call of `function` in `file` is one this spec names.
@@ -114,7 +201,43 @@ impl NameSpec {
 
     /// True when the kernel alone decides this spec (no user-space check).
     pub fn decided_in_kernel(&self) -> bool {
-        self.file_suffix.is_none() && matches!(self.function, FunctionPattern::Exact(_))
+        self.file_suffix.is_none() && !self.needs_code() && matches!(self.function, FunctionPattern::Exact(_))
+    }
+
+    /// True when deciding needs the code object's qualified name or module
+    /// (after [`Self::matches`] passed).
+    pub fn needs_code(&self) -> bool {
+        self.module.is_some() || self.qualname.is_some()
+    }
+
+    /// The qualified-name and module parts, against a code object's
+    /// `co_qualname` and module (`None`: not known, so not matched).
+    pub fn matches_code(&self, qualname: Option<&str>, module: Option<&str>) -> bool {
+        let part = |want: &Option<String>, have: Option<&str>| match (want, have) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(w), Some(h)) => glob_match(w.as_bytes(), h.as_bytes()),
+        };
+        part(&self.qualname, qualname) && part(&self.module, module)
+    }
+
+    /// The whole decision for a code object.
+    pub fn matches_all(&self, function: &str, file: &str, qualname: Option<&str>, module: Option<&str>) -> bool {
+        self.matches(function, file) && (!self.needs_code() || self.matches_code(qualname, module))
+    }
+
+    /// Where this form is decided, for `--help`, logs and status.
+    pub fn cost(&self) -> &'static str {
+        match (&self.function, self.needs_code(), self.file_suffix.is_some()) {
+            (FunctionPattern::Exact(_), false, false) => "kernel",
+            (FunctionPattern::Exact(_), true, _) => "kernel by co_name, then user space by qualified name",
+            (FunctionPattern::Glob { prefix, .. }, true, _) if prefix.is_empty() => {
+                "user space only: every call goes to user space"
+            }
+            (FunctionPattern::Glob { .. }, true, _) => "kernel by co_name prefix, then user space",
+            (_, false, true) => "kernel by co_name, then user space by file",
+            (FunctionPattern::Glob { .. }, false, false) => "kernel by prefix, then user space",
+        }
     }
 }
 
@@ -283,5 +406,57 @@ mod tests {
         assert!(!m("a?c", "ac") && !m("a*d", "abc"));
         assert!(m("[ab]x", "bx") && !m("[ab]x", "cx") && m("[a-c]*", "cat") && m("[!a]*", "bat"));
         assert!(!m("[!a]*", "at") && m("*_handler", "on_click_handler") && !m("*_handler", "handler"));
+    }
+}
+
+#[cfg(test)]
+mod qualified_tests {
+    use super::*;
+
+    #[test]
+    fn qualified_forms() {
+        let s = NameSpec::parse("JSONDecoder.raw_decode").unwrap();
+        assert_eq!(s.function, FunctionPattern::Exact("raw_decode".into()));
+        assert_eq!((s.module.as_deref(), s.qualname.as_deref()), (None, Some("JSONDecoder.raw_decode")));
+        assert!(s.needs_code() && !s.decided_in_kernel());
+        assert!(s.matches_all("raw_decode", "/x.py", Some("JSONDecoder.raw_decode"), Some("json.decoder")));
+        assert!(!s.matches_all("raw_decode", "/x.py", Some("Other.raw_decode"), Some("json.decoder")));
+        assert!(!s.matches_all("raw_decode", "/x.py", None, Some("json.decoder")));
+
+        let m = NameSpec::parse("json.decoder:*").unwrap();
+        assert_eq!(m.function, FunctionPattern::Glob { pattern: "*".into(), prefix: String::new() });
+        assert_eq!(m.module.as_deref(), Some("json.decoder"));
+        assert!(m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), Some("json.decoder")));
+        assert!(!m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), Some("json")));
+        assert!(!m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), None));
+
+        let g = NameSpec::parse("A.get_*").unwrap();
+        assert_eq!(g.function, FunctionPattern::Glob { pattern: "*".into(), prefix: String::new() });
+        assert!(g.matches_all("y", "f.py", Some("A.get_x.<locals>.y"), Some("m")));
+        let l = NameSpec::parse("mod:outer.<locals>.inner").unwrap();
+        assert_eq!(l.function, FunctionPattern::Exact("inner".into()));
+        let k = NameSpec::parse("pkg.*:K.run").unwrap();
+        assert!(k.matches_all("run", "f.py", Some("K.run"), Some("pkg.sub")));
+        assert!(!k.matches_all("run", "f.py", Some("K.run"), Some("pkgx")));
+        // Files stay files.
+        let f = NameSpec::parse("app.py:foo").unwrap();
+        assert_eq!((f.file_suffix.as_deref(), f.module.as_deref()), (Some("app.py"), None));
+        assert!(!f.needs_code());
+        let f = NameSpec::parse("./script:foo").unwrap();
+        assert_eq!(f.file_suffix.as_deref(), Some("./script"));
+    }
+
+    #[test]
+    fn malformed_qualified_forms() {
+        let e = NameSpec::parse("JSONDecoder.").unwrap_err();
+        assert!(matches!(e, NameError::EmptySegment { .. }), "{e}");
+        assert!(e.to_string().contains("empty part between dots"), "{e}");
+        assert!(matches!(NameSpec::parse("json..decoder:f"), Err(NameError::EmptySegment { .. })));
+        assert!(matches!(NameSpec::parse(".f"), Err(NameError::EmptySegment { .. })));
+        assert!(matches!(NameSpec::parse("json.decoder:"), Err(NameError::EmptyFunction { .. })));
+        assert!(matches!(NameSpec::parse("my mod:f"), Err(NameError::BadModule { .. })));
+        assert!(matches!(NameSpec::parse("m:A.[b"), Err(NameError::UnclosedBracket { .. })));
+        let long = format!("m:{}", "a.".repeat(600) + "b");
+        assert!(matches!(NameSpec::parse(&long), Err(NameError::QualnameTooLong { .. })));
     }
 }

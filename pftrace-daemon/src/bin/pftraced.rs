@@ -25,9 +25,19 @@ use tokio::signal::unix::{SignalKind, signal};
 /// process one probe hit each (about a microsecond) and produce no record.
 /// The CPython must fire the probes: 3.6-3.10 or 3.15+, built --with-dtrace.
 ///
-/// Name forms (-t): `foo` (exact, decided in the kernel), `app/io.py:load`
-/// (qualified by a path suffix), `test_*` (shell glob). See the README for
-/// what each form costs.
+/// Name forms (-t), and where each is decided:
+///   foo                        exact co_name: in the kernel
+///   app/io.py:load             co_name in the kernel, then the path suffix in user space
+///   test_*                     the literal prefix in the kernel, the rest in user space
+///   JSONDecoder.raw_decode     qualified name (__qualname__), any module: co_name
+///                              (`raw_decode`) in the kernel, the qualified name in user
+///                              space once the code object is resolved
+///   json.decoder:JSONDecoder.raw_decode, json.decoder:*
+///                              MODULE:QUALNAME (a glob; `*` matches dots too): as above;
+///                              when the last dotted part has a wildcard (`json.decoder:*`,
+///                              `A.get_*`) the kernel passes every call and user space decides
+/// A part before `:` that contains `/` or ends in `.py` is a file, else a module.
+/// Records dropped in user space are counted (`pftracectl status`). See the README.
 ///
 /// Examples:
 ///   sudo pftraced -t foo -t bar --pid 1234
@@ -44,7 +54,8 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Debug, Parser)]
 #[command(name = "pftraced", version, verbatim_doc_comment)]
 struct Cli {
-    /// Function to trace: NAME, FILE:NAME or a glob. Repeat the flag or separate with commas.
+    /// Function to trace: NAME, FILE:NAME, a glob, CLASS.NAME or MODULE:QUALNAME (see above).
+    /// Repeat the flag or separate with commas.
     #[arg(short = 't', long = "trace", value_name = "NAME", value_delimiter = ',')]
     names: Vec<String>,
 

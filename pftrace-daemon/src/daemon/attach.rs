@@ -308,6 +308,7 @@ impl Daemon {
         };
         if let Some(pidfd) = pidfd {
             let serial = self.processes.add_process(&target, links);
+            self.codes.hold(target.pid);
             self.watch(target.pid, serial, pidfd);
             self.note_job_process(target.pid);
         }
@@ -354,6 +355,7 @@ impl Daemon {
             match self.processes.identity_of(pid) {
                 Some((file, started)) if file == target.file && started == target.started => {
                     self.processes.refresh(&target);
+                    self.codes.hold(target.pid);
                 }
                 Some(_) => {
                     self.end_process(pid, WallClock::monotonic_now_ns());
@@ -373,6 +375,7 @@ impl Daemon {
             if file == target.file && started == target.started {
                 // It exec'd the same interpreter: its probes still apply.
                 self.processes.refresh(&target);
+                self.codes.hold(target.pid);
                 return;
             }
             // Another interpreter, or another process reusing the pid (its

@@ -80,6 +80,8 @@ impl Daemon {
             refused: self.processes.refusals(),
             counters: self.counters(),
             filtered_in_user_space: self.filter.dropped,
+            filtered_by_qualified_name: self.filter.dropped_by_qualname,
+            filtered_unresolved: self.filter.dropped_unresolved,
             calls_total: self.store.total,
             calls_in_memory: self.store.len() as u64,
             calls_evicted: self.store.evicted,

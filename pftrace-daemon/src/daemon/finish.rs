@@ -22,6 +22,7 @@ impl Daemon {
         self.scheduler.retire(links);
         self.sampler.forget(pid);
         self.codes.forget(pid);
+        self.filter.forget(pid);
         if let Some(agent) = &mut self.agent {
             agent.forget(pid);
         }
@@ -95,6 +96,8 @@ impl Daemon {
             bad_records: self.bad_records,
             file_names_cut: self.decoder.files_cut,
             filtered_in_user_space: self.filter.dropped,
+            filtered_by_qualified_name: self.filter.dropped_by_qualname,
+            filtered_unresolved: self.filter.dropped_unresolved,
             calls_total: self.store.total,
             calls_evicted: self.store.evicted,
             spilled: None,

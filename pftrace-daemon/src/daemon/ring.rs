@@ -28,7 +28,9 @@ impl Daemon {
         while let Some(item) = ring.next() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
-                    if self.filter.keep(&ev.name, &ev.file) {
+                    let (codes, processes) = (&mut self.codes, &self.processes);
+                    let version = || processes.info(ev.pid).and_then(|p| p.version);
+                    if self.filter.keep(&ev, || codes.resolve_now(&ev, version)) {
                         if ev.kind == EventKind::Entry {
                             let processes = &self.processes;
                             self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));

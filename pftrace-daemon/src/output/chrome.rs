@@ -103,6 +103,8 @@ impl TraceFormat for Chrome {
                 "skipped_entries": trace.skipped_entries,
                 "bad_records": trace.bad_records,
                 "filtered_in_user_space": trace.filtered_in_user_space,
+                "filtered_by_qualified_name": trace.filtered_by_qualified_name,
+                "filtered_unresolved": trace.filtered_unresolved,
                 "file_names_cut": trace.file_names_cut,
                 "calls_total": trace.calls_total,
                 "calls_evicted": trace.calls_evicted,

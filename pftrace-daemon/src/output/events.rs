@@ -19,10 +19,13 @@ use crate::{
 /// categorised by its dotted module where known (else `co_name` and the
 /// file: see [`crate::codes`]); wall-clock µs start, µs duration; in args
 /// the code object's name, module, qualified name and path (null when
-/// unknown), file and line, `incomplete: true` when no return was seen.
+/// unknown), file and line, the call's id, depth in its thread's traced
+/// stack and parent call's id (0: none), `incomplete: true` when no return
+/// was seen.
 pub fn call_event(call: &Call, info: &CodeInfo, clock: &WallClock) -> Value {
     let mut args = json!({"function": &*call.name, "module": &info.module, "qualname": &info.qualname,
                           "path": info.path(), "file": &*call.file, "line": call.line,
+                          "id": call.id, "depth": call.depth, "parent": call.parent,
                           "rss_entry_bytes": call.rss_entry_bytes, "rss_return_bytes": call.rss_return_bytes});
     if let (Some(cpu), Some(off)) = (call.cpu_ns, call.offcpu_ns()) {
         args["cpu_ns"] = json!(cpu);
@@ -128,6 +131,8 @@ mod tests {
             start_ns: 1_000,
             end_ns: 3_500,
             depth: 0,
+            id: 0,
+            parent: 0,
             end: CallEnd::Incomplete,
             cpu_ns: None,
             rss_entry_bytes: 0,

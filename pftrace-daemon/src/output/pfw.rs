@@ -252,6 +252,24 @@ struct Usage {
     memory_usage: Num,
 }
 
+/// A call event's args: its id, depth in its thread's traced stack and
+/// parent call's id (0: none), so readers rebuild the call tree without
+/// relying on timestamps. PerfFlowAspect writes no args on call events;
+/// Hatchet's reader ignores them.
+#[derive(Serialize)]
+struct CallArgs {
+    id: u64,
+    depth: u32,
+    parent: u64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Args {
+    Usage(Usage),
+    Call(CallArgs),
+}
+
 /// One event, keys in PerfFlowAspect's order.
 #[derive(Serialize)]
 struct Event<'a> {
@@ -262,7 +280,7 @@ struct Event<'a> {
     ts: f64,
     ph: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    args: Option<Usage>,
+    args: Option<Args>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dur: Option<f64>,
 }
@@ -369,7 +387,7 @@ impl Pfw {
             tid: call.tid,
             ts,
             ph,
-            args: None,
+            args: (ph != "C").then_some(Args::Call(CallArgs { id: call.id, depth: call.depth, parent: call.parent })),
             dur: None,
         };
         let mut out = Vec::new();
@@ -387,11 +405,11 @@ impl Pfw {
                         rss => Num::Float(rss as f64 / 1000.0),
                     };
                     out.push(Event {
-                        args: Some(Usage { cpu_usage: Num::Float(cpu_usage), memory_usage }),
+                        args: Some(Args::Usage(Usage { cpu_usage: Num::Float(cpu_usage), memory_usage })),
                         ..ev("C", start)
                     });
                     out.push(Event {
-                        args: Some(Usage { cpu_usage: Num::Int(0), memory_usage: Num::Int(0) }),
+                        args: Some(Args::Usage(Usage { cpu_usage: Num::Int(0), memory_usage: Num::Int(0) })),
                         ..ev("C", end)
                     });
                 }
@@ -593,7 +611,7 @@ mod tests {
         let events = read_back(&text, PfwForm::Object);
         let returned: Vec<&Call> = trace.calls.iter().filter(|c| c.end == CallEnd::Returned).collect();
         assert_eq!(events.len(), returned.len());
-        assert!(events.iter().all(|e| e["ph"] == "X" && e.get("args").is_none()));
+        assert!(events.iter().all(|e| e["ph"] == "X" && e["args"]["id"].is_u64() && e["args"]["parent"].is_u64()));
         let inner = events.iter().find(|e| e["name"] == "Job.inner").unwrap();
         assert!((inner["dur"].as_f64().unwrap() - 40_000.0).abs() < 0.5);
         // Hatchet's fix-up: the last "}," becomes "}]}" and the whole parses.

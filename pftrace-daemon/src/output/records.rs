@@ -5,7 +5,8 @@
 //! ```text
 //! {"functions": ["step", ...],
 //!  "results":  {"step": [{"name", "cpu_start", "time_start", "time_end", "time_elapsed",
-//!                         "cpu_end", "cpu_usage", "mem_usage", "pid", "process_name", "tid"}, ...]},
+//!                         "cpu_end", "cpu_usage", "mem_usage", "pid", "process_name", "tid",
+//!                         "id", "depth", "parent"}, ...]},
 //!  "metadata": {"step": {"function", "lineno", "stacksize", "filename", "args", "locals",
 //!                         "module", "path", "qualname", "params", "origin", "unresolved"?}}}
 //! ```
@@ -23,7 +24,9 @@
 //! - `mem_usage`: resident memory at return in kB (bytes / 1000, as the
 //!   prototype's psutil `rss / 1000`).
 //! - `name` and `process_name`: the process's name (its comm), as psutil's
-//!   `name()` gave both. `tid` is added: calls of several threads are told apart.
+//!   `name()` gave both. `tid` is added: calls of several threads are told apart;
+//!   so are `id` (unique in the trace), `depth` (traced calls open below it on
+//!   its thread) and `parent` (the id of the call it was made in, 0: none).
 //! - Calls still open when tracing ended carry `"incomplete": true`.
 //! - Results and metadata are keyed per function (code object): by its
 //!   name where no other traced function has that name, else by its
@@ -73,6 +76,11 @@ struct Record<'a> {
     pid: u32,
     process_name: &'a str,
     tid: u32,
+    /// The call's id (unique in the trace), its depth in its thread's
+    /// traced stack, and the id of the call it was made in (0: none).
+    id: u64,
+    depth: u32,
+    parent: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     incomplete: bool,
 }
@@ -242,6 +250,9 @@ impl Results<'_, '_> {
             pid: c.pid,
             process_name,
             tid: c.tid,
+            id: c.id,
+            depth: c.depth,
+            parent: c.parent,
             incomplete: c.end == CallEnd::Incomplete,
         }
     }

@@ -390,6 +390,8 @@ mod tests {
                     start_ns: 1_000_000 + i as u64 * 1000,
                     end_ns: 1_000_500 + i as u64 * 1000,
                     depth: 0,
+                    id: 0,
+                    parent: 0,
                     end: if i % 7 == 0 { CallEnd::Incomplete } else { CallEnd::Returned },
                     cpu_ns: None,
                     rss_entry_bytes: 0,

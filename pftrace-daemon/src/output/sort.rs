@@ -30,7 +30,7 @@ pub type CallIter<'a> = Box<dyn Iterator<Item = io::Result<Call>> + 'a>;
 pub const FAN_IN: usize = 64;
 const RUN_BUFFER_BYTES: usize = 64 * 1024;
 /// One call in a run.
-pub const RECORD_BYTES: usize = 72;
+pub const RECORD_BYTES: usize = 88;
 
 /// `calls` sorted by `key`, holding at most `budget` calls in memory and
 /// using a scratch file in `scratch` for the rest (no scratch: all in memory).
@@ -113,7 +113,7 @@ impl Strings {
 
 /// A call as a run record: little-endian pid, tid, name, file, line, depth
 /// (u32 each), start, end, CPU ns (u64::MAX: unknown), RSS at entry and
-/// return (u64 each), then 1 if incomplete and padding.
+/// return, id, parent (u64 each), then 1 if incomplete and padding.
 fn encode(call: &Call, strings: &mut Strings) -> [u8; RECORD_BYTES] {
     let mut r = [0u8; RECORD_BYTES];
     let words =
@@ -127,11 +127,13 @@ fn encode(call: &Call, strings: &mut Strings) -> [u8; RECORD_BYTES] {
         call.cpu_ns.unwrap_or(u64::MAX),
         call.rss_entry_bytes,
         call.rss_return_bytes,
+        call.id,
+        call.parent,
     ];
     for (i, l) in longs.iter().enumerate() {
         r[24 + i * 8..32 + i * 8].copy_from_slice(&l.to_le_bytes());
     }
-    r[64] = u8::from(call.end == CallEnd::Incomplete);
+    r[80] = u8::from(call.end == CallEnd::Incomplete);
     r
 }
 
@@ -151,12 +153,14 @@ fn decode(r: &[u8; RECORD_BYTES], strings: &[Arc<str>]) -> io::Result<Call> {
         file: string(3)?,
         line: word(4) as i32,
         depth: word(5),
+        id: long(5),
+        parent: long(6),
         start_ns: long(0),
         end_ns: long(1),
         cpu_ns: Some(long(2)).filter(|&ns| ns != u64::MAX),
         rss_entry_bytes: long(3),
         rss_return_bytes: long(4),
-        end: if r[64] == 1 { CallEnd::Incomplete } else { CallEnd::Returned },
+        end: if r[80] == 1 { CallEnd::Incomplete } else { CallEnd::Returned },
     })
 }
 

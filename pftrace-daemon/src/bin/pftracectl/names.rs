@@ -10,8 +10,10 @@ use pftrace::{
 
 #[derive(Debug, Args)]
 pub struct NamesArgs {
-    /// A name: `foo`, `file.py:foo` or a glob like `test_*`. Repeat the flag
-    /// or separate names with commas.
+    /// A name: `foo`, `file.py:foo`, a glob like `test_*`, a qualified name
+    /// `JSONDecoder.raw_decode` or `json.decoder:*` (MODULE:QUALNAME); see
+    /// `pftraced --help` for what each costs. Repeat the flag or separate
+    /// names with commas.
     #[arg(short = 't', long = "trace", value_name = "NAME", value_delimiter = ',', required = true)]
     pub names: Vec<String>,
 }

@@ -87,6 +87,13 @@ pub fn render(s: &Status) -> String {
         c.read_errors,
         s.filtered_in_user_space
     );
+    if s.filtered_by_qualified_name > 0 {
+        let _ = writeln!(
+            o,
+            "           of those, {} by qualified name or module ({} of code objects that could not be resolved)",
+            s.filtered_by_qualified_name, s.filtered_unresolved
+        );
+    }
     if s.processes.iter().any(|p| p.mechanism == pftrace::python::Mechanism::Agent) {
         let _ = writeln!(
             o,
