@@ -273,9 +273,15 @@ fn check_chrome(json: &Value) -> BTreeMap<String, Vec<Value>> {
                         "line",
                         "rss_entry_bytes",
                         "rss_return_bytes",
+                        "id",
+                        "depth",
+                        "parent",
                     ],
                     &["cpu_ns", "offcpu_ns", "incomplete"],
                 );
+                assert!(field(args, "id", "uint").as_u64().unwrap() > 0, "{ev}");
+                field(args, "depth", "uint");
+                field(args, "parent", "uint");
                 field(args, "file", "string");
                 field(args, "line", "int");
                 assert!(field(args, "rss_entry_bytes", "uint").as_u64().unwrap() > 0, "{ev}");
@@ -385,9 +391,15 @@ fn check_records(json: &Value) -> BTreeMap<String, Vec<Value>> {
                     "pid",
                     "process_name",
                     "tid",
+                    "id",
+                    "depth",
+                    "parent",
                 ],
                 &["incomplete"],
             );
+            assert!(field(r, "id", "uint").as_u64().unwrap() > 0, "{r}");
+            field(r, "depth", "uint");
+            field(r, "parent", "uint");
             for k in
                 ["cpu_start", "time_start", "time_end", "time_elapsed", "cpu_end", "cpu_usage", "mem_usage"]
             {

@@ -211,10 +211,12 @@ impl NameSpec {
     }
 
     /// The qualified-name and module parts, against a code object's
-    /// `co_qualname` and module (`None`: not known, so not matched).
+    /// `co_qualname` and module (`None`: not known, so not matched, except
+    /// by a lone `*`: `json.decoder:*` is every code object of that module).
     pub fn matches_code(&self, qualname: Option<&str>, module: Option<&str>) -> bool {
         let part = |want: &Option<String>, have: Option<&str>| match (want, have) {
             (None, _) => true,
+            (Some(w), None) if w == "*" => true,
             (Some(_), None) => false,
             (Some(w), Some(h)) => glob_match(w.as_bytes(), h.as_bytes()),
         };
@@ -429,6 +431,7 @@ mod qualified_tests {
         assert!(m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), Some("json.decoder")));
         assert!(!m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), Some("json")));
         assert!(!m.matches_all("raw_decode", "/d.py", Some("JSONDecoder.raw_decode"), None));
+        assert!(m.matches_all("f", "/d.py", None, Some("json.decoder")));
 
         let g = NameSpec::parse("A.get_*").unwrap();
         assert_eq!(g.function, FunctionPattern::Glob { pattern: "*".into(), prefix: String::new() });

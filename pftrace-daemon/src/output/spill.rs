@@ -6,7 +6,7 @@
 //!
 //! Format: JSON lines, one call per line, fields as in [`crate::pairing::Call`]:
 //! `{"pid":1,"tid":1,"name":"f","file":"/app.py","line":3,"start_ns":..,
-//! "end_ns":..,"depth":0,"incomplete":false,"cpu_ns":12|null,
+//! "end_ns":..,"depth":0,"id":1,"parent":0,"incomplete":false,"cpu_ns":12|null,
 //! "rss_entry_bytes":..,"rss_return_bytes":..}`; times are the kernel's
 //! monotonic ns. The same lines hold the sorted runs of `sort.rs`.
 //!

@@ -796,6 +796,11 @@ pub struct CallEvent {
     pub file: String,
     pub line: i64,
     pub incomplete: bool,
+    /// The call's id (unique in the trace), depth in its thread's traced
+    /// stack and parent call's id (0: none).
+    pub id: u64,
+    pub depth: u64,
+    pub parent: u64,
 }
 
 impl CallEvent {
@@ -891,6 +896,9 @@ impl Trace {
                             .to_string(),
                         line: args["line"].as_i64().ok_or_else(|| format!("args.line missing: {ev}"))?,
                         incomplete,
+                        id: u(args, "id")?,
+                        depth: u(args, "depth")?,
+                        parent: u(args, "parent")?,
                     });
                 }
                 // Thread names, process labels and the CPU/memory counter
