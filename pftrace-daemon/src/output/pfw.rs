@@ -280,9 +280,11 @@ struct Event<'a> {
     ts: f64,
     ph: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    args: Option<Args>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     dur: Option<f64>,
+    /// Last, as in PerfFlowAspect's C events: a line then ends in its only
+    /// `},`, which readers such as Hatchet's rewrite to close the array.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<Args>,
 }
 
 /// Python's `json.dumps` spacing: `", "` between items, `": "` after keys.
