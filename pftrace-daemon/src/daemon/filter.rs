@@ -46,7 +46,7 @@ pub struct NameFilter {
     exact_refs: HashMap<String, usize>,
     prefix_refs: HashMap<String, usize>,
     /// (function ptr, file ptr) → keep? Valid until the specs change.
-    cache: HashMap<(usize, usize), bool>,
+    cache: crate::fast_hash::FastMap<(usize, usize), bool>,
     /// Records dropped here (the kernel passed them; path or glob did not match).
     pub dropped: u64,
     /// Bumped on every change so the kernel's verdict cache forgets old answers.
