@@ -105,12 +105,12 @@ type Found = (Arc<CodeInfo>, Arc<str>, Arc<str>);
 pub struct CodeReader {
     table: CodeTable,
     /// Each answer, with the strings whose addresses key it.
-    found: HashMap<AddressKey, Found>,
+    found: crate::fast_hash::FastMap<AddressKey, Found>,
 }
 
 impl CodeReader {
     pub fn new(table: &CodeTable) -> Self {
-        Self { table: table.clone(), found: HashMap::new() }
+        Self { table: table.clone(), found: Default::default() }
     }
 
     /// What `call`'s function is (see [`CodeTable::info`]).
@@ -177,7 +177,7 @@ pub struct CodeResolver {
     /// file and name (the decoder interns them, as stats.rs relies on), so
     /// an entry costs no string hashing; the strings are held so the
     /// addresses stay theirs.
-    requested: HashMap<AddressKey, (Arc<str>, Arc<str>)>,
+    requested: crate::fast_hash::FastMap<AddressKey, (Arc<str>, Arc<str>)>,
     tx: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     /// Processes opened at attach, shared with the thread.
@@ -211,7 +211,7 @@ impl CodeResolver {
             .ok();
         Self {
             table,
-            requested: HashMap::new(),
+            requested: Default::default(),
             tx: thread.is_some().then_some(tx),
             thread,
             held,

@@ -3,8 +3,9 @@
 //! names interned (each distinct name is one allocation) and read as
 //! untrusted bytes: bounded, invalid UTF-8 replaced.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
+use crate::fast_hash::FastMap;
 use pftrace_common::{CallEvent, FILE_LEN, KIND_OFFSET, LongCallEvent, ProcEvent, flag, kind};
 
 /// Entry or return.
@@ -115,7 +116,7 @@ pub fn page_size() -> u64 {
 /// Turns raw records into events, interning the strings.
 #[derive(Default)]
 pub struct Decoder {
-    strings: HashMap<Box<[u8]>, Arc<str>>,
+    strings: FastMap<Box<[u8]>, Arc<str>>,
     /// Call records whose file name filled PATH_MAX bytes (it may be cut:
     /// a path qualifier cannot be checked on it).
     pub files_cut: u64,
@@ -191,7 +192,7 @@ impl Decoder {
 
     /// The string up to the first NUL, shared with earlier identical strings.
     pub fn intern(&mut self, padded: &[u8]) -> Arc<str> {
-        let end = padded.iter().position(|&b| b == 0).unwrap_or(padded.len());
+        let end = memchr::memchr(0, padded).unwrap_or(padded.len());
         let bytes = &padded[..end];
         if let Some(s) = self.strings.get(bytes) {
             return s.clone();

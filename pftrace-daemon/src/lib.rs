@@ -13,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod elf_info;
 pub mod events;
+pub mod fast_hash;
 pub mod job_pattern;
 pub mod kernel;
 pub mod launch;

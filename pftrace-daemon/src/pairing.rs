@@ -7,11 +7,14 @@
 //! real code made 56,185 of them in one run on CPython 3.15 before its
 //! `__init__` shim frames were recognised).
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::events::{Event, EventKind};
+use crate::{
+    events::{Event, EventKind},
+    fast_hash::FastMap,
+};
 
 /// How a call record ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -123,7 +126,7 @@ pub const UNMATCHED_SAMPLE: usize = 100;
 /// Per-thread stacks of open calls.
 #[derive(Debug, Default)]
 pub struct Pairer {
-    stacks: HashMap<(u32, u32), Vec<Open>>,
+    stacks: FastMap<(u32, u32), Vec<Open>>,
     /// The first [`UNMATCHED_SAMPLE`] returns without entries.
     unmatched: Vec<UnmatchedReturn>,
     /// Every return without an entry.

@@ -176,7 +176,7 @@ pub struct Aggregator {
     by_text: HashMap<TextKey, usize>,
     /// The same, keyed by the strings' addresses: the decoder interns names,
     /// so this finds a call's group without hashing its strings.
-    by_address: HashMap<AddressKey, AddressEntry>,
+    by_address: crate::fast_hash::FastMap<AddressKey, AddressEntry>,
 }
 
 fn address(s: &Arc<str>) -> usize {

@@ -181,7 +181,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
         let name = entry.file_name().into_string().unwrap();
         if entry.file_type().unwrap().is_dir() {
             found.extend(leftovers(&entry.path()));
-        } else if name.ends_with(".calls.jsonl") || name.starts_with(".pftrace-") {
+        } else if name.ends_with(".calls.bin") || name.starts_with(".pftrace-") {
             found.push(name);
         }
     }

@@ -520,11 +520,22 @@ fn a_full_disk_at_the_end_names_the_file_holding_every_call() {
         output.display()
     );
     assert!(msg.starts_with(&head), "{msg}");
-    let spill = PathBuf::from(msg[head.len()..].split(", one JSON object per line").next().unwrap());
+    let spill = PathBuf::from(msg[head.len()..].split("; `pftracectl calls").next().unwrap());
     assert_eq!(spill.parent(), Some(small.as_path()), "{msg}");
-    assert!(msg.ends_with("one JSON object per line (see the README, \"Files pftraced writes\")"), "{msg}");
-    // The spill has every call; no trace file and no temporary file are left.
-    let text = fs::read_to_string(&spill).unwrap_or_else(|e| panic!("{}: {e}", spill.display()));
+    let tail = format!(
+        "; `pftracectl calls {}` prints them as JSON lines (see the README, \"Files pftraced writes\")",
+        spill.display()
+    );
+    assert!(msg.ends_with(&tail), "{msg}");
+    // The spill has every call, which pftracectl prints; no trace file and
+    // no temporary file are left.
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_pftracectl"))
+        .arg("calls")
+        .arg(&spill)
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    let text = String::from_utf8(printed.stdout).unwrap();
     let calls: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(calls.len(), 3000);
     assert!(calls.iter().all(|c| c["name"] == "foo"

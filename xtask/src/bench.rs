@@ -60,6 +60,11 @@ pub struct Args {
     /// every second.
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(4..))]
     pub soak: Option<u64>,
+    /// Only the daemon-throughput rows: untraced, floor and dense with 1, 2
+    /// and 4 processes (no bpftrace, sparse, names, attach, churn or agent
+    /// rows): the daemon's CPU, records/s, losses and peak RSS in minutes.
+    #[arg(long)]
+    pub dense_only: bool,
 }
 
 /// Calls kept in the daemon's memory during a case (`--max-calls-in-memory`):
@@ -215,6 +220,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let main_cases: Vec<Case> =
         [Kind::Untraced, Kind::Floor, Kind::Bpftrace, Kind::Sparse { names: 1 }, Kind::Dense]
             .into_iter()
+            .filter(|k| !args.dense_only || matches!(k, Kind::Untraced | Kind::Floor | Kind::Dense))
             .map(|k| Case::new(k, 1))
             .collect();
     let mut main_rows = measure(&ctx, "main", Metric::Wall, &main_cases, runs);
@@ -225,7 +231,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
 
     // Names: sparse cost with 1..1000 names, against the main baselines.
-    let name_counts: &[usize] = if ctx.quick { &[1000] } else { &[1, 10, 100, 1000] };
+    let name_counts: &[usize] = if args.dense_only {
+        &[]
+    } else if ctx.quick {
+        &[1000]
+    } else {
+        &[1, 10, 100, 1000]
+    };
     let name_cases: Vec<Case> = name_counts
         .iter()
         .map(|&k| Case { scaling: true, ..Case::new(Kind::Sparse { names: k }, 1) })
@@ -260,12 +272,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
 
-    let attach = measure_attach(&ctx, runs);
+    let attach = measure_attach(&ctx, if args.dense_only { 0 } else { runs });
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
     let churn_children = if ctx.quick { 50 } else { 2000 };
     let churn: Vec<Result<churn::ChurnRun>> = [false, true]
         .into_iter()
+        .filter(|_| !args.dense_only)
         .map(|binary| {
             let step =
                 Step::new("bench", format!("churn: {churn_children} short-lived Pythons, --binary {binary}"));
@@ -281,8 +294,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
     let agent_n = if ctx.quick { 100_000 } else { ctx.n };
-    let agent_rows =
-        agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &agent::interpreters(&env), agent_n, runs);
+    let agent_rows = if args.dense_only {
+        Vec::new()
+    } else {
+        agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &agent::interpreters(&env), agent_n, runs)
+    };
     let busy_after = background_busy();
     let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
         .iter()
@@ -571,6 +587,7 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
             _ => None,
         };
         sample.rss_loop_end = procs::proc_rss(pid);
+        sample.peak_rss = procs::proc_peak_rss(pid);
     }
     for (w, line) in pending {
         results.push(w.finish(line, Duration::from_secs(30))?);
@@ -590,12 +607,12 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
             let r = b.finish(Duration::from_secs(10))?;
             sample.delivered = Some(r.entries.min(r.returns));
             sample.tracer_cpu_s = Some(r.reaped.cpu_s);
-            sample.peak_rss = Some(r.reaped.maxrss);
+            sample.peak_rss = sample.peak_rss.max(r.reaped.peak_rss);
         }
         Tracer::Daemon(d) => {
             let (reaped, stderr) = d.finish(EXIT_TIMEOUT)?;
             sample.tracer_cpu_s = Some(reaped.cpu_s);
-            sample.peak_rss = Some(reaped.maxrss);
+            sample.peak_rss = sample.peak_rss.max(reaped.peak_rss);
             let facts = procs::read_trace(&trace, &stderr, None)?;
             if case.kind != Kind::Floor {
                 sample.delivered = Some(facts.calls_delivered);
@@ -772,10 +789,11 @@ fn run_soak(ctx: &Ctx, seconds: u64) -> Soak {
             let (reaped, stderr) = d.finish(EXIT_TIMEOUT)?;
             let facts = procs::read_trace(&trace, &stderr, None)?;
             let _ = std::fs::remove_file(&trace);
+            let peak_rss = reaped.peak_rss.unwrap_or(0).max(rss.iter().copied().max().unwrap_or(0));
             let h = SoakHalf {
                 seconds: secs,
                 rss,
-                peak_rss: reaped.maxrss,
+                peak_rss,
                 cpu_s: reaped.cpu_s,
                 delivered: facts.calls_delivered,
                 lost: facts.lost,

@@ -82,6 +82,17 @@ enum Cmd {
     /// Example: eval "$(sudo pftracectl env)"; python3.12 job.py
     #[command(verbatim_doc_comment)]
     Env,
+    /// Print a file of calls pftraced kept (it names it when a trace could
+    /// not be written: `pftraced-<pid>.calls.bin`) as JSON lines, one call a
+    /// line: pid, tid, name, file, line, start_ns, end_ns (the kernel's
+    /// monotonic ns), depth, incomplete, cpu_ns, rss_entry_bytes, rss_return_bytes.
+    ///
+    /// Example: pftracectl calls /data/pftraced-1234.calls.bin > calls.jsonl
+    #[command(verbatim_doc_comment)]
+    Calls {
+        /// The calls file.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = result["cleared"].as_u64().unwrap_or(0);
             println!("cleared {n} calls from memory (trace files already written are kept)");
         }
+        Cmd::Calls { file } => print_calls(&file)?,
         Cmd::Env => {
             let result = request(socket, Command::Env {})?;
             println!("{}", result["line"].as_str().unwrap_or_default());
@@ -118,6 +130,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a kept calls file as JSON lines (needs no daemon).
+fn print_calls(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+
+    use anyhow::Context as _;
+    use pftrace::output::spill::{CallReader, json_line};
+
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = CallReader::open(file).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = Vec::new();
+    for call in reader {
+        let call = call.with_context(|| format!("reading {}", path.display()))?;
+        line.clear();
+        json_line(&call, &mut line);
+        out.write_all(&line)?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Sends `command`; returns the reply's result.

@@ -65,10 +65,10 @@ pub struct NameFilter {
     exact_refs: HashMap<String, usize>,
     prefix_refs: HashMap<String, usize>,
     /// (function ptr, file ptr) → verdict. Valid until the specs change.
-    cache: HashMap<(usize, usize), ByName>,
+    cache: crate::fast_hash::FastMap<(usize, usize), ByName>,
     /// (function ptr, file ptr, line, pid) → (keep?, resolved?), for names
     /// only qualified forms match. Valid until the specs change.
-    code_cache: HashMap<(usize, usize, i32, u32), (bool, bool)>,
+    code_cache: crate::fast_hash::FastMap<(usize, usize, i32, u32), (bool, bool)>,
     /// Records dropped here (the kernel passed them; path, glob, qualified
     /// name or module did not match).
     pub dropped: u64,

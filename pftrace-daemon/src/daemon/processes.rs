@@ -46,7 +46,7 @@ pub type FileId = (u64, u64);
 /// Every traced process and binary.
 #[derive(Debug, Default)]
 pub struct Processes {
-    procs: HashMap<u32, ProcEntry>,
+    procs: crate::fast_hash::FastMap<u32, ProcEntry>,
     binaries: HashMap<FileId, BinaryEntry>,
     refused: VecDeque<Refusal>,
     max_processes: usize,

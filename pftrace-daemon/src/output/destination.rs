@@ -29,8 +29,8 @@ pub enum DestinationError {
     #[error("cannot write the trace to {path}: {source}")]
     Refused { path: String, source: FileError },
     #[error(
-        "{source}; every call ({calls}) is kept in {spill}, one JSON object per line (see the README, \
-         \"Files pftraced writes\")"
+        "{source}; every call ({calls}) is kept in {spill}; `pftracectl calls {spill}` prints them as JSON \
+         lines (see the README, \"Files pftraced writes\")"
     )]
     Kept { source: FileError, calls: u64, spill: String },
     #[error("{0}")]

@@ -14,6 +14,7 @@
 //! `rolling.rs` writes completed calls to rolling files while tracing;
 //! `summary.rs` is the end-of-run table.
 
+mod call_record;
 pub mod calls;
 mod chrome;
 pub mod destination;

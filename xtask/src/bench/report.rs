@@ -46,7 +46,7 @@ pub struct Sample {
     pub loop_cpu_s: Option<f64>,
     /// Wall seconds from release to the end of the last loop.
     pub window_s: Option<f64>,
-    /// The tracer's peak RSS (ru_maxrss) and RSS when the loops ended, bytes.
+    /// The tracer's own peak RSS (VmHWM) and RSS when the loops ended, bytes.
     pub peak_rss: Option<u64>,
     pub rss_loop_end: Option<u64>,
     /// pftraced start to "attached" line(s), seconds.
@@ -182,8 +182,16 @@ impl Row {
         })
     }
 
+    /// The most records lost in one run.
     pub fn lost(&self) -> Option<u64> {
         self.samples.iter().filter_map(|s| s.lost).max()
+    }
+
+    /// Records lost in each run, in run order (`0 / 900855 / 0`): a median
+    /// or a maximum alone hid how often a row loses.
+    pub fn lost_each(&self) -> Option<String> {
+        let each: Vec<String> = self.samples.iter().filter_map(|s| s.lost).map(|l| l.to_string()).collect();
+        (!each.is_empty()).then(|| each.join(" / "))
     }
 
     pub fn tracer_cpu_s(&self) -> Option<f64> {
@@ -225,6 +233,7 @@ impl Row {
             "delivered_worst_run": self.delivered().map(|d| d.0),
             "expected": self.delivered().map(|d| d.1),
             "lost_max": self.lost(),
+            "lost_each_run": self.samples.iter().filter_map(|s| s.lost).collect::<Vec<_>>(),
             "tracer_cpu_s": self.tracer_cpu_s().map(|v| round(v, 3)),
             "tracer_core_share_during_loop": self.core_share().map(|v| round(v, 4)),
             "tracer_peak_rss_bytes": self.peak_rss(),
@@ -260,7 +269,7 @@ pub fn table(rows: &[Row]) -> String {
         "+ns/call",
         "x floor",
         "calls delivered/expected",
-        "lost",
+        "lost, each run",
         "tracer CPU s",
         "core % in loop",
         "peak RSS MiB",
@@ -286,7 +295,7 @@ pub fn table(rows: &[Row]) -> String {
         cells.push(opt(r.added(), 1));
         cells.push(opt(r.ratio(), 2));
         cells.push(r.delivered().map_or("-".into(), |(d, e)| format!("{d}/{e}")));
-        cells.push(r.lost().map_or("-".into(), |l| l.to_string()));
+        cells.push(r.lost_each().unwrap_or_else(|| "-".into()));
         cells.push(opt(r.tracer_cpu_s(), 2));
         cells.push(opt(r.core_share().map(|c| c * 100.0), 1));
         cells.push(opt(r.peak_rss().map(|b| b as f64 / MIB), 1));
@@ -400,6 +409,7 @@ mod tests {
         assert_eq!(r.records_per_s(), Some(20.0));
         let t = table(&[r.clone()]);
         assert!(t.contains("8/10"), "{t}");
+        assert!(t.contains("0 / 2 / 0"), "{t}");
         let j = r.to_json();
         assert_eq!(j["runs"], 3);
         assert_eq!(j["lost_max"], 2);
