@@ -49,11 +49,13 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Copy name and file strings into records (false only to measure their cost).
     pub strings: bool,
+    /// Parts of each report left out (`task_layout::bench_skip`; 0 but in benchmarks).
+    pub skip: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { ring_bytes: 1 << 24, strings: true }
+        Self { ring_bytes: 1 << 24, strings: true, skip: 0 }
     }
 }
 
@@ -70,6 +72,7 @@ impl AgentKernel {
         }
         let strings = u32::from(opts.strings);
         loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
+        loader.override_global(task_layout::AGENT_BENCH_SKIP, &opts.skip, true);
         let wakeup = opts.ring_bytes / 4;
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         // Pids as this process's PID namespace numbers them (a container's).
@@ -259,6 +262,20 @@ impl Ring {
 
     pub fn fd(&self) -> i32 {
         self.ring.as_raw_fd()
+    }
+}
+
+impl AgentKernel {
+    /// (run_cnt, run_time_ns) of the agent program as the kernel counts them
+    /// (only while `kernel.bpf_stats_enabled` is 1), from the program fd's fdinfo.
+    pub fn program_stats(&self) -> Option<(u64, u64)> {
+        use std::os::fd::AsFd as _;
+        let prog: &UProbe = self.ebpf.program(UPROBE_PROGRAM)?.try_into().ok()?;
+        let fd = prog.fd().ok()?.as_fd().as_raw_fd();
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let field =
+            |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
+        Some((field("run_cnt:")?, field("run_time_ns:")?))
     }
 }
 

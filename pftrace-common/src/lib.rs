@@ -348,6 +348,27 @@ pub mod task_layout {
     /// record (the default). 0 leaves them empty: only used to measure what
     /// the copies cost.
     pub const AGENT_STRINGS: &str = "AGENT_STRINGS";
+    /// Parts of an agent report left out (bits of [`bench_skip`]): only
+    /// for agent-bench to measure what each part costs. 0 otherwise.
+    pub const AGENT_BENCH_SKIP: &str = "AGENT_BENCH_SKIP";
+    /// Bits of AGENT_BENCH_SKIP.
+    pub mod bench_skip {
+        /// Process's RSS (mm and three counters).
+        pub const RSS: u32 = 1;
+        /// Thread CPU and RSS.
+        pub const CPU: u32 = 2;
+        /// bpf_ktime_get_ns.
+        pub const CLOCK: u32 = 4;
+        /// The ring-buffer query for a wakeup (submit without wakeup).
+        pub const WAKEUP: u32 = 8;
+        /// The whole record (reserve, fill, submit): count only.
+        pub const RING: u32 = 16;
+        /// The TRACKED lookup.
+        pub const TRACKED: u32 = 32;
+        /// Write zeros over name and file (with strings off): the cost of
+        /// filling those bytes of the record without reading the process.
+        pub const ZERO_STRINGS: u32 = 64;
+    }
 }
 
 /// Indices into the per-CPU counter array.

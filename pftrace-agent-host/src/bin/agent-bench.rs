@@ -383,6 +383,63 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         }
         best
     };
+    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if lib.is_null() {
+        bail!("dlopen {}", installed.agent_so().display());
+    }
+    let get = |sym: &std::ffi::CStr| -> anyhow::Result<Probe> {
+        let p = unsafe { libc::dlsym(lib, sym.as_ptr()) };
+        if p.is_null() {
+            bail!("no {sym:?}");
+        }
+        Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Probe>(p) })
+    };
+    let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
+    // What each part of the program costs: the same reports with parts left
+    // out, timed here and by the kernel (bpf_stats, when enabled).
+    use pftrace_common::task_layout::bench_skip as skip;
+    let variants: [(&str, bool, u32); 9] = [
+        ("full", true, 0),
+        ("no strings", false, 0),
+        ("no strings, zeros written instead", false, skip::ZERO_STRINGS),
+        ("no strings, rss", false, skip::RSS),
+        ("no strings, rss, cpu", false, skip::RSS | skip::CPU),
+        ("no strings, rss, cpu, clock", false, skip::RSS | skip::CPU | skip::CLOCK),
+        ("no strings, rss, cpu, clock, wakeup", false, skip::RSS | skip::CPU | skip::CLOCK | skip::WAKEUP),
+        ("no record (lookup + counter)", false, skip::RING),
+        ("no record, no lookup", false, skip::RING | skip::TRACKED),
+    ];
+    for (label, strings, skip) in variants {
+        let mut k = AgentKernel::load(LoadOptions { strings, skip, ..Default::default() })?;
+        k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+        k.track(std::process::id())?;
+        let mut ring = k.take_ring()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let drainer = thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if ring.count_for(std::process::id()) == 0 {
+                    thread::sleep(Duration::from_micros(500));
+                }
+            }
+        });
+        let before = k.program_stats();
+        let ns = fastest(nop5);
+        let after = k.program_stats();
+        stop.store(true, Ordering::Relaxed);
+        let _ = drainer.join();
+        let prog = match (before, after) {
+            (Some((c0, t0)), Some((c1, t1))) if c1 > c0 && t1 > t0 => {
+                format!("{:.1} ns in the program (bpf_stats)", (t1 - t0) as f64 / (c1 - c0) as f64)
+            }
+            _ => "bpf_stats off".into(),
+        };
+        println!("raw nop5 {label:<38} {ns:.1} ns per report; {prog}");
+    }
+    let mut fl = AgentKernel::load(LoadOptions::default())?;
+    fl.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+    println!("raw nop5 {:<38} {:.1} ns per report", "empty program (floor)", fastest(nop5));
+    drop(fl);
     let mut k = AgentKernel::load(LoadOptions::default())?;
     k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
     k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
@@ -397,18 +454,6 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
             }
         }
     });
-    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if lib.is_null() {
-        bail!("dlopen {}", installed.agent_so().display());
-    }
-    let get = |sym: &std::ffi::CStr| -> anyhow::Result<Probe> {
-        let p = unsafe { libc::dlsym(lib, sym.as_ptr()) };
-        if p.is_null() {
-            bail!("no {sym:?}");
-        }
-        Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Probe>(p) })
-    };
-    let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
     println!("raw nop5 uprobe: {:.1} ns per report", fastest(nop5));
     println!("raw nop1 uprobe: {:.1} ns per report", fastest(nop1));
     // Sparse: one report per 1,000 units of other work; does the work slow down?
