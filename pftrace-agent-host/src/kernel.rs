@@ -179,6 +179,7 @@ impl AgentKernel {
         let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::Missing("map EVENTS"))?;
         Ok(Ring {
             ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })?,
+            open: Default::default(),
         })
     }
 }
@@ -195,6 +196,9 @@ pub fn agent_counters(k: &AgentKernel) -> Result<[u64; 3], KernelError> {
 /// Records read off the ring buffer.
 pub struct Ring {
     ring: RingBuf<MapData>,
+    /// Per (pid, tid): open entries (code id, name, file), innermost last,
+    /// to name the returns sent without strings, as pftraced's pairing does.
+    open: std::collections::HashMap<(u32, u32), Vec<(u64, String, String)>>,
 }
 
 /// One agent record, decoded.
@@ -210,6 +214,10 @@ pub struct AgentRecord {
     pub file: String,
     pub thread_cpu_ns: u64,
     pub rss_pages: u64,
+    /// The code object's id in the process.
+    pub code: u64,
+    /// Sent without strings: name and file come from the entry paired by code id.
+    pub named_by_entry: bool,
 }
 
 impl Ring {
@@ -229,17 +237,33 @@ impl Ring {
             let text = |b: &[u8]| {
                 String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
             };
+            let entry = ev.kind == pftrace_common::kind::ENTRY;
+            let (mut name, mut file) = (text(&ev.name), text(&ev.file));
+            let stack = self.open.entry((ev.pid, ev.tid)).or_default();
+            let code = ev.frame;
+            let named_by_entry = !entry && name.is_empty();
+            if entry {
+                stack.push((code, name.clone(), file.clone()));
+            } else if let Some(at) = stack.iter().rposition(|(c, _, _)| *c == code) {
+                let (_, n, f) = stack.swap_remove(at);
+                stack.truncate(at);
+                if named_by_entry {
+                    (name, file) = (n, f);
+                }
+            }
             out.push(AgentRecord {
                 ts_ns: ev.ts_ns,
                 pid: ev.pid,
                 tid: ev.tid,
                 event: ev.agent_event,
-                entry: ev.kind == pftrace_common::kind::ENTRY,
+                entry,
                 line: ev.lineno,
-                name: text(&ev.name),
-                file: text(&ev.file),
+                name,
+                file,
                 thread_cpu_ns: ev.thread_cpu_ns,
                 rss_pages: ev.rss_pages,
+                code,
+                named_by_entry,
             });
         }
     }

@@ -258,6 +258,8 @@ unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
         teardown(api, &format!("after fork: {e}"));
         return api.none();
     }
+    // The calls open in the forking thread were reported by the parent.
+    report::forget_open_calls();
     control::FINALIZING.store(false, Ordering::Release);
     let fd = control::SOCKET_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {

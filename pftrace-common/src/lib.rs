@@ -73,7 +73,12 @@ pub mod agent {
     /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
     /// a call to a trampoline instead of a trap) and `ret`. Arguments
     /// (System V): rdi = event, rsi = function name, rdx = file name
-    /// (NUL-terminated UTF-8 in the process), rcx = first line.
+    /// (NUL-terminated UTF-8 in the process), rcx = first line, r8 = the
+    /// code object's id in the process. rsi = 0: no strings (a return whose
+    /// entry the same thread reported last); the record then has an empty
+    /// name and file, and `frame` (with [`flag::FRAME`](super::flag::FRAME))
+    /// holds the code id on every agent record, so the return pairs with
+    /// its entry by code id.
     pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
 }
 

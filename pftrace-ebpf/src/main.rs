@@ -566,14 +566,16 @@ fn config_value(index: u32) -> u32 {
 
 /// A report of the in-process agent through its probe function (a uprobe on
 /// a 5-byte nop, attached to the agent's shared object for all processes):
-/// rdi = event, rsi = name, rdx = file, rcx = line.
+/// rdi = event, rsi = name (0: no strings), rdx = file, rcx = line, r8 =
+/// code id (pftrace_common::agent::PROBE_SYMBOL).
 #[uprobe]
 pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
     let event: u64 = ctx.arg(0).unwrap_or(0);
     let name: u64 = ctx.arg(1).unwrap_or(0);
     let file: u64 = ctx.arg(2).unwrap_or(0);
     let line: u64 = ctx.arg(3).unwrap_or(0);
-    agent_report(event, name, file, line);
+    let code: u64 = ctx.arg(4).unwrap_or(0);
+    agent_report(event, name, file, line, code);
     0
 }
 
@@ -581,7 +583,7 @@ pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
 /// holds their forked children) may report, and pid and tid come from the
 /// kernel; the name and file are the process's own word about its own calls.
 #[inline(always)]
-fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
+fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) {
     use pftrace_common::task_layout::bench_skip;
     let skip = global(&AGENT_BENCH_SKIP);
     let pid_tgid = current_pid_tgid();
@@ -610,10 +612,11 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
         (*ev).tid = pid_tgid as u32;
         (*ev).lineno = line as i32;
         (*ev).kind = if agent::is_entry(event) { kind::ENTRY } else { kind::RETURN };
-        (*ev).flags = 0;
+        // The code id pairs a return without strings with its entry.
+        (*ev).flags = flag::FRAME;
         (*ev).agent_event = event;
         (*ev)._pad = 0;
-        (*ev).frame = 0;
+        (*ev).frame = code;
         let (cpu, rss) = match skip & (bench_skip::CPU | bench_skip::RSS) as u64 {
             0 => task_figures(),
             s if s == bench_skip::RSS as u64 => (task_cpu(), 0),
@@ -628,7 +631,7 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
         // Two string reads: 42-55 ns a report here; one fixed-size read of
         // a 256-byte block laid out as name and file (tried 2026-11-26)
         // cost the same 40-45 ns (agent-bench --raw, bpf_stats, load 7).
-        if global(&AGENT_STRINGS) != 0 {
+        if global(&AGENT_STRINGS) != 0 && name_ptr != 0 {
             if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
                 name[0] = 0;
             }

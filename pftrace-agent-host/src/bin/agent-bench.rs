@@ -369,7 +369,7 @@ fn run_case(
 
 /// The report mechanism alone: the probe function called from Rust.
 fn raw(installed: &install::Installed) -> anyhow::Result<()> {
-    type Probe = unsafe extern "C" fn(u64, *const u8, *const u8, u64);
+    type Probe = unsafe extern "C" fn(u64, *const u8, *const u8, u64, u64);
     let path = std::ffi::CString::new(installed.agent_so().to_string_lossy().as_bytes())?;
     let fastest = |f: Probe| -> f64 {
         let (name, file) = (c"traced".as_ptr() as *const u8, c"/tmp/bench.py".as_ptr() as *const u8);
@@ -377,7 +377,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         for _ in 0..300 {
             let t0 = std::time::Instant::now();
             for i in 0..10_000u64 {
-                unsafe { f(if i & 1 == 0 { 1 } else { 4 }, name, file, 7) };
+                unsafe { f(if i & 1 == 0 { 1 } else { 4 }, name, file, 7, 1) };
             }
             best = best.min(t0.elapsed().as_nanos() as f64 / 10_000.0);
         }
@@ -413,16 +413,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         let mut k = AgentKernel::load(LoadOptions { strings, skip, ..Default::default() })?;
         k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
         k.track(std::process::id())?;
-        let mut ring = k.take_ring()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let drainer = thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if ring.count_for(std::process::id()) == 0 {
-                    thread::sleep(Duration::from_micros(500));
-                }
-            }
-        });
+        let (stop, drainer) = drain_own(k.take_ring()?);
         let before = k.program_stats();
         let ns = fastest(nop5);
         let after = k.program_stats();
@@ -444,16 +435,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
     k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
     k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
     k.track(std::process::id())?;
-    let mut ring = k.take_ring()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let drainer = thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            if ring.count_for(std::process::id()) == 0 {
-                thread::sleep(Duration::from_micros(500));
-            }
-        }
-    });
+    let (stop, drainer) = drain_own(k.take_ring()?);
     println!("raw nop5 uprobe: {:.1} ns per report", fastest(nop5));
     println!("raw nop1 uprobe: {:.1} ns per report", fastest(nop1));
     // Sparse: one report per 1,000 units of other work; does the work slow down?
@@ -469,7 +451,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
                 if i % 1000 == 0
                     && let Some(f) = f
                 {
-                    unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1) };
+                    unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1, 1) };
                 }
             }
             std::hint::black_box(x);
@@ -490,6 +472,20 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
     drop(k);
     println!("raw nop5, nothing attached: {:.1} ns per call", fastest(nop5));
     Ok(())
+}
+
+/// A thread draining this process's records off `ring` until told to stop.
+fn drain_own(mut ring: pftrace_agent_host::kernel::Ring) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let drainer = thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            if ring.count_for(std::process::id()) == 0 {
+                thread::sleep(Duration::from_micros(500));
+            }
+        }
+    });
+    (stop, drainer)
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {

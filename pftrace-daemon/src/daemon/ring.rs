@@ -28,7 +28,7 @@ impl Daemon {
         while let Some(item) = ring.next() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
-                    if self.filter.keep(&ev.name, &ev.file) {
+                    if self.filter.keep(&ev.name, &ev.file) || crate::agent::pairs_by_code(&ev) {
                         if ev.kind == EventKind::Entry {
                             let processes = &self.processes;
                             self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));
