@@ -116,6 +116,9 @@ const MAX_OPEN: usize = 4096;
 /// its entry is the innermost one this thread reported.
 #[inline]
 fn needs_strings(event: u8, code: u64) -> bool {
+    if ALWAYS_STRINGS.load(Ordering::Relaxed) != 0 {
+        return true;
+    }
     OPEN.try_with(|open| {
         let Ok(mut open) = open.try_borrow_mut() else { return true };
         if agent::is_entry(event) {
@@ -136,6 +139,14 @@ fn needs_strings(event: u8, code: u64) -> bool {
         true
     })
     .unwrap_or(true)
+}
+
+/// Every report carries the strings (agent-bench only: the cost without
+/// the code-id pairing, measured in the same run).
+static ALWAYS_STRINGS: AtomicU8 = AtomicU8::new(0);
+
+pub fn always_strings(on: bool) {
+    ALWAYS_STRINGS.store(on as u8, Ordering::Relaxed);
 }
 
 /// In a forked child: the open calls were the parent's.

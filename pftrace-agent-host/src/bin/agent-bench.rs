@@ -104,6 +104,8 @@ struct Case {
     /// Records are expected on the ring (the kernel side is attached).
     kernel: bool,
     nop1: bool,
+    /// Returns carry strings too (as before code-id pairing).
+    return_strings: bool,
 }
 
 /// The uprobe with a program that returns at once (the floor of the mechanism).
@@ -116,7 +118,7 @@ const fn case(
     shape: &'static str,
     kernel: bool,
 ) -> Case {
-    Case { name, report, names, shape, kernel, nop1: false }
+    Case { name, report, names, shape, kernel, nop1: false, return_strings: false }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,6 +151,10 @@ fn main() -> anyhow::Result<()> {
         case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
         case("agent-sparse-uprobe", uprobe, "traced", "sparse", true),
         case("agent-dense-uprobe", uprobe, "traced", "dense", true),
+        Case {
+            return_strings: true,
+            ..case("agent-dense-uprobe-return-strings", uprobe, "traced", "dense", true)
+        },
         Case { nop1: true, ..case("agent-dense-uprobe-nop1", uprobe, "traced", "dense", true) },
         Case { nop1: true, ..case("agent-sparse-uprobe-nop1", uprobe, "traced", "sparse", true) },
     ];
@@ -240,6 +246,7 @@ fn summarize(results: &[(&str, f64)]) {
         "agent-dense-callbacks",
         "agent-dense-uprobe-floor",
         "agent-dense-uprobe",
+        "agent-dense-uprobe-return-strings",
         "agent-dense-uprobe-nop1",
         "agent-dense-uprobe-nostrings",
     ] {
@@ -317,6 +324,9 @@ fn run_case(
         .stdout(Stdio::piped());
     if c.nop1 {
         cmd.env("PFTRACE_AGENT_BENCH_NOP1", "1");
+    }
+    if c.return_strings {
+        cmd.env("PFTRACE_AGENT_BENCH_RETURN_STRINGS", "1");
     }
     let child = cmd.spawn()?;
     let child_pid = child.id();
