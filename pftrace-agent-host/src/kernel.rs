@@ -198,8 +198,11 @@ pub struct Ring {
     ring: RingBuf<MapData>,
     /// Per (pid, tid): open entries (code id, name, file), innermost last,
     /// to name the returns sent without strings, as pftraced's pairing does.
-    open: std::collections::HashMap<(u32, u32), Vec<(u64, String, String)>>,
+    open: std::collections::HashMap<(u32, u32), Vec<OpenEntry>>,
 }
+
+/// An open entry as [`Ring`] keeps it: (code id, name, file).
+type OpenEntry = (u64, String, String);
 
 /// One agent record, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
