@@ -49,11 +49,13 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Copy name and file strings into records (false only to measure their cost).
     pub strings: bool,
+    /// Parts of each report left out (`task_layout::bench_skip`; 0 but in benchmarks).
+    pub skip: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { ring_bytes: 1 << 24, strings: true }
+        Self { ring_bytes: 1 << 24, strings: true, skip: 0 }
     }
 }
 
@@ -70,6 +72,7 @@ impl AgentKernel {
         }
         let strings = u32::from(opts.strings);
         loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
+        loader.override_global(task_layout::AGENT_BENCH_SKIP, &opts.skip, true);
         let wakeup = opts.ring_bytes / 4;
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         // Pids as this process's PID namespace numbers them (a container's).
@@ -176,6 +179,7 @@ impl AgentKernel {
         let map = self.ebpf.take_map("EVENTS").ok_or(KernelError::Missing("map EVENTS"))?;
         Ok(Ring {
             ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })?,
+            open: Default::default(),
         })
     }
 }
@@ -192,7 +196,13 @@ pub fn agent_counters(k: &AgentKernel) -> Result<[u64; 3], KernelError> {
 /// Records read off the ring buffer.
 pub struct Ring {
     ring: RingBuf<MapData>,
+    /// Per (pid, tid): open entries (code id, name, file), innermost last,
+    /// to name the returns sent without strings, as pftraced's pairing does.
+    open: std::collections::HashMap<(u32, u32), Vec<OpenEntry>>,
 }
+
+/// An open entry as [`Ring`] keeps it: (code id, name, file).
+type OpenEntry = (u64, String, String);
 
 /// One agent record, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +217,10 @@ pub struct AgentRecord {
     pub file: String,
     pub thread_cpu_ns: u64,
     pub rss_pages: u64,
+    /// The code object's id in the process.
+    pub code: u64,
+    /// Sent without strings: name and file come from the entry paired by code id.
+    pub named_by_entry: bool,
 }
 
 impl Ring {
@@ -226,17 +240,33 @@ impl Ring {
             let text = |b: &[u8]| {
                 String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
             };
+            let entry = ev.kind == pftrace_common::kind::ENTRY;
+            let (mut name, mut file) = (text(&ev.name), text(&ev.file));
+            let stack = self.open.entry((ev.pid, ev.tid)).or_default();
+            let code = ev.frame;
+            let named_by_entry = !entry && name.is_empty();
+            if entry {
+                stack.push((code, name.clone(), file.clone()));
+            } else if let Some(at) = stack.iter().rposition(|(c, _, _)| *c == code) {
+                let (_, n, f) = stack.swap_remove(at);
+                stack.truncate(at);
+                if named_by_entry {
+                    (name, file) = (n, f);
+                }
+            }
             out.push(AgentRecord {
                 ts_ns: ev.ts_ns,
                 pid: ev.pid,
                 tid: ev.tid,
                 event: ev.agent_event,
-                entry: ev.kind == pftrace_common::kind::ENTRY,
+                entry,
                 line: ev.lineno,
-                name: text(&ev.name),
-                file: text(&ev.file),
+                name,
+                file,
                 thread_cpu_ns: ev.thread_cpu_ns,
                 rss_pages: ev.rss_pages,
+                code,
+                named_by_entry,
             });
         }
     }
@@ -259,6 +289,20 @@ impl Ring {
 
     pub fn fd(&self) -> i32 {
         self.ring.as_raw_fd()
+    }
+}
+
+impl AgentKernel {
+    /// (run_cnt, run_time_ns) of the agent program as the kernel counts them
+    /// (only while `kernel.bpf_stats_enabled` is 1), from the program fd's fdinfo.
+    pub fn program_stats(&self) -> Option<(u64, u64)> {
+        use std::os::fd::AsFd as _;
+        let prog: &UProbe = self.ebpf.program(UPROBE_PROGRAM)?.try_into().ok()?;
+        let fd = prog.fd().ok()?.as_fd().as_raw_fd();
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let field =
+            |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
+        Some((field("run_cnt:")?, field("run_time_ns:")?))
     }
 }
 

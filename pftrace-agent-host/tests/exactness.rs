@@ -20,6 +20,26 @@ fn recorder_sequences(stdout: &str) -> Sequences {
     out
 }
 
+/// Returns that close the innermost open entry of their thread (the agent
+/// sends those without strings), replaying the recorder's sequences.
+fn innermost_returns(seqs: &Sequences) -> usize {
+    let mut n = 0;
+    for seq in seqs.values() {
+        let mut open: Vec<&str> = Vec::new();
+        for (entry, name) in seq {
+            if *entry {
+                open.push(name);
+            } else if open.last() == Some(&name.as_str()) {
+                open.pop();
+                n += 1;
+            } else if let Some(at) = open.iter().rposition(|o| o == name) {
+                open.truncate(at);
+            }
+        }
+    }
+    n
+}
+
 fn count(seqs: &Sequences, entry: bool, name: &str) -> usize {
     seqs.values().flatten().filter(|(e, n)| *e == entry && n == name).count()
 }
@@ -37,7 +57,8 @@ fn agent_reports_exactly_what_cpython_records() {
         let stdout = finish(child, label);
         assert!(stdout.contains("DONE"), "{label}: {stdout}");
         let expected = recorder_sequences(&stdout);
-        let got = agent_sequences(&host.records(pid));
+        let records = host.records(pid);
+        let got = agent_sequences(&records);
         // The recorder's own figures first, so a broken recorder cannot pass.
         assert_eq!(count(&expected, true, "work"), 200 + 4 * 300 + 100, "{label}: recorder");
         assert_eq!(count(&expected, true, "rec"), 51, "{label}: recorder");
@@ -47,6 +68,12 @@ fn agent_reports_exactly_what_cpython_records() {
             assert_eq!(got.get(tid), Some(seq), "{label}: thread {tid} differs");
         }
         assert_eq!(got.len(), expected.len(), "{label}: threads with agent records");
+        // Returns whose entry the thread reported innermost come without
+        // strings (named through their entry by code id): as many as the
+        // recorder's sequences pair that way.
+        let nameless = records.iter().filter(|r| r.named_by_entry).count();
+        assert_eq!(nameless, innermost_returns(&expected), "{label}: returns sent without strings");
+        assert!(records.iter().all(|r| r.entry || r.named_by_entry || !r.name.is_empty()), "{label}");
         let total: usize = got.values().map(Vec::len).sum();
         eprintln!("{label}: {total} records, identical to CPython's recorder in {} threads", got.len());
     }

@@ -179,6 +179,7 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     let generation = apply_names(api, &names).ok_or("state")?;
     // Measurement only (agent-bench --nop1): call the 1-byte-nop probe.
     report::use_nop1(std::env::var_os("PFTRACE_AGENT_BENCH_NOP1").is_some());
+    report::always_strings(std::env::var_os("PFTRACE_AGENT_BENCH_RETURN_STRINGS").is_some());
     report::set_mode(control::mode_of(mode));
     if api.has_monitoring() {
         state.tool = Some(monitoring::enable(api).inspect_err(|_| report::set_mode(report::OFF))?);
@@ -258,6 +259,8 @@ unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
         teardown(api, &format!("after fork: {e}"));
         return api.none();
     }
+    // The calls open in the forking thread were reported by the parent.
+    report::forget_open_calls();
     control::FINALIZING.store(false, Ordering::Release);
     let fd = control::SOCKET_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {

@@ -73,7 +73,12 @@ pub mod agent {
     /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
     /// a call to a trampoline instead of a trap) and `ret`. Arguments
     /// (System V): rdi = event, rsi = function name, rdx = file name
-    /// (NUL-terminated UTF-8 in the process), rcx = first line.
+    /// (NUL-terminated UTF-8 in the process), rcx = first line, r8 = the
+    /// code object's id in the process. rsi = 0: no strings (a return whose
+    /// entry the same thread reported last); the record then has an empty
+    /// name and file, and `frame` (with [`flag::FRAME`](super::flag::FRAME))
+    /// holds the code id on every agent record, so the return pairs with
+    /// its entry by code id.
     pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
 }
 
@@ -348,6 +353,27 @@ pub mod task_layout {
     /// record (the default). 0 leaves them empty: only used to measure what
     /// the copies cost.
     pub const AGENT_STRINGS: &str = "AGENT_STRINGS";
+    /// Parts of an agent report left out (bits of [`bench_skip`]): only
+    /// for agent-bench to measure what each part costs. 0 otherwise.
+    pub const AGENT_BENCH_SKIP: &str = "AGENT_BENCH_SKIP";
+    /// Bits of AGENT_BENCH_SKIP.
+    pub mod bench_skip {
+        /// Process's RSS (mm and three counters).
+        pub const RSS: u32 = 1;
+        /// Thread CPU and RSS.
+        pub const CPU: u32 = 2;
+        /// bpf_ktime_get_ns.
+        pub const CLOCK: u32 = 4;
+        /// The ring-buffer query for a wakeup (submit without wakeup).
+        pub const WAKEUP: u32 = 8;
+        /// The whole record (reserve, fill, submit): count only.
+        pub const RING: u32 = 16;
+        /// The TRACKED lookup.
+        pub const TRACKED: u32 = 32;
+        /// Write zeros over name and file (with strings off): the cost of
+        /// filling those bytes of the record without reading the process.
+        pub const ZERO_STRINGS: u32 = 64;
+    }
 }
 
 /// Indices into the per-CPU counter array.

@@ -100,6 +100,12 @@ static SCOPE_FILTER: u32 = 0;
 #[unsafe(no_mangle)]
 static AGENT_STRINGS: u32 = 1;
 
+/// Parts of an agent report left out, only to measure what each costs
+/// (pftrace_common::task_layout::AGENT_BENCH_SKIP); 0 outside benchmarks,
+/// and then the verifier drops every test of it.
+#[unsafe(no_mangle)]
+static AGENT_BENCH_SKIP: u32 = 0;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -439,17 +445,23 @@ fn global(v: &'static u32) -> u64 {
     unsafe { core::ptr::read_volatile(v) as u64 }
 }
 
+/// The current thread's CPU time so far (as the scheduler last charged it).
+#[inline(always)]
+fn task_cpu() -> u64 {
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let sum_exec = global(&TASK_SUM_EXEC_OFF) as usize;
+    if sum_exec == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((task + sum_exec) as *const u64) }.unwrap_or(0)
+}
+
 /// The current thread's CPU time so far and its process's resident pages,
 /// read from the task with the offsets user space found in BTF.
 #[inline(always)]
 fn task_figures() -> (u64, u64) {
     let task = unsafe { bpf_get_current_task() } as usize;
-    let sum_exec = global(&TASK_SUM_EXEC_OFF) as usize;
-    let cpu = if sum_exec != 0 {
-        unsafe { bpf_probe_read_kernel((task + sum_exec) as *const u64) }.unwrap_or(0)
-    } else {
-        0
-    };
+    let cpu = task_cpu();
     let mm_off = global(&TASK_MM_OFF) as usize;
     if mm_off == 0 {
         return (cpu, 0);
@@ -554,14 +566,16 @@ fn config_value(index: u32) -> u32 {
 
 /// A report of the in-process agent through its probe function (a uprobe on
 /// a 5-byte nop, attached to the agent's shared object for all processes):
-/// rdi = event, rsi = name, rdx = file, rcx = line.
+/// rdi = event, rsi = name (0: no strings), rdx = file, rcx = line, r8 =
+/// code id (pftrace_common::agent::PROBE_SYMBOL).
 #[uprobe]
 pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
     let event: u64 = ctx.arg(0).unwrap_or(0);
     let name: u64 = ctx.arg(1).unwrap_or(0);
     let file: u64 = ctx.arg(2).unwrap_or(0);
     let line: u64 = ctx.arg(3).unwrap_or(0);
-    agent_report(event, name, file, line);
+    let code: u64 = ctx.arg(4).unwrap_or(0);
+    agent_report(event, name, file, line, code);
     0
 }
 
@@ -569,9 +583,12 @@ pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
 /// holds their forked children) may report, and pid and tid come from the
 /// kernel; the name and file are the process's own word about its own calls.
 #[inline(always)]
-fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
+fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) {
+    use pftrace_common::task_layout::bench_skip;
+    let skip = global(&AGENT_BENCH_SKIP);
     let pid_tgid = current_pid_tgid();
-    if unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+    if skip & bench_skip::TRACKED as u64 == 0 && unsafe { TRACKED.get(&((pid_tgid >> 32) as u32)) }.is_none()
+    {
         bump(counter::AGENT_FOREIGN);
         return;
     }
@@ -581,29 +598,40 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
     }
     let event = event as u8;
     bump(counter::AGENT_REPORTS);
+    if skip & bench_skip::RING as u64 != 0 {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
         bump(counter::LOST);
         return;
     };
     let ev = entry.as_mut_ptr();
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = if skip & bench_skip::CLOCK as u64 == 0 { bpf_ktime_get_ns() } else { 0 };
         (*ev).pid = (pid_tgid >> 32) as u32;
         (*ev).tid = pid_tgid as u32;
         (*ev).lineno = line as i32;
         (*ev).kind = if agent::is_entry(event) { kind::ENTRY } else { kind::RETURN };
-        (*ev).flags = 0;
+        // The code id pairs a return without strings with its entry.
+        (*ev).flags = flag::FRAME;
         (*ev).agent_event = event;
         (*ev)._pad = 0;
-        (*ev).frame = 0;
-        let (cpu, rss) = task_figures();
+        (*ev).frame = code;
+        let (cpu, rss) = match skip & (bench_skip::CPU | bench_skip::RSS) as u64 {
+            0 => task_figures(),
+            s if s == bench_skip::RSS as u64 => (task_cpu(), 0),
+            _ => (0, 0),
+        };
         (*ev).thread_cpu_ns = cpu;
         (*ev).rss_pages = rss;
         let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
         let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
         name[0] = 0;
         file[0] = 0;
-        if global(&AGENT_STRINGS) != 0 {
+        // Two string reads: 42-55 ns a report here; one fixed-size read of
+        // a 256-byte block laid out as name and file (tried 2026-11-26)
+        // cost the same 40-45 ns (agent-bench --raw, bpf_stats, load 7).
+        if global(&AGENT_STRINGS) != 0 && name_ptr != 0 {
             if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
                 name[0] = 0;
             }
@@ -611,8 +639,20 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64) {
                 file[0] = 0;
             }
         }
+        if skip & bench_skip::ZERO_STRINGS as u64 != 0 {
+            // Bytes written without reading the process: what filling the
+            // record's string part costs by itself.
+            let words = (&raw mut (*ev).name) as *mut u64;
+            for i in 0..(NAME_LEN + FILE_LEN) / 8 {
+                core::ptr::write_volatile(words.add(i), 0);
+            }
+        }
     }
-    entry.submit(wakeup_flag());
+    if skip & bench_skip::WAKEUP as u64 != 0 {
+        entry.submit(BPF_RB_NO_WAKEUP);
+    } else {
+        entry.submit(wakeup_flag());
+    }
 }
 
 /// A process called execve: report it when it is in scope (every process,

@@ -326,7 +326,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             problems.push(format!("agent ({} {}): {e}", r.python, r.case));
         }
     }
-    let targets = targets(&rows, &attach, soak.as_ref());
+    let mut targets = targets(&rows, &attach, soak.as_ref());
+    targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
 
     println!();
     println!(

@@ -104,6 +104,8 @@ struct Case {
     /// Records are expected on the ring (the kernel side is attached).
     kernel: bool,
     nop1: bool,
+    /// Returns carry strings too (as before code-id pairing).
+    return_strings: bool,
 }
 
 /// The uprobe with a program that returns at once (the floor of the mechanism).
@@ -116,7 +118,7 @@ const fn case(
     shape: &'static str,
     kernel: bool,
 ) -> Case {
-    Case { name, report, names, shape, kernel, nop1: false }
+    Case { name, report, names, shape, kernel, nop1: false, return_strings: false }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,6 +151,10 @@ fn main() -> anyhow::Result<()> {
         case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
         case("agent-sparse-uprobe", uprobe, "traced", "sparse", true),
         case("agent-dense-uprobe", uprobe, "traced", "dense", true),
+        Case {
+            return_strings: true,
+            ..case("agent-dense-uprobe-return-strings", uprobe, "traced", "dense", true)
+        },
         Case { nop1: true, ..case("agent-dense-uprobe-nop1", uprobe, "traced", "dense", true) },
         Case { nop1: true, ..case("agent-sparse-uprobe-nop1", uprobe, "traced", "sparse", true) },
     ];
@@ -240,6 +246,7 @@ fn summarize(results: &[(&str, f64)]) {
         "agent-dense-callbacks",
         "agent-dense-uprobe-floor",
         "agent-dense-uprobe",
+        "agent-dense-uprobe-return-strings",
         "agent-dense-uprobe-nop1",
         "agent-dense-uprobe-nostrings",
     ] {
@@ -318,6 +325,9 @@ fn run_case(
     if c.nop1 {
         cmd.env("PFTRACE_AGENT_BENCH_NOP1", "1");
     }
+    if c.return_strings {
+        cmd.env("PFTRACE_AGENT_BENCH_RETURN_STRINGS", "1");
+    }
     let child = cmd.spawn()?;
     let child_pid = child.id();
     let mut kernel = kernel;
@@ -369,7 +379,7 @@ fn run_case(
 
 /// The report mechanism alone: the probe function called from Rust.
 fn raw(installed: &install::Installed) -> anyhow::Result<()> {
-    type Probe = unsafe extern "C" fn(u64, *const u8, *const u8, u64);
+    type Probe = unsafe extern "C" fn(u64, *const u8, *const u8, u64, u64);
     let path = std::ffi::CString::new(installed.agent_so().to_string_lossy().as_bytes())?;
     let fastest = |f: Probe| -> f64 {
         let (name, file) = (c"traced".as_ptr() as *const u8, c"/tmp/bench.py".as_ptr() as *const u8);
@@ -377,26 +387,12 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         for _ in 0..300 {
             let t0 = std::time::Instant::now();
             for i in 0..10_000u64 {
-                unsafe { f(if i & 1 == 0 { 1 } else { 4 }, name, file, 7) };
+                unsafe { f(if i & 1 == 0 { 1 } else { 4 }, name, file, 7, 1) };
             }
             best = best.min(t0.elapsed().as_nanos() as f64 / 10_000.0);
         }
         best
     };
-    let mut k = AgentKernel::load(LoadOptions::default())?;
-    k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
-    k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
-    k.track(std::process::id())?;
-    let mut ring = k.take_ring()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let drainer = thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            if ring.count_for(std::process::id()) == 0 {
-                thread::sleep(Duration::from_micros(500));
-            }
-        }
-    });
     let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if lib.is_null() {
         bail!("dlopen {}", installed.agent_so().display());
@@ -409,6 +405,47 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Probe>(p) })
     };
     let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
+    // What each part of the program costs: the same reports with parts left
+    // out, timed here and by the kernel (bpf_stats, when enabled).
+    use pftrace_common::task_layout::bench_skip as skip;
+    let variants: [(&str, bool, u32); 9] = [
+        ("full", true, 0),
+        ("no strings", false, 0),
+        ("no strings, zeros written instead", false, skip::ZERO_STRINGS),
+        ("no strings, rss", false, skip::RSS),
+        ("no strings, rss, cpu", false, skip::RSS | skip::CPU),
+        ("no strings, rss, cpu, clock", false, skip::RSS | skip::CPU | skip::CLOCK),
+        ("no strings, rss, cpu, clock, wakeup", false, skip::RSS | skip::CPU | skip::CLOCK | skip::WAKEUP),
+        ("no record (lookup + counter)", false, skip::RING),
+        ("no record, no lookup", false, skip::RING | skip::TRACKED),
+    ];
+    for (label, strings, skip) in variants {
+        let mut k = AgentKernel::load(LoadOptions { strings, skip, ..Default::default() })?;
+        k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+        k.track(std::process::id())?;
+        let (stop, drainer) = drain_own(k.take_ring()?);
+        let before = k.program_stats();
+        let ns = fastest(nop5);
+        let after = k.program_stats();
+        stop.store(true, Ordering::Relaxed);
+        let _ = drainer.join();
+        let prog = match (before, after) {
+            (Some((c0, t0)), Some((c1, t1))) if c1 > c0 && t1 > t0 => {
+                format!("{:.1} ns in the program (bpf_stats)", (t1 - t0) as f64 / (c1 - c0) as f64)
+            }
+            _ => "bpf_stats off".into(),
+        };
+        println!("raw nop5 {label:<38} {ns:.1} ns per report; {prog}");
+    }
+    let mut fl = AgentKernel::load(LoadOptions::default())?;
+    fl.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+    println!("raw nop5 {:<38} {:.1} ns per report", "empty program (floor)", fastest(nop5));
+    drop(fl);
+    let mut k = AgentKernel::load(LoadOptions::default())?;
+    k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+    k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
+    k.track(std::process::id())?;
+    let (stop, drainer) = drain_own(k.take_ring()?);
     println!("raw nop5 uprobe: {:.1} ns per report", fastest(nop5));
     println!("raw nop1 uprobe: {:.1} ns per report", fastest(nop1));
     // Sparse: one report per 1,000 units of other work; does the work slow down?
@@ -424,7 +461,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
                 if i % 1000 == 0
                     && let Some(f) = f
                 {
-                    unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1) };
+                    unsafe { f(1, c"t".as_ptr() as *const u8, c"f".as_ptr() as *const u8, 1, 1) };
                 }
             }
             std::hint::black_box(x);
@@ -445,6 +482,20 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
     drop(k);
     println!("raw nop5, nothing attached: {:.1} ns per call", fastest(nop5));
     Ok(())
+}
+
+/// A thread draining this process's records off `ring` until told to stop.
+fn drain_own(mut ring: pftrace_agent_host::kernel::Ring) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let drainer = thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            if ring.count_for(std::process::id()) == 0 {
+                thread::sleep(Duration::from_micros(500));
+            }
+        }
+    });
+    (stop, drainer)
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {

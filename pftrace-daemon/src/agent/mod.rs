@@ -46,3 +46,12 @@ pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, SymbolError> {
         .ok_or_else(|| SymbolError::NoProbe { path: path.to_path_buf(), symbol: symbol.to_string() })?;
     Ok(sym.address() - section.address() + file_off)
 }
+
+/// An agent's return sent without strings (its entry, which this thread
+/// reported last, has them; pftrace_common::agent::PROBE_SYMBOL): kept
+/// without the name filter, and paired with its entry by the code id in
+/// `frame`, whose name and file the call takes. USDT records always carry
+/// the name their kernel filter matched, so only agent records look so.
+pub fn pairs_by_code(ev: &crate::events::Event) -> bool {
+    ev.kind == crate::events::EventKind::Return && ev.frame.is_some() && ev.name.is_empty()
+}

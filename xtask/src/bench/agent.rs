@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::report::{median, round};
+use super::report::{Target, median, round};
 
 /// One row: an interpreter and a case, with the runs' ns per call.
 pub struct AgentRow {
@@ -140,7 +140,52 @@ pub fn text(rows: &[AgentRow]) -> String {
             s.push_str(&format!("    error: {e}\n"));
         }
     }
+    // The issue's target, said directly: added ns per matched call on the
+    // agent path (dense: every Python call of the loop is matched).
+    let mut pythons: Vec<&str> = rows.iter().map(|r| r.python.as_str()).collect();
+    pythons.dedup();
+    for p in pythons {
+        if let Some(added) = added_per_matched_call(rows, p) {
+            let verdict = if added <= MATCHED_CALL_TARGET_NS { "within" } else { "over" };
+            s.push_str(&format!(
+                "  {p:<14} agent per matched call  {added:>+8.0} ns ({verdict} the {MATCHED_CALL_TARGET_NS:.0} ns target)\n"
+            ));
+        }
+    }
     s
+}
+
+/// Issue 12's target for the added cost per matched call (agent path).
+const MATCHED_CALL_TARGET_NS: f64 = 500.0;
+
+/// Issue 12's targets on the agent rows, per interpreter: added cost per
+/// matched call (dense) and per unmatched call (sparse within 1.05x untraced).
+pub fn targets(rows: &[AgentRow], pythons: &[(String, PathBuf)]) -> Vec<Target> {
+    let mut t = Vec::new();
+    for (p, _) in pythons {
+        let added = added_per_matched_call(rows, p);
+        t.push(Target {
+            what: format!("agent added cost per matched call ({p})"),
+            limit: format!("{MATCHED_CALL_TARGET_NS:.0} ns (agent dense - untraced)"),
+            value: added.map_or("not measured".into(), |v| format!("{v:+.0} ns")),
+            met: added.map(|v| v <= MATCHED_CALL_TARGET_NS),
+        });
+        let get = |case: &str| rows.iter().find(|r| &r.python == p && r.case == case).and_then(AgentRow::ns);
+        let ratio = get("agent sparse").zip(get("untraced")).map(|(s, u)| s / u);
+        t.push(Target {
+            what: format!("agent sparse added cost ({p})"),
+            limit: "1.05 x untraced".into(),
+            value: ratio.map_or("not measured".into(), |r| format!("{r:.3} x untraced")),
+            met: ratio.map(|r| r <= 1.05),
+        });
+    }
+    t
+}
+
+/// Agent dense minus untraced, medians: the added ns per matched call.
+pub fn added_per_matched_call(rows: &[AgentRow], python: &str) -> Option<f64> {
+    let get = |case: &str| rows.iter().find(|r| r.python == python && r.case == case).and_then(AgentRow::ns);
+    Some(get("agent dense")? - get("untraced")?)
 }
 
 impl AgentRow {
