@@ -25,6 +25,20 @@ pub struct Hold {
     pid: libc::pid_t,
     /// A signal the process got while held: given back on release.
     signal: i32,
+    /// It died while we traced it (its exit was collected: nothing to release).
+    dead: bool,
+}
+
+/// What a wait on the tracee said.
+enum Waited {
+    /// In a ptrace stop after PTRACE_INTERRUPT (or a group stop).
+    EventStop,
+    /// In a signal-delivery stop: the signal.
+    Signal(i32),
+    /// Exited or killed (its exit is collected, so its parent can reap it).
+    Gone,
+    /// Nothing yet (polling).
+    Nothing,
 }
 
 impl Hold {
@@ -36,44 +50,70 @@ impl Hold {
         if unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut hold = Self { pid, signal: 0 };
-        // SAFETY: as above.
-        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) } < 0 {
-            return Err(io::Error::last_os_error()); // dropping detaches
-        }
+        // From here on, dropping `hold` detaches it, or collects its exit.
+        let mut hold = Self { pid, signal: 0, dead: false };
+        // SAFETY: as above. If it fails the process is dying: the wait below sees its exit.
+        unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) };
         let deadline = Instant::now() + POLL;
         loop {
-            let mut status = 0;
-            let flags = if Instant::now() < deadline { libc::__WALL | libc::WNOHANG } else { libc::__WALL };
-            // SAFETY: waitpid on one pid writes only `status`.
-            let r = unsafe { libc::waitpid(pid, &mut status, flags) };
-            if r < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if r == pid {
-                if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                if libc::WIFSTOPPED(status) {
-                    if status >> 16 == libc::PTRACE_EVENT_STOP {
-                        return Ok(hold);
-                    }
-                    // A signal-delivery stop came first: keep the signal
-                    // for the release, and wait for the interrupt's stop.
-                    hold.signal = libc::WSTOPSIG(status);
+            match hold.wait(Instant::now() >= deadline)? {
+                Waited::EventStop => return Ok(hold),
+                Waited::Signal(sig) => {
+                    // A signal-delivery stop came first: keep the signal for
+                    // the release; the interrupt's stop comes next.
+                    hold.signal = sig;
                     // SAFETY: as above.
                     unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, 0) };
-                    unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) };
                 }
+                Waited::Gone => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+                Waited::Nothing => std::thread::sleep(Duration::from_micros(50)),
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
+    }
+
+    /// One wait for the tracee (`block`: until something happens).
+    fn wait(&mut self, block: bool) -> io::Result<Waited> {
+        let mut status = 0;
+        let flags = if block { libc::__WALL } else { libc::__WALL | libc::WNOHANG };
+        // SAFETY: waitpid on one pid writes only `status`.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+        if r < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ECHILD) {
+                self.dead = true; // nothing of it left to wait for
+            }
+            return Err(err);
+        }
+        if r == 0 {
+            return Ok(Waited::Nothing);
+        }
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.dead = true;
+            return Ok(Waited::Gone);
+        }
+        if libc::WIFSTOPPED(status) && status >> 16 == 0 {
+            return Ok(Waited::Signal(libc::WSTOPSIG(status)));
+        }
+        Ok(Waited::EventStop)
     }
 }
 
 impl Drop for Hold {
+    /// Detaches the process, giving back a signal it got meanwhile. A
+    /// tracee that is not stopped (it was killed while held) cannot be
+    /// detached: its exit is collected instead, or its parent could never
+    /// reap it.
     fn drop(&mut self) {
-        // SAFETY: detaching a process we seized; the signal it had pending is given back.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.pid, 0, self.signal as libc::c_long) };
+        while !self.dead {
+            // SAFETY: detaching a process we seized.
+            if unsafe { libc::ptrace(libc::PTRACE_DETACH, self.pid, 0, self.signal as libc::c_long) } == 0 {
+                return;
+            }
+            match self.wait(true) {
+                Ok(Waited::Signal(sig)) => self.signal = sig,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
     }
 }

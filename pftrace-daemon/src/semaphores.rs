@@ -90,8 +90,11 @@ impl Semaphores {
             .iter()
             .map(|&address| {
                 let mut value = [0u8; 2];
-                mem.read_exact_at(&mut value, address)
-                    .map_err(|source| SemaphoreError::Memory { pid, address, source })?;
+                mem.read_exact_at(&mut value, address).map_err(|source| SemaphoreError::Memory {
+                    pid,
+                    address,
+                    source,
+                })?;
                 Ok(u16::from_ne_bytes(value))
             })
             .collect()

@@ -99,6 +99,7 @@ impl Daemon {
             return;
         };
         let mut hold = None;
+        let held_at = Instant::now();
         if !self.dormant.links.contains_key(&target.file) {
             // Its first line is ~10 ms away, the link 4-12 ms: hold it (a
             // process found by a scan is long past its first line: no use).
@@ -126,7 +127,11 @@ impl Daemon {
                         "probes of {binary} made for every process running it, dormant until pftraced raises a \
                          process's semaphores ({} us{})",
                         started.elapsed().as_micros(),
-                        if hold.is_some() { format!("; pid {pid} held stopped meanwhile") } else { String::new() }
+                        if hold.is_some() {
+                            format!("; pid {pid} held stopped meanwhile")
+                        } else {
+                            String::new()
+                        }
                     );
                     self.dormant.links.insert(target.file, link);
                     for (sibling, sibling_hold) in others {
@@ -159,7 +164,12 @@ impl Daemon {
             }
             return;
         }
-        drop(hold);
+        if hold.take().is_some() {
+            log::info!(
+                "pid {pid} was held stopped {} us at its exec while the probes of {binary} were made",
+                held_at.elapsed().as_micros()
+            );
+        }
         let serial = self.processes.add_process(&target, Vec::new());
         self.watch(pid, serial, pidfd);
         self.note_job_process(pid);

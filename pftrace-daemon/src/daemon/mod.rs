@@ -28,8 +28,8 @@ use std::{path::PathBuf, time::Instant};
 use tokio::sync::mpsc;
 
 pub use self::{
-    attach::AttachFailure,
-    dormant::SEMAPHORES_ENV, filter::FilterError, setup::hostname, store::CallStore, targets::TargetScopeError,
+    attach::AttachFailure, dormant::SEMAPHORES_ENV, filter::FilterError, setup::hostname, store::CallStore,
+    targets::TargetScopeError,
 };
 use self::{attach::AttachScheduler, filter::NameFilter, processes::Processes, targets::CgroupTarget};
 use crate::{
