@@ -41,6 +41,20 @@ pub enum SemaphoreError {
     Memory { pid: u32, address: u64, source: io::Error },
 }
 
+impl SemaphoreError {
+    /// Whether the process is gone (or dying: its memory went first).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            Self::Maps { source, .. } => matches!(source, procfs::ProcError::NotFound(_)),
+            Self::Memory { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT))
+                    || source.kind() == std::io::ErrorKind::UnexpectedEof
+            }
+            Self::NotMapped { .. } => false,
+        }
+    }
+}
+
 impl Semaphores {
     /// Where the semaphores at file offsets `offsets` (0: none) of the file
     /// `file` = (device, inode) are in process `pid`'s memory.

@@ -156,7 +156,7 @@ impl Daemon {
         let raised = self.dormant.raised.get(&pid).is_some_and(|(started, _)| *started == target.started);
         if let Err(err) = self.raise(&target, !inherited && !raised) {
             drop(hold);
-            if crate::procinfo::has_exited(pid) {
+            if err.is_gone() || is_exiting(pid) {
                 log::debug!("pid {pid} exited before it could be attached");
             } else {
                 log::warn!("{}", printable(&err.to_string()));
@@ -225,4 +225,13 @@ impl Daemon {
         self.dormant.raised.insert(target.pid, (target.started, sems));
         Ok(())
     }
+}
+
+/// Whether `pid` is gone or on its way out (PF_EXITING: its memory may be
+/// gone before it is a zombie; killed 0-12 ms after exec in lifecycle's test).
+fn is_exiting(pid: u32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map_or(true, |s| s.flags & PF_EXITING != 0 || matches!(s.state, 'Z' | 'X'))
 }
