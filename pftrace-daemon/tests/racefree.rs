@@ -33,6 +33,9 @@ fn start_in(cg: &Path, py: &Path, script: &Path) -> Guard {
 
 #[test]
 fn first_process_after_the_daemon_starts_has_every_call_20_runs() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
     let dir = TestDir::new("rf-first");
     let py = python();
     let script = dir.script("short.py", SHORT);
@@ -61,6 +64,9 @@ fn first_process_after_the_daemon_starts_has_every_call_20_runs() {
 
 #[test]
 fn a_batch_of_short_pythons_each_has_every_call() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
     const BATCH: usize = 100;
     let dir = TestDir::new("rf-batch");
     let py = python();
@@ -129,6 +135,9 @@ fn ns_per_call(w: &mut Worker, runs: usize) -> f64 {
 
 #[test]
 fn an_untraced_neighbour_on_the_same_file_keeps_its_semaphores_at_0_and_its_speed() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
     let dir = TestDir::new("rf-neighbour");
     let py = python();
     let script = worker_script(&dir);
@@ -172,6 +181,9 @@ fn an_untraced_neighbour_on_the_same_file_keeps_its_semaphores_at_0_and_its_spee
 
 #[test]
 fn a_sigkilled_daemon_leaves_the_traced_process_running_with_its_semaphores_raised() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
     let dir = TestDir::new("rf-sigkill");
     let py = python();
     let script = worker_script(&dir);
