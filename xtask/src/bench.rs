@@ -12,7 +12,9 @@
 //! - attach latency on a running process (bench/busy.py);
 //! - churn: Pythons of 50 ms started one after another in a watched cgroup
 //!   (bench/child.py, 2000 of them; --quick: 50), the share of their calls
-//!   recorded with per-process attachment and with `--binary`;
+//!   recorded in the default mode and with `--binary`;
+//! - scope: the per-hit cost of one traced loop with 1 and 50 traced
+//!   processes in a watched cgroup, default mode and PFTRACE_SEMAPHORES=kernel;
 //! - with `--soak SECONDS`: a busy process traced densely, the daemon
 //!   restarted halfway, its RSS read every second.
 //!
@@ -26,6 +28,7 @@ mod agent;
 mod churn;
 mod procs;
 mod report;
+mod scope;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -290,6 +293,21 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r
         })
         .collect();
+    // Per-hit cost with 1 and 50 traced processes in a watched cgroup, by mode.
+    let scope_runs: Vec<Result<scope::ScopeRun>> = [false, true]
+        .into_iter()
+        .flat_map(|kernel| scope::COUNTS.map(|p| (kernel, p)))
+        .map(|(kernel, procs)| {
+            let step =
+                Step::new("bench", format!("scope: {procs} traced processes, kernel semaphores {kernel}"));
+            let r = scope::run(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, ctx.n, procs, kernel);
+            step.done(match &r {
+                Ok(r) => format!("{:.1} ns/call", r.ns_per_call),
+                Err(e) => format!("failed: {e:#}"),
+            });
+            r
+        })
+        .collect();
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
@@ -321,6 +339,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             Ok(_) => {}
         }
     }
+    for r in scope_runs.iter().filter_map(|r| r.as_ref().err()) {
+        problems.push(format!("scope: {r:#}"));
+    }
     for r in &agent_rows {
         for e in &r.errors {
             problems.push(format!("agent ({} {}): {e}", r.python, r.case));
@@ -338,6 +359,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     print!("{}", report::table(&rows));
     println!("{}", attach_text(&attach));
     print!("{}", churn::text(&churn));
+    print!("{}", scope::text(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
     print!("{}", agent::text(&agent_rows));
     if let Some(s) = &soak {
         print!("{}", soak_text(s));
@@ -381,6 +403,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "attach": attach_json(&attach),
         "soak": soak.as_ref().map(soak_json),
         "churn": churn::json(&churn),
+        "scope": scope::json(&scope_runs),
         "agent": agent_rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,

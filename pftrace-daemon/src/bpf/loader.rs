@@ -379,6 +379,19 @@ impl KernelProbes {
         Ok(AttachJob { programs: Arc::clone(programs), points, scope })
     }
 
+    /// [`Self::usdt_job`] for every process mapping the file, without a
+    /// kernel-managed semaphore (`ref_ctr_offset` 0): dormant, since a
+    /// probe site is never reached while its semaphore is 0, until pftraced
+    /// raises a process's semaphores itself (see crate::semaphores). With
+    /// SCOPE_FILTER, only processes in TRACKED are traced.
+    pub fn dormant_usdt_job(&mut self, path: &Path, sites: &[ProbeSite]) -> Result<AttachJob, BpfError> {
+        let mut job = self.usdt_job(path, sites, Scope::Host)?;
+        for point in &mut job.points.points {
+            point.ref_ctr_offset = 0;
+        }
+        Ok(job)
+    }
+
     /// The spec id of `spec`, storing it in the kernel's spec map on first use.
     fn spec_id(&mut self, spec: UsdtSpec) -> Result<u32, BpfError> {
         if let Some(&id) = self.specs.get(&spec) {

@@ -373,7 +373,9 @@ impl Daemon {
         }
         if let Some((file, started)) = self.processes.identity_of(pid) {
             if file == target.file && started == target.started {
-                // It exec'd the same interpreter: its probes still apply.
+                // It exec'd the same interpreter: its probes still apply
+                // (dormant ones once its new image's semaphores are raised).
+                self.reraise_after_exec(&target);
                 self.processes.refresh(&target);
                 self.codes.hold(target.pid);
                 return;
@@ -381,6 +383,10 @@ impl Daemon {
             // Another interpreter, or another process reusing the pid (its
             // exit report was lost): the old one ends here.
             self.end_process(pid, WallClock::monotonic_now_ns());
+        }
+        if self.dormant.enabled && !self.covers_host_wide(&target) {
+            self.attach_dormant(target);
+            return;
         }
         if self.covers_host_wide(&target) {
             // Host-wide probes already cover it (or are attached once per new binary).
@@ -471,7 +477,7 @@ impl Daemon {
     }
 
     /// Follows a traced process: its exit is handled.
-    fn watch(&mut self, pid: u32, serial: u64, pidfd: OwnedFd) {
+    pub(super) fn watch(&mut self, pid: u32, serial: u64, pidfd: OwnedFd) {
         self.watched += 1;
         let tx = self.exits.0.clone();
         tokio::spawn(async move {

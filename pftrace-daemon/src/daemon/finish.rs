@@ -23,6 +23,7 @@ impl Daemon {
         self.sampler.forget(pid);
         self.codes.forget(pid);
         self.filter.forget(pid);
+        self.dormant.forget(pid);
         if let Some(agent) = &mut self.agent {
             agent.forget(pid);
         }
@@ -52,6 +53,8 @@ impl Daemon {
         }
         // Every function asked for is answered before the trace is written.
         self.codes.finish();
+        // pftraced's own +1 goes before the probes (a SIGKILLed daemon cannot do this).
+        self.dormant.lower_all();
         self.processes.detach_all();
         if let Some(agent) = &mut self.agent {
             agent.stop_all();

@@ -11,6 +11,7 @@
 mod agent;
 mod attach;
 mod control;
+mod dormant;
 mod event_loop;
 mod filter;
 mod finish;
@@ -27,7 +28,8 @@ use std::{path::PathBuf, time::Instant};
 use tokio::sync::mpsc;
 
 pub use self::{
-    attach::AttachFailure, filter::FilterError, setup::hostname, store::CallStore, targets::TargetScopeError,
+    attach::AttachFailure, dormant::SEMAPHORES_ENV, filter::FilterError, setup::hostname, store::CallStore,
+    targets::TargetScopeError,
 };
 use self::{attach::AttachScheduler, filter::NameFilter, processes::Processes, targets::CgroupTarget};
 use crate::{
@@ -149,6 +151,8 @@ pub struct Daemon {
     sampler: sampler::Sampler,
     /// Attachments in flight and probes to detach.
     scheduler: AttachScheduler,
+    /// Dormant host-wide links and the semaphores raised (watched cgroups' default mode).
+    dormant: dormant::Dormant,
     /// The in-process agent, once a target needs it.
     agent: Option<agent::AgentSide>,
     /// Agents that connected before the event loop ran.

@@ -43,11 +43,13 @@ impl Daemon {
                     log::debug!("pid {} exec'd ({late_us} us ago)", e.pid);
                     // Calls of the old image end here, before any of the new one.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                    self.dormant.exec(e.pid);
                     changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
                     log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
+                    self.dormant.fork(f.parent, f.pid);
                     changes.push(ProcChange::Appeared(f.pid));
                 }
                 Ok(Record::Exit(e)) => {

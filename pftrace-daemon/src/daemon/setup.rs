@@ -48,8 +48,13 @@ impl Daemon {
                 None
             }
         };
-        // Host-wide probes (--binary), but only processes in scope are traced.
-        let scope_filter = !opts.binaries.is_empty() && !opts.all;
+        // Watched cgroups: dormant host-wide probes, semaphores raised by the
+        // daemon in the processes in scope (see dormant.rs).
+        let dormant = super::dormant::Dormant::new(
+            !opts.all && (!opts.cgroups.is_empty() || opts.config.jobs.root.is_some()),
+        );
+        // Host-wide probes (--binary, dormant ones), but only processes in scope are traced.
+        let scope_filter = (!opts.binaries.is_empty() || dormant.enabled) && !opts.all;
         let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref(), scope_filter)?;
         if probes.attach_method() == crate::bpf::AttachMethod::PerfEvent {
             log::warn!(
@@ -185,6 +190,7 @@ impl Daemon {
             serve: opts.serve.then(|| opts.config.socket.clone()),
             sampler: sampler::Sampler::new(&opts.config.sampling),
             scheduler: AttachScheduler::new(),
+            dormant,
             agent: None,
             early_agents: Vec::new(),
         };

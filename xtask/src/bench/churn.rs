@@ -19,7 +19,7 @@ const CALLS: u64 = 10;
 const IN_FLIGHT: usize = 4;
 /// Where cgroup v2 is mounted on this kind of machine.
 /// Where this host mounts cgroup v2 (from /proc/self/mountinfo).
-fn cgroup_root() -> Result<PathBuf> {
+pub(super) fn cgroup_root() -> Result<PathBuf> {
     let mounts = procfs::process::Process::myself()
         .and_then(|me| me.mountinfo())
         .context("reading /proc/self/mountinfo")?;
@@ -46,7 +46,7 @@ impl ChurnRun {
 }
 
 /// A cgroup for one run, removed (its processes killed) on drop.
-struct Cgroup(PathBuf);
+pub(super) struct Cgroup(pub(super) PathBuf);
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
@@ -69,7 +69,7 @@ pub fn run(
     children: usize,
     binary: bool,
 ) -> Result<ChurnRun> {
-    let mode = if binary { "--binary" } else { "per process" };
+    let mode = if binary { "--binary" } else { "default" };
     let cg = Cgroup(cgroup_root()?.join(format!("pftrace-bench-churn-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));

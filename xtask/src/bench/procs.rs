@@ -319,8 +319,14 @@ pub struct Daemon {
 impl Daemon {
     /// Starts pftraced with `args` (which must include `-o trace`).
     pub fn start(pftraced: &Path, args: &[String], trace: &Path) -> Result<Self> {
+        Self::start_env(pftraced, args, trace, &[])
+    }
+
+    /// [`Self::start`] with more environment variables.
+    pub fn start_env(pftraced: &Path, args: &[String], trace: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let _ = std::fs::remove_file(trace);
         let mut cmd = Command::new(pftraced);
+        cmd.envs(env.iter().copied());
         cmd.args(args).current_dir(util::workspace_root());
         // Plain stderr lines, and warnings (the eviction count) always shown.
         cmd.env_remove("JOURNAL_STREAM").env("RUST_LOG", "warn");

@@ -1,0 +1,237 @@
+//! The default mode of watched cgroups: one dormant host-wide uprobe link
+//! per interpreter file (made once, reused; no kernel-managed semaphore), the
+//! semaphores of in-scope processes raised by the daemon at exec, and the
+//! kernel's TRACKED set deciding which hits count (SCOPE_FILTER).
+//!
+//! Why (bench/race-free/README.md, 2 cores under load): pid-scoped links
+//! cost 765 -> 2,452 ns per hit from 1 to 50 traced processes (every hit
+//! walks every link's filter), one host-wide consumer 888 -> 966 ns; a
+//! neighbour whose semaphore stays 0 pays nothing; a semaphore written
+//! through /proc/PID/mem lands 0.2-4 ms after exec, the first line runs
+//! ~10 ms after it. Only the first process of a file must wait for the link
+//! (4-12 ms): it is held stopped meanwhile ([`crate::hold`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    time::Instant,
+};
+
+use super::{Daemon, processes::FileId};
+use crate::{
+    bpf::UprobeLink,
+    events::{printable, printable_path},
+    hold::Hold,
+    procwatch,
+    semaphores::Semaphores,
+    target::Target,
+};
+
+/// Environment variable turning the mode off (`kernel`: pid-scoped links
+/// with kernel-managed semaphores, as before; for comparisons).
+pub const SEMAPHORES_ENV: &str = "PFTRACE_SEMAPHORES";
+
+/// Dormant links and the semaphores the daemon raised.
+#[derive(Default)]
+pub(super) struct Dormant {
+    pub(super) enabled: bool,
+    links: HashMap<FileId, UprobeLink>,
+    /// pid -> (its start time, the semaphores raised in it).
+    raised: HashMap<u32, (u64, Semaphores)>,
+    /// Pids that exec'd since they were last seen: a new image, whose semaphores are 0.
+    fresh: HashSet<u32>,
+    /// Pids forked by a process whose semaphores the daemon raised: the copy is raised already.
+    inherited: HashSet<u32>,
+}
+
+impl Dormant {
+    pub(super) fn new(enabled: bool) -> Self {
+        let enabled = enabled && std::env::var(SEMAPHORES_ENV).map_or(true, |v| v != "kernel");
+        Self { enabled, ..Default::default() }
+    }
+
+    /// `pid` exec'd (reported by the kernel).
+    pub(super) fn exec(&mut self, pid: u32) {
+        if self.enabled {
+            self.fresh.insert(pid);
+            self.inherited.remove(&pid);
+        }
+    }
+
+    /// `parent` forked `pid` (reported by the kernel).
+    pub(super) fn fork(&mut self, parent: u32, pid: u32) {
+        if self.enabled && self.raised.contains_key(&parent) {
+            self.inherited.insert(pid);
+        }
+    }
+
+    /// The process ended (exited, or exec'd something that is not ours).
+    pub(super) fn forget(&mut self, pid: u32) {
+        self.raised.remove(&pid);
+    }
+
+    /// Lowers the daemon's +1 in every process still running (clean stop).
+    pub(super) fn lower_all(&mut self) {
+        for (pid, (started, sems)) in self.raised.drain() {
+            let same = crate::procinfo::stat(pid).is_some_and(|s| s.start_ticks == started);
+            if same && let Err(err) = sems.adjust(-1) {
+                log::debug!("lowering the semaphores of pid {pid}: {err}");
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// Traces `target` (found in a watched cgroup, or a child of a traced
+    /// process) through its file's dormant link.
+    pub(super) fn attach_dormant(&mut self, target: Target) {
+        let pid = target.pid;
+        let binary = printable_path(&target.binary);
+        let fresh = self.dormant.fresh.remove(&pid);
+        let inherited = self.dormant.inherited.remove(&pid);
+        if let Err(err) = self.processes.check_limit() {
+            log::warn!("{}", printable(&err.to_string()));
+            self.processes.refuse(pid, &err);
+            return;
+        }
+        let Ok(pidfd) = procwatch::pidfd(pid) else {
+            log::debug!("pid {pid} exited before it could be attached");
+            return;
+        };
+        let mut hold = None;
+        let held_at = Instant::now();
+        if !self.dormant.links.contains_key(&target.file) {
+            // Its first line is ~10 ms away, the link 4-12 ms: hold it (a
+            // process found by a scan is long past its first line: no use).
+            if fresh {
+                match Hold::stop(pid) {
+                    Ok(h) => hold = Some(h),
+                    Err(err) => log::warn!(
+                        "pid {pid} could not be held at its exec while the probes of {binary} are made ({err}): \
+                         its calls in the next ~10 ms may be missed"
+                    ),
+                }
+            }
+            // Others of the file that exec'd meanwhile wait too (their exec
+            // reports come after this one: 1 of 100 short Pythons started
+            // beside the first lost a call without this).
+            let others = if fresh { self.hold_siblings(&target) } else { Vec::new() };
+            let started = Instant::now();
+            let link = self
+                .probes
+                .dormant_usdt_job(&target.open_path, &target.sites)
+                .and_then(|job| job.run().map_err(Into::into));
+            match link {
+                Ok(link) => {
+                    log::info!(
+                        "probes of {binary} made for every process running it, dormant until pftraced raises a \
+                         process's semaphores ({} us{})",
+                        started.elapsed().as_micros(),
+                        if hold.is_some() {
+                            format!("; pid {pid} held stopped meanwhile")
+                        } else {
+                            String::new()
+                        }
+                    );
+                    self.dormant.links.insert(target.file, link);
+                    for (sibling, sibling_hold) in others {
+                        if let Err(err) = self.raise(&sibling, true) {
+                            log::debug!("pid {}: {err}", sibling.pid);
+                        }
+                        drop(sibling_hold);
+                    }
+                }
+                Err(err) => {
+                    let err = super::AttachFailure::Bpf { pid, binary, source: Box::new(err) };
+                    log::warn!("{}", printable(&err.to_string()));
+                    self.processes.refuse(pid, &err);
+                    return;
+                }
+            }
+        }
+        if let Err(err) = self.probes.track(pid) {
+            log::warn!("pid {pid} is not in the kernel's tracked set, so it is not traced: {err}");
+        }
+        // Raised already while its file's probes were made ([`Self::hold_siblings`]).
+        let raised = self.dormant.raised.get(&pid).is_some_and(|(started, _)| *started == target.started);
+        if let Err(err) = self.raise(&target, !inherited && !raised) {
+            drop(hold);
+            if err.is_gone() || is_exiting(pid) {
+                log::debug!("pid {pid} exited before it could be attached");
+            } else {
+                log::warn!("{}", printable(&err.to_string()));
+                self.processes.refuse(pid, &err);
+            }
+            return;
+        }
+        if hold.take().is_some() {
+            log::info!(
+                "pid {pid} was held stopped {} us at its exec while the probes of {binary} were made",
+                held_at.elapsed().as_micros()
+            );
+        }
+        let serial = self.processes.add_process(&target, Vec::new());
+        self.watch(pid, serial, pidfd);
+        self.note_job_process(pid);
+        log::info!("tracing pid {pid} ({binary})");
+    }
+
+    /// Processes of the watched cgroups running `target`'s interpreter file
+    /// that pftraced does not trace yet (they exec'd after it), held stopped.
+    fn hold_siblings(&self, target: &Target) -> Vec<(Target, Hold)> {
+        let (dev, ino) = target.file;
+        let mut held = Vec::new();
+        for pid in self.cgroups.iter().flatten().flat_map(|c| c.pids()) {
+            if pid == target.pid || self.processes.is_running(pid) || self.dormant.raised.contains_key(&pid) {
+                continue;
+            }
+            let same = std::fs::metadata(format!("/proc/{pid}/exe"))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == dev && m.ino() == ino);
+            if !same {
+                continue;
+            }
+            let Ok(hold) = Hold::stop(pid) else { continue };
+            match crate::target::inspect(pid) {
+                Ok(t) if t.file == target.file => held.push((t, hold)),
+                _ => drop(hold),
+            }
+        }
+        held
+    }
+
+    /// The process exec'd the interpreter it ran before: its new image
+    /// needs its semaphores raised again. Whether it was handled here.
+    pub(super) fn reraise_after_exec(&mut self, target: &Target) -> bool {
+        let pid = target.pid;
+        if !self.dormant.raised.contains_key(&pid) {
+            return false;
+        }
+        if self.dormant.fresh.remove(&pid)
+            && let Err(err) = self.raise(target, true)
+        {
+            log::warn!("{}", printable(&err.to_string()));
+        }
+        true
+    }
+
+    /// Finds the semaphores of `target` and raises them (`add`) or only
+    /// records them (a fork's copy, raised already).
+    fn raise(&mut self, target: &Target, add: bool) -> Result<(), crate::semaphores::SemaphoreError> {
+        let offsets: Vec<u64> = target.sites.iter().map(|s| s.semaphore_offset).collect();
+        let sems = Semaphores::locate(target.pid, target.file, &offsets)?;
+        if add {
+            sems.adjust(1)?;
+        }
+        self.dormant.raised.insert(target.pid, (target.started, sems));
+        Ok(())
+    }
+}
+
+/// Whether `pid` is gone or on its way out (PF_EXITING: its memory may be
+/// gone before it is a zombie; killed 0-12 ms after exec in lifecycle's test).
+fn is_exiting(pid: u32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map_or(true, |s| s.flags & PF_EXITING != 0 || matches!(s.state, 'Z' | 'X'))
+}

@@ -1,0 +1,221 @@
+//! The default mode of a watched cgroup, race-free: every call of the first
+//! Python started after pftraced (calling the traced function from its first
+//! line) is traced, 20 daemons in a row; a batch of short Pythons each
+//! complete; an untraced neighbour running the same interpreter file keeps
+//! its semaphores at 0 and its untraced speed; and a SIGKILLed daemon leaves
+//! the traced process running with what the README says raised.
+
+mod common;
+
+use std::{fs, os::unix::fs::FileExt as _, path::Path, process::Command, time::Duration};
+
+use common::*;
+
+/// Calls of `foo` each short Python makes, from its first line.
+const CALLS: u64 = 200;
+
+/// A script calling `foo` from its first line, every 0.1 ms (~40 ms in all).
+const SHORT: &str = "\
+import time
+def foo():
+    pass
+for _ in range(200):
+    foo()
+    time.sleep(0.0001)
+";
+
+/// Starts `py script` inside cgroup `cg` (the shell moves itself there, then execs).
+fn start_in(cg: &Path, py: &Path, script: &Path) -> Guard {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(cg).arg(py).arg(script);
+    Guard::spawn(&mut cmd, false)
+}
+
+#[test]
+fn first_process_after_the_daemon_starts_has_every_call_20_runs() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
+    let dir = TestDir::new("rf-first");
+    let py = python();
+    let script = dir.script("short.py", SHORT);
+    let socket = socket_of(&dir);
+    let (mut seen, mut held) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let cg = Cgroup::new("rf-first");
+        let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).env("RUST_LOG", "info").spawn();
+        wait_serving(&socket, &tracer);
+        let mut p = start_in(cg.path(), &py, &script);
+        let pid = p.pid();
+        assert!(p.wait(Duration::from_secs(30), "the short Python").success());
+        let run = stop(&socket, tracer);
+        let n = counts_by_pid(&run.trace().calls, "foo").get(&pid).copied().unwrap_or(0);
+        seen.push(n);
+        let said = format!("pid {pid} was held stopped ");
+        held.push(run.stderr.lines().find_map(|l| {
+            let us = l.split_once(&said)?.1.split_once(" us")?.0;
+            us.parse::<u64>().ok()
+        }));
+    }
+    eprintln!("foo calls traced per first process: {seen:?}");
+    eprintln!("held at exec while its file's probes were made (us): {held:?}");
+    assert_eq!(seen, vec![CALLS; 20], "every call of the first process, 20 runs");
+}
+
+#[test]
+fn a_batch_of_short_pythons_each_has_every_call() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
+    const BATCH: usize = 100;
+    let dir = TestDir::new("rf-batch");
+    let py = python();
+    let script = dir.script("short.py", SHORT);
+    let socket = socket_of(&dir);
+    let cg = Cgroup::new("rf-batch");
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let mut pids = Vec::new();
+    // Two at a time (2 cores), each from its first line.
+    for _ in 0..BATCH / 2 {
+        let mut a = start_in(cg.path(), &py, &script);
+        let mut b = start_in(cg.path(), &py, &script);
+        pids.extend([a.pid(), b.pid()]);
+        assert!(a.wait(Duration::from_secs(30), "a short Python").success());
+        assert!(b.wait(Duration::from_secs(30), "a short Python").success());
+    }
+    let run = stop(&socket, tracer);
+    let by_pid = counts_by_pid(&run.trace().calls, "foo");
+    let got: Vec<u64> = pids.iter().map(|p| by_pid.get(p).copied().unwrap_or(0)).collect();
+    let short: Vec<_> = got.iter().filter(|&&n| n != CALLS).collect();
+    eprintln!("{} of {BATCH} short Pythons incomplete: {short:?}", short.len());
+    assert_eq!(got, vec![CALLS; BATCH], "every call of each of {BATCH} short Pythons");
+}
+
+/// The values of `pid`'s `function__entry`/`function__return` semaphores
+/// (in the interpreter file `py`), read through /proc/PID/maps and /proc/PID/mem.
+fn semaphores(pid: u32, py: &Path) -> Vec<u16> {
+    let mut offsets: Vec<u64> = pftrace::usdt::read_python_function_probes(py)
+        .expect("the interpreter's probes")
+        .iter()
+        .map(|s| s.semaphore_offset)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let py = fs::canonicalize(py).unwrap();
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    offsets
+        .iter()
+        .map(|&off| {
+            let address = maps
+                .lines()
+                .filter(|l| l.ends_with(py.to_str().unwrap()))
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let (start, end) = f[0].split_once('-').unwrap();
+                    let (start, end) =
+                        (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+                    let map_off = u64::from_str_radix(f[2], 16).unwrap();
+                    (off >= map_off && off - map_off < end - start).then(|| start + off - map_off)
+                })
+                .unwrap_or_else(|| panic!("semaphore at file offset {off:#x} not mapped in pid {pid}"));
+            let mut b = [0u8; 2];
+            mem.read_exact_at(&mut b, address).expect("reading a semaphore");
+            u16::from_ne_bytes(b)
+        })
+        .collect()
+}
+
+/// ns per call of `foo` in `w`: the fastest of `runs` timings of 300,000 calls (CPU time).
+fn ns_per_call(w: &mut Worker, runs: usize) -> f64 {
+    const N: u64 = 300_000;
+    (0..runs).map(|_| w.time("foo", N).0 * 1e9 / N as f64).fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+fn an_untraced_neighbour_on_the_same_file_keeps_its_semaphores_at_0_and_its_speed() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
+    let dir = TestDir::new("rf-neighbour");
+    let py = python();
+    let script = worker_script(&dir);
+    let socket = socket_of(&dir);
+    let cg = Cgroup::new("rf-neighbour");
+    let mut neighbour = WorkerSpec::new(&py, &script).start("untraced neighbour");
+    let before = ns_per_call(&mut neighbour, 7);
+
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let mut traced = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("traced, in the cgroup");
+    wait_traced(&socket, &tracer, traced.pid());
+    traced.call("foo", 1234);
+    let (n, t) = (neighbour.pid(), traced.pid());
+    assert_eq!(semaphores(n, &py), vec![0, 0], "the neighbour's semaphores");
+    assert_eq!(semaphores(t, &py), vec![1, 1], "the traced process's semaphores (pftraced's +1)");
+    let during = ns_per_call(&mut neighbour, 7);
+    neighbour.call("foo", 4321); // not traced: not in the cgroup
+    assert_eq!(semaphores(n, &py), vec![0, 0], "the neighbour's semaphores after its calls");
+
+    let run = stop(&socket, tracer);
+    assert_eq!(semaphores(t, &py), vec![0, 0], "a clean stop lowers pftraced's +1");
+    let after = ns_per_call(&mut neighbour, 7);
+    let counts = counts_by_pid(&run.trace().calls, "foo");
+    assert_eq!(counts, [(t, 1234)].into(), "calls of foo per pid: only the traced process's");
+    assert_eq!(run.trace().counter("out_of_scope"), 0, "no probe hit of the neighbour");
+
+    let untraced = before.min(after);
+    let ratio = during / untraced;
+    eprintln!(
+        "neighbour ns/call: before {before:.1}, with pftraced tracing its interpreter file {during:.1}, after \
+         {after:.1}: {ratio:.3}x"
+    );
+    assert!(
+        ratio <= 1.05,
+        "the neighbour ran at {ratio:.3}x its untraced speed ({during:.1} vs {untraced:.1} ns/call)"
+    );
+    traced.finish();
+    neighbour.finish();
+}
+
+#[test]
+fn a_sigkilled_daemon_leaves_the_traced_process_running_with_its_semaphores_raised() {
+    require_root();
+    // One at a time: they time calls and count every process of a file.
+    let _serial = serial();
+    let dir = TestDir::new("rf-sigkill");
+    let py = python();
+    let script = worker_script(&dir);
+    let socket = socket_of(&dir);
+    let cg = Cgroup::new("rf-sigkill");
+    let mut control = WorkerSpec::new(&py, &script).start("untraced control");
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let mut traced = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("traced, in the cgroup");
+    wait_traced(&socket, &tracer, traced.pid());
+    traced.call("foo", 100);
+    assert_eq!(dump(&socket).calls.iter().filter(|c| c.name == "foo").count(), 100);
+
+    // SAFETY: the daemon this test started.
+    assert_eq!(unsafe { libc::kill(tracer.pid() as i32, libc::SIGKILL) }, 0);
+    let run = tracer.finish();
+    assert_eq!(run.code(), None, "pftraced was killed by SIGKILL");
+    let t = traced.pid();
+    // It keeps running and answering; its semaphores stay raised (nobody lowers them).
+    traced.call("foo", 1000);
+    assert_eq!(semaphores(t, &py), vec![1, 1], "what a SIGKILLed daemon leaves raised");
+    let (left, untraced) = (ns_per_call(&mut traced, 7), ns_per_call(&mut control, 7));
+    eprintln!(
+        "after SIGKILL of pftraced: raised semaphores, no uprobe: {left:.1} ns/call, untraced control \
+         {untraced:.1}: +{:.1} ns/call",
+        left - untraced
+    );
+    assert!(
+        left - untraced < 50.0,
+        "the leftover raised semaphores cost {:.1} ns per call (README: under 50)",
+        left - untraced
+    );
+    traced.finish();
+    control.finish();
+}

@@ -1,0 +1,163 @@
+//! The scope row: the per-hit cost of tracing one process of a watched
+//! cgroup while 1 or 50 processes there are traced (49 idle Pythons beside
+//! the loop), in the default mode (dormant host-wide links, semaphores raised
+//! by pftraced, TRACKED deciding in the kernel) and with
+//! `PFTRACE_SEMAPHORES=kernel` (a pid-scoped link per process: every hit
+//! walks every link's filter). Target: 50 processes <= 1.1x one.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::{
+    churn::Cgroup,
+    procs::{Daemon, Workload},
+};
+
+/// Process counts compared.
+pub const COUNTS: [usize; 2] = [1, 50];
+
+/// One measurement: mode, traced processes, CPU ns per Python call of the loop.
+#[derive(Debug, Clone)]
+pub struct ScopeRun {
+    pub mode: &'static str,
+    pub procs: usize,
+    pub ns_per_call: f64,
+}
+
+/// Idle Pythons, killed on drop.
+struct Idle(Vec<Child>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The loop of `calls_py` (`n` iterations, `-t rare`: the sparse case) in a
+/// cgroup with `procs - 1` idle Pythons, all traced; `kernel`: the pid-scoped mode.
+pub fn run(
+    pftraced: &Path,
+    python: &Path,
+    calls_py: &Path,
+    dir: &Path,
+    n: u64,
+    procs: usize,
+    kernel: bool,
+) -> Result<ScopeRun> {
+    let mode = if kernel { "pid-scoped (PFTRACE_SEMAPHORES=kernel)" } else { "default" };
+    let root = super::churn::cgroup_root()?;
+    let cg = Cgroup(root.join(format!("pftrace-bench-scope-{}", std::process::id())));
+    std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
+    let enter = |pid: u32| -> Result<()> {
+        std::fs::write(cg.0.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving pid {pid} into {}", cg.0.display()))
+    };
+    let mut idle = Idle(Vec::new());
+    for _ in 1..procs {
+        let c = Command::new(python)
+            .args(["-c", "import sys; sys.stdin.read()"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting an idle Python")?;
+        enter(c.id())?;
+        idle.0.push(c);
+    }
+    let timeout = Duration::from_secs(60) + Duration::from_micros(50 * n);
+    let mut work = Workload::start(python, calls_py, &[n.to_string(), "--wait".into()], timeout)?;
+    enter(work.pid)?;
+    // Found by pftraced's scan of the cgroup at start.
+    let trace = dir.join("trace-scope.json");
+    let socket = dir.join("scope.sock");
+    let mut args: Vec<String> = ["-t", "rare", "-o"].map(String::from).into();
+    args.push(trace.display().to_string());
+    args.extend([
+        "--socket".into(),
+        socket.display().to_string(),
+        "--cgroup".into(),
+        cg.0.display().to_string(),
+    ]);
+    let env: &[(&str, &str)] = if kernel { &[("PFTRACE_SEMAPHORES", "kernel")] } else { &[] };
+    let daemon = Daemon::start_env(pftraced, &args, &trace, env)?;
+    wait_traced(&socket, procs)?;
+    work.release()?;
+    let (work, result) = work.wait_result(timeout)?;
+    let result = work.finish(result, Duration::from_secs(10))?;
+    daemon.interrupt();
+    daemon.finish(Duration::from_secs(60))?;
+    Ok(ScopeRun { mode, procs, ns_per_call: result.cpu_ns_per_call() })
+}
+
+/// Waits until pftracectl's status lists `procs` running processes.
+fn wait_traced(socket: &Path, procs: usize) -> Result<()> {
+    let ctl = crate::util::target_dir().join("release").join("pftracectl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&ctl).arg("--socket").arg(socket).args(["status", "--json"]).output();
+        if let Ok(out) = out
+            && let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
+        {
+            let running =
+                v["processes"].as_array().map_or(0, |a| a.iter().filter(|p| p["running"] == true).count());
+            if running >= procs {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("pftraced did not list {procs} traced processes within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Per-hit cost (2 hits per call) over `untraced_ns`, by mode and count, and the 50/1 ratio.
+pub fn text(runs: &[Result<ScopeRun>], untraced_ns: Option<f64>) -> String {
+    let mut s = String::from(
+        "scope: per-hit cost of one traced loop (-t rare) with 1 and 50 traced processes in the cgroup\n",
+    );
+    for r in runs {
+        match r {
+            Ok(r) => {
+                let hit = untraced_ns.map(|u| (r.ns_per_call - u) / 2.0);
+                s += &format!(
+                    "  {:<40} x{:<3} {:>8.1} ns/call{}\n",
+                    r.mode,
+                    r.procs,
+                    r.ns_per_call,
+                    hit.map_or(String::new(), |h| format!("  {h:>7.1} ns/hit"))
+                );
+            }
+            Err(e) => s += &format!("  failed: {e:#}\n"),
+        }
+    }
+    if let Some(u) = untraced_ns {
+        for mode in ["default", "pid-scoped (PFTRACE_SEMAPHORES=kernel)"] {
+            let hit = |p: usize| {
+                runs.iter()
+                    .flatten()
+                    .find(|r| r.mode == mode && r.procs == p)
+                    .map(|r| (r.ns_per_call - u) / 2.0)
+            };
+            if let (Some(a), Some(b)) = (hit(1), hit(50)) {
+                s += &format!("  {mode}: 50 processes / 1 = {:.2}x per hit (target <= 1.1x)\n", b / a);
+            }
+        }
+    }
+    s
+}
+
+pub fn json(runs: &[Result<ScopeRun>]) -> Value {
+    runs.iter()
+        .map(|r| match r {
+            Ok(r) => json!({"mode": r.mode, "processes": r.procs, "cpu_ns_per_call": r.ns_per_call}),
+            Err(e) => json!({"error": format!("{e:#}")}),
+        })
+        .collect()
+}
