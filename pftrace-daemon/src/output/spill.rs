@@ -171,9 +171,8 @@ impl CallReader {
         }
         loop {
             let mut tag = [0u8; 1];
-            match self.input.read(&mut tag)? {
-                0 => return Ok(None),
-                _ => {}
+            if self.input.read(&mut tag)? == 0 {
+                return Ok(None);
             }
             match tag[0] {
                 TAG_CALL => {
