@@ -432,7 +432,7 @@ pub(crate) mod tests {
         assert_eq!(
             String::from_utf8(line).unwrap(),
             "{\"pid\":101,\"tid\":101,\"name\":\"odd \\\"quoted\\\"\",\"file\":\"/srv/app.py\",\"line\":7,\
-             \"start_ns\":1007000,\"end_ns\":1007500,\"depth\":3,\"incomplete\":true,\"cpu_ns\":7,\
+             \"start_ns\":1007000,\"end_ns\":1007500,\"depth\":3,\"id\":8,\"parent\":3,\"incomplete\":true,\"cpu_ns\":7,\
              \"rss_entry_bytes\":70,\"rss_return_bytes\":140}\n"
         );
         spill.remove().unwrap();
