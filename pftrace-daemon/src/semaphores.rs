@@ -21,10 +21,16 @@ use std::{
 };
 
 /// The semaphores of one process, by address in its memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Semaphores {
     pub pid: u32,
     pub addresses: Vec<u64>,
+    /// `/proc/PID/mem`, opened before the memory map was read: it stays bound
+    /// to that address space, so after an exec or an exit (and a reuse of
+    /// the pid) writes through it fail instead of landing in another image
+    /// (where the addresses mean something else: /proc/PID/mem writes even
+    /// read-only pages). Lowering at a clean stop may come long after `locate`.
+    mem: File,
 }
 
 /// Errors finding or changing a process's semaphores.
@@ -59,6 +65,7 @@ impl Semaphores {
     /// Where the semaphores at file offsets `offsets` (0: none) of the file
     /// `file` = (device, inode) are in process `pid`'s memory.
     pub fn locate(pid: u32, file: (u64, u64), offsets: &[u64]) -> Result<Self, SemaphoreError> {
+        let mem = open_mem(pid).map_err(|source| SemaphoreError::Memory { pid, address: 0, source })?;
         let maps = procfs::process::Process::new(pid as i32)
             .and_then(|p| p.maps())
             .map_err(|source| SemaphoreError::Maps { pid, source })?;
@@ -77,14 +84,13 @@ impl Semaphores {
                     .ok_or(SemaphoreError::NotMapped { pid, dev, ino, offset })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { pid, addresses })
+        Ok(Self { pid, addresses, mem })
     }
 
     /// Adds `delta` to each semaphore (a u16, as CPython's `_semaphore`;
     /// saturating, so a lowering never wraps what another tracer raised).
     pub fn adjust(&self, delta: i32) -> Result<(), SemaphoreError> {
-        let pid = self.pid;
-        let mem = open_mem(pid).map_err(|source| SemaphoreError::Memory { pid, address: 0, source })?;
+        let (pid, mem) = (self.pid, &self.mem);
         for &address in &self.addresses {
             let err = |source| SemaphoreError::Memory { pid, address, source };
             let mut value = [0u8; 2];
@@ -98,8 +104,7 @@ impl Semaphores {
 
     /// The semaphores' current values.
     pub fn values(&self) -> Result<Vec<u16>, SemaphoreError> {
-        let pid = self.pid;
-        let mem = open_mem(pid).map_err(|source| SemaphoreError::Memory { pid, address: 0, source })?;
+        let (pid, mem) = (self.pid, &self.mem);
         self.addresses
             .iter()
             .map(|&address| {
