@@ -6,10 +6,15 @@
 //! 10 ms after exec: without the hold the first process of a file lost
 //! calls (bench/race-free/README.md: 2 of 15 late).
 //!
-//! ptrace's tracer is a thread: hold and release on the same thread.
+//! ptrace's tracer is a thread, and a stop may be slow to come (a process in
+//! an uninterruptible sleep, e.g. reading a file on a FUSE mount its owner
+//! serves, stops only when the sleep ends): so each hold is a thread of its
+//! own that seizes, waits and detaches, and the daemon waits for the stop at
+//! most [`MAX_WAIT`], never blocked by a traced user's process.
 
 use std::{
     io,
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -19,9 +24,54 @@ use std::{
 /// be waited for: a running tracee cannot be detached.
 const POLL: Duration = Duration::from_millis(20);
 
-/// A process held stopped; released (detached) on drop.
+/// How long the daemon waits for a held process to stop (then it goes on
+/// without the hold; the hold's thread lets the process go once it stops).
+/// Stops came within 0.3 ms here (median of the holds logged by the
+/// racefree test).
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// A process held stopped; released on drop (by its thread, which
+/// detaches it).
 #[derive(Debug)]
 pub struct Hold {
+    /// Dropped to release.
+    _release: mpsc::Sender<()>,
+}
+
+impl Hold {
+    /// Stops `pid`. Fails when it cannot be traced (another tracer has it,
+    /// or it is gone) or did not stop within [`MAX_WAIT`].
+    pub fn stop(pid: u32) -> io::Result<Self> {
+        let (stopped_tx, stopped_rx) = mpsc::channel::<io::Result<()>>();
+        let (release, released) = mpsc::channel::<()>();
+        std::thread::Builder::new().name(format!("pftrace-hold-{pid}")).spawn(move || {
+            match Tracee::stop(pid) {
+                Ok(tracee) => {
+                    let _ = stopped_tx.send(Ok(()));
+                    // Until the Hold is dropped (its sender goes), then detach.
+                    let _ = released.recv();
+                    drop(tracee);
+                }
+                Err(err) => {
+                    let _ = stopped_tx.send(Err(err));
+                }
+            }
+        })?;
+        match stopped_rx.recv_timeout(MAX_WAIT) {
+            Ok(Ok(())) => Ok(Self { _release: release }),
+            Ok(Err(err)) => Err(err),
+            // `release` goes here: the thread detaches it as soon as it stops.
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("it did not stop within {} ms (in an uninterruptible sleep?)", MAX_WAIT.as_millis()),
+            )),
+        }
+    }
+}
+
+/// A process stopped by this thread (its tracer); detached on drop.
+#[derive(Debug)]
+struct Tracee {
     pid: libc::pid_t,
     /// A signal the process got while held: given back on release.
     signal: i32,
@@ -41,10 +91,9 @@ enum Waited {
     Nothing,
 }
 
-impl Hold {
-    /// Stops `pid`. Fails when it cannot be traced (another tracer has it,
-    /// or it is gone).
-    pub fn stop(pid: u32) -> io::Result<Self> {
+impl Tracee {
+    /// Stops `pid`, waiting as long as that takes.
+    fn stop(pid: u32) -> io::Result<Self> {
         let pid = pid as libc::pid_t;
         // SAFETY: ptrace requests on another process touch none of our memory.
         if unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) } < 0 {
@@ -98,7 +147,7 @@ impl Hold {
     }
 }
 
-impl Drop for Hold {
+impl Drop for Tracee {
     /// Detaches the process, giving back a signal it got meanwhile. A
     /// tracee that is not stopped (it was killed while held) cannot be
     /// detached: its exit is collected instead, or its parent could never
