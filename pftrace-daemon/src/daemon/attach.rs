@@ -385,8 +385,11 @@ impl Daemon {
             self.end_process(pid, WallClock::monotonic_now_ns());
         }
         if self.dormant.enabled && !self.covers_host_wide(&target) {
-            self.attach_dormant(target);
-            return;
+            if self.dormant.has_room_for(&target.file) {
+                self.attach_dormant(target);
+                return;
+            }
+            self.dormant.note_full(&printable_path(&target.binary));
         }
         if self.covers_host_wide(&target) {
             // Host-wide probes already cover it (or are attached once per new binary).

@@ -31,6 +31,13 @@ use crate::{
 /// with kernel-managed semaphores, as before; for comparisons).
 pub const SEMAPHORES_ENV: &str = "PFTRACE_SEMAPHORES";
 
+/// Interpreter files with a dormant link, at most: links stay for the
+/// daemon's life, and a user of a watched cgroup could exec copy after copy
+/// of an interpreter (each copy another inode, another host-wide link of
+/// 4-12 ms to make). A site's conda environments are dozens; beyond this a
+/// process is traced through pid-scoped probes, as before this mode.
+pub const MAX_DORMANT_FILES: usize = 256;
+
 /// Dormant links and the semaphores the daemon raised.
 #[derive(Default)]
 pub(super) struct Dormant {
@@ -42,6 +49,8 @@ pub(super) struct Dormant {
     fresh: HashSet<u32>,
     /// Pids forked by a process whose semaphores the daemon raised: the copy is raised already.
     inherited: HashSet<u32>,
+    /// [`MAX_DORMANT_FILES`] was reached and said once.
+    full_said: bool,
 }
 
 impl Dormant {
@@ -62,6 +71,22 @@ impl Dormant {
     pub(super) fn fork(&mut self, parent: u32, pid: u32) {
         if self.enabled && self.raised.contains_key(&parent) {
             self.inherited.insert(pid);
+        }
+    }
+
+    /// Whether a process of `file` can be traced through a dormant link
+    /// (its file has one, or there is room for one more).
+    pub(super) fn has_room_for(&self, file: &FileId) -> bool {
+        self.links.contains_key(file) || self.links.len() < MAX_DORMANT_FILES
+    }
+
+    /// Says once that the limit of files was reached.
+    pub(super) fn note_full(&mut self, binary: &str) {
+        if !std::mem::replace(&mut self.full_said, true) {
+            log::warn!(
+                "{MAX_DORMANT_FILES} interpreter files already have host-wide probes; {binary} and later new files \
+                 are traced through pid-scoped probes (a process's first calls may then be missed)"
+            );
         }
     }
 
