@@ -80,7 +80,8 @@ fn code_names(api: &Api, code: Obj, matcher: &Matcher) -> (Option<String>, Optio
             None
         } else {
             unsafe { (api.inc_ref)(name) };
-            api.owned(name).and_then(|n| api.text(&n).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string))
+            api.owned(name)
+                .and_then(|n| api.text(&n).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_string))
         }
     };
     (qualname, module)

@@ -274,7 +274,11 @@ impl CodeResolver {
     /// and now when not in the table yet (once per code object and line; the
     /// selection by qualified name cannot wait for the thread). It goes into
     /// the table, so outputs and the thread reuse it.
-    pub fn resolve_now(&mut self, ev: &Event, version: impl FnOnce() -> Option<python::PyVersion>) -> Arc<CodeInfo> {
+    pub fn resolve_now(
+        &mut self,
+        ev: &Event,
+        version: impl FnOnce() -> Option<python::PyVersion>,
+    ) -> Arc<CodeInfo> {
         let key = CodeKey { pid: ev.pid, file: ev.file.clone(), name: ev.name.clone(), line: ev.line };
         if let Some(info) = self.table.get(&key) {
             return info;

@@ -102,7 +102,8 @@ struct Recorded {
 impl Recorded {
     fn read(path: &Path) -> Self {
         let v: Value = serde_json::from_str(
-            &fs::read_to_string(path).unwrap_or_else(|e| panic!("the recorder's output {}: {e}", path.display())),
+            &fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("the recorder's output {}: {e}", path.display())),
         )
         .unwrap();
         let counts = v["counts"]
@@ -117,7 +118,8 @@ impl Recorded {
                 *m.entry(k).or_insert(0) += n;
                 m
             });
-        let trees = v["trees"].as_object().unwrap().iter().map(|(k, t)| (k.parse().unwrap(), t.clone())).collect();
+        let trees =
+            v["trees"].as_object().unwrap().iter().map(|(k, t)| (k.parse().unwrap(), t.clone())).collect();
         Self { counts, trees }
     }
 
@@ -260,7 +262,10 @@ fn calls_dropped_by_qualified_name_are_counted() {
     let trace = run.trace();
     let got = by_qualname(&trace);
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[&("__main__".to_string(), "A.run".to_string())], recorded.calls("__main__", "A.run", &[0]));
+    assert_eq!(
+        got[&("__main__".to_string(), "A.run".to_string())],
+        recorded.calls("__main__", "A.run", &[0])
+    );
     // Other code objects named `run`: 5 + 2 + 1 calls, an entry and a return each (3.9).
     let others: u64 = recorded
         .counts
@@ -457,7 +462,9 @@ fn rebuild(nodes: &[Node]) -> BTreeMap<u32, Value> {
         if n.parent == 0 {
             assert_eq!(n.depth, 0, "a root call at depth {}", n.depth);
         } else {
-            let p = by_id.get(&n.parent).unwrap_or_else(|| panic!("call {} names no known parent {}", n.id, n.parent));
+            let p = by_id
+                .get(&n.parent)
+                .unwrap_or_else(|| panic!("call {} names no known parent {}", n.id, n.parent));
             assert_eq!((p.tid, p.depth + 1), (n.tid, n.depth), "call {} under {}", n.id, p.id);
         }
         children.entry(n.parent).or_default().push(n);
@@ -519,7 +526,13 @@ fn call_tree_from_depth_and_parent_is_cpythons_records() {
         let name = json["metadata"][key]["function"].as_str().unwrap().to_string();
         for c in calls.as_array().unwrap() {
             let u = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {c}"));
-            nodes.push(Node { tid: u("tid") as u32, id: u("id"), parent: u("parent"), depth: u("depth"), name: name.clone() });
+            nodes.push(Node {
+                tid: u("tid") as u32,
+                id: u("id"),
+                parent: u("parent"),
+                depth: u("depth"),
+                name: name.clone(),
+            });
         }
     }
     assert_eq!(rebuild(&nodes), want);
@@ -541,7 +554,13 @@ fn call_tree_from_depth_and_parent_is_cpythons_pfw() {
             let a = &e["args"];
             let u = |k: &str| a[k].as_u64().unwrap_or_else(|| panic!("args.{k} missing: {e}"));
             // pfw names calls by qualified name; these are module-level functions.
-            Node { tid: e["tid"].as_u64().unwrap() as u32, id: u("id"), parent: u("parent"), depth: u("depth"), name: e["name"].as_str().unwrap().to_string() }
+            Node {
+                tid: e["tid"].as_u64().unwrap() as u32,
+                id: u("id"),
+                parent: u("parent"),
+                depth: u("depth"),
+                name: e["name"].as_str().unwrap().to_string(),
+            }
         })
         .collect();
     assert_eq!(rebuild(&nodes), want);

@@ -136,14 +136,18 @@ impl NameSpec {
         let (file_suffix, module) = match before {
             Some(f) if is_file_part(f) => (Some(f.to_string()), None),
             Some(m) => {
-                if let Some(c) =
-                    m.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '.' | '*' | '?' | '[' | ']' | '!' | '-')))
-                {
+                if let Some(c) = m.chars().find(|c| {
+                    !(c.is_alphanumeric() || matches!(c, '_' | '.' | '*' | '?' | '[' | ']' | '!' | '-'))
+                }) {
                     return Err(NameError::BadModule { text: owned(), what: format!("{c:?}") });
                 }
                 check_segments(m, text)?;
                 if m.len() > MAX_QUALNAME {
-                    return Err(NameError::QualnameTooLong { text: owned(), len: m.len(), max: MAX_QUALNAME });
+                    return Err(NameError::QualnameTooLong {
+                        text: owned(),
+                        len: m.len(),
+                        max: MAX_QUALNAME,
+                    });
                 }
                 if has_wildcard(m) {
                     check_classes(m, text)?;
@@ -165,7 +169,11 @@ impl NameSpec {
         let co_name = if qualified {
             check_segments(function, text)?;
             if function.len() > MAX_QUALNAME {
-                return Err(NameError::QualnameTooLong { text: owned(), len: function.len(), max: MAX_QUALNAME });
+                return Err(NameError::QualnameTooLong {
+                    text: owned(),
+                    len: function.len(),
+                    max: MAX_QUALNAME,
+                });
             }
             if has_wildcard(function) {
                 check_classes(function, text)?;
@@ -224,7 +232,13 @@ impl NameSpec {
     }
 
     /// The whole decision for a code object.
-    pub fn matches_all(&self, function: &str, file: &str, qualname: Option<&str>, module: Option<&str>) -> bool {
+    pub fn matches_all(
+        &self,
+        function: &str,
+        file: &str,
+        qualname: Option<&str>,
+        module: Option<&str>,
+    ) -> bool {
         self.matches(function, file) && (!self.needs_code() || self.matches_code(qualname, module))
     }
 

@@ -55,7 +55,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Step::new("test", "xtask").say("skipped (extra cargo test arguments given)");
     }
 
-    let step = Step::new("test", "pftrace-common, pftrace-code, pftrace-daemon, pftrace-agent, pftrace-agent-host");
+    let step =
+        Step::new("test", "pftrace-common, pftrace-code, pftrace-daemon, pftrace-agent, pftrace-agent-host");
     step.say(format!(
         "PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} PFTRACE_SYSTEMD_ROOT={}",
         env.python.display(),
@@ -71,7 +72,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .env("PFTRACE_HATCHET_PYTHON", &env.hatchet_python)
         // --no-fail-fast: one failing test file must not hide the results of
         // the files after it (a red CI run should list every failure at once).
-        .args(["test", "--release", "--no-fail-fast", "-p", "pftrace-common", "-p", "pftrace-code", "-p", "pftrace-daemon"])
+        .args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "-p",
+            "pftrace-common",
+            "-p",
+            "pftrace-code",
+            "-p",
+            "pftrace-daemon",
+        ])
         .args(["-p", "pftrace-agent", "-p", "pftrace-agent-host"])
         .args(&args.cargo_args);
     let status = run_counting(&mut cmd, &mut totals)?;

@@ -206,7 +206,20 @@ impl Daemon {
     fn hold_siblings(&self, target: &Target) -> Vec<(Target, Hold)> {
         let (dev, ino) = target.file;
         let mut held = Vec::new();
+        // Each hold may wait up to 50 ms for a stop: all of them together at
+        // most this long, so many processes in uninterruptible sleeps cannot
+        // stall the event loop (the rest are raised after the link, as any
+        // process found later).
+        let budget = Instant::now() + std::time::Duration::from_millis(100);
         for pid in self.cgroups.iter().flatten().flat_map(|c| c.pids()) {
+            if Instant::now() >= budget {
+                log::debug!(
+                    "holding processes of {} beside pid {}: out of time",
+                    printable_path(&target.binary),
+                    target.pid
+                );
+                break;
+            }
             if pid == target.pid || self.processes.is_running(pid) || self.dormant.raised.contains_key(&pid) {
                 continue;
             }

@@ -257,8 +257,12 @@ impl NameFilter {
                     Some(v) => *v,
                     None => {
                         let info = code();
-                        let (q, m) = (info.qualname.known().map(String::as_str), info.module.known().map(String::as_str));
-                        let keep = specs.iter().any(|s| s.needs_code() && s.matches_all(function, file, q, m));
+                        let (q, m) = (
+                            info.qualname.known().map(String::as_str),
+                            info.module.known().map(String::as_str),
+                        );
+                        let keep =
+                            specs.iter().any(|s| s.needs_code() && s.matches_all(function, file, q, m));
                         let v = (keep, q.is_some() && m.is_some());
                         if !v.1 {
                             log::debug!(

@@ -24,11 +24,11 @@ use super::{Daemon, targets::CgroupTarget};
 use crate::{
     cgroupwatch::CgroupEvent,
     clock::WallClock,
+    codes::CodeTable,
     config::JobsConfig,
     job_pattern::{self, JobPattern},
     output::{Choice, destination::Destination, spill::SpillWriter},
     pairing::Call,
-    codes::CodeTable,
     protocol::{JobStatus, StatsGrouping},
     stats::Aggregator,
     trace::{CallList, JobId},

@@ -30,7 +30,9 @@ impl Daemon {
                 Ok(Record::Call(ev)) => {
                     let (codes, processes) = (&mut self.codes, &self.processes);
                     let version = || processes.info(ev.pid).and_then(|p| p.version);
-                    if crate::agent::pairs_by_code(&ev) || self.filter.keep(&ev, || codes.resolve_now(&ev, version)) {
+                    if crate::agent::pairs_by_code(&ev)
+                        || self.filter.keep(&ev, || codes.resolve_now(&ev, version))
+                    {
                         if ev.kind == EventKind::Entry {
                             let processes = &self.processes;
                             self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));

@@ -640,7 +640,10 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::{testing::{Builder, fixture}, *};
+    use super::{
+        testing::{Builder, fixture},
+        *,
+    };
 
     #[test]
     fn lookups_in_a_hand_built_blob() {

@@ -389,7 +389,11 @@ impl Pfw {
             tid: call.tid,
             ts,
             ph,
-            args: (ph != "C").then_some(Args::Call(CallArgs { id: call.id, depth: call.depth, parent: call.parent })),
+            args: (ph != "C").then_some(Args::Call(CallArgs {
+                id: call.id,
+                depth: call.depth,
+                parent: call.parent,
+            })),
             dur: None,
         };
         let mut out = Vec::new();
@@ -613,7 +617,9 @@ mod tests {
         let events = read_back(&text, PfwForm::Object);
         let returned: Vec<&Call> = trace.calls.iter().filter(|c| c.end == CallEnd::Returned).collect();
         assert_eq!(events.len(), returned.len());
-        assert!(events.iter().all(|e| e["ph"] == "X" && e["args"]["id"].is_u64() && e["args"]["parent"].is_u64()));
+        assert!(
+            events.iter().all(|e| e["ph"] == "X" && e["args"]["id"].is_u64() && e["args"]["parent"].is_u64())
+        );
         let inner = events.iter().find(|e| e["name"] == "Job.inner").unwrap();
         assert!((inner["dur"].as_f64().unwrap() - 40_000.0).abs() < 0.5);
         // Hatchet's fix-up: the last "}," becomes "}]}" and the whole parses.

@@ -395,9 +395,13 @@ pub(crate) mod tests {
     }
 
     pub fn same(a: &Call, b: &Call) -> bool {
-        (a.pid, a.tid, &*a.name, &*a.file, a.line, a.start_ns, a.end_ns, a.depth, a.id, a.parent, a.end, a.cpu_ns)
-            == (b.pid, b.tid, &*b.name, &*b.file, b.line, b.start_ns, b.end_ns, b.depth, b.id, b.parent, b.end, b.cpu_ns)
-            && (a.rss_entry_bytes, a.rss_return_bytes) == (b.rss_entry_bytes, b.rss_return_bytes)
+        (
+            a.pid, a.tid, &*a.name, &*a.file, a.line, a.start_ns, a.end_ns, a.depth, a.id, a.parent, a.end,
+            a.cpu_ns,
+        ) == (
+            b.pid, b.tid, &*b.name, &*b.file, b.line, b.start_ns, b.end_ns, b.depth, b.id, b.parent, b.end,
+            b.cpu_ns,
+        ) && (a.rss_entry_bytes, a.rss_return_bytes) == (b.rss_entry_bytes, b.rss_return_bytes)
     }
 
     #[test]

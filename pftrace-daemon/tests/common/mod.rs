@@ -315,7 +315,9 @@ impl Guard {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                result => break result.unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program())),
+                result => {
+                    break result.unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+                }
             }
         };
         Self { child, group, reaped: false }

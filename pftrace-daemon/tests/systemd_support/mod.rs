@@ -40,8 +40,8 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    common::{Guard, TestDir, python, require_root, require_tool},
     common::Worker,
+    common::{Guard, TestDir, python, require_root, require_tool},
 };
 
 /// Where `cargo xtask setup` makes the root.
