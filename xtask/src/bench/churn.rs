@@ -27,6 +27,19 @@ pub(super) fn cgroup_root() -> Result<PathBuf> {
     Ok(mount.context("no cgroup v2 mount in /proc/self/mountinfo: the churn case needs one")?.mount_point)
 }
 
+/// pftraced's arguments for tracing `name` in the cgroup `cg`, writing
+/// `trace` and serving `socket`.
+pub(super) fn cgroup_args(name: &str, trace: &Path, socket: &Path, cg: &Path) -> Vec<String> {
+    ["-t", name, "-o"]
+        .map(String::from)
+        .into_iter()
+        .chain(
+            [trace, Path::new("--socket"), socket, Path::new("--cgroup"), cg]
+                .map(|p| p.display().to_string()),
+        )
+        .collect()
+}
+
 /// One churn run.
 #[derive(Debug, Clone)]
 pub struct ChurnRun {
@@ -74,14 +87,7 @@ pub fn run(
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));
     let socket = dir.join("churn.sock");
-    let mut args: Vec<String> = ["-t", "foo", "-o"].map(String::from).into();
-    args.push(trace.display().to_string());
-    args.extend([
-        "--socket".into(),
-        socket.display().to_string(),
-        "--cgroup".into(),
-        cg.0.display().to_string(),
-    ]);
+    let mut args = cgroup_args("foo", &trace, &socket, &cg.0);
     if binary {
         args.extend(["--binary".into(), python.display().to_string()]);
     }

@@ -76,14 +76,7 @@ pub fn run(
     // Found by pftraced's scan of the cgroup at start.
     let trace = dir.join("trace-scope.json");
     let socket = dir.join("scope.sock");
-    let mut args: Vec<String> = ["-t", "rare", "-o"].map(String::from).into();
-    args.push(trace.display().to_string());
-    args.extend([
-        "--socket".into(),
-        socket.display().to_string(),
-        "--cgroup".into(),
-        cg.0.display().to_string(),
-    ]);
+    let args = super::churn::cgroup_args("rare", &trace, &socket, &cg.0);
     let env: &[(&str, &str)] = if kernel { &[("PFTRACE_SEMAPHORES", "kernel")] } else { &[] };
     let daemon = Daemon::start_env(pftraced, &args, &trace, env)?;
     wait_traced(&socket, procs)?;
