@@ -41,6 +41,8 @@ const UPROBE_PROGRAM: &str = "pftrace_agent_uprobe";
 pub struct AgentKernel {
     ebpf: Ebpf,
     uprobe_loaded: bool,
+    /// What agents put in their report syscall (task_layout::AGENT_TOKEN).
+    pub token: u64,
 }
 
 /// Options for loading (benchmarks vary them).
@@ -73,6 +75,8 @@ impl AgentKernel {
         let strings = u32::from(opts.strings);
         loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
         loader.override_global(task_layout::AGENT_BENCH_SKIP, &opts.skip, true);
+        let token = pftrace::bpf::new_agent_token();
+        loader.override_global(task_layout::AGENT_TOKEN, &token, true);
         let wakeup = opts.ring_bytes / 4;
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         // Pids as this process's PID namespace numbers them (a container's).
@@ -81,7 +85,7 @@ impl AgentKernel {
             loader.override_global(name, value, true);
         }
         let ebpf = loader.load(BPF_OBJECT)?;
-        Ok(Self { ebpf, uprobe_loaded: false })
+        Ok(Self { ebpf, uprobe_loaded: false, token })
     }
 
     /// Puts the uprobe on the agent's probe function in `agent_so` (every
@@ -125,6 +129,22 @@ impl AgentKernel {
         let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
         prog.attach(location, agent_so, UProbeScope::AllProcesses)
             .map_err(|source| KernelError::Program { name: UPROBE_PROGRAM, source })?;
+        Ok(())
+    }
+
+    /// Attaches the syscall road (`pftrace_agent_syscall` on the sys_enter
+    /// raw tracepoint), or with `floor` a program there that returns at once.
+    pub fn attach_syscall(&mut self, floor: bool) -> Result<(), KernelError> {
+        let name = if floor { "pftrace_agent_syscall_floor" } else { "pftrace_agent_syscall" };
+        let prog: &mut aya::programs::RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Missing("pftrace_agent_syscall"))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
+        prog.load().map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
+        prog.attach("sys_enter")
+            .map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
         Ok(())
     }
 
@@ -297,8 +317,14 @@ impl AgentKernel {
     /// (only while `kernel.bpf_stats_enabled` is 1), from the program fd's fdinfo.
     pub fn program_stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::AsFd as _;
-        let prog: &UProbe = self.ebpf.program(UPROBE_PROGRAM)?.try_into().ok()?;
-        let fd = prog.fd().ok()?.as_fd().as_raw_fd();
+        let fd = match <&UProbe>::try_from(self.ebpf.program(UPROBE_PROGRAM)?).ok()?.fd() {
+            Ok(fd) => fd.as_fd().as_raw_fd(),
+            Err(_) => {
+                let p: &aya::programs::RawTracePoint =
+                    self.ebpf.program("pftrace_agent_syscall")?.try_into().ok()?;
+                p.fd().ok()?.as_fd().as_raw_fd()
+            }
+        };
         let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         let field =
             |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());

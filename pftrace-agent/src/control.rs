@@ -36,7 +36,7 @@ pub fn connect(path: &Path, timeout: Duration, python: (u32, u32)) -> Result<Uni
         return Err(format!("{} is served by uid {peer}, not by root: not pftraced", path.display()));
     }
     stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let hello = Hello { pid: std::process::id(), python };
+    let hello = Hello { pid: std::process::id(), python, syscall: report::syscall_possible() };
     protocol::send(&mut &stream, &hello.to_line()).map_err(|e| format!("sending hello: {e}"))?;
     Ok(stream)
 }
@@ -87,7 +87,7 @@ fn follow(mut reader: BufReader<UnixStream>) {
     let _ = reader.get_ref().set_read_timeout(None);
     let why = loop {
         match Command::read(&mut reader) {
-            Ok(Command::Report(m)) => report::set_mode(mode_of(m)),
+            Ok(Command::Report(m)) => report::set_road(m),
             Ok(Command::Names(names)) => {
                 let generation = with_gil(|api| apply_names(api, &names));
                 match generation {
@@ -109,13 +109,6 @@ fn follow(mut reader: BufReader<UnixStream>) {
     SOCKET_FD.store(-1, Ordering::Release);
     with_gil(|api| teardown(api, &why));
     let _ = reader.get_mut().flush();
-}
-
-pub fn mode_of(m: Report) -> u8 {
-    match m {
-        Report::Uprobe => report::UPROBE,
-        Report::None => report::OFF,
-    }
 }
 
 /// Runs `f` holding the GIL, unless the interpreter is exiting (a thread

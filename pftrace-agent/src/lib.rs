@@ -19,6 +19,8 @@ mod monitoring;
 mod profile;
 pub mod protocol;
 mod report;
+/// The syscall report, for agent-bench to time the road by itself.
+pub use report::report_syscall;
 mod verdict;
 
 /// pftrace's name forms, the same crate the daemon uses.
@@ -180,7 +182,7 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     // Measurement only (agent-bench --nop1): call the 1-byte-nop probe.
     report::use_nop1(std::env::var_os("PFTRACE_AGENT_BENCH_NOP1").is_some());
     report::always_strings(std::env::var_os("PFTRACE_AGENT_BENCH_RETURN_STRINGS").is_some());
-    report::set_mode(control::mode_of(mode));
+    report::set_road(mode);
     if api.has_monitoring() {
         state.tool = Some(monitoring::enable(api).inspect_err(|_| report::set_mode(report::OFF))?);
     } else {
@@ -298,7 +300,8 @@ unsafe extern "C" fn py_stop(_m: Obj, _a: Obj) -> Obj {
 unsafe extern "C" fn py_status(_m: Obj, _a: Obj) -> Obj {
     let Some((api, state)) = (unsafe { agent_state() }) else { return ptr::null_mut() };
     let text = if state.status.is_empty() { "not started".to_string() } else { state.status.clone() };
-    let text = format!("{text}; generation={}", state.generation);
+    // The generation stays last: scripts read it as the status's tail.
+    let text = format!("{text}; reporting by {}; generation={}", report::road(), state.generation);
     let c = std::ffi::CString::new(text).unwrap_or_default();
     let s = unsafe { (api.unicode_from)(c.as_ptr()) };
     if s.is_null() {

@@ -80,6 +80,16 @@ pub mod agent {
     /// holds the code id on every agent record, so the return pairs with
     /// its entry by code id.
     pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
+
+    /// The other road, where the process has no seccomp filter: a syscall
+    /// with this number (far above any x86-64 syscall, below the x32 bit:
+    /// the kernel answers -ENOSYS and does nothing else), taken by
+    /// pftraced's raw tracepoint on `sys_enter` before the dispatch. The
+    /// report is in the syscall's argument registers: rdi = event, rsi =
+    /// name, rdx = file, r10 = line, r8 = code id (the probe function's
+    /// meaning). 103 ns a report with an empty program, against 270 ns for
+    /// the nop5 uprobe (agent-bench --raw, same sitting).
+    pub const SYSCALL_NR: u64 = 0x0070_6674;
 }
 
 /// Bits of [`CallEvent::flags`].
@@ -356,6 +366,12 @@ pub mod task_layout {
     /// Parts of an agent report left out (bits of [`bench_skip`]): only
     /// for agent-bench to measure what each part costs. 0 otherwise.
     pub const AGENT_BENCH_SKIP: &str = "AGENT_BENCH_SKIP";
+    /// The token (random, per loaded object) an agent puts in r9 of its
+    /// report syscall (pftrace_common::agent::SYSCALL_NR): the sys_enter
+    /// program of every pftraced on the host sees every such syscall, and
+    /// takes only those carrying its own token (the others are another
+    /// pftraced's; a wrong token from a process is not counted as refused).
+    pub const AGENT_TOKEN: &str = "AGENT_TOKEN";
     /// Bits of AGENT_BENCH_SKIP.
     pub mod bench_skip {
         /// Process's RSS (mm and three counters).

@@ -499,3 +499,134 @@ fn reports_of_processes_not_accepted_are_dropped_and_counted() {
     assert_eq!(trace.counter("agent_foreign"), 200, "the forged reports, dropped in the kernel");
     assert_eq!(trace.counter("agent_reports"), 20);
 }
+
+/// The report roads: `work` called 500 times, then 500 more, against
+/// CPython's recorder; prints the agent's status (its road) before and
+/// after. Mode `block`: between the halves the process installs a seccomp
+/// filter refusing the agent's syscall with EPERM (the agent must go over
+/// to the uprobe without losing a report). With a third argument, waits for
+/// that file first (for `--pid`).
+const ROADS: &str = r#"
+import ctypes, os, sys, threading, time
+entries = []
+
+def profiler(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "work":
+        entries.append(threading.get_native_id())
+
+def work(x):
+    return x * 2
+
+def block_report_syscall():
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+    # nr == SYSCALL_NR: ERRNO(EPERM); else ALLOW.
+    code = (Filter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, 0x706674), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
+    prog = Prog(4, code)
+    libc = ctypes.CDLL(None, use_errno=True)
+    ul = ctypes.c_ulong
+    assert libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) == 0, ctypes.get_errno()
+    assert libc.prctl(22, ul(2), ctypes.byref(prog), ul(0), ul(0)) == 0, ctypes.get_errno()
+
+def road():
+    agent = sys.modules.get("pftrace_agent")
+    return agent.status().split("reporting by ")[-1].split(";")[0] if agent else "no agent"
+
+if len(sys.argv) > 2:
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.002)
+print("ROAD", road(), flush=True)
+sys.setprofile(profiler)
+for i in range(500):
+    work(i)
+sys.setprofile(None)
+if sys.argv[1] == "block":
+    block_report_syscall()
+sys.setprofile(profiler)
+for i in range(500):
+    work(i)
+sys.setprofile(None)
+for tid in entries:
+    print("REC", tid, "work")
+print("ROAD", road())
+print("DONE", flush=True)
+"#;
+
+/// The roads a run took, in order (the script's ROAD lines).
+fn roads(stdout: &str) -> Vec<&str> {
+    stdout.lines().filter_map(|l| l.strip_prefix("ROAD ")).collect()
+}
+
+/// Exact counts and the reports' total for one run of ROADS.
+fn check_roads_run(label: &str, run_stdout: &str, trace: &Trace, script: &Path) {
+    let want = recorded(run_stdout);
+    assert_eq!(want.values().sum::<usize>(), 1000, "{label}: recorder");
+    trace.assert_clean();
+    assert_eq!(traced(trace, script), want, "{label}: calls per thread");
+    assert_eq!(trace.counter("agent_reports"), 2000, "{label}: one entry and one return each");
+    assert_eq!(trace.counter("agent_foreign") + trace.counter("agent_bad"), 0, "{label}");
+}
+
+/// The agent reports through its syscall where its process has no seccomp
+/// filter; a filter installed while it runs (refusing the syscall with
+/// EPERM) moves it to the uprobe without losing a report; a process started
+/// under a filter reports by uprobe from the first call. Exact counts
+/// against CPython's recorder in each case.
+#[test]
+fn report_roads_syscall_and_seccomp_fallback() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    for (mode, want_roads) in [("plain", ["syscall", "syscall"]), ("block", ["syscall", "uprobe"])] {
+        let label = format!("3.12.1 launch, {mode}");
+        let dir = TestDir::new("agent-roads");
+        let script = dir.script("roads.py", ROADS);
+        let run =
+            Pftraced::new(&dir, &["work"]).launch(&[py.as_os_str(), script.as_os_str(), mode.as_ref()]).run();
+        run.assert_code(0);
+        assert!(run.stdout.contains("DONE"), "{label}: {}\n{}", run.stdout, run.stderr);
+        assert_eq!(roads(&run.stdout), want_roads, "{label}: {}", run.stdout);
+        check_roads_run(&label, &run.stdout, &run.trace(), &script);
+    }
+    // Started under a filter (as in a container): `--pid` on 3.14.
+    let label = "3.14 --pid under a seccomp filter";
+    let dir = TestDir::new("agent-roads-pid");
+    let script = dir.script("roads.py", ROADS);
+    let go = dir.join("go");
+    let mut cmd = Command::new(sid_python("3.14"));
+    cmd.arg(&script).arg("plain").arg(&go);
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            // nr == SYSCALL_NR: ERRNO(EPERM); else ALLOW (as block_report_syscall).
+            let nr = pftrace_common::agent::SYSCALL_NR as u32;
+            let mut code = [
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: nr },
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0005_0001 },
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 },
+            ];
+            let prog = libc::sock_fprog { len: code.len() as u16, filter: code.as_mut_ptr() };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &prog as *const libc::sock_fprog, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut process = PyProcess::start(&mut cmd, label.to_string());
+    process.expect_line("ready");
+    let tracer = Pftraced::new(&dir, &["work"]).pid(process.pid()).spawn();
+    let line = tracer.wait_attached(process.pid());
+    assert!(line.contains("in-process agent"), "{label}: {line}");
+    std::fs::write(&go, "").unwrap();
+    let (status, stdout) = process.wait(Duration::from_secs(60));
+    assert!(status.success(), "{label}: {status}");
+    let run = tracer.finish();
+    run.assert_code(0);
+    assert_eq!(roads(&stdout), ["uprobe", "uprobe"], "{label}: {stdout}");
+    check_roads_run(label, &stdout, &run.trace(), &script);
+}

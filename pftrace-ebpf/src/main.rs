@@ -95,6 +95,11 @@ static WAKEUP_BYTES: u32 = 0;
 #[unsafe(no_mangle)]
 static SCOPE_FILTER: u32 = 0;
 
+/// What this daemon's agents put in r9 of their report syscall
+/// (pftrace_common::task_layout::AGENT_TOKEN); set at load time.
+#[unsafe(no_mangle)]
+static AGENT_TOKEN: u64 = 0;
+
 /// Non-zero: agent reports copy the name and file strings (see
 /// pftrace_common::task_layout::AGENT_STRINGS).
 #[unsafe(no_mangle)]
@@ -576,6 +581,42 @@ pub fn pftrace_agent_uprobe(ctx: ProbeContext) -> u32 {
     let line: u64 = ctx.arg(3).unwrap_or(0);
     let code: u64 = ctx.arg(4).unwrap_or(0);
     agent_report(event, name, file, line, code);
+    0
+}
+
+/// A report of the in-process agent through its syscall
+/// (pftrace_common::agent::SYSCALL_NR), seen on every syscall of the host
+/// while attached: anything else returns at the first test (+10-13 ns a
+/// syscall with an empty program here; pftraced attaches it only while an
+/// agent reports this way). Arguments from the syscall's registers:
+/// rdi = event, rsi = name, rdx = file, r10 = line, r8 = code id, r9 =
+/// this daemon's token (another pftraced's agents carry theirs: not ours,
+/// not counted).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn pftrace_agent_syscall(ctx: RawTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    if id != agent::SYSCALL_NR {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // struct pt_regs on x86-64 from r10 (offset 56): r10, r9, r8, ax, cx,
+    // dx, si, di; one read of the eight words.
+    let Ok(r) = (unsafe { bpf_probe_read_kernel((regs as usize + 56) as *const [u64; 8]) }) else {
+        bump(counter::AGENT_BAD);
+        return 0;
+    };
+    // SAFETY: a plain load of a load-time constant.
+    if r[1] != unsafe { core::ptr::read_volatile(&AGENT_TOKEN) } {
+        return 0;
+    }
+    agent_report(r[7], r[6], r[5], r[0], r[2]);
+    0
+}
+
+/// Benchmark floor of the syscall road: the same attachment, returning at
+/// once (what the tracepoint itself costs every syscall).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn pftrace_agent_syscall_floor(_ctx: RawTracePointContext) -> i32 {
     0
 }
 

@@ -138,6 +138,8 @@ fn main() -> anyhow::Result<()> {
     let server = AgentServer::bind(&installed.socket)?;
 
     let (uprobe, callbacks_only) = (Some(Report::Uprobe), Some(Report::None));
+    // The token is the loaded object's: filled in when the case runs.
+    let syscall = Some(Report::Syscall(0));
     // Cases run round-robin within a group (every case once per round), so a
     // busy stretch of the shared machine weighs on all of them alike; each
     // group has its own untraced baselines and its kernel side loaded.
@@ -151,6 +153,8 @@ fn main() -> anyhow::Result<()> {
         case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
         case("agent-sparse-uprobe", uprobe, "traced", "sparse", true),
         case("agent-dense-uprobe", uprobe, "traced", "dense", true),
+        case("agent-sparse-syscall", syscall, "traced", "sparse", true),
+        case("agent-dense-syscall", syscall, "traced", "dense", true),
         Case {
             return_strings: true,
             ..case("agent-dense-uprobe-return-strings", uprobe, "traced", "dense", true)
@@ -237,6 +241,7 @@ fn summarize(results: &[(&str, f64)]) {
         ("agent-sparse-uprobe", base_s),
         ("agent-sparse-uprobe-nop1", base_s),
         ("agent-sparse-uprobe-floor", base_s),
+        ("agent-sparse-syscall", base_s),
     ] {
         if let Some(v) = get(name) {
             println!("  -> {name}: {:.3}x untraced", v / base);
@@ -249,6 +254,7 @@ fn summarize(results: &[(&str, f64)]) {
         "agent-dense-uprobe-return-strings",
         "agent-dense-uprobe-nop1",
         "agent-dense-uprobe-nostrings",
+        "agent-dense-syscall",
     ] {
         if let Some(v) = get(name) {
             println!("  -> {name}: {:+.1} ns per matched call (entry + return)", v - base_d);
@@ -270,6 +276,7 @@ impl Kernel {
         let mut k = AgentKernel::load(LoadOptions { strings, ..Default::default() })?;
         k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
         k.attach_uprobe_extra(&installed.agent_so(), "pftrace_agent_probe_nop1")?;
+        k.attach_syscall(false)?;
         Self::from(k, true)
     }
 
@@ -342,6 +349,10 @@ fn run_case(
                 k.pid.store(child.id() as u64, Ordering::Relaxed);
                 k.k.track(child.id())?;
             }
+            let report = match (report, kernel.as_deref()) {
+                (Report::Syscall(_), Some(k)) => Report::Syscall(k.k.token),
+                (r, _) => r,
+            };
             conn.configure(report, &[c.names.to_string()])?;
             Some(conn)
         }
@@ -405,6 +416,61 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Probe>(p) })
     };
     let (nop5, nop1) = (get(c"pftrace_agent_probe")?, get(c"pftrace_agent_probe_nop1")?);
+    // The loaded object's token, for the syscall reports of this process.
+    static TOKEN: AtomicU64 = AtomicU64::new(0);
+    unsafe extern "C" fn by_syscall(event: u64, name: *const u8, file: *const u8, line: u64, code: u64) {
+        pftrace_agent::report_syscall(event, name, file, line, code, TOKEN.load(Ordering::Relaxed));
+    }
+    let syscall: Probe = by_syscall;
+    // What every other syscall of the host pays while the syscall road is
+    // attached: getppid timed with and without it.
+    unsafe extern "C" fn getppid(_: u64, _: *const u8, _: *const u8, _: u64, _: u64) {
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+    let other: Probe = getppid;
+    // The two roads, in turn on the calling CPU (pin with taskset: this
+    // VM's two vCPUs run one loop at different speeds), fastest of 300
+    // batches each: the empty programs, then the full one.
+    for round in 0..2 {
+        let mut fl = AgentKernel::load(LoadOptions::default())?;
+        fl.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+        println!("raw round {round} nop5 uprobe, empty program: {:.1} ns per report", fastest(nop5));
+        drop(fl);
+        println!("raw round {round} syscall, nothing attached: {:.1} ns per report", fastest(syscall));
+        println!("raw round {round} getppid, nothing attached: {:.1} ns", fastest(other));
+        let mut fl = AgentKernel::load(LoadOptions::default())?;
+        TOKEN.store(fl.token, Ordering::Relaxed);
+        fl.attach_syscall(true)?;
+        println!("raw round {round} syscall, empty program: {:.1} ns per report", fastest(syscall));
+        drop(fl);
+        for road in ["nop5 uprobe", "syscall"] {
+            let mut k = AgentKernel::load(LoadOptions::default())?;
+            TOKEN.store(k.token, Ordering::Relaxed);
+            let f = if road == "syscall" {
+                k.attach_syscall(false)?;
+                syscall
+            } else {
+                k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+                nop5
+            };
+            k.track(std::process::id())?;
+            let (stop, drainer) = drain_own(k.take_ring()?);
+            let ns = fastest(f);
+            if road == "syscall" {
+                println!("raw round {round} getppid, syscall road attached: {:.1} ns", fastest(other));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let _ = drainer.join();
+            println!(
+                "raw round {round} {road}, full program: {ns:.1} ns per report ({} reports, {} lost)",
+                k.counter(counter::AGENT_REPORTS)?,
+                k.counter(counter::LOST)?
+            );
+        }
+    }
+    if std::env::var_os("AGENT_BENCH_ROADS_ONLY").is_some() {
+        return Ok(());
+    }
     // What each part of the program costs: the same reports with parts left
     // out, timed here and by the kernel (bpf_stats, when enabled).
     use pftrace_common::task_layout::bench_skip as skip;
@@ -419,13 +485,20 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         ("no record (lookup + counter)", false, skip::RING),
         ("no record, no lookup", false, skip::RING | skip::TRACKED),
     ];
-    for (label, strings, skip) in variants {
+    for (road, (label, strings, skip)) in
+        ["nop5", "syscall"].into_iter().flat_map(|r| variants.iter().map(move |v| (r, *v)))
+    {
         let mut k = AgentKernel::load(LoadOptions { strings, skip, ..Default::default() })?;
-        k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+        TOKEN.store(k.token, Ordering::Relaxed);
+        if road == "syscall" {
+            k.attach_syscall(false)?;
+        } else {
+            k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+        }
         k.track(std::process::id())?;
         let (stop, drainer) = drain_own(k.take_ring()?);
         let before = k.program_stats();
-        let ns = fastest(nop5);
+        let ns = fastest(if road == "syscall" { syscall } else { nop5 });
         let after = k.program_stats();
         stop.store(true, Ordering::Relaxed);
         let _ = drainer.join();
@@ -435,7 +508,7 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
             }
             _ => "bpf_stats off".into(),
         };
-        println!("raw nop5 {label:<38} {ns:.1} ns per report; {prog}");
+        println!("raw {road:<7} {label:<38} {ns:.1} ns per report; {prog}");
     }
     let mut fl = AgentKernel::load(LoadOptions::default())?;
     fl.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;

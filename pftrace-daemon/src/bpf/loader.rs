@@ -160,6 +160,10 @@ pub struct KernelProbes {
     usdt: Arc<Programs>,
     floor_programs: Arc<Programs>,
     specs: HashMap<UsdtSpec, u32>,
+    /// The agent's syscall road (sys_enter raw tracepoint) while attached.
+    agent_syscall: Option<aya::programs::raw_trace_point::RawTracePointLinkId>,
+    /// What this object's agents put in their report syscall (task_layout::AGENT_TOKEN).
+    agent_token: u64,
 }
 
 impl KernelProbes {
@@ -182,6 +186,8 @@ impl KernelProbes {
         // now: the verifier drops the messages the level turns off.
         let level = kernel_log_level(log::max_level());
         loader.override_global(aya_log::LEVEL, &level, true);
+        let agent_token = new_agent_token();
+        loader.override_global(task_layout::AGENT_TOKEN, &agent_token, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -220,6 +226,8 @@ impl KernelProbes {
             usdt: Arc::new(usdt),
             floor_programs: Arc::new(floor_programs),
             specs: HashMap::new(),
+            agent_syscall: None,
+            agent_token,
         })
     }
 
@@ -467,10 +475,67 @@ impl KernelProbes {
         Ok(())
     }
 
+    /// Attaches the agent's syscall road (a raw tracepoint on sys_enter,
+    /// pftrace_common::agent::SYSCALL_NR) unless it is attached. It runs on
+    /// every syscall of the host (+10-13 ns each here, most of it the
+    /// kernel's slow syscall path the tracepoint turns on), so pftraced
+    /// holds it only while an agent reports through it
+    /// ([`Self::detach_agent_syscall`]).
+    pub fn attach_agent_syscall(&mut self) -> Result<(), BpfError> {
+        const NAME: &str = "pftrace_agent_syscall";
+        if self.agent_syscall.is_some() {
+            return Ok(());
+        }
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or(BpfError::Missing(NAME))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| BpfError::Program { name: NAME, source })?;
+        }
+        self.agent_syscall =
+            Some(prog.attach("sys_enter").map_err(|source| BpfError::Program { name: NAME, source })?);
+        Ok(())
+    }
+
+    /// The token this daemon's agents put in their report syscall.
+    pub fn agent_token(&self) -> u64 {
+        self.agent_token
+    }
+
+    /// Whether the agent's syscall road is attached.
+    pub fn has_agent_syscall(&self) -> bool {
+        self.agent_syscall.is_some()
+    }
+
+    /// Detaches the agent's syscall road (no agent reports through it).
+    pub fn detach_agent_syscall(&mut self) {
+        const NAME: &str = "pftrace_agent_syscall";
+        let Some(link) = self.agent_syscall.take() else { return };
+        if let Some(Ok(prog)) = self.ebpf.program_mut(NAME).map(<&mut RawTracePoint>::try_from)
+            && let Err(err) = prog.detach(link)
+        {
+            log::warn!("detaching {NAME}: {err}");
+        }
+    }
+
     /// Takes the ring buffer of matched calls (once).
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
+    }
+}
+
+/// A fresh token for task_layout::AGENT_TOKEN (random; never 0).
+pub fn new_agent_token() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    match u64::from_ne_bytes(b) {
+        t if n == 8 && t != 0 => t,
+        _ => (std::process::id() as u64) << 32 | 1,
     }
 }
 

@@ -12,5 +12,7 @@ mod points;
 mod sys;
 
 pub use attach::{AttachError, AttachJob, UprobeLink};
-pub use loader::{ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, name_key};
+pub use loader::{
+    ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, name_key, new_agent_token,
+};
 pub use points::{ProbePoint, ResolvedPoints, Scope};

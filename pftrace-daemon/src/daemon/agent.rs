@@ -134,6 +134,11 @@ impl AgentSide {
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
     }
 
+    /// Whether any agent is connected.
+    pub(super) fn has_agents(&self) -> bool {
+        !self.links.is_empty()
+    }
+
     /// Whether the agent of `pid` is tracing (it confirmed the names).
     pub(super) fn is_tracing(&self, pid: u32) -> bool {
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid)
@@ -327,13 +332,28 @@ impl Daemon {
             log::warn!("agent of pid {pid} refused: {err}");
             return None;
         }
+        // The syscall road where the agent offers it (no seccomp filter in
+        // its process): 103 ns a report against 270 ns by the uprobe.
+        let road = if conn.hello.syscall {
+            match self.probes.attach_agent_syscall() {
+                Ok(()) => Report::Syscall(self.probes.agent_token()),
+                Err(err) => {
+                    log::warn!(
+                        "agent of pid {pid}: the syscall road is not available ({err}); it reports by uprobe"
+                    );
+                    Report::Uprobe
+                }
+            }
+        } else {
+            Report::Uprobe
+        };
         let names = self.filter.texts();
         let (tx, rx) = std_mpsc::channel();
         let (configured_tx, configured) = std_mpsc::channel();
         let ready = self.agent.as_ref().map(|a| Arc::clone(&a.ready)).unwrap_or_default();
         let spawned = std::thread::Builder::new()
             .name(format!("pftrace-agent-{pid}"))
-            .spawn(move || serve_agent(conn, names, configured_tx, ready, rx));
+            .spawn(move || serve_agent(conn, road, names, configured_tx, ready, rx));
         match spawned {
             Ok(_) => {
                 log::debug!("pid {pid}: agent connected");
@@ -432,15 +452,19 @@ fn accept_loop(listener: UnixListener, tx: mpsc::UnboundedSender<AgentConn>) {
 /// the agent removes its hooks).
 fn serve_agent(
     mut conn: AgentConn,
+    road: Report,
     names: Vec<String>,
     configured: std_mpsc::Sender<Result<u32, String>>,
     ready: Arc<Mutex<HashSet<u32>>>,
     rx: std_mpsc::Receiver<ToAgent>,
 ) {
     let pid = conn.pid;
-    match conn.configure(Report::Uprobe, &names) {
+    match conn.configure(road, &names) {
         Ok(generation) => {
-            log::debug!("agent of pid {pid}: names in force (generation {generation})");
+            log::debug!(
+                "agent of pid {pid}: names in force (generation {generation}), reports by {}",
+                road.as_str()
+            );
             ready.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
             let _ = configured.send(Ok(generation));
         }

@@ -26,6 +26,11 @@ impl Daemon {
         self.dormant.forget(pid);
         if let Some(agent) = &mut self.agent {
             agent.forget(pid);
+            // The syscall road costs every syscall of the host: held only
+            // while an agent may report through it.
+            if !agent.has_agents() {
+                self.probes.detach_agent_syscall();
+            }
         }
         // Still tracked (its forks and execs reported) if it only exec'd
         // something else; the kernel forgets it when it exits.
@@ -59,6 +64,7 @@ impl Daemon {
         if let Some(agent) = &mut self.agent {
             agent.stop_all();
         }
+        self.probes.detach_agent_syscall();
         self.scheduler.detach_rest_in_background();
         if self.store.evicted > 0 && self.spill.is_none() {
             log::warn!(
