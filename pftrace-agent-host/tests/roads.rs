@@ -23,7 +23,7 @@ fn report(n: u64, token: u64, event_of: impl Fn(u64) -> u8) {
 }
 
 fn alternating(i: u64) -> u8 {
-    if i % 2 == 0 { agent::START } else { agent::RETURN }
+    if i.is_multiple_of(2) { agent::START } else { agent::RETURN }
 }
 
 #[test]
