@@ -1,7 +1,8 @@
 //! Reporting a matched event to the kernel, where a BPF program stamps it
 //! with the kernel's clock, the thread's CPU time and the process's RSS and
 //! puts it on pftraced's ring buffer. Two roads, chosen by pftraced from
-//! those the agent offers in its hello:
+//! those the agent offers in its hello (the uprobe unless pftraced runs with
+//! `--agent-report syscall`: the syscall road costs every syscall of the host):
 //!
 //! - the syscall `pftrace_common::agent::SYSCALL_NR` (no such syscall: the
 //!   kernel answers -ENOSYS) with the report in its argument registers,

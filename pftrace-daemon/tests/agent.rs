@@ -570,21 +570,31 @@ fn check_roads_run(label: &str, run_stdout: &str, trace: &Trace, script: &Path) 
     assert_eq!(trace.counter("agent_foreign") + trace.counter("agent_bad"), 0, "{label}");
 }
 
-/// The agent reports through its syscall where its process has no seccomp
-/// filter; a filter installed while it runs (refusing the syscall with
-/// EPERM) moves it to the uprobe without losing a report; a process started
+/// By default the agent reports by uprobe (the syscall road costs every
+/// syscall of the host). With `--agent-report syscall` it reports through
+/// its syscall where its process has no seccomp filter; a filter installed
+/// while it runs (refusing the syscall with EPERM) moves it to the uprobe
+/// without losing a report; a process started
 /// under a filter reports by uprobe from the first call. Exact counts
 /// against CPython's recorder in each case.
 #[test]
-fn report_roads_syscall_and_seccomp_fallback() {
+fn report_roads_uprobe_by_default_syscall_when_asked_and_seccomp_fallback() {
     require_root();
     let py = pyenv_python("3.12.1");
-    for (mode, want_roads) in [("plain", ["syscall", "syscall"]), ("block", ["syscall", "uprobe"])] {
-        let label = format!("3.12.1 launch, {mode}");
+    for (road, mode, want_roads) in [
+        (None, "plain", ["uprobe", "uprobe"]),
+        (Some("syscall"), "plain", ["syscall", "syscall"]),
+        (Some("syscall"), "block", ["syscall", "uprobe"]),
+        (Some("uprobe"), "plain", ["uprobe", "uprobe"]),
+    ] {
+        let label = format!("3.12.1 launch, --agent-report {road:?}, {mode}");
         let dir = TestDir::new("agent-roads");
         let script = dir.script("roads.py", ROADS);
-        let run =
-            Pftraced::new(&dir, &["work"]).launch(&[py.as_os_str(), script.as_os_str(), mode.as_ref()]).run();
+        let mut tracer = Pftraced::new(&dir, &["work"]);
+        if let Some(road) = road {
+            tracer = tracer.args(&["--agent-report", road]);
+        }
+        let run = tracer.launch(&[py.as_os_str(), script.as_os_str(), mode.as_ref()]).run();
         run.assert_code(0);
         assert!(run.stdout.contains("DONE"), "{label}: {}\n{}", run.stdout, run.stderr);
         assert_eq!(roads(&run.stdout), want_roads, "{label}: {}", run.stdout);
@@ -619,7 +629,8 @@ fn report_roads_syscall_and_seccomp_fallback() {
     }
     let mut process = PyProcess::start(&mut cmd, label.to_string());
     process.expect_line("ready");
-    let tracer = Pftraced::new(&dir, &["work"]).pid(process.pid()).spawn();
+    let tracer =
+        Pftraced::new(&dir, &["work"]).args(&["--agent-report", "syscall"]).pid(process.pid()).spawn();
     let line = tracer.wait_attached(process.pid());
     assert!(line.contains("in-process agent"), "{label}: {line}");
     std::fs::write(&go, "").unwrap();

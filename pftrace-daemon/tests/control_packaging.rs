@@ -56,6 +56,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
         "limits.max_concurrent_dumps",
         "sampling.interval_ms",
         "sampling.max_samples",
+        "agent.report",
     ];
     assert_eq!(keys, expected.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
     let optional = Config::parse(&uncommented, "uncommented").unwrap();

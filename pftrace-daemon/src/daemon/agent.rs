@@ -332,9 +332,11 @@ impl Daemon {
             log::warn!("agent of pid {pid} refused: {err}");
             return None;
         }
-        // The syscall road where the agent offers it (no seccomp filter in
-        // its process): 103 ns a report against 270 ns by the uprobe.
-        let road = if conn.hello.syscall {
+        // The syscall road where pftraced was told to take it and the agent
+        // offers it (no seccomp filter in its process): 103 ns a report
+        // against 270 ns by the uprobe, but a cost to every syscall of the
+        // host (config::AgentReport::Syscall).
+        let road = if conn.hello.syscall && self.agent_report == crate::config::AgentReport::Syscall {
             match self.probes.attach_agent_syscall() {
                 Ok(()) => Report::Syscall(self.probes.agent_token()),
                 Err(err) => {

@@ -155,6 +155,8 @@ pub struct Daemon {
     dormant: dormant::Dormant,
     /// The in-process agent, once a target needs it.
     agent: Option<agent::AgentSide>,
+    /// How agents report (`[agent] report`, `--agent-report`).
+    agent_report: crate::config::AgentReport,
     /// Agents that connected before the event loop ran.
     early_agents: Vec<crate::agent::server::AgentConn>,
 }

@@ -192,6 +192,7 @@ impl Daemon {
             scheduler: AttachScheduler::new(),
             dormant,
             agent: None,
+            agent_report: opts.config.agent.report,
             early_agents: Vec::new(),
         };
         if opts.all || !opts.cgroups.is_empty() {

@@ -32,14 +32,13 @@ pub fn interpreters(env: &crate::setup::Env) -> Vec<(String, PathBuf)> {
 }
 
 /// Cases: (name, traced names, pftraced flags); `None`: untraced. The agent
-/// reports through its syscall where it can (these runs); `agent uprobe
-/// dense` keeps it on the uprobe road (PFTRACE_AGENT_REPORT=uprobe), the
-/// fallback, for comparison in the same sitting.
+/// reports by uprobe (pftraced's default); `agent syscall dense` takes the
+/// opt-in syscall road, for comparison in the same sitting.
 const CASES: [(&str, Option<&str>, &[&str]); 6] = [
     ("untraced", None, &[]),
     ("agent sparse", Some("rare"), &["--agent"]),
     ("agent dense", Some("f,rare"), &["--agent"]),
-    ("agent uprobe dense", Some("f,rare"), &["--agent"]),
+    ("agent syscall dense", Some("f,rare"), &["--agent", "--agent-report", "syscall"]),
     ("usdt sparse", Some("rare"), &[]),
     ("usdt dense", Some("f,rare"), &[]),
 ];
@@ -63,8 +62,7 @@ pub fn measure(
         for run in 0..runs {
             for row in rows.iter_mut().filter(|r| &r.python == label) {
                 let (_, names, flags) = CASES.iter().find(|(c, _, _)| *c == row.case).expect("a case");
-                let uprobe = row.case.contains("uprobe");
-                match run_once(pftraced, calls_py, dir, py, n, *names, flags, uprobe) {
+                match run_once(pftraced, calls_py, dir, py, n, *names, flags) {
                     Ok(ns) => row.samples.push(ns),
                     Err(e) => row.errors.push(format!("run {run}: {e:#}")),
                 }
@@ -75,7 +73,6 @@ pub fn measure(
 }
 
 /// One run; returns the loop's wall ns per call.
-#[allow(clippy::too_many_arguments)]
 fn run_once(
     pftraced: &Path,
     calls_py: &Path,
@@ -84,7 +81,6 @@ fn run_once(
     n: u64,
     names: Option<&str>,
     flags: &[&str],
-    uprobe: bool,
 ) -> Result<f64> {
     if !py.exists() {
         bail!("{} is missing (run `cargo xtask setup`)", py.display());
@@ -99,9 +95,6 @@ fn run_once(
         }
     };
     cmd.arg(calls_py).arg(n.to_string());
-    if uprobe {
-        cmd.env("PFTRACE_AGENT_REPORT", "uprobe");
-    }
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
