@@ -641,3 +641,43 @@ fn report_roads_uprobe_by_default_syscall_when_asked_and_seccomp_fallback() {
     assert_eq!(roads(&stdout), ["uprobe", "uprobe"], "{label}: {stdout}");
     check_roads_run(label, &stdout, &run.trace(), &script);
 }
+
+/// A launched Python that starts another with `-E` (launch mode checks
+/// only the command it is given): the child ignores PYTHONPATH, never loads
+/// the agent, and pftraced names it in a warning once it has run 10 s
+/// without it. The same child started without `-E` has its 7 calls traced
+/// and no such warning.
+#[test]
+fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    const PARENT: &str = "import subprocess, sys\n\
+        flags = sys.argv[2:]\n\
+        subprocess.run([sys.executable, *flags, sys.argv[1]], check=True)\n";
+    const CHILD: &str = "import os, time\n\
+        def work(x):\n    return x\n\
+        print('PID', os.getpid(), flush=True)\n\
+        for i in range(7):\n    work(i)\n\
+        time.sleep(11)\n\
+        print('DONE', flush=True)\n";
+    for (flags, warned, calls) in [(&["-E"][..], true, 0), (&[][..], false, 7)] {
+        let label = format!("a child started with {flags:?}");
+        let dir = TestDir::new("agent-never-loaded");
+        let parent = dir.script("parent.py", PARENT);
+        let child = dir.script("child.py", CHILD);
+        let mut cmd = vec![py.as_os_str(), parent.as_os_str(), child.as_os_str()];
+        cmd.extend(flags.iter().map(|f| std::ffi::OsStr::new(f)));
+        let run = Pftraced::new(&dir, &["work"]).launch(&cmd).run();
+        run.assert_code(0);
+        assert!(run.stdout.contains("DONE"), "{label}: {}", run.stdout);
+        let pid: u32 =
+            run.stdout.lines().find_map(|l| l.strip_prefix("PID ")).expect("its pid").parse().unwrap();
+        let warning = format!(
+            "pid {pid} ({}) was started with pftrace's agent on its path but has not loaded it within 10s, so none \
+             of its calls are traced: it may run Python with -E, -I or -S",
+            py.display()
+        );
+        assert_eq!(run.stderr.contains(&warning), warned, "{label}: {}", run.stderr);
+        assert_eq!(run.trace().calls.len(), calls, "{label}: calls of work traced");
+    }
+}

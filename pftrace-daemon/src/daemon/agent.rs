@@ -276,15 +276,27 @@ impl Daemon {
             self.processes.refuse(pid, &why);
             return;
         }
+        let binary = crate::events::printable_path(&target.binary);
         if let Err(err) = self.attach_agent_target(target) {
             log::warn!("{}", printable(&err.to_string()));
             self.processes.refuse(pid, &err);
             return;
         }
-        if !has_agent_env {
-            let agent = self.agent.as_ref().expect("enabled");
-            let (script, ready) = (agent.installed.attach_script(), Arc::clone(&agent.ready));
-            let is_ready = move || ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid);
+        let agent = self.agent.as_ref().expect("enabled");
+        let ready = Arc::clone(&agent.ready);
+        let is_ready = move || ready.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid);
+        if has_agent_env {
+            // It loads the agent by itself, unless it runs Python with -E, -I
+            // or -S (a wrapper script's line that launch mode cannot see), or
+            // something cleared PYTHONPATH: say so rather than trace nothing.
+            tokio::spawn(async move {
+                tokio::time::sleep(CONNECT_TIMEOUT).await;
+                if !is_ready() && !crate::procinfo::has_exited(pid) {
+                    log::warn!("{}", printable(&never_loaded(pid, &binary)));
+                }
+            });
+        } else {
+            let script = agent.installed.attach_script();
             tokio::task::spawn_blocking(move || {
                 // Found at its exec, it is starting up: the loader declines
                 // to run inside an import, so ask until its agent is tracing.
@@ -503,4 +515,15 @@ fn root_dir(dir: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("not a directory of pftraced's user alone (owner, mode 0755)"));
     }
     Ok(())
+}
+
+/// The warning for a process started with the agent on its path that has
+/// not loaded it within [`CONNECT_TIMEOUT`].
+fn never_loaded(pid: u32, binary: &str) -> String {
+    format!(
+        "pid {pid} ({binary}) was started with pftrace's agent on its path but has not loaded it within \
+         {CONNECT_TIMEOUT:?}, so none of its calls are traced: it may run Python with -E, -I or -S (they skip \
+         PYTHONPATH or site; a wrapper script's command line can hide them), or PYTHONPATH was cleared on the way; \
+         the agent says why it declined on the process's stderr, in lines starting with \"pftrace:\""
+    )
 }
