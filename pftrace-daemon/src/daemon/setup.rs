@@ -41,6 +41,7 @@ impl Daemon {
         }
         caps::check()?;
         let limits = &opts.config.limits;
+        crate::open_files::raise(limits.max_processes);
         let layout = match TaskOffsets::discover() {
             Ok(layout) => Some(layout),
             Err(err) => {
