@@ -40,18 +40,9 @@ impl Launched {
         let mut cmd = Command::new(program);
         cmd.args(args);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        // The command runs under the open-file limit pftraced was started
-        // with, not the one it raised for itself (see open_files.rs).
-        let limit = crate::open_files::for_children();
-        // SAFETY: ptrace(PTRACE_TRACEME) and setrlimit are async-signal-safe
-        // and touch no memory but `limit`, made before the fork.
+        // SAFETY: ptrace(PTRACE_TRACEME) is async-signal-safe and touches no memory.
         unsafe {
-            cmd.pre_exec(move || {
-                if let Some(limit) = &limit
-                    && libc::setrlimit(libc::RLIMIT_NOFILE, limit) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            cmd.pre_exec(|| {
                 if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }

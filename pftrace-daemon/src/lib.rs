@@ -19,7 +19,6 @@ pub mod job_pattern;
 pub mod kernel;
 pub mod launch;
 pub mod logging;
-pub mod open_files;
 pub mod output;
 pub mod pairing;
 pub mod procinfo;

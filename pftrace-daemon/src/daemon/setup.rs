@@ -41,7 +41,6 @@ impl Daemon {
         }
         caps::check()?;
         let limits = &opts.config.limits;
-        crate::open_files::raise(limits.max_processes);
         let layout = match TaskOffsets::discover() {
             Ok(layout) => Some(layout),
             Err(err) => {
