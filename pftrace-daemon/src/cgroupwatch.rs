@@ -106,14 +106,7 @@ impl Watcher {
                 }
             }
         }
-        let mut buf = vec![MaybeUninit::<u8>::uninit(); BUF_BYTES];
-        let mut reader = inotify::Reader::new(&fd, &mut buf);
-        loop {
-            let event = match reader.next() {
-                Ok(event) => event,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
+        read_events(&fd, BUF_BYTES, |event| {
             let flags = event.events();
             let name = event.file_name().map(|n| String::from_utf8_lossy(n.to_bytes()).into_owned());
             let slot = self.slot;
@@ -121,7 +114,7 @@ impl Watcher {
                 Some(CgroupEvent::Children { slot, names: child_dirs(&self.path) })
             } else if flags.intersects(ReadFlags::DELETE_SELF | ReadFlags::IGNORED) {
                 self.send(CgroupEvent::Gone { slot });
-                return Ok(());
+                return Some(());
             } else if !flags.contains(ReadFlags::ISDIR) {
                 None
             } else if flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO) {
@@ -131,12 +124,9 @@ impl Watcher {
             } else {
                 None
             };
-            if let Some(message) = message
-                && !self.send(message)
-            {
-                return Ok(());
-            }
-        }
+            // Stop when the receiver is gone.
+            message.and_then(|message| (!self.send(message)).then_some(()))
+        })
     }
 
     /// Whether the receiver still listens.
@@ -180,21 +170,35 @@ fn wait_for_dir<T>(path: &Path, tx: &UnboundedSender<T>) -> io::Result<()> {
         if ancestor.join(&next).exists() {
             continue;
         }
-        let mut buf = vec![MaybeUninit::<u8>::uninit(); 4096];
-        let mut reader = inotify::Reader::new(&fd, &mut buf);
-        loop {
-            let event = match reader.next() {
-                Ok(event) => event,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
+        read_events(&fd, 4096, |event| {
             let flags = event.events();
             let ours = event.file_name().is_some_and(|n| OsStr::from_bytes(n.to_bytes()) == next);
-            if ours
-                || flags.intersects(ReadFlags::DELETE_SELF | ReadFlags::IGNORED | ReadFlags::QUEUE_OVERFLOW)
-            {
-                break;
+            let changed =
+                flags.intersects(ReadFlags::DELETE_SELF | ReadFlags::IGNORED | ReadFlags::QUEUE_OVERFLOW);
+            (ours || changed).then_some(())
+        })?;
+    }
+}
+
+/// Reads the events of inotify instance `fd` (through a buffer of
+/// `buf_bytes`) and gives each to `each` until it returns a value, which is
+/// returned; a read interrupted by a signal is retried.
+fn read_events<R>(
+    fd: &rustix::fd::OwnedFd,
+    buf_bytes: usize,
+    mut each: impl FnMut(&inotify::InotifyEvent<'_>) -> Option<R>,
+) -> io::Result<R> {
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); buf_bytes];
+    let mut reader = inotify::Reader::new(fd, &mut buf);
+    loop {
+        match reader.next() {
+            Ok(event) => {
+                if let Some(done) = each(&event) {
+                    return Ok(done);
+                }
             }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

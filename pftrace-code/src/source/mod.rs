@@ -6,6 +6,7 @@
 
 mod symtable;
 mod varnames;
+mod walk;
 
 use crate::{info::Params, version::PyVersion};
 

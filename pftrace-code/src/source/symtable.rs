@@ -8,12 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ruff_python_ast::{
-    self as ast, Expr, ExprContext, InterpolatedStringElement, InterpolatedStringElements, Parameters,
-    Pattern, Stmt,
-};
+use ruff_python_ast::{self as ast, Expr, ExprContext, Parameters, Pattern, Stmt};
 use ruff_text_size::{Ranged, TextRange};
 
+use super::walk::{self, PatternPart};
 use crate::version::PyVersion;
 
 // Raw symbol flags (Include/internal/pycore_symtable.h).
@@ -659,23 +657,8 @@ impl<'a> Builder<'a> {
                     self.expr(m);
                 }
             }
-            Stmt::Import(i) => {
-                for a in &i.names {
-                    let stored = a.asname.as_ref().map_or_else(
-                        || a.name.as_str().split('.').next().unwrap_or_default().to_string(),
-                        |n| n.to_string(),
-                    );
-                    self.add_def(&stored, DEF_IMPORT);
-                }
-            }
-            Stmt::ImportFrom(i) => {
-                for a in &i.names {
-                    if a.name.as_str() == "*" {
-                        continue;
-                    }
-                    let stored = a.asname.as_ref().unwrap_or(&a.name).to_string();
-                    self.add_def(&stored, DEF_IMPORT);
-                }
+            Stmt::Import(_) | Stmt::ImportFrom(_) => {
+                walk::import_bindings(s).iter().for_each(|name| self.add_def(name, DEF_IMPORT))
             }
             Stmt::Global(g) => g.names.iter().for_each(|n| self.add_def(n.as_str(), DEF_GLOBAL)),
             Stmt::Nonlocal(n) => n.names.iter().for_each(|n| self.add_def(n.as_str(), DEF_NONLOCAL)),
@@ -686,48 +669,11 @@ impl<'a> Builder<'a> {
     }
 
     fn pattern(&mut self, p: &'a Pattern) {
-        match p {
-            Pattern::MatchValue(v) => self.expr(&v.value),
-            Pattern::MatchSingleton(_) => {}
-            Pattern::MatchSequence(s) => s.patterns.iter().for_each(|p| self.pattern(p)),
-            Pattern::MatchMapping(m) => {
-                m.keys.iter().for_each(|k| self.expr(k));
-                m.patterns.iter().for_each(|p| self.pattern(p));
-                if let Some(r) = &m.rest {
-                    self.add_def(r.as_str(), DEF_LOCAL);
-                }
-            }
-            Pattern::MatchClass(c) => {
-                self.expr(&c.cls);
-                c.arguments.patterns.iter().for_each(|p| self.pattern(p));
-                c.arguments.keywords.iter().for_each(|k| self.pattern(&k.pattern));
-            }
-            Pattern::MatchStar(s) => {
-                if let Some(n) = &s.name {
-                    self.add_def(n.as_str(), DEF_LOCAL);
-                }
-            }
-            Pattern::MatchAs(a) => {
-                if let Some(p) = &a.pattern {
-                    self.pattern(p);
-                }
-                if let Some(n) = &a.name {
-                    self.add_def(n.as_str(), DEF_LOCAL);
-                }
-            }
-            Pattern::MatchOr(o) => o.patterns.iter().for_each(|p| self.pattern(p)),
-        }
-    }
-
-    fn elements(&mut self, els: &'a InterpolatedStringElements) {
-        for el in els.iter() {
-            if let InterpolatedStringElement::Interpolation(i) = el {
-                self.expr(&i.expression);
-                if let Some(spec) = &i.format_spec {
-                    self.elements(&spec.elements);
-                }
-            }
-        }
+        walk::pattern_parts(p, &mut |part| match part {
+            PatternPart::Expr(e) => self.expr(e),
+            PatternPart::Pattern(p) => self.pattern(p),
+            PatternPart::Capture(name) => self.add_def(name, DEF_LOCAL),
+        });
     }
 
     fn expr(&mut self, e: &'a Expr) {
@@ -746,15 +692,8 @@ impl<'a> Builder<'a> {
                 {
                     self.extend_namedexpr_scope(t.id.as_str());
                 }
-                self.expr(&n.value);
-                self.expr(&n.target);
+                walk::expr_children(e, &mut |x| self.expr(x));
             }
-            Expr::BoolOp(b) => b.values.iter().for_each(|v| self.expr(v)),
-            Expr::BinOp(b) => {
-                self.expr(&b.left);
-                self.expr(&b.right);
-            }
-            Expr::UnaryOp(u) => self.expr(&u.operand),
             Expr::Lambda(l) => {
                 if let Some(p) = &l.parameters {
                     self.defaults(p);
@@ -777,11 +716,6 @@ impl<'a> Builder<'a> {
                 self.expr(&l.body);
                 self.stack.pop();
             }
-            Expr::If(i) => {
-                self.expr(&i.test);
-                self.expr(&i.body);
-                self.expr(&i.orelse);
-            }
             Expr::Dict(d) => {
                 // symtable.c visits all keys, then all values.
                 for it in &d.items {
@@ -793,9 +727,6 @@ impl<'a> Builder<'a> {
                     self.expr(&it.value);
                 }
             }
-            Expr::Set(s) => s.elts.iter().for_each(|x| self.expr(x)),
-            Expr::List(l) => l.elts.iter().for_each(|x| self.expr(x)),
-            Expr::Tuple(t) => t.elts.iter().for_each(|x| self.expr(x)),
             Expr::ListComp(c) => self.comprehension(e, CompKind::List, &c.generators, &c.elt, None),
             Expr::SetComp(c) => self.comprehension(e, CompKind::Set, &c.generators, &c.elt, None),
             Expr::DictComp(c) => match &c.key {
@@ -803,19 +734,7 @@ impl<'a> Builder<'a> {
                 None => self.mark_unsupported("a dict comprehension with `**` (PEP 798)"),
             },
             Expr::Generator(g) => self.comprehension(e, CompKind::Gen, &g.generators, &g.elt, None),
-            Expr::Await(a) => self.expr(&a.value),
-            Expr::Yield(y) => {
-                if let Some(v) = &y.value {
-                    self.expr(v);
-                }
-            }
-            Expr::YieldFrom(y) => self.expr(&y.value),
-            Expr::Compare(c) => {
-                self.expr(&c.left);
-                c.comparators.iter().for_each(|x| self.expr(x));
-            }
             Expr::Call(c) => {
-                self.expr(&c.func);
                 // `f(x for x in y)`: CPython's generator expression starts
                 // at the call's parenthesis (3.9-3.15 measured).
                 if let ([Expr::Generator(g)], true) = (&*c.arguments.args, c.arguments.keywords.is_empty())
@@ -824,39 +743,10 @@ impl<'a> Builder<'a> {
                     let line = self.line(c.arguments.range);
                     self.first_line_of.insert(key(g.range), line);
                 }
-                c.arguments.args.iter().for_each(|x| self.expr(x));
-                c.arguments.keywords.iter().for_each(|k| self.expr(&k.value));
-            }
-            Expr::FString(f) => {
-                for part in f.value.as_slice() {
-                    if let ast::FStringPart::FString(fs) = part {
-                        self.elements(&fs.elements);
-                    }
-                }
-            }
-            Expr::TString(t) => {
-                for ts in t.value.as_slice() {
-                    self.elements(&ts.elements);
-                }
-            }
-            Expr::StringLiteral(_)
-            | Expr::BytesLiteral(_)
-            | Expr::NumberLiteral(_)
-            | Expr::BooleanLiteral(_)
-            | Expr::NoneLiteral(_)
-            | Expr::EllipsisLiteral(_) => {}
-            Expr::Attribute(a) => self.expr(&a.value),
-            Expr::Subscript(s) => {
-                self.expr(&s.value);
-                self.expr(&s.slice);
-            }
-            Expr::Starred(s) => self.expr(&s.value),
-            Expr::Slice(s) => {
-                for x in [&s.lower, &s.upper, &s.step].into_iter().flatten() {
-                    self.expr(x);
-                }
+                walk::expr_children(e, &mut |x| self.expr(x));
             }
             Expr::IpyEscapeCommand(_) => self.mark_unsupported("IPython escape commands"),
+            _ => walk::expr_children(e, &mut |x| self.expr(x)),
         }
     }
 

@@ -9,12 +9,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ruff_python_ast::{
-    self as ast, Expr, InterpolatedStringElement, InterpolatedStringElements, Parameters, Pattern, Stmt,
-};
+use ruff_python_ast::{self as ast, Expr, Parameters, Pattern, Stmt};
 use ruff_text_size::{Ranged, TextRange};
 
-use super::symtable::{DEF_LOCAL, DEF_NONLOCAL, Kind, Node, Sc, Scope, mangle};
+use super::{
+    symtable::{DEF_LOCAL, DEF_NONLOCAL, Kind, Node, Sc, Scope, mangle},
+    walk::{self, PatternPart},
+};
 use crate::version::PyVersion;
 
 /// Compiles `co_varnames` of `scopes[idx]` (a scope with its own code object).
@@ -396,22 +397,8 @@ impl<'a> Emitter<'_, 'a> {
                     }
                 }
             }
-            Stmt::Import(i) => {
-                for a in &i.names {
-                    let stored = a.asname.as_ref().map_or_else(
-                        || a.name.as_str().split('.').next().unwrap_or_default().to_string(),
-                        |n| n.to_string(),
-                    );
-                    self.name(&stored);
-                }
-            }
-            Stmt::ImportFrom(i) => {
-                for a in &i.names {
-                    if a.name.as_str() != "*" {
-                        let stored = a.asname.as_ref().unwrap_or(&a.name).to_string();
-                        self.name(&stored);
-                    }
-                }
+            Stmt::Import(_) | Stmt::ImportFrom(_) => {
+                walk::import_bindings(s).iter().for_each(|name| self.name(name))
             }
             Stmt::Global(_) | Stmt::Nonlocal(_) | Stmt::Pass(_) => {}
             Stmt::Expr(e) => self.expr(&e.value),
@@ -422,141 +409,37 @@ impl<'a> Emitter<'_, 'a> {
     /// Loads in the pattern are emitted as met; captured names are stored
     /// after the whole pattern matched, in the first alternative's order.
     fn pattern(&mut self, p: &'a Pattern, stores: &mut Vec<String>) {
-        match p {
-            Pattern::MatchValue(v) => self.expr(&v.value),
-            Pattern::MatchSingleton(_) => {}
-            Pattern::MatchSequence(s) => s.patterns.iter().for_each(|p| self.pattern(p, stores)),
-            Pattern::MatchMapping(m) => {
-                m.keys.iter().for_each(|k| self.expr(k));
-                m.patterns.iter().for_each(|p| self.pattern(p, stores));
-                if let Some(r) = &m.rest {
-                    stores.push(r.to_string());
+        if let Pattern::MatchOr(o) = p {
+            // Every alternative binds the same names: the first one's stores count.
+            for (i, alt) in o.patterns.iter().enumerate() {
+                if i == 0 {
+                    self.pattern(alt, stores);
+                } else {
+                    self.pattern(alt, &mut Vec::new());
                 }
             }
-            Pattern::MatchClass(c) => {
-                self.expr(&c.cls);
-                c.arguments.patterns.iter().for_each(|p| self.pattern(p, stores));
-                c.arguments.keywords.iter().for_each(|k| self.pattern(&k.pattern, stores));
-            }
-            Pattern::MatchStar(s) => {
-                if let Some(n) = &s.name {
-                    stores.push(n.to_string());
-                }
-            }
-            Pattern::MatchAs(a) => {
-                if let Some(p) = &a.pattern {
-                    self.pattern(p, stores);
-                }
-                if let Some(n) = &a.name {
-                    stores.push(n.to_string());
-                }
-            }
-            Pattern::MatchOr(o) => {
-                for (i, alt) in o.patterns.iter().enumerate() {
-                    if i == 0 {
-                        self.pattern(alt, stores);
-                    } else {
-                        self.pattern(alt, &mut Vec::new());
-                    }
-                }
-            }
+            return;
         }
-    }
-
-    fn elements(&mut self, els: &'a InterpolatedStringElements) {
-        for el in els.iter() {
-            if let InterpolatedStringElement::Interpolation(i) = el {
-                self.expr(&i.expression);
-                if let Some(spec) = &i.format_spec {
-                    self.elements(&spec.elements);
-                }
-            }
-        }
+        walk::pattern_parts(p, &mut |part| match part {
+            PatternPart::Expr(e) => self.expr(e),
+            PatternPart::Pattern(p) => self.pattern(p, stores),
+            PatternPart::Capture(name) => stores.push(name.to_string()),
+        });
     }
 
     fn expr(&mut self, e: &'a Expr) {
         match e {
             Expr::Name(n) => self.name(n.id.as_str()),
-            Expr::Named(n) => {
-                self.expr(&n.value);
-                self.expr(&n.target);
-            }
-            Expr::BoolOp(b) => b.values.iter().for_each(|v| self.expr(v)),
-            Expr::BinOp(b) => {
-                self.expr(&b.left);
-                self.expr(&b.right);
-            }
-            Expr::UnaryOp(u) => self.expr(&u.operand),
             Expr::Lambda(l) => {
                 if let Some(p) = &l.parameters {
                     self.defaults(p);
                 }
             }
-            Expr::If(i) => {
-                self.expr(&i.test);
-                self.expr(&i.body);
-                self.expr(&i.orelse);
-            }
-            Expr::Dict(d) => {
-                for it in &d.items {
-                    if let Some(k) = &it.key {
-                        self.expr(k);
-                    }
-                    self.expr(&it.value);
-                }
-            }
-            Expr::Set(s) => s.elts.iter().for_each(|x| self.expr(x)),
-            Expr::List(l) => l.elts.iter().for_each(|x| self.expr(x)),
-            Expr::Tuple(t) => t.elts.iter().for_each(|x| self.expr(x)),
             Expr::ListComp(_) | Expr::SetComp(_) | Expr::DictComp(_) | Expr::Generator(_) => {
                 self.comprehension(e)
             }
-            Expr::Await(a) => self.expr(&a.value),
-            Expr::Yield(y) => {
-                if let Some(v) = &y.value {
-                    self.expr(v);
-                }
-            }
-            Expr::YieldFrom(y) => self.expr(&y.value),
-            Expr::Compare(c) => {
-                self.expr(&c.left);
-                c.comparators.iter().for_each(|x| self.expr(x));
-            }
-            Expr::Call(c) => {
-                self.expr(&c.func);
-                c.arguments.args.iter().for_each(|x| self.expr(x));
-                c.arguments.keywords.iter().for_each(|k| self.expr(&k.value));
-            }
-            Expr::FString(f) => {
-                for part in f.value.as_slice() {
-                    if let ast::FStringPart::FString(fs) = part {
-                        self.elements(&fs.elements);
-                    }
-                }
-            }
-            Expr::TString(t) => {
-                for ts in t.value.as_slice() {
-                    self.elements(&ts.elements);
-                }
-            }
-            Expr::StringLiteral(_)
-            | Expr::BytesLiteral(_)
-            | Expr::NumberLiteral(_)
-            | Expr::BooleanLiteral(_)
-            | Expr::NoneLiteral(_)
-            | Expr::EllipsisLiteral(_) => {}
-            Expr::Attribute(a) => self.expr(&a.value),
-            Expr::Subscript(s) => {
-                self.expr(&s.value);
-                self.expr(&s.slice);
-            }
-            Expr::Starred(s) => self.expr(&s.value),
-            Expr::Slice(s) => {
-                for x in [&s.lower, &s.upper, &s.step].into_iter().flatten() {
-                    self.expr(x);
-                }
-            }
             Expr::IpyEscapeCommand(_) => self.fail("IPython escape commands"),
+            _ => walk::expr_children(e, &mut |x| self.expr(x)),
         }
     }
 

@@ -39,19 +39,31 @@ fn thread_display_name(trace: &Trace, pid: u32, tid: u32) -> String {
     }
 }
 
+/// An event of any of the types in `events.rs`, to one writer (a closure
+/// cannot be generic).
+trait Event {
+    fn write_to(&self, w: &mut io::BufWriter<&mut dyn io::Write>) -> io::Result<()>;
+}
+
+impl<T: serde::Serialize> Event for T {
+    fn write_to(&self, w: &mut io::BufWriter<&mut dyn io::Write>) -> io::Result<()> {
+        serde_json::to_writer(w, self).map_err(io::Error::from)
+    }
+}
+
 impl TraceFormat for Chrome {
     fn write(&self, trace: &Trace, out: &mut dyn io::Write) -> io::Result<()> {
         let source = trace.call_source();
         let tally = source.tally()?;
-        let mut w = io::BufWriter::new(out);
+        let mut w = io::BufWriter::with_capacity(1 << 16, out);
         write!(w, "{{\"displayTimeUnit\":\"ns\",\"traceEvents\":[")?;
         let mut first = true;
-        let mut put = |w: &mut io::BufWriter<&mut dyn io::Write>, v: &Value| -> io::Result<()> {
+        let mut put = |w: &mut io::BufWriter<&mut dyn io::Write>, v: &dyn Event| -> io::Result<()> {
             if !first {
                 w.write_all(b",\n")?;
             }
             first = false;
-            serde_json::to_writer(&mut *w, v).map_err(io::Error::from)
+            v.write_to(w)
         };
         let known: HashSet<u32> = trace.processes.iter().map(|p| p.pid).collect();
         for p in &trace.processes {
@@ -75,9 +87,9 @@ impl TraceFormat for Chrome {
             put(&mut w, &call_event(&c, &codes.info(&c), &trace.clock))?;
         }
         for s in &trace.samples {
-            for ev in counter_events(s, &trace.clock) {
-                put(&mut w, &ev)?;
-            }
+            let (cpu, memory) = counter_events(s, &trace.clock);
+            put(&mut w, &cpu)?;
+            put(&mut w, &memory)?;
         }
         let unmatched: Vec<Value> = trace
             .unmatched_returns

@@ -140,8 +140,13 @@ impl RollingOutput {
         clock: &WallClock,
         process: impl Fn(u32) -> Option<&'p TracedProcess>,
     ) {
+        // One buffer for every call's event (not a Vec each).
+        let mut event = Vec::with_capacity(512);
         for call in calls {
-            let event = serde_json::to_vec(&call_event(call, &codes.info(call), clock)).unwrap_or_default();
+            event.clear();
+            if serde_json::to_writer(&mut event, &call_event(call, &codes.info(call), clock)).is_err() {
+                event.clear();
+            }
             let name_event = || serde_json::to_vec(&process_name_event(call.pid, process(call.pid)));
             // The name event goes before the process's first call in each file.
             let name = match &self.current {
