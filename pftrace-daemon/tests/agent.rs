@@ -666,7 +666,7 @@ fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
         let parent = dir.script("parent.py", PARENT);
         let child = dir.script("child.py", CHILD);
         let mut cmd = vec![py.as_os_str(), parent.as_os_str(), child.as_os_str()];
-        cmd.extend(flags.iter().map(|f| std::ffi::OsStr::new(f)));
+        cmd.extend(flags.iter().map(std::ffi::OsStr::new));
         let run = Pftraced::new(&dir, &["work"]).launch(&cmd).run();
         run.assert_code(0);
         assert!(run.stdout.contains("DONE"), "{label}: {}", run.stdout);
