@@ -240,8 +240,14 @@ fn an_untraced_neighbour_on_the_same_file_keeps_its_semaphores_at_0_and_its_spee
         show(during),
         show(after)
     );
+    // Not the 1.05: on this VM two processes pinned to one CPU and
+    // timed in turn moved 20% apart within one test (before 102.1/125.0 =
+    // 0.817, after 0.994, in a CI run), so the bound is what a real cost
+    // cannot pass: a probe hit costs at least 215 ns against 70-125 ns per
+    // call of the loop (2.7x or more). The semaphores (0) and out_of_scope
+    // (0) above are the exact checks; runs print the ratio (0.97-1.09 seen).
     assert!(
-        ratio <= 1.05,
+        ratio <= 1.25,
         "the neighbour ran at {ratio:.3}x its untraced speed relative to the control ({} vs before {} and after {})",
         show(during),
         show(before),
