@@ -9,12 +9,17 @@
 //! and the loop is measured in CPU time of the process (`time.process_time`,
 //! user + system: probe traps would show there), which other load on the
 //! machine does not inflate the way it does wall time. The median of 7 runs
-//! of 2M calls beside the traced cgroup may be at most 5% above the median
-//! of 14 undisturbed runs (7 before the daemon starts, 7 after it stops).
-//! The comparison is retried (up to 3 attempts) only because a shared VM can
+//! of 2M calls beside the traced cgroup may be at most 75% above the median
+//! of 14 undisturbed runs (7 before the daemon starts, 7 after it stops):
+//! not a figure of the neighbour's cost (the semaphores, 0, are the exact
+//! check), a bound no probe hit can pass. This VM's vCPU changes speed for
+//! seconds at a time: in one CI run the same undisturbed process ran blocks
+//! at 242-258 then 172-190 ms, and a whole "beside" block at +58% while the
+//! semaphores read 0; with a 5% bound, 1 of the last 3 CI runs failed. The
+//! comparison is retried (up to 3 attempts) only because a shared VM can
 //! disturb one attempt, while a real cost fails them all: the test ends by
 //! showing the measurement sees one (traced by pid, the same loop is ~50x
-//! slower per call).
+//! slower per call, asserted above 2x).
 
 mod common;
 
@@ -30,8 +35,8 @@ use common::*;
 const CALLS: u64 = 2_000_000;
 const RUNS: usize = 7;
 const ATTEMPTS: usize = 3;
-/// Largest accepted slowdown of the median.
-const TOLERANCE: f64 = 0.05;
+/// Largest accepted slowdown of the median (see the module's comment).
+const TOLERANCE: f64 = 0.75;
 
 /// Where a probe's semaphore is in `pid`: the binary's mapping whose file
 /// range holds the semaphore's file offset (the writable one: semaphores are
@@ -178,7 +183,7 @@ fn untraced_python_beside_a_traced_cgroup_is_not_slowed_and_its_semaphore_stays_
         );
         eprintln!("{line}");
         report.push(line);
-        // Only a slowdown counts: on this VM whole blocks sometimes run ~7%
+        // Only a slowdown counts: on this VM whole blocks sometimes run
         // faster (the host moves the vCPU), which no tracer can cause.
         if diff <= TOLERANCE {
             passed = true;
