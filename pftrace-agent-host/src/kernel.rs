@@ -135,16 +135,15 @@ impl AgentKernel {
     /// Attaches the syscall road (`pftrace_agent_syscall` on the sys_enter
     /// raw tracepoint), or with `floor` a program there that returns at once.
     pub fn attach_syscall(&mut self, floor: bool) -> Result<(), KernelError> {
-        let name = if floor { "pftrace_agent_syscall_floor" } else { "pftrace_agent_syscall" };
+        let name = if floor { "pftrace_agent_syscall_floor" } else { pftrace::bpf::AGENT_SYSCALL_PROGRAM };
         let prog: &mut aya::programs::RawTracePoint = self
             .ebpf
             .program_mut(name)
-            .ok_or(KernelError::Missing("pftrace_agent_syscall"))?
+            .ok_or(KernelError::Missing(name))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
-        prog.load().map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
-        prog.attach("sys_enter")
-            .map_err(|source| KernelError::Program { name: "pftrace_agent_syscall", source })?;
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load().map_err(|source| KernelError::Program { name, source })?;
+        prog.attach("sys_enter").map_err(|source| KernelError::Program { name, source })?;
         Ok(())
     }
 

@@ -238,6 +238,23 @@ fn launch_mode_exact_counts_on_every_agent_interpreter() {
     }
 }
 
+/// Starts `cmd` (a script that prints `ready`, then waits for the file
+/// `go`), traces it with `tracer` by `--pid` through the agent, lets it go
+/// and returns its stdout and pftraced's run, both having succeeded.
+fn traced_by_pid(label: &str, cmd: &mut Command, tracer: Pftraced, go: &Path) -> (String, TracedRun) {
+    let mut process = PyProcess::start(cmd, label.to_string());
+    process.expect_line("ready");
+    let tracer = tracer.pid(process.pid()).spawn();
+    let line = tracer.wait_attached(process.pid());
+    assert!(line.contains("in-process agent"), "{label}: {line}");
+    std::fs::write(go, "").unwrap();
+    let (status, stdout) = process.wait(Duration::from_secs(60));
+    assert!(status.success(), "{label}: {status}");
+    let run = tracer.finish();
+    run.assert_code(0);
+    (stdout, run)
+}
+
 /// `--pid` on 3.14 and 3.15 (JIT on): the agent goes in through PEP 768
 /// while the process runs Python, and traces exactly what the recorder sees
 /// from then on.
@@ -255,16 +272,7 @@ fn pid_mode_through_pep_768_exact_counts() {
         if let Some(v) = jit {
             cmd.env("PYTHON_JIT", v);
         }
-        let mut process = PyProcess::start(&mut cmd, label.to_string());
-        process.expect_line("ready");
-        let tracer = Pftraced::new(&dir, NAMES).pid(process.pid()).spawn();
-        let line = tracer.wait_attached(process.pid());
-        assert!(line.contains("in-process agent"), "{label}: {line}");
-        std::fs::write(&go, "").unwrap();
-        let (status, stdout) = process.wait(Duration::from_secs(60));
-        assert!(status.success(), "{label}: {status}");
-        let run = tracer.finish();
-        run.assert_code(0);
+        let (stdout, run) = traced_by_pid(label, &mut cmd, Pftraced::new(&dir, NAMES), &go);
         let want = recorded(&stdout);
         check_recorder(label, &want);
         let trace = run.trace();
@@ -627,17 +635,8 @@ fn report_roads_uprobe_by_default_syscall_when_asked_and_seccomp_fallback() {
             Ok(())
         });
     }
-    let mut process = PyProcess::start(&mut cmd, label.to_string());
-    process.expect_line("ready");
-    let tracer =
-        Pftraced::new(&dir, &["work"]).args(&["--agent-report", "syscall"]).pid(process.pid()).spawn();
-    let line = tracer.wait_attached(process.pid());
-    assert!(line.contains("in-process agent"), "{label}: {line}");
-    std::fs::write(&go, "").unwrap();
-    let (status, stdout) = process.wait(Duration::from_secs(60));
-    assert!(status.success(), "{label}: {status}");
-    let run = tracer.finish();
-    run.assert_code(0);
+    let tracer = Pftraced::new(&dir, &["work"]).args(&["--agent-report", "syscall"]);
+    let (stdout, run) = traced_by_pid(label, &mut cmd, tracer, &go);
     assert_eq!(roads(&stdout), ["uprobe", "uprobe"], "{label}: {stdout}");
     check_roads_run(label, &stdout, &run.trace(), &script);
 }

@@ -482,7 +482,7 @@ impl KernelProbes {
     /// holds it only while an agent reports through it
     /// ([`Self::detach_agent_syscall`]).
     pub fn attach_agent_syscall(&mut self) -> Result<(), BpfError> {
-        const NAME: &str = "pftrace_agent_syscall";
+        const NAME: &str = AGENT_SYSCALL_PROGRAM;
         if self.agent_syscall.is_some() {
             return Ok(());
         }
@@ -505,14 +505,9 @@ impl KernelProbes {
         self.agent_token
     }
 
-    /// Whether the agent's syscall road is attached.
-    pub fn has_agent_syscall(&self) -> bool {
-        self.agent_syscall.is_some()
-    }
-
     /// Detaches the agent's syscall road (no agent reports through it).
     pub fn detach_agent_syscall(&mut self) {
-        const NAME: &str = "pftrace_agent_syscall";
+        const NAME: &str = AGENT_SYSCALL_PROGRAM;
         let Some(link) = self.agent_syscall.take() else { return };
         if let Some(Ok(prog)) = self.ebpf.program_mut(NAME).map(<&mut RawTracePoint>::try_from)
             && let Err(err) = prog.detach(link)
@@ -527,6 +522,9 @@ impl KernelProbes {
         RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
 }
+
+/// The agent's syscall road: the raw tracepoint program on sys_enter.
+pub const AGENT_SYSCALL_PROGRAM: &str = "pftrace_agent_syscall";
 
 /// A fresh token for task_layout::AGENT_TOKEN (random; never 0).
 pub fn new_agent_token() -> u64 {

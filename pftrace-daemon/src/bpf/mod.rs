@@ -13,6 +13,7 @@ mod sys;
 
 pub use attach::{AttachError, AttachJob, UprobeLink};
 pub use loader::{
-    ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, name_key, new_agent_token,
+    AGENT_SYSCALL_PROGRAM, ATTACH_ENV, AttachMethod, BPF_OBJECT, BpfError, Counters, KernelProbes, name_key,
+    new_agent_token,
 };
 pub use points::{ProbePoint, ResolvedPoints, Scope};
