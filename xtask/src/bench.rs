@@ -15,6 +15,8 @@
 //!   recorded in the default mode and with `--binary`;
 //! - scope: the per-hit cost of one traced loop with 1 and 50 traced
 //!   processes in a watched cgroup, default mode and PFTRACE_SEMAPHORES=kernel;
+//! - neighbour: an untraced loop of the same interpreter file outside the
+//!   cgroup while pftraced traces a process inside, against no pftraced;
 //! - with `--soak SECONDS`: a busy process traced densely, the daemon
 //!   restarted halfway, its RSS read every second.
 //!
@@ -308,6 +310,16 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             r
         })
         .collect();
+    // An untraced neighbour of the same interpreter file beside a traced process.
+    let neighbour = (!args.dense_only).then(|| {
+        let step = Step::new("bench", "neighbour: an untraced loop beside a traced process of the same file");
+        let r = scope::neighbour(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, ctx.n, runs);
+        step.done(match &r {
+            Ok(r) => format!("{:.3}x", r.ratio()),
+            Err(e) => format!("failed: {e:#}"),
+        });
+        r
+    });
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
@@ -342,6 +354,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     for r in scope_runs.iter().filter_map(|r| r.as_ref().err()) {
         problems.push(format!("scope: {r:#}"));
     }
+    if let Some(Err(e)) = &neighbour {
+        problems.push(format!("neighbour: {e:#}"));
+    }
     for r in &agent_rows {
         for e in &r.errors {
             problems.push(format!("agent ({} {}): {e}", r.python, r.case));
@@ -349,6 +364,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let mut targets = targets(&rows, &attach, soak.as_ref());
     targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
+    if let Some(Ok(n)) = &neighbour {
+        targets.push(Target {
+            what: "untraced neighbour of the same interpreter file, beside a traced process".into(),
+            limit: "<= 1.05x alone".into(),
+            value: format!("{:.3}x", n.ratio()),
+            met: Some(n.ratio() <= 1.05),
+        });
+    }
 
     println!();
     println!(
@@ -360,6 +383,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     println!("{}", attach_text(&attach));
     print!("{}", churn::text(&churn));
     print!("{}", scope::text(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
+    if let Some(n) = &neighbour {
+        print!("{}", scope::neighbour_text(n));
+    }
     print!("{}", agent::text(&agent_rows));
     if let Some(s) = &soak {
         print!("{}", soak_text(s));
@@ -404,6 +430,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "soak": soak.as_ref().map(soak_json),
         "churn": churn::json(&churn),
         "scope": scope::json(&scope_runs),
+        "neighbour": neighbour.as_ref().map(scope::neighbour_json),
         "agent": agent_rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,
@@ -987,25 +1014,28 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
             met: r.map(|v| v <= limit),
         }
     };
+    // Issue 13's targets (issue 5's were 1.05x, 1.30x, 0.25 core, 64 MiB).
     let mut t = vec![
-        ratio_target("sparse added cost", "sparse", 1.05),
-        ratio_target("sparse added cost, 1000 names", "sparse_1000_names", 1.05),
+        ratio_target("sparse added cost", "sparse", 1.15),
+        ratio_target("sparse added cost, 1000 names", "sparse_1000_names", 1.15),
     ];
     let dense = get("dense");
     let dense_ratio = dense.and_then(Row::ratio);
     let dense_all = dense.and_then(Row::delivered).map(|(d, e)| d == e);
     t.push(Target {
         what: "dense added cost, every call delivered".into(),
-        limit: "1.30 x floor, delivered = expected".into(),
+        limit: "1.60 x floor, delivered = expected".into(),
         value: match (dense_ratio, dense.and_then(Row::delivered)) {
             (Some(r), Some((d, e))) => format!("{r:.3} x floor, {d}/{e} delivered"),
             _ => "not measured".into(),
         },
-        met: dense_ratio.zip(dense_all).map(|(r, all)| r <= 1.30 && all),
+        met: dense_ratio.zip(dense_all).map(|(r, all)| r <= 1.60 && all),
     });
-    for (what, id) in
-        [("lost records, dense, one process", "dense"), ("lost records, dense, 2 processes", "dense_x2")]
-    {
+    for (what, id) in [
+        ("lost records, dense, one process", "dense"),
+        ("lost records, dense, 2 processes", "dense_x2"),
+        ("lost records, dense, 4 processes", "dense_x4"),
+    ] {
         let lost = get(id).and_then(Row::lost);
         t.push(Target {
             what: what.into(),
@@ -1017,20 +1047,26 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
     let rate = dense.and_then(Row::records_per_s);
     let rate_note = rate.map_or(String::new(), |r| format!(" at {:.2} M records/s", r / 1e6));
     let share = dense.and_then(Row::core_share);
+    // 0.24 of a core at 1.22 M records/s is 0.197 us of a core per record:
+    // judged per record, as the rate differs from run to run.
+    let per_record = share.zip(rate).filter(|(_, r)| *r > 0.0).map(|(s, r)| s / r * 1e6);
     t.push(Target {
-        what: "daemon CPU while receiving (dense)".into(),
-        limit: "0.25 of a core at 1 M records/s".into(),
-        value: share.map_or("not measured".into(), |s| format!("{s:.3} of a core{rate_note}")),
-        met: share.map(|s| s <= 0.25),
+        what: "daemon CPU per record while receiving (dense)".into(),
+        limit: "0.197 us (0.24 of a core at 1.22 M records/s)".into(),
+        value: match (share, per_record) {
+            (Some(s), Some(p)) => format!("{p:.3} us ({s:.3} of a core{rate_note})"),
+            _ => "not measured".into(),
+        },
+        met: per_record.map(|p| p <= 0.24 / 1.22),
     });
     let rss = dense.and_then(Row::peak_rss);
     t.push(Target {
         what: "daemon peak RSS (dense)".into(),
-        limit: "64 MiB".into(),
+        limit: "53 MiB".into(),
         value: rss.map_or("not measured".into(), |b| {
             format!("{:.1} MiB{rate_note} ({STORE_CALLS} calls kept in memory)", mib(b))
         }),
-        met: rss.map(|b| b <= 64 << 20),
+        met: rss.map(|b| b <= 53 << 20),
     });
     let soak_growth = soak
         .filter(|s| s.halves.len() == 2)

@@ -4,6 +4,9 @@
 //! by pftraced, TRACKED deciding in the kernel) and with
 //! `PFTRACE_SEMAPHORES=kernel` (a pid-scoped link per process: every hit
 //! walks every link's filter). Target: 50 processes <= 1.1x one.
+//! And the neighbour row: an untraced loop of the same interpreter file
+//! outside the cgroup while a process inside is traced (the file's dormant
+//! link attached), against the same loop with no pftraced. Target <= 1.05x.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,7 @@ use serde_json::{Value, json};
 use super::{
     churn::Cgroup,
     procs::{Daemon, Workload},
+    report::median,
 };
 
 /// Process counts compared.
@@ -88,6 +92,74 @@ pub fn run(
     Ok(ScopeRun { mode, procs, ns_per_call: result.cpu_ns_per_call() })
 }
 
+/// The neighbour row: medians of `runs` interleaved pairs of loops.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    /// CPU ns per call with no pftraced running.
+    pub alone: Vec<f64>,
+    /// CPU ns per call while pftraced traced a process of the same file in its cgroup.
+    pub beside: Vec<f64>,
+}
+
+impl Neighbour {
+    pub fn beside_ns(&self) -> f64 {
+        median(self.beside.clone()).unwrap_or(f64::NAN)
+    }
+    pub fn alone_ns(&self) -> f64 {
+        median(self.alone.clone()).unwrap_or(f64::NAN)
+    }
+    pub fn ratio(&self) -> f64 {
+        self.beside_ns() / self.alone_ns()
+    }
+}
+
+/// Runs `calls_py` (`n` iterations) outside any watched cgroup `runs` times
+/// with no pftraced, and `runs` times while pftraced (default mode, `-t rare`)
+/// traces an idle Python of the same interpreter in its cgroup, alternating.
+pub fn neighbour(
+    pftraced: &Path,
+    python: &Path,
+    calls_py: &Path,
+    dir: &Path,
+    n: u64,
+    runs: usize,
+) -> Result<Neighbour> {
+    let timeout = Duration::from_secs(60) + Duration::from_micros(50 * n);
+    let lap = || -> Result<f64> {
+        let mut work = Workload::start(python, calls_py, &[n.to_string(), "--wait".into()], timeout)?;
+        work.release()?;
+        let (work, result) = work.wait_result(timeout)?;
+        Ok(work.finish(result, Duration::from_secs(10))?.cpu_ns_per_call())
+    };
+    let root = super::churn::cgroup_root()?;
+    let cg = Cgroup(root.join(format!("pftrace-bench-neighbour-{}", std::process::id())));
+    std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
+    let mut idle = Idle(Vec::new());
+    let c = Command::new(python)
+        .args(["-c", "import sys; sys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting an idle Python")?;
+    let pid = c.id();
+    idle.0.push(c);
+    std::fs::write(cg.0.join("cgroup.procs"), pid.to_string())
+        .with_context(|| format!("moving pid {pid} into {}", cg.0.display()))?;
+    let trace = dir.join("trace-neighbour.json");
+    let socket = dir.join("neighbour.sock");
+    let args = super::churn::cgroup_args("rare", &trace, &socket, &cg.0);
+    let mut out = Neighbour { alone: Vec::new(), beside: Vec::new() };
+    for _ in 0..runs {
+        out.alone.push(lap()?);
+        let daemon = Daemon::start(pftraced, &args, &trace)?;
+        wait_traced(&socket, 1)?;
+        out.beside.push(lap()?);
+        daemon.interrupt();
+        daemon.finish(Duration::from_secs(60))?;
+    }
+    Ok(out)
+}
+
 /// Waits until pftracectl's status lists `procs` running processes.
 fn wait_traced(socket: &Path, procs: usize) -> Result<()> {
     let ctl = crate::util::target_dir().join("release").join("pftracectl");
@@ -144,6 +216,30 @@ pub fn text(runs: &[Result<ScopeRun>], untraced_ns: Option<f64>) -> String {
         }
     }
     s
+}
+
+/// The neighbour row's line.
+pub fn neighbour_text(r: &Result<Neighbour>) -> String {
+    match r {
+        Ok(r) => format!(
+            "neighbour: an untraced loop of the same interpreter outside the watched cgroup: {:.1} ns/call \
+             beside a traced process, {:.1} alone = {:.3}x (target <= 1.05x; medians of {})\n",
+            r.beside_ns(),
+            r.alone_ns(),
+            r.ratio(),
+            r.alone.len()
+        ),
+        Err(e) => format!("neighbour: failed: {e:#}\n"),
+    }
+}
+
+pub fn neighbour_json(r: &Result<Neighbour>) -> Value {
+    match r {
+        Ok(r) => {
+            json!({"alone_cpu_ns_per_call": r.alone, "beside_cpu_ns_per_call": r.beside, "ratio": r.ratio()})
+        }
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
 }
 
 pub fn json(runs: &[Result<ScopeRun>]) -> Value {
