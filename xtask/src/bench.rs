@@ -1049,7 +1049,8 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
     let share = dense.and_then(Row::core_share);
     // 0.24 of a core at 1.22 M records/s is 0.197 us of a core per record:
     // judged per record, as the rate differs from run to run.
-    let per_record = share.zip(rate).filter(|(_, r)| *r > 0.0).map(|(s, r)| s / r * 1e6);
+    // A share of 0 is a loop too short to sample (--quick), not a free daemon.
+    let per_record = share.zip(rate).filter(|(s, r)| *s > 0.0 && *r > 0.0).map(|(s, r)| s / r * 1e6);
     t.push(Target {
         what: "daemon CPU per record while receiving (dense)".into(),
         limit: "0.197 us (0.24 of a core at 1.22 M records/s)".into(),
