@@ -22,7 +22,7 @@ enum ProcChange {
 impl Daemon {
     /// Reads every record in the ring buffer.
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        let mut completed = Vec::new();
+        let mut completed = std::mem::take(&mut self.completed);
         // Process changes, handled after the calls are stored, in ring order.
         let mut changes = Vec::new();
         while let Some(item) = ring.next() {
@@ -37,7 +37,10 @@ impl Daemon {
                             let processes = &self.processes;
                             self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));
                         }
-                        self.pairer.push(ev, &mut completed);
+                        if let Some((name, file)) = self.pairer.push(ev, &mut completed) {
+                            self.decoder.recycle(name);
+                            self.decoder.recycle(file);
+                        }
                     }
                 }
                 Ok(Record::Exec(e)) => {
@@ -66,7 +69,8 @@ impl Daemon {
                 }
             }
         }
-        self.store_calls(completed);
+        self.store_drained(&mut completed);
+        self.completed = completed;
         for change in changes {
             match change {
                 ProcChange::Appeared(pid) => self.discover(pid),
@@ -80,18 +84,23 @@ impl Daemon {
         }
     }
 
-    pub(super) fn store_calls(&mut self, calls: Vec<Call>) {
+    pub(super) fn store_calls(&mut self, mut calls: Vec<Call>) {
+        self.store_drained(&mut calls);
+    }
+
+    /// Stores the calls in `calls`, leaving it empty (its capacity stays).
+    fn store_drained(&mut self, calls: &mut Vec<Call>) {
         if calls.is_empty() {
             return;
         }
         if let Some(r) = &mut self.rolling {
-            r.write_calls(&calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
+            r.write_calls(calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
         }
         if let Some(s) = &mut self.spill {
-            s.append(&calls);
+            s.append(calls);
         }
-        self.route_job_calls(&calls);
-        for call in calls {
+        self.route_job_calls(calls);
+        for call in calls.drain(..) {
             self.processes.count_call(call.pid);
             self.functions.push(&call);
             self.store.push(call);
