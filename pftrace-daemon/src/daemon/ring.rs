@@ -2,10 +2,9 @@
 //! could not decide, then paired), and process changes (exec, fork, exit),
 //! which are handled after the calls before them are stored, in ring order.
 
-use aya::maps::{MapData, RingBuf};
-
 use super::Daemon;
 use crate::{
+    bpf::ringbuf::EventRing,
     clock::WallClock,
     events::{EventKind, Record},
     pairing::Call,
@@ -21,11 +20,11 @@ enum ProcChange {
 
 impl Daemon {
     /// Reads every record in the ring buffer.
-    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    pub(super) fn drain(&mut self, ring: &mut EventRing) {
         let mut completed = std::mem::take(&mut self.completed);
         // Process changes, handled after the calls are stored, in ring order.
         let mut changes = Vec::new();
-        while let Some(item) = ring.next() {
+        while let Some(item) = ring.next_record() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
                     let (codes, processes) = (&mut self.codes, &self.processes);
