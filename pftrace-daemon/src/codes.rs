@@ -178,6 +178,9 @@ pub struct CodeResolver {
     /// an entry costs no string hashing; the strings are held so the
     /// addresses stay theirs.
     requested: crate::fast_hash::FastMap<AddressKey, (Arc<str>, Arc<str>)>,
+    /// The last key found or put in `requested` (most entries are of the
+    /// code object the last one was): its addresses are held there.
+    last_requested: Option<AddressKey>,
     tx: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     /// Processes opened at attach, shared with the thread.
@@ -212,6 +215,7 @@ impl CodeResolver {
         Self {
             table,
             requested: Default::default(),
+            last_requested: None,
             tx: thread.is_some().then_some(tx),
             thread,
             held,
@@ -239,7 +243,11 @@ impl CodeResolver {
     pub fn request(&mut self, ev: &Event, version: impl FnOnce() -> Option<python::PyVersion>) {
         let address = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
         let fast = (address(&ev.file), address(&ev.name), ev.line, ev.pid);
+        if self.last_requested == Some(fast) {
+            return;
+        }
         if self.requested.contains_key(&fast) {
+            self.last_requested = Some(fast);
             return;
         }
         let key = CodeKey { pid: ev.pid, file: ev.file.clone(), name: ev.name.clone(), line: ev.line };

@@ -123,10 +123,23 @@ pub struct UnmatchedReturn {
 /// Returns without entries kept as examples; all are counted.
 pub const UNMATCHED_SAMPLE: usize = 100;
 
+/// Threads' stacks kept when empty, at least, before the empty ones are
+/// dropped (see [`Pairer::push`]).
+const IDLE_STACKS: usize = 1024;
+
+/// An emptied stack is dropped rather than kept when it had grown past this
+/// (deep recursion): the memory goes back.
+const KEPT_CAPACITY: usize = 256;
+
 /// Per-thread stacks of open calls.
 #[derive(Debug, Default)]
 pub struct Pairer {
+    /// Empty stacks stay (a thread calling at depth 0 would otherwise insert
+    /// and remove its stack, allocating it, on every call) until there are
+    /// more stacks than `prune_at`.
     stacks: FastMap<(u32, u32), Vec<Open>>,
+    /// When there are more stacks than this, the empty ones go.
+    prune_at: usize,
     /// The first [`UNMATCHED_SAMPLE`] returns without entries.
     unmatched: Vec<UnmatchedReturn>,
     /// Every return without an entry.
@@ -141,24 +154,29 @@ pub struct Pairer {
 }
 
 impl Pairer {
-    /// Feeds one event; completed calls are pushed to `out`.
-    pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) {
+    /// Feeds one event; completed calls are pushed to `out`. Returns the
+    /// strings of a return event that nothing keeps, to be handed back to
+    /// the decoder ([`crate::events::Decoder::recycle`]).
+    pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) -> Option<(Arc<str>, Arc<str>)> {
         let stack = self.stacks.entry((ev.pid, ev.tid)).or_default();
         match ev.kind {
-            EventKind::Entry => stack.push(Open {
-                id: {
-                    self.last_id += 1;
-                    self.last_id
-                },
-                parent: stack.last().map_or(0, |o| o.id),
-                name: ev.name,
-                file: ev.file,
-                frame: ev.frame,
-                line: ev.line,
-                start_ns: ev.ts_ns,
-                cpu_ns: ev.thread_cpu_ns,
-                rss_bytes: ev.rss_bytes,
-            }),
+            EventKind::Entry => {
+                stack.push(Open {
+                    id: {
+                        self.last_id += 1;
+                        self.last_id
+                    },
+                    parent: stack.last().map_or(0, |o| o.id),
+                    name: ev.name,
+                    file: ev.file,
+                    frame: ev.frame,
+                    line: ev.line,
+                    start_ns: ev.ts_ns,
+                    cpu_ns: ev.thread_cpu_ns,
+                    rss_bytes: ev.rss_bytes,
+                });
+                None
+            }
             EventKind::Return => {
                 let found = stack.iter().rposition(|o| {
                     o.frame == ev.frame
@@ -168,17 +186,18 @@ impl Pairer {
                 let Some(at) = found else {
                     self.unmatched_total += 1;
                     self.unmatched_generator += u64::from(ev.generator);
-                    if self.unmatched.len() < UNMATCHED_SAMPLE {
-                        self.unmatched.push(UnmatchedReturn {
-                            pid: ev.pid,
-                            tid: ev.tid,
-                            name: ev.name,
-                            file: ev.file,
-                            ts_ns: ev.ts_ns,
-                            generator: ev.generator,
-                        });
+                    if self.unmatched.len() >= UNMATCHED_SAMPLE {
+                        return Some((ev.name, ev.file));
                     }
-                    return;
+                    self.unmatched.push(UnmatchedReturn {
+                        pid: ev.pid,
+                        tid: ev.tid,
+                        name: ev.name,
+                        file: ev.file,
+                        ts_ns: ev.ts_ns,
+                        generator: ev.generator,
+                    });
+                    return None;
                 };
                 // Entries above the match never returned: close them first.
                 while stack.len() > at + 1 {
@@ -193,8 +212,16 @@ impl Pairer {
                 let at = Close { ts_ns: ev.ts_ns, figures: Some((ev.thread_cpu_ns, ev.rss_bytes)) };
                 out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Returned));
                 if stack.is_empty() {
-                    self.stacks.remove(&(ev.pid, ev.tid));
+                    if stack.capacity() > KEPT_CAPACITY {
+                        self.stacks.remove(&(ev.pid, ev.tid));
+                    } else if self.stacks.len() > self.prune_at.max(IDLE_STACKS) {
+                        // Threads that ended: amortised, as the bound doubles
+                        // with the stacks still open.
+                        self.stacks.retain(|_, s| !s.is_empty());
+                        self.prune_at = 2 * self.stacks.len();
+                    }
                 }
+                Some((ev.name, ev.file))
             }
         }
     }
@@ -295,7 +322,7 @@ mod tests {
                 generator: false,
                 file_cut: false,
             };
-            self.p.push(ev, &mut self.out);
+            let _ = self.p.push(ev, &mut self.out);
         }
     }
 
@@ -395,6 +422,35 @@ mod tests {
         let spans: Vec<_> = f.out.iter().map(|c| (c.start_ns, c.end_ns, c.end)).collect();
         assert_eq!(spans, vec![(2, 3, CallEnd::Returned), (1, 5, CallEnd::Returned)]);
         assert_eq!((f.p.unmatched_total, f.p.skipped_entries), (1, 0));
+    }
+
+    #[test]
+    fn emptied_stacks_are_kept_then_pruned_in_bulk() {
+        let mut f = Feed::new();
+        // A thread calling at depth 0 keeps its (empty) stack between calls.
+        f.ev(1, EventKind::Entry, "a", 1);
+        f.ev(1, EventKind::Return, "a", 2);
+        assert_eq!((f.p.stacks.len(), f.p.open_calls()), (1, 0));
+        // Threads that made one call each and ended: their empty stacks go
+        // once there are more than IDLE_STACKS, while an open call stays.
+        f.ev(9_999, EventKind::Entry, "open", 3);
+        for tid in 2..(IDLE_STACKS as u32 + 10) {
+            f.ev(tid, EventKind::Entry, "a", 10 + u64::from(tid));
+            f.ev(tid, EventKind::Return, "a", 11 + u64::from(tid));
+        }
+        assert!(f.p.stacks.len() <= IDLE_STACKS + 1, "{} stacks", f.p.stacks.len());
+        assert_eq!(f.p.open_calls(), 1);
+        assert_eq!(f.out.len(), IDLE_STACKS + 8 + 1);
+        f.ev(9_999, EventKind::Return, "open", 100_000);
+        assert_eq!((f.out.len(), f.out.last().map(|c| &*c.name)), (IDLE_STACKS + 10, Some("open")));
+        // A stack grown deep is dropped when emptied.
+        for i in 0..(KEPT_CAPACITY as u64 + 1) {
+            f.ev(7, EventKind::Entry, "r", 200_000 + i);
+        }
+        for i in 0..(KEPT_CAPACITY as u64 + 1) {
+            f.ev(7, EventKind::Return, "r", 300_000 + i);
+        }
+        assert!(!f.p.stacks.contains_key(&(1, 7)));
     }
 
     #[test]

@@ -177,6 +177,9 @@ pub struct Aggregator {
     /// The same, keyed by the strings' addresses: the decoder interns names,
     /// so this finds a call's group without hashing its strings.
     by_address: crate::fast_hash::FastMap<AddressKey, AddressEntry>,
+    /// The key and group of the last call pushed (most calls are of the
+    /// function the last one was). Its addresses are held in `by_address`.
+    last: Option<(AddressKey, usize)>,
 }
 
 fn address(s: &Arc<str>) -> usize {
@@ -193,8 +196,9 @@ impl Aggregator {
     pub fn push(&mut self, call: &Call) {
         let pid = self.per_pid.then_some(call.pid);
         let key = (address(&call.name), address(&call.file), call.line, pid);
-        let index = match self.by_address.get(&key) {
-            Some(&(index, ..)) => index,
+        let cached = self.last.filter(|(last, _)| *last == key).map(|(_, index)| index);
+        let index = match cached.or_else(|| self.by_address.get(&key).map(|&(index, ..)| index)) {
+            Some(index) => index,
             None => {
                 let text = (call.name.clone(), call.file.clone(), call.line, pid);
                 let next = self.groups.len();
@@ -214,6 +218,7 @@ impl Aggregator {
                 index
             }
         };
+        self.last = Some((key, index));
         let group = &mut self.groups[index];
         group.durations.record(call.duration_ns());
         if call.end == CallEnd::Incomplete {

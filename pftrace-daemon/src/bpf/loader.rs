@@ -6,9 +6,7 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key,
-    },
+    maps::{Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{RawTracePoint, UProbe},
 };
 use pftrace_common::{MAX_CGROUPS, MAX_NAMES, MAX_SPECS, NAME_LEN, UsdtSpec, counter, kind, task_layout};
@@ -517,9 +515,12 @@ impl KernelProbes {
     }
 
     /// Takes the ring buffer of matched calls (once).
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, BpfError> {
+    pub fn take_ring(&mut self) -> Result<super::ringbuf::EventRing, BpfError> {
         let map = self.ebpf.take_map("EVENTS").ok_or(BpfError::Missing("map EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
+        let aya::maps::Map::RingBuf(map) = map else {
+            return Err(BpfError::Missing("ring buffer map EVENTS"));
+        };
+        super::ringbuf::EventRing::new(map).map_err(|source| BpfError::Map { name: "EVENTS", source })
     }
 }
 

@@ -9,6 +9,7 @@ mod loader;
 mod multi;
 mod perf;
 mod points;
+pub mod ringbuf;
 mod sys;
 
 pub use attach::{AttachError, AttachJob, UprobeLink};

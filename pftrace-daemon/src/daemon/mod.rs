@@ -134,6 +134,9 @@ pub struct Daemon {
     max_dumps: usize,
     decoder: Decoder,
     pairer: Pairer,
+    /// The calls a drain of the ring completes, kept between drains so
+    /// they are not collected into a newly grown vector each time.
+    completed: Vec<crate::pairing::Call>,
     rolling: Option<RollingOutput>,
     /// Every completed call, for the run's trace file (see output/spill.rs).
     spill: Option<SpillWriter>,

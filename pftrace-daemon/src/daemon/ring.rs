@@ -2,10 +2,9 @@
 //! could not decide, then paired), and process changes (exec, fork, exit),
 //! which are handled after the calls before them are stored, in ring order.
 
-use aya::maps::{MapData, RingBuf};
-
 use super::Daemon;
 use crate::{
+    bpf::ringbuf::EventRing,
     clock::WallClock,
     events::{EventKind, Record},
     pairing::Call,
@@ -21,11 +20,11 @@ enum ProcChange {
 
 impl Daemon {
     /// Reads every record in the ring buffer.
-    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        let mut completed = Vec::new();
+    pub(super) fn drain(&mut self, ring: &mut EventRing) {
+        let mut completed = std::mem::take(&mut self.completed);
         // Process changes, handled after the calls are stored, in ring order.
         let mut changes = Vec::new();
-        while let Some(item) = ring.next() {
+        while let Some(item) = ring.next_record() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
                     let (codes, processes) = (&mut self.codes, &self.processes);
@@ -37,7 +36,10 @@ impl Daemon {
                             let processes = &self.processes;
                             self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));
                         }
-                        self.pairer.push(ev, &mut completed);
+                        if let Some((name, file)) = self.pairer.push(ev, &mut completed) {
+                            self.decoder.recycle(name);
+                            self.decoder.recycle(file);
+                        }
                     }
                 }
                 Ok(Record::Exec(e)) => {
@@ -66,7 +68,8 @@ impl Daemon {
                 }
             }
         }
-        self.store_calls(completed);
+        self.store_drained(&mut completed);
+        self.completed = completed;
         for change in changes {
             match change {
                 ProcChange::Appeared(pid) => self.discover(pid),
@@ -80,18 +83,23 @@ impl Daemon {
         }
     }
 
-    pub(super) fn store_calls(&mut self, calls: Vec<Call>) {
+    pub(super) fn store_calls(&mut self, mut calls: Vec<Call>) {
+        self.store_drained(&mut calls);
+    }
+
+    /// Stores the calls in `calls`, leaving it empty (its capacity stays).
+    fn store_drained(&mut self, calls: &mut Vec<Call>) {
         if calls.is_empty() {
             return;
         }
         if let Some(r) = &mut self.rolling {
-            r.write_calls(&calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
+            r.write_calls(calls, &mut self.code_reader, &self.clock, |pid| self.processes.info(pid));
         }
         if let Some(s) = &mut self.spill {
-            s.append(&calls);
+            s.append(calls);
         }
-        self.route_job_calls(&calls);
-        for call in calls {
+        self.route_job_calls(calls);
+        for call in calls.drain(..) {
             self.processes.count_call(call.pid);
             self.functions.push(&call);
             self.store.push(call);

@@ -178,6 +178,7 @@ impl Daemon {
             max_dumps: limits.max_concurrent_dumps,
             decoder: Decoder::default(),
             pairer: Pairer::default(),
+            completed: Vec::new(),
             rolling,
             spill: None,
             bad_records: 0,

@@ -55,7 +55,9 @@ impl CallStore {
         self.len += 1;
         self.open.push_back(call);
         if self.open.len() >= BLOCK {
-            self.sealed.push_back(Vec::from(std::mem::take(&mut self.open)).into());
+            // The next block is allocated whole (it would grow by doubling).
+            let full = std::mem::replace(&mut self.open, VecDeque::with_capacity(BLOCK));
+            self.sealed.push_back(Vec::from(full).into());
         }
     }
 

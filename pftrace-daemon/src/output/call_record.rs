@@ -148,14 +148,19 @@ call_fields! {
 /// string's address (the decoder interns names and files, so a call costs
 /// no string hashing), then by its text (so a string is in the table once
 /// even when two copies of it come in).
-#[derive(Default)]
 pub struct StringIds {
     /// By address, holding the string so the address stays its own.
     by_address: FastMap<usize, (u32, Arc<str>)>,
     by_text: HashMap<Arc<str>, u32, crate::fast_hash::FastState>,
     /// Every string, by id.
     all: Vec<Arc<str>>,
+    /// (address, id) of strings looked up lately, by address (0: empty), in
+    /// front of `by_address` (which keeps every address its own string's).
+    recent: [(usize, u32); RECENT_IDS],
 }
+
+/// Slots of [`StringIds::recent`] (a power of two).
+const RECENT_IDS: usize = 16;
 
 impl std::fmt::Debug for StringIds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,11 +168,27 @@ impl std::fmt::Debug for StringIds {
     }
 }
 
+impl Default for StringIds {
+    fn default() -> Self {
+        Self {
+            by_address: FastMap::default(),
+            by_text: HashMap::default(),
+            all: Vec::new(),
+            recent: [(0, 0); RECENT_IDS],
+        }
+    }
+}
+
 impl StringIds {
     /// The id of `s`, made if new.
     pub fn id(&mut self, s: &Arc<str>) -> u32 {
         let address = Arc::as_ptr(s) as *const u8 as usize;
+        let slot = (address.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) & (RECENT_IDS - 1);
+        if self.recent[slot].0 == address {
+            return self.recent[slot].1;
+        }
         if let Some(&(id, _)) = self.by_address.get(&address) {
+            self.recent[slot] = (address, id);
             return id;
         }
         let id = match self.by_text.get(s) {
@@ -180,6 +201,7 @@ impl StringIds {
             }
         };
         self.by_address.insert(address, (id, Arc::clone(s)));
+        self.recent[slot] = (address, id);
         id
     }
 
