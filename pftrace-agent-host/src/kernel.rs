@@ -17,7 +17,7 @@ use aya::{
     programs::{UProbe, uprobe::UProbeScope},
 };
 use pftrace::{bpf::BPF_OBJECT, kernel::task_layout::TaskOffsets};
-use pftrace_common::{CallEvent, agent, counter, task_layout};
+use pftrace_common::{AgentEvent, agent, counter, kind, task_layout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -199,6 +199,7 @@ impl AgentKernel {
         Ok(Ring {
             ring: RingBuf::try_from(map).map_err(|source| KernelError::Map { name: "EVENTS", source })?,
             open: Default::default(),
+            names: Default::default(),
         })
     }
 }
@@ -215,13 +216,13 @@ pub fn agent_counters(k: &AgentKernel) -> Result<[u64; 3], KernelError> {
 /// Records read off the ring buffer.
 pub struct Ring {
     ring: RingBuf<MapData>,
-    /// Per (pid, tid): open entries (code id, name, file), innermost last,
-    /// to name the returns sent without strings, as pftraced's pairing does.
-    open: std::collections::HashMap<(u32, u32), Vec<OpenEntry>>,
+    /// Per (pid, tid): open entries (code id), innermost last, to tell
+    /// which returns close the innermost entry.
+    open: std::collections::HashMap<(u32, u32), Vec<u64>>,
+    /// Per pid: code id -> (name, file), from the records that carried
+    /// them (a code object's first report of a session), as pftraced keeps them.
+    names: std::collections::HashMap<u32, std::collections::HashMap<u64, (String, String)>>,
 }
-
-/// An open entry as [`Ring`] keeps it: (code id, name, file).
-type OpenEntry = (u64, String, String);
 
 /// One agent record, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,52 +233,62 @@ pub struct AgentRecord {
     pub event: u8,
     pub entry: bool,
     pub line: i32,
+    /// From the record, or from an earlier record of the same code id
+    /// (empty when none carried it).
     pub name: String,
     pub file: String,
     pub thread_cpu_ns: u64,
     pub rss_pages: u64,
     /// The code object's id in the process.
     pub code: u64,
-    /// Sent without strings: name and file come from the entry paired by code id.
+    /// A return that closes the innermost entry its thread reported.
     pub named_by_entry: bool,
+    /// The record carried the strings (the long record).
+    pub with_strings: bool,
 }
 
 impl Ring {
-    /// Drains what is there; only agent records (detail byte non-zero).
+    /// Drains what is there; only agent records.
     pub fn drain(&mut self, out: &mut Vec<AgentRecord>) {
+        use pftrace_common::{AgentNamedEvent, agent::flag};
         while let Some(item) = self.ring.next() {
-            if item.len() < size_of::<CallEvent>()
-                || item[pftrace_common::KIND_OFFSET] > pftrace_common::kind::RETURN
-            {
+            if item.len() < size_of::<AgentEvent>() || item[pftrace_common::KIND_OFFSET] != kind::AGENT {
                 continue;
             }
-            // SAFETY: length checked; CallEvent is plain data.
-            let ev: CallEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const CallEvent) };
-            if ev.agent_event == 0 {
-                continue;
-            }
+            // SAFETY: length checked; AgentEvent is plain data.
+            let ev: AgentEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const AgentEvent) };
             let text = |b: &[u8]| {
                 String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
             };
-            let entry = ev.kind == pftrace_common::kind::ENTRY;
-            let (mut name, mut file) = (text(&ev.name), text(&ev.file));
+            let names = self.names.entry(ev.pid).or_default();
+            if ev.flags & flag::SESSION != 0 {
+                names.clear();
+            }
+            let with_strings = ev.flags & flag::STRINGS != 0 && item.len() >= size_of::<AgentNamedEvent>();
+            let (name, file) = if with_strings {
+                // SAFETY: length checked.
+                let named: &AgentNamedEvent = unsafe { &*(item.as_ptr() as *const AgentNamedEvent) };
+                let nf = (text(&named.name), text(&named.file));
+                names.insert(ev.code, nf.clone());
+                nf
+            } else {
+                names.get(&ev.code).cloned().unwrap_or_default()
+            };
+            let entry = agent::is_entry(ev.event);
             let stack = self.open.entry((ev.pid, ev.tid)).or_default();
-            let code = ev.frame;
-            let named_by_entry = !entry && name.is_empty();
+            let code = ev.code;
+            let mut named_by_entry = false;
             if entry {
-                stack.push((code, name.clone(), file.clone()));
-            } else if let Some(at) = stack.iter().rposition(|(c, _, _)| *c == code) {
-                let (_, n, f) = stack.swap_remove(at);
+                stack.push(code);
+            } else if let Some(at) = stack.iter().rposition(|c| *c == code) {
+                named_by_entry = at + 1 == stack.len();
                 stack.truncate(at);
-                if named_by_entry {
-                    (name, file) = (n, f);
-                }
             }
             out.push(AgentRecord {
                 ts_ns: ev.ts_ns,
                 pid: ev.pid,
                 tid: ev.tid,
-                event: ev.agent_event,
+                event: ev.event,
                 entry,
                 line: ev.lineno,
                 name,
@@ -286,6 +297,7 @@ impl Ring {
                 rss_pages: ev.rss_pages,
                 code,
                 named_by_entry,
+                with_strings,
             });
         }
     }
@@ -295,9 +307,8 @@ impl Ring {
     pub fn count_for(&mut self, pid: u32) -> u64 {
         let mut n = 0;
         while let Some(item) = self.ring.next() {
-            if item.len() >= size_of::<CallEvent>()
-                && item[agent::DETAIL_OFFSET] != 0
-                && item[pftrace_common::KIND_OFFSET] <= pftrace_common::kind::RETURN
+            if item.len() >= size_of::<AgentEvent>()
+                && item[pftrace_common::KIND_OFFSET] == kind::AGENT
                 && u32::from_ne_bytes([item[8], item[9], item[10], item[11]]) == pid
             {
                 n += 1;

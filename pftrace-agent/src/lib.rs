@@ -182,6 +182,8 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     // Measurement only (agent-bench --nop1): call the 1-byte-nop probe.
     report::use_nop1(std::env::var_os("PFTRACE_AGENT_BENCH_NOP1").is_some());
     report::always_strings(std::env::var_os("PFTRACE_AGENT_BENCH_RETURN_STRINGS").is_some());
+    // A new pftraced (or the same one anew): it has none of our strings.
+    report::new_session();
     report::set_road(mode);
     if api.has_monitoring() {
         state.tool = Some(monitoring::enable(api).inspect_err(|_| report::set_mode(report::OFF))?);
@@ -261,8 +263,8 @@ unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
         teardown(api, &format!("after fork: {e}"));
         return api.none();
     }
-    // The calls open in the forking thread were reported by the parent.
-    report::forget_open_calls();
+    // A new process to pftraced: it has none of our strings under this pid.
+    report::new_session();
     control::FINALIZING.store(false, Ordering::Release);
     let fd = control::SOCKET_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {

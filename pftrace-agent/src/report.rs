@@ -20,18 +20,19 @@
 //!
 //! With no uprobe attached the probe function costs a call and a nop.
 //!
-//! A return (or yield, or unwind) whose entry this thread reported last is
-//! sent without its strings: the record carries the code object's id, and
-//! pftraced takes the name and file from the entry it pairs with. The
-//! kernel's two string reads and the 256 bytes they fill cost 55-65 ns a
-//! report in a tight loop and 170 ns a report from Python (agent-bench,
-//! 3.12.1, load 7: +2,260 ns per matched call with strings on both reports,
-//! +1,923 without any), so this halves that part.
+//! Strings once per code object: each traced code object has a serial
+//! (`CodeInfo::serial`, never reused, unlike its address) that every report
+//! carries; only its first report in an agent session carries its name and
+//! file (the kernel then writes the long record), later ones none (a 48-byte
+//! record, no string reads). A session begins at each connection to a
+//! pftraced and in a forked child (a new pid to pftraced), so a restarted
+//! pftraced gets every name again. pftraced keeps per process at most
+//! `agent::MAX_CODES` serials' strings; past that many code objects in a
+//! session the agent sends the strings with every report, so no call goes
+//! unnamed. Reports hold the GIL, so a code object's first report is on the
+//! ring before any other thread's later ones.
 
-use std::{
-    cell::RefCell,
-    sync::atomic::{AtomicU8, AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use pftrace_common::agent;
 
@@ -117,18 +118,18 @@ pub fn report(event: u8, info: &CodeInfo) {
     if mode == OFF {
         return;
     }
-    // The CodeInfo's address: it lives as long as the code object, which a
-    // running frame holds, so an open call's id is not reused under it.
-    let code = info as *const CodeInfo as u64;
-    let (name, file) = if needs_strings(event, code) {
-        (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8)
+    let code = info.serial;
+    let (name, file, event) = if info.sent.get() == SESSION.load(Ordering::Relaxed)
+        && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0
+    {
+        (std::ptr::null(), std::ptr::null(), event as u64)
     } else {
-        (std::ptr::null(), std::ptr::null())
+        with_strings(event, info)
     };
     let line = info.line as u64;
     if mode == SYSCALL {
         let token = TOKEN.load(Ordering::Relaxed);
-        if report_syscall(event as u64, name, file, line, code, token) == -(libc::ENOSYS as i64) {
+        if report_syscall(event, name, file, line, code, token) == -(libc::ENOSYS as i64) {
             return;
         }
         // Not the kernel's answer to an unknown syscall: a seccomp filter
@@ -139,11 +140,45 @@ pub fn report(event: u8, info: &CodeInfo) {
     // SAFETY: the probe functions do nothing but return.
     unsafe {
         if USE_NOP1.load(Ordering::Relaxed) == 0 {
-            pftrace_agent_probe(event as u64, name, file, line, code)
+            pftrace_agent_probe(event, name, file, line, code)
         } else {
-            pftrace_agent_probe_nop1(event as u64, name, file, line, code)
+            pftrace_agent_probe_nop1(event, name, file, line, code)
         }
     }
+}
+
+/// The session: bumped at every connection to a pftraced and in a forked
+/// child; a CodeInfo whose `sent` is not this has not sent its strings in it.
+static SESSION: AtomicU32 = AtomicU32::new(1);
+/// Code objects that sent their strings in this session (pftraced keeps at
+/// most agent::MAX_CODES of them per process).
+static SENT: AtomicU32 = AtomicU32::new(0);
+
+/// A new session: every code object sends its strings again with its next
+/// report. The GIL is held (no report runs meanwhile).
+pub fn new_session() {
+    let next = SESSION.load(Ordering::Relaxed).wrapping_add(1).max(1);
+    SESSION.store(next, Ordering::Relaxed);
+    SENT.store(0, Ordering::Relaxed);
+}
+
+/// The report's strings and event argument for a code object's first
+/// report in this session (the session's very first one is marked, so
+/// pftraced forgets any strings of this pid's earlier sessions).
+#[cold]
+fn with_strings(event: u8, info: &CodeInfo) -> (*const u8, *const u8, u64) {
+    let sent = SENT.load(Ordering::Relaxed);
+    let mut event = event as u64;
+    if sent == 0 {
+        event |= agent::NEW_SESSION;
+    }
+    // Past the cap pftraced keeps no more strings: this code object sends
+    // them every time.
+    if sent < agent::MAX_CODES {
+        SENT.store(sent + 1, Ordering::Relaxed);
+        info.sent.set(SESSION.load(Ordering::Relaxed));
+    }
+    (info.name.as_ptr() as *const u8, info.file.as_ptr() as *const u8, event)
 }
 
 /// The syscall report (pftrace_common::agent::SYSCALL_NR): rdi = event,
@@ -194,58 +229,12 @@ pub fn syscall_possible() -> bool {
     unfiltered("/proc/self/status") && unfiltered("/proc/thread-self/status")
 }
 
-thread_local! {
-    /// Per thread: the code ids of the entries this thread reported and
-    /// whose returns it has not reported yet, innermost last.
-    static OPEN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Bound on a thread's open calls kept (entries whose return is never
-/// reported, e.g. after the names changed, are dropped when a return below
-/// them comes; past this the list starts over and returns carry strings).
-const MAX_OPEN: usize = 4096;
-
-/// Whether this report must carry the strings: every entry does (an entry
-/// may be the last word on a call that never returns); a return does unless
-/// its entry is the innermost one this thread reported.
-#[inline]
-fn needs_strings(event: u8, code: u64) -> bool {
-    if ALWAYS_STRINGS.load(Ordering::Relaxed) != 0 {
-        return true;
-    }
-    OPEN.try_with(|open| {
-        let Ok(mut open) = open.try_borrow_mut() else { return true };
-        if agent::is_entry(event) {
-            if open.len() >= MAX_OPEN {
-                open.clear();
-            }
-            open.push(code);
-            return true;
-        }
-        if open.last() == Some(&code) {
-            open.pop();
-            return false;
-        }
-        // Not innermost: entries above it were never closed; drop them.
-        if let Some(at) = open.iter().rposition(|&c| c == code) {
-            open.truncate(at);
-        }
-        true
-    })
-    .unwrap_or(true)
-}
-
-/// Every report carries the strings (agent-bench only: the cost without
-/// the code-id pairing, measured in the same run).
+/// Every report carries the strings (agent-bench only: the cost of strings
+/// on every report, measured in the same run).
 static ALWAYS_STRINGS: AtomicU8 = AtomicU8::new(0);
 
 pub fn always_strings(on: bool) {
     ALWAYS_STRINGS.store(on as u8, Ordering::Relaxed);
-}
-
-/// In a forked child: the open calls were the parent's.
-pub fn forget_open_calls() {
-    let _ = OPEN.try_with(|open| open.borrow_mut().clear());
 }
 
 /// In a forked child: map the probe functions' code pages afresh from the

@@ -10,6 +10,7 @@
 use std::{
     cell::Cell,
     ffi::{CString, c_void},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use crate::{
@@ -87,10 +88,18 @@ fn code_names(api: &Api, code: Obj, matcher: &Matcher) -> (Option<String>, Optio
     (qualname, module)
 }
 
+/// Serials of code objects, process-wide (0 is never given).
+static SERIAL: AtomicU64 = AtomicU64::new(0);
+
 /// What the agent keeps of a traced code object.
 pub struct CodeInfo {
     generation: Cell<u32>,
     matched: Cell<bool>,
+    /// The code id its reports carry: unique in the process for its
+    /// lifetime (a freed code object's address may be reused; this is not).
+    pub serial: u64,
+    /// The report session in which its strings were sent (0: never; see report.rs).
+    pub sent: Cell<u32>,
     /// `co_name` and `co_filename`, NUL-terminated: the kernel reads them.
     pub name: CString,
     pub file: CString,
@@ -176,6 +185,8 @@ fn decide<'a>(
     let info = Box::new(CodeInfo {
         generation: Cell::new(generation),
         matched: Cell::new(true),
+        serial: SERIAL.fetch_add(1, Ordering::Relaxed) + 1,
+        sent: Cell::new(0),
         name: cstr(name_b),
         file: cstr(file_b),
         line: line as i32,

@@ -37,13 +37,17 @@ pub mod kind {
     /// thread did). In ring order, so a later process reusing the pid is
     /// told apart from it.
     pub const EXIT: u8 = 5;
+    /// An [`AgentEvent`](super::AgentEvent) (or [`AgentNamedEvent`](super::AgentNamedEvent))
+    /// of the in-process agent.
+    pub const AGENT: u8 = 6;
 }
 
 /// Reports of the in-process agent (`pftrace-agent`, for CPythons whose USDT
-/// probes do not fire). The agent calls its probe function with these in
-/// registers; the kernel fills a [`CallEvent`] of kind
-/// [`kind::ENTRY`] or [`kind::RETURN`] and puts the event below in the byte at
-/// [`agent::DETAIL_OFFSET`] (0 in USDT records).
+/// probes do not fire). The agent calls its probe function (or makes its
+/// syscall) with these in registers; the kernel writes an [`AgentEvent`] of
+/// kind [`kind::AGENT`] with the event below, or an [`AgentNamedEvent`]
+/// when the report carries the code object's strings (the first report of
+/// that code object in an agent session: see [`AgentEvent::code`]).
 pub mod agent {
     /// A frame started (sys.monitoring PY_START; 3.11 profile "call").
     pub const START: u8 = 1;
@@ -66,19 +70,38 @@ pub mod agent {
         event >= START && event <= THROW
     }
 
-    /// Byte of a CallEvent holding the agent event ([`CallEvent::agent_event`](super::CallEvent)).
-    pub const DETAIL_OFFSET: usize = core::mem::offset_of!(super::CallEvent, agent_event);
+    /// Bit of the event argument (above its low byte) that marks the first
+    /// report with strings of an agent session ([`flag::SESSION`]); no
+    /// other bit above the low byte may be set.
+    pub const NEW_SESSION: u64 = 1 << 8;
+
+    /// Code objects whose strings pftraced keeps per process (and agent
+    /// session); an agent whose session has sent this many sends the
+    /// strings with every report of any further code object.
+    pub const MAX_CODES: u32 = 65_536;
+
+    /// Bits of [`AgentEvent::flags`](super::AgentEvent).
+    pub mod flag {
+        /// The record is an [`AgentNamedEvent`](crate::AgentNamedEvent): it
+        /// carries the code object's name and file.
+        pub const STRINGS: u8 = 1;
+        /// The first report with strings of a new agent session (the agent
+        /// (re)connected, or its process forked or exec'd): strings of this
+        /// process's earlier sessions are void.
+        pub const SESSION: u8 = 2;
+        /// The file name filled [`LONG_FILE_LEN`](crate::LONG_FILE_LEN) bytes: it may be cut.
+        pub const FILE_CUT: u8 = 4;
+    }
 
     /// Exported function of the agent's shared object that pftraced puts a
     /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
     /// a call to a trampoline instead of a trap) and `ret`. Arguments
-    /// (System V): rdi = event, rsi = function name, rdx = file name
-    /// (NUL-terminated UTF-8 in the process), rcx = first line, r8 = the
-    /// code object's id in the process. rsi = 0: no strings (a return whose
-    /// entry the same thread reported last); the record then has an empty
-    /// name and file, and `frame` (with [`flag::FRAME`](super::flag::FRAME))
-    /// holds the code id on every agent record, so the return pairs with
-    /// its entry by code id.
+    /// (System V): rdi = event (| [`NEW_SESSION`]), rsi = function name,
+    /// rdx = file name (NUL-terminated UTF-8 in the process), rcx = first
+    /// line, r8 = the code object's id in the process (its serial, never
+    /// reused). rsi = 0: no strings (pftraced has them from an earlier
+    /// report of this code object in this session); the record is then
+    /// the 48-byte [`AgentEvent`](super::AgentEvent).
     pub const PROBE_SYMBOL: &str = "pftrace_agent_probe";
 
     /// The other road, where the process has no seccomp filter: a syscall
@@ -158,7 +181,7 @@ pub struct CallEvent {
     pub kind: u8,
     /// Bits of [`flag`].
     pub flags: u8,
-    /// For records of the in-process agent: its event ([`agent`]); 0 for USDT records.
+    /// 0 (the in-process agent's reports are [`AgentEvent`]s).
     pub agent_event: u8,
     pub _pad: u8,
     /// CPU time the calling thread has consumed so far (the scheduler's
@@ -184,6 +207,45 @@ pub struct LongCallEvent {
     pub head: CallEvent,
     /// The rest of the file name: `head.file` then `more` are one NUL-padded buffer.
     pub more: [u8; LONG_FILE_LEN - FILE_LEN],
+}
+
+/// A report of the in-process agent (kind [`kind::AGENT`]): 48 bytes, no
+/// strings. The code object's name and file come once per agent session in
+/// an [`AgentNamedEvent`]; pftraced keeps them per process by `code`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// The code object's first line.
+    pub lineno: i32,
+    /// [`kind::AGENT`].
+    pub kind: u8,
+    /// The agent's event ([`agent::START`] ... [`agent::UNWIND`]).
+    pub event: u8,
+    /// Bits of [`agent::flag`].
+    pub flags: u8,
+    pub _pad: u8,
+    pub thread_cpu_ns: u64,
+    pub rss_pages: u64,
+    /// The code object's serial in its process (a counter of the agent,
+    /// never reused, unlike the object's address): an entry and its return
+    /// carry the same, and the strings sent once are kept under it.
+    pub code: u64,
+}
+
+/// An [`AgentEvent`] with the code object's strings (flag
+/// [`agent::flag::STRINGS`]): the first report of a code object in an agent
+/// session. Room for a path of PATH_MAX: it is sent once.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentNamedEvent {
+    pub head: AgentEvent,
+    /// Function name, NUL-terminated (cut at [`NAME_LEN`] - 1 bytes, as USDT names are).
+    pub name: [u8; NAME_LEN],
+    /// File name, NUL-terminated.
+    pub file: [u8; LONG_FILE_LEN],
 }
 
 /// A process event (exec), as written by the kernel into the ring buffer.
@@ -359,9 +421,9 @@ pub mod task_layout {
     /// processes entering a watched cgroup by exec are added to TRACKED.
     /// Fixed at load time, so the verifier drops the check when it is 0.
     pub const SCOPE_FILTER: &str = "SCOPE_FILTER";
-    /// Non-zero: agent reports copy the name and file strings into the
-    /// record (the default). 0 leaves them empty: only used to measure what
-    /// the copies cost.
+    /// Non-zero: agent reports that pass strings get the long record with
+    /// them (the default). 0: every report is the short record: only used
+    /// to measure what the strings cost.
     pub const AGENT_STRINGS: &str = "AGENT_STRINGS";
     /// Parts of an agent report left out (bits of [`bench_skip`]): only
     /// for agent-bench to measure what each part costs. 0 otherwise.
@@ -386,9 +448,6 @@ pub mod task_layout {
         pub const RING: u32 = 16;
         /// The TRACKED lookup.
         pub const TRACKED: u32 = 32;
-        /// Write zeros over name and file (with strings off): the cost of
-        /// filling those bytes of the record without reading the process.
-        pub const ZERO_STRINGS: u32 = 64;
     }
 }
 
@@ -450,6 +509,8 @@ mod pod {
     unsafe impl aya::Pod for super::LongCallEvent {}
     unsafe impl aya::Pod for super::FrameSpec {}
     unsafe impl aya::Pod for super::ProcEvent {}
+    unsafe impl aya::Pod for super::AgentEvent {}
+    unsafe impl aya::Pod for super::AgentNamedEvent {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
 }
@@ -462,5 +523,8 @@ const _: () = assert!(core::mem::size_of::<FrameSpec>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
+const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
+const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
 const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS + 40);

@@ -122,6 +122,8 @@ pub struct Decoder {
     /// Call records whose file name filled PATH_MAX bytes (it may be cut:
     /// a path qualifier cannot be checked on it).
     pub files_cut: u64,
+    /// The strings of in-process agents' code objects (agent/records.rs).
+    pub agent: crate::agent::records::AgentNames,
 }
 
 /// A direct-mapped cache of interned strings, by a cheap hash of their
@@ -230,6 +232,9 @@ impl Decoder {
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                if k != kind::FORK {
+                    self.agent.forget(raw.pid);
+                }
                 Ok(match k {
                     kind::EXEC => {
                         Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id })
@@ -240,6 +245,7 @@ impl Decoder {
                     _ => Record::Exit(ExitEvent { ts_ns: raw.ts_ns, pid: raw.pid }),
                 })
             }
+            Some(&kind::AGENT) => self.decode_agent(bytes).map(Record::Call),
             _ => self.decode(bytes).map(Record::Call),
         }
     }

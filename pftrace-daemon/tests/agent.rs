@@ -680,3 +680,118 @@ fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
         assert_eq!(run.trace().calls.len(), calls, "{label}: calls of work traced");
     }
 }
+
+/// A process traced by one pftraced, then by another: the same code objects
+/// run under both, and the agent (still loaded) sends their names again to
+/// the second daemon. Phase 1 runs under the first pftraced; phase 2 runs
+/// the same functions, from the main thread and 2 new threads, under the
+/// second, with CPython's recorder on (printed as `REC tid name`).
+const RESTARTED: &str = r#"
+import os, sys, threading, time
+TRACED = {"work", "rec", "gen_count"}
+entries = []
+lock = threading.Lock()
+
+def profiler(frame, event, arg):
+    if event == "call" and frame.f_code.co_name in TRACED:
+        with lock:
+            entries.append((threading.get_native_id(), frame.f_code.co_name))
+
+def work(x):
+    return x * 2
+
+def rec(n):
+    return 0 if n == 0 else 1 + rec(n - 1)
+
+def gen_count(n):
+    for i in range(n):
+        yield i
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.002)
+
+def worker(record):
+    if record:
+        sys.setprofile(profiler)
+    for i in range(200):
+        work(i)
+    sum(gen_count(5))
+    sys.setprofile(None)
+
+def phase(record):
+    if record:
+        sys.setprofile(profiler)
+    for i in range(300):
+        work(i)
+    rec(20)
+    sum(gen_count(5))
+    sys.setprofile(None)
+    threads = [threading.Thread(target=worker, args=(record,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+print("ready", flush=True)
+wait_for(sys.argv[1])
+phase(False)
+print("phase1", flush=True)
+wait_for(sys.argv[2])
+phase(True)
+for tid, name in entries:
+    print("REC", tid, name)
+print("DONE", flush=True)
+"#;
+
+/// `--pid` on 3.14, pftraced stopped and a new one started on the same
+/// process while the agent stays loaded: the agent's strings go once per
+/// code object and session, so the second pftraced must get every name
+/// again. Both traces exact (the first: 700 `work`, 21 `rec` and 18
+/// `gen_count` runs, 1 start + 5 resumes in each of 3 threads; the second:
+/// the same, against CPython's recorder per thread), none named unknown.
+#[test]
+fn a_restarted_pftraced_gets_the_names_again() {
+    require_root();
+    let py = sid_python("3.14");
+    let dir = TestDir::new("agent-restart");
+    let script = dir.script("restarted.py", RESTARTED);
+    let (go1, go2) = (dir.join("go1"), dir.join("go2"));
+    let mut cmd = Command::new(&py);
+    cmd.arg(&script).arg(&go1).arg(&go2);
+    let label = "debian 3.14, pftraced restarted";
+    let mut process = PyProcess::start(&mut cmd, label.to_string());
+    process.expect_line("ready");
+    let names = ["work", "rec", "gen_count"];
+    // The syscall road: the uprobe is on each pftraced's own copy of the
+    // agent's file, and this process keeps the first copy it loaded.
+    let road = ["--agent-report", "syscall"];
+    let first = Pftraced::new(&dir, &names).args(&road).pid(process.pid()).spawn();
+    assert!(first.wait_attached(process.pid()).contains("in-process agent"), "{label}");
+    std::fs::write(&go1, "").unwrap();
+    process.expect_line("phase1");
+    kill(first.pid(), libc::SIGINT);
+    let run1 = first.finish();
+    run1.assert_code(0);
+    let trace1 = run1.trace();
+    trace1.assert_clean();
+    assert_eq!(
+        trace1.counts(),
+        BTreeMap::from([("gen_count", 18), ("rec", 21), ("work", 700)]),
+        "{label}: the first pftraced's trace"
+    );
+    let second = Pftraced::new(&dir, &names).args(&road).pid(process.pid()).spawn();
+    assert!(second.wait_attached(process.pid()).contains("in-process agent"), "{label}");
+    std::fs::write(&go2, "").unwrap();
+    let (status, stdout) = process.wait(Duration::from_secs(60));
+    assert!(status.success(), "{label}: {status}");
+    let run2 = second.finish();
+    run2.assert_code(0);
+    let want = recorded(&stdout);
+    let total = |name: &str| want.iter().filter(|((_, n), _)| n == name).map(|(_, c)| c).sum::<usize>();
+    assert_eq!((total("work"), total("rec"), total("gen_count")), (700, 21, 18), "{label}: recorder");
+    let trace2 = run2.trace();
+    trace2.assert_clean();
+    assert_eq!(trace2.counter("agent_unnamed"), 0, "{label}");
+    assert_eq!(traced(&trace2, &script), want, "{label}: the second pftraced's calls per thread and function");
+}

@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
+    AgentEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
     MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg,
     UsdtSpec, agent, arg_kind, config, counter, flag, kind,
 };
@@ -623,8 +623,11 @@ pub fn pftrace_agent_syscall_floor(_ctx: RawTracePointContext) -> i32 {
 /// One agent report: only processes pftraced accepted (TRACKED, which also
 /// holds their forked children) may report, and pid and tid come from the
 /// kernel; the name and file are the process's own word about its own calls.
+/// A report without strings (name_ptr 0: pftraced has them from this code
+/// object's first report of the session) is a 48-byte AgentEvent; one with
+/// them an AgentNamedEvent, reserved only then.
 #[inline(always)]
-fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) {
+fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) {
     use pftrace_common::task_layout::bench_skip;
     let skip = global(&AGENT_BENCH_SKIP);
     let pid_tgid = current_pid_tgid();
@@ -633,31 +636,61 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) 
         bump(counter::AGENT_FOREIGN);
         return;
     }
-    if event == 0 || event > agent::LAST as u64 {
+    let event = event_arg & 0xff;
+    if event == 0 || event > agent::LAST as u64 || event_arg & !(0xff | agent::NEW_SESSION) != 0 {
         bump(counter::AGENT_BAD);
         return;
     }
-    let event = event as u8;
     bump(counter::AGENT_REPORTS);
     if skip & bench_skip::RING as u64 != 0 {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
+    let session = if event_arg & agent::NEW_SESSION != 0 { agent::flag::SESSION } else { 0 };
+    if global(&AGENT_STRINGS) != 0 && name_ptr != 0 {
+        let Some(mut entry) = EVENTS.reserve::<AgentNamedEvent>(0) else {
+            bump(counter::LOST);
+            return;
+        };
+        let ev = entry.as_mut_ptr();
+        unsafe {
+            let mut flags = agent::flag::STRINGS | session;
+            let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
+            let file: &mut [u8; LONG_FILE_LEN] = &mut (*ev).file;
+            if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
+                name[0] = 0;
+            }
+            match bpf_probe_read_user_str_bytes(file_ptr as *const u8, file) {
+                Ok(s) if s.len() + 1 >= LONG_FILE_LEN => flags |= agent::flag::FILE_CUT,
+                Ok(_) => {}
+                Err(_) => file[0] = 0,
+            }
+            agent_head(&raw mut (*ev).head, pid_tgid, event as u8, flags, line, code, skip);
+        }
+        entry.submit(agent_wakeup(skip));
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<AgentEvent>(0) else {
         bump(counter::LOST);
         return;
     };
-    let ev = entry.as_mut_ptr();
+    unsafe { agent_head(entry.as_mut_ptr(), pid_tgid, event as u8, session, line, code, skip) };
+    entry.submit(agent_wakeup(skip));
+}
+
+/// Fills the common part of an agent record.
+#[inline(always)]
+unsafe fn agent_head(ev: *mut AgentEvent, pid_tgid: u64, event: u8, flags: u8, line: u64, code: u64, skip: u64) {
+    use pftrace_common::task_layout::bench_skip;
     unsafe {
         (*ev).ts_ns = if skip & bench_skip::CLOCK as u64 == 0 { bpf_ktime_get_ns() } else { 0 };
         (*ev).pid = (pid_tgid >> 32) as u32;
         (*ev).tid = pid_tgid as u32;
         (*ev).lineno = line as i32;
-        (*ev).kind = if agent::is_entry(event) { kind::ENTRY } else { kind::RETURN };
-        // The code id pairs a return without strings with its entry.
-        (*ev).flags = flag::FRAME;
-        (*ev).agent_event = event;
+        (*ev).kind = kind::AGENT;
+        (*ev).event = event;
+        (*ev).flags = flags;
         (*ev)._pad = 0;
-        (*ev).frame = code;
+        (*ev).code = code;
         let (cpu, rss) = match skip & (bench_skip::CPU | bench_skip::RSS) as u64 {
             0 => task_figures(),
             s if s == bench_skip::RSS as u64 => (task_cpu(), 0),
@@ -665,35 +698,12 @@ fn agent_report(event: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) 
         };
         (*ev).thread_cpu_ns = cpu;
         (*ev).rss_pages = rss;
-        let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
-        let file: &mut [u8; FILE_LEN] = &mut (*ev).file;
-        name[0] = 0;
-        file[0] = 0;
-        // Two string reads: 42-55 ns a report here; one fixed-size read of
-        // a 256-byte block laid out as name and file (tried 2026-11-26)
-        // cost the same 40-45 ns (agent-bench --raw, bpf_stats, load 7).
-        if global(&AGENT_STRINGS) != 0 && name_ptr != 0 {
-            if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
-                name[0] = 0;
-            }
-            if bpf_probe_read_user_str_bytes(file_ptr as *const u8, file).is_err() {
-                file[0] = 0;
-            }
-        }
-        if skip & bench_skip::ZERO_STRINGS as u64 != 0 {
-            // Bytes written without reading the process: what filling the
-            // record's string part costs by itself.
-            let words = (&raw mut (*ev).name) as *mut u64;
-            for i in 0..(NAME_LEN + FILE_LEN) / 8 {
-                core::ptr::write_volatile(words.add(i), 0);
-            }
-        }
     }
-    if skip & bench_skip::WAKEUP as u64 != 0 {
-        entry.submit(BPF_RB_NO_WAKEUP);
-    } else {
-        entry.submit(wakeup_flag());
-    }
+}
+
+#[inline(always)]
+fn agent_wakeup(skip: u64) -> u64 {
+    if skip & pftrace_common::task_layout::bench_skip::WAKEUP as u64 != 0 { BPF_RB_NO_WAKEUP } else { wakeup_flag() }
 }
 
 /// A process called execve: report it when it is in scope (every process,

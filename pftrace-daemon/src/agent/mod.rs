@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 pub mod install;
 pub mod launch;
+pub mod records;
 pub mod remote;
 pub mod server;
 
@@ -47,11 +48,10 @@ pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, SymbolError> {
     Ok(sym.address() - section.address() + file_off)
 }
 
-/// An agent's return sent without strings (its entry, which this thread
-/// reported last, has them; pftrace_common::agent::PROBE_SYMBOL): kept
-/// without the name filter, and paired with its entry by the code id in
-/// `frame`, whose name and file the call takes. USDT records always carry
-/// the name their kernel filter matched, so only agent records look so.
+/// An agent's return: kept without the name filter (its entry passed it),
+/// and paired with its entry by the code id in `frame` (marked with
+/// [`records::CODE_ID_BIT`]), whose name and file the call takes. USDT
+/// records carry frame addresses without that bit.
 pub fn pairs_by_code(ev: &crate::events::Event) -> bool {
-    ev.kind == crate::events::EventKind::Return && ev.frame.is_some() && ev.name.is_empty()
+    ev.kind == crate::events::EventKind::Return && ev.frame.is_some_and(|f| f & records::CODE_ID_BIT != 0)
 }

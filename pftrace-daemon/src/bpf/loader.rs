@@ -140,6 +140,11 @@ pub struct Counters {
     /// Agent reports with an event number the kernel does not know, dropped.
     #[serde(default)]
     pub agent_bad: u64,
+    /// Agent calls whose code object's name never reached pftraced (its
+    /// first record lost, or a process not telling it): kept, named
+    /// `<unknown: name not received>`. Counted in user space (agent/records.rs).
+    #[serde(default)]
+    pub agent_unnamed: u64,
 }
 
 impl Counters {
@@ -446,6 +451,7 @@ impl KernelProbes {
             agent_reports: total(counter::AGENT_REPORTS)?,
             agent_foreign: total(counter::AGENT_FOREIGN)?,
             agent_bad: total(counter::AGENT_BAD)?,
+            agent_unnamed: 0,
         })
     }
 

@@ -38,10 +38,12 @@ impl Daemon {
     }
 
     pub(super) fn counters(&self) -> Counters {
-        self.probes.counters().unwrap_or_else(|err| {
+        let mut c = self.probes.counters().unwrap_or_else(|err| {
             log::warn!("reading counters: {err}");
             Counters::default()
-        })
+        });
+        c.agent_unnamed = self.decoder.agent.unnamed;
+        c
     }
 
     pub(super) fn finish(mut self) -> Trace {

@@ -74,11 +74,14 @@ pub fn render(trace: &Trace) -> String {
     if !agents.is_empty() {
         let _ = writeln!(
             s,
-            "in-process agent (pid {}): {} reports; refused: {} from processes not accepted, {} malformed",
+            "in-process agent (pid {}): {} reports; refused: {} from processes not accepted, {} malformed; \
+             {} calls named {:?} (their code object's name never arrived)",
             agents.join(", "),
             c.agent_reports,
             c.agent_foreign,
-            c.agent_bad
+            c.agent_bad,
+            c.agent_unnamed,
+            crate::agent::records::UNKNOWN_NAME
         );
     }
     if trace.file_names_cut > 0 {

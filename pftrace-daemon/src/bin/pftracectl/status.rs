@@ -98,8 +98,8 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(
             o,
             "agent:     {} reports; {} probe hits of processes not accepted and {} malformed reports dropped \
-             in the kernel",
-            c.agent_reports, c.agent_foreign, c.agent_bad
+             in the kernel; {} calls whose name never arrived",
+            c.agent_reports, c.agent_foreign, c.agent_bad, c.agent_unnamed
         );
     }
     if c.out_of_scope > 0 {
