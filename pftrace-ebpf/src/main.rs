@@ -26,12 +26,12 @@ use aya_ebpf::{
             bpf_probe_read_user as bpf_probe_read_user_raw, bpf_probe_read_user_str,
         },
     },
-    macros::{map, raw_tracepoint, uprobe},
+    macros::{btf_tracepoint, map, raw_tracepoint, uprobe},
     maps::{
         Array, CgroupArray, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
         lpm_trie::Key,
     },
-    programs::{ProbeContext, RawTracePointContext},
+    programs::{BtfTracePointContext, ProbeContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
@@ -610,6 +610,26 @@ pub fn pftrace_agent_syscall(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     agent_report(r[7], r[6], r[5], r[0], r[2]);
+    0
+}
+
+/// The syscall road as a BTF raw tracepoint (tp_btf): the same report, the
+/// registers read with direct loads (the verifier knows `struct pt_regs`)
+/// instead of bpf_probe_read_kernel. Measured beside the raw tracepoint.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn pftrace_agent_syscall_btf(ctx: BtfTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    if id != agent::SYSCALL_NR {
+        return 0;
+    }
+    let regs: *const u64 = ctx.arg(0);
+    // struct pt_regs on x86-64: r10 at word 7, then r9, r8, ax, cx, dx, si, di.
+    let r = |i: usize| unsafe { core::ptr::read_volatile(regs.add(7 + i)) };
+    // SAFETY: a plain load of a load-time constant.
+    if r(1) != unsafe { core::ptr::read_volatile(&AGENT_TOKEN) } {
+        return 0;
+    }
+    agent_report(r(7), r(6), r(5), r(0), r(2));
     0
 }
 
