@@ -35,9 +35,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    AgentEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent,
-    MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg,
-    UsdtSpec, agent, arg_kind, config, counter, flag, kind,
+    AgentEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec,
+    LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN,
+    NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -699,7 +699,15 @@ fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u
 
 /// Fills the common part of an agent record.
 #[inline(always)]
-unsafe fn agent_head(ev: *mut AgentEvent, pid_tgid: u64, event: u8, flags: u8, line: u64, code: u64, skip: u64) {
+unsafe fn agent_head(
+    ev: *mut AgentEvent,
+    pid_tgid: u64,
+    event: u8,
+    flags: u8,
+    line: u64,
+    code: u64,
+    skip: u64,
+) {
     use pftrace_common::task_layout::bench_skip;
     unsafe {
         (*ev).ts_ns = if skip & bench_skip::CLOCK as u64 == 0 { bpf_ktime_get_ns() } else { 0 };
@@ -723,7 +731,11 @@ unsafe fn agent_head(ev: *mut AgentEvent, pid_tgid: u64, event: u8, flags: u8, l
 
 #[inline(always)]
 fn agent_wakeup(skip: u64) -> u64 {
-    if skip & pftrace_common::task_layout::bench_skip::WAKEUP as u64 != 0 { BPF_RB_NO_WAKEUP } else { wakeup_flag() }
+    if skip & pftrace_common::task_layout::bench_skip::WAKEUP as u64 != 0 {
+        BPF_RB_NO_WAKEUP
+    } else {
+        wakeup_flag()
+    }
 }
 
 /// A process called execve: report it when it is in scope (every process,
