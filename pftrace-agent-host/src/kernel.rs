@@ -31,6 +31,8 @@ pub enum KernelError {
     Missing(&'static str),
     #[error(transparent)]
     Symbol(#[from] pftrace::agent::SymbolError),
+    #[error("the kernel's BTF: {0}")]
+    Btf(String),
     #[error(transparent)]
     PidNamespace(#[from] pftrace::kernel::pidns::PidNsError),
 }
@@ -144,6 +146,22 @@ impl AgentKernel {
             .map_err(|source| KernelError::Program { name, source })?;
         prog.load().map_err(|source| KernelError::Program { name, source })?;
         prog.attach("sys_enter").map_err(|source| KernelError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Attaches the syscall road as a BTF raw tracepoint
+    /// (`pftrace_agent_syscall_btf`, tp_btf on sys_enter): benchmarks.
+    pub fn attach_syscall_btf(&mut self) -> Result<(), KernelError> {
+        const NAME: &str = "pftrace_agent_syscall_btf";
+        let btf = aya::Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
+        let prog: &mut aya::programs::BtfTracePoint = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or(KernelError::Missing(NAME))?
+            .try_into()
+            .map_err(|source| KernelError::Program { name: NAME, source })?;
+        prog.load("sys_enter", &btf).map_err(|source| KernelError::Program { name: NAME, source })?;
+        prog.attach().map_err(|source| KernelError::Program { name: NAME, source })?;
         Ok(())
     }
 
@@ -332,7 +350,14 @@ impl AgentKernel {
             Err(_) => {
                 let p: &aya::programs::RawTracePoint =
                     self.ebpf.program("pftrace_agent_syscall")?.try_into().ok()?;
-                p.fd().ok()?.as_fd().as_raw_fd()
+                match p.fd() {
+                    Ok(fd) => fd.as_fd().as_raw_fd(),
+                    Err(_) => {
+                        let p: &aya::programs::BtfTracePoint =
+                            self.ebpf.program("pftrace_agent_syscall_btf")?.try_into().ok()?;
+                        p.fd().ok()?.as_fd().as_raw_fd()
+                    }
+                }
             }
         };
         let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;

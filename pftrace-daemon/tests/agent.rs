@@ -793,5 +793,9 @@ fn a_restarted_pftraced_gets_the_names_again() {
     let trace2 = run2.trace();
     trace2.assert_clean();
     assert_eq!(trace2.counter("agent_unnamed"), 0, "{label}");
-    assert_eq!(traced(&trace2, &script), want, "{label}: the second pftraced's calls per thread and function");
+    assert_eq!(
+        traced(&trace2, &script),
+        want,
+        "{label}: the second pftraced's calls per thread and function"
+    );
 }

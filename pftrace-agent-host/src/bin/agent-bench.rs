@@ -445,10 +445,16 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
         drop(fl);
         // The full program as a code object's every report but its first
         // runs it: the short record, no strings.
-        for road in ["nop5 uprobe", "syscall"] {
+        for road in ["nop5 uprobe", "syscall", "syscall tp_btf"] {
             let mut k = AgentKernel::load(LoadOptions { strings: false, ..Default::default() })?;
             TOKEN.store(k.token, Ordering::Relaxed);
-            let f = if road == "syscall" {
+            let f = if road == "syscall tp_btf" {
+                if let Err(e) = k.attach_syscall_btf() {
+                    println!("raw round {round} syscall tp_btf: not attached: {e}");
+                    continue;
+                }
+                syscall
+            } else if road == "syscall" {
                 k.attach_syscall(false)?;
                 syscall
             } else {
@@ -457,7 +463,17 @@ fn raw(installed: &install::Installed) -> anyhow::Result<()> {
             };
             k.track(std::process::id())?;
             let (stop, drainer) = drain_own(k.take_ring()?);
+            let before = k.program_stats();
             let ns = fastest(f);
+            let after = k.program_stats();
+            if let (Some((c0, t0)), Some((c1, t1))) = (before, after)
+                && c1 > c0
+            {
+                println!(
+                    "raw round {round} {road}: {:.1} ns in the program (bpf_stats)",
+                    (t1 - t0) as f64 / (c1 - c0) as f64
+                );
+            }
             if road == "syscall" {
                 println!("raw round {round} getppid, syscall road attached: {:.1} ns", fastest(other));
             }

@@ -159,7 +159,10 @@ mod tests {
         r.file[..file.len()].copy_from_slice(file.as_bytes());
         // SAFETY: plain old data.
         unsafe {
-            std::slice::from_raw_parts((&r as *const AgentNamedEvent).cast::<u8>(), size_of::<AgentNamedEvent>())
+            std::slice::from_raw_parts(
+                (&r as *const AgentNamedEvent).cast::<u8>(),
+                size_of::<AgentNamedEvent>(),
+            )
         }
         .to_vec()
     }
@@ -175,7 +178,10 @@ mod tests {
     fn strings_once_then_by_serial_per_process_and_session() {
         let mut d = Decoder::default();
         let e = call(&mut d, &named(agent::START, agent::flag::SESSION, 7, 100, "work", "/a.py"));
-        assert_eq!((&*e.name, &*e.file, e.kind, e.frame), ("work", "/a.py", EventKind::Entry, Some(7 | CODE_ID_BIT)));
+        assert_eq!(
+            (&*e.name, &*e.file, e.kind, e.frame),
+            ("work", "/a.py", EventKind::Entry, Some(7 | CODE_ID_BIT))
+        );
         let r = call(&mut d, &short(agent::RETURN, 7, 100));
         assert_eq!((&*r.name, r.kind, r.rss_bytes), ("work", EventKind::Return, 2 * page_size()));
         assert!(super::super::pairs_by_code(&r) && !super::super::pairs_by_code(&e));
