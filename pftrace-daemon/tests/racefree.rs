@@ -344,7 +344,7 @@ fn eighty_pythons_started_two_at_a_time_each_have_their_first_calls() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes only `limit`.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    let want = (2 * 4096 + 1024).min(limit.rlim_cur as u64);
+    let want = (2 * 4096 + 1024).min(limit.rlim_cur);
     let status = fs::read_to_string(format!("/proc/{}/status", tracer.pid())).unwrap();
     let fd_size: u64 = status
         .lines()
