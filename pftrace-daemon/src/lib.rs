@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod elf_info;
 pub mod events;
 pub mod fast_hash;
+pub mod fdtable;
 pub mod hold;
 pub mod job_pattern;
 pub mod kernel;

@@ -306,6 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Err(err) = sched::short_slice() {
         log::debug!("no short scheduler slice: {err}");
     }
+    // Before any thread starts (pftrace::fdtable).
+    match pftrace::fdtable::reserve(pftrace::fdtable::fds_for(opts.config.limits.max_processes)) {
+        Ok(n) => log::debug!("file descriptor table sized for {n}"),
+        Err(err) => log::warn!("file descriptor table not grown ({err}): attaching may stall while it grows"),
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_start(|| {

@@ -45,8 +45,9 @@ pub(super) struct Dormant {
     links: HashMap<FileId, UprobeLink>,
     /// pid -> (its start time, the semaphores raised in it).
     raised: HashMap<u32, (u64, Semaphores)>,
-    /// Pids that exec'd since they were last seen: a new image, whose semaphores are 0.
-    fresh: HashSet<u32>,
+    /// Pids that exec'd since they were last seen: a new image, whose
+    /// semaphores are 0 (-> the exec's time, monotonic ns).
+    fresh: HashMap<u32, u64>,
     /// Pids forked by a process whose semaphores the daemon raised: the copy is raised already.
     inherited: HashSet<u32>,
     /// [`MAX_DORMANT_FILES`] was reached and said once.
@@ -60,9 +61,9 @@ impl Dormant {
     }
 
     /// `pid` exec'd (reported by the kernel).
-    pub(super) fn exec(&mut self, pid: u32) {
+    pub(super) fn exec(&mut self, pid: u32, ts_ns: u64) {
         if self.enabled {
-            self.fresh.insert(pid);
+            self.fresh.insert(pid, ts_ns);
             self.inherited.remove(&pid);
         }
     }
@@ -112,7 +113,8 @@ impl Daemon {
     pub(super) fn attach_dormant(&mut self, target: Target) {
         let pid = target.pid;
         let binary = printable_path(&target.binary);
-        let fresh = self.dormant.fresh.remove(&pid);
+        let exec_ns = self.dormant.fresh.remove(&pid);
+        let fresh = exec_ns.is_some();
         let inherited = self.dormant.inherited.remove(&pid);
         if let Err(err) = self.processes.check_limit() {
             log::warn!("{}", printable(&err.to_string()));
@@ -160,7 +162,7 @@ impl Daemon {
                     );
                     self.dormant.links.insert(target.file, link);
                     for (sibling, sibling_hold) in others {
-                        if let Err(err) = self.raise(&sibling, true) {
+                        if let Err(err) = self.raise(&sibling, true, None) {
                             log::debug!("pid {}: {err}", sibling.pid);
                         }
                         drop(sibling_hold);
@@ -179,7 +181,7 @@ impl Daemon {
         }
         // Raised already while its file's probes were made ([`Self::hold_siblings`]).
         let raised = self.dormant.raised.get(&pid).is_some_and(|(started, _)| *started == target.started);
-        if let Err(err) = self.raise(&target, !inherited && !raised) {
+        if let Err(err) = self.raise(&target, !inherited && !raised, exec_ns) {
             drop(hold);
             if err.is_gone() || is_exiting(pid) {
                 log::debug!("pid {pid} exited before it could be attached");
@@ -244,8 +246,8 @@ impl Daemon {
         if !self.dormant.raised.contains_key(&pid) {
             return false;
         }
-        if self.dormant.fresh.remove(&pid)
-            && let Err(err) = self.raise(target, true)
+        if let Some(exec_ns) = self.dormant.fresh.remove(&pid)
+            && let Err(err) = self.raise(target, true, Some(exec_ns))
         {
             log::warn!("{}", printable(&err.to_string()));
         }
@@ -254,11 +256,22 @@ impl Daemon {
 
     /// Finds the semaphores of `target` and raises them (`add`) or only
     /// records them (a fork's copy, raised already).
-    fn raise(&mut self, target: &Target, add: bool) -> Result<(), crate::semaphores::SemaphoreError> {
+    fn raise(
+        &mut self,
+        target: &Target,
+        add: bool,
+        exec_ns: Option<u64>,
+    ) -> Result<(), crate::semaphores::SemaphoreError> {
         let offsets: Vec<u64> = target.sites.iter().map(|s| s.semaphore_offset).collect();
         let sems = Semaphores::locate(target.pid, target.file, &offsets)?;
         if add {
             sems.adjust(1)?;
+            let now = crate::clock::WallClock::monotonic_now_ns();
+            log::debug!(
+                "pid {} semaphores raised at {now} ns ({} us after its exec)",
+                target.pid,
+                exec_ns.map_or(-1, |e| (now.saturating_sub(e) / 1000) as i64)
+            );
         }
         self.dormant.raised.insert(target.pid, (target.started, sems));
         Ok(())

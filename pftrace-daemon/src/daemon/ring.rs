@@ -44,10 +44,10 @@ impl Daemon {
                 }
                 Ok(Record::Exec(e)) => {
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
-                    log::debug!("pid {} exec'd ({late_us} us ago)", e.pid);
+                    log::debug!("pid {} exec'd at {} ns ({late_us} us ago)", e.pid, e.ts_ns);
                     // Calls of the old image end here, before any of the new one.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
-                    self.dormant.exec(e.pid);
+                    self.dormant.exec(e.pid, e.ts_ns);
                     changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
