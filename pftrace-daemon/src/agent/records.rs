@@ -32,10 +32,13 @@ pub const UNKNOWN_NAME: &str = "<unknown: name not received>";
 /// evicts an arbitrary other: its calls would then be counted unnamed).
 const MAX_PROCESSES: usize = 4096;
 
+/// One process's code objects: serial -> (name, file).
+type CodeStrings = FastMap<u64, (Arc<str>, Arc<str>)>;
+
 /// The strings of agents' code objects, per process.
 #[derive(Default)]
 pub struct AgentNames {
-    by_pid: FastMap<u32, FastMap<u64, (Arc<str>, Arc<str>)>>,
+    by_pid: FastMap<u32, CodeStrings>,
     /// Entries named [`UNKNOWN_NAME`] (their returns pair by code id).
     pub unnamed: u64,
     /// Strings not kept because the process's table was full (the agent
