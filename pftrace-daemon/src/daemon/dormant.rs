@@ -121,9 +121,20 @@ impl Daemon {
             self.processes.refuse(pid, &err);
             return;
         }
-        let Ok(pidfd) = procwatch::pidfd(pid) else {
-            log::debug!("pid {pid} exited before it could be attached");
-            return;
+        let pidfd = match procwatch::pidfd(pid) {
+            Ok(pidfd) => pidfd,
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
+                log::debug!("pid {pid} exited before it could be attached");
+                return;
+            }
+            // Out of file descriptors (RLIMIT_NOFILE: two per traced
+            // process), said, not dropped silently.
+            Err(err) => {
+                let err = format!("pid {pid} ({binary}) is not traced: watching its exit: {err}");
+                log::warn!("{}", printable(&err));
+                self.processes.refuse(pid, &err);
+                return;
+            }
         };
         let mut hold = None;
         let held_at = Instant::now();
