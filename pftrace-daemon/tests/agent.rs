@@ -753,19 +753,28 @@ print("DONE", flush=True)
 #[test]
 fn a_restarted_pftraced_gets_the_names_again() {
     require_root();
+    // By uprobe (the default), the second pftraced must also put its uprobe
+    // on the first one's copy of the agent's file, which this process keeps
+    // calling (0 calls in its trace before it did); by syscall, only the
+    // new session matters.
+    for road in ["uprobe", "syscall"] {
+        restarted_pftraced_gets_the_names_again(road);
+    }
+}
+
+fn restarted_pftraced_gets_the_names_again(road: &str) {
     let py = sid_python("3.14");
-    let dir = TestDir::new("agent-restart");
+    let dir = TestDir::new(&format!("agent-restart-{road}"));
     let script = dir.script("restarted.py", RESTARTED);
     let (go1, go2) = (dir.join("go1"), dir.join("go2"));
     let mut cmd = Command::new(&py);
     cmd.arg(&script).arg(&go1).arg(&go2);
-    let label = "debian 3.14, pftraced restarted";
+    let label = format!("debian 3.14, pftraced restarted, {road} road");
+    let label = label.as_str();
     let mut process = PyProcess::start(&mut cmd, label.to_string());
     process.expect_line("ready");
     let names = ["work", "rec", "gen_count"];
-    // The syscall road: the uprobe is on each pftraced's own copy of the
-    // agent's file, and this process keeps the first copy it loaded.
-    let road = ["--agent-report", "syscall"];
+    let road = ["--agent-report", road];
     let first = Pftraced::new(&dir, &names).args(&road).pid(process.pid()).spawn();
     assert!(first.wait_attached(process.pid()).contains("in-process agent"), "{label}");
     std::fs::write(&go1, "").unwrap();

@@ -2,13 +2,15 @@
 //! fire (see `python::mechanism`): installing the agent's files
 //! (`install`, with the shared object embedded in pftraced at build time),
 //! the command line checks of launch mode (`launch`), loading it into a
-//! running CPython 3.14+ through PEP 768 (`remote`) and the agent's control
-//! socket (`server`).
+//! running CPython 3.14+ through PEP 768 (`remote`), the agent's control
+//! socket (`server`), its records (`records`) and copies of it loaded from
+//! an earlier pftraced (`mapped`).
 
 use std::path::{Path, PathBuf};
 
 pub mod install;
 pub mod launch;
+pub mod mapped;
 pub mod records;
 pub mod remote;
 pub mod server;

@@ -479,6 +479,23 @@ impl KernelProbes {
         Ok(())
     }
 
+    /// Puts the (loaded) agent uprobe on another copy of the agent's file
+    /// too: `path` names its inode (a process's /proc/PID/map_files link to
+    /// a copy an earlier pftraced installed), `offset` the probe function.
+    pub fn attach_agent_copy(&mut self, path: &std::path::Path, offset: u64) -> Result<(), BpfError> {
+        const NAME: &str = "pftrace_agent_uprobe";
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or(BpfError::Missing(NAME))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
+        prog.attach(location, path, aya::programs::uprobe::UProbeScope::AllProcesses)
+            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        Ok(())
+    }
+
     /// Attaches the agent's syscall road (a raw tracepoint on sys_enter,
     /// pftrace_common::agent::SYSCALL_NR) unless it is attached. It runs on
     /// every syscall of the host (+10-13 ns each here, most of it the

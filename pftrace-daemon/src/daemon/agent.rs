@@ -60,6 +60,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent side of a running daemon.
 pub(super) struct AgentSide {
     pub(super) installed: Installed,
+    /// File offset of the probe function in the agent's shared object.
+    probe_offset: u64,
+    /// (st_dev, st_ino) of the agent files the uprobe is on: this run's copy,
+    /// and copies of earlier pftraceds that traced processes still map.
+    uprobed: Vec<(u64, u64)>,
     incoming: Option<mpsc::UnboundedReceiver<AgentConn>>,
     /// Connected agents by pid.
     links: HashMap<u32, std_mpsc::Sender<ToAgent>>,
@@ -162,6 +167,7 @@ impl Daemon {
         let offset = agent::symbol_offset(&so, pftrace_common::agent::PROBE_SYMBOL)
             .map_err(|e| err("the agent's probe function", &e))?;
         self.probes.attach_agent(&so, offset)?;
+        let own = std::fs::metadata(&so).map_err(|e| err("the installed agent", &e))?;
         let listener = AgentServer::bind(&installed.socket)
             .map_err(|e| err("the agent's control socket", &e))?
             .into_listener();
@@ -171,8 +177,14 @@ impl Daemon {
             .name("pftrace-agents".into())
             .spawn(move || accept_loop(listener, tx))
             .map_err(|e| err("starting the agent socket's thread", &e))?;
-        self.agent =
-            Some(AgentSide { installed, incoming: Some(rx), links: HashMap::new(), ready: Arc::default() });
+        self.agent = Some(AgentSide {
+            installed,
+            probe_offset: offset,
+            uprobed: vec![(own.dev(), own.ino())],
+            incoming: Some(rx),
+            links: HashMap::new(),
+            ready: Arc::default(),
+        });
         Ok(())
     }
 
@@ -361,6 +373,9 @@ impl Daemon {
         } else {
             Report::Uprobe
         };
+        if road == Report::Uprobe {
+            self.uprobe_other_copies(pid);
+        }
         let names = self.filter.texts();
         let (tx, rx) = std_mpsc::channel();
         let (configured_tx, configured) = std_mpsc::channel();
@@ -379,6 +394,45 @@ impl Daemon {
             Err(err) => {
                 log::warn!("agent of pid {pid}: cannot start its thread: {err}");
                 None
+            }
+        }
+    }
+
+    /// Puts the agent's uprobe also on copies of the agent `pid` maps that
+    /// are not this run's (agent::mapped): a process that loaded the agent
+    /// from an earlier pftraced (traced again by `--pid` after a restart)
+    /// keeps calling that copy's probe function, and its reports would reach
+    /// no program (0 calls and nothing counted, before this).
+    fn uprobe_other_copies(&mut self, pid: u32) {
+        let Some(agent) = self.agent.as_mut() else { return };
+        let (copies, foreign) = match agent::mapped::other_copies(pid, &agent.uprobed, agent::AGENT_SO) {
+            Ok(found) => found,
+            Err(err) => {
+                log::debug!("pid {pid}: its mapped files could not be read: {err}");
+                return;
+            }
+        };
+        for path in foreign {
+            log::warn!(
+                "{}",
+                printable(&format!(
+                    "agent of pid {pid}: it loaded {path}, the agent of another pftrace build, whose reports \
+                     by uprobe this pftraced cannot see: restart the process, or run pftraced with \
+                     --agent-report syscall"
+                ))
+            );
+        }
+        for copy in copies {
+            match self.probes.attach_agent_copy(&copy.link, agent.probe_offset) {
+                Ok(()) => {
+                    log::debug!("pid {pid}: uprobe on the agent copy it maps ({})", copy.link.display());
+                    agent.uprobed.push(copy.id);
+                }
+                Err(err) => log::warn!(
+                    "agent of pid {pid}: its copy of the agent ({}) could not be probed ({err}): its calls \
+                     are not seen",
+                    copy.link.display()
+                ),
             }
         }
     }
