@@ -465,6 +465,13 @@ impl KernelProbes {
     /// `agent_so`), for every process mapping that file: only TRACKED ones
     /// get through (the others are counted in AGENT_FOREIGN). Once per run.
     pub fn attach_agent(&mut self, agent_so: &std::path::Path, offset: u64) -> Result<(), BpfError> {
+        let (name, prog) = self.agent_uprobe()?;
+        prog.load().map_err(|source| BpfError::Program { name, source })?;
+        self.attach_agent_copy(agent_so, offset)
+    }
+
+    /// The agent's uprobe program and its name.
+    fn agent_uprobe(&mut self) -> Result<(&'static str, &mut UProbe), BpfError> {
         const NAME: &str = "pftrace_agent_uprobe";
         let prog: &mut UProbe = self
             .ebpf
@@ -472,27 +479,17 @@ impl KernelProbes {
             .ok_or(BpfError::Missing(NAME))?
             .try_into()
             .map_err(|source| BpfError::Program { name: NAME, source })?;
-        prog.load().map_err(|source| BpfError::Program { name: NAME, source })?;
-        let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
-        prog.attach(location, agent_so, aya::programs::uprobe::UProbeScope::AllProcesses)
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
-        Ok(())
+        Ok((NAME, prog))
     }
 
     /// Puts the (loaded) agent uprobe on another copy of the agent's file
     /// too: `path` names its inode (a process's /proc/PID/map_files link to
     /// a copy an earlier pftraced installed), `offset` the probe function.
     pub fn attach_agent_copy(&mut self, path: &std::path::Path, offset: u64) -> Result<(), BpfError> {
-        const NAME: &str = "pftrace_agent_uprobe";
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or(BpfError::Missing(NAME))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        let (name, prog) = self.agent_uprobe()?;
         let location = aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(offset);
         prog.attach(location, path, aya::programs::uprobe::UProbeScope::AllProcesses)
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
+            .map_err(|source| BpfError::Program { name, source })?;
         Ok(())
     }
 

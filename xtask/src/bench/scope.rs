@@ -44,6 +44,16 @@ impl Drop for Idle {
     }
 }
 
+/// A Python that waits on its stdin (until killed).
+fn idle_python(python: &Path) -> Result<Child> {
+    Command::new(python)
+        .args(["-c", "import sys; sys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting an idle Python")
+}
+
 /// The loop of `calls_py` (`n` iterations, `-t rare`: the sparse case) in a
 /// cgroup with `procs - 1` idle Pythons, all traced; `kernel`: the pid-scoped mode.
 pub fn run(
@@ -65,12 +75,7 @@ pub fn run(
     };
     let mut idle = Idle(Vec::new());
     for _ in 1..procs {
-        let c = Command::new(python)
-            .args(["-c", "import sys; sys.stdin.read()"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting an idle Python")?;
+        let c = idle_python(python)?;
         enter(c.id())?;
         idle.0.push(c);
     }
@@ -135,12 +140,7 @@ pub fn neighbour(
     let cg = Cgroup(root.join(format!("pftrace-bench-neighbour-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let mut idle = Idle(Vec::new());
-    let c = Command::new(python)
-        .args(["-c", "import sys; sys.stdin.read()"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting an idle Python")?;
+    let c = idle_python(python)?;
     let pid = c.id();
     idle.0.push(c);
     std::fs::write(cg.0.join("cgroup.procs"), pid.to_string())
