@@ -10,8 +10,65 @@
 //! 29 runs (2 cores, load 4-11); with the table grown at start, 0 in 10 of
 //! 10 runs. Grown before any thread starts, no
 //! grace period is waited for; a table never shrinks.
+//!
+//! The soft RLIMIT_NOFILE is raised first (up to the hard limit) to what
+//! that needs: at the usual soft limit of 1024 the 500th Python of a watched
+//! cgroup would be refused with EMFILE. A command pftraced launches gets the
+//! soft limit pftraced was started with ([`restore_for_child`]), not the
+//! raised one: the traced program must run as it would untraced.
 
-use std::{io, os::fd::AsRawFd as _};
+use std::{io, os::fd::AsRawFd as _, sync::OnceLock};
+
+/// The soft and hard RLIMIT_NOFILE pftraced was started with, when
+/// [`raise_limit`] changed them.
+static STARTED_WITH: OnceLock<libc::rlimit> = OnceLock::new();
+
+/// What raising the limit did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Raised {
+    /// The soft limit already allowed `fds`.
+    Enough,
+    /// Raised from `from` to `to` (`to` < the wanted count when the hard
+    /// limit is lower).
+    To { from: u64, to: u64 },
+}
+
+/// Raises the soft RLIMIT_NOFILE to `fds` (at most the hard limit).
+pub fn raise_limit(fds: usize) -> io::Result<Raised> {
+    let limit = current_limit()?;
+    let want = (fds as u64).min(limit.rlim_max);
+    if limit.rlim_cur >= want {
+        return Ok(Raised::Enough);
+    }
+    let raised = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit reads only `raised`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = STARTED_WITH.set(limit);
+    Ok(Raised::To { from: limit.rlim_cur, to: want })
+}
+
+/// In a child between fork and exec: puts back the soft limit pftraced was
+/// started with, if it raised it. Async-signal-safe (one setrlimit call).
+pub fn restore_for_child() -> io::Result<()> {
+    if let Some(limit) = STARTED_WITH.get() {
+        // SAFETY: setrlimit reads only `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn current_limit() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
+}
 
 /// Descriptors to reserve for tracing `max_processes` processes: two per
 /// process, and room for the kernel side's maps, programs and links, the
@@ -23,11 +80,7 @@ pub fn fds_for(max_processes: usize) -> usize {
 /// Grows the table to hold `fds` descriptors (at most the soft
 /// RLIMIT_NOFILE); how many it holds now.
 pub fn reserve(fds: usize) -> io::Result<usize> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes only `limit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let limit = current_limit()?;
     let top = fds.min(usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)).min(i32::MAX as usize);
     if top == 0 {
         return Ok(0);

@@ -40,9 +40,11 @@ impl Launched {
         let mut cmd = Command::new(program);
         cmd.args(args);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        // SAFETY: ptrace(PTRACE_TRACEME) is async-signal-safe and touches no memory.
+        // SAFETY: setrlimit and ptrace(PTRACE_TRACEME) are async-signal-safe
+        // and touch no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
+                crate::fdtable::restore_for_child()?;
                 if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -478,3 +478,104 @@ fn invalid_globs_are_refused_with_a_clear_message() {
     stop(&socket, tracer);
     w.finish();
 }
+
+/// A script that calls `foo` 10 times, waits until the file `argv[1]` exists
+/// (so all the processes of a test are alive at once), then calls it 10 more.
+const WAITING: &str = "\
+import os, sys, time
+def foo():
+    pass
+for _ in range(10):
+    foo()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+for _ in range(10):
+    foo()
+";
+
+/// This process's hard RLIMIT_NOFILE.
+fn hard_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a valid struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_max
+}
+
+/// The soft and hard `Max open files` of `pid`, from /proc/PID/limits.
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+/// pftraced started with a soft open-file limit of 64 (two descriptors per
+/// traced process) raises it to what `limits.max_processes` needs and traces
+/// 40 Pythons alive at once in a watched cgroup, every call; without the
+/// raise 9 of the 40 were traced and the others refused ("watching its
+/// exit: Too many open files"). A command it launches runs with the limit
+/// pftraced was given.
+#[test]
+fn a_soft_open_file_limit_of_64_is_raised_for_pftraced_and_not_for_its_command() {
+    require_root();
+    let _serial = serial();
+    let prlimit = require_tool("prlimit", "util-linux");
+    const PROCESSES: usize = 40;
+    let dir = TestDir::new("dl-nofile");
+    let py = python();
+    let script = dir.script("waiting.py", WAITING);
+    let socket = socket_of(&dir);
+    let cg = Cgroup::new("dl-nofile");
+    // The soft limit only (raising the hard one needs CAP_SYS_RESOURCE).
+    let hard = hard_open_files_limit();
+    assert!(hard >= 9216, "the test needs a hard open-file limit of at least 9216, not {hard}");
+    let tracer = serving(&dir, &["foo"])
+        .wrapped(&[prlimit.as_os_str(), "--nofile=64:".as_ref(), "--".as_ref()])
+        .arg("--cgroup")
+        .arg(cg.path())
+        .spawn();
+    wait_serving(&socket, &tracer);
+    // 2 x 4096 (limits.max_processes) + 1024, below the hard limit.
+    assert_eq!(open_files_limit(tracer.pid()), ("9216".into(), hard.to_string()), "pftraced's own limit");
+    let go = dir.join("go");
+    let mut pythons = Vec::new();
+    for _ in 0..PROCESSES {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(cg.path())
+            .arg(&py)
+            .arg(&script)
+            .arg(&go);
+        pythons.push(Guard::spawn(&mut cmd, false));
+    }
+    for p in &pythons {
+        wait_traced(&socket, &tracer, p.pid());
+    }
+    fs::write(&go, b"").unwrap();
+    for p in &mut pythons {
+        assert!(p.wait(Duration::from_secs(30), "a waiting Python").success());
+    }
+    let run = stop(&socket, tracer);
+    assert!(!run.stderr.contains("is not traced"), "a process was refused:\n{}", run.stderr);
+    let by_pid = common::counts_by_pid(&run.trace().calls, "foo");
+    let got: Vec<u64> = pythons.iter().map(|p| by_pid.get(&p.pid()).copied().unwrap_or(0)).collect();
+    assert_eq!(got, vec![20; PROCESSES], "every call of {PROCESSES} Pythons alive at once");
+
+    // A launched command gets the soft limit pftraced was started with.
+    let seen = dir.join("limit.txt");
+    let limit_py = dir.script(
+        "limit.py",
+        "import resource, sys\n\
+         def foo():\n    pass\n\
+         foo()\n\
+         open(sys.argv[1], 'w').write('%d %d' % resource.getrlimit(resource.RLIMIT_NOFILE))\n",
+    );
+    let run = Pftraced::new(&dir, &["foo"])
+        .wrapped(&[prlimit.as_os_str(), "--nofile=64:".as_ref(), "--".as_ref()])
+        .launch(&[py.as_os_str(), limit_py.as_os_str(), seen.as_os_str()])
+        .run();
+    run.assert_code(0);
+    assert_eq!(fs::read_to_string(&seen).unwrap(), format!("64 {hard}"), "the launched command's limit");
+    assert_eq!(run.trace().calls.iter().filter(|c| c.name == "foo").count(), 1);
+}

@@ -307,7 +307,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         log::debug!("no short scheduler slice: {err}");
     }
     // Before any thread starts (pftrace::fdtable).
-    match pftrace::fdtable::reserve(pftrace::fdtable::fds_for(opts.config.limits.max_processes)) {
+    let fds = pftrace::fdtable::fds_for(opts.config.limits.max_processes);
+    match pftrace::fdtable::raise_limit(fds) {
+        Ok(pftrace::fdtable::Raised::To { from, to }) if (to as usize) < fds => log::warn!(
+            "open-file limit raised from {from} to {to}, the hard limit; limits.max_processes = {} needs {fds} \
+             (two per traced process): past about {} traced processes new ones are refused (raise the hard \
+             limit, e.g. LimitNOFILE= in the unit, or lower limits.max_processes)",
+            opts.config.limits.max_processes,
+            to.saturating_sub(1024) / 2
+        ),
+        Ok(raised) => log::debug!("open-file limit: {raised:?}"),
+        Err(err) => {
+            log::warn!("open-file limit not raised ({err}): tracing many processes may fail with EMFILE")
+        }
+    }
+    match pftrace::fdtable::reserve(fds) {
         Ok(n) => log::debug!("file descriptor table sized for {n}"),
         Err(err) => log::warn!("file descriptor table not grown ({err}): attaching may stall while it grows"),
     }
