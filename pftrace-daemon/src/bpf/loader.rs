@@ -330,12 +330,7 @@ impl KernelProbes {
     }
 
     fn attach_raw_tracepoint(&mut self, name: &'static str, tracepoint: &str) -> Result<(), BpfError> {
-        let prog: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name, source })?;
+        let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
         prog.load().map_err(|source| BpfError::Program { name, source })?;
         prog.attach(tracepoint).map_err(|source| BpfError::Program { name, source })?;
         Ok(())
@@ -473,12 +468,7 @@ impl KernelProbes {
     /// The agent's uprobe program and its name.
     fn agent_uprobe(&mut self) -> Result<(&'static str, &mut UProbe), BpfError> {
         const NAME: &str = "pftrace_agent_uprobe";
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or(BpfError::Missing(NAME))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        let prog: &mut UProbe = program(&mut self.ebpf, NAME)?;
         Ok((NAME, prog))
     }
 
@@ -515,12 +505,7 @@ impl KernelProbes {
             Err(err) => log::debug!("{err}; the agent's syscall road takes the raw tracepoint"),
         }
         const NAME: &str = AGENT_SYSCALL_PROGRAM;
-        let prog: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or(BpfError::Missing(NAME))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        let prog: &mut RawTracePoint = program(&mut self.ebpf, NAME)?;
         if prog.fd().is_err() {
             prog.load().map_err(|source| BpfError::Program { name: NAME, source })?;
         }
@@ -531,12 +516,7 @@ impl KernelProbes {
 
     fn attach_agent_syscall_btf(&mut self) -> Result<aya::programs::tp_btf::BtfTracePointLinkId, BpfError> {
         const NAME: &str = AGENT_SYSCALL_BTF_PROGRAM;
-        let prog: &mut aya::programs::BtfTracePoint = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or(BpfError::Missing(NAME))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name: NAME, source })?;
+        let prog: &mut aya::programs::BtfTracePoint = program(&mut self.ebpf, NAME)?;
         if prog.fd().is_err() {
             let btf = aya::Btf::from_sys_fs()
                 .map_err(|e| BpfError::Program { name: NAME, source: aya::programs::ProgramError::Btf(e) })?;
@@ -626,13 +606,21 @@ fn choose_method() -> AttachMethod {
     }
 }
 
-/// Loads a program through aya for perf-event attachment; returns its fd.
-fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, BpfError> {
-    let prog: &mut UProbe = ebpf
-        .program_mut(name)
+/// Program `name` as its type `T`; a missing program or one of another
+/// type is an error naming it.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(BpfError::Missing(name))?
         .try_into()
-        .map_err(|source| BpfError::Program { name, source })?;
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+/// Loads a program through aya for perf-event attachment; returns its fd.
+fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, BpfError> {
+    let prog: &mut UProbe = program(ebpf, name)?;
     prog.load().map_err(|source| BpfError::Program { name, source })?;
     let fd = prog.fd().map_err(|source| BpfError::Program { name, source })?;
     fd.as_fd().try_clone_to_owned().map_err(|source| BpfError::Dup { name, source })
