@@ -294,6 +294,16 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             });
             r
         })
+        .chain((!args.dense_only).then(|| {
+            let daemons = if ctx.quick { 3 } else { 20 };
+            let step = Step::new("bench", format!("first process after start: {daemons} daemons"));
+            let r = churn::first_processes(&ctx.pftraced, &ctx.python, &churn_py, &ctx.dir, daemons);
+            step.done(match &r {
+                Ok(r) => format!("{} of {} first processes complete", r.complete, r.children),
+                Err(e) => format!("failed: {e:#}"),
+            });
+            r
+        }))
         .collect();
     // Per-hit cost with 1 and 50 traced processes in a watched cgroup, by mode.
     let scope_runs: Vec<Result<scope::ScopeRun>> = [false, true]
@@ -363,6 +373,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
     let mut targets = targets(&rows, &attach, soak.as_ref());
+    targets.extend(churn::targets(&churn));
+    if !args.dense_only {
+        targets.push(scope::target(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
+    }
     targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
     if let Some(Ok(n)) = &neighbour {
         targets.push(Target {

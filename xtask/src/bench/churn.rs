@@ -2,7 +2,9 @@
 //! cgroup, each calling `foo` on its first line, then every 5 ms for 50 ms
 //! (bench/child.py). What fraction of their calls pftraced records, with
 //! per-process attachment (the default) and with `--binary` (the
-//! interpreter attached host-wide up front).
+//! interpreter attached host-wide up front). And the first process after a
+//! daemon starts: a new pftraced for each, the Python started the moment
+//! the control socket is up (issue 13: 20 runs of 20).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::procs::Daemon;
+use super::report::Target;
 
 /// Calls each child makes.
 const CALLS: u64 = 10;
@@ -83,6 +86,42 @@ pub fn run(
     binary: bool,
 ) -> Result<ChurnRun> {
     let mode = if binary { "--binary" } else { "default" };
+    let mut r = run_as(pftraced, python, child_py, dir, children, binary)?;
+    r.mode = mode;
+    Ok(r)
+}
+
+/// `daemons` pftraceds one after another (the default mode), each with one
+/// Python started in its cgroup as soon as it serves.
+pub fn first_processes(
+    pftraced: &Path,
+    python: &Path,
+    child_py: &Path,
+    dir: &Path,
+    daemons: usize,
+) -> Result<ChurnRun> {
+    let mut all = ChurnRun { mode: FIRST, children: 0, seconds: 0.0, traced: 0, complete: 0 };
+    for _ in 0..daemons {
+        let r = run_as(pftraced, python, child_py, dir, 1, false)?;
+        all.children += 1;
+        all.seconds += r.seconds;
+        all.traced += r.traced;
+        all.complete += r.complete;
+    }
+    Ok(all)
+}
+
+/// The mode of [`first_processes`]' runs.
+const FIRST: &str = "first";
+
+fn run_as(
+    pftraced: &Path,
+    python: &Path,
+    child_py: &Path,
+    dir: &Path,
+    children: usize,
+    binary: bool,
+) -> Result<ChurnRun> {
     let cg = Cgroup(cgroup_root()?.join(format!("pftrace-bench-churn-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));
@@ -140,7 +179,7 @@ pub fn run(
     }
     let traced = pids.iter().map(|p| per_pid.get(&u64::from(*p)).copied().unwrap_or(0)).sum();
     let complete = pids.iter().filter(|p| per_pid.get(&u64::from(**p)) == Some(&CALLS)).count();
-    Ok(ChurnRun { mode, children, seconds, traced, complete })
+    Ok(ChurnRun { mode: "", children, seconds, traced, complete })
 }
 
 pub fn text(runs: &[Result<ChurnRun>]) -> String {
@@ -150,6 +189,16 @@ pub fn text(runs: &[Result<ChurnRun>]) -> String {
     );
     for r in runs {
         match r {
+            Ok(r) if r.mode == FIRST => s.push_str(&format!(
+                "  {:<12} {} daemons started one after another, one Python each as soon as it served: {} of {} \
+                 calls traced, {} of {} first processes complete\n",
+                "first",
+                r.children,
+                r.traced,
+                r.expected(),
+                r.complete,
+                r.children
+            )),
             Ok(r) => s.push_str(&format!(
                 "  {:<12} {} children in {:.1} s: {} of {} calls traced ({:.3}%), {} children complete\n",
                 r.mode,
@@ -176,4 +225,29 @@ pub fn json(runs: &[Result<ChurnRun>]) -> Value {
             Err(e) => json!({ "error": format!("{e:#}") }),
         })
         .collect()
+}
+
+/// Issue 13's targets for these rows: every call of every child in the
+/// default mode, and every first process complete.
+pub fn targets(runs: &[Result<ChurnRun>]) -> Vec<Target> {
+    let find = |mode: &str| runs.iter().filter_map(|r| r.as_ref().ok()).find(|r| r.mode == mode);
+    let mut t = Vec::new();
+    let all = find("default");
+    t.push(Target {
+        what: "short Pythons in a watched cgroup, default mode, every call traced".into(),
+        limit: "traced = made".into(),
+        value: all.map_or("not measured".into(), |r| {
+            format!("{} of {} ({} children)", r.traced, r.expected(), r.children)
+        }),
+        met: all.map(|r| r.traced == r.expected()),
+    });
+    let first = find(FIRST);
+    t.push(Target {
+        what: "first process after the daemon starts, every call traced".into(),
+        limit: "every run complete".into(),
+        value: first
+            .map_or("not measured".into(), |r| format!("{} of {} runs complete", r.complete, r.children)),
+        met: first.map(|r| r.complete == r.children),
+    });
+    t
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use super::report::Target;
 use super::{
     churn::Cgroup,
     procs::{Daemon, Workload},
@@ -204,18 +205,34 @@ pub fn text(runs: &[Result<ScopeRun>], untraced_ns: Option<f64>) -> String {
     }
     if let Some(u) = untraced_ns {
         for mode in ["default", "pid-scoped (PFTRACE_SEMAPHORES=kernel)"] {
-            let hit = |p: usize| {
-                runs.iter()
-                    .flatten()
-                    .find(|r| r.mode == mode && r.procs == p)
-                    .map(|r| (r.ns_per_call - u) / 2.0)
-            };
-            if let (Some(a), Some(b)) = (hit(1), hit(50)) {
-                s += &format!("  {mode}: 50 processes / 1 = {:.2}x per hit (target <= 1.1x)\n", b / a);
+            if let Some(r) = scaling(runs, u, mode) {
+                s += &format!("  {mode}: 50 processes / 1 = {r:.2}x per hit (target <= 1.1x)\n");
             }
         }
     }
     s
+}
+
+/// Per-hit cost with 50 traced processes over the cost with one, in `mode`.
+fn scaling(runs: &[Result<ScopeRun>], untraced_ns: f64, mode: &str) -> Option<f64> {
+    let hit = |p: usize| {
+        runs.iter()
+            .flatten()
+            .find(|r| r.mode == mode && r.procs == p)
+            .map(|r| (r.ns_per_call - untraced_ns) / 2.0)
+    };
+    Some(hit(50)? / hit(1)?)
+}
+
+/// Issue 13's target for the default mode: flat in the number of processes.
+pub fn target(runs: &[Result<ScopeRun>], untraced_ns: Option<f64>) -> Target {
+    let r = untraced_ns.and_then(|u| scaling(runs, u, "default"));
+    Target {
+        what: "per-hit cost with 50 traced processes / 1, default mode".into(),
+        limit: "<= 1.1x".into(),
+        value: r.map_or("not measured".into(), |r| format!("{r:.3}x")),
+        met: r.map(|r| r <= 1.1),
+    }
 }
 
 /// The neighbour row's line.
