@@ -76,21 +76,6 @@ impl Drop for Cgroup {
     }
 }
 
-/// Runs `children` Pythons under pftraced, with `--binary` or without.
-pub fn run(
-    pftraced: &Path,
-    python: &Path,
-    child_py: &Path,
-    dir: &Path,
-    children: usize,
-    binary: bool,
-) -> Result<ChurnRun> {
-    let mode = if binary { "--binary" } else { "default" };
-    let mut r = run_as(pftraced, python, child_py, dir, children, binary)?;
-    r.mode = mode;
-    Ok(r)
-}
-
 /// `daemons` pftraceds one after another (the default mode), each with one
 /// Python started in its cgroup as soon as it serves.
 pub fn first_processes(
@@ -102,7 +87,7 @@ pub fn first_processes(
 ) -> Result<ChurnRun> {
     let mut all = ChurnRun { mode: FIRST, children: 0, seconds: 0.0, traced: 0, complete: 0 };
     for _ in 0..daemons {
-        let r = run_as(pftraced, python, child_py, dir, 1, false)?;
+        let r = run(pftraced, python, child_py, dir, 1, false)?;
         all.children += 1;
         all.seconds += r.seconds;
         all.traced += r.traced;
@@ -114,7 +99,8 @@ pub fn first_processes(
 /// The mode of [`first_processes`]' runs.
 const FIRST: &str = "first";
 
-fn run_as(
+/// Runs `children` Pythons under pftraced, with `--binary` or without.
+pub fn run(
     pftraced: &Path,
     python: &Path,
     child_py: &Path,
@@ -122,6 +108,7 @@ fn run_as(
     children: usize,
     binary: bool,
 ) -> Result<ChurnRun> {
+    let mode = if binary { "--binary" } else { "default" };
     let cg = Cgroup(cgroup_root()?.join(format!("pftrace-bench-churn-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let trace = dir.join(format!("trace-churn-{}.json", if binary { "binary" } else { "pid" }));
@@ -179,7 +166,7 @@ fn run_as(
     }
     let traced = pids.iter().map(|p| per_pid.get(&u64::from(*p)).copied().unwrap_or(0)).sum();
     let complete = pids.iter().filter(|p| per_pid.get(&u64::from(**p)) == Some(&CALLS)).count();
-    Ok(ChurnRun { mode: "", children, seconds, traced, complete })
+    Ok(ChurnRun { mode, children, seconds, traced, complete })
 }
 
 pub fn text(runs: &[Result<ChurnRun>]) -> String {
