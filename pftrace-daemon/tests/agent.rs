@@ -232,6 +232,7 @@ fn launch_mode_exact_counts_on_every_agent_interpreter() {
         let calls = trace.calls.len() as u64;
         assert_eq!(trace.counter("agent_reports"), 2 * calls, "{label}: one entry and one return each");
         assert_eq!(trace.counter("agent_foreign") + trace.counter("agent_bad"), 0, "{label}");
+        assert_eq!(trace.counter("long_files"), 0, "{label}: every name in the common record");
         let summary = format!("in-process agent (pid {pid}): {} reports; refused: 0 from", 2 * calls);
         assert!(run.stderr.contains(&summary), "{label}: {}", run.stderr);
         eprintln!("{label}: {calls} calls, identical to CPython's recorder in 5 threads");
@@ -870,6 +871,8 @@ fn a_process_sending_long_names_is_bounded_in_bytes() {
     );
     assert_eq!(trace.counter("agent_unnamed"), unknown);
     assert_eq!(trace.counter("agent_reports"), 2 * 10 + 4 * 1100);
+    // Each forged first report needed the long record; `work`'s did not.
+    assert_eq!(trace.counter("long_files"), 1100);
     let warning = format!(
         "pid {pid}: the in-process agent's names reached pftraced's bound of 4 MiB of names a process"
     );

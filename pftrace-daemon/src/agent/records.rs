@@ -1,5 +1,6 @@
 //! Decoding the agent's ring records ([`AgentEvent`], and [`AgentNamedEvent`]
-//! for a code object's first report of an agent session) into the same
+//! or [`AgentLongNamedEvent`] for a code object's first report of an agent
+//! session) into the same
 //! [`Event`]s USDT records become. The strings come once per code object
 //! and session; they are kept per process, by the code object's serial, in a
 //! table bounded in entries (`agent::MAX_CODES` a process) and in bytes
@@ -15,7 +16,9 @@
 
 use std::sync::Arc;
 
-use pftrace_common::{AgentEvent, AgentNamedEvent, LONG_FILE_LEN, NAME_LEN, agent};
+use pftrace_common::{
+    AgentEvent, AgentLongNamedEvent, AgentNamedEvent, FILE_LEN, LONG_FILE_LEN, NAME_LEN, agent,
+};
 
 use crate::{
     events::{DecodeError, Decoder, Event, EventKind, nul_at, page_size},
@@ -163,14 +166,19 @@ impl Decoder {
         }
         let mut file_cut = false;
         let strings = if raw.flags & agent::flag::STRINGS != 0 {
-            let want = size_of::<AgentNamedEvent>();
+            // The long record's file name goes on past the common one's.
+            let (want, file_len) = if raw.flags & agent::flag::LONG != 0 {
+                (size_of::<AgentLongNamedEvent>(), LONG_FILE_LEN)
+            } else {
+                (size_of::<AgentNamedEvent>(), FILE_LEN)
+            };
             if bytes.len() < want {
                 return Err(DecodeError::Size { got: bytes.len(), want });
             }
             let at = std::mem::offset_of!(AgentNamedEvent, name);
             let name = &bytes[at..at + NAME_LEN];
             let at = std::mem::offset_of!(AgentNamedEvent, file);
-            let file = &bytes[at..at + LONG_FILE_LEN];
+            let file = &bytes[at..at + file_len];
             file_cut = raw.flags & agent::flag::FILE_CUT != 0;
             self.files_cut += u64::from(file_cut);
             let cost = code_bytes(nul_at(name), nul_at(file));
@@ -240,22 +248,32 @@ mod tests {
             .to_vec()
     }
 
+    /// A record with strings: the common one, or the long one when the
+    /// file does not fit (as the kernel writes them).
     fn named(event: u8, flags: u8, code: u64, pid: u32, name: &str, file: &str) -> Vec<u8> {
-        let mut r = AgentNamedEvent {
-            head: head(event, flags | agent::flag::STRINGS, code, pid),
-            name: [0; NAME_LEN],
-            file: [0; LONG_FILE_LEN],
+        let long = file.len() >= FILE_LEN;
+        let flags = flags | agent::flag::STRINGS | if long { agent::flag::LONG } else { 0 };
+        let mut r = AgentLongNamedEvent {
+            head: AgentNamedEvent {
+                head: head(event, flags, code, pid),
+                name: [0; NAME_LEN],
+                file: [0; FILE_LEN],
+            },
+            more: [0; LONG_FILE_LEN - FILE_LEN],
         };
-        r.name[..name.len()].copy_from_slice(name.as_bytes());
-        r.file[..file.len()].copy_from_slice(file.as_bytes());
-        // SAFETY: plain old data.
-        unsafe {
+        r.head.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: plain old data; file and more are one buffer.
+        let mut bytes = unsafe {
             std::slice::from_raw_parts(
-                (&r as *const AgentNamedEvent).cast::<u8>(),
-                size_of::<AgentNamedEvent>(),
+                (&r as *const AgentLongNamedEvent).cast::<u8>(),
+                size_of::<AgentLongNamedEvent>(),
             )
         }
-        .to_vec()
+        .to_vec();
+        let at = std::mem::offset_of!(AgentNamedEvent, file);
+        bytes[at..at + file.len()].copy_from_slice(file.as_bytes());
+        bytes.truncate(if long { size_of::<AgentLongNamedEvent>() } else { size_of::<AgentNamedEvent>() });
+        bytes
     }
 
     fn call(d: &mut Decoder, bytes: &[u8]) -> Event {
@@ -381,6 +399,19 @@ mod tests {
         assert!(matches!(d.decode_record(&short(agent::LAST + 1, 1, 100)), Err(DecodeError::Kind(_))));
         let mut cut = named(agent::START, 0, 1, 100, "f", "/a.py");
         cut.truncate(size_of::<AgentEvent>() + 10);
+        assert!(matches!(d.decode_record(&cut), Err(DecodeError::Size { .. })));
+        // The common record holds a file of FILE_LEN - 1 bytes; a longer one
+        // comes in the long record, which must be whole.
+        let mut d = Decoder::default();
+        for (code, len) in [(1, FILE_LEN - 1), (2, FILE_LEN), (3, LONG_FILE_LEN - 1)] {
+            let r = named(agent::START, 0, code, 7, "f", &"a".repeat(len));
+            let long = len >= FILE_LEN;
+            assert_eq!(r.len(), if long { 4208 } else { 304 });
+            assert_eq!(call(&mut d, &r).file.len(), len);
+            assert_eq!(call(&mut d, &short(agent::START, code, 7)).file.len(), len);
+        }
+        let mut cut = named(agent::START, 0, 4, 7, "f", &"a".repeat(FILE_LEN));
+        cut.truncate(size_of::<AgentNamedEvent>());
         assert!(matches!(d.decode_record(&cut), Err(DecodeError::Size { .. })));
         assert!(matches!(d.decode_record(&short(agent::START, 1, 100)[..40]), Err(DecodeError::Size { .. })));
     }
