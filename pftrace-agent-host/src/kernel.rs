@@ -261,14 +261,14 @@ pub struct AgentRecord {
     pub code: u64,
     /// A return that closes the innermost entry its thread reported.
     pub named_by_entry: bool,
-    /// The record carried the strings (the long record).
+    /// The record carried the strings (a named record, common or long).
     pub with_strings: bool,
 }
 
 impl Ring {
     /// Drains what is there; only agent records.
     pub fn drain(&mut self, out: &mut Vec<AgentRecord>) {
-        use pftrace_common::{AgentNamedEvent, agent::flag};
+        use pftrace_common::{AgentLongNamedEvent, AgentNamedEvent, agent::flag};
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<AgentEvent>() || item[pftrace_common::KIND_OFFSET] != kind::AGENT {
                 continue;
@@ -282,11 +282,22 @@ impl Ring {
             if ev.flags & flag::SESSION != 0 {
                 names.clear();
             }
-            let with_strings = ev.flags & flag::STRINGS != 0 && item.len() >= size_of::<AgentNamedEvent>();
+            // The long record's file name goes on past the common one's.
+            let (size, file_len) = if ev.flags & flag::LONG != 0 {
+                (size_of::<AgentLongNamedEvent>(), pftrace_common::LONG_FILE_LEN)
+            } else {
+                (size_of::<AgentNamedEvent>(), pftrace_common::FILE_LEN)
+            };
+            let with_strings = ev.flags & flag::STRINGS != 0 && item.len() >= size;
             let (name, file) = if with_strings {
-                // SAFETY: length checked.
-                let named: &AgentNamedEvent = unsafe { &*(item.as_ptr() as *const AgentNamedEvent) };
-                let nf = (text(&named.name), text(&named.file));
+                let (name_at, file_at) = (
+                    std::mem::offset_of!(AgentNamedEvent, name),
+                    std::mem::offset_of!(AgentNamedEvent, file),
+                );
+                let nf = (
+                    text(&item[name_at..name_at + pftrace_common::NAME_LEN]),
+                    text(&item[file_at..file_at + file_len]),
+                );
                 names.insert(ev.code, nf.clone());
                 nf
             } else {

@@ -91,6 +91,11 @@ pub mod agent {
         pub const SESSION: u8 = 2;
         /// The file name filled [`LONG_FILE_LEN`](crate::LONG_FILE_LEN) bytes: it may be cut.
         pub const FILE_CUT: u8 = 4;
+        /// With [`STRINGS`]: the record is an
+        /// [`AgentLongNamedEvent`](crate::AgentLongNamedEvent) (the file name
+        /// did not fit in [`FILE_LEN`](crate::FILE_LEN) bytes; counted as
+        /// `counter::LONG_FILES`).
+        pub const LONG: u8 = 8;
     }
 
     /// Exported function of the agent's shared object that pftraced puts a
@@ -237,7 +242,10 @@ pub struct AgentEvent {
 
 /// An [`AgentEvent`] with the code object's strings (flag
 /// [`agent::flag::STRINGS`]): the first report of a code object in an agent
-/// session. Room for a path of PATH_MAX: it is sent once.
+/// session, 304 bytes. A file name that does not fit in [`FILE_LEN`] goes
+/// in an [`AgentLongNamedEvent`] instead: a burst of first reports of
+/// thousands of code objects (an import, a glob that matches many) then
+/// takes 304 bytes of the ring a code object, not 4,208.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct AgentNamedEvent {
@@ -245,7 +253,17 @@ pub struct AgentNamedEvent {
     /// Function name, NUL-terminated (cut at [`NAME_LEN`] - 1 bytes, as USDT names are).
     pub name: [u8; NAME_LEN],
     /// File name, NUL-terminated.
-    pub file: [u8; LONG_FILE_LEN],
+    pub file: [u8; FILE_LEN],
+}
+
+/// An [`AgentNamedEvent`] with room for a file name of PATH_MAX (flags
+/// [`agent::flag::STRINGS`] and [`agent::flag::LONG`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentLongNamedEvent {
+    pub head: AgentNamedEvent,
+    /// The rest of the file name: `head.file` then `more` are one NUL-padded buffer.
+    pub more: [u8; LONG_FILE_LEN - FILE_LEN],
 }
 
 /// A process event (exec), as written by the kernel into the ring buffer.
@@ -489,7 +507,8 @@ pub mod counter {
     /// Matched hits at sites with a frame spec where no register held the
     /// frame (sent without the frame's corrections).
     pub const FRAME_UNKNOWN: u32 = 15;
-    /// Matched hits whose file name did not fit in the common record.
+    /// Matched hits whose file name did not fit in the common record (and
+    /// agent reports with strings whose file name did not: the long agent record).
     pub const LONG_FILES: u32 = 16;
     /// Reports from in-process agents accepted (each becomes one CallEvent).
     pub const AGENT_REPORTS: u32 = 17;
@@ -511,6 +530,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::AgentEvent {}
     unsafe impl aya::Pod for super::AgentNamedEvent {}
+    unsafe impl aya::Pod for super::AgentLongNamedEvent {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
 }
@@ -525,6 +545,9 @@ const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);
-const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
+const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<AgentLongNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
+const _: () =
+    assert!(core::mem::offset_of!(AgentLongNamedEvent, more) == core::mem::size_of::<AgentNamedEvent>());
 const _: () = assert!(core::mem::size_of::<UsdtArg>() == 24);
 const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 24 * USDT_ARGS + 40);

@@ -194,7 +194,7 @@ impl Recent {
 
 /// Where the first NUL is in `padded` (its length if none): eight bytes at a
 /// time, as names are short and the call has to be cheap.
-fn nul_at(padded: &[u8]) -> usize {
+pub(crate) fn nul_at(padded: &[u8]) -> usize {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     let mut chunks = padded.chunks_exact(8);

@@ -232,6 +232,7 @@ fn launch_mode_exact_counts_on_every_agent_interpreter() {
         let calls = trace.calls.len() as u64;
         assert_eq!(trace.counter("agent_reports"), 2 * calls, "{label}: one entry and one return each");
         assert_eq!(trace.counter("agent_foreign") + trace.counter("agent_bad"), 0, "{label}");
+        assert_eq!(trace.counter("long_files"), 0, "{label}: every name in the common record");
         let summary = format!("in-process agent (pid {pid}): {} reports; refused: 0 from", 2 * calls);
         assert!(run.stderr.contains(&summary), "{label}: {}", run.stderr);
         eprintln!("{label}: {calls} calls, identical to CPython's recorder in 5 threads");
@@ -807,4 +808,74 @@ fn restarted_pftraced_gets_the_names_again(road: &str) {
         want,
         "{label}: the second pftraced's calls per thread and function"
     );
+}
+
+/// A hostile traced process: past its own calls of `work`, it reports
+/// (through the agent's probe function, which any code in it can call)
+/// 1,100 code objects with 4,000-byte file names, each called twice, the
+/// strings sent once. pftraced keeps 4 MiB of names a process (each charged
+/// name + file + 72 bytes): the code objects that fit are named, every call
+/// of the others is `<unknown: name not received>` and counted, and the
+/// process is named in one warning.
+#[test]
+fn a_process_sending_long_names_is_bounded_in_bytes() {
+    require_root();
+    let py = pyenv_python("3.12.1");
+    let dir = TestDir::new("agent-bytes");
+    let script = dir.script(
+        "flood.py",
+        r#"
+        import ctypes, sys, time
+        def work(): return 1
+        for _ in range(10): work()
+        probe = ctypes.CDLL(sys.modules["pftrace_agent"].__file__).pftrace_agent_probe
+        u64 = ctypes.c_uint64
+        probe.argtypes = [u64, ctypes.c_char_p, ctypes.c_char_p, u64, u64]
+        long_file = ("/" + "x" * 3999).encode()
+        for i in range(1100):
+            code = (1 << 40) + i
+            probe(1, b"work", long_file, 7, code)  # START with strings
+            probe(4, None, None, 7, code)  # RETURN
+            probe(1, None, None, 7, code)
+            probe(4, None, None, 7, code)
+            if i % 50 == 49:
+                time.sleep(0.005)  # let pftraced drain the 4.2 KB records
+        print("DONE", flush=True)
+        "#,
+    );
+    let run = Pftraced::new(&dir, &["work"])
+        .env("PFTRACE_AGENT_REPORT", "uprobe")
+        .launch(&[py.as_os_str(), script.as_os_str()])
+        .run();
+    run.assert_code(0);
+    assert!(run.stdout.contains("DONE"), "{}", run.stdout);
+    let pid = run.attached_pid();
+    let trace = run.trace();
+    trace.assert_clean();
+    // What pftraced charges: the real `work` first, then 4 + 4000 + 72 a
+    // forged code object, within 4 MiB.
+    let real = (4 + script.to_str().unwrap().len() + 72) as u64;
+    let kept = ((4u64 << 20) - real) / (4 + 4000 + 72);
+    let unknown = 2 * (1100 - kept);
+    let counts = trace.counts();
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ("work", 10 + 2 * kept as usize),
+            ("<unknown: name not received>", unknown as usize)
+        ]),
+    );
+    assert_eq!(
+        trace.calls.iter().filter(|c| c.name == "work" && c.file.len() == 4000).count() as u64,
+        2 * kept
+    );
+    assert_eq!(trace.counter("agent_unnamed"), unknown);
+    assert_eq!(trace.counter("agent_reports"), 2 * 10 + 4 * 1100);
+    // Each forged first report needed the long record; `work`'s did not.
+    assert_eq!(trace.counter("long_files"), 1100);
+    let warning = format!(
+        "pid {pid}: the in-process agent's names reached pftraced's bound of 4 MiB of names a process"
+    );
+    assert_eq!(run.stderr.matches(&warning).count(), 1, "{}", run.stderr);
+    eprintln!("{kept} of 1100 long-named code objects kept, {unknown} calls unknown");
 }

@@ -35,9 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    AgentEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec,
-    LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN,
-    NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, config, counter, flag, kind,
+    AgentEvent, AgentLongNamedEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS,
+    FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS,
+    MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, config, counter, flag,
+    kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -645,7 +646,7 @@ pub fn pftrace_agent_syscall_floor(_ctx: RawTracePointContext) -> i32 {
 /// kernel; the name and file are the process's own word about its own calls.
 /// A report without strings (name_ptr 0: pftraced has them from this code
 /// object's first report of the session) is a 48-byte AgentEvent; one with
-/// them an AgentNamedEvent, reserved only then.
+/// them an AgentNamedEvent (or AgentLongNamedEvent), reserved only then.
 #[inline(always)]
 fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u64) {
     use pftrace_common::task_layout::bench_skip;
@@ -667,26 +668,7 @@ fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u
     }
     let session = if event_arg & agent::NEW_SESSION != 0 { agent::flag::SESSION } else { 0 };
     if global(&AGENT_STRINGS) != 0 && name_ptr != 0 {
-        let Some(mut entry) = EVENTS.reserve::<AgentNamedEvent>(0) else {
-            bump(counter::LOST);
-            return;
-        };
-        let ev = entry.as_mut_ptr();
-        unsafe {
-            let mut flags = agent::flag::STRINGS | session;
-            let name: &mut [u8; NAME_LEN] = &mut (*ev).name;
-            let file: &mut [u8; LONG_FILE_LEN] = &mut (*ev).file;
-            if bpf_probe_read_user_str_bytes(name_ptr as *const u8, name).is_err() {
-                name[0] = 0;
-            }
-            match bpf_probe_read_user_str_bytes(file_ptr as *const u8, file) {
-                Ok(s) if s.len() + 1 >= LONG_FILE_LEN => flags |= agent::flag::FILE_CUT,
-                Ok(_) => {}
-                Err(_) => file[0] = 0,
-            }
-            agent_head(&raw mut (*ev).head, pid_tgid, event as u8, flags, line, code, skip);
-        }
-        entry.submit(agent_wakeup(skip));
+        agent_named(pid_tgid, event as u8, session, name_ptr, file_ptr, line, code, skip);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<AgentEvent>(0) else {
@@ -694,6 +676,57 @@ fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u
         return;
     };
     unsafe { agent_head(entry.as_mut_ptr(), pid_tgid, event as u8, session, line, code, skip) };
+    entry.submit(agent_wakeup(skip));
+}
+
+/// A report with the code object's strings: the 304-byte AgentNamedEvent,
+/// or, when the file name fills its FILE_LEN bytes, the record discarded and
+/// sent again as an AgentLongNamedEvent with room for PATH_MAX (counted as
+/// LONG_FILES, as USDT records are).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn agent_named(
+    pid_tgid: u64,
+    event: u8,
+    session: u8,
+    name_ptr: u64,
+    file_ptr: u64,
+    line: u64,
+    code: u64,
+    skip: u64,
+) {
+    let flags = agent::flag::STRINGS | session;
+    let Some(mut entry) = EVENTS.reserve::<AgentNamedEvent>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let len = unsafe {
+        read_user_str((*ev).name.as_mut_ptr(), NAME_LEN as u32, name_ptr);
+        read_user_str((*ev).file.as_mut_ptr(), FILE_LEN as u32, file_ptr)
+    };
+    if len < FILE_LEN as i64 {
+        unsafe { agent_head(&raw mut (*ev).head, pid_tgid, event, flags, line, code, skip) };
+        entry.submit(agent_wakeup(skip));
+        return;
+    }
+    entry.discard(0);
+    bump(counter::LONG_FILES);
+    let Some(mut entry) = EVENTS.reserve::<AgentLongNamedEvent>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        let mut flags = flags | agent::flag::LONG;
+        read_user_str((*ev).head.name.as_mut_ptr(), NAME_LEN as u32, name_ptr);
+        // head.file and more are one buffer of LONG_FILE_LEN bytes.
+        if read_user_str((*ev).head.file.as_mut_ptr(), LONG_FILE_LEN as u32, file_ptr) >= LONG_FILE_LEN as i64
+        {
+            flags |= agent::flag::FILE_CUT;
+        }
+        agent_head(&raw mut (*ev).head.head, pid_tgid, event, flags, line, code, skip);
+    }
     entry.submit(agent_wakeup(skip));
 }
 
