@@ -256,3 +256,60 @@ fn assert_user_filtered_clean(trace: &common::Trace) {
     let dropped = trace.pftrace()["filtered_in_user_space"].as_u64().unwrap();
     assert_eq!(matched, 2 * trace.calls.len() as u64 + dropped);
 }
+
+/// Two names whose pointers share a slot of the kernel's verdict cache
+/// (direct-mapped, per CPU) evict each other and never borrow each other's
+/// verdict: `hit` (traced) and an untraced name made to collide with it,
+/// called alternately 20,000 times: exactly 20,000 `hit` calls and nothing
+/// else, and at least the 40,000 entries of the loop missed the cache (so the
+/// two did collide: without a collision every hit after the first would be
+/// a cache hit).
+#[test]
+fn colliding_name_pointers_never_share_a_verdict() {
+    const N: u64 = 20_000;
+    let dir = TestDir::new("filter-collide");
+    let script = dir.script(
+        "collide.py",
+        &format!(
+            r#"
+            import ctypes
+            # The name argument of CPython 3.9's probes: PyUnicode_AsUTF8(co_name).
+            utf8 = ctypes.pythonapi.PyUnicode_AsUTF8
+            utf8.restype = ctypes.c_void_p
+            utf8.argtypes = [ctypes.py_object]
+
+            def hit():
+                return 1
+
+            # pftrace-ebpf's verdict_slot: the top VERDICT_BITS (13) bits of
+            # (pointer >> 4) times 0x9e3779b97f4a7c15. No Python call in the search.
+            target = (((utf8(hit.__code__.co_name) >> 4) * 0x9e3779b97f4a7c15) & (2**64 - 1)) >> 51
+            base = (lambda: 1).__code__
+            other = None
+            kept = []  # each name stays alive, so the next one gets a new address
+            for i in range(200_000):
+                code = base.replace(co_name="m%d" % i)
+                kept.append(code)
+                if (((utf8(code.co_name) >> 4) * 0x9e3779b97f4a7c15) & (2**64 - 1)) >> 51 == target:
+                    other = type(hit)(code, {{}})
+                    break
+            assert other is not None, "no colliding name found"
+            print("colliding name", other.__code__.co_name, flush=True)
+            for i in range({N}):
+                hit()
+                other()
+            "#
+        ),
+    );
+    let run = Pftraced::new(&dir, &["hit"]).launch(&[python().as_os_str(), script.as_os_str()]).run();
+    run.assert_code(0);
+    let trace = run.trace();
+    trace.assert_clean();
+    assert_eq!(trace.named("hit").len() as u64, N, "{:?}", trace.counts());
+    assert_eq!(trace.calls.len() as u64, N, "{:?}", trace.counts());
+    assert_eq!(trace.counter("entry_matched"), N);
+    assert_eq!(trace.counter("return_matched"), N);
+    let seen = trace.counter("entry_seen") + trace.counter("return_seen");
+    let hits = trace.counter("verdict_hits");
+    assert!(seen - hits >= 2 * N, "{seen} hits seen, {hits} decided by the cache: the names did not collide");
+}

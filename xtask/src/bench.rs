@@ -68,8 +68,17 @@ pub struct Args {
     /// Only the daemon-throughput rows: untraced, floor and dense with 1, 2
     /// and 4 processes (no bpftrace, sparse, names, attach, churn or agent
     /// rows): the daemon's CPU, records/s, losses and peak RSS in minutes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sparse_only")]
     pub dense_only: bool,
+    /// Only the name filter's rows: untraced, floor, sparse with 1 and 1000
+    /// names, and dense (which must not get worse), in minutes.
+    #[arg(long)]
+    pub sparse_only: bool,
+    /// Another pftraced binary (e.g. main's, to judge a change): each traced
+    /// row is also run with it, interleaved run by run with this build's, its
+    /// ids suffixed `_against` and its ratios taken to its own floor.
+    #[arg(long, value_name = "PFTRACED")]
+    pub against: Option<PathBuf>,
 }
 
 /// Calls kept in the daemon's memory during a case (`--max-calls-in-memory`):
@@ -85,6 +94,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 struct Ctx {
     python: PathBuf,
     pftraced: PathBuf,
+    /// `--against`: the other pftraced of the `_against` rows.
+    against: Option<PathBuf>,
     bpftrace: Option<PathBuf>,
     calls_py: PathBuf,
     busy_py: PathBuf,
@@ -129,11 +140,13 @@ struct Case {
     procs: usize,
     /// A row of the names scaling group (its ids say how many names).
     scaling: bool,
+    /// Traced by the `--against` pftraced.
+    against: bool,
 }
 
 impl Case {
     fn new(kind: Kind, procs: usize) -> Self {
-        Case { kind, procs, scaling: false }
+        Case { kind, procs, scaling: false, against: false }
     }
 
     fn id(&self) -> String {
@@ -146,7 +159,8 @@ impl Case {
             Kind::Sparse { names } => format!("sparse_{names}_names"),
             Kind::Dense => "dense".into(),
         };
-        if self.procs > 1 { format!("{base}_x{}", self.procs) } else { base }
+        let base = if self.procs > 1 { format!("{base}_x{}", self.procs) } else { base };
+        if self.against { format!("{base}_against") } else { base }
     }
 
     fn label(&self) -> String {
@@ -158,7 +172,8 @@ impl Case {
             Kind::Sparse { names } => format!("pftraced sparse, {names} names"),
             Kind::Dense => "pftraced dense (every call)".into(),
         };
-        if self.procs > 1 { format!("{base} x{} procs", self.procs) } else { base }
+        let base = if self.procs > 1 { format!("{base} x{} procs", self.procs) } else { base };
+        if self.against { format!("{base} [--against]") } else { base }
     }
 
     /// Names given to pftraced.
@@ -197,6 +212,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let ctx = Ctx {
         python: env.python.clone(),
         pftraced,
+        against: args.against.clone(),
         bpftrace: util::which_on_path("bpftrace"),
         calls_py: root.join("bench").join("calls.py"),
         busy_py: root.join("bench").join("busy.py"),
@@ -206,6 +222,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     util::require_file(&ctx.calls_py, "the benchmark workload")?;
     util::require_file(&ctx.busy_py, "the benchmark workload")?;
+    if let Some(p) = &ctx.against {
+        util::require_file(p, "the --against pftraced")?;
+    }
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 5 }) as usize;
     let scale_runs = runs.div_ceil(2);
     let started = Instant::now();
@@ -222,21 +241,33 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     );
 
     // Main cases, interleaved run by run so drift hits them all alike.
-    let main_cases: Vec<Case> =
-        [Kind::Untraced, Kind::Floor, Kind::Bpftrace, Kind::Sparse { names: 1 }, Kind::Dense]
-            .into_iter()
-            .filter(|k| !args.dense_only || matches!(k, Kind::Untraced | Kind::Floor | Kind::Dense))
-            .map(|k| Case::new(k, 1))
-            .collect();
+    let kinds: &[Kind] = if args.dense_only {
+        &[Kind::Untraced, Kind::Floor, Kind::Dense]
+    } else if args.sparse_only {
+        &[Kind::Untraced, Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense]
+    } else {
+        &[Kind::Untraced, Kind::Floor, Kind::Bpftrace, Kind::Sparse { names: 1 }, Kind::Dense]
+    };
+    let mut main_cases = Vec::new();
+    for &k in kinds {
+        // 1000 names among the main rows keeps the id of the names group's row.
+        let case = Case { scaling: k == Kind::Sparse { names: 1000 }, ..Case::new(k, 1) };
+        main_cases.push(case);
+        if ctx.against.is_some() && !matches!(k, Kind::Untraced | Kind::Bpftrace) {
+            main_cases.push(Case { against: true, ..case });
+        }
+    }
     let mut main_rows = measure(&ctx, "main", Metric::Wall, &main_cases, runs);
     let base = row(&main_rows, "untraced").and_then(Row::ns);
     let floor = row(&main_rows, "floor").and_then(Row::ns);
+    let floor_against = row(&main_rows, "floor_against").and_then(Row::ns);
     for r in &mut main_rows {
+        let floor = if r.id.ends_with("_against") { floor_against } else { floor };
         (r.base_ns, r.floor_ns) = (base, floor);
     }
 
     // Names: sparse cost with 1..1000 names, against the main baselines.
-    let name_counts: &[usize] = if args.dense_only {
+    let name_counts: &[usize] = if args.dense_only || args.sparse_only {
         &[]
     } else if ctx.quick {
         &[1000]
@@ -255,7 +286,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // Processes: dense with 1, 2, 4 processes, each against untraced and the
     // floor with as many processes, by CPU time. x1 reuses the main runs.
     let mut proc_rows = Vec::new();
-    for id in ["untraced", "floor", "dense"] {
+    for id in ["untraced", "floor", "dense"].into_iter().filter(|_| !args.sparse_only) {
         if let Some(r) = row(&main_rows, id) {
             let mut r = r.clone();
             (r.id, r.group, r.metric) = (format!("{id}_x1"), "processes", Metric::Cpu);
@@ -263,7 +294,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             proc_rows.push(r);
         }
     }
-    let counts: &[usize] = if ctx.quick { &[2] } else { &[2, 4] };
+    let counts: &[usize] = if args.sparse_only {
+        &[]
+    } else if ctx.quick {
+        &[2]
+    } else {
+        &[2, 4]
+    };
     for &p in counts {
         let cases: Vec<Case> =
             [Kind::Untraced, Kind::Floor, Kind::Dense].into_iter().map(|k| Case::new(k, p)).collect();
@@ -277,13 +314,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     }
 
-    let attach = measure_attach(&ctx, if args.dense_only { 0 } else { runs });
+    let attach = measure_attach(&ctx, if args.dense_only || args.sparse_only { 0 } else { runs });
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
     let churn_children = if ctx.quick { 50 } else { 2000 };
     let churn: Vec<Result<churn::ChurnRun>> = [false, true]
         .into_iter()
-        .filter(|_| !args.dense_only)
+        .filter(|_| !args.dense_only && !args.sparse_only)
         .map(|binary| {
             let step =
                 Step::new("bench", format!("churn: {churn_children} short-lived Pythons, --binary {binary}"));
@@ -308,6 +345,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // Per-hit cost with 1 and 50 traced processes in a watched cgroup, by mode.
     let scope_runs: Vec<Result<scope::ScopeRun>> = [false, true]
         .into_iter()
+        .filter(|_| !args.sparse_only)
         .flat_map(|kernel| scope::COUNTS.map(|p| (kernel, p)))
         .map(|(kernel, procs)| {
             let step =
@@ -321,7 +359,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         })
         .collect();
     // An untraced neighbour of the same interpreter file beside a traced process.
-    let neighbour = (!args.dense_only).then(|| {
+    let neighbour = (!args.dense_only && !args.sparse_only).then(|| {
         let step = Step::new("bench", "neighbour: an untraced loop beside a traced process of the same file");
         let r = scope::neighbour(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, ctx.n, runs);
         step.done(match &r {
@@ -334,7 +372,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
     let agent_n = if ctx.quick { 100_000 } else { ctx.n };
-    let agent_rows = if args.dense_only {
+    let agent_rows = if args.dense_only || args.sparse_only {
         Vec::new()
     } else {
         agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &agent::interpreters(&env), agent_n, runs)
@@ -628,7 +666,11 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
         Kind::Floor | Kind::Sparse { .. } | Kind::Dense => {
             let config = write_config(ctx, &case.names())?;
             let args = daemon_args(&config, &pids, &trace, case.kind == Kind::Floor);
-            let mut d = Daemon::start(&ctx.pftraced, &args, &trace)?;
+            let pftraced = match (&ctx.against, case.against) {
+                (Some(p), true) => p,
+                _ => &ctx.pftraced,
+            };
+            let mut d = Daemon::start(pftraced, &args, &trace)?;
             sample.attach_s = Some(d.wait_attached(case.procs, START_TIMEOUT)?.as_secs_f64());
             Tracer::Daemon(d)
         }
@@ -1159,6 +1201,7 @@ fn machine(ctx: &Ctx) -> Value {
         "python": ctx.python.display().to_string(),
         "python_version": version(Command::new(&ctx.python).arg("--version")),
         "pftraced": ctx.pftraced.display().to_string(),
+        "against": ctx.against.as_ref().map(|p| p.display().to_string()),
         "bpftrace": ctx.bpftrace.as_ref().and_then(|b| version(Command::new(b).arg("--version"))),
     })
 }
