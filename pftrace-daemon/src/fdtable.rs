@@ -23,22 +23,19 @@ use std::{io, os::fd::AsRawFd as _, sync::OnceLock};
 /// [`raise_limit`] changed them.
 static STARTED_WITH: OnceLock<libc::rlimit> = OnceLock::new();
 
-/// What raising the limit did.
+/// The soft RLIMIT_NOFILE before and after [`raise_limit`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Raised {
-    /// The soft limit already allowed `fds`.
-    Enough,
-    /// Raised from `from` to `to` (`to` < the wanted count when the hard
-    /// limit is lower).
-    To { from: u64, to: u64 },
+pub struct SoftLimit {
+    pub was: u64,
+    pub now: u64,
 }
 
 /// Raises the soft RLIMIT_NOFILE to `fds` (at most the hard limit).
-pub fn raise_limit(fds: usize) -> io::Result<Raised> {
+pub fn raise_limit(fds: usize) -> io::Result<SoftLimit> {
     let limit = current_limit()?;
     let want = (fds as u64).min(limit.rlim_max);
     if limit.rlim_cur >= want {
-        return Ok(Raised::Enough);
+        return Ok(SoftLimit { was: limit.rlim_cur, now: limit.rlim_cur });
     }
     let raised = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max };
     // SAFETY: setrlimit reads only `raised`.
@@ -46,7 +43,7 @@ pub fn raise_limit(fds: usize) -> io::Result<Raised> {
         return Err(io::Error::last_os_error());
     }
     let _ = STARTED_WITH.set(limit);
-    Ok(Raised::To { from: limit.rlim_cur, to: want })
+    Ok(SoftLimit { was: limit.rlim_cur, now: want })
 }
 
 /// In a child between fork and exec: puts back the soft limit pftraced was

@@ -309,14 +309,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Before any thread starts (pftrace::fdtable).
     let fds = pftrace::fdtable::fds_for(opts.config.limits.max_processes);
     match pftrace::fdtable::raise_limit(fds) {
-        Ok(pftrace::fdtable::Raised::To { from, to }) if (to as usize) < fds => log::warn!(
-            "open-file limit raised from {from} to {to}, the hard limit; limits.max_processes = {} needs {fds} \
-             (two per traced process): past about {} traced processes new ones are refused (raise the hard \
-             limit, e.g. LimitNOFILE= in the unit, or lower limits.max_processes)",
-            opts.config.limits.max_processes,
-            to.saturating_sub(1024) / 2
+        // The hard limit is lower than what max_processes needs.
+        Ok(limit) if (limit.now as usize) < fds => log::warn!(
+            "open-file limit {} (the hard limit): limits.max_processes = {} needs {fds} (two per traced \
+             process, and room for pftraced's own); past what it holds, new processes are refused with a \
+             message (raise the hard limit, e.g. LimitNOFILE= in the unit, or lower limits.max_processes)",
+            limit.now,
+            opts.config.limits.max_processes
         ),
-        Ok(raised) => log::debug!("open-file limit: {raised:?}"),
+        Ok(limit) => log::debug!("open-file limit {} (was {})", limit.now, limit.was),
         Err(err) => {
             log::warn!("open-file limit not raised ({err}): tracing many processes may fail with EMFILE")
         }
