@@ -318,9 +318,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
     let churn_children = if ctx.quick { 50 } else { 2000 };
+    // The churn, first-process and scope rows: not with --dense-only or --sparse-only.
+    let all_rows = !args.dense_only && !args.sparse_only;
     let churn: Vec<Result<churn::ChurnRun>> = [false, true]
         .into_iter()
-        .filter(|_| !args.dense_only && !args.sparse_only)
+        .filter(|_| all_rows)
         .map(|binary| {
             let step =
                 Step::new("bench", format!("churn: {churn_children} short-lived Pythons, --binary {binary}"));
@@ -331,7 +333,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             });
             r
         })
-        .chain((!args.dense_only).then(|| {
+        .chain(all_rows.then(|| {
             let daemons = if ctx.quick { 3 } else { 20 };
             let step = Step::new("bench", format!("first process after start: {daemons} daemons"));
             let r = churn::first_processes(&ctx.pftraced, &ctx.python, &churn_py, &ctx.dir, daemons);
@@ -345,7 +347,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // Per-hit cost with 1 and 50 traced processes in a watched cgroup, by mode.
     let scope_runs: Vec<Result<scope::ScopeRun>> = [false, true]
         .into_iter()
-        .filter(|_| !args.sparse_only)
+        .filter(|_| all_rows)
         .flat_map(|kernel| scope::COUNTS.map(|p| (kernel, p)))
         .map(|(kernel, procs)| {
             let step =
@@ -412,7 +414,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let mut targets = targets(&rows, &attach, soak.as_ref());
     targets.extend(churn::targets(&churn));
-    if !args.dense_only {
+    if all_rows {
         targets.push(scope::target(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
     }
     targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
