@@ -113,36 +113,41 @@ impl Phase {
         v.iter().copied().fold(f64::INFINITY, f64::min)
     }
 
-    /// The neighbour's speed relative to the control's, fastest lap of each.
+    /// The neighbour's speed relative to the control's: the median over lap
+    /// pairs (a neighbour lap and the control lap right after it, within a
+    /// fraction of a second, so at one machine speed) of their ratio. The
+    /// fastest lap of each (the racefree test's figure, printed beside) can
+    /// come from different speeds: 3 `--neighbour-only` runs at load 2.5-3.9
+    /// gave while/before 1.029, 1.011 and 0.798 by fastest laps (in the
+    /// last, 121.5/156.3 while tracing: the control never ran a fast lap),
+    /// 1.010, 1.012 and 0.982 by lap pairs.
     pub fn relative(&self) -> f64 {
-        Self::fastest(&self.neighbour) / Self::fastest(&self.control)
-    }
-
-    /// The median of each lap pair's ratio (a neighbour lap and the control
-    /// lap right after it, within a fraction of a second): printed beside,
-    /// it shows when the fastest laps of the two came from different speeds.
-    pub fn pairs(&self) -> f64 {
         median(self.neighbour.iter().zip(&self.control).map(|(n, c)| n / c).collect()).unwrap_or(f64::NAN)
     }
 
-    /// `fastest n/c = r (medians n/c, lap pairs r)`.
+    /// Fastest neighbour lap over fastest control lap.
+    pub fn fastest_relative(&self) -> f64 {
+        Self::fastest(&self.neighbour) / Self::fastest(&self.control)
+    }
+
+    /// `r by lap pairs (fastest n/c = r; medians n/c)`.
     pub fn text(&self) -> String {
         let med = |v: &[f64]| median(v.to_vec()).unwrap_or(f64::NAN);
         format!(
-            "{:.1}/{:.1} = {:.3} (medians {:.1}/{:.1}; median of lap pairs {:.3})",
+            "{:.3} (fastest laps {:.1}/{:.1} = {:.3}; medians {:.1}/{:.1})",
+            self.relative(),
             Self::fastest(&self.neighbour),
             Self::fastest(&self.control),
-            self.relative(),
+            self.fastest_relative(),
             med(&self.neighbour),
             med(&self.control),
-            self.pairs()
         )
     }
 
     fn to_json(&self) -> Value {
         json!({
-            "relative": self.relative(),
-            "median_of_lap_pairs": self.pairs(),
+            "relative_median_of_lap_pairs": self.relative(),
+            "relative_fastest_laps": self.fastest_relative(),
             "neighbour_cpu_ns_per_call": self.neighbour,
             "control_cpu_ns_per_call": self.control,
         })
@@ -168,7 +173,7 @@ impl Neighbour {
     }
 }
 
-/// The neighbour's speed against a control, `laps` laps of each in turn:
+/// The neighbour's speed against a control ([`Phase::relative`]), `laps` laps of each in turn:
 /// `calls_py` with `n` iterations, a new process per lap, outside any watched
 /// cgroup, pinned to CPU 0. The neighbour runs `python`; the control a copy
 /// of it (another inode: pftraced's links on `python` never reach it) with
@@ -319,7 +324,7 @@ pub fn neighbour_text(r: &Result<Neighbour>) -> String {
         Ok(r) => format!(
             "neighbour: an untraced loop of the interpreter file pftraced traces a process of (in a watched \
              cgroup), outside the cgroup, against a control (a copy of the file): {} laps each in turn, \
-             {} calls, CPU ns/call, fastest of each:\n  \
+             {} calls, CPU ns/call, neighbour/control, median of lap pairs:\n  \
              before pftraced                               {}\n  \
              while pftraced traces a process of the file   {}\n  \
              after pftraced stopped                        {}\n  \
