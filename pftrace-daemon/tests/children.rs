@@ -460,14 +460,8 @@ fn two_thousand_50ms_pythons_in_a_watched_cgroup_have_every_call_traced_and_the_
     wait_status(&socket, daemon, "the control socket", |_| true);
 
     let spawn_child = || {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cg.path())
-            .arg(&py)
-            .arg(&child)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        let mut cmd = in_cgroup(cg.path(), &py, [&child]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         Guard::spawn(&mut cmd, false)
     };
     // Starts `n` children one after another, at most IN_FLIGHT alive at once.

@@ -540,14 +540,7 @@ fn a_soft_open_file_limit_of_64_is_raised_for_pftraced_and_not_for_its_command()
     let go = dir.join("go");
     let mut pythons = Vec::new();
     for _ in 0..PROCESSES {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cg.path())
-            .arg(&py)
-            .arg(&script)
-            .arg(&go);
-        pythons.push(Guard::spawn(&mut cmd, false));
+        pythons.push(Guard::spawn(&mut in_cgroup(cg.path(), &py, [&script, &go]), false));
     }
     for p in &pythons {
         wait_traced(&socket, &tracer, p.pid());

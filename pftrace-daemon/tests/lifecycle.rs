@@ -18,7 +18,7 @@ mod common;
 
 use std::{
     fs,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -269,12 +269,7 @@ fn processes_exiting_while_being_attached_leave_nothing_behind() {
     // them, inspects them, attaches (a few ms here), or has just attached.
     let mut died_in_flight = 0;
     for i in 0..PROCS {
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cg.path())
-            .arg(&py)
-            .args(["-c", "import time; time.sleep(5)"])
+        let mut child = in_cgroup(cg.path(), &py, ["-c", "import time; time.sleep(5)"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

@@ -11,7 +11,6 @@ use std::{
     fs,
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -30,11 +29,9 @@ for _ in range(200):
     time.sleep(0.0001)
 ";
 
-/// Starts `py script` inside cgroup `cg` (the shell moves itself there, then execs).
+/// Starts `py script` inside cgroup `cg` from its first instruction.
 fn start_in(cg: &Path, py: &Path, script: &Path) -> Guard {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(cg).arg(py).arg(script);
-    Guard::spawn(&mut cmd, false)
+    Guard::spawn(&mut in_cgroup(cg, py, [script]), false)
 }
 
 #[test]

@@ -2,13 +2,15 @@
 //! invocation, what tracing costs a Python process and what the daemon costs.
 //!
 //! Cases (bench/calls.py: a loop of N calls to `f`, every 1000th iteration
-//! also calling `rare`), each run several times, medians reported:
+//! also calling `rare`), each run several times in interleaved rounds,
+//! medians reported, ratios to the floor taken within rounds
+//! (report::RATIO_METHOD: this VM changes speed for seconds to minutes):
 //! - untraced; the floor (`pftraced --floor`: the same attach path, programs
 //!   that return at once); bpftrace with a name filter (when installed);
-//!   pftraced sparse (`rare` only: 0.1% of calls) and dense (`f` and `rare`:
-//!   every call recorded);
-//! - scaling: 1, 10, 100, 1000 traced names (sparse); 1, 2, 4 processes at
-//!   once (dense, one daemon tracing them all, judged by CPU time);
+//!   pftraced sparse (`rare` only: 0.1% of calls) with 1, 10, 100 and 1000
+//!   traced names, and dense (`f` and `rare`: every call recorded);
+//! - scaling: 1, 2, 4 processes at once (dense, one daemon tracing them
+//!   all, judged by CPU time);
 //! - attach latency on a running process (bench/busy.py);
 //! - churn: Pythons of 50 ms started one after another in a watched cgroup
 //!   (bench/child.py, 2000 of them; --quick: 50), the share of their calls
@@ -16,7 +18,8 @@
 //! - scope: the per-hit cost of one traced loop with 1 and 50 traced
 //!   processes in a watched cgroup, default mode and PFTRACE_SEMAPHORES=kernel;
 //! - neighbour: an untraced loop of the same interpreter file outside the
-//!   cgroup while pftraced traces a process inside, against no pftraced;
+//!   cgroup, timed in turn with a control interpreter (a copy of the file),
+//!   before, while and after pftraced traces a process inside;
 //! - with `--soak SECONDS`: a busy process traced densely, the daemon
 //!   restarted halfway, its RSS read every second.
 //!
@@ -49,8 +52,8 @@ pub struct Args {
     /// only if a case cannot run or reports nonsense, never on a target.
     #[arg(long)]
     pub quick: bool,
-    /// Runs per main case (medians are reported); scaling rows get about half
-    /// as many. Default 5 (--quick: 1).
+    /// Runs per main case (medians are reported); the processes rows get
+    /// about half as many. Default 5 (--quick: 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub runs: Option<u32>,
     /// Loop iterations of bench/calls.py (it makes N + N/1000 Python calls).
@@ -70,10 +73,14 @@ pub struct Args {
     /// rows): the daemon's CPU, records/s, losses and peak RSS in minutes.
     #[arg(long, conflicts_with = "sparse_only")]
     pub dense_only: bool,
-    /// Only the name filter's rows: untraced, floor, sparse with 1 and 1000
-    /// names, and dense (which must not get worse), in minutes.
+    /// Only the name filter's rows: untraced, floor, bpftrace, sparse with 1
+    /// and 1000 names, and dense (which must not get worse), in minutes.
     #[arg(long)]
     pub sparse_only: bool,
+    /// Only the neighbour row (an untraced loop of the traced interpreter
+    /// file beside a traced process, against a control interpreter).
+    #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "soak", "against"])]
+    pub neighbour_only: bool,
     /// Another pftraced binary (e.g. main's, to judge a change): each traced
     /// row is also run with it, interleaved run by run with this build's, its
     /// ids suffixed `_against` and its ratios taken to its own floor.
@@ -234,54 +241,54 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("[bench] CPU busy before starting (1 s, all cores, whole machine): {:.0}%{warn}", b * 100.0);
     }
     println!(
-        "[bench] {} Python calls per loop, {runs} runs per main case, {scale_runs} per scaling row; \
+        "[bench] {} Python calls per loop, {runs} runs per main case, {scale_runs} per processes row; \
          daemon keeps {STORE_CALLS} calls in memory; bpftrace: {}",
         ctx.total_calls(),
         ctx.bpftrace.as_ref().map_or("not installed".into(), |p| p.display().to_string())
     );
 
-    // Main cases, interleaved run by run so drift hits them all alike.
-    let kinds: &[Kind] = if args.dense_only {
-        &[Kind::Untraced, Kind::Floor, Kind::Dense]
-    } else if args.sparse_only {
-        &[Kind::Untraced, Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense]
+    if args.neighbour_only {
+        return neighbour_only(&ctx, busy_before, args.json.as_deref());
+    }
+
+    // Main cases, interleaved run by run so drift hits them all alike; the
+    // names group's rows (sparse with 10, 100, 1000 names) run in the same
+    // rounds, so their ratios to the floor are taken within rounds too.
+    let names = |k| Kind::Sparse { names: k };
+    let kinds: Vec<Kind> = if args.dense_only {
+        vec![Kind::Untraced, Kind::Floor, Kind::Dense]
+    } else if args.sparse_only || ctx.quick {
+        vec![Kind::Untraced, Kind::Floor, Kind::Bpftrace, names(1), names(1000), Kind::Dense]
     } else {
-        &[Kind::Untraced, Kind::Floor, Kind::Bpftrace, Kind::Sparse { names: 1 }, Kind::Dense]
+        vec![
+            Kind::Untraced,
+            Kind::Floor,
+            Kind::Bpftrace,
+            names(1),
+            names(10),
+            names(100),
+            names(1000),
+            Kind::Dense,
+        ]
     };
     let mut main_cases = Vec::new();
-    for &k in kinds {
-        // 1000 names among the main rows keeps the id of the names group's row.
-        let case = Case { scaling: k == Kind::Sparse { names: 1000 }, ..Case::new(k, 1) };
+    for &k in &kinds {
+        // More than one name: a row of the names group (its id says how many).
+        let case = Case { scaling: matches!(k, Kind::Sparse { names } if names > 1), ..Case::new(k, 1) };
         main_cases.push(case);
         if ctx.against.is_some() && !matches!(k, Kind::Untraced | Kind::Bpftrace) {
             main_cases.push(Case { against: true, ..case });
         }
     }
-    let mut main_rows = measure(&ctx, "main", Metric::Wall, &main_cases, runs);
-    let base = row(&main_rows, "untraced").and_then(Row::ns);
-    let floor = row(&main_rows, "floor").and_then(Row::ns);
-    let floor_against = row(&main_rows, "floor_against").and_then(Row::ns);
-    for r in &mut main_rows {
-        let floor = if r.id.ends_with("_against") { floor_against } else { floor };
-        (r.base_ns, r.floor_ns) = (base, floor);
-    }
-
-    // Names: sparse cost with 1..1000 names, against the main baselines.
-    let name_counts: &[usize] = if args.dense_only || args.sparse_only {
-        &[]
-    } else if ctx.quick {
-        &[1000]
-    } else {
-        &[1, 10, 100, 1000]
-    };
-    let name_cases: Vec<Case> = name_counts
-        .iter()
-        .map(|&k| Case { scaling: true, ..Case::new(Kind::Sparse { names: k }, 1) })
-        .collect();
-    let mut name_rows = measure(&ctx, "names", Metric::Wall, &name_cases, scale_runs);
-    for (r, &k) in name_rows.iter_mut().zip(name_counts) {
-        (r.base_ns, r.floor_ns, r.names) = (base, floor, Some(k));
-    }
+    let (mut main_rows, mut name_rows): (Vec<Row>, Vec<Row>) =
+        measure(&ctx, "main", Metric::Wall, &main_cases, runs).into_iter().partition(|r| r.group == "main");
+    let base = row(&main_rows, "untraced").cloned();
+    let floor = row(&main_rows, "floor").cloned();
+    let floor_against = row(&main_rows, "floor_against").cloned();
+    let (ours, against): (Vec<&mut Row>, Vec<&mut Row>) =
+        main_rows.iter_mut().chain(name_rows.iter_mut()).partition(|r| !r.id.ends_with("_against"));
+    report::set_ratios(ours, base.as_ref(), floor.as_ref());
+    report::set_ratios(against, base.as_ref(), floor_against.as_ref());
 
     // Processes: dense with 1, 2, 4 processes, each against untraced and the
     // floor with as many processes, by CPU time. x1 reuses the main runs.
@@ -307,11 +314,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         proc_rows.extend(measure(&ctx, "processes", Metric::Cpu, &cases, scale_runs));
     }
     for chunk in proc_rows.chunks_mut(3) {
-        let base = chunk[0].ns();
-        let floor = chunk[1].ns();
-        for r in chunk.iter_mut() {
-            (r.base_ns, r.floor_ns) = (base, floor);
-        }
+        let (base, floor) = (chunk[0].clone(), chunk[1].clone());
+        report::set_ratios(chunk.iter_mut(), Some(&base), Some(&floor));
     }
 
     let attach = measure_attach(&ctx, if args.dense_only || args.sparse_only { 0 } else { runs });
@@ -361,15 +365,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         })
         .collect();
     // An untraced neighbour of the same interpreter file beside a traced process.
-    let neighbour = (!args.dense_only && !args.sparse_only).then(|| {
-        let step = Step::new("bench", "neighbour: an untraced loop beside a traced process of the same file");
-        let r = scope::neighbour(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, ctx.n, runs);
-        step.done(match &r {
-            Ok(r) => format!("{:.3}x", r.ratio()),
-            Err(e) => format!("failed: {e:#}"),
-        });
-        r
-    });
+    let neighbour = (!args.dense_only && !args.sparse_only).then(|| measure_neighbour(&ctx));
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
@@ -418,20 +414,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         targets.push(scope::target(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
     }
     targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
-    if let Some(Ok(n)) = &neighbour {
-        targets.push(Target {
-            what: "untraced neighbour of the same interpreter file, beside a traced process".into(),
-            limit: "<= 1.05x alone".into(),
-            value: format!("{:.3}x", n.ratio()),
-            met: Some(n.ratio() <= 1.05),
-        });
+    if let Some(n) = &neighbour {
+        targets.push(scope::neighbour_target(n));
     }
 
     println!();
     println!(
         "pftrace bench: {} calls per loop (bench/calls.py), medians; ns/call is the loop's wall time per \
-         Python call (processes group: CPU time); +ns/call over untraced; x floor = added cost / floor's added cost",
-        ctx.total_calls()
+         Python call (processes group: CPU time); +ns/call over untraced; x floor = added cost / floor's added \
+         cost, {} (targets are checked on it; medians beside)",
+        ctx.total_calls(),
+        report::RATIO_METHOD
     );
     print!("{}", report::table(&rows));
     println!("{}", attach_text(&attach));
@@ -510,6 +503,55 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
 }
 
+/// The neighbour row (scope::neighbour), with a step line.
+fn measure_neighbour(ctx: &Ctx) -> Result<scope::Neighbour> {
+    let step = Step::new("bench", "neighbour: an untraced loop beside a traced process of the same file");
+    let laps = if ctx.quick { 5 } else { 15 };
+    // --quick's 10,000-call loop lasts about a millisecond: too short to time.
+    let n = ctx.n.max(200_000);
+    let r = scope::neighbour(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, n, laps, |phase, p| {
+        step.say(format!("{phase}: {}", p.text()));
+    });
+    step.done(match &r {
+        Ok(r) => format!("{:.3}x", r.ratio()),
+        Err(e) => format!("failed: {e:#}"),
+    });
+    r
+}
+
+/// `--neighbour-only`: the neighbour row, its text, target and JSON.
+fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>) -> Result<ExitCode> {
+    let started = Instant::now();
+    let r = measure_neighbour(ctx);
+    let busy_after = background_busy();
+    println!();
+    print!("{}", scope::neighbour_text(&r));
+    println!("targets (information only):");
+    print!("{}", report::targets_text(&[scope::neighbour_target(&r)]));
+    let busy = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
+    println!(
+        "machine CPU busy (all cores) in 1 s before {}, after {}; load average {}",
+        busy(busy_before),
+        busy(busy_after),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    let doc = json!({
+        "pftrace_bench": 1,
+        "machine": machine(ctx),
+        "neighbour": scope::neighbour_json(&r),
+        "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    match json_path {
+        Some(path) => {
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("[bench] JSON written to {}", path.display());
+        }
+        None => println!("{text}"),
+    }
+    Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.id == id)
 }
@@ -519,7 +561,7 @@ fn measure(ctx: &Ctx, group: &'static str, metric: Metric, cases: &[Case], runs:
     let mut rows: Vec<Row> = cases
         .iter()
         .map(|c| {
-            let mut r = Row::new(c.id(), c.label(), group, metric);
+            let mut r = Row::new(c.id(), c.label(), if c.scaling { "names" } else { group }, metric);
             r.procs = c.procs;
             if let Kind::Sparse { names } = c.kind {
                 r.names = Some(names);
@@ -539,6 +581,7 @@ fn measure(ctx: &Ctx, group: &'static str, metric: Metric, cases: &[Case], runs:
             match undisturbed(ctx, &step, || run_case(ctx, case)) {
                 (Ok(mut s), foreign) => {
                     s.foreign_tracers = foreign.len();
+                    s.round = run;
                     let mut msg = format!("{:.1} ns/call", s.ns(metric));
                     if let (Some(d), Some(e)) = (s.delivered, s.expected) {
                         msg += &format!(", {d}/{e} calls, lost {}", s.lost.unwrap_or(0));
@@ -1063,12 +1106,15 @@ fn sanity(ctx: &Ctx, rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<
 
 fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
     let get = |id: &str| row(rows, id);
+    let medians = |r: &Row| r.median_ratio().map_or(String::new(), |m| format!(" (medians {m:.3})"));
     let ratio_target = |what: &str, id: &str, limit: f64| {
         let r = get(id).and_then(Row::ratio);
         Target {
             what: what.into(),
             limit: format!("{limit:.2} x floor"),
-            value: r.map_or("not measured".into(), |v| format!("{v:.3} x floor")),
+            value: r.map_or("not measured".into(), |v| {
+                format!("{v:.3} x floor{}", get(id).map_or(String::new(), medians))
+            }),
             met: r.map(|v| v <= limit),
         }
     };
@@ -1077,6 +1123,24 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
         ratio_target("sparse added cost", "sparse", 1.15),
         ratio_target("sparse added cost, 1000 names", "sparse_1000_names", 1.15),
     ];
+    // Recording more than bpftrace's counting, and still cheaper.
+    let (sparse, bpftrace) = (get("sparse").and_then(Row::ratio), get("bpftrace").and_then(Row::ratio));
+    t.push(Target {
+        what: "sparse below bpftrace (name filter, same run)".into(),
+        limit: "sparse x floor < bpftrace x floor".into(),
+        value: match (sparse, bpftrace) {
+            (Some(s), Some(b)) => format!(
+                "{s:.3} vs {b:.3} x floor{}",
+                match (get("sparse").and_then(Row::median_ratio), get("bpftrace").and_then(Row::median_ratio))
+                {
+                    (Some(sm), Some(bm)) => format!(" (medians {sm:.3} vs {bm:.3})"),
+                    _ => String::new(),
+                }
+            ),
+            _ => "not measured".into(),
+        },
+        met: sparse.zip(bpftrace).map(|(s, b)| s < b),
+    });
     let dense = get("dense");
     let dense_ratio = dense.and_then(Row::ratio);
     let dense_all = dense.and_then(Row::delivered).map(|(d, e)| d == e);
@@ -1084,7 +1148,9 @@ fn targets(rows: &[Row], attach: &Attach, soak: Option<&Soak>) -> Vec<Target> {
         what: "dense added cost, every call delivered".into(),
         limit: "1.60 x floor, delivered = expected".into(),
         value: match (dense_ratio, dense.and_then(Row::delivered)) {
-            (Some(r), Some((d, e))) => format!("{r:.3} x floor, {d}/{e} delivered"),
+            (Some(r), Some((d, e))) => {
+                format!("{r:.3} x floor{}, {d}/{e} delivered", dense.map_or(String::new(), medians))
+            }
             _ => "not measured".into(),
         },
         met: dense_ratio.zip(dense_all).map(|(r, all)| r <= 1.60 && all),

@@ -208,6 +208,24 @@ impl Drop for Cgroup {
     }
 }
 
+/// The shell script that starts a program inside a cgroup: `$0` is the
+/// cgroup; the shell moves itself there, then execs, so the program keeps
+/// the shell's pid and runs no instruction outside the cgroup.
+pub const ENTER_CGROUP: &str = r#"echo $$ > "$0/cgroup.procs" && exec "$@""#;
+
+/// A command running `program args...` inside the cgroup `cg` from its
+/// first instruction (see [`ENTER_CGROUP`]); the caller adds what else it
+/// needs (more arguments, stdio, environment) and spawns it.
+pub fn in_cgroup<S: AsRef<std::ffi::OsStr>>(
+    cg: &Path,
+    program: impl AsRef<std::ffi::OsStr>,
+    args: impl IntoIterator<Item = S>,
+) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(ENTER_CGROUP).arg(cg).arg(program).args(args);
+    cmd
+}
+
 // ---------------------------------------------------------------------------
 // Python workers
 
@@ -265,12 +283,7 @@ impl<'a> WorkerSpec<'a> {
         }
         if let Some(cg) = self.cgroup {
             // $0 is the cgroup; the exec'd interpreter keeps the shell's pid.
-            argv.extend([
-                "/bin/sh".into(),
-                "-c".into(),
-                r#"echo $$ > "$0/cgroup.procs" && exec "$@""#.into(),
-                cg.display().to_string(),
-            ]);
+            argv.extend(["/bin/sh".into(), "-c".into(), ENTER_CGROUP.into(), cg.display().to_string()]);
         }
         argv.push(self.python.display().to_string());
         argv.push(self.script.display().to_string());

@@ -179,7 +179,7 @@ pub fn text(runs: &[Result<ChurnRun>]) -> String {
             Ok(r) if r.mode == FIRST => s.push_str(&format!(
                 "  {:<12} {} daemons started one after another, one Python each as soon as it served: {} of {} \
                  calls traced, {} of {} first processes complete\n",
-                "first",
+                FIRST,
                 r.children,
                 r.traced,
                 r.expected(),

@@ -205,7 +205,14 @@ impl Workload {
     /// Starts `python script args...` and waits for its "ready" line.
     pub fn start(python: &Path, script: &Path, args: &[String], timeout: Duration) -> Result<Self> {
         let mut cmd = Command::new(python);
-        cmd.arg(script).args(args).current_dir(util::workspace_root());
+        cmd.arg(script).args(args);
+        Self::start_command(cmd, script, timeout)
+    }
+
+    /// Starts `cmd` (which runs `script`, e.g. under `taskset`, with its own
+    /// environment) and waits for its "ready" line.
+    pub fn start_command(mut cmd: Command, script: &Path, timeout: Duration) -> Result<Self> {
+        cmd.current_dir(util::workspace_root());
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("could not start `{}`", util::describe(&cmd)))?;
         let pid = child.id();
