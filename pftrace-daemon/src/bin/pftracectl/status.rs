@@ -260,7 +260,12 @@ mod tests {
                 },
             ],
             functions_total: 3,
-            codes: pftrace::protocol::CodeCounts { resolved: 1, queue_full: 0, table_full: 0 },
+            codes: pftrace::protocol::CodeCounts {
+                resolved: 1,
+                queue_full: 0,
+                table_full: 0,
+                process_full: 0,
+            },
             ..Default::default()
         };
         s.counters.lost = 3;
