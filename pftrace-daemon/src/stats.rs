@@ -184,8 +184,11 @@ pub struct Aggregator {
     groups_of: crate::fast_hash::FastMap<u32, usize>,
     /// Calls counted in an `<other>` row past [`PROCESS_GROUPS`] or [`MAX_GROUPS`].
     folded: u64,
-    /// Processes named in a warning for it.
+    /// Processes named in a warning for it ([`Aggregator::warning`]).
     warned: std::collections::HashSet<u32>,
+    /// Whether to warn: only the daemon's own aggregator does (the others
+    /// see the same calls).
+    warns: bool,
 }
 
 /// Groups (one per code object a process called: function, file, entry
@@ -210,6 +213,13 @@ impl Aggregator {
     /// (code object, pid); [`Aggregator::rows`] merges them as asked.
     pub fn new(per_pid: bool) -> Self {
         Self { per_pid, ..Default::default() }
+    }
+
+    /// This aggregator names a process in a warning when its calls are
+    /// first folded (the daemon's own: every call goes through it).
+    pub fn warning(mut self) -> Self {
+        self.warns = true;
+        self
     }
 
     pub fn push(&mut self, call: &Call) {
@@ -279,7 +289,7 @@ impl Aggregator {
 
     /// Names a process in one warning the first time its calls are folded.
     fn warn_folded(&mut self, pid: u32) {
-        if self.warned.len() < MAX_WARNED && self.warned.insert(pid) {
+        if self.warns && self.warned.len() < MAX_WARNED && self.warned.insert(pid) {
             log::warn!(
                 "pid {pid}: its calls reached pftraced's bound of {PROCESS_GROUPS} distinct (function, file, \
                  line) a process or {MAX_GROUPS} in all; calls of further ones are counted in their \
