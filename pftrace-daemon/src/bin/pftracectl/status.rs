@@ -102,6 +102,9 @@ pub fn render(s: &Status) -> String {
             c.agent_reports, c.agent_foreign, c.agent_bad, c.agent_unnamed
         );
     }
+    if let Some(note) = super::stats::bounds_note(&c.bounds) {
+        let _ = writeln!(o, "{note}");
+    }
     if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
