@@ -35,8 +35,13 @@ use crate::{events::Event, pairing::Call, python};
 
 /// Requests waiting for the resolver thread.
 pub const QUEUE: usize = 4096;
-/// Code objects the table holds at most (each a few hundred bytes).
+/// Code objects the table holds at most (each a few hundred bytes, and a
+/// copy of its file name).
 pub const MAX_CODES: usize = 65_536;
+/// Code objects one process may have resolved: a process making code
+/// objects with distinct lines or file names would otherwise fill the table
+/// for every other one.
+pub const PROCESS_CODES: usize = 4096;
 
 /// A code object as the entry probe names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -192,6 +197,11 @@ pub struct CodeResolver {
     pub queue_full: u64,
     /// Code objects left unresolved because the table was full.
     pub table_full: u64,
+    /// Code objects asked for per process ([`PROCESS_CODES`] at most).
+    per_process: crate::fast_hash::FastMap<u32, usize>,
+    /// Entries of code objects left unresolved because their process had
+    /// asked for [`PROCESS_CODES`] already.
+    pub process_full: u64,
 }
 
 impl Default for CodeResolver {
@@ -222,6 +232,8 @@ impl CodeResolver {
             now: None,
             queue_full: 0,
             table_full: 0,
+            per_process: Default::default(),
+            process_full: 0,
         }
     }
 
@@ -235,6 +247,7 @@ impl CodeResolver {
             resolved: self.table.len() as u64,
             queue_full: self.queue_full,
             table_full: self.table_full,
+            process_full: self.process_full,
         }
     }
 
@@ -250,10 +263,19 @@ impl CodeResolver {
             self.last_requested = Some(fast);
             return;
         }
+        // A name the decoder did not keep is no file to read.
+        if *ev.file == *crate::string_bound::OTHER {
+            return;
+        }
+        if self.per_process.get(&ev.pid).is_some_and(|&n| n >= PROCESS_CODES) {
+            self.process_full += 1;
+            return;
+        }
         let key = CodeKey { pid: ev.pid, file: ev.file.clone(), name: ev.name.clone(), line: ev.line };
         if self.requested.len() < MAX_CODES && self.table.get(&key).is_some() {
             // Resolved already for the selection by qualified name.
             self.requested.insert(fast, (ev.file.clone(), ev.name.clone()));
+            *self.per_process.entry(ev.pid).or_default() += 1;
             return;
         }
         if self.requested.len() >= MAX_CODES {
@@ -265,6 +287,7 @@ impl CodeResolver {
         match tx.try_send(Job::Resolve(key.clone(), version)) {
             Ok(()) => {
                 self.requested.insert(fast, (ev.file.clone(), ev.name.clone()));
+                *self.per_process.entry(ev.pid).or_default() += 1;
             }
             Err(_) => self.queue_full += 1,
         }
@@ -309,6 +332,7 @@ impl CodeResolver {
     /// A traced process ended: the resolver forgets its cached process state
     /// once the requests before this are served (answers stay in the table).
     pub fn forget(&mut self, pid: u32) {
+        self.per_process.remove(&pid);
         if let Some(r) = &mut self.now {
             r.forget(pid);
         }

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use crate::fast_hash::FastMap;
+use crate::{
+    fast_hash::FastMap,
+    string_bound::{self, StringBound, Verdict},
+};
 use pftrace_common::{CallEvent, FILE_LEN, KIND_OFFSET, LongCallEvent, NAME_LEN, ProcEvent, flag, kind};
 
 /// Entry or return.
@@ -124,6 +127,11 @@ pub struct Decoder {
     pub files_cut: u64,
     /// The strings of in-process agents' code objects (agent/records.rs).
     pub agent: crate::agent::records::AgentNames,
+    /// The bound on `strings` (string_bound.rs).
+    pub bound: StringBound,
+    /// What a string not kept is named ([`string_bound::OTHER`]); not in
+    /// `strings`, so a process sending that text is not counted as folded.
+    other: Option<Arc<str>>,
 }
 
 /// A direct-mapped cache of interned strings, by a cheap hash of their
@@ -234,6 +242,7 @@ impl Decoder {
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
                 if k != kind::FORK {
                     self.agent.forget(raw.pid);
+                    self.bound.forget(raw.pid);
                 }
                 Ok(match k {
                     kind::EXEC => {
@@ -265,6 +274,8 @@ impl Decoder {
         };
         let flags = bytes[offset_of!(CallEvent, flags)];
         self.files_cut += u64::from(flags & flag::FILE_CUT != 0);
+        let pid = field(bytes, offset_of!(CallEvent, pid));
+        let folded = self.bound.folded;
         let at = offset_of!(CallEvent, file);
         let file = if flags & flag::LONG != 0 {
             let want = size_of::<LongCallEvent>();
@@ -272,17 +283,19 @@ impl Decoder {
                 return Err(DecodeError::Size { got: bytes.len(), want });
             }
             // The file name starts in the common part and goes on in `more`.
-            self.intern(&bytes[at..at + pftrace_common::LONG_FILE_LEN])
+            self.intern(pid, &bytes[at..at + pftrace_common::LONG_FILE_LEN])
         } else {
-            self.intern(&bytes[at..at + FILE_LEN])
+            self.intern(pid, &bytes[at..at + FILE_LEN])
         };
         let name_at = offset_of!(CallEvent, name);
+        let name = self.intern(pid, &bytes[name_at..name_at + NAME_LEN]);
+        self.bound.records_folded += u64::from(self.bound.folded != folded);
         Ok(Event {
             ts_ns: field(bytes, offset_of!(CallEvent, ts_ns)),
-            pid: field(bytes, offset_of!(CallEvent, pid)),
+            pid,
             tid: field(bytes, offset_of!(CallEvent, tid)),
             kind,
-            name: self.intern(&bytes[name_at..name_at + NAME_LEN]),
+            name,
             file,
             line: field(bytes, offset_of!(CallEvent, lineno)),
             thread_cpu_ns: field(bytes, offset_of!(CallEvent, thread_cpu_ns)),
@@ -293,8 +306,10 @@ impl Decoder {
         })
     }
 
-    /// The string up to the first NUL, shared with earlier identical strings.
-    pub fn intern(&mut self, padded: &[u8]) -> Arc<str> {
+    /// The string up to the first NUL, shared with earlier identical strings;
+    /// a new one is charged to `pid`, and past the bound not kept
+    /// ([`string_bound::OTHER`] instead).
+    pub fn intern(&mut self, pid: u32, padded: &[u8]) -> Arc<str> {
         let len = nul_at(padded);
         let bytes = &padded[..len];
         let Recent { slots, spares } = &mut self.recent;
@@ -306,14 +321,46 @@ impl Decoder {
         }
         let s = match self.strings.get(bytes) {
             Some(s) => s.clone(),
-            None => {
-                let s: Arc<str> = Arc::from(printable(&String::from_utf8_lossy(bytes)).as_ref());
-                self.strings.insert(bytes.into(), s.clone());
-                s
-            }
+            None => return self.intern_new(pid, bytes),
         };
         *slot = Some((bytes.into(), s.clone()));
         s
+    }
+
+    /// A string not in the table: kept if the bound allows.
+    #[cold]
+    fn intern_new(&mut self, pid: u32, bytes: &[u8]) -> Arc<str> {
+        let mut verdict = self.bound.admit(pid, bytes.len(), false);
+        if let Verdict::Sweep = verdict {
+            self.sweep();
+            verdict = self.bound.admit(pid, bytes.len(), true);
+        }
+        if let Verdict::Fold = verdict {
+            return self.other.get_or_insert_with(|| Arc::from(string_bound::OTHER)).clone();
+        }
+        let s: Arc<str> = Arc::from(printable(&String::from_utf8_lossy(bytes)).as_ref());
+        self.strings.insert(bytes.into(), s.clone());
+        let Recent { slots, .. } = &mut self.recent;
+        slots[Recent::slot(bytes, bytes.len())] = Some((bytes.into(), s.clone()));
+        s
+    }
+
+    /// Drops the strings nothing but the table holds (the recent cache's
+    /// references go first). Whoever keys a cache by a string's address
+    /// without holding the string must forget it when `bound.sweeps` changes:
+    /// a new string may be given a swept one's address.
+    fn sweep(&mut self) {
+        self.recent = Recent::default();
+        let mut freed = 0;
+        self.strings.retain(|bytes, s| {
+            let used = Arc::strong_count(s) > 1;
+            if !used {
+                freed += string_bound::string_bytes(bytes.len());
+            }
+            used
+        });
+        log::debug!("string table swept: {freed} bytes freed, {} strings left", self.strings.len());
+        self.bound.swept(freed);
     }
 
     /// Takes back a reference to an interned string that is no longer
@@ -403,7 +450,7 @@ mod tests {
             let all: [&[u8]; 6] = [a, b, b"f", b"", &[b'n'; NAME_LEN], b"f\xffo"];
             for s in all {
                 // Bytes after the NUL are not the string's (the ring is not zeroed).
-                let got = d.intern(&padded(s, round * 0x41));
+                let got = d.intern(0, &padded(s, round * 0x41));
                 assert_eq!(got.as_bytes(), printable(&String::from_utf8_lossy(s)).as_bytes());
                 seen.push(got);
             }
@@ -422,23 +469,65 @@ mod tests {
     #[test]
     fn recycled_references_are_handed_out_again() {
         let mut d = Decoder::default();
-        let a = d.intern(b"f\0\0\0");
+        let a = d.intern(0, b"f\0\0\0");
         let n = Arc::strong_count(&a);
-        let b = d.intern(b"f\0\0\0");
+        let b = d.intern(0, b"f\0\0\0");
         assert_eq!(Arc::strong_count(&a), n + 1);
         d.recycle(b);
         // Kept as a spare, then handed out instead of a new clone.
         assert_eq!(Arc::strong_count(&a), n + 1);
-        let c = d.intern(b"f\0\0\0");
+        let c = d.intern(0, b"f\0\0\0");
         assert!(Arc::ptr_eq(&a, &c));
         assert_eq!(Arc::strong_count(&a), n + 1);
         // No spare: a clone; a second spare of the same string is dropped.
-        let e = d.intern(b"f\0\0\0");
+        let e = d.intern(0, b"f\0\0\0");
         assert_eq!(Arc::strong_count(&a), n + 2);
         d.recycle(c);
         d.recycle(e);
         assert_eq!(Arc::strong_count(&a), n + 1);
-        assert_eq!(&*d.intern(b"g\0"), "g");
+        assert_eq!(&*d.intern(0, b"g\0"), "g");
+    }
+
+    #[test]
+    fn new_strings_past_a_process_bound_are_folded_and_counted_others_keep_theirs() {
+        use crate::string_bound::{OTHER, PROCESS_BYTES, TOTAL_BYTES, string_bytes};
+        let mut d = Decoder::default();
+        let file = |pid: u32, i: u64| format!("/hostile/{pid}/{i:04000}\0").into_bytes();
+        let per_process = PROCESS_BYTES / string_bytes(file(1, 0).len() - 1);
+        // Process 1: its first strings are kept, the rest folded; known ones still found.
+        let mut held = vec![d.intern(1, &file(1, 0))];
+        for i in 1..per_process + 10 {
+            let s = d.intern(1, &file(1, i));
+            assert_eq!(&*s == OTHER, i >= per_process, "string {i} of {per_process}");
+            held.push(s);
+        }
+        assert!(Arc::ptr_eq(&held[0], &d.intern(1, &file(1, 0))));
+        assert_eq!(d.bound.folded, 10);
+        // Another process is not affected, and a record counts once.
+        let good = d.intern(2, b"/good/app.py\0");
+        assert_eq!(&*good, "/good/app.py");
+        // Up to the total: processes 2.. fill it; strings still held are not swept.
+        let mut pid = 2;
+        while d.bound.bytes + string_bytes(file(pid, 0).len() - 1) <= TOTAL_BYTES {
+            held.push(d.intern(pid, &file(pid, 0)));
+            pid += 1;
+        }
+        let total = d.bound.bytes;
+        assert_eq!(&*d.intern(pid, &file(pid, 0)), OTHER);
+        assert_eq!(d.bound.sweeps, 1);
+        assert_eq!(d.bound.bytes, total);
+        // Once nothing else holds them, a sweep frees them: new strings are kept again.
+        held.truncate(1);
+        for i in 0..5000 {
+            if &*d.intern(pid, &file(pid, i + 1)) != OTHER {
+                break;
+            }
+        }
+        assert_eq!(d.bound.sweeps, 2);
+        assert!(d.bound.bytes < total / 2, "{} of {total}", d.bound.bytes);
+        assert_eq!(&*d.intern(pid + 1, b"/good/b.py\0"), "/good/b.py");
+        assert!(Arc::ptr_eq(&held[0], &d.intern(1, &file(1, 0))));
+        assert!(Arc::ptr_eq(&good, &d.intern(2, b"/good/app.py\0")));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod python;
 pub mod semaphores;
 pub mod stats;
+pub mod string_bound;
 pub mod target;
 pub mod trace;
 pub mod usdt;

@@ -151,7 +151,22 @@ pub struct Pairer {
     pub skipped_entries: u64,
     /// The last call id given.
     last_id: u64,
+    /// Calls open on all stacks.
+    open: usize,
+    /// Per thread, entries not kept because [`MAX_OPEN_CALLS`] were open:
+    /// the next returns of the thread are theirs (calls nest), swallowed.
+    overflow: FastMap<(u32, u32), u64>,
+    /// Calls not traced because [`MAX_OPEN_CALLS`] were open at their entry.
+    pub dropped_open: u64,
 }
+
+/// Calls open at once on all threads, at most: each is about 100 bytes
+/// (its stack may have twice the room), so 262,144 hold 25-50 MiB, while a
+/// thread entering without returning (a record stream an agent makes up, or
+/// recursion with a raised limit on 3.12+, where Python calls use no C
+/// stack) would otherwise grow them by one per entry. Past it an entry is
+/// not kept, and counted as `open_calls_dropped` with its return.
+pub const MAX_OPEN_CALLS: usize = 262_144;
 
 impl Pairer {
     /// Feeds one event; completed calls are pushed to `out`. Returns the
@@ -160,7 +175,20 @@ impl Pairer {
     pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) -> Option<(Arc<str>, Arc<str>)> {
         let stack = self.stacks.entry((ev.pid, ev.tid)).or_default();
         match ev.kind {
+            EventKind::Entry if self.open >= MAX_OPEN_CALLS => {
+                if self.dropped_open == 0 {
+                    log::warn!(
+                        "pid {}: {MAX_OPEN_CALLS} calls were open at once (pairing.rs MAX_OPEN_CALLS); calls \
+                         entered past it are not traced (counted as open_calls_dropped)",
+                        ev.pid
+                    );
+                }
+                self.dropped_open += 1;
+                *self.overflow.entry((ev.pid, ev.tid)).or_default() += 1;
+                Some((ev.name, ev.file))
+            }
             EventKind::Entry => {
+                self.open += 1;
                 stack.push(Open {
                     id: {
                         self.last_id += 1;
@@ -178,6 +206,16 @@ impl Pairer {
                 None
             }
             EventKind::Return => {
+                if !self.overflow.is_empty()
+                    && let Some(n) = self.overflow.get_mut(&(ev.pid, ev.tid))
+                {
+                    // The return of the innermost entry not kept.
+                    *n -= 1;
+                    if *n == 0 {
+                        self.overflow.remove(&(ev.pid, ev.tid));
+                    }
+                    return Some((ev.name, ev.file));
+                }
                 let found = stack.iter().rposition(|o| {
                     o.frame == ev.frame
                         && (ev.frame.is_some()
@@ -199,6 +237,7 @@ impl Pairer {
                     });
                     return None;
                 };
+                self.open -= stack.len() - at;
                 // Entries above the match never returned: close them first.
                 while stack.len() > at + 1 {
                     self.skipped_entries += 1;
@@ -231,8 +270,10 @@ impl Pairer {
     pub fn close_open(&mut self, pid: Option<u32>, end_ns: u64, out: &mut Vec<Call>) {
         let keys: Vec<(u32, u32)> =
             self.stacks.keys().filter(|(p, _)| pid.is_none_or(|want| *p == want)).copied().collect();
+        self.overflow.retain(|(p, _), _| pid.is_some_and(|want| *p != want));
         for key in keys {
             let mut stack = self.stacks.remove(&key).unwrap_or_default();
+            self.open -= stack.len();
             while let Some(open) = stack.pop() {
                 let depth = stack.len() as u32;
                 let at = Close { ts_ns: end_ns, figures: None };
@@ -243,7 +284,7 @@ impl Pairer {
 
     /// Number of calls currently open.
     pub fn open_calls(&self) -> usize {
-        self.stacks.values().map(Vec::len).sum()
+        self.open
     }
 
     /// The first [`UNMATCHED_SAMPLE`] returns seen without a matching entry
@@ -313,8 +354,8 @@ mod tests {
                 pid: 1,
                 tid,
                 kind,
-                name: self.d.intern(name.as_bytes()),
-                file: self.d.intern(b"t.py"),
+                name: self.d.intern(0, name.as_bytes()),
+                file: self.d.intern(0, b"t.py"),
                 line: 1,
                 thread_cpu_ns: cpu,
                 rss_bytes: 4096,
@@ -324,6 +365,35 @@ mod tests {
             };
             let _ = self.p.push(ev, &mut self.out);
         }
+    }
+
+    #[test]
+    fn entries_past_the_open_calls_bound_are_counted_with_their_returns() {
+        use EventKind::{Entry, Return};
+        let mut f = Feed::new();
+        let extra = 5;
+        for i in 0..(MAX_OPEN_CALLS + extra) as u64 {
+            f.ev(1, Entry, "deep", i);
+        }
+        // Another thread meanwhile: its entry is over the bound too.
+        f.ev(2, Entry, "other", 0);
+        f.ev(2, Return, "other", 1);
+        assert_eq!((f.p.open_calls(), f.p.dropped_open), (MAX_OPEN_CALLS, extra as u64 + 1));
+        for i in 0..(MAX_OPEN_CALLS + extra) as u64 {
+            f.ev(1, Return, "deep", 1_000_000 + i);
+        }
+        // The returns of the entries not kept were theirs: the kept calls pair exactly.
+        assert_eq!((f.out.len(), f.p.unmatched_total, f.p.open_calls()), (MAX_OPEN_CALLS, 0, 0));
+        assert!(f.out.iter().all(|c| c.end == CallEnd::Returned));
+        let outer = f.out.last().unwrap();
+        assert_eq!(
+            (outer.depth, outer.start_ns, outer.end_ns),
+            (0, 0, 1_000_000 + (MAX_OPEN_CALLS + extra) as u64 - 1)
+        );
+        // Under the bound again, an entry is kept.
+        f.ev(2, Entry, "other", 2);
+        f.ev(2, Return, "other", 3);
+        assert_eq!((f.out.len(), f.p.dropped_open), (MAX_OPEN_CALLS + 1, extra as u64 + 1));
     }
 
     #[test]

@@ -184,6 +184,25 @@ pub struct StatsReply {
     pub percentile_error: f64,
     /// Largest total first.
     pub functions: Vec<FunctionStats>,
+    /// Calls that met a memory bound of pftraced (the `<other...>` rows).
+    #[serde(default)]
+    pub bounds: BoundCounts,
+}
+
+/// What met pftraced's bounds on what traced processes make it keep
+/// (README, "Bounds"): counted here, never dropped silently.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BoundCounts {
+    /// Call records (entries and returns) with a function or file name not
+    /// kept: named `<other: over pftraced's string bound>` (string_bound.rs).
+    pub strings_folded: u64,
+    /// Bytes charged for the names and file names kept.
+    pub string_bytes: u64,
+    /// Calls counted in their function's `<other...>` row, past the bound on
+    /// distinct (function, file, line) per process or in all (stats.rs).
+    pub stats_folded: u64,
+    /// Calls not traced: entered while 262,144 calls were open (pairing.rs).
+    pub open_calls_dropped: u64,
 }
 
 /// Result of `add` / `remove`: the names traced afterwards.
@@ -311,6 +330,10 @@ pub struct CodeCounts {
     pub queue_full: u64,
     /// Functions left unresolved because the table was full.
     pub table_full: u64,
+    /// Entries of functions left unresolved because their process had
+    /// 4,096 resolved already (codes::PROCESS_CODES).
+    #[serde(default)]
+    pub process_full: u64,
 }
 
 /// A batch job: a cgroup under the jobs root whose name matches the pattern.

@@ -180,7 +180,29 @@ pub struct Aggregator {
     /// The key and group of the last call pushed (most calls are of the
     /// function the last one was). Its addresses are held in `by_address`.
     last: Option<(AddressKey, usize)>,
+    /// Groups made for calls of each process (the first to call a code object).
+    groups_of: crate::fast_hash::FastMap<u32, usize>,
+    /// Calls counted in an `<other>` row past [`PROCESS_GROUPS`] or [`MAX_GROUPS`].
+    folded: u64,
+    /// Processes named in a warning for it ([`Aggregator::warning`]).
+    warned: std::collections::HashSet<u32>,
+    /// Whether to warn: only the daemon's own aggregator does (the others
+    /// see the same calls).
+    warns: bool,
 }
+
+/// Groups (one per code object a process called: function, file, entry
+/// line) made for one process's calls, at most: a group is about 1.7 KiB
+/// (its histogram's first block is 1 KiB), so 4,096 are 7 MiB, while a
+/// process making code objects with distinct lines or file names would
+/// otherwise grow the table by one per call.
+pub const PROCESS_GROUPS: usize = 4096;
+/// Groups in all, at most (about 110 MiB).
+pub const MAX_GROUPS: usize = 65_536;
+/// Processes named in a warning, at most (then the counter says it).
+const MAX_WARNED: usize = 1024;
+/// The file of the rows calls past the bounds are counted in.
+pub use crate::string_bound::OTHER;
 
 fn address(s: &Arc<str>) -> usize {
     Arc::as_ptr(s) as *const u8 as usize
@@ -193,6 +215,13 @@ impl Aggregator {
         Self { per_pid, ..Default::default() }
     }
 
+    /// This aggregator names a process in a warning when its calls are
+    /// first folded (the daemon's own: every call goes through it).
+    pub fn warning(mut self) -> Self {
+        self.warns = true;
+        self
+    }
+
     pub fn push(&mut self, call: &Call) {
         let pid = self.per_pid.then_some(call.pid);
         let key = (address(&call.name), address(&call.file), call.line, pid);
@@ -201,29 +230,77 @@ impl Aggregator {
             Some(index) => index,
             None => {
                 let text = (call.name.clone(), call.file.clone(), call.line, pid);
-                let next = self.groups.len();
-                let index = *self.by_text.entry(text).or_insert(next);
-                if index == next {
-                    self.groups.push(Group {
-                        function: call.name.clone(),
-                        file: call.file.clone(),
-                        line: call.line,
-                        pid,
-                        first_pid: call.pid,
-                        durations: Histogram::default(),
-                        incomplete: 0,
-                    });
-                }
+                let index = match self.by_text.get(&text) {
+                    Some(&index) => index,
+                    None if self.has_room_for(call.pid) => {
+                        *self.groups_of.entry(call.pid).or_default() += 1;
+                        self.new_group(text, call.pid)
+                    }
+                    // Past the bound: the call counts in its function's
+                    // `<other>` row, and is not remembered by address.
+                    None => {
+                        self.folded += 1;
+                        self.warn_folded(call.pid);
+                        let other = (call.name.clone(), Arc::from(OTHER), 0, pid);
+                        let index = match self.by_text.get(&other) {
+                            Some(&index) => index,
+                            None => self.new_group(other, call.pid),
+                        };
+                        self.record(index, call);
+                        return;
+                    }
+                };
                 self.by_address.insert(key, (index, call.name.clone(), call.file.clone()));
                 index
             }
         };
         self.last = Some((key, index));
+        self.record(index, call);
+    }
+
+    fn record(&mut self, index: usize, call: &Call) {
         let group = &mut self.groups[index];
         group.durations.record(call.duration_ns());
         if call.end == CallEnd::Incomplete {
             group.incomplete += 1;
         }
+    }
+
+    /// Whether a new group of a call of `pid` is within the bounds.
+    fn has_room_for(&self, pid: u32) -> bool {
+        self.groups.len() < MAX_GROUPS && self.groups_of.get(&pid).is_none_or(|&n| n < PROCESS_GROUPS)
+    }
+
+    fn new_group(&mut self, text: TextKey, first_pid: u32) -> usize {
+        let index = self.groups.len();
+        let (function, file, line, pid) = text.clone();
+        self.groups.push(Group {
+            function,
+            file,
+            line,
+            pid,
+            first_pid,
+            durations: Histogram::default(),
+            incomplete: 0,
+        });
+        self.by_text.insert(text, index);
+        index
+    }
+
+    /// Names a process in one warning the first time its calls are folded.
+    fn warn_folded(&mut self, pid: u32) {
+        if self.warns && self.warned.len() < MAX_WARNED && self.warned.insert(pid) {
+            log::warn!(
+                "pid {pid}: its calls reached pftraced's bound of {PROCESS_GROUPS} distinct (function, file, \
+                 line) a process or {MAX_GROUPS} in all; calls of further ones are counted in their \
+                 function's {OTHER:?} row (counted as stats_folded)"
+            );
+        }
+    }
+
+    /// Calls counted in an `<other>` row because a bound was reached.
+    pub fn folded(&self) -> u64 {
+        self.folded
     }
 
     /// Calls pushed in.
@@ -420,6 +497,30 @@ mod tests {
         let rows = per_pid.rows(StatsGrouping::Function, &codes);
         assert_eq!(rows.len(), 3);
         assert_eq!(rows.iter().map(|r| r.pid).collect::<Vec<_>>(), [Some(1), Some(2), Some(1)]);
+    }
+
+    #[test]
+    fn distinct_code_objects_past_the_bounds_count_in_an_other_row() {
+        let mut agg = Aggregator::new(false);
+        let at = |pid: u32, line: i32| {
+            let mut c = Call::for_test(pid, "foo", 0, 10);
+            c.line = line;
+            c
+        };
+        // Process 1: one call each of PROCESS_GROUPS + 100 code objects, twice over.
+        for round in 0..2 {
+            for line in 0..(PROCESS_GROUPS + 100) as i32 {
+                agg.push(&at(1, line + 1));
+            }
+            assert_eq!(agg.folded(), 100 * (round + 1));
+        }
+        // Process 2 is not affected; every call is counted.
+        agg.push(&at(2, 0));
+        assert_eq!(agg.folded(), 200);
+        let rows = agg.rows(StatsGrouping::Name, &CodeTable::default());
+        let calls = |file: &str| rows.iter().filter(|r| r.file == file).map(|r| r.calls).sum::<u64>();
+        assert_eq!((calls(OTHER), calls("f.py"), agg.calls()), (200, 2 * 4096 + 1, 2 * 4196 + 1));
+        assert_eq!(agg.groups.len(), PROCESS_GROUPS + 2);
     }
 
     #[test]

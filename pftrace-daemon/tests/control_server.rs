@@ -98,6 +98,7 @@ fn answer(req: ControlRequest) {
                 calls_in_memory: 3,
                 percentile_error: 1.0 / 256.0,
                 functions: vec![row],
+                bounds: Default::default(),
             };
             Handled::Json(serde_json::to_value(reply).unwrap())
         }

@@ -185,7 +185,9 @@ impl Decoder {
             // Interned (pftraced's filter caches its answers by the strings'
             // addresses) only when kept: past a bound they are not taken.
             self.agent.admit(raw.pid, raw.code, cost).then(|| {
-                let strings = (self.intern(name), self.intern(file));
+                let folded = self.bound.folded;
+                let strings = (self.intern(raw.pid, name), self.intern(raw.pid, file));
+                self.bound.records_folded += u64::from(self.bound.folded != folded);
                 self.agent.insert(raw.pid, raw.code, &strings, cost);
                 strings
             })
@@ -196,10 +198,10 @@ impl Decoder {
             Some(s) => s,
             // A return pairs with its entry by code id and takes its name;
             // only an entry is named unknown here.
-            None if kind == EventKind::Return => (self.intern(b""), self.intern(b"")),
+            None if kind == EventKind::Return => (self.intern(raw.pid, b""), self.intern(raw.pid, b"")),
             None => {
                 self.agent.unnamed += 1;
-                (self.intern(UNKNOWN_NAME.as_bytes()), self.intern(b""))
+                (self.intern(raw.pid, UNKNOWN_NAME.as_bytes()), self.intern(raw.pid, b""))
             }
         };
         Ok(Event {

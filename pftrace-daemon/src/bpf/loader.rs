@@ -145,6 +145,9 @@ pub struct Counters {
     /// `<unknown: name not received>`. Counted in user space (agent/records.rs).
     #[serde(default)]
     pub agent_unnamed: u64,
+    /// What met pftraced's memory bounds (counted in user space).
+    #[serde(default)]
+    pub bounds: crate::protocol::BoundCounts,
 }
 
 impl Counters {
@@ -447,6 +450,7 @@ impl KernelProbes {
             agent_foreign: total(counter::AGENT_FOREIGN)?,
             agent_bad: total(counter::AGENT_BAD)?,
             agent_unnamed: 0,
+            bounds: Default::default(),
         })
     }
 

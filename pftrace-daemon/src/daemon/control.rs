@@ -134,19 +134,21 @@ impl Daemon {
     /// off the event loop).
     fn stats(&self, filter: &CallFilter, per_pid: bool, by: StatsGrouping) -> Handled {
         let (calls_total, calls_in_memory) = (self.store.total, self.store.len() as u64);
-        let reply = move |source, functions| StatsReply {
+        let bounds = self.bounds();
+        let reply = move |source, functions, stats_folded| StatsReply {
             source,
             calls_total,
             calls_in_memory,
             percentile_error: PERCENTILE_ERROR,
             functions,
+            bounds: crate::protocol::BoundCounts { stats_folded, ..bounds },
         };
         if !per_pid && filter.since_wall_ns.is_none() && filter.pid.is_none() {
             let mut rows = self.functions.rows(by, &self.codes.table());
             if let Some(function) = &filter.function {
                 rows.retain(|r| &r.function == function);
             }
-            return json_reply(&reply(StatsSource::AllCalls, rows));
+            return json_reply(&reply(StatsSource::AllCalls, rows, bounds.stats_folded));
         }
         let calls = self.store.snapshot(store::selector(filter, self.clock));
         let codes = self.codes.table();
@@ -155,7 +157,7 @@ impl Daemon {
             for call in calls.iter() {
                 selected.push(call);
             }
-            json_reply(&reply(StatsSource::CallsInMemory, selected.rows(by, &codes)))
+            json_reply(&reply(StatsSource::CallsInMemory, selected.rows(by, &codes), selected.folded()))
         }))
     }
 }

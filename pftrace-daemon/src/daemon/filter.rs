@@ -81,9 +81,22 @@ pub struct NameFilter {
     generation: u32,
     /// Some traced name has a path qualifier or a glob: records need a check here.
     needs_user_check: bool,
+    /// The decoder's string sweeps the caches were emptied for (they key by
+    /// strings' addresses without holding the strings: see string_bound.rs).
+    sweeps: u64,
 }
 
 impl NameFilter {
+    /// Empties the caches keyed by string addresses if the decoder swept
+    /// strings out since the last call (`sweeps`: its count of sweeps).
+    pub fn after_sweeps(&mut self, sweeps: u64) {
+        if sweeps != self.sweeps {
+            self.sweeps = sweeps;
+            self.cache.clear();
+            self.code_cache.clear();
+        }
+    }
+
     pub fn texts(&self) -> Vec<String> {
         self.specs.iter().map(|s| s.text.clone()).collect()
     }

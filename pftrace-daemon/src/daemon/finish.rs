@@ -43,7 +43,17 @@ impl Daemon {
             Counters::default()
         });
         c.agent_unnamed = self.decoder.agent.unnamed;
+        c.bounds = self.bounds();
         c
+    }
+
+    pub(super) fn bounds(&self) -> crate::protocol::BoundCounts {
+        crate::protocol::BoundCounts {
+            strings_folded: self.decoder.bound.records_folded,
+            string_bytes: self.decoder.bound.bytes,
+            stats_folded: self.functions.folded(),
+            open_calls_dropped: self.pairer.dropped_open,
+        }
     }
 
     pub(super) fn finish(mut self) -> Trace {

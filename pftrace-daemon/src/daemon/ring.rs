@@ -27,6 +27,7 @@ impl Daemon {
         while let Some(item) = ring.next_record() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => {
+                    self.filter.after_sweeps(self.decoder.bound.sweeps);
                     let (codes, processes) = (&mut self.codes, &self.processes);
                     let version = || processes.info(ev.pid).and_then(|p| p.version);
                     if crate::agent::pairs_by_code(&ev)

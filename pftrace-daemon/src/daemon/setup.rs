@@ -173,7 +173,7 @@ impl Daemon {
             store: CallStore::new(limits.max_calls_in_memory),
             codes,
             code_reader,
-            functions: Aggregator::new(false),
+            functions: Aggregator::new(false).warning(),
             dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
             max_dumps: limits.max_concurrent_dumps,
             decoder: Decoder::default(),

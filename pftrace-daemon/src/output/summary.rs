@@ -92,6 +92,20 @@ pub fn render(trace: &Trace) -> String {
             trace.file_names_cut
         );
     }
+    let b = &c.bounds;
+    if b.strings_folded + b.stats_folded + b.open_calls_dropped > 0 {
+        let _ = writeln!(
+            s,
+            "BOUNDS: {} records had a name or file name over pftraced's string bound (named {:?}); {} calls \
+             were counted in <other> rows past the bound on distinct functions; {} calls were not traced \
+             (entered while {} calls were open); see README, \"Bounds\"",
+            b.strings_folded,
+            crate::string_bound::OTHER,
+            b.stats_folded,
+            b.open_calls_dropped,
+            crate::pairing::MAX_OPEN_CALLS
+        );
+    }
     let process_reports_lost = c.process_reports_lost();
     if process_reports_lost > 0 {
         let _ = writeln!(

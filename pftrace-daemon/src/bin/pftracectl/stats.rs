@@ -73,7 +73,21 @@ pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("pftraced sent stats this pftracectl cannot read ({e}); try --json"))?;
     println!("{}", source_line(&reply));
     print!("{}", render(&reply.functions, args.per_pid));
+    if let Some(note) = bounds_note(&reply.bounds) {
+        println!("{note}");
+    }
     Ok(())
+}
+
+/// What met pftraced's memory bounds, if anything did.
+pub fn bounds_note(b: &pftrace::protocol::BoundCounts) -> Option<String> {
+    (b.strings_folded + b.stats_folded + b.open_calls_dropped > 0).then(|| {
+        format!(
+            "BOUNDS (README, \"Bounds\"): {} records with names not kept, {} calls counted in <other> rows, {} \
+             calls not traced (too many open at once)",
+            b.strings_folded, b.stats_folded, b.open_calls_dropped
+        )
+    })
 }
 
 /// `--job ID`: the job's figures, from the daemon's status.
@@ -230,6 +244,7 @@ mod tests {
             calls_in_memory: 500_000,
             percentile_error: 1.0 / 256.0,
             functions: vec![row("f", None, 0), row("g", None, 0)],
+            bounds: Default::default(),
         };
         assert_eq!(
             source_line(&reply),

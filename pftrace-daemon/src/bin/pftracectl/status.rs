@@ -102,6 +102,9 @@ pub fn render(s: &Status) -> String {
             c.agent_reports, c.agent_foreign, c.agent_bad, c.agent_unnamed
         );
     }
+    if let Some(note) = super::stats::bounds_note(&c.bounds) {
+        let _ = writeln!(o, "{note}");
+    }
     if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
@@ -260,7 +263,12 @@ mod tests {
                 },
             ],
             functions_total: 3,
-            codes: pftrace::protocol::CodeCounts { resolved: 1, queue_full: 0, table_full: 0 },
+            codes: pftrace::protocol::CodeCounts {
+                resolved: 1,
+                queue_full: 0,
+                table_full: 0,
+                process_full: 0,
+            },
             ..Default::default()
         };
         s.counters.lost = 3;
