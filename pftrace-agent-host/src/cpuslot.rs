@@ -73,13 +73,22 @@ pub fn run() -> anyhow::Result<()> {
     if unsafe { pftrace_agent::onecall::read_slot(slot, me) }.is_none() {
         bail!("slot 0 not written for tid {me} after a sleep");
     }
-    entry_cost(slot, me)?;
+    // AGENT_BENCH_CPUSLOT=c (or a, d): only those parts.
+    let parts = std::env::var("AGENT_BENCH_CPUSLOT").unwrap_or_else(|_| "acd".into());
+    if parts.contains('a') {
+        entry_cost(slot, me)?;
+    }
     let stats = |k: &AgentKernel| k.cpu_slot_stats().map(|(c, _)| c).unwrap_or(0);
     let runs = stats(&k);
-    agreement(&mut k, slot, me)?;
-    preemption(&mut k, base)?;
-    println!("cpuslot: sched_switch program ran {} times during (d)", stats(&k) - runs);
-    context_switches()?;
+    if parts.contains('d') {
+        agreement(&mut k, slot, me)?;
+        preemption(&mut k, base)?;
+        println!("cpuslot: sched_switch program ran {} times during (d)", stats(&k) - runs);
+    }
+    drop(k);
+    if parts.contains('c') {
+        context_switches()?;
+    }
     Ok(())
 }
 
@@ -398,6 +407,9 @@ fn ping_pong(
         pin(cpu);
         let mut byte = [0u8; 1];
         unsafe {
+            // Only the parent's ends stay open here, so its close ends this loop.
+            libc::close(a[1]);
+            libc::close(b[0]);
             loop {
                 if libc::read(a[0], byte.as_mut_ptr().cast(), 1) != 1 {
                     libc::_exit(0);
@@ -407,8 +419,12 @@ fn ping_pong(
         }
     }
     pin(cpu);
+    unsafe {
+        libc::close(a[0]);
+        libc::close(b[1]);
+    }
     let mut k = k;
-    if hit && let Some(kk) = k.as_deref_mut() {
+    if hit && let Some(kk) = k.as_mut() {
         kk.register_slot(tid(), 2)?;
         kk.register_slot(child as u32, 3)?;
     }
@@ -426,15 +442,13 @@ fn ping_pong(
         best = best.min(t0.elapsed().as_nanos() as f64 / (rounds / 5) as f64);
     }
     let after = k.as_ref().and_then(|k| k.cpu_slot_stats());
-    if hit && let Some(kk) = k.as_deref_mut() {
+    if hit && let Some(kk) = k.as_mut() {
         kk.unregister_slot(tid())?;
         kk.unregister_slot(child as u32)?;
     }
     unsafe {
         libc::close(a[1]);
         libc::close(b[0]);
-        libc::close(a[0]);
-        libc::close(b[1]);
         libc::waitpid(child, std::ptr::null_mut(), 0);
     }
     let stats = match (before, after) {

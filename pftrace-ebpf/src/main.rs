@@ -944,10 +944,11 @@ pub fn pftrace_cpu_slot(ctx: BtfTracePointContext) -> i32 {
     if pid_off == 0 || sum_off == 0 {
         return 0;
     }
+    // A direct load: `next` is a BTF pointer and the offset a load-time
+    // constant, so the verifier checks it against task_struct (no helper
+    // call on the path every context switch of the host takes).
+    let tid = unsafe { core::ptr::read_volatile(next.add(pid_off) as *const u32) };
     let next = next as usize;
-    let Some(tid) = read_kernel::<u32>(next + pid_off) else {
-        return 0;
-    };
     let Some(idx) = (unsafe { SLOT_OF.get(&tid) }) else {
         return 0;
     };
