@@ -33,6 +33,8 @@ pub enum KernelError {
     Symbol(#[from] pftrace::agent::SymbolError),
     #[error("the kernel's BTF: {0}")]
     Btf(String),
+    #[error("freezing the CPU_SLOTS map: {0}")]
+    Freeze(std::io::Error),
     #[error(transparent)]
     PidNamespace(#[from] pftrace::kernel::pidns::PidNsError),
 }
@@ -156,16 +158,20 @@ impl AgentKernel {
     /// Attaches the syscall road as a BTF raw tracepoint
     /// (`pftrace_agent_syscall_btf`, tp_btf on sys_enter): benchmarks.
     pub fn attach_syscall_btf(&mut self) -> Result<(), KernelError> {
-        const NAME: &str = "pftrace_agent_syscall_btf";
+        self.attach_btf_tracepoint("pftrace_agent_syscall_btf", "sys_enter")
+    }
+
+    /// Loads program `name` as a BTF raw tracepoint (tp_btf) on `point` and attaches it.
+    fn attach_btf_tracepoint(&mut self, name: &'static str, point: &str) -> Result<(), KernelError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
         let prog: &mut aya::programs::BtfTracePoint = self
             .ebpf
-            .program_mut(NAME)
-            .ok_or(KernelError::Missing(NAME))?
+            .program_mut(name)
+            .ok_or(KernelError::Missing(name))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.load("sys_enter", &btf).map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.attach().map_err(|source| KernelError::Program { name: NAME, source })?;
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load(point, &btf).map_err(|source| KernelError::Program { name, source })?;
+        prog.attach().map_err(|source| KernelError::Program { name, source })?;
         Ok(())
     }
 
@@ -232,18 +238,8 @@ impl AgentKernel {
     /// Attaches `pftrace_cpu_slot` (tp_btf on sched_switch): from now on every
     /// context switch of the host looks the thread switched in up in SLOT_OF.
     pub fn attach_cpu_slots(&mut self) -> Result<(), KernelError> {
-        const NAME: &str = "pftrace_cpu_slot";
         self.freeze_slots()?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
-        let prog: &mut aya::programs::BtfTracePoint = self
-            .ebpf
-            .program_mut(NAME)
-            .ok_or(KernelError::Missing(NAME))?
-            .try_into()
-            .map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.load("sched_switch", &btf).map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.attach().map_err(|source| KernelError::Program { name: NAME, source })?;
-        Ok(())
+        self.attach_btf_tracepoint("pftrace_cpu_slot", "sched_switch")
     }
 
     /// Freezes CPU_SLOTS (BPF_MAP_FREEZE): from now on user space (the
@@ -259,7 +255,7 @@ impl AgentKernel {
             let e = std::io::Error::last_os_error();
             // Frozen already (attached before in this object).
             if e.raw_os_error() != Some(libc::EBUSY) {
-                return Err(KernelError::Btf(format!("freezing CPU_SLOTS: {e}")));
+                return Err(KernelError::Freeze(e));
             }
         }
         Ok(())
@@ -267,17 +263,16 @@ impl AgentKernel {
 
     /// Gives kernel thread `tid` slot `slot` (its figures appear at its next switch-in).
     pub fn register_slot(&mut self, tid: u32, slot: u32) -> Result<(), KernelError> {
+        self.slot_of()?.insert(tid, slot, 0).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
+    }
+
+    fn slot_of(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
         let map = self.ebpf.map_mut("SLOT_OF").ok_or(KernelError::Missing("map SLOT_OF"))?;
-        let mut m: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "SLOT_OF", source })?;
-        m.insert(tid, slot, 0).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
+        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
     }
 
     pub fn unregister_slot(&mut self, tid: u32) -> Result<(), KernelError> {
-        let map = self.ebpf.map_mut("SLOT_OF").ok_or(KernelError::Missing("map SLOT_OF"))?;
-        let mut m: BpfHashMap<&mut MapData, u32, u32> =
-            BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "SLOT_OF", source })?;
-        match m.remove(&tid) {
+        match self.slot_of()?.remove(&tid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
