@@ -33,6 +33,8 @@ pub enum KernelError {
     Symbol(#[from] pftrace::agent::SymbolError),
     #[error("the kernel's BTF: {0}")]
     Btf(String),
+    #[error("freezing the CPU_SLOTS map: {0}")]
+    Freeze(std::io::Error),
     #[error(transparent)]
     PidNamespace(#[from] pftrace::kernel::pidns::PidNsError),
 }
@@ -55,11 +57,13 @@ pub struct LoadOptions {
     pub strings: bool,
     /// Parts of each report left out (`task_layout::bench_skip`; 0 but in benchmarks).
     pub skip: u32,
+    /// Take one-record calls (`agent::ONE_CALL`; prototype, agent-bench only).
+    pub one_call: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { ring_bytes: 1 << 24, strings: true, skip: 0 }
+        Self { ring_bytes: 1 << 24, strings: true, skip: 0, one_call: false }
     }
 }
 
@@ -77,6 +81,8 @@ impl AgentKernel {
         let strings = u32::from(opts.strings);
         loader.override_global(task_layout::AGENT_STRINGS, &strings, true);
         loader.override_global(task_layout::AGENT_BENCH_SKIP, &opts.skip, true);
+        let one_call = u32::from(opts.one_call);
+        loader.override_global(task_layout::AGENT_ONE_CALL, &one_call, true);
         let token = pftrace::bpf::new_agent_token();
         loader.override_global(task_layout::AGENT_TOKEN, &token, true);
         let wakeup = opts.ring_bytes / 4;
@@ -152,16 +158,20 @@ impl AgentKernel {
     /// Attaches the syscall road as a BTF raw tracepoint
     /// (`pftrace_agent_syscall_btf`, tp_btf on sys_enter): benchmarks.
     pub fn attach_syscall_btf(&mut self) -> Result<(), KernelError> {
-        const NAME: &str = "pftrace_agent_syscall_btf";
+        self.attach_btf_tracepoint("pftrace_agent_syscall_btf", "sys_enter")
+    }
+
+    /// Loads program `name` as a BTF raw tracepoint (tp_btf) on `point` and attaches it.
+    fn attach_btf_tracepoint(&mut self, name: &'static str, point: &str) -> Result<(), KernelError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
         let prog: &mut aya::programs::BtfTracePoint = self
             .ebpf
-            .program_mut(NAME)
-            .ok_or(KernelError::Missing(NAME))?
+            .program_mut(name)
+            .ok_or(KernelError::Missing(name))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.load("sys_enter", &btf).map_err(|source| KernelError::Program { name: NAME, source })?;
-        prog.attach().map_err(|source| KernelError::Program { name: NAME, source })?;
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load(point, &btf).map_err(|source| KernelError::Program { name, source })?;
+        prog.attach().map_err(|source| KernelError::Program { name, source })?;
         Ok(())
     }
 
@@ -220,6 +230,80 @@ impl AgentKernel {
             names: Default::default(),
         })
     }
+}
+
+/// Prototype (issue 12): per-thread CPU-time slots kept by a sched_switch
+/// program, read by the agent from a read-only mapping.
+impl AgentKernel {
+    /// Attaches `pftrace_cpu_slot` (tp_btf on sched_switch): from now on every
+    /// context switch of the host looks the thread switched in up in SLOT_OF.
+    pub fn attach_cpu_slots(&mut self) -> Result<(), KernelError> {
+        self.freeze_slots()?;
+        self.attach_btf_tracepoint("pftrace_cpu_slot", "sched_switch")
+    }
+
+    /// Freezes CPU_SLOTS (BPF_MAP_FREEZE): from now on user space (the
+    /// traced process included, whatever fd it holds) can neither map it
+    /// writable (EPERM) nor update it; programs still write it.
+    fn freeze_slots(&self) -> Result<(), KernelError> {
+        const BPF_MAP_FREEZE: libc::c_long = 22;
+        let fd = self.slots_fd()?.as_raw_fd();
+        let attr: [u32; 2] = [fd as u32, 0];
+        // SAFETY: the attr is the map_fd the command reads.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, attr.as_ptr(), 8u32) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // Frozen already (attached before in this object).
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(KernelError::Freeze(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives kernel thread `tid` slot `slot` (its figures appear at its next switch-in).
+    pub fn register_slot(&mut self, tid: u32, slot: u32) -> Result<(), KernelError> {
+        self.slot_of()?.insert(tid, slot, 0).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
+    }
+
+    fn slot_of(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
+        let map = self.ebpf.map_mut("SLOT_OF").ok_or(KernelError::Missing("map SLOT_OF"))?;
+        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
+    }
+
+    pub fn unregister_slot(&mut self, tid: u32) -> Result<(), KernelError> {
+        match self.slot_of()?.remove(&tid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(KernelError::Map { name: "SLOT_OF", source }),
+        }
+    }
+
+    /// The CPU_SLOTS map's fd (frozen once the program is attached).
+    pub fn slots_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, KernelError> {
+        use std::os::fd::AsFd as _;
+        let map = self.ebpf.map("CPU_SLOTS").ok_or(KernelError::Missing("map CPU_SLOTS"))?;
+        match map {
+            aya::maps::Map::Array(data) => Ok(data.fd().as_fd()),
+            _ => Err(KernelError::Missing("CPU_SLOTS as an array")),
+        }
+    }
+
+    /// (run_cnt, run_time_ns) of the sched_switch program (bpf_stats).
+    pub fn cpu_slot_stats(&self) -> Option<(u64, u64)> {
+        use std::os::fd::AsFd as _;
+        let p: &aya::programs::BtfTracePoint = self.ebpf.program("pftrace_cpu_slot")?.try_into().ok()?;
+        fd_stats(p.fd().ok()?.as_fd().as_raw_fd())
+    }
+}
+
+fn fd_stats(fd: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    let field =
+        |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
+    Some((field("run_cnt:")?, field("run_time_ns:")?))
 }
 
 /// The counters the agent path adds.
@@ -328,6 +412,13 @@ impl Ring {
                 named_by_entry,
                 with_strings,
             });
+        }
+    }
+
+    /// Hands every record there is, as bytes, to `f` (prototype measurements).
+    pub fn drain_raw(&mut self, mut f: impl FnMut(&[u8])) {
+        while let Some(item) = self.ring.next() {
+            f(&item);
         }
     }
 

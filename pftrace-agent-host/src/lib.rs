@@ -3,6 +3,7 @@
 //! (`kernel`). The control socket, installing the agent's files, launch mode
 //! and PEP 768 are the daemon's (`pftrace::agent`), re-exported here.
 
+pub mod cpuslot;
 pub mod kernel;
 
 pub use pftrace::agent::{install, launch, remote, server};

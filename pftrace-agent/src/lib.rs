@@ -16,6 +16,8 @@
 mod capi;
 mod control;
 mod monitoring;
+/// Prototype (issue 12): one kernel entry per traced call.
+pub mod onecall;
 mod profile;
 pub mod protocol;
 mod report;
@@ -182,6 +184,8 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     // Measurement only (agent-bench --nop1): call the 1-byte-nop probe.
     report::use_nop1(std::env::var_os("PFTRACE_AGENT_BENCH_NOP1").is_some());
     report::always_strings(std::env::var_os("PFTRACE_AGENT_BENCH_RETURN_STRINGS").is_some());
+    // Prototype (agent-bench only): one kernel entry per call.
+    onecall::from_env()?;
     // A new pftraced (or the same one anew): it has none of our strings.
     report::new_session();
     report::set_road(mode);
@@ -265,6 +269,7 @@ unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
     }
     // A new process to pftraced: it has none of our strings under this pid.
     report::new_session();
+    onecall::after_fork();
     control::FINALIZING.store(false, Ordering::Release);
     let fd = control::SOCKET_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {

@@ -119,6 +119,18 @@ pub fn report(event: u8, info: &CodeInfo) {
         return;
     }
     let code = info.serial;
+    if crate::onecall::on() {
+        let sent =
+            info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
+        match crate::onecall::decide(event, code, sent) {
+            crate::onecall::Action::Kept => return,
+            crate::onecall::Action::Call(ev, ts, cpu) => {
+                send(mode, ev, ts as *const u8, cpu as *const u8, info.line as u64, code);
+                return;
+            }
+            crate::onecall::Action::Old => {}
+        }
+    }
     let (name, file, event) = if info.sent.get() == SESSION.load(Ordering::Relaxed)
         && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0
     {
@@ -126,7 +138,12 @@ pub fn report(event: u8, info: &CodeInfo) {
     } else {
         with_strings(event, info)
     };
-    let line = info.line as u64;
+    send(mode, event, name, file, info.line as u64, code);
+}
+
+/// One report by the road in use.
+#[inline]
+fn send(mode: u8, event: u64, name: *const u8, file: *const u8, line: u64, code: u64) {
     if mode == SYSCALL {
         let token = TOKEN.load(Ordering::Relaxed);
         if report_syscall(event, name, file, line, code, token) == -(libc::ENOSYS as i64) {

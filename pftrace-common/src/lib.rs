@@ -96,7 +96,16 @@ pub mod agent {
         /// did not fit in [`FILE_LEN`](crate::FILE_LEN) bytes; counted as
         /// `counter::LONG_FILES`).
         pub const LONG: u8 = 8;
+        /// Prototype (issue 12): the record is an
+        /// [`AgentCallEvent`](crate::AgentCallEvent), a whole call.
+        pub const CALL: u8 = 16;
     }
+
+    /// Prototype (issue 12): bit of the event argument of a closing report
+    /// that carries its call's start (rsi = CLOCK_MONOTONIC ns, rdx = the
+    /// thread's CPU ns, both from user space; no strings). Taken only by an
+    /// object loaded with `task_layout::AGENT_ONE_CALL` non-zero.
+    pub const ONE_CALL: u64 = 1 << 9;
 
     /// Exported function of the agent's shared object that pftraced puts a
     /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
@@ -265,6 +274,42 @@ pub struct AgentLongNamedEvent {
     /// The rest of the file name: `head.file` then `more` are one NUL-padded buffer.
     pub more: [u8; LONG_FILE_LEN - FILE_LEN],
 }
+
+/// Prototype (issue 12, "One kernel entry per call", pftrace-agent/README.md):
+/// a call reported once, at its end, with its start measured in user space.
+/// `head` is the end as the kernel saw it (`ts_ns`, `thread_cpu_ns` from
+/// the thread's [`CpuSlot`], RSS at the end only), `head.flags` has
+/// [`agent::flag::CALL`]; the start's time and CPU are the agent's word.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentCallEvent {
+    pub head: AgentEvent,
+    /// CLOCK_MONOTONIC at the start (vDSO; the clock of bpf_ktime_get_ns).
+    pub entry_ts_ns: u64,
+    /// The thread's CPU time at the start, read from its [`CpuSlot`].
+    pub entry_cpu_ns: u64,
+}
+
+/// Prototype (issue 12): one registered thread's CPU-time slot, in a
+/// BPF_F_MMAPABLE | BPF_F_RDONLY array the traced process maps read-only.
+/// The sched_switch program writes it at each switch-in of the thread, so
+/// while the thread runs its CPU time at CLOCK_MONOTONIC `t` is
+/// `sum_exec_ns + (t - t_in_ns)`, to the ns. `seq` is odd during a write.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct CpuSlot {
+    pub seq: u64,
+    /// `se.sum_exec_runtime` at the switch-in (exact: charged at the switch-out).
+    pub sum_exec_ns: u64,
+    /// bpf_ktime_get_ns() at the switch-in.
+    pub t_in_ns: u64,
+    /// The thread (kernel tid) the slot was last written for.
+    pub tid: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the CpuSlot array (32 bytes each: 128 KiB).
+pub const MAX_CPU_SLOTS: u32 = 4096;
 
 /// A process event (exec), as written by the kernel into the ring buffer.
 #[repr(C)]
@@ -452,6 +497,9 @@ pub mod task_layout {
     /// takes only those carrying its own token (the others are another
     /// pftraced's; a wrong token from a process is not counted as refused).
     pub const AGENT_TOKEN: &str = "AGENT_TOKEN";
+    /// Non-zero: agent reports with `agent::ONE_CALL` are taken (prototype,
+    /// agent-bench only); 0 (pftraced) and the verifier drops that path.
+    pub const AGENT_ONE_CALL: &str = "AGENT_ONE_CALL";
     /// Bits of AGENT_BENCH_SKIP.
     pub mod bench_skip {
         /// Process's RSS (mm and three counters).
@@ -545,6 +593,8 @@ const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<AgentCallEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<CpuSlot>() == 32);
 const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + FILE_LEN);
 const _: () = assert!(core::mem::size_of::<AgentLongNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
 const _: () =

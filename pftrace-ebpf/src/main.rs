@@ -35,10 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    AgentEvent, AgentLongNamedEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, FILE_LEN, FRAME_REGS,
-    FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS,
-    MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, config, counter, flag,
-    kind,
+    AgentCallEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, CpuSlot,
+    FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_CPU_SLOTS,
+    MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent,
+    arg_kind, config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -112,6 +112,11 @@ static AGENT_STRINGS: u32 = 1;
 #[unsafe(no_mangle)]
 static AGENT_BENCH_SKIP: u32 = 0;
 
+/// Non-zero: agent reports with `agent::ONE_CALL` are taken (prototype,
+/// pftrace_common::task_layout::AGENT_ONE_CALL); 0 in pftraced.
+#[unsafe(no_mangle)]
+static AGENT_ONE_CALL: u32 = 0;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -147,6 +152,23 @@ static TRACKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_TRACKED,
 static CGROUPS: CgroupArray = CgroupArray::with_max_entries(MAX_CGROUPS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+/// The map's memory can be mmap'ed (BPF_F_MMAPABLE).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Prototype (issue 12): per registered thread, its CPU time at its last
+/// switch-in (pftrace_common::CpuSlot), mapped read-only by the agent.
+/// Not BPF_F_RDONLY: its fd would be O_RDONLY, and the kernel drops
+/// VM_SHARED from a shared mapping of a read-only file, which bpf_map_mmap
+/// then refuses (EINVAL, seen here). User space freezes it instead
+/// (BPF_MAP_FREEZE, AgentKernel::attach_cpu_slots): then a writable mapping
+/// is refused (EPERM), a read-only one cannot be mprotect'ed writable, and
+/// syscall-side writes are refused; this program still writes it.
+#[map]
+static CPU_SLOTS: Array<CpuSlot> = Array::with_max_entries(MAX_CPU_SLOTS, BPF_F_MMAPABLE);
+
+/// Prototype: kernel tid -> its slot in CPU_SLOTS (written by user space).
+#[map]
+static SLOT_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
 
 /// Per-CPU counters, indexed by `pftrace_common::counter`.
 #[map]
@@ -470,15 +492,20 @@ fn task_cpu() -> u64 {
 /// read from the task with the offsets user space found in BTF.
 #[inline(always)]
 fn task_figures() -> (u64, u64) {
+    (task_cpu(), task_rss())
+}
+
+/// The current process's resident pages.
+#[inline(always)]
+fn task_rss() -> u64 {
     let task = unsafe { bpf_get_current_task() } as usize;
-    let cpu = task_cpu();
     let mm_off = global(&TASK_MM_OFF) as usize;
     if mm_off == 0 {
-        return (cpu, 0);
+        return 0;
     }
     let mm = unsafe { bpf_probe_read_kernel((task + mm_off) as *const u64) }.unwrap_or(0) as usize;
     if mm == 0 {
-        return (cpu, 0);
+        return 0;
     }
     let base = mm + global(&MM_RSS_BASE_OFF) as usize;
     let stride = global(&MM_RSS_STRIDE) as usize;
@@ -487,7 +514,7 @@ fn task_figures() -> (u64, u64) {
         let at = base + idx as usize * stride;
         rss += unsafe { bpf_probe_read_kernel(at as *const i64) }.unwrap_or(0).max(0);
     }
-    (cpu, rss as u64)
+    rss as u64
 }
 
 /// One slot of the verdict cache: the verdict on the name at `ptr`, valid
@@ -742,12 +769,18 @@ fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u
         return;
     }
     let event = event_arg & 0xff;
-    if event == 0 || event > agent::LAST as u64 || event_arg & !(0xff | agent::NEW_SESSION) != 0 {
+    let one_call = if global(&AGENT_ONE_CALL) != 0 { agent::ONE_CALL } else { 0 };
+    if event == 0 || event > agent::LAST as u64 || event_arg & !(0xff | agent::NEW_SESSION | one_call) != 0 {
         bump(counter::AGENT_BAD);
         return;
     }
     bump(counter::AGENT_REPORTS);
     if skip & bench_skip::RING as u64 != 0 {
+        return;
+    }
+    if event_arg & one_call != 0 {
+        // name_ptr, file_ptr: the start's clock and CPU (user space's word).
+        agent_call(pid_tgid, event as u8, name_ptr, file_ptr, line, code);
         return;
     }
     let session = if event_arg & agent::NEW_SESSION != 0 { agent::flag::SESSION } else { 0 };
@@ -844,6 +877,95 @@ unsafe fn agent_head(
         (*ev).thread_cpu_ns = cpu;
         (*ev).rss_pages = rss;
     }
+}
+
+/// Prototype (issue 12): a whole call in one record, at its end. The start
+/// (clock and thread CPU) was measured by the agent in user space from its
+/// thread's CpuSlot; the end is the kernel's: clock, CPU from the same slot
+/// (to the ns, not the scheduler's last tick), RSS at the end only.
+#[inline(always)]
+fn agent_call(pid_tgid: u64, event: u8, entry_ts: u64, entry_cpu: u64, line: u64, code: u64) {
+    if agent::is_entry(event) {
+        bump(counter::AGENT_BAD);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<AgentCallEvent>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cpu = slot_cpu(bpf_get_current_pid_tgid() as u32, now).unwrap_or_else(task_cpu);
+    unsafe {
+        (*ev).head.ts_ns = now;
+        (*ev).head.pid = (pid_tgid >> 32) as u32;
+        (*ev).head.tid = pid_tgid as u32;
+        (*ev).head.lineno = line as i32;
+        (*ev).head.kind = kind::AGENT;
+        (*ev).head.event = event;
+        (*ev).head.flags = agent::flag::CALL;
+        (*ev).head._pad = 0;
+        (*ev).head.code = code;
+        (*ev).head.thread_cpu_ns = cpu;
+        (*ev).head.rss_pages = task_rss();
+        (*ev).entry_ts_ns = entry_ts;
+        (*ev).entry_cpu_ns = entry_cpu;
+    }
+    entry.submit(wakeup_flag());
+}
+
+/// The running thread `tid`'s CPU time at `now` from its slot: the sum at
+/// its last switch-in plus the time since. None: no valid slot.
+#[inline(always)]
+fn slot_cpu(tid: u32, now: u64) -> Option<u64> {
+    let idx = unsafe { SLOT_OF.get(&tid) }?;
+    let slot = CPU_SLOTS.get_ptr(*idx)?;
+    unsafe {
+        let seq = core::ptr::read_volatile(&raw const (*slot).seq);
+        let sum = core::ptr::read_volatile(&raw const (*slot).sum_exec_ns);
+        let t_in = core::ptr::read_volatile(&raw const (*slot).t_in_ns);
+        if core::ptr::read_volatile(&raw const (*slot).tid) != tid || seq & 1 != 0 || seq == 0 {
+            return None;
+        }
+        Some(sum + now.saturating_sub(t_in))
+    }
+}
+
+/// Prototype (issue 12): at every context switch of the host, when the
+/// thread switched in is registered (SLOT_OF), write its slot: the
+/// scheduler's sum of its run time (exact at a switch-in: charged when it
+/// last went off the CPU) and the clock now. Unregistered threads cost one
+/// hash lookup (measured with bpf_stats: pftrace-agent/README.md).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn pftrace_cpu_slot(ctx: BtfTracePointContext) -> i32 {
+    // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let next: *const u8 = ctx.arg(2);
+    let (pid_off, sum_off) = (global(&TASK_PID_OFF) as usize, global(&TASK_SUM_EXEC_OFF) as usize);
+    if pid_off == 0 || sum_off == 0 {
+        return 0;
+    }
+    // A direct load: `next` is a BTF pointer and the offset a load-time
+    // constant, so the verifier checks it against task_struct (no helper
+    // call on the path every context switch of the host takes).
+    let tid = unsafe { core::ptr::read_volatile(next.add(pid_off) as *const u32) };
+    let next = next as usize;
+    let Some(idx) = (unsafe { SLOT_OF.get(&tid) }) else {
+        return 0;
+    };
+    let Some(slot) = CPU_SLOTS.get_ptr_mut(*idx) else {
+        return 0;
+    };
+    let sum = read_kernel::<u64>(next + sum_off).unwrap_or(0);
+    let now = unsafe { bpf_ktime_get_ns() };
+    unsafe {
+        let seq = core::ptr::read_volatile(&raw const (*slot).seq);
+        core::ptr::write_volatile(&raw mut (*slot).seq, seq | 1);
+        core::ptr::write_volatile(&raw mut (*slot).sum_exec_ns, sum);
+        core::ptr::write_volatile(&raw mut (*slot).t_in_ns, now);
+        core::ptr::write_volatile(&raw mut (*slot).tid, tid);
+        core::ptr::write_volatile(&raw mut (*slot).seq, (seq | 1).wrapping_add(1));
+    }
+    0
 }
 
 #[inline(always)]

@@ -50,6 +50,11 @@ struct Args {
     /// and without the kernel side attached (the mechanism alone).
     #[arg(long)]
     raw: bool,
+    /// Prototype (issue 12): the CPU slots alone: user-side entry cost,
+    /// the sched_switch program's cost (pipe ping-pong), CPU agreement with
+    /// CLOCK_THREAD_CPUTIME_ID, the map's read-only mapping.
+    #[arg(long)]
+    cpuslot: bool,
 }
 
 const SCRIPT: &str = r#"
@@ -106,6 +111,9 @@ struct Case {
     nop1: bool,
     /// Returns carry strings too (as before code-id pairing).
     return_strings: bool,
+    /// Prototype (issue 12): one kernel entry per call (the start from the
+    /// thread's CPU slot in user space).
+    one_call: bool,
 }
 
 /// The uprobe with a program that returns at once (the floor of the mechanism).
@@ -118,7 +126,7 @@ const fn case(
     shape: &'static str,
     kernel: bool,
 ) -> Case {
-    Case { name, report, names, shape, kernel, nop1: false, return_strings: false }
+    Case { name, report, names, shape, kernel, nop1: false, return_strings: false, one_call: false }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,6 +142,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&script, SCRIPT)?;
     if args.raw {
         return raw(&installed);
+    }
+    if args.cpuslot {
+        return pftrace_agent_host::cpuslot::run();
     }
     let server = AgentServer::bind(&installed.socket)?;
 
@@ -167,6 +178,17 @@ fn main() -> anyhow::Result<()> {
     let nostrings_group =
         vec![untraced_dense, case("agent-dense-uprobe-nostrings", uprobe, "traced", "dense", true)];
 
+    // Prototype (issue 12): today's two reports and one report a call, in
+    // turn, from one loaded object (one-call records taken; the syscall road
+    // as pftraced takes it, tp_btf; the sched_switch program attached).
+    let one_group = vec![
+        untraced_dense,
+        case("agent-dense-syscall", syscall, "traced", "dense", true),
+        Case { one_call: true, ..case("agent-dense-syscall-one", syscall, "traced", "dense", true) },
+        case("agent-dense-uprobe", uprobe, "traced", "dense", true),
+        Case { one_call: true, ..case("agent-dense-uprobe-one", uprobe, "traced", "dense", true) },
+    ];
+
     for python in &args.pythons {
         let version =
             Command::new(python).args(["-c", "import sys; print(sys.version.split()[0])"]).output()?;
@@ -177,9 +199,18 @@ fn main() -> anyhow::Result<()> {
             args.calls,
             args.repeats
         );
-        for (group, cases) in
-            [("main", &main_group), ("floor", &floor_group), ("nostrings", &nostrings_group)]
-        {
+        for (group, cases) in [
+            ("main", &main_group),
+            ("floor", &floor_group),
+            ("nostrings", &nostrings_group),
+            ("one", &one_group),
+        ] {
+            if group == "one" && only.is_none() {
+                continue; // --only agent-dense-syscall-one,... (prototype)
+            }
+            if group != "one" && cases.iter().any(|c| c.one_call) {
+                continue;
+            }
             let cases: Vec<Case> = cases.iter().copied().filter(|c| wanted(c)).collect();
             if cases.iter().all(|c| c.report.is_none()) {
                 continue;
@@ -189,6 +220,13 @@ fn main() -> anyhow::Result<()> {
                     let mut k = AgentKernel::load(LoadOptions::default())?;
                     k.attach_floor(&installed.agent_so(), agent::PROBE_SYMBOL)?;
                     Kernel::from(k, false)?
+                }
+                "one" => {
+                    let mut k = AgentKernel::load(LoadOptions { one_call: true, ..Default::default() })?;
+                    k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
+                    k.attach_syscall_btf()?;
+                    k.attach_cpu_slots()?;
+                    Kernel::from(k, true)?
                 }
                 _ => Kernel::start(&installed, group != "nostrings")?,
             };
@@ -255,9 +293,11 @@ fn summarize(results: &[(&str, f64)]) {
         "agent-dense-uprobe-nop1",
         "agent-dense-uprobe-nostrings",
         "agent-dense-syscall",
+        "agent-dense-syscall-one",
+        "agent-dense-uprobe-one",
     ] {
         if let Some(v) = get(name) {
-            println!("  -> {name}: {:+.1} ns per matched call (entry + return)", v - base_d);
+            println!("  -> {name}: {:+.1} ns per matched call", v - base_d);
         }
     }
 }
@@ -335,6 +375,24 @@ fn run_case(
     if c.return_strings {
         cmd.env("PFTRACE_AGENT_BENCH_RETURN_STRINGS", "1");
     }
+    if c.one_call
+        && let Some(k) = kernel.as_deref()
+    {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        // The slot map's fd (read-only) at a fixed number in the child.
+        const CHILD_FD: i32 = 100;
+        let fd = k.k.slots_fd()?.as_raw_fd();
+        cmd.env("PFTRACE_AGENT_ONE_CALL", "1").env("PFTRACE_AGENT_SLOT_FD", CHILD_FD.to_string());
+        // SAFETY: dup2 is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, CHILD_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+    }
     let child = cmd.spawn()?;
     let child_pid = child.id();
     let mut kernel = kernel;
@@ -348,6 +406,11 @@ fn run_case(
                 k.records.store(0, Ordering::Relaxed);
                 k.pid.store(child.id() as u64, Ordering::Relaxed);
                 k.k.track(child.id())?;
+                if c.one_call {
+                    // Before the names: the child's next switch-in (it waits
+                    // for them) writes its slot.
+                    k.k.register_slot(child.id(), 0)?;
+                }
             }
             let report = match (report, kernel.as_deref()) {
                 (Report::Syscall(_), Some(k)) => Report::Syscall(k.k.token),
@@ -370,9 +433,13 @@ fn run_case(
     let traced: u64 = traced.parse()?;
     if let Some(k) = kernel {
         k.k.untrack(child_pid)?;
+        if c.one_call {
+            k.k.unregister_slot(child_pid)?;
+        }
         if c.kernel && c.names == "traced" {
             // Every traced call reports twice; wait for the drain to catch up.
-            let want = 2 * traced;
+            // One-call: once, but for the first (its strings: two reports).
+            let want = if c.one_call { traced + 1 } else { 2 * traced };
             for _ in 0..400 {
                 if k.records.load(Ordering::Relaxed) >= want {
                     break;
