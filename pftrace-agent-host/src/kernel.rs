@@ -197,19 +197,39 @@ impl AgentKernel {
     }
 
     pub fn untrack(&mut self, pid: u32) -> Result<(), KernelError> {
-        match self.tracked()?.remove(&pid) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            // Gone already (the exit program removes exiting processes).
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(source) => Err(KernelError::Map { name: "TRACKED", source }),
-        }
+        // Gone already is fine (the exit program removes exiting processes).
+        self.remove_if_present("TRACKED", "map TRACKED", pid)
     }
 
     fn tracked(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
-        let map = self.ebpf.map_mut("TRACKED").ok_or(KernelError::Missing("map TRACKED"))?;
-        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "TRACKED", source })
+        self.u32_map("TRACKED", "map TRACKED")
+    }
+
+    /// The hash map `name` of u32 keys and values (`missing`: what the
+    /// error names when the object has none).
+    fn u32_map(
+        &mut self,
+        name: &'static str,
+        missing: &'static str,
+    ) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
+        let map = self.ebpf.map_mut(name).ok_or(KernelError::Missing(missing))?;
+        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name, source })
+    }
+
+    /// Removes `key` from the hash map `name`; a key not there is no error.
+    fn remove_if_present(
+        &mut self,
+        name: &'static str,
+        missing: &'static str,
+        key: u32,
+    ) -> Result<(), KernelError> {
+        match self.u32_map(name, missing)?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(KernelError::Map { name, source }),
+        }
     }
 
     /// A counter summed over CPUs (`pftrace_common::counter`).
@@ -267,18 +287,11 @@ impl AgentKernel {
     }
 
     fn slot_of(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>, KernelError> {
-        let map = self.ebpf.map_mut("SLOT_OF").ok_or(KernelError::Missing("map SLOT_OF"))?;
-        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name: "SLOT_OF", source })
+        self.u32_map("SLOT_OF", "map SLOT_OF")
     }
 
     pub fn unregister_slot(&mut self, tid: u32) -> Result<(), KernelError> {
-        match self.slot_of()?.remove(&tid) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(source) => Err(KernelError::Map { name: "SLOT_OF", source }),
-        }
+        self.remove_if_present("SLOT_OF", "map SLOT_OF", tid)
     }
 
     /// The CPU_SLOTS map's fd (frozen once the program is attached).
