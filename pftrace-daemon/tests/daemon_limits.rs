@@ -129,7 +129,12 @@ fn slow_dump_clients_are_limited_and_hold_memory_near_its_normal_size() {
     fs::write(&config, "[limits]\nmax_calls_in_memory = 200000\nmax_concurrent_dumps = 3\n").unwrap();
     let (mut w, socket, tracer) = traced_worker(&dir, &["foo"], &["--config", config.to_str().unwrap()]);
     let stopfile = dir.join("stop");
-    w.send(&format!("loop foo {}", stopfile.display()));
+    // Rounds of 1000 calls 2 ms apart: about 300,000 calls (600,000 records
+    // of 304 bytes) a second where a traced call takes ~1.2 us, so the
+    // 4 MiB ring fills in ~25 ms and a dump that blocked the event loop
+    // that long would lose records; without the full-speed loop that lost
+    // 11,399 once while other builds took both CPUs.
+    w.send(&format!("loop foo {} 2", stopfile.display()));
     wait_status(&socket, tracer.pid(), "a full store", |s| s["calls_in_memory"] == 200_000);
     baseline_without_dumps(&socket, 2);
     let normal = rss_mib(tracer.pid());
