@@ -456,10 +456,28 @@ fn forged_agent_reports_and_floods_are_bounded_and_counted_and_others_stay_exact
     assert_eq!(of(g), [("work".to_string(), good_path.clone(), GOOD + 1000)]);
     assert!(of(h).contains(&("work".to_string(), good_path.clone(), 5)), "{:?}", of(h));
 
+    // What was refused, in words too: `status` and the summary.
+    let b = status(&socket)["counters"]["bounds"].clone();
+    let over = b["codes_over_bytes"].as_u64().unwrap();
+    let text = ctl_ok(&socket, &["status"]);
+    for part in [
+        format!("{} calls not traced (too many open at once)", OPEN - kept_open),
+        format!("{refused} connections to the agent socket refused"),
+        format!("{over} functions not resolved (answers over their bytes)"),
+    ] {
+        assert!(text.contains(&part), "pftracectl status says {part:?}:\n{text}");
+    }
     let (slowest, failures, asked) = watch.finish();
     eprintln!("status asked {asked} times, slowest {slowest:?}, failures {failures:?}");
     ctl_ok(&socket, &["stop"]);
     let run = tracer.finish();
+    for part in [
+        format!("BOUNDS: {refused} connections to the in-process agent's socket were refused"),
+        format!("BOUNDS: {over} functions were not resolved"),
+        format!("{} calls were not traced (entered while 262144 calls were open, or 65536", OPEN - kept_open),
+    ] {
+        assert!(run.stderr.contains(&part), "the summary says {part:?}:\n{}", run.stderr);
+    }
     command(&dir, "hostile", 5, "exit");
     command(&dir, "good", 3, "exit");
     assert!(failures.is_empty(), "{failures:?}");
