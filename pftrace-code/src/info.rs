@@ -134,7 +134,37 @@ pub struct CodeInfo {
     pub origin: Origin,
 }
 
+/// Bytes a field holds on the heap: `known`'s for a value, the reason's
+/// length for an unknown one.
+fn field_bytes<T>(f: &Field<T>, known: impl Fn(&T) -> usize) -> usize {
+    match f {
+        Field::Known(v) => known(v),
+        Field::Unknown(why) => why.len(),
+    }
+}
+
+/// Bytes of a list of names: each string and its 24-byte handle.
+fn names_bytes(names: &[String]) -> usize {
+    names.iter().map(|n| n.len() + 24).sum()
+}
+
 impl CodeInfo {
+    /// What this takes in memory: the struct and every string it holds.
+    /// Caches of answers are bounded with it: a traced process chooses its
+    /// file names (4,000 bytes each, also in the reasons of unknown fields:
+    /// about 20 KB an answer then).
+    pub fn heap_bytes(&self) -> u64 {
+        let strings = self.function.len()
+            + self.filename.len()
+            + field_bytes(&self.lineno, |_| 0)
+            + field_bytes(&self.module, String::len)
+            + field_bytes(&self.qualname, String::len)
+            + field_bytes(&self.params, |p| names_bytes(&p.names))
+            + field_bytes(&self.locals, |l| names_bytes(l))
+            + field_bytes(&self.stacksize, |_| 0);
+        (size_of::<Self>() + strings) as u64
+    }
+
     /// The info of a code object read in the process: every field exact,
     /// except `qualname` before 3.11 (no `co_qualname`) and `module` when
     /// the frame's globals had no string `__name__`.

@@ -36,6 +36,12 @@ pub struct Probe {
 pub const MAX_PROCESSES: usize = 1024;
 pub const MAX_FILES: usize = 4096;
 pub const MAX_ANSWERS: usize = 65_536;
+/// Bytes of answers cached ([`CodeInfo::heap_bytes`] and the key's strings
+/// each): a traced process chooses its file names, and an answer about a
+/// 4,000-byte one held about 24 KB (a flood of 4,096 such code objects a
+/// process: 100 MB here besides pftraced's own table of answers, which asks
+/// for each code object once, so this cache saves it little).
+pub const MAX_ANSWER_BYTES: u64 = 4 << 20;
 
 struct ProcessEntry {
     process: Arc<Process>,
@@ -91,10 +97,17 @@ pub struct Resolver {
     processes: HashMap<(u32, u64), Arc<ProcessEntry>>,
     files: HashMap<(FileId, PyVersion, u8), Arc<Result<FileCodes, String>>>,
     answers: HashMap<(u32, u64, String, String, i64), Arc<CodeInfo>>,
+    /// Bytes charged for `answers` (see [`MAX_ANSWER_BYTES`]).
+    answer_bytes: u64,
     /// Processes opened earlier, used when one can no longer be read.
     held: Held,
     /// How many files were parsed (for tests and status).
     pub parses: u64,
+}
+
+/// What a cached answer is charged: its key's strings and the answer.
+fn answer_bytes(key: &(u32, u64, String, String, i64), info: &CodeInfo) -> u64 {
+    (key.2.len() + key.3.len()) as u64 + info.heap_bytes()
 }
 
 fn unknown_all(p: &Probe, module: Field<String>, why: &str) -> CodeInfo {
@@ -159,6 +172,7 @@ impl Resolver {
     pub fn forget(&mut self, pid: u32) {
         self.processes.retain(|k, _| k.0 != pid);
         self.answers.retain(|k, _| k.0 != pid);
+        self.answer_bytes = self.answers.iter().map(|(k, a)| answer_bytes(k, a)).sum();
     }
 
     /// The code object a probe ran. `version`: the process's CPython, when
@@ -180,9 +194,12 @@ impl Resolver {
             return a.clone();
         }
         let info = Arc::new(self.resolve_uncached(&entry, probe));
-        if self.answers.len() >= MAX_ANSWERS {
+        let cost = answer_bytes(&key, &info);
+        if self.answers.len() >= MAX_ANSWERS || self.answer_bytes + cost > MAX_ANSWER_BYTES {
             self.answers.clear();
+            self.answer_bytes = 0;
         }
+        self.answer_bytes += cost;
         self.answers.insert(key, info.clone());
         info
     }

@@ -42,6 +42,18 @@ pub const MAX_CODES: usize = 65_536;
 /// objects with distinct lines or file names would otherwise fill the table
 /// for every other one.
 pub const PROCESS_CODES: usize = 4096;
+/// Bytes of answers one process may have in the table
+/// ([`CodeInfo::heap_bytes`] and [`ENTRY_BYTES`] each), and all processes
+/// together. A process chooses its file names: an answer about a 4,000-byte
+/// one holds about 20 KB (the name again in each unknown field's reason),
+/// and eight processes with 4,096 such code objects each took pftraced to
+/// 613 MiB peak RSS with the count bounds alone. Typical answers (under
+/// 1 KB) meet [`PROCESS_CODES`] and [`MAX_CODES`] first.
+pub const PROCESS_CODE_BYTES: u64 = 4 << 20;
+pub const TOTAL_CODE_BYTES: u64 = 64 << 20;
+/// What the table's entry costs besides the answer: the key, the map's slot
+/// and the answer's reference count.
+pub const ENTRY_BYTES: u64 = 96;
 
 /// A code object as the entry probe names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,7 +73,19 @@ impl CodeKey {
 
 /// The answers so far, shared by the resolver thread (writer) and outputs.
 #[derive(Clone, Default)]
-pub struct CodeTable(Arc<RwLock<HashMap<CodeKey, Arc<CodeInfo>>>>);
+pub struct CodeTable(Arc<RwLock<Answers>>);
+
+/// The table and what it is charged.
+#[derive(Default)]
+struct Answers {
+    map: HashMap<CodeKey, Arc<CodeInfo>>,
+    /// Bytes charged in all, and per process (its charge is forgotten when
+    /// it ends; its answers stay, and count in the total).
+    bytes: u64,
+    by_pid: HashMap<u32, u64>,
+    /// Answers not kept: their process's or the table's bytes were used up.
+    over_bytes: u64,
+}
 
 impl std::fmt::Debug for CodeTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +99,7 @@ pub const NOT_RESOLVED: &str = "not resolved: the resolver had not answered when
 
 impl CodeTable {
     pub fn get(&self, key: &CodeKey) -> Option<Arc<CodeInfo>> {
-        self.0.read().ok()?.get(key).cloned()
+        self.0.read().ok()?.map.get(key).cloned()
     }
 
     /// The answer for `call`'s code object, or every field null with the
@@ -85,18 +109,53 @@ impl CodeTable {
     }
 
     pub fn len(&self) -> usize {
-        self.0.read().map(|t| t.len()).unwrap_or(0)
+        self.0.read().map(|t| t.map.len()).unwrap_or(0)
+    }
+
+    /// Bytes charged for the answers kept, and answers not kept for bytes.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.0.read().map(|t| (t.bytes, t.over_bytes)).unwrap_or((0, 0))
+    }
+
+    /// Forgets what process `pid` was charged (it ended; a new process
+    /// of that pid starts from nothing).
+    pub fn forget(&self, pid: u32) {
+        if let Ok(mut t) = self.0.write() {
+            t.by_pid.remove(&pid);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Puts an answer in (tests and the resolver thread).
+    /// Puts an answer in (tests and the resolver thread), if its process's
+    /// and the table's bounds in bytes allow; an answer not kept is
+    /// counted, and its function stays unresolved ([`NOT_RESOLVED`]).
     pub fn insert(&self, key: CodeKey, info: Arc<CodeInfo>) {
-        if let Ok(mut t) = self.0.write() {
-            t.insert(key, info);
+        let Ok(mut t) = self.0.write() else { return };
+        let t = &mut *t;
+        let charge = |i: &CodeInfo| i.heap_bytes() + ENTRY_BYTES;
+        let (cost, old) = (charge(&info), t.map.get(&key).map_or(0, |i| charge(i)));
+        let process = t.by_pid.get(&key.pid).map_or(0, |b| b.saturating_sub(old));
+        let total = t.bytes - old;
+        if process + cost > PROCESS_CODE_BYTES || total + cost > TOTAL_CODE_BYTES {
+            if t.over_bytes == 0 {
+                log::warn!(
+                    "pid {}: the answers about its functions reached pftraced's bound of {} MiB a process or \
+                     {} MiB in all (codes.rs); further functions stay unresolved (counted as \
+                     bounds.codes_over_bytes)",
+                    key.pid,
+                    PROCESS_CODE_BYTES >> 20,
+                    TOTAL_CODE_BYTES >> 20
+                );
+            }
+            t.over_bytes += 1;
+            return;
         }
+        t.bytes = total + cost;
+        t.by_pid.insert(key.pid, process + cost);
+        t.map.insert(key, info);
     }
 }
 
@@ -337,9 +396,15 @@ impl CodeResolver {
             r.forget(pid);
         }
         let which = self.held.get(pid);
+        // The table forgets the process's charge on the thread, after its
+        // requests still queued: forgotten here, a process that exits right
+        // after its calls would have them all charged afresh.
         let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(Job::Forget(pid, which.clone())).is_ok());
-        if !sent && let Some(w) = &which {
-            self.held.release(pid, w);
+        if !sent {
+            self.table.forget(pid);
+            if let Some(w) = &which {
+                self.held.release(pid, w);
+            }
         }
     }
 
@@ -365,6 +430,7 @@ fn serve(rx: mpsc::Receiver<Job>, table: CodeTable, held: Held) {
         match job {
             Job::Forget(pid, which) => {
                 resolver.forget(pid);
+                table.forget(pid);
                 if let Some(w) = &which {
                     held.release(pid, w);
                 }

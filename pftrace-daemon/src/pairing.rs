@@ -156,8 +156,44 @@ pub struct Pairer {
     /// Per thread, entries not kept because [`MAX_OPEN_CALLS`] were open:
     /// the next returns of the thread are theirs (calls nest), swallowed.
     overflow: FastMap<(u32, u32), u64>,
-    /// Calls not traced because [`MAX_OPEN_CALLS`] were open at their entry.
+    /// Calls not traced because [`MAX_OPEN_CALLS`] were open at their
+    /// entry, or [`PROCESS_OPEN_CALLS`] in their process.
     pub dropped_open: u64,
+    /// Per process: calls open, and whether it was named in a warning for
+    /// [`PROCESS_OPEN_CALLS`] (forgotten at its exit).
+    by_pid: FastMap<u32, (usize, bool)>,
+    /// Stacks deeper than [`INDEXED_DEPTH`]: how many of their open calls
+    /// each return key ([`return_key`]) has, so a return matching none of
+    /// them is told in one look-up instead of a walk of the whole stack.
+    index: FastMap<(u32, u32), FastMap<ReturnKey, u32>>,
+}
+
+/// What a return is paired by: its frame where the kernel read one (or the
+/// agent's code id), else the addresses of its interned name and file.
+type ReturnKey = (u64, usize, usize);
+
+fn return_key(frame: Option<u64>, name: &Arc<str>, file: &Arc<str>) -> ReturnKey {
+    let ptr = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
+    match frame {
+        Some(f) => (f, 0, 0),
+        None => (0, ptr(name), ptr(file)),
+    }
+}
+
+/// Stacks deeper than this are indexed by return key ([`Pairer::push`]).
+/// A return that matches no open call walks its whole stack to find that
+/// out: a process entering without returning (262,144 entries kept) then
+/// sending 5,000 returns of another code object held pftraced's event loop
+/// 6.8 s (1.4 ms a return), the ring overflowed and `status` took 6.9 s.
+/// CPython's default recursion limit (1,000) keeps real stacks under it.
+const INDEXED_DEPTH: usize = 1024;
+
+fn index_of(stack: &[Open]) -> FastMap<ReturnKey, u32> {
+    let mut index = FastMap::default();
+    for o in stack {
+        *index.entry(return_key(o.frame, &o.name, &o.file)).or_default() += 1;
+    }
+    index
 }
 
 /// Calls open at once on all threads, at most: each is about 100 bytes
@@ -168,15 +204,35 @@ pub struct Pairer {
 /// not kept, and counted as `open_calls_dropped` with its return.
 pub const MAX_OPEN_CALLS: usize = 262_144;
 
+/// Calls one process may have open at once: a quarter of
+/// [`MAX_OPEN_CALLS`], so a process that enters without returning cannot
+/// take the others' room (with the bound over all processes only, a
+/// process sending a million entries left no room for the calls of a
+/// well-behaved one beside it: 253,400 of its 300,000 calls not traced).
+pub const PROCESS_OPEN_CALLS: usize = MAX_OPEN_CALLS / 4;
+
 impl Pairer {
     /// Feeds one event; completed calls are pushed to `out`. Returns the
     /// strings of a return event that nothing keeps, to be handed back to
     /// the decoder ([`crate::events::Decoder::recycle`]).
     pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) -> Option<(Arc<str>, Arc<str>)> {
-        let stack = self.stacks.entry((ev.pid, ev.tid)).or_default();
+        let thread = (ev.pid, ev.tid);
+        let stack = self.stacks.entry(thread).or_default();
         match ev.kind {
-            EventKind::Entry if self.open >= MAX_OPEN_CALLS => {
-                if self.dropped_open == 0 {
+            EventKind::Entry
+                if self.open >= MAX_OPEN_CALLS
+                    || self.by_pid.get(&ev.pid).is_some_and(|p| p.0 >= PROCESS_OPEN_CALLS) =>
+            {
+                let process = self.by_pid.entry(ev.pid).or_default();
+                if process.0 >= PROCESS_OPEN_CALLS && !process.1 {
+                    process.1 = true;
+                    log::warn!(
+                        "pid {}: its calls open at once reached pftraced's bound of {PROCESS_OPEN_CALLS} a \
+                         process (pairing.rs PROCESS_OPEN_CALLS); its calls entered past it are not traced \
+                         (counted as open_calls_dropped)",
+                        ev.pid
+                    );
+                } else if process.0 < PROCESS_OPEN_CALLS && self.dropped_open == 0 {
                     log::warn!(
                         "pid {}: {MAX_OPEN_CALLS} calls were open at once (pairing.rs MAX_OPEN_CALLS); calls \
                          entered past it are not traced (counted as open_calls_dropped)",
@@ -184,11 +240,17 @@ impl Pairer {
                     );
                 }
                 self.dropped_open += 1;
-                *self.overflow.entry((ev.pid, ev.tid)).or_default() += 1;
+                *self.overflow.entry(thread).or_default() += 1;
                 Some((ev.name, ev.file))
             }
             EventKind::Entry => {
                 self.open += 1;
+                self.by_pid.entry(ev.pid).or_default().0 += 1;
+                // Indexed from INDEXED_DEPTH on, and while the index lasts
+                // (until the stack is back under half of it).
+                let indexed = stack.len() >= INDEXED_DEPTH
+                    || !self.index.is_empty() && self.index.contains_key(&thread);
+                let key = indexed.then(|| return_key(ev.frame, &ev.name, &ev.file));
                 stack.push(Open {
                     id: {
                         self.last_id += 1;
@@ -203,6 +265,16 @@ impl Pairer {
                     cpu_ns: ev.thread_cpu_ns,
                     rss_bytes: ev.rss_bytes,
                 });
+                if let Some(key) = key {
+                    match self.index.entry(thread) {
+                        std::collections::hash_map::Entry::Occupied(mut i) => {
+                            *i.get_mut().entry(key).or_default() += 1
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(index_of(stack));
+                        }
+                    }
+                }
                 None
             }
             EventKind::Return => {
@@ -216,11 +288,19 @@ impl Pairer {
                     }
                     return Some((ev.name, ev.file));
                 }
-                let found = stack.iter().rposition(|o| {
-                    o.frame == ev.frame
-                        && (ev.frame.is_some()
-                            || Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file))
-                });
+                let index = if self.index.is_empty() { None } else { self.index.get_mut(&thread) };
+                let found = if index
+                    .as_ref()
+                    .is_some_and(|i| !i.contains_key(&return_key(ev.frame, &ev.name, &ev.file)))
+                {
+                    None
+                } else {
+                    stack.iter().rposition(|o| {
+                        o.frame == ev.frame
+                            && (ev.frame.is_some()
+                                || Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file))
+                    })
+                };
                 let Some(at) = found else {
                     self.unmatched_total += 1;
                     self.unmatched_generator += u64::from(ev.generator);
@@ -238,6 +318,24 @@ impl Pairer {
                     return None;
                 };
                 self.open -= stack.len() - at;
+                if let Some(p) = self.by_pid.get_mut(&ev.pid) {
+                    p.0 -= stack.len() - at;
+                }
+                if let Some(index) = index {
+                    if at < INDEXED_DEPTH / 2 {
+                        self.index.remove(&thread);
+                    } else {
+                        for o in &stack[at..] {
+                            let k = return_key(o.frame, &o.name, &o.file);
+                            if let Some(n) = index.get_mut(&k) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    index.remove(&k);
+                                }
+                            }
+                        }
+                    }
+                }
                 // Entries above the match never returned: close them first.
                 while stack.len() > at + 1 {
                     self.skipped_entries += 1;
@@ -271,7 +369,14 @@ impl Pairer {
         let keys: Vec<(u32, u32)> =
             self.stacks.keys().filter(|(p, _)| pid.is_none_or(|want| *p == want)).copied().collect();
         self.overflow.retain(|(p, _), _| pid.is_some_and(|want| *p != want));
+        match pid {
+            Some(pid) => {
+                self.by_pid.remove(&pid);
+            }
+            None => self.by_pid.clear(),
+        }
         for key in keys {
+            self.index.remove(&key);
             let mut stack = self.stacks.remove(&key).unwrap_or_default();
             self.open -= stack.len();
             while let Some(open) = stack.pop() {
@@ -333,11 +438,12 @@ mod tests {
         d: Decoder,
         p: Pairer,
         out: Vec<Call>,
+        pid: u32,
     }
 
     impl Feed {
         fn new() -> Self {
-            Self { d: Decoder::default(), p: Pairer::default(), out: vec![] }
+            Self { d: Decoder::default(), p: Pairer::default(), out: vec![], pid: 1 }
         }
         fn ev(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64) {
             self.ev_cpu(tid, kind, name, ts, 1000 + ts);
@@ -351,7 +457,7 @@ mod tests {
         fn ev_full(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64, cpu: u64, frame: Option<u64>) {
             let ev = Event {
                 ts_ns: ts,
-                pid: 1,
+                pid: self.pid,
                 tid,
                 kind,
                 name: self.d.intern(0, name.as_bytes()),
@@ -368,32 +474,94 @@ mod tests {
     }
 
     #[test]
-    fn entries_past_the_open_calls_bound_are_counted_with_their_returns() {
+    fn entries_past_the_open_calls_bounds_are_counted_with_their_returns() {
         use EventKind::{Entry, Return};
         let mut f = Feed::new();
         let extra = 5;
-        for i in 0..(MAX_OPEN_CALLS + extra) as u64 {
+        for i in 0..(PROCESS_OPEN_CALLS + extra) as u64 {
             f.ev(1, Entry, "deep", i);
         }
-        // Another thread meanwhile: its entry is over the bound too.
+        // Another thread of the process meanwhile: over its bound too.
         f.ev(2, Entry, "other", 0);
         f.ev(2, Return, "other", 1);
+        assert_eq!((f.p.open_calls(), f.p.dropped_open), (PROCESS_OPEN_CALLS, extra as u64 + 1));
+        // Another process is not: until all processes have MAX_OPEN_CALLS open.
+        for pid in 2..=4 {
+            f.pid = pid;
+            for i in 0..PROCESS_OPEN_CALLS as u64 {
+                f.ev(1, Entry, "deep", i);
+            }
+        }
         assert_eq!((f.p.open_calls(), f.p.dropped_open), (MAX_OPEN_CALLS, extra as u64 + 1));
-        for i in 0..(MAX_OPEN_CALLS + extra) as u64 {
+        f.pid = 5;
+        f.ev(1, Entry, "late", 0);
+        f.ev(1, Return, "late", 1);
+        assert_eq!((f.out.len(), f.p.dropped_open, f.p.unmatched_total), (0, extra as u64 + 2, 0));
+        f.p.close_open(Some(4), 10, &mut f.out);
+        f.ev(1, Entry, "late", 2);
+        f.ev(1, Return, "late", 3);
+        assert_eq!(f.out.len(), PROCESS_OPEN_CALLS + 1);
+        f.out.clear();
+        f.pid = 1;
+        for i in 0..(PROCESS_OPEN_CALLS + extra) as u64 {
             f.ev(1, Return, "deep", 1_000_000 + i);
         }
         // The returns of the entries not kept were theirs: the kept calls pair exactly.
-        assert_eq!((f.out.len(), f.p.unmatched_total, f.p.open_calls()), (MAX_OPEN_CALLS, 0, 0));
+        assert_eq!(
+            (f.out.len(), f.p.unmatched_total, f.p.open_calls()),
+            (PROCESS_OPEN_CALLS, 0, 2 * PROCESS_OPEN_CALLS)
+        );
         assert!(f.out.iter().all(|c| c.end == CallEnd::Returned));
         let outer = f.out.last().unwrap();
         assert_eq!(
             (outer.depth, outer.start_ns, outer.end_ns),
-            (0, 0, 1_000_000 + (MAX_OPEN_CALLS + extra) as u64 - 1)
+            (0, 0, 1_000_000 + (PROCESS_OPEN_CALLS + extra) as u64 - 1)
         );
         // Under the bound again, an entry is kept.
         f.ev(2, Entry, "other", 2);
         f.ev(2, Return, "other", 3);
-        assert_eq!((f.out.len(), f.p.dropped_open), (MAX_OPEN_CALLS + 1, extra as u64 + 1));
+        assert_eq!((f.out.len(), f.p.dropped_open), (PROCESS_OPEN_CALLS + 1, extra as u64 + 2));
+    }
+
+    #[test]
+    fn deep_stacks_are_indexed_and_pair_as_before() {
+        use EventKind::{Entry, Return};
+        let mut f = Feed::new();
+        let depth = 3 * INDEXED_DEPTH as u64;
+        // Frames 1..=depth, then returns of a frame open nowhere: unmatched
+        // at once (the index says so), nothing closed.
+        for i in 1..=depth {
+            f.ev_frame(Entry, "deep", i, i);
+        }
+        assert!(f.p.index.contains_key(&(1, 1)));
+        for i in 0..100 {
+            f.ev_frame(Return, "deep", depth + i, 1 << 40);
+        }
+        assert_eq!((f.p.unmatched_total, f.out.len(), f.p.open_calls()), (100, 0, depth as usize));
+        // A return of a frame below the top closes those above it as
+        // incomplete; the index follows.
+        f.ev_frame(Return, "deep", 2 * depth, depth - 10);
+        assert_eq!(f.out.iter().filter(|c| c.end == CallEnd::Incomplete).count(), 10);
+        assert_eq!(f.p.open_calls(), depth as usize - 11);
+        f.ev_frame(Return, "deep", 2 * depth, depth - 5);
+        assert_eq!(f.p.unmatched_total, 101, "closed already");
+        // Down under half the indexed depth and up again: the index is
+        // dropped, then made again, and every frame still pairs.
+        for i in (100..depth - 10).rev() {
+            f.ev_frame(Return, "deep", 3 * depth, i);
+        }
+        assert!(!f.p.index.contains_key(&(1, 1)));
+        for i in 100..depth {
+            f.ev_frame(Entry, "deep", 4 * depth, i);
+        }
+        assert!(f.p.index.contains_key(&(1, 1)));
+        for i in (1..depth).rev() {
+            f.ev_frame(Return, "deep", 5 * depth, i);
+        }
+        assert_eq!((f.p.unmatched_total, f.p.open_calls(), f.p.index.len()), (101, 0, 0));
+        let returned = f.out.iter().filter(|c| c.end == CallEnd::Returned).count() as u64;
+        // depth - 10, then 100..depth - 10, then 100..depth again and 1..100.
+        assert_eq!(returned, 1 + (depth - 110) + (depth - 100) + 99);
     }
 
     #[test]

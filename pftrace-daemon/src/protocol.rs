@@ -201,8 +201,19 @@ pub struct BoundCounts {
     /// Calls counted in their function's `<other...>` row, past the bound on
     /// distinct (function, file, line) per process or in all (stats.rs).
     pub stats_folded: u64,
-    /// Calls not traced: entered while 262,144 calls were open (pairing.rs).
+    /// Calls not traced: entered while 262,144 calls were open, or 65,536
+    /// in their process (pairing.rs).
     pub open_calls_dropped: u64,
+    /// Connections to the in-process agent's socket refused: no hello
+    /// within 5 s or before 32 newer connections, or a malformed one
+    /// (daemon/agent.rs).
+    #[serde(default)]
+    pub agent_connections_refused: u64,
+    /// Functions left unresolved because the answers about their process's
+    /// functions, or all processes', reached their bound in bytes (4 MiB,
+    /// 64 MiB; codes.rs).
+    #[serde(default)]
+    pub codes_over_bytes: u64,
 }
 
 /// Result of `add` / `remove`: the names traced afterwards.

@@ -65,17 +65,6 @@ const WELL_BEHAVED: &str = r#"
     sys.stdin.readline()
 "#;
 
-/// pftraced's peak resident memory, MiB.
-fn peak_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM in /proc/PID/status");
-    kib / 1024
-}
-
 fn stats(socket: &Path, args: &[&str]) -> Value {
     let out = ctl_ok(socket, &[&["stats", "--json"], args].concat());
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json is not JSON ({e}):\n{out}"))

@@ -57,3 +57,18 @@ pub fn symbol_offset(path: &Path, symbol: &str) -> Result<u64, SymbolError> {
 pub fn pairs_by_code(ev: &crate::events::Event) -> bool {
     ev.kind == crate::events::EventKind::Return && ev.frame.is_some_and(|f| f & records::CODE_ID_BIT != 0)
 }
+
+/// Whether a record goes past pftraced's name filter unchecked: an agent's
+/// return (its entry was checked), and an agent's entry named
+/// [`records::UNKNOWN_NAME`] (its code object is one the agent traces, but
+/// its name never reached pftraced, so there is nothing to check). Such an
+/// entry was dropped when a glob or qualified name was traced, and its
+/// return then counted as unmatched: a hostile process's 1,000 calls of
+/// serials never announced gave 1,000 calls filtered and 1,000 returns
+/// unmatched, against 1,000 calls named unknown with names traced bare.
+pub fn skips_name_filter(ev: &crate::events::Event) -> bool {
+    pairs_by_code(ev)
+        || ev.kind == crate::events::EventKind::Entry
+            && ev.frame.is_some_and(|f| f & records::CODE_ID_BIT != 0)
+            && *ev.name == *records::UNKNOWN_NAME
+}

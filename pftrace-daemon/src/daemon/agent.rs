@@ -10,12 +10,15 @@
 //! tid, time, CPU and memory itself, and only TRACKED pids get through.
 
 use std::{
-    collections::{HashMap, HashSet},
-    os::unix::{fs::MetadataExt as _, net::UnixListener},
+    collections::{HashMap, HashSet, VecDeque},
+    os::unix::{
+        fs::MetadataExt as _,
+        net::{UnixListener, UnixStream},
+    },
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
         mpsc as std_mpsc,
     },
     time::{Duration, Instant},
@@ -43,7 +46,7 @@ use crate::{
 const AGENT_BASE: &str = "/run/pftrace";
 
 /// Connections whose hello is being read at once, at most (a client that
-/// connects and says nothing holds one for 5 s).
+/// connects and says nothing holds one for 5 s, or until 32 more came).
 const MAX_HANDSHAKES: usize = 32;
 
 /// How long after a PEP 768 request pftraced asks again when the agent has
@@ -70,6 +73,9 @@ pub(super) struct AgentSide {
     links: HashMap<u32, std_mpsc::Sender<ToAgent>>,
     /// Pids whose agent has confirmed its first set of names (tracing).
     ready: Arc<Mutex<HashSet<u32>>>,
+    /// Connections to the agent socket refused: no hello (within 5 s, or
+    /// closed for a newer one), a malformed one, or no thread to read it.
+    pub(super) refused: Arc<AtomicU64>,
 }
 
 enum ToAgent {
@@ -173,9 +179,11 @@ impl Daemon {
             .into_listener();
         listener.set_nonblocking(false).map_err(|e| err("the agent's control socket", &e))?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let refused = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&refused);
         std::thread::Builder::new()
             .name("pftrace-agents".into())
-            .spawn(move || accept_loop(listener, tx))
+            .spawn(move || accept_loop(listener, tx, counted))
             .map_err(|e| err("starting the agent socket's thread", &e))?;
         self.agent = Some(AgentSide {
             installed,
@@ -184,6 +192,7 @@ impl Daemon {
             incoming: Some(rx),
             links: HashMap::new(),
             ready: Arc::default(),
+            refused,
         });
         Ok(())
     }
@@ -346,7 +355,9 @@ impl Daemon {
                 return None;
             }
             Err(why) => {
-                log::warn!("{}", printable(&format!("agent of pid {pid} refused: {why}")));
+                if let Some(agent) = &self.agent {
+                    note_refusal(&agent.refused, &format_args!("agent of pid {pid} refused: {why}"));
+                }
                 let _ = conn.stop();
                 return None;
             }
@@ -380,9 +391,10 @@ impl Daemon {
         let (tx, rx) = std_mpsc::channel();
         let (configured_tx, configured) = std_mpsc::channel();
         let ready = self.agent.as_ref().map(|a| Arc::clone(&a.ready)).unwrap_or_default();
+        let refused = self.agent.as_ref().map(|a| Arc::clone(&a.refused)).unwrap_or_default();
         let spawned = std::thread::Builder::new()
             .name(format!("pftrace-agent-{pid}"))
-            .spawn(move || serve_agent(conn, road, names, configured_tx, ready, rx));
+            .spawn(move || serve_agent(conn, road, names, configured_tx, ready, rx, &refused));
         match spawned {
             Ok(_) => {
                 log::debug!("pid {pid}: agent connected");
@@ -482,10 +494,21 @@ impl Daemon {
 }
 
 /// Accepts agents; each hello is read on a short thread of its own, and
-/// the connection handed to the event loop.
-fn accept_loop(listener: UnixListener, tx: mpsc::UnboundedSender<AgentConn>) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
+/// the connection handed to the event loop. The socket is every user's, so
+/// at most [`MAX_HANDSHAKES`] connections wait for their hello at once: one
+/// more closes the one that has waited longest (an agent writes its hello
+/// as it connects, so only a silent client waits long). Refused and closed
+/// connections are counted (`refused`, shown as
+/// `bounds.agent_connections_refused`) and the first one warned, not each:
+/// before, a process holding 64 silent connections and opening 3,000 more
+/// got one warning line per connection (3,032) and kept out every agent
+/// connecting meanwhile.
+fn accept_loop(listener: UnixListener, tx: mpsc::UnboundedSender<AgentConn>, refused: Arc<AtomicU64>) {
+    let waiting: Arc<Mutex<VecDeque<(u64, UnixStream)>>> = Arc::default();
+    let refuse = Arc::new(move |why: &dyn std::fmt::Display| {
+        note_refusal(&refused, &format_args!("agent connection refused: {why}"))
+    });
+    for (seq, stream) in (0u64..).zip(listener.incoming()) {
         if tx.is_closed() {
             return;
         }
@@ -497,21 +520,53 @@ fn accept_loop(listener: UnixListener, tx: mpsc::UnboundedSender<AgentConn>) {
                 continue;
             }
         };
-        if busy.load(Ordering::Relaxed) >= MAX_HANDSHAKES {
-            log::warn!("agent socket: {MAX_HANDSHAKES} connections not yet introduced; one more closed");
-            continue;
+        {
+            let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.len() >= MAX_HANDSHAKES
+                && let Some((_, oldest)) = waiting.pop_front()
+            {
+                // Its thread's read ends at once; it counts the refusal.
+                let _ = oldest.shutdown(std::net::Shutdown::Both);
+            }
+            match stream.try_clone() {
+                Ok(clone) => waiting.push_back((seq, clone)),
+                Err(err) => {
+                    refuse(&err);
+                    continue;
+                }
+            }
         }
-        busy.fetch_add(1, Ordering::Relaxed);
-        let (tx, busy) = (tx.clone(), Arc::clone(&busy));
-        let _ = std::thread::Builder::new().name("pftrace-agent-hello".into()).spawn(move || {
-            match AgentConn::handshake(stream) {
+        let (tx, waiting, refused) = (tx.clone(), Arc::clone(&waiting), Arc::clone(&refuse));
+        let spawned = std::thread::Builder::new().name("pftrace-agent-hello".into()).spawn(move || {
+            let result = AgentConn::handshake(stream);
+            waiting.lock().unwrap_or_else(|e| e.into_inner()).retain(|(s, _)| *s != seq);
+            match result {
                 Ok(conn) => {
                     let _ = tx.send(conn);
                 }
-                Err(err) => log::warn!("{}", printable(&format!("agent connection refused: {err}"))),
+                Err(err) => refused(&err),
             }
-            busy.fetch_sub(1, Ordering::Relaxed);
         });
+        if let Err(err) = spawned {
+            refuse(&err);
+        }
+    }
+}
+
+/// Counts a connection to the agent socket refused, and says why in a
+/// warning the first time (the socket is every user's: a warning for each
+/// would let any of them flood pftraced's log).
+fn note_refusal(refused: &AtomicU64, why: &dyn std::fmt::Display) {
+    if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+        log::warn!(
+            "{}",
+            printable(&format!(
+                "{why}; further refused connections to the agent socket are counted \
+                 (bounds.agent_connections_refused in status)"
+            ))
+        );
+    } else {
+        log::debug!("{}", printable(&why.to_string()));
     }
 }
 
@@ -525,6 +580,7 @@ fn serve_agent(
     configured: std_mpsc::Sender<Result<u32, String>>,
     ready: Arc<Mutex<HashSet<u32>>>,
     rx: std_mpsc::Receiver<ToAgent>,
+    refused: &AtomicU64,
 ) {
     let pid = conn.pid;
     match conn.configure(road, &names) {
@@ -537,7 +593,7 @@ fn serve_agent(
             let _ = configured.send(Ok(generation));
         }
         Err(err) => {
-            log::warn!("{}", printable(&err.to_string()));
+            note_refusal(refused, &err);
             let _ = configured.send(Err(err.to_string()));
             return;
         }

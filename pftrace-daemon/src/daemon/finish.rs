@@ -53,6 +53,11 @@ impl Daemon {
             string_bytes: self.decoder.bound.bytes,
             stats_folded: self.functions.folded(),
             open_calls_dropped: self.pairer.dropped_open,
+            agent_connections_refused: self
+                .agent
+                .as_ref()
+                .map_or(0, |a| a.refused.load(std::sync::atomic::Ordering::Relaxed)),
+            codes_over_bytes: self.codes.table().bytes().1,
         }
     }
 

@@ -30,7 +30,7 @@ impl Daemon {
                     self.filter.after_sweeps(self.decoder.bound.sweeps);
                     let (codes, processes) = (&mut self.codes, &self.processes);
                     let version = || processes.info(ev.pid).and_then(|p| p.version);
-                    if crate::agent::pairs_by_code(&ev)
+                    if crate::agent::skips_name_filter(&ev)
                         || self.filter.keep(&ev, || codes.resolve_now(&ev, version))
                     {
                         if ev.kind == EventKind::Entry {

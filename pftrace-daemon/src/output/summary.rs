@@ -93,17 +93,36 @@ pub fn render(trace: &Trace) -> String {
         );
     }
     let b = &c.bounds;
+    if b.agent_connections_refused > 0 {
+        let _ = writeln!(
+            s,
+            "BOUNDS: {} connections to the in-process agent's socket were refused (no hello within 5 s or \
+             before 32 newer connections, or a malformed one); see README, \"Bounds\"",
+            b.agent_connections_refused
+        );
+    }
+    if b.codes_over_bytes > 0 {
+        let _ = writeln!(
+            s,
+            "BOUNDS: {} functions were not resolved: the answers about their process's functions reached {} \
+             MiB (or all processes' {} MiB); see README, \"Bounds\"",
+            b.codes_over_bytes,
+            crate::codes::PROCESS_CODE_BYTES >> 20,
+            crate::codes::TOTAL_CODE_BYTES >> 20
+        );
+    }
     if b.strings_folded + b.stats_folded + b.open_calls_dropped > 0 {
         let _ = writeln!(
             s,
             "BOUNDS: {} records had a name or file name over pftraced's string bound (named {:?}); {} calls \
              were counted in <other> rows past the bound on distinct functions; {} calls were not traced \
-             (entered while {} calls were open); see README, \"Bounds\"",
+             (entered while {} calls were open, or {} in their process); see README, \"Bounds\"",
             b.strings_folded,
             crate::string_bound::OTHER,
             b.stats_folded,
             b.open_calls_dropped,
-            crate::pairing::MAX_OPEN_CALLS
+            crate::pairing::MAX_OPEN_CALLS,
+            crate::pairing::PROCESS_OPEN_CALLS
         );
     }
     let process_reports_lost = c.process_reports_lost();

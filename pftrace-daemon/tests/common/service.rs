@@ -544,3 +544,14 @@ pub fn other_daemons(except: &[u32]) -> String {
     }
     if found.is_empty() { "none".into() } else { found.join("; ") }
 }
+
+/// A process's peak resident memory (VmHWM), MiB.
+pub fn peak_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib / 1024
+}

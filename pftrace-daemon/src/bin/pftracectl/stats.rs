@@ -81,12 +81,20 @@ pub fn run(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
 
 /// What met pftraced's memory bounds, if anything did.
 pub fn bounds_note(b: &pftrace::protocol::BoundCounts) -> Option<String> {
-    (b.strings_folded + b.stats_folded + b.open_calls_dropped > 0).then(|| {
-        format!(
+    let others = b.agent_connections_refused + b.codes_over_bytes;
+    (b.strings_folded + b.stats_folded + b.open_calls_dropped + others > 0).then(|| {
+        let mut note = format!(
             "BOUNDS (README, \"Bounds\"): {} records with names not kept, {} calls counted in <other> rows, {} \
              calls not traced (too many open at once)",
             b.strings_folded, b.stats_folded, b.open_calls_dropped
-        )
+        );
+        if b.agent_connections_refused > 0 {
+            note += &format!(", {} connections to the agent socket refused", b.agent_connections_refused);
+        }
+        if b.codes_over_bytes > 0 {
+            note += &format!(", {} functions not resolved (answers over their bytes)", b.codes_over_bytes);
+        }
+        note
     })
 }
 
