@@ -311,9 +311,9 @@ pub struct CpuSlot {
 /// Slots of the CpuSlot array: threads of traced processes alive at once
 /// that get CPU figures to the ns (more are counted in
 /// `counter::CPU_SLOTS_FULL` and get the scheduler's last charge). 32 bytes
-/// each: 512 KiB, plus SLOT_OF (a preallocated hash, about 1 MiB) and the
-/// free list (64 KiB); a node's traced job of 64 processes of 64 threads
-/// uses a quarter.
+/// each; kernel memory (memlock in fdinfo): 528 KB for the slots, 1.31 MB
+/// for SLOT_OF (a preallocated hash), 66 KB for the free list. A node's
+/// traced job of 64 processes of 64 threads uses a quarter.
 pub const MAX_CPU_SLOTS: u32 = 16384;
 
 /// A process event (exec), as written by the kernel into the ring buffer.
