@@ -13,6 +13,8 @@
 //! on every thread). The GIL guards the agent state: callbacks, the profile
 //! function and the control thread's changes all hold it.
 
+/// Prototype (issue 12): whole calls batched per thread, drained by the kernel.
+pub mod batch;
 mod capi;
 mod control;
 mod monitoring;
@@ -188,6 +190,7 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     // slots' fd (only agent-bench passes one) the process is traced the
     // usual way, not refused; agent-bench checks the kinds of records it gets.
     let _ = onecall::from_env();
+    batch::from_env();
     // A new pftraced (or the same one anew): it has none of our strings.
     report::new_session();
     report::set_road(mode);

@@ -54,6 +54,8 @@ struct Open {
     code: u64,
     ts: u64,
     cpu: u64,
+    /// The event that opened it (START, RESUME, THROW).
+    event: u8,
 }
 
 /// Open calls kept per thread (deeper ones go the old way).
@@ -74,7 +76,7 @@ thread_local! {
             slot: Cell::new(-1),
             depth: Cell::new(0),
             over: Cell::new(0),
-            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0 }; DEPTH]),
+            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0, event: 0 }; DEPTH]),
         }
     };
 }
@@ -83,10 +85,23 @@ thread_local! {
 pub enum Action {
     /// Nothing more: the entry is kept here.
     Kept,
-    /// A one-record call: report (event | ONE_CALL, start clock, start CPU).
-    Call(u64, u64, u64),
+    /// A one-record call: report (event | ONE_CALL, start clock, start CPU),
+    /// or with the batched prototype append it (see `crate::batch`).
+    Call(Closed),
     /// The old road (two reports per call).
     Old,
+}
+
+/// A call closed whose start this thread measured.
+#[derive(Clone, Copy)]
+pub struct Closed {
+    /// The closing event | ONE_CALL.
+    pub event: u64,
+    pub ts: u64,
+    pub cpu: u64,
+    pub open_event: u8,
+    /// Open calls below it.
+    pub depth: u16,
 }
 
 /// Decides a report of code object `code` (`strings_sent`: pftraced has its
@@ -103,7 +118,7 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
                 return Action::Old;
             }
             let (ts, cpu) = if strings_sent { now_and_cpu(c).unwrap_or((OLD, 0)) } else { (OLD, 0) };
-            stack[depth] = Open { code, ts, cpu };
+            stack[depth] = Open { code, ts, cpu, event };
             c.depth.set(depth + 1);
             if ts == OLD { Action::Old } else { Action::Kept }
         } else {
@@ -119,9 +134,26 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
             };
             c.depth.set(at);
             let o = stack[at];
-            if o.ts == OLD { Action::Old } else { Action::Call(event as u64 | agent::ONE_CALL, o.ts, o.cpu) }
+            if o.ts == OLD {
+                Action::Old
+            } else {
+                Action::Call(Closed {
+                    event: event as u64 | agent::ONE_CALL,
+                    ts: o.ts,
+                    cpu: o.cpu,
+                    open_event: o.event,
+                    depth: at as u16,
+                })
+            }
         }
     })
+}
+
+/// CLOCK_MONOTONIC now and this thread's CPU time at that instant, from its
+/// slot (None: the thread has no slot).
+#[inline]
+pub fn now_and_cpu_here() -> Option<(u64, u64)> {
+    CALLS.with(now_and_cpu)
 }
 
 /// CLOCK_MONOTONIC now and this thread's CPU time at that instant, from its slot.
