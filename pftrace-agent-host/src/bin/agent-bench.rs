@@ -203,6 +203,7 @@ fn main() -> anyhow::Result<()> {
     // as pftraced takes it, tp_btf; the sched_switch program attached).
     let one_group = vec![
         untraced_dense,
+        case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
         case("agent-dense-syscall", syscall, "traced", "dense", true),
         Case { one_call: true, ..case("agent-dense-syscall-one", syscall, "traced", "dense", true) },
         case("agent-dense-uprobe", uprobe, "traced", "dense", true),
