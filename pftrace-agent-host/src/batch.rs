@@ -13,6 +13,7 @@ use crate::kernel::{AgentKernel, KernelError, fd_stats};
 
 const SWITCH: &str = "pftrace_agent_batch_switch";
 const EXIT: &str = "pftrace_agent_batch_exit";
+const EXEC: &str = "pftrace_agent_batch_exec";
 
 /// Gives each thread in `tids` a CPU slot (slot numbers from `first`): the
 /// prototype's user-space registration (SLOT_OF). Its figures appear at the
@@ -50,6 +51,13 @@ impl AgentKernel {
         prog.load().map_err(|source| KernelError::Program { name: EXIT, source })?;
         prog.attach("sched_process_exit").map_err(|source| KernelError::Program { name: EXIT, source })?;
         Ok(())
+    }
+
+    /// Attaches `pftrace_agent_batch_exec` (tp_btf on sys_enter): drains a
+    /// registered thread at its execve/execveat (every syscall of the host
+    /// runs it to its first test).
+    pub fn attach_batch_exec(&mut self) -> Result<(), KernelError> {
+        self.attach_btf_tracepoint(EXEC, "sys_enter")
     }
 
     /// The batch counters summed over CPUs (`pftrace_common::batch::counter`).
@@ -90,6 +98,7 @@ pub fn counters_text(c: &[u64; batch::counter::COUNT as usize]) -> String {
         ("by_syscall", BY_SYSCALL),
         ("by_switch", BY_SWITCH),
         ("by_exit", BY_EXIT),
+        ("by_exec", BY_EXEC),
         ("lost", LOST),
         ("overrun", OVERRUN),
         ("unread", UNREAD),

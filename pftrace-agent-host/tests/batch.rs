@@ -4,8 +4,9 @@
 //! drain report by the syscall road, its switch-out, its exit). Every
 //! traced call arrives exactly once, with the pid and tid of the thread
 //! that made it, and nothing is counted lost: at a clean interpreter exit,
-//! when another thread calls os._exit while this one holds records, and in
-//! a forked child (which must not send its parent's buffered calls again).
+//! when another thread calls os._exit while this one holds records, at an
+//! execve, and in a forked child (which must not send its parent's buffered
+//! calls again).
 
 mod common;
 
@@ -40,7 +41,7 @@ struct Side {
     ring: Ring,
 }
 
-fn side(switch_drain: bool) -> Side {
+fn side(switch_drain: bool, exec_drain: bool) -> Side {
     require_root();
     let tmp = TempDir::new("batch");
     let installed = install::install(agent_so(), &tmp.0.join("agent"), &tmp.0.join("agent.sock")).unwrap();
@@ -50,6 +51,9 @@ fn side(switch_drain: bool) -> Side {
     k.attach_syscall_btf().expect("tp_btf on sys_enter");
     k.attach_cpu_slots().expect("tp_btf on sched_switch (CPU slots)");
     k.attach_batch_exit().expect("sched_process_exit drain");
+    if exec_drain {
+        k.attach_batch_exec().expect("tp_btf on sys_enter (execve drain)");
+    }
     if switch_drain {
         k.attach_batch_switch().expect("tp_btf on sched_switch (switch-out drain)");
     }
@@ -254,7 +258,7 @@ fn check(label: &str, mode: &str, s: &mut Side, python: &Path) -> [u64; b::count
 fn clean_exit_every_call_once_through_drain_reports_and_exit_drains() {
     let _g = serial();
     for (label, python) in interpreters_batched() {
-        let mut s = side(false);
+        let mut s = side(false, false);
         let c = check(label, "clean", &mut s, &python);
         assert_eq!(c[b::counter::BY_SWITCH as usize], 0);
         // The main thread's last calls (fewer than a buffer) and each
@@ -267,7 +271,7 @@ fn clean_exit_every_call_once_through_drain_reports_and_exit_drains() {
 fn os_exit_from_another_thread_drains_the_threads_it_kills() {
     let _g = serial();
     for (label, python) in interpreters_batched() {
-        let mut s = side(false);
+        let mut s = side(false, false);
         let c = check(label, "os_exit", &mut s, &python);
         assert!(c[b::counter::BY_EXIT as usize] >= 2, "{label}: {}", batch::counters_text(&c));
     }
@@ -277,8 +281,18 @@ fn os_exit_from_another_thread_drains_the_threads_it_kills() {
 fn a_forked_child_sends_only_its_own_calls_and_switch_outs_drain() {
     let _g = serial();
     for (label, python) in interpreters_batched() {
-        let mut s = side(true);
+        let mut s = side(true, false);
         let c = check(label, "fork", &mut s, &python);
         assert!(c[b::counter::BY_SWITCH as usize] > 0, "{label}: {}", batch::counters_text(&c));
+    }
+}
+
+#[test]
+fn an_execve_drains_the_calls_its_thread_still_holds() {
+    let _g = serial();
+    for (label, python) in interpreters_batched() {
+        let mut s = side(false, true);
+        let c = check(label, "exec", &mut s, &python);
+        assert_eq!(c[b::counter::BY_EXEC as usize], 1, "{label}: {}", batch::counters_text(&c));
     }
 }

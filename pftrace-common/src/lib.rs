@@ -388,6 +388,8 @@ pub mod batch {
     pub const SWITCH: u32 = 2;
     /// The thread's exit (sched_process_exit, before its memory goes).
     pub const EXIT: u32 = 3;
+    /// The thread's execve/execveat (sys_enter, before the image is replaced).
+    pub const EXEC: u32 = 4;
     /// Indices of the BATCH_COUNTERS map (per CPU).
     pub mod counter {
         /// Drains that put a batch on the ring.
@@ -411,7 +413,8 @@ pub mod batch {
         pub const BY_SWITCH: u32 = 7;
         pub const BY_EXIT: u32 = 8;
         pub const BY_SYSCALL: u32 = 9;
-        pub const COUNT: u32 = 10;
+        pub const BY_EXEC: u32 = 10;
+        pub const COUNT: u32 = 11;
     }
 }
 
@@ -419,7 +422,8 @@ pub mod batch {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct BatchTail {
-    /// The thread's [`BatchBuf`] in its process.
+    /// The thread's [`BatchBuf`] in its process; 0 after its execve (the
+    /// image it described is going: nothing is read there again).
     pub addr: u64,
     /// Records of it already on the ring.
     pub tail: u64,

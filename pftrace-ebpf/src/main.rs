@@ -1002,14 +1002,19 @@ fn agent_batch_report(pid_tgid: u64, event_arg: u64, addr: u64) {
     }
     let key = bpf_get_current_pid_tgid() as u32;
     let first = event_arg & agent::BATCH_FIRST != 0;
-    let known = BATCH_OF.get_ptr_mut(&key).filter(|s| !first && unsafe { (**s).addr } == addr);
-    let state = match known {
+    let existing = BATCH_OF.get_ptr_mut(&key);
+    // Disarmed by an execve that failed (the thread goes on with its buffer,
+    // drained at the execve): armed again at its head, nothing skipped.
+    let disarmed = existing.is_some_and(|s| unsafe { (*s).addr } == 0);
+    let state = match existing.filter(|s| !first && unsafe { (**s).addr } == addr) {
         Some(s) => s,
         None => {
             let tail = if first {
                 0
             } else {
-                batch_bump(batch::counter::UNKNOWN, 1);
+                if !disarmed {
+                    batch_bump(batch::counter::UNKNOWN, 1);
+                }
                 match unsafe { bpf_probe_read_user(addr as *const u64) } {
                     Ok(head) => head,
                     Err(_) => {
@@ -1049,6 +1054,9 @@ enum Drained {
 #[inline(always)]
 fn batch_drain(state: *mut BatchTail, pid_tgid: u64, why: u32) -> Drained {
     let (addr, mut tail) = unsafe { ((*state).addr, (*state).tail) };
+    if addr == 0 {
+        return Drained::Done; // disarmed at an execve
+    }
     let Ok(head) = (unsafe { bpf_probe_read_user(addr as *const u64) }) else {
         batch_bump(batch::counter::UNREAD, 1);
         return Drained::Unread;
@@ -1116,6 +1124,7 @@ fn batch_drain(state: *mut BatchTail, pid_tgid: u64, why: u32) -> Drained {
         match why {
             batch::SWITCH => batch::counter::BY_SWITCH,
             batch::EXIT => batch::counter::BY_EXIT,
+            batch::EXEC => batch::counter::BY_EXEC,
             _ => batch::counter::BY_SYSCALL,
         },
         1,
@@ -1165,6 +1174,30 @@ pub fn pftrace_agent_batch_exit(_ctx: RawTracePointContext) -> i32 {
         batch_bump(batch::counter::EXIT_UNREAD, 1);
     }
     let _ = BATCH_OF.remove(&key);
+    0
+}
+
+/// Prototype (issue 12, batched): a thread with a buffer calls execve or
+/// execveat: drain it while its memory is still the image it describes, and
+/// disarm its entry (addr 0): if the exec succeeds nothing of the new image
+/// is read as a buffer (its agent, if any, registers anew); if it fails the
+/// thread's next drain report arms it again.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn pftrace_agent_batch_exec(ctx: BtfTracePointContext) -> i32 {
+    const EXECVE: u64 = 59;
+    const EXECVEAT: u64 = 322;
+    let id: u64 = ctx.arg(1);
+    if id != EXECVE && id != EXECVEAT {
+        return 0;
+    }
+    let key = bpf_get_current_pid_tgid() as u32;
+    let Some(state) = BATCH_OF.get_ptr_mut(&key) else {
+        return 0;
+    };
+    if batch_drain(state, current_pid_tgid(), batch::EXEC) == Drained::Unread {
+        batch_bump(batch::counter::EXIT_UNREAD, 1);
+    }
+    unsafe { (*state).addr = 0 };
     0
 }
 

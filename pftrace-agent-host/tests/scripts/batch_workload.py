@@ -3,8 +3,9 @@
 # gives each thread its CPU slot between "TIDS ..." and "go" on stdin.
 # argv: socket, how it ends: "clean" (threads end, interpreter exits),
 # "os_exit" (a worker calls os._exit(0) while the main thread holds records)
-# or "fork" (the main thread forks after buffering calls; the child calls
-# and leaves by os._exit).
+# "fork" (the main thread forks after buffering calls; the child calls
+# and leaves by os._exit) or "exec" (the main thread execs a new Python
+# while its buffer holds calls).
 import os
 import sys
 import threading
@@ -71,6 +72,10 @@ if mode == "os_exit":
     sys.exit(5)
 for t in threads:
     t.join()
+if mode == "exec":
+    # The main thread's 20 calls are still in its buffer (fewer than 32):
+    # the kernel drains them at the execve, before the image goes.
+    os.execv(sys.executable, [sys.executable, "-c", "print('DONE', flush=True)"])
 if mode == "fork":
     pid = os.fork()
     if pid == 0:
