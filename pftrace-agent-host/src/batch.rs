@@ -42,15 +42,7 @@ impl AgentKernel {
 
     /// Attaches `pftrace_agent_batch_exit` (raw tracepoint on sched_process_exit).
     pub fn attach_batch_exit(&mut self) -> Result<(), KernelError> {
-        let prog: &mut aya::programs::RawTracePoint = self
-            .ebpf
-            .program_mut(EXIT)
-            .ok_or(KernelError::Missing(EXIT))?
-            .try_into()
-            .map_err(|source| KernelError::Program { name: EXIT, source })?;
-        prog.load().map_err(|source| KernelError::Program { name: EXIT, source })?;
-        prog.attach("sched_process_exit").map_err(|source| KernelError::Program { name: EXIT, source })?;
-        Ok(())
+        self.attach_raw_tracepoint(EXIT, "sched_process_exit")
     }
 
     /// Attaches `pftrace_agent_batch_exec` (tp_btf on sys_enter): drains a

@@ -24,7 +24,10 @@ use std::{
 use anyhow::bail;
 use pftrace_common::{BATCH_LEN, BatchBuf, BatchRecord, agent, batch};
 
-use crate::kernel::{AgentKernel, LoadOptions};
+use crate::{
+    cpuslot::{fastest, pin},
+    kernel::{AgentKernel, LoadOptions, Ring},
+};
 
 fn load() -> anyhow::Result<AgentKernel> {
     Ok(AgentKernel::load(LoadOptions { one_call: true, batch: true, ..Default::default() })?)
@@ -95,22 +98,11 @@ fn user_side() -> anyhow::Result<()> {
         bail!("the slot was not written");
     }
     let mut buf = new_buf();
-    let fastest = |f: &mut dyn FnMut()| {
-        let mut best = f64::MAX;
-        for _ in 0..200 {
-            let t0 = std::time::Instant::now();
-            for _ in 0..10_000 {
-                f();
-            }
-            best = best.min(t0.elapsed().as_nanos() as f64 / 10_000.0);
-        }
-        best
-    };
     for round in 0..2 {
-        let start = fastest(&mut || {
+        let start = fastest(|| {
             std::hint::black_box(read());
         });
-        let call = fastest(&mut || {
+        let call = fastest(|| {
             let (ts, cpu) = read().unwrap_or_default();
             let (te, ce) = read().unwrap_or_default();
             let h = buf.head;
@@ -143,24 +135,7 @@ fn drains(round: usize) -> anyhow::Result<()> {
     k.attach_syscall_btf()?;
     k.track(std::process::id())?;
     let token = k.token;
-    let mut ring = k.take_ring()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let drainer = std::thread::spawn(move || {
-        let mut calls = 0u64;
-        while !s.load(Ordering::Relaxed) {
-            let mut got = 0;
-            ring.drain_raw(|b| {
-                got += 1;
-                calls += crate::batch::calls_in(b).unwrap_or(0);
-            });
-            if got == 0 {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-        ring.drain_raw(|b| calls += crate::batch::calls_in(b).unwrap_or(0));
-        calls
-    });
+    let (stop, drainer) = count_calls(k.take_ring()?, None);
     let mut buf = new_buf();
     drain_report(&buf, true, token);
     let mut appended = 0u64;
@@ -208,12 +183,32 @@ fn drains(round: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pin(cpu: usize) {
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
+/// A thread (on `cpu` if given) counting the calls of the batches on
+/// `ring` until told to stop; it returns the count.
+fn count_calls(mut ring: Ring, cpu: Option<usize>) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let drainer = std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            pin(cpu);
+        }
+        let mut calls = 0u64;
+        loop {
+            let done = s.load(Ordering::Relaxed);
+            let mut got = 0;
+            ring.drain_raw(|b| {
+                got += 1;
+                calls += crate::batch::calls_in(b).unwrap_or(0);
+            });
+            if done {
+                return calls;
+            }
+            if got == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+    (stop, drainer)
 }
 
 /// A ping-pong's fastest round trip (ns), the program's (run_cnt,
@@ -279,27 +274,8 @@ fn ping_pong(mode: &str) -> anyhow::Result<PingPong> {
         drain_report(&buf, true, token);
     }
     // A thread on another CPU empties the ring as it fills (1.6 KB a batch).
-    let stop = Arc::new(AtomicBool::new(false));
     let drainer = match k.as_mut() {
-        Some(kk) => {
-            let mut ring = kk.take_ring()?;
-            let s = stop.clone();
-            Some(std::thread::spawn(move || {
-                pin(1 - cpu.min(1));
-                let mut calls = 0u64;
-                while !s.load(Ordering::Relaxed) {
-                    let mut got = 0;
-                    ring.drain_raw(|b| {
-                        got += 1;
-                        calls += crate::batch::calls_in(b).unwrap_or(0);
-                    });
-                    if got == 0 {
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                }
-                calls
-            }))
-        }
+        Some(kk) => Some(count_calls(kk.take_ring()?, Some(1 - cpu.min(1)))),
         None => None,
     };
     let before = k.as_ref().and_then(|k| k.batch_switch_stats());
@@ -325,8 +301,10 @@ fn ping_pong(mode: &str) -> anyhow::Result<PingPong> {
         libc::waitpid(child, std::ptr::null_mut(), 0);
     }
     std::thread::sleep(Duration::from_millis(20));
-    stop.store(true, Ordering::Relaxed);
-    let calls = drainer.map(|d| d.join().unwrap_or(0));
+    let calls = drainer.map(|(stop, d)| {
+        stop.store(true, Ordering::Relaxed);
+        d.join().unwrap_or(0)
+    });
     let stats = match (before, after) {
         (Some((c0, t0)), Some((c1, t1))) => Some((c1 - c0, t1 - t0)),
         _ => None,

@@ -187,15 +187,23 @@ impl AgentKernel {
     /// Attaches the fork program: a child of a TRACKED process is tracked
     /// from its first instruction (forked children keep the parent's agent).
     pub fn follow_forks(&mut self) -> Result<(), KernelError> {
-        const FORK: &str = "pftrace_fork";
+        self.attach_raw_tracepoint("pftrace_fork", "sched_process_fork")
+    }
+
+    /// Loads program `name` as a raw tracepoint on `point` and attaches it.
+    pub(crate) fn attach_raw_tracepoint(
+        &mut self,
+        name: &'static str,
+        point: &str,
+    ) -> Result<(), KernelError> {
         let prog: &mut aya::programs::RawTracePoint = self
             .ebpf
-            .program_mut(FORK)
-            .ok_or(KernelError::Missing(FORK))?
+            .program_mut(name)
+            .ok_or(KernelError::Missing(name))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: FORK, source })?;
-        prog.load().map_err(|source| KernelError::Program { name: FORK, source })?;
-        prog.attach("sched_process_fork").map_err(|source| KernelError::Program { name: FORK, source })?;
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load().map_err(|source| KernelError::Program { name, source })?;
+        prog.attach(point).map_err(|source| KernelError::Program { name, source })?;
         Ok(())
     }
 
