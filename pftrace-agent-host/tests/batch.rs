@@ -4,8 +4,8 @@
 //! drain report by the syscall road, its switch-out, its exit). Every
 //! traced call arrives exactly once, with the pid and tid of the thread
 //! that made it, and nothing is counted lost: at a clean interpreter exit,
-//! when another thread calls os._exit while this one holds records, at an
-//! execve, and in a forked child (which must not send its parent's buffered
+//! when another thread calls os._exit while this one holds records, at a
+//! SIGKILL, at an execve, and in a forked child (which must not send its parent's buffered
 //! calls again).
 
 mod common;
@@ -133,13 +133,25 @@ fn run(s: &mut Side, python: &Path, mode: &str) -> Run {
         writeln!(stdin, "go").unwrap();
         forked = Some(c);
     }
+    if mode == "kill" {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "HOLD", "{mode}");
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    }
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let st = child.wait().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(st.success(), "{mode}: exit {st}; stdout {rest:?}; stderr {err}");
-    if mode != "os_exit" {
+    if mode == "kill" {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "{mode}: {st}; stderr {err}");
+    } else {
+        assert!(st.success(), "{mode}: exit {st}; stdout {rest:?}; stderr {err}");
+    }
+    if mode != "os_exit" && mode != "kill" {
         assert_eq!(rest.trim(), "DONE", "{mode}: stderr {err}");
     }
     let mut by_thread: BTreeMap<(u32, u32), Thread> = BTreeMap::new();
@@ -284,6 +296,16 @@ fn a_forked_child_sends_only_its_own_calls_and_switch_outs_drain() {
         let mut s = side(true, false);
         let c = check(label, "fork", &mut s, &python);
         assert!(c[b::counter::BY_SWITCH as usize] > 0, "{label}: {}", batch::counters_text(&c));
+    }
+}
+
+#[test]
+fn a_sigkill_drains_every_thread_at_its_exit() {
+    let _g = serial();
+    for (label, python) in interpreters_batched() {
+        let mut s = side(false, false);
+        let c = check(label, "kill", &mut s, &python);
+        assert!(c[b::counter::BY_EXIT as usize] >= 2, "{label}: {}", batch::counters_text(&c));
     }
 }
 

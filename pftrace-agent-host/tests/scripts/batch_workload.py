@@ -3,7 +3,8 @@
 # gives each thread its CPU slot between "TIDS ..." and "go" on stdin.
 # argv: socket, how it ends: "clean" (threads end, interpreter exits),
 # "os_exit" (a worker calls os._exit(0) while the main thread holds records)
-# "fork" (the main thread forks after buffering calls; the child calls
+# "kill" (the test sends SIGKILL while the main thread spins and a worker
+# waits, both holding calls in their buffers), "fork" (the main thread forks after buffering calls; the child calls
 # and leaves by os._exit) or "exec" (the main thread execs a new Python
 # while its buffer holds calls).
 import os
@@ -46,6 +47,8 @@ def worker(n, last):
     if last and mode == "os_exit":
         hold.wait()
         os._exit(0)
+    if last and mode == "kill":
+        hold.wait()  # blocked, its last calls in its buffer, until SIGKILL
 
 
 threads = [threading.Thread(target=worker, args=(n, i == len(PER_THREAD) - 1)) for i, n in enumerate(PER_THREAD)]
@@ -58,7 +61,7 @@ if sys.stdin.readline().strip() != "go":
 # line may have been there before this thread ever slept).
 time.sleep(0.01)
 go.set()
-if mode == "os_exit":
+if mode in ("os_exit", "kill"):
     # The others done first, so the count is known when the last one ends
     # the process while this thread holds its records.
     for t in threads[:-1]:
@@ -70,6 +73,11 @@ if mode == "os_exit":
     hold.set()
     threading.Event().wait(30)
     sys.exit(5)
+if mode == "kill":
+    # Running (no switch-out of its own) when the test's SIGKILL comes.
+    print("HOLD", flush=True)
+    while True:
+        pass
 for t in threads:
     t.join()
 if mode == "exec":
