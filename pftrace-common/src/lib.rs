@@ -321,8 +321,13 @@ pub struct CpuSlot {
     pub _pad: u32,
 }
 
-/// Slots of the CpuSlot array (32 bytes each: 128 KiB).
-pub const MAX_CPU_SLOTS: u32 = 4096;
+/// Slots of the CpuSlot array: threads of traced processes alive at once
+/// that get CPU figures to the ns (more are counted in
+/// `counter::CPU_SLOTS_FULL` and get the scheduler's last charge). 32 bytes
+/// each: 512 KiB, plus SLOT_OF (a preallocated hash, about 1 MiB) and the
+/// free list (64 KiB); a node's traced job of 64 processes of 64 threads
+/// uses a quarter.
+pub const MAX_CPU_SLOTS: u32 = 16384;
 
 /// Prototype (issue 12, batched): records a thread's buffer holds.
 pub const BATCH_LEN: usize = 32;
@@ -621,6 +626,14 @@ pub mod task_layout {
     /// Non-zero: agent drain reports (`agent::BATCH`) are taken (prototype,
     /// agent-bench and its test only); 0 (pftraced) and the verifier drops that path.
     pub const AGENT_BATCH: &str = "AGENT_BATCH";
+
+    /// Non-zero (pftraced): the kernel hands CPU slots out itself, from the
+    /// FREE_SLOTS queue user space fills at load, to every thread of a
+    /// TRACKED process (at its creation, or at its first matched call for a
+    /// thread older than the attachment) and takes them back at the
+    /// thread's exit. 0 (the agent prototype): only slots user space
+    /// registers in SLOT_OF exist.
+    pub const CPU_SLOT_ALLOC: &str = "CPU_SLOT_ALLOC";
     /// Bits of AGENT_BENCH_SKIP.
     pub mod bench_skip {
         /// Process's RSS (mm and three counters).
@@ -686,8 +699,17 @@ pub mod counter {
     pub const AGENT_FOREIGN: u32 = 18;
     /// Agent reports with an unknown event kind (dropped).
     pub const AGENT_BAD: u32 = 19;
+    /// Records (probe hits and agent reports) whose CPU figure is the
+    /// scheduler's last charge (exact only to a tick), because their thread
+    /// had no CPU slot written since its last switch-in: a thread running
+    /// since before the attachment and not switched out since, or one that
+    /// found no free slot.
+    pub const CPU_COARSE: u32 = 20;
+    /// Threads' attempts to take a CPU slot that found none free (each such
+    /// record is also in CPU_COARSE).
+    pub const CPU_SLOTS_FULL: u32 = 21;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
 }
 
 #[cfg(feature = "user")]

@@ -30,7 +30,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_tracepoint, map, raw_tracepoint, uprobe},
-    maps::{Array, CgroupArray, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, CgroupArray, HashMap, LpmTrie, LruHashMap, PerCpuArray, Queue, RingBuf, lpm_trie::Key},
     programs::{BtfTracePointContext, ProbeContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -122,6 +122,12 @@ static AGENT_ONE_CALL: u32 = 0;
 #[unsafe(no_mangle)]
 static AGENT_BATCH: u32 = 0;
 
+/// Non-zero (pftraced): CPU slots are handed out and taken back by the
+/// kernel (pftrace_common::task_layout::CPU_SLOT_ALLOC); 0 in the agent
+/// prototype, whose slots user space registers.
+#[unsafe(no_mangle)]
+static CPU_SLOT_ALLOC: u32 = 0;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -171,7 +177,8 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 static CPU_SLOTS: Array<CpuSlot> = Array::with_max_entries(MAX_CPU_SLOTS, BPF_F_MMAPABLE);
 
-/// Prototype: kernel tid -> its slot in CPU_SLOTS (written by user space).
+/// Kernel tid -> its slot in CPU_SLOTS: written by the kernel with
+/// CPU_SLOT_ALLOC (claim_cpu_slot, release_cpu_slot), else by user space.
 #[map]
 static SLOT_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
 
@@ -184,6 +191,11 @@ static BATCH_OF: LruHashMap<u32, BatchTail> = LruHashMap::with_max_entries(MAX_C
 /// Prototype (issue 12, batched): pftrace_common::batch::counter, per CPU.
 #[map]
 static BATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(batch::counter::COUNT, 0);
+
+/// Free slot indices of CPU_SLOTS (all of them pushed by user space at
+/// load, with CPU_SLOT_ALLOC): a thread takes one, its exit gives it back.
+#[map]
+static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(MAX_CPU_SLOTS, 0);
 
 /// Per-CPU counters, indexed by `pftrace_common::counter`.
 #[map]
@@ -347,9 +359,10 @@ struct Call {
 #[inline(always)]
 unsafe fn fill(ev: *mut CallEvent, call: &Call, name: &[u8; NAME_LEN]) {
     let pid_tgid = current_pid_tgid();
-    let (cpu, rss) = task_figures();
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (cpu, rss) = (call_cpu(now), task_rss());
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = now;
         (*ev).pid = (pid_tgid >> 32) as u32;
         (*ev).tid = pid_tgid as u32;
         (*ev).lineno = call.lineno;
@@ -492,7 +505,9 @@ fn global(v: &'static u32) -> u64 {
     unsafe { core::ptr::read_volatile(v) as u64 }
 }
 
-/// The current thread's CPU time so far (as the scheduler last charged it).
+/// The current thread's CPU time so far as the scheduler last charged it
+/// (at its last tick or switch: 4 ms stale at worst at HZ=250); the
+/// fallback of [`call_cpu`].
 #[inline(always)]
 fn task_cpu() -> u64 {
     let task = unsafe { bpf_get_current_task() } as usize;
@@ -501,13 +516,6 @@ fn task_cpu() -> u64 {
         return 0;
     }
     unsafe { bpf_probe_read_kernel((task + sum_exec) as *const u64) }.unwrap_or(0)
-}
-
-/// The current thread's CPU time so far and its process's resident pages,
-/// read from the task with the offsets user space found in BTF.
-#[inline(always)]
-fn task_figures() -> (u64, u64) {
-    (task_cpu(), task_rss())
 }
 
 /// The current process's resident pages.
@@ -880,7 +888,8 @@ unsafe fn agent_head(
 ) {
     use pftrace_common::task_layout::bench_skip;
     unsafe {
-        (*ev).ts_ns = if skip & bench_skip::CLOCK as u64 == 0 { bpf_ktime_get_ns() } else { 0 };
+        let now = if skip & bench_skip::CLOCK as u64 == 0 { bpf_ktime_get_ns() } else { 0 };
+        (*ev).ts_ns = now;
         (*ev).pid = (pid_tgid >> 32) as u32;
         (*ev).tid = pid_tgid as u32;
         (*ev).lineno = line as i32;
@@ -889,9 +898,11 @@ unsafe fn agent_head(
         (*ev).flags = flags;
         (*ev)._pad = 0;
         (*ev).code = code;
+        // Without the clock (a benchmark of its cost) the slot cannot serve.
+        let cpu = || if now != 0 { call_cpu(now) } else { task_cpu() };
         let (cpu, rss) = match skip & (bench_skip::CPU | bench_skip::RSS) as u64 {
-            0 => task_figures(),
-            s if s == bench_skip::RSS as u64 => (task_cpu(), 0),
+            0 => (cpu(), task_rss()),
+            s if s == bench_skip::RSS as u64 => (cpu(), 0),
             _ => (0, 0),
         };
         (*ev).thread_cpu_ns = cpu;
@@ -915,7 +926,7 @@ fn agent_call(pid_tgid: u64, event: u8, entry_ts: u64, entry_cpu: u64, line: u64
     };
     let ev = entry.as_mut_ptr();
     let now = unsafe { bpf_ktime_get_ns() };
-    let cpu = slot_cpu(bpf_get_current_pid_tgid() as u32, now).unwrap_or_else(task_cpu);
+    let cpu = call_cpu(now);
     unsafe {
         (*ev).head.ts_ns = now;
         (*ev).head.pid = (pid_tgid >> 32) as u32;
@@ -951,11 +962,66 @@ fn slot_cpu(tid: u32, now: u64) -> Option<u64> {
     }
 }
 
-/// Prototype (issue 12): at every context switch of the host, when the
-/// thread switched in is registered (SLOT_OF), write its slot: the
+/// The current thread's CPU time at `now` (bpf_ktime_get_ns): from its slot
+/// to the ns; else the scheduler's last charge, counted in CPU_COARSE (a
+/// thread older than the attachment, not switched in since it took its
+/// slot, which it takes now; or no slot was free).
+#[inline(always)]
+fn call_cpu(now: u64) -> u64 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(cpu) = slot_cpu(tid, now) {
+        return cpu;
+    }
+    bump(counter::CPU_COARSE);
+    if global(&CPU_SLOT_ALLOC) != 0 && unsafe { SLOT_OF.get(&tid) }.is_none() {
+        claim_cpu_slot(tid);
+    }
+    task_cpu()
+}
+
+/// Gives kernel thread `tid` a free CPU slot (valid from its next
+/// switch-in on); counted in CPU_SLOTS_FULL when none is free.
+#[inline(always)]
+fn claim_cpu_slot(tid: u32) {
+    let Ok(Some(idx)) = FREE_SLOTS.pop() else {
+        bump(counter::CPU_SLOTS_FULL);
+        return;
+    };
+    // BPF_NOEXIST: a thread claims only for itself or, at its creation,
+    // its creator for it; should both race, the loser's slot goes back.
+    if SLOT_OF.insert(&tid, &idx, BPF_NOEXIST).is_err() {
+        let _ = FREE_SLOTS.push(&idx, 0);
+    }
+}
+
+/// A thread exits: its slot (if any) is cleared (tid 0, so no reader takes
+/// its figures for a later thread's) and goes back to the free list.
+#[inline(always)]
+fn release_cpu_slot(tid: u32) {
+    let Some(idx) = (unsafe { SLOT_OF.get(&tid) }).copied() else {
+        return;
+    };
+    if SLOT_OF.remove(&tid).is_err() {
+        return;
+    }
+    if let Some(slot) = CPU_SLOTS.get_ptr_mut(idx) {
+        unsafe {
+            let seq = core::ptr::read_volatile(&raw const (*slot).seq);
+            core::ptr::write_volatile(&raw mut (*slot).seq, seq | 1);
+            core::ptr::write_volatile(&raw mut (*slot).tid, 0);
+            core::ptr::write_volatile(&raw mut (*slot).seq, (seq | 1).wrapping_add(1));
+        }
+    }
+    let _ = FREE_SLOTS.push(&idx, 0);
+}
+
+const BPF_NOEXIST: u64 = 1;
+
+/// At every context switch of the host, when the
+/// thread switched in has a slot (SLOT_OF), write its slot: the
 /// scheduler's sum of its run time (exact at a switch-in: charged when it
 /// last went off the CPU) and the clock now. Unregistered threads cost one
-/// hash lookup (measured with bpf_stats: pftrace-agent/README.md).
+/// hash lookup (measured with bpf_stats: README.md, "Per-call figures").
 #[btf_tracepoint(function = "sched_switch")]
 pub fn pftrace_cpu_slot(ctx: BtfTracePointContext) -> i32 {
     // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
@@ -1255,11 +1321,14 @@ pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// A thread exited: when it is the main thread of a tracked process, report
+/// A thread exited: its CPU slot is freed; when it is the main thread of a tracked process, report
 /// the exit (in ring order, before anything of a process that reuses the
 /// pid) and forget the process.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
+    if global(&CPU_SLOT_ALLOC) != 0 {
+        release_cpu_slot(bpf_get_current_pid_tgid() as u32);
+    }
     let pid_tgid = current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid != pid_tgid as u32 || unsafe { TRACKED.get(&tgid) }.is_none() {
@@ -1290,7 +1359,7 @@ pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
 }
 
 /// A traced process forked: report the new process (not new threads) so
-/// user space attaches to it too.
+/// user space attaches to it too; every new thread of it gets a CPU slot.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let parent = (current_pid_tgid() >> 32) as u32;
@@ -1312,6 +1381,11 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let child = child as usize;
     let pid = unsafe { bpf_probe_read_kernel((child + pid_off) as *const u32) }.unwrap_or(0);
     let tgid = unsafe { bpf_probe_read_kernel((child + tgid_off) as *const u32) }.unwrap_or(0);
+    if pid != 0 && global(&CPU_SLOT_ALLOC) != 0 {
+        // Every new thread (and process) of a traced process: its slot is
+        // written from its first switch-in, so its first call is exact.
+        claim_cpu_slot(pid);
+    }
     if pid == 0 || pid != tgid {
         return 0; // a thread, not a process
     }

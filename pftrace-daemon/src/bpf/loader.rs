@@ -58,6 +58,8 @@ pub enum BpfError {
     PidNamespace(#[from] crate::kernel::pidns::PidNsError),
     #[error(transparent)]
     Spec(#[from] UsdtError),
+    #[error("per-call CPU slots: {0}")]
+    CpuSlots(String),
     #[error("the kernel side's log ring: {0}")]
     Logger(String),
 }
@@ -145,6 +147,16 @@ pub struct Counters {
     /// `<unknown: name not received>`. Counted in user space (agent/records.rs).
     #[serde(default)]
     pub agent_unnamed: u64,
+    /// Records whose CPU figure is the scheduler's last charge (a tick
+    /// stale), not the thread's CPU slot: threads older than the attachment
+    /// not switched out since, or no free slot. Their calls' `cpu_ns` is
+    /// exact only to a tick.
+    #[serde(default)]
+    pub cpu_coarse: u64,
+    /// Threads' attempts to take a CPU slot that found none free (of
+    /// pftrace_common::MAX_CPU_SLOTS).
+    #[serde(default)]
+    pub cpu_slots_full: u64,
     /// What met pftraced's memory bounds (counted in user space).
     #[serde(default)]
     pub bounds: crate::protocol::BoundCounts,
@@ -154,6 +166,20 @@ impl Counters {
     /// Reports of processes starting (exec, fork) or exiting that the ring buffer had no room for.
     pub fn process_reports_lost(&self) -> u64 {
         self.exec_lost + self.fork_lost + self.exit_lost
+    }
+
+    /// Says how many records carry a CPU figure exact only to a tick, if any.
+    pub fn cpu_coarse_note(&self) -> Option<String> {
+        (self.cpu_coarse + self.cpu_slots_full > 0).then(|| {
+            format!(
+                "COARSE CPU (README, \"Per-call figures\"): {} records took the scheduler's last charge \
+                 (exact to a tick only: threads older than the attachment not switched out since, or no free \
+                 slot); {} slot claims found none of {} free",
+                self.cpu_coarse,
+                self.cpu_slots_full,
+                pftrace_common::MAX_CPU_SLOTS
+            )
+        })
     }
 }
 
@@ -194,6 +220,10 @@ impl KernelProbes {
         loader.override_global(aya_log::LEVEL, &level, true);
         let agent_token = new_agent_token();
         loader.override_global(task_layout::AGENT_TOKEN, &agent_token, true);
+        // The kernel hands per-thread CPU slots out (attach_cpu_slots); only
+        // with the task offsets the sched_switch program needs.
+        let slot_alloc = u32::from(layout.is_some());
+        loader.override_global(task_layout::CPU_SLOT_ALLOC, &slot_alloc, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -325,6 +355,19 @@ impl KernelProbes {
         self.attach_raw_tracepoint("pftrace_exit", "sched_process_exit")
     }
 
+    /// Attaches the sched_switch program keeping per-thread CPU slots
+    /// (crate::bpf::cpuslots): from now on every context switch of the
+    /// host runs it (measured: README.md, "Per-call figures"). Lives as
+    /// long as this object.
+    pub fn attach_cpu_slots(&mut self) -> Result<(), BpfError> {
+        super::cpuslots::attach(&mut self.ebpf)
+    }
+
+    /// (run_cnt, run_time_ns) of the sched_switch program (bpf_stats).
+    pub fn cpu_slot_stats(&self) -> Option<(u64, u64)> {
+        super::cpuslots::stats(&self.ebpf)
+    }
+
     /// Loads and attaches the sched_process_exec tracepoint that reports new
     /// processes in scope; what it reports is set with `config::EXEC_MODE`.
     /// The attachment lives as long as this object.
@@ -450,6 +493,8 @@ impl KernelProbes {
             agent_foreign: total(counter::AGENT_FOREIGN)?,
             agent_bad: total(counter::AGENT_BAD)?,
             agent_unnamed: 0,
+            cpu_coarse: total(counter::CPU_COARSE)?,
+            cpu_slots_full: total(counter::CPU_SLOTS_FULL)?,
             bounds: Default::default(),
         })
     }

@@ -5,6 +5,7 @@
 //! Imports go one way: `loader` → `attach` → (`multi`, `perf`) → (`points`, `sys`).
 
 mod attach;
+mod cpuslots;
 mod loader;
 mod multi;
 mod perf;

@@ -70,6 +70,9 @@ impl Daemon {
         probes.floor = opts.floor;
         probes.attach_fork_watch()?;
         probes.attach_exit_watch()?;
+        if layout.is_some() {
+            probes.attach_cpu_slots()?;
+        }
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 

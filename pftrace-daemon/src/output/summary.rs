@@ -65,6 +65,9 @@ pub fn render(trace: &Trace) -> String {
         "probes: {} entries and {} returns seen, {} + {} matched; lost records: {}; read errors: {}",
         c.entry_seen, c.return_seen, c.entry_matched, c.return_matched, c.lost, c.read_errors
     );
+    if let Some(note) = c.cpu_coarse_note() {
+        let _ = writeln!(s, "{note}");
+    }
     let agents: Vec<String> = trace
         .processes
         .iter()

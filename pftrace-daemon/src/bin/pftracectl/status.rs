@@ -105,6 +105,9 @@ pub fn render(s: &Status) -> String {
     if let Some(note) = super::stats::bounds_note(&c.bounds) {
         let _ = writeln!(o, "{note}");
     }
+    if let Some(note) = c.cpu_coarse_note() {
+        let _ = writeln!(o, "{note}");
+    }
     if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
