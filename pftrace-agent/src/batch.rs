@@ -34,9 +34,27 @@ static ON: AtomicBool = AtomicBool::new(false);
 /// late a call of a thread that keeps calling can reach pftraced.
 pub const MAX_AGE_NS: u64 = 5_000_000;
 
-/// Turns batching on when the environment asks and the slots are mapped.
+/// Whether this agent offers pftraced the batched road (`batch=1` in its
+/// hello): unless `PFTRACE_AGENT_BATCH=0` in the process's environment, or
+/// the prototype's own switch (`PFTRACE_AGENT_ONE_CALL`, agent-bench and
+/// agent-host's tests, which give the slots themselves) is set.
+pub fn offered() -> bool {
+    std::env::var_os("PFTRACE_AGENT_ONE_CALL").is_none()
+        && std::env::var_os("PFTRACE_AGENT_BATCH").is_none_or(|v| v != "0")
+}
+
+/// Turns batching on when the environment asks and the slots are mapped
+/// (prototype switch: agent-bench and agent-host's tests).
 pub fn from_env() {
     if std::env::var_os("PFTRACE_AGENT_BATCH").is_none() || !crate::onecall::on() {
+        return;
+    }
+    turn_on();
+}
+
+/// Turns batching on (the slots are mapped).
+pub fn turn_on() {
+    if !crate::onecall::on() {
         return;
     }
     static ATFORK: std::sync::Once = std::sync::Once::new();
@@ -49,6 +67,15 @@ pub fn from_env() {
     });
     ON.store(true, Ordering::Release);
 }
+
+/// The agent stops (teardown): no more batching; every thread's next
+/// drain report (in a later session) says it is its first.
+pub fn turn_off() {
+    ON.store(false, Ordering::Release);
+    SESSION.fetch_add(1, Ordering::AcqRel);
+}
+
+static SESSION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 #[inline]
 pub fn on() -> bool {
@@ -64,6 +91,8 @@ struct Thread {
     oldest: Cell<u64>,
     /// No drain report yet from this thread (its first registers the buffer).
     first: Cell<bool>,
+    /// [`SESSION`] of `first`.
+    session: Cell<u32>,
 }
 
 const ZERO: BatchRecord = BatchRecord {
@@ -87,6 +116,7 @@ thread_local! {
             synced: Cell::new(0),
             oldest: Cell::new(0),
             first: Cell::new(true),
+            session: Cell::new(0),
         }
     };
 }
@@ -108,6 +138,16 @@ pub fn append(c: &Closed, code: u64, line: i32) -> Appended {
         return Appended::NoSlot;
     };
     T.with(|t| {
+        let session = SESSION.load(Ordering::Relaxed);
+        if t.session.get() != session {
+            // A new session: the kernel has no entry for this thread.
+            t.session.set(session);
+            // (as after a fork: an empty buffer, which BATCH_FIRST starts at 0)
+            t.first.set(true);
+            t.synced.set(0);
+            t.oldest.set(0);
+            unsafe { std::ptr::write_volatile(&raw mut (*t.buf.get()).head, 0) };
+        }
         let buf = t.buf.get();
         // SAFETY: only this thread writes its buffer (the kernel only reads).
         let head = unsafe { std::ptr::read_volatile(&raw const (*buf).head) };
@@ -143,6 +183,22 @@ pub fn append(c: &Closed, code: u64, line: i32) -> Appended {
         } else {
             Appended::Kept
         }
+    })
+}
+
+/// A drain report to make now if this thread holds records past its last
+/// one (in this session): (event argument, buffer).
+#[inline]
+pub fn pending() -> Option<(u64, *const u8)> {
+    T.with(|t| {
+        if t.session.get() != SESSION.load(Ordering::Relaxed) {
+            return None;
+        }
+        let head = unsafe { std::ptr::read_volatile(&raw const (*t.buf.get()).head) };
+        (head != t.synced.get()).then(|| {
+            let event = agent::BATCH | if t.first.get() { agent::BATCH_FIRST } else { 0 };
+            (event, t.buf.get() as *const u8)
+        })
     })
 }
 

@@ -139,7 +139,17 @@ pub fn report(event: u8, info: &CodeInfo) {
                 send(mode, c.event, c.ts as *const u8, c.cpu as *const u8, info.line as u64, code);
                 return;
             }
-            crate::onecall::Action::Old => {}
+            crate::onecall::Action::Old => {
+                // Calls this thread closed before this report reach
+                // pftraced before it: a two-report call's children arrive
+                // while it is open (their parent and depth exact).
+                if crate::batch::on()
+                    && let Some((event, buf)) = crate::batch::pending()
+                {
+                    send(mode, event, buf, std::ptr::null(), 0, 0);
+                    crate::batch::drained();
+                }
+            }
         }
     }
     let (name, file, event) = if info.sent.get() == SESSION.load(Ordering::Relaxed)
