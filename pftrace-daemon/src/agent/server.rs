@@ -112,6 +112,8 @@ pub struct AgentConn {
     /// What the agent said (its pid claim is not used).
     pub hello: Hello,
     reader: BufReader<UnixStream>,
+    /// Whether the agent's `batch=1` was answered (it must be, first).
+    batch_answered: bool,
 }
 
 impl AgentConn {
@@ -126,12 +128,13 @@ impl AgentConn {
         let line =
             protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
         let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
-        Ok(AgentConn { pid, hello, reader })
+        Ok(AgentConn { pid, hello, reader, batch_answered: false })
     }
 
     /// Sends how to report and the names; waits for the agent to say they
     /// are in force. Returns the generation.
     pub fn configure(&mut self, report: Report, names: &[String]) -> Result<u32, ServerError> {
+        self.answer_batch_unless_answered()?;
         self.send(&Command::Report(report))?;
         self.set_names(names)
     }
@@ -148,6 +151,7 @@ impl AgentConn {
     /// map it read-only) when pftraced takes the batched road, else
     /// [`protocol::NO_SLOTS_LINE`].
     pub fn answer_batch(&mut self, slots: Option<std::os::fd::OwnedFd>) -> Result<(), ServerError> {
+        self.batch_answered = true;
         let Some(fd) = slots else {
             return protocol::send(&mut self.reader.get_ref(), protocol::NO_SLOTS_LINE)
                 .map_err(|e| self.err(e.to_string()));
@@ -176,7 +180,17 @@ impl AgentConn {
         Ok(())
     }
 
+    /// An agent offering the batched road hears `slots none` before
+    /// anything else when no answer was given.
+    fn answer_batch_unless_answered(&mut self) -> Result<(), ServerError> {
+        if self.hello.batch && !self.batch_answered {
+            self.answer_batch(None)?;
+        }
+        Ok(())
+    }
+
     pub fn stop(&mut self) -> Result<(), ServerError> {
+        self.answer_batch_unless_answered()?;
         self.send(&Command::Stop)
     }
 
