@@ -36,7 +36,7 @@ fn tid() -> u32 {
 }
 
 /// Fastest of 200 batches of 10,000, ns per call of `f`.
-fn fastest(mut f: impl FnMut()) -> f64 {
+pub(crate) fn fastest(mut f: impl FnMut()) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..200 {
         let t0 = std::time::Instant::now();
@@ -296,7 +296,7 @@ fn summary(name: &str, v: &mut [i64]) -> String {
     )
 }
 
-fn pin(cpu: usize) {
+pub(crate) fn pin(cpu: usize) {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);

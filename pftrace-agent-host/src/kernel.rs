@@ -43,7 +43,7 @@ const UPROBE_PROGRAM: &str = "pftrace_agent_uprobe";
 
 /// The loaded agent programs and their maps.
 pub struct AgentKernel {
-    ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
     uprobe_loaded: bool,
     /// What agents put in their report syscall (task_layout::AGENT_TOKEN).
     pub token: u64,
@@ -59,11 +59,14 @@ pub struct LoadOptions {
     pub skip: u32,
     /// Take one-record calls (`agent::ONE_CALL`; prototype, agent-bench only).
     pub one_call: bool,
+    /// Take drain reports of per-thread call buffers (`agent::BATCH`;
+    /// prototype, agent-bench and its test only; see crate::batch).
+    pub batch: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { ring_bytes: 1 << 24, strings: true, skip: 0, one_call: false }
+        Self { ring_bytes: 1 << 24, strings: true, skip: 0, one_call: false, batch: false }
     }
 }
 
@@ -83,6 +86,8 @@ impl AgentKernel {
         loader.override_global(task_layout::AGENT_BENCH_SKIP, &opts.skip, true);
         let one_call = u32::from(opts.one_call);
         loader.override_global(task_layout::AGENT_ONE_CALL, &one_call, true);
+        let batch = u32::from(opts.batch);
+        loader.override_global(task_layout::AGENT_BATCH, &batch, true);
         let token = pftrace::bpf::new_agent_token();
         loader.override_global(task_layout::AGENT_TOKEN, &token, true);
         let wakeup = opts.ring_bytes / 4;
@@ -162,7 +167,11 @@ impl AgentKernel {
     }
 
     /// Loads program `name` as a BTF raw tracepoint (tp_btf) on `point` and attaches it.
-    fn attach_btf_tracepoint(&mut self, name: &'static str, point: &str) -> Result<(), KernelError> {
+    pub(crate) fn attach_btf_tracepoint(
+        &mut self,
+        name: &'static str,
+        point: &str,
+    ) -> Result<(), KernelError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
         let prog: &mut aya::programs::BtfTracePoint = self
             .ebpf
@@ -178,15 +187,23 @@ impl AgentKernel {
     /// Attaches the fork program: a child of a TRACKED process is tracked
     /// from its first instruction (forked children keep the parent's agent).
     pub fn follow_forks(&mut self) -> Result<(), KernelError> {
-        const FORK: &str = "pftrace_fork";
+        self.attach_raw_tracepoint("pftrace_fork", "sched_process_fork")
+    }
+
+    /// Loads program `name` as a raw tracepoint on `point` and attaches it.
+    pub(crate) fn attach_raw_tracepoint(
+        &mut self,
+        name: &'static str,
+        point: &str,
+    ) -> Result<(), KernelError> {
         let prog: &mut aya::programs::RawTracePoint = self
             .ebpf
-            .program_mut(FORK)
-            .ok_or(KernelError::Missing(FORK))?
+            .program_mut(name)
+            .ok_or(KernelError::Missing(name))?
             .try_into()
-            .map_err(|source| KernelError::Program { name: FORK, source })?;
-        prog.load().map_err(|source| KernelError::Program { name: FORK, source })?;
-        prog.attach("sched_process_fork").map_err(|source| KernelError::Program { name: FORK, source })?;
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.load().map_err(|source| KernelError::Program { name, source })?;
+        prog.attach(point).map_err(|source| KernelError::Program { name, source })?;
         Ok(())
     }
 
@@ -312,7 +329,7 @@ impl AgentKernel {
     }
 }
 
-fn fd_stats(fd: i32) -> Option<(u64, u64)> {
+pub(crate) fn fd_stats(fd: i32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
     let field =
         |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
@@ -436,7 +453,7 @@ impl Ring {
     }
 
     /// Drains what is there, counting the agent records of process `pid`
-    /// (benchmarks: no decoding).
+    /// (benchmarks: no decoding); a batch (prototype) counts its calls.
     pub fn count_for(&mut self, pid: u32) -> u64 {
         let mut n = 0;
         while let Some(item) = self.ring.next() {
@@ -444,7 +461,7 @@ impl Ring {
                 && item[pftrace_common::KIND_OFFSET] == kind::AGENT
                 && u32::from_ne_bytes([item[8], item[9], item[10], item[11]]) == pid
             {
-                n += 1;
+                n += crate::batch::calls_in(&item).unwrap_or(1);
             }
         }
         n

@@ -3,6 +3,8 @@
 //! (`kernel`). The control socket, installing the agent's files, launch mode
 //! and PEP 768 are the daemon's (`pftrace::agent`), re-exported here.
 
+pub mod batch;
+pub mod batchbench;
 pub mod cpuslot;
 pub mod kernel;
 

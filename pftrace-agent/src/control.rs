@@ -26,8 +26,14 @@ pub static FINALIZING: AtomicBool = AtomicBool::new(false);
 pub static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Connects and says hello; checks that the peer is root (pftraced) or
-/// this process's own user.
-pub fn connect(path: &Path, timeout: Duration, python: (u32, u32)) -> Result<UnixStream, String> {
+/// this process's own user. With the batched road offered (`batch=1`),
+/// pftraced's first line says whether it takes it, with the CPU slot map's
+/// fd attached when it does (returned).
+pub fn connect(
+    path: &Path,
+    timeout: Duration,
+    python: (u32, u32),
+) -> Result<(UnixStream, Option<std::os::fd::OwnedFd>), String> {
     let stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot connect to pftraced at {}: {e}", path.display()))?;
     let peer = peer_uid(&stream).map_err(|e| format!("SO_PEERCRED on {}: {e}", path.display()))?;
@@ -36,9 +42,55 @@ pub fn connect(path: &Path, timeout: Duration, python: (u32, u32)) -> Result<Uni
         return Err(format!("{} is served by uid {peer}, not by root: not pftraced", path.display()));
     }
     stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let hello = Hello { pid: std::process::id(), python, syscall: report::syscall_possible() };
+    let batch = crate::batch::offered();
+    let hello = Hello { pid: std::process::id(), python, syscall: report::syscall_possible(), batch };
     protocol::send(&mut &stream, &hello.to_line()).map_err(|e| format!("sending hello: {e}"))?;
-    Ok(stream)
+    let slots = if batch { read_slots(&stream)? } else { None };
+    Ok((stream, slots))
+}
+
+/// Reads pftraced's answer to `batch=1` (one short line, read a byte at a
+/// time with recvmsg so that nothing after it is consumed and the fd that
+/// rides with it is received, not dropped).
+fn read_slots(stream: &UnixStream) -> Result<Option<std::os::fd::OwnedFd>, String> {
+    use std::os::fd::FromRawFd as _;
+    let mut line = Vec::new();
+    let mut fd = None;
+    while line.len() < 64 {
+        let mut byte = 0u8;
+        let mut iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+        let mut cmsg = [0u64; 8];
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&cmsg);
+        // SAFETY: msg points at live buffers of the sizes given.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n <= 0 {
+            return Err(format!("pftraced's answer to batch=1: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: walking the control buffer the kernel filled.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let raw: i32 = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    fd = Some(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        line.push(byte);
+        if byte == b'\n' {
+            break;
+        }
+    }
+    match std::str::from_utf8(&line) {
+        Ok(protocol::SLOTS_LINE) => Ok(fd),
+        Ok(protocol::NO_SLOTS_LINE) => Ok(None),
+        _ => Err(format!("pftraced's answer to batch=1: {:?}", String::from_utf8_lossy(&line))),
+    }
 }
 
 fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {

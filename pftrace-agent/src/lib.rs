@@ -13,6 +13,8 @@
 //! on every thread). The GIL guards the agent state: callbacks, the profile
 //! function and the control thread's changes all hold it.
 
+/// Prototype (issue 12): whole calls batched per thread, drained by the kernel.
+pub mod batch;
 mod capi;
 mod control;
 mod monitoring;
@@ -111,6 +113,8 @@ pub fn apply_names(api: &Api, names: &[String]) -> Option<u32> {
 /// Removes every hook (GIL held).
 pub fn teardown(api: &Api, why: &str) {
     report::set_mode(report::OFF);
+    batch::turn_off();
+    onecall::turn_off();
     let Some((_, state)) = (unsafe { agent_state() }) else { return };
     if let Some(tool) = state.tool.take() {
         monitoring::disable_tool(api, tool);
@@ -167,12 +171,12 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     }
     // Talk to pftraced without the GIL: other threads keep running.
     let tstate = unsafe { (api.save_thread)() };
-    let setup = control::connect(&path, SETUP_TIMEOUT, python).and_then(|s| {
+    let setup = control::connect(&path, SETUP_TIMEOUT, python).and_then(|(s, slots)| {
         let mut r = BufReader::new(s);
-        control::read_setup(&mut r).map(|(m, names)| (r, m, names))
+        control::read_setup(&mut r).map(|(m, names)| (r, m, names, slots))
     });
     unsafe { (api.restore_thread)(tstate) };
-    let (reader, mode, names) = setup?;
+    let (reader, mode, names, slots) = setup?;
     if state.extra_index < 0 {
         state.extra_index = unsafe { (api.request_extra_index)(Some(verdict::free_slot)) };
         if state.extra_index < 0 {
@@ -188,6 +192,13 @@ fn start(api: &Api, arg: Obj) -> Result<String, String> {
     // slots' fd (only agent-bench passes one) the process is traced the
     // usual way, not refused; agent-bench checks the kinds of records it gets.
     let _ = onecall::from_env();
+    batch::from_env();
+    // The batched road, when pftraced gave the slots (the default).
+    if let Some(fd) = slots
+        && onecall::from_fd(&fd).is_ok()
+    {
+        batch::turn_on();
+    }
     // A new pftraced (or the same one anew): it has none of our strings.
     report::new_session();
     report::set_road(mode);
@@ -282,7 +293,8 @@ unsafe extern "C" fn after_fork(_m: Obj, _a: Obj) -> Obj {
         let python = api.minor();
         let spawned = std::thread::Builder::new().name("pftrace-agent".into()).spawn(move || {
             match control::connect(&path, SETUP_TIMEOUT, python) {
-                Ok(s) => {
+                // The slots stay mapped from the parent: the fd is not needed.
+                Ok((s, _slots)) => {
                     if control::spawn(BufReader::new(s)).is_err() {
                         control::stop_from_thread("cannot start the control thread after fork");
                     }

@@ -42,6 +42,38 @@ pub fn from_env() -> Result<bool, String> {
     Ok(true)
 }
 
+/// Maps the slots from the fd pftraced gave over the control socket (the
+/// batched road; read-only: the map is frozen).
+pub fn from_fd(fd: &std::os::fd::OwnedFd) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    if SLOTS.load(Ordering::Relaxed) != 0 {
+        return Err("the CPU slots are mapped already".into());
+    }
+    let len = MAX_CPU_SLOTS as usize * size_of::<CpuSlot>();
+    // SAFETY: a new shared read-only mapping of the map's memory (it stays
+    // after the fd is closed).
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mapping the CPU slots: {}", std::io::Error::last_os_error()));
+    }
+    SLOTS.store(p as usize, Ordering::Release);
+    Ok(())
+}
+
+/// Session of the slots: a thread's cached slot index is of an earlier
+/// mapping when its own number differs.
+pub static GEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The agent stops (teardown): forget the mapping (left mapped: another
+/// thread may be reading it; 512 KiB, once a session) so the next pftraced's
+/// slots are mapped anew, and every thread looks its slot up again.
+pub fn turn_off() {
+    SLOTS.store(0, Ordering::Release);
+    GEN.fetch_add(1, Ordering::AcqRel);
+}
+
 pub fn on() -> bool {
     SLOTS.load(Ordering::Relaxed) != 0
 }
@@ -54,6 +86,8 @@ struct Open {
     code: u64,
     ts: u64,
     cpu: u64,
+    /// The event that opened it (START, RESUME, THROW).
+    event: u8,
 }
 
 /// Open calls kept per thread (deeper ones go the old way).
@@ -62,6 +96,12 @@ pub const DEPTH: usize = 256;
 struct Calls {
     /// -1: not looked for yet; -2: none; else the slot's index.
     slot: Cell<isize>,
+    /// [`GEN`] when `slot` was found.
+    slot_gen: Cell<u32>,
+    /// No slot found: when to look again (a thread older than pftraced's
+    /// attachment gets one at its first report and may use it from its
+    /// next switch-in).
+    retry_at: Cell<u64>,
     depth: Cell<usize>,
     /// Entries past DEPTH still open (reported the old way).
     over: Cell<usize>,
@@ -72,9 +112,11 @@ thread_local! {
     static CALLS: Calls = const {
         Calls {
             slot: Cell::new(-1),
+            slot_gen: Cell::new(0),
+            retry_at: Cell::new(0),
             depth: Cell::new(0),
             over: Cell::new(0),
-            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0 }; DEPTH]),
+            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0, event: 0 }; DEPTH]),
         }
     };
 }
@@ -83,10 +125,23 @@ thread_local! {
 pub enum Action {
     /// Nothing more: the entry is kept here.
     Kept,
-    /// A one-record call: report (event | ONE_CALL, start clock, start CPU).
-    Call(u64, u64, u64),
+    /// A one-record call: report (event | ONE_CALL, start clock, start CPU),
+    /// or with the batched prototype append it (see `crate::batch`).
+    Call(Closed),
     /// The old road (two reports per call).
     Old,
+}
+
+/// A call closed whose start this thread measured.
+#[derive(Clone, Copy)]
+pub struct Closed {
+    /// The closing event | ONE_CALL.
+    pub event: u64,
+    pub ts: u64,
+    pub cpu: u64,
+    pub open_event: u8,
+    /// Open calls below it.
+    pub depth: u16,
 }
 
 /// Decides a report of code object `code` (`strings_sent`: pftraced has its
@@ -103,7 +158,7 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
                 return Action::Old;
             }
             let (ts, cpu) = if strings_sent { now_and_cpu(c).unwrap_or((OLD, 0)) } else { (OLD, 0) };
-            stack[depth] = Open { code, ts, cpu };
+            stack[depth] = Open { code, ts, cpu, event };
             c.depth.set(depth + 1);
             if ts == OLD { Action::Old } else { Action::Kept }
         } else {
@@ -119,16 +174,43 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
             };
             c.depth.set(at);
             let o = stack[at];
-            if o.ts == OLD { Action::Old } else { Action::Call(event as u64 | agent::ONE_CALL, o.ts, o.cpu) }
+            if o.ts == OLD {
+                Action::Old
+            } else {
+                Action::Call(Closed {
+                    event: event as u64 | agent::ONE_CALL,
+                    ts: o.ts,
+                    cpu: o.cpu,
+                    open_event: o.event,
+                    depth: at as u16,
+                })
+            }
         }
     })
+}
+
+/// CLOCK_MONOTONIC now and this thread's CPU time at that instant, from its
+/// slot (None: the thread has no slot).
+#[inline]
+pub fn now_and_cpu_here() -> Option<(u64, u64)> {
+    CALLS.with(now_and_cpu)
 }
 
 /// CLOCK_MONOTONIC now and this thread's CPU time at that instant, from its slot.
 #[inline]
 fn now_and_cpu(c: &Calls) -> Option<(u64, u64)> {
     let mut slot = c.slot.get();
-    if slot == -1 {
+    let generation = GEN.load(Ordering::Relaxed);
+    if slot == -2 && c.slot_gen.get() == generation {
+        // Look again at most every 10 ms (a scan of the slots is 512 KiB).
+        let now = monotonic_ns();
+        if now >= c.retry_at.get() {
+            c.retry_at.set(now + 10_000_000);
+            slot = -1;
+        }
+    }
+    if slot == -1 || c.slot_gen.get() != generation {
+        c.slot_gen.set(generation);
         slot = find_slot();
         c.slot.set(slot);
     }

@@ -69,14 +69,27 @@ pub struct Hello {
     /// The agent can report through its syscall (Report::Syscall); the
     /// probe function (Report::Uprobe) it always can.
     pub syscall: bool,
+    /// The agent can take the batched road (`batch=1`): pftraced then
+    /// answers first with [`SLOTS_LINE`] (the CPU slot map's fd attached,
+    /// SCM_RIGHTS) or [`NO_SLOTS_LINE`].
+    pub batch: bool,
 }
+
+/// pftraced's answer to `batch=1` when it offers the batched road (the
+/// frozen CPU_SLOTS map's fd rides with it).
+pub const SLOTS_LINE: &str = "slots\n";
+/// pftraced's answer to `batch=1` when it does not.
+pub const NO_SLOTS_LINE: &str = "slots none\n";
 
 impl Hello {
     pub fn to_line(&self) -> String {
         let report = if self.syscall { "syscall,uprobe" } else { "uprobe" };
         format!(
-            "hello {VERSION} pid={} python={}.{} report={report}\n",
-            self.pid, self.python.0, self.python.1
+            "hello {VERSION} pid={} python={}.{} report={report}{}\n",
+            self.pid,
+            self.python.0,
+            self.python.1,
+            if self.batch { " batch=1" } else { "" }
         )
     }
 
@@ -86,7 +99,7 @@ impl Hello {
         if words.next() != Some("hello") || words.next() != Some("1") {
             return Err(bad());
         }
-        let (mut pid, mut python, mut syscall) = (None, None, false);
+        let (mut pid, mut python, mut syscall, mut batch) = (None, None, false, false);
         for w in words {
             match w.split_once('=') {
                 Some(("pid", v)) => pid = v.parse().ok(),
@@ -94,10 +107,11 @@ impl Hello {
                     python = v.split_once('.').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
                 }
                 Some(("report", v)) => syscall = v.split(',').any(|r| r == "syscall"),
+                Some(("batch", v)) => batch = v == "1",
                 _ => {}
             }
         }
-        Ok(Self { pid: pid.ok_or_else(bad)?, python: python.ok_or_else(bad)?, syscall })
+        Ok(Self { pid: pid.ok_or_else(bad)?, python: python.ok_or_else(bad)?, syscall, batch })
     }
 }
 
@@ -210,7 +224,7 @@ mod tests {
     #[test]
     fn round_trip() {
         for syscall in [false, true] {
-            let h = Hello { pid: 42, python: (3, 12), syscall };
+            let h = Hello { pid: 42, python: (3, 12), syscall, batch: syscall };
             assert_eq!(Hello::parse(h.to_line().trim_end()).unwrap(), h);
         }
         let cmds = [

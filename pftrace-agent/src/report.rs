@@ -124,11 +124,32 @@ pub fn report(event: u8, info: &CodeInfo) {
             info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
         match crate::onecall::decide(event, code, sent) {
             crate::onecall::Action::Kept => return,
-            crate::onecall::Action::Call(ev, ts, cpu) => {
-                send(mode, ev, ts as *const u8, cpu as *const u8, info.line as u64, code);
+            crate::onecall::Action::Call(c) => {
+                if crate::batch::on() {
+                    match crate::batch::append(&c, code, info.line) {
+                        crate::batch::Appended::Kept => return,
+                        crate::batch::Appended::Drain(event, buf) => {
+                            send(mode, event, buf, std::ptr::null(), 0, 0);
+                            crate::batch::drained();
+                            return;
+                        }
+                        crate::batch::Appended::NoSlot => {}
+                    }
+                }
+                send(mode, c.event, c.ts as *const u8, c.cpu as *const u8, info.line as u64, code);
                 return;
             }
-            crate::onecall::Action::Old => {}
+            crate::onecall::Action::Old => {
+                // Calls this thread closed before this report reach
+                // pftraced before it: a two-report call's children arrive
+                // while it is open (their parent and depth exact).
+                if crate::batch::on()
+                    && let Some((event, buf)) = crate::batch::pending()
+                {
+                    send(mode, event, buf, std::ptr::null(), 0, 0);
+                    crate::batch::drained();
+                }
+            }
         }
     }
     let (name, file, event) = if info.sent.get() == SESSION.load(Ordering::Relaxed)

@@ -99,6 +99,9 @@ pub mod agent {
         /// Prototype (issue 12): the record is an
         /// [`AgentCallEvent`](crate::AgentCallEvent), a whole call.
         pub const CALL: u8 = 16;
+        /// Prototype (issue 12, batched): [`AgentBatchEvent`](crate::AgentBatchEvent),
+        /// whole calls copied from the agent's per-thread buffer.
+        pub const BATCH: u8 = 32;
     }
 
     /// Prototype (issue 12): bit of the event argument of a closing report
@@ -106,6 +109,16 @@ pub mod agent {
     /// thread's CPU ns, both from user space; no strings). Taken only by an
     /// object loaded with `task_layout::AGENT_ONE_CALL` non-zero.
     pub const ONE_CALL: u64 = 1 << 9;
+
+    /// Prototype (issue 12, batched): bit of the event argument of a drain
+    /// report: rsi = the calling thread's [`BatchBuf`](crate::BatchBuf) in
+    /// its process (no event in the low byte). Taken only by an object
+    /// loaded with `task_layout::AGENT_BATCH` non-zero.
+    pub const BATCH: u64 = 1 << 10;
+    /// With [`BATCH`]: the thread's first drain (a new thread, or the one
+    /// thread of a forked child): the kernel starts its tail at 0 for this
+    /// buffer, whatever it kept for the tid before.
+    pub const BATCH_FIRST: u64 = 1 << 11;
 
     /// Exported function of the agent's shared object that pftraced puts a
     /// uprobe on: a 5-byte nop (`0f 1f 44 00 00`, which this kernel turns into
@@ -316,6 +329,111 @@ pub struct CpuSlot {
 /// traced job of 64 processes of 64 threads uses a quarter.
 pub const MAX_CPU_SLOTS: u32 = 16384;
 
+/// Prototype (issue 12, batched): records a thread's buffer holds.
+pub const BATCH_LEN: usize = 32;
+
+/// Prototype (issue 12, batched): one complete call, measured at both ends
+/// by the agent in user space (CLOCK_MONOTONIC from the vDSO, the thread's
+/// CPU from its [`CpuSlot`]): the process's word, pid and tid are the
+/// kernel's (the thread that drains its own buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BatchRecord {
+    /// The code object's serial (as [`AgentEvent::code`]).
+    pub code: u64,
+    pub start_ts_ns: u64,
+    pub end_ts_ns: u64,
+    pub start_cpu_ns: u64,
+    pub end_cpu_ns: u64,
+    pub lineno: i32,
+    /// The event that opened the call ([`agent::START`], RESUME, THROW).
+    pub open_event: u8,
+    /// The event that closed it ([`agent::RETURN`], YIELD, UNWIND).
+    pub close_event: u8,
+    /// Open calls below it in its thread when it started (0: outermost traced).
+    pub depth: u16,
+}
+
+/// Prototype (issue 12, batched): a thread's buffer in the agent's memory.
+/// The agent writes `records[head % BATCH_LEN]`, then (after a compiler
+/// fence) `head + 1`; it never writes a slot the kernel may not have drained
+/// (it drains by syscall when BATCH_LEN records are past its last own drain).
+/// The kernel keeps the tail (records it has put on the ring) in its own map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BatchBuf {
+    /// Records ever appended by this thread (to this buffer).
+    pub head: u64,
+    pub _pad: u64,
+    pub records: [BatchRecord; BATCH_LEN],
+}
+
+/// Prototype (issue 12, batched): a drain of one thread's buffer on the
+/// ring. `head`: kind AGENT, flags [`agent::flag::BATCH`], `ts_ns` the
+/// drain's time, pid/tid from the kernel, RSS at the drain, event 0, code 0.
+/// The calls are `records[(tail + i) % BATCH_LEN]` for i in 0..count (the
+/// whole buffer is copied: one read of the agent's memory).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AgentBatchEvent {
+    pub head: AgentEvent,
+    /// The first record's number in the thread's buffer.
+    pub tail: u64,
+    pub count: u32,
+    /// What drained it ([`batch::SYSCALL`], [`batch::SWITCH`], [`batch::EXIT`]).
+    pub why: u32,
+    pub records: [BatchRecord; BATCH_LEN],
+}
+
+/// Prototype (issue 12, batched): what drained a batch, and the counters.
+pub mod batch {
+    /// The thread's own drain report (buffer full, or its oldest record older than the bound).
+    pub const SYSCALL: u32 = 1;
+    /// The thread's switch-out (sched_switch, the thread still current).
+    pub const SWITCH: u32 = 2;
+    /// The thread's exit (sched_process_exit, before its memory goes).
+    pub const EXIT: u32 = 3;
+    /// The thread's execve/execveat (sys_enter, before the image is replaced).
+    pub const EXEC: u32 = 4;
+    /// Indices of the BATCH_COUNTERS map (per CPU).
+    pub mod counter {
+        /// Drains that put a batch on the ring.
+        pub const DRAINS: u32 = 0;
+        /// Records put on the ring.
+        pub const RECORDS: u32 = 1;
+        /// Batches the ring had no room for (their records stay in the
+        /// buffer; if the agent overwrites them, OVERRUN counts them).
+        pub const LOST: u32 = 2;
+        /// Records overwritten by the agent before the kernel drained them.
+        pub const OVERRUN: u32 = 3;
+        /// Drains whose read of the agent's buffer failed (page not
+        /// resident, memory gone); at a switch-out the records stay.
+        pub const UNREAD: u32 = 4;
+        /// Threads that exited with records the kernel could not read (their number unknown).
+        pub const EXIT_UNREAD: u32 = 5;
+        /// Drain reports of a thread the kernel had no entry for and that
+        /// did not say it was its first (evicted or forged): its buffered records were skipped.
+        pub const UNKNOWN: u32 = 6;
+        /// Drains by the thread's switch-out / exit / syscall (of DRAINS).
+        pub const BY_SWITCH: u32 = 7;
+        pub const BY_EXIT: u32 = 8;
+        pub const BY_SYSCALL: u32 = 9;
+        pub const BY_EXEC: u32 = 10;
+        pub const COUNT: u32 = 11;
+    }
+}
+
+/// Prototype (issue 12, batched): what the kernel keeps per registered thread.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct BatchTail {
+    /// The thread's [`BatchBuf`] in its process; 0 after its execve (the
+    /// image it described is going: nothing is read there again).
+    pub addr: u64,
+    /// Records of it already on the ring.
+    pub tail: u64,
+}
+
 /// A process event (exec), as written by the kernel into the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -505,6 +623,10 @@ pub mod task_layout {
     /// Non-zero: agent reports with `agent::ONE_CALL` are taken (prototype,
     /// agent-bench only); 0 (pftraced) and the verifier drops that path.
     pub const AGENT_ONE_CALL: &str = "AGENT_ONE_CALL";
+    /// Non-zero: agent drain reports (`agent::BATCH`) are taken (prototype,
+    /// agent-bench and its test only); 0 (pftraced) and the verifier drops that path.
+    pub const AGENT_BATCH: &str = "AGENT_BATCH";
+
     /// Non-zero (pftraced): the kernel hands CPU slots out itself, from the
     /// FREE_SLOTS queue user space fills at load, to every thread of a
     /// TRACKED process (at its creation, or at its first matched call for a
@@ -600,6 +722,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentEvent {}
     unsafe impl aya::Pod for super::AgentNamedEvent {}
     unsafe impl aya::Pod for super::AgentLongNamedEvent {}
+    unsafe impl aya::Pod for super::BatchTail {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
 }
@@ -616,6 +739,10 @@ const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<AgentCallEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<CpuSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<BatchRecord>() == 48);
+const _: () = assert!(core::mem::size_of::<BatchBuf>() == 16 + 48 * BATCH_LEN);
+const _: () = assert!(core::mem::size_of::<AgentBatchEvent>() == 64 + 48 * BATCH_LEN);
+const _: () = assert!(core::mem::offset_of!(BatchBuf, records) == 16);
 const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + FILE_LEN);
 const _: () = assert!(core::mem::size_of::<AgentLongNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
 const _: () =

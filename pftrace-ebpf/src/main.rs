@@ -35,10 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use pftrace_common::{
-    AgentCallEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, COOKIE_RETURN, CallEvent, CpuSlot,
-    FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_CPU_SLOTS,
-    MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent,
-    arg_kind, config, counter, flag, kind,
+    AgentBatchEvent, AgentCallEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, BATCH_LEN, BatchTail,
+    COOKIE_RETURN, CallEvent, CpuSlot, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec, LONG_FILE_LEN,
+    LongCallEvent, MAX_CGROUPS, MAX_CPU_SLOTS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS, MAX_TRACKED, NAME_LEN,
+    NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, batch, config, counter, flag, kind,
 };
 
 /// Argument locations per probe site, indexed by the attach cookie.
@@ -117,6 +117,11 @@ static AGENT_BENCH_SKIP: u32 = 0;
 #[unsafe(no_mangle)]
 static AGENT_ONE_CALL: u32 = 0;
 
+/// Non-zero: agent drain reports with `agent::BATCH` are taken (prototype,
+/// pftrace_common::task_layout::AGENT_BATCH); 0 in pftraced.
+#[unsafe(no_mangle)]
+static AGENT_BATCH: u32 = 0;
+
 /// Non-zero (pftraced): CPU slots are handed out and taken back by the
 /// kernel (pftrace_common::task_layout::CPU_SLOT_ALLOC); 0 in the agent
 /// prototype, whose slots user space registers.
@@ -176,6 +181,16 @@ static CPU_SLOTS: Array<CpuSlot> = Array::with_max_entries(MAX_CPU_SLOTS, BPF_F_
 /// CPU_SLOT_ALLOC (claim_cpu_slot, release_cpu_slot), else by user space.
 #[map]
 static SLOT_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
+
+/// Prototype (issue 12, batched): kernel tid -> its agent buffer and the
+/// records of it already on the ring (the tail the agent cannot touch).
+/// LRU: entries of threads that exited while nothing drained them go first.
+#[map]
+static BATCH_OF: LruHashMap<u32, BatchTail> = LruHashMap::with_max_entries(MAX_CPU_SLOTS, 0);
+
+/// Prototype (issue 12, batched): pftrace_common::batch::counter, per CPU.
+#[map]
+static BATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(batch::counter::COUNT, 0);
 
 /// Free slot indices of CPU_SLOTS (all of them pushed by user space at
 /// load, with CPU_SLOT_ALLOC): a thread takes one, its exit gives it back.
@@ -776,6 +791,11 @@ fn agent_report(event_arg: u64, name_ptr: u64, file_ptr: u64, line: u64, code: u
         bump(counter::AGENT_FOREIGN);
         return;
     }
+    if global(&AGENT_BATCH) != 0 && event_arg & agent::BATCH != 0 {
+        // name_ptr: the calling thread's buffer.
+        agent_batch_report(pid_tgid, event_arg, name_ptr);
+        return;
+    }
     let event = event_arg & 0xff;
     let one_call = if global(&AGENT_ONE_CALL) != 0 { agent::ONE_CALL } else { 0 };
     if event == 0 || event > agent::LAST as u64 || event_arg & !(0xff | agent::NEW_SESSION | one_call) != 0 {
@@ -1031,6 +1051,219 @@ pub fn pftrace_cpu_slot(ctx: BtfTracePointContext) -> i32 {
         core::ptr::write_volatile(&raw mut (*slot).tid, tid);
         core::ptr::write_volatile(&raw mut (*slot).seq, (seq | 1).wrapping_add(1));
     }
+    0
+}
+
+/// Prototype (issue 12, batched): a thread's drain report (its buffer full,
+/// or its oldest record older than the agent's bound). The kernel keeps the
+/// tail per tid: `agent::BATCH_FIRST` (a new thread, a forked child's
+/// thread) starts it at 0; a drain of a thread it has no entry for (evicted)
+/// or of another buffer, without that flag, starts at the buffer's head:
+/// what it held is skipped, and counted (UNKNOWN), never sent twice.
+#[inline(always)]
+fn agent_batch_report(pid_tgid: u64, event_arg: u64, addr: u64) {
+    if event_arg & !(agent::BATCH | agent::BATCH_FIRST) != 0 || addr == 0 {
+        bump(counter::AGENT_BAD);
+        return;
+    }
+    let key = bpf_get_current_pid_tgid() as u32;
+    let first = event_arg & agent::BATCH_FIRST != 0;
+    let existing = BATCH_OF.get_ptr_mut(&key);
+    // Disarmed by an execve that failed (the thread goes on with its buffer,
+    // drained at the execve): armed again at its head, nothing skipped.
+    let disarmed = existing.is_some_and(|s| unsafe { (*s).addr } == 0);
+    let state = match existing.filter(|s| !first && unsafe { (**s).addr } == addr) {
+        Some(s) => s,
+        None => {
+            let tail = if first {
+                0
+            } else {
+                if !disarmed {
+                    batch_bump(batch::counter::UNKNOWN, 1);
+                }
+                match unsafe { bpf_probe_read_user(addr as *const u64) } {
+                    Ok(head) => head,
+                    Err(_) => {
+                        batch_bump(batch::counter::UNREAD, 1);
+                        return;
+                    }
+                }
+            };
+            if BATCH_OF.insert(&key, &BatchTail { addr, tail }, 0).is_err() {
+                bump(counter::AGENT_BAD);
+                return;
+            }
+            let Some(s) = BATCH_OF.get_ptr_mut(&key) else { return };
+            s
+        }
+    };
+    batch_drain(state, pid_tgid, batch::SYSCALL);
+}
+
+/// What a drain did.
+#[derive(PartialEq, Eq)]
+enum Drained {
+    /// Nothing to drain, or the records are on the ring.
+    Done,
+    /// The ring had no room (counted; the records stay in the buffer).
+    RingFull,
+    /// The agent's memory could not be read (counted; the records stay).
+    Unread,
+}
+
+/// Puts the records of the current thread's buffer past its tail on the
+/// ring, as one AgentBatchEvent (one read of the whole buffer), with pid and
+/// tid from the kernel and RSS now. The current thread must be the buffer's
+/// (its own syscall, its switch-out, its exit): bpf_probe_read_user reads
+/// the current process's memory, never faults a page in, and so fails
+/// rather than sleeps on a page that is not resident.
+#[inline(always)]
+fn batch_drain(state: *mut BatchTail, pid_tgid: u64, why: u32) -> Drained {
+    let (addr, mut tail) = unsafe { ((*state).addr, (*state).tail) };
+    if addr == 0 {
+        return Drained::Done; // disarmed at an execve
+    }
+    let Ok(head) = (unsafe { bpf_probe_read_user(addr as *const u64) }) else {
+        batch_bump(batch::counter::UNREAD, 1);
+        return Drained::Unread;
+    };
+    if head == tail {
+        return Drained::Done;
+    }
+    if head < tail {
+        // Not a buffer this tail belongs to (the agent never moves head
+        // back without BATCH_FIRST): start again at its head, counted.
+        batch_bump(batch::counter::UNKNOWN, 1);
+        unsafe { (*state).tail = head };
+        return Drained::Done;
+    }
+    let mut n = head - tail;
+    // More than the buffer holds: the agent wrote over records the kernel
+    // had not taken (a drain that found the ring full or the memory
+    // unreadable); counted once they are passed over, below.
+    let overrun = n.saturating_sub(BATCH_LEN as u64);
+    if overrun > 0 {
+        tail = head - BATCH_LEN as u64;
+        n = BATCH_LEN as u64;
+    }
+    let Some(mut entry) = EVENTS.reserve::<AgentBatchEvent>(0) else {
+        batch_bump(batch::counter::LOST, 1);
+        return Drained::RingFull;
+    };
+    let ev = entry.as_mut_ptr();
+    let rc = unsafe {
+        bpf_probe_read_user_raw(
+            (&raw mut (*ev).records).cast(),
+            (BATCH_LEN * size_of::<pftrace_common::BatchRecord>()) as u32,
+            (addr + core::mem::offset_of!(pftrace_common::BatchBuf, records) as u64) as *const _,
+        )
+    };
+    if rc != 0 {
+        entry.discard(0);
+        batch_bump(batch::counter::UNREAD, 1);
+        return Drained::Unread;
+    }
+    unsafe {
+        (*ev).head.ts_ns = bpf_ktime_get_ns();
+        (*ev).head.pid = (pid_tgid >> 32) as u32;
+        (*ev).head.tid = pid_tgid as u32;
+        (*ev).head.lineno = 0;
+        (*ev).head.kind = kind::AGENT;
+        (*ev).head.event = 0;
+        (*ev).head.flags = agent::flag::BATCH;
+        (*ev).head._pad = 0;
+        (*ev).head.code = 0;
+        (*ev).head.thread_cpu_ns = 0;
+        (*ev).head.rss_pages = task_rss();
+        (*ev).tail = tail;
+        (*ev).count = n as u32;
+        (*ev).why = why;
+        (*state).tail = head;
+    }
+    entry.submit(wakeup_flag());
+    batch_bump(batch::counter::DRAINS, 1);
+    batch_bump(batch::counter::RECORDS, n);
+    if overrun > 0 {
+        batch_bump(batch::counter::OVERRUN, overrun);
+    }
+    batch_bump(
+        match why {
+            batch::SWITCH => batch::counter::BY_SWITCH,
+            batch::EXIT => batch::counter::BY_EXIT,
+            batch::EXEC => batch::counter::BY_EXEC,
+            _ => batch::counter::BY_SYSCALL,
+        },
+        1,
+    );
+    Drained::Done
+}
+
+#[inline(always)]
+fn batch_bump(index: u32, v: u64) {
+    if let Some(c) = BATCH_COUNTERS.get_ptr_mut(index) {
+        unsafe { *c += v };
+    }
+}
+
+/// Prototype (issue 12, batched): at a switch-out of a thread with a
+/// buffer (BATCH_OF), drain it. Every context switch of the host looks the
+/// thread switched out up; current is still that thread here (the
+/// tracepoint runs before the switch), so its memory is the one read.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn pftrace_agent_batch_switch(ctx: BtfTracePointContext) -> i32 {
+    // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+    let prev: *const u8 = ctx.arg(1);
+    let pid_off = global(&TASK_PID_OFF) as usize;
+    if pid_off == 0 {
+        return 0;
+    }
+    // A direct load (see pftrace_cpu_slot).
+    let tid = unsafe { core::ptr::read_volatile(prev.add(pid_off) as *const u32) };
+    let Some(state) = BATCH_OF.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    batch_drain(state, current_pid_tgid(), batch::SWITCH);
+    0
+}
+
+/// Prototype (issue 12, batched): a thread with a buffer exits (its own
+/// exit, exit_group from another thread, a fatal signal: each thread runs
+/// do_exit): drain what it holds and forget it. The tracepoint fires
+/// before the thread's memory is released (exit_mm), on 6.18.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn pftrace_agent_batch_exit(_ctx: RawTracePointContext) -> i32 {
+    let key = bpf_get_current_pid_tgid() as u32;
+    let Some(state) = BATCH_OF.get_ptr_mut(&key) else {
+        return 0;
+    };
+    if batch_drain(state, current_pid_tgid(), batch::EXIT) == Drained::Unread {
+        batch_bump(batch::counter::EXIT_UNREAD, 1);
+    }
+    let _ = BATCH_OF.remove(&key);
+    0
+}
+
+/// Prototype (issue 12, batched): a thread with a buffer calls execve or
+/// execveat: drain it while its memory is still the image it describes, and
+/// disarm its entry (addr 0): if the exec succeeds nothing of the new image
+/// is read as a buffer (its agent, if any, registers anew); if it fails the
+/// thread's next drain report arms it again.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn pftrace_agent_batch_exec(ctx: BtfTracePointContext) -> i32 {
+    const EXECVE: u64 = 59;
+    const EXECVEAT: u64 = 322;
+    let id: u64 = ctx.arg(1);
+    if id != EXECVE && id != EXECVEAT {
+        return 0;
+    }
+    let key = bpf_get_current_pid_tgid() as u32;
+    let Some(state) = BATCH_OF.get_ptr_mut(&key) else {
+        return 0;
+    };
+    if batch_drain(state, current_pid_tgid(), batch::EXEC) == Drained::Unread {
+        batch_bump(batch::counter::EXIT_UNREAD, 1);
+    }
+    unsafe { (*state).addr = 0 };
     0
 }
 

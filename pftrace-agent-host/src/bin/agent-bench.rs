@@ -55,6 +55,10 @@ struct Args {
     /// CLOCK_THREAD_CPUTIME_ID, the map's read-only mapping.
     #[arg(long)]
     cpuslot: bool,
+    /// Prototype (issue 12, batched): the drain report per drain and per
+    /// record, and the switch-out drain program per context switch.
+    #[arg(long)]
+    batch_raw: bool,
 }
 
 const SCRIPT: &str = r#"
@@ -114,6 +118,9 @@ struct Case {
     /// Prototype (issue 12): one kernel entry per call (the start from the
     /// thread's CPU slot in user space).
     one_call: bool,
+    /// Prototype (issue 12, batched): whole calls buffered per thread in
+    /// the agent, drained by the kernel (implies one_call's slots).
+    batch: bool,
 }
 
 /// The uprobe with a program that returns at once (the floor of the mechanism).
@@ -126,7 +133,17 @@ const fn case(
     shape: &'static str,
     kernel: bool,
 ) -> Case {
-    Case { name, report, names, shape, kernel, nop1: false, return_strings: false, one_call: false }
+    Case {
+        name,
+        report,
+        names,
+        shape,
+        kernel,
+        nop1: false,
+        return_strings: false,
+        one_call: false,
+        batch: false,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -145,6 +162,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.cpuslot {
         return pftrace_agent_host::cpuslot::run();
+    }
+    if args.batch_raw {
+        return pftrace_agent_host::batchbench::run();
     }
     let server = AgentServer::bind(&installed.socket)?;
 
@@ -183,10 +203,27 @@ fn main() -> anyhow::Result<()> {
     // as pftraced takes it, tp_btf; the sched_switch program attached).
     let one_group = vec![
         untraced_dense,
+        case("agent-dense-callbacks", callbacks_only, "traced", "dense", false),
         case("agent-dense-syscall", syscall, "traced", "dense", true),
         Case { one_call: true, ..case("agent-dense-syscall-one", syscall, "traced", "dense", true) },
         case("agent-dense-uprobe", uprobe, "traced", "dense", true),
         Case { one_call: true, ..case("agent-dense-uprobe-one", uprobe, "traced", "dense", true) },
+        Case {
+            one_call: true,
+            batch: true,
+            ..case("agent-dense-syscall-batch", syscall, "traced", "dense", true)
+        },
+        Case {
+            one_call: true,
+            batch: true,
+            ..case("agent-dense-uprobe-batch", uprobe, "traced", "dense", true)
+        },
+        Case {
+            one_call: true,
+            batch: true,
+            ..case("agent-sparse-syscall-batch", syscall, "traced", "sparse", true)
+        },
+        untraced_sparse,
     ];
 
     for python in &args.pythons {
@@ -222,10 +259,15 @@ fn main() -> anyhow::Result<()> {
                     Kernel::from(k, false)?
                 }
                 "one" => {
-                    let mut k = AgentKernel::load(LoadOptions { one_call: true, ..Default::default() })?;
+                    let mut k =
+                        AgentKernel::load(LoadOptions { one_call: true, batch: true, ..Default::default() })?;
                     k.attach_uprobe(&installed.agent_so(), agent::PROBE_SYMBOL)?;
                     k.attach_syscall_btf()?;
                     k.attach_cpu_slots()?;
+                    if std::env::var_os("AGENT_BENCH_NO_SWITCH_DRAIN").is_none() {
+                        k.attach_batch_switch()?;
+                    }
+                    k.attach_batch_exit()?;
                     Kernel::from(k, true)?
                 }
                 _ => Kernel::start(&installed, group != "nostrings")?,
@@ -280,6 +322,7 @@ fn summarize(results: &[(&str, f64)]) {
         ("agent-sparse-uprobe-nop1", base_s),
         ("agent-sparse-uprobe-floor", base_s),
         ("agent-sparse-syscall", base_s),
+        ("agent-sparse-syscall-batch", base_s),
     ] {
         if let Some(v) = get(name) {
             println!("  -> {name}: {:.3}x untraced", v / base);
@@ -295,6 +338,8 @@ fn summarize(results: &[(&str, f64)]) {
         "agent-dense-syscall",
         "agent-dense-syscall-one",
         "agent-dense-uprobe-one",
+        "agent-dense-syscall-batch",
+        "agent-dense-uprobe-batch",
     ] {
         if let Some(v) = get(name) {
             println!("  -> {name}: {:+.1} ns per matched call", v - base_d);
@@ -348,6 +393,11 @@ impl Kernel {
             "  kernel: {} reports, {lost} lost, {foreign} from untracked processes",
             self.k.counter(counter::AGENT_REPORTS)?
         );
+        if let Ok(c) = self.k.batch_counters()
+            && c[pftrace_common::batch::counter::DRAINS as usize] > 0
+        {
+            println!("  batches: {}", pftrace_agent_host::batch::counters_text(&c));
+        }
         Ok(())
     }
 }
@@ -383,6 +433,9 @@ fn run_case(
         const CHILD_FD: i32 = 100;
         let fd = k.k.slots_fd()?.as_raw_fd();
         cmd.env("PFTRACE_AGENT_ONE_CALL", "1").env("PFTRACE_AGENT_SLOT_FD", CHILD_FD.to_string());
+        if c.batch {
+            cmd.env("PFTRACE_AGENT_BATCH", "1");
+        }
         // SAFETY: dup2 is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
@@ -409,7 +462,7 @@ fn run_case(
                 if c.one_call {
                     // Before the names: the child's next switch-in (it waits
                     // for them) writes its slot.
-                    k.k.register_slot(child.id(), 0)?;
+                    pftrace_agent_host::batch::give_slots(&mut k.k, &[child.id()], 0)?;
                 }
             }
             let report = match (report, kernel.as_deref()) {
@@ -434,11 +487,12 @@ fn run_case(
     if let Some(k) = kernel {
         k.k.untrack(child_pid)?;
         if c.one_call {
-            k.k.unregister_slot(child_pid)?;
+            pftrace_agent_host::batch::take_slots(&mut k.k, &[child_pid])?;
         }
         if c.kernel && c.names == "traced" {
             // Every traced call reports twice; wait for the drain to catch up.
-            // One-call: once, but for the first (its strings: two reports).
+            // One-call: once, but for the first (its strings: two reports);
+            // batched: the same, the calls counted in their batches.
             let want = if c.one_call { traced + 1 } else { 2 * traced };
             for _ in 0..400 {
                 if k.records.load(Ordering::Relaxed) >= want {

@@ -112,6 +112,8 @@ pub struct AgentConn {
     /// What the agent said (its pid claim is not used).
     pub hello: Hello,
     reader: BufReader<UnixStream>,
+    /// Whether the agent's `batch=1` was answered (it must be, first).
+    batch_answered: bool,
 }
 
 impl AgentConn {
@@ -126,12 +128,13 @@ impl AgentConn {
         let line =
             protocol::read_line(&mut reader).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
         let hello = Hello::parse(&line).map_err(|e| ServerError::Agent { pid, what: e.to_string() })?;
-        Ok(AgentConn { pid, hello, reader })
+        Ok(AgentConn { pid, hello, reader, batch_answered: false })
     }
 
     /// Sends how to report and the names; waits for the agent to say they
     /// are in force. Returns the generation.
     pub fn configure(&mut self, report: Report, names: &[String]) -> Result<u32, ServerError> {
+        self.answer_batch_unless_answered()?;
         self.send(&Command::Report(report))?;
         self.set_names(names)
     }
@@ -143,7 +146,51 @@ impl AgentConn {
         protocol::parse_ok(&line).ok_or_else(|| self.err(format!("unexpected answer {line:?}")))
     }
 
+    /// Answers an agent's `batch=1`: [`protocol::SLOTS_LINE`] with the CPU
+    /// slot map's fd (SCM_RIGHTS; the map is frozen, so the agent can only
+    /// map it read-only) when pftraced takes the batched road, else
+    /// [`protocol::NO_SLOTS_LINE`].
+    pub fn answer_batch(&mut self, slots: Option<std::os::fd::OwnedFd>) -> Result<(), ServerError> {
+        self.batch_answered = true;
+        let Some(fd) = slots else {
+            return protocol::send(&mut self.reader.get_ref(), protocol::NO_SLOTS_LINE)
+                .map_err(|e| self.err(e.to_string()));
+        };
+        let line = protocol::SLOTS_LINE.as_bytes();
+        let mut iov = libc::iovec { iov_base: line.as_ptr() as *mut _, iov_len: line.len() };
+        let mut cmsg = [0u64; 4];
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE/LEN of one int; the buffer holds it.
+        unsafe {
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<i32>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd.as_raw_fd());
+        }
+        // SAFETY: msg points at live buffers.
+        let n = unsafe { libc::sendmsg(self.reader.get_ref().as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n != line.len() as isize {
+            return Err(self.err(format!("sending the CPU slots: {}", std::io::Error::last_os_error())));
+        }
+        Ok(())
+    }
+
+    /// An agent offering the batched road hears `slots none` before
+    /// anything else when no answer was given.
+    fn answer_batch_unless_answered(&mut self) -> Result<(), ServerError> {
+        if self.hello.batch && !self.batch_answered {
+            self.answer_batch(None)?;
+        }
+        Ok(())
+    }
+
     pub fn stop(&mut self) -> Result<(), ServerError> {
+        self.answer_batch_unless_answered()?;
         self.send(&Command::Stop)
     }
 

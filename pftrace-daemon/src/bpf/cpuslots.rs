@@ -70,3 +70,25 @@ pub(super) fn stats(ebpf: &Ebpf) -> Option<(u64, u64)> {
         |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
     Some((field("run_cnt:")?, field("run_time_ns:")?))
 }
+
+/// Loads and attaches a BTF tracepoint program of the batched agent road.
+pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(), BpfError> {
+    let btf = Btf::from_sys_fs().map_err(|e| BpfError::CpuSlots(format!("reading the kernel's BTF: {e}")))?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })?;
+    prog.load(tracepoint, &btf).map_err(|source| BpfError::Program { name, source })?;
+    prog.attach().map_err(|source| BpfError::Program { name, source })?;
+    Ok(())
+}
+
+/// A new fd of the (frozen) CPU_SLOTS map: what an agent is given to map
+/// read-only (a writable mapping of it is refused: frozen).
+pub(super) fn slots_fd(ebpf: &Ebpf) -> Option<std::os::fd::OwnedFd> {
+    match ebpf.map("CPU_SLOTS")? {
+        aya::maps::Map::Array(data) => data.fd().as_fd().try_clone_to_owned().ok(),
+        _ => None,
+    }
+}

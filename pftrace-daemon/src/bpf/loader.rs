@@ -133,7 +133,8 @@ pub struct Counters {
     /// Matched hits whose file name needed the long record (over 191 bytes).
     #[serde(default)]
     pub long_files: u64,
-    /// Reports of in-process agents accepted (each one call entry or return).
+    /// Call ends reported by in-process agents and accepted (an entry or a
+    /// return; a whole call, batched or in one record, counts as its two).
     #[serde(default)]
     pub agent_reports: u64,
     /// Agent probe hits from processes pftraced did not accept, dropped first thing.
@@ -160,6 +161,44 @@ pub struct Counters {
     /// What met pftraced's memory bounds (counted in user space).
     #[serde(default)]
     pub bounds: crate::protocol::BoundCounts,
+    /// The batched agent road's counters (all 0 when it is off).
+    #[serde(default)]
+    pub batch: BatchCounters,
+}
+
+/// The batched agent road (pftrace-agent/README.md "Batched reports"):
+/// whole calls the kernel drained from agents' per-thread buffers, and
+/// every way one could be missed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchCounters {
+    /// Batches put on the ring.
+    pub drains: u64,
+    /// Calls put on the ring in batches.
+    pub calls: u64,
+    /// Batches the ring had no room for (records stay in the buffer).
+    pub lost: u64,
+    /// Records the agent overwrote before the kernel took them: lost calls.
+    pub overrun: u64,
+    /// Drains whose read of the agent's memory failed (records stay).
+    pub unread: u64,
+    /// Threads that exited or exec'd with records unread: lost, number unknown.
+    pub exit_unread: u64,
+    /// Drain reports of threads the kernel had no entry for: their buffered records skipped.
+    pub unknown: u64,
+}
+
+impl BatchCounters {
+    /// Says what the batched road lost or could not read, if anything.
+    pub fn loss_note(&self) -> Option<String> {
+        (self.lost + self.overrun + self.unread + self.exit_unread + self.unknown > 0).then(|| {
+            format!(
+                "BATCHED AGENT CALLS MISSED: {} batches found the ring full, {} calls overwritten before a \
+                 drain, {} drains could not read the agent's memory, {} threads ended with records unread, \
+                 {} drain reports of unknown threads (their records skipped)",
+                self.lost, self.overrun, self.unread, self.exit_unread, self.unknown
+            )
+        })
+    }
 }
 
 impl Counters {
@@ -196,6 +235,18 @@ pub struct KernelProbes {
     agent_syscall: Option<AgentSyscallLink>,
     /// What this object's agents put in their report syscall (task_layout::AGENT_TOKEN).
     agent_token: u64,
+    /// The batched agent road is loaded ([`batch_wanted`]); its drain
+    /// programs are attached by [`Self::attach_batch`].
+    pub batch: bool,
+}
+
+/// Environment switch of pftraced for the batched agent road (prototype,
+/// default off until its integration is complete: pftrace-agent/README.md).
+pub const BATCH_ENV: &str = "PFTRACE_AGENT_BATCH";
+
+/// Whether pftraced was asked for the batched agent road (`PFTRACE_AGENT_BATCH=1`).
+pub fn batch_wanted() -> bool {
+    std::env::var_os(BATCH_ENV).is_some_and(|v| v == "1")
 }
 
 impl KernelProbes {
@@ -224,6 +275,13 @@ impl KernelProbes {
         // with the task offsets the sched_switch program needs.
         let slot_alloc = u32::from(layout.is_some());
         loader.override_global(task_layout::CPU_SLOT_ALLOC, &slot_alloc, true);
+        // The batched agent road (issue 12; pftrace-agent/README.md "Batched
+        // reports"): drain reports and whole-call records taken, with the
+        // CPU slots it needs.
+        let batch = batch_wanted() && layout.is_some();
+        let batch_global = u32::from(batch);
+        loader.override_global(task_layout::AGENT_BATCH, &batch_global, true);
+        loader.override_global(task_layout::AGENT_ONE_CALL, &batch_global, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -264,6 +322,7 @@ impl KernelProbes {
             specs: HashMap::new(),
             agent_syscall: None,
             agent_token,
+            batch,
         })
     }
 
@@ -361,6 +420,43 @@ impl KernelProbes {
     /// long as this object.
     pub fn attach_cpu_slots(&mut self) -> Result<(), BpfError> {
         super::cpuslots::attach(&mut self.ebpf)
+    }
+
+    /// Attaches the batched road's drains (crate::bpf::cpuslots): a
+    /// thread's exit, its execve and its switch-out (every context switch
+    /// of the host pays a hash lookup: 50-70 ns measured, README "Batched
+    /// reports"). Lives as long as this object.
+    pub fn attach_batch(&mut self) -> Result<(), BpfError> {
+        self.attach_raw_tracepoint("pftrace_agent_batch_exit", "sched_process_exit")?;
+        super::cpuslots::attach_btf(&mut self.ebpf, "pftrace_agent_batch_exec", "sys_enter")?;
+        super::cpuslots::attach_btf(&mut self.ebpf, "pftrace_agent_batch_switch", "sched_switch")
+    }
+
+    /// A new fd of the frozen CPU_SLOTS map, for an agent to map read-only.
+    pub fn cpu_slots_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        super::cpuslots::slots_fd(&self.ebpf)
+    }
+
+    /// Totals of the batched road's per-CPU counters (BATCH_COUNTERS).
+    pub fn batch_counters(&self) -> Result<BatchCounters, BpfError> {
+        use pftrace_common::batch::counter as c;
+        let map = self.ebpf.map("BATCH_COUNTERS").ok_or(BpfError::Missing("map BATCH_COUNTERS"))?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| BpfError::Map { name: "BATCH_COUNTERS", source })?;
+        let total = |index: u32| -> Result<u64, BpfError> {
+            let values =
+                counters.get(&index, 0).map_err(|source| BpfError::Map { name: "BATCH_COUNTERS", source })?;
+            Ok(values.iter().sum())
+        };
+        Ok(BatchCounters {
+            drains: total(c::DRAINS)?,
+            calls: total(c::RECORDS)?,
+            lost: total(c::LOST)?,
+            overrun: total(c::OVERRUN)?,
+            unread: total(c::UNREAD)?,
+            exit_unread: total(c::EXIT_UNREAD)?,
+            unknown: total(c::UNKNOWN)?,
+        })
     }
 
     /// (run_cnt, run_time_ns) of the sched_switch program (bpf_stats).
@@ -496,6 +592,7 @@ impl KernelProbes {
             cpu_coarse: total(counter::CPU_COARSE)?,
             cpu_slots_full: total(counter::CPU_SLOTS_FULL)?,
             bounds: Default::default(),
+            batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },
         })
     }
 

@@ -348,6 +348,15 @@ impl Daemon {
         mut conn: AgentConn,
     ) -> Option<std_mpsc::Receiver<Result<u32, String>>> {
         let pid = conn.pid;
+        // An agent offering the batched road hears first whether it is
+        // taken (with the CPU slots' fd when it is), whatever follows.
+        if conn.hello.batch {
+            let slots = if self.probes.batch { self.probes.cpu_slots_fd() } else { None };
+            if let Err(err) = conn.answer_batch(slots) {
+                log::warn!("{}", printable(&err.to_string()));
+                return None;
+            }
+        }
         match self.agent_target(pid) {
             Ok(true) => {}
             Ok(false) => {

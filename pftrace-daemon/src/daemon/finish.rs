@@ -43,6 +43,9 @@ impl Daemon {
             Counters::default()
         });
         c.agent_unnamed = self.decoder.agent.unnamed;
+        // A whole call (batched, or one record) is both of its ends: the
+        // kernel counted a one-record call as one report, a batched one as none.
+        c.agent_reports += 2 * c.batch.calls + self.decoder.agent.one_calls;
         c.bounds = self.bounds();
         c
     }

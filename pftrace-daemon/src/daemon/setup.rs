@@ -72,6 +72,9 @@ impl Daemon {
         probes.attach_exit_watch()?;
         if layout.is_some() {
             probes.attach_cpu_slots()?;
+            if probes.batch {
+                probes.attach_batch()?;
+            }
         }
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;

@@ -86,6 +86,12 @@ pub fn render(trace: &Trace) -> String {
             c.agent_unnamed,
             crate::agent::records::UNKNOWN_NAME
         );
+        if c.batch.drains > 0 {
+            let _ = writeln!(s, "batched agent road: {} calls in {} batches", c.batch.calls, c.batch.drains);
+        }
+    }
+    if let Some(note) = c.batch.loss_note() {
+        let _ = writeln!(s, "{note}");
     }
     if trace.file_names_cut > 0 {
         let _ = writeln!(

@@ -101,6 +101,12 @@ pub fn render(s: &Status) -> String {
              in the kernel; {} calls whose name never arrived",
             c.agent_reports, c.agent_foreign, c.agent_bad, c.agent_unnamed
         );
+        if c.batch.drains > 0 {
+            let _ = writeln!(o, "batched:   {} calls in {} batches", c.batch.calls, c.batch.drains);
+        }
+    }
+    if let Some(note) = c.batch.loss_note() {
+        let _ = writeln!(o, "{note}");
     }
     if let Some(note) = super::stats::bounds_note(&c.bounds) {
         let _ = writeln!(o, "{note}");
