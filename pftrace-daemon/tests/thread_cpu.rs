@@ -427,8 +427,13 @@ print("readings", json.dumps(readings), flush=True)
         let &(_, _, got) =
             own.iter().min_by_key(|(_, t0, _)| (*t0 as i64 - start_ns).abs()).expect("readings");
         assert!(c.cpu_ns <= c.dur_ns, "cpu_ns {} over the wall time {}", c.cpu_ns, c.dur_ns);
+        // Two ticks: a call whose entry had no slot yet (the scheduler's
+        // last charge, up to a tick stale) and whose return had one (exact)
+        // is over by that staleness, and the VM's steal time on top (one
+        // run: 5.71 ms for a call the thread measured at 0.56 ms, over one
+        // tick + the bound); garbage would be far off either way.
         assert!(
-            c.cpu_ns.abs_diff(got) <= bound(got) + 4_000 * US,
+            c.cpu_ns.abs_diff(got) <= bound(got) + 2 * 4_000 * US,
             "garbage: cpu_ns {} for a call the thread measured at {got} ns",
             c.cpu_ns
         );
