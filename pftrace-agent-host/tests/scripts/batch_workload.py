@@ -37,6 +37,10 @@ rec(1)
 PER_THREAD = [100, 257, 1000]
 go = threading.Event()
 hold = threading.Event()
+# Set by the last worker once its calls are made: in "kill" mode the main
+# thread waits for it, so the SIGKILL finds that worker's calls in its buffer
+# (CI once killed before the worker ran at all: main spun holding the GIL).
+made = threading.Event()
 
 
 def worker(n, last):
@@ -48,6 +52,7 @@ def worker(n, last):
         hold.wait()
         os._exit(0)
     if last and mode == "kill":
+        made.set()
         hold.wait()  # blocked, its last calls in its buffer, until SIGKILL
 
 
@@ -66,6 +71,8 @@ if mode in ("os_exit", "kill"):
     # the process while this thread holds its records.
     for t in threads[:-1]:
         t.join()
+    if mode == "kill" and not made.wait(30):
+        sys.exit(8)
 # The main thread's own calls, held in its buffer (fewer than a buffer's 32).
 for i in range(20):
     traced(i)
