@@ -396,20 +396,21 @@ fn forged_agent_reports_and_floods_are_bounded_and_counted_and_others_stay_exact
     assert_eq!((c["lost"].as_u64(), c["agent_reports"].as_u64()), (Some(0), Some(reports)), "{c:#}");
     let past = LINES - PROCESS_CODES as u64;
     assert_eq!(c["bounds"]["stats_folded"], CHILDREN * past, "{c:#}");
-    let asked = |s: &Value| {
-        let n = |v: &Value, k: &str| v[k].as_u64().unwrap();
-        let codes = &s["codes"];
-        n(codes, "resolved") - n(&codes_before, "resolved") + n(codes, "queue_full")
-            - n(&codes_before, "queue_full")
-            + n(&s["counters"]["bounds"], "codes_over_bytes")
-    };
-    let s =
-        wait_status(&socket, tracer.pid(), "every answer", |s| asked(s) >= CHILDREN * PROCESS_CODES as u64);
-    assert_eq!(asked(&s), CHILDREN * PROCESS_CODES as u64, "{s:#}");
-    assert_eq!(
-        s["codes"]["process_full"].as_u64().unwrap(),
-        codes_before["process_full"].as_u64().unwrap() + CHILDREN * past
-    );
+    // Each child's code objects, each called once, are each asked for once:
+    // queued (then resolved or over the bytes bound), refused by a full
+    // queue, or past its process's bound. A queue-full one does not count
+    // toward the bound (it was never queued), so under load a child queues
+    // 4,096 and has fewer past the bound (one run under load: 208 refused by
+    // the full queue, so 208 past the bound, not 416).
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap();
+    let since = |s: &Value, k: &str| n(&s["codes"], k) - n(&codes_before, k);
+    let queued = |s: &Value| since(s, "resolved") + n(&s["counters"]["bounds"], "codes_over_bytes");
+    let asked = |s: &Value| queued(s) + since(s, "queue_full") + since(s, "process_full");
+    let s = wait_status(&socket, tracer.pid(), "every answer", |s| asked(s) >= CHILDREN * LINES);
+    assert_eq!(asked(&s), CHILDREN * LINES, "{s:#}");
+    assert!(queued(&s) <= CHILDREN * PROCESS_CODES as u64, "{s:#}");
+    assert!(since(&s, "process_full") <= CHILDREN * past, "{s:#}");
+    assert!(since(&s, "process_full") + since(&s, "queue_full") >= CHILDREN * past, "{s:#}");
     assert!(s["counters"]["bounds"]["codes_over_bytes"].as_u64() > Some(0));
     let rows = stats_by_name(&socket);
     for child in 0..CHILDREN {
