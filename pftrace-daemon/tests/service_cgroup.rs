@@ -1,14 +1,21 @@
 //! pftraced watching a cgroup: the Python processes already in it, those
 //! exec'd into it later, and those in its child cgroups are traced — each
 //! one's calls exactly — and nothing outside it is; two different
-//! interpreter binaries in the scope are both found and attached.
+//! interpreter binaries in the scope are both found and attached; a
+//! `--pid` target and a watched cgroup on one interpreter file, in one
+//! daemon or two, are both traced (the kernel takes a file's probe sites
+//! with one semaphore setting at a time), and where they cannot be, the
+//! refusal says why.
 //!
 //! Every worker makes its calls only after `pftracectl status` lists it as
 //! running (its probes are attached), so the counts are exact.
 
 mod common;
 
-use std::{collections::BTreeSet, fs};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+};
 
 use common::*;
 
@@ -130,4 +137,90 @@ fn two_interpreter_binaries_in_the_cgroup_are_both_traced() {
     trace.assert_clean();
     first.finish();
     second.finish();
+}
+
+/// Calls of `foo` per pid in a trace.
+fn foo_counts(calls: &[CallEvent]) -> BTreeMap<u32, u64> {
+    counts_by_pid(calls, "foo")
+}
+
+#[test]
+fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon() {
+    // Before: `--pid` took pid-scoped probes with kernel-managed semaphores,
+    // the cgroup's process dormant ones without, and the kernel refused the
+    // second ("ref_ctr_offset mismatch", EINVAL): the cgroup's process was
+    // never traced. Now the `--pid` target joins the dormant probes.
+    let dir = TestDir::new("svc-cgroup-pid");
+    let py = python();
+    let script = worker_script(&dir);
+    let cg = Cgroup::new("beside-pid");
+    let socket = socket_of(&dir);
+    let mut named = WorkerSpec::new(&py, &script).start("named with --pid");
+    let tracer = serving(&dir, &["foo"]).arg("--cgroup").arg(cg.path()).pid(named.pid()).spawn();
+    wait_serving(&socket, &tracer);
+    wait_traced(&socket, &tracer, named.pid());
+    let mut inside = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("in the cgroup, started later");
+    let status = wait_traced(&socket, &tracer, inside.pid());
+    assert_eq!(status["refused"], serde_json::json!([]), "{status:#}");
+    named.call("foo", 123);
+    inside.call("foo", 321);
+    let run = stop(&socket, tracer);
+    let trace = run.trace();
+    assert_eq!(foo_counts(&trace.calls), BTreeMap::from([(named.pid(), 123), (inside.pid(), 321)]));
+    trace.assert_clean();
+    named.finish();
+    inside.finish();
+}
+
+#[test]
+fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is_refused_clearly() {
+    let py = python();
+    let (dir_x, dir_y) = (TestDir::new("svc-two-x"), TestDir::new("svc-two-y"));
+    let script = worker_script(&dir_x);
+    let cg = Cgroup::new("two-daemons");
+    let (socket_x, socket_y) = (socket_of(&dir_x), socket_of(&dir_y));
+
+    // 1. X traces a process with `--pid` (kernel-managed semaphores); Y
+    //    watches a cgroup on the same file: its dormant probes are refused by
+    //    the kernel, so its process gets pid-scoped ones, said in Y's log.
+    let mut named = WorkerSpec::new(&py, &script).start("named with --pid");
+    let x = serving(&dir_x, &["foo"]).pid(named.pid()).spawn();
+    x.wait_attached(named.pid());
+    wait_serving(&socket_x, &x);
+    let y = serving(&dir_y, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket_y, &y);
+    let mut inside = WorkerSpec::new(&py, &script).cgroup(cg.path()).start("in the cgroup");
+    let status = wait_traced(&socket_y, &y, inside.pid());
+    assert_eq!(status["refused"], serde_json::json!([]), "{status:#}");
+    named.call("foo", 111);
+    inside.call("foo", 222);
+    let run_y = stop(&socket_y, y);
+    assert!(
+        run_y.stderr.contains("cannot be made for every process running it")
+            && run_y.stderr.contains("ref_ctr_offset mismatch")
+            && run_y.stderr.contains("get pid-scoped probes"),
+        "Y's log: {}",
+        run_y.stderr
+    );
+    let run_x = stop(&socket_x, x);
+    assert_eq!(foo_counts(&run_x.trace().calls), BTreeMap::from([(named.pid(), 111)]));
+    assert_eq!(foo_counts(&run_y.trace().calls), BTreeMap::from([(inside.pid(), 222)]));
+    run_x.trace().assert_clean();
+    run_y.trace().assert_clean();
+
+    // 2. The other way round: Y's dormant probes first; a daemon with only
+    //    `--pid` (no watched cgroup, so no dormant probes of its own) is
+    //    refused by the kernel and says why and what to do, exit 1.
+    let y = serving(&dir_y, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket_y, &y);
+    wait_traced(&socket_y, &y, inside.pid());
+    let dir_z = TestDir::new("svc-two-z");
+    let refused = Pftraced::new(&dir_z, &["foo"]).pid(named.pid()).run();
+    let err = refused.assert_refused(&["ref_ctr_offset mismatch", "trace this process from the daemon"]);
+    assert!(err.contains(&format!("pid {}", named.pid())), "{err}");
+    inside.call("foo", 7);
+    let run_y = stop(&socket_y, y);
+    assert_eq!(foo_counts(&run_y.trace().calls), BTreeMap::from([(inside.pid(), 7)]));
+    named.finish();
+    inside.finish();
 }

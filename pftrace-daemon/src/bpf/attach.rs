@@ -30,16 +30,54 @@ pub enum AttachError {
     UprobePmu { path: String, source: io::Error },
     #[error("unexpected format in {path}: {text:?}")]
     PmuFormat { path: String, text: String },
-    #[error("perf_event_open(uprobe {binary} +{offset:#x}, pid {pid}) failed: {source}")]
+    #[error(
+        "perf_event_open(uprobe {binary} +{offset:#x}, pid {pid}) failed: {source}{}",
+        conflict_hint(source)
+    )]
     PerfEventOpen { binary: String, offset: u64, pid: i32, source: io::Error },
     #[error("BPF_LINK_CREATE for uprobe {binary} +{offset:#x} failed: {source}")]
     LinkCreate { binary: String, offset: u64, source: io::Error },
-    #[error("BPF_LINK_CREATE of a uprobe_multi link on {binary} (pid {pid}) failed: {source}")]
+    #[error(
+        "BPF_LINK_CREATE of a uprobe_multi link on {binary} (pid {pid}) failed: {source}{}",
+        conflict_hint(source)
+    )]
     MultiLink { binary: String, pid: u32, source: io::Error },
     #[error("binary path {binary} contains a NUL byte")]
     BadPath { binary: String },
     #[error("enabling uprobe {binary} +{offset:#x} failed: {source}")]
     Enable { binary: String, offset: u64, source: io::Error },
+}
+
+impl AttachError {
+    /// Whether the kernel refused the probes as it refuses a probe site
+    /// already held with the other semaphore setting: a uprobe made with a
+    /// kernel-managed semaphore (`ref_ctr_offset`: pid-scoped probes,
+    /// `--binary`, bpftrace, perf) and one without (pftraced's dormant
+    /// probes of watched cgroups, which raise semaphores themselves) cannot
+    /// be on one site of one file at once: EINVAL, and the kernel log says
+    /// "ref_ctr_offset mismatch". (EINVAL may have other causes, which the
+    /// other setting fails on too: a caller tries it once, then refuses.)
+    pub fn is_semaphore_conflict(&self) -> bool {
+        match self {
+            Self::MultiLink { source, .. } | Self::PerfEventOpen { source, .. } => {
+                source.raw_os_error() == Some(libc::EINVAL)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What an EINVAL from making uprobes most likely means, for the message.
+fn conflict_hint(source: &io::Error) -> &'static str {
+    if source.raw_os_error() == Some(libc::EINVAL) {
+        " (EINVAL: most likely another tracer's uprobes hold these probe sites with the other \
+         semaphore setting, see \"ref_ctr_offset mismatch\" in the kernel log: a watched cgroup's \
+         processes get their semaphores raised by pftraced itself, while --pid, --binary, --all, \
+         bpftrace and perf have the kernel raise them, and a file's site takes one setting at a \
+         time; trace this process from the daemon already tracing the file, or stop the other tracer)"
+    } else {
+        ""
+    }
 }
 
 /// The live probes of one attachment (a process's points, or a file's

@@ -64,6 +64,13 @@ pub enum BpfError {
     Logger(String),
 }
 
+impl BpfError {
+    /// See [`AttachError::is_semaphore_conflict`].
+    pub fn is_semaphore_conflict(&self) -> bool {
+        matches!(self, Self::Attach(err) if err.is_semaphore_conflict())
+    }
+}
+
 /// Which kernel interface attaches the uprobes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -16,7 +16,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{Daemon, DaemonError, processes::Processes};
+use super::{Daemon, DaemonError, dormant::NotDormant, processes::Processes};
 use crate::{
     bpf::{AttachJob, BpfError, Scope, UprobeLink},
     clock::WallClock,
@@ -208,7 +208,22 @@ impl Daemon {
             self.attach_agent_pid(target.clone())?;
             return Ok(target);
         }
-        self.attach_target(target.clone(), self.covers_host_wide(&target))?;
+        let host_wide = self.covers_host_wide(&target);
+        if self.dormant.enabled && !host_wide && self.dormant.has_room_for(&target.file) {
+            // Beside watched cgroups, through the same dormant probes: pid-scoped
+            // ones (kernel-managed semaphores) on a file that has them would be
+            // refused by the kernel, and the other way round.
+            return match self.attach_dormant(target.clone()) {
+                Ok(()) => Ok(target),
+                Err(NotDormant::Refused(why)) => Err(DaemonError::Refused(why)),
+                Err(NotDormant::Gone) => Err(DaemonError::ExitedDuringAttach(pid)),
+                Err(NotDormant::Conflict(target)) => {
+                    self.attach_target((*target).clone(), false)?;
+                    Ok(*target)
+                }
+            };
+        }
+        self.attach_target(target.clone(), host_wide)?;
         Ok(target)
     }
 
@@ -386,7 +401,9 @@ impl Daemon {
         }
         if self.dormant.enabled && !self.covers_host_wide(&target) {
             if self.dormant.has_room_for(&target.file) {
-                self.attach_dormant(target);
+                if let Err(NotDormant::Conflict(target)) = self.attach_dormant(target) {
+                    self.start_attach(*target);
+                }
                 return;
             }
             self.dormant.note_full(&printable_path(&target.binary));
@@ -463,6 +480,26 @@ impl Daemon {
                 return;
             }
             landed.target = now;
+        }
+        let conflict = matches!(&landed.result, Err(AttachFailure::Bpf { source, .. }) if source.is_semaphore_conflict());
+        if conflict
+            && self.dormant.enabled
+            && !crate::procinfo::has_exited(pid)
+            && self.dormant.has_room_for(&landed.target.file)
+        {
+            // Another tracer holds the file's sites without a kernel-managed
+            // semaphore: dormant probes (pftraced raises the semaphores) fit beside it.
+            log::info!(
+                "pid {pid}: pid-scoped probes refused ({}); trying dormant ones",
+                landed.target.binary.display()
+            );
+            if let Err(NotDormant::Conflict(target)) = self.attach_dormant(landed.target) {
+                let why =
+                    "the kernel refused both pid-scoped and dormant probes of its file (EINVAL both ways)";
+                self.processes.refuse(pid, &format!("pid {pid} ({}): {why}", printable_path(&target.binary)));
+            }
+            self.scheduler.next_detach();
+            return;
         }
         let binary = printable_path(&landed.target.binary);
         match self.land(landed) {

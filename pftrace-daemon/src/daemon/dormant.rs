@@ -52,6 +52,28 @@ pub(super) struct Dormant {
     inherited: HashSet<u32>,
     /// [`MAX_DORMANT_FILES`] was reached and said once.
     full_said: bool,
+    /// Files whose dormant link the kernel refused (another uprobe holds
+    /// their sites with a kernel-managed semaphore: see
+    /// [`crate::bpf::AttachError::is_semaphore_conflict`]) -> when: their
+    /// processes take pid-scoped probes until [`CONFLICT_RETRY`] has passed.
+    conflicts: HashMap<FileId, Instant>,
+}
+
+/// How long a file whose dormant link was refused is traced through
+/// pid-scoped probes before a dormant link is tried again (the other tracer
+/// may have gone; a refused try costs a link creation, ~4-12 ms here).
+const CONFLICT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why [`Daemon::attach_dormant`] did not trace a process.
+pub(super) enum NotDormant {
+    /// Refused and recorded (the reason, for an explicit `--pid`).
+    Refused(String),
+    /// It exited meanwhile.
+    Gone,
+    /// The kernel refused the file's dormant link: another uprobe holds its
+    /// sites with the other semaphore setting. The caller may attach the
+    /// process with pid-scoped probes instead.
+    Conflict(Box<Target>),
 }
 
 impl Dormant {
@@ -78,7 +100,9 @@ impl Dormant {
     /// Whether a process of `file` can be traced through a dormant link
     /// (its file has one, or there is room for one more).
     pub(super) fn has_room_for(&self, file: &FileId) -> bool {
-        self.links.contains_key(file) || self.links.len() < MAX_DORMANT_FILES
+        self.links.contains_key(file)
+            || (self.links.len() < MAX_DORMANT_FILES
+                && self.conflicts.get(file).is_none_or(|at| at.elapsed() >= CONFLICT_RETRY))
     }
 
     /// Says once that the limit of files was reached.
@@ -110,7 +134,7 @@ impl Dormant {
 impl Daemon {
     /// Traces `target` (found in a watched cgroup, or a child of a traced
     /// process) through its file's dormant link.
-    pub(super) fn attach_dormant(&mut self, target: Target) {
+    pub(super) fn attach_dormant(&mut self, target: Target) -> Result<(), NotDormant> {
         let pid = target.pid;
         let binary = printable_path(&target.binary);
         let exec_ns = self.dormant.fresh.remove(&pid);
@@ -119,13 +143,13 @@ impl Daemon {
         if let Err(err) = self.processes.check_limit() {
             log::warn!("{}", printable(&err.to_string()));
             self.processes.refuse(pid, &err);
-            return;
+            return Err(NotDormant::Refused(err.to_string()));
         }
         let pidfd = match procwatch::pidfd(pid) {
             Ok(pidfd) => pidfd,
             Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
                 log::debug!("pid {pid} exited before it could be attached");
-                return;
+                return Err(NotDormant::Gone);
             }
             // Out of file descriptors (RLIMIT_NOFILE: two per traced
             // process), said, not dropped silently.
@@ -133,7 +157,7 @@ impl Daemon {
                 let err = format!("pid {pid} ({binary}) is not traced: watching its exit: {err}");
                 log::warn!("{}", printable(&err));
                 self.processes.refuse(pid, &err);
-                return;
+                return Err(NotDormant::Refused(err));
             }
         };
         let mut hold = None;
@@ -179,11 +203,24 @@ impl Daemon {
                         drop(sibling_hold);
                     }
                 }
+                Err(err) if err.is_semaphore_conflict() => {
+                    // Its holds go with this return: pid-scoped probes
+                    // (the caller's) take a few ms and miss what it runs meanwhile.
+                    log::warn!(
+                        "the probes of {binary} cannot be made for every process running it ({}): pid {pid} \
+                         and its file's other processes for the next {} s get pid-scoped probes, whose \
+                         first calls may be missed",
+                        printable(&err.to_string()),
+                        CONFLICT_RETRY.as_secs()
+                    );
+                    self.dormant.conflicts.insert(target.file, Instant::now());
+                    return Err(NotDormant::Conflict(Box::new(target)));
+                }
                 Err(err) => {
                     let err = super::AttachFailure::Bpf { pid, binary, source: Box::new(err) };
                     log::warn!("{}", printable(&err.to_string()));
                     self.processes.refuse(pid, &err);
-                    return;
+                    return Err(NotDormant::Refused(err.to_string()));
                 }
             }
         }
@@ -196,11 +233,11 @@ impl Daemon {
             drop(hold);
             if err.is_gone() || is_exiting(pid) {
                 log::debug!("pid {pid} exited before it could be attached");
-            } else {
-                log::warn!("{}", printable(&err.to_string()));
-                self.processes.refuse(pid, &err);
+                return Err(NotDormant::Gone);
             }
-            return;
+            log::warn!("{}", printable(&err.to_string()));
+            self.processes.refuse(pid, &err);
+            return Err(NotDormant::Refused(err.to_string()));
         }
         if hold.take().is_some() {
             log::info!(
@@ -212,6 +249,7 @@ impl Daemon {
         self.watch(pid, serial, pidfd);
         self.note_job_process(pid);
         log::info!("tracing pid {pid} ({binary})");
+        Ok(())
     }
 
     /// Processes of the watched cgroups running `target`'s interpreter file

@@ -82,6 +82,9 @@ pub enum DaemonError {
     Attach(#[from] AttachFailure),
     #[error("pid {0} exited while pftraced was attaching to it; nothing to trace")]
     ExitedDuringAttach(u32),
+    /// A process refused by a path that recorded its own reason.
+    #[error("{0}")]
+    Refused(String),
     #[error("watching pid {pid}: {source}")]
     Watch { pid: u32, source: std::io::Error },
     #[error("{0}")]
