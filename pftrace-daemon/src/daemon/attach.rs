@@ -490,8 +490,8 @@ impl Daemon {
             // Another tracer holds the file's sites without a kernel-managed
             // semaphore: dormant probes (pftraced raises the semaphores) fit beside it.
             log::info!(
-                "pid {pid}: pid-scoped probes refused ({}); trying dormant ones",
-                landed.target.binary.display()
+                "pid {pid}: pid-scoped probes of {} refused by the kernel; trying dormant ones",
+                printable_path(&landed.target.binary)
             );
             if let Err(NotDormant::Conflict(target)) = self.attach_dormant(landed.target) {
                 let why =
