@@ -118,8 +118,9 @@ pub fn render(s: &Status) -> String {
         let (held, processes) = c.cpu_slots_held();
         let _ = writeln!(
             o,
-            "cpu slots: {held} of {} held now, by {processes} processes",
-            pftrace_common::MAX_CPU_SLOTS
+            "cpu slots: {held} of {} held now, by {processes} process{}",
+            pftrace_common::MAX_CPU_SLOTS,
+            if processes == 1 { "" } else { "es" }
         );
     }
     if c.out_of_scope > 0 {
