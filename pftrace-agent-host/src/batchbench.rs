@@ -27,6 +27,7 @@ use pftrace_common::{BATCH_LEN, BatchBuf, BatchRecord, agent, batch};
 use crate::{
     cpuslot::{fastest, pin},
     kernel::{AgentKernel, LoadOptions, Ring},
+    pingpong,
 };
 
 fn load() -> anyhow::Result<AgentKernel> {
@@ -229,46 +230,22 @@ fn ping_pong(mode: &str) -> anyhow::Result<PingPong> {
     }
     let token = k.as_ref().map_or(0, |k| k.token);
     let register = mode == "empty" || mode == "one-record";
-    let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
-    unsafe {
-        if libc::pipe(a.as_mut_ptr()) != 0 || libc::pipe(b.as_mut_ptr()) != 0 {
-            bail!("pipe");
-        }
-    }
     let mut buf = new_buf();
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        pin(cpu);
-        let mut byte = [0u8; 1];
-        let mut cbuf = new_buf();
-        let mut registered = !register;
-        unsafe {
-            libc::close(a[1]);
-            libc::close(b[0]);
-            loop {
-                if libc::read(a[0], byte.as_mut_ptr().cast(), 1) != 1 {
-                    libc::_exit(0);
-                }
-                // After the first byte: the parent has tracked this process
-                // by then (before, the report would be refused as foreign).
-                if !registered {
-                    drain_report(&cbuf, true, token);
-                    registered = true;
-                }
-                if mode == "one-record" {
-                    append(&mut cbuf, 1);
-                }
-                libc::write(b[1], byte.as_ptr().cast(), 1);
-            }
+    let mut cbuf = new_buf();
+    let mut registered = !register;
+    let mut pp = pingpong::PingPong::start(cpu, move || {
+        // After the first byte: the parent has tracked this process by
+        // then (before, the report would be refused as foreign).
+        if !registered {
+            drain_report(&cbuf, true, token);
+            registered = true;
         }
-    }
-    pin(cpu);
-    unsafe {
-        libc::close(a[0]);
-        libc::close(b[1]);
-    }
+        if mode == "one-record" {
+            append(&mut cbuf, 1);
+        }
+    })?;
     if let Some(kk) = k.as_mut() {
-        kk.track(child as u32)?;
+        kk.track(pp.child as u32)?;
     }
     if register {
         drain_report(&buf, true, token);
@@ -279,27 +256,13 @@ fn ping_pong(mode: &str) -> anyhow::Result<PingPong> {
         None => None,
     };
     let before = k.as_ref().and_then(|k| k.batch_switch_stats());
-    let mut byte = [1u8; 1];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t0 = std::time::Instant::now();
-        for _ in 0..rounds / 5 {
-            if mode == "one-record" {
-                append(&mut buf, 1);
-            }
-            unsafe {
-                libc::write(a[1], byte.as_ptr().cast(), 1);
-                libc::read(b[0], byte.as_mut_ptr().cast(), 1);
-            }
+    let best = pp.fastest(rounds, || {
+        if mode == "one-record" {
+            append(&mut buf, 1);
         }
-        best = best.min(t0.elapsed().as_nanos() as f64 / (rounds / 5) as f64);
-    }
+    });
     let after = k.as_ref().and_then(|k| k.batch_switch_stats());
-    unsafe {
-        libc::close(a[1]);
-        libc::close(b[0]);
-        libc::waitpid(child, std::ptr::null_mut(), 0);
-    }
+    pp.finish();
     std::thread::sleep(Duration::from_millis(20));
     let calls = drainer.map(|(stop, d)| {
         stop.store(true, Ordering::Relaxed);

@@ -23,7 +23,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use pftrace_common::{AgentCallEvent, AgentEvent, CpuSlot, MAX_CPU_SLOTS, agent, kind};
 
-use crate::kernel::{AgentKernel, LoadOptions};
+use crate::{
+    kernel::{AgentKernel, LoadOptions},
+    pingpong::PingPong,
+};
 
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -396,61 +399,20 @@ fn ping_pong(
     k: Option<&mut AgentKernel>,
     hit: bool,
 ) -> anyhow::Result<(f64, Option<(u64, u64)>)> {
-    let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
-    unsafe {
-        if libc::pipe(a.as_mut_ptr()) != 0 || libc::pipe(b.as_mut_ptr()) != 0 {
-            bail!("pipe");
-        }
-    }
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        pin(cpu);
-        let mut byte = [0u8; 1];
-        unsafe {
-            // Only the parent's ends stay open here, so its close ends this loop.
-            libc::close(a[1]);
-            libc::close(b[0]);
-            loop {
-                if libc::read(a[0], byte.as_mut_ptr().cast(), 1) != 1 {
-                    libc::_exit(0);
-                }
-                libc::write(b[1], byte.as_ptr().cast(), 1);
-            }
-        }
-    }
-    pin(cpu);
-    unsafe {
-        libc::close(a[0]);
-        libc::close(b[1]);
-    }
+    let mut pp = PingPong::start(cpu, || {})?;
     let mut k = k;
     if hit && let Some(kk) = k.as_mut() {
         kk.register_slot(tid(), 2)?;
-        kk.register_slot(child as u32, 3)?;
+        kk.register_slot(pp.child as u32, 3)?;
     }
     let before = k.as_ref().and_then(|k| k.cpu_slot_stats());
-    let mut byte = [1u8; 1];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t0 = std::time::Instant::now();
-        for _ in 0..rounds / 5 {
-            unsafe {
-                libc::write(a[1], byte.as_ptr().cast(), 1);
-                libc::read(b[0], byte.as_mut_ptr().cast(), 1);
-            }
-        }
-        best = best.min(t0.elapsed().as_nanos() as f64 / (rounds / 5) as f64);
-    }
+    let best = pp.fastest(rounds, || {});
     let after = k.as_ref().and_then(|k| k.cpu_slot_stats());
     if hit && let Some(kk) = k.as_mut() {
         kk.unregister_slot(tid())?;
-        kk.unregister_slot(child as u32)?;
+        kk.unregister_slot(pp.child as u32)?;
     }
-    unsafe {
-        libc::close(a[1]);
-        libc::close(b[0]);
-        libc::waitpid(child, std::ptr::null_mut(), 0);
-    }
+    pp.finish();
     let stats = match (before, after) {
         (Some((c0, t0)), Some((c1, t1))) => Some((c1 - c0, t1 - t0)),
         _ => None,

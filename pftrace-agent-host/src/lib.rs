@@ -7,5 +7,6 @@ pub mod batch;
 pub mod batchbench;
 pub mod cpuslot;
 pub mod kernel;
+mod pingpong;
 
 pub use pftrace::agent::{install, launch, remote, server};

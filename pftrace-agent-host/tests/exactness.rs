@@ -8,7 +8,7 @@ mod common;
 
 use common::{Host, Sequences, agent_sequences, finish, interpreters, scripts_dir, serial};
 
-const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "exact_workload.py:qualified"];
+const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "call_kinds.py:qualified"];
 
 fn recorder_sequences(stdout: &str) -> Sequences {
     let mut out = Sequences::new();
@@ -62,7 +62,7 @@ fn agent_reports_exactly_what_cpython_records() {
         // The recorder's own figures first, so a broken recorder cannot pass.
         assert_eq!(count(&expected, true, "work"), 200 + 4 * 300 + 100, "{label}: recorder");
         assert_eq!(count(&expected, true, "rec"), 51, "{label}: recorder");
-        assert_eq!(count(&expected, true, "qualified"), 1, "{label}: only this file's `qualified`");
+        assert_eq!(count(&expected, true, "qualified"), 1, "{label}: only call_kinds.py's `qualified`");
         assert_eq!(expected.len(), 6, "{label}: main, early and 4 workers");
         for (tid, seq) in &expected {
             assert_eq!(got.get(tid), Some(seq), "{label}: thread {tid} differs");

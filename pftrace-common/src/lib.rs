@@ -325,8 +325,10 @@ pub struct CpuSlot {
 /// that get CPU figures to the ns (more are counted in
 /// `counter::CPU_SLOTS_FULL` and get the scheduler's last charge). 32 bytes
 /// each; kernel memory (memlock in fdinfo): 528 KB for the slots, 1.31 MB
-/// for SLOT_OF (a preallocated hash), 66 KB for the free list. A node's
-/// traced job of 64 processes of 64 threads uses a quarter.
+/// for SLOT_OF (a preallocated hash), 66 KB for the free list, 1.31 MB
+/// for SLOTS_HELD (per-process tallies), 131 KB for SLOT_TGID. A node's
+/// traced job of 64 processes of 64 threads uses a quarter; one process
+/// holds at most `task_layout::CPU_SLOTS_PER_PROCESS` of them.
 pub const MAX_CPU_SLOTS: u32 = 16384;
 
 /// Prototype (issue 12, batched): records a thread's buffer holds.
@@ -634,6 +636,16 @@ pub mod task_layout {
     /// thread's exit. 0 (the agent prototype): only slots user space
     /// registers in SLOT_OF exist.
     pub const CPU_SLOT_ALLOC: &str = "CPU_SLOT_ALLOC";
+    /// With CPU_SLOT_ALLOC: the most CPU slots the threads of one process
+    /// hold at once (pftraced's `limits.cpu_slots_per_process`), so one
+    /// process making thousands of threads cannot leave every other
+    /// traced process the scheduler's coarse figure.
+    pub const CPU_SLOTS_PER_PROCESS: &str = "CPU_SLOTS_PER_PROCESS";
+    /// `task_struct.signal` and `signal_struct.live` (its counter): whether
+    /// an exiting thread was the last of its process, whose tally of slots
+    /// is then forgotten (0 = unknown: tallies stay until the map is full).
+    pub const TASK_SIGNAL: &str = "TASK_SIGNAL_OFF";
+    pub const SIGNAL_LIVE: &str = "SIGNAL_LIVE_OFF";
     /// Bits of AGENT_BENCH_SKIP.
     pub mod bench_skip {
         /// Process's RSS (mm and three counters).
@@ -708,8 +720,21 @@ pub mod counter {
     /// Threads' attempts to take a CPU slot that found none free (each such
     /// record is also in CPU_COARSE).
     pub const CPU_SLOTS_FULL: u32 = 21;
+    /// Threads' attempts to take a CPU slot while their process's threads
+    /// held its share already (`task_layout::CPU_SLOTS_PER_PROCESS`; each
+    /// such record is also in CPU_COARSE).
+    pub const CPU_SLOTS_PROCESS_FULL: u32 = 22;
+    /// CPU slots handed to threads, and given back (at a thread's exit, or
+    /// its exec under a new tid): their difference is the slots held now.
+    pub const CPU_SLOTS_TAKEN: u32 = 23;
+    pub const CPU_SLOTS_RETURNED: u32 = 24;
+    /// Processes counted in the kernel's per-process tally of slots, and
+    /// those forgotten at their last thread's exit: their difference is
+    /// the processes tallied now.
+    pub const CPU_SLOT_PROCESSES: u32 = 25;
+    pub const CPU_SLOT_PROCESSES_GONE: u32 = 26;
     /// Number of counters.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 27;
 }
 
 #[cfg(feature = "user")]

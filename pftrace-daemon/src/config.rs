@@ -178,7 +178,19 @@ pub struct LimitsConfig {
     /// `pftracectl dump`s sent at once; more are answered `busy`. Each may
     /// keep alive, until it is sent, calls the store evicts meanwhile.
     pub max_concurrent_dumps: usize,
+    /// CPU slots (per-call CPU to the microsecond) the threads of one
+    /// traced process hold at once, of pftrace_common::MAX_CPU_SLOTS on the
+    /// node; its further threads get the scheduler's figure (a tick),
+    /// counted. See [`DEFAULT_CPU_SLOTS_PER_PROCESS`].
+    pub cpu_slots_per_process: u32,
 }
+
+/// A sixteenth of the node's 16,384 slots: one process making thousands of
+/// threads leaves the other 15/16 to the rest, and 16 such processes at
+/// once are needed to use them all. A process of one thread per core of the
+/// largest nodes (256 hardware threads) plus its helper threads fits four
+/// times over.
+pub const DEFAULT_CPU_SLOTS_PER_PROCESS: u32 = 1024;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -187,6 +199,7 @@ impl Default for LimitsConfig {
             max_calls_in_memory: 500_000,
             max_processes: 4096,
             max_concurrent_dumps: 4,
+            cpu_slots_per_process: DEFAULT_CPU_SLOTS_PER_PROCESS,
         }
     }
 }
@@ -261,6 +274,8 @@ impl Config {
                 return Err(invalid(format!("{key} = 0: must be at least 1")));
             }
         }
+        check_cpu_slots_per_process(self.limits.cpu_slots_per_process)
+            .map_err(|e| invalid(format!("limits.cpu_slots_per_process = {e}")))?;
         if self.output.max_file_bytes < 4096 {
             return Err(invalid("output.max_file_bytes must be at least 4096".into()));
         }
@@ -277,6 +292,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `limits.cpu_slots_per_process` (and its flag): 1 to the node's slots.
+pub fn check_cpu_slots_per_process(n: u32) -> Result<(), String> {
+    let max = pftrace_common::MAX_CPU_SLOTS;
+    if !(1..=max).contains(&n) {
+        return Err(format!("{n}: must be 1 to {max} (the CPU slots of the node)"));
+    }
+    Ok(())
 }
 
 /// The text of a configuration file that passes the checks of this module.
@@ -382,5 +406,17 @@ mod tests {
         assert!(err.contains("line 3, column 3"), "{err}");
         let err = Config::parse("[limits]\nring_buffer_bytes = 5000\n", "x").unwrap_err().to_string();
         assert!(err.contains("power of two"), "{err}");
+        for bad in [0, pftrace_common::MAX_CPU_SLOTS + 1] {
+            let err = Config::parse(&format!("[limits]\ncpu_slots_per_process = {bad}\n"), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("limits.cpu_slots_per_process = {bad}: must be 1 to 16384")),
+                "{err}"
+            );
+        }
+        let c = Config::parse("[limits]\ncpu_slots_per_process = 8\n", "x").unwrap();
+        assert_eq!(c.limits.cpu_slots_per_process, 8);
+        assert_eq!(Config::default().limits.cpu_slots_per_process, 1024);
     }
 }

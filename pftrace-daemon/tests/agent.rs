@@ -15,130 +15,7 @@ use common::*;
 
 /// Every name form: bare, glob, FILE:NAME (the other module's `qualified`
 /// must not be traced).
-const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "app.py:qualified"];
-
-/// The workload: what the agent must pair as CPython's profiler does, with
-/// CPython's recorder beside it; prints the recorder's entries as
-/// `REC tid name` lines. With an argument (a file), it first waits for the
-/// file to exist, running Python meanwhile (so PEP 768 can reach it).
-const WORKLOAD: &str = r#"
-import asyncio, os, sys, threading, time
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import other_module
-
-TRACED = {"work", "rec", "boom", "catcher", "gen_count", "gen_thrown", "gen_closed", "coro", "qualified"}
-OTHER = other_module.__file__
-entries = []
-lock = threading.Lock()
-
-def note(frame):
-    code = frame.f_code
-    if code.co_name in TRACED and code.co_filename != OTHER:
-        with lock:
-            entries.append((threading.get_native_id(), code.co_name))
-
-def profiler(frame, event, arg):
-    if event == "call":
-        note(frame)
-
-def tracer(frame, event, arg):
-    if event == "call":
-        note(frame)
-    return None
-
-def record(on):
-    if sys.version_info >= (3, 12):
-        sys.setprofile(profiler if on else None)
-    else:
-        sys.settrace(tracer if on else None)
-
-def work(x):
-    return x * 2
-
-def rec(n):
-    return 0 if n == 0 else 1 + rec(n - 1)
-
-def boom(n):
-    if n % 3 == 0:
-        raise ValueError(n)
-    return n
-
-def catcher(n):
-    try:
-        return boom(n)
-    except ValueError:
-        return -1
-
-def gen_count(n):
-    for i in range(n):
-        yield i
-
-def gen_thrown():
-    try:
-        yield 1
-        yield 2
-    except KeyError:
-        yield 3
-
-def gen_closed():
-    try:
-        yield 1
-        yield 2
-    finally:
-        pass
-
-async def coro(n):
-    total = 0
-    for i in range(n):
-        await asyncio.sleep(0)
-        total += i
-    return total
-
-def qualified():
-    return 1
-
-def worker():
-    record(True)
-    for i in range(300):
-        work(i)
-        catcher(i)
-    record(False)
-
-if len(sys.argv) > 1:
-    print("ready", flush=True)
-    while not os.path.exists(sys.argv[1]):
-        time.sleep(0.002)
-record(True)
-for i in range(200):
-    work(i)
-rec(50)
-for i in range(30):
-    catcher(i)
-try:
-    boom(0)
-except ValueError:
-    pass
-sum(gen_count(10))
-g = gen_thrown()
-next(g)
-g.throw(KeyError)
-g.close()
-g = gen_closed()
-next(g)
-g.close()
-asyncio.run(coro(5))
-qualified()
-other_module.qualified()
-threads = [threading.Thread(target=worker) for _ in range(4)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-record(False)
-for tid, name in entries:
-    print("REC", tid, name)
-print("DONE", "%d.%d" % sys.version_info[:2], flush=True)
-"#;
+const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "call_kinds.py:qualified"];
 
 /// Environment variables for a launched command.
 type Env = Vec<(&'static str, &'static str)>;
@@ -156,9 +33,14 @@ fn agent_interpreters() -> Vec<(String, std::path::PathBuf, Env)> {
     v
 }
 
+/// The workload, the agent's exactness workload's calls (every kind the
+/// agent must pair as CPython's profiler does) run as a script, with
+/// CPython's recorder beside them; prints the recorder's entries as `REC
+/// tid name` lines. With an argument (a file), it first waits for the file
+/// to exist, running Python meanwhile (so PEP 768 can reach it).
 fn workload(dir: &TestDir) -> std::path::PathBuf {
-    dir.script("other_module.py", "def qualified():\n    return 2\n");
-    dir.script("app.py", WORKLOAD)
+    dir.script("other_module.py", include_str!("../../pftrace-agent-host/tests/scripts/other_module.py"));
+    dir.script("call_kinds.py", include_str!("../../pftrace-agent-host/tests/scripts/call_kinds.py"))
 }
 
 /// (tid, name) → calls, from the recorder's lines.
@@ -188,7 +70,7 @@ fn check_recorder(label: &str, want: &BTreeMap<(u32, String), usize>) {
     assert_eq!(total("work"), 200 + 4 * 300, "{label}: recorder");
     assert_eq!(total("rec"), 51, "{label}: recorder");
     assert_eq!(total("catcher"), 30 + 4 * 300, "{label}: recorder");
-    assert_eq!(total("qualified"), 1, "{label}: only app.py's `qualified`");
+    assert_eq!(total("qualified"), 1, "{label}: only call_kinds.py's `qualified`");
     assert_eq!(total("coro"), 6, "{label}: the coroutine's start and 5 resumes");
     let threads: std::collections::BTreeSet<u32> = want.keys().map(|(t, _)| *t).collect();
     assert_eq!(threads.len(), 5, "{label}: main and 4 workers");

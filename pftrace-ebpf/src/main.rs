@@ -128,6 +128,20 @@ static AGENT_BATCH: u32 = 0;
 #[unsafe(no_mangle)]
 static CPU_SLOT_ALLOC: u32 = 0;
 
+/// The most CPU slots the threads of one process (kernel tgid) hold at once
+/// (pftrace_common::task_layout::CPU_SLOTS_PER_PROCESS); its threads past
+/// it get the scheduler's last charge, counted in CPU_SLOTS_PROCESS_FULL.
+#[unsafe(no_mangle)]
+static CPU_SLOTS_PER_PROCESS: u32 = MAX_CPU_SLOTS;
+
+/// `task_struct.signal` and `signal_struct.live` (0 = unknown): a thread
+/// exiting reads whether its thread group died with it, to forget the
+/// group's count of slots (SLOTS_HELD).
+#[unsafe(no_mangle)]
+static TASK_SIGNAL_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SIGNAL_LIVE_OFF: u32 = 0;
+
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -181,6 +195,18 @@ static CPU_SLOTS: Array<CpuSlot> = Array::with_max_entries(MAX_CPU_SLOTS, BPF_F_
 /// CPU_SLOT_ALLOC (claim_cpu_slot, release_cpu_slot), else by user space.
 #[map]
 static SLOT_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
+
+/// Kernel tgid -> CPU slots its threads hold (with CPU_SLOT_ALLOC): taken
+/// at claim_cpu_slot, given back at release_cpu_slot, the entry removed
+/// when the thread group dies (pftrace_exit). At most one entry per live
+/// process holding a slot, so never more entries than slots.
+#[map]
+static SLOTS_HELD: HashMap<u32, u64> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
+
+/// Slot index -> the kernel tgid charged for it in SLOTS_HELD: given back
+/// to that process whichever thread frees the slot.
+#[map]
+static SLOT_TGID: Array<u32> = Array::with_max_entries(MAX_CPU_SLOTS, 0);
 
 /// Prototype (issue 12, batched): kernel tid -> its agent buffer and the
 /// records of it already on the ring (the tail the agent cannot touch).
@@ -974,24 +1000,71 @@ fn call_cpu(now: u64) -> u64 {
     }
     bump(counter::CPU_COARSE);
     if global(&CPU_SLOT_ALLOC) != 0 && unsafe { SLOT_OF.get(&tid) }.is_none() {
-        claim_cpu_slot(tid);
+        claim_cpu_slot(tid, (bpf_get_current_pid_tgid() >> 32) as u32);
     }
     task_cpu()
 }
 
-/// Gives kernel thread `tid` a free CPU slot (valid from its next
-/// switch-in on); counted in CPU_SLOTS_FULL when none is free.
+/// Gives kernel thread `tid` of process `tgid` a free CPU slot (valid from
+/// its next switch-in on), within the process's share: counted in
+/// CPU_SLOTS_PROCESS_FULL when its threads hold CPU_SLOTS_PER_PROCESS
+/// already, in CPU_SLOTS_FULL when no slot is free.
 #[inline(always)]
-fn claim_cpu_slot(tid: u32) {
-    let Ok(Some(idx)) = FREE_SLOTS.pop() else {
+fn claim_cpu_slot(tid: u32, tgid: u32) {
+    let Some(held) = slots_held(tgid) else {
         bump(counter::CPU_SLOTS_FULL);
         return;
     };
+    // Add, then look: two threads of one process on two CPUs both count
+    // themselves before either decides, so the threads that keep a slot
+    // never exceed the share (a race can only turn one away that would
+    // have fitted: counted, and its next call claims again).
+    unsafe { atomic_add(held, 1) };
+    if unsafe { core::ptr::read_volatile(held) } > global(&CPU_SLOTS_PER_PROCESS) {
+        unsafe { atomic_add(held, u64::MAX) };
+        bump(counter::CPU_SLOTS_PROCESS_FULL);
+        return;
+    }
+    let Ok(Some(idx)) = FREE_SLOTS.pop() else {
+        unsafe { atomic_add(held, u64::MAX) };
+        bump(counter::CPU_SLOTS_FULL);
+        return;
+    };
+    let Some(owner) = SLOT_TGID.get_ptr_mut(idx) else {
+        unsafe { atomic_add(held, u64::MAX) };
+        let _ = FREE_SLOTS.push(&idx, 0);
+        return;
+    };
+    unsafe { *owner = tgid };
     // BPF_NOEXIST: a thread claims only for itself or, at its creation,
     // its creator for it; should both race, the loser's slot goes back.
     if SLOT_OF.insert(&tid, &idx, BPF_NOEXIST).is_err() {
+        unsafe { atomic_add(held, u64::MAX) };
         let _ = FREE_SLOTS.push(&idx, 0);
+        return;
     }
+    bump(counter::CPU_SLOTS_TAKEN);
+}
+
+/// Process `tgid`'s count of slots held (made at 0 on its first claim);
+/// None when SLOTS_HELD is full (as many live processes hold slots as
+/// there are slots: none would be free anyway).
+#[inline(always)]
+fn slots_held(tgid: u32) -> Option<*mut u64> {
+    if let Some(held) = SLOTS_HELD.get_ptr_mut(&tgid) {
+        return Some(held);
+    }
+    // On the stack: a literal `&0` becomes a constant of .rodata, which the
+    // linker merged with another zero there, a load-time global (the agent
+    // token: every process's tally started at it, and every claim failed).
+    let mut zero = 0u64;
+    unsafe { core::ptr::write_volatile(&mut zero, 0) };
+    // BPF_NOEXIST: two threads of a new process may both get here; the
+    // second insert fails and both take the first one's entry.
+    if SLOTS_HELD.insert(&tgid, &zero, BPF_NOEXIST).is_ok() {
+        bump(counter::CPU_SLOT_PROCESSES);
+    }
+    SLOTS_HELD.get_ptr_mut(&tgid)
 }
 
 /// A thread exits: its slot (if any) is cleared (tid 0, so no reader takes
@@ -1012,7 +1085,37 @@ fn release_cpu_slot(tid: u32) {
             core::ptr::write_volatile(&raw mut (*slot).seq, (seq | 1).wrapping_add(1));
         }
     }
+    // Given back to the process charged at the claim (an exec changes the
+    // tid of a thread, never its process). Its entry may be gone already:
+    // the group's last thread to exit can remove it first (pftrace_exit).
+    if let Some(&tgid) = SLOT_TGID.get(idx)
+        && let Some(held) = SLOTS_HELD.get_ptr_mut(&tgid)
+    {
+        unsafe { atomic_add(held, u64::MAX) };
+    }
     let _ = FREE_SLOTS.push(&idx, 0);
+    bump(counter::CPU_SLOTS_RETURNED);
+}
+
+/// The current thread exits: when it was the last of its thread group
+/// (`signal->live`, decremented before sched_process_exit fires, now 0),
+/// forget the group's count of slots. No thread of the group can claim
+/// any more: claims are made by a live thread of the group (its own call,
+/// or its fork of a new thread); a thread of the group exiting meanwhile
+/// finds the entry gone and gives its slot back to the free list alone.
+#[inline(always)]
+fn forget_dead_group(tgid: u32) {
+    let (signal_off, live_off) = (global(&TASK_SIGNAL_OFF) as usize, global(&SIGNAL_LIVE_OFF) as usize);
+    if signal_off == 0 || unsafe { SLOTS_HELD.get(&tgid) }.is_none() {
+        return;
+    }
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let Some(signal) = read_kernel::<usize>(task + signal_off) else {
+        return;
+    };
+    if read_kernel::<i32>(signal + live_off) == Some(0) && SLOTS_HELD.remove(&tgid).is_ok() {
+        bump(counter::CPU_SLOT_PROCESSES_GONE);
+    }
 }
 
 const BPF_NOEXIST: u64 = 1;
@@ -1267,6 +1370,24 @@ pub fn pftrace_agent_batch_exec(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// An exec by a thread other than the group leader takes the leader's tid
+/// (de_thread); the slot under its old tid (sched_process_exec's old_pid)
+/// would stay in SLOT_OF, charged to the process, until that tid exited
+/// again. It is given back, and the thread under its new tid gets one
+/// (exact from its next switch-in).
+#[inline(always)]
+fn exec_moves_slot(ctx: &RawTracePointContext) {
+    // sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+    let old: u64 = ctx.arg(1);
+    let host = bpf_get_current_pid_tgid();
+    let (old, tid) = (old as u32, host as u32);
+    if old == tid || unsafe { SLOT_OF.get(&old) }.is_none() {
+        return;
+    }
+    release_cpu_slot(old);
+    claim_cpu_slot(tid, (host >> 32) as u32);
+}
+
 #[inline(always)]
 fn agent_wakeup(skip: u64) -> u64 {
     if skip & pftrace_common::task_layout::bench_skip::WAKEUP as u64 != 0 {
@@ -1280,6 +1401,9 @@ fn agent_wakeup(skip: u64) -> u64 {
 /// or one under a watched cgroup), so user space can attach to it.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
+    if global(&CPU_SLOT_ALLOC) != 0 {
+        exec_moves_slot(&ctx);
+    }
     let mode = config_value(config::EXEC_MODE);
     let pid_tgid = current_pid_tgid();
     if pid_tgid == 0 {
@@ -1327,7 +1451,9 @@ pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
     if global(&CPU_SLOT_ALLOC) != 0 {
-        release_cpu_slot(bpf_get_current_pid_tgid() as u32);
+        let host = bpf_get_current_pid_tgid();
+        release_cpu_slot(host as u32);
+        forget_dead_group((host >> 32) as u32);
     }
     let pid_tgid = current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -1381,10 +1507,10 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let child = child as usize;
     let pid = unsafe { bpf_probe_read_kernel((child + pid_off) as *const u32) }.unwrap_or(0);
     let tgid = unsafe { bpf_probe_read_kernel((child + tgid_off) as *const u32) }.unwrap_or(0);
-    if pid != 0 && global(&CPU_SLOT_ALLOC) != 0 {
+    if pid != 0 && tgid != 0 && global(&CPU_SLOT_ALLOC) != 0 {
         // Every new thread (and process) of a traced process: its slot is
         // written from its first switch-in, so its first call is exact.
-        claim_cpu_slot(pid);
+        claim_cpu_slot(pid, tgid);
     }
     if pid == 0 || pid != tgid {
         return 0; // a thread, not a process

@@ -1,3 +1,3 @@
-# A second `qualified`, in another file: `exact_workload.py:qualified` must not match it.
+# A second `qualified`, in another file: `call_kinds.py:qualified` must not match it.
 def qualified():
     return 2

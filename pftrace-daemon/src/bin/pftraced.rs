@@ -170,6 +170,14 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_calls_in_memory: Option<usize>,
 
+    /// CPU slots (per-call CPU time to the microsecond) the threads of one
+    /// traced process hold at once, of the node's 16384 (default 1024):
+    /// its further threads get the scheduler's figure, exact to a tick,
+    /// counted (cpu_slots_process_full). Config file: `[limits]
+    /// cpu_slots_per_process`.
+    #[arg(long, value_name = "N", value_parser = slots_per_process)]
+    cpu_slots_per_process: Option<u32>,
+
     /// Milliseconds between CPU/memory readings of each traced process (counter
     /// tracks in the trace); 0 turns sampling off. Default 1000.
     #[arg(long, value_name = "MS")]
@@ -221,6 +229,12 @@ fn ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+fn slots_per_process(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    pftrace::config::check_cpu_slots_per_process(n)?;
+    Ok(n)
+}
+
 fn main() -> ExitCode {
     pftrace::logging::init();
     let cli = Cli::parse();
@@ -262,6 +276,9 @@ fn options(cli: &Cli) -> anyhow::Result<DaemonOptions> {
     }
     if let Some(n) = cli.max_calls_in_memory {
         config.limits.max_calls_in_memory = n.max(1);
+    }
+    if let Some(n) = cli.cpu_slots_per_process {
+        config.limits.cpu_slots_per_process = n;
     }
     if cli.cgroups_must_exist {
         config.targets.wait_for_cgroups = false;

@@ -165,6 +165,22 @@ pub struct Counters {
     /// pftrace_common::MAX_CPU_SLOTS).
     #[serde(default)]
     pub cpu_slots_full: u64,
+    /// Threads' attempts to take a CPU slot while their process's threads
+    /// held its share (`limits.cpu_slots_per_process`).
+    #[serde(default)]
+    pub cpu_slots_process_full: u64,
+    /// CPU slots handed to threads and given back so far: the difference
+    /// is held now (0 once every traced thread has exited).
+    #[serde(default)]
+    pub cpu_slots_taken: u64,
+    #[serde(default)]
+    pub cpu_slots_returned: u64,
+    /// Processes given a tally of slots held, and those forgotten at their
+    /// last thread's exit: the difference is tallied now.
+    #[serde(default)]
+    pub cpu_slot_processes: u64,
+    #[serde(default)]
+    pub cpu_slot_processes_gone: u64,
     /// What met pftraced's memory bounds (counted in user space).
     #[serde(default)]
     pub bounds: crate::protocol::BoundCounts,
@@ -216,16 +232,28 @@ impl Counters {
 
     /// Says how many records carry a CPU figure exact only to a tick, if any.
     pub fn cpu_coarse_note(&self) -> Option<String> {
-        (self.cpu_coarse + self.cpu_slots_full > 0).then(|| {
+        (self.cpu_coarse + self.cpu_slots_full + self.cpu_slots_process_full > 0).then(|| {
             format!(
                 "COARSE CPU (README, \"Per-call figures\"): {} records took the scheduler's last charge \
                  (exact to a tick only: threads older than the attachment not switched out since, or no free \
-                 slot); {} slot claims found none of {} free",
+                 slot); {} slot claims found none of {} free, {} found their process's share \
+                 (limits.cpu_slots_per_process) taken",
                 self.cpu_coarse,
                 self.cpu_slots_full,
-                pftrace_common::MAX_CPU_SLOTS
+                pftrace_common::MAX_CPU_SLOTS,
+                self.cpu_slots_process_full
             )
         })
+    }
+
+    /// CPU slots held now, and by how many processes (the per-CPU counters
+    /// are summed one CPU after another: a claim in flight may show as a
+    /// slot taken and not yet given back, never as a negative figure).
+    pub fn cpu_slots_held(&self) -> (u64, u64) {
+        (
+            self.cpu_slots_taken.saturating_sub(self.cpu_slots_returned),
+            self.cpu_slot_processes.saturating_sub(self.cpu_slot_processes_gone),
+        )
     }
 }
 
@@ -262,7 +290,14 @@ impl KernelProbes {
     /// `layout` gives the kernel offsets for per-call CPU time and RSS; without
     /// it those figures read as 0. `scope_filter`: only processes in the
     /// tracked set are traced (host-wide probes with pid or cgroup scopes).
-    pub fn load(ring_bytes: u32, layout: Option<&TaskOffsets>, scope_filter: bool) -> Result<Self, BpfError> {
+    /// `slots_per_process`: the most CPU slots one process's threads hold
+    /// (`limits.cpu_slots_per_process`).
+    pub fn load(
+        ring_bytes: u32,
+        layout: Option<&TaskOffsets>,
+        scope_filter: bool,
+        slots_per_process: u32,
+    ) -> Result<Self, BpfError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries("EVENTS", ring_bytes);
         let globals = layout.map(TaskOffsets::globals);
@@ -282,6 +317,7 @@ impl KernelProbes {
         // with the task offsets the sched_switch program needs.
         let slot_alloc = u32::from(layout.is_some());
         loader.override_global(task_layout::CPU_SLOT_ALLOC, &slot_alloc, true);
+        loader.override_global(task_layout::CPU_SLOTS_PER_PROCESS, &slots_per_process, true);
         // The batched agent road (issue 12; pftrace-agent/README.md "Batched
         // reports"): drain reports and whole-call records taken, with the
         // CPU slots it needs.
@@ -598,6 +634,11 @@ impl KernelProbes {
             agent_unnamed: 0,
             cpu_coarse: total(counter::CPU_COARSE)?,
             cpu_slots_full: total(counter::CPU_SLOTS_FULL)?,
+            cpu_slots_process_full: total(counter::CPU_SLOTS_PROCESS_FULL)?,
+            cpu_slots_taken: total(counter::CPU_SLOTS_TAKEN)?,
+            cpu_slots_returned: total(counter::CPU_SLOTS_RETURNED)?,
+            cpu_slot_processes: total(counter::CPU_SLOT_PROCESSES)?,
+            cpu_slot_processes_gone: total(counter::CPU_SLOT_PROCESSES_GONE)?,
             bounds: Default::default(),
             batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },
         })

@@ -55,7 +55,12 @@ impl Daemon {
         );
         // Host-wide probes (--binary, dormant ones), but only processes in scope are traced.
         let scope_filter = (!opts.binaries.is_empty() || dormant.enabled) && !opts.all;
-        let mut probes = KernelProbes::load(limits.ring_buffer_bytes, layout.as_ref(), scope_filter)?;
+        let mut probes = KernelProbes::load(
+            limits.ring_buffer_bytes,
+            layout.as_ref(),
+            scope_filter,
+            limits.cpu_slots_per_process,
+        )?;
         if probes.attach_method() == crate::bpf::AttachMethod::PerfEvent {
             log::warn!(
                 "attaching through uprobe perf events ({}): about 10 times slower per process than \

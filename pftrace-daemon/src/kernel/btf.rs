@@ -619,10 +619,20 @@ pub(crate) mod testing {
             &[("", anon, 0), ("cpu_bitmap", long, 176 * 8)],
         );
         let mm_ptr = b.refer(KIND_PTR, "", mm);
+        let atomic = b.composite(KIND_STRUCT, "", 4, false, &[("counter", int, 0)]);
+        let atomic_t = b.refer(KIND_TYPEDEF, "atomic_t", atomic);
+        let signal = b.composite(
+            KIND_STRUCT,
+            "signal_struct",
+            24,
+            false,
+            &[("sigcnt", long, 0), ("nr_threads", int, 64), ("live", atomic_t, 96)],
+        );
+        let signal_ptr = b.refer(KIND_PTR, "", signal);
         b.composite(
             KIND_STRUCT,
             "task_struct",
-            48,
+            56,
             true,
             &[
                 ("flags", uint, 0),
@@ -632,6 +642,7 @@ pub(crate) mod testing {
                 ("mm", mm_ptr, 256),
                 ("pid", pid_t, 320),
                 ("tgid", pid_t, 352),
+                ("signal", signal_ptr, 384),
             ],
         );
         b.build()
@@ -648,7 +659,7 @@ mod tests {
     #[test]
     fn lookups_in_a_hand_built_blob() {
         let btf = Btf::parse(&fixture(true, false)).unwrap();
-        assert_eq!(btf.type_count(), 31);
+        assert_eq!(btf.type_count(), 35);
         assert_eq!(btf.member_offset("task_struct", &["se", "sum_exec_runtime"]).unwrap(), 24);
         assert_eq!(btf.member_offset("task_struct", &["se"]).unwrap(), 8);
         assert_eq!(btf.member_offset("mm_struct", &["y"]).unwrap(), 8);
@@ -656,6 +667,7 @@ mod tests {
         assert_eq!(btf.member_offset("mm_struct", &["cpu_bitmap"]).unwrap(), 176);
         assert_eq!(btf.member_size("task_struct", &["pid"]).unwrap(), 4);
         assert_eq!(btf.member_size("task_struct", &["mm"]).unwrap(), 8);
+        assert_eq!(btf.member_offset("signal_struct", &["live", "counter"]).unwrap(), 12);
         assert_eq!(btf.member_size("mm_struct", &["rss_stat"]).unwrap(), 160);
         assert_eq!(btf.type_size("pid_t").unwrap(), 4);
         assert_eq!(btf.type_size("sched_entity").unwrap(), 24);

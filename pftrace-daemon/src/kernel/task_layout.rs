@@ -70,12 +70,17 @@ pub struct TaskOffsets {
     pub mm_filepages: u32,
     pub mm_anonpages: u32,
     pub mm_shmempages: u32,
+    /// `task_struct.signal` (a pointer) and the counter of
+    /// `signal_struct.live` (threads of the group not yet exiting, int):
+    /// the exit program tells a process's last thread by it.
+    pub signal: u32,
+    pub signal_live: u32,
 }
 
 impl TaskOffsets {
     /// The eBPF programs' read-only globals these offsets set
     /// (`pftrace_common::task_layout`), as (name, value).
-    pub fn globals(&self) -> [(&'static str, u32); 9] {
+    pub fn globals(&self) -> [(&'static str, u32); 11] {
         use pftrace_common::task_layout;
         [
             (task_layout::SUM_EXEC, self.se_sum_exec_runtime),
@@ -87,6 +92,8 @@ impl TaskOffsets {
             (task_layout::RSS_FILE, self.mm_filepages),
             (task_layout::RSS_ANON, self.mm_anonpages),
             (task_layout::RSS_SHMEM, self.mm_shmempages),
+            (task_layout::TASK_SIGNAL, self.signal),
+            (task_layout::SIGNAL_LIVE, self.signal_live),
         ]
     }
 
@@ -110,6 +117,14 @@ impl TaskOffsets {
         if btf.resolve(mm.type_id)?.1.kind != KIND_PTR {
             return Err(BtfError::Layout("task_struct.mm is not a pointer".into()));
         }
+        let signal = btf.locate("task_struct", &["signal"])?;
+        if btf.resolve(signal.type_id)?.1.kind != KIND_PTR {
+            return Err(BtfError::Layout("task_struct.signal is not a pointer".into()));
+        }
+        let live = btf.member_size("signal_struct", &["live", "counter"])?;
+        if live != 4 {
+            return Err(BtfError::Layout(format!("signal_struct.live.counter is {live} bytes, expected 4")));
+        }
         let rss = RssLayout::from_btf(btf)?;
         let index = |name: &str| -> Result<u32> {
             match btf.enum_value(name)? {
@@ -128,6 +143,8 @@ impl TaskOffsets {
             mm_filepages: index("MM_FILEPAGES")?,
             mm_anonpages: index("MM_ANONPAGES")?,
             mm_shmempages: index("MM_SHMEMPAGES")?,
+            signal: signal.offset,
+            signal_live: btf.member_offset("signal_struct", &["live", "counter"])?,
         })
     }
 }
@@ -177,6 +194,8 @@ mod tests {
                 mm_filepages: 0,
                 mm_anonpages: 1,
                 mm_shmempages: 3,
+                signal: 48,
+                signal_live: 12,
             }
         );
     }
@@ -205,10 +224,11 @@ mod tests {
         let se = btf.member_offset("task_struct", &["se"]).unwrap();
         let sum = btf.member_offset("sched_entity", &["sum_exec_runtime"]).unwrap();
         assert_eq!(o.se_sum_exec_runtime, se + sum);
-        for off in [o.se_sum_exec_runtime, o.mm] {
+        for off in [o.se_sum_exec_runtime, o.mm, o.signal] {
             assert!(off % 8 == 0 && off + 8 <= task_size, "{o:?}");
         }
         assert_eq!(o.tgid, o.pid + 4, "pid and tgid are adjacent in every kernel so far");
+        assert!(o.signal_live.is_multiple_of(4) && o.signal_live < btf.type_size("signal_struct").unwrap());
         assert!(o.rss_stat.is_multiple_of(8) && o.rss_stat < btf.type_size("mm_struct").unwrap());
         assert!(o.rss_stride >= 8 && o.rss_count + 8 <= o.rss_stride, "{o:?}");
         if let Ok(size) = btf.type_size("percpu_counter")

@@ -114,6 +114,15 @@ pub fn render(s: &Status) -> String {
     if let Some(note) = c.cpu_coarse_note() {
         let _ = writeln!(o, "{note}");
     }
+    if c.cpu_slots_taken > 0 {
+        let (held, processes) = c.cpu_slots_held();
+        let _ = writeln!(
+            o,
+            "cpu slots: {held} of {} held now, by {processes} process{}",
+            pftrace_common::MAX_CPU_SLOTS,
+            if processes == 1 { "" } else { "es" }
+        );
+    }
     if c.out_of_scope > 0 {
         let _ = writeln!(
             o,
