@@ -443,7 +443,9 @@ pub struct ProcEvent {
     pub ts_ns: u64,
     pub pid: u32,
     pub tid: u32,
-    /// For FORK: the process that forked.
+    /// For FORK: the process that forked. For EXEC: the thread that exec'd
+    /// (sched_process_exec's old_pid), not `pid` when a thread other than
+    /// the main one did (it takes the main thread's id at the exec).
     pub parent: u32,
     /// [`kind::EXEC`] or [`kind::FORK`].
     pub kind: u8,

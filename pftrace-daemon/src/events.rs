@@ -46,6 +46,9 @@ pub struct Event {
 pub struct ExecEvent {
     pub ts_ns: u64,
     pub pid: u32,
+    /// The thread that exec'd: not `pid` when a thread other than the main
+    /// one did (its tid before the exec).
+    pub thread: u32,
     pub cgroup_id: u64,
 }
 
@@ -256,9 +259,12 @@ impl Decoder {
                     self.bound.forget(raw.pid);
                 }
                 Ok(match k {
-                    kind::EXEC => {
-                        Record::Exec(ExecEvent { ts_ns: raw.ts_ns, pid: raw.pid, cgroup_id: raw.cgroup_id })
-                    }
+                    kind::EXEC => Record::Exec(ExecEvent {
+                        ts_ns: raw.ts_ns,
+                        pid: raw.pid,
+                        thread: raw.parent,
+                        cgroup_id: raw.cgroup_id,
+                    }),
                     kind::FORK => {
                         Record::Fork(ForkEvent { ts_ns: raw.ts_ns, pid: raw.pid, parent: raw.parent })
                     }

@@ -151,10 +151,8 @@ fn one_process_takes_only_its_share_of_the_cpu_slots() {
 /// back at the exec and the thread takes one under its new tid: at the end
 /// every slot taken was given back (without that, the old tid's slot stayed
 /// charged until a thread of that tid exited: run so, 2 taken, 1
-/// returned). The new image makes no calls: pftraced did not trace the
-/// image after an exec by a thread other than the main one (0 of 10 calls;
-/// not looked into here, perhaps the uprobe_multi link's pid filter
-/// following the old main thread).
+/// returned). The new image makes no calls here; that its calls are
+/// traced is lifecycle.rs's `an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it`.
 #[test]
 fn an_exec_from_a_thread_gives_its_old_tids_slot_back() {
     require_root();

@@ -13,10 +13,13 @@
 //!    PFTRACE_UPROBE_ATTACH=perf) traces exactly like uprobe_multi.
 //! 5. With `--binary`, children forked by a traced process are traced from
 //!    their first call, made straight after `fork()`.
+//! 6. A thread other than the main one execs the interpreter again: the new
+//!    image's calls are traced, by `--pid`/launch and in a watched cgroup.
 
 mod common;
 
 use std::{
+    collections::BTreeMap,
     fs,
     process::Stdio,
     thread,
@@ -388,4 +391,76 @@ fn binary_flag_traces_forked_children_from_their_first_call() {
     assert_eq!(counts.get(&child), Some(&5), "calls by pid: {counts:?}");
     assert_eq!(counts.values().sum::<u64>(), 12, "calls by pid: {counts:?}");
     assert!(trace.calls.iter().all(|c| !c.incomplete));
+}
+
+/// A script whose worker thread execs it again ("after"), which then calls
+/// `work` 10 times; "before" calls it 10 times, its thread 10 more.
+const EXEC_FROM_A_THREAD: &str = r#"
+import os, sys, threading, time
+
+def work():
+    return 1
+
+def before():
+    for _ in range(10):
+        work()
+    def run():
+        for _ in range(10):
+            work()
+        os.execv(sys.executable, [sys.executable, __file__, "after"])
+    threading.Thread(target=run).start()
+    time.sleep(60)  # the exec ends this thread
+
+def after():
+    for _ in range(10):
+        work()
+    print("after", os.getpid(), threading.get_native_id(), flush=True)
+
+if sys.argv[1] == "before":
+    before()
+else:
+    after()
+"#;
+
+#[test]
+fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
+    // Before: a pid-scoped uprobe_multi link follows the task it was made
+    // for, the old main thread, gone at such an exec: 0 of the new image's
+    // 10 calls were seen. In a watched cgroup the link is host-wide.
+    let dir = TestDir::new("exec-thread");
+    let script = dir.script("exec.py", EXEC_FROM_A_THREAD);
+    let check = |trace: &Trace, main: u32, how: &str| {
+        trace.assert_clean();
+        let mut per_thread: BTreeMap<u32, u64> = BTreeMap::new();
+        for c in trace.named("work") {
+            assert_eq!(c.pid, main, "{how}: a call of another process: {c:?}");
+            *per_thread.entry(c.tid).or_default() += 1;
+        }
+        // The main thread's 10, then its tid's 10 in the new image; the worker's 10.
+        assert_eq!(per_thread.get(&main), Some(&20), "{how}: {per_thread:?}");
+        assert_eq!(per_thread.values().sum::<u64>(), 30, "{how}: {per_thread:?}");
+    };
+    let run = Pftraced::new(&dir, &["work"])
+        .launch(&[python().as_os_str(), script.as_os_str(), std::ffi::OsStr::new("before")])
+        .run();
+    run.assert_code(0);
+    let line = run.stdout.lines().find_map(|l| l.strip_prefix("after ")).expect("the exec'd image's line");
+    let (pid, tid) = line.split_once(' ').expect("pid tid");
+    assert_eq!(pid, tid.trim(), "after the exec the thread is the main thread");
+    check(&run.trace(), pid.parse().unwrap(), "launched");
+
+    // In a watched cgroup (dormant probes: the process must stay tracked
+    // and its new image's semaphores be raised).
+    let dir = TestDir::new("exec-thread-cg");
+    let script = dir.script("exec.py", EXEC_FROM_A_THREAD);
+    let cg = Cgroup::new("exec-thread");
+    let socket = socket_of(&dir);
+    let tracer = serving(&dir, &["work"]).arg("--cgroup").arg(cg.path()).spawn();
+    wait_serving(&socket, &tracer);
+    let mut p =
+        Guard::spawn(&mut in_cgroup(cg.path(), python(), [script.as_os_str(), "before".as_ref()]), false);
+    let pid = p.pid();
+    assert!(p.wait(Duration::from_secs(30), "the exec'ing Python").success());
+    let run = stop(&socket, tracer);
+    check(&run.trace(), pid, "watched cgroup");
 }

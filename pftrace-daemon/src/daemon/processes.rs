@@ -74,6 +74,12 @@ impl Processes {
     }
 
     /// The attach serial of the running process `pid`.
+    /// Whether `pid` is traced through pid-scoped links of its own (not
+    /// host-wide or dormant ones).
+    pub fn has_own_links(&self, pid: u32) -> bool {
+        self.procs.get(&pid).is_some_and(|p| !p.links.is_empty())
+    }
+
     pub fn serial(&self, pid: u32) -> Option<u64> {
         self.procs.get(&pid).filter(|p| p.running).map(|p| p.serial)
     }

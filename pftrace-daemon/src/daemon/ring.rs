@@ -38,6 +38,18 @@ impl Daemon {
                     // Calls of the old image end here, before any of the new one.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
                     self.dormant.exec(e.pid, e.ts_ns);
+                    if e.thread != e.pid && self.processes.has_own_links(e.pid) {
+                        // A thread other than the main one exec'd: its
+                        // pid-scoped link is bound to the old main thread's
+                        // task, whose memory is gone, so the new image is
+                        // never probed (0 of 10 calls seen): attach anew.
+                        log::info!(
+                            "pid {}: thread {} exec'd (not the main thread): its probes are made again",
+                            e.pid,
+                            e.thread
+                        );
+                        changes.push(ProcChange::Exited(e.pid, e.ts_ns));
+                    }
                     changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
