@@ -70,20 +70,11 @@ pub struct ExitEvent {
 #[derive(Debug, Clone)]
 pub enum Record {
     Call(Event),
-    /// Whole calls (the batched agent road), in the order their thread closed them.
-    Calls(Vec<WholeCall>),
+    /// Events of one thread (the batched agent road), in the order it made them.
+    Batch(Vec<Event>),
     Exec(ExecEvent),
     Fork(ForkEvent),
     Exit(ExitEvent),
-}
-
-/// A call whose both ends arrive in one record (the batched agent road).
-#[derive(Debug, Clone)]
-pub struct WholeCall {
-    pub entry: Event,
-    pub ret: Event,
-    /// Traced calls open below it in its thread (the agent's word); None: unknown.
-    pub depth: Option<u32>,
 }
 
 /// Errors decoding a ring-buffer record.
@@ -265,9 +256,7 @@ impl Decoder {
                     _ => Record::Exit(ExitEvent { ts_ns: raw.ts_ns, pid: raw.pid }),
                 })
             }
-            Some(&kind::AGENT) if self.is_agent_call_record(bytes) => {
-                self.decode_agent_calls(bytes).map(Record::Calls)
-            }
+            Some(&kind::AGENT) if self.is_agent_batch(bytes) => self.decode_agent_batch(bytes).map(Record::Batch),
             Some(&kind::AGENT) => self.decode_agent(bytes).map(Record::Call),
             _ => self.decode(bytes).map(Record::Call),
         }

@@ -10,6 +10,7 @@
 
 mod agent;
 mod attach;
+mod batchstop;
 mod control;
 mod dormant;
 mod event_loop;
@@ -141,6 +142,8 @@ pub struct Daemon {
     /// Every completed call, for the run's trace file (see output/spill.rs).
     spill: Option<SpillWriter>,
     bad_records: u64,
+    /// The batched agent road at pftraced's stop (daemon/batchstop.rs).
+    batch_stop: batchstop::BatchStop,
     clock: WallClock,
     start_ns: u64,
     started: Instant,

@@ -27,9 +27,9 @@ impl Daemon {
         while let Some(item) = ring.next_record() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => self.take_call(ev, &mut completed),
-                Ok(Record::Calls(calls)) => {
-                    for call in calls {
-                        self.take_whole(call, &mut completed);
+                Ok(Record::Batch(events)) => {
+                    for ev in events {
+                        self.take_call(ev, &mut completed);
                     }
                 }
                 Ok(Record::Exec(e)) => {
@@ -74,7 +74,7 @@ impl Daemon {
     }
 
     /// One call event: filtered where the kernel could not decide, then paired.
-    fn take_call(&mut self, ev: crate::events::Event, completed: &mut Vec<Call>) {
+    pub(super) fn take_call(&mut self, ev: crate::events::Event, completed: &mut Vec<Call>) {
         self.filter.after_sweeps(self.decoder.bound.sweeps);
         let (codes, processes) = (&mut self.codes, &self.processes);
         let version = || processes.info(ev.pid).and_then(|p| p.version);
@@ -88,22 +88,6 @@ impl Daemon {
                 self.decoder.recycle(file);
             }
         }
-    }
-
-    /// A whole call (batched agent road): kept by the filter as its entry
-    /// would be (its strings are those of the code object's first call),
-    /// then paired as one.
-    fn take_whole(&mut self, call: crate::events::WholeCall, completed: &mut Vec<Call>) {
-        let ev = &call.entry;
-        self.filter.after_sweeps(self.decoder.bound.sweeps);
-        let (codes, processes) = (&mut self.codes, &self.processes);
-        let version = || processes.info(ev.pid).and_then(|p| p.version);
-        if !(crate::agent::skips_name_filter(ev) || self.filter.keep(ev, || codes.resolve_now(ev, version))) {
-            return;
-        }
-        let processes = &self.processes;
-        self.codes.request(ev, || processes.info(ev.pid).and_then(|p| p.version));
-        self.pairer.push_whole(call.entry, call.ret, call.depth, completed);
     }
 
     pub(super) fn store_calls(&mut self, mut calls: Vec<Call>) {

@@ -188,6 +188,7 @@ impl Daemon {
             rolling,
             spill: None,
             bad_records: 0,
+            batch_stop: Default::default(),
             clock: WallClock::measure(),
             start_ns: WallClock::monotonic_now_ns(),
             started: Instant::now(),
