@@ -134,6 +134,10 @@ pub struct Decoder {
     /// What a string not kept is named ([`string_bound::OTHER`]); not in
     /// `strings`, so a process sending that text is not counted as folded.
     other: Option<Arc<str>>,
+    /// A process's strings stay past its exit record until the daemon
+    /// forgets them ([`Self::forget_process`]): the batched agent road's
+    /// drains of its other threads may follow it (daemon/exits.rs).
+    pub keep_past_exit: bool,
 }
 
 /// A direct-mapped cache of interned strings, by a cheap hash of their
@@ -242,9 +246,8 @@ impl Decoder {
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                if k != kind::FORK {
-                    self.agent.forget(raw.pid);
-                    self.bound.forget(raw.pid);
+                if k == kind::EXEC || k == kind::EXIT && !self.keep_past_exit {
+                    self.forget_process(raw.pid);
                 }
                 Ok(match k {
                     kind::EXEC => {
@@ -260,6 +263,12 @@ impl Decoder {
             Some(&kind::AGENT) => self.decode_agent(bytes).map(Record::Call),
             _ => self.decode(bytes).map(Record::Call),
         }
+    }
+
+    /// Forgets what is kept for process `pid` (it exec'd or exited).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.agent.forget(pid);
+        self.bound.forget(pid);
     }
 
     /// Decodes a call record, common or long, reading its fields where they

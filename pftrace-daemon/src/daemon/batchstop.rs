@@ -60,6 +60,8 @@ impl Daemon {
         if !self.probes.batch {
             return;
         }
+        // Exits not settled yet are settled at the end (their threads' drains
+        // are on the ring by then, or never come).
         let started = Instant::now();
         let waits = self.agent.as_mut().map(|a| a.stop_all_waiting()).unwrap_or_default();
         let mut agents_done = false;
@@ -79,6 +81,8 @@ impl Daemon {
         }
         self.store_calls(std::mem::take(&mut completed));
         self.completed = completed;
+        self.settle_all = true;
+        self.drain(ring);
         if self.batch_stop.by_daemon + self.batch_stop.unread > 0 {
             log::info!(
                 "batched agent road at stop: {} events read from threads' buffers by pftraced, {} buffers unreadable \

@@ -14,6 +14,7 @@ mod batchstop;
 mod control;
 mod dormant;
 mod event_loop;
+mod exits;
 mod filter;
 mod finish;
 mod jobs;
@@ -144,6 +145,10 @@ pub struct Daemon {
     bad_records: u64,
     /// The batched agent road at pftraced's stop (daemon/batchstop.rs).
     batch_stop: batchstop::BatchStop,
+    /// Exits on the batched agent road not yet settled (daemon/exits.rs).
+    exiting: Vec<exits::Exiting>,
+    /// The next drain settles every exit (pftraced stops).
+    settle_all: bool,
     clock: WallClock,
     start_ns: u64,
     started: Instant,

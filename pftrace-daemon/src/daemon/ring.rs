@@ -33,6 +33,7 @@ impl Daemon {
                     }
                 }
                 Ok(Record::Exec(e)) => {
+                    self.settle_now(e.pid, &mut completed, &mut changes);
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
                     log::debug!("pid {} exec'd at {} ns ({late_us} us ago)", e.pid, e.ts_ns);
                     // Calls of the old image end here, before any of the new one.
@@ -41,10 +42,20 @@ impl Daemon {
                     changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
+                    self.settle_now(f.pid, &mut completed, &mut changes);
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
                     log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
                     self.dormant.fork(f.parent, f.pid);
                     changes.push(ProcChange::Appeared(f.pid));
+                }
+                Ok(Record::Exit(e)) if self.decoder.keep_past_exit => {
+                    // The batched road: its other threads' drains may follow (exits.rs).
+                    log::debug!("pid {} exited (settled once its threads are gone)", e.pid);
+                    self.exiting.push(super::exits::Exiting {
+                        pid: e.pid,
+                        ts_ns: e.ts_ns,
+                        seen: std::time::Instant::now(),
+                    });
                 }
                 Ok(Record::Exit(e)) => {
                     log::debug!("pid {} exited", e.pid);
@@ -58,6 +69,10 @@ impl Daemon {
                 }
             }
         }
+        let mut exited = Vec::new();
+        let all = std::mem::take(&mut self.settle_all);
+        self.settle_exits(all, None, &mut completed, &mut exited);
+        changes.extend(exited.into_iter().map(|(pid, ts)| ProcChange::Exited(pid, ts)));
         self.store_drained(&mut completed);
         self.completed = completed;
         for change in changes {
@@ -71,6 +86,13 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Settles an unsettled exit of `pid` now (the pid appears anew).
+    fn settle_now(&mut self, pid: u32, completed: &mut Vec<Call>, changes: &mut Vec<ProcChange>) {
+        let mut exited = Vec::new();
+        self.settle_exits(false, Some(pid), completed, &mut exited);
+        changes.extend(exited.into_iter().map(|(pid, ts)| ProcChange::Exited(pid, ts)));
     }
 
     /// One call event: filtered where the kernel could not decide, then paired.
