@@ -119,7 +119,8 @@ pub fn report(event: u8, info: &CodeInfo) {
         return;
     }
     let code = info.serial;
-    let sent = info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
+    let sent =
+        info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
     if crate::batch::on() {
         // The batched road: every event of a code object whose strings
         // pftraced has goes in the thread's buffer (a code object's first

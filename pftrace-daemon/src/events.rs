@@ -259,7 +259,9 @@ impl Decoder {
                     _ => Record::Exit(ExitEvent { ts_ns: raw.ts_ns, pid: raw.pid }),
                 })
             }
-            Some(&kind::AGENT) if self.is_agent_batch(bytes) => self.decode_agent_batch(bytes).map(Record::Batch),
+            Some(&kind::AGENT) if self.is_agent_batch(bytes) => {
+                self.decode_agent_batch(bytes).map(Record::Batch)
+            }
             Some(&kind::AGENT) => self.decode_agent(bytes).map(Record::Call),
             _ => self.decode(bytes).map(Record::Call),
         }

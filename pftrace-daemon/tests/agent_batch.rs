@@ -267,7 +267,11 @@ type Shape = (bool, String, bool, u64, String);
 /// Runs the ends' workload under pftraced (`road`: the value of
 /// PFTRACE_AGENT_BATCH, None for the default) and returns its calls'
 /// shapes with their counts, and the trace's batch counters.
-fn ends_run(python: &std::path::Path, mode: &str, road: Option<&str>) -> (BTreeMap<Shape, usize>, serde_json::Value) {
+fn ends_run(
+    python: &std::path::Path,
+    mode: &str,
+    road: Option<&str>,
+) -> (BTreeMap<Shape, usize>, serde_json::Value) {
     let dir = TestDir::new("agent-batch-ends");
     let script = dir.script("ends.py", ENDS);
     let (ready, stop_file) = (dir.join("ready"), dir.join("stop"));
@@ -275,11 +279,13 @@ fn ends_run(python: &std::path::Path, mode: &str, road: Option<&str>) -> (BTreeM
     if let Some(v) = road {
         tracer = tracer.env("PFTRACE_AGENT_BATCH", v);
     }
-    let cmd = [python.as_os_str(), script.as_os_str(), mode.as_ref(), ready.as_os_str(), stop_file.as_os_str()];
+    let cmd =
+        [python.as_os_str(), script.as_os_str(), mode.as_ref(), ready.as_os_str(), stop_file.as_os_str()];
     let tracer = tracer.launch(&cmd).spawn();
     let wait_ready = || {
         for _ in 0..2000 {
-            if let Some(pid) = std::fs::read_to_string(&ready).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            if let Some(pid) = std::fs::read_to_string(&ready).ok().and_then(|s| s.trim().parse::<u32>().ok())
+            {
                 return pid;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -333,7 +339,9 @@ fn open_calls_at_exit_kill_and_stop_as_the_two_report_road_has_them() {
         for mode in ["exit", "os_exit", "kill", "stop"] {
             let (two, _) = ends_run(&py, mode, Some("0"));
             let (batched, batch) = ends_run(&py, mode, None);
-            let n = |k: &str| batch[k].as_u64().unwrap_or_else(|| panic!("{label} {mode}: no counter {k}: {batch}"));
+            let n = |k: &str| {
+                batch[k].as_u64().unwrap_or_else(|| panic!("{label} {mode}: no counter {k}: {batch}"))
+            };
             assert!(n("events") > 0, "{label} {mode}: nothing batched: {batch}");
             for k in ["lost", "overrun", "unread", "exit_unread", "unknown", "stop_unread"] {
                 assert_eq!(n(k), 0, "{label} {mode}: batch counter {k}: {batch}");
@@ -425,7 +433,11 @@ fn a_two_report_call_inside_batched_ones_and_deep_recursion_nest_right() {
         assert!(trace.calls.iter().all(|c| !c.incomplete), "{label}");
         let inner: Vec<_> = trace.calls.iter().filter(|c| c.name == "inner").collect();
         assert_eq!(inner.len(), 1, "{label}");
-        assert_eq!((inner[0].depth, parent(inner[0])), (1, Some(("outer".into(), 0))), "{label}: inner under outer");
+        assert_eq!(
+            (inner[0].depth, parent(inner[0])),
+            (1, Some(("outer".into(), 0))),
+            "{label}: inner under outer"
+        );
         let outers: Vec<_> = trace.calls.iter().filter(|c| c.name == "outer").collect();
         assert_eq!(outers.len(), 4, "{label}");
         let under_inner: Vec<_> = trace.calls.iter().filter(|c| c.parent == inner[0].id).collect();
@@ -438,7 +450,11 @@ fn a_two_report_call_inside_batched_ones_and_deep_recursion_nest_right() {
         recs.sort_by_key(|c| c.depth);
         assert_eq!(recs.iter().map(|c| c.depth).collect::<Vec<_>>(), (0..300).collect::<Vec<_>>(), "{label}");
         for w in recs.windows(2) {
-            assert_eq!(w[1].parent, w[0].id, "{label}: rec at depth {} under the one at {}", w[1].depth, w[0].depth);
+            assert_eq!(
+                w[1].parent, w[0].id,
+                "{label}: rec at depth {} under the one at {}",
+                w[1].depth, w[0].depth
+            );
             // Inside its parent, to the trace's rounding of µs (0.25 µs a
             // value at today's epoch, start and duration each).
             let slack = 2 * (w[0].ts_rounding_ns() + w[1].ts_rounding_ns());

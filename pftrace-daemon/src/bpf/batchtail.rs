@@ -49,7 +49,12 @@ pub(super) fn take(ebpf: &Ebpf, tid: u32) -> Option<BatchTail> {
     // SAFETY: attr is the prefix of bpf_attr this command reads; key and
     // value point at live memory of the map's sizes.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const Attr, size_of::<Attr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const Attr,
+            size_of::<Attr>() as u32,
+        )
     };
     (rc == 0).then_some(value)
 }

@@ -67,7 +67,8 @@ impl Daemon {
         let mut agents_done = false;
         loop {
             self.drain(ring);
-            agents_done = agents_done || waits.iter().all(|rx| !matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+            agents_done =
+                agents_done || waits.iter().all(|rx| !matches!(rx.try_recv(), Err(TryRecvError::Empty)));
             let holding = self.batch_holding();
             if agents_done && holding.iter().all(|h| h.head.is_none()) || started.elapsed() >= GRACE {
                 break;
@@ -160,9 +161,8 @@ impl Daemon {
             records: buf.records,
         };
         // SAFETY: plain old data, read as the ring's bytes would be.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<AgentBatchEvent>())
-        };
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<AgentBatchEvent>()) };
         match self.decoder.decode_agent_batch(bytes) {
             Ok(events) => {
                 self.batch_stop.by_daemon += events.len() as u64;

@@ -46,10 +46,7 @@ impl Daemon {
         }
         let pending = std::mem::take(&mut self.exiting);
         for e in pending {
-            let now = all
-                || pid == Some(e.pid)
-                || e.seen.elapsed() >= SETTLE_BOUND
-                || !threads_alive(e.pid);
+            let now = all || pid == Some(e.pid) || e.seen.elapsed() >= SETTLE_BOUND || !threads_alive(e.pid);
             if !now {
                 self.exiting.push(e);
                 continue;
@@ -68,7 +65,9 @@ fn threads_alive(pid: u32) -> bool {
     dir.filter_map(Result::ok).any(|t| {
         std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
             // The state follows the command's closing parenthesis.
-            stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|c| c != 'Z' && c != 'X')
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|c| c != 'Z' && c != 'X')
         })
     })
 }
