@@ -48,7 +48,10 @@ impl Daemon {
                     self.dormant.fork(f.parent, f.pid);
                     changes.push(ProcChange::Appeared(f.pid));
                 }
-                Ok(Record::Exit(e)) if self.decoder.keep_past_exit => {
+                Ok(Record::Exit(e))
+                    if self.decoder.keep_past_exit
+                        && self.agent.as_ref().is_some_and(|a| a.is_tracing(e.pid)) =>
+                {
                     // The batched road: its other threads' drains may follow (exits.rs).
                     log::debug!("pid {} exited (settled once its threads are gone)", e.pid);
                     self.exiting.push(super::exits::Exiting {
@@ -59,6 +62,10 @@ impl Daemon {
                 }
                 Ok(Record::Exit(e)) => {
                     log::debug!("pid {} exited", e.pid);
+                    if self.decoder.keep_past_exit {
+                        // Not an agent's process: nothing of it drains later.
+                        self.decoder.forget_process(e.pid);
+                    }
                     // Its open calls end here, before anything of a process reusing the pid.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
                     changes.push(ProcChange::Exited(e.pid, e.ts_ns));
