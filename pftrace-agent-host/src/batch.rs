@@ -1,5 +1,5 @@
-//! Prototype (issue 12, pftrace-agent/README.md "Batched reports:
-//! measured"): the kernel side of the batched agent road as agent-bench and
+//! The kernel side of the batched agent road (issue 12, pftrace-agent/README.md
+//! "Batched reports: measured", "Batched road in pftraced") as agent-bench and
 //! its test drive it: the drain programs at a thread's switch-out and exit,
 //! their counters, decoding a batch off the ring, and giving threads their
 //! CPU slot (the one place that does, so kernel-side slot allocation can
@@ -104,18 +104,18 @@ pub fn counters_text(c: &[u64; batch::counter::COUNT as usize]) -> String {
 }
 
 /// One batch off the ring, decoded: the kernel's head (pid, tid, drain
-/// time, RSS), what drained it, and its calls in order.
+/// time, RSS), what drained it, and its events in order.
 #[derive(Clone)]
 pub struct Batch {
     pub head: AgentEvent,
     pub why: u32,
     pub first: u64,
-    pub calls: Vec<BatchRecord>,
+    pub events: Vec<BatchRecord>,
 }
 
-/// Whether `item` is a batch; the number of calls it holds.
-pub fn calls_in(item: &[u8]) -> Option<u64> {
-    decode(item).map(|b| b.calls.len() as u64)
+/// Whether `item` is a batch; the number of events it holds.
+pub fn events_in(item: &[u8]) -> Option<u64> {
+    decode(item).map(|b| b.events.len() as u64)
 }
 
 /// Decodes a ring record that is a batch (None: another record).
@@ -129,6 +129,6 @@ pub fn decode(item: &[u8]) -> Option<Batch> {
         return None;
     }
     let n = (ev.count as usize).min(BATCH_LEN);
-    let calls = (0..n).map(|i| ev.records[((ev.tail + i as u64) % BATCH_LEN as u64) as usize]).collect();
-    Some(Batch { head: ev.head, why: ev.why, first: ev.tail, calls })
+    let events = (0..n).map(|i| ev.records[((ev.tail + i as u64) % BATCH_LEN as u64) as usize]).collect();
+    Some(Batch { head: ev.head, why: ev.why, first: ev.tail, events })
 }

@@ -461,7 +461,7 @@ impl Ring {
                 && item[pftrace_common::KIND_OFFSET] == kind::AGENT
                 && u32::from_ne_bytes([item[8], item[9], item[10], item[11]]) == pid
             {
-                n += crate::batch::calls_in(&item).unwrap_or(1);
+                n += crate::batch::events_in(&item).unwrap_or(1);
             }
         }
         n

@@ -1,14 +1,20 @@
-//! Prototype (issue 12, pftrace-agent/README.md "Batched reports:
-//! measured"): no kernel entry per traced call. The agent measures both
-//! ends of a call in user space (vDSO CLOCK_MONOTONIC and the thread's CPU
-//! slot, as `onecall` does at the start) and appends one complete-call
+//! The batched agent road (issue 12; pftrace-agent/README.md "Batched road
+//! in pftraced"): no kernel entry per traced event. The agent stamps each
+//! event of a traced call (entry: START/RESUME/THROW; close:
+//! RETURN/YIELD/UNWIND) in user space (vDSO CLOCK_MONOTONIC and the
+//! thread's CPU slot, `onecall::now_and_cpu_here`) and appends one 32-byte
 //! record to a buffer of its thread ([`BatchBuf`], [`BATCH_LEN`] records,
 //! thread-local: its address lives as long as the thread). The kernel drains
-//! it into pftraced's ring with pid/tid of its own and RSS at the drain:
-//! at the thread's drain report (buffer full, its first record, or its
-//! oldest record older than [`MAX_AGE_NS`] at an append), at its switch-out
-//! and at its exit (pftrace-ebpf `agent_batch_report`,
-//! `pftrace_agent_batch_switch`, `pftrace_agent_batch_exit`).
+//! it into pftraced's ring with pid/tid of its own and RSS at the drain: at
+//! the thread's drain report (buffer full, its first record, or its oldest
+//! record older than [`MAX_AGE_NS`] at an append), at its switch-out, its
+//! exit and its execve (pftrace-ebpf `agent_batch_report`,
+//! `pftrace_agent_batch_switch`, `_exit`, `_exec`). Records are events, not
+//! whole calls: pftraced pairs them with the thread's two-report events
+//! (the agent drains its buffer before any report, so the ring has them in
+//! the thread's order), and an entry still in the buffer when the process
+//! exits or tracing stops is delivered and closed as incomplete, as a
+//! two-report entry is.
 //!
 //! The agent cannot see the kernel's tail (bpf_probe_write_user is refused
 //! under lockdown, so the kernel never writes here): it counts what its own
@@ -16,8 +22,9 @@
 //! overwritten only after a drain report that the kernel could not honour
 //! (ring full, memory unreadable), and the kernel counts those (OVERRUN).
 //!
-//! Off unless `PFTRACE_AGENT_BATCH` is set and the one-call prototype is on
-//! (its slot map: agent-bench and the batch test pass both; pftraced never).
+//! On when pftraced gave the CPU slots (its default), or with the
+//! prototype's `PFTRACE_AGENT_BATCH` and `PFTRACE_AGENT_ONE_CALL` (agent-bench,
+//! agent-host's tests, which give the slots themselves).
 
 use std::{
     cell::{Cell, UnsafeCell},
@@ -26,12 +33,10 @@ use std::{
 
 use pftrace_common::{BATCH_LEN, BatchBuf, BatchRecord, agent};
 
-use crate::onecall::Closed;
-
 static ON: AtomicBool = AtomicBool::new(false);
 
 /// A record older than this at the next append makes it drain (5 ms): how
-/// late a call of a thread that keeps calling can reach pftraced.
+/// late an event of a thread that keeps calling can reach pftraced.
 pub const MAX_AGE_NS: u64 = 5_000_000;
 
 /// Whether this agent offers pftraced the batched road (`batch=1` in its
@@ -87,7 +92,7 @@ struct Thread {
     /// `head` as of this thread's last drain report: slots before it may be
     /// reused (the kernel took them, or counts them as overrun).
     synced: Cell<u64>,
-    /// End clock of the oldest record past `synced`.
+    /// Clock of the oldest record past `synced`.
     oldest: Cell<u64>,
     /// No drain report yet from this thread (its first registers the buffer).
     first: Cell<bool>,
@@ -95,17 +100,7 @@ struct Thread {
     session: Cell<u32>,
 }
 
-const ZERO: BatchRecord = BatchRecord {
-    code: 0,
-    start_ts_ns: 0,
-    end_ts_ns: 0,
-    start_cpu_ns: 0,
-    end_cpu_ns: 0,
-    lineno: 0,
-    open_event: 0,
-    close_event: 0,
-    depth: 0,
-};
+const ZERO: BatchRecord = BatchRecord { code: 0, ts_ns: 0, cpu_ns: 0, lineno: 0, event: 0, _pad: [0; 3] };
 
 thread_local! {
     // const and without a destructor: a plain TLS slot, no lazy init, and
@@ -121,20 +116,21 @@ thread_local! {
     };
 }
 
-/// What became of a closed call.
+/// What became of an event.
 pub enum Appended {
     /// In the buffer.
     Kept,
     /// In the buffer; now report a drain: (event argument, buffer), then call [`drained`].
     Drain(u64, *const u8),
-    /// The thread has no CPU slot: report it the one-call way.
+    /// The thread has no CPU slot: report it the two-report way (after
+    /// draining what the buffer holds, [`pending`]).
     NoSlot,
 }
 
-/// Appends a closed call of code object `code` (the end measured now).
+/// Appends event `event` of code object `code`, stamped now.
 #[inline]
-pub fn append(c: &Closed, code: u64, line: i32) -> Appended {
-    let Some((end_ts, end_cpu)) = crate::onecall::now_and_cpu_here() else {
+pub fn append(event: u8, code: u64, line: i32) -> Appended {
+    let Some((ts, cpu)) = crate::onecall::now_and_cpu_here() else {
         return Appended::NoSlot;
     };
     T.with(|t| {
@@ -152,17 +148,7 @@ pub fn append(c: &Closed, code: u64, line: i32) -> Appended {
         // SAFETY: only this thread writes its buffer (the kernel only reads).
         let head = unsafe { std::ptr::read_volatile(&raw const (*buf).head) };
         let synced = t.synced.get();
-        let rec = BatchRecord {
-            code,
-            start_ts_ns: c.ts,
-            end_ts_ns: end_ts,
-            start_cpu_ns: c.cpu,
-            end_cpu_ns: end_cpu,
-            lineno: line,
-            open_event: c.open_event,
-            close_event: (c.event & 0xff) as u8,
-            depth: c.depth,
-        };
+        let rec = BatchRecord { code, ts_ns: ts, cpu_ns: cpu, lineno: line, event, _pad: [0; 3] };
         unsafe {
             std::ptr::write_volatile(&raw mut (*buf).records[(head % BATCH_LEN as u64) as usize], rec);
             // The record before the head that publishes it (the kernel reads
@@ -171,13 +157,10 @@ pub fn append(c: &Closed, code: u64, line: i32) -> Appended {
             std::ptr::write_volatile(&raw mut (*buf).head, head + 1);
         }
         if head == synced {
-            t.oldest.set(end_ts);
+            t.oldest.set(ts);
         }
         let first = t.first.get();
-        if first
-            || head + 1 - synced >= BATCH_LEN as u64
-            || end_ts.saturating_sub(t.oldest.get()) > MAX_AGE_NS
-        {
+        if first || head + 1 - synced >= BATCH_LEN as u64 || ts.saturating_sub(t.oldest.get()) > MAX_AGE_NS {
             let event = agent::BATCH | if first { agent::BATCH_FIRST } else { 0 };
             Appended::Drain(event, buf as *const u8)
         } else {

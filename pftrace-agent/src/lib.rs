@@ -13,7 +13,7 @@
 //! on every thread). The GIL guards the agent state: callbacks, the profile
 //! function and the control thread's changes all hold it.
 
-/// Prototype (issue 12): whole calls batched per thread, drained by the kernel.
+/// The batched road (issue 12): events batched per thread, drained by the kernel.
 pub mod batch;
 mod capi;
 mod control;

@@ -9,6 +9,8 @@
 //!
 //! Off unless the process has `PFTRACE_AGENT_ONE_CALL` and the slot map's fd
 //! in `PFTRACE_AGENT_SLOT_FD` (agent-bench passes both; pftraced never does).
+//! The slot mapping and [`now_and_cpu_here`] also serve the batched road
+//! (`crate::batch`), which pftraced uses by default.
 //! A code object's first call in a session (its strings go with it), a
 //! thread without a slot, and calls nested deeper than [`DEPTH`] go the
 //! two-report road as before.
@@ -86,8 +88,6 @@ struct Open {
     code: u64,
     ts: u64,
     cpu: u64,
-    /// The event that opened it (START, RESUME, THROW).
-    event: u8,
 }
 
 /// Open calls kept per thread (deeper ones go the old way).
@@ -116,7 +116,7 @@ thread_local! {
             retry_at: Cell::new(0),
             depth: Cell::new(0),
             over: Cell::new(0),
-            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0, event: 0 }; DEPTH]),
+            stack: UnsafeCell::new([Open { code: 0, ts: 0, cpu: 0 }; DEPTH]),
         }
     };
 }
@@ -125,8 +125,7 @@ thread_local! {
 pub enum Action {
     /// Nothing more: the entry is kept here.
     Kept,
-    /// A one-record call: report (event | ONE_CALL, start clock, start CPU),
-    /// or with the batched prototype append it (see `crate::batch`).
+    /// A one-record call: report (event | ONE_CALL, start clock, start CPU).
     Call(Closed),
     /// The old road (two reports per call).
     Old,
@@ -139,9 +138,6 @@ pub struct Closed {
     pub event: u64,
     pub ts: u64,
     pub cpu: u64,
-    pub open_event: u8,
-    /// Open calls below it.
-    pub depth: u16,
 }
 
 /// Decides a report of code object `code` (`strings_sent`: pftraced has its
@@ -158,7 +154,7 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
                 return Action::Old;
             }
             let (ts, cpu) = if strings_sent { now_and_cpu(c).unwrap_or((OLD, 0)) } else { (OLD, 0) };
-            stack[depth] = Open { code, ts, cpu, event };
+            stack[depth] = Open { code, ts, cpu };
             c.depth.set(depth + 1);
             if ts == OLD { Action::Old } else { Action::Kept }
         } else {
@@ -177,13 +173,7 @@ pub fn decide(event: u8, code: u64, strings_sent: bool) -> Action {
             if o.ts == OLD {
                 Action::Old
             } else {
-                Action::Call(Closed {
-                    event: event as u64 | agent::ONE_CALL,
-                    ts: o.ts,
-                    cpu: o.cpu,
-                    open_event: o.event,
-                    depth: at as u16,
-                })
+                Action::Call(Closed { event: event as u64 | agent::ONE_CALL, ts: o.ts, cpu: o.cpu })
             }
         }
     })

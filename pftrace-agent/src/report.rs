@@ -119,37 +119,38 @@ pub fn report(event: u8, info: &CodeInfo) {
         return;
     }
     let code = info.serial;
-    if crate::onecall::on() {
-        let sent =
-            info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
+    let sent =
+        info.sent.get() == SESSION.load(Ordering::Relaxed) && ALWAYS_STRINGS.load(Ordering::Relaxed) == 0;
+    if crate::batch::on() {
+        // The batched road: every event of a code object whose strings
+        // pftraced has goes in the thread's buffer (a code object's first
+        // report carries them, so it goes by the kernel).
+        if sent {
+            match crate::batch::append(event, code, info.line) {
+                crate::batch::Appended::Kept => return,
+                crate::batch::Appended::Drain(event, buf) => {
+                    send(mode, event, buf, std::ptr::null(), 0, 0);
+                    crate::batch::drained();
+                    return;
+                }
+                crate::batch::Appended::NoSlot => {}
+            }
+        }
+        // Events this thread buffered before this report reach pftraced
+        // before it: one thread's events stay in its order on the ring.
+        if let Some((event, buf)) = crate::batch::pending() {
+            send(mode, event, buf, std::ptr::null(), 0, 0);
+            crate::batch::drained();
+        }
+    } else if crate::onecall::on() {
+        // Prototype (agent-bench): one report a call.
         match crate::onecall::decide(event, code, sent) {
             crate::onecall::Action::Kept => return,
             crate::onecall::Action::Call(c) => {
-                if crate::batch::on() {
-                    match crate::batch::append(&c, code, info.line) {
-                        crate::batch::Appended::Kept => return,
-                        crate::batch::Appended::Drain(event, buf) => {
-                            send(mode, event, buf, std::ptr::null(), 0, 0);
-                            crate::batch::drained();
-                            return;
-                        }
-                        crate::batch::Appended::NoSlot => {}
-                    }
-                }
                 send(mode, c.event, c.ts as *const u8, c.cpu as *const u8, info.line as u64, code);
                 return;
             }
-            crate::onecall::Action::Old => {
-                // Calls this thread closed before this report reach
-                // pftraced before it: a two-report call's children arrive
-                // while it is open (their parent and depth exact).
-                if crate::batch::on()
-                    && let Some((event, buf)) = crate::batch::pending()
-                {
-                    send(mode, event, buf, std::ptr::null(), 0, 0);
-                    crate::batch::drained();
-                }
-            }
+            crate::onecall::Action::Old => {}
         }
     }
     let (name, file, event) = if info.sent.get() == SESSION.load(Ordering::Relaxed)

@@ -99,8 +99,8 @@ pub mod agent {
         /// Prototype (issue 12): the record is an
         /// [`AgentCallEvent`](crate::AgentCallEvent), a whole call.
         pub const CALL: u8 = 16;
-        /// Prototype (issue 12, batched): [`AgentBatchEvent`](crate::AgentBatchEvent),
-        /// whole calls copied from the agent's per-thread buffer.
+        /// The batched road: [`AgentBatchEvent`](crate::AgentBatchEvent),
+        /// events copied from the agent's per-thread buffer.
         pub const BATCH: u8 = 32;
     }
 
@@ -110,7 +110,7 @@ pub mod agent {
     /// object loaded with `task_layout::AGENT_ONE_CALL` non-zero.
     pub const ONE_CALL: u64 = 1 << 9;
 
-    /// Prototype (issue 12, batched): bit of the event argument of a drain
+    /// The batched agent road (issue 12): bit of the event argument of a drain
     /// report: rsi = the calling thread's [`BatchBuf`](crate::BatchBuf) in
     /// its process (no event in the low byte). Taken only by an object
     /// loaded with `task_layout::AGENT_BATCH` non-zero.
@@ -331,32 +331,35 @@ pub struct CpuSlot {
 /// holds at most `task_layout::CPU_SLOTS_PER_PROCESS` of them.
 pub const MAX_CPU_SLOTS: u32 = 16384;
 
-/// Prototype (issue 12, batched): records a thread's buffer holds.
-pub const BATCH_LEN: usize = 32;
+/// Records a thread's buffer holds (the batched agent road: an entry and a
+/// return are a record each). 64: a dense thread drains every 32 calls, as
+/// the whole-call prototype's 32 records did (a drain is ~300 ns fixed plus
+/// ~20 ns a record: pftrace-agent/README.md "Batched road in pftraced").
+pub const BATCH_LEN: usize = 64;
 
-/// Prototype (issue 12, batched): one complete call, measured at both ends
-/// by the agent in user space (CLOCK_MONOTONIC from the vDSO, the thread's
-/// CPU from its [`CpuSlot`]): the process's word, pid and tid are the
-/// kernel's (the thread that drains its own buffer).
+/// One event of a traced call (the batched agent road), measured by the
+/// agent in user space (CLOCK_MONOTONIC from the vDSO, the thread's CPU
+/// from its [`CpuSlot`]): the process's word; pid, tid and RSS (at the
+/// drain) are the kernel's. A thread's records and its two-report reports
+/// reach the ring in the order it made them (it drains its buffer before
+/// any report), so pftraced pairs them as it pairs two-report events.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct BatchRecord {
     /// The code object's serial (as [`AgentEvent::code`]).
     pub code: u64,
-    pub start_ts_ns: u64,
-    pub end_ts_ns: u64,
-    pub start_cpu_ns: u64,
-    pub end_cpu_ns: u64,
+    /// CLOCK_MONOTONIC at the event.
+    pub ts_ns: u64,
+    /// The thread's CPU time at the event.
+    pub cpu_ns: u64,
+    /// The code object's first line.
     pub lineno: i32,
-    /// The event that opened the call ([`agent::START`], RESUME, THROW).
-    pub open_event: u8,
-    /// The event that closed it ([`agent::RETURN`], YIELD, UNWIND).
-    pub close_event: u8,
-    /// Open calls below it in its thread when it started (0: outermost traced).
-    pub depth: u16,
+    /// [`agent::START`] ... [`agent::UNWIND`].
+    pub event: u8,
+    pub _pad: [u8; 3],
 }
 
-/// Prototype (issue 12, batched): a thread's buffer in the agent's memory.
+/// The batched agent road: a thread's buffer in the agent's memory.
 /// The agent writes `records[head % BATCH_LEN]`, then (after a compiler
 /// fence) `head + 1`; it never writes a slot the kernel may not have drained
 /// (it drains by syscall when BATCH_LEN records are past its last own drain).
@@ -370,10 +373,10 @@ pub struct BatchBuf {
     pub records: [BatchRecord; BATCH_LEN],
 }
 
-/// Prototype (issue 12, batched): a drain of one thread's buffer on the
+/// The batched agent road (issue 12): a drain of one thread's buffer on the
 /// ring. `head`: kind AGENT, flags [`agent::flag::BATCH`], `ts_ns` the
 /// drain's time, pid/tid from the kernel, RSS at the drain, event 0, code 0.
-/// The calls are `records[(tail + i) % BATCH_LEN]` for i in 0..count (the
+/// The events are `records[(tail + i) % BATCH_LEN]` for i in 0..count (the
 /// whole buffer is copied: one read of the agent's memory).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -387,7 +390,7 @@ pub struct AgentBatchEvent {
     pub records: [BatchRecord; BATCH_LEN],
 }
 
-/// Prototype (issue 12, batched): what drained a batch, and the counters.
+/// The batched agent road (issue 12): what drained a batch, and the counters.
 pub mod batch {
     /// The thread's own drain report (buffer full, or its oldest record older than the bound).
     pub const SYSCALL: u32 = 1;
@@ -397,6 +400,9 @@ pub mod batch {
     pub const EXIT: u32 = 3;
     /// The thread's execve/execveat (sys_enter, before the image is replaced).
     pub const EXEC: u32 = 4;
+    /// Read by pftraced itself (process_vm_readv) when it stopped tracing
+    /// and the thread had not switched out within the grace period.
+    pub const DAEMON: u32 = 5;
     /// Indices of the BATCH_COUNTERS map (per CPU).
     pub mod counter {
         /// Drains that put a batch on the ring.
@@ -425,7 +431,7 @@ pub mod batch {
     }
 }
 
-/// Prototype (issue 12, batched): what the kernel keeps per registered thread.
+/// The batched agent road (issue 12): what the kernel keeps per registered thread.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct BatchTail {
@@ -766,9 +772,9 @@ const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<AgentCallEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<CpuSlot>() == 32);
-const _: () = assert!(core::mem::size_of::<BatchRecord>() == 48);
-const _: () = assert!(core::mem::size_of::<BatchBuf>() == 16 + 48 * BATCH_LEN);
-const _: () = assert!(core::mem::size_of::<AgentBatchEvent>() == 64 + 48 * BATCH_LEN);
+const _: () = assert!(core::mem::size_of::<BatchRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<BatchBuf>() == 16 + 32 * BATCH_LEN);
+const _: () = assert!(core::mem::size_of::<AgentBatchEvent>() == 64 + 32 * BATCH_LEN);
 const _: () = assert!(core::mem::offset_of!(BatchBuf, records) == 16);
 const _: () = assert!(core::mem::size_of::<AgentNamedEvent>() == 48 + NAME_LEN + FILE_LEN);
 const _: () = assert!(core::mem::size_of::<AgentLongNamedEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);

@@ -73,20 +73,11 @@ pub struct ExitEvent {
 #[derive(Debug, Clone)]
 pub enum Record {
     Call(Event),
-    /// Whole calls (the batched agent road), in the order their thread closed them.
-    Calls(Vec<WholeCall>),
+    /// Events of one thread (the batched agent road), in the order it made them.
+    Batch(Vec<Event>),
     Exec(ExecEvent),
     Fork(ForkEvent),
     Exit(ExitEvent),
-}
-
-/// A call whose both ends arrive in one record (the batched agent road).
-#[derive(Debug, Clone)]
-pub struct WholeCall {
-    pub entry: Event,
-    pub ret: Event,
-    /// Traced calls open below it in its thread (the agent's word); None: unknown.
-    pub depth: Option<u32>,
 }
 
 /// Errors decoding a ring-buffer record.
@@ -146,6 +137,10 @@ pub struct Decoder {
     /// What a string not kept is named ([`string_bound::OTHER`]); not in
     /// `strings`, so a process sending that text is not counted as folded.
     other: Option<Arc<str>>,
+    /// A process's strings stay past its exit record until the daemon
+    /// forgets them ([`Self::forget_process`]): the batched agent road's
+    /// drains of its other threads may follow it (daemon/exits.rs).
+    pub keep_past_exit: bool,
 }
 
 /// A direct-mapped cache of interned strings, by a cheap hash of their
@@ -254,9 +249,8 @@ impl Decoder {
                 }
                 // SAFETY: length checked; ProcEvent is plain old data.
                 let raw: ProcEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                if k != kind::FORK {
-                    self.agent.forget(raw.pid);
-                    self.bound.forget(raw.pid);
+                if k == kind::EXEC || k == kind::EXIT && !self.keep_past_exit {
+                    self.forget_process(raw.pid);
                 }
                 Ok(match k {
                     kind::EXEC => Record::Exec(ExecEvent {
@@ -271,12 +265,18 @@ impl Decoder {
                     _ => Record::Exit(ExitEvent { ts_ns: raw.ts_ns, pid: raw.pid }),
                 })
             }
-            Some(&kind::AGENT) if self.is_agent_call_record(bytes) => {
-                self.decode_agent_calls(bytes).map(Record::Calls)
+            Some(&kind::AGENT) if self.is_agent_batch(bytes) => {
+                self.decode_agent_batch(bytes).map(Record::Batch)
             }
             Some(&kind::AGENT) => self.decode_agent(bytes).map(Record::Call),
             _ => self.decode(bytes).map(Record::Call),
         }
+    }
+
+    /// Forgets what is kept for process `pid` (it exec'd or exited).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.agent.forget(pid);
+        self.bound.forget(pid);
     }
 
     /// Decodes a call record, common or long, reading its fields where they

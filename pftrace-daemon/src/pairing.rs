@@ -166,12 +166,6 @@ pub struct Pairer {
     /// each return key ([`return_key`]) has, so a return matching none of
     /// them is told in one look-up instead of a walk of the whole stack.
     index: FastMap<(u32, u32), FastMap<ReturnKey, u32>>,
-    /// Per thread, ids given ahead to whole calls not yet arrived (the
-    /// batched agent road: a call's record comes after its children's),
-    /// by depth: 0 where none.
-    reserved: FastMap<(u32, u32), Vec<u64>>,
-    /// Whole calls taken ([`Self::push_whole`]).
-    pub whole_calls: u64,
 }
 
 /// What a return is paired by: its frame where the kernel read one (or the
@@ -201,10 +195,6 @@ fn index_of(stack: &[Open]) -> FastMap<ReturnKey, u32> {
     }
     index
 }
-
-/// Depths past which a whole call's parent is not looked for (its record is
-/// the process's word; the agent's own stack holds 256).
-const MAX_WHOLE_DEPTH: usize = 1024;
 
 /// Calls open at once on all threads, at most: each is about 100 bytes
 /// (its stack may have twice the room), so 262,144 hold 25-50 MiB, while a
@@ -373,66 +363,6 @@ impl Pairer {
         }
     }
 
-    /// A whole call (the batched agent road: `entry` and `ret` of one call,
-    /// measured by the agent), `depth` the number of traced calls open
-    /// below it in its thread (the agent's word; None: unknown, taken from
-    /// the open two-report calls). Its parent is the open (two-report) call
-    /// at `depth - 1`, or, when that call is itself whole and so arrives
-    /// after it, an id given to it now and taken by it when it arrives.
-    pub fn push_whole(&mut self, entry: Event, ret: Event, depth: Option<u32>, out: &mut Vec<Call>) {
-        let key = (entry.pid, entry.tid);
-        let stack = self.stacks.entry(key).or_default();
-        let open = stack.len();
-        let d = depth.map_or(open, |d| d as usize);
-        let mut next_id = || {
-            self.last_id += 1;
-            self.last_id
-        };
-        let parent = if d == 0 {
-            0
-        } else if d - 1 < open {
-            stack[d - 1].id
-        } else if d <= MAX_WHOLE_DEPTH {
-            let r = self.reserved.entry(key).or_default();
-            if r.len() < d {
-                r.resize(d, 0);
-            }
-            for slot in &mut r[open..d] {
-                if *slot == 0 {
-                    *slot = next_id();
-                }
-            }
-            r[d - 1]
-        } else {
-            0
-        };
-        // An id given ahead to this call by a child of its that came first.
-        let id =
-            self.reserved.get_mut(&key).and_then(|r| r.get_mut(d).map(std::mem::take)).filter(|&i| i != 0);
-        // Reservations deeper than this call were its descendants' (arrived).
-        if let Some(r) = self.reserved.get_mut(&key) {
-            r.truncate(d + 1);
-            if r.iter().all(|&i| i == 0) {
-                self.reserved.remove(&key);
-            }
-        }
-        let id = id.unwrap_or_else(next_id);
-        self.whole_calls += 1;
-        let o = Open {
-            id,
-            parent,
-            name: entry.name,
-            file: entry.file,
-            frame: entry.frame,
-            line: entry.line,
-            start_ns: entry.ts_ns,
-            cpu_ns: entry.thread_cpu_ns,
-            rss_bytes: entry.rss_bytes,
-        };
-        let at = Close { ts_ns: ret.ts_ns, figures: Some((ret.thread_cpu_ns, ret.rss_bytes)) };
-        out.push(close(entry.pid, entry.tid, o, d as u32, at, CallEnd::Returned));
-    }
-
     /// Closes every open call of process `pid` (or of all processes) at `end_ns`
     /// as incomplete.
     pub fn close_open(&mut self, pid: Option<u32>, end_ns: u64, out: &mut Vec<Call>) {
@@ -445,7 +375,6 @@ impl Pairer {
             }
             None => self.by_pid.clear(),
         }
-        self.reserved.retain(|(p, _), _| pid.is_some_and(|want| *p != want));
         for key in keys {
             self.index.remove(&key);
             let mut stack = self.stacks.remove(&key).unwrap_or_default();

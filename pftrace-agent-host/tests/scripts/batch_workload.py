@@ -73,7 +73,7 @@ if mode in ("os_exit", "kill"):
         t.join()
     if mode == "kill" and not made.wait(30):
         sys.exit(8)
-# The main thread's own calls, held in its buffer (fewer than a buffer's 32).
+# The main thread's own calls, held in its buffer (40 events, fewer than a buffer's 64).
 for i in range(20):
     traced(i)
 if mode == "os_exit":
@@ -88,7 +88,7 @@ if mode == "kill":
 for t in threads:
     t.join()
 if mode == "exec":
-    # The main thread's 20 calls are still in its buffer (fewer than 32):
+    # The main thread's 20 calls (40 events) are still in its buffer (fewer than 64):
     # the kernel drains them at the execve, before the image goes.
     os.execv(sys.executable, [sys.executable, "-c", "print('DONE', flush=True)"])
 if mode == "fork":

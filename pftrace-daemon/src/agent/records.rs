@@ -17,12 +17,12 @@
 use std::sync::Arc;
 
 use pftrace_common::{
-    AgentBatchEvent, AgentCallEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, BATCH_LEN, FILE_LEN,
-    LONG_FILE_LEN, NAME_LEN, agent,
+    AgentBatchEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, BATCH_LEN, FILE_LEN, LONG_FILE_LEN,
+    NAME_LEN, agent,
 };
 
 use crate::{
-    events::{DecodeError, Decoder, Event, EventKind, WholeCall, nul_at, page_size},
+    events::{DecodeError, Decoder, Event, EventKind, nul_at, page_size},
     fast_hash::FastMap,
 };
 
@@ -78,8 +78,9 @@ pub struct AgentNames {
     bytes: u64,
     /// Entries named [`UNKNOWN_NAME`] (their returns pair by code id).
     pub unnamed: u64,
-    /// One-record calls decoded ([`AgentCallEvent`]: the kernel counts each as one report).
-    pub one_calls: u64,
+    /// Records of a batch with an event number out of range (the
+    /// process's word): skipped, and counted with pftraced's bad records.
+    pub bad_events: u64,
     /// Strings not kept because a bound was reached (a well-behaved agent
     /// then sends them with every report: not an error by itself).
     pub not_kept: u64,
@@ -152,92 +153,59 @@ impl AgentNames {
 }
 
 impl Decoder {
-    /// Whether an agent record carries whole calls (a batch, or one call).
-    pub fn is_agent_call_record(&self, bytes: &[u8]) -> bool {
-        bytes
-            .get(std::mem::offset_of!(AgentEvent, flags))
-            .is_some_and(|f| f & (agent::flag::BATCH | agent::flag::CALL) != 0)
+    /// Whether an agent record is a batch (the batched road's [`AgentBatchEvent`]).
+    pub fn is_agent_batch(&self, bytes: &[u8]) -> bool {
+        bytes.get(std::mem::offset_of!(AgentEvent, flags)).is_some_and(|f| f & agent::flag::BATCH != 0)
     }
 
-    /// Decodes whole calls (the batched road's [`AgentBatchEvent`], or an
-    /// [`AgentCallEvent`] of a call whose end found no CPU slot) into an
-    /// entry and a return event each, in the order the thread closed them.
-    /// The start and end (clock and CPU) are the process's word; pid, tid
-    /// and RSS (at the drain, for both ends) the kernel's. The strings are
-    /// those of the code object's first call (two reports).
-    pub fn decode_agent_calls(&mut self, bytes: &[u8]) -> Result<Vec<WholeCall>, DecodeError> {
-        let head_len = size_of::<AgentEvent>();
-        if bytes.len() < head_len {
-            return Err(DecodeError::Size { got: bytes.len(), want: head_len });
+    /// Decodes a batch of the batched road ([`AgentBatchEvent`]) into the
+    /// events it holds, in the order the thread made them: the same
+    /// [`Event`]s as its two-report reports, paired the same way. Clock
+    /// and CPU are the process's word (the agent stamped them), pid, tid
+    /// and RSS (at the drain, for every event of the batch) the kernel's;
+    /// names those of the code object's first report (two reports).
+    pub fn decode_agent_batch(&mut self, bytes: &[u8]) -> Result<Vec<Event>, DecodeError> {
+        let want = size_of::<AgentBatchEvent>();
+        if bytes.len() < want {
+            return Err(DecodeError::Size { got: bytes.len(), want });
         }
         // SAFETY: length checked; plain old data.
-        let head: AgentEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let rss = head.rss_pages.saturating_mul(page_size());
-        let mut out = Vec::new();
-        if head.flags & agent::flag::BATCH != 0 {
-            let want = size_of::<AgentBatchEvent>();
-            if bytes.len() < want {
-                return Err(DecodeError::Size { got: bytes.len(), want });
+        let raw: AgentBatchEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let (head, rss) = (raw.head, raw.head.rss_pages.saturating_mul(page_size()));
+        let count = (raw.count as usize).min(BATCH_LEN);
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let r = raw.records[((raw.tail + i as u64) % BATCH_LEN as u64) as usize];
+            if r.event == 0 || r.event > agent::LAST {
+                self.agent.bad_events += 1;
+                continue;
             }
-            // SAFETY: length checked; plain old data.
-            let raw: AgentBatchEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let count = (raw.count as usize).min(BATCH_LEN);
-            out.reserve(2 * count);
-            for i in 0..count {
-                let r = raw.records[((raw.tail + i as u64) % BATCH_LEN as u64) as usize];
-                let ends = (r.start_ts_ns, r.start_cpu_ns, r.end_ts_ns, r.end_cpu_ns);
-                self.whole_call(&head, r.code, r.lineno, ends, (rss, Some(u32::from(r.depth))), &mut out);
-            }
-        } else {
-            let want = size_of::<AgentCallEvent>();
-            if bytes.len() < want {
-                return Err(DecodeError::Size { got: bytes.len(), want });
-            }
-            // SAFETY: length checked; plain old data.
-            let raw: AgentCallEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let ends = (raw.entry_ts_ns, raw.entry_cpu_ns, head.ts_ns, head.thread_cpu_ns);
-            self.agent.one_calls += 1;
-            self.whole_call(&head, head.code, head.lineno, ends, (rss, None), &mut out);
+            let kind = if agent::is_entry(r.event) { EventKind::Entry } else { EventKind::Return };
+            let (name, file) = match self.agent.get(head.pid, r.code) {
+                Some(s) => s,
+                // A return pairs with its entry by code id and takes its name.
+                None if kind == EventKind::Return => (self.intern(head.pid, b""), self.intern(head.pid, b"")),
+                None => {
+                    self.agent.unnamed += 1;
+                    (self.intern(head.pid, UNKNOWN_NAME.as_bytes()), self.intern(head.pid, b""))
+                }
+            };
+            out.push(Event {
+                ts_ns: r.ts_ns,
+                pid: head.pid,
+                tid: head.tid,
+                kind,
+                name,
+                file,
+                line: r.lineno,
+                thread_cpu_ns: r.cpu_ns,
+                rss_bytes: rss,
+                frame: Some(r.code | CODE_ID_BIT),
+                generator: false,
+                file_cut: false,
+            });
         }
         Ok(out)
-    }
-
-    /// One whole call as an entry and a return event.
-    fn whole_call(
-        &mut self,
-        head: &AgentEvent,
-        code: u64,
-        line: i32,
-        (start, start_cpu, end, end_cpu): (u64, u64, u64, u64),
-        (rss, depth): (u64, Option<u32>),
-        out: &mut Vec<WholeCall>,
-    ) {
-        let (name, file) = match self.agent.get(head.pid, code) {
-            Some(s) => s,
-            None => {
-                self.agent.unnamed += 1;
-                (self.intern(head.pid, UNKNOWN_NAME.as_bytes()), self.intern(head.pid, b""))
-            }
-        };
-        let ev = |kind, ts_ns, thread_cpu_ns, rss_bytes, name: &Arc<str>, file: &Arc<str>| Event {
-            ts_ns,
-            pid: head.pid,
-            tid: head.tid,
-            kind,
-            name: name.clone(),
-            file: file.clone(),
-            line,
-            thread_cpu_ns,
-            rss_bytes,
-            frame: Some(code | CODE_ID_BIT),
-            generator: false,
-            file_cut: false,
-        };
-        out.push(WholeCall {
-            entry: ev(EventKind::Entry, start, start_cpu, rss, &name, &file),
-            ret: ev(EventKind::Return, end, end_cpu, rss, &name, &file),
-            depth,
-        });
     }
 
     /// Decodes an agent record (kind AGENT).

@@ -194,6 +194,24 @@ impl AgentConn {
         self.send(&Command::Stop)
     }
 
+    /// Waits up to `bound` for the agent to close its end (it does after
+    /// tearing down, on `stop`); anything it says meanwhile is ignored.
+    pub fn wait_closed(&mut self, bound: Duration) {
+        use std::io::Read as _;
+        let deadline = Instant::now() + bound;
+        let mut buf = [0u8; 512];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match self.reader.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
     fn send(&mut self, c: &Command) -> Result<(), ServerError> {
         protocol::send(&mut self.reader.get_ref(), &c.to_lines()).map_err(|e| self.err(e.to_string()))
     }

@@ -141,7 +141,7 @@ pub struct Counters {
     #[serde(default)]
     pub long_files: u64,
     /// Call ends reported by in-process agents and accepted (an entry or a
-    /// return; a whole call, batched or in one record, counts as its two).
+    /// return, by its own report or in a batch).
     #[serde(default)]
     pub agent_reports: u64,
     /// Agent probe hits from processes pftraced did not accept, dropped first thing.
@@ -189,15 +189,15 @@ pub struct Counters {
     pub batch: BatchCounters,
 }
 
-/// The batched agent road (pftrace-agent/README.md "Batched reports"):
-/// whole calls the kernel drained from agents' per-thread buffers, and
-/// every way one could be missed.
+/// The batched agent road (pftrace-agent/README.md "Batched road in
+/// pftraced"): events the kernel drained from agents' per-thread buffers
+/// (or pftraced read itself at its stop), and every way one could be missed.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BatchCounters {
     /// Batches put on the ring.
     pub drains: u64,
-    /// Calls put on the ring in batches.
-    pub calls: u64,
+    /// Events (an entry or a return each) put on the ring in batches.
+    pub events: u64,
     /// Batches the ring had no room for (records stay in the buffer).
     pub lost: u64,
     /// Records the agent overwrote before the kernel took them: lost calls.
@@ -208,17 +208,26 @@ pub struct BatchCounters {
     pub exit_unread: u64,
     /// Drain reports of threads the kernel had no entry for: their buffered records skipped.
     pub unknown: u64,
+    /// Events pftraced read itself from a thread's buffer when it stopped
+    /// tracing (the thread had not switched out within the grace period).
+    #[serde(default)]
+    pub by_daemon: u64,
+    /// Threads whose buffer held events pftraced could neither see drained
+    /// nor read itself when it stopped tracing: lost, number unknown.
+    #[serde(default)]
+    pub stop_unread: u64,
 }
 
 impl BatchCounters {
     /// Says what the batched road lost or could not read, if anything.
     pub fn loss_note(&self) -> Option<String> {
-        (self.lost + self.overrun + self.unread + self.exit_unread + self.unknown > 0).then(|| {
+        (self.lost + self.overrun + self.unread + self.exit_unread + self.unknown + self.stop_unread > 0).then(|| {
             format!(
-                "BATCHED AGENT CALLS MISSED: {} batches found the ring full, {} calls overwritten before a \
+                "BATCHED AGENT EVENTS MISSED: {} batches found the ring full, {} events overwritten before a \
                  drain, {} drains could not read the agent's memory, {} threads ended with records unread, \
-                 {} drain reports of unknown threads (their records skipped)",
-                self.lost, self.overrun, self.unread, self.exit_unread, self.unknown
+                 {} drain reports of unknown threads (their records skipped), {} threads' buffers unread at \
+                 pftraced's stop",
+                self.lost, self.overrun, self.unread, self.exit_unread, self.unknown, self.stop_unread
             )
         })
     }
@@ -275,13 +284,13 @@ pub struct KernelProbes {
     pub batch: bool,
 }
 
-/// Environment switch of pftraced for the batched agent road (prototype,
-/// default off until its integration is complete: pftrace-agent/README.md).
+/// Environment switch of pftraced for the batched agent road
+/// (pftrace-agent/README.md "Batched road in pftraced"): on unless `0`.
 pub const BATCH_ENV: &str = "PFTRACE_AGENT_BATCH";
 
-/// Whether pftraced was asked for the batched agent road (`PFTRACE_AGENT_BATCH=1`).
+/// Whether pftraced takes the batched agent road: unless `PFTRACE_AGENT_BATCH=0`.
 pub fn batch_wanted() -> bool {
-    std::env::var_os(BATCH_ENV).is_some_and(|v| v == "1")
+    std::env::var_os(BATCH_ENV).is_none_or(|v| v != "0")
 }
 
 impl KernelProbes {
@@ -319,12 +328,11 @@ impl KernelProbes {
         loader.override_global(task_layout::CPU_SLOT_ALLOC, &slot_alloc, true);
         loader.override_global(task_layout::CPU_SLOTS_PER_PROCESS, &slots_per_process, true);
         // The batched agent road (issue 12; pftrace-agent/README.md "Batched
-        // reports"): drain reports and whole-call records taken, with the
-        // CPU slots it needs.
+        // road in pftraced"): drain reports taken, with the CPU slots it
+        // needs. One-record calls (agent-bench's prototype) stay refused.
         let batch = batch_wanted() && layout.is_some();
         let batch_global = u32::from(batch);
         loader.override_global(task_layout::AGENT_BATCH, &batch_global, true);
-        loader.override_global(task_layout::AGENT_ONE_CALL, &batch_global, true);
         if let Some(globals) = &globals {
             for (name, value) in globals {
                 loader.override_global(name, value, true);
@@ -475,6 +483,16 @@ impl KernelProbes {
         super::cpuslots::attach_btf(&mut self.ebpf, "pftrace_agent_batch_switch", "sched_switch")
     }
 
+    /// The batched road's registered threads: (kernel tid, buffer address, tail).
+    pub fn batch_threads(&self) -> Vec<(u32, pftrace_common::BatchTail)> {
+        super::batchtail::threads(&self.ebpf)
+    }
+
+    /// Takes thread `tid` away from the kernel's drains: its tail, if it had one.
+    pub fn batch_take(&self, tid: u32) -> Option<pftrace_common::BatchTail> {
+        super::batchtail::take(&self.ebpf, tid)
+    }
+
     /// A new fd of the frozen CPU_SLOTS map, for an agent to map read-only.
     pub fn cpu_slots_fd(&self) -> Option<std::os::fd::OwnedFd> {
         super::cpuslots::slots_fd(&self.ebpf)
@@ -493,12 +511,14 @@ impl KernelProbes {
         };
         Ok(BatchCounters {
             drains: total(c::DRAINS)?,
-            calls: total(c::RECORDS)?,
+            events: total(c::RECORDS)?,
             lost: total(c::LOST)?,
             overrun: total(c::OVERRUN)?,
             unread: total(c::UNREAD)?,
             exit_unread: total(c::EXIT_UNREAD)?,
             unknown: total(c::UNKNOWN)?,
+            by_daemon: 0,
+            stop_unread: 0,
         })
     }
 

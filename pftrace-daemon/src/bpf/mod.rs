@@ -5,6 +5,7 @@
 //! Imports go one way: `loader` → `attach` → (`multi`, `perf`) → (`points`, `sys`).
 
 mod attach;
+mod batchtail;
 mod cpuslots;
 mod loader;
 mod multi;

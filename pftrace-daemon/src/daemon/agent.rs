@@ -81,13 +81,15 @@ pub(super) struct AgentSide {
 enum ToAgent {
     /// The whole set of names; the agent's generation (or why not) is sent back.
     Names(Vec<String>, std_mpsc::Sender<Result<u32, String>>),
-    Stop,
+    /// Stop; with a sender, told once the agent has closed its connection
+    /// (it removed its hooks, holding the GIL) or the bound passed.
+    Stop(Option<std_mpsc::Sender<()>>),
 }
 
 impl Drop for AgentSide {
     fn drop(&mut self) {
         for link in self.links.values() {
-            let _ = link.send(ToAgent::Stop);
+            let _ = link.send(ToAgent::Stop(None));
         }
         // Processes keep the files they mapped; nothing of this run stays behind.
         let _ = std::fs::remove_dir_all(&self.installed.dir);
@@ -103,8 +105,23 @@ impl AgentSide {
     /// Asks every agent to stop (at the end of the run).
     pub(super) fn stop_all(&mut self) {
         for (_, link) in self.links.drain() {
-            let _ = link.send(ToAgent::Stop);
+            let _ = link.send(ToAgent::Stop(None));
         }
+    }
+
+    /// Asks every agent to stop; each receiver hears once its agent closed
+    /// the connection (it tore down, holding the GIL: every other Python
+    /// thread has let the GIL go since, and so switched out) or `bound`
+    /// passed ([`super::batchstop::GRACE`]; a dropped sender says the same).
+    pub(super) fn stop_all_waiting(&mut self) -> Vec<std_mpsc::Receiver<()>> {
+        self.links
+            .drain()
+            .map(|(_, link)| {
+                let (tx, rx) = std_mpsc::channel();
+                let _ = link.send(ToAgent::Stop(Some(tx)));
+                rx
+            })
+            .collect()
     }
 
     /// Sends `names` to every connected agent and waits (up to
@@ -612,8 +629,13 @@ fn serve_agent(
             ToAgent::Names(names, reply) => {
                 let _ = reply.send(conn.set_names(&names).map_err(|e| e.to_string()));
             }
-            ToAgent::Stop => {
-                let _ = conn.stop();
+            ToAgent::Stop(done) => {
+                if conn.stop().is_ok()
+                    && let Some(done) = done
+                {
+                    conn.wait_closed(super::batchstop::GRACE);
+                    let _ = done.send(());
+                }
                 return;
             }
         }

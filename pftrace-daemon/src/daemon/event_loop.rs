@@ -134,6 +134,9 @@ impl Daemon {
             }
         }
         self.drain(ring.get_mut());
+        // The batched agent road: agents stopped and their threads' buffers
+        // on the ring (or read by pftraced) before open calls are closed.
+        self.batch_stop(ring.get_mut()).await;
         kernel_log.get_mut().flush();
         Ok(self.finish())
     }

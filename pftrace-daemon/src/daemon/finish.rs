@@ -43,9 +43,11 @@ impl Daemon {
             Counters::default()
         });
         c.agent_unnamed = self.decoder.agent.unnamed;
-        // A whole call (batched, or one record) is both of its ends: the
-        // kernel counted a one-record call as one report, a batched one as none.
-        c.agent_reports += 2 * c.batch.calls + self.decoder.agent.one_calls;
+        // A batched event is a report the kernel did not count as one (it
+        // counted the drain); those pftraced read itself at its stop too.
+        c.batch.by_daemon = self.batch_stop.by_daemon;
+        c.batch.stop_unread = self.batch_stop.unread;
+        c.agent_reports += c.batch.events + c.batch.by_daemon;
         c.bounds = self.bounds();
         c
     }
@@ -122,7 +124,7 @@ impl Daemon {
             unmatched_generator_returns: self.pairer.unmatched_generator,
             skipped_entries: self.pairer.skipped_entries,
             counters,
-            bad_records: self.bad_records,
+            bad_records: self.bad_records + self.decoder.agent.bad_events,
             file_names_cut: self.decoder.files_cut,
             filtered_in_user_space: self.filter.dropped,
             filtered_by_qualified_name: self.filter.dropped_by_qualname,

@@ -10,9 +10,11 @@
 
 mod agent;
 mod attach;
+mod batchstop;
 mod control;
 mod dormant;
 mod event_loop;
+mod exits;
 mod filter;
 mod finish;
 mod jobs;
@@ -144,6 +146,12 @@ pub struct Daemon {
     /// Every completed call, for the run's trace file (see output/spill.rs).
     spill: Option<SpillWriter>,
     bad_records: u64,
+    /// The batched agent road at pftraced's stop (daemon/batchstop.rs).
+    batch_stop: batchstop::BatchStop,
+    /// Exits on the batched agent road not yet settled (daemon/exits.rs).
+    exiting: Vec<exits::Exiting>,
+    /// The next drain settles every exit (pftraced stops).
+    settle_all: bool,
     clock: WallClock,
     start_ns: u64,
     started: Instant,

@@ -27,12 +27,13 @@ impl Daemon {
         while let Some(item) = ring.next_record() {
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => self.take_call(ev, &mut completed),
-                Ok(Record::Calls(calls)) => {
-                    for call in calls {
-                        self.take_whole(call, &mut completed);
+                Ok(Record::Batch(events)) => {
+                    for ev in events {
+                        self.take_call(ev, &mut completed);
                     }
                 }
                 Ok(Record::Exec(e)) => {
+                    self.settle_now(e.pid, &mut completed, &mut changes);
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
                     log::debug!("pid {} exec'd at {} ns ({late_us} us ago)", e.pid, e.ts_ns);
                     // Calls of the old image end here, before any of the new one.
@@ -53,13 +54,30 @@ impl Daemon {
                     changes.push(ProcChange::Appeared(e.pid));
                 }
                 Ok(Record::Fork(f)) => {
+                    self.settle_now(f.pid, &mut completed, &mut changes);
                     let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
                     log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
                     self.dormant.fork(f.parent, f.pid);
                     changes.push(ProcChange::Appeared(f.pid));
                 }
+                Ok(Record::Exit(e))
+                    if self.decoder.keep_past_exit
+                        && self.agent.as_ref().is_some_and(|a| a.is_tracing(e.pid)) =>
+                {
+                    // The batched road: its other threads' drains may follow (exits.rs).
+                    log::debug!("pid {} exited (settled once its threads are gone)", e.pid);
+                    self.exiting.push(super::exits::Exiting {
+                        pid: e.pid,
+                        ts_ns: e.ts_ns,
+                        seen: std::time::Instant::now(),
+                    });
+                }
                 Ok(Record::Exit(e)) => {
                     log::debug!("pid {} exited", e.pid);
+                    if self.decoder.keep_past_exit {
+                        // Not an agent's process: nothing of it drains later.
+                        self.decoder.forget_process(e.pid);
+                    }
                     // Its open calls end here, before anything of a process reusing the pid.
                     self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
                     changes.push(ProcChange::Exited(e.pid, e.ts_ns));
@@ -70,6 +88,10 @@ impl Daemon {
                 }
             }
         }
+        let mut exited = Vec::new();
+        let all = std::mem::take(&mut self.settle_all);
+        self.settle_exits(all, None, &mut completed, &mut exited);
+        changes.extend(exited.into_iter().map(|(pid, ts)| ProcChange::Exited(pid, ts)));
         self.store_drained(&mut completed);
         self.completed = completed;
         for change in changes {
@@ -85,8 +107,15 @@ impl Daemon {
         }
     }
 
+    /// Settles an unsettled exit of `pid` now (the pid appears anew).
+    fn settle_now(&mut self, pid: u32, completed: &mut Vec<Call>, changes: &mut Vec<ProcChange>) {
+        let mut exited = Vec::new();
+        self.settle_exits(false, Some(pid), completed, &mut exited);
+        changes.extend(exited.into_iter().map(|(pid, ts)| ProcChange::Exited(pid, ts)));
+    }
+
     /// One call event: filtered where the kernel could not decide, then paired.
-    fn take_call(&mut self, ev: crate::events::Event, completed: &mut Vec<Call>) {
+    pub(super) fn take_call(&mut self, ev: crate::events::Event, completed: &mut Vec<Call>) {
         self.filter.after_sweeps(self.decoder.bound.sweeps);
         let (codes, processes) = (&mut self.codes, &self.processes);
         let version = || processes.info(ev.pid).and_then(|p| p.version);
@@ -100,22 +129,6 @@ impl Daemon {
                 self.decoder.recycle(file);
             }
         }
-    }
-
-    /// A whole call (batched agent road): kept by the filter as its entry
-    /// would be (its strings are those of the code object's first call),
-    /// then paired as one.
-    fn take_whole(&mut self, call: crate::events::WholeCall, completed: &mut Vec<Call>) {
-        let ev = &call.entry;
-        self.filter.after_sweeps(self.decoder.bound.sweeps);
-        let (codes, processes) = (&mut self.codes, &self.processes);
-        let version = || processes.info(ev.pid).and_then(|p| p.version);
-        if !(crate::agent::skips_name_filter(ev) || self.filter.keep(ev, || codes.resolve_now(ev, version))) {
-            return;
-        }
-        let processes = &self.processes;
-        self.codes.request(ev, || processes.info(ev.pid).and_then(|p| p.version));
-        self.pairer.push_whole(call.entry, call.ret, call.depth, completed);
     }
 
     pub(super) fn store_calls(&mut self, mut calls: Vec<Call>) {

@@ -170,6 +170,8 @@ impl Daemon {
         targets.extend(binaries);
         let codes = crate::codes::CodeResolver::start();
         let code_reader = crate::codes::CodeReader::new(&codes.table());
+        // The batched agent road: exits settle once the process's threads are gone (exits.rs).
+        let keep_past_exit = probes.batch;
         let mut daemon = Self {
             probes,
             filter,
@@ -187,12 +189,19 @@ impl Daemon {
             functions: Aggregator::new(false).warning(),
             dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_dumps)),
             max_dumps: limits.max_concurrent_dumps,
-            decoder: Decoder::default(),
+            decoder: {
+                let mut d = Decoder::default();
+                d.keep_past_exit = keep_past_exit;
+                d
+            },
             pairer: Pairer::default(),
             completed: Vec::new(),
             rolling,
             spill: None,
             bad_records: 0,
+            batch_stop: Default::default(),
+            exiting: Vec::new(),
+            settle_all: false,
             clock: WallClock::measure(),
             start_ns: WallClock::monotonic_now_ns(),
             started: Instant::now(),

@@ -87,7 +87,11 @@ pub fn render(trace: &Trace) -> String {
             crate::agent::records::UNKNOWN_NAME
         );
         if c.batch.drains > 0 {
-            let _ = writeln!(s, "batched agent road: {} calls in {} batches", c.batch.calls, c.batch.drains);
+            let _ = writeln!(
+                s,
+                "batched agent road: {} events in {} batches, {} read by pftraced at its stop",
+                c.batch.events, c.batch.drains, c.batch.by_daemon
+            );
         }
     }
     if let Some(note) = c.batch.loss_note() {

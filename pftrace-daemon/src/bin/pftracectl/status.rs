@@ -102,7 +102,7 @@ pub fn render(s: &Status) -> String {
             c.agent_reports, c.agent_foreign, c.agent_bad, c.agent_unnamed
         );
         if c.batch.drains > 0 {
-            let _ = writeln!(o, "batched:   {} calls in {} batches", c.batch.calls, c.batch.drains);
+            let _ = writeln!(o, "batched:   {} events in {} batches", c.batch.events, c.batch.drains);
         }
     }
     if let Some(note) = c.batch.loss_note() {
