@@ -583,10 +583,17 @@ fn agent_only(
 ) -> Result<ExitCode> {
     let started = Instant::now();
     let load_before = loadavg();
+    let ticks_before = cpu_ticks();
     let pythons = agent::interpreters(env);
     let rows = agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &pythons, n, runs, ctx.quick);
+    let ticks_after = cpu_ticks();
     let busy_after = background_busy();
     let targets = agent::targets(&rows, &pythons);
+    // Builds of others run niced (their rule), the bench's runs are not: the
+    // niced share of the machine's CPU over the whole run is others' load.
+    let niced = ticks_before
+        .zip(ticks_after)
+        .and_then(|((t0, n0), (t1, n1))| (t1 > t0).then(|| n1.saturating_sub(n0) as f64 / (t1 - t0) as f64));
     let problems: Vec<String> = rows
         .iter()
         .flat_map(|r| r.errors.iter().map(move |e| format!("agent ({} {}): {e}", r.python, r.case)))
@@ -607,11 +614,16 @@ fn agent_only(
         busy(busy_before),
         busy(busy_after),
     );
+    println!(
+        "niced processes (others' builds, not the bench's runs) took {} of all CPU time during the run",
+        busy(niced)
+    );
     let doc = json!({
         "pftrace_bench": 1,
         "machine": machine(ctx),
         "cpu_busy_before": busy_before.map(|b| round(b, 3)),
         "cpu_busy_after": busy_after.map(|b| round(b, 3)),
+        "niced_share_during": niced.map(|b| round(b, 3)),
         "load_before": load_before,
         "load_after": load_after,
         "settings": { "quick": ctx.quick, "loop_iterations": n, "runs": runs },
@@ -638,6 +650,21 @@ fn agent_only(
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// All CPU time and niced CPU time of the machine so far (/proc/stat ticks).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    use procfs::CurrentSI as _;
+    let t = procfs::KernelStats::current().ok()?.total;
+    let total = t.user
+        + t.nice
+        + t.system
+        + t.idle
+        + t.iowait.unwrap_or(0)
+        + t.irq.unwrap_or(0)
+        + t.softirq.unwrap_or(0)
+        + t.steal.unwrap_or(0);
+    Some((total, t.nice))
 }
 
 /// /proc/loadavg's three averages.
