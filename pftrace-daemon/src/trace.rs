@@ -127,6 +127,13 @@ impl Trace {
     }
 }
 
+/// A block of calls shared by the call store and the lists read from it.
+/// A `Vec` behind the `Arc`, not an `Arc<[Call]>`: sealing a full block then
+/// moves the vector in, where `Arc<[Call]>::from(Vec)` copied its 4096 calls
+/// (about 480 KiB) into a new allocation; that copy was 4.0% of pftraced's
+/// samples in a dense 3.9 launch (perf, 2026-11-27).
+pub type CallBlock = Arc<Vec<Call>>;
+
 /// Which calls of a [`CallList`] it holds.
 pub type CallSelector = Arc<dyn Fn(&Call) -> bool + Send + Sync>;
 
@@ -135,7 +142,7 @@ pub type CallSelector = Arc<dyn Fn(&Call) -> bool + Send + Sync>;
 /// by a selector applied as they are read.
 #[derive(Clone, Default)]
 pub struct CallList {
-    blocks: Vec<Arc<[Call]>>,
+    blocks: Vec<CallBlock>,
     /// Calls at the start of the first block that are not in the list.
     skip: usize,
     select: Option<CallSelector>,
@@ -144,7 +151,7 @@ pub struct CallList {
 
 impl CallList {
     /// The calls of `blocks` after the first `skip`, those `select` keeps.
-    pub fn new(blocks: Vec<Arc<[Call]>>, skip: usize, select: Option<CallSelector>) -> Self {
+    pub fn new(blocks: Vec<CallBlock>, skip: usize, select: Option<CallSelector>) -> Self {
         Self { blocks, skip, select, len: OnceLock::new() }
     }
 
@@ -202,8 +209,8 @@ mod tests {
 
     #[test]
     fn blocks_skip_and_selector() {
-        let a: Arc<[Call]> = (1..=3).map(call).collect::<Vec<_>>().into();
-        let b: Arc<[Call]> = (4..=5).map(call).collect::<Vec<_>>().into();
+        let a: CallBlock = Arc::new((1..=3).map(call).collect());
+        let b: CallBlock = Arc::new((4..=5).map(call).collect());
         let list = CallList::new(vec![a.clone(), b.clone()], 2, None);
         assert_eq!(list.iter().map(|c| c.pid).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(list.len(), 3);

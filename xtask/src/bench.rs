@@ -22,6 +22,9 @@
 //!   before, while and after pftraced traces a process inside;
 //! - with `--soak SECONDS`: a busy process traced densely, the daemon
 //!   restarted halfway, its RSS read every second.
+//! - the agent rows (bench/agent.rs; alone with `--agent-only`): 3.12.1 and
+//!   Debian 3.15 through the in-process agent, on the batched road and the
+//!   two-report roads, and USDT on the same 3.15.
 //!
 //! The workload waits (`--wait`) until the tracer is attached; its own timer
 //! covers only the loop. The daemon's CPU time and peak RSS come from wait4
@@ -81,6 +84,10 @@ pub struct Args {
     /// file beside a traced process, against a control interpreter).
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "soak", "against"])]
     pub neighbour_only: bool,
+    /// Only the agent rows (3.12.1 and Debian 3.15: untraced, agent sparse and
+    /// dense on each road, batched and two-report, USDT on 3.15), in minutes.
+    #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
+    pub agent_only: bool,
     /// Another pftraced binary (e.g. main's, to judge a change): each traced
     /// row is also run with it, interleaved run by run with this build's, its
     /// ids suffixed `_against` and its ratios taken to its own floor.
@@ -250,6 +257,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.neighbour_only {
         return neighbour_only(&ctx, busy_before, args.json.as_deref());
     }
+    // The agent rows' loop: --quick's 10,000 calls last about a millisecond.
+    let agent_n = if ctx.quick { 100_000 } else { ctx.n };
+    if args.agent_only {
+        return agent_only(&ctx, &env, agent_n, runs, busy_before, args.json.as_deref());
+    }
 
     // Main cases, interleaved run by run so drift hits them all alike; the
     // names group's rows (sparse with 10, 100, 1000 names) run in the same
@@ -369,11 +381,18 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
     // The in-process agent (CPython 3.11+ without working probes), and
     // USDT on the same 3.15 for comparison.
-    let agent_n = if ctx.quick { 100_000 } else { ctx.n };
     let agent_rows = if args.dense_only || args.sparse_only {
         Vec::new()
     } else {
-        agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &agent::interpreters(&env), agent_n, runs)
+        agent::measure(
+            &ctx.pftraced,
+            &ctx.calls_py,
+            &ctx.dir,
+            &agent::interpreters(&env),
+            agent_n,
+            runs,
+            ctx.quick,
+        )
     };
     let busy_after = background_busy();
     let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
@@ -550,6 +569,109 @@ fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>)
         None => println!("{text}"),
     }
     Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `--agent-only`: the agent rows, their text, targets and JSON; a run that
+/// could not run or recorded wrongly fails it (as in the full bench).
+fn agent_only(
+    ctx: &Ctx,
+    env: &crate::setup::Env,
+    n: u64,
+    runs: usize,
+    busy_before: Option<f64>,
+    json_path: Option<&Path>,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let ticks_before = cpu_ticks();
+    let pythons = agent::interpreters(env);
+    let rows = agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &pythons, n, runs, ctx.quick);
+    let ticks_after = cpu_ticks();
+    let busy_after = background_busy();
+    let targets = agent::targets(&rows, &pythons);
+    // Builds of others run niced (their rule), the bench's runs are not: the
+    // niced share of the machine's CPU over the whole run is others' load.
+    let niced = ticks_before
+        .zip(ticks_after)
+        .and_then(|((t0, n0), (t1, n1))| (t1 > t0).then(|| n1.saturating_sub(n0) as f64 / (t1 - t0) as f64));
+    let problems: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.errors.iter().map(move |e| format!("agent ({} {}): {e}", r.python, r.case)))
+        .collect();
+    println!();
+    println!("pftrace bench --agent-only: {} calls per loop, {runs} runs per row", n + n.div_ceil(1000));
+    print!("{}", agent::text(&rows));
+    if ctx.quick {
+        println!("targets (information only; --quick sizes are too small to judge them):");
+    } else {
+        println!("targets (information only):");
+    }
+    print!("{}", report::targets_text(&targets));
+    let busy = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
+    let load_after = loadavg();
+    println!(
+        "machine CPU busy (all cores) in 1 s before {}, after {}; load average before {load_before}, after {load_after}",
+        busy(busy_before),
+        busy(busy_after),
+    );
+    println!(
+        "niced processes (others' builds, not the bench's runs) took {} of all CPU time during the run",
+        busy(niced)
+    );
+    let doc = json!({
+        "pftrace_bench": 1,
+        "machine": machine(ctx),
+        "cpu_busy_before": busy_before.map(|b| round(b, 3)),
+        "cpu_busy_after": busy_after.map(|b| round(b, 3)),
+        "niced_share_during": niced.map(|b| round(b, 3)),
+        "load_before": load_before,
+        "load_after": load_after,
+        "settings": { "quick": ctx.quick, "loop_iterations": n, "runs": runs },
+        "agent": rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
+        "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
+        "problems": problems,
+        "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    match json_path {
+        Some(path) => {
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("[bench] JSON written to {}", path.display());
+        }
+        None => println!("{text}"),
+    }
+    println!("[bench] done in {:.0} s", started.elapsed().as_secs_f64());
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("[bench] FAILED: cases that could not run or reported nonsense:");
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// All CPU time and niced CPU time of the machine so far (/proc/stat ticks).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    use procfs::CurrentSI as _;
+    let t = procfs::KernelStats::current().ok()?.total;
+    let total = t.user
+        + t.nice
+        + t.system
+        + t.idle
+        + t.iowait.unwrap_or(0)
+        + t.irq.unwrap_or(0)
+        + t.softirq.unwrap_or(0)
+        + t.steal.unwrap_or(0);
+    Some((total, t.nice))
+}
+
+/// /proc/loadavg's three averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {

@@ -10,6 +10,12 @@ use crate::{
     pairing::Call,
 };
 
+/// Completed calls stored as they reach this many within one drain, not at
+/// its end: a drain reads up to a quarter of the ring (4 MiB, thousands of
+/// calls of 120 bytes), and a `completed` that large is written by the
+/// pairer and read back by the spill and the store from outside the cache.
+const STORE_CHUNK: usize = 256;
+
 /// A process change read from the ring buffer.
 enum ProcChange {
     /// A process exec'd in scope or was forked by a traced one.
@@ -86,6 +92,10 @@ impl Daemon {
                     self.bad_records += 1;
                     log::warn!("{err}");
                 }
+            }
+            // In ring order still: the process changes wait for the end.
+            if completed.len() >= STORE_CHUNK {
+                self.store_drained(&mut completed);
             }
         }
         let mut exited = Vec::new();

@@ -10,7 +10,7 @@ use crate::{
     clock::WallClock,
     pairing::Call,
     protocol::CallFilter,
-    trace::{CallList, CallSelector},
+    trace::{CallBlock, CallList, CallSelector},
 };
 
 /// Calls per shared block: the copy a snapshot makes of the newest one
@@ -22,7 +22,7 @@ pub const BLOCK: usize = 4096;
 #[derive(Debug)]
 pub struct CallStore {
     /// Full blocks, oldest first; the first `skip` calls of the first are evicted.
-    sealed: VecDeque<Arc<[Call]>>,
+    sealed: VecDeque<CallBlock>,
     skip: usize,
     /// The newest calls, sealed into a block when it holds [`BLOCK`].
     open: VecDeque<Call>,
@@ -56,8 +56,10 @@ impl CallStore {
         self.open.push_back(call);
         if self.open.len() >= BLOCK {
             // The next block is allocated whole (it would grow by doubling).
+            // The full one is moved, not copied (CallBlock): a deque that
+            // never popped from its front turns into a Vec in place.
             let full = std::mem::replace(&mut self.open, VecDeque::with_capacity(BLOCK));
-            self.sealed.push_back(Vec::from(full).into());
+            self.sealed.push_back(Arc::new(Vec::from(full)));
         }
     }
 
@@ -98,10 +100,10 @@ impl CallStore {
 
     /// The calls in memory now, to be read anywhere while the store moves on.
     pub fn snapshot(&self, select: Option<CallSelector>) -> CallList {
-        let mut blocks: Vec<Arc<[Call]>> = self.sealed.iter().cloned().collect();
+        let mut blocks: Vec<CallBlock> = self.sealed.iter().cloned().collect();
         let skip = if blocks.is_empty() { 0 } else { self.skip };
         if !self.open.is_empty() {
-            blocks.push(self.open.iter().cloned().collect());
+            blocks.push(Arc::new(self.open.iter().cloned().collect()));
         }
         CallList::new(blocks, skip, select)
     }

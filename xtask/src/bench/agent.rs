@@ -1,9 +1,17 @@
-//! The agent rows of `cargo xtask bench`: bench/calls.py launched under
-//! `pftraced --agent` on pyenv's 3.12.1 and Debian's 3.15 (untraced, agent
-//! sparse: `rare` only, 0.1% of calls; agent dense: `f` and `rare`), and
-//! the USDT rows on the same 3.15 for comparison (pftraced's default there).
-//! Each run's own loop timer (wall ns per Python call) is read from its
-//! output; each traced run must have written exactly the calls it made.
+//! The agent rows of `cargo xtask bench` (also alone: `--agent-only`):
+//! bench/calls.py launched under `pftraced --agent` on pyenv's 3.12.1 and
+//! Debian's 3.15 (untraced; sparse: `rare` only, 0.1% of calls; dense: `f`
+//! and `rare`), on each of the agent's roads, and the USDT rows on the same
+//! 3.15 for comparison (pftraced's default there). Each run's own loop timer
+//! (wall ns per Python call) is read from its output; each traced run must
+//! have written exactly the calls it made, and a batched run must have
+//! batched and lost nothing on the batched road.
+//!
+//! Every traced row sets `PFTRACE_AGENT_BATCH` in pftraced's environment
+//! (the launched Python inherits it): `1` for the batched road, `0` for the
+//! others, so no row depends on pftraced's default, which is changing.
+//! Issue 12's targets are checked on the batched road; the two-report roads
+//! (uprobe, syscall) are printed beside for comparison.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +27,11 @@ use super::report::{Target, median, round};
 pub struct AgentRow {
     pub python: String,
     pub case: &'static str,
-    pub samples: Vec<f64>,
+    /// (round, ns per call) of each run that succeeded.
+    pub samples: Vec<(usize, f64)>,
+    /// Of each run that succeeded: calls pftraced received by the batched
+    /// road, and calls written (0 and 0 untraced).
+    pub batched: Vec<(u64, u64)>,
     pub errors: Vec<String>,
 }
 
@@ -31,19 +43,50 @@ pub fn interpreters(env: &crate::setup::Env) -> Vec<(String, PathBuf)> {
     ]
 }
 
-/// Cases: (name, traced names, pftraced flags); `None`: untraced. The agent
-/// reports by uprobe (pftraced's default); `agent syscall dense` takes the
-/// opt-in syscall road, for comparison in the same sitting.
-const CASES: [(&str, Option<&str>, &[&str]); 6] = [
-    ("untraced", None, &[]),
-    ("agent sparse", Some("rare"), &["--agent"]),
-    ("agent dense", Some("f,rare"), &["--agent"]),
-    ("agent syscall dense", Some("f,rare"), &["--agent", "--agent-report", "syscall"]),
-    ("usdt sparse", Some("rare"), &[]),
-    ("usdt dense", Some("f,rare"), &[]),
+/// A case of the agent rows.
+struct Case {
+    name: &'static str,
+    /// Traced names; `None`: untraced (no pftraced).
+    names: Option<&'static str>,
+    flags: &'static [&'static str],
+    /// `PFTRACE_AGENT_BATCH` for pftraced: "1" the batched road, "0" not.
+    batch: &'static str,
+}
+
+const fn case(
+    name: &'static str,
+    names: &'static str,
+    flags: &'static [&'static str],
+    batch: &'static str,
+) -> Case {
+    Case { name, names: Some(names), flags, batch }
+}
+
+/// The cases, in the order each round runs them. The agent reports by
+/// uprobe unless `--agent-report syscall`; the USDT rows take `0` too (the
+/// batched road is the agent's; they measure what they measured before it).
+const CASES: [Case; 8] = [
+    Case { name: "untraced", names: None, flags: &[], batch: "0" },
+    case("agent sparse", "rare", &["--agent"], "0"),
+    case("agent batched sparse", "rare", &["--agent"], "1"),
+    case("agent dense", "f,rare", &["--agent"], "0"),
+    case("agent syscall dense", "f,rare", &["--agent", "--agent-report", "syscall"], "0"),
+    case("agent batched dense", "f,rare", &["--agent"], "1"),
+    case("usdt sparse", "rare", &[], "0"),
+    case("usdt dense", "f,rare", &[], "0"),
 ];
 
-/// Measures every row, `runs` times each, interleaved run by run.
+/// The agent's roads: (dense case, sparse case, what it is, whether issue
+/// 12's targets are checked on it). The batched road is the one meant to
+/// meet them; the two-report roads are measured beside it for comparison.
+const ROADS: [(&str, Option<&str>, &str, bool); 3] = [
+    ("agent batched dense", Some("agent batched sparse"), "batched road, PFTRACE_AGENT_BATCH=1", true),
+    ("agent dense", Some("agent sparse"), "two reports by uprobe, PFTRACE_AGENT_BATCH=0", false),
+    ("agent syscall dense", None, "two reports by syscall, PFTRACE_AGENT_BATCH=0", false),
+];
+
+/// Measures every row, `runs` times each, interleaved run by run. `quick`:
+/// a loop too short to require the batched road (see [`check_trace`]).
 pub fn measure(
     pftraced: &Path,
     calls_py: &Path,
@@ -51,20 +94,40 @@ pub fn measure(
     pythons: &[(String, PathBuf)],
     n: u64,
     runs: usize,
+    quick: bool,
 ) -> Vec<AgentRow> {
     let mut rows = Vec::new();
     for (label, py) in pythons {
         // USDT rows only where USDT serves (3.15).
         let usdt = label.contains("3.15");
-        for (case, _, _) in CASES.iter().filter(|(c, _, _)| usdt || !c.starts_with("usdt")) {
-            rows.push(AgentRow { python: label.clone(), case, samples: Vec::new(), errors: Vec::new() });
+        let cases: Vec<&Case> = CASES.iter().filter(|c| usdt || !c.name.starts_with("usdt")).collect();
+        let first = rows.len();
+        for c in &cases {
+            rows.push(AgentRow {
+                python: label.clone(),
+                case: c.name,
+                samples: Vec::new(),
+                batched: Vec::new(),
+                errors: Vec::new(),
+            });
         }
-        for run in 0..runs {
-            for row in rows.iter_mut().filter(|r| &r.python == label) {
-                let (_, names, flags) = CASES.iter().find(|(c, _, _)| *c == row.case).expect("a case");
-                match run_once(pftraced, calls_py, dir, py, n, *names, flags) {
-                    Ok(ns) => row.samples.push(ns),
-                    Err(e) => row.errors.push(format!("run {run}: {e:#}")),
+        for run in 1..=runs {
+            for (c, row) in cases.iter().zip(rows[first..].iter_mut()) {
+                let step = crate::util::Step::new("bench", format!("{label} {} run {run}/{runs}", c.name));
+                match run_once(pftraced, calls_py, dir, py, n, c, quick) {
+                    Ok((ns, batched)) => {
+                        let share = match batched {
+                            (b, w) if c.batch == "1" && w > 0 => format!(", {b} of {w} calls batched"),
+                            _ => String::new(),
+                        };
+                        step.done(format!("{ns:.1} ns/call{share}"));
+                        row.samples.push((run, ns));
+                        row.batched.push(batched);
+                    }
+                    Err(e) => {
+                        step.done(format!("FAILED: {e:#}"));
+                        row.errors.push(format!("run {run}: {e:#}"));
+                    }
                 }
             }
         }
@@ -72,25 +135,27 @@ pub fn measure(
     rows
 }
 
-/// One run; returns the loop's wall ns per call.
+/// One run; returns the loop's wall ns per call, and (calls batched, calls written).
 fn run_once(
     pftraced: &Path,
     calls_py: &Path,
     dir: &Path,
     py: &Path,
     n: u64,
-    names: Option<&str>,
-    flags: &[&str],
-) -> Result<f64> {
+    case: &Case,
+    quick: bool,
+) -> Result<(f64, (u64, u64))> {
     if !py.exists() {
         bail!("{} is missing (run `cargo xtask setup`)", py.display());
     }
     let trace = dir.join("agent-bench.json");
-    let mut cmd = match names {
+    let mut cmd = match case.names {
         None => Command::new(py),
         Some(names) => {
+            // Not -q: the summary says what the batched road carried and lost.
             let mut c = Command::new(pftraced);
-            c.args(flags).args(["-q", "-t", names, "-o"]).arg(&trace).arg("--").arg(py);
+            c.env("PFTRACE_AGENT_BATCH", case.batch);
+            c.args(case.flags).args(["-t", names, "-o"]).arg(&trace).arg("--").arg(py);
             c
         }
     };
@@ -101,31 +166,66 @@ fn run_once(
     if !out.status.success() {
         bail!("{cmd:?}: {}: {stderr}", out.status);
     }
-    if let Some(names) = names {
-        // Every call made was recorded: rare's ceil(n/1000), and f's n when traced.
-        let want = n.div_ceil(1000) + if names.contains('f') { n } else { 0 };
-        let wrote = format!("pftraced: wrote {want} calls to ");
-        if !stderr.lines().any(|l| l.starts_with(&wrote)) {
-            bail!("expected {want} calls in the trace: {stderr}");
-        }
-        let via_agent = stderr.contains("in-process agent)");
-        if via_agent != flags.contains(&"--agent") {
-            bail!("traced through the wrong mechanism: {stderr}");
-        }
-    }
+    let _ = std::fs::remove_file(&trace);
+    let batched = match case.names {
+        Some(names) => check_trace(&stderr, n, names, case, quick)?,
+        None => (0, 0),
+    };
     // "N calls T s X ns/call cpu ..."
     let words: Vec<&str> = stdout.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "ns/call").context("no ns/call in the workload's output")?;
-    words[at - 1].parse().with_context(|| format!("bad figure in {stdout:?}"))
+    let ns = words[at - 1].parse().with_context(|| format!("bad figure in {stdout:?}"))?;
+    Ok((ns, batched))
+}
+
+/// What pftraced's stderr must say of a traced run: exactly the calls made
+/// written, the mechanism asked for, nothing missed on the batched road (its
+/// summary's loss line names every counter), and no call batched with
+/// `PFTRACE_AGENT_BATCH=0`. Returns (calls batched, calls written).
+///
+/// A thread goes the batched road only once its CPU slot is valid: from its
+/// first switch-in after its first (two-report) record, so a short loop that
+/// is never switched out batches nothing (--quick's 100,000-call 3.12.1
+/// sparse run did not, load 6.7). A dense run at full size must have batched
+/// (else the row would measure the two-report road under the batched name);
+/// a sparse run's 1,000 matched calls may not, and the count is printed.
+fn check_trace(stderr: &str, n: u64, names: &str, case: &Case, quick: bool) -> Result<(u64, u64)> {
+    // Every call made was recorded: rare's ceil(n/1000), and f's n when traced.
+    let want = n.div_ceil(1000) + if names.contains('f') { n } else { 0 };
+    let wrote = format!("pftraced: wrote {want} calls to ");
+    if !stderr.lines().any(|l| l.starts_with(&wrote)) {
+        bail!("expected {want} calls in the trace: {stderr}");
+    }
+    let via_agent = stderr.contains("in-process agent)");
+    if via_agent != case.flags.contains(&"--agent") {
+        bail!("traced through the wrong mechanism: {stderr}");
+    }
+    if let Some(missed) = stderr.lines().find(|l| l.contains("BATCHED AGENT CALLS MISSED")) {
+        bail!("the batched road missed calls: {missed}");
+    }
+    // "batched agent road: N calls in M batches" (only when it batched any).
+    let batched: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("batched agent road: ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let dense = names.contains('f');
+    match (case.batch, batched) {
+        ("1", 0) if via_agent && dense && !quick => {
+            bail!("PFTRACE_AGENT_BATCH=1 but no call went the batched road: {stderr}")
+        }
+        ("0", b) if b > 0 => bail!("PFTRACE_AGENT_BATCH=0 but {b} calls went the batched road: {stderr}"),
+        _ => Ok((batched, want)),
+    }
 }
 
 /// The rows as text: median ns per call, and the added cost per traced call.
 pub fn text(rows: &[AgentRow]) -> String {
     let mut s = String::from(
-        "agent (bench/calls.py launched under pftraced; ns/call: the loop's wall time per Python call, median):\n",
+        "agent (bench/calls.py launched under pftraced; ns/call: the loop's wall time per Python call, median; \
+         PFTRACE_AGENT_BATCH=1 for the batched rows, =0 for the others):\n",
     );
     for r in rows {
-        let base = rows.iter().find(|b| b.python == r.python && b.case == "untraced").and_then(AgentRow::ns);
+        let base = row(rows, &r.python, "untraced").and_then(AgentRow::ns);
         let extra = match (r.ns(), base) {
             // Sparse: what every Python call pays (the issue's "within noise of
             // zero"), from the fastest runs (see `sparse_ratio`), medians beside.
@@ -139,26 +239,44 @@ pub fn text(rows: &[AgentRow]) -> String {
             }
             // Dense: every call traced, so the added cost is per traced call.
             (Some(v), Some(b)) if r.case.ends_with("dense") => {
-                format!("  {:.3}x untraced, {:+.0} ns per traced call (entry + return)", v / b, v - b)
+                let per_round = added_per_matched_call(rows, &r.python, r.case).unwrap_or(f64::NAN);
+                format!(
+                    "  {:.3}x untraced, {per_round:+.0} ns per traced call (entry + return; median of rounds, \
+                     medians {:+.0})",
+                    v / b,
+                    v - b
+                )
             }
             _ => String::new(),
         };
         let v = r.ns().map_or("-".into(), |v| format!("{v:.1}"));
-        s.push_str(&format!("  {:<14} {:<14} {v:>8} ns/call{extra}\n", r.python, r.case));
+        let share = match (r.case.contains("batched"), r.batched.iter().map(|b| b.0).min(), r.batched.first())
+        {
+            (true, Some(least), Some((_, written))) => {
+                format!("; batched: at least {least} of {written} calls")
+            }
+            _ => String::new(),
+        };
+        s.push_str(&format!("  {:<14} {:<20} {v:>8} ns/call{extra}{share}\n", r.python, r.case));
         for e in &r.errors {
             s.push_str(&format!("    error: {e}\n"));
         }
     }
-    // The issue's target, said directly: added ns per matched call on the
-    // agent path (dense: every Python call of the loop is matched).
-    let mut pythons: Vec<&str> = rows.iter().map(|r| r.python.as_str()).collect();
-    pythons.dedup();
-    for p in pythons {
-        if let Some(added) = added_per_matched_call(rows, p) {
-            let verdict = if added <= MATCHED_CALL_TARGET_NS { "within" } else { "over" };
-            s.push_str(&format!(
-                "  {p:<14} agent per matched call  {added:>+8.0} ns ({verdict} the {MATCHED_CALL_TARGET_NS:.0} ns target)\n"
-            ));
+    // The issue's target, said directly for each road: added ns per matched
+    // call (dense: every Python call of the loop is matched).
+    s.push_str(&format!(
+        "  per matched call, by road (issue 12's {MATCHED_CALL_TARGET_NS:.0} ns target is checked on the batched \
+         road; the two-report roads for comparison):\n"
+    ));
+    for p in pythons(rows) {
+        for (dense, _, road, checked) in ROADS {
+            if let Some(added) = added_per_matched_call(rows, p, dense) {
+                let verdict = if added <= MATCHED_CALL_TARGET_NS { "within" } else { "over" };
+                let role = if checked { "the issue's target" } else { "comparison" };
+                s.push_str(&format!(
+                    "    {p:<14} {road:<46} {added:>+8.0} ns ({verdict} {MATCHED_CALL_TARGET_NS:.0} ns; {role})\n"
+                ));
+            }
         }
     }
     s
@@ -167,27 +285,42 @@ pub fn text(rows: &[AgentRow]) -> String {
 /// Issue 12's target for the added cost per matched call (agent path).
 const MATCHED_CALL_TARGET_NS: f64 = 500.0;
 
-/// Issue 12's targets on the agent rows, per interpreter: added cost per
-/// matched call (dense) and per unmatched call (sparse within 1.05x untraced).
+/// Issue 12's targets on the agent rows, per interpreter and road: added
+/// cost per matched call (dense) and per unmatched call (sparse within 1.05x
+/// untraced). Checked on the batched road; the others are labelled comparison.
 pub fn targets(rows: &[AgentRow], pythons: &[(String, PathBuf)]) -> Vec<Target> {
     let mut t = Vec::new();
     for (p, _) in pythons {
-        let added = added_per_matched_call(rows, p);
-        t.push(Target {
-            what: format!("agent added cost per matched call ({p})"),
-            limit: format!("{MATCHED_CALL_TARGET_NS:.0} ns (agent dense - untraced)"),
-            value: added.map_or("not measured".into(), |v| format!("{v:+.0} ns")),
-            met: added.map(|v| v <= MATCHED_CALL_TARGET_NS),
-        });
-        let ratio = sparse_ratio(rows, p, "agent sparse");
-        t.push(Target {
-            what: format!("agent sparse added cost ({p})"),
-            limit: "1.05 x untraced (fastest runs)".into(),
-            value: ratio.map_or("not measured".into(), |r| format!("{r:.3} x untraced")),
-            met: ratio.map(|r| r <= 1.05),
-        });
+        for (dense, sparse, road, checked) in ROADS {
+            let role = if checked { "issue 12's target" } else { "comparison" };
+            let added = added_per_matched_call(rows, p, dense);
+            t.push(Target {
+                what: format!("agent per matched call, {road} ({p}; {role})"),
+                limit: format!("{MATCHED_CALL_TARGET_NS:.0} ns ({dense} - untraced, median of rounds)"),
+                value: added.map_or("not measured".into(), |v| format!("{v:+.0} ns")),
+                met: added.map(|v| v <= MATCHED_CALL_TARGET_NS),
+            });
+            let Some(sparse) = sparse else { continue };
+            let ratio = sparse_ratio(rows, p, sparse);
+            t.push(Target {
+                what: format!("agent sparse added cost, {road} ({p}; {role})"),
+                limit: "1.05 x untraced (fastest runs)".into(),
+                value: ratio.map_or("not measured".into(), |r| format!("{r:.3} x untraced")),
+                met: ratio.map(|r| r <= 1.05),
+            });
+        }
     }
     t
+}
+
+fn row<'a>(rows: &'a [AgentRow], python: &str, case: &str) -> Option<&'a AgentRow> {
+    rows.iter().find(|r| r.python == python && r.case == case)
+}
+
+fn pythons(rows: &[AgentRow]) -> Vec<&str> {
+    let mut v: Vec<&str> = rows.iter().map(|r| r.python.as_str()).collect();
+    v.dedup();
+    v
 }
 
 /// A sparse case against untraced, fastest run against fastest run. This
@@ -199,25 +332,32 @@ pub fn targets(rows: &[AgentRow], pythons: &[(String, PathBuf)]) -> Vec<Target> 
 /// the fastest runs of interleaved rounds compare the same speed (10 rounds:
 /// 3.15 0.986x CPU, 1.003x wall; 3.12.1 1.070x CPU).
 fn sparse_ratio(rows: &[AgentRow], python: &str, case: &str) -> Option<f64> {
-    let get =
-        |case: &str| rows.iter().find(|r| r.python == python && r.case == case).and_then(AgentRow::fastest);
+    let get = |case: &str| row(rows, python, case).and_then(AgentRow::fastest);
     Some(get(case)? / get("untraced")?)
 }
 
-/// Agent dense minus untraced, medians: the added ns per matched call.
-pub fn added_per_matched_call(rows: &[AgentRow], python: &str) -> Option<f64> {
-    let get = |case: &str| rows.iter().find(|r| r.python == python && r.case == case).and_then(AgentRow::ns);
-    Some(get("agent dense")? - get("untraced")?)
+/// A dense case minus untraced within each round, the median over rounds:
+/// the added ns per matched call. Within a round the two runs are seconds
+/// apart, so they mostly share the machine's speed (see `sparse_ratio`),
+/// where medians of runs minutes apart may not.
+pub fn added_per_matched_call(rows: &[AgentRow], python: &str, case: &str) -> Option<f64> {
+    let (dense, base) = (row(rows, python, case)?, row(rows, python, "untraced")?);
+    let diffs = dense
+        .samples
+        .iter()
+        .filter_map(|(round, v)| base.samples.iter().find(|(r, _)| r == round).map(|(_, b)| v - b))
+        .collect();
+    median(diffs)
 }
 
 impl AgentRow {
     pub fn ns(&self) -> Option<f64> {
-        median(self.samples.clone())
+        median(self.samples.iter().map(|(_, v)| *v).collect())
     }
 
     /// The fastest run.
     pub fn fastest(&self) -> Option<f64> {
-        self.samples.iter().copied().reduce(f64::min)
+        self.samples.iter().map(|(_, v)| *v).reduce(f64::min)
     }
 
     pub fn to_json(&self) -> Value {
@@ -226,7 +366,10 @@ impl AgentRow {
             "case": self.case,
             "ns_per_call": self.ns().map(|v| round(v, 1)),
             "fastest_ns_per_call": self.fastest().map(|v| round(v, 1)),
-            "samples": self.samples.iter().map(|v| round(*v, 1)).collect::<Vec<_>>(),
+            "samples": self.samples.iter().map(|(_, v)| round(*v, 1)).collect::<Vec<_>>(),
+            "rounds": self.samples.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            "calls_batched": self.batched.iter().map(|b| b.0).collect::<Vec<_>>(),
+            "calls_written": self.batched.iter().map(|b| b.1).collect::<Vec<_>>(),
             "errors": self.errors,
         })
     }
