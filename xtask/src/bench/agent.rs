@@ -200,14 +200,15 @@ fn check_trace(stderr: &str, n: u64, names: &str, case: &Case, quick: bool) -> R
     if via_agent != case.flags.contains(&"--agent") {
         bail!("traced through the wrong mechanism: {stderr}");
     }
-    if let Some(missed) = stderr.lines().find(|l| l.contains("BATCHED AGENT CALLS MISSED")) {
+    if let Some(missed) = stderr.lines().find(|l| l.contains("BATCHED AGENT EVENTS MISSED")) {
         bail!("the batched road missed calls: {missed}");
     }
-    // "batched agent road: N calls in M batches" (only when it batched any).
+    // "batched agent road: N events in M batches, ..." (only when it
+    // batched any): a call is two events (its entry and its return).
     let batched: u64 = stderr
         .lines()
-        .find_map(|l| l.strip_prefix("batched agent road: ")?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+        .find_map(|l| l.strip_prefix("batched agent road: ")?.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |events| events / 2);
     let dense = names.contains('f');
     match (case.batch, batched) {
         ("1", 0) if via_agent && dense && !quick => {
