@@ -151,41 +151,13 @@ fn one_process_takes_only_its_share_of_the_cpu_slots() {
 /// back at the exec and the thread takes one under its new tid: at the end
 /// every slot taken was given back (without that, the old tid's slot stayed
 /// charged until a thread of that tid exited: run so, 2 taken, 1
-/// returned). The new image makes no calls here; that its calls are
-/// traced is lifecycle.rs's `an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it`.
+/// returned). The new image's 10 calls are made under the main thread's id
+/// (lifecycle.rs's `an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it`).
 #[test]
 fn an_exec_from_a_thread_gives_its_old_tids_slot_back() {
     require_root();
-    const EXEC: &str = r#"
-import os, subprocess, sys, threading, time
-
-def work():
-    return 1
-
-def before():
-    for _ in range(10):
-        work()
-    def run():
-        for _ in range(10):
-            work()
-        os.execv(sys.executable, [sys.executable, __file__, "after"])
-    threading.Thread(target=run).start()
-    time.sleep(60)  # the exec ends this thread
-
-def after():
-    print("after", os.getpid(), threading.get_native_id(), flush=True)
-
-if __name__ == "__main__":
-    mode = sys.argv[1]
-    if mode == "parent":
-        assert subprocess.run([sys.executable, __file__, "before"]).returncode == 0
-    elif mode == "before":
-        before()
-    else:
-        after()
-"#;
     let dir = TestDir::new("cpu-slot-exec");
-    let script = dir.script("exec.py", EXEC);
+    let script = dir.script("exec.py", EXEC_FROM_A_THREAD);
     let run = Pftraced::new(&dir, &["work"])
         .launch(&[python().as_os_str(), script.as_os_str(), std::ffi::OsStr::new("parent")])
         .run();
@@ -202,7 +174,8 @@ if __name__ == "__main__":
         *per_thread.entry(c.tid).or_default() += 1;
     }
     assert_eq!(per_thread.len(), 2, "the main thread and the one that exec'd: {per_thread:?}");
-    assert!(per_thread.values().all(|&n| n == 10), "10 calls a thread: {per_thread:?}");
+    assert_eq!(per_thread.get(&pid), Some(&20), "10 before the exec, 10 after: {per_thread:?}");
+    assert_eq!(per_thread.values().sum::<u64>(), 30, "and the thread's 10: {per_thread:?}");
     let counter = |name: &str| trace.counter(name);
     eprintln!(
         "cpu_coarse {}, slots taken {} returned {}, processes tallied {} forgotten {}",

@@ -393,35 +393,6 @@ fn binary_flag_traces_forked_children_from_their_first_call() {
     assert!(trace.calls.iter().all(|c| !c.incomplete));
 }
 
-/// A script whose worker thread execs it again ("after"), which then calls
-/// `work` 10 times; "before" calls it 10 times, its thread 10 more.
-const EXEC_FROM_A_THREAD: &str = r#"
-import os, sys, threading, time
-
-def work():
-    return 1
-
-def before():
-    for _ in range(10):
-        work()
-    def run():
-        for _ in range(10):
-            work()
-        os.execv(sys.executable, [sys.executable, __file__, "after"])
-    threading.Thread(target=run).start()
-    time.sleep(60)  # the exec ends this thread
-
-def after():
-    for _ in range(10):
-        work()
-    print("after", os.getpid(), threading.get_native_id(), flush=True)
-
-if sys.argv[1] == "before":
-    before()
-else:
-    after()
-"#;
-
 #[test]
 fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
     // Before: a pid-scoped uprobe_multi link follows the task it was made

@@ -502,24 +502,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
     });
-    let text = serde_json::to_string_pretty(&doc)?;
-    match &args.json {
-        Some(path) => {
-            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-            println!("[bench] JSON written to {}", path.display());
-        }
-        None => println!("{text}"),
-    }
-    println!("[bench] done in {:.0} s", started.elapsed().as_secs_f64());
-    if problems.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("[bench] FAILED: cases that could not run or reported nonsense:");
-        for p in &problems {
-            eprintln!("  - {p}");
-        }
-        Ok(ExitCode::FAILURE)
-    }
+    finish(&doc, args.json.as_deref(), started, &problems)
 }
 
 /// The neighbour row (scope::neighbour), with a step line.
@@ -632,24 +615,7 @@ fn agent_only(
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
     });
-    let text = serde_json::to_string_pretty(&doc)?;
-    match json_path {
-        Some(path) => {
-            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-            println!("[bench] JSON written to {}", path.display());
-        }
-        None => println!("{text}"),
-    }
-    println!("[bench] done in {:.0} s", started.elapsed().as_secs_f64());
-    if problems.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("[bench] FAILED: cases that could not run or reported nonsense:");
-        for p in &problems {
-            eprintln!("  - {p}");
-        }
-        Ok(ExitCode::FAILURE)
-    }
+    finish(&doc, json_path, started, &problems)
 }
 
 /// All CPU time and niced CPU time of the machine so far (/proc/stat ticks).
@@ -1394,4 +1360,27 @@ fn machine(ctx: &Ctx) -> Value {
         "against": ctx.against.as_ref().map(|p| p.display().to_string()),
         "bpftrace": ctx.bpftrace.as_ref().and_then(|b| version(Command::new(b).arg("--version"))),
     })
+}
+
+/// Writes the JSON document (to `json`, else stdout), says how long the
+/// run took, and fails when any case could not run or reported nonsense.
+fn finish(doc: &Value, json: Option<&Path>, started: Instant, problems: &[String]) -> Result<ExitCode> {
+    let text = serde_json::to_string_pretty(doc)?;
+    match json {
+        Some(path) => {
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("[bench] JSON written to {}", path.display());
+        }
+        None => println!("{text}"),
+    }
+    println!("[bench] done in {:.0} s", started.elapsed().as_secs_f64());
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("[bench] FAILED: cases that could not run or reported nonsense:");
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -48,6 +48,40 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long to wait for a line from a process (e.g. "attached", "ready").
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A Python whose worker thread execs the interpreter again: "before" calls
+/// `work` 10 times, its thread 10 more and then execs the script "after",
+/// which calls `work` 10 times under the main thread's id and prints
+/// "after PID TID"; "parent" runs "before" as a child process (so its threads
+/// start after tracing does). lifecycle.rs and cpu_slot_share.rs.
+pub const EXEC_FROM_A_THREAD: &str = r#"
+import os, subprocess, sys, threading, time
+
+def work():
+    return 1
+
+def before():
+    for _ in range(10):
+        work()
+    def run():
+        for _ in range(10):
+            work()
+        os.execv(sys.executable, [sys.executable, __file__, "after"])
+    threading.Thread(target=run).start()
+    time.sleep(60)  # the exec ends this thread
+
+def after():
+    for _ in range(10):
+        work()
+    print("after", os.getpid(), threading.get_native_id(), flush=True)
+
+if sys.argv[1] == "parent":
+    assert subprocess.run([sys.executable, __file__, "before"]).returncode == 0
+elif sys.argv[1] == "before":
+    before()
+else:
+    after()
+"#;
+
 // ---------------------------------------------------------------------------
 // Prerequisites
 
