@@ -1479,10 +1479,11 @@ pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
         Some(live) => live == 0,
         None => tgid == pid_tgid as u32,
     };
-    if !ended {
+    // Two last threads exiting at once on two CPUs both read live 0: the
+    // one that removes the process reports it.
+    if !ended || TRACKED.remove(&tgid).is_err() {
         return 0;
     }
-    let _ = TRACKED.remove(&tgid);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         bump(counter::EXIT_LOST);
         warn!(
