@@ -15,7 +15,12 @@ use pftrace_common::{agent, counter};
 /// `n` reports (entry, return, entry, ...) of one code object through the
 /// syscall, each answered -ENOSYS.
 fn report(n: u64, token: u64, event_of: impl Fn(u64) -> u8) {
-    let (name, file) = (c"victim".as_ptr() as *const u8, c"/srv/app.py".as_ptr() as *const u8);
+    // On the heap, so their pages are resident: the kernel's read of a
+    // process's memory cannot fault a page in, and a literal's page of the
+    // test binary's .rodata may never have been touched (CI's fresh build
+    // read the name as "" once).
+    let (name, file) = (c"victim".to_owned(), c"/srv/app.py".to_owned());
+    let (name, file) = (name.as_ptr() as *const u8, file.as_ptr() as *const u8);
     for i in 0..n {
         let rc = pftrace_agent::report_syscall(event_of(i) as u64, name, file, 42, 0xc0de, token);
         assert_eq!(rc, -(libc::ENOSYS as i64), "the kernel's answer to the report syscall");

@@ -54,6 +54,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
         "limits.max_calls_in_memory",
         "limits.max_processes",
         "limits.max_concurrent_dumps",
+        "limits.cpu_slots_per_process",
         "sampling.interval_ms",
         "sampling.max_samples",
         "agent.report",
