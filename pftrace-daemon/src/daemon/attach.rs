@@ -209,7 +209,7 @@ impl Daemon {
             return Ok(target);
         }
         let host_wide = self.covers_host_wide(&target);
-        if self.dormant.enabled && !host_wide && self.dormant.has_room_for(&target.file) {
+        if self.dormant.enabled && !host_wide && self.dormant.takes(&target.file) {
             // Beside watched cgroups, through the same dormant probes: pid-scoped
             // ones (kernel-managed semaphores) on a file that has them would be
             // refused by the kernel, and the other way round.
@@ -399,7 +399,10 @@ impl Daemon {
             // exit report was lost): the old one ends here.
             self.end_process(pid, WallClock::monotonic_now_ns());
         }
-        if self.dormant.enabled && !self.covers_host_wide(&target) {
+        // A file whose dormant link was just refused goes pid-scoped, unsaid
+        // here (attach_dormant said it when the kernel refused).
+        if self.dormant.enabled && !self.covers_host_wide(&target) && !self.dormant.was_refused(&target.file)
+        {
             if self.dormant.has_room_for(&target.file) {
                 if let Err(NotDormant::Conflict(target)) = self.attach_dormant(target) {
                     self.start_attach(*target);
@@ -485,7 +488,7 @@ impl Daemon {
         if conflict
             && self.dormant.enabled
             && !crate::procinfo::has_exited(pid)
-            && self.dormant.has_room_for(&landed.target.file)
+            && self.dormant.takes(&landed.target.file)
         {
             // Another tracer holds the file's sites without a kernel-managed
             // semaphore: dormant probes (pftraced raises the semaphores) fit beside it.

@@ -100,9 +100,19 @@ impl Dormant {
     /// Whether a process of `file` can be traced through a dormant link
     /// (its file has one, or there is room for one more).
     pub(super) fn has_room_for(&self, file: &FileId) -> bool {
-        self.links.contains_key(file)
-            || (self.links.len() < MAX_DORMANT_FILES
-                && self.conflicts.get(file).is_none_or(|at| at.elapsed() >= CONFLICT_RETRY))
+        self.links.contains_key(file) || self.links.len() < MAX_DORMANT_FILES
+    }
+
+    /// Whether the kernel refused `file`'s dormant link less than
+    /// [`CONFLICT_RETRY`] ago (its processes take pid-scoped probes meanwhile).
+    pub(super) fn was_refused(&self, file: &FileId) -> bool {
+        self.conflicts.get(file).is_some_and(|at| at.elapsed() < CONFLICT_RETRY)
+    }
+
+    /// Whether a process of `file` goes through a dormant link now: there is
+    /// room, and the kernel did not just refuse the file's link.
+    pub(super) fn takes(&self, file: &FileId) -> bool {
+        self.has_room_for(file) && !self.was_refused(file)
     }
 
     /// Says once that the limit of files was reached.

@@ -1,10 +1,14 @@
 //! A traced process's exit on the batched agent road. The kernel writes a
-//! process's exit record when its main thread exits; its other threads'
-//! buffers are drained at their own exits, which may come after it on the
-//! ring (os._exit or a SIGKILL: each thread runs do_exit in its own time;
-//! seen in the test `open_calls_at_exit_kill_and_stop_as_the_two_report_road_has_them`:
-//! five calls drained after the exit record were named unknown, their
-//! parent already closed). So the exit is settled (open calls closed as
+//! process's exit record at the exit of the thread that finds its group's
+//! `signal->live` at 0; another thread may have counted itself out of
+//! `live` and not yet run its own exit drain, and the drain of that last
+//! thread is a program of its own on the same tracepoint, so drains may
+//! come after the record on the ring (os._exit or a SIGKILL: each thread
+//! runs do_exit in its own time; seen, when the record still came at the
+//! main thread's exit, in the test
+//! `open_calls_at_exit_kill_and_stop_as_the_two_report_road_has_them`: five
+//! calls drained after the exit record were named unknown, their parent
+//! already closed). So the exit is settled (open calls closed as
 //! incomplete at its time, strings forgotten, probes retired) only once no
 //! thread of the process can still drain: every thread in /proc a zombie
 //! or gone, at most [`SETTLE_BOUND`] after the record, or at once when the
