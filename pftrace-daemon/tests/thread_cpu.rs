@@ -100,6 +100,12 @@ def main(mode):
     # The collector would run inside some calls, outside the body's own
     # readings (real CPU of the call, invisible to the comparison).
     gc.disable()
+    if mode == "mainquiet":
+        # The main thread from its first call, never switched out on
+        # purpose (no affinity change: a migration is a switch-out, which
+        # would write its slot anyway), as a short CPU-bound script is.
+        quiets()
+        return
     # The code object's first call (the agent's first sight of it, its
     # name sent once) on the main thread: not among the compared calls.
     (quiet if mode == "quiet" else busy)(20_000)
@@ -242,7 +248,7 @@ fn check_each(label: &str, calls: &[Call], own: &[(u64, u64, u64)]) -> Vec<(Call
 fn launched(label: &str, python: &std::path::Path, mode: &str) -> (TracedRun, Trace) {
     let dir = TestDir::new(&format!("thread-cpu-{mode}"));
     let script = dir.script("burn.py", SCRIPT);
-    let run = Pftraced::new(&dir, &[if mode == "quiet" { "quiet" } else { "busy" }])
+    let run = Pftraced::new(&dir, &[if mode.ends_with("quiet") { "quiet" } else { "busy" }])
         .launch(&[python.as_os_str(), script.as_os_str(), std::ffi::OsStr::new(mode)])
         .run();
     run.assert_code(0);
@@ -293,12 +299,22 @@ fn preempted(label: &str, python: &std::path::Path) {
 /// 5% + 10 us. The scheduler's last charge, the figure before the slots,
 /// moves only at a tick (4 ms here) or a switch, so it reads 0 for most of
 /// these calls.
-fn quiet_calls(label: &str, python: &std::path::Path) {
-    let (_run, trace) = launched(label, python, "quiet");
+/// `mode` "mainquiet": the same calls on the launched command's main
+/// thread, from its first call: exact only because its slot is claimed
+/// before it runs (before that, its records were coarse until its first
+/// switch-out: 1,000 of 1,000 in a 500-call CPU-bound script).
+fn quiet_calls(label: &str, python: &std::path::Path, mode: &str) {
+    let (_run, trace) = launched(label, python, mode);
     let calls = calls(&trace, "quiet");
-    assert_eq!(calls.len(), 251, "{label}: traced calls of quiet");
-    let compared: Vec<&Call> = calls.iter().filter(|c| c.tid != c.pid).collect();
-    assert_eq!(compared.len(), 250, "{label}: calls of the worker thread");
+    let on_main = mode == "mainquiet";
+    assert_eq!(calls.len(), if on_main { 250 } else { 251 }, "{label}: traced calls of quiet");
+    let compared: Vec<&Call> = calls.iter().filter(|c| on_main || c.tid != c.pid).collect();
+    assert_eq!(
+        compared.len(),
+        250,
+        "{label}: calls of the {} thread",
+        if on_main { "main" } else { "worker" }
+    );
     let bad: Vec<String> = compared
         .iter()
         .filter(|c| c.cpu_ns.abs_diff(c.dur_ns) > bound(c.dur_ns))
@@ -318,15 +334,17 @@ fn quiet_calls(label: &str, python: &std::path::Path) {
     check_coarse(label, &trace);
 }
 
-/// The launched process's main thread existed before pftraced tracked it:
-/// its first call's entry record has no slot (it takes one then) and its
-/// return has none unless it was switched in meanwhile; the threads it
-/// starts have theirs from their creation: 1 or 2 coarse records.
+/// The launched process's main thread existed before pftraced tracked it,
+/// so it gets its slot while it is stopped at its exec (before that, its
+/// first call had none and took one, exact only from its next switch-in:
+/// 1 or 2 coarse records, every record of a CPU-bound main thread that
+/// never switched out); the threads it starts have theirs from their
+/// creation: no record coarse.
 fn check_coarse(label: &str, trace: &Trace) {
     let coarse = trace.counter("cpu_coarse");
-    assert!(
-        (1..=2).contains(&coarse),
-        "{label}: cpu_coarse {coarse}, want 1 or 2 (the main thread's first call)"
+    assert_eq!(
+        coarse, 0,
+        "{label}: cpu_coarse {coarse}, want 0 (the main thread's slot is claimed at its exec stop)"
     );
     assert_eq!(trace.counter("cpu_slots_full"), 0, "{label}");
 }
@@ -346,13 +364,25 @@ fn usdt_road_two_threads_on_one_cpu() {
 #[test]
 fn usdt_road_calls_that_read_no_clock() {
     require_root();
-    quiet_calls("3.9 dtrace", &python());
+    quiet_calls("3.9 dtrace", &python(), "quiet");
 }
 
 #[test]
 fn agent_road_calls_that_read_no_clock() {
     require_root();
-    quiet_calls("pyenv 3.12.1 agent", &pyenv_python("3.12.1"));
+    quiet_calls("pyenv 3.12.1 agent", &pyenv_python("3.12.1"), "quiet");
+}
+
+#[test]
+fn usdt_road_launched_main_thread_exact_from_its_first_call() {
+    require_root();
+    quiet_calls("3.9 dtrace", &python(), "mainquiet");
+}
+
+#[test]
+fn agent_road_launched_main_thread_exact_from_its_first_call() {
+    require_root();
+    quiet_calls("pyenv 3.12.1 agent", &pyenv_python("3.12.1"), "mainquiet");
 }
 
 #[test]

@@ -282,6 +282,14 @@ pub struct KernelProbes {
     /// The batched agent road is loaded ([`batch_wanted`]); its drain
     /// programs are attached by [`Self::attach_batch`].
     pub batch: bool,
+    /// `limits.cpu_slots_per_process`, and whether the kernel hands slots
+    /// out and numbers threads as pftraced does (its PID namespace is the
+    /// host's: the slot maps are keyed by kernel tids).
+    slots_per_process: u32,
+    slot_alloc: bool,
+    /// Slots [`Self::claim_cpu_slot_stopped`] took: added to the kernel's
+    /// CPU_SLOTS_TAKEN and CPU_SLOT_PROCESSES, which count only its own claims.
+    slots_claimed_here: u64,
 }
 
 /// Environment switch of pftraced for the batched agent road
@@ -374,6 +382,10 @@ impl KernelProbes {
             agent_syscall: None,
             agent_token,
             batch,
+            slots_per_process,
+            slot_alloc: slot_alloc != 0
+                && crate::kernel::pidns::PidNamespace::current().is_ok_and(|ns| ns.is_initial()),
+            slots_claimed_here: 0,
         })
     }
 
@@ -491,6 +503,18 @@ impl KernelProbes {
     /// Takes thread `tid` away from the kernel's drains: its tail, if it had one.
     pub fn batch_take(&self, tid: u32) -> Option<pftrace_common::BatchTail> {
         super::batchtail::take(&self.ebpf, tid)
+    }
+
+    /// A CPU slot for launched process `pid` (kernel numbering), stopped at
+    /// its exec with one thread ([`super::cpuslots::claim_stopped`]), so its
+    /// first call's CPU is exact. Whether one was taken.
+    pub fn claim_cpu_slot_stopped(&mut self, pid: u32) -> Result<bool, BpfError> {
+        if !self.slot_alloc {
+            return Ok(false);
+        }
+        let claimed = super::cpuslots::claim_stopped(&mut self.ebpf, pid, self.slots_per_process)?;
+        self.slots_claimed_here += u64::from(claimed);
+        Ok(claimed)
     }
 
     /// A new fd of the frozen CPU_SLOTS map, for an agent to map read-only.
@@ -655,9 +679,9 @@ impl KernelProbes {
             cpu_coarse: total(counter::CPU_COARSE)?,
             cpu_slots_full: total(counter::CPU_SLOTS_FULL)?,
             cpu_slots_process_full: total(counter::CPU_SLOTS_PROCESS_FULL)?,
-            cpu_slots_taken: total(counter::CPU_SLOTS_TAKEN)?,
+            cpu_slots_taken: total(counter::CPU_SLOTS_TAKEN)? + self.slots_claimed_here,
             cpu_slots_returned: total(counter::CPU_SLOTS_RETURNED)?,
-            cpu_slot_processes: total(counter::CPU_SLOT_PROCESSES)?,
+            cpu_slot_processes: total(counter::CPU_SLOT_PROCESSES)? + self.slots_claimed_here,
             cpu_slot_processes_gone: total(counter::CPU_SLOT_PROCESSES_GONE)?,
             bounds: Default::default(),
             batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },

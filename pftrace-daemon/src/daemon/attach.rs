@@ -243,6 +243,15 @@ impl Daemon {
             }
             Mechanism::Usdt => self.attach_pid(child.pid())?,
         };
+        // Its CPU slot now, while it is stopped: else its main thread,
+        // older than tracing, gets one only at its first traced call, and
+        // exact figures only after its first switch-out.
+        if let Err(err) = self.probes.claim_cpu_slot_stopped(child.pid()) {
+            log::warn!(
+                "pid {}: no CPU slot before it runs ({err}): its calls' CPU is exact only from its first switch-out",
+                child.pid()
+            );
+        }
         self.targets.push(format!("command {} (pid {})", target.command, target.pid));
         Ok(target)
     }
