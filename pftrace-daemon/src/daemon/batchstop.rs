@@ -125,7 +125,10 @@ impl Daemon {
         // Its tail as the kernel last left it; no kernel drain after this.
         let Some(tail) = self.probes.batch_take(h.tid) else { return };
         let mut raw = [0u8; size_of::<BatchBuf>()];
-        let pid = tgid_of(h.tid);
+        // Only a thread of a process pftraced traces: the kernel removes a
+        // thread's entry at its exit, before its tid can be reused, so this
+        // only guards against a mistake here, at the cost of one lookup.
+        let pid = tgid_of(h.tid).filter(|&pid| self.processes.is_running(pid));
         let (Some(pid), Ok(())) = (pid, vm_read(h.tid, tail.addr, &mut raw)) else {
             self.batch_stop.unread += 1;
             return;
