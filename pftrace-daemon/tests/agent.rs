@@ -15,7 +15,7 @@ use common::*;
 
 /// Every name form: bare, glob, FILE:NAME (the other module's `qualified`
 /// must not be traced).
-const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "coro", "gen_*", "call_kinds.py:qualified"];
+const NAMES: &[&str] = CALL_KINDS_NAMES;
 
 /// Environment variables for a launched command.
 type Env = Vec<(&'static str, &'static str)>;
@@ -33,26 +33,6 @@ fn agent_interpreters() -> Vec<(String, std::path::PathBuf, Env)> {
     v
 }
 
-/// The workload, the agent's exactness workload's calls (every kind the
-/// agent must pair as CPython's profiler does) run as a script, with
-/// CPython's recorder beside them; prints the recorder's entries as `REC
-/// tid name` lines. With an argument (a file), it first waits for the file
-/// to exist, running Python meanwhile (so PEP 768 can reach it).
-fn workload(dir: &TestDir) -> std::path::PathBuf {
-    dir.script("other_module.py", include_str!("../../pftrace-agent-host/tests/scripts/other_module.py"));
-    dir.script("call_kinds.py", include_str!("../../pftrace-agent-host/tests/scripts/call_kinds.py"))
-}
-
-/// (tid, name) → calls, from the recorder's lines.
-fn recorded(stdout: &str) -> BTreeMap<(u32, String), usize> {
-    let mut out = BTreeMap::new();
-    for line in stdout.lines().filter_map(|l| l.strip_prefix("REC ")) {
-        let (tid, name) = line.split_once(' ').unwrap();
-        *out.entry((tid.parse().unwrap(), name.to_string())).or_default() += 1;
-    }
-    out
-}
-
 /// (tid, name) → complete calls in the trace (of the workload's file).
 fn traced(trace: &Trace, script: &Path) -> BTreeMap<(u32, String), usize> {
     let mut out = BTreeMap::new();
@@ -64,18 +44,6 @@ fn traced(trace: &Trace, script: &Path) -> BTreeMap<(u32, String), usize> {
     out
 }
 
-/// The recorder's own figures, so a broken recorder cannot pass.
-fn check_recorder(label: &str, want: &BTreeMap<(u32, String), usize>) {
-    let total = |name: &str| want.iter().filter(|((_, n), _)| n == name).map(|(_, c)| c).sum::<usize>();
-    assert_eq!(total("work"), 200 + 4 * 300, "{label}: recorder");
-    assert_eq!(total("rec"), 51, "{label}: recorder");
-    assert_eq!(total("catcher"), 30 + 4 * 300, "{label}: recorder");
-    assert_eq!(total("qualified"), 1, "{label}: only call_kinds.py's `qualified`");
-    assert_eq!(total("coro"), 6, "{label}: the coroutine's start and 5 resumes");
-    let threads: std::collections::BTreeSet<u32> = want.keys().map(|(t, _)| *t).collect();
-    assert_eq!(threads.len(), 5, "{label}: main and 4 workers");
-}
-
 /// Launch mode on each interpreter: every call CPython's recorder saw, in
 /// the same thread, and nothing else; the trace says "agent".
 #[test]
@@ -83,7 +51,7 @@ fn launch_mode_exact_counts_on_every_agent_interpreter() {
     require_root();
     for (label, py, env) in agent_interpreters() {
         let dir = TestDir::new("agent-launch");
-        let script = workload(&dir);
+        let script = call_kinds_workload(&dir);
         let mut tracer = Pftraced::new(&dir, NAMES);
         for (k, v) in &env {
             tracer = tracer.env(k, v);
@@ -148,7 +116,7 @@ fn pid_mode_through_pep_768_exact_counts() {
         [("debian 3.14", sid_python("3.14"), None), ("debian 3.15 JIT", sid_python("3.15"), Some("1"))];
     for (label, py, jit) in cases {
         let dir = TestDir::new("agent-pid");
-        let script = workload(&dir);
+        let script = call_kinds_workload(&dir);
         let go = dir.join("go");
         let mut cmd = Command::new(&py);
         cmd.arg(&script).arg(&go);
@@ -281,7 +249,7 @@ fn refusals_with_their_messages() {
 fn cgroup_mode_new_processes() {
     require_root();
     let dir = TestDir::new("agent-cgroup");
-    let script = workload(&dir);
+    let script = call_kinds_workload(&dir);
     let cg = Cgroup::new("agent");
     let socket = socket_of(&dir);
     let tracer = serving(&dir, NAMES).arg("--cgroup").arg(cg.path()).spawn();

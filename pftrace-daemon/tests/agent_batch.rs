@@ -4,9 +4,9 @@
 //! socket; each event of a traced call then reaches it in batches drained
 //! by the kernel, paired with the two-report events as they are.
 //! - The calls in the trace are exactly CPython's own recorder's
-//!   (sys.setprofile in the same process), per thread and function, with
-//!   threads, recursion, exceptions and generators, and most of them came
-//!   batched.
+//!   (sys.setprofile in the same process), per thread and function, on the
+//!   agent tests' call-kinds workload (threads, recursion, exceptions,
+//!   generators, a coroutine), and most of them came batched.
 //! - Calls open at a clean exit, at `os._exit`, at a SIGKILL and at
 //!   `pftracectl stop` (a thread spinning in Python, one in C code without
 //!   the GIL, one parked) are in the trace as incomplete exactly as the
@@ -22,80 +22,6 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
 
-const NAMES: &[&str] = &["work", "rec", "boom", "catcher", "gen_count"];
-
-/// Main thread and 4 workers; the recorder's entries printed as `REC tid name`.
-const WORKLOAD: &str = r#"
-import os, sys, threading, time
-
-TRACED = {"work", "rec", "boom", "catcher", "gen_count"}
-entries = []
-lock = threading.Lock()
-
-def profiler(frame, event, arg):
-    if event == "call" and frame.f_code.co_name in TRACED:
-        with lock:
-            entries.append((threading.get_native_id(), frame.f_code.co_name))
-
-def work(x):
-    return x * 2
-
-def rec(n):
-    return 0 if n == 0 else 1 + rec(n - 1)
-
-def boom(n):
-    if n % 3 == 0:
-        raise ValueError(n)
-    return n
-
-def catcher(n):
-    try:
-        return boom(n)
-    except ValueError:
-        return -1
-
-def gen_count(n):
-    for i in range(n):
-        yield i
-
-def worker():
-    sys.setprofile(profiler)
-    for i in range(300):
-        work(i)
-        catcher(i)
-    sum(gen_count(10))
-    sys.setprofile(None)
-
-sys.setprofile(profiler)
-for i in range(200):
-    work(i)
-time.sleep(0.02)
-for i in range(200):
-    work(i)
-rec(50)
-for i in range(30):
-    catcher(i)
-sum(gen_count(10))
-threads = [threading.Thread(target=worker) for _ in range(4)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-sys.setprofile(None)
-for tid, name in entries:
-    print("REC", tid, name)
-print("DONE", flush=True)
-"#;
-
-fn recorded(stdout: &str) -> BTreeMap<(u32, String), usize> {
-    let mut out = BTreeMap::new();
-    for line in stdout.lines().filter_map(|l| l.strip_prefix("REC ")) {
-        let (tid, name) = line.split_once(' ').unwrap();
-        *out.entry((tid.parse().unwrap(), name.to_string())).or_default() += 1;
-    }
-    out
-}
-
 /// Launch mode on 3.12.1 and Debian's 3.15 (JIT on: the agent serves it).
 #[test]
 fn batched_road_exact_counts_through_pftraced() {
@@ -106,9 +32,9 @@ fn batched_road_exact_counts_through_pftraced() {
     ];
     for (label, py, env) in interpreters {
         let dir = TestDir::new("agent-batch");
-        let script = dir.script("app.py", WORKLOAD);
+        let script = call_kinds_workload(&dir);
         // The default road (no PFTRACE_AGENT_BATCH).
-        let mut tracer = Pftraced::new(&dir, NAMES);
+        let mut tracer = Pftraced::new(&dir, CALL_KINDS_NAMES);
         for (k, v) in &env {
             tracer = tracer.env(k, v);
         }
@@ -117,13 +43,7 @@ fn batched_road_exact_counts_through_pftraced() {
         assert!(run.stdout.contains("DONE"), "{label}: {}", run.stdout);
         assert!(run.stderr.contains(", in-process agent), tracing "), "{label}: {}", run.stderr);
         let want = recorded(&run.stdout);
-        let total = |name: &str| want.iter().filter(|((_, n), _)| n == name).map(|(_, c)| c).sum::<usize>();
-        assert_eq!(total("work"), 400 + 4 * 300, "{label}: recorder");
-        assert_eq!(total("rec"), 51, "{label}: recorder");
-        assert_eq!(total("catcher"), 30 + 4 * 300, "{label}: recorder");
-        assert_eq!(total("boom"), 30 + 4 * 300, "{label}: recorder");
-        // gen_count: the generator's start and its 10 resumes + the last one (StopIteration).
-        assert_eq!(total("gen_count"), 5 * 11, "{label}: recorder");
+        check_recorder(label, &want);
         let trace = run.trace();
         trace.assert_clean();
         let mut got: BTreeMap<(u32, String), usize> = BTreeMap::new();
@@ -149,7 +69,10 @@ fn batched_road_exact_counts_through_pftraced() {
             );
         }
         assert_eq!(recs[0].parent, 0, "{label}");
-        for b in trace.calls.iter().filter(|c| c.name == "boom") {
+        // (but the one uncaught boom, called directly by untraced code).
+        let booms: Vec<_> = trace.calls.iter().filter(|c| c.name == "boom").collect();
+        assert_eq!(booms.iter().filter(|b| b.parent == 0).count(), 1, "{label}: the direct boom");
+        for b in booms.iter().filter(|b| b.parent != 0) {
             let p = by_id.get(&b.parent).unwrap_or_else(|| panic!("{label}: boom without its parent {b:?}"));
             assert_eq!((p.name.as_str(), p.tid, p.depth + 1), ("catcher", b.tid, b.depth), "{label}: {b:?}");
         }
@@ -160,8 +83,8 @@ fn batched_road_exact_counts_through_pftraced() {
         // The workers are new threads of a tracked process: a CPU slot from
         // their creation, so every event of theirs is batched (the strings
         // were sent by the main thread's first calls): 300 work, 300
-        // catcher, 300 boom, 11 gen_count runs each, two events a call.
-        assert!(n("events") >= 4 * 2 * 911, "{label}: batched events {}: {pf}", n("events"));
+        // catcher, 300 boom each, two events a call.
+        assert!(n("events") >= 4 * 2 * 900, "{label}: batched events {}: {pf}", n("events"));
         assert!(n("events") < 2 * calls, "{label}: first entries go with their strings (by the kernel)");
         for k in ["lost", "overrun", "unread", "exit_unread", "unknown", "stop_unread"] {
             assert_eq!(n(k), 0, "{label}: batch counter {k}: {pf}");

@@ -11,8 +11,11 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+mod call_kinds;
 mod service;
 
+#[allow(unused_imports)] // each test binary uses a different part of the harness
+pub use call_kinds::*;
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use service::*;
 
