@@ -25,6 +25,7 @@ pub mod rolling;
 pub mod safe_file;
 pub mod sort;
 pub mod spill;
+mod spill_record;
 pub mod summary;
 
 use std::io::{self, Write};
