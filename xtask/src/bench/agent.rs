@@ -361,7 +361,10 @@ fn pythons(rows: &[AgentRow]) -> Vec<&str> {
 /// runs lands on either: agent sparse read 0.91x/0.99x in one full run and
 /// 1.145x/1.133x in the next (README's runs of 2026-11-27, same agent). Noise here only adds time, so
 /// the fastest runs of interleaved rounds compare the same speed (10 rounds:
-/// 3.15 0.986x CPU, 1.003x wall; 3.12.1 1.070x CPU).
+/// 3.15 0.986x CPU, 1.003x wall; 3.12.1 1.070x CPU). Still not enough:
+/// per-round ratios ranged 0.56-1.55, and the fastest runs read 0.823x
+/// (3.12.1) and 1.073x (3.15) in a run whose paired laps (agent_laps.rs,
+/// the batched road's target since) read 0.995x and 0.999x. Printed beside.
 fn sparse_ratio(rows: &[AgentRow], python: &str, case: &str) -> Option<f64> {
     let get = |case: &str| row(rows, python, case).and_then(AgentRow::fastest);
     Some(get(case)? / get("untraced")?)
