@@ -8,7 +8,9 @@
 //! and its distinct locations. The agent must have been called exactly once
 //! per location of an untraced function, however often it ran (100,000
 //! calls), and exactly once per event of a traced one. 3.12.1 and Debian
-//! 3.15, launched under `pftraced --agent`.
+//! 3.15, launched under `pftraced --agent`. With the callback returning None
+//! instead of DISABLE (tried once), it fails: 100,703 start callbacks in the
+//! section on 3.12.1 against the 704 expected.
 
 mod common;
 
