@@ -5,7 +5,8 @@
 //! to the kernel (see `report`), and follows pftraced's name changes over a
 //! control socket; when pftraced goes away it removes every hook.
 //!
-//! Python sees `start(socket_path)`, `stop()` and `status()`, none of which
+//! Python sees `start(socket_path)`, `stop()`, `status()` and `callbacks()`
+//! (sys.monitoring callbacks called, per event), none of which
 //! raises: a failure is a status string (the loader script prints it).
 //!
 //! Mechanisms: `monitoring` (3.12+, sys.monitoring with C callbacks and
@@ -332,6 +333,19 @@ unsafe extern "C" fn py_status(_m: Obj, _a: Obj) -> Obj {
     s
 }
 
+/// `callbacks()`: the sys.monitoring callbacks called so far, per event, as
+/// a str (`PY_START=n PY_RESUME=n ...`; all 0 on 3.11, which has none).
+unsafe extern "C" fn py_callbacks(_m: Obj, _a: Obj) -> Obj {
+    let Some(api) = api() else { return ptr::null_mut() };
+    let c = std::ffi::CString::new(monitoring::callbacks_text()).unwrap_or_default();
+    let s = unsafe { (api.unicode_from)(c.as_ptr()) };
+    if s.is_null() {
+        api.clear_error();
+        return api.none();
+    }
+    s
+}
+
 const fn method(name: &'static std::ffi::CStr, f: PlainCall, flags: c_int) -> PyMethodDef {
     PyMethodDef { ml_name: name.as_ptr(), ml_meth: f as *const c_void, ml_flags: flags, ml_doc: ptr::null() }
 }
@@ -339,10 +353,11 @@ const fn method(name: &'static std::ffi::CStr, f: PlainCall, flags: c_int) -> Py
 static AT_EXIT_DEF: PyMethodDef = method(c"_pftrace_at_exit", at_exit, METH_NOARGS);
 static AFTER_FORK_DEF: PyMethodDef = method(c"_pftrace_after_fork", after_fork, METH_NOARGS);
 
-static METHODS: [PyMethodDef; 4] = [
+static METHODS: [PyMethodDef; 5] = [
     method(c"start", py_start, METH_O),
     method(c"stop", py_stop, METH_NOARGS),
     method(c"status", py_status, METH_NOARGS),
+    method(c"callbacks", py_callbacks, METH_NOARGS),
     PyMethodDef { ml_name: ptr::null(), ml_meth: ptr::null(), ml_flags: 0, ml_doc: ptr::null() },
 ];
 

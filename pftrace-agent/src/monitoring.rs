@@ -10,7 +10,10 @@
 //! there removes the callback), so those two only fire when an exception
 //! passes through a frame and are decided from the cached verdict.
 
-use std::ffi::{CStr, c_void};
+use std::{
+    cell::UnsafeCell,
+    ffi::{CStr, c_void},
+};
 
 use pftrace_common::agent;
 
@@ -36,13 +39,34 @@ const fn def(name: &'static CStr, f: FastCall) -> PyMethodDef {
     }
 }
 
+/// Callback invocations per event, in [`EVENTS`]' order, since the process
+/// loaded the agent (read by `pftrace_agent.callbacks()`): what proves that a
+/// DISABLEd location is never called again (pftrace-daemon's test
+/// agent_disable.rs). One plain increment a callback, under the GIL; a
+/// DISABLEd location costs nothing here, as it never calls.
+struct Calls(UnsafeCell<[u64; 6]>);
+// SAFETY: only touched with the GIL held (callbacks and `callbacks()`).
+unsafe impl Sync for Calls {}
+
+static CALLS: Calls = Calls(UnsafeCell::new([0; 6]));
+
+/// `PY_START=n PY_RESUME=n PY_THROW=n PY_RETURN=n PY_YIELD=n PY_UNWIND=n`.
+/// The GIL is held.
+pub fn callbacks_text() -> String {
+    // SAFETY: the GIL is held (see `Calls`).
+    let calls = unsafe { *CALLS.0.get() };
+    let parts: Vec<String> =
+        EVENTS.iter().zip(calls).map(|(ev, n)| format!("{}={n}", ev.name.to_string_lossy())).collect();
+    parts.join(" ")
+}
+
 static EVENTS: [Event; 6] = [
-    Event { name: c"PY_START", def: def(c"pftrace_py_start", on_event::<{ agent::START }, true>) },
-    Event { name: c"PY_RESUME", def: def(c"pftrace_py_resume", on_event::<{ agent::RESUME }, true>) },
-    Event { name: c"PY_THROW", def: def(c"pftrace_py_throw", on_event::<{ agent::THROW }, false>) },
-    Event { name: c"PY_RETURN", def: def(c"pftrace_py_return", on_event::<{ agent::RETURN }, true>) },
-    Event { name: c"PY_YIELD", def: def(c"pftrace_py_yield", on_event::<{ agent::YIELD }, true>) },
-    Event { name: c"PY_UNWIND", def: def(c"pftrace_py_unwind", on_event::<{ agent::UNWIND }, false>) },
+    Event { name: c"PY_START", def: def(c"pftrace_py_start", on_event::<{ agent::START }, true, 0>) },
+    Event { name: c"PY_RESUME", def: def(c"pftrace_py_resume", on_event::<{ agent::RESUME }, true, 1>) },
+    Event { name: c"PY_THROW", def: def(c"pftrace_py_throw", on_event::<{ agent::THROW }, false, 2>) },
+    Event { name: c"PY_RETURN", def: def(c"pftrace_py_return", on_event::<{ agent::RETURN }, true, 3>) },
+    Event { name: c"PY_YIELD", def: def(c"pftrace_py_yield", on_event::<{ agent::YIELD }, true, 4>) },
+    Event { name: c"PY_UNWIND", def: def(c"pftrace_py_unwind", on_event::<{ agent::UNWIND }, false, 5>) },
 ];
 
 /// The tool pftrace holds.
@@ -155,8 +179,9 @@ pub fn restart(api: &Api, tool: &Tool) {
 }
 
 /// Every callback: (code, offset[, value]). Reports the event when the code
-/// object is traced; otherwise DISABLE where that is allowed.
-unsafe extern "C" fn on_event<const EVENT: u8, const LOCAL: bool>(
+/// object is traced; otherwise DISABLE where that is allowed. `SLOT`: this
+/// event's place in [`CALLS`].
+unsafe extern "C" fn on_event<const EVENT: u8, const LOCAL: bool, const SLOT: usize>(
     _slf: Obj,
     args: *const Obj,
     nargs: isize,
@@ -165,6 +190,8 @@ unsafe extern "C" fn on_event<const EVENT: u8, const LOCAL: bool>(
     let Some((api, state)) = (unsafe { agent_state() }) else {
         return std::ptr::null_mut();
     };
+    // SAFETY: the GIL is held (see `Calls`).
+    unsafe { (*CALLS.0.get())[SLOT] += 1 };
     // Torn down between the event and this call (not expected: teardown
     // holds the GIL throughout and runs no Python code).
     let Some(tool) = state.tool.as_ref() else {

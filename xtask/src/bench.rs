@@ -24,7 +24,9 @@
 //!   restarted halfway, its RSS read every second.
 //! - the agent rows (bench/agent.rs; alone with `--agent-only`): 3.12.1 and
 //!   Debian 3.15 through the in-process agent, on the batched road and the
-//!   two-report roads, and USDT on the same 3.15.
+//!   two-report roads, and USDT on the same 3.15; the batched sparse case
+//!   also by paired laps against an untraced control (bench/agent_laps.rs),
+//!   the figure issue 12's sparse target is read from.
 //!
 //! The workload waits (`--wait`) until the tracer is attached; its own timer
 //! covers only the loop. The daemon's CPU time and peak RSS come from wait4
@@ -33,7 +35,9 @@
 //! smoke) fails only when a case cannot run or reports nonsense.
 
 mod agent;
+mod agent_laps;
 mod churn;
+mod laps;
 mod procs;
 mod report;
 mod scope;
@@ -394,6 +398,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             ctx.quick,
         )
     };
+    let agent_laps =
+        if args.dense_only || args.sparse_only { None } else { Some(measure_agent_laps(&ctx, &env)) };
     let busy_after = background_busy();
     let disturbed: usize = [&main_rows, &name_rows, &proc_rows]
         .iter()
@@ -427,12 +433,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             problems.push(format!("agent ({} {}): {e}", r.python, r.case));
         }
     }
+    let laps_rows = agent_laps.as_ref().map_or(&[][..], |(r, _, _)| &r[..]);
+    problems.extend(agent_laps::problems(laps_rows));
     let mut targets = targets(&rows, &attach, soak.as_ref());
     targets.extend(churn::targets(&churn));
     if all_rows {
         targets.push(scope::target(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
     }
-    targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env)));
+    targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env), laps_rows));
     if let Some(n) = &neighbour {
         targets.push(scope::neighbour_target(n));
     }
@@ -453,6 +461,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         print!("{}", scope::neighbour_text(n));
     }
     print!("{}", agent::text(&agent_rows));
+    if let Some((r, laps, n)) = &agent_laps {
+        print!("{}", agent_laps::text(r, *laps, *n));
+    }
     if let Some(s) = &soak {
         print!("{}", soak_text(s));
     }
@@ -498,6 +509,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "scope": scope::json(&scope_runs),
         "neighbour": neighbour.as_ref().map(scope::neighbour_json),
         "agent": agent_rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
+        "agent_sparse_laps": laps_rows.iter().map(agent_laps::SparseLaps::to_json).collect::<Vec<_>>(),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
@@ -554,6 +566,34 @@ fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>)
     Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// The agent's sparse row by paired laps (agent_laps.rs), with a step line
+/// per interpreter: (rows, laps, loop iterations).
+fn measure_agent_laps(ctx: &Ctx, env: &crate::setup::Env) -> (Vec<agent_laps::SparseLaps>, usize, u64) {
+    let laps = if ctx.quick { 5 } else { 15 };
+    // --quick's 10,000-call loop lasts about a millisecond: too short to time.
+    let n = ctx.n.max(200_000);
+    let step = Step::new("bench", format!("agent batched sparse by paired laps ({laps} laps each)"));
+    let rows = agent_laps::measure(
+        &ctx.pftraced,
+        &ctx.calls_py,
+        &ctx.dir,
+        &agent::interpreters(env),
+        n,
+        laps,
+        |python, phase| match phase {
+            Ok(p) => step.say(format!("{python}: {}", p.text())),
+            Err(e) => step.say(format!("{python}: failed: {e:#}")),
+        },
+    );
+    step.done(
+        rows.iter()
+            .map(|r| format!("{} {}", r.python, r.ratio().map_or("-".into(), |v| format!("{v:.3}x"))))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    (rows, laps, n)
+}
+
 /// `--agent-only`: the agent rows, their text, targets and JSON; a run that
 /// could not run or recorded wrongly fails it (as in the full bench).
 fn agent_only(
@@ -569,21 +609,24 @@ fn agent_only(
     let ticks_before = cpu_ticks();
     let pythons = agent::interpreters(env);
     let rows = agent::measure(&ctx.pftraced, &ctx.calls_py, &ctx.dir, &pythons, n, runs, ctx.quick);
+    let (laps_rows, laps, laps_n) = measure_agent_laps(ctx, env);
     let ticks_after = cpu_ticks();
     let busy_after = background_busy();
-    let targets = agent::targets(&rows, &pythons);
+    let targets = agent::targets(&rows, &pythons, &laps_rows);
     // Builds of others run niced (their rule), the bench's runs are not: the
     // niced share of the machine's CPU over the whole run is others' load.
     let niced = ticks_before
         .zip(ticks_after)
         .and_then(|((t0, n0), (t1, n1))| (t1 > t0).then(|| n1.saturating_sub(n0) as f64 / (t1 - t0) as f64));
-    let problems: Vec<String> = rows
+    let mut problems: Vec<String> = rows
         .iter()
         .flat_map(|r| r.errors.iter().map(move |e| format!("agent ({} {}): {e}", r.python, r.case)))
         .collect();
+    problems.extend(agent_laps::problems(&laps_rows));
     println!();
     println!("pftrace bench --agent-only: {} calls per loop, {runs} runs per row", n + n.div_ceil(1000));
     print!("{}", agent::text(&rows));
+    print!("{}", agent_laps::text(&laps_rows, laps, laps_n));
     if ctx.quick {
         println!("targets (information only; --quick sizes are too small to judge them):");
     } else {
@@ -611,6 +654,7 @@ fn agent_only(
         "load_after": load_after,
         "settings": { "quick": ctx.quick, "loop_iterations": n, "runs": runs },
         "agent": rows.iter().map(agent::AgentRow::to_json).collect::<Vec<_>>(),
+        "agent_sparse_laps": laps_rows.iter().map(agent_laps::SparseLaps::to_json).collect::<Vec<_>>(),
         "targets": targets.iter().map(Target::to_json).collect::<Vec<_>>(),
         "problems": problems,
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),

@@ -269,17 +269,27 @@ impl Workload {
     }
 
     /// Waits for the workload to exit after its result line; it must exit 0.
-    pub fn finish(mut self, result: LoopResult, timeout: Duration) -> Result<LoopResult> {
+    pub fn finish(self, result: LoopResult, timeout: Duration) -> Result<LoopResult> {
+        self.finish_stderr(result, timeout).map(|(r, _)| r)
+    }
+
+    /// [`Self::finish`], and every line of its stderr (e.g. pftraced's
+    /// summary, when the workload was launched under it).
+    pub fn finish_stderr(
+        mut self,
+        result: LoopResult,
+        timeout: Duration,
+    ) -> Result<(LoopResult, Vec<String>)> {
         let deadline = Instant::now() + timeout;
         let _ = self.stdout.read_to_end(deadline);
         let reaped = wait4_until(self.pid, deadline)?;
         self.reaped = reaped.is_some();
         let reaped = reaped.with_context(|| format!("the workload (pid {}) did not exit", self.pid))?;
+        let _ = self.stderr.read_to_end(Instant::now() + Duration::from_secs(1));
         if reaped.code != 0 {
-            let _ = self.stderr.read_to_end(Instant::now() + Duration::from_secs(1));
             bail!("the workload exited with status {}:{}", reaped.code, self.stderr.tail(10));
         }
-        Ok(result)
+        Ok((result, std::mem::take(&mut self.stderr.seen)))
     }
 
     /// Kills the workload (the endless bench/busy.py) and reaps it.

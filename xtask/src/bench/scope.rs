@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use super::report::Target;
 use super::{
     churn::Cgroup,
+    laps::{self, Phase},
     procs::{Daemon, Workload},
-    report::median,
 };
 
 /// Process counts compared.
@@ -100,60 +100,6 @@ pub fn run(
     Ok(ScopeRun { mode, procs, ns_per_call: result.cpu_ns_per_call() })
 }
 
-/// One phase of the neighbour row: laps of the neighbour and of the control
-/// taken in turn, CPU ns per Python call of each.
-#[derive(Debug, Clone, Default)]
-pub struct Phase {
-    pub neighbour: Vec<f64>,
-    pub control: Vec<f64>,
-}
-
-impl Phase {
-    fn fastest(v: &[f64]) -> f64 {
-        v.iter().copied().fold(f64::INFINITY, f64::min)
-    }
-
-    /// The neighbour's speed relative to the control's: the median over lap
-    /// pairs (a neighbour lap and the control lap right after it, within a
-    /// fraction of a second, so at one machine speed) of their ratio. The
-    /// fastest lap of each (the racefree test's figure, printed beside) can
-    /// come from different speeds: 3 `--neighbour-only` runs at load 2.5-3.9
-    /// gave while/before 1.029, 1.011 and 0.798 by fastest laps (in the
-    /// last, 121.5/156.3 while tracing: the control never ran a fast lap),
-    /// 1.010, 1.012 and 0.982 by lap pairs.
-    pub fn relative(&self) -> f64 {
-        median(self.neighbour.iter().zip(&self.control).map(|(n, c)| n / c).collect()).unwrap_or(f64::NAN)
-    }
-
-    /// Fastest neighbour lap over fastest control lap.
-    pub fn fastest_relative(&self) -> f64 {
-        Self::fastest(&self.neighbour) / Self::fastest(&self.control)
-    }
-
-    /// `r by lap pairs (fastest n/c = r; medians n/c)`.
-    pub fn text(&self) -> String {
-        let med = |v: &[f64]| median(v.to_vec()).unwrap_or(f64::NAN);
-        format!(
-            "{:.3} (fastest laps {:.1}/{:.1} = {:.3}; medians {:.1}/{:.1})",
-            self.relative(),
-            Self::fastest(&self.neighbour),
-            Self::fastest(&self.control),
-            self.fastest_relative(),
-            med(&self.neighbour),
-            med(&self.control),
-        )
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "relative_median_of_lap_pairs": self.relative(),
-            "relative_fastest_laps": self.fastest_relative(),
-            "neighbour_cpu_ns_per_call": self.neighbour,
-            "control_cpu_ns_per_call": self.control,
-        })
-    }
-}
-
 /// The neighbour row: the neighbour's speed relative to the control's before
 /// pftraced, while it traces a process of the neighbour's interpreter file in
 /// a watched cgroup, and after it stopped.
@@ -200,22 +146,15 @@ pub fn neighbour(
     std::fs::copy(&real, &control)
         .with_context(|| format!("copying {} to {} for the control", real.display(), control.display()))?;
     let lap = |py: &Path, home: Option<&Path>| -> Result<f64> {
-        let mut cmd = Command::new("taskset");
-        cmd.args(["-c", "0"]).arg(py).arg(calls_py).arg(n.to_string()).arg("--wait");
+        let mut cmd = laps::pinned(py);
+        cmd.arg(calls_py).arg(n.to_string()).arg("--wait");
         if let Some(h) = home {
             cmd.env("PYTHONHOME", h);
         }
-        let mut work = Workload::start_command(cmd, calls_py, timeout)?;
-        work.release()?;
-        let (work, result) = work.wait_result(timeout)?;
-        Ok(work.finish(result, Duration::from_secs(10))?.cpu_ns_per_call())
+        Ok(laps::lap(cmd, calls_py, timeout)?.0)
     };
     let phase = |name: &str| -> Result<Phase> {
-        let mut p = Phase::default();
-        for _ in 0..laps {
-            p.neighbour.push(lap(python, None)?);
-            p.control.push(lap(&control, Some(&home))?);
-        }
+        let p = laps::phase(laps, || lap(python, None), || lap(&control, Some(&home)))?;
         phase_done(name, &p);
         Ok(p)
     };
@@ -366,9 +305,9 @@ pub fn neighbour_json(r: &Result<Neighbour>) -> Value {
         Ok(r) => json!({
             "laps": r.laps,
             "loop_iterations": r.n,
-            "before": r.before.to_json(),
-            "during": r.during.to_json(),
-            "after": r.after.to_json(),
+            "before": r.before.to_json("neighbour"),
+            "during": r.during.to_json("neighbour"),
+            "after": r.after.to_json("neighbour"),
             "ratio": r.ratio(),
         }),
         Err(e) => json!({"error": format!("{e:#}")}),
