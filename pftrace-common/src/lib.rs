@@ -654,6 +654,29 @@ pub mod task_layout {
     /// is then forgotten (0 = unknown: tallies stay until the map is full).
     pub const TASK_SIGNAL: &str = "TASK_SIGNAL_OFF";
     pub const SIGNAL_LIVE: &str = "SIGNAL_LIVE_OFF";
+    /// Measuring only (pftraced's `PFTRACE_USDT_BENCH=STOP[,SKIP]`, read
+    /// by the loader; 0 otherwise, and the verifier drops every test of
+    /// it): a USDT hit returns after step STOP of [`usdt_bench`] (0: runs
+    /// whole), so bpf_stats of builds that stop one step later each say
+    /// what each step costs.
+    pub const USDT_BENCH_STOP: &str = "USDT_BENCH_STOP";
+    /// Measuring only: parts of a matched USDT hit's record left out (bits
+    /// of [`bench_skip`]: RSS, CPU, CLOCK, WAKEUP, RING; and
+    /// [`usdt_bench::FILE`]).
+    pub const USDT_BENCH_SKIP: &str = "USDT_BENCH_SKIP";
+    /// Steps of a USDT hit for USDT_BENCH_STOP, in the order they run.
+    pub mod usdt_bench {
+        /// The attach cookie read (the program's entry).
+        pub const COOKIE: u32 = 1;
+        /// The scope test and the `seen` counter.
+        pub const SEEN: u32 = 2;
+        /// The spec lookup and the name pointer's register.
+        pub const NAME_PTR: u32 = 3;
+        /// The 16-byte read of the name's head (user memory).
+        pub const HEAD: u32 = 4;
+        /// USDT_BENCH_SKIP bit: the file name string is not read.
+        pub const FILE: u32 = 64;
+    }
     /// Bits of AGENT_BENCH_SKIP.
     pub mod bench_skip {
         /// Process's RSS (mm and three counters).

@@ -39,6 +39,7 @@ mod agent_laps;
 mod churn;
 mod laps;
 mod procs;
+mod progstats;
 mod report;
 mod scope;
 
@@ -334,6 +335,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         report::set_ratios(chunk.iter_mut(), Some(&base), Some(&floor));
     }
 
+    let (program_rows, program_note) = measure_programs(&ctx, args.dense_only, runs);
     let attach = measure_attach(&ctx, if args.dense_only || args.sparse_only { 0 } else { runs });
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
@@ -454,6 +456,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         report::RATIO_METHOD
     );
     print!("{}", report::table(&rows));
+    print!("{}", progstats::text(&program_rows, program_note));
     println!("{}", attach_text(&attach));
     print!("{}", churn::text(&churn));
     print!("{}", scope::text(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
@@ -503,6 +506,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             "daemon_max_calls_in_memory": STORE_CALLS,
         },
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "kernel_programs": progstats::json(&program_rows, program_note),
         "attach": attach_json(&attach),
         "soak": soak.as_ref().map(soak_json),
         "churn": churn::json(&churn),
@@ -688,6 +692,23 @@ fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.id == id)
 }
 
+/// The kernel's own figures per program (bpf_stats) of the floor, sparse,
+/// dense and bpftrace, in interleaved rounds of their own: stats on cost
+/// ~70 ns a program run here (the clock read twice), which the wall-clock
+/// rows must not carry. The note says why there are none.
+fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Option<&'static str>) {
+    let Some(_on) = progstats::enable() else {
+        return (Vec::new(), Some("not measured: the kernel refused BPF_ENABLE_STATS"));
+    };
+    let kinds: &[Kind] = if dense_only {
+        &[Kind::Floor, Kind::Dense]
+    } else {
+        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Dense, Kind::Bpftrace]
+    };
+    let cases: Vec<Case> = kinds.iter().map(|&k| Case::new(k, 1)).collect();
+    (measure(ctx, "programs", Metric::Wall, &cases, runs), None)
+}
+
 /// Runs `cases` `runs` times, interleaved, and returns a row per case.
 fn measure(ctx: &Ctx, group: &'static str, metric: Metric, cases: &[Case], runs: usize) -> Vec<Row> {
     let mut rows: Vec<Row> = cases
@@ -853,6 +874,7 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
         }
     };
 
+    let progs0 = tracer.pid().map(progstats::snapshot);
     let cpu0 = tracer.pid().and_then(procs::proc_cpu_s);
     let t0 = Instant::now();
     for w in &mut workloads {
@@ -871,6 +893,10 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
             _ => None,
         };
         sample.rss_loop_end = procs::proc_rss(pid);
+        if let Some(p0) = &progs0 {
+            // Programs run per probe hit: at least one run per two calls.
+            sample.progs = progstats::per_run(p0, &progstats::snapshot(pid), ctx.total_calls() / 2);
+        }
         sample.peak_rss = procs::proc_peak_rss(pid);
     }
     for (w, line) in pending {

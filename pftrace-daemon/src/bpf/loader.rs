@@ -296,6 +296,25 @@ pub struct KernelProbes {
 /// (pftrace-agent/README.md "Batched road in pftraced"): on unless `0`.
 pub const BATCH_ENV: &str = "PFTRACE_AGENT_BATCH";
 
+/// Measuring only: `PFTRACE_USDT_BENCH=STOP[,SKIP]` stops each USDT hit
+/// after a step, or leaves parts of its record out
+/// (pftrace_common::task_layout::USDT_BENCH_STOP, USDT_BENCH_SKIP), to
+/// say from bpf_stats what each step costs. Unset (always, but in such a
+/// measurement): (0, 0), the whole program.
+pub const USDT_BENCH_ENV: &str = "PFTRACE_USDT_BENCH";
+
+fn usdt_bench() -> (u32, u32) {
+    let Ok(v) = std::env::var(USDT_BENCH_ENV) else { return (0, 0) };
+    let mut it = v.split(',').map(|x| x.trim().parse::<u32>().unwrap_or(0));
+    let pair = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    log::warn!(
+        "{USDT_BENCH_ENV}={v}: USDT hits stop at step {} and skip {:#x} (measuring only)",
+        pair.0,
+        pair.1
+    );
+    pair
+}
+
 /// Whether pftraced takes the batched agent road: unless `PFTRACE_AGENT_BATCH=0`.
 pub fn batch_wanted() -> bool {
     std::env::var_os(BATCH_ENV).is_none_or(|v| v != "0")
@@ -324,6 +343,9 @@ impl KernelProbes {
         loader.override_global(task_layout::WAKEUP_BYTES, &wakeup, true);
         let scope_filter = u32::from(scope_filter);
         loader.override_global(task_layout::SCOPE_FILTER, &scope_filter, true);
+        let (stop, skip) = usdt_bench();
+        loader.override_global(task_layout::USDT_BENCH_STOP, &stop, true);
+        loader.override_global(task_layout::USDT_BENCH_SKIP, &skip, true);
         // The kernel side's words (aya-log) at the daemon's log level, fixed
         // now: the verifier drops the messages the level turns off.
         let level = kernel_log_level(log::max_level());

@@ -56,6 +56,9 @@ pub struct Sample {
     pub attach_s: Option<f64>,
     /// Tracers not started by the bench that were running when this run began.
     pub foreign_tracers: usize,
+    /// The tracer's BPF programs that ran during the loop: name, runs and
+    /// ns per run (bpf_stats; 0 ns unless they are on: progstats::enable).
+    pub progs: Vec<(String, u64, f64)>,
 }
 
 impl Sample {
