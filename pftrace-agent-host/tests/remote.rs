@@ -14,7 +14,39 @@ use std::{
 use common::{Host, finish, interpreters, interpreters_314, scripts_dir, serial};
 use pftrace_agent_host::remote::{self, RemoteError};
 
-fn spawn(python: &std::path::Path, args: &[&str], env: &[(&str, &str)], xopt: Option<&str>) -> Child {
+/// A target process, killed and reaped when dropped, so a failed assertion
+/// leaves nothing running (one left by a timed-out run of this test held
+/// the test lock's inherited descriptor, and kept the next tests waiting).
+struct Target(Option<Child>);
+
+impl Target {
+    fn into_child(mut self) -> Child {
+        self.0.take().expect("a target's child")
+    }
+}
+
+impl std::ops::Deref for Target {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a target's child")
+    }
+}
+
+impl std::ops::DerefMut for Target {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a target's child")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            kill(child);
+        }
+    }
+}
+
+fn spawn(python: &std::path::Path, args: &[&str], env: &[(&str, &str)], xopt: Option<&str>) -> Target {
     let mut cmd = Command::new(python);
     if let Some(x) = xopt {
         cmd.args(["-X", x]);
@@ -23,7 +55,7 @@ fn spawn(python: &std::path::Path, args: &[&str], env: &[(&str, &str)], xopt: Op
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Target(Some(cmd.spawn().unwrap()));
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "READY");
@@ -48,7 +80,7 @@ fn loads_into_a_running_process_whose_main_thread_is_blocked() {
         assert!(delivered.gil_holder, "{label}: aimed at the thread running Python");
         let _conn = host.accept(pid, &["work"]);
         let loaded = t0.elapsed();
-        let out = finish(child, label);
+        let out = finish(child.into_child(), label);
         assert!(out.contains("CALLED 1000"), "{label}: {out}");
         let records = host.records(pid);
         let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
@@ -90,7 +122,7 @@ fn refusals_are_clear_and_do_not_hang() {
         std::thread::sleep(Duration::from_millis(300));
         let err = remote::run_script(child.id(), &script, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, RemoteError::Timeout { .. }), "{label}: {err}");
-        let out = finish(child, label);
+        let out = finish(child.into_child(), label);
         assert!(out.contains("WOKE False"), "{label}: the withdrawn script ran later: {out}");
     }
     // 3.11-3.13: no entry point; the message says what works.
