@@ -11,6 +11,16 @@ def work(x):
 
 
 def spin(n):
+    # READY from here, running Python: printed by the main thread before
+    # this one started, a request could be aimed at the main thread (then
+    # the GIL holder) just before it blocked in join() for good: the test
+    # then timed out (1 run in 3 here under load). After 0.1 s of Python
+    # here the main thread has had the GIL back (5 ms switch interval) and
+    # is in join().
+    end = time.monotonic() + 0.1
+    while time.monotonic() < end:
+        sum(range(100))
+    print("READY", flush=True)
     while True:
         m = sys.modules.get("pftrace_agent")
         if m is not None and m.status().startswith("tracing"):
@@ -21,11 +31,11 @@ def spin(n):
         sum(range(100))
 
 
-print("READY", flush=True)
 if sys.argv[1] == "spin":
     t = threading.Thread(target=spin, args=(int(sys.argv[2]),))
     t.start()
     t.join()
 else:
+    print("READY", flush=True)
     time.sleep(float(sys.argv[2]))
     print("WOKE", "pftrace_agent" in sys.modules, flush=True)
