@@ -243,11 +243,6 @@ static BATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(batch::c
 #[map]
 static FREE_SLOTS: Queue<u32> = Queue::with_max_entries(MAX_CPU_SLOTS, 0);
 
-/// Records submitted on this CPU (a tick for [`wakeup_flag`]).
-#[map]
-static WAKE_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-const WAKE_EVERY: u64 = 16;
-
 /// Per-CPU counters, indexed by `pftrace_common::counter`.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -571,19 +566,6 @@ fn wakeup_flag() -> u64 {
     }
     if threshold == 0 {
         return 0;
-    }
-    // With a threshold of 64 KiB or more (a ring of 256 KiB or more; the
-    // default is 16 MiB), the fill is asked only every WAKE_EVERY-th record
-    // on a CPU: at most 16 records (<5 KiB) late per CPU, and one helper
-    // call less on 15 records of 16.
-    if threshold >= 64 << 10
-        && let Some(tick) = WAKE_TICK.get_ptr_mut(0)
-    {
-        let t = unsafe { *tick }.wrapping_add(1);
-        unsafe { *tick = t };
-        if t % WAKE_EVERY != 0 {
-            return BPF_RB_NO_WAKEUP;
-        }
     }
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
