@@ -126,14 +126,24 @@ pub fn report(event: u8, info: &CodeInfo) {
         // pftraced has goes in the thread's buffer (a code object's first
         // report carries them, so it goes by the kernel).
         if sent {
-            match crate::batch::append(event, code, info.line) {
-                crate::batch::Appended::Kept => return,
-                crate::batch::Appended::Drain(event, buf) => {
-                    send(mode, event, buf, std::ptr::null(), 0, 0);
-                    crate::batch::drained();
-                    return;
+            // At most a drain before the entry and the append after it; a
+            // third round (a new session begun by another thread between
+            // them) goes the two-report way below, never lost.
+            for _ in 0..3 {
+                match crate::batch::append(event, code, info.line) {
+                    crate::batch::Appended::Kept => return,
+                    crate::batch::Appended::Drain(event, buf) => {
+                        send(mode, event, buf, std::ptr::null(), 0, 0);
+                        crate::batch::drained();
+                        return;
+                    }
+                    crate::batch::Appended::DrainFirst(drain, buf) => {
+                        // The entry is stamped after this drain (see DrainFirst).
+                        send(mode, drain, buf, std::ptr::null(), 0, 0);
+                        crate::batch::drained();
+                    }
+                    crate::batch::Appended::NoSlot => break,
                 }
-                crate::batch::Appended::NoSlot => {}
             }
         }
         // Events this thread buffered before this report reach pftraced
