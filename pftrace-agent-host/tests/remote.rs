@@ -48,6 +48,7 @@ impl Drop for Target {
 
 fn spawn(python: &std::path::Path, args: &[&str], env: &[(&str, &str)], xopt: Option<&str>) -> Target {
     let mut cmd = Command::new(python);
+    cmd.stdin(Stdio::piped());
     if let Some(x) = xopt {
         cmd.args(["-X", x]);
     }
@@ -90,6 +91,46 @@ fn loads_into_a_running_process_whose_main_thread_is_blocked() {
             "{label}: script taken after {:?}, agent tracing {loaded:?} after the request",
             delivered.after
         );
+    }
+}
+
+/// The thread that last held the GIL blocks for good (the main thread in
+/// `join()`), and another thread runs Python only later: the request,
+/// aimed first at the blocked one, is aimed again until the running one
+/// takes it. Aimed only at the holder, it waited there until the timeout
+/// (in 1 of 3 runs of the test above before its READY moved to the worker).
+#[test]
+fn a_request_aimed_at_a_thread_that_blocked_for_good_is_aimed_again() {
+    let _g = serial();
+    let mut host = Host::new("remote-handoff");
+    let script = host.installed.attach_script();
+    for (label, python) in interpreters_314() {
+        let mut child = spawn(&python, &["handoff", "300"], &[], None);
+        let pid = child.id();
+        // The main thread is in join() 0.1 s after its READY; the worker
+        // starts running Python 0.4 s after it, while the request waits.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut stdin = child.stdin.take().expect("the target's stdin");
+        let wake = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            use std::io::Write as _;
+            stdin.write_all(b"go\n").unwrap();
+            stdin
+        });
+        let delivered = remote::run_script(pid, &script, Duration::from_secs(5)).unwrap();
+        let _stdin = wake.join().unwrap();
+        assert!(
+            delivered.aims > 1 && delivered.after >= Duration::from_millis(250),
+            "{label}: taken by the first thread aimed at, the blocked main thread? {delivered:?}"
+        );
+        let _conn = host.accept(pid, &["work"]);
+        let out = finish(child.into_child(), label);
+        assert!(out.contains("CALLED 300"), "{label}: {out}");
+        let records = host.records(pid);
+        let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
+        let returns = records.iter().filter(|r| !r.entry && r.name == "work").count();
+        assert_eq!((entries, returns), (300, 300), "{label}");
+        eprintln!("{label}: taken after {:?}, {} aims", delivered.after, delivered.aims);
     }
 }
 

@@ -1,6 +1,9 @@
 # Target of the PEP 768 tests. "spin": the main thread waits in join() while
 # a worker runs Python; once the agent (loaded from outside) is tracing, the
-# worker calls work() exactly N times. "sleep S": only the main thread, asleep.
+# worker calls work() exactly N times. "handoff": the same, but the worker
+# first waits for a line on stdin, so the main thread is the last to hold the
+# GIL when it blocks in join() (the request is aimed at a thread that will
+# never run Python again). "sleep S": only the main thread, asleep.
 import sys
 import threading
 import time
@@ -21,6 +24,10 @@ def spin(n):
     while time.monotonic() < end:
         sum(range(100))
     print("READY", flush=True)
+    trace_calls(n)
+
+
+def trace_calls(n):
     while True:
         m = sys.modules.get("pftrace_agent")
         if m is not None and m.status().startswith("tracing"):
@@ -31,7 +38,18 @@ def spin(n):
         sum(range(100))
 
 
-if sys.argv[1] == "spin":
+def handoff(n):
+    sys.stdin.readline()  # blocked, without the GIL, until the test writes
+    trace_calls(n)
+
+
+if sys.argv[1] == "handoff":
+    t = threading.Thread(target=handoff, args=(int(sys.argv[2]),))
+    t.start()
+    time.sleep(0.2)  # the worker is in readline(): from here only this thread takes the GIL
+    print("READY", flush=True)
+    t.join()
+elif sys.argv[1] == "spin":
     t = threading.Thread(target=spin, args=(int(sys.argv[2]),))
     t.start()
     t.join()

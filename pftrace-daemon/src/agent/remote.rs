@@ -9,8 +9,15 @@
 //! Which thread: `sys.remote_exec` aims at the main thread, which ran the
 //! script 5 s late when it slept (FIELD-NOTES); this aims at the thread that
 //! last held the GIL, which is running Python if any thread is, and falls
-//! back to the main thread. If nothing runs the script within the timeout,
-//! the pending flag is cleared again, so it does not run unannounced later.
+//! back to the main thread. That thread may block for good right after
+//! (read as the holder just before it entered `join()`, the request waited
+//! there until the timeout in 1 of 3 runs of a test), so a request not taken
+//! within [`AIM_FOR`] is withdrawn and aimed again: at the holder then, or
+//! at a thread not tried yet. If nothing runs the script within the
+//! timeout, the pending flag is cleared again, so it does not run
+//! unannounced later. A thread may take a request just as it is withdrawn:
+//! the loader then runs twice, which it tolerates (the daemon asks again
+//! anyway until the agent connects).
 //!
 //! Offsets: the prefix of `_Py_DebugOffsets` used here (runtime state,
 //! interpreter state, the first thread-state fields) is the same in 3.14 and
@@ -27,6 +34,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// How long one thread is given to take the request before it is aimed
+/// again: a thread running Python checks its eval breaker at least every
+/// switch interval (5 ms by default), so 50 ms is ten of them.
+pub const AIM_FOR: Duration = Duration::from_millis(50);
 /// Longest script path CPython accepts, with its NUL.
 const SCRIPT_PATH_SIZE: u64 = 512;
 /// `_PY_EVAL_PLEASE_STOP_BIT`.
@@ -89,8 +100,11 @@ pub const START_WITH_AGENT: &str = "start the program under pftraced (`pftraced 
 pub struct Delivered {
     /// Address of the thread state that ran it.
     pub tstate: u64,
-    /// It was the thread that last held the GIL (else the main thread).
+    /// It was the thread that last held the GIL when aimed at (else the
+    /// main thread, or a thread not tried before).
     pub gil_holder: bool,
+    /// Threads the request was aimed at, this one included (1: the first).
+    pub aims: u32,
     pub after: Duration,
 }
 
@@ -118,30 +132,44 @@ pub fn run_script(pid: u32, script: &Path, timeout: Duration) -> Result<Delivere
     if rt.read_u32(interp + rt.enabled)? != 1 {
         return Err(RemoteError::Disabled { pid, advice: START_WITH_AGENT });
     }
-    let (tstate, gil_holder) = rt.target_thread(interp)?;
-    let pending_at = tstate + rt.support; // debugger_pending_call is at offset 0
-    if rt.read_u32(pending_at)? != 0 {
-        return Err(RemoteError::Busy { pid });
-    }
     let mut buf = path.to_vec();
     buf.push(0);
-    rt.write(tstate + rt.support + 4, &buf, "writing the script path")?;
-    rt.write(pending_at, &1u32.to_ne_bytes(), "setting the pending flag")?;
-    let eb_at = tstate + rt.eval_breaker;
-    let eb = rt.read_u64(eb_at)?;
-    rt.write(eb_at, &(eb | PLEASE_STOP).to_ne_bytes(), "setting the eval breaker")?;
-    // The interpreter clears the flag when it takes the script.
     let start = Instant::now();
-    while start.elapsed() < timeout {
-        match rt.read_u32(pending_at) {
-            Ok(0) => return Ok(Delivered { tstate, gil_holder, after: start.elapsed() }),
-            Ok(_) => std::thread::sleep(Duration::from_millis(2)),
-            // The process exited or the thread ended: nothing more to do.
-            Err(e) => return Err(e),
+    let mut tried: Vec<u64> = Vec::new();
+    loop {
+        let (tstate, gil_holder) = rt.target_thread(interp, &tried)?;
+        let pending_at = tstate + rt.support; // debugger_pending_call is at offset 0
+        if rt.read_u32(pending_at)? != 0 {
+            return Err(RemoteError::Busy { pid });
+        }
+        rt.write(tstate + rt.support + 4, &buf, "writing the script path")?;
+        rt.write(pending_at, &1u32.to_ne_bytes(), "setting the pending flag")?;
+        let eb_at = tstate + rt.eval_breaker;
+        let eb = rt.read_u64(eb_at)?;
+        rt.write(eb_at, &(eb | PLEASE_STOP).to_ne_bytes(), "setting the eval breaker")?;
+        tried.push(tstate);
+        // The interpreter clears the flag when it takes the script.
+        let aimed = Instant::now();
+        while aimed.elapsed() < AIM_FOR && start.elapsed() < timeout {
+            match rt.read_u32(pending_at) {
+                Ok(0) => {
+                    return Ok(Delivered {
+                        tstate,
+                        gil_holder,
+                        aims: tried.len() as u32,
+                        after: start.elapsed(),
+                    });
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                // The process exited or the thread ended: nothing more to do.
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = rt.write(pending_at, &0u32.to_ne_bytes(), "withdrawing the request");
+        if start.elapsed() >= timeout {
+            return Err(RemoteError::Timeout { pid, timeout });
         }
     }
-    let _ = rt.write(pending_at, &0u32.to_ne_bytes(), "withdrawing the request");
-    Err(RemoteError::Timeout { pid, timeout })
 }
 
 impl Runtime {
@@ -243,21 +271,36 @@ impl Runtime {
         Err(RemoteError::Layout { pid: self.pid, what: "no main interpreter in the list".into() })
     }
 
-    /// The thread that last held the GIL if it is still a thread of the
-    /// interpreter, else the main thread.
-    fn target_thread(&self, interp: u64) -> Result<(u64, bool), RemoteError> {
+    /// Where to aim next: the thread that last held the GIL if it is still
+    /// a thread of the interpreter and was not the last one `tried`, else
+    /// the main thread if not tried, else the first thread not tried, else
+    /// (every thread tried) the holder or the main thread again. Also says
+    /// whether it is the GIL's holder.
+    fn target_thread(&self, interp: u64, tried: &[u64]) -> Result<(u64, bool), RemoteError> {
         let holder = self.read_u64(interp + self.w[W_GIL_HOLDER])?;
+        let main = self.read_u64(interp + self.w[W_THREADS_MAIN])?;
+        let mut threads = Vec::new();
         let mut t = self.read_u64(interp + self.w[W_THREADS_HEAD])?;
         for _ in 0..MAX_LINKS {
             if t == 0 {
                 break;
             }
-            if t == holder {
-                return Ok((t, true));
-            }
+            threads.push(t);
             t = self.read_u64(t + self.w[W_TSTATE_NEXT])?;
         }
-        let main = self.read_u64(interp + self.w[W_THREADS_MAIN])?;
+        let is_holder = threads.contains(&holder);
+        if is_holder && tried.last() != Some(&holder) {
+            return Ok((holder, true));
+        }
+        if main != 0 && !tried.contains(&main) {
+            return Ok((main, main == holder));
+        }
+        if let Some(&t) = threads.iter().find(|t| !tried.contains(t)) {
+            return Ok((t, t == holder));
+        }
+        if is_holder {
+            return Ok((holder, true));
+        }
         if main == 0 {
             return Err(RemoteError::Layout { pid: self.pid, what: "no main thread state".into() });
         }
