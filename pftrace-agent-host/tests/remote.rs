@@ -68,6 +68,14 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Exactly `n` entries and `n` returns of `work` reached the host from `pid`.
+fn assert_work_traced(host: &mut Host, pid: u32, n: usize, label: &str) {
+    let records = host.records(pid);
+    let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
+    let returns = records.iter().filter(|r| !r.entry && r.name == "work").count();
+    assert_eq!((entries, returns), (n, n), "{label}");
+}
+
 #[test]
 fn loads_into_a_running_process_whose_main_thread_is_blocked() {
     let _g = serial();
@@ -83,10 +91,7 @@ fn loads_into_a_running_process_whose_main_thread_is_blocked() {
         let loaded = t0.elapsed();
         let out = finish(child.into_child(), label);
         assert!(out.contains("CALLED 1000"), "{label}: {out}");
-        let records = host.records(pid);
-        let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
-        let returns = records.iter().filter(|r| !r.entry && r.name == "work").count();
-        assert_eq!((entries, returns), (1000, 1000), "{label}");
+        assert_work_traced(&mut host, pid, 1000, label);
         eprintln!(
             "{label}: script taken after {:?}, agent tracing {loaded:?} after the request",
             delivered.after
@@ -126,10 +131,7 @@ fn a_request_aimed_at_a_thread_that_blocked_for_good_is_aimed_again() {
         let _conn = host.accept(pid, &["work"]);
         let out = finish(child.into_child(), label);
         assert!(out.contains("CALLED 300"), "{label}: {out}");
-        let records = host.records(pid);
-        let entries = records.iter().filter(|r| r.entry && r.name == "work").count();
-        let returns = records.iter().filter(|r| !r.entry && r.name == "work").count();
-        assert_eq!((entries, returns), (300, 300), "{label}");
+        assert_work_traced(&mut host, pid, 300, label);
         eprintln!("{label}: taken after {:?}, {} aims", delivered.after, delivered.aims);
     }
 }
