@@ -179,7 +179,7 @@ pub fn text(rows: &[Row], note: Option<&str>) -> String {
     );
     for f in &figs {
         let Some((m, lo, hi)) = spread(&f.ns) else { continue };
-        t += &format!("  {:<9} {:<16} {:>7.1} ns/run [{lo:.1}-{hi:.1}]", f.row, f.program, m);
+        t += &format!("  {:<14} {:<16} {:>7.1} ns/run [{lo:.1}-{hi:.1}]", f.row, f.program, m);
         if let Some((n, nlo, nhi)) = spread(&f.net) {
             t += &format!("  net {n:>6.1} [{nlo:.1}-{nhi:.1}]");
         }
