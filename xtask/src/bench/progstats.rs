@@ -207,6 +207,8 @@ pub fn json(rows: &[Row], note: Option<&str>) -> Value {
                 "runs_per_loop": f.runs_per_loop,
                 "ns_per_run": s(&f.ns),
                 "net_ns_per_run": s(&f.net),
+                // Round by round, so two rows of one sitting compare round by round.
+                "rounds_ns_per_run": f.ns.iter().map(|v| round(*v, 1)).collect::<Vec<_>>(),
             })
         })
         .collect();
