@@ -142,7 +142,7 @@ pub mod agent {
     pub const SYSCALL_NR: u64 = 0x0070_6674;
 }
 
-/// Bits of [`CallEvent::flags`].
+/// Bits of [`CallHead::flags`].
 pub mod flag {
     /// `frame` holds the address of the probed interpreter frame (found and
     /// checked against the probe's function name; CPython 3.15+).
@@ -156,6 +156,9 @@ pub mod flag {
     pub const FILE_CUT: u8 = 8;
     /// The record is a [`LongCallEvent`](super::LongCallEvent).
     pub const LONG: u8 = 16;
+    /// The record is a bare [`CallHead`](super::CallHead): a return whose
+    /// file name was not read (its `file_ptr` pairs it with its entry).
+    pub const NO_FILE: u8 = 32;
 }
 
 /// Attach-cookie bit marking a `function__return` site. The cookie's low 32
@@ -184,18 +187,25 @@ pub mod config {
     /// Bumped by user space whenever the traced names change: the kernel's
     /// per-pointer verdict cache ignores entries of older generations.
     pub const GENERATION: u32 = 3;
+    /// Non-zero when user space needs returns' file names (a traced name
+    /// qualified by a file, or by a qualified name or module, is checked
+    /// on every record): returns then come as [`CallEvent`](crate::CallEvent)s.
+    /// 0: a return is a [`CallHead`](crate::CallHead), its file not read.
+    pub const RETURN_FILE: u32 = 4;
     /// Number of config entries.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 
     pub const EXEC_OFF: u32 = 0;
     pub const EXEC_ALL: u32 = 1;
     pub const EXEC_CGROUPS: u32 = 2;
 }
 
-/// One matched probe hit, as written by the kernel into the ring buffer.
+/// What every USDT record carries besides the file name: the whole record
+/// of a return when the file name is not read (flag [`flag::NO_FILE`], 120
+/// bytes), and the head of a [`CallEvent`].
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct CallEvent {
+pub struct CallHead {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
     pub ts_ns: u64,
     /// Process id (tgid).
@@ -219,8 +229,22 @@ pub struct CallEvent {
     /// Address of the interpreter frame (with [`flag::FRAME`]): an entry and
     /// the return of the same frame run carry the same address.
     pub frame: u64,
+    /// The probe's file-name argument, an address in the traced process:
+    /// on CPython 3.6-3.10 the UTF-8 of the running code object's
+    /// `co_filename`, which the frame holds while it runs, so an entry and
+    /// the return of the same run carry the same (user space pairs by it).
+    pub file_ptr: u64,
     /// Function name, NUL-padded.
     pub name: [u8; NAME_LEN],
+}
+
+/// One matched probe hit with its file name, as written by the kernel into
+/// the ring buffer (every entry; a return only when user space asks for
+/// returns' files, `config::RETURN_FILE`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallEvent {
+    pub head: CallHead,
     /// File name, NUL-padded.
     pub file: [u8; FILE_LEN],
 }
@@ -771,6 +795,7 @@ pub mod counter {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, #[repr(C)], no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::CallHead {}
     unsafe impl aya::Pod for super::CallEvent {}
     unsafe impl aya::Pod for super::LongCallEvent {}
     unsafe impl aya::Pod for super::FrameSpec {}
@@ -784,12 +809,14 @@ mod pod {
 }
 
 // Layout checks: the kernel and user space must agree, with no implicit padding.
-const _: () = assert!(core::mem::size_of::<CallEvent>() == 48 + NAME_LEN + FILE_LEN);
-const _: () = assert!(core::mem::size_of::<LongCallEvent>() == 48 + NAME_LEN + LONG_FILE_LEN);
+const _: () = assert!(core::mem::size_of::<CallHead>() == 56 + NAME_LEN);
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 56 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<LongCallEvent>() == 56 + NAME_LEN + LONG_FILE_LEN);
 const _: () = assert!(core::mem::offset_of!(LongCallEvent, more) == core::mem::size_of::<CallEvent>());
 const _: () = assert!(core::mem::size_of::<FrameSpec>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
-const _: () = assert!(core::mem::offset_of!(CallEvent, kind) == KIND_OFFSET);
+const _: () = assert!(core::mem::offset_of!(CallHead, kind) == KIND_OFFSET);
+const _: () = assert!(core::mem::offset_of!(CallEvent, head) == 0);
 const _: () = assert!(core::mem::offset_of!(ProcEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::offset_of!(AgentEvent, kind) == KIND_OFFSET);
 const _: () = assert!(core::mem::size_of::<AgentEvent>() == 48);

@@ -471,6 +471,7 @@ mod tests {
             frame: None,
             generator: false,
             file_cut: false,
+            file_ptr: None,
         };
         let table = r.table();
         assert!(table.info(&call).module.reason() == Some(NOT_RESOLVED));

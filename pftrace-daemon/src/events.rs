@@ -1,7 +1,8 @@
 //! Decoding the kernel's raw CallEvent records (and the long variant for
-//! file names over 191 bytes) into owned events, with function and file
-//! names interned (each distinct name is one allocation) and read as
-//! untrusted bytes: bounded, invalid UTF-8 replaced.
+//! file names over 191 bytes, and the bare CallHead of a return whose file
+//! was not read) into owned events, with function and file names interned
+//! (each distinct name is one allocation) and read as untrusted bytes:
+//! bounded, invalid UTF-8 replaced.
 
 use std::sync::Arc;
 
@@ -9,7 +10,9 @@ use crate::{
     fast_hash::FastMap,
     string_bound::{self, StringBound, Verdict},
 };
-use pftrace_common::{CallEvent, FILE_LEN, KIND_OFFSET, LongCallEvent, NAME_LEN, ProcEvent, flag, kind};
+use pftrace_common::{
+    CallEvent, CallHead, FILE_LEN, KIND_OFFSET, LongCallEvent, NAME_LEN, ProcEvent, flag, kind,
+};
 
 /// Entry or return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +42,19 @@ pub struct Event {
     pub generator: bool,
     /// The file name filled PATH_MAX bytes and may be cut.
     pub file_cut: bool,
+    /// The probe's file-name argument, an address in the process (USDT
+    /// records): an entry and the return of the same run carry the same,
+    /// and a return whose file was not read ([`FILE_NOT_READ`]) is paired
+    /// by it. None for the agent's records.
+    pub file_ptr: Option<u64>,
 }
+
+/// The `file` of a return whose file name the kernel did not read (it pairs
+/// by `file_ptr`, and its call is named from its entry): what a return
+/// without an entry shows. Not looked up by address in the process's other
+/// records: the address may have been freed and reused for another name
+/// since (README, "Nothing lost silently").
+pub const FILE_NOT_READ: &str = "<file not read: return without entry>";
 
 /// A new process in scope (it called execve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +102,8 @@ pub enum DecodeError {
     Size { got: usize, want: usize },
     #[error("ring-buffer record with unknown kind {0}")]
     Kind(u8),
+    #[error("ring-buffer entry record without its file name")]
+    EntryWithoutFile,
 }
 
 /// Text from a traced process made safe to show anywhere: control
@@ -137,6 +154,9 @@ pub struct Decoder {
     /// What a string not kept is named ([`string_bound::OTHER`]); not in
     /// `strings`, so a process sending that text is not counted as folded.
     other: Option<Arc<str>>,
+    /// [`FILE_NOT_READ`], the file of every return sent without one; not in
+    /// `strings` either (a process sending that text gets its own string).
+    not_read: Option<Arc<str>>,
     /// A process's strings stay past its exit record until the daemon
     /// forgets them ([`Self::forget_process`]): the batched agent road's
     /// drains of its other threads may follow it (daemon/exits.rs).
@@ -279,50 +299,63 @@ impl Decoder {
         self.bound.forget(pid);
     }
 
-    /// Decodes a call record, common or long, reading its fields where they
-    /// are (the 304-byte record is not copied).
+    /// Decodes a call record, common, long or without a file (a return),
+    /// reading its fields where they are (the record is not copied).
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         use std::mem::offset_of;
-        let want = size_of::<CallEvent>();
+        let want = size_of::<CallHead>();
         if bytes.len() < want {
             return Err(DecodeError::Size { got: bytes.len(), want });
         }
-        let kind = match bytes[offset_of!(CallEvent, kind)] {
+        let kind = match bytes[offset_of!(CallHead, kind)] {
             kind::ENTRY => EventKind::Entry,
             kind::RETURN => EventKind::Return,
             other => return Err(DecodeError::Kind(other)),
         };
-        let flags = bytes[offset_of!(CallEvent, flags)];
-        self.files_cut += u64::from(flags & flag::FILE_CUT != 0);
-        let pid = field(bytes, offset_of!(CallEvent, pid));
+        let flags = bytes[offset_of!(CallHead, flags)];
+        let pid = field(bytes, offset_of!(CallHead, pid));
         let folded = self.bound.folded;
-        let at = offset_of!(CallEvent, file);
-        let file = if flags & flag::LONG != 0 {
-            let want = size_of::<LongCallEvent>();
+        let file = if flags & flag::NO_FILE != 0 {
+            if kind == EventKind::Entry {
+                return Err(DecodeError::EntryWithoutFile);
+            }
+            let not_read = self.not_read.get_or_insert_with(|| Arc::from(FILE_NOT_READ));
+            spare_or_clone(&mut self.recent.spares, not_read)
+        } else {
+            let want = size_of::<CallEvent>();
             if bytes.len() < want {
                 return Err(DecodeError::Size { got: bytes.len(), want });
             }
-            // The file name starts in the common part and goes on in `more`.
-            self.intern(pid, &bytes[at..at + pftrace_common::LONG_FILE_LEN])
-        } else {
-            self.intern(pid, &bytes[at..at + FILE_LEN])
+            self.files_cut += u64::from(flags & flag::FILE_CUT != 0);
+            let at = offset_of!(CallEvent, file);
+            if flags & flag::LONG != 0 {
+                let want = size_of::<LongCallEvent>();
+                if bytes.len() < want {
+                    return Err(DecodeError::Size { got: bytes.len(), want });
+                }
+                // The file name starts in the common part and goes on in `more`.
+                self.intern(pid, &bytes[at..at + pftrace_common::LONG_FILE_LEN])
+            } else {
+                self.intern(pid, &bytes[at..at + FILE_LEN])
+            }
         };
-        let name_at = offset_of!(CallEvent, name);
+        let name_at = offset_of!(CallHead, name);
         let name = self.intern(pid, &bytes[name_at..name_at + NAME_LEN]);
         self.bound.records_folded += u64::from(self.bound.folded != folded);
         Ok(Event {
-            ts_ns: field(bytes, offset_of!(CallEvent, ts_ns)),
+            ts_ns: field(bytes, offset_of!(CallHead, ts_ns)),
             pid,
-            tid: field(bytes, offset_of!(CallEvent, tid)),
+            tid: field(bytes, offset_of!(CallHead, tid)),
             kind,
             name,
             file,
-            line: field(bytes, offset_of!(CallEvent, lineno)),
-            thread_cpu_ns: field(bytes, offset_of!(CallEvent, thread_cpu_ns)),
-            rss_bytes: field::<u64>(bytes, offset_of!(CallEvent, rss_pages)).saturating_mul(page_size()),
-            frame: (flags & flag::FRAME != 0).then(|| field(bytes, offset_of!(CallEvent, frame))),
+            line: field(bytes, offset_of!(CallHead, lineno)),
+            thread_cpu_ns: field(bytes, offset_of!(CallHead, thread_cpu_ns)),
+            rss_bytes: field::<u64>(bytes, offset_of!(CallHead, rss_pages)).saturating_mul(page_size()),
+            frame: (flags & flag::FRAME != 0).then(|| field(bytes, offset_of!(CallHead, frame))),
             generator: flags & flag::GENERATOR != 0,
             file_cut: flags & flag::FILE_CUT != 0,
+            file_ptr: Some(field(bytes, offset_of!(CallHead, file_ptr))),
         })
     }
 
@@ -399,21 +432,24 @@ mod tests {
 
     fn raw(kind: u8, name: &[u8]) -> Vec<u8> {
         let mut ev = CallEvent {
-            ts_ns: 42,
-            pid: 7,
-            tid: 8,
-            lineno: 3,
-            kind,
-            flags: 0,
-            agent_event: 0,
-            _pad: 0,
-            thread_cpu_ns: 5,
-            rss_pages: 2,
-            frame: 0,
-            name: [0; NAME_LEN],
+            head: CallHead {
+                ts_ns: 42,
+                pid: 7,
+                tid: 8,
+                lineno: 3,
+                kind,
+                flags: 0,
+                agent_event: 0,
+                _pad: 0,
+                thread_cpu_ns: 5,
+                rss_pages: 2,
+                frame: 0,
+                file_ptr: 0x5500_0010,
+                name: [0; NAME_LEN],
+            },
             file: [0; FILE_LEN],
         };
-        ev.name[..name.len()].copy_from_slice(name);
+        ev.head.name[..name.len()].copy_from_slice(name);
         ev.file[..4].copy_from_slice(b"a.py");
         // SAFETY: CallEvent is plain old data.
         unsafe { std::slice::from_raw_parts((&ev as *const CallEvent).cast::<u8>(), size_of::<CallEvent>()) }
@@ -429,14 +465,44 @@ mod tests {
         assert_eq!((&*a.name, &*a.file, a.line, a.pid, a.tid), ("foo", "a.py", 3, 7, 8));
         assert!(Arc::ptr_eq(&a.name, &b.name));
         assert_eq!((a.thread_cpu_ns, a.rss_bytes), (5, 2 * page_size()));
+        assert_eq!((a.file_ptr, b.file_ptr), (Some(0x5500_0010), Some(0x5500_0010)));
+    }
+
+    #[test]
+    fn a_return_without_its_file_is_read_from_the_head_alone() {
+        let mut d = Decoder::default();
+        let mut bytes = raw(kind::RETURN, b"foo");
+        bytes[std::mem::offset_of!(CallHead, flags)] = flag::NO_FILE;
+        bytes.truncate(size_of::<CallHead>());
+        let r = d.decode(&bytes).unwrap();
+        assert_eq!((&*r.name, &*r.file, r.file_ptr, r.line), ("foo", FILE_NOT_READ, Some(0x5500_0010), 3));
+        // The marker is one string, not interned (a process's own file of
+        // that text is its own string), and not counted as cut.
+        let again = d.decode(&bytes).unwrap();
+        assert!(Arc::ptr_eq(&r.file, &again.file));
+        let mut named = raw(kind::ENTRY, b"foo");
+        let at = std::mem::offset_of!(CallEvent, file);
+        named[at..at + FILE_NOT_READ.len() + 1].copy_from_slice(format!("{FILE_NOT_READ}\0").as_bytes());
+        let e = d.decode(&named).unwrap();
+        assert_eq!(&*e.file, FILE_NOT_READ);
+        assert!(!Arc::ptr_eq(&e.file, &r.file));
+        assert_eq!(d.files_cut, 0);
+        // Shorter than the head: refused. An entry without its file: refused.
+        assert!(matches!(d.decode(&bytes[..size_of::<CallHead>() - 1]), Err(DecodeError::Size { .. })));
+        let mut entry = bytes.clone();
+        entry[std::mem::offset_of!(CallHead, kind)] = kind::ENTRY;
+        assert!(matches!(d.decode(&entry), Err(DecodeError::EntryWithoutFile)));
+        // A record with its file still needs the whole of it.
+        let cut = &raw(kind::RETURN, b"foo")[..size_of::<CallHead>()];
+        assert!(matches!(d.decode(cut), Err(DecodeError::Size { .. })));
     }
 
     #[test]
     fn long_records_carry_the_whole_file_name_and_frames_their_address() {
         let path: String = "/d".repeat(1500) + "/m.py"; // 3005 bytes
         let mut bytes = raw(kind::ENTRY, b"f");
-        bytes[std::mem::offset_of!(CallEvent, flags)] = flag::LONG | flag::FRAME;
-        bytes[std::mem::offset_of!(CallEvent, frame)..][..8].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
+        bytes[std::mem::offset_of!(CallHead, flags)] = flag::LONG | flag::FRAME;
+        bytes[std::mem::offset_of!(CallHead, frame)..][..8].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
         bytes.resize(size_of::<LongCallEvent>(), 0);
         let at = std::mem::offset_of!(CallEvent, file);
         bytes[at..at + FILE_LEN].fill(0);

@@ -1,7 +1,11 @@
 //! Pairs entry and return events per thread with a stack, so recursion,
 //! exceptions and generator resumes give balanced, correctly nested calls.
 //! A return closes the innermost open entry of the same frame where the
-//! kernel read frames (CPython 3.15), else of the same function and file.
+//! kernel read frames (CPython 3.15), else of the same function and file:
+//! for USDT records the file argument's address (the kernel does not read
+//! a return's file name; on CPython 3.6-3.10 both probes pass the running
+//! code object's `co_filename`, held while the frame runs), for the
+//! agent's the interned file name.
 //! A return with no open entry (the tracer attached mid-call) is counted,
 //! never paired with the wrong entry; a sample of them is kept (bounded:
 //! real code made 56,185 of them in one run on CPython 3.15 before its
@@ -93,6 +97,7 @@ struct Open {
     name: Arc<str>,
     file: Arc<str>,
     frame: Option<u64>,
+    file_ptr: Option<u64>,
     line: i32,
     start_ns: u64,
     cpu_ns: u64,
@@ -169,15 +174,27 @@ pub struct Pairer {
 }
 
 /// What a return is paired by: its frame where the kernel read one (or the
-/// agent's code id), else the addresses of its interned name and file.
-type ReturnKey = (u64, usize, usize);
+/// agent's code id); else the address of its interned name and the file
+/// argument's address in the process (USDT records: a return's file name
+/// is not read) or the address of its interned file name (the agent's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ReturnKey {
+    Frame(u64),
+    FileArg(usize, u64),
+    File(usize, usize),
+}
 
-fn return_key(frame: Option<u64>, name: &Arc<str>, file: &Arc<str>) -> ReturnKey {
+fn return_key(frame: Option<u64>, name: &Arc<str>, file_ptr: Option<u64>, file: &Arc<str>) -> ReturnKey {
     let ptr = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
-    match frame {
-        Some(f) => (f, 0, 0),
-        None => (0, ptr(name), ptr(file)),
+    match (frame, file_ptr) {
+        (Some(f), _) => ReturnKey::Frame(f),
+        (None, Some(p)) => ReturnKey::FileArg(ptr(name), p),
+        (None, None) => ReturnKey::File(ptr(name), ptr(file)),
     }
+}
+
+fn open_key(o: &Open) -> ReturnKey {
+    return_key(o.frame, &o.name, o.file_ptr, &o.file)
 }
 
 /// Stacks deeper than this are indexed by return key ([`Pairer::push`]).
@@ -191,7 +208,7 @@ const INDEXED_DEPTH: usize = 1024;
 fn index_of(stack: &[Open]) -> FastMap<ReturnKey, u32> {
     let mut index = FastMap::default();
     for o in stack {
-        *index.entry(return_key(o.frame, &o.name, &o.file)).or_default() += 1;
+        *index.entry(open_key(o)).or_default() += 1;
     }
     index
 }
@@ -250,7 +267,7 @@ impl Pairer {
                 // (until the stack is back under half of it).
                 let indexed = stack.len() >= INDEXED_DEPTH
                     || !self.index.is_empty() && self.index.contains_key(&thread);
-                let key = indexed.then(|| return_key(ev.frame, &ev.name, &ev.file));
+                let key = indexed.then(|| return_key(ev.frame, &ev.name, ev.file_ptr, &ev.file));
                 stack.push(Open {
                     id: {
                         self.last_id += 1;
@@ -260,6 +277,7 @@ impl Pairer {
                     name: ev.name,
                     file: ev.file,
                     frame: ev.frame,
+                    file_ptr: ev.file_ptr,
                     line: ev.line,
                     start_ns: ev.ts_ns,
                     cpu_ns: ev.thread_cpu_ns,
@@ -289,17 +307,11 @@ impl Pairer {
                     return Some((ev.name, ev.file));
                 }
                 let index = if self.index.is_empty() { None } else { self.index.get_mut(&thread) };
-                let found = if index
-                    .as_ref()
-                    .is_some_and(|i| !i.contains_key(&return_key(ev.frame, &ev.name, &ev.file)))
-                {
+                let key = return_key(ev.frame, &ev.name, ev.file_ptr, &ev.file);
+                let found = if index.as_ref().is_some_and(|i| !i.contains_key(&key)) {
                     None
                 } else {
-                    stack.iter().rposition(|o| {
-                        o.frame == ev.frame
-                            && (ev.frame.is_some()
-                                || Arc::ptr_eq(&o.name, &ev.name) && Arc::ptr_eq(&o.file, &ev.file))
-                    })
+                    stack.iter().rposition(|o| open_key(o) == key)
                 };
                 let Some(at) = found else {
                     self.unmatched_total += 1;
@@ -326,7 +338,7 @@ impl Pairer {
                         self.index.remove(&thread);
                     } else {
                         for o in &stack[at..] {
-                            let k = return_key(o.frame, &o.name, &o.file);
+                            let k = open_key(o);
                             if let Some(n) = index.get_mut(&k) {
                                 *n -= 1;
                                 if *n == 0 {
@@ -468,9 +480,86 @@ mod tests {
                 frame,
                 generator: false,
                 file_cut: false,
+                file_ptr: None,
             };
             let _ = self.p.push(ev, &mut self.out);
         }
+        /// A USDT record as the kernel sends it: an entry with its file name
+        /// and the file argument's address, a return with the address only.
+        fn usdt(&mut self, kind: EventKind, name: &str, file: &str, file_ptr: u64, ts: u64) {
+            let file = match kind {
+                EventKind::Entry => self.d.intern(0, file.as_bytes()),
+                EventKind::Return => Arc::from(crate::events::FILE_NOT_READ),
+            };
+            let ev = Event {
+                ts_ns: ts,
+                pid: self.pid,
+                tid: 1,
+                kind,
+                name: self.d.intern(0, name.as_bytes()),
+                file,
+                line: 1,
+                thread_cpu_ns: 1000 + ts,
+                rss_bytes: 4096,
+                frame: None,
+                generator: false,
+                file_cut: false,
+                file_ptr: Some(file_ptr),
+            };
+            let _ = self.p.push(ev, &mut self.out);
+        }
+    }
+
+    #[test]
+    fn returns_without_their_file_pair_by_the_file_argument() {
+        use EventKind::{Entry, Return};
+        let mut f = Feed::new();
+        // f in a.py (file argument 0xa0) and f in b.py (0xb0) calling each
+        // other: a(b(a(b))), each return with no file name.
+        let (a, b) = (("a.py", 0xa0), ("b.py", 0xb0));
+        let order = [a, b, a, b];
+        for (i, (file, ptr)) in order.iter().enumerate() {
+            f.usdt(Entry, "f", file, *ptr, i as u64);
+        }
+        for (i, (file, ptr)) in order.iter().enumerate().rev() {
+            f.usdt(Return, "f", file, *ptr, 10 + (3 - i as u64));
+        }
+        let got: Vec<(&str, u64, u64, u32)> =
+            f.out.iter().map(|c| (&*c.file, c.start_ns, c.end_ns, c.depth)).collect();
+        assert_eq!(got, [("b.py", 3, 10, 3), ("a.py", 2, 11, 2), ("b.py", 1, 12, 1), ("a.py", 0, 13, 0)]);
+        // A return of b.py's f while a.py's is innermost closes b.py's (the
+        // one above is closed as incomplete: its return was lost), never a.py's.
+        f.usdt(Entry, "f", "b.py", 0xb0, 20);
+        f.usdt(Entry, "f", "a.py", 0xa0, 21);
+        f.usdt(Return, "f", "b.py", 0xb0, 22);
+        let last: Vec<(&str, CallEnd)> = f.out[4..].iter().map(|c| (&*c.file, c.end)).collect();
+        assert_eq!(last, [("a.py", CallEnd::Incomplete), ("b.py", CallEnd::Returned)]);
+        // A return with no open entry: counted, its file shown as not read.
+        f.usdt(Return, "f", "c.py", 0xc0, 30);
+        assert_eq!((f.p.unmatched_total, f.p.open_calls()), (1, 0));
+        assert_eq!(&*f.p.unmatched_returns()[0].file, crate::events::FILE_NOT_READ);
+    }
+
+    #[test]
+    fn deep_stacks_index_returns_by_the_file_argument() {
+        use EventKind::{Entry, Return};
+        let mut f = Feed::new();
+        let depth = 2 * INDEXED_DEPTH as u64;
+        for i in 0..depth {
+            let (file, ptr) = if i % 2 == 0 { ("a.py", 0xa0) } else { ("b.py", 0xb0) };
+            f.usdt(Entry, "f", file, ptr, i);
+        }
+        assert!(f.p.index.contains_key(&(1, 1)));
+        // No open f at 0xc0: unmatched by the index, nothing closed.
+        f.usdt(Return, "f", "c.py", 0xc0, depth);
+        assert_eq!((f.p.unmatched_total, f.out.len()), (1, 0));
+        for i in (0..depth).rev() {
+            let (file, ptr) = if i % 2 == 0 { ("a.py", 0xa0) } else { ("b.py", 0xb0) };
+            f.usdt(Return, "f", file, ptr, 2 * depth - i);
+        }
+        assert_eq!((f.p.unmatched_total, f.p.skipped_entries, f.p.open_calls()), (1, 0, 0));
+        let a = f.out.iter().filter(|c| &*c.file == "a.py" && c.end == CallEnd::Returned).count();
+        assert_eq!((a, f.out.len()), (INDEXED_DEPTH, depth as usize));
     }
 
     #[test]

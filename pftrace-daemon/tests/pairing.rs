@@ -367,3 +367,77 @@ fn children_attached_while_another_tracer_holds_the_probes_have_no_false_incompl
     drop(holder);
     other.finish().assert_code(0);
 }
+
+/// `f` in a.py and `f` in b.py calling each other (a.f(4) -> b.f(3) -> ...
+/// -> a.f(0)), traced by name only: the kernel reads no return's file name,
+/// and pairs each return with its entry by the file argument's address, so
+/// every call keeps its own file and nests in the other file's caller. A
+/// return of `mid`, entered before pftraced attached (--pid), is counted and
+/// shown with the marker for a file not read (nothing may misname it).
+#[test]
+fn same_name_in_two_files_recursing_into_each_other_pairs_exactly_without_returns_files() {
+    const ROUNDS: usize = 500;
+    let dir = TestDir::new("two-files");
+    dir.script("a.py", "import b\n\ndef f(n):\n    if n:\n        b.f(n - 1)\n");
+    dir.script("b.py", "import a\n\ndef f(n):\n    if n:\n        a.f(n - 1)\n");
+    let script = dir.script(
+        "main.py",
+        r#"
+        import sys, os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import a, b
+
+        def mid():
+            print("ready", flush=True)
+            if sys.stdin.readline().strip() != "go":
+                sys.exit(3)
+
+        mid()
+        for _ in range(500):
+            a.f(4)      # a, b, a, b, a
+            b.f(3)      # b, a, b, a
+        "#,
+    );
+    let mut py = PyProcess::spawn(&python(), &script, &[]);
+    py.expect_line("ready");
+    let tracer = Pftraced::new(&dir, &["f", "mid"]).pid(py.pid()).spawn();
+    tracer.wait_attached(py.pid());
+    py.send_line("go");
+    let (status, _) = py.wait(Duration::from_secs(60));
+    assert!(status.success(), "the script failed: {status}");
+    let run = tracer.finish();
+    run.assert_code(0);
+    let trace = run.trace();
+    let pf = trace.pftrace();
+    assert_eq!(trace.counter("lost"), 0, "{pf}");
+    assert_eq!(trace.incomplete_calls(), 0, "{pf}");
+    assert_eq!(pf["skipped_entries"].as_u64(), Some(0), "{pf}");
+    let (a, b) = (trace.named_in("f", "/a.py"), trace.named_in("f", "/b.py"));
+    assert_eq!((a.len(), b.len(), trace.calls.len()), (5 * ROUNDS, 4 * ROUNDS, 9 * ROUNDS), "{pf}");
+    assert!(a.iter().all(|c| c.line == 3) && b.iter().all(|c| c.line == 3));
+    // Each call's parent is the other file's f, one level up.
+    let by_id: BTreeMap<u64, &CallEvent> = trace.calls.iter().map(|c| (c.id, c)).collect();
+    for c in &trace.calls {
+        match by_id.get(&c.parent) {
+            None => assert_eq!((c.parent, c.depth), (0, 0), "{c:?}"),
+            Some(p) => {
+                assert_ne!(p.file, c.file, "{c:?} in {p:?}");
+                assert_eq!(p.depth + 1, c.depth, "{c:?} in {p:?}");
+                let slack = p.ts_rounding_ns() + c.ts_rounding_ns();
+                assert!(c.ts_ns >= p.ts_ns && c.end_ns() <= p.end_ns() + slack, "{c:?} outside {p:?}");
+            }
+        }
+    }
+    let depth0: BTreeMap<&str, usize> =
+        trace.calls.iter().filter(|c| c.depth == 0).fold(BTreeMap::new(), |mut m, c| {
+            *m.entry(if c.file.ends_with("/a.py") { "a" } else { "b" }).or_default() += 1;
+            m
+        });
+    assert_eq!(depth0, [("a", ROUNDS), ("b", ROUNDS)].into_iter().collect(), "{pf}");
+    // mid's return, without entry: counted, its file not guessed.
+    assert_eq!(trace.unmatched_returns_total(), 1, "{pf}");
+    let u = &trace.unmatched_returns()[0];
+    assert_eq!(u["name"].as_str(), Some("mid"), "{pf}");
+    assert_eq!(u["file"].as_str(), Some("<file not read: return without entry>"), "{pf}");
+    assert_eq!(trace.counter("return_matched"), trace.counter("entry_matched") + 1, "{pf}");
+}

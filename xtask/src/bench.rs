@@ -93,6 +93,11 @@ pub struct Args {
     /// dense on each road, batched and two-report, USDT on 3.15), in minutes.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
     pub agent_only: bool,
+    /// Only the kernel programs' figures (bpf_stats) of the floor and dense
+    /// (and dense of `--against`), in interleaved rounds: a change to the
+    /// programs judged in minutes, without the wall-clock rows.
+    #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "agent_only", "soak"])]
+    pub programs_only: bool,
     /// Another pftraced binary (e.g. main's, to judge a change): each traced
     /// row is also run with it, interleaved run by run with this build's, its
     /// ids suffixed `_against` and its ratios taken to its own floor.
@@ -266,6 +271,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let agent_n = if ctx.quick { 100_000 } else { ctx.n };
     if args.agent_only {
         return agent_only(&ctx, &env, agent_n, runs, busy_before, args.json.as_deref());
+    }
+    if args.programs_only {
+        let (rows, note) = measure_programs(&ctx, true, runs);
+        println!("[bench] load after: {}", loadavg());
+        print!("{}", progstats::text(&rows, note));
+        if let Some(path) = &args.json {
+            let doc = json!({ "kernel_programs": progstats::json(&rows, note), "load": loadavg() });
+            std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+                .with_context(|| format!("could not write {}", path.display()))?;
+        }
+        return Ok(ExitCode::SUCCESS);
     }
 
     // Main cases, interleaved run by run so drift hits them all alike; the
@@ -705,7 +721,15 @@ fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Opti
     } else {
         &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Dense, Kind::Bpftrace]
     };
-    let cases: Vec<Case> = kinds.iter().map(|&k| Case::new(k, 1)).collect();
+    let mut cases: Vec<Case> = Vec::new();
+    for &k in kinds {
+        cases.push(Case::new(k, 1));
+        // `--against`: the other build's programs in the same rounds, so a
+        // change is judged on the kernel's figures too (net of this build's floor).
+        if ctx.against.is_some() && !matches!(k, Kind::Floor | Kind::Bpftrace) {
+            cases.push(Case { against: true, ..Case::new(k, 1) });
+        }
+    }
     (measure(ctx, "programs", Metric::Wall, &cases, runs), None)
 }
 

@@ -203,6 +203,7 @@ impl Decoder {
                 frame: Some(r.code | CODE_ID_BIT),
                 generator: false,
                 file_cut: false,
+                file_ptr: None,
             });
         }
         Ok(out)
@@ -276,6 +277,7 @@ impl Decoder {
             frame: Some(raw.code | CODE_ID_BIT),
             generator: false,
             file_cut,
+            file_ptr: None,
         })
     }
 }

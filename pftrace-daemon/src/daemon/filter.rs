@@ -31,6 +31,15 @@ enum ByName {
     ByCode,
 }
 
+/// Whether checking a spec in user space needs a record's file name (a path
+/// qualifier, or a qualified name or module, resolved by file and line):
+/// then the kernel reads returns' file names too (`config::RETURN_FILE`);
+/// otherwise a return carries only the file argument's address, which
+/// pairs it (pairing.rs), and the check looks at its name alone.
+fn needs_file(spec: &NameSpec) -> bool {
+    spec.file_suffix.is_some() || spec.needs_code()
+}
+
 /// Code-object decisions cached at most (then the cache is emptied).
 const MAX_CODE_VERDICTS: usize = 65_536;
 
@@ -134,6 +143,11 @@ impl NameFilter {
                 return Err(FilterError::TooMany { what, traced, adding, max });
             }
         }
+        // A return's file name is read from the first record the new keys
+        // let through, before any record reaches the check that needs it.
+        if new.iter().any(needs_file) {
+            probes.set_config(config::RETURN_FILE, 1)?;
+        }
         let mut done = Vec::new();
         let inserted = exact
             .iter()
@@ -220,6 +234,7 @@ impl NameFilter {
 
     fn changed(&mut self, probes: &mut KernelProbes) -> Result<(), FilterError> {
         probes.set_config(config::HAS_PREFIXES, u32::from(!self.prefix_refs.is_empty()))?;
+        probes.set_config(config::RETURN_FILE, u32::from(self.specs.iter().any(needs_file)))?;
         self.needs_user_check = !self.specs.iter().all(NameSpec::decided_in_kernel);
         self.cache.clear();
         self.code_cache.clear();

@@ -179,7 +179,7 @@ pub fn text(rows: &[Row], note: Option<&str>) -> String {
     );
     for f in &figs {
         let Some((m, lo, hi)) = spread(&f.ns) else { continue };
-        t += &format!("  {:<9} {:<16} {:>7.1} ns/run [{lo:.1}-{hi:.1}]", f.row, f.program, m);
+        t += &format!("  {:<14} {:<16} {:>7.1} ns/run [{lo:.1}-{hi:.1}]", f.row, f.program, m);
         if let Some((n, nlo, nhi)) = spread(&f.net) {
             t += &format!("  net {n:>6.1} [{nlo:.1}-{nhi:.1}]");
         }
@@ -207,6 +207,8 @@ pub fn json(rows: &[Row], note: Option<&str>) -> Value {
                 "runs_per_loop": f.runs_per_loop,
                 "ns_per_run": s(&f.ns),
                 "net_ns_per_run": s(&f.net),
+                // Round by round, so two rows of one sitting compare round by round.
+                "rounds_ns_per_run": f.ns.iter().map(|v| round(*v, 1)).collect::<Vec<_>>(),
             })
         })
         .collect();
