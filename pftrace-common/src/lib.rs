@@ -165,30 +165,17 @@ pub const COOKIE_RETURN: u64 = 1 << 32;
 
 /// The attach cookie's bits from here up: the number of the attachment
 /// (one link per process, or per file host-wide), so a thread's
-/// [`ThreadDepth`] left from an earlier attachment of its process starts
+/// depth of seen calls (pftrace-ebpf/src/depth.rs) left from an earlier attachment of its process starts
 /// over instead of pairing returns with entries seen before a detach.
 pub const COOKIE_ATTACHMENT_SHIFT: u32 = 40;
 
-/// Threads whose depth of seen calls the kernel keeps (issue 13: a return
-/// of a call the kernel saw enter unmatched is dropped without reading its
-/// name). A full map leaves further threads on the reading path, counted
-/// in `counter::THREAD_DEPTHS_FULL`. 16 bytes a value: a preallocated hash
-/// of 32,768 threads holds about 2.6 MB of kernel memory.
-pub const MAX_THREAD_DEPTHS: u32 = 32768;
-
-/// One thread's Python calls as the USDT programs saw them (CPython
-/// 3.6-3.10, whose entry and return probes pair one to one): `depth`
-/// entries seen since the thread was first seen (in this attachment) that
-/// have not returned yet, and in bit `d` of `open` (d < 64) whether the
-/// open entry at depth `d` matched a traced name (or could not be read).
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-pub struct ThreadDepth {
-    pub open: u64,
-    pub depth: u32,
-    /// The attachment ([`COOKIE_ATTACHMENT_SHIFT`]) the depth counts in.
-    pub attachment: u32,
-}
+/// Slots of the kernel's per-thread depth of seen calls (issue 13: a
+/// return of a call the kernel saw enter unmatched is dropped without
+/// reading its name; pftrace-ebpf/src/depth.rs): one 8-byte word each,
+/// slot = tid mod this (a power of two), 512 KiB. Two threads sharing a
+/// slot take it from each other, counted in `counter::THREAD_DEPTHS_FULL`:
+/// their returns are then read as before.
+pub const MAX_THREAD_DEPTHS: u32 = 65536;
 
 /// Byte offset of the `kind` field, the same in every record type.
 pub const KIND_OFFSET: usize = 20;
@@ -796,10 +783,10 @@ pub mod counter {
     pub const CPU_SLOT_PROCESSES_GONE: u32 = 26;
     /// Return hits dropped without reading their name: they closed an entry
     /// this thread was seen to make, whose name did not match
-    /// (`ThreadDepth`). Also in RETURN_SEEN.
+    /// (pftrace-ebpf/src/depth.rs). Also in RETURN_SEEN.
     pub const RETURNS_SKIPPED: u32 = 27;
-    /// Entry hits of threads the depth map had no room for
-    /// (`MAX_THREAD_DEPTHS`): their returns are read as before.
+    /// Entry hits that took a depth slot from another thread (tids equal
+    /// mod `MAX_THREAD_DEPTHS`): that thread's returns are read as before.
     pub const THREAD_DEPTHS_FULL: u32 = 28;
     /// Number of counters.
     pub const COUNT: u32 = 29;
@@ -818,7 +805,6 @@ mod pod {
     unsafe impl aya::Pod for super::BatchTail {}
     unsafe impl aya::Pod for super::UsdtArg {}
     unsafe impl aya::Pod for super::UsdtSpec {}
-    unsafe impl aya::Pod for super::ThreadDepth {}
 }
 
 // Layout checks: the kernel and user space must agree, with no implicit padding.

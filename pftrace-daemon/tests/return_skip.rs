@@ -21,7 +21,7 @@ const GENERATORS: u64 = 200;
 const RAISES: u64 = 300;
 /// Frames `a`/`b` alternate down to (DEPTH + 1 of them, `a` at even n).
 const DEPTH: u64 = 40;
-/// A recursion deeper than the 63 levels whose verdicts the kernel keeps.
+/// A recursion deeper than the 15 levels whose verdicts the kernel keeps.
 const DEEP: u64 = 100;
 
 /// `a` traced, `b`, `miss`, `gen`, `boom` and `bottom` not. The script is
@@ -103,11 +103,11 @@ fn unmatched_returns_are_dropped_unread_and_calls_begun_before_the_attachment_st
     let a_open = DEPTH / 2 + 1;
     // Seen whole: a(DEPTH) .. a(0) and a(DEEP) .. a(0).
     let a_seen = DEPTH / 2 + 1 + DEEP / 2 + 1;
-    // The second recursion's `b` frames and its bottom, all below level 64;
-    // of the third, only the `b` frames at levels 2, 4, .. 62 (a(DEEP) is
-    // level 1: `b` at even levels); deeper returns are read.
-    let skipped_second = DEPTH / 2 + 1;
-    let skipped_third = 31;
+    // Of the second and third recursions (a(n) at level 1, so `b` at even
+    // levels), only the `b` frames at levels 2, 4, .. 14: the kernel keeps
+    // the verdicts of levels below 16, deeper returns are read.
+    let skipped_second = 7;
+    let skipped_third = 7;
     // Each generator run ends in a return (3 yields and the end).
     let skipped = MISSES + GENERATORS * 4 + RAISES + skipped_second + skipped_third;
     let c = |name| trace.counter(name);

@@ -186,8 +186,8 @@ pub struct Counters {
     /// (CPython 3.6-3.10; pftrace-ebpf/src/depth.rs). In `return_seen`.
     #[serde(default)]
     pub returns_skipped: u64,
-    /// Entry hits of threads the kernel's depth map had no room for
-    /// (pftrace_common::MAX_THREAD_DEPTHS): their returns are read.
+    /// Entry hits that took a depth slot from another thread (tids equal
+    /// mod pftrace_common::MAX_THREAD_DEPTHS): its returns are then read.
     #[serde(default)]
     pub thread_depths_full: u64,
     /// What met pftraced's memory bounds (counted in user space).
