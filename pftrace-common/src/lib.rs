@@ -166,6 +166,20 @@ pub mod flag {
 /// attached with one uprobe_multi link per process) reads the kind from here.
 pub const COOKIE_RETURN: u64 = 1 << 32;
 
+/// The attach cookie's bits from here up: the number of the attachment
+/// (one link per process, or per file host-wide), so a thread's
+/// depth of seen calls (pftrace-ebpf/src/depth.rs) left from an earlier attachment of its process starts
+/// over instead of pairing returns with entries seen before a detach.
+pub const COOKIE_ATTACHMENT_SHIFT: u32 = 40;
+
+/// Slots of the kernel's per-thread depth of seen calls (issue 13: a
+/// return of a call the kernel saw enter unmatched is dropped without
+/// reading its name; pftrace-ebpf/src/depth.rs): one 8-byte word each,
+/// slot = tid mod this (a power of two), 512 KiB. Two threads sharing a
+/// slot take it from each other, counted in `counter::THREAD_DEPTHS_FULL`:
+/// their returns are then read as before.
+pub const MAX_THREAD_DEPTHS: u32 = 65536;
+
 /// Byte offset of the `kind` field, the same in every record type.
 pub const KIND_OFFSET: usize = 20;
 
@@ -698,6 +712,9 @@ pub mod task_layout {
         pub const NAME_PTR: u32 = 3;
         /// The 16-byte read of the name's head (user memory).
         pub const HEAD: u32 = 4;
+        /// The thread's depth looked up and updated (after the spec
+        /// lookup, before the name pointer: between SEEN and NAME_PTR).
+        pub const DEPTH: u32 = 5;
         /// USDT_BENCH_SKIP bit: the file name string is not read.
         pub const FILE: u32 = 64;
     }
@@ -788,8 +805,15 @@ pub mod counter {
     /// the processes tallied now.
     pub const CPU_SLOT_PROCESSES: u32 = 25;
     pub const CPU_SLOT_PROCESSES_GONE: u32 = 26;
+    /// Return hits dropped without reading their name: they closed an entry
+    /// this thread was seen to make, whose name did not match
+    /// (pftrace-ebpf/src/depth.rs). Also in RETURN_SEEN.
+    pub const RETURNS_SKIPPED: u32 = 27;
+    /// Entry hits that took a depth slot from another thread (tids equal
+    /// mod `MAX_THREAD_DEPTHS`): that thread's returns are read as before.
+    pub const THREAD_DEPTHS_FULL: u32 = 28;
     /// Number of counters.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 29;
 }
 
 #[cfg(feature = "user")]

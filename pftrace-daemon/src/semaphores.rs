@@ -63,7 +63,8 @@ impl SemaphoreError {
 
 impl Semaphores {
     /// Where the semaphores at file offsets `offsets` (0: none) of the file
-    /// `file` = (device, inode) are in process `pid`'s memory.
+    /// `file` = (device, inode) are in process `pid`'s memory, in the order
+    /// given ([`Self::adjust`] raises them in it: return sites' first).
     pub fn locate(pid: u32, file: (u64, u64), offsets: &[u64]) -> Result<Self, SemaphoreError> {
         let mem = open_mem(pid).map_err(|source| SemaphoreError::Memory { pid, address: 0, source })?;
         let maps = procfs::process::Process::new(pid as i32)
@@ -72,8 +73,8 @@ impl Semaphores {
         let (dev, ino) = file;
         let want_dev = (libc::major(dev) as i32, libc::minor(dev) as i32);
         let mut offsets: Vec<u64> = offsets.iter().copied().filter(|&o| o != 0).collect();
-        offsets.sort_unstable();
-        offsets.dedup();
+        let mut seen = std::collections::HashSet::new();
+        offsets.retain(|&o| seen.insert(o));
         let addresses = offsets
             .into_iter()
             .map(|offset| {
@@ -89,9 +90,16 @@ impl Semaphores {
 
     /// Adds `delta` to each semaphore (a u16, as CPython's `_semaphore`;
     /// saturating, so a lowering never wraps what another tracer raised).
+    /// Raised in their order, lowered in the reverse: a probe whose
+    /// semaphore comes first is live before and after the others (return
+    /// sites: no entry is seen whose return is not; the kernel's depth of
+    /// seen calls, pftrace-ebpf/src/depth.rs, must never run ahead).
     pub fn adjust(&self, delta: i32) -> Result<(), SemaphoreError> {
         let (pid, mem) = (self.pid, &self.mem);
-        for &address in &self.addresses {
+        let raising = delta > 0;
+        let order: Box<dyn Iterator<Item = &u64>> =
+            if raising { Box::new(self.addresses.iter()) } else { Box::new(self.addresses.iter().rev()) };
+        for &address in order {
             let err = |source| SemaphoreError::Memory { pid, address, source };
             let mut value = [0u8; 2];
             mem.read_exact_at(&mut value, address).map_err(err)?;

@@ -4,6 +4,8 @@
 //! name, drop it unless it is in NAMES, then reserve, fill and submit one
 //! CallEvent, or for a return a CallHead without the file name
 //! (`pftrace_usdt` serves both probes, the kind in the cookie).
+//! On CPython 3.6-3.10 a return closing an entry its thread was seen to make
+//! unmatched is dropped before the name's read (depth.rs).
 //! Counters are per CPU; the daemon sums them. A raw tracepoint on
 //! sched_process_exec reports new processes in scope (all, or under watched cgroups).
 //! Rare events that mean something is missing (a process report the event
@@ -19,6 +21,8 @@
 // Map keys and values stay borrowed: passed by value they would be copied
 // to new stack slots, and a BPF program has 512 bytes of stack in all.
 #![allow(clippy::needless_borrows_for_generic_args)]
+
+mod depth;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -331,7 +335,7 @@ fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched:
         return 0;
     }
     let spec_id = cookie as u32;
-    if let Err(err) = try_on_probe(ctx, spec_id, event_kind, matched) {
+    if let Err(err) = try_on_probe(ctx, cookie, event_kind, matched) {
         bump(counter::READ_ERRORS);
         if first_time(spec_id.wrapping_add(1)) {
             warn!(
@@ -348,8 +352,26 @@ fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched:
 }
 
 #[inline(always)]
-fn try_on_probe(ctx: &ProbeContext, spec_id: u32, event_kind: u8, matched: u32) -> Result<(), i32> {
-    let spec = SPECS.get(spec_id).ok_or(-1i32)?;
+fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -> Result<(), i32> {
+    let spec = SPECS.get(cookie as u32).ok_or(-1i32)?;
+
+    // Where entries and returns pair (no frame spec: 3.6-3.10), a return
+    // closing an entry this thread was seen to make unmatched is dropped
+    // before the name's read (see depth.rs).
+    let mut opened = depth::Opened::NONE;
+    if spec.frame.regs[0] == NO_REG {
+        let attachment = depth::attachment(cookie);
+        if event_kind == kind::RETURN {
+            if depth::leave_unmatched(attachment) {
+                return Ok(());
+            }
+        } else {
+            opened = depth::enter(attachment);
+        }
+    }
+    if bench_stop(usdt_bench::DEPTH) {
+        return Ok(());
+    }
 
     // Filter first: decide on the name before anything else.
     let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
@@ -358,6 +380,7 @@ fn try_on_probe(ctx: &ProbeContext, spec_id: u32, event_kind: u8, matched: u32) 
     }
     let mut name = [0u8; NAME_LEN];
     if !name_matches(name_ptr, &mut name)? {
+        depth::entry_unmatched(opened);
         return Ok(());
     }
 
@@ -1557,6 +1580,10 @@ fn agent_wakeup(skip: u64) -> u64 {
 /// or one under a watched cgroup), so user space can attach to it.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
+    // The old image's frames are gone; the thread keeps its tid, or takes
+    // the main thread's (old_pid, arg 1, is the kernel's tid it had).
+    depth::forget(bpf_get_current_pid_tgid() as u32);
+    depth::forget(ctx.arg::<u64>(1) as u32);
     if global(&CPU_SLOT_ALLOC) != 0 {
         exec_moves_slot(&ctx);
     }
@@ -1607,6 +1634,7 @@ pub fn pftrace_exec(ctx: RawTracePointContext) -> i32 {
 /// pid) and forget the process.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn pftrace_exit(ctx: RawTracePointContext) -> i32 {
+    depth::forget(bpf_get_current_pid_tgid() as u32);
     if global(&CPU_SLOT_ALLOC) != 0 {
         let host = bpf_get_current_pid_tgid();
         release_cpu_slot(host as u32);
@@ -1677,6 +1705,10 @@ pub fn pftrace_fork(ctx: RawTracePointContext) -> i32 {
     let child = child as usize;
     let pid = unsafe { bpf_probe_read_kernel((child + pid_off) as *const u32) }.unwrap_or(0);
     let tgid = unsafe { bpf_probe_read_kernel((child + tgid_off) as *const u32) }.unwrap_or(0);
+    if pid != 0 {
+        // A new thread starts with depth 0 (its copied stack's frames return unseen-entered).
+        depth::forget(pid);
+    }
     if pid != 0 && tgid != 0 && global(&CPU_SLOT_ALLOC) != 0 {
         // Every new thread (and process) of a traced process: its slot is
         // written from its first switch-in, so its first call is exact.

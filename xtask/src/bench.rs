@@ -708,10 +708,12 @@ fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.id == id)
 }
 
-/// The kernel's own figures per program (bpf_stats) of the floor, sparse,
-/// dense and bpftrace, in interleaved rounds of their own: stats on cost
-/// ~70 ns a program run here (the clock read twice), which the wall-clock
-/// rows must not carry. The note says why there are none.
+/// The kernel's own figures per program (bpf_stats) of the floor, sparse
+/// (1 and 1000 names), dense and bpftrace, in interleaved rounds of their
+/// own: stats on cost ~70 ns a program run here (the clock read twice),
+/// which the wall-clock rows must not carry. With `--against`, the other
+/// pftraced's sparse and dense right after this one's in each round (the
+/// floor's empty program is the same in both). The note says why there are none.
 fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Option<&'static str>) {
     let Some(_on) = progstats::enable() else {
         return (Vec::new(), Some("not measured: the kernel refused BPF_ENABLE_STATS"));
@@ -719,7 +721,7 @@ fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Opti
     let kinds: &[Kind] = if dense_only {
         &[Kind::Floor, Kind::Dense]
     } else {
-        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Dense, Kind::Bpftrace]
+        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense, Kind::Bpftrace]
     };
     let mut cases: Vec<Case> = Vec::new();
     for &k in kinds {

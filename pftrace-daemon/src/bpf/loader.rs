@@ -181,6 +181,15 @@ pub struct Counters {
     pub cpu_slot_processes: u64,
     #[serde(default)]
     pub cpu_slot_processes_gone: u64,
+    /// Return hits dropped without reading their name: each closed an
+    /// entry the kernel saw on its thread and whose name did not match
+    /// (CPython 3.6-3.10; pftrace-ebpf/src/depth.rs). In `return_seen`.
+    #[serde(default)]
+    pub returns_skipped: u64,
+    /// Entry hits that took a depth slot from another thread (tids equal
+    /// mod pftrace_common::MAX_THREAD_DEPTHS): its returns are then read.
+    #[serde(default)]
+    pub thread_depths_full: u64,
     /// What met pftraced's memory bounds (counted in user space).
     #[serde(default)]
     pub bounds: crate::protocol::BoundCounts,
@@ -290,6 +299,9 @@ pub struct KernelProbes {
     /// Slots [`Self::claim_cpu_slot_stopped`] took: added to the kernel's
     /// CPU_SLOTS_TAKEN and CPU_SLOT_PROCESSES, which count only its own claims.
     slots_claimed_here: u64,
+    /// USDT attachments made so far: the next one's number goes into its
+    /// cookies (pftrace_common::COOKIE_ATTACHMENT_SHIFT).
+    attachments: u32,
 }
 
 /// Environment switch of pftraced for the batched agent road
@@ -408,6 +420,7 @@ impl KernelProbes {
             slot_alloc: slot_alloc != 0
                 && crate::kernel::pidns::PidNamespace::current().is_ok_and(|ns| ns.is_initial()),
             slots_claimed_here: 0,
+            attachments: 0,
         })
     }
 
@@ -602,7 +615,9 @@ impl KernelProbes {
     /// the processes of `scope`, to run later on any thread
     /// ([`AttachJob::run`]). The sites' argument specs are stored in the
     /// kernel now; each point's cookie is its spec id, with
-    /// [`pftrace_common::COOKIE_RETURN`] at `function__return` sites.
+    /// [`pftrace_common::COOKIE_RETURN`] at `function__return` sites, and
+    /// the attachment's number above [`pftrace_common::COOKIE_ATTACHMENT_SHIFT`]
+    /// (a thread's depth of seen calls counts within one attachment).
     ///
     /// Return sites come first, whatever the order of `sites`: the kernel
     /// makes a link's probes live one site after another (a uprobe_multi
@@ -621,10 +636,14 @@ impl KernelProbes {
         sites: &[ProbeSite],
         scope: Scope,
     ) -> Result<AttachJob, BpfError> {
+        // 24 bits: wraps after 16.7 M attachments, long after any thread
+        // of the first has gone.
+        self.attachments = (self.attachments + 1) & 0xff_ffff;
+        let attachment = u64::from(self.attachments) << pftrace_common::COOKIE_ATTACHMENT_SHIFT;
         let mut points = sites
             .iter()
             .map(|site| {
-                let id = u64::from(self.spec_id(site.spec()?)?);
+                let id = u64::from(self.spec_id(site.spec()?)?) | attachment;
                 let ret = site.python_kind() == Some(kind::RETURN);
                 let cookie = if ret { id | pftrace_common::COOKIE_RETURN } else { id };
                 Ok(ProbePoint { offset: site.pc_offset, ref_ctr_offset: site.semaphore_offset, cookie })
@@ -705,6 +724,8 @@ impl KernelProbes {
             cpu_slots_returned: total(counter::CPU_SLOTS_RETURNED)?,
             cpu_slot_processes: total(counter::CPU_SLOT_PROCESSES)? + self.slots_claimed_here,
             cpu_slot_processes_gone: total(counter::CPU_SLOT_PROCESSES_GONE)?,
+            returns_skipped: total(counter::RETURNS_SKIPPED)?,
+            thread_depths_full: total(counter::THREAD_DEPTHS_FULL)?,
             bounds: Default::default(),
             batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },
         })

@@ -321,7 +321,14 @@ impl Daemon {
         add: bool,
         exec_ns: Option<u64>,
     ) -> Result<(), crate::semaphores::SemaphoreError> {
-        let offsets: Vec<u64> = target.sites.iter().map(|s| s.semaphore_offset).collect();
+        // Return sites' semaphores first (Semaphores::adjust).
+        let mut offsets: Vec<(bool, u64)> = target
+            .sites
+            .iter()
+            .map(|s| (s.python_kind() != Some(pftrace_common::kind::RETURN), s.semaphore_offset))
+            .collect();
+        offsets.sort_unstable();
+        let offsets: Vec<u64> = offsets.into_iter().map(|(_, o)| o).collect();
         let sems = Semaphores::locate(target.pid, target.file, &offsets)?;
         if add {
             sems.adjust(1)?;
