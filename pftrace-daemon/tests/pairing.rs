@@ -398,15 +398,7 @@ fn same_name_in_two_files_recursing_into_each_other_pairs_exactly_without_return
             b.f(3)      # b, a, b, a
         "#,
     );
-    let mut py = PyProcess::spawn(&python(), &script, &[]);
-    py.expect_line("ready");
-    let tracer = Pftraced::new(&dir, &["f", "mid"]).pid(py.pid()).spawn();
-    tracer.wait_attached(py.pid());
-    py.send_line("go");
-    let (status, _) = py.wait(Duration::from_secs(60));
-    assert!(status.success(), "the script failed: {status}");
-    let run = tracer.finish();
-    run.assert_code(0);
+    let (run, _) = traced_from_go(&dir, &script, &["f", "mid"]);
     let trace = run.trace();
     let pf = trace.pftrace();
     assert_eq!(trace.counter("lost"), 0, "{pf}");

@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 /// Unmatched calls of each kind the script makes once attached.
@@ -85,16 +83,8 @@ fn unmatched_returns_are_dropped_unread_and_calls_begun_before_the_attachment_st
     let dir = TestDir::new("retskip");
     let consts = format!("{MISSES}, {HITS}, {GENERATORS}, {RAISES}, {DEPTH}, {DEEP}");
     let script = dir.script("retskip.py", &SCRIPT.replace("{consts}", &consts));
-    let mut py = PyProcess::spawn(&python(), &script, &[]);
-    py.expect_line("ready");
-    let tracer = Pftraced::new(&dir, &["a", "hit"]).pid(py.pid()).spawn();
-    let attached = tracer.wait_attached(py.pid());
+    let (run, attached) = traced_from_go(&dir, &script, &["a", "hit"]);
     assert!(attached.contains("CPython 3.9"), "{attached}");
-    py.send_line("go");
-    let (status, _) = py.wait(Duration::from_secs(60));
-    assert!(status.success(), "the script failed: {status}");
-    let run = tracer.finish();
-    run.assert_code(0);
     let trace = run.trace();
 
     // Open at the attachment: <module>, a(DEPTH) .. a(0) (DEPTH + 1 frames,
@@ -162,15 +152,7 @@ fn the_return_of_a_traced_call_begun_before_the_attachment_is_not_skipped() {
         os._exit(0)
         "#,
     );
-    let mut py = PyProcess::spawn(&python(), &script, &[]);
-    py.expect_line("ready");
-    let tracer = Pftraced::new(&dir, &["traced"]).pid(py.pid()).spawn();
-    tracer.wait_attached(py.pid());
-    py.send_line("go");
-    let (status, _) = py.wait(Duration::from_secs(60));
-    assert!(status.success(), "the script failed: {status}");
-    let run = tracer.finish();
-    run.assert_code(0);
+    let (run, _) = traced_from_go(&dir, &script, &["traced"]);
     let trace = run.trace();
     assert_eq!(trace.counter("entry_seen"), 1000);
     assert_eq!(trace.counter("returns_skipped"), 1000);

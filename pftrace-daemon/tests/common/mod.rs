@@ -642,6 +642,23 @@ impl<'a> Pftraced<'a> {
     }
 }
 
+/// Runs `script` under `pftraced -t NAMES --pid`: the script prints
+/// `ready` and waits for a line `go`, sent once the probes are live; it
+/// must exit 0 within 60 s, and pftraced then with 0. Returns the run and
+/// pftraced's `attached` line.
+pub fn traced_from_go(dir: &TestDir, script: &Path, names: &[&str]) -> (TracedRun, String) {
+    let mut py = PyProcess::spawn(&python(), script, &[]);
+    py.expect_line("ready");
+    let tracer = Pftraced::new(dir, names).pid(py.pid()).spawn();
+    let attached = tracer.wait_attached(py.pid());
+    py.send_line("go");
+    let (status, _) = py.wait(Duration::from_secs(60));
+    assert!(status.success(), "the script failed: {status}");
+    let run = tracer.finish();
+    run.assert_code(0);
+    (run, attached)
+}
+
 /// A pftraced that is running.
 pub struct RunningTracer {
     guard: Guard,
