@@ -22,7 +22,7 @@ const PROGRAM: &str = "pftrace_cpu_slot";
 /// Pushes every slot index on FREE_SLOTS, freezes CPU_SLOTS (no user-space
 /// writes or writable mappings from now on: an agent may be given a
 /// read-only mapping) and attaches the sched_switch program.
-pub(super) fn attach(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+pub(super) fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), BpfError> {
     {
         let map = ebpf.map_mut("FREE_SLOTS").ok_or(BpfError::Missing("map FREE_SLOTS"))?;
         let mut free: Queue<&mut MapData, u32> =
@@ -32,13 +32,12 @@ pub(super) fn attach(ebpf: &mut Ebpf) -> Result<(), BpfError> {
         }
     }
     freeze(ebpf)?;
-    let btf = Btf::from_sys_fs().map_err(|e| BpfError::CpuSlots(format!("reading the kernel's BTF: {e}")))?;
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(PROGRAM)
         .ok_or(BpfError::Missing(PROGRAM))?
         .try_into()
         .map_err(|source| BpfError::Program { name: PROGRAM, source })?;
-    prog.load("sched_switch", &btf).map_err(|source| BpfError::Program { name: PROGRAM, source })?;
+    prog.load("sched_switch", btf).map_err(|source| BpfError::Program { name: PROGRAM, source })?;
     prog.attach().map_err(|source| BpfError::Program { name: PROGRAM, source })?;
     Ok(())
 }
@@ -140,14 +139,18 @@ pub(super) fn stats(ebpf: &Ebpf) -> Option<(u64, u64)> {
 }
 
 /// Loads and attaches a BTF tracepoint program of the batched agent road.
-pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(), BpfError> {
-    let btf = Btf::from_sys_fs().map_err(|e| BpfError::CpuSlots(format!("reading the kernel's BTF: {e}")))?;
+pub(super) fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    name: &'static str,
+    tracepoint: &str,
+) -> Result<(), BpfError> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(name)
         .ok_or(BpfError::Missing(name))?
         .try_into()
         .map_err(|source| BpfError::Program { name, source })?;
-    prog.load(tracepoint, &btf).map_err(|source| BpfError::Program { name, source })?;
+    prog.load(tracepoint, btf).map_err(|source| BpfError::Program { name, source })?;
     prog.attach().map_err(|source| BpfError::Program { name, source })?;
     Ok(())
 }

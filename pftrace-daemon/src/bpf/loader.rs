@@ -296,6 +296,9 @@ pub struct KernelProbes {
     /// host's: the slot maps are keyed by kernel tids).
     slots_per_process: u32,
     slot_alloc: bool,
+    /// The kernel's BTF for the BTF tracepoint programs, parsed at the
+    /// first one's load and kept ([`kernel_btf`]).
+    btf: Option<aya::Btf>,
     /// Slots [`Self::claim_cpu_slot_stopped`] took: added to the kernel's
     /// CPU_SLOTS_TAKEN and CPU_SLOT_PROCESSES, which count only its own claims.
     slots_claimed_here: u64,
@@ -414,6 +417,7 @@ impl KernelProbes {
             floor_programs: Arc::new(floor_programs),
             specs: HashMap::new(),
             agent_syscall: None,
+            btf: None,
             agent_token,
             batch,
             slots_per_process,
@@ -517,7 +521,8 @@ impl KernelProbes {
     /// host runs it (measured: README.md, "Per-call figures"). Lives as
     /// long as this object.
     pub fn attach_cpu_slots(&mut self) -> Result<(), BpfError> {
-        super::cpuslots::attach(&mut self.ebpf)
+        let btf = kernel_btf(&mut self.btf)?;
+        super::cpuslots::attach(&mut self.ebpf, btf)
     }
 
     /// Attaches the batched road's drains (crate::bpf::cpuslots): a
@@ -526,8 +531,9 @@ impl KernelProbes {
     /// reports"). Lives as long as this object.
     pub fn attach_batch(&mut self) -> Result<(), BpfError> {
         self.attach_raw_tracepoint("pftrace_agent_batch_exit", "sched_process_exit")?;
-        super::cpuslots::attach_btf(&mut self.ebpf, "pftrace_agent_batch_exec", "sys_enter")?;
-        super::cpuslots::attach_btf(&mut self.ebpf, "pftrace_agent_batch_switch", "sched_switch")
+        let btf = kernel_btf(&mut self.btf)?;
+        super::cpuslots::attach_btf(&mut self.ebpf, btf, "pftrace_agent_batch_exec", "sys_enter")?;
+        super::cpuslots::attach_btf(&mut self.ebpf, btf, "pftrace_agent_batch_switch", "sched_switch")
     }
 
     /// The batched road's registered threads: (kernel tid, buffer address, tail).
@@ -799,9 +805,8 @@ impl KernelProbes {
         const NAME: &str = AGENT_SYSCALL_BTF_PROGRAM;
         let prog: &mut aya::programs::BtfTracePoint = program(&mut self.ebpf, NAME)?;
         if prog.fd().is_err() {
-            let btf = aya::Btf::from_sys_fs()
-                .map_err(|e| BpfError::Program { name: NAME, source: aya::programs::ProgramError::Btf(e) })?;
-            prog.load("sys_enter", &btf).map_err(|source| BpfError::Program { name: NAME, source })?;
+            let btf = kernel_btf(&mut self.btf)?;
+            prog.load("sys_enter", btf).map_err(|source| BpfError::Program { name: NAME, source })?;
         }
         prog.attach().map_err(|source| BpfError::Program { name: NAME, source })
     }
@@ -933,4 +938,18 @@ fn padded(text: &str) -> Result<[u8; NAME_LEN], BpfError> {
     let mut key = [0u8; NAME_LEN];
     key[..text.len()].copy_from_slice(text.as_bytes());
     Ok(key)
+}
+
+/// The kernel's BTF, parsed once per daemon: each parse of
+/// /sys/kernel/btf/vmlinux took 130-150 ms here (strace, load 4), and
+/// three BTF tracepoint programs each parsed it again, most of a
+/// `pftraced --pid` start's 491 ms before its first record (bench,
+/// 2026-11-28).
+fn kernel_btf(cache: &mut Option<aya::Btf>) -> Result<&aya::Btf, BpfError> {
+    if cache.is_none() {
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| BpfError::CpuSlots(format!("reading the kernel's BTF: {e}")))?;
+        *cache = Some(btf);
+    }
+    Ok(cache.as_ref().expect("just parsed"))
 }
