@@ -42,6 +42,7 @@ mod procs;
 mod progstats;
 mod report;
 mod scope;
+mod trace_scan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

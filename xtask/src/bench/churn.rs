@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::procs::Daemon;
 use super::report::Target;
+use super::trace_scan;
 
 /// Calls each child makes.
 const CALLS: u64 = 10;
@@ -156,14 +157,12 @@ pub fn run(
     daemon.interrupt();
     daemon.finish(Duration::from_secs(60))?;
 
-    let v: Value = serde_json::from_slice(&std::fs::read(&trace).context("reading the churn trace")?)
-        .context("the churn trace is not JSON")?;
     let mut per_pid = std::collections::HashMap::<u64, u64>::new();
-    for e in v["traceEvents"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        if e["ph"] == "X" && e["name"] == "foo" {
-            *per_pid.entry(e["pid"].as_u64().unwrap_or(0)).or_default() += 1;
+    trace_scan::scan(&trace, |e| {
+        if e.name == "foo" {
+            *per_pid.entry(e.pid).or_default() += 1;
         }
-    }
+    })?;
     let traced = pids.iter().map(|p| per_pid.get(&u64::from(*p)).copied().unwrap_or(0)).sum();
     let complete = pids.iter().filter(|p| per_pid.get(&u64::from(**p)) == Some(&CALLS)).count();
     Ok(ChurnRun { mode, children, seconds, traced, complete })

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use super::trace_scan;
 use crate::util;
 
 /// Lines of one output stream of a child, read on their own thread.
@@ -414,10 +415,18 @@ impl Drop for Daemon {
 /// Reads what the bench needs from a Chrome trace written by pftraced.
 /// `first_of`: a function whose earliest record time is wanted.
 pub fn read_trace(path: &Path, stderr: &[String], first_of: Option<&str>) -> Result<TraceFacts> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading the trace {}", path.display()))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("the trace {} is not JSON", path.display()))?;
-    let p = &v["otherData"]["pftrace"];
+    let mut first_ts_us: Option<f64> = None;
+    let mut consider = |ts: Option<f64>| {
+        if let Some(ts) = ts {
+            first_ts_us = Some(first_ts_us.map_or(ts, |f: f64| f.min(ts)));
+        }
+    };
+    let other = trace_scan::scan(path, |e| {
+        if first_of == Some(e.name) {
+            consider(e.ts_us);
+        }
+    })?;
+    let p = &other["pftrace"];
     let c = &p["counters"];
     let num = |v: &Value, what: &str| {
         v.as_u64().with_context(|| format!("the trace {} has no number at {what}", path.display()))
@@ -427,18 +436,7 @@ pub fn read_trace(path: &Path, stderr: &[String], first_of: Option<&str>) -> Res
         Some(total) => total,
         None => calls_in_file + evicted_from(stderr),
     };
-    let mut first_ts_us: Option<f64> = None;
     if let Some(name) = first_of {
-        let mut consider = |ts: Option<f64>| {
-            if let Some(ts) = ts {
-                first_ts_us = Some(first_ts_us.map_or(ts, |f: f64| f.min(ts)));
-            }
-        };
-        for e in v["traceEvents"].as_array().map(Vec::as_slice).unwrap_or_default() {
-            if e["ph"] == "X" && e["name"] == name {
-                consider(e["ts"].as_f64());
-            }
-        }
         for u in p["unmatched_returns"].as_array().map(Vec::as_slice).unwrap_or_default() {
             if u["name"] == name {
                 consider(u["ts"].as_f64());
