@@ -7,10 +7,13 @@
 //! The window follows the current depth: it knows the verdicts of the
 //! innermost open levels the thread was seen to enter, up to [`WINDOW`]
 //! (44) of them, wherever they are. Levels counted from where a thread was
-//! first seen kept only 16 verdicts, so below 16 levels from a thread's
+//! first seen kept only levels 1-15, so 16 levels or more below a thread's
 //! first Python call every return was read again, and real programs (a web
 //! framework, a test runner, a driver calling a solver) do their work 20-60
-//! levels down.
+//! levels down: with the bench's loop 61 frames deep (`--depth 60`), sparse
+//! hits cost 314.4 ns/run here against 454.3 (bpf_stats, 6 rounds, lower in
+//! 6 of 6), and the step itself the same as before (148.5 against 151.5
+//! with the hit stopped after it, lower in 3 of 6).
 //!
 //! Exact only where entries and returns pair one to one: CPython 3.6-3.10
 //! (sites without a frame spec). 3.15 sites keep the reading path: there a
