@@ -6,7 +6,10 @@ time of the loop:
     1001000 calls 0.083412 s 83.3 ns/call cpu 0.083390 s 83.3 ns/call
 
 With --wait it prints "ready" and waits for a line on stdin first, so a tracer
-can attach before the timed loop starts. `cargo xtask bench` runs it."""
+can attach before the timed loop starts. With --depth=D the loop runs D frames
+of `level` below main, entered after the wait (where real code makes its calls:
+a framework's or a test runner's depth; a tracer attached at the wait sees them
+enter). `cargo xtask bench` runs it."""
 import sys
 import time
 
@@ -19,13 +22,22 @@ def rare(i):
     return i
 
 
+def level(d, n):
+    return level(d - 1, n) if d else loop(n)
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 1_000_000
+    depth = next((int(a[8:]) for a in sys.argv if a.startswith("--depth=")), 0)
     if "--wait" in sys.argv:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         sys.stdin.readline()
+    level(depth, n) if depth else loop(n)
+
+
+def loop(n):
     t0 = time.perf_counter()
     c0 = time.process_time()
     for i in range(n):

@@ -172,7 +172,7 @@ pub const COOKIE_RETURN: u64 = 1 << 32;
 /// over instead of pairing returns with entries seen before a detach.
 pub const COOKIE_ATTACHMENT_SHIFT: u32 = 40;
 
-/// Slots of the kernel's per-thread depth of seen calls (issue 13: a
+/// Slots of the kernel's per-thread window of seen calls (issue 13: a
 /// return of a call the kernel saw enter unmatched is dropped without
 /// reading its name; pftrace-ebpf/src/depth.rs): one 8-byte word each,
 /// slot = tid mod this (a power of two), 512 KiB. Two threads sharing a

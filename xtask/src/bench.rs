@@ -94,9 +94,10 @@ pub struct Args {
     /// dense on each road, batched and two-report, USDT on 3.15), in minutes.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
     pub agent_only: bool,
-    /// Only the kernel programs' figures (bpf_stats) of the floor and dense
-    /// (and dense of `--against`), in interleaved rounds: a change to the
-    /// programs judged in minutes, without the wall-clock rows.
+    /// Only the kernel programs' figures (bpf_stats) of the floor, sparse
+    /// (1 name) and dense (and sparse and dense of `--against`), in
+    /// interleaved rounds: a change to the programs judged in minutes,
+    /// without the wall-clock rows.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "agent_only", "soak"])]
     pub programs_only: bool,
     /// Another pftraced binary (e.g. main's, to judge a change): each traced
@@ -104,6 +105,11 @@ pub struct Args {
     /// ids suffixed `_against` and its ratios taken to its own floor.
     #[arg(long, value_name = "PFTRACED")]
     pub against: Option<PathBuf>,
+    /// calls.py's loop runs this many Python frames below its main, entered
+    /// after the tracer attaches: where real code (a framework, a test
+    /// runner) makes its calls, 20-60 levels down. Default 0.
+    #[arg(long, value_name = "D", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=500))]
+    pub depth: u64,
 }
 
 /// Calls kept in the daemon's memory during a case (`--max-calls-in-memory`):
@@ -127,6 +133,8 @@ struct Ctx {
     dir: PathBuf,
     /// Loop iterations of calls.py.
     n: u64,
+    /// Frames calls.py's loop runs below its main (`--depth`).
+    depth: u64,
     quick: bool,
 }
 
@@ -243,6 +251,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         busy_py: root.join("bench").join("busy.py"),
         dir,
         n: args.calls.unwrap_or(if args.quick { 10_000 } else { 1_000_000 }),
+        depth: args.depth,
         quick: args.quick,
     };
     util::require_file(&ctx.calls_py, "the benchmark workload")?;
@@ -259,9 +268,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("[bench] CPU busy before starting (1 s, all cores, whole machine): {:.0}%{warn}", b * 100.0);
     }
     println!(
-        "[bench] {} Python calls per loop, {runs} runs per main case, {scale_runs} per processes row; \
-         daemon keeps {STORE_CALLS} calls in memory; bpftrace: {}",
+        "[bench] {} Python calls per loop ({} frames below calls.py's main), {runs} runs per main case, \
+         {scale_runs} per processes row; daemon keeps {STORE_CALLS} calls in memory; bpftrace: {}",
         ctx.total_calls(),
+        ctx.depth,
         ctx.bpftrace.as_ref().map_or("not installed".into(), |p| p.display().to_string())
     );
 
@@ -274,7 +284,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         return agent_only(&ctx, &env, agent_n, runs, busy_before, args.json.as_deref());
     }
     if args.programs_only {
-        let (rows, note) = measure_programs(&ctx, true, runs);
+        let (rows, note) =
+            measure_programs(&ctx, &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Dense], runs);
         println!("[bench] load after: {}", loadavg());
         print!("{}", progstats::text(&rows, note));
         if let Some(path) = &args.json {
@@ -352,7 +363,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         report::set_ratios(chunk.iter_mut(), Some(&base), Some(&floor));
     }
 
-    let (program_rows, program_note) = measure_programs(&ctx, args.dense_only, runs);
+    let program_kinds: &[Kind] = if args.dense_only {
+        &[Kind::Floor, Kind::Dense]
+    } else {
+        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense, Kind::Bpftrace]
+    };
+    let (program_rows, program_note) = measure_programs(&ctx, program_kinds, runs);
     let attach = measure_attach(&ctx, if args.dense_only || args.sparse_only { 0 } else { runs });
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
@@ -715,14 +731,9 @@ fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
 /// which the wall-clock rows must not carry. With `--against`, the other
 /// pftraced's sparse and dense right after this one's in each round (the
 /// floor's empty program is the same in both). The note says why there are none.
-fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Option<&'static str>) {
+fn measure_programs(ctx: &Ctx, kinds: &[Kind], runs: usize) -> (Vec<Row>, Option<&'static str>) {
     let Some(_on) = progstats::enable() else {
         return (Vec::new(), Some("not measured: the kernel refused BPF_ENABLE_STATS"));
-    };
-    let kinds: &[Kind] = if dense_only {
-        &[Kind::Floor, Kind::Dense]
-    } else {
-        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense, Kind::Bpftrace]
     };
     let mut cases: Vec<Case> = Vec::new();
     for &k in kinds {
@@ -865,14 +876,13 @@ impl Tracer {
 
 /// One run of one case.
 fn run_case(ctx: &Ctx, case: &Case) -> Result<Sample> {
+    let mut calls_args = vec![ctx.n.to_string(), "--wait".into()];
+    if ctx.depth > 0 {
+        calls_args.push(format!("--depth={}", ctx.depth));
+    }
     let mut workloads = Vec::new();
     for _ in 0..case.procs {
-        workloads.push(Workload::start(
-            &ctx.python,
-            &ctx.calls_py,
-            &[ctx.n.to_string(), "--wait".into()],
-            START_TIMEOUT,
-        )?);
+        workloads.push(Workload::start(&ctx.python, &ctx.calls_py, &calls_args, START_TIMEOUT)?);
     }
     let pids: Vec<u32> = workloads.iter().map(|w| w.pid).collect();
     let mut sample = Sample::default();
