@@ -1,8 +1,10 @@
 //! Per-thread depth of the Python calls the USDT programs saw enter, so a
-//! return that closes a seen entry whose name did not match is dropped
-//! without reading its name from the traced process (issue 13: that one
-//! read is ~230 ns of a ~360 ns unmatched hit, and in sparse mode nearly
-//! every return closes an unmatched call).
+//! return that closes a seen entry is decided without reading its name from
+//! the traced process (issue 13: that one read is ~230 ns of a ~360 ns
+//! hit): dropped when the entry did not match (in sparse mode nearly every
+//! return), sent with its name and file arguments' addresses only when the
+//! entry matched and was sent (in dense mode nearly every return; user
+//! space pairs it with that entry by the addresses and names it from there).
 //!
 //! Exact only where entries and returns pair one to one: CPython 3.6-3.10
 //! (sites without a frame spec). 3.15 sites keep the reading path: there a
@@ -18,6 +20,16 @@
 //! read; the depth never goes below 0; a new attachment (a number in the
 //! attach cookie) starts the thread over; an exec, an exit and a fork's
 //! child tid forget it (the exec/exit/fork programs).
+//!
+//! A level's bit says "this entry matched and its record went out" and
+//! nothing else: an entry the kernel could not decide alone (its name or
+//! another argument could not be read, or only a glob prefix matched it,
+//! whose rest user space checks on the record's name) makes its thread
+//! start over at depth 0 ([`start_over`]), so that entry's return and every
+//! return below it come at depth 0 and are read as before. Starting over
+//! rather than keeping a third state per level: the word has 16 bits for
+//! 16 levels, and these entries are rare (a read error) or already paid a
+//! record (a glob's match), so the reads it costs after them are few.
 //!
 //! The state is one word per slot of a direct-mapped array (slot = tid mod
 //! 65,536), not a hash by tid: the hash's lookup and update cost ~90 ns a
@@ -35,7 +47,7 @@ use crate::bump;
 
 /// One word per slot: tid << 32 | attachment (8 bits) << 24 | depth
 /// (8 bits) << 16 | open (16 bits: bit d set while the open entry at
-/// level d < 16 matched or could not be read). 0: empty.
+/// level d < 16 matched and was sent). 0: empty.
 #[map]
 static THREAD_DEPTHS: Array<u64> = Array::with_max_entries(MAX_THREAD_DEPTHS, 0);
 
@@ -57,23 +69,25 @@ pub fn attachment(cookie: u64) -> u64 {
     (cookie >> COOKIE_ATTACHMENT_SHIFT) & 0xff
 }
 
-/// An entry's place in its thread's word, for [`entry_unmatched`]. Not an
-/// Option: the verifier refused the spill of a None's undefined payload.
+/// An entry's place in its thread's word, for [`entry_unmatched`] and
+/// [`start_over`]. Not an Option: the verifier refused the spill of a
+/// None's undefined payload.
 #[derive(Clone, Copy)]
 pub struct Opened {
     /// Null: nothing to mark (a site without pairing, or a level past LEVELS).
     slot: *mut u64,
     tid: u32,
+    attachment: u64,
     level: u64,
 }
 
 impl Opened {
-    pub const NONE: Self = Self { slot: core::ptr::null_mut(), tid: 0, level: 0 };
+    pub const NONE: Self = Self { slot: core::ptr::null_mut(), tid: 0, attachment: 0, level: 0 };
 }
 
-/// An entry hit: one level deeper, counted as matched until
-/// [`entry_unmatched`] says otherwise (so an entry whose name could not be
-/// read has its return read).
+/// An entry hit: one level deeper, its bit set (matched) until
+/// [`entry_unmatched`] or [`start_over`] says otherwise; the program says
+/// one of them before it ends unless the entry matched and was sent.
 #[inline(always)]
 pub fn enter(attachment: u64) -> Opened {
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -99,7 +113,7 @@ pub fn enter(attachment: u64) -> Opened {
         open |= 1 << depth;
     }
     unsafe { core::ptr::write_volatile(slot, word(tid, attachment, depth, open)) };
-    if depth < LEVELS { Opened { slot, tid, level: depth } } else { Opened::NONE }
+    if depth < LEVELS { Opened { slot, tid, attachment, level: depth } } else { Opened::NONE }
 }
 
 /// The entry `opened` did not match: its return may be dropped unread.
@@ -117,37 +131,72 @@ pub fn entry_unmatched(opened: Opened) {
     }
 }
 
-/// A return hit: true when it closes an entry seen on this thread whose
-/// name did not match (drop it unread, counted); false when its name must
-/// be read: a matched (or unread) entry's, one from level 16 or deeper,
-/// one whose entry came before the thread was seen, or a thread whose
-/// word another took.
+/// The entry `opened` could not be decided by the kernel alone (an
+/// argument could not be read, its record not written, or a glob prefix
+/// matched it): its thread starts over at depth 0, so this entry's return
+/// and those of the levels below it are read (see the module's comment).
 #[inline(always)]
-pub fn leave_unmatched(attachment: u64) -> bool {
+pub fn start_over(opened: Opened) {
+    if opened.slot.is_null() {
+        return;
+    }
+    // SAFETY: as in [`enter`]. Only if the word is still this thread's.
+    unsafe {
+        let w = core::ptr::read_volatile(opened.slot);
+        if (w >> 32) as u32 == opened.tid {
+            core::ptr::write_volatile(opened.slot, word(opened.tid, opened.attachment, 0, 0));
+        }
+    }
+}
+
+/// What the kernel knows of the entry a return closes ([`leave`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// An entry seen on this thread whose name did not match: drop the
+    /// return unread (counted in RETURNS_SKIPPED).
+    Unmatched,
+    /// An entry seen on this thread that matched and was sent: send the
+    /// return without reading its name (its addresses pair it).
+    Matched,
+    /// Nothing known: read the name. A return from level 16 or deeper, one
+    /// whose entry came before the thread was seen (or before it started
+    /// over), or a thread whose word another took.
+    Unknown,
+}
+
+/// A return hit: closes the innermost level of this thread's word (one
+/// level up) and says what was known of its entry.
+#[inline(always)]
+pub fn leave(attachment: u64) -> Closing {
     let tid = bpf_get_current_pid_tgid() as u32;
     let Some(slot) = THREAD_DEPTHS.get_ptr_mut(tid & (MAX_THREAD_DEPTHS - 1)) else {
-        return false;
+        return Closing::Unknown;
     };
     // SAFETY: as in [`enter`].
     let w = unsafe { core::ptr::read_volatile(slot) };
     if (w >> 32) as u32 != tid || (w >> 24) & 0xff != attachment {
-        return false;
+        return Closing::Unknown;
     }
     let depth = (w >> 16) & 0xff;
     if depth == 0 {
-        return false;
+        return Closing::Unknown;
     }
     let mut open = w & 0xffff;
-    let matched = depth >= LEVELS || open & (1 << depth) != 0;
+    let closing = if depth >= LEVELS {
+        Closing::Unknown
+    } else if open & (1 << depth) != 0 {
+        Closing::Matched
+    } else {
+        Closing::Unmatched
+    };
     if depth < LEVELS {
         open &= !(1 << depth);
     }
     unsafe { core::ptr::write_volatile(slot, word(tid, attachment, depth - 1, open)) };
-    if matched {
-        return false;
+    if closing == Closing::Unmatched {
+        bump(counter::RETURNS_SKIPPED);
     }
-    bump(counter::RETURNS_SKIPPED);
-    true
+    closing
 }
 
 /// Forgets thread `tid` (kernel numbering): it exited, exec'd, or is a

@@ -93,9 +93,10 @@ pub struct Args {
     /// dense on each road, batched and two-report, USDT on 3.15), in minutes.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
     pub agent_only: bool,
-    /// Only the kernel programs' figures (bpf_stats) of the floor and dense
-    /// (and dense of `--against`), in interleaved rounds: a change to the
-    /// programs judged in minutes, without the wall-clock rows.
+    /// Only the kernel programs' figures (bpf_stats) of the floor, sparse (1
+    /// name) and dense (and sparse and dense of `--against`), in interleaved
+    /// rounds: a change to the programs judged in minutes, without the
+    /// wall-clock rows.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "agent_only", "soak"])]
     pub programs_only: bool,
     /// Another pftraced binary (e.g. main's, to judge a change): each traced
@@ -273,7 +274,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         return agent_only(&ctx, &env, agent_n, runs, busy_before, args.json.as_deref());
     }
     if args.programs_only {
-        let (rows, note) = measure_programs(&ctx, true, runs);
+        let (rows, note) = measure_programs(&ctx, Programs::FloorSparseDense, runs);
         println!("[bench] load after: {}", loadavg());
         print!("{}", progstats::text(&rows, note));
         if let Some(path) = &args.json {
@@ -351,7 +352,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         report::set_ratios(chunk.iter_mut(), Some(&base), Some(&floor));
     }
 
-    let (program_rows, program_note) = measure_programs(&ctx, args.dense_only, runs);
+    let programs = if args.dense_only { Programs::FloorDense } else { Programs::All };
+    let (program_rows, program_note) = measure_programs(&ctx, programs, runs);
     let attach = measure_attach(&ctx, if args.dense_only || args.sparse_only { 0 } else { runs });
     let churn_py = root.join("bench").join("child.py");
     util::require_file(&churn_py, "the churn benchmark's child")?;
@@ -708,20 +710,38 @@ fn row<'a>(rows: &'a [Row], id: &str) -> Option<&'a Row> {
     rows.iter().find(|r| r.id == id)
 }
 
+/// Which programs [`measure_programs`] runs.
+#[derive(Clone, Copy)]
+enum Programs {
+    /// `--dense-only`: the floor and dense.
+    FloorDense,
+    /// `--programs-only`: the floor, sparse (1 name) and dense: a change to
+    /// the programs touches both paths (an unmatched and a matched hit).
+    FloorSparseDense,
+    /// The whole bench: also sparse with 1000 names and bpftrace.
+    All,
+}
+
 /// The kernel's own figures per program (bpf_stats) of the floor, sparse
 /// (1 and 1000 names), dense and bpftrace, in interleaved rounds of their
 /// own: stats on cost ~70 ns a program run here (the clock read twice),
 /// which the wall-clock rows must not carry. With `--against`, the other
 /// pftraced's sparse and dense right after this one's in each round (the
 /// floor's empty program is the same in both). The note says why there are none.
-fn measure_programs(ctx: &Ctx, dense_only: bool, runs: usize) -> (Vec<Row>, Option<&'static str>) {
+fn measure_programs(ctx: &Ctx, programs: Programs, runs: usize) -> (Vec<Row>, Option<&'static str>) {
     let Some(_on) = progstats::enable() else {
         return (Vec::new(), Some("not measured: the kernel refused BPF_ENABLE_STATS"));
     };
-    let kinds: &[Kind] = if dense_only {
-        &[Kind::Floor, Kind::Dense]
-    } else {
-        &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Sparse { names: 1000 }, Kind::Dense, Kind::Bpftrace]
+    let kinds: &[Kind] = match programs {
+        Programs::FloorDense => &[Kind::Floor, Kind::Dense],
+        Programs::FloorSparseDense => &[Kind::Floor, Kind::Sparse { names: 1 }, Kind::Dense],
+        Programs::All => &[
+            Kind::Floor,
+            Kind::Sparse { names: 1 },
+            Kind::Sparse { names: 1000 },
+            Kind::Dense,
+            Kind::Bpftrace,
+        ],
     };
     let mut cases: Vec<Case> = Vec::new();
     for &k in kinds {
