@@ -159,6 +159,10 @@ pub mod flag {
     /// The record is a bare [`CallHead`](super::CallHead): a return whose
     /// file name was not read (its `file_ptr` pairs it with its entry).
     pub const NO_FILE: u8 = 32;
+    /// With [`NO_FILE`]: a return whose name was not read either (`name` is
+    /// zeros): the kernel knew its entry matched (pftrace-ebpf/src/depth.rs),
+    /// and its `name_ptr` and `file_ptr` pair it with that entry.
+    pub const NAME_NOT_READ: u8 = 64;
 }
 
 /// Attach-cookie bit marking a `function__return` site. The cookie's low 32
@@ -215,7 +219,7 @@ pub mod config {
 }
 
 /// What every USDT record carries besides the file name: the whole record
-/// of a return when the file name is not read (flag [`flag::NO_FILE`], 120
+/// of a return when the file name is not read (flag [`flag::NO_FILE`], 128
 /// bytes), and the head of a [`CallEvent`].
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -248,7 +252,12 @@ pub struct CallHead {
     /// `co_filename`, which the frame holds while it runs, so an entry and
     /// the return of the same run carry the same (user space pairs by it).
     pub file_ptr: u64,
-    /// Function name, NUL-padded.
+    /// The probe's name argument, an address in the traced process: on
+    /// CPython 3.6-3.10 the UTF-8 of the running code object's `co_name`,
+    /// held while the frame runs like `file_ptr`. A return whose name was
+    /// not read ([`flag::NAME_NOT_READ`]) is paired by the two addresses.
+    pub name_ptr: u64,
+    /// Function name, NUL-padded (zeros with [`flag::NAME_NOT_READ`]).
     pub name: [u8; NAME_LEN],
 }
 
@@ -812,8 +821,13 @@ pub mod counter {
     /// Entry hits that took a depth slot from another thread (tids equal
     /// mod `MAX_THREAD_DEPTHS`): that thread's returns are read as before.
     pub const THREAD_DEPTHS_FULL: u32 = 28;
+    /// Return hits sent without reading their name: they closed an entry
+    /// this thread was seen to make whose name matched (flag
+    /// [`NAME_NOT_READ`](crate::flag::NAME_NOT_READ), depth.rs). Also in
+    /// RETURN_SEEN and RETURN_MATCHED.
+    pub const RETURNS_KNOWN: u32 = 29;
     /// Number of counters.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 }
 
 #[cfg(feature = "user")]
@@ -833,9 +847,9 @@ mod pod {
 }
 
 // Layout checks: the kernel and user space must agree, with no implicit padding.
-const _: () = assert!(core::mem::size_of::<CallHead>() == 56 + NAME_LEN);
-const _: () = assert!(core::mem::size_of::<CallEvent>() == 56 + NAME_LEN + FILE_LEN);
-const _: () = assert!(core::mem::size_of::<LongCallEvent>() == 56 + NAME_LEN + LONG_FILE_LEN);
+const _: () = assert!(core::mem::size_of::<CallHead>() == 64 + NAME_LEN);
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 64 + NAME_LEN + FILE_LEN);
+const _: () = assert!(core::mem::size_of::<LongCallEvent>() == 64 + NAME_LEN + LONG_FILE_LEN);
 const _: () = assert!(core::mem::offset_of!(LongCallEvent, more) == core::mem::size_of::<CallEvent>());
 const _: () = assert!(core::mem::size_of::<FrameSpec>() == 40);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);

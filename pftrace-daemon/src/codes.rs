@@ -472,6 +472,8 @@ mod tests {
             generator: false,
             file_cut: false,
             file_ptr: None,
+            name_ptr: None,
+            name_not_read: false,
         };
         let table = r.table();
         assert!(table.info(&call).module.reason() == Some(NOT_RESOLVED));

@@ -1,6 +1,6 @@
 //! Decoding the kernel's raw CallEvent records (and the long variant for
-//! file names over 191 bytes, and the bare CallHead of a return whose file
-//! was not read) into owned events, with function and file names interned
+//! file names over 191 bytes, and the bare CallHead of a return whose file,
+//! or file and name, were not read) into owned events, with function and file names interned
 //! (each distinct name is one allocation) and read as untrusted bytes:
 //! bounded, invalid UTF-8 replaced.
 
@@ -47,6 +47,14 @@ pub struct Event {
     /// and a return whose file was not read ([`FILE_NOT_READ`]) is paired
     /// by it. None for the agent's records.
     pub file_ptr: Option<u64>,
+    /// The probe's name argument, an address in the process (USDT records):
+    /// with `file_ptr`, what pairs a return of a known-matched entry, whose
+    /// name the kernel did not read (`name_not_read`). None for the agent's.
+    pub name_ptr: Option<u64>,
+    /// A return the kernel sent without reading its name, knowing its entry
+    /// matched (pftrace-ebpf/src/depth.rs): `name` is [`NAME_NOT_READ`],
+    /// the call is named from its entry, and no name check applies to it.
+    pub name_not_read: bool,
 }
 
 /// The `file` of a return whose file name the kernel did not read (it pairs
@@ -55,6 +63,11 @@ pub struct Event {
 /// records: the address may have been freed and reused for another name
 /// since (README, "Nothing lost silently").
 pub const FILE_NOT_READ: &str = "<file not read: return without entry>";
+
+/// The `name` of a return whose name the kernel did not read (its entry
+/// matched: it pairs by the name and file arguments' addresses, and its
+/// call is named from the entry): what a return without an entry shows.
+pub const NAME_NOT_READ: &str = "<name not read: return without entry>";
 
 /// A new process in scope (it called execve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +117,8 @@ pub enum DecodeError {
     Kind(u8),
     #[error("ring-buffer entry record without its file name")]
     EntryWithoutFile,
+    #[error("ring-buffer record without its name that is not a return without its file")]
+    NameNotRead,
 }
 
 /// Text from a traced process made safe to show anywhere: control
@@ -157,6 +172,8 @@ pub struct Decoder {
     /// [`FILE_NOT_READ`], the file of every return sent without one; not in
     /// `strings` either (a process sending that text gets its own string).
     not_read: Option<Arc<str>>,
+    /// [`NAME_NOT_READ`], the name of every return sent without one (as `not_read`).
+    name_not_read: Option<Arc<str>>,
     /// A process's strings stay past its exit record until the daemon
     /// forgets them ([`Self::forget_process`]): the batched agent road's
     /// drains of its other threads may follow it (daemon/exits.rs).
@@ -339,8 +356,18 @@ impl Decoder {
                 self.intern(pid, &bytes[at..at + FILE_LEN])
             }
         };
-        let name_at = offset_of!(CallHead, name);
-        let name = self.intern(pid, &bytes[name_at..name_at + NAME_LEN]);
+        let name_not_read = flags & flag::NAME_NOT_READ != 0;
+        let name = if name_not_read {
+            // Only the kernel's known-matched return (depth.rs) comes so.
+            if kind != EventKind::Return || flags & flag::NO_FILE == 0 {
+                return Err(DecodeError::NameNotRead);
+            }
+            let not_read = self.name_not_read.get_or_insert_with(|| Arc::from(NAME_NOT_READ));
+            spare_or_clone(&mut self.recent.spares, not_read)
+        } else {
+            let name_at = offset_of!(CallHead, name);
+            self.intern(pid, &bytes[name_at..name_at + NAME_LEN])
+        };
         self.bound.records_folded += u64::from(self.bound.folded != folded);
         Ok(Event {
             ts_ns: field(bytes, offset_of!(CallHead, ts_ns)),
@@ -356,6 +383,8 @@ impl Decoder {
             generator: flags & flag::GENERATOR != 0,
             file_cut: flags & flag::FILE_CUT != 0,
             file_ptr: Some(field(bytes, offset_of!(CallHead, file_ptr))),
+            name_ptr: Some(field(bytes, offset_of!(CallHead, name_ptr))),
+            name_not_read,
         })
     }
 
@@ -445,6 +474,7 @@ mod tests {
                 rss_pages: 2,
                 frame: 0,
                 file_ptr: 0x5500_0010,
+                name_ptr: 0x5500_0080,
                 name: [0; NAME_LEN],
             },
             file: [0; FILE_LEN],
@@ -495,6 +525,29 @@ mod tests {
         // A record with its file still needs the whole of it.
         let cut = &raw(kind::RETURN, b"foo")[..size_of::<CallHead>()];
         assert!(matches!(d.decode(cut), Err(DecodeError::Size { .. })));
+    }
+
+    #[test]
+    fn a_return_without_its_name_pairs_by_the_addresses_alone() {
+        let mut d = Decoder::default();
+        let mut bytes = raw(kind::RETURN, b"");
+        bytes[std::mem::offset_of!(CallHead, flags)] = flag::NO_FILE | flag::NAME_NOT_READ;
+        bytes.truncate(size_of::<CallHead>());
+        let r = d.decode(&bytes).unwrap();
+        assert_eq!(
+            (&*r.name, &*r.file, r.name_ptr, r.file_ptr, r.name_not_read),
+            (NAME_NOT_READ, FILE_NOT_READ, Some(0x5500_0080), Some(0x5500_0010), true)
+        );
+        // Not interned: a process's own function of that text is its own string.
+        assert!(Arc::ptr_eq(&r.name, &d.decode(&bytes).unwrap().name));
+        assert!(!d.decode(&raw(kind::ENTRY, b"f")).unwrap().name_not_read);
+        // Only a return without its file comes without its name.
+        let mut entry = raw(kind::ENTRY, b"");
+        entry[std::mem::offset_of!(CallHead, flags)] = flag::NAME_NOT_READ;
+        assert!(matches!(d.decode(&entry), Err(DecodeError::NameNotRead)));
+        let mut with_file = raw(kind::RETURN, b"");
+        with_file[std::mem::offset_of!(CallHead, flags)] = flag::NAME_NOT_READ;
+        assert!(matches!(d.decode(&with_file), Err(DecodeError::NameNotRead)));
     }
 
     #[test]

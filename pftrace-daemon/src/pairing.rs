@@ -2,10 +2,12 @@
 //! exceptions and generator resumes give balanced, correctly nested calls.
 //! A return closes the innermost open entry of the same frame where the
 //! kernel read frames (CPython 3.15), else of the same function and file:
-//! for USDT records the file argument's address (the kernel does not read
-//! a return's file name; on CPython 3.6-3.10 both probes pass the running
-//! code object's `co_filename`, held while the frame runs), for the
-//! agent's the interned file name.
+//! for USDT records the name and file arguments' addresses (the kernel does
+//! not read a return's file name, nor its name when it knew the entry
+//! matched; on CPython 3.6-3.10 both probes pass the running code object's
+//! `co_name` and `co_filename` UTF-8, held while the frame runs, so a run's
+//! entry and return carry the same two), for the agent's the interned
+//! function and file names. A call is named from its entry.
 //! A return with no open entry (the tracer attached mid-call) is counted,
 //! never paired with the wrong entry; a sample of them is kept (bounded:
 //! real code made 56,185 of them in one run on CPython 3.15 before its
@@ -98,6 +100,7 @@ struct Open {
     file: Arc<str>,
     frame: Option<u64>,
     file_ptr: Option<u64>,
+    name_ptr: Option<u64>,
     line: i32,
     start_ns: u64,
     cpu_ns: u64,
@@ -174,27 +177,47 @@ pub struct Pairer {
 }
 
 /// What a return is paired by: its frame where the kernel read one (or the
-/// agent's code id); else the address of its interned name and the file
-/// argument's address in the process (USDT records: a return's file name
-/// is not read) or the address of its interned file name (the agent's).
+/// agent's code id); else the name and file arguments' addresses in the
+/// process (USDT records: a return's file name is not read, nor its name
+/// when the kernel knew its entry matched); else the addresses of its
+/// interned name and file names (the agent's records; and the unit tests'
+/// USDT records without a name address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ReturnKey {
     Frame(u64),
+    Args(u64, u64),
     FileArg(usize, u64),
     File(usize, usize),
 }
 
-fn return_key(frame: Option<u64>, name: &Arc<str>, file_ptr: Option<u64>, file: &Arc<str>) -> ReturnKey {
+/// The addresses an event carries, for [`return_key`].
+#[derive(Clone, Copy)]
+struct Addresses {
+    frame: Option<u64>,
+    name_ptr: Option<u64>,
+    file_ptr: Option<u64>,
+}
+
+fn return_key(at: Addresses, name: &Arc<str>, file: &Arc<str>) -> ReturnKey {
     let ptr = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
-    match (frame, file_ptr) {
-        (Some(f), _) => ReturnKey::Frame(f),
-        (None, Some(p)) => ReturnKey::FileArg(ptr(name), p),
-        (None, None) => ReturnKey::File(ptr(name), ptr(file)),
+    match (at.frame, at.name_ptr, at.file_ptr) {
+        (Some(f), _, _) => ReturnKey::Frame(f),
+        (None, Some(n), Some(p)) => ReturnKey::Args(n, p),
+        (None, None, Some(p)) => ReturnKey::FileArg(ptr(name), p),
+        (None, _, None) => ReturnKey::File(ptr(name), ptr(file)),
     }
 }
 
+fn event_key(ev: &Event) -> ReturnKey {
+    return_key(
+        Addresses { frame: ev.frame, name_ptr: ev.name_ptr, file_ptr: ev.file_ptr },
+        &ev.name,
+        &ev.file,
+    )
+}
+
 fn open_key(o: &Open) -> ReturnKey {
-    return_key(o.frame, &o.name, o.file_ptr, &o.file)
+    return_key(Addresses { frame: o.frame, name_ptr: o.name_ptr, file_ptr: o.file_ptr }, &o.name, &o.file)
 }
 
 /// Stacks deeper than this are indexed by return key ([`Pairer::push`]).
@@ -267,7 +290,7 @@ impl Pairer {
                 // (until the stack is back under half of it).
                 let indexed = stack.len() >= INDEXED_DEPTH
                     || !self.index.is_empty() && self.index.contains_key(&thread);
-                let key = indexed.then(|| return_key(ev.frame, &ev.name, ev.file_ptr, &ev.file));
+                let key = indexed.then(|| event_key(&ev));
                 stack.push(Open {
                     id: {
                         self.last_id += 1;
@@ -278,6 +301,7 @@ impl Pairer {
                     file: ev.file,
                     frame: ev.frame,
                     file_ptr: ev.file_ptr,
+                    name_ptr: ev.name_ptr,
                     line: ev.line,
                     start_ns: ev.ts_ns,
                     cpu_ns: ev.thread_cpu_ns,
@@ -307,12 +331,17 @@ impl Pairer {
                     return Some((ev.name, ev.file));
                 }
                 let index = if self.index.is_empty() { None } else { self.index.get_mut(&thread) };
-                let key = return_key(ev.frame, &ev.name, ev.file_ptr, &ev.file);
+                let key = event_key(&ev);
                 let found = if index.as_ref().is_some_and(|i| !i.contains_key(&key)) {
                     None
                 } else {
                     stack.iter().rposition(|o| open_key(o) == key)
                 };
+                // A return the kernel sent unread (`name_not_read`) has an
+                // entry by construction: the kernel saw it match and sent it
+                // (pftrace-ebpf/src/depth.rs). It finds none only when that
+                // record was lost (counted as lost), and is counted here as
+                // any return without its entry.
                 let Some(at) = found else {
                     self.unmatched_total += 1;
                     self.unmatched_generator += u64::from(ev.generator);
@@ -481,6 +510,8 @@ mod tests {
                 generator: false,
                 file_cut: false,
                 file_ptr: None,
+                name_ptr: None,
+                name_not_read: false,
             };
             let _ = self.p.push(ev, &mut self.out);
         }
@@ -505,6 +536,38 @@ mod tests {
                 generator: false,
                 file_cut: false,
                 file_ptr: Some(file_ptr),
+                name_ptr: None,
+                name_not_read: false,
+            };
+            let _ = self.p.push(ev, &mut self.out);
+        }
+        /// A USDT record with the name argument's address too (as the
+        /// kernel sends them all): an entry with its name and file.
+        fn usdt_named(
+            &mut self,
+            kind: EventKind,
+            name: &str,
+            file: &str,
+            name_ptr: u64,
+            file_ptr: u64,
+            ts: u64,
+        ) {
+            let ev = Event {
+                ts_ns: ts,
+                pid: self.pid,
+                tid: 1,
+                kind,
+                name: self.d.intern(0, name.as_bytes()),
+                file: self.d.intern(0, file.as_bytes()),
+                line: 1,
+                thread_cpu_ns: 1000 + ts,
+                rss_bytes: 4096,
+                frame: None,
+                generator: false,
+                file_cut: false,
+                file_ptr: Some(file_ptr),
+                name_ptr: Some(name_ptr),
+                name_not_read: false,
             };
             let _ = self.p.push(ev, &mut self.out);
         }
@@ -538,6 +601,63 @@ mod tests {
         f.usdt(Return, "f", "c.py", 0xc0, 30);
         assert_eq!((f.p.unmatched_total, f.p.open_calls()), (1, 0));
         assert_eq!(&*f.p.unmatched_returns()[0].file, crate::events::FILE_NOT_READ);
+    }
+
+    /// A return the kernel sent without its name (it knew the entry
+    /// matched): only the two arguments' addresses.
+    fn known_return(f: &mut Feed, name_ptr: u64, file_ptr: u64, ts: u64) {
+        let ev = Event {
+            ts_ns: ts,
+            pid: f.pid,
+            tid: 1,
+            kind: EventKind::Return,
+            name: Arc::from(crate::events::NAME_NOT_READ),
+            file: Arc::from(crate::events::FILE_NOT_READ),
+            line: 1,
+            thread_cpu_ns: 1000 + ts,
+            rss_bytes: 4096,
+            frame: None,
+            generator: false,
+            file_cut: false,
+            file_ptr: Some(file_ptr),
+            name_ptr: Some(name_ptr),
+            name_not_read: true,
+        };
+        let _ = f.p.push(ev, &mut f.out);
+    }
+
+    #[test]
+    fn returns_without_their_name_pair_by_both_arguments_addresses() {
+        use EventKind::Entry;
+        let mut f = Feed::new();
+        // f in a.py (name 0x1a, file 0xa0) and f in b.py (0x1b, 0xb0), and g
+        // in a.py (0x2a, 0xa0): f(a) -> g(a) -> f(b) -> f(a).
+        let order = [("f", "a.py", 0x1a, 0xa0), ("g", "a.py", 0x2a, 0xa0), ("f", "b.py", 0x1b, 0xb0)];
+        let order = [order[0], order[1], order[2], order[0]];
+        for (i, &(name, file, n, p)) in order.iter().enumerate() {
+            f.usdt_named(Entry, name, file, n, p, i as u64);
+        }
+        for (i, &(_, _, n, p)) in order.iter().enumerate().rev() {
+            known_return(&mut f, n, p, 10 + (3 - i as u64));
+        }
+        let got: Vec<(&str, &str, u64, u32, CallEnd)> =
+            f.out.iter().map(|c| (&*c.name, &*c.file, c.start_ns, c.depth, c.end)).collect();
+        use CallEnd::Returned;
+        assert_eq!(
+            got,
+            [
+                ("f", "a.py", 3, 3, Returned),
+                ("f", "b.py", 2, 2, Returned),
+                ("g", "a.py", 1, 1, Returned),
+                ("f", "a.py", 0, 0, Returned)
+            ]
+        );
+        // One whose entry was lost (another function of a.py is open):
+        // counted as a return without entry, nothing closed.
+        f.usdt_named(Entry, "g", "a.py", 0x2a, 0xa0, 20);
+        known_return(&mut f, 0x1a, 0xa0, 21);
+        assert_eq!((f.p.unmatched_total, f.p.open_calls(), f.out.len()), (1, 1, 4));
+        assert_eq!(&*f.p.unmatched_returns()[0].name, crate::events::NAME_NOT_READ);
     }
 
     #[test]

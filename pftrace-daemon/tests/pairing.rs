@@ -370,8 +370,10 @@ fn children_attached_while_another_tracer_holds_the_probes_have_no_false_incompl
 
 /// `f` in a.py and `f` in b.py calling each other (a.f(4) -> b.f(3) -> ...
 /// -> a.f(0)), traced by name only: the kernel reads no return's file name,
-/// and pairs each return with its entry by the file argument's address, so
-/// every call keeps its own file and nests in the other file's caller. A
+/// nor its name (each return closes an entry it saw match, inside the
+/// thread's window: `returns_known`), and pftraced pairs each return with its entry by
+/// the name and file arguments' addresses, so every call keeps its own file
+/// and nests in the other file's caller. A
 /// return of `mid`, entered before pftraced attached (--pid), is counted and
 /// shown with the marker for a file not read (nothing may misname it).
 #[test]
@@ -432,4 +434,5 @@ fn same_name_in_two_files_recursing_into_each_other_pairs_exactly_without_return
     assert_eq!(u["name"].as_str(), Some("mid"), "{pf}");
     assert_eq!(u["file"].as_str(), Some("<file not read: return without entry>"), "{pf}");
     assert_eq!(trace.counter("return_matched"), trace.counter("entry_matched") + 1, "{pf}");
+    assert_eq!(trace.counter("returns_known"), 9 * ROUNDS as u64, "{pf}");
 }

@@ -1,8 +1,11 @@
 //! Per-thread window of the innermost Python calls the USDT programs saw
-//! enter, so a return that closes a seen entry whose name did not match is
-//! dropped without reading its name from the traced process (issue 13:
-//! that one read is ~230 ns of a ~360 ns unmatched hit, and in sparse mode
-//! nearly every return closes an unmatched call).
+//! enter, so a return that closes a seen entry is decided without reading
+//! its name from the traced process (issue 13: that one read is ~230 ns of
+//! a ~360 ns hit): dropped when the entry did not match (in sparse mode
+//! nearly every return), sent with its name and file arguments' addresses
+//! only when the entry matched and was sent (in dense mode nearly every
+//! return; user space pairs it with that entry by the addresses and names
+//! it from there).
 //!
 //! The window follows the current depth: it knows the verdicts of the
 //! innermost open levels the thread was seen to enter, up to [`WINDOW`]
@@ -30,6 +33,16 @@
 //! in the attach cookie) starts the thread over; an exec, an exit and a
 //! fork's child tid forget it (the exec/exit/fork programs).
 //!
+//! A level's bit says "this entry matched and its record went out" and
+//! nothing else: an entry the kernel could not decide alone (its name or
+//! another argument could not be read, its record not written, or only a
+//! glob prefix matched it, whose rest user space checks on the record's
+//! name) makes its thread start over with nothing known ([`start_over`]),
+//! so that entry's return and every return below it are read as before.
+//! Starting over rather than keeping a third state per level: the window
+//! has one bit per level, and these entries are rare (a read error) or
+//! already paid a record (a glob's match), so the reads they cost are few.
+//!
 //! The state is one word per slot of a direct-mapped array (slot = tid mod
 //! 65,536), not a hash by tid: the hash's lookup and update cost ~90 ns a
 //! hit here (bpf_stats, stops before and after the step, sparse, 4 rounds),
@@ -54,8 +67,7 @@ use crate::bump;
 
 /// One word per slot: tag (6 bits: tid >> 16) << 58 | attachment (8 bits)
 /// << 50 | valid (6 bits) << 44 | open (44 bits: bit 0 the innermost open
-/// level, 1 while its entry matched or could not be read; `valid` of them
-/// known). 0: empty (the same as a thread of tag 0 with nothing known).
+/// level, 1 while its entry matched and was sent; `valid` of them known). 0: empty (the same as a thread of tag 0 with nothing known).
 #[map]
 static THREAD_DEPTHS: Array<u64> = Array::with_max_entries(MAX_THREAD_DEPTHS, 0);
 
@@ -96,8 +108,9 @@ pub fn attachment(cookie: u64) -> u64 {
     (cookie >> COOKIE_ATTACHMENT_SHIFT) & 0xff
 }
 
-/// An entry's place in its thread's word, for [`entry_unmatched`]. Not an
-/// Option: the verifier refused the spill of a None's undefined payload.
+/// An entry's place in its thread's word, for [`entry_unmatched`] and
+/// [`start_over`]. Not an Option: the verifier refused the spill of a
+/// None's undefined payload.
 #[derive(Clone, Copy)]
 pub struct Opened {
     /// Null: nothing to mark (a site without pairing, or no slot).
@@ -110,10 +123,11 @@ impl Opened {
     pub const NONE: Self = Self { slot: core::ptr::null_mut(), word: 0 };
 }
 
-/// An entry hit: a new innermost level, counted as matched until
-/// [`entry_unmatched`] says otherwise (so an entry whose name could not be
-/// read has its return read). With the window full, the outermost known
-/// level falls out: its return will be read.
+/// An entry hit: a new innermost level, its bit set (matched) until
+/// [`entry_unmatched`] or [`start_over`] says otherwise; the program says
+/// one of them before it ends unless the entry matched and was sent. With
+/// the window full, the outermost known level falls out: its return will
+/// be read.
 #[inline(always)]
 pub fn enter(attachment: u64) -> Opened {
     let Some((slot, head)) = own_slot(attachment) else {
@@ -153,32 +167,63 @@ pub fn entry_unmatched(opened: Opened) {
     }
 }
 
-/// A return hit: true when it closes an entry seen on this thread whose
-/// name did not match (drop it unread, counted); false when its name must
-/// be read: a matched (or unread) entry's, one whose entry came before the
-/// thread was seen or fell out of the window, or a thread whose word
-/// another took.
+/// The entry `opened` could not be decided by the kernel alone (an
+/// argument could not be read, its record not written, or a glob prefix
+/// matched it): its thread starts over with nothing known, so this entry's
+/// return and those of the levels below it are read (see the module's
+/// comment). As in [`entry_unmatched`], a word another thread took
+/// meanwhile is left alone (this thread's returns are then read anyway).
 #[inline(always)]
-pub fn leave_unmatched(attachment: u64) -> bool {
+pub fn start_over(opened: Opened) {
+    if opened.slot.is_null() {
+        return;
+    }
+    // SAFETY: as in [`enter`].
+    unsafe {
+        if core::ptr::read_volatile(opened.slot) == opened.word {
+            core::ptr::write_volatile(opened.slot, (opened.word >> HEAD_SHIFT) << HEAD_SHIFT);
+        }
+    }
+}
+
+/// What the kernel knows of the entry a return closes ([`leave`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// An entry seen on this thread whose name did not match: drop the
+    /// return unread (counted in RETURNS_SKIPPED).
+    Unmatched,
+    /// An entry seen on this thread that matched and was sent: send the
+    /// return without reading its name (its addresses pair it).
+    Matched,
+    /// Nothing known: read the name. A return whose entry came before the
+    /// thread was seen (or before it started over), one whose level fell
+    /// out of the window, or a thread whose word another took.
+    Unknown,
+}
+
+/// A return hit: closes the innermost known level of this thread's word
+/// and says what was known of its entry.
+#[inline(always)]
+pub fn leave(attachment: u64) -> Closing {
     let Some((slot, head)) = own_slot(attachment) else {
-        return false;
+        return Closing::Unknown;
     };
     // SAFETY: as in [`enter`].
     let w = unsafe { core::ptr::read_volatile(slot) };
     if w >> HEAD_SHIFT != head {
-        return false;
+        return Closing::Unknown;
     }
     let valid = (w >> VALID_SHIFT) & 0x3f;
     if valid == 0 {
-        return false;
+        return Closing::Unknown;
     }
     let word = (head << HEAD_SHIFT) | ((valid - 1) << VALID_SHIFT) | ((w & OPEN_MASK) >> 1);
     unsafe { core::ptr::write_volatile(slot, word) };
     if w & 1 != 0 {
-        return false;
+        return Closing::Matched;
     }
     bump(counter::RETURNS_SKIPPED);
-    true
+    Closing::Unmatched
 }
 
 /// Forgets thread `tid` (kernel numbering): it exited, exec'd, or is a

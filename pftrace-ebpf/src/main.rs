@@ -5,7 +5,9 @@
 //! CallEvent, or for a return a CallHead without the file name
 //! (`pftrace_usdt` serves both probes, the kind in the cookie).
 //! On CPython 3.6-3.10 a return closing an entry its thread was seen to make
-//! unmatched is dropped before the name's read (depth.rs).
+//! is decided before the name's read (depth.rs): dropped when that entry
+//! did not match, sent unread (its name and file arguments' addresses, flag
+//! NAME_NOT_READ) when it matched.
 //! Counters are per CPU; the daemon sums them. A raw tracepoint on
 //! sched_process_exec reports new processes in scope (all, or under watched cgroups).
 //! Rare events that mean something is missing (a process report the event
@@ -356,13 +358,16 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let spec = SPECS.get(cookie as u32).ok_or(-1i32)?;
 
     // Where entries and returns pair (no frame spec: 3.6-3.10), a return
-    // closing an entry this thread was seen to make unmatched is dropped
-    // before the name's read (see depth.rs).
+    // closing an entry this thread was seen to make is decided before the
+    // name's read: dropped when the entry did not match, sent with the
+    // arguments' addresses only when it did (see depth.rs).
     let mut opened = depth::Opened::NONE;
+    let mut closing = depth::Closing::Unknown;
     if spec.frame.regs[0] == NO_REG {
         let attachment = depth::attachment(cookie);
         if event_kind == kind::RETURN {
-            if depth::leave_unmatched(attachment) {
+            closing = depth::leave(attachment);
+            if closing == depth::Closing::Unmatched {
                 return Ok(());
             }
         } else {
@@ -372,16 +377,92 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     if bench_stop(usdt_bench::DEPTH) {
         return Ok(());
     }
+    // One name buffer for both roads (zeros on the known one): the stack is 512 bytes.
+    let mut name = [0u8; NAME_LEN];
+    // Qualified names need the return's file (and its name with it): read.
+    if closing == depth::Closing::Matched && config_value(config::RETURN_FILE) == 0 {
+        return send_known_return(ctx, spec, matched, &name);
+    }
+    let sent = read_and_send(ctx, spec, event_kind, matched, opened, &mut name);
+    if sent.is_err() {
+        // Its bit must not say "matched and sent" (depth.rs).
+        depth::start_over(opened);
+    }
+    sent
+}
 
+/// A return whose entry the kernel saw match and sent (depth.rs): sent
+/// without reading its name or file from the traced process, only their
+/// addresses (registers, on the CPythons that get here), which pair it
+/// with that entry in user space (pairing.rs); the call is named from the
+/// entry. Dense, this is one string read of the process less a call.
+#[inline(always)]
+fn send_known_return(
+    ctx: &ProbeContext,
+    spec: &UsdtSpec,
+    matched: u32,
+    zeros: &[u8; NAME_LEN],
+) -> Result<(), i32> {
+    let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
+    // Measuring: where an entry stopped at this step its bit stayed set.
+    if bench_stop(usdt_bench::NAME_PTR) {
+        return Ok(());
+    }
+    let call = Call {
+        kind: kind::RETURN,
+        lineno: read_arg(ctx, &spec.args[ARG_LINENO])? as i32,
+        flags: flag::NO_FILE | flag::NAME_NOT_READ,
+        frame: 0,
+        file_ptr: read_arg(ctx, &spec.args[ARG_FILENAME])?,
+        name_ptr,
+    };
+    bump(matched);
+    bump(counter::RETURNS_KNOWN);
+    if usdt_skip(skip_bit::RING) {
+        return Ok(());
+    }
+    send_head(&call, zeros);
+    Ok(())
+}
+
+/// A bare [`CallHead`] record (a return without its file name).
+#[inline(always)]
+fn send_head(call: &Call, name: &[u8; NAME_LEN]) {
+    let Some(mut entry) = EVENTS.reserve::<CallHead>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    // The RSS counters' window, which the file buffer holds in a CallEvent.
+    let mut window = [0u8; RSS_WINDOW];
+    unsafe { fill(entry.as_mut_ptr(), window.as_mut_ptr(), call, name) };
+    entry.submit(wakeup_flag());
+}
+
+/// The name read and checked, then the record sent: an entry (it says to
+/// `opened` whether it matched), a return the kernel knew nothing of, or
+/// any hit at a site with a frame spec.
+#[inline(always)]
+fn read_and_send(
+    ctx: &ProbeContext,
+    spec: &UsdtSpec,
+    event_kind: u8,
+    matched: u32,
+    opened: depth::Opened,
+    name: &mut [u8; NAME_LEN],
+) -> Result<(), i32> {
     // Filter first: decide on the name before anything else.
     let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
     if bench_stop(usdt_bench::NAME_PTR) {
         return Ok(());
     }
-    let mut name = [0u8; NAME_LEN];
-    if !name_matches(name_ptr, &mut name)? {
+    let verdict = name_matches(name_ptr, name)?;
+    if verdict == verdict::NONE {
         depth::entry_unmatched(opened);
         return Ok(());
+    }
+    if verdict == verdict::PREFIX {
+        // User space finishes the glob on the name: a return must be read.
+        depth::start_over(opened);
     }
 
     let file_ptr = read_arg(ctx, &spec.args[ARG_FILENAME])?;
@@ -391,6 +472,7 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
         flags: 0,
         frame: 0,
         file_ptr: 0,
+        name_ptr,
     };
     if spec.frame.regs[0] != NO_REG && !frame_corrections(ctx, &spec.frame, name_ptr, &mut call) {
         return Ok(());
@@ -404,18 +486,11 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     // A return needs no file name: user space pairs it with its entry by
     // `file_ptr` (the same co_filename while the frame runs) and names the
     // call from the entry. One read of the process less (~230 ns here:
-    // dense 1,175 ns a record with it, 881 without) and a 120-byte record
-    // instead of 312. Read only when user space checks returns by file.
+    // dense 1,175 ns a record with it, 881 without) and a 128-byte record
+    // instead of 320. Read only when user space checks returns by file.
     if event_kind == kind::RETURN && config_value(config::RETURN_FILE) == 0 {
-        let Some(mut entry) = EVENTS.reserve::<CallHead>(0) else {
-            bump(counter::LOST);
-            return Ok(());
-        };
-        // The RSS counters' window, which the file buffer holds in a CallEvent.
-        let mut window = [0u8; RSS_WINDOW];
         call.flags |= flag::NO_FILE;
-        unsafe { fill(entry.as_mut_ptr(), window.as_mut_ptr(), &call, &name) };
-        entry.submit(wakeup_flag());
+        send_head(&call, name);
         return Ok(());
     }
 
@@ -427,7 +502,7 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let len = unsafe {
         // The file buffer, filled with the file name afterwards, holds the
         // RSS counters' window meanwhile.
-        fill(&raw mut (*ev).head, (*ev).file.as_mut_ptr(), &call, &name);
+        fill(&raw mut (*ev).head, (*ev).file.as_mut_ptr(), &call, name);
         if usdt_skip(usdt_bench::FILE) {
             (*ev).file[0] = 0;
             1
@@ -450,7 +525,7 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let ev = entry.as_mut_ptr();
     unsafe {
         call.flags |= flag::LONG;
-        fill(&raw mut (*ev).head.head, (*ev).head.file.as_mut_ptr(), &call, &name);
+        fill(&raw mut (*ev).head.head, (*ev).head.file.as_mut_ptr(), &call, name);
         // head.file and more are one buffer of LONG_FILE_LEN bytes.
         let len = read_user_str((*ev).head.file.as_mut_ptr(), LONG_FILE_LEN as u32, file_ptr);
         if len >= LONG_FILE_LEN as i64 {
@@ -468,6 +543,7 @@ struct Call {
     flags: u8,
     frame: u64,
     file_ptr: u64,
+    name_ptr: u64,
 }
 
 /// Fills a record's fixed fields; `scratch` ([`RSS_WINDOW`] bytes) holds
@@ -492,6 +568,7 @@ unsafe fn fill(ev: *mut CallHead, scratch: *mut u8, call: &Call, name: &[u8; NAM
         (*ev).rss_pages = rss;
         (*ev).frame = call.frame;
         (*ev).file_ptr = call.file_ptr;
+        (*ev).name_ptr = call.name_ptr;
         (*ev).name = *name;
     }
 }
@@ -733,6 +810,7 @@ struct Verdict {
     ptr: u64,
     head: [u64; 2],
     generation: u64,
+    /// A [`verdict`] value.
     matched: u64,
 }
 
@@ -764,7 +842,7 @@ fn verdict_slot(ptr: u64) -> u32 {
 /// The verdict cached in `slot` for this name pointer, generation and head;
 /// None when the slot holds anything else or was being written.
 #[inline(always)]
-fn cached_verdict(slot: *const Verdict, ptr: u64, generation: u64, head: [u64; 2]) -> Option<bool> {
+fn cached_verdict(slot: *const Verdict, ptr: u64, generation: u64, head: [u64; 2]) -> Option<u64> {
     use core::ptr::read_volatile as rd;
     // SAFETY: a valid map value pointer; volatile keeps the loads in order
     // between the two reads of seq (a program on this CPU can only have
@@ -775,7 +853,7 @@ fn cached_verdict(slot: *const Verdict, ptr: u64, generation: u64, head: [u64; 2
             && rd(&raw const (*slot).generation) == generation
             && rd(&raw const (*slot).head[0]) == head[0]
             && rd(&raw const (*slot).head[1]) == head[1];
-        let matched = rd(&raw const (*slot).matched) != 0;
+        let matched = rd(&raw const (*slot).matched);
         if !same || seq == 0 || seq & 1 != 0 || rd(&raw const (*slot).seq) != seq {
             return None;
         }
@@ -787,7 +865,7 @@ fn cached_verdict(slot: *const Verdict, ptr: u64, generation: u64, head: [u64; 2
 /// one preempted, or that preempted it) is writing it too: then neither or
 /// one writes, never both.
 #[inline(always)]
-fn store_verdict(slot: *mut Verdict, ptr: u64, generation: u64, head: [u64; 2], matched: bool) {
+fn store_verdict(slot: *mut Verdict, ptr: u64, generation: u64, head: [u64; 2], matched: u64) {
     use core::ptr::{read_volatile as rd, write_volatile as wr};
     // SAFETY: a valid, aligned map value pointer. The adds are atomic, so
     // each program's count lands: a writer reading 1 back is the only one in
@@ -802,7 +880,7 @@ fn store_verdict(slot: *mut Verdict, ptr: u64, generation: u64, head: [u64; 2], 
             wr(&raw mut (*slot).generation, generation);
             wr(&raw mut (*slot).head[0], head[0]);
             wr(&raw mut (*slot).head[1], head[1]);
-            wr(&raw mut (*slot).matched, matched as u64);
+            wr(&raw mut (*slot).matched, matched);
             wr(&raw mut (*slot).seq, seq + 2);
         }
         atomic_add(writers, u64::MAX);
@@ -829,7 +907,18 @@ unsafe fn atomic_add(at: *mut u64, v: u64) {
 /// one is cut (17).
 const HEAD_READ: u32 = 17;
 
-/// Whether the name at `ptr` is traced; fills `name` (zeroed by the caller).
+/// What [`name_matches`] says of a name.
+mod verdict {
+    /// Not traced.
+    pub const NONE: u64 = 0;
+    /// In the exact name map: traced, decided here.
+    pub const EXACT: u64 = 1;
+    /// Only a glob's prefix matched: user space checks the rest.
+    pub const PREFIX: u64 = 2;
+}
+
+/// Whether the name at `ptr` is traced (a [`verdict`]); fills `name`
+/// (zeroed by the caller).
 /// One string read of at most HEAD_READ bytes into `name` decides most
 /// hits: a short name's first 16 bytes are then its whole verdict-cache
 /// head (the name and zeros, never bytes past its NUL, so a name ending
@@ -840,7 +929,7 @@ const HEAD_READ: u32 = 17;
 /// bpf_probe_read_user cost the same within noise (sparse, 8 interleaved
 /// rounds: median 12 ns less with this one, lower in 5 of 8).
 #[inline(always)]
-fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<bool, i32> {
+fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<u64, i32> {
     let generation = config_value(config::GENERATION) as u64;
     let n = unsafe {
         bpf_probe_read_user_str(name.as_mut_ptr().cast(), HEAD_READ, ptr as *const core::ffi::c_void)
@@ -849,7 +938,7 @@ fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<bool, i32> {
         return Err(n as i32);
     }
     if bench_stop(usdt_bench::HEAD) {
-        return Ok(false);
+        return Ok(verdict::NONE);
     }
     let head = (n < HEAD_READ as i64).then(|| unsafe {
         let words = name.as_ptr() as *const u64;
@@ -870,7 +959,15 @@ fn name_matches(ptr: u64, name: &mut [u8; NAME_LEN]) -> Result<bool, i32> {
     };
     // A name filling the buffer may have been cut short: user space traces
     // names of at most NAME_LEN - 2 bytes, so such a name is never a match.
-    let matched = len < NAME_LEN - 1 && (unsafe { NAMES.get(&*name) }.is_some() || prefix_match(name));
+    let matched = if len >= NAME_LEN - 1 {
+        verdict::NONE
+    } else if unsafe { NAMES.get(&*name) }.is_some() {
+        verdict::EXACT
+    } else if prefix_match(name) {
+        verdict::PREFIX
+    } else {
+        verdict::NONE
+    };
     if let (Some(head), Some(slot)) = (head, slot) {
         store_verdict(slot, ptr, generation, head, matched);
     }

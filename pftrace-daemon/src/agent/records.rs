@@ -204,6 +204,8 @@ impl Decoder {
                 generator: false,
                 file_cut: false,
                 file_ptr: None,
+                name_ptr: None,
+                name_not_read: false,
             });
         }
         Ok(out)
@@ -278,6 +280,8 @@ impl Decoder {
             generator: false,
             file_cut,
             file_ptr: None,
+            name_ptr: None,
+            name_not_read: false,
         })
     }
 }

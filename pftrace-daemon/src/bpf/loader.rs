@@ -186,6 +186,12 @@ pub struct Counters {
     /// (CPython 3.6-3.10; pftrace-ebpf/src/depth.rs). In `return_seen`.
     #[serde(default)]
     pub returns_skipped: u64,
+    /// Return hits sent without reading their name: each closed an entry
+    /// the kernel saw on its thread match and sent, and is paired with it
+    /// by the name and file arguments' addresses (CPython 3.6-3.10;
+    /// depth.rs). In `return_seen` and `return_matched`.
+    #[serde(default)]
+    pub returns_known: u64,
     /// Entry hits that took a depth slot from another thread (tids equal
     /// mod pftrace_common::MAX_THREAD_DEPTHS): its returns are then read.
     #[serde(default)]
@@ -731,6 +737,7 @@ impl KernelProbes {
             cpu_slot_processes: total(counter::CPU_SLOT_PROCESSES)? + self.slots_claimed_here,
             cpu_slot_processes_gone: total(counter::CPU_SLOT_PROCESSES_GONE)?,
             returns_skipped: total(counter::RETURNS_SKIPPED)?,
+            returns_known: total(counter::RETURNS_KNOWN)?,
             thread_depths_full: total(counter::THREAD_DEPTHS_FULL)?,
             bounds: Default::default(),
             batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },

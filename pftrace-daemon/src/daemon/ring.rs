@@ -12,7 +12,7 @@ use crate::{
 
 /// Completed calls stored as they reach this many within one drain, not at
 /// its end: a drain reads up to a quarter of the ring (4 MiB, thousands of
-/// calls of 120 bytes), and a `completed` that large is written by the
+/// calls of 128 bytes), and a `completed` that large is written by the
 /// pairer and read back by the spill and the store from outside the cache.
 const STORE_CHUNK: usize = 256;
 
@@ -124,12 +124,19 @@ impl Daemon {
         changes.extend(exited.into_iter().map(|(pid, ts)| ProcChange::Exited(pid, ts)));
     }
 
-    /// One call event: filtered where the kernel could not decide, then paired.
+    /// One call event: filtered where the kernel could not decide, then
+    /// paired. A return sent without its name is not filtered: the kernel
+    /// sends it only for an entry it matched by exact name with no file
+    /// check asked for (depth.rs, `config::RETURN_FILE`), which the filter
+    /// keeps; it closes that entry even if the names changed since.
     pub(super) fn take_call(&mut self, ev: crate::events::Event, completed: &mut Vec<Call>) {
         self.filter.after_sweeps(self.decoder.bound.sweeps);
         let (codes, processes) = (&mut self.codes, &self.processes);
         let version = || processes.info(ev.pid).and_then(|p| p.version);
-        if crate::agent::skips_name_filter(&ev) || self.filter.keep(&ev, || codes.resolve_now(&ev, version)) {
+        if ev.name_not_read
+            || crate::agent::skips_name_filter(&ev)
+            || self.filter.keep(&ev, || codes.resolve_now(&ev, version))
+        {
             if ev.kind == EventKind::Entry {
                 let processes = &self.processes;
                 self.codes.request(&ev, || processes.info(ev.pid).and_then(|p| p.version));

@@ -1,0 +1,231 @@
+//! Returns sent without reading their name (issue 13, dense mode,
+//! pftrace-ebpf/src/depth.rs), on the real CPython 3.9 built --with-dtrace:
+//! a return whose entry the kernel saw match, within the thread's window of
+//! its innermost 44 open levels, is sent
+//! with its name and file arguments' addresses only, and pftraced pairs it
+//! with that entry. `returns_known` equals the exact number of such returns
+//! of a scripted workload (plain calls, recursion through traced and
+//! untraced levels, exceptions, generator runs), every call is exact; a
+//! call begun before the attachment still gives its one return without
+//! entry; and a call whose name stops being traced while it runs is closed
+//! by its return. Each process ends with `os._exit` and reads its go with
+//! `os.read` (see return_skip.rs: no calls the test would have to guess).
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::*;
+
+/// Calls of each kind the script makes once attached.
+const HITS: u64 = 2000;
+const GENERATORS: u64 = 200;
+const RAISES: u64 = 300;
+/// `a` and `b` alternate from a(DEPTH) and a(DEEP) down to 0.
+const DEPTH: u64 = 40;
+const DEEP: u64 = 100;
+
+/// `hit`, `gen`, `boom` and `a` traced; `miss`, `b` and `top` not. `top`
+/// (level 1 at the attachment, under the module) makes the calls.
+const SCRIPT: &str = r#"
+    import os, sys
+
+    HITS, GENERATORS, RAISES, DEPTH, DEEP = {consts}
+
+    def hit(i):
+        return i
+
+    def miss(i):
+        return i
+
+    def gen():
+        yield 1
+        yield 2
+        yield 3
+
+    def boom():
+        raise ValueError
+
+    def a(n):
+        return b(n - 1) if n else 0
+
+    def b(n):
+        return a(n - 1) if n else 0
+
+    def top():
+        print("ready", flush=True)
+        if os.read(0, 64).strip() != b"go":
+            os._exit(3)
+        for i in range(HITS):
+            hit(i)
+            miss(i)
+        for i in range(GENERATORS):
+            for _ in gen():
+                pass
+        for i in range(RAISES):
+            try:
+                boom()
+            except ValueError:
+                pass
+        a(DEPTH)
+        a(DEEP)
+        return 0
+
+    top()
+    sys.stdout.flush()
+    os._exit(0)
+    "#;
+
+#[test]
+fn matched_returns_in_the_window_are_sent_unread_and_every_call_is_exact() {
+    let dir = TestDir::new("retknown");
+    let consts = format!("{HITS}, {GENERATORS}, {RAISES}, {DEPTH}, {DEEP}");
+    let script = dir.script("retknown.py", &SCRIPT.replace("{consts}", &consts));
+    let (run, attached) = traced_from_go(&dir, &script, &["hit", "gen", "boom", "a"]);
+    assert!(attached.contains("CPython 3.9"), "{attached}");
+    let trace = run.trace();
+    let c = |name| trace.counter(name);
+    let pf = trace.pftrace();
+    // The thread is first seen at top's first callee; top's own return
+    // comes with nothing known. a(DEPTH) opens 41 levels (21 `a` at the odd
+    // ones, 20 `b`), all inside the 44-level window: 21 returns known, 20
+    // skipped. a(DEEP) opens 101 levels; the window keeps the innermost 44
+    // (levels 58 .. 101: 22 `a` at the odd ones, 22 `b`), the 57 outer
+    // returns come with nothing known and are read.
+    let a_calls = (DEPTH / 2 + 1) + (DEEP / 2 + 1);
+    let known = HITS + GENERATORS * 4 + RAISES + 21 + 22;
+    let skipped = HITS + 20 + 22;
+    eprintln!(
+        "counters: entry_seen {} return_seen {} returns_known {} returns_skipped {} return_matched {}",
+        c("entry_seen"),
+        c("return_seen"),
+        c("returns_known"),
+        c("returns_skipped"),
+        c("return_matched")
+    );
+    assert_eq!(c("returns_known"), known, "returns sent unread: {pf}");
+    assert_eq!(c("returns_skipped"), skipped, "returns dropped unread: {pf}");
+    assert_eq!(c("entry_matched"), HITS + GENERATORS * 4 + RAISES + a_calls, "{pf}");
+    trace.assert_clean();
+    assert_eq!(trace.named("hit").len() as u64, HITS);
+    assert_eq!(trace.named("gen").len() as u64, GENERATORS * 4);
+    assert_eq!(trace.named("boom").len() as u64, RAISES);
+    assert_eq!(trace.named("a").len() as u64, a_calls);
+    assert_eq!(trace.calls.len() as u64, HITS + GENERATORS * 4 + RAISES + a_calls);
+    // Each `a` but the outermost of a recursion is two levels under another `a`.
+    let outer = trace.named("a").iter().filter(|c| c.depth == 0).count();
+    assert_eq!(outer, 2, "{pf}");
+    assert!(trace.named("a").iter().all(|c| c.line > 0 && c.file.ends_with("/retknown.py")));
+}
+
+/// Attached inside a traced call: its return comes at depth 0, is read and
+/// reaches pftraced as a return without entry; the traced calls made inside
+/// it and after it are sent unread and exact.
+#[test]
+fn attached_inside_a_traced_call_its_return_is_read_and_later_calls_are_exact() {
+    const INSIDE: u64 = 300;
+    const AFTER: u64 = 700;
+    let dir = TestDir::new("retknown-inside");
+    let script = dir.script(
+        "inside.py",
+        &r#"
+        import os, sys
+
+        def hit(i):
+            return i
+
+        def traced():
+            print("ready", flush=True)
+            if os.read(0, 64).strip() != b"go":
+                os._exit(3)
+            for i in range(INSIDE):
+                hit(i)
+            return 0
+
+        traced()
+        for i in range(AFTER):
+            hit(i)
+        os._exit(0)
+        "#
+        .replace("INSIDE", &INSIDE.to_string())
+        .replace("AFTER", &AFTER.to_string()),
+    );
+    let (run, _) = traced_from_go(&dir, &script, &["traced", "hit"]);
+    let trace = run.trace();
+    let pf = trace.pftrace();
+    assert_eq!(trace.counter("returns_known"), INSIDE + AFTER, "{pf}");
+    assert_eq!(trace.counter("return_matched"), INSIDE + AFTER + 1, "{pf}");
+    assert_eq!(trace.unmatched_returns_total(), 1, "{pf}");
+    assert_eq!(trace.unmatched_returns()[0]["name"], "traced", "{pf}");
+    assert_eq!(trace.named("hit").len() as u64, INSIDE + AFTER);
+    assert_eq!(trace.calls.len() as u64, INSIDE + AFTER);
+    assert_eq!(trace.incomplete_calls(), 0, "{pf}");
+    assert_eq!((trace.counter("lost"), trace.counter("read_errors")), (0, 0), "{pf}");
+}
+
+/// A traced call whose name is removed (pftracectl) while it runs is closed
+/// by its return, sent unread: the call was traced when it began, and its
+/// duration is known (before, its return was dropped as untraced and the
+/// call shown incomplete, open until the end of the trace). Calls of the
+/// name made after the removal are not traced.
+#[test]
+fn a_call_whose_name_is_removed_while_it_runs_is_closed_by_its_return() {
+    const HITS: u64 = 100;
+    let dir = TestDir::new("retknown-removed");
+    let (ready, go) = (dir.join("ready"), dir.join("go"));
+    let script = dir.script(
+        "removed.py",
+        &r#"
+        import os, time
+
+        def hit(i):
+            return i
+
+        def slow():
+            open(READY, "w").close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(GO) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return 0
+
+        for i in range(HITS):
+            hit(i)
+        slow()
+        slow()
+        for i in range(HITS):
+            hit(i)
+        os._exit(0)
+        "#
+        .replace("READY", &format!("{:?}", ready.to_str().unwrap()))
+        .replace("GO", &format!("{:?}", go.to_str().unwrap()))
+        .replace("HITS", &HITS.to_string()),
+    );
+    let socket = dir.join("pftraced.sock");
+    let tracer = Pftraced::new(&dir, &["slow", "hit"])
+        .arg("--socket")
+        .arg(&socket)
+        .launch(&[python().as_os_str(), script.as_os_str()])
+        .spawn();
+    wait_for(&ready);
+    ctl_checked(&socket, &["remove", "-t", "slow"]);
+    std::fs::write(&go, "").unwrap();
+    let run = tracer.finish();
+    run.assert_code(0);
+    let trace = run.trace();
+    let pf = trace.pftrace();
+    let slow = trace.named("slow");
+    assert_eq!(slow.len(), 1, "only the first slow call was traced: {pf}");
+    assert!(!slow[0].incomplete, "{:?}: {pf}", slow[0]);
+    assert_eq!(trace.named("hit").len() as u64, 2 * HITS, "{pf}");
+    assert_eq!(trace.incomplete_calls(), 0, "{pf}");
+    assert_eq!(trace.unmatched_returns_total(), 0, "{pf}");
+    assert_eq!(trace.counter("returns_known"), 2 * HITS + 1, "{pf}");
+}
+
+fn wait_for(path: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "the script did not reach {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
