@@ -81,6 +81,7 @@ impl Daemon {
                 probes.attach_batch()?;
             }
         }
+        probes.release_btf();
         let mut filter = NameFilter::default();
         filter.add(&mut probes, &opts.names)?;
 
