@@ -496,24 +496,30 @@ mod tests {
             self.ev_full(1, kind, name, ts, 1000 + ts, Some(frame));
         }
         fn ev_full(&mut self, tid: u32, kind: EventKind, name: &str, ts: u64, cpu: u64, frame: Option<u64>) {
-            let ev = Event {
+            let (name, file) = (self.d.intern(0, name.as_bytes()), self.d.intern(0, b"t.py"));
+            let ev = Event { tid, thread_cpu_ns: cpu, frame, ..self.event(kind, name, file, ts) };
+            let _ = self.p.push(ev, &mut self.out);
+        }
+        /// What every test record here shares: thread 1, line 1, CPU
+        /// 1000 + `ts`, no addresses.
+        fn event(&self, kind: EventKind, name: Arc<str>, file: Arc<str>, ts: u64) -> Event {
+            Event {
                 ts_ns: ts,
                 pid: self.pid,
-                tid,
+                tid: 1,
                 kind,
-                name: self.d.intern(0, name.as_bytes()),
-                file: self.d.intern(0, b"t.py"),
+                name,
+                file,
                 line: 1,
-                thread_cpu_ns: cpu,
+                thread_cpu_ns: 1000 + ts,
                 rss_bytes: 4096,
-                frame,
+                frame: None,
                 generator: false,
                 file_cut: false,
                 file_ptr: None,
                 name_ptr: None,
                 name_not_read: false,
-            };
-            let _ = self.p.push(ev, &mut self.out);
+            }
         }
         /// A USDT record as the kernel sends it: an entry with its file name
         /// and the file argument's address, a return with the address only.
@@ -522,23 +528,8 @@ mod tests {
                 EventKind::Entry => self.d.intern(0, file.as_bytes()),
                 EventKind::Return => Arc::from(crate::events::FILE_NOT_READ),
             };
-            let ev = Event {
-                ts_ns: ts,
-                pid: self.pid,
-                tid: 1,
-                kind,
-                name: self.d.intern(0, name.as_bytes()),
-                file,
-                line: 1,
-                thread_cpu_ns: 1000 + ts,
-                rss_bytes: 4096,
-                frame: None,
-                generator: false,
-                file_cut: false,
-                file_ptr: Some(file_ptr),
-                name_ptr: None,
-                name_not_read: false,
-            };
+            let name = self.d.intern(0, name.as_bytes());
+            let ev = Event { file_ptr: Some(file_ptr), ..self.event(kind, name, file, ts) };
             let _ = self.p.push(ev, &mut self.out);
         }
         /// A USDT record with the name argument's address too (as the
@@ -552,22 +543,11 @@ mod tests {
             file_ptr: u64,
             ts: u64,
         ) {
+            let (name, file) = (self.d.intern(0, name.as_bytes()), self.d.intern(0, file.as_bytes()));
             let ev = Event {
-                ts_ns: ts,
-                pid: self.pid,
-                tid: 1,
-                kind,
-                name: self.d.intern(0, name.as_bytes()),
-                file: self.d.intern(0, file.as_bytes()),
-                line: 1,
-                thread_cpu_ns: 1000 + ts,
-                rss_bytes: 4096,
-                frame: None,
-                generator: false,
-                file_cut: false,
                 file_ptr: Some(file_ptr),
                 name_ptr: Some(name_ptr),
-                name_not_read: false,
+                ..self.event(kind, name, file, ts)
             };
             let _ = self.p.push(ev, &mut self.out);
         }
@@ -606,22 +586,12 @@ mod tests {
     /// A return the kernel sent without its name (it knew the entry
     /// matched): only the two arguments' addresses.
     fn known_return(f: &mut Feed, name_ptr: u64, file_ptr: u64, ts: u64) {
+        let (name, file) = (Arc::from(crate::events::NAME_NOT_READ), Arc::from(crate::events::FILE_NOT_READ));
         let ev = Event {
-            ts_ns: ts,
-            pid: f.pid,
-            tid: 1,
-            kind: EventKind::Return,
-            name: Arc::from(crate::events::NAME_NOT_READ),
-            file: Arc::from(crate::events::FILE_NOT_READ),
-            line: 1,
-            thread_cpu_ns: 1000 + ts,
-            rss_bytes: 4096,
-            frame: None,
-            generator: false,
-            file_cut: false,
             file_ptr: Some(file_ptr),
             name_ptr: Some(name_ptr),
             name_not_read: true,
+            ..f.event(EventKind::Return, name, file, ts)
         };
         let _ = f.p.push(ev, &mut f.out);
     }
