@@ -8,7 +8,8 @@
 //! untraced levels, exceptions, generator runs), every call is exact; a
 //! call begun before the attachment still gives its one return without
 //! entry; and a call whose name stops being traced while it runs is closed
-//! by its return. Each process ends with `os._exit` and reads its go with
+//! by its return; threads switching mid-call keep their own windows. Each
+//! process ends with `os._exit` and reads its go with
 //! `os.read` (see return_skip.rs: no calls the test would have to guess).
 
 mod common;
@@ -220,6 +221,101 @@ fn a_call_whose_name_is_removed_while_it_runs_is_closed_by_its_return() {
     assert_eq!(trace.incomplete_calls(), 0, "{pf}");
     assert_eq!(trace.unmatched_returns_total(), 0, "{pf}");
     assert_eq!(trace.counter("returns_known"), 2 * HITS + 1, "{pf}");
+}
+
+/// Threads: each has its own depth word, and the interpreter switches
+/// between them every 0.5 ms, so the words are written in turn while each
+/// thread's calls are open. `_thread.start_new_thread` and C-level locks
+/// make the threads' only Python frames `work` and its callees (no
+/// `threading` bootstrap frames to count): per thread `work` (entered after
+/// the attachment, unmatched: its return skipped), THREAD_HITS `hit`
+/// (known) and `miss` (skipped), and a(DEPTH): 21 `a` known, 20 `b` skipped.
+/// The main thread's only Python frame once attached is `top`, whose return
+/// comes with nothing known. Every count is exact, and per thread.
+#[test]
+fn threads_switching_mid_call_keep_their_own_windows_and_every_call_is_exact() {
+    const THREADS: u64 = 4;
+    const THREAD_HITS: u64 = 3000;
+    let dir = TestDir::new("retknown-threads");
+    let script = dir.script(
+        "threads.py",
+        &r#"
+        import _thread, os, sys
+
+        THREADS, HITS, DEPTH = CONSTS
+        sys.setswitchinterval(0.0005)
+
+        def hit(i):
+            return i
+
+        def miss(i):
+            return i
+
+        def a(n):
+            return b(n - 1) if n else 0
+
+        def b(n):
+            return a(n - 1) if n else 0
+
+        start = _thread.allocate_lock()
+        start.acquire()
+        done = [_thread.allocate_lock() for _ in range(THREADS)]
+
+        def work(k):
+            start.acquire()
+            start.release()
+            for i in range(HITS):
+                hit(i)
+                miss(i)
+            a(DEPTH)
+            done[k].release()
+
+        def top():
+            print("ready", flush=True)
+            if os.read(0, 64).strip() != b"go":
+                os._exit(3)
+            for k in range(THREADS):
+                done[k].acquire()
+                _thread.start_new_thread(work, (k,))
+            start.release()
+            for k in range(THREADS):
+                done[k].acquire()
+            return 0
+
+        top()
+        os._exit(0)
+        "#
+        .replace("CONSTS", &format!("{THREADS}, {THREAD_HITS}, {DEPTH}")),
+    );
+    let (run, _) = traced_from_go(&dir, &script, &["hit", "a"]);
+    let trace = run.trace();
+    let pf = trace.pftrace();
+    let c = |name| trace.counter(name);
+    let a_calls = DEPTH / 2 + 1;
+    assert_eq!(c("returns_known"), THREADS * (THREAD_HITS + a_calls), "returns sent unread: {pf}");
+    assert_eq!(c("returns_skipped"), THREADS * (THREAD_HITS + DEPTH / 2 + 1), "returns dropped unread: {pf}");
+    assert_eq!(c("entry_matched"), THREADS * (THREAD_HITS + a_calls), "{pf}");
+    assert_eq!(c("thread_depths_full"), 0, "{pf}");
+    trace.assert_clean();
+    assert_eq!(trace.calls.len() as u64, THREADS * (THREAD_HITS + a_calls), "{pf}");
+    let mut tids: Vec<u32> = trace.calls.iter().map(|c| c.tid).collect();
+    tids.sort_unstable();
+    tids.dedup();
+    assert_eq!(tids.len() as u64, THREADS, "{pf}");
+    let mut spans = Vec::new();
+    for tid in tids {
+        let hits: Vec<_> = trace.named("hit").into_iter().filter(|c| c.tid == tid).collect();
+        assert_eq!(hits.len() as u64, THREAD_HITS, "thread {tid}: {pf}");
+        let a: Vec<_> = trace.named("a").into_iter().filter(|c| c.tid == tid).collect();
+        assert_eq!(a.len() as u64, a_calls, "thread {tid}: {pf}");
+        assert_eq!(a.iter().filter(|c| c.depth == 0).count(), 1, "thread {tid}: {pf}");
+        spans.push((hits[0].ts_ns, hits[hits.len() - 1].end_ns()));
+    }
+    // The threads ran at the same time (each began before another ended),
+    // so their words were written in turn.
+    let last_start = spans.iter().map(|s| s.0).max().unwrap();
+    let first_end = spans.iter().map(|s| s.1).min().unwrap();
+    assert!(last_start < first_end, "the threads ran one after another: {spans:?}");
 }
 
 fn wait_for(path: &Path) {
