@@ -32,14 +32,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), BpfError> {
         }
     }
     freeze(ebpf)?;
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(BpfError::Missing(PROGRAM))?
-        .try_into()
-        .map_err(|source| BpfError::Program { name: PROGRAM, source })?;
-    prog.load("sched_switch", btf).map_err(|source| BpfError::Program { name: PROGRAM, source })?;
-    prog.attach().map_err(|source| BpfError::Program { name: PROGRAM, source })?;
-    Ok(())
+    attach_btf(ebpf, btf, PROGRAM, "sched_switch")
 }
 
 /// BPF_MAP_FREEZE on CPU_SLOTS (BPF_F_RDONLY would make a shared read-only
@@ -138,7 +131,8 @@ pub(super) fn stats(ebpf: &Ebpf) -> Option<(u64, u64)> {
     Some((field("run_cnt:")?, field("run_time_ns:")?))
 }
 
-/// Loads and attaches a BTF tracepoint program of the batched agent road.
+/// Loads and attaches a BTF tracepoint program (the CPU slots' and the
+/// batched agent road's).
 pub(super) fn attach_btf(
     ebpf: &mut Ebpf,
     btf: &Btf,
