@@ -184,6 +184,12 @@ pub const COOKIE_ATTACHMENT_SHIFT: u32 = 40;
 /// their returns are then read as before.
 pub const MAX_THREAD_DEPTHS: u32 = 65536;
 
+/// Rows of the kernel's per-thread rings of the window's name addresses
+/// (depth.rs `THREAD_NAMES`): row = tid mod this (a power of two), 360
+/// bytes each, 5.6 MiB. Two threads sharing a row take it from each other:
+/// their returns are then read, counted in `counter::WINDOW_MISMATCHES`.
+pub const MAX_THREAD_NAME_RINGS: u32 = 16384;
+
 /// Byte offset of the `kind` field, the same in every record type.
 pub const KIND_OFFSET: usize = 20;
 
@@ -826,8 +832,14 @@ pub mod counter {
     /// [`NAME_NOT_READ`](crate::flag::NAME_NOT_READ), depth.rs). Also in
     /// RETURN_SEEN and RETURN_MATCHED.
     pub const RETURNS_KNOWN: u32 = 29;
+    /// Return hits whose name address was not the one their thread's
+    /// window held for its innermost level (a greenlet or other switch
+    /// between Python stacks the probes do not see, or the window's ring
+    /// taken by a thread sharing its row): read as any return, and the
+    /// thread's window started over (depth.rs). Also in RETURN_SEEN.
+    pub const WINDOW_MISMATCHES: u32 = 30;
     /// Number of counters.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 }
 
 #[cfg(feature = "user")]

@@ -365,14 +365,21 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let mut closing = depth::Closing::Unknown;
     if spec.frame.regs[0] == NO_REG {
         let attachment = depth::attachment(cookie);
+        // The name's address (a register on these builds) checks that a
+        // return closes the level the window thinks it does (depth.rs).
+        let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME]);
         if event_kind == kind::RETURN {
-            closing = depth::leave(attachment);
+            closing = depth::leave(attachment, name_ptr.unwrap_or(0));
             if closing == depth::Closing::Unmatched {
                 return Ok(());
             }
         } else {
-            opened = depth::enter(attachment);
+            opened = depth::enter(attachment, name_ptr.unwrap_or(0));
+            if name_ptr.is_err() {
+                depth::start_over(opened);
+            }
         }
+        name_ptr?;
     }
     if bench_stop(usdt_bench::DEPTH) {
         return Ok(());

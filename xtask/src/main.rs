@@ -13,6 +13,7 @@ mod bench;
 mod build;
 mod cpython;
 mod demo;
+mod greenlet;
 mod hatchet;
 mod pyenv;
 mod setup;

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::apt::{apt_get, dpkg_installed};
 use crate::util::{self, Step, which_on_path};
-use crate::{cpython, hatchet, pyenv, sid_pythons, systemd_root};
+use crate::{cpython, greenlet, hatchet, pyenv, sid_pythons, systemd_root};
 
 /// Debian packages needed: LLVM 22 for bpf-linker, the `dtrace` tool and a C
 /// toolchain with headers for building CPython, and Debian's CPython 3.11
@@ -63,6 +63,8 @@ pub struct Env {
     pub systemd_root: PathBuf,
     /// A python with LLNL Hatchet (reads PerfFlowAspect's files).
     pub hatchet_python: PathBuf,
+    /// A directory giving `python` greenlet on PYTHONPATH.
+    pub greenlet_path: PathBuf,
 }
 
 /// The steps building pftraced and running it on the bundled example need
@@ -85,6 +87,8 @@ pub fn run() -> Result<Env> {
     let pyenv_root = pyenv::ensure().context("setup step `pyenv pythons` failed")?;
     let systemd_root = systemd_root::ensure().context("setup step `systemd root` failed")?;
     let hatchet_python = hatchet::ensure().context("setup step `hatchet` failed")?;
+    let pip = hatchet_python.with_file_name("pip");
+    let greenlet_path = greenlet::ensure(&python, &pip).context("setup step `greenlet` failed")?;
     println!(
         "[setup] all set ({:.1} s); PFTRACE_PYTHON={} PFTRACE_SID_ROOT={} PFTRACE_PYENV_ROOT={} \
          PFTRACE_SYSTEMD_ROOT={}",
@@ -94,7 +98,7 @@ pub fn run() -> Result<Env> {
         pyenv_root.display(),
         systemd_root.display()
     );
-    Ok(Env { python, sid_root, pyenv_root, systemd_root, hatchet_python })
+    Ok(Env { python, sid_root, pyenv_root, systemd_root, hatchet_python, greenlet_path })
 }
 
 fn apt_packages() -> Result<()> {

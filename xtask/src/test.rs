@@ -70,6 +70,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .env("PFTRACE_PYENV_ROOT", &env.pyenv_root)
         .env("PFTRACE_SYSTEMD_ROOT", &env.systemd_root)
         .env("PFTRACE_HATCHET_PYTHON", &env.hatchet_python)
+        .env("PFTRACE_GREENLET_PATH", &env.greenlet_path)
         // --no-fail-fast: one failing test file must not hide the results of
         // the files after it (a red CI run should list every failure at once).
         .args([

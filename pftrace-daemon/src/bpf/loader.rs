@@ -192,6 +192,13 @@ pub struct Counters {
     /// depth.rs). In `return_seen` and `return_matched`.
     #[serde(default)]
     pub returns_known: u64,
+    /// Return hits whose name address was not the one the thread's window
+    /// held for its innermost level: a switch between Python stacks the
+    /// probes do not see (greenlet, gevent, eventlet), or the window's ring
+    /// taken by a thread sharing its row. Read, as any return, and the
+    /// thread's window started over (depth.rs). In `return_seen`.
+    #[serde(default)]
+    pub window_mismatches: u64,
     /// Entry hits that took a depth slot from another thread (tids equal
     /// mod pftrace_common::MAX_THREAD_DEPTHS): its returns are then read.
     #[serde(default)]
@@ -747,6 +754,7 @@ impl KernelProbes {
             cpu_slot_processes_gone: total(counter::CPU_SLOT_PROCESSES_GONE)?,
             returns_skipped: total(counter::RETURNS_SKIPPED)?,
             returns_known: total(counter::RETURNS_KNOWN)?,
+            window_mismatches: total(counter::WINDOW_MISMATCHES)?,
             thread_depths_full: total(counter::THREAD_DEPTHS_FULL)?,
             bounds: Default::default(),
             batch: if self.batch { self.batch_counters()? } else { BatchCounters::default() },
