@@ -126,15 +126,15 @@ fn head(tid: u32, attachment: u64) -> u64 {
     (((tid >> SLOT_BITS) as u64) << 8) | attachment
 }
 
-/// This thread's slot and head, or None: no slot, or a tid past the tag.
+/// This thread's slot, head and tid, or None: no slot, or a tid past the tag.
 #[inline(always)]
-fn own_slot(attachment: u64) -> Option<(*mut u64, u64)> {
+fn own_slot(attachment: u64) -> Option<(*mut u64, u64, u32)> {
     let tid = bpf_get_current_pid_tgid() as u32;
     if tid >= TID_LIMIT {
         return None;
     }
     let slot = THREAD_DEPTHS.get_ptr_mut(tid & (MAX_THREAD_DEPTHS - 1))?;
-    Some((slot, head(tid, attachment)))
+    Some((slot, head(tid, attachment), tid))
 }
 
 /// The attachment number in an attach cookie (its low 8 bits are kept).
@@ -167,10 +167,9 @@ impl Opened {
 /// it), kept in the thread's ring for the return that closes it.
 #[inline(always)]
 pub fn enter(attachment: u64, name_ptr: u64) -> Opened {
-    let Some((slot, head)) = own_slot(attachment) else {
+    let Some((slot, head, tid)) = own_slot(attachment) else {
         return Opened::NONE;
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
     let Some(ring) = THREAD_NAMES.get_ptr_mut(tid & (MAX_THREAD_NAME_RINGS - 1)) else {
         return Opened::NONE;
     };
@@ -259,7 +258,7 @@ pub enum Closing {
 /// starts over.
 #[inline(always)]
 pub fn leave(attachment: u64, name_ptr: u64) -> Closing {
-    let Some((slot, head)) = own_slot(attachment) else {
+    let Some((slot, head, tid)) = own_slot(attachment) else {
         return Closing::Unknown;
     };
     // SAFETY: as in [`enter`].
@@ -271,7 +270,6 @@ pub fn leave(attachment: u64, name_ptr: u64) -> Closing {
     if valid == 0 {
         return Closing::Unknown;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
     let Some(ring) = THREAD_NAMES.get_ptr_mut(tid & (MAX_THREAD_NAME_RINGS - 1)) else {
         return Closing::Unknown;
     };
