@@ -365,11 +365,12 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     // arguments' addresses only when it did (see depth.rs).
     let mut opened = depth::Opened::NONE;
     let mut closing = depth::Closing::Unknown;
+    // The name's address (a register on the CPythons built here), read once
+    // for the whole hit: on 3.6-3.10 it also checks that a return closes
+    // the level the window thinks it does (depth.rs).
+    let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME]);
     if spec.frame.regs[0] == NO_REG {
         let attachment = depth::attachment(cookie);
-        // The name's address (a register on these builds) checks that a
-        // return closes the level the window thinks it does (depth.rs).
-        let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME]);
         if event_kind == kind::RETURN {
             closing = depth::leave(attachment, name_ptr.unwrap_or(0));
             if closing == depth::Closing::Unmatched {
@@ -381,8 +382,8 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
                 depth::start_over(opened);
             }
         }
-        name_ptr?;
     }
+    let name_ptr = name_ptr?;
     if bench_stop(usdt_bench::DEPTH) {
         return Ok(());
     }
@@ -390,9 +391,9 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let mut name = [0u8; NAME_LEN];
     // Qualified names need the return's file (and its name with it): read.
     if closing == depth::Closing::Matched && config_value(config::RETURN_FILE) == 0 {
-        return send_known_return(ctx, spec, matched, &name);
+        return send_known_return(ctx, spec, matched, name_ptr, &name);
     }
-    let sent = read_and_send(ctx, spec, event_kind, matched, opened, &mut name);
+    let sent = read_and_send(ctx, spec, event_kind, matched, opened, name_ptr, &mut name);
     if sent.is_err() {
         // Its bit must not say "matched and sent" (depth.rs).
         depth::start_over(opened);
@@ -410,9 +411,9 @@ fn send_known_return(
     ctx: &ProbeContext,
     spec: &UsdtSpec,
     matched: u32,
+    name_ptr: u64,
     zeros: &[u8; NAME_LEN],
 ) -> Result<(), i32> {
-    let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
     // Measuring: where an entry stopped at this step its bit stayed set.
     if bench_stop(usdt_bench::NAME_PTR) {
         return Ok(());
@@ -455,10 +456,10 @@ fn read_and_send(
     event_kind: u8,
     matched: u32,
     opened: depth::Opened,
+    name_ptr: u64,
     name: &mut [u8; NAME_LEN],
 ) -> Result<(), i32> {
     // Filter first: decide on the name before anything else.
-    let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME])?;
     if bench_stop(usdt_bench::NAME_PTR) {
         return Ok(());
     }
