@@ -384,6 +384,13 @@ pub struct CpuSlot {
 /// holds at most `task_layout::CPU_SLOTS_PER_PROCESS` of them.
 pub const MAX_CPU_SLOTS: u32 = 16384;
 
+/// Rows of the record path's cache of SLOT_OF (CPU_SLOT_ROWS: tid mod this
+/// picks a row of 8 bytes, 512 KiB): as many as the window's words
+/// ([`MAX_THREAD_DEPTHS`]), so tids below 65,536 (pid_max is 32,768 by
+/// default) never share one.
+pub const MAX_CPU_SLOT_ROWS: u32 = 65536;
+const _: () = assert!(MAX_CPU_SLOT_ROWS.is_power_of_two());
+
 /// Records a thread's buffer holds (the batched agent road: an entry and a
 /// return are a record each). 64: a dense thread drains every 32 calls, as
 /// the whole-call prototype's 32 records did (a drain is ~300 ns fixed plus

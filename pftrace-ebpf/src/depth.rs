@@ -79,7 +79,7 @@
 //! A tid at or past 2^22 (none can be) would not fit the tag: its returns
 //! are read.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::Array};
+use aya_ebpf::{macros::map, maps::Array};
 use pftrace_common::{COOKIE_ATTACHMENT_SHIFT, MAX_THREAD_DEPTHS, MAX_THREAD_NAME_RINGS, counter};
 
 use crate::bump;
@@ -126,10 +126,10 @@ fn head(tid: u32, attachment: u64) -> u64 {
     (((tid >> SLOT_BITS) as u64) << 8) | attachment
 }
 
-/// This thread's slot, head and tid, or None: no slot, or a tid past the tag.
+/// The slot and head of thread `tid` (the hit's, kernel numbering), with
+/// its tid, or None: no slot, or a tid past the tag.
 #[inline(always)]
-fn own_slot(attachment: u64) -> Option<(*mut u64, u64, u32)> {
-    let tid = bpf_get_current_pid_tgid() as u32;
+fn own_slot(attachment: u64, tid: u32) -> Option<(*mut u64, u64, u32)> {
     if tid >= TID_LIMIT {
         return None;
     }
@@ -166,8 +166,8 @@ impl Opened {
 /// `name_ptr` is the entry's name address (its argument as the probe gave
 /// it), kept in the thread's ring for the return that closes it.
 #[inline(always)]
-pub fn enter(attachment: u64, name_ptr: u64) -> Opened {
-    let Some((slot, head, tid)) = own_slot(attachment) else {
+pub fn enter(attachment: u64, name_ptr: u64, tid: u32) -> Opened {
+    let Some((slot, head, tid)) = own_slot(attachment, tid) else {
         return Opened::NONE;
     };
     let Some(ring) = THREAD_NAMES.get_ptr_mut(tid & (MAX_THREAD_NAME_RINGS - 1)) else {
@@ -257,8 +257,8 @@ pub enum Closing {
 /// another thread) decides nothing: the return is read, and the thread
 /// starts over.
 #[inline(always)]
-pub fn leave(attachment: u64, name_ptr: u64) -> Closing {
-    let Some((slot, head, tid)) = own_slot(attachment) else {
+pub fn leave(attachment: u64, name_ptr: u64, tid: u32) -> Closing {
+    let Some((slot, head, tid)) = own_slot(attachment, tid) else {
         return Closing::Unknown;
     };
     // SAFETY: as in [`enter`].

@@ -46,9 +46,9 @@ use aya_log_ebpf::warn;
 use pftrace_common::{
     AgentBatchEvent, AgentCallEvent, AgentEvent, AgentLongNamedEvent, AgentNamedEvent, BATCH_LEN, BatchTail,
     COOKIE_RETURN, CallEvent, CallHead, CpuSlot, FILE_LEN, FRAME_REGS, FRAME_WINDOW, FrameSpec,
-    LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_CPU_SLOTS, MAX_NAMES, MAX_PREFIXES, MAX_SPECS,
-    MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, batch, config, counter,
-    flag, kind,
+    LONG_FILE_LEN, LongCallEvent, MAX_CGROUPS, MAX_CPU_SLOT_ROWS, MAX_CPU_SLOTS, MAX_NAMES, MAX_PREFIXES,
+    MAX_SPECS, MAX_TRACKED, NAME_LEN, NO_REG, ProcEvent, UsdtArg, UsdtSpec, agent, arg_kind, batch, config,
+    counter, flag, kind,
     task_layout::{bench_skip as skip_bit, usdt_bench},
 };
 
@@ -226,6 +226,17 @@ static CPU_SLOTS: Array<CpuSlot> = Array::with_max_entries(MAX_CPU_SLOTS, BPF_F_
 #[map]
 static SLOT_OF: HashMap<u32, u32> = HashMap::with_max_entries(MAX_CPU_SLOTS, 0);
 
+/// SLOT_OF's answers for the record path, direct-mapped by tid (row = tid
+/// mod MAX_CPU_SLOT_ROWS; value tid << 32 | slot index, 0 empty): an
+/// array's lookup the verifier inlines, where the hash's costs a helper
+/// call a record (see [`slot_cpu`]). Only a cache: SLOT_OF stays the
+/// truth, a row is written from it on a miss, cleared when its slot is
+/// given back, and a reader still checks the slot's own tid, so a row
+/// two threads share, or one that went stale, costs a hash lookup and
+/// never a wrong figure.
+#[map]
+static CPU_SLOT_ROWS: Array<u64> = Array::with_max_entries(MAX_CPU_SLOT_ROWS, 0);
+
 /// Kernel tgid -> CPU slots its threads hold (with CPU_SLOT_ALLOC): taken
 /// at claim_cpu_slot, given back at release_cpu_slot, the entry removed
 /// when the thread group dies (pftrace_exit). At most one entry per live
@@ -292,9 +303,9 @@ const ARG_LINENO: usize = 2;
 pub fn pftrace_usdt(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     if cookie & COOKIE_RETURN != 0 {
-        on_probe(&ctx, cookie, kind::RETURN, counter::RETURN_SEEN, counter::RETURN_MATCHED)
+        on_probe(&ctx, cookie, kind::RETURN, counter::RETURN_SEEN)
     } else {
-        on_probe(&ctx, cookie, kind::ENTRY, counter::ENTRY_SEEN, counter::ENTRY_MATCHED)
+        on_probe(&ctx, cookie, kind::ENTRY, counter::ENTRY_SEEN)
     }
 }
 
@@ -302,14 +313,14 @@ pub fn pftrace_usdt(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn pftrace_entry(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    on_probe(&ctx, cookie, kind::ENTRY, counter::ENTRY_SEEN, counter::ENTRY_MATCHED)
+    on_probe(&ctx, cookie, kind::ENTRY, counter::ENTRY_SEEN)
 }
 
 /// The return probe alone (perf-event attachment).
 #[uprobe]
 pub fn pftrace_return(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    on_probe(&ctx, cookie, kind::RETURN, counter::RETURN_SEEN, counter::RETURN_MATCHED)
+    on_probe(&ctx, cookie, kind::RETURN, counter::RETURN_SEEN)
 }
 
 /// Benchmark floor: the same attach path with a program that returns at once.
@@ -321,13 +332,16 @@ pub fn pftrace_noop(_ctx: ProbeContext) -> u32 {
 /// One probe hit; `cookie` is the attach cookie (its low half the spec
 /// id), read once by the caller.
 #[inline(always)]
-fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched: u32) -> u32 {
+fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32) -> u32 {
     if bench_stop(usdt_bench::COOKIE) {
         return 0;
     }
+    // Read once a hit, for the scope, the thread's window and the record (a
+    // helper call and its return cost ~20-30 ns here: see [`call_cpu_of`]).
+    let host = bpf_get_current_pid_tgid();
     if global(&SCOPE_FILTER) != 0 || global(&PIDNS_INO) != 0 {
         // 0: a process outside pftraced's PID namespace (host-wide probes).
-        let pid_tgid = current_pid_tgid();
+        let pid_tgid = pid_tgid_in_ns(host);
         let tgid = (pid_tgid >> 32) as u32;
         if pid_tgid == 0 || (global(&SCOPE_FILTER) != 0 && unsafe { TRACKED.get(&tgid) }.is_none()) {
             bump(counter::OUT_OF_SCOPE);
@@ -339,7 +353,7 @@ fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched:
         return 0;
     }
     let spec_id = cookie as u32;
-    if let Err(err) = try_on_probe(ctx, cookie, event_kind, matched) {
+    if let Err(err) = try_on_probe(ctx, cookie, event_kind, host) {
         bump(counter::READ_ERRORS);
         if first_time(spec_id.wrapping_add(1)) {
             warn!(
@@ -347,7 +361,7 @@ fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched:
                 "probe site with spec id {} (pid {}): reading its arguments failed (error {}); further \
                  failures at this site are only counted (read_errors)",
                 spec_id,
-                (bpf_get_current_pid_tgid() >> 32) as u32,
+                (host >> 32) as u32,
                 err
             );
         }
@@ -356,7 +370,8 @@ fn on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, seen: u32, matched:
 }
 
 #[inline(always)]
-fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -> Result<(), i32> {
+fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, host: u64) -> Result<(), i32> {
+    let matched = if event_kind == kind::RETURN { counter::RETURN_MATCHED } else { counter::ENTRY_MATCHED };
     let spec = SPECS.get(cookie as u32).ok_or(-1i32)?;
 
     // Where entries and returns pair (no frame spec: 3.6-3.10), a return
@@ -368,22 +383,30 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     // The name's address (a register on the CPythons built here), read once
     // for the whole hit: on 3.6-3.10 it also checks that a return closes
     // the level the window thinks it does (depth.rs).
-    let name_ptr = read_arg(ctx, &spec.args[ARG_FUNCNAME]);
+    // Two plain words, not the Result: spilled across the window's step,
+    // a Result's error half is undefined while it is Ok, and the verifier
+    // refused that spill (`R5 !read_ok`). Errors are negative, never 0.
+    let (name_ptr, name_err) = match read_arg(ctx, &spec.args[ARG_FUNCNAME]) {
+        Ok(ptr) => (ptr, 0),
+        Err(err) => (0, err),
+    };
     if spec.frame.regs[0] == NO_REG {
         let attachment = depth::attachment(cookie);
         if event_kind == kind::RETURN {
-            closing = depth::leave(attachment, name_ptr.unwrap_or(0));
+            closing = depth::leave(attachment, name_ptr, host as u32);
             if closing == depth::Closing::Unmatched {
                 return Ok(());
             }
         } else {
-            opened = depth::enter(attachment, name_ptr.unwrap_or(0));
-            if name_ptr.is_err() {
+            opened = depth::enter(attachment, name_ptr, host as u32);
+            if name_err != 0 {
                 depth::start_over(opened);
             }
         }
     }
-    let name_ptr = name_ptr?;
+    if name_err != 0 {
+        return Err(name_err);
+    }
     if bench_stop(usdt_bench::DEPTH) {
         return Ok(());
     }
@@ -391,9 +414,9 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, matched: u32) -
     let mut name = [0u8; NAME_LEN];
     // Qualified names need the return's file (and its name with it): read.
     if closing == depth::Closing::Matched && config_value(config::RETURN_FILE) == 0 {
-        return send_known_return(ctx, spec, matched, name_ptr, &name);
+        return send_known_return(ctx, spec, matched, name_ptr, host, &name);
     }
-    let sent = read_and_send(ctx, spec, event_kind, matched, opened, name_ptr, &mut name);
+    let sent = read_and_send(ctx, spec, event_kind, matched, opened, name_ptr, host, &mut name);
     if sent.is_err() {
         // Its bit must not say "matched and sent" (depth.rs).
         depth::start_over(opened);
@@ -412,6 +435,7 @@ fn send_known_return(
     spec: &UsdtSpec,
     matched: u32,
     name_ptr: u64,
+    host: u64,
     zeros: &[u8; NAME_LEN],
 ) -> Result<(), i32> {
     // Measuring: where an entry stopped at this step its bit stayed set.
@@ -425,6 +449,7 @@ fn send_known_return(
         frame: 0,
         file_ptr: read_arg(ctx, &spec.args[ARG_FILENAME])?,
         name_ptr,
+        host,
     };
     bump(matched);
     bump(counter::RETURNS_KNOWN);
@@ -457,6 +482,7 @@ fn read_and_send(
     matched: u32,
     opened: depth::Opened,
     name_ptr: u64,
+    host: u64,
     name: &mut [u8; NAME_LEN],
 ) -> Result<(), i32> {
     // Filter first: decide on the name before anything else.
@@ -481,6 +507,7 @@ fn read_and_send(
         frame: 0,
         file_ptr: 0,
         name_ptr,
+        host,
     };
     if spec.frame.regs[0] != NO_REG && !frame_corrections(ctx, &spec.frame, name_ptr, &mut call) {
         return Ok(());
@@ -550,12 +577,14 @@ struct Call {
     frame: u64,
     file_ptr: u64,
     name_ptr: u64,
+    /// The hitting thread's kernel pid_tgid (bpf_get_current_pid_tgid).
+    host: u64,
 }
 
 /// Fills a record's fixed fields.
 #[inline(always)]
 unsafe fn fill(ev: *mut CallHead, call: &Call, name: &[u8; NAME_LEN]) {
-    let host = bpf_get_current_pid_tgid();
+    let host = call.host;
     let pid_tgid = pid_tgid_in_ns(host);
     let now = if usdt_skip(skip_bit::CLOCK) { 0 } else { unsafe { bpf_ktime_get_ns() } };
     let cpu = if usdt_skip(skip_bit::CPU) { 0 } else { call_cpu_of(now, host) };
@@ -1220,8 +1249,23 @@ fn agent_call(pid_tgid: u64, event: u8, entry_ts: u64, entry_cpu: u64, line: u64
 /// its last switch-in plus the time since. None: no valid slot.
 #[inline(always)]
 fn slot_cpu(tid: u32, now: u64) -> Option<u64> {
-    let idx = unsafe { SLOT_OF.get(&tid) }?;
-    let slot = CPU_SLOTS.get_ptr(*idx)?;
+    let row = CPU_SLOT_ROWS.get_ptr_mut(tid & (MAX_CPU_SLOT_ROWS - 1))?;
+    // SAFETY: a valid, aligned map value, read and written whole.
+    let cached = unsafe { core::ptr::read_volatile(row) };
+    if (cached >> 32) as u32 == tid
+        && let Some(cpu) = slot_cpu_at(cached as u32, tid, now)
+    {
+        return Some(cpu);
+    }
+    let idx = *unsafe { SLOT_OF.get(&tid) }?;
+    unsafe { core::ptr::write_volatile(row, ((tid as u64) << 32) | idx as u64) };
+    slot_cpu_at(idx, tid, now)
+}
+
+/// [`slot_cpu`] from slot `idx`, if it holds thread `tid`'s figures.
+#[inline(always)]
+fn slot_cpu_at(idx: u32, tid: u32, now: u64) -> Option<u64> {
+    let slot = CPU_SLOTS.get_ptr(idx)?;
     unsafe {
         let seq = core::ptr::read_volatile(&raw const (*slot).seq);
         let sum = core::ptr::read_volatile(&raw const (*slot).sum_exec_ns);
@@ -1329,6 +1373,14 @@ fn release_cpu_slot(tid: u32) {
     };
     if SLOT_OF.remove(&tid).is_err() {
         return;
+    }
+    if let Some(row) = CPU_SLOT_ROWS.get_ptr_mut(tid & (MAX_CPU_SLOT_ROWS - 1)) {
+        // SAFETY: as in [`slot_cpu`]. Another thread's row is left alone.
+        unsafe {
+            if core::ptr::read_volatile(row) == ((tid as u64) << 32) | idx as u64 {
+                core::ptr::write_volatile(row, 0);
+            }
+        }
     }
     if let Some(slot) = CPU_SLOTS.get_ptr_mut(idx) {
         unsafe {
