@@ -474,6 +474,9 @@ fn send_head(call: &Call, name: &[u8; NAME_LEN]) {
 /// The name read and checked, then the record sent: an entry (it says to
 /// `opened` whether it matched), a return the kernel knew nothing of, or
 /// any hit at a site with a frame spec.
+// Inlined into the one caller: the arguments are that caller's registers
+// and locals, so a struct to carry them would only rename them.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn read_and_send(
     ctx: &ProbeContext,
