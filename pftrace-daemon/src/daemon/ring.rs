@@ -184,10 +184,23 @@ impl Daemon {
             s.append(calls);
         }
         self.route_job_calls(calls);
+        // Counted per run of one process's calls: one look-up a run, not a call.
+        let mut run: Option<(u32, u64)> = None;
         for call in calls.drain(..) {
-            self.processes.count_call(call.pid);
+            match &mut run {
+                Some((pid, n)) if *pid == call.pid => *n += 1,
+                _ => {
+                    if let Some((pid, n)) = run {
+                        self.processes.count_calls(pid, n);
+                    }
+                    run = Some((call.pid, 1));
+                }
+            }
             self.functions.push(&call);
             self.store.push(call);
+        }
+        if let Some((pid, n)) = run {
+            self.processes.count_calls(pid, n);
         }
     }
 }
