@@ -57,6 +57,27 @@ pub struct Event {
     pub name_not_read: bool,
 }
 
+/// A return the kernel sent bare (flags [`flag::NO_FILE`] and
+/// [`flag::NAME_NOT_READ`]: it knew its entry matched, depth.rs), as
+/// pairing needs it: the head's fields only, read without touching the
+/// string paths ([`Decoder::known_return`]). Half of a dense trace's records
+/// are these; decoded as an [`Event`] each took two spare string references
+/// out of the recycle slots and two back in, and was moved whole (128
+/// bytes) three times on its way to the pairer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownReturn {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub thread_cpu_ns: u64,
+    pub rss_bytes: u64,
+    /// As [`Event::frame`].
+    pub frame: Option<u64>,
+    pub generator: bool,
+    pub file_ptr: u64,
+    pub name_ptr: u64,
+}
+
 /// The `file` of a return whose file name the kernel did not read (it pairs
 /// by `file_ptr`, and its call is named from its entry): what a return
 /// without an entry shows. Not looked up by address in the process's other
@@ -388,6 +409,44 @@ impl Decoder {
         })
     }
 
+    /// `bytes` as a [`KnownReturn`] if it is one (a USDT return record of
+    /// at least a [`CallHead`] with both [`flag::NO_FILE`] and
+    /// [`flag::NAME_NOT_READ`]), else None: [`Self::decode_record`] reads
+    /// it, and says what is wrong with it. The same fields as
+    /// [`Self::decode`] gives such a record (which keeps deciding the rest).
+    pub fn known_return(bytes: &[u8]) -> Option<KnownReturn> {
+        use std::mem::offset_of;
+        const BARE: u8 = flag::NO_FILE | flag::NAME_NOT_READ;
+        if bytes.len() < size_of::<CallHead>()
+            || bytes[offset_of!(CallHead, kind)] != kind::RETURN
+            || bytes[offset_of!(CallHead, flags)] & BARE != BARE
+        {
+            return None;
+        }
+        let flags = bytes[offset_of!(CallHead, flags)];
+        Some(KnownReturn {
+            ts_ns: field(bytes, offset_of!(CallHead, ts_ns)),
+            pid: field(bytes, offset_of!(CallHead, pid)),
+            tid: field(bytes, offset_of!(CallHead, tid)),
+            thread_cpu_ns: field(bytes, offset_of!(CallHead, thread_cpu_ns)),
+            rss_bytes: field::<u64>(bytes, offset_of!(CallHead, rss_pages)).saturating_mul(page_size()),
+            frame: (flags & flag::FRAME != 0).then(|| field(bytes, offset_of!(CallHead, frame))),
+            generator: flags & flag::GENERATOR != 0,
+            file_ptr: field(bytes, offset_of!(CallHead, file_ptr)),
+            name_ptr: field(bytes, offset_of!(CallHead, name_ptr)),
+        })
+    }
+
+    /// The name and file a [`KnownReturn`] shows when it pairs with
+    /// nothing ([`NAME_NOT_READ`], [`FILE_NOT_READ`]), as [`Self::decode`]
+    /// gives them to the [`Event`] of such a record.
+    pub fn not_read_strings(&mut self) -> (Arc<str>, Arc<str>) {
+        let name = self.name_not_read.get_or_insert_with(|| Arc::from(NAME_NOT_READ));
+        let name = spare_or_clone(&mut self.recent.spares, name);
+        let file = self.not_read.get_or_insert_with(|| Arc::from(FILE_NOT_READ));
+        (name, spare_or_clone(&mut self.recent.spares, file))
+    }
+
     /// The string up to the first NUL, shared with earlier identical strings;
     /// a new one is charged to `pid`, and past the bound not kept
     /// ([`string_bound::OTHER`] instead).
@@ -525,6 +584,40 @@ mod tests {
         // A record with its file still needs the whole of it.
         let cut = &raw(kind::RETURN, b"foo")[..size_of::<CallHead>()];
         assert!(matches!(d.decode(cut), Err(DecodeError::Size { .. })));
+    }
+
+    #[test]
+    fn a_bare_return_is_read_as_decode_reads_it() {
+        let mut d = Decoder::default();
+        let mut bytes = raw(kind::RETURN, b"");
+        bytes[std::mem::offset_of!(CallHead, flags)] = flag::NO_FILE | flag::NAME_NOT_READ | flag::GENERATOR;
+        bytes.truncate(size_of::<CallHead>());
+        let r = Decoder::known_return(&bytes).expect("a bare return");
+        let ev = d.decode(&bytes).unwrap();
+        assert_eq!(
+            (r.ts_ns, r.pid, r.tid, r.thread_cpu_ns, r.rss_bytes, r.frame, r.generator),
+            (ev.ts_ns, ev.pid, ev.tid, ev.thread_cpu_ns, ev.rss_bytes, ev.frame, ev.generator)
+        );
+        assert_eq!((Some(r.name_ptr), Some(r.file_ptr)), (ev.name_ptr, ev.file_ptr));
+        let (name, file) = d.not_read_strings();
+        assert!(Arc::ptr_eq(&name, &ev.name) && Arc::ptr_eq(&file, &ev.file));
+        // With its frame: read as decode reads it.
+        bytes[std::mem::offset_of!(CallHead, flags)] |= flag::FRAME;
+        bytes[std::mem::offset_of!(CallHead, frame)] = 0x77;
+        assert_eq!(Decoder::known_return(&bytes).unwrap().frame, d.decode(&bytes).unwrap().frame);
+        assert_eq!(Decoder::known_return(&bytes).unwrap().frame, Some(0x77));
+        // Anything else is left to decode_record: an entry, a return with
+        // its file or its name, a record cut short.
+        let with = |k: u8, flags: u8| {
+            let mut b = raw(k, b"");
+            b[std::mem::offset_of!(CallHead, flags)] = flags;
+            b
+        };
+        assert!(Decoder::known_return(&with(kind::ENTRY, flag::NO_FILE | flag::NAME_NOT_READ)).is_none());
+        assert!(Decoder::known_return(&with(kind::RETURN, flag::NAME_NOT_READ)).is_none());
+        assert!(Decoder::known_return(&with(kind::RETURN, flag::NO_FILE)).is_none());
+        assert!(Decoder::known_return(&with(kind::RETURN, 0)).is_none());
+        assert!(Decoder::known_return(&bytes[..size_of::<CallHead>() - 1]).is_none());
     }
 
     #[test]

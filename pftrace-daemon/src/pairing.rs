@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{
-    events::{Event, EventKind},
+    events::{Event, EventKind, KnownReturn},
     fast_hash::FastMap,
 };
 
@@ -190,6 +190,17 @@ enum ReturnKey {
     File(usize, usize),
 }
 
+/// What pairing takes of a return besides its key and strings.
+#[derive(Clone, Copy)]
+struct ReturnAt {
+    pid: u32,
+    tid: u32,
+    ts_ns: u64,
+    thread_cpu_ns: u64,
+    rss_bytes: u64,
+    generator: bool,
+}
+
 /// The addresses an event carries, for [`return_key`].
 #[derive(Clone, Copy)]
 struct Addresses {
@@ -257,35 +268,33 @@ impl Pairer {
     /// the decoder ([`crate::events::Decoder::recycle`]).
     pub fn push(&mut self, ev: Event, out: &mut Vec<Call>) -> Option<(Arc<str>, Arc<str>)> {
         let thread = (ev.pid, ev.tid);
-        let stack = self.stacks.entry(thread).or_default();
         match ev.kind {
-            EventKind::Entry
-                if self.open >= MAX_OPEN_CALLS
-                    || self.by_pid.get(&ev.pid).is_some_and(|p| p.0 >= PROCESS_OPEN_CALLS) =>
-            {
-                let process = self.by_pid.entry(ev.pid).or_default();
-                if process.0 >= PROCESS_OPEN_CALLS && !process.1 {
-                    process.1 = true;
-                    log::warn!(
-                        "pid {}: its calls open at once reached pftraced's bound of {PROCESS_OPEN_CALLS} a \
-                         process (pairing.rs PROCESS_OPEN_CALLS); its calls entered past it are not traced \
-                         (counted as open_calls_dropped)",
-                        ev.pid
-                    );
-                } else if process.0 < PROCESS_OPEN_CALLS && self.dropped_open == 0 {
-                    log::warn!(
-                        "pid {}: {MAX_OPEN_CALLS} calls were open at once (pairing.rs MAX_OPEN_CALLS); calls \
-                         entered past it are not traced (counted as open_calls_dropped)",
-                        ev.pid
-                    );
-                }
-                self.dropped_open += 1;
-                *self.overflow.entry(thread).or_default() += 1;
-                Some((ev.name, ev.file))
-            }
             EventKind::Entry => {
+                // One look-up of the process's count, for the check and the count.
+                let process = self.by_pid.entry(ev.pid).or_default();
+                if self.open >= MAX_OPEN_CALLS || process.0 >= PROCESS_OPEN_CALLS {
+                    if process.0 >= PROCESS_OPEN_CALLS && !process.1 {
+                        process.1 = true;
+                        log::warn!(
+                            "pid {}: its calls open at once reached pftraced's bound of {PROCESS_OPEN_CALLS} a \
+                             process (pairing.rs PROCESS_OPEN_CALLS); its calls entered past it are not traced \
+                             (counted as open_calls_dropped)",
+                            ev.pid
+                        );
+                    } else if process.0 < PROCESS_OPEN_CALLS && self.dropped_open == 0 {
+                        log::warn!(
+                            "pid {}: {MAX_OPEN_CALLS} calls were open at once (pairing.rs MAX_OPEN_CALLS); calls \
+                             entered past it are not traced (counted as open_calls_dropped)",
+                            ev.pid
+                        );
+                    }
+                    self.dropped_open += 1;
+                    *self.overflow.entry(thread).or_default() += 1;
+                    return Some((ev.name, ev.file));
+                }
+                process.0 += 1;
                 self.open += 1;
-                self.by_pid.entry(ev.pid).or_default().0 += 1;
+                let stack = self.stacks.entry(thread).or_default();
                 // Indexed from INDEXED_DEPTH on, and while the index lasts
                 // (until the stack is back under half of it).
                 let indexed = stack.len() >= INDEXED_DEPTH
@@ -320,88 +329,153 @@ impl Pairer {
                 None
             }
             EventKind::Return => {
-                if !self.overflow.is_empty()
-                    && let Some(n) = self.overflow.get_mut(&(ev.pid, ev.tid))
-                {
-                    // The return of the innermost entry not kept.
-                    *n -= 1;
-                    if *n == 0 {
-                        self.overflow.remove(&(ev.pid, ev.tid));
-                    }
-                    return Some((ev.name, ev.file));
-                }
-                let index = if self.index.is_empty() { None } else { self.index.get_mut(&thread) };
-                let key = event_key(&ev);
-                let found = if index.as_ref().is_some_and(|i| !i.contains_key(&key)) {
-                    None
+                let at = ReturnAt {
+                    pid: ev.pid,
+                    tid: ev.tid,
+                    ts_ns: ev.ts_ns,
+                    thread_cpu_ns: ev.thread_cpu_ns,
+                    rss_bytes: ev.rss_bytes,
+                    generator: ev.generator,
+                };
+                if self.pair_return(at, event_key(&ev), out) {
+                    Some((ev.name, ev.file))
                 } else {
-                    stack.iter().rposition(|o| open_key(o) == key)
-                };
-                // A return the kernel sent unread (`name_not_read`) has an
-                // entry by construction: the kernel saw it match and sent it
-                // (pftrace-ebpf/src/depth.rs). It finds none only when that
-                // record was lost (counted as lost), and is counted here as
-                // any return without its entry.
-                let Some(at) = found else {
-                    self.unmatched_total += 1;
-                    self.unmatched_generator += u64::from(ev.generator);
-                    if self.unmatched.len() >= UNMATCHED_SAMPLE {
-                        return Some((ev.name, ev.file));
-                    }
-                    self.unmatched.push(UnmatchedReturn {
-                        pid: ev.pid,
-                        tid: ev.tid,
-                        name: ev.name,
-                        file: ev.file,
-                        ts_ns: ev.ts_ns,
-                        generator: ev.generator,
-                    });
-                    return None;
-                };
-                self.open -= stack.len() - at;
-                if let Some(p) = self.by_pid.get_mut(&ev.pid) {
-                    p.0 -= stack.len() - at;
+                    self.note_unmatched(at, ev.name, ev.file)
                 }
-                if let Some(index) = index {
-                    if at < INDEXED_DEPTH / 2 {
-                        self.index.remove(&thread);
-                    } else {
-                        for o in &stack[at..] {
-                            let k = open_key(o);
-                            if let Some(n) = index.get_mut(&k) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    index.remove(&k);
-                                }
-                            }
+            }
+        }
+    }
+
+    /// Feeds a return the kernel sent bare ([`KnownReturn`]), as [`Self::push`]
+    /// feeds its [`Event`]; `names` gives the name and file it shows if it
+    /// pairs with nothing (then returned as `push` returns a return's).
+    pub fn push_known_return(
+        &mut self,
+        r: &KnownReturn,
+        out: &mut Vec<Call>,
+        names: impl FnOnce() -> (Arc<str>, Arc<str>),
+    ) -> Option<(Arc<str>, Arc<str>)> {
+        let at = ReturnAt {
+            pid: r.pid,
+            tid: r.tid,
+            ts_ns: r.ts_ns,
+            thread_cpu_ns: r.thread_cpu_ns,
+            rss_bytes: r.rss_bytes,
+            generator: r.generator,
+        };
+        // As event_key gives for its Event (which has both addresses).
+        let key = match r.frame {
+            Some(f) => ReturnKey::Frame(f),
+            None => ReturnKey::Args(r.name_ptr, r.file_ptr),
+        };
+        if self.pair_return(at, key, out) {
+            return None;
+        }
+        let (name, file) = names();
+        self.note_unmatched(at, name, file)
+    }
+
+    /// Closes the innermost open call of the return's thread with `key`
+    /// (and those above it, incomplete), or swallows the return of an entry
+    /// not kept; false if it has no open entry (not counted yet: see
+    /// [`Self::note_unmatched`]).
+    fn pair_return(&mut self, r: ReturnAt, key: ReturnKey, out: &mut Vec<Call>) -> bool {
+        let thread = (r.pid, r.tid);
+        if !self.overflow.is_empty()
+            && let Some(n) = self.overflow.get_mut(&thread)
+        {
+            // The return of the innermost entry not kept.
+            *n -= 1;
+            if *n == 0 {
+                self.overflow.remove(&thread);
+            }
+            return true;
+        }
+        // A thread without a stack has no entry to close (and gets no
+        // stack for it: returns from ever new threads hold no memory).
+        let Some(stack) = self.stacks.get_mut(&thread) else {
+            return false;
+        };
+        let index = if self.index.is_empty() { None } else { self.index.get_mut(&thread) };
+        let found = if index.as_ref().is_some_and(|i| !i.contains_key(&key)) {
+            None
+        } else {
+            stack.iter().rposition(|o| open_key(o) == key)
+        };
+        // A return the kernel sent unread (`name_not_read`) has an
+        // entry by construction: the kernel saw it match and sent it
+        // (pftrace-ebpf/src/depth.rs). It finds none only when that
+        // record was lost (counted as lost), and is counted here as
+        // any return without its entry.
+        let Some(at) = found else {
+            return false;
+        };
+        self.open -= stack.len() - at;
+        if let Some(p) = self.by_pid.get_mut(&r.pid) {
+            p.0 -= stack.len() - at;
+        }
+        if let Some(index) = index {
+            if at < INDEXED_DEPTH / 2 {
+                self.index.remove(&thread);
+            } else {
+                for o in &stack[at..] {
+                    let k = open_key(o);
+                    if let Some(n) = index.get_mut(&k) {
+                        *n -= 1;
+                        if *n == 0 {
+                            index.remove(&k);
                         }
                     }
                 }
-                // Entries above the match never returned: close them first.
-                while stack.len() > at + 1 {
-                    self.skipped_entries += 1;
-                    let open = stack.pop().expect("len checked");
-                    let depth = stack.len() as u32;
-                    let at = Close { ts_ns: ev.ts_ns, figures: None };
-                    out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Incomplete));
-                }
-                let open = stack.pop().expect("found above");
-                let depth = stack.len() as u32;
-                let at = Close { ts_ns: ev.ts_ns, figures: Some((ev.thread_cpu_ns, ev.rss_bytes)) };
-                out.push(close(ev.pid, ev.tid, open, depth, at, CallEnd::Returned));
-                if stack.is_empty() {
-                    if stack.capacity() > KEPT_CAPACITY {
-                        self.stacks.remove(&(ev.pid, ev.tid));
-                    } else if self.stacks.len() > self.prune_at.max(IDLE_STACKS) {
-                        // Threads that ended: amortised, as the bound doubles
-                        // with the stacks still open.
-                        self.stacks.retain(|_, s| !s.is_empty());
-                        self.prune_at = 2 * self.stacks.len();
-                    }
-                }
-                Some((ev.name, ev.file))
             }
         }
+        // Entries above the match never returned: close them first.
+        while stack.len() > at + 1 {
+            self.skipped_entries += 1;
+            let open = stack.pop().expect("len checked");
+            let depth = stack.len() as u32;
+            let close_at = Close { ts_ns: r.ts_ns, figures: None };
+            out.push(close(r.pid, r.tid, open, depth, close_at, CallEnd::Incomplete));
+        }
+        let open = stack.pop().expect("found above");
+        let depth = stack.len() as u32;
+        let close_at = Close { ts_ns: r.ts_ns, figures: Some((r.thread_cpu_ns, r.rss_bytes)) };
+        out.push(close(r.pid, r.tid, open, depth, close_at, CallEnd::Returned));
+        if stack.is_empty() {
+            if stack.capacity() > KEPT_CAPACITY {
+                self.stacks.remove(&thread);
+            } else if self.stacks.len() > self.prune_at.max(IDLE_STACKS) {
+                // Threads that ended: amortised, as the bound doubles
+                // with the stacks still open.
+                self.stacks.retain(|_, s| !s.is_empty());
+                self.prune_at = 2 * self.stacks.len();
+            }
+        }
+        true
+    }
+
+    /// Counts a return without an open entry, keeping the first
+    /// [`UNMATCHED_SAMPLE`]; returns its strings if not kept.
+    fn note_unmatched(
+        &mut self,
+        r: ReturnAt,
+        name: Arc<str>,
+        file: Arc<str>,
+    ) -> Option<(Arc<str>, Arc<str>)> {
+        self.unmatched_total += 1;
+        self.unmatched_generator += u64::from(r.generator);
+        if self.unmatched.len() >= UNMATCHED_SAMPLE {
+            return Some((name, file));
+        }
+        self.unmatched.push(UnmatchedReturn {
+            pid: r.pid,
+            tid: r.tid,
+            name,
+            file,
+            ts_ns: r.ts_ns,
+            generator: r.generator,
+        });
+        None
     }
 
     /// Closes every open call of process `pid` (or of all processes) at `end_ns`
@@ -584,8 +658,26 @@ mod tests {
     }
 
     /// A return the kernel sent without its name (it knew the entry
-    /// matched): only the two arguments' addresses.
+    /// matched): only the two arguments' addresses, fed as the daemon feeds
+    /// it ([`Pairer::push_known_return`]).
     fn known_return(f: &mut Feed, name_ptr: u64, file_ptr: u64, ts: u64) {
+        let r = KnownReturn {
+            ts_ns: ts,
+            pid: f.pid,
+            tid: 1,
+            thread_cpu_ns: 1000 + ts,
+            rss_bytes: 4096,
+            frame: None,
+            generator: false,
+            file_ptr,
+            name_ptr,
+        };
+        let names = || (Arc::from(crate::events::NAME_NOT_READ), Arc::from(crate::events::FILE_NOT_READ));
+        let _ = f.p.push_known_return(&r, &mut f.out, names);
+    }
+
+    /// The same return as an [`Event`] (what `decode` makes of its record).
+    fn known_return_event(f: &mut Feed, name_ptr: u64, file_ptr: u64, ts: u64) {
         let (name, file) = (Arc::from(crate::events::NAME_NOT_READ), Arc::from(crate::events::FILE_NOT_READ));
         let ev = Event {
             file_ptr: Some(file_ptr),
@@ -594,6 +686,49 @@ mod tests {
             ..f.event(EventKind::Return, name, file, ts)
         };
         let _ = f.p.push(ev, &mut f.out);
+    }
+
+    #[test]
+    fn known_returns_pair_as_their_events_do() {
+        use EventKind::Entry;
+        let feeds: [fn(&mut Feed, u64, u64, u64); 2] = [known_return, known_return_event];
+        let runs: Vec<_> = feeds
+            .iter()
+            .map(|feed| {
+                let mut f = Feed::new();
+                // f(g(f)), a return lost (g's), a return without entry, one on
+                // a thread that never entered.
+                f.usdt_named(Entry, "f", "a.py", 0x1a, 0xa0, 0);
+                f.usdt_named(Entry, "g", "a.py", 0x2a, 0xa0, 1);
+                f.usdt_named(Entry, "f", "a.py", 0x1a, 0xa0, 2);
+                feed(&mut f, 0x1a, 0xa0, 3);
+                feed(&mut f, 0x1a, 0xa0, 4);
+                feed(&mut f, 0x3a, 0xa0, 5);
+                f.pid = 9;
+                feed(&mut f, 0x1a, 0xa0, 6);
+                let calls: Vec<_> = f
+                    .out
+                    .iter()
+                    .map(|c| {
+                        (c.name.to_string(), c.start_ns, c.end_ns, c.depth, c.id, c.parent, c.end, c.cpu_ns)
+                    })
+                    .collect();
+                let unmatched: Vec<_> =
+                    f.p.unmatched_returns()
+                        .iter()
+                        .map(|u| (u.pid, u.name.to_string(), u.file.to_string()))
+                        .collect();
+                (calls, unmatched, f.p.unmatched_total, f.p.skipped_entries, f.p.open_calls())
+            })
+            .collect();
+        assert_eq!(runs[0], runs[1]);
+        let (calls, unmatched, total, skipped, open) = &runs[0];
+        assert_eq!((calls.len(), *total, *skipped, *open), (3, 2, 1, 0));
+        assert_eq!(calls[1].6, CallEnd::Incomplete);
+        assert_eq!(
+            unmatched[1],
+            (9, crate::events::NAME_NOT_READ.to_string(), crate::events::FILE_NOT_READ.to_string())
+        );
     }
 
     #[test]

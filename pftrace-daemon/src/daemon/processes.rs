@@ -165,10 +165,10 @@ impl Processes {
         }
     }
 
-    /// Counts a completed call for its process.
-    pub fn count_call(&mut self, pid: u32) {
+    /// Counts `n` completed calls of `pid` (if it is tracked).
+    pub fn count_calls(&mut self, pid: u32, n: u64) {
         if let Some(p) = self.procs.get_mut(&pid) {
-            p.calls += 1;
+            p.calls += n;
         }
     }
 

@@ -31,6 +31,14 @@ impl Daemon {
         // Process changes, handled after the calls are stored, in ring order.
         let mut changes = Vec::new();
         while let Some(item) = ring.next_record() {
+            if let Some(r) = crate::events::Decoder::known_return(&item) {
+                // Half of a dense trace's records (see KnownReturn).
+                self.take_known_return(&r, &mut completed);
+                if completed.len() >= STORE_CHUNK {
+                    self.store_drained(&mut completed);
+                }
+                continue;
+            }
             match self.decoder.decode_record(&item) {
                 Ok(Record::Call(ev)) => self.take_call(ev, &mut completed),
                 Ok(Record::Batch(events)) => {
@@ -148,6 +156,18 @@ impl Daemon {
         }
     }
 
+    /// A return the kernel sent bare, as [`Self::take_call`] takes its
+    /// [`Event`](crate::events::Event): not filtered (its entry was), paired.
+    fn take_known_return(&mut self, r: &crate::events::KnownReturn, completed: &mut Vec<Call>) {
+        self.filter.after_sweeps(self.decoder.bound.sweeps);
+        let decoder = &mut self.decoder;
+        if let Some((name, file)) = self.pairer.push_known_return(r, completed, || decoder.not_read_strings())
+        {
+            self.decoder.recycle(name);
+            self.decoder.recycle(file);
+        }
+    }
+
     pub(super) fn store_calls(&mut self, mut calls: Vec<Call>) {
         self.store_drained(&mut calls);
     }
@@ -164,10 +184,23 @@ impl Daemon {
             s.append(calls);
         }
         self.route_job_calls(calls);
+        // Counted per run of one process's calls: one look-up a run, not a call.
+        let mut run: Option<(u32, u64)> = None;
         for call in calls.drain(..) {
-            self.processes.count_call(call.pid);
+            match &mut run {
+                Some((pid, n)) if *pid == call.pid => *n += 1,
+                _ => {
+                    if let Some((pid, n)) = run {
+                        self.processes.count_calls(pid, n);
+                    }
+                    run = Some((call.pid, 1));
+                }
+            }
             self.functions.push(&call);
             self.store.push(call);
+        }
+        if let Some((pid, n)) = run {
+            self.processes.count_calls(pid, n);
         }
     }
 }

@@ -54,15 +54,25 @@ const MAX_STRING_BYTES: u32 = 1 << 20;
 /// before it; `delta` is the previous call's (the reader's keeps in step).
 fn encode(call: &Call, delta: &mut Delta, strings: &mut StringIds, out: &mut Vec<u8>) {
     let known = strings.len();
-    let mut record = [0u8; MAX_RECORD_BYTES];
-    let n = delta.encode(call, strings, &mut record);
+    // Its strings' ids made first (the record finds them again in
+    // StringIds' recent slots), so their entries go before the record.
+    strings.id(&call.name);
+    strings.id(&call.file);
     for s in &strings.table()[known..] {
         out.push(TAG_STRING);
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
     }
-    out.extend_from_slice(&[TAG_CALL, n as u8]);
-    out.extend_from_slice(&record[..n]);
+    // The record is encoded in place, not in a buffer on the stack copied
+    // after it: that copy read back as whole words the bytes just stored one
+    // by one (a stall of the store buffer, each call).
+    let at = out.len();
+    out.resize(at + 2 + MAX_RECORD_BYTES, 0);
+    let record: &mut [u8; MAX_RECORD_BYTES] = (&mut out[at + 2..]).try_into().expect("sized above");
+    let n = delta.encode(call, strings, record);
+    out[at] = TAG_CALL;
+    out[at + 1] = n as u8;
+    out.truncate(at + 2 + n);
 }
 
 /// One call as a JSON object, as `pftracectl calls` prints a kept spill.
