@@ -245,6 +245,8 @@ fn refusals_with_their_messages() {
 /// it is refused with a warning while the daemon keeps serving the others.
 #[test]
 fn cgroup_mode_new_processes() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     require_root();
     let dir = TestDir::new("agent-cgroup");
     let script = call_kinds_workload(&dir);

@@ -246,16 +246,22 @@ fn assert_slept(run: &Run, name: &str) {
 
 #[test]
 fn burning_cpu_for_200ms_shows_cpu_time_near_wall_time() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     assert_burned(run(), "burn");
 }
 
 #[test]
 fn sleeping_200ms_shows_little_cpu_and_200ms_off_cpu() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     assert_slept(run(), "snooze");
 }
 
 #[test]
 fn two_threads_at_once_get_their_own_figures() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     let run = run();
     let (b, s) = (run.call("burn_in_thread"), run.call("snooze_in_thread"));
     assert_eq!(b.pid, s.pid);
@@ -271,6 +277,8 @@ fn two_threads_at_once_get_their_own_figures() {
 
 #[test]
 fn allocating_200mib_shows_rss_growth_at_return() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     let c = run().call("alloc");
     let grown = c.rss_return.saturating_sub(c.rss_entry);
     assert!(
@@ -287,6 +295,8 @@ fn allocating_200mib_shows_rss_growth_at_return() {
 /// that matches the thread's own reading.
 #[test]
 fn a_call_first_thing_in_a_new_thread_gets_its_cpu_time() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     let run = run();
     let calls: Vec<&Figures> = run.calls.iter().filter(|c| c.name == "first_in_thread").collect();
     let own = &run.reported["first_in_thread"];

@@ -393,6 +393,8 @@ fn binary_flag_traces_forked_children_from_their_first_call() {
 
 #[test]
 fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     // Before: a pid-scoped uprobe_multi link follows the task it was made
     // for, the old main thread, gone at such an exec: 0 of the new image's
     // 10 calls were seen. In a watched cgroup the link is host-wide.

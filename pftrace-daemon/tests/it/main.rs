@@ -2,7 +2,10 @@
 //! tests/ is a module here (`cargo xtask test -- --test it agent::` runs one).
 //! One binary links the daemon library once instead of 40 times (the build
 //! of 40 binaries took 2m21s after touching common/mod.rs), and lets cargo's
-//! test threads run tests of different files side by side.
+//! test threads run tests of different files side by side. The tests that
+//! must run alone on the host take [`common::serial`]; every process a test
+//! starts through common holds a turn that such a test waits for (see
+//! common/serial.rs).
 
 mod common;
 mod systemd_support;

@@ -298,6 +298,8 @@ fn exceptions_and_generators_give_closed_balanced_calls() {
 /// be a completed call or a counted return without entry.
 #[test]
 fn children_attached_while_another_tracer_holds_the_probes_have_no_false_incomplete_calls() {
+    // Alone: --binary attaches the interpreter file host-wide (common/serial.rs).
+    let _serial = serial();
     const RUNS: usize = 5;
     const CHILDREN: usize = 20;
     let dir = TestDir::new("children-staggered");

@@ -206,7 +206,7 @@ fn python_with_notes_removed_by_objcopy() {
 }
 
 // CPython 3.11-3.14 (pyenv's, without probes, and Debian's 3.11 with its
-// broken entry probe) are traced through the in-process agent: tests/agent.rs
+// broken entry probe) are traced through the in-process agent: tests/it/agent.rs
 // has their launch-mode traces and the refusal of a running 3.11-3.13.
 
 /// The effective capability set a `setpriv` wrapper leaves a program.
@@ -281,6 +281,8 @@ fn root_without_cap_bpf() {
 /// anything is traced, naming the file and what would work.
 #[test]
 fn binary_flag_refusals() {
+    // Alone: --binary attaches the interpreter file host-wide (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("ref-binary");
     let py311 = require_file("/usr/bin/python3.11", "Debian's CPython 3.11 (package python3.11)");
     let missing = dir.join("no-such-python");

@@ -21,6 +21,8 @@ use crate::common::*;
 
 #[test]
 fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("svc-cgroup");
     let py = python();
     let script = worker_script(&dir);
@@ -85,6 +87,8 @@ fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
 
 #[test]
 fn two_interpreter_binaries_in_the_cgroup_are_both_traced() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("svc-twobin");
     let py = python();
     let script = worker_script(&dir);
@@ -146,6 +150,8 @@ fn foo_counts(calls: &[CallEvent]) -> BTreeMap<u32, u64> {
 
 #[test]
 fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     // Before: `--pid` took pid-scoped probes with kernel-managed semaphores,
     // the cgroup's process dormant ones without, and the kernel refused the
     // second ("ref_ctr_offset mismatch", EINVAL): the cgroup's process was
@@ -174,6 +180,8 @@ fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon
 
 #[test]
 fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is_refused_clearly() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let py = python();
     let (dir_x, dir_y) = (TestDir::new("svc-two-x"), TestDir::new("svc-two-y"));
     let script = worker_script(&dir_x);

@@ -69,6 +69,8 @@ fn job_status<'a>(status: &'a Value, id: &str, running: bool) -> Option<&'a Valu
 
 #[test]
 fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("jobs-slurm");
     let py = python();
     let script = worker_script(&dir);
@@ -186,6 +188,8 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
 
 #[test]
 fn a_job_cgroup_made_and_removed_ten_times_gets_ten_traces() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("jobs-ten");
     let py = python();
     let script = worker_script(&dir);
@@ -228,6 +232,8 @@ fn a_job_cgroup_made_and_removed_ten_times_gets_ten_traces() {
 
 #[test]
 fn a_jobs_root_made_after_start_is_waited_for_then_traced() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("jobs-later");
     let py = python();
     let script = worker_script(&dir);
@@ -271,6 +277,8 @@ fn a_jobs_root_made_after_start_is_waited_for_then_traced() {
 
 #[test]
 fn a_cgroup_target_made_after_start_is_waited_for_then_traced() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("cgroup-later");
     let py = python();
     let script = worker_script(&dir);
@@ -332,6 +340,8 @@ fn wait_file(path: &Path) {
 
 #[test]
 fn jobs_traces_in_pfw_are_a_directory_of_perfflow_files_per_job() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let (_dir, out, a, b) = one_job_in_format("jobs-pfw", "pfw", "5", 12, 34);
     let job_dir = out.join("pftrace-job-5");
     let host = pftrace::daemon::hostname();
@@ -354,6 +364,8 @@ fn jobs_traces_in_pfw_are_a_directory_of_perfflow_files_per_job() {
 
 #[test]
 fn jobs_traces_in_records_format() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let (_dir, out, _a, _b) = one_job_in_format("jobs-records", "records", "6", 7, 8);
     let path = out.join("pftrace-job-6.records.json");
     wait_file(&path);

@@ -18,6 +18,8 @@ use serde_json::Value;
 
 #[test]
 fn rolling_files_hold_every_call_exactly_once() {
+    // Alone: a dormant link on the interpreter file (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("svc-rolling");
     let py = python();
     let script = worker_script(&dir);

@@ -100,6 +100,8 @@ fn ms(v: &[f64]) -> String {
 
 #[test]
 fn untraced_python_beside_a_traced_cgroup_is_not_slowed_and_its_semaphore_stays_zero() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     require_tool("taskset", "util-linux");
     let dir = TestDir::new("svc-overhead");
     let py = python();

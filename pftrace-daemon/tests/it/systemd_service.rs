@@ -1,6 +1,6 @@
 //! pftraced as the packaged systemd service, under a real systemd (252, PID
 //! 1 of a Debian bookworm container booted with `systemd-nspawn -b`; see
-//! tests/systemd_support), installed exactly as the header of
+//! tests/it/systemd_support), installed exactly as the header of
 //! packaging/systemd/pftraced.service says:
 //! - the unit: `systemctl enable --now pftraced` returns once the daemon is
 //!   ready (Type=notify: its socket answers at once), the journal holds its
@@ -18,7 +18,7 @@
 
 use std::{collections::BTreeMap, fs, path::Path, thread, time::Duration, time::Instant};
 
-use crate::common::{TestDir, Trace, python};
+use crate::common::{TestDir, Trace, python, serial};
 use crate::systemd_support::*;
 use serde_json::Value;
 
@@ -148,6 +148,8 @@ fn daemon_lines(c: &Container, pid: u32) -> Vec<JournalEntry> {
 
 #[test]
 fn the_packaged_unit_starts_through_notify_logs_with_priorities_and_stops_cleanly() {
+    // Alone: boots a systemd container (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("systemd-unit");
     let c = Container::boot(&dir);
     let watch = start_jobs_slice(&c);
@@ -256,6 +258,8 @@ const JOB: &str = r#"
 
 #[test]
 fn a_job_started_with_systemd_run_in_a_slice_is_traced_exactly() {
+    // Alone: boots a systemd container (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("systemd-job");
     dir.script("job.py", JOB);
     let py = python();
@@ -329,6 +333,8 @@ fn wait_traced_in(c: &Container, pid: u32) {
 
 #[test]
 fn jobs_started_with_systemd_run_get_one_trace_each_under_the_unit() {
+    // Alone: boots a systemd container (common/serial.rs).
+    let _serial = serial();
     let dir = TestDir::new("systemd-jobs");
     dir.script("job.py", JOB);
     let py = python();

@@ -391,6 +391,8 @@ fn usdt_road_calls_of_20us_1ms_10ms() {
 
 #[test]
 fn usdt_road_two_threads_on_one_cpu() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     require_root();
     preempted("3.9 dtrace", &python());
 }
@@ -427,6 +429,8 @@ fn agent_road_calls_of_20us_1ms_10ms() {
 
 #[test]
 fn agent_road_two_threads_on_one_cpu() {
+    // Alone: CPU time and wall time measured on the 2 vCPUs (common/serial.rs).
+    let _serial = serial();
     require_root();
     preempted("pyenv 3.12.1 agent", &pyenv_python("3.12.1"));
 }

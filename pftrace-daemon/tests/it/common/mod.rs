@@ -12,10 +12,12 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 mod call_kinds;
+mod serial;
 mod service;
 
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use call_kinds::*;
+pub use serial::serial;
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use service::*;
 
@@ -334,10 +336,14 @@ pub struct Guard {
     pub child: Child,
     group: bool,
     reaped: bool,
+    /// Dropped after the process is killed and reaped (fields drop after
+    /// `Drop::drop`): no serial test runs while it may still run.
+    _turn: serial::Turn,
 }
 
 impl Guard {
     pub fn spawn(cmd: &mut Command, group: bool) -> Self {
+        let turn = serial::turn();
         if group {
             cmd.process_group(0);
         }
@@ -357,7 +363,7 @@ impl Guard {
                 }
             }
         };
-        Self { child, group, reaped: false }
+        Self { child, group, reaped: false, _turn: turn }
     }
 
     pub fn pid(&self) -> u32 {
@@ -958,7 +964,7 @@ impl Trace {
                     });
                 }
                 // Thread names, process labels and the CPU/memory counter
-                // tracks are checked by tests/formats.rs.
+                // tracks are checked by tests/it/formats.rs.
                 Some("M") if ev["name"] == "thread_name" || ev["name"] == "process_labels" => {}
                 Some("C") if ev["name"] == "cpu" || ev["name"] == "memory" => {}
                 Some("M") => {
@@ -1099,13 +1105,6 @@ impl Trace {
 
 // ---------------------------------------------------------------------------
 // Small helpers shared by the fault and lifecycle tests
-
-/// One test at a time in the calling test binary (each binary has its own
-/// lock): for tests that measure timing, coverage or memory, or force pids.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Sends `sig` to `pid`, which must still exist.
 pub fn kill(pid: u32, sig: i32) {
