@@ -635,7 +635,7 @@ fn chrome_trace_validates_and_python_json_loads_it() {
     }
     let tids: BTreeSet<u64> = calls.iter().map(|e| e["tid"].as_u64().unwrap()).collect();
     assert_eq!(tids, BTreeSet::from([main_tid, worker_tid]));
-    // The main thread's calls all have CPU figures (tests/figures.rs checks their values).
+    // The main thread's calls all have CPU figures (tests/it/figures.rs checks their values).
     for e in calls.iter().filter(|e| e["tid"] == main_tid) {
         assert!(e["args"]["cpu_ns"].is_u64() && e["args"]["offcpu_ns"].is_u64(), "{e}");
     }

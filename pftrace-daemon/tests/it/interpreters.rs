@@ -61,7 +61,7 @@ fn debian_3_15_launch_exact_counts() {
 /// 3.14 and 3.13 (Debian's builds have only the audit, gc and import
 /// probes): traced through the in-process agent at launch, with exact
 /// counts; by --pid, 3.13 (no PEP 768) is refused with what works, the
-/// process left running undisturbed (3.14 by --pid: tests/agent.rs).
+/// process left running undisturbed (3.14 by --pid: tests/it/agent.rs).
 #[test]
 fn debian_3_14_and_3_13_through_the_agent() {
     require_root();

@@ -19,7 +19,7 @@
 //!    file that holds every call, and that file has them all.
 //!
 //! A launch run's trace beyond `limits.max_calls_in_memory` is in
-//! tests/launch.rs.
+//! tests/it/launch.rs.
 
 use std::{
     ffi::OsStr,
