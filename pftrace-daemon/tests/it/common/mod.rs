@@ -9,16 +9,12 @@
 //! (set by `cargo xtask test`) or the default path `cargo xtask setup`
 //! builds. Missing prerequisites make the tests fail, never skip.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 mod call_kinds;
 mod serial;
 mod service;
 
-#[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use call_kinds::*;
 pub use serial::serial;
-#[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use service::*;
 
 use std::{

@@ -255,6 +255,7 @@ impl<'a> WorkerSpec<'a> {
     }
 
     /// More functions for [`WORKER`] to define, by name.
+    #[allow(dead_code)] // no test uses it today; WORKER's interface
     pub fn functions(mut self, names: &[&str]) -> Self {
         self.args.extend(names.iter().map(|n| n.to_string()));
         self

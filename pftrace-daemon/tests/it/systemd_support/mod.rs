@@ -21,8 +21,6 @@
 //! Prerequisites missing (root, systemd-nspawn, nsenter, the root) fail the
 //! test with what to do; nothing is skipped.
 
-#![allow(dead_code)] // each test binary uses a different part
-
 use std::{
     collections::BTreeMap,
     env, fs,
@@ -284,6 +282,7 @@ impl Container {
     }
 
     /// The host pid of the container's systemd (for `nsenter -t`).
+    #[allow(dead_code)] // no test uses it today
     pub fn init_pid(&self) -> u32 {
         self.init
     }
