@@ -182,10 +182,15 @@ static DIR_SEQ: AtomicU32 = AtomicU32::new(0);
 /// when the test passes; kept (and named in the panic output) when it fails.
 pub struct TestDir {
     path: PathBuf,
+    /// The test's turn, taken before anything else it does (its timers
+    /// included): a serial test waits for the tests holding one to end, and
+    /// none starts while it runs (serial.rs).
+    _turn: serial::Turn,
 }
 
 impl TestDir {
     pub fn new(tag: &str) -> Self {
+        let turn = serial::turn();
         require_root();
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let path = env::temp_dir().join(format!(
@@ -194,7 +199,7 @@ impl TestDir {
             DIR_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating test dir {}: {e}", path.display()));
-        Self { path }
+        Self { path, _turn: turn }
     }
 
     pub fn path(&self) -> &Path {

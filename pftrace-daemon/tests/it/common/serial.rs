@@ -1,9 +1,9 @@
 //! Which tests of the one test binary run at the same time. cargo's test
 //! threads run tests of different files side by side; a test that attaches
 //! an interpreter file host-wide, measures time or memory, or changes the
-//! host takes [`serial`] and runs alone: no process of another test (each
-//! one started through [`Guard`](super::Guard) holds a [`Turn`]) runs
-//! while it does.
+//! host takes [`serial`] and runs alone: no other test that made a
+//! [`TestDir`](super::TestDir) or started a process through
+//! [`Guard`](super::Guard) (each holds a [`Turn`]) runs while it does.
 //!
 //! Why alone, by what the others would do to it or it to them:
 //! - the kernel keeps one semaphore offset per uprobe site: a dormant link
@@ -19,27 +19,30 @@
 //! - ns_last_pid (lifecycle.rs), fs.protected_symlinks (output_files.rs) and
 //!   a booted systemd container (systemd_service.rs) are the host's.
 //!
-//! A test alone still starts its own processes (its thread is the owner);
-//! a helper thread of such a test must not start one through `Guard` (it
-//! would wait for the test to end). A test between two of its processes
-//! holds no turn, so a waiting [`serial`] test may run in that gap; one that
-//! already holds a turn gets more even while a serial test waits (else the
-//! two would wait for each other).
+//! A test alone still makes its directory and starts its processes (its
+//! thread is the owner); a helper thread of such a test must not start one
+//! through `Guard` (it would wait for the test to end). Turns go first: a
+//! waiting [`serial`] test does not stop others from starting, it runs once
+//! no turn is held (at the latest when the other threads' tests end). That
+//! keeps the other test threads busy while serial tests wait, and a test
+//! holding a turn can always get another (no two tests wait for each
+//! other). The turn is taken where the test begins (its `TestDir`), not at
+//! each process: a test waiting there has not started its timers (with a
+//! turn per process, refusals.rs's "refused at once" timed a 20 s wait).
 
 use std::{
     sync::{Condvar, Mutex, MutexGuard},
     thread::{self, ThreadId},
 };
 
-/// Who runs: the serial test's thread, or the threads holding turns (one
-/// entry per turn), and how many serial tests wait.
+/// Who runs: the serial test's thread, or the processes holding turns (one
+/// entry per turn, the thread that started it).
 struct State {
     alone: Option<ThreadId>,
     turns: Vec<ThreadId>,
-    waiting: usize,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { alone: None, turns: Vec::new(), waiting: 0 });
+static STATE: Mutex<State> = Mutex::new(State { alone: None, turns: Vec::new() });
 static CHANGED: Condvar = Condvar::new();
 
 fn state() -> MutexGuard<'static, State> {
@@ -65,12 +68,13 @@ pub fn serial() -> Serial {
     let mut s = state();
     assert_ne!(s.alone, Some(me), "serial() twice in one test");
     // Its own turns would never end while it waits for them.
-    assert!(!s.turns.contains(&me), "serial() after the test started a process: call it first");
-    s.waiting += 1;
+    assert!(
+        !s.turns.contains(&me),
+        "serial() after the test made its TestDir or started a process: call it first"
+    );
     while s.alone.is_some() || !s.turns.is_empty() {
         s = wait(s);
     }
-    s.waiting -= 1;
     s.alone = Some(me);
     Serial(())
 }
@@ -88,15 +92,14 @@ pub struct Turn {
     holder: Option<ThreadId>,
 }
 
-/// Waits while a serial test runs (unless it is the caller), and, if the
-/// caller holds no turn yet, while one waits.
+/// Waits while a serial test runs, unless it is the caller.
 pub fn turn() -> Turn {
     let me = thread::current().id();
     let mut s = state();
     if s.alone == Some(me) {
         return Turn { holder: None };
     }
-    while s.alone.is_some() || (s.waiting > 0 && !s.turns.contains(&me)) {
+    while s.alone.is_some() {
         s = wait(s);
     }
     s.turns.push(me);
