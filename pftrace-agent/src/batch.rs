@@ -130,7 +130,7 @@ pub enum Appended {
     /// time. Drained after the entry's stamp, in one CI run the 20 us calls
     /// at which the buffer drained (calls 32, 64, ... of a thread) read
     /// 12-14 us over the body's own CPU reading, against a median of 3.9 us
-    /// (tests/thread_cpu.rs).
+    /// (tests/it/thread_cpu.rs).
     DrainFirst(u64, *const u8),
     /// The thread has no CPU slot: report it the two-report way (after
     /// draining what the buffer holds, [`pending`]).

@@ -54,7 +54,7 @@
 //! code had each traced return dropped as that code's, and each of that
 //! code's returns sent as the traced call's (CPython 3.9 with greenlet
 //! 3.2.5, 100 such calls: 100 incomplete calls and 100 returns without an
-//! entry in the trace; tests/greenlets.rs). With the check, a return whose
+//! entry in the trace; tests/it/greenlets.rs). With the check, a return whose
 //! address differs is read and its thread starts over (counter
 //! `window_mismatches`). Equal addresses decide rightly even when the level
 //! is another greenlet's: a verdict depends only on the name's bytes, and

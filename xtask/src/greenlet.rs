@@ -1,6 +1,6 @@
 //! The `greenlet` step of setup: greenlet (what gevent and eventlet switch
 //! Python stacks with) for the probe-enabled CPython 3.9, for the tests of
-//! stack switching the probes do not see (tests/greenlets.rs). pftrace's
+//! stack switching the probes do not see (tests/it/greenlets.rs). pftrace's
 //! own 3.9 has no pip, so the hatchet venv's pip downloads the cp39 wheel
 //! from the machine's configured index and it is unpacked under
 //! /var/cache/pftrace/greenlet-cp39, which the tests put on PYTHONPATH.

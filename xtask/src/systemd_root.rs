@@ -4,7 +4,7 @@
 //! The tests that run pftraced as a systemd service boot it with
 //! `systemd-nspawn -b` (systemd is not PID 1 on these machines; it is in the
 //! container), always on a throwaway overlay, so the cached tree is never
-//! changed (tests/systemd_support in pftrace-daemon). Bookworm's systemd 252
+//! changed (tests/it/systemd_support in pftrace-daemon). Bookworm's systemd 252
 //! is what the issue that asked for these tests was tried on.
 //!
 //! The tree is made beside ROOT, checked, marked, then renamed into place, all

@@ -23,8 +23,10 @@ use crate::util::{self, Step};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Extra arguments for `cargo test` of the pftrace crates, after `--`
-    /// (e.g. `cargo xtask test -- trace_ -- --nocapture`). With extra
-    /// arguments xtask's own tests are skipped.
+    /// (e.g. `cargo xtask test -- trace_ -- --nocapture`; pftraced's
+    /// integration tests are the binary `it`, a module per file: `cargo
+    /// xtask test -- --test it agent::`). With extra arguments xtask's own
+    /// tests are skipped.
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }

@@ -86,7 +86,7 @@ mod tests {
     use super::*;
 
     /// The tests run in the host's namespace (`unshare` tests of the
-    /// translated case are pftrace-daemon/tests/pid_namespace.rs).
+    /// translated case are pftrace-daemon/tests/it/pid_namespace.rs).
     #[test]
     fn the_test_process_is_in_the_hosts_namespace() {
         let ns = PidNamespace::current().unwrap();
