@@ -35,8 +35,8 @@ use std::{
     thread::{self, ThreadId},
 };
 
-/// Who runs: the serial test's thread, or the processes holding turns (one
-/// entry per turn, the thread that started it).
+/// Who runs: the serial test's thread, or the holders of turns (one entry
+/// per turn: the thread that took it).
 struct State {
     alone: Option<ThreadId>,
     turns: Vec<ThreadId>,
@@ -59,10 +59,10 @@ fn wait(s: MutexGuard<'static, State>) -> MutexGuard<'static, State> {
 #[must_use = "the test runs alone only while this is held"]
 pub struct Serial(());
 
-/// Waits until no other test runs a process, then runs the calling test
-/// alone until the returned value is dropped: for tests that attach an
+/// Waits until no other test holds a turn, then runs the calling test alone
+/// until the returned value is dropped: for tests that attach an
 /// interpreter host-wide, measure timing, CPU or memory, or change the host
-/// (see the module's comment).
+/// (see the module's comment). Call it first, before the test's `TestDir`.
 pub fn serial() -> Serial {
     let me = thread::current().id();
     let mut s = state();
@@ -86,8 +86,8 @@ impl Drop for Serial {
     }
 }
 
-/// A process's share of the host: held by each [`Guard`](super::Guard)
-/// for its life.
+/// A test's share of the host: held by each [`TestDir`](super::TestDir)
+/// and [`Guard`](super::Guard) for its life.
 pub struct Turn {
     holder: Option<ThreadId>,
 }
