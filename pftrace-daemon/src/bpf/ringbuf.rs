@@ -143,6 +143,11 @@ impl EventRing {
     }
 
     /// The next record, if one is ready; it is consumed when the item is dropped.
+    /// Inlined into its one caller (the drain loop): returned through memory,
+    /// the item was stored field by field and loaded back as wider words, a
+    /// stall of the store buffer each record (31% of `drain`'s samples, on
+    /// the load right after the call).
+    #[inline(always)]
     pub fn next_record(&mut self) -> Option<Item<'_>> {
         loop {
             if self.pos == self.producer_pos {
