@@ -209,14 +209,23 @@ struct Addresses {
     file_ptr: Option<u64>,
 }
 
+/// The key the addresses alone give (a frame, else both arguments'
+/// addresses), or None when it needs the interned strings too.
+fn address_key(at: Addresses) -> Option<ReturnKey> {
+    match (at.frame, at.name_ptr, at.file_ptr) {
+        (Some(f), _, _) => Some(ReturnKey::Frame(f)),
+        (None, Some(n), Some(p)) => Some(ReturnKey::Args(n, p)),
+        _ => None,
+    }
+}
+
 fn return_key(at: Addresses, name: &Arc<str>, file: &Arc<str>) -> ReturnKey {
     let ptr = |s: &Arc<str>| Arc::as_ptr(s) as *const u8 as usize;
-    match (at.frame, at.name_ptr, at.file_ptr) {
-        (Some(f), _, _) => ReturnKey::Frame(f),
-        (None, Some(n), Some(p)) => ReturnKey::Args(n, p),
-        (None, None, Some(p)) => ReturnKey::FileArg(ptr(name), p),
-        (None, _, None) => ReturnKey::File(ptr(name), ptr(file)),
-    }
+    address_key(at).unwrap_or_else(|| match at.file_ptr {
+        // No frame and no name address (else address_key had answered).
+        Some(p) => ReturnKey::FileArg(ptr(name), p),
+        None => ReturnKey::File(ptr(name), ptr(file)),
+    })
 }
 
 fn event_key(ev: &Event) -> ReturnKey {
@@ -362,11 +371,9 @@ impl Pairer {
             rss_bytes: r.rss_bytes,
             generator: r.generator,
         };
-        // As event_key gives for its Event (which has both addresses).
-        let key = match r.frame {
-            Some(f) => ReturnKey::Frame(f),
-            None => ReturnKey::Args(r.name_ptr, r.file_ptr),
-        };
+        // Both argument addresses are there: the key needs no strings.
+        let addresses = Addresses { frame: r.frame, name_ptr: Some(r.name_ptr), file_ptr: Some(r.file_ptr) };
+        let key = address_key(addresses).expect("a name and a file address make a key");
         if self.pair_return(at, key, out) {
             return None;
         }
