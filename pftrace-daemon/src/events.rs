@@ -210,14 +210,39 @@ pub struct Decoder {
 /// Colliding strings only evict each other (the map still answers).
 ///
 /// It also keeps spare references to interned strings, handed back by the
-/// pairer from return events ([`Decoder::recycle`]) and handed out again
-/// instead of new clones: an `Arc` clone and drop are atomic read-modify-
-/// writes, and a return's two clones, dropped once paired, were half of the
-/// eight a call made (the profile showed them in `intern` and `Pairer::push`).
+/// pairer from return events and by the call store from the calls it
+/// evicts ([`Decoder::recycle`]), and handed out again instead of new
+/// clones: an `Arc` clone and drop are atomic read-modify-writes (a `lock`
+/// instruction, which waits for every store before it). In the dense loop's
+/// profile the clone was 16% of `intern`'s samples and the drops of evicted
+/// calls' strings all of a `Vec::drop` (4% of pftraced's samples).
 struct Recent {
     slots: Box<[Option<RecentString>]>,
-    /// One spare per slot, by the string's address.
-    spares: Box<[Option<Arc<str>>]>,
+    /// Spares per slot, by the string's address (see [`Spare`]).
+    spares: Box<[Option<Spare>]>,
+}
+
+/// Spare references to one interned string: the `Arc`, and `more` strong
+/// references given up with `Arc::into_raw` that this slot owns besides:
+/// each is handed out again with `Arc::from_raw`, neither an atomic
+/// operation (a count kept beside the string, not a `Vec` of `Arc`s: no
+/// memory per reference). They are references the calls held already:
+/// the string lives no longer than before, and a sweep, which makes a new
+/// [`Recent`], gives them up first ([`Recent`]'s `Drop`).
+type Spare = (Arc<str>, usize);
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        for (s, more) in self.spares.iter().flatten() {
+            for _ in 0..*more {
+                // SAFETY: the slot owns `more` strong references to `s`,
+                // each given up by `Arc::into_raw` (Decoder::recycle), whose
+                // pointer `Arc::as_ptr` gives again; `s` itself keeps one, so
+                // the count never reaches zero here.
+                unsafe { Arc::decrement_strong_count(Arc::as_ptr(s)) };
+            }
+        }
+    }
 }
 
 /// A string's bytes as the record had them, and the interned string.
@@ -230,7 +255,7 @@ impl Default for Recent {
     fn default() -> Self {
         Self {
             slots: vec![None; RECENT_SLOTS].into_boxed_slice(),
-            spares: vec![None; RECENT_SLOTS].into_boxed_slice(),
+            spares: (0..RECENT_SLOTS).map(|_| None).collect(),
         }
     }
 }
@@ -242,10 +267,17 @@ fn spare_slot(s: &Arc<str>) -> usize {
 }
 
 /// A reference to `s`: a spare one if there is, else a clone.
-fn spare_or_clone(spares: &mut [Option<Arc<str>>], s: &Arc<str>) -> Arc<str> {
+fn spare_or_clone(spares: &mut [Option<Spare>], s: &Arc<str>) -> Arc<str> {
     let spare = &mut spares[spare_slot(s)];
     match spare {
-        Some(x) if Arc::ptr_eq(x, s) => spare.take().expect("matched"),
+        Some((x, more)) if Arc::ptr_eq(x, s) && *more > 0 => {
+            *more -= 1;
+            // SAFETY: one of the `more` references the slot owns, given up
+            // by `Arc::into_raw` of an `Arc` of this allocation (whose
+            // pointer `Arc::as_ptr` gives again): taken back once.
+            unsafe { Arc::from_raw(Arc::as_ptr(x)) }
+        }
+        Some((x, _)) if Arc::ptr_eq(x, s) => spare.take().expect("matched").0,
         _ => s.clone(),
     }
 }
@@ -508,8 +540,16 @@ impl Decoder {
     /// needed (a paired return's), to hand it out again from [`Self::intern`].
     pub fn recycle(&mut self, s: Arc<str>) {
         let spare = &mut self.recent.spares[spare_slot(&s)];
-        if spare.is_none() {
-            *spare = Some(s);
+        match spare {
+            None => *spare = Some((s, 0)),
+            Some((x, more)) if Arc::ptr_eq(x, &s) => {
+                // Kept without touching the count: Recent's Drop or
+                // spare_or_clone takes it back.
+                let _ = Arc::into_raw(s);
+                *more += 1;
+            }
+            // Another string's slot: dropped.
+            Some(_) => {}
         }
     }
 }
@@ -711,13 +751,36 @@ mod tests {
         let c = d.intern(0, b"f\0\0\0");
         assert!(Arc::ptr_eq(&a, &c));
         assert_eq!(Arc::strong_count(&a), n + 1);
-        // No spare: a clone; a second spare of the same string is dropped.
+        // No spare: a clone.
         let e = d.intern(0, b"f\0\0\0");
         assert_eq!(Arc::strong_count(&a), n + 2);
-        d.recycle(c);
-        d.recycle(e);
-        assert_eq!(Arc::strong_count(&a), n + 1);
+        // Every reference handed back is kept (an evicted block of calls
+        // gives back thousands), and handed out again without a clone.
+        let mut held: Vec<Arc<str>> = (0..1000).map(|_| d.intern(0, b"f\0\0\0")).collect();
+        held.extend([c, e]);
+        assert_eq!(Arc::strong_count(&a), n + 1002);
+        for s in held.drain(..) {
+            d.recycle(s);
+        }
+        assert_eq!(Arc::strong_count(&a), n + 1002);
+        held.extend((0..1002).map(|_| d.intern(0, b"f\0\0\0")));
+        assert!(held.iter().all(|s| Arc::ptr_eq(s, &a)));
+        assert_eq!(Arc::strong_count(&a), n + 1002);
+        held.push(d.intern(0, b"f\0\0\0"));
+        assert_eq!(Arc::strong_count(&a), n + 1003);
         assert_eq!(&*d.intern(0, b"g\0"), "g");
+        // A sweep gives the spares up (the table keeps what is held elsewhere),
+        // and so does the decoder when dropped.
+        for s in held.drain(..) {
+            d.recycle(s);
+        }
+        d.sweep();
+        assert_eq!(Arc::strong_count(&a), 2);
+        let (b, c) = (d.intern(0, b"f\0\0\0"), d.intern(0, b"f\0\0\0"));
+        d.recycle(b);
+        d.recycle(c);
+        drop(d);
+        assert_eq!(Arc::strong_count(&a), 1);
     }
 
     #[test]

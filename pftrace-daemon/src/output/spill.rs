@@ -54,10 +54,9 @@ const MAX_STRING_BYTES: u32 = 1 << 20;
 /// before it; `delta` is the previous call's (the reader's keeps in step).
 fn encode(call: &Call, delta: &mut Delta, strings: &mut StringIds, out: &mut Vec<u8>) {
     let known = strings.len();
-    // Its strings' ids made first (the record finds them again in
-    // StringIds' recent slots), so their entries go before the record.
-    strings.id(&call.name);
-    strings.id(&call.file);
+    // Its strings' ids made first, so their entries go before the record,
+    // which takes the same ids (not looked up twice: Delta::encode_with).
+    let ids = (strings.id(&call.name), strings.id(&call.file));
     for s in &strings.table()[known..] {
         out.push(TAG_STRING);
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());
@@ -66,13 +65,17 @@ fn encode(call: &Call, delta: &mut Delta, strings: &mut StringIds, out: &mut Vec
     // The record is encoded in place, not in a buffer on the stack copied
     // after it: that copy read back as whole words the bytes just stored one
     // by one (a stall of the store buffer, each call).
+    // Into the buffer's spare room, not zeroed first (see encode_with).
     let at = out.len();
-    out.resize(at + 2 + MAX_RECORD_BYTES, 0);
-    let record: &mut [u8; MAX_RECORD_BYTES] = (&mut out[at + 2..]).try_into().expect("sized above");
-    let n = delta.encode(call, strings, record);
-    out[at] = TAG_CALL;
-    out[at + 1] = n as u8;
-    out.truncate(at + 2 + n);
+    out.reserve(2 + MAX_RECORD_BYTES);
+    let room = &mut out.spare_capacity_mut()[..2 + MAX_RECORD_BYTES];
+    let (head, record) = room.split_at_mut(2);
+    let n = delta.encode_with(call, ids, record.try_into().expect("sized above"));
+    head[0].write(TAG_CALL);
+    head[1].write(n as u8);
+    // SAFETY: the room was reserved above, and its first 2 + n bytes were
+    // written just now (encode_with writes every byte of the record's n).
+    unsafe { out.set_len(at + 2 + n) };
 }
 
 /// One call as a JSON object, as `pftracectl calls` prints a kept spill.

@@ -18,8 +18,9 @@
 //! record is read from its own bytes ([`Delta::decode`]) and refused,
 //! never misread, when a varint runs past them or past 10 bytes.
 
-use std::{io, sync::Arc};
+use std::{io, mem::MaybeUninit, sync::Arc};
 
+#[cfg(test)]
 use super::call_record::StringIds;
 use crate::pairing::{Call, CallEnd};
 
@@ -50,14 +51,14 @@ fn unzigzag(v: u64) -> i64 {
     (v >> 1) as i64 ^ -((v & 1) as i64)
 }
 
-/// Appends `v` as a LEB128 varint at `out[*at..]`.
-fn put(out: &mut [u8; MAX_RECORD_BYTES], at: &mut usize, mut v: u64) {
+/// Writes `v` as a LEB128 varint at `out[*at..]`, every byte up to the new `*at`.
+fn put(out: &mut [MaybeUninit<u8>; MAX_RECORD_BYTES], at: &mut usize, mut v: u64) {
     while v >= 0x80 {
-        out[*at] = v as u8 | 0x80;
+        out[*at] = MaybeUninit::new(v as u8 | 0x80);
         *at += 1;
         v >>= 7;
     }
-    out[*at] = v as u8;
+    out[*at] = MaybeUninit::new(v as u8);
     *at += 1;
 }
 
@@ -99,24 +100,47 @@ fn bad(what: impl std::fmt::Display) -> io::Error {
 
 impl Delta {
     /// `call` as a record in `out`, returning its length; its new strings
-    /// get ids in `strings`.
+    /// get ids in `strings` (the tests' form of [`Self::encode_with`]).
+    #[cfg(test)]
     pub fn encode(
         &mut self,
         call: &Call,
         strings: &mut StringIds,
         out: &mut [u8; MAX_RECORD_BYTES],
     ) -> usize {
+        let ids = (strings.id(&call.name), strings.id(&call.file));
+        let mut record = [MaybeUninit::new(0); MAX_RECORD_BYTES];
+        let n = self.encode_with(call, ids, &mut record);
+        for (o, r) in out.iter_mut().zip(&record) {
+            // SAFETY: every byte of `record` was initialised (to 0, then by encode_with).
+            *o = unsafe { r.assume_init() };
+        }
+        n
+    }
+
+    /// As [`Self::encode`], with the ids of its name and file already
+    /// made: the spill makes them first (their entries go before the
+    /// record), and looking them up again was half of `StringIds::id`'s
+    /// samples (4.4% of the dense loop's). Writes every byte of `out[..n]`
+    /// and returns n; `out` may be uninitialised room (the spill's buffer:
+    /// zeroing it first was a memset of 143 bytes a call, 1.3% of samples).
+    pub fn encode_with(
+        &mut self,
+        call: &Call,
+        (name, file): (u32, u32),
+        out: &mut [MaybeUninit<u8>; MAX_RECORD_BYTES],
+    ) -> usize {
         let flag = |set: bool, bit: u8| if set { bit } else { 0 };
         let flags = flag(call.end == CallEnd::Incomplete, INCOMPLETE)
             | flag(call.cpu_ns.is_some(), HAS_CPU)
             | flag(call.parent != 0, HAS_PARENT);
-        out[0] = flags;
+        out[0] = MaybeUninit::new(flags);
         let mut at = 1;
         let diff = |a: u64, b: u64| zigzag(a.wrapping_sub(b) as i64);
         put(out, &mut at, zigzag(i64::from(call.pid.wrapping_sub(self.pid) as i32)));
         put(out, &mut at, zigzag(i64::from(call.tid.wrapping_sub(call.pid) as i32)));
-        put(out, &mut at, u64::from(strings.id(&call.name)));
-        put(out, &mut at, u64::from(strings.id(&call.file)));
+        put(out, &mut at, u64::from(name));
+        put(out, &mut at, u64::from(file));
         put(out, &mut at, zigzag(i64::from(call.line)));
         put(out, &mut at, diff(call.start_ns, self.start_ns));
         put(out, &mut at, diff(call.end_ns, call.start_ns));
