@@ -244,8 +244,10 @@ fn idle_connections_do_not_lock_out_pftracectl_and_1000_concurrent_calls_succeed
 
 #[test]
 fn a_failed_add_changes_nothing_and_a_successful_one_records_at_once() {
-    // One at a time: two tests measure loss and memory under load.
-    let _serial = serial();
+    // Not serial: a --pid (or launched) daemon of its own, and exact
+    // counts and messages that no neighbour changes. The tests here that
+    // measure loss, memory or time under load take serial(), which keeps
+    // every other test off the host while they run (common/serial.rs).
     let dir = TestDir::new("lim-names");
     let (mut w, socket, tracer) = traced_worker(&dir, &["bar"], &[]);
     w.call("foo", 100); // not traced: the kernel caches "no" for foo's name
@@ -312,8 +314,10 @@ fn tracer_exited(tracer: &mut RunningTracer) -> bool {
 
 #[test]
 fn configuration_only_from_a_small_regular_file_nobody_else_can_change() {
-    // One at a time: two tests measure loss and memory under load.
-    let _serial = serial();
+    // Not serial: a --pid (or launched) daemon of its own, and exact
+    // counts and messages that no neighbour changes. The tests here that
+    // measure loss, memory or time under load take serial(), which keeps
+    // every other test off the host while they run (common/serial.rs).
     let dir = TestDir::new("lim-config");
     let shown = |p: &Path| p.display().to_string();
 
@@ -377,8 +381,10 @@ fn configuration_only_from_a_small_regular_file_nobody_else_can_change() {
 
 #[test]
 fn the_summary_counts_every_call_with_percentiles() {
-    // One at a time: two tests measure loss and memory under load.
-    let _serial = serial();
+    // Not serial: a --pid (or launched) daemon of its own, and exact
+    // counts and messages that no neighbour changes. The tests here that
+    // measure loss, memory or time under load take serial(), which keeps
+    // every other test off the host while they run (common/serial.rs).
     let dir = TestDir::new("lim-summary");
     let script = dir.script(
         "calls.py",
@@ -454,8 +460,10 @@ fn the_summary_counts_every_call_with_percentiles() {
 
 #[test]
 fn invalid_globs_are_refused_with_a_clear_message() {
-    // One at a time: two tests measure loss and memory under load.
-    let _serial = serial();
+    // Not serial: a --pid (or launched) daemon of its own, and exact
+    // counts and messages that no neighbour changes. The tests here that
+    // measure loss, memory or time under load take serial(), which keeps
+    // every other test off the host while they run (common/serial.rs).
     let dir = TestDir::new("lim-globs");
     let mut w = WorkerSpec::new(&python(), &worker_script(&dir)).start("worker");
     for (name, why) in [
