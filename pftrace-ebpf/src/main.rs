@@ -2002,8 +2002,8 @@ fn read_arg(ctx: &ProbeContext, arg: &UsdtArg) -> Result<u64, i32> {
 /// start, the error half was undefined on the success paths, LLVM kept it
 /// in whatever register the error paths used, and copied that register on
 /// paths where a register read had clobbered it: the verifier refuses any
-/// read of a clobbered register (`R4 !read_ok`, `R5 !read_ok`), so unrelated
-/// changes (the name buffer's zeroing, a spill) made the program fail to load.
+/// read of a clobbered register (`R4 !read_ok`), so an unrelated change (the
+/// name buffer's zeroing) made the program fail to load.
 #[inline(always)]
 fn read_arg_or_error(ctx: &ProbeContext, arg: &UsdtArg) -> (u64, i32) {
     let mut val: u64 = match arg.kind {
