@@ -383,13 +383,11 @@ fn try_on_probe(ctx: &ProbeContext, cookie: u64, event_kind: u8, host: u64) -> R
     // The name's address (a register on the CPythons built here), read once
     // for the whole hit: on 3.6-3.10 it also checks that a return closes
     // the level the window thinks it does (depth.rs).
-    // Two plain words, not the Result: spilled across the window's step,
-    // a Result's error half is undefined while it is Ok, and the verifier
-    // refused that spill (`R5 !read_ok`). Errors are negative, never 0.
-    let (name_ptr, name_err) = match read_arg(ctx, &spec.args[ARG_FUNCNAME]) {
-        Ok(ptr) => (ptr, 0),
-        Err(err) => (0, err),
-    };
+    // Two plain words ([`read_arg_or_error`]), not read_arg's Result: spilled
+    // across the window's step, a Result's error half is undefined while it
+    // is Ok, and the verifier refused that spill (`R5 !read_ok`). Errors are
+    // negative, never 0.
+    let (name_ptr, name_err) = read_arg_or_error(ctx, &spec.args[ARG_FUNCNAME]);
     if spec.frame.regs[0] == NO_REG {
         let attachment = depth::attachment(cookie);
         if event_kind == kind::RETURN {
@@ -1281,8 +1279,14 @@ fn slot_cpu(tid: u32, now: u64) -> Option<u64> {
         return Some(cpu);
     }
     let idx = *unsafe { SLOT_OF.get(&tid) }?;
-    unsafe { core::ptr::write_volatile(row, ((tid as u64) << 32) | idx as u64) };
+    unsafe { core::ptr::write_volatile(row, slot_row(tid, idx)) };
     slot_cpu_at(idx, tid, now)
+}
+
+/// A CPU_SLOT_ROWS row saying thread `tid` holds slot `idx`.
+#[inline(always)]
+fn slot_row(tid: u32, idx: u32) -> u64 {
+    ((tid as u64) << 32) | idx as u64
 }
 
 /// [`slot_cpu`] from slot `idx`, if it holds thread `tid`'s figures.
@@ -1400,7 +1404,7 @@ fn release_cpu_slot(tid: u32) {
     if let Some(row) = CPU_SLOT_ROWS.get_ptr_mut(tid & (MAX_CPU_SLOT_ROWS - 1)) {
         // SAFETY: as in [`slot_cpu`]. Another thread's row is left alone.
         unsafe {
-            if core::ptr::read_volatile(row) == ((tid as u64) << 32) | idx as u64 {
+            if core::ptr::read_volatile(row) == slot_row(tid, idx) {
                 core::ptr::write_volatile(row, 0);
             }
         }
