@@ -36,12 +36,7 @@ impl Daemon {
             if let Some(r) = crate::events::Decoder::known_return(&item) {
                 // Half of a dense trace's records (see KnownReturn).
                 self.take_known_return(&r, &mut completed);
-                if completed.len() >= STORE_CHUNK {
-                    self.store_drained(&mut completed);
-                }
-                continue;
-            }
-            if item.get(KIND_OFFSET) == Some(&kind::ENTRY) {
+            } else if item.get(KIND_OFFSET) == Some(&kind::ENTRY) {
                 // The other half: an entry, decoded as decode_record decodes
                 // it, but not copied into a Record: that copy read the Event
                 // back just after decode stored it field by field (a
@@ -49,76 +44,67 @@ impl Daemon {
                 // of the dense loop's).
                 match self.decoder.decode(&item) {
                     Ok(ev) => self.take_call(ev, &mut completed),
-                    Err(err) => {
-                        self.bad_records += 1;
-                        log::warn!("{err}");
+                    Err(err) => self.bad_record(err),
+                }
+            } else {
+                match self.decoder.decode_record(&item) {
+                    Ok(Record::Call(ev)) => self.take_call(ev, &mut completed),
+                    Ok(Record::Batch(events)) => {
+                        for ev in events {
+                            self.take_call(ev, &mut completed);
+                        }
                     }
-                }
-                if completed.len() >= STORE_CHUNK {
-                    self.store_drained(&mut completed);
-                }
-                continue;
-            }
-            match self.decoder.decode_record(&item) {
-                Ok(Record::Call(ev)) => self.take_call(ev, &mut completed),
-                Ok(Record::Batch(events)) => {
-                    for ev in events {
-                        self.take_call(ev, &mut completed);
+                    Ok(Record::Exec(e)) => {
+                        self.settle_now(e.pid, &mut completed, &mut changes);
+                        let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
+                        log::debug!("pid {} exec'd at {} ns ({late_us} us ago)", e.pid, e.ts_ns);
+                        // Calls of the old image end here, before any of the new one.
+                        self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
+                        self.dormant.exec(e.pid, e.ts_ns);
+                        if e.thread != e.pid && self.processes.has_own_links(e.pid) {
+                            // A thread other than the main one exec'd: its
+                            // pid-scoped link is bound to the old main thread's
+                            // task, whose memory is gone, so the new image is
+                            // never probed (0 of 10 calls seen): attach anew.
+                            log::info!(
+                                "pid {}: thread {} exec'd (not the main thread): its probes are made again",
+                                e.pid,
+                                e.thread
+                            );
+                            changes.push(ProcChange::Exited(e.pid, e.ts_ns));
+                        }
+                        changes.push(ProcChange::Appeared(e.pid));
                     }
-                }
-                Ok(Record::Exec(e)) => {
-                    self.settle_now(e.pid, &mut completed, &mut changes);
-                    let late_us = WallClock::monotonic_now_ns().saturating_sub(e.ts_ns) / 1000;
-                    log::debug!("pid {} exec'd at {} ns ({late_us} us ago)", e.pid, e.ts_ns);
-                    // Calls of the old image end here, before any of the new one.
-                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
-                    self.dormant.exec(e.pid, e.ts_ns);
-                    if e.thread != e.pid && self.processes.has_own_links(e.pid) {
-                        // A thread other than the main one exec'd: its
-                        // pid-scoped link is bound to the old main thread's
-                        // task, whose memory is gone, so the new image is
-                        // never probed (0 of 10 calls seen): attach anew.
-                        log::info!(
-                            "pid {}: thread {} exec'd (not the main thread): its probes are made again",
-                            e.pid,
-                            e.thread
-                        );
+                    Ok(Record::Fork(f)) => {
+                        self.settle_now(f.pid, &mut completed, &mut changes);
+                        let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
+                        log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
+                        self.dormant.fork(f.parent, f.pid);
+                        changes.push(ProcChange::Appeared(f.pid));
+                    }
+                    Ok(Record::Exit(e))
+                        if self.decoder.keep_past_exit
+                            && self.agent.as_ref().is_some_and(|a| a.is_tracing(e.pid)) =>
+                    {
+                        // The batched road: its other threads' drains may follow (exits.rs).
+                        log::debug!("pid {} exited (settled once its threads are gone)", e.pid);
+                        self.exiting.push(super::exits::Exiting {
+                            pid: e.pid,
+                            ts_ns: e.ts_ns,
+                            seen: std::time::Instant::now(),
+                        });
+                    }
+                    Ok(Record::Exit(e)) => {
+                        log::debug!("pid {} exited", e.pid);
+                        if self.decoder.keep_past_exit {
+                            // Not an agent's process: nothing of it drains later.
+                            self.decoder.forget_process(e.pid);
+                        }
+                        // Its open calls end here, before anything of a process reusing the pid.
+                        self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
                         changes.push(ProcChange::Exited(e.pid, e.ts_ns));
                     }
-                    changes.push(ProcChange::Appeared(e.pid));
-                }
-                Ok(Record::Fork(f)) => {
-                    self.settle_now(f.pid, &mut completed, &mut changes);
-                    let late_us = WallClock::monotonic_now_ns().saturating_sub(f.ts_ns) / 1000;
-                    log::debug!("pid {} forked {} ({late_us} us ago)", f.parent, f.pid);
-                    self.dormant.fork(f.parent, f.pid);
-                    changes.push(ProcChange::Appeared(f.pid));
-                }
-                Ok(Record::Exit(e))
-                    if self.decoder.keep_past_exit
-                        && self.agent.as_ref().is_some_and(|a| a.is_tracing(e.pid)) =>
-                {
-                    // The batched road: its other threads' drains may follow (exits.rs).
-                    log::debug!("pid {} exited (settled once its threads are gone)", e.pid);
-                    self.exiting.push(super::exits::Exiting {
-                        pid: e.pid,
-                        ts_ns: e.ts_ns,
-                        seen: std::time::Instant::now(),
-                    });
-                }
-                Ok(Record::Exit(e)) => {
-                    log::debug!("pid {} exited", e.pid);
-                    if self.decoder.keep_past_exit {
-                        // Not an agent's process: nothing of it drains later.
-                        self.decoder.forget_process(e.pid);
-                    }
-                    // Its open calls end here, before anything of a process reusing the pid.
-                    self.pairer.close_open(Some(e.pid), e.ts_ns, &mut completed);
-                    changes.push(ProcChange::Exited(e.pid, e.ts_ns));
-                }
-                Err(err) => {
-                    self.bad_records += 1;
-                    log::warn!("{err}");
+                    Err(err) => self.bad_record(err),
                 }
             }
             // In ring order still: the process changes wait for the end.
@@ -174,6 +160,12 @@ impl Daemon {
                 self.decoder.recycle(file);
             }
         }
+    }
+
+    /// A record the decoder refused: counted (`bad_records`) and said.
+    fn bad_record(&mut self, err: crate::events::DecodeError) {
+        self.bad_records += 1;
+        log::warn!("{err}");
     }
 
     /// A return the kernel sent bare, as [`Self::take_call`] takes its
