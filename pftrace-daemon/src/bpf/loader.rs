@@ -5,7 +5,7 @@
 use std::{collections::HashMap, os::fd::AsFd as _, path::Path, sync::Arc};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, CgroupArray, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{RawTracePoint, UProbe},
 };
@@ -60,6 +60,8 @@ pub enum BpfError {
     Spec(#[from] UsdtError),
     #[error("per-call CPU slots: {0}")]
     CpuSlots(String),
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
+    KernelBtf(String),
     #[error("the kernel side's log ring: {0}")]
     Logger(String),
 }
@@ -85,12 +87,12 @@ pub enum AttachMethod {
 pub const ATTACH_ENV: &str = "PFTRACE_UPROBE_ATTACH";
 
 /// The program serving both probes through uprobe_multi links.
-const USDT_PROGRAM: &str = "pftrace_usdt";
+pub(super) const USDT_PROGRAM: &str = "pftrace_usdt";
 /// The perf-event programs, one per probe.
 const ENTRY_PROGRAM: &str = "pftrace_entry";
 const RETURN_PROGRAM: &str = "pftrace_return";
 /// A program that returns at once (benchmarks: the cost of the uprobe itself).
-const FLOOR_PROGRAM: &str = "pftrace_noop";
+pub(super) const FLOOR_PROGRAM: &str = "pftrace_noop";
 
 /// Totals of the kernel's per-CPU counters.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -288,14 +290,24 @@ impl Counters {
     }
 }
 
+/// The programs attached to CPython's probe sites: pftraced's, and the
+/// floor program attached the same way (benchmarks).
+pub struct UsdtPrograms {
+    pub(super) usdt: Arc<Programs>,
+    pub(super) floor: Arc<Programs>,
+}
+
 /// The loaded eBPF programs and maps.
 pub struct KernelProbes {
     /// Attach the floor program instead of the real ones (benchmarks).
     pub floor: bool,
     ebpf: Ebpf,
-    /// The USDT programs and how they are attached; the floor program the same way.
-    usdt: Arc<Programs>,
-    floor_programs: Arc<Programs>,
+    /// How uprobes are attached.
+    method: AttachMethod,
+    /// The USDT programs and the floor program, once verified ([`Self::wait_programs`]).
+    programs: Option<UsdtPrograms>,
+    /// Their load, while the kernel verifies them on a thread of its own.
+    verifying: Option<super::start::Verifying>,
     specs: HashMap<UsdtSpec, u32>,
     /// The agent's syscall road (sys_enter raw tracepoint) while attached.
     agent_syscall: Option<AgentSyscallLink>,
@@ -357,12 +369,13 @@ impl KernelProbes {
     /// `slots_per_process`: the most CPU slots one process's threads hold
     /// (`limits.cpu_slots_per_process`).
     pub fn load(
+        loader: super::start::PendingLoader,
         ring_bytes: u32,
         layout: Option<&TaskOffsets>,
         scope_filter: bool,
         slots_per_process: u32,
     ) -> Result<Self, BpfError> {
-        let mut loader = EbpfLoader::new();
+        let mut loader = loader.loader()?;
         loader.map_max_entries("EVENTS", ring_bytes);
         let globals = layout.map(TaskOffsets::globals);
         // Batched draining: wake the reader when a quarter of the ring is used;
@@ -402,17 +415,11 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        let (usdt, floor_programs) = match choose_method() {
-            AttachMethod::UprobeMulti => {
-                let mut progs =
-                    super::multi::load_programs(&ebpf, BPF_OBJECT, &[USDT_PROGRAM, FLOOR_PROGRAM])?
-                        .into_iter();
-                let (usdt, floor) = (progs.next(), progs.next());
-                let (Some(usdt), Some(floor)) = (usdt, floor) else {
-                    return Err(BpfError::Missing(USDT_PROGRAM));
-                };
-                (Programs::Multi { prog: usdt }, Programs::Multi { prog: floor })
-            }
+        drop(loader);
+        super::start::trim_heap();
+        let method = choose_method();
+        let (programs, verifying) = match method {
+            AttachMethod::UprobeMulti => (None, Some(super::start::verify(&ebpf)?)),
             AttachMethod::PerfEvent => {
                 let pmu = UprobePmu::discover()?;
                 let entry = load_uprobe(&mut ebpf, ENTRY_PROGRAM)?;
@@ -420,14 +427,19 @@ impl KernelProbes {
                 let floor = load_uprobe(&mut ebpf, FLOOR_PROGRAM)?;
                 let floor2 =
                     floor.try_clone().map_err(|source| BpfError::Dup { name: FLOOR_PROGRAM, source })?;
-                (Programs::Perf { pmu, entry, ret }, Programs::Perf { pmu, entry: floor, ret: floor2 })
+                let programs = UsdtPrograms {
+                    usdt: Arc::new(Programs::Perf { pmu, entry, ret }),
+                    floor: Arc::new(Programs::Perf { pmu, entry: floor, ret: floor2 }),
+                };
+                (Some(programs), None)
             }
         };
         Ok(Self {
             floor: false,
             ebpf,
-            usdt: Arc::new(usdt),
-            floor_programs: Arc::new(floor_programs),
+            method,
+            programs,
+            verifying,
             specs: HashMap::new(),
             agent_syscall: None,
             btf: None,
@@ -443,10 +455,16 @@ impl KernelProbes {
 
     /// How uprobes are attached on this kernel.
     pub fn attach_method(&self) -> AttachMethod {
-        match *self.usdt {
-            Programs::Multi { .. } => AttachMethod::UprobeMulti,
-            Programs::Perf { .. } => AttachMethod::PerfEvent,
+        self.method
+    }
+
+    /// Waits for the USDT programs' verification, started by [`Self::load`]:
+    /// its refusal is a start's error, said here.
+    pub fn wait_programs(&mut self) -> Result<&UsdtPrograms, BpfError> {
+        if let Some(thread) = self.verifying.take() {
+            self.programs = Some(thread.wait()?);
         }
+        self.programs.as_ref().ok_or(BpfError::Missing(USDT_PROGRAM))
     }
 
     /// Adds a function name to the kernel's filter.
@@ -556,6 +574,7 @@ impl KernelProbes {
     /// road, only where configured) parses it again.
     pub fn release_btf(&mut self) {
         self.btf = None;
+        super::start::trim_heap();
     }
 
     /// The batched road's registered threads: (kernel tid, buffer address, tail).
@@ -678,9 +697,11 @@ impl KernelProbes {
             })
             .collect::<Result<Vec<_>, BpfError>>()?;
         points.sort_by_key(|p| p.cookie & pftrace_common::COOKIE_RETURN == 0);
-        let programs = if self.floor { &self.floor_programs } else { &self.usdt };
+        let floor = self.floor;
+        let programs = self.wait_programs()?;
+        let programs = Arc::clone(if floor { &programs.floor } else { &programs.usdt });
         let points = ResolvedPoints { path: path.to_path_buf(), points };
-        Ok(AttachJob { programs: Arc::clone(programs), points, scope })
+        Ok(AttachJob { programs, points, scope })
     }
 
     /// [`Self::usdt_job`] for every process mapping the file, without a
@@ -971,8 +992,7 @@ fn padded(text: &str) -> Result<[u8; NAME_LEN], BpfError> {
 /// 2026-11-28).
 fn kernel_btf(cache: &mut Option<aya::Btf>) -> Result<&aya::Btf, BpfError> {
     if cache.is_none() {
-        let btf = aya::Btf::from_sys_fs()
-            .map_err(|e| BpfError::CpuSlots(format!("reading the kernel's BTF: {e}")))?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| BpfError::KernelBtf(e.to_string()))?;
         *cache = Some(btf);
     }
     Ok(cache.as_ref().expect("just parsed"))

@@ -12,6 +12,7 @@ mod multi;
 mod perf;
 mod points;
 pub mod ringbuf;
+mod start;
 mod sys;
 
 pub use attach::{AttachError, AttachJob, UprobeLink};
@@ -20,3 +21,4 @@ pub use loader::{
     new_agent_token,
 };
 pub use points::{ProbePoint, ResolvedPoints, Scope};
+pub use start::{PendingLoader, begin as begin_start};

@@ -33,6 +33,12 @@ pub enum MultiLoadError {
     Relocate(#[from] aya_obj::relocation::EbpfRelocationError),
     #[error("the eBPF object has no program {0}")]
     Missing(String),
+    #[error("duplicating the eBPF maps' fds for the programs' load: {0}")]
+    MapFds(io::Error),
+    #[error("starting the thread that loads the uprobe programs: {0}")]
+    Spawn(io::Error),
+    #[error("the thread loading the uprobe programs panicked")]
+    Thread,
     #[error("the kernel refused program {name} for uprobe_multi: {source}{log}")]
     Load { name: String, source: io::Error, log: String },
 }
@@ -65,15 +71,30 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// Loads the named programs of `object` for uprobe_multi links, using the
-/// maps `ebpf` created from the same object (so both loads share them).
-pub fn load_programs(ebpf: &Ebpf, object: &[u8], names: &[&str]) -> Result<Vec<OwnedFd>, MultiLoadError> {
+/// The maps `ebpf` created, by name, as duplicated fds: what
+/// [`load_programs`] relocates against, owned so that the load can run on
+/// a thread of its own (loader.rs: the verifier's ~160-390 ms beside the
+/// rest of a start).
+pub fn map_fds(ebpf: &Ebpf) -> io::Result<Vec<(String, OwnedFd)>> {
+    ebpf.maps()
+        .map(|(name, map)| Ok((name.to_string(), map_data(map).fd().as_fd().try_clone_to_owned()?)))
+        .collect()
+}
+
+/// Loads the named programs of `object` for uprobe_multi links, relocated
+/// against `maps` ([`map_fds`] of the `Ebpf` made from the same object, so
+/// both share the maps).
+pub fn load_programs(
+    maps: &[(String, OwnedFd)],
+    object: &[u8],
+    names: &[&str],
+) -> Result<Vec<OwnedFd>, MultiLoadError> {
     let mut obj = aya_obj::Object::parse(object)?;
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
     let definitions = obj.maps.clone();
-    let maps = ebpf.maps().filter_map(|(name, map)| {
+    let maps = maps.iter().filter_map(|(name, fd)| {
         let definition = definitions.get(name)?;
-        Some((name, map_data(map).fd().as_fd().as_raw_fd(), definition))
+        Some((name.as_str(), fd.as_raw_fd(), definition))
     });
     obj.relocate_maps(maps, &text_sections)?;
     obj.relocate_calls(&text_sections)?;

@@ -41,6 +41,8 @@ impl Daemon {
         }
         caps::check()?;
         let limits = &opts.config.limits;
+        // aya's loader reads the kernel's BTF beside this read of it (bpf/start.rs).
+        let loader = crate::bpf::begin_start()?;
         let layout = match TaskOffsets::discover() {
             Ok(layout) => Some(layout),
             Err(err) => {
@@ -56,6 +58,7 @@ impl Daemon {
         // Host-wide probes (--binary, dormant ones), but only processes in scope are traced.
         let scope_filter = (!opts.binaries.is_empty() || dormant.enabled) && !opts.all;
         let mut probes = KernelProbes::load(
+            loader,
             limits.ring_buffer_bytes,
             layout.as_ref(),
             scope_filter,
@@ -169,6 +172,8 @@ impl Daemon {
             targets.push("all probe-enabled Pythons on the host".into());
         }
         targets.extend(binaries);
+        // The USDT programs were verified beside all of the above (bpf/start.rs).
+        probes.wait_programs()?;
         let codes = crate::codes::CodeResolver::start();
         let code_reader = crate::codes::CodeReader::new(&codes.table());
         // The batched agent road: exits settle once the process's threads are gone (exits.rs).
