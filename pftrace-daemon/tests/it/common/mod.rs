@@ -111,6 +111,24 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// A copy of [`python`] of the test's own, `DIR/python/bin/python3.X`:
+/// another inode, so its probe sites are the test's alone. A dormant or
+/// host-wide link on it (`--cgroup`, `--jobs-under`, `--binary`) meets no
+/// other test's daemon or process, which the shared file made a reason to
+/// run alone (common/serial.rs). `DIR/python/lib` links to the original's
+/// `lib`, where CPython looks for its standard library from its own path
+/// (PREFIX/lib/python3.X/os.py), so no PYTHONHOME is needed.
+pub fn private_python(dir: &TestDir) -> PathBuf {
+    let py = python();
+    let prefix = py.parent().and_then(Path::parent).expect("PREFIX/bin/python3.X");
+    let root = dir.join("python");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    std::os::unix::fs::symlink(prefix.join("lib"), root.join("lib")).unwrap();
+    let copy = root.join("bin").join(py.file_name().unwrap());
+    fs::copy(&py, &copy).unwrap_or_else(|e| panic!("copying {} to {}: {e}", py.display(), copy.display()));
+    copy
+}
+
 /// The tests load BPF programs: fail loudly when not root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
