@@ -497,6 +497,7 @@ fn report_roads_uprobe_by_default_syscall_when_asked_and_seccomp_fallback() {
 /// the agent, and pftraced names it in a warning once it has run 10 s
 /// without it. The same child started without `-E` has its 7 calls traced
 /// and no such warning.
+/// The two runs go side by side: each waits out the 10 s (11 s of child).
 #[test]
 fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
     require_root();
@@ -510,7 +511,7 @@ fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
         for i in range(7):\n    work(i)\n\
         time.sleep(11)\n\
         print('DONE', flush=True)\n";
-    for (flags, warned, calls) in [(&["-E"][..], true, 0), (&[][..], false, 7)] {
+    let case = |flags: &[&str], warned: bool, calls: usize| {
         let label = format!("a child started with {flags:?}");
         let dir = TestDir::new("agent-never-loaded");
         let parent = dir.script("parent.py", PARENT);
@@ -529,7 +530,11 @@ fn a_launched_python_that_never_loads_the_agent_is_named_in_a_warning() {
         );
         assert_eq!(run.stderr.contains(&warning), warned, "{label}: {}", run.stderr);
         assert_eq!(run.trace().calls.len(), calls, "{label}: calls of work traced");
-    }
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| case(&["-E"], true, 0));
+        s.spawn(|| case(&[], false, 7));
+    });
 }
 
 /// A process traced by one pftraced, then by another: the same code objects

@@ -10,8 +10,11 @@
 //!   outside the cgroup running the same interpreter is not recorded, and
 //!   the daemon's memory and descriptors are as before (about 50 s).
 //!
-//! The tests of this file run one at a time (they measure coverage and
-//! memory on a small machine).
+//! The launch-mode tests run alone (serial: a child is traced by a pid-scoped
+//! attachment made while it sleeps 0.3 s, which a busy neighbour could
+//! delay). The 2,000-Python test runs beside others: its coverage comes
+//! from `--binary` probes made before any child starts, on an interpreter
+//! copy of its own, and the memory it checks is its own daemon's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -255,30 +258,6 @@ fn launch_mode_with_a_cgroup_passes_sigterm_to_the_command_then_stops() {
     assert_eq!(run.trace().named("foo").len(), 1);
 }
 
-/// pftraced processes in the middle of exiting: a thread with PF_EXITING set
-/// that is not yet a zombie (the last thread out closes the files).
-fn exiting_daemons() -> usize {
-    const PF_EXITING: u64 = 0x4;
-    let exiting_thread = |stat: &str| {
-        let fields: Vec<&str> =
-            stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let flags = fields.get(6).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        fields.first().is_some_and(|s| *s != "Z") && flags & PF_EXITING != 0
-    };
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "pftraced"))
-        .filter(|e| {
-            fs::read_dir(e.path().join("task"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|t| exiting_thread(&fs::read_to_string(t.path().join("stat")).unwrap_or_default()))
-        })
-        .count()
-}
-
 /// Open file descriptors of `pid` by kind (`anon_inode:[perf_event]`, `socket`, a path...).
 fn fd_kinds(pid: u32) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -389,25 +368,15 @@ impl Drop for Daemon {
 
 #[test]
 fn two_thousand_50ms_pythons_in_a_watched_cgroup_have_every_call_traced_and_the_daemon_memory_comes_back() {
-    let _serial = serial();
+    // Beside other tests: --binary attaches a copy of the interpreter of its
+    // own (common::private_python), which no other test's process runs and
+    // no other daemon (an exiting one included) has probes on.
     const CHILDREN: usize = 2000;
     const CALLS: usize = 10;
     const IN_FLIGHT: usize = 4;
     let dir = TestDir::new("fault-children");
-    // A pftraced that is still exiting (closing its probes) would share the
-    // interpreter's uprobes with this test's daemon: let any finish first.
-    let t = Instant::now();
-    while exiting_daemons() > 0 && t.elapsed() < Duration::from_secs(90) {
-        thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!(
-        "waited {:.1} s for exiting pftraced processes ({} left); other pftraced: {}",
-        t.elapsed().as_secs_f64(),
-        exiting_daemons(),
-        other_daemons(&[])
-    );
     let cg = Cgroup::new("children");
-    let py = python();
+    let py = private_python(&dir);
     let child = dir.script(
         "child.py",
         r#"

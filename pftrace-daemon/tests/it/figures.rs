@@ -167,7 +167,7 @@ fn run() -> &'static Run {
             let want = if name == "first_in_thread" { 8 } else { 1 };
             assert_eq!(counts.get(name), Some(&want), "calls per name: {counts:?}");
         }
-        let calls: Vec<Figures> = trace.json["traceEvents"]
+        let calls: Vec<Figures> = trace.json()["traceEvents"]
             .as_array()
             .expect("traceEvents")
             .iter()

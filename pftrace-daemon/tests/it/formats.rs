@@ -622,7 +622,7 @@ fn chrome_trace_validates_and_python_json_loads_it() {
     let (pid, main_tid, worker_tid) = work_ids(&run.stdout);
     let trace = run.trace();
     trace.assert_clean();
-    let by_ph = check_chrome(&trace.json);
+    let by_ph = check_chrome(trace.json());
 
     let calls = &by_ph["X"];
     assert_eq!(count_by(calls.iter().map(|e| e["name"].as_str().unwrap())), qualified_counts());
@@ -640,7 +640,7 @@ fn chrome_trace_validates_and_python_json_loads_it() {
         assert!(e["args"]["cpu_ns"].is_u64() && e["args"]["offcpu_ns"].is_u64(), "{e}");
     }
     // Wall-clock µs, inside the trace's window and before now.
-    let pf = &trace.json["otherData"]["pftrace"];
+    let pf = &trace.json()["otherData"]["pftrace"];
     let (start, end) = (pf["start_us"].as_f64().unwrap(), pf["end_us"].as_f64().unwrap());
     for e in calls {
         let ts = e["ts"].as_f64().unwrap();

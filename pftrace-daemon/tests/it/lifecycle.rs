@@ -314,9 +314,10 @@ fn processes_exiting_while_being_attached_leave_nothing_behind() {
 #[test]
 fn perf_event_attachment_traces_like_uprobe_multi() {
     require_root();
-    let _serial = serial();
+    // Beside other tests: its links (dormant, --binary) are on a copy of the
+    // interpreter of its own (common::private_python).
     let dir = TestDir::new("lifecycle-perf");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let cg = Cgroup::new("perf");
     let socket = socket_of(&dir);
@@ -352,9 +353,10 @@ fn perf_event_attachment_traces_like_uprobe_multi() {
 #[test]
 fn binary_flag_traces_forked_children_from_their_first_call() {
     require_root();
-    let _serial = serial();
+    // Beside other tests: its links (dormant, --binary) are on a copy of the
+    // interpreter of its own (common::private_python).
     let dir = TestDir::new("lifecycle-binary-fork");
-    let py = python();
+    let py = private_python(&dir);
     let script = dir.script(
         "forks.py",
         r#"
@@ -393,8 +395,8 @@ fn binary_flag_traces_forked_children_from_their_first_call() {
 
 #[test]
 fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     // Before: a pid-scoped uprobe_multi link follows the task it was made
     // for, the old main thread, gone at such an exec: 0 of the new image's
     // 10 calls were seen. In a watched cgroup the link is host-wide.
@@ -412,7 +414,7 @@ fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
         assert_eq!(per_thread.values().sum::<u64>(), 30, "{how}: {per_thread:?}");
     };
     let run = Pftraced::new(&dir, &["work"])
-        .launch(&[python().as_os_str(), script.as_os_str(), std::ffi::OsStr::new("before")])
+        .launch(&[private_python(&dir).as_os_str(), script.as_os_str(), std::ffi::OsStr::new("before")])
         .run();
     run.assert_code(0);
     let line = run.stdout.lines().find_map(|l| l.strip_prefix("after ")).expect("the exec'd image's line");
@@ -428,8 +430,10 @@ fn an_exec_from_a_thread_other_than_the_main_one_is_traced_after_it() {
     let socket = socket_of(&dir);
     let tracer = serving(&dir, &["work"]).arg("--cgroup").arg(cg.path()).spawn();
     wait_serving(&socket, &tracer);
-    let mut p =
-        Guard::spawn(&mut in_cgroup(cg.path(), python(), [script.as_os_str(), "before".as_ref()]), false);
+    let mut p = Guard::spawn(
+        &mut in_cgroup(cg.path(), private_python(&dir), [script.as_os_str(), "before".as_ref()]),
+        false,
+    );
     let pid = p.pid();
     assert!(p.wait(Duration::from_secs(30), "the exec'ing Python").success());
     let run = stop(&socket, tracer);

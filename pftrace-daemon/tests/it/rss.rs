@@ -70,7 +70,7 @@ fn record_rss_is_the_sum_of_the_three_counters_proc_reports() {
         .find_map(|l| l.strip_prefix("readings "))
         .unwrap_or_else(|| panic!("the script printed no readings; stdout:\n{}", run.stdout));
     let readings: Vec<Value> = serde_json::from_str(line).expect("the script's readings");
-    let mut calls: Vec<(f64, u64, u64)> = trace.json["traceEvents"]
+    let mut calls: Vec<(f64, u64, u64)> = trace.json()["traceEvents"]
         .as_array()
         .expect("traceEvents")
         .iter()

@@ -21,10 +21,10 @@ use crate::common::*;
 
 #[test]
 fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("svc-cgroup");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let mut cg = Cgroup::new("scope");
     let inner = cg.child("inner");
@@ -87,10 +87,10 @@ fn cgroup_scope_traces_exactly_its_processes_now_later_and_in_children() {
 
 #[test]
 fn two_interpreter_binaries_in_the_cgroup_are_both_traced() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("svc-twobin");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let cg = Cgroup::new("twobin");
     let socket = socket_of(&dir);
@@ -150,14 +150,14 @@ fn foo_counts(calls: &[CallEvent]) -> BTreeMap<u32, u64> {
 
 #[test]
 fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     // Before: `--pid` took pid-scoped probes with kernel-managed semaphores,
     // the cgroup's process dormant ones without, and the kernel refused the
     // second ("ref_ctr_offset mismatch", EINVAL): the cgroup's process was
     // never traced. Now the `--pid` target joins the dormant probes.
     let dir = TestDir::new("svc-cgroup-pid");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let cg = Cgroup::new("beside-pid");
     let socket = socket_of(&dir);
@@ -180,10 +180,10 @@ fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon
 
 #[test]
 fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is_refused_clearly() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
-    let py = python();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let (dir_x, dir_y) = (TestDir::new("svc-two-x"), TestDir::new("svc-two-y"));
+    let py = private_python(&dir_x);
     let script = worker_script(&dir_x);
     let cg = Cgroup::new("two-daemons");
     let (socket_x, socket_y) = (socket_of(&dir_x), socket_of(&dir_y));

@@ -69,10 +69,10 @@ fn job_status<'a>(status: &'a Value, id: &str, running: bool) -> Option<&'a Valu
 
 #[test]
 fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("jobs-slurm");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let scope = Cgroup::new("slurmstepd");
     let root = scope.path().to_path_buf();
@@ -188,10 +188,10 @@ fn slurm_like_jobs_overlapping_get_one_exact_trace_each() {
 
 #[test]
 fn a_job_cgroup_made_and_removed_ten_times_gets_ten_traces() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("jobs-ten");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let scope = Cgroup::new("tenjobs");
     let root = scope.path().to_path_buf();
@@ -232,10 +232,10 @@ fn a_job_cgroup_made_and_removed_ten_times_gets_ten_traces() {
 
 #[test]
 fn a_jobs_root_made_after_start_is_waited_for_then_traced() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("jobs-later");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let mut base = Cgroup::new("later");
     let root: PathBuf = base.path().join("system.slice/slurmstepd.scope");
@@ -277,10 +277,10 @@ fn a_jobs_root_made_after_start_is_waited_for_then_traced() {
 
 #[test]
 fn a_cgroup_target_made_after_start_is_waited_for_then_traced() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let dir = TestDir::new("cgroup-later");
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let mut base = Cgroup::new("cglater");
     let target = base.path().join("jobs.slice");
@@ -302,7 +302,7 @@ fn a_cgroup_target_made_after_start_is_waited_for_then_traced() {
 /// daemon writing jobs' traces in `format`; returns the jobs directory and the pids.
 fn one_job_in_format(tag: &str, format: &str, id: &str, n1: u64, n2: u64) -> (TestDir, PathBuf, u32, u32) {
     let dir = TestDir::new(tag);
-    let py = python();
+    let py = private_python(&dir);
     let script = worker_script(&dir);
     let scope = Cgroup::new(tag);
     let out = dir.join("jobs");
@@ -340,8 +340,8 @@ fn wait_file(path: &Path) {
 
 #[test]
 fn jobs_traces_in_pfw_are_a_directory_of_perfflow_files_per_job() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let (_dir, out, a, b) = one_job_in_format("jobs-pfw", "pfw", "5", 12, 34);
     let job_dir = out.join("pftrace-job-5");
     let host = pftrace::daemon::hostname();
@@ -364,8 +364,8 @@ fn jobs_traces_in_pfw_are_a_directory_of_perfflow_files_per_job() {
 
 #[test]
 fn jobs_traces_in_records_format() {
-    // Alone: a dormant link on the interpreter file (common/serial.rs).
-    let _serial = serial();
+    // Beside other tests: the dormant link is on a copy of the interpreter
+    // of its own (common::private_python).
     let (_dir, out, _a, _b) = one_job_in_format("jobs-records", "records", "6", 7, 8);
     let path = out.join("pftrace-job-6.records.json");
     wait_file(&path);

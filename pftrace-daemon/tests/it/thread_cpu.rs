@@ -145,7 +145,7 @@ struct Call {
 }
 
 fn calls(trace: &Trace, name: &str) -> Vec<Call> {
-    let mut v: Vec<Call> = trace.json["traceEvents"]
+    let mut v: Vec<Call> = trace.json()["traceEvents"]
         .as_array()
         .expect("traceEvents")
         .iter()

@@ -10,6 +10,7 @@
 //! builds. Missing prerequisites make the tests fail, never skip.
 
 mod call_kinds;
+mod raw_trace;
 mod serial;
 mod service;
 
@@ -18,6 +19,7 @@ pub use serial::serial;
 pub use service::*;
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     env,
     ffi::{OsStr, OsString},
@@ -27,7 +29,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU32, Ordering},
         mpsc,
     },
@@ -35,6 +37,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use raw_trace::RawTrace;
 use serde_json::Value;
 
 /// The pftraced binary under test.
@@ -106,6 +109,24 @@ pub fn python() -> PathBuf {
          run `cargo xtask setup` (as root) to build it, or use `cargo xtask test`"
     );
     p
+}
+
+/// A copy of [`python`] of the test's own, `DIR/python/bin/python3.X`:
+/// another inode, so its probe sites are the test's alone. A dormant or
+/// host-wide link on it (`--cgroup`, `--jobs-under`, `--binary`) meets no
+/// other test's daemon or process, which the shared file made a reason to
+/// run alone (common/serial.rs). `DIR/python/lib` links to the original's
+/// `lib`, where CPython looks for its standard library from its own path
+/// (PREFIX/lib/python3.X/os.py), so no PYTHONHOME is needed.
+pub fn private_python(dir: &TestDir) -> PathBuf {
+    let py = python();
+    let prefix = py.parent().and_then(Path::parent).expect("PREFIX/bin/python3.X");
+    let root = dir.join("python");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    std::os::unix::fs::symlink(prefix.join("lib"), root.join("lib")).unwrap();
+    let copy = root.join("bin").join(py.file_name().unwrap());
+    fs::copy(&py, &copy).unwrap_or_else(|e| panic!("copying {} to {}: {e}", py.display(), copy.display()));
+    copy
 }
 
 /// The tests load BPF programs: fail loudly when not root.
@@ -899,7 +920,12 @@ pub fn us_to_ns(us: f64) -> i128 {
 /// A parsed and shape-checked Chrome trace from pftraced.
 #[derive(Debug)]
 pub struct Trace {
-    pub json: Value,
+    /// The file's text, for [`Trace::json`].
+    text: String,
+    /// The whole file as a value, made on first use by [`Trace::json`].
+    json: OnceLock<Value>,
+    /// `otherData`.
+    other_data: Value,
     /// X events, in file order.
     pub calls: Vec<CallEvent>,
     /// pid -> process_name of the M events.
@@ -908,79 +934,82 @@ pub struct Trace {
 
 impl Trace {
     /// Parses `text` and checks the layout documented in src/output/chrome.rs.
+    /// The events are read typed (common/raw_trace.rs), not as values.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let json: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        if json["displayTimeUnit"] != "ns" {
-            return Err(format!("displayTimeUnit is {}", json["displayTimeUnit"]));
+        let raw: RawTrace = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        if raw.display_time_unit != "ns" {
+            return Err(format!("displayTimeUnit is {}", raw.display_time_unit));
         }
-        let events = json["traceEvents"].as_array().ok_or("traceEvents is not an array")?;
         let mut calls = Vec::new();
         let mut process_names = BTreeMap::new();
-        for ev in events {
-            let s = |k: &str| -> Result<String, String> {
-                ev[k].as_str().map(str::to_string).ok_or_else(|| format!("event without string {k:?}: {ev}"))
+        for ev in &raw.trace_events {
+            let missing = |what: &str| format!("event without {what}: {ev:?}");
+            let s = |v: &Option<Cow<str>>, k: &str| -> Result<String, String> {
+                v.as_deref().map(str::to_string).ok_or_else(|| missing(&format!("string {k:?}")))
             };
-            let u = |v: &Value, k: &str| -> Result<u64, String> {
-                v[k].as_u64().ok_or_else(|| format!("event without unsigned {k:?}: {ev}"))
-            };
-            let f = |k: &str| -> Result<f64, String> {
-                ev[k].as_f64().ok_or_else(|| format!("event without number {k:?}: {ev}"))
-            };
-            match ev["ph"].as_str() {
+            let u = |v: Option<u64>, k: &str| v.ok_or_else(|| missing(&format!("unsigned {k:?}")));
+            let f = |v: Option<f64>, k: &str| v.ok_or_else(|| missing(&format!("number {k:?}")));
+            let name = ev.name.as_deref();
+            match ev.ph.as_deref() {
                 Some("X") => {
-                    let args = &ev["args"];
-                    let incomplete = match &args["incomplete"] {
-                        Value::Null => false,
-                        Value::Bool(true) => true,
-                        other => return Err(format!("args.incomplete is {other}: {ev}")),
+                    let args = &ev.args;
+                    let incomplete = match &args.incomplete {
+                        None => false,
+                        Some(Value::Bool(true)) => true,
+                        Some(other) => return Err(format!("args.incomplete is {other}: {ev:?}")),
                     };
-                    let (ts, dur) = (f("ts")?, f("dur")?);
+                    let (ts, dur) = (f(ev.ts, "ts")?, f(ev.dur, "dur")?);
                     if dur < 0.0 {
-                        return Err(format!("negative dur: {ev}"));
+                        return Err(format!("negative dur: {ev:?}"));
                     }
                     calls.push(CallEvent {
-                        name: args["function"]
-                            .as_str()
-                            .ok_or_else(|| format!("args.function missing: {ev}"))?
+                        name: args
+                            .function
+                            .as_deref()
+                            .ok_or_else(|| format!("args.function missing: {ev:?}"))?
                             .to_string(),
-                        qualname: s("name")?,
-                        cat: s("cat")?,
-                        module: args["module"].as_str().map(str::to_string),
-                        path: args["path"].as_str().map(str::to_string),
-                        pid: u(ev, "pid")? as u32,
-                        tid: u(ev, "tid")? as u32,
+                        qualname: s(&ev.name, "name")?,
+                        cat: s(&ev.cat, "cat")?,
+                        module: args.module.as_deref().map(str::to_string),
+                        path: args.path.as_deref().map(str::to_string),
+                        pid: u(ev.pid, "pid")? as u32,
+                        tid: u(ev.tid, "tid")? as u32,
                         ts,
                         dur,
                         ts_ns: us_to_ns(ts),
                         dur_ns: (dur * 1000.0).round() as i128,
-                        file: args["file"]
-                            .as_str()
-                            .ok_or_else(|| format!("args.file missing: {ev}"))?
+                        file: args
+                            .file
+                            .as_deref()
+                            .ok_or_else(|| format!("args.file missing: {ev:?}"))?
                             .to_string(),
-                        line: args["line"].as_i64().ok_or_else(|| format!("args.line missing: {ev}"))?,
+                        line: args.line.ok_or_else(|| format!("args.line missing: {ev:?}"))?,
                         incomplete,
-                        id: u(args, "id")?,
-                        depth: u(args, "depth")?,
-                        parent: u(args, "parent")?,
+                        id: u(args.id, "id")?,
+                        depth: u(args.depth, "depth")?,
+                        parent: u(args.parent, "parent")?,
                     });
                 }
                 // Thread names, process labels and the CPU/memory counter
                 // tracks are checked by tests/it/formats.rs.
-                Some("M") if ev["name"] == "thread_name" || ev["name"] == "process_labels" => {}
-                Some("C") if ev["name"] == "cpu" || ev["name"] == "memory" => {}
+                Some("M") if name == Some("thread_name") || name == Some("process_labels") => {}
+                Some("C") if name == Some("cpu") || name == Some("memory") => {}
                 Some("M") => {
-                    if ev["name"] != "process_name" {
-                        return Err(format!("unexpected metadata event: {ev}"));
+                    if name != Some("process_name") {
+                        return Err(format!("unexpected metadata event: {ev:?}"));
                     }
-                    let name = ev["args"]["name"]
-                        .as_str()
-                        .ok_or_else(|| format!("process_name without args.name: {ev}"))?;
-                    process_names.insert(u(ev, "pid")? as u32, name.to_string());
+                    let name = ev
+                        .args
+                        .name
+                        .as_deref()
+                        .ok_or_else(|| format!("process_name without args.name: {ev:?}"))?;
+                    process_names.insert(u(ev.pid, "pid")? as u32, name.to_string());
                 }
-                _ => return Err(format!("unexpected event: {ev}")),
+                _ => return Err(format!("unexpected event: {ev:?}")),
             }
         }
-        let pf = &json["otherData"]["pftrace"];
+        let other_data = raw.other_data;
+        let pf = &other_data["pftrace"];
         for k in ["entry_seen", "return_seen", "entry_matched", "return_matched", "lost", "read_errors"] {
             if pf["counters"][k].as_u64().is_none() {
                 return Err(format!("otherData.pftrace.counters.{k} missing: {pf}"));
@@ -996,7 +1025,7 @@ impl Trace {
                 return Err(format!("otherData.pftrace.{k} is not an array: {pf}"));
             }
         }
-        let trace = Self { json, calls, process_names };
+        let trace = Self { text: text.to_string(), json: OnceLock::new(), other_data, calls, process_names };
         if trace.pftrace()["calls"].as_u64() != Some(trace.calls.len() as u64) {
             return Err(format!(
                 "otherData.pftrace.calls = {} but there are {} X events",
@@ -1014,9 +1043,15 @@ impl Trace {
         Ok(trace)
     }
 
+    /// The whole file as a value (parsed on first use: the checks above
+    /// need none).
+    pub fn json(&self) -> &Value {
+        self.json.get_or_init(|| serde_json::from_str(&self.text).expect("parsed once already"))
+    }
+
     /// `otherData.pftrace`.
     pub fn pftrace(&self) -> &Value {
-        &self.json["otherData"]["pftrace"]
+        &self.other_data["pftrace"]
     }
 
     /// One of the kernel counters.

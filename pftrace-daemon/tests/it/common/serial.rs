@@ -13,6 +13,8 @@
 //! - `--binary` and `--all` attach a file host-wide: every process running
 //!   it pays the probe trap and counts in `out_of_scope`, and a semaphore
 //!   raised host-wide is what faults.rs and service_overhead.rs check stays 0;
+//!   (both are about the shared file: a test whose links are on an
+//!   interpreter copy of its own, `private_python`, needs neither);
 //! - CPU time, speed and memory figures (thread_cpu.rs, figures.rs,
 //!   service_overhead.rs, daemon_limits.rs, racefree.rs): a neighbour on the
 //!   2 vCPUs shifts them;
