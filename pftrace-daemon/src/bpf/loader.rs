@@ -415,8 +415,6 @@ impl KernelProbes {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(BPF_OBJECT)?;
-        drop(loader);
-        super::start::trim_heap();
         let method = choose_method();
         let (programs, verifying) = match method {
             AttachMethod::UprobeMulti => (None, Some(super::start::verify(&ebpf)?)),
@@ -574,7 +572,6 @@ impl KernelProbes {
     /// road, only where configured) parses it again.
     pub fn release_btf(&mut self) {
         self.btf = None;
-        super::start::trim_heap();
     }
 
     /// The batched road's registered threads: (kernel tid, buffer address, tail).

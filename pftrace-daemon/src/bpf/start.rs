@@ -29,6 +29,7 @@ pub struct PendingLoader(JoinHandle<EbpfLoader<'static>>);
 
 /// Starts making aya's loader on a thread of its own.
 pub fn begin() -> Result<PendingLoader, BpfError> {
+    one_malloc_arena();
     std::thread::Builder::new()
         .name("pftrace-btf".into())
         .spawn(EbpfLoader::new)
@@ -40,19 +41,6 @@ impl PendingLoader {
     /// The loader, once its parse is done.
     pub(super) fn loader(self) -> Result<EbpfLoader<'static>, BpfError> {
         self.0.join().map_err(|_| BpfError::KernelBtf("the thread reading it panicked".into()))
-    }
-}
-
-/// Gives the heap's free pages back to the kernel, in every malloc arena.
-/// The loader's parse of the kernel's BTF (~14 MiB of small allocations)
-/// is made in its thread's arena, which glibc does not trim when the
-/// loader is dropped on another thread: pftraced's VmRSS after a `--pid`
-/// start stayed at 50 MiB (37 before the thread).
-pub(super) fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
@@ -85,5 +73,20 @@ impl Verifying {
     /// The programs, once verified; the kernel's refusal if it refused.
     pub(super) fn wait(self) -> Result<UsdtPrograms, BpfError> {
         Ok(self.0.join().map_err(|_| MultiLoadError::Thread)??)
+    }
+}
+
+/// Every thread of pftraced allocates from glibc's main arena. The loader's
+/// parse of the kernel's BTF (~14 MiB of small allocations) is made on its
+/// thread: in a thread arena of its own it stayed resident once freed
+/// (VmRSS 50 MiB after a `--pid` start, 37 before the thread), where the
+/// main arena reuses it. pftraced's other threads (the code resolver, the
+/// holds) allocate little, so sharing one arena costs no contention worth
+/// the name.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX (-8) is glibc's.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
