@@ -73,8 +73,8 @@ struct ProgLoadAttr {
 
 /// The maps `ebpf` created, by name, as duplicated fds: what
 /// [`load_programs`] relocates against, owned so that the load can run on
-/// a thread of its own (loader.rs: the verifier's ~160-390 ms beside the
-/// rest of a start).
+/// a thread of its own (start.rs: the verifier's time beside the rest of a
+/// start).
 pub fn map_fds(ebpf: &Ebpf) -> io::Result<Vec<(String, OwnedFd)>> {
     ebpf.maps()
         .map(|(name, map)| Ok((name.to_string(), map_data(map).fd().as_fd().try_clone_to_owned()?)))
