@@ -448,18 +448,33 @@ import json, os, sys, threading, time
 
 readings = []
 
+def run_delay():
+    # The thread's time runnable but not running, in ns (its schedstat's
+    # second field; moved at each switch-in, so exact while it runs).
+    with open("/proc/thread-self/schedstat", "rb") as f:
+        return int(f.read().split()[1])
+
 def busy(ns):
-    # Only a subtraction after the last reading (see SCRIPT's busy).
+    # Only subtractions after the last reading (see SCRIPT's busy). The
+    # wall time the thread neither ran nor waited for a CPU is what the
+    # hypervisor took while it ran (steal): the slot counts it, the
+    # thread's clock does not. Read outside the CPU clock's readings, so
+    # it can only come out larger than the steal, never smaller.
+    w0 = time.perf_counter_ns()
+    d0 = run_delay()
     c0 = time.thread_time_ns()
     end = time.perf_counter_ns() + ns
     while time.perf_counter_ns() < end:
         pass
-    return time.thread_time_ns() - c0
+    c1 = time.thread_time_ns()
+    d1 = run_delay()
+    w1 = time.perf_counter_ns()
+    return c1 - c0, max(0, (w1 - w0) - (c1 - c0) - (d1 - d0))
 
 def spin(stop):
     while not os.path.exists(stop):
         t0 = time.time_ns()
-        readings.append((threading.get_native_id(), t0, busy(1_000_000)))
+        readings.append((threading.get_native_id(), t0, *busy(1_000_000)))
 
 t = threading.Thread(target=spin, args=(sys.argv[1],))
 t.start()
@@ -475,7 +490,7 @@ print("readings", json.dumps(readings), flush=True)
     std::thread::sleep(std::time::Duration::from_millis(200));
     let tracer = Pftraced::new(&dir, &["busy"]).pid(py.pid()).spawn();
     tracer.wait_attached(py.pid());
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
     std::fs::write(&stop, b"").unwrap();
     let line = py.expect("readings");
     assert!(py.finish().success(), "the script failed");
@@ -484,16 +499,20 @@ print("readings", json.dumps(readings), flush=True)
     let trace = run.trace();
     let coarse = trace.counter("cpu_coarse");
     assert_eq!(trace.counter("cpu_slots_full"), 0);
-    let own: Vec<(u64, u64, u64)> =
+    let own: Vec<(u64, u64, u64, u64)> =
         serde_json::from_str(line.strip_prefix("readings ").unwrap_or(&line)).expect("readings");
     let calls = calls(&trace, "busy");
-    assert!(calls.len() >= 100, "only {} calls traced in 0.5 s of 1 ms calls", calls.len());
+    assert!(
+        calls.len() >= 100,
+        "only {} calls traced in 1 s of 1 ms calls (0.5 s gave 100 once, with both CPUs loaded)",
+        calls.len()
+    );
     // Pair by start time: each call with the reading whose wall start is nearest.
-    let mut off = 0u64;
+    let (mut off, mut stolen_calls) = (0u64, 0u64);
     for c in &calls {
         let start_ns = (c.ts_us * 1000.0) as i64;
-        let &(_, _, got) =
-            own.iter().min_by_key(|(_, t0, _)| (*t0 as i64 - start_ns).abs()).expect("readings");
+        let &(_, _, got, stolen) =
+            own.iter().min_by_key(|(_, t0, _, _)| (*t0 as i64 - start_ns).abs()).expect("readings");
         assert!(c.cpu_ns <= c.dur_ns, "cpu_ns {} over the wall time {}", c.cpu_ns, c.dur_ns);
         // Two ticks: a call whose entry had no slot yet (the scheduler's
         // last charge, up to a tick stale) and whose return had one (exact)
@@ -501,15 +520,26 @@ print("readings", json.dumps(readings), flush=True)
         // run: 5.71 ms for a call the thread measured at 0.56 ms, over one
         // tick + the bound); garbage would be far off either way.
         assert!(
-            c.cpu_ns.abs_diff(got) <= bound(got) + 2 * 4_000 * US,
-            "garbage: cpu_ns {} for a call the thread measured at {got} ns",
+            c.cpu_ns.abs_diff(got) <= bound(got) + 2 * 4_000 * US + stolen,
+            "garbage: cpu_ns {} for a call the thread measured at {got} ns ({stolen} ns stolen)",
             c.cpu_ns
         );
-        if c.cpu_ns.abs_diff(got) > bound(got) {
+        // The slot counts the steal of its call (its wall time since the
+        // switch-in), the thread's clock does not: above the thread's
+        // figure by at most what was stolen, measured by the script.
+        // Under the parallel tests, one run: 31 of 446 calls over the
+        // bound by the thread's clock alone, 2 of them coarse.
+        if stolen > bound(got) {
+            stolen_calls += 1;
+        }
+        if c.cpu_ns + bound(got) < got || c.cpu_ns > got + stolen + bound(got) {
             off += 1;
         }
     }
-    eprintln!("{} calls; {off} off the bound; cpu_coarse {coarse}", calls.len());
+    eprintln!(
+        "{} calls; {off} off the bound; {stolen_calls} with steal over it; cpu_coarse {coarse}",
+        calls.len()
+    );
     assert!(coarse >= 1, "the thread's first record had no slot: counted");
     assert!(
         off as usize <= coarse as usize + allowed_off(calls.len()),
