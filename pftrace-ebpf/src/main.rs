@@ -552,6 +552,9 @@ fn read_and_send(
 
     let Some(mut entry) = EVENTS.reserve::<CallEvent>(0) else {
         bump(counter::LOST);
+        // Not sent: its bit must not say "sent", or its return would go
+        // out unread as the close of a record user space never had.
+        depth::start_over(opened);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
@@ -574,6 +577,7 @@ fn read_and_send(
     bump(counter::LONG_FILES);
     let Some(mut entry) = EVENTS.reserve::<LongCallEvent>(0) else {
         bump(counter::LOST);
+        depth::start_over(opened);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
