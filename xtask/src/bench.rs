@@ -238,6 +238,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         );
     }
     let env = crate::setup::run()?;
+    crate::setup::apt_packages("bench apt packages", crate::setup::BENCH_APT_PACKAGES)
+        .context("setup step `bench apt packages` failed")?;
     let pftraced = crate::build::build()?;
     let root = util::workspace_root();
     let dir = util::target_dir().join("bench");
