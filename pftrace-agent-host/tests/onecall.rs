@@ -73,7 +73,7 @@ fn one_call_records_carry_their_start_and_cpu_from_the_slot() {
         // in the thread's clock, until the next switch-in sets the slot
         // back to the scheduler's sum. A sleep first puts that switch-in
         // just before the call: the steal since it is the call's own
-        // (without it, under the parallel tests, one call read 761 us
+        // (without it, under three busy loops, one call read 761 us
         // short, the slot set back in mid-call by steal before the call).
         // The wall time the thread then neither ran nor waited for a CPU
         // is that steal, read outside the clock's readings, so it can
