@@ -258,11 +258,23 @@ fn threads_switching_mid_call_keep_their_own_windows_and_every_call_is_exact() {
         start = _thread.allocate_lock()
         start.acquire()
         done = [_thread.allocate_lock() for _ in range(THREADS)]
+        # Halfway through its hits each thread waits for the others to
+        # get there too, so that their loops overlap (on a fast machine
+        # one thread's 3,000 hits ended before the last one's began: 2 of
+        # 25 runs). Locks only: their methods fire no probes, so the
+        # counts below stay exact.
+        halfway = [_thread.allocate_lock() for _ in range(THREADS)]
+        go_on = _thread.allocate_lock()
+        go_on.acquire()
 
         def work(k):
             start.acquire()
             start.release()
             for i in range(HITS):
+                if i == HITS // 2:
+                    halfway[k].release()
+                    go_on.acquire()
+                    go_on.release()
                 hit(i)
                 miss(i)
             a(DEPTH)
@@ -274,8 +286,12 @@ fn threads_switching_mid_call_keep_their_own_windows_and_every_call_is_exact() {
                 os._exit(3)
             for k in range(THREADS):
                 done[k].acquire()
+                halfway[k].acquire()
                 _thread.start_new_thread(work, (k,))
             start.release()
+            for k in range(THREADS):
+                halfway[k].acquire()
+            go_on.release()
             for k in range(THREADS):
                 done[k].acquire()
             return 0
@@ -309,8 +325,8 @@ fn threads_switching_mid_call_keep_their_own_windows_and_every_call_is_exact() {
         assert_eq!(a.iter().filter(|c| c.depth == 0).count(), 1, "thread {tid}: {pf}");
         spans.push((hits[0].ts_ns, hits[hits.len() - 1].end_ns()));
     }
-    // The threads ran at the same time (each began before another ended),
-    // so their words were written in turn.
+    // The threads ran at the same time (each began before another ended:
+    // the script's halfway wait), so their words were written in turn.
     let last_start = spans.iter().map(|s| s.0).max().unwrap();
     let first_end = spans.iter().map(|s| s.1).min().unwrap();
     assert!(last_start < first_end, "the threads ran one after another: {spans:?}");
