@@ -19,6 +19,7 @@ pub mod hold;
 pub mod job_pattern;
 pub mod kernel;
 pub mod launch;
+pub mod ledger;
 pub mod logging;
 pub mod output;
 pub mod pairing;

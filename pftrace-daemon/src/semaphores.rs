@@ -1,5 +1,5 @@
 //! USDT semaphores raised by pftraced itself, in one process at a time (the
-//! default mode of watched cgroups): the probes are host-wide uprobes made
+//! default mode, daemon/dormant.rs): the probes are host-wide uprobes made
 //! without a kernel-managed semaphore (`ref_ctr_offset` 0), so a process
 //! whose semaphores stay 0 never reaches a probe site and pays nothing; the
 //! daemon raises them (+1, through /proc/PID/mem) in the processes it
@@ -11,8 +11,9 @@
 //! every process mapping the file (1.2 us per call for the neighbours).
 //!
 //! A SIGKILLed daemon cannot lower them: those processes keep reaching the
-//! probe sites (no uprobe behind them) until they exit, +35-41 ns per call
-//! measured here (bench/race-free/README.md).
+//! probe sites (no uprobe behind them), +35-41 ns per call measured here
+//! (bench/race-free/README.md), until they exit or the next pftraced starts
+//! and lowers what the dead one recorded ([`crate::ledger`]).
 
 use std::{
     fs::{File, OpenOptions},
@@ -24,6 +25,10 @@ use std::{
 #[derive(Debug)]
 pub struct Semaphores {
     pub pid: u32,
+    /// The interpreter file (device, inode) and the semaphores' offsets in
+    /// it, in the order of `addresses` (what [`crate::ledger`] records).
+    pub file: (u64, u64),
+    pub offsets: Vec<u64>,
     pub addresses: Vec<u64>,
     /// `/proc/PID/mem`, opened before the memory map was read: it stays bound
     /// to that address space, so after an exec or an exit (and a reuse of
@@ -76,8 +81,8 @@ impl Semaphores {
         let mut seen = std::collections::HashSet::new();
         offsets.retain(|&o| seen.insert(o));
         let addresses = offsets
-            .into_iter()
-            .map(|offset| {
+            .iter()
+            .map(|&offset| {
                 maps.iter()
                     .filter(|m| m.dev == want_dev && m.inode == ino)
                     .find(|m| offset >= m.offset && offset - m.offset < m.address.1 - m.address.0)
@@ -85,7 +90,7 @@ impl Semaphores {
                     .ok_or(SemaphoreError::NotMapped { pid, dev, ino, offset })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { pid, addresses, mem })
+        Ok(Self { pid, file, offsets, addresses, mem })
     }
 
     /// Adds `delta` to each semaphore (a u16, as CPython's `_semaphore`;

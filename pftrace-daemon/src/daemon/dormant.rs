@@ -1,7 +1,9 @@
-//! The default mode of watched cgroups: one dormant host-wide uprobe link
-//! per interpreter file (made once, reused; no kernel-managed semaphore), the
-//! semaphores of in-scope processes raised by the daemon at exec, and the
-//! kernel's TRACKED set deciding which hits count (SCOPE_FILTER).
+//! The default mode (every scope but `--all` and `--binary`: `--pid`,
+//! commands, watched cgroups and their descendants): one dormant host-wide
+//! uprobe link per interpreter file (made once, reused; no kernel-managed
+//! semaphore), the semaphores of in-scope processes raised by the daemon
+//! (at exec for new ones), and the kernel's TRACKED set deciding which hits
+//! count (SCOPE_FILTER).
 //!
 //! Why (bench/race-free/README.md, 2 cores under load): pid-scoped links
 //! cost 765 -> 2,452 ns per hit from 1 to 50 traced processes (every hit
@@ -23,7 +25,7 @@ use crate::{
     events::{printable, printable_path},
     hold::Hold,
     procwatch,
-    semaphores::Semaphores,
+    semaphores::{SemaphoreError, Semaphores},
     target::Target,
 };
 
@@ -52,6 +54,11 @@ pub(super) struct Dormant {
     inherited: HashSet<u32>,
     /// [`MAX_DORMANT_FILES`] was reached and said once.
     full_said: bool,
+    /// The record of `raised` for a daemon started after this one, if this
+    /// one is killed ([`crate::ledger`]); None until the first raise, or
+    /// when it cannot be kept (said once).
+    ledger: Option<crate::ledger::Ledger>,
+    ledger_said: bool,
     /// Files whose dormant link the kernel refused (another uprobe holds
     /// their sites with a kernel-managed semaphore: see
     /// [`crate::bpf::AttachError::is_semaphore_conflict`]) -> when: their
@@ -127,7 +134,9 @@ impl Dormant {
 
     /// The process ended (exited, or exec'd something that is not ours).
     pub(super) fn forget(&mut self, pid: u32) {
-        self.raised.remove(&pid);
+        if self.raised.remove(&pid).is_some() {
+            self.record();
+        }
     }
 
     /// Lowers the daemon's +1 in every process still running (clean stop).
@@ -137,6 +146,35 @@ impl Dormant {
             if same && let Err(err) = sems.adjust(-1) {
                 log::debug!("lowering the semaphores of pid {pid}: {err}");
             }
+        }
+        if let Some(ledger) = &self.ledger {
+            ledger.remove();
+        }
+    }
+
+    /// Writes down what is raised now, for a daemon started after this one
+    /// if this one is killed. A rewrite of a few lines a process (tens of
+    /// microseconds), after its semaphores are raised.
+    fn record(&mut self) {
+        if self.ledger.is_none() && !self.ledger_said {
+            match crate::ledger::Ledger::new() {
+                Ok(ledger) => self.ledger = Some(ledger),
+                Err(err) => {
+                    self.ledger_said = true;
+                    log::warn!(
+                        "cannot record the semaphores pftraced raises ({}: {err}): if pftraced is killed, \
+                         the processes it traced keep them raised until they exit",
+                        crate::ledger::DIR
+                    );
+                }
+            }
+        }
+        let Some(ledger) = &self.ledger else { return };
+        let entries = self.raised.values().map(|(started, sems)| crate::ledger::entry(sems, *started));
+        if let Err(err) = ledger.write(entries)
+            && !std::mem::replace(&mut self.ledger_said, true)
+        {
+            log::warn!("recording the semaphores pftraced raised in {}: {err}", crate::ledger::DIR);
         }
     }
 }
@@ -245,6 +283,13 @@ impl Daemon {
                 log::debug!("pid {pid} exited before it could be attached");
                 return Err(NotDormant::Gone);
             }
+            if inherited && matches!(err, SemaphoreError::NotMapped { .. }) {
+                // A fork that exec'd before its report was read (4 of 30
+                // children of `subprocess.run` here): not an error, its exec
+                // report comes next and is handled as any exec.
+                log::debug!("pid {pid} exec'd before its fork could be recorded");
+                return Err(NotDormant::Gone);
+            }
             log::warn!("{}", printable(&err.to_string()));
             self.processes.refuse(pid, &err);
             return Err(NotDormant::Refused(err.to_string()));
@@ -256,6 +301,10 @@ impl Daemon {
             );
         }
         let serial = self.processes.add_process(&target, Vec::new());
+        // As the pid-scoped path does: what it ran is resolved even if it is
+        // gone before its requests are served (qualified names of a launched
+        // command that lived 50 ms were missing without it).
+        self.codes.hold(pid);
         self.watch(pid, serial, pidfd);
         self.note_job_process(pid);
         log::info!("tracing pid {pid} ({binary})");
@@ -315,12 +364,7 @@ impl Daemon {
 
     /// Finds the semaphores of `target` and raises them (`add`) or only
     /// records them (a fork's copy, raised already).
-    fn raise(
-        &mut self,
-        target: &Target,
-        add: bool,
-        exec_ns: Option<u64>,
-    ) -> Result<(), crate::semaphores::SemaphoreError> {
+    fn raise(&mut self, target: &Target, add: bool, exec_ns: Option<u64>) -> Result<(), SemaphoreError> {
         // Return sites' semaphores first (Semaphores::adjust).
         let mut offsets: Vec<(bool, u64)> = target
             .sites
@@ -340,6 +384,7 @@ impl Daemon {
             );
         }
         self.dormant.raised.insert(target.pid, (target.started, sems));
+        self.dormant.record();
         Ok(())
     }
 }

@@ -50,11 +50,16 @@ impl Daemon {
                 None
             }
         };
-        // Watched cgroups: dormant host-wide probes, semaphores raised by the
-        // daemon in the processes in scope (see dormant.rs).
-        let dormant = super::dormant::Dormant::new(
-            !opts.all && (!opts.cgroups.is_empty() || opts.config.jobs.root.is_some()),
-        );
+        // Every scope but --all: dormant host-wide probes, semaphores raised
+        // by the daemon in the processes in scope (see dormant.rs). Commands
+        // and --pid took pid-scoped links before: made 4-12 ms after a
+        // child's exec, 1 of 30 children calling on their first line lost
+        // every call, uncounted; and a file's sites take one semaphore
+        // setting at a time, so two pftraceds, one with pid-scoped links and
+        // one with a dormant link, refused each other.
+        let dormant = super::dormant::Dormant::new(!opts.all);
+        // What a pftraced that was killed left raised (ledger.rs).
+        crate::ledger::recover();
         // Host-wide probes (--binary, dormant ones), but only processes in scope are traced.
         let scope_filter = (!opts.binaries.is_empty() || dormant.enabled) && !opts.all;
         let mut probes = KernelProbes::load(

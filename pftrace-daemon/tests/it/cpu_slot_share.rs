@@ -23,21 +23,6 @@ const CALLS: u64 = 50;
 /// The share given to pftraced.
 const SHARE: u64 = 8;
 
-/// SETTLE: each exec'd child sleeps 0.2 s before its first call. These
-/// tests count slots, not the exec race: pftraced makes an exec'd child's
-/// probes live a few ms after its exec (README, "Which mechanism serves
-/// which Python"), and on the Intel VM of 2026-11-28 a child's first calls
-/// sometimes came before that (2 of 20 runs of these tests lost a child's
-/// or an exec'd image's calls; lifecycle.rs and racefree.rs test the race
-/// itself).
-fn settled(script: &str) -> String {
-    let out = script
-        .replace("def before():\n", "def before():\n    time.sleep(0.2)\n")
-        .replace("def after():\n", "def after():\n    time.sleep(0.2)\n");
-    assert_eq!(out.matches("time.sleep(0.2)").count(), 2, "EXEC_FROM_A_THREAD changed: {script}");
-    out
-}
-
 /// `parent`: starts the wide child (main + 20 threads), waits until all its
 /// threads made their calls and hold (slots are given back only at a
 /// thread's exit), runs the narrow child (main + 7 threads) meanwhile, lets
@@ -45,7 +30,7 @@ fn settled(script: &str) -> String {
 /// thread makes its calls before starting any thread, so the slots go to
 /// the main thread and the first threads started.
 const SCRIPT: &str = r#"
-import subprocess, sys, threading, time
+import subprocess, sys, threading
 
 CALLS = 50
 
@@ -53,7 +38,6 @@ def work():
     return 1
 
 def child(threads, hold):
-    time.sleep(0.2)  # see SETTLE in the Rust file
     for _ in range(CALLS):
         work()
     made = threading.Barrier(threads + 1)
@@ -172,7 +156,7 @@ fn one_process_takes_only_its_share_of_the_cpu_slots() {
 fn an_exec_from_a_thread_gives_its_old_tids_slot_back() {
     require_root();
     let dir = TestDir::new("cpu-slot-exec");
-    let script = dir.script("exec.py", &settled(EXEC_FROM_A_THREAD));
+    let script = dir.script("exec.py", EXEC_FROM_A_THREAD);
     let run = Pftraced::new(&dir, &["work"])
         .launch(&[python().as_os_str(), script.as_os_str(), std::ffi::OsStr::new("parent")])
         .run();

@@ -4,8 +4,8 @@
 //! interpreter binaries in the scope are both found and attached; a
 //! `--pid` target and a watched cgroup on one interpreter file, in one
 //! daemon or two, are both traced (the kernel takes a file's probe sites
-//! with one semaphore setting at a time), and where they cannot be, the
-//! refusal says why.
+//! with one semaphore setting at a time: two daemons in the default mode
+//! share them), and where they cannot be, the refusal says why.
 //!
 //! Every worker makes its calls only after `pftracectl status` lists it as
 //! running (its probes are attached), so the counts are exact.
@@ -179,7 +179,7 @@ fn a_pid_target_beside_a_watched_cgroup_on_the_same_file_is_traced_in_one_daemon
 }
 
 #[test]
-fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is_refused_clearly() {
+fn two_daemons_on_one_file_share_its_dormant_probes_and_beside_pid_scoped_ones_fall_back_or_refuse_clearly() {
     // Beside other tests: the dormant link is on a copy of the interpreter
     // of its own (common::private_python).
     let (dir_x, dir_y) = (TestDir::new("svc-two-x"), TestDir::new("svc-two-y"));
@@ -188,11 +188,13 @@ fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is
     let cg = Cgroup::new("two-daemons");
     let (socket_x, socket_y) = (socket_of(&dir_x), socket_of(&dir_y));
 
-    // 1. X traces a process with `--pid` (kernel-managed semaphores); Y
-    //    watches a cgroup on the same file: its dormant probes are refused by
-    //    the kernel, so its process gets pid-scoped ones, said in Y's log.
+    // 1. X traces a process with `--pid` and pid-scoped probes
+    //    (PFTRACE_SEMAPHORES=kernel: kernel-managed semaphores, as bpftrace
+    //    and perf); Y watches a cgroup on the same file: its dormant probes
+    //    are refused by the kernel, so its process gets pid-scoped ones,
+    //    said in Y's log.
     let mut named = WorkerSpec::new(&py, &script).start("named with --pid");
-    let x = serving(&dir_x, &["foo"]).pid(named.pid()).spawn();
+    let x = serving(&dir_x, &["foo"]).env("PFTRACE_SEMAPHORES", "kernel").pid(named.pid()).spawn();
     x.wait_attached(named.pid());
     wait_serving(&socket_x, &x);
     let y = serving(&dir_y, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
@@ -217,18 +219,32 @@ fn two_daemons_on_one_file_pid_scoped_then_cgroup_fall_back_and_the_other_way_is
     run_y.trace().assert_clean();
 
     // 2. The other way round: Y's dormant probes first; a daemon with only
-    //    `--pid` (no watched cgroup, so no dormant probes of its own) is
-    //    refused by the kernel and says why and what to do, exit 1.
+    //    `--pid` and pid-scoped probes is refused by the kernel and says why
+    //    and what to do, exit 1.
     let y = serving(&dir_y, &["foo"]).arg("--cgroup").arg(cg.path()).spawn();
     wait_serving(&socket_y, &y);
     wait_traced(&socket_y, &y, inside.pid());
     let dir_z = TestDir::new("svc-two-z");
-    let refused = Pftraced::new(&dir_z, &["foo"]).pid(named.pid()).run();
+    let refused = Pftraced::new(&dir_z, &["foo"]).env("PFTRACE_SEMAPHORES", "kernel").pid(named.pid()).run();
     let err = refused.assert_refused(&["ref_ctr_offset mismatch", "trace this process from the daemon"]);
     assert!(err.contains(&format!("pid {}", named.pid())), "{err}");
+
+    // 3. In the default mode a `--pid` daemon takes a dormant link too: the
+    //    two daemons share the file's sites, each counting its own process
+    //    only (its own tracked set), both exact.
+    let z = serving(&dir_z, &["foo"]).pid(named.pid()).spawn();
+    z.wait_attached(named.pid());
+    let socket_z = socket_of(&dir_z);
+    wait_serving(&socket_z, &z);
     inside.call("foo", 7);
+    named.call("foo", 9);
+    let run_z = stop(&socket_z, z);
     let run_y = stop(&socket_y, y);
     assert_eq!(foo_counts(&run_y.trace().calls), BTreeMap::from([(inside.pid(), 7)]));
+    assert_eq!(foo_counts(&run_z.trace().calls), BTreeMap::from([(named.pid(), 9)]));
+    run_y.trace().assert_clean();
+    run_z.trace().assert_clean();
+    assert!(!run_z.stderr.contains("ref_ctr_offset"), "Z's log: {}", run_z.stderr);
     named.finish();
     inside.finish();
 }

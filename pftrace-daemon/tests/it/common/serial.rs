@@ -7,9 +7,10 @@
 //!
 //! Why alone, by what the others would do to it or it to them:
 //! - the kernel keeps one semaphore offset per uprobe site: a dormant link
-//!   (`--cgroup`, `--jobs-under`, no semaphore) and another test's `--pid`
-//!   daemon (kernel-managed semaphore) on the same interpreter file refuse
-//!   each other (README, "Only traced processes pay");
+//!   (every mode but `--binary` and `--all`: no semaphore) and a
+//!   kernel-managed one (`--binary`, `--all`, `PFTRACE_SEMAPHORES=kernel`)
+//!   on the same interpreter file refuse each other (README, "Only traced
+//!   processes pay");
 //! - `--binary` and `--all` attach a file host-wide: every process running
 //!   it pays the probe trap and counts in `out_of_scope`, and a semaphore
 //!   raised host-wide is what faults.rs and service_overhead.rs check stays 0;
