@@ -90,6 +90,10 @@ pub struct Args {
     /// file beside a traced process, against a control interpreter).
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "soak", "against"])]
     pub neighbour_only: bool,
+    /// Only the scope rows (a traced loop alone and beside 49 traced
+    /// Pythons, both modes, by rounds of paired laps) and the neighbour row.
+    #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
+    pub scope_only: bool,
     /// Only the agent rows (3.12.1 and Debian 3.15: untraced, agent sparse and
     /// dense on each road, batched and two-report, USDT on 3.15), in minutes.
     #[arg(long, conflicts_with_all = ["sparse_only", "dense_only", "neighbour_only", "soak", "against"])]
@@ -277,8 +281,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ctx.bpftrace.as_ref().map_or("not installed".into(), |p| p.display().to_string())
     );
 
-    if args.neighbour_only {
-        return neighbour_only(&ctx, busy_before, args.json.as_deref());
+    if args.neighbour_only || args.scope_only {
+        return neighbour_only(&ctx, busy_before, args.json.as_deref(), args.scope_only);
     }
     // The agent rows' loop: --quick's 10,000 calls last about a millisecond.
     let agent_n = if ctx.quick { 100_000 } else { ctx.n };
@@ -402,21 +406,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }))
         .collect();
     // Per-hit cost with 1 and 50 traced processes in a watched cgroup, by mode.
-    let scope_runs: Vec<Result<scope::ScopeRun>> = [false, true]
-        .into_iter()
-        .filter(|_| all_rows)
-        .flat_map(|kernel| scope::COUNTS.map(|p| (kernel, p)))
-        .map(|(kernel, procs)| {
-            let step =
-                Step::new("bench", format!("scope: {procs} traced processes, kernel semaphores {kernel}"));
-            let r = scope::run(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, ctx.n, procs, kernel);
-            step.done(match &r {
-                Ok(r) => format!("{:.1} ns/call", r.ns_per_call),
-                Err(e) => format!("failed: {e:#}"),
-            });
-            r
-        })
-        .collect();
+    let scope_runs = if all_rows { measure_scope(&ctx) } else { Vec::new() };
     // An untraced neighbour of the same interpreter file beside a traced process.
     let neighbour = (!args.dense_only && !args.sparse_only).then(|| measure_neighbour(&ctx));
     let soak = args.soak.map(|secs| run_soak(&ctx, secs));
@@ -475,7 +465,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut targets = targets(&rows, &attach, soak.as_ref());
     targets.extend(churn::targets(&churn));
     if all_rows {
-        targets.push(scope::target(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
+        targets.push(scope::target(&scope_runs));
     }
     targets.extend(agent::targets(&agent_rows, &agent::interpreters(&env), laps_rows));
     if let Some(n) = &neighbour {
@@ -494,7 +484,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     print!("{}", progstats::text(&program_rows, program_note));
     println!("{}", attach_text(&attach));
     print!("{}", churn::text(&churn));
-    print!("{}", scope::text(&scope_runs, row(&rows, "untraced_x1").and_then(Row::ns)));
+    print!("{}", scope::text(&scope_runs));
     if let Some(n) = &neighbour {
         print!("{}", scope::neighbour_text(n));
     }
@@ -572,15 +562,53 @@ fn measure_neighbour(ctx: &Ctx) -> Result<scope::Neighbour> {
     r
 }
 
-/// `--neighbour-only`: the neighbour row, its text, target and JSON.
-fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>) -> Result<ExitCode> {
+/// The scope rows (scope::laps) of both modes, with a step line each.
+fn measure_scope(ctx: &Ctx) -> Vec<Result<scope::ScopeLaps>> {
+    let rounds = if ctx.quick { 1 } else { 5 };
+    // --quick's 10,000-call loop lasts about a millisecond: too short to time.
+    let n = ctx.n.max(200_000);
+    [false, true]
+        .into_iter()
+        .map(|kernel| {
+            let step = Step::new(
+                "bench",
+                format!(
+                    "scope: 1 and {} traced processes, kernel semaphores {kernel}, {rounds} rounds",
+                    scope::WIDE
+                ),
+            );
+            let r = scope::laps(&ctx.pftraced, &ctx.python, &ctx.calls_py, &ctx.dir, n, rounds, kernel);
+            step.done(match &r {
+                Ok(r) => format!("{} processes / 1 = {:.3}x per hit", scope::WIDE, r.ratio()),
+                Err(e) => format!("failed: {e:#}"),
+            });
+            r
+        })
+        .collect()
+}
+
+/// `--neighbour-only`: the neighbour row, its text, target and JSON;
+/// `--scope-only` (`scope`): the scope rows before it.
+fn neighbour_only(
+    ctx: &Ctx,
+    busy_before: Option<f64>,
+    json_path: Option<&Path>,
+    scope: bool,
+) -> Result<ExitCode> {
     let started = Instant::now();
+    let scope_runs = if scope { measure_scope(ctx) } else { Vec::new() };
     let r = measure_neighbour(ctx);
     let busy_after = background_busy();
     println!();
+    let mut targets = Vec::new();
+    if scope {
+        print!("{}", scope::text(&scope_runs));
+        targets.push(scope::target(&scope_runs));
+    }
     print!("{}", scope::neighbour_text(&r));
+    targets.push(scope::neighbour_target(&r));
     println!("targets (information only):");
-    print!("{}", report::targets_text(&[scope::neighbour_target(&r)]));
+    print!("{}", report::targets_text(&targets));
     let busy = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.0}%", b * 100.0));
     println!(
         "machine CPU busy (all cores) in 1 s before {}, after {}; load average {}",
@@ -591,6 +619,7 @@ fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>)
     let doc = json!({
         "pftrace_bench": 1,
         "machine": machine(ctx),
+        "scope": scope::json(&scope_runs),
         "neighbour": scope::neighbour_json(&r),
         "elapsed_s": round(started.elapsed().as_secs_f64(), 1),
     });
@@ -602,7 +631,8 @@ fn neighbour_only(ctx: &Ctx, busy_before: Option<f64>, json_path: Option<&Path>)
         }
         None => println!("{text}"),
     }
-    Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let ok = r.is_ok() && scope_runs.iter().all(Result::is_ok);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// The agent's sparse row by paired laps (agent_laps.rs), with a step line
