@@ -4,10 +4,12 @@
 //! the dead one left raised: those processes would otherwise pay the probe
 //! sites' argument set-up (+35-41 ns per Python call here) until they exit.
 //!
-//! One file per daemon, `PID-START` (its start time in clock ticks), one line
-//! per process: `pid start dev ino offsets addresses`, rewritten (temporary
-//! file, rename) when a process is raised or forgotten, removed at a clean
-//! stop. A starting daemon claims each dead daemon's file by renaming it (so
+//! One file per daemon, `PID-START` (its start time in clock ticks), a log:
+//! `+ pid start dev ino offsets addresses` when a process is raised, `- pid
+//! start` when it is forgotten (one write each), compacted (temporary file,
+//! rename) when it has grown past twice what is live, removed at a clean
+//! stop: a rewrite per change was O(processes) each (4,096 traced processes,
+//! 290 KiB a rewrite). A starting daemon claims each dead daemon's file by renaming it (so
 //! two starting daemons never lower twice) and lowers a recorded process
 //! only when it is the same process (start time) and the same image: its
 //! semaphores are found again from the file's offsets at the very addresses
@@ -38,11 +40,22 @@ pub const MAX_BYTES: u64 = 4 << 20;
 /// by something else must not stall the start).
 const MAX_FILES: usize = 256;
 
+/// Bytes a record may grow to past twice its live lines before it is compacted.
+const SLACK: u64 = 64 << 10;
+
 /// This daemon's record.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
     tmp: PathBuf,
+    /// Open for appending (None until the first change, or after an error).
+    file: Option<File>,
+    /// Bytes in the file.
+    len: u64,
+    /// The `+` line's length of each process raised now, and their sum:
+    /// what a compacted file would hold.
+    live: std::collections::HashMap<(u32, u64), u64>,
+    live_len: u64,
 }
 
 /// One process's raised semaphores, as recorded.
@@ -114,33 +127,92 @@ fn safe_dir() -> io::Result<&'static Path> {
 }
 
 impl Ledger {
-    /// This daemon's record (made at the first [`Self::write`]).
+    /// This daemon's record (made at the first change).
     pub fn new() -> io::Result<Self> {
         let dir = safe_dir()?;
         let start = own_start().ok_or_else(|| io::Error::other("reading /proc/self/stat"))?;
         let name = format!("{}-{start}", std::process::id());
-        Ok(Self { path: dir.join(&name), tmp: dir.join(format!("{name}.tmp")) })
+        Ok(Self {
+            path: dir.join(&name),
+            tmp: dir.join(format!("{name}.tmp")),
+            file: None,
+            len: 0,
+            live: Default::default(),
+            live_len: 0,
+        })
     }
 
-    /// Records `entries`, replacing what was recorded.
-    pub fn write<'a>(&self, entries: impl Iterator<Item = Entry> + 'a) -> io::Result<()> {
-        let text: String = entries.map(|e| e.line()).collect();
+    /// `e` was raised. `live`: every process raised now (`e` among them),
+    /// read only when the log is due for compaction.
+    pub fn raised(&mut self, e: &Entry, live: impl Iterator<Item = Entry>) -> io::Result<()> {
+        let line = format!("+ {}", e.line());
+        let old = self.live.insert((e.pid, e.started), line.len() as u64).unwrap_or(0);
+        self.live_len = self.live_len + line.len() as u64 - old;
+        self.append(&line, live)
+    }
+
+    /// The process `pid` that started at `started` is no longer raised by this daemon.
+    pub fn forgotten(&mut self, pid: u32, started: u64, live: impl Iterator<Item = Entry>) -> io::Result<()> {
+        self.live_len -= self.live.remove(&(pid, started)).unwrap_or(0);
+        self.append(&format!("- {pid} {started}\n"), live)
+    }
+
+    fn append(&mut self, text: &str, live: impl Iterator<Item = Entry>) -> io::Result<()> {
+        if self.file.is_none() || self.len + text.len() as u64 > 2 * self.live_len + SLACK {
+            let text: String = live.map(|e| format!("+ {}", e.line())).collect();
+            return self.rewrite(&text);
+        }
+        let f = self.file.as_mut().expect("checked above");
+        let written = f.write_all(text.as_bytes());
+        if written.is_err() {
+            self.file = None;
+        }
+        self.len += text.len() as u64;
+        written
+    }
+
+    /// Replaces the file with `text` (temporary file, rename) and appends to it from then on.
+    fn rewrite(&mut self, text: &str) -> io::Result<()> {
+        self.file = None;
         let _ = fs::remove_file(&self.tmp);
         let mut f = OpenOptions::new()
-            .write(true)
+            .append(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.tmp)?;
         f.write_all(text.as_bytes())?;
-        fs::rename(&self.tmp, &self.path)
+        fs::rename(&self.tmp, &self.path)?;
+        self.len = text.len() as u64;
+        self.file = Some(f);
+        Ok(())
     }
 
     /// Removes the record (a clean stop: everything was lowered).
-    pub fn remove(&self) {
+    pub fn remove(&mut self) {
+        self.file = None;
         let _ = fs::remove_file(&self.path);
         let _ = fs::remove_file(&self.tmp);
     }
+}
+
+/// The processes a record leaves raised: its `+` lines less its `-` lines,
+/// the last `+` of a process (an exec of the same file raises anew) winning.
+fn replay(text: &str) -> Vec<Entry> {
+    let mut live: std::collections::BTreeMap<(u32, u64), Entry> = Default::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("+ ") {
+            if let Some(e) = Entry::parse(rest) {
+                live.insert((e.pid, e.started), e);
+            }
+        } else if let Some(rest) = line.strip_prefix("- ")
+            && let Some((pid, started)) = rest.split_once(' ')
+            && let (Ok(pid), Ok(started)) = (pid.parse(), started.parse())
+        {
+            live.remove(&(pid, started));
+        }
+    }
+    live.into_values().collect()
 }
 
 /// The entry of `sems`, raised in the process that started at `started`.
@@ -226,7 +298,7 @@ pub fn recover() -> usize {
             }
         };
         let mut lowered = Vec::new();
-        for e in text.lines().filter_map(Entry::parse) {
+        for e in replay(&text) {
             if !alive(e.pid, e.started) {
                 continue;
             }
@@ -272,6 +344,15 @@ mod tests {
         {
             assert_eq!(Entry::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_log_replays_to_what_is_still_raised() {
+        let e =
+            |pid: u32, a: u64| Entry { pid, started: 5, file: (1, 2), offsets: vec![8], addresses: vec![a] };
+        let log =
+            format!("+ {}+ {}- 1 5\n+ {}garbage\n- 3 5\n", e(1, 10).line(), e(2, 20).line(), e(2, 30).line());
+        assert_eq!(replay(&log), vec![e(2, 30)]);
     }
 
     #[test]

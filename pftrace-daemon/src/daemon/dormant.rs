@@ -24,6 +24,7 @@ use crate::{
     bpf::UprobeLink,
     events::{printable, printable_path},
     hold::Hold,
+    ledger::{Entry, Ledger},
     procwatch,
     semaphores::{SemaphoreError, Semaphores},
     target::Target,
@@ -57,7 +58,7 @@ pub(super) struct Dormant {
     /// The record of `raised` for a daemon started after this one, if this
     /// one is killed ([`crate::ledger`]); None until the first raise, or
     /// when it cannot be kept (said once).
-    ledger: Option<crate::ledger::Ledger>,
+    ledger: Option<Ledger>,
     ledger_said: bool,
     /// Files whose dormant link the kernel refused (another uprobe holds
     /// their sites with a kernel-managed semaphore: see
@@ -134,8 +135,8 @@ impl Dormant {
 
     /// The process ended (exited, or exec'd something that is not ours).
     pub(super) fn forget(&mut self, pid: u32) {
-        if self.raised.remove(&pid).is_some() {
-            self.record();
+        if let Some((started, _)) = self.raised.remove(&pid) {
+            self.record(|ledger, live| ledger.forgotten(pid, started, live));
         }
     }
 
@@ -147,17 +148,20 @@ impl Dormant {
                 log::debug!("lowering the semaphores of pid {pid}: {err}");
             }
         }
-        if let Some(ledger) = &self.ledger {
+        if let Some(ledger) = &mut self.ledger {
             ledger.remove();
         }
     }
 
-    /// Writes down what is raised now, for a daemon started after this one
-    /// if this one is killed. A rewrite of a few lines a process (tens of
-    /// microseconds), after its semaphores are raised.
-    fn record(&mut self) {
+    /// Writes a change down (`change`, given the ledger and what is raised
+    /// now), for a daemon started after this one if this one is killed: one
+    /// write, after the semaphores are raised.
+    fn record(
+        &mut self,
+        change: impl FnOnce(&mut Ledger, &mut dyn Iterator<Item = Entry>) -> std::io::Result<()>,
+    ) {
         if self.ledger.is_none() && !self.ledger_said {
-            match crate::ledger::Ledger::new() {
+            match Ledger::new() {
                 Ok(ledger) => self.ledger = Some(ledger),
                 Err(err) => {
                     self.ledger_said = true;
@@ -169,9 +173,9 @@ impl Dormant {
                 }
             }
         }
-        let Some(ledger) = &self.ledger else { return };
-        let entries = self.raised.values().map(|(started, sems)| crate::ledger::entry(sems, *started));
-        if let Err(err) = ledger.write(entries)
+        let Some(ledger) = &mut self.ledger else { return };
+        let mut live = self.raised.values().map(|(started, sems)| crate::ledger::entry(sems, *started));
+        if let Err(err) = change(ledger, &mut live)
             && !std::mem::replace(&mut self.ledger_said, true)
         {
             log::warn!("recording the semaphores pftraced raised in {}: {err}", crate::ledger::DIR);
@@ -383,8 +387,9 @@ impl Daemon {
                 exec_ns.map_or(-1, |e| (now.saturating_sub(e) / 1000) as i64)
             );
         }
+        let entry = crate::ledger::entry(&sems, target.started);
         self.dormant.raised.insert(target.pid, (target.started, sems));
-        self.dormant.record();
+        self.dormant.record(|ledger, live| ledger.raised(&entry, live));
         Ok(())
     }
 }
