@@ -68,22 +68,21 @@ impl Drop for Idle {
     }
 }
 
-/// A Python that waits on its stdin (until killed).
-fn idle_python(python: &Path) -> Result<Child> {
-    Command::new(python)
-        .args(["-c", "import sys; sys.stdin.read()"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting an idle Python")
-}
-
 /// `cmd` run by a shell that first moves itself into `cgroup`: the exec
 /// comes in the cgroup, where pftraced finds it.
 fn in_cgroup(cgroup: &Path, cmd: &[&OsStr]) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c").arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#).arg(cgroup).args(cmd);
     c
+}
+
+/// A Python exec'd in `cgroup` that waits on its stdin (until killed).
+fn idle_python(python: &Path, cgroup: &Path) -> Result<Child> {
+    in_cgroup(cgroup, &[python.as_os_str(), "-c".as_ref(), "import sys; sys.stdin.read()".as_ref()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting an idle Python")
 }
 
 /// `rounds` rounds of the loop of `calls_py` (`n` iterations, `-t rare`: the
@@ -121,12 +120,7 @@ pub fn laps(
     let traced = |idle: usize| -> Result<f64> {
         let mut beside = Idle(Vec::new());
         for _ in 0..idle {
-            let mut cmd = in_cgroup(
-                &cg.0,
-                &[python.as_os_str(), "-c".as_ref(), "import sys; sys.stdin.read()".as_ref()],
-            );
-            cmd.stdin(Stdio::piped()).stdout(Stdio::null());
-            beside.0.push(cmd.spawn().context("starting an idle Python")?);
+            beside.0.push(idle_python(python, &cg.0)?);
         }
         let mut cmd =
             in_cgroup(&cg.0, &["taskset".as_ref(), "-c".as_ref(), "0".as_ref(), python.as_os_str()]);
@@ -220,11 +214,9 @@ pub fn neighbour(
     let cg = Cgroup(root.join(format!("pftrace-bench-neighbour-{}", std::process::id())));
     std::fs::create_dir(&cg.0).with_context(|| format!("creating the cgroup {}", cg.0.display()))?;
     let mut idle = Idle(Vec::new());
-    let c = idle_python(python)?;
+    let c = idle_python(python, &cg.0)?;
     let pid = c.id();
     idle.0.push(c);
-    std::fs::write(cg.0.join("cgroup.procs"), pid.to_string())
-        .with_context(|| format!("moving pid {pid} into {}", cg.0.display()))?;
     let trace = dir.join("trace-neighbour.json");
     let socket = dir.join("neighbour.sock");
     let args = super::churn::cgroup_args("rare", &trace, &socket, &cg.0);
